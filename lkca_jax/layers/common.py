@@ -1,0 +1,71 @@
+"""Building blocks shared by every model: init, Linear, LayerNorm, MLP, DropPath.
+
+The reference initialises every Linear with xavier/glorot *normal* (not
+truncated) weights and zero biases, and uses LayerNorm with epsilon 1e-5
+(PyTorch's default), so those are fixed here once.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+LAYER_NORM_EPSILON = 1e-5
+
+
+def linear(in_features: int, out_features: int, *, use_bias: bool = True,
+           dtype=None, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias,
+                    kernel_init=xavier_normal,
+                    bias_init=jax.nn.initializers.zeros,
+                    dtype=dtype, rngs=rngs)
+
+
+def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=dtype, rngs=rngs)
+
+
+class DropPath(nnx.Dropout):
+  """Stochastic depth: drops a whole residual branch per sample.
+
+  This is `nnx.Dropout` with the mask broadcast over every axis but the
+  batch, so kept samples are scaled by 1 / (1 - rate) exactly as in the
+  reference, and `model.train()` / `model.eval()` switch it like dropout.
+  Inputs are (B, N, D).
+  """
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
+    super().__init__(rate, broadcast_dims=(1, 2), rngs=rngs)
+
+
+class MLP(nnx.Module):
+  """Linear(D, r·D) → exact (erf) GELU → Linear(r·D, D); no dropout."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype=None, rngs: nnx.Rngs):
+    self.fc1 = linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def as_grid(grid) -> tuple[int, int]:
+  """Normalises an int or (h, w) pair to a validated (h, w) tuple."""
+  h, w = (grid, grid) if isinstance(grid, int) else tuple(grid)
+  if h < 1 or w < 1:
+    raise ValueError(f"grid must be positive, got {(h, w)}")
+  return int(h), int(w)
+
+
+def check_tokens(x: jax.Array, grid: tuple[int, int], name: str) -> None:
+  if x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
+    raise ValueError(
+        f"{name} expects tokens of shape (B, {grid[0] * grid[1]}, D) for its "
+        f"{grid[0]}x{grid[1]} grid, got {x.shape}; build the mixer with the "
+        "grid of the patch tokens (class token excluded).")
+
+
+def promote_param(value: jax.Array, x: jax.Array) -> jax.Array:
+  """Casts a parameter to the activation dtype so bf16 activations stay bf16."""
+  return jnp.asarray(value, dtype=x.dtype)

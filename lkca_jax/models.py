@@ -1,0 +1,181 @@
+"""The pre-norm ViT family of the reference, with a token mixer per layer.
+
+`create_model(name, ...)` builds a preset; any preset field can be
+overridden, and `mixer` may be a single registry name or a per-layer pattern
+(a list as long as `depth`, or a shorter one that repeats).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lkca_jax.layers import MIXERS, MLP, DropPath, layer_norm, linear
+from lkca_jax.layers.common import as_grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  mixer: Any  # registry name, or a per-layer pattern of names
+  dim: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 2.0
+  drop_path_rate: float = 0.1
+  pool: str = "auto"  # "cls", "mean", or "auto": cls only when no layer needs the grid
+  mixer_options: dict = dataclasses.field(default_factory=dict)
+
+
+# Spec section 2. `num_heads` of LKCA presets only matters for kernel_sharing="head".
+PRESETS: dict[str, Preset] = {
+    "vit_05m": Preset("mhsa", 120, 4, 4),
+    "vit_1m": Preset("mhsa", 136, 7, 8),
+    "vit_2m": Preset("mhsa", 200, 6, 8),
+    "vit": Preset("mhsa", 192, 9, 12),
+    "vit_4m": Preset("mhsa", 264, 7, 8),
+    "vit_8m": Preset("mhsa", 312, 10, 8),
+    "lkca_05m": Preset("lkca", 100, 8, 4),
+    "lkca_t": Preset("lkca", 136, 9, 8),
+    "lkca_2m": Preset("lkca", 192, 9, 12),
+    "lkca_b": Preset("lkca", 210, 10, 10),
+    "lkca_4m": Preset("lkca", 246, 11, 6),
+    "lkca_8m": Preset("lkca", 306, 14, 9),
+    "lkca_l": Preset("lkca", 360, 12, 12, mlp_ratio=3.0),
+}
+
+# The input grid is 8×8 for every dataset of the paper (patch 4 at 32×32,
+# patch 8 at 64×64), so the default patch size is image_size / 8.
+DEFAULT_GRID = 8
+
+
+class Block(nnx.Module):
+  """x += DropPath(Mixer(LN(x))); x += DropPath(MLP(LN(x)))."""
+
+  def __init__(self, dim: int, grid, *, mixer: str, num_heads: int, mlp_ratio: float,
+               drop_path_rate: float, mixer_options: dict, dtype, rngs: nnx.Rngs):
+    self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs,
+                               **mixer_options)
+    self.drop_path1 = DropPath(drop_path_rate, rngs=rngs)
+    self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)
+    self.drop_path2 = DropPath(drop_path_rate, rngs=rngs)
+
+  def __call__(self, x, *, num_prefix: int = 0, rngs=None):
+    y = self.norm1(x)
+    if num_prefix and self.mixer.needs_grid:
+      # A grid mixer sees the patch tokens only; prefix tokens skip this branch.
+      mixed = self.mixer(y[:, num_prefix:])
+      y = jnp.concatenate([jnp.zeros_like(y[:, :num_prefix]), mixed], axis=1)
+    else:
+      y = self.mixer(y)
+    x = x + self.drop_path1(y, rngs=rngs)
+    return x + self.drop_path2(self.mlp(self.norm2(x)), rngs=rngs)
+
+
+def _expand_pattern(mixer, depth: int) -> list[str]:
+  pattern = [mixer] if isinstance(mixer, str) else list(mixer)
+  if not pattern or depth % len(pattern):
+    raise ValueError(f"mixer pattern {pattern} must repeat evenly over depth {depth}")
+  unknown = sorted(set(pattern) - set(MIXERS))
+  if unknown:
+    raise ValueError(f"unknown mixer {unknown[0]!r}; registered mixers: {sorted(MIXERS)}")
+  return pattern * (depth // len(pattern))
+
+
+class ViT(nnx.Module):
+  """Patch embedding → position embedding → blocks → LN → Linear head.
+
+  Called on NHWC images (B, H, W, C); returns logits (B, num_classes).
+  Pooling is the class token ("cls", the MHSA baseline) or the mean of the
+  patch tokens ("mean", the LKCA models).
+  """
+
+  def __init__(self, *, num_classes: int, image_size, channels: int, patch_size: int,
+               dim: int, depth: int, num_heads: int, mixer: Any = "lkca",
+               mlp_ratio: float = 2.0, drop_path_rate: float = 0.1, pool: str = "auto",
+               mixer_options: dict | None = None, dtype=None, rngs: nnx.Rngs):
+    height, width = as_grid(image_size)
+    if height % patch_size or width % patch_size:
+      raise ValueError(f"image size {height}x{width} is not divisible by patch size "
+                       f"{patch_size}; choose a patch size that divides both sides")
+    self.grid = (height // patch_size, width // patch_size)
+    self.patch_size = patch_size
+    self.channels = channels
+    self.dtype = dtype
+    self.mixers = _expand_pattern(mixer, depth)
+    needs_grid = any(MIXERS[m].needs_grid for m in self.mixers)
+    if pool == "auto":
+      pool = "mean" if needs_grid else "cls"
+    if pool not in ("cls", "mean"):
+      raise ValueError(f"pool must be 'cls', 'mean' or 'auto', got {pool!r}")
+    self.pool = pool
+    num_tokens = self.grid[0] * self.grid[1]
+    self.patch_embed = linear(patch_size * patch_size * channels, dim, dtype=dtype, rngs=rngs)
+    normal = jax.nn.initializers.normal(1.0)
+    if pool == "cls":
+      self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, dim)))
+      num_tokens += 1
+    self.pos_embed = nnx.Param(normal(rngs.params(), (num_tokens, dim)))
+    self.blocks = nnx.List([
+        Block(dim, self.grid, mixer=m, num_heads=num_heads, mlp_ratio=mlp_ratio,
+              drop_path_rate=drop_path_rate, mixer_options=dict(mixer_options or {}),
+              dtype=dtype, rngs=rngs)
+        for m in self.mixers])
+    self.head_norm = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.head = linear(dim, num_classes, dtype=dtype, rngs=rngs)
+
+  def patchify(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, C) → (B, h·w, p·p·C), each patch flattened as (p1, p2, c)."""
+    b, height, width, c = images.shape
+    p = self.patch_size
+    if (height // p, width // p) != self.grid or c != self.channels or height % p or width % p:
+      raise ValueError(f"model expects images of shape (B, {self.grid[0] * p}, "
+                       f"{self.grid[1] * p}, {self.channels}), got {images.shape}")
+    x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, self.grid[0] * self.grid[1], p * p * c)
+
+  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    if self.dtype is not None:
+      images = images.astype(self.dtype)
+    x = self.patch_embed(self.patchify(images))
+    num_prefix = 0
+    if self.pool == "cls":
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+      num_prefix = 1
+    x = x + self.pos_embed[...].astype(x.dtype)
+    for block in self.blocks:
+      x = block(x, num_prefix=num_prefix, rngs=rngs)
+    pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
+    return self.head(self.head_norm(pooled))
+
+
+def preset_fields() -> list[str]:
+  return [f.name for f in dataclasses.fields(Preset)]
+
+
+def create_model(name: str, *, num_classes: int, image_size, channels: int = 3,
+                 patch_size: int | None = None, rngs: nnx.Rngs, dtype=None,
+                 **overrides) -> ViT:
+  """Builds preset `name`; keyword overrides replace preset fields (see `Preset`)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  unknown = sorted(set(overrides) - set(preset_fields()))
+  if unknown:
+    raise ValueError(f"unknown model override {unknown[0]!r}; valid overrides: {preset_fields()}")
+  preset = dataclasses.replace(PRESETS[name], **overrides)
+  height, width = as_grid(image_size)
+  if patch_size is None:
+    patch_size = max(1, min(height, width) // DEFAULT_GRID)
+  return ViT(num_classes=num_classes, image_size=(height, width), channels=channels,
+             patch_size=patch_size, dtype=dtype, rngs=rngs, **dataclasses.asdict(preset))
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters (every nnx.Param leaf)."""
+  params = nnx.state(model, nnx.Param)
+  return int(sum(x.size for x in jax.tree.leaves(params)))
