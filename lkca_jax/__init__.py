@@ -1,0 +1,6 @@
+"""lkca_jax: Large Kernel Convolutional Attention (arXiv 2401.05738) in JAX / Flax NNX."""
+from lkca_jax.layers import LKCA, MHSA, MIXERS
+from lkca_jax.models import PRESETS, count_params, create_model
+
+__version__ = "0.1.0"
+__all__ = ["LKCA", "MHSA", "MIXERS", "PRESETS", "count_params", "create_model"]
