@@ -26,6 +26,7 @@ class Preset:
   mlp_ratio: float = 2.0
   drop_path_rate: float = 0.1
   pool: str = "auto"  # "cls", "mean", or "auto": cls only when no layer needs the grid
+  # Constructor options per mixer name, e.g. {"lkca": {"view": "conv"}}.
   mixer_options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -44,6 +45,14 @@ PRESETS: dict[str, Preset] = {
     "lkca_4m": Preset("lkca", 246, 11, 6),
     "lkca_8m": Preset("lkca", 306, 14, 9),
     "lkca_l": Preset("lkca", 360, 12, 12, mlp_ratio=3.0),
+    # Peer mixers (spec section 6) at lkca_t / lkca_b's CIFAR-10 budget: the
+    # same depth (9 / 10) and MLP ratio 2, width shrunk to match. ACmix keeps
+    # 8 heads (as lkca_t / vit_1m); FLatten uses a few wide heads (d 38 / 44),
+    # as FLatten-DeiT-T does (3 × 64). CIFAR-10 params vs 1,027,611 / 2,691,310:
+    "acmix_t": Preset("acmix", 112, 9, 8),  # 1,028,076 (+0.05%)
+    "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,190 (−0.34%)
+    "flatten_t": Preset("flatten", 114, 9, 3),  # 1,033,762 (+0.60%)
+    "flatten_b": Preset("flatten", 176, 10, 4),  # 2,640,010 (−1.91%)
 }
 
 # The input grid is 8×8 for every dataset of the paper (patch 4 at 32×32,
@@ -58,7 +67,7 @@ class Block(nnx.Module):
                drop_path_rate: float, mixer_options: dict, dtype, rngs: nnx.Rngs):
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs,
-                               **mixer_options)
+                               **mixer_options.get(mixer, {}))
     self.drop_path1 = DropPath(drop_path_rate, rngs=rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)
@@ -107,6 +116,11 @@ class ViT(nnx.Module):
     self.channels = channels
     self.dtype = dtype
     self.mixers = _expand_pattern(mixer, depth)
+    mixer_options = dict(mixer_options or {})
+    unused = sorted(set(mixer_options) - set(self.mixers))
+    if unused:
+      raise ValueError(f"mixer_options for {unused[0]!r}, which no layer uses (mixers: "
+                       f"{sorted(set(self.mixers))}); key mixer_options by mixer name")
     needs_grid = any(MIXERS[m].needs_grid for m in self.mixers)
     if pool == "auto":
       pool = "mean" if needs_grid else "cls"
@@ -122,7 +136,7 @@ class ViT(nnx.Module):
     self.pos_embed = nnx.Param(normal(rngs.params(), (num_tokens, dim)))
     self.blocks = nnx.List([
         Block(dim, self.grid, mixer=m, num_heads=num_heads, mlp_ratio=mlp_ratio,
-              drop_path_rate=drop_path_rate, mixer_options=dict(mixer_options or {}),
+              drop_path_rate=drop_path_rate, mixer_options=mixer_options,
               dtype=dtype, rngs=rngs)
         for m in self.mixers])
     self.head_norm = layer_norm(dim, dtype=dtype, rngs=rngs)

@@ -1,0 +1,120 @@
+"""ACmix (Pan et al., CVPR 2022): self-attention and convolution on one shared q/k/v.
+
+One Linear(D, 3D) with bias gives q, k, v (channel s·D + head·d + c, s = q/k/v,
+as the authors' Swin version reshapes it). Two branches reuse them:
+
+- attention: global multi-head self-attention over the h×w grid with q scaled
+  by d^−½ and a learned Swin-style relative position bias, then its own
+  output Linear(D, D).
+- convolution: the 3H head maps (q heads, then k heads, then v heads) are
+  mixed by one 3H → 9 map (no bias) that is the same for every channel index
+  c < d, giving 9 maps per c; those are laid out as channel c·9 + i and go
+  through a grouped 3×3 convolution (d groups, 9 inputs and H outputs per
+  group, zero padding 1, no bias), so output channel c·H + o comes from the
+  9 maps of channel index c (PyTorch group order, as the authors' code).
+  The kernel starts as one-hot shifts (input i is 1 at tap (i // 3, i % 3)),
+  so at init the branch is a 3×3 convolution of the q/k/v maps whose tap
+  (a, b) weights are the 3H → 9 map's column 3a + b.
+
+output = attention_rate · attention + conv_rate · convolution (both init 0.5).
+Parameters: 4D² + 85D + ((2h−1)(2w−1) + 27)·H + 2.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lkca_jax.layers.common import as_grid, check_tokens, linear, promote_param
+
+CONV_SIZE = 3
+CONV_TAPS = CONV_SIZE * CONV_SIZE  # k² = 9 shifted maps per head-channel index
+# Swin and the authors' ACmix-Swin initialise the bias table with trunc_normal_(std=.02).
+relative_bias_init = jax.nn.initializers.truncated_normal(0.02)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(h: int, w: int) -> np.ndarray:
+  """Bias-table row of every (query (i,j), key (p,q)) pair, Swin's order: (i−p+h−1)(2w−1) + (j−q+w−1)."""
+  i, j = np.divmod(np.arange(h * w), w)
+  di = i[:, None] - i[None, :] + (h - 1)  # rows: query; cols: key
+  dj = j[:, None] - j[None, :] + (w - 1)
+  return (di * (2 * w - 1) + dj).astype(np.int32)
+
+
+def one_hot_shift_kernel(dim: int) -> np.ndarray:
+  """(3, 3, 9, D) HWIO kernel: input i of every group is 1 at tap (i // 3, i % 3), for every output."""
+  taps = np.zeros((CONV_SIZE, CONV_SIZE, CONV_TAPS), np.float32)
+  for i in range(CONV_TAPS):
+    taps[i // CONV_SIZE, i % CONV_SIZE, i] = 1.0
+  return np.repeat(taps[..., None], dim, axis=-1)
+
+
+class ACmix(nnx.Module):
+  """ACmix token mixer with global attention over the token grid.
+
+  Args:
+    dim: token width D (divisible by num_heads).
+    grid: (h, w) patch grid; tokens row-major, N = h·w. Non-square grids work.
+    num_heads: H; head dim d = D / H is also the number of conv groups.
+  """
+
+  needs_grid = True  # the relative bias and the 3×3 convolution read grid positions
+
+  def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, dtype=None, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"ACmix needs dim ({dim}) divisible by num_heads ({num_heads}); "
+                       "pick a head count that divides dim")
+    self.grid = as_grid(grid)
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    h, w = self.grid
+    self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.relative_bias = nnx.Param(
+        relative_bias_init(rngs.params(), ((2 * h - 1) * (2 * w - 1), num_heads)))
+    self.out_proj = linear(dim, dim, dtype=dtype, rngs=rngs)
+    self.fc = linear(3 * num_heads, CONV_TAPS, use_bias=False, dtype=dtype, rngs=rngs)
+    self.conv_kernel = nnx.Param(jnp.asarray(one_hot_shift_kernel(dim)))
+    self.attention_rate = nnx.Param(jnp.asarray(0.5, jnp.float32))
+    self.conv_rate = nnx.Param(jnp.asarray(0.5, jnp.float32))
+
+  def relative_bias_matrix(self) -> jax.Array:
+    """(H, N, N) bias added to the attention logits."""
+    return self.relative_bias[...][relative_position_index(*self.grid)].transpose(2, 0, 1)
+
+  def attention_branch(self, qkv: jax.Array) -> jax.Array:
+    b, n, _ = qkv.shape
+    qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * self.head_dim ** -0.5
+    logits = logits + self.relative_bias_matrix().astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
+    return self.out_proj(out.reshape(b, n, -1))
+
+  def convolution_branch(self, qkv: jax.Array) -> jax.Array:
+    b, n, dim3 = qkv.shape
+    h, w = self.grid
+    d = self.head_dim
+    head_maps = qkv.reshape(b, h, w, 3 * self.num_heads, d)
+    # Mixing the 3H maps along the last axis shares the weights over the d channel indices.
+    shifted = self.fc(jnp.swapaxes(head_maps, -1, -2))  # (b, h, w, d, 9)
+    y = jax.lax.conv_general_dilated(
+        shifted.reshape(b, h, w, d * CONV_TAPS),  # channel c·9 + i: group c is contiguous
+        promote_param(self.conv_kernel[...], shifted), (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+    return y.reshape(b, n, dim3 // 3)
+
+  def branches(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(attention, convolution) outputs before the two rates."""
+    check_tokens(x, self.grid, "ACmix")
+    qkv = self.qkv(x)
+    return self.attention_branch(qkv), self.convolution_branch(qkv)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    attention, convolution = self.branches(x)
+    return (promote_param(self.attention_rate[...], attention) * attention
+            + promote_param(self.conv_rate[...], convolution) * convolution)

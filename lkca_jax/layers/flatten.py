@@ -1,0 +1,113 @@
+"""Focused linear attention (FLatten, Han et al., ICCV 2023), spec section 6.
+
+q, k, v = x W_q, x W_k, x W_v (no bias by default: the spec writes x W, as
+for LKCA's bias-free W_v; `qkv_bias=True` gives the authors' Swin variant), then
+  1. k += P, a learned (N, D) position table, init 0;
+  2. q, k = ReLU(q) + 1e-6, ReLU(k) + 1e-6;
+  3. q, k /= softplus(s), s a learned (D,) vector, init 0;
+  4. focusing φ(x) = x³ · ‖x‖ / ‖x³‖ over all D channels;
+  5. per head: kv = (kᵀ/√N)(v/√N), z = 1 / (q · mean_N(k) + 1e-6), out = (q · kv) · z;
+  6. out += a 5×5 depthwise convolution of v over the token grid: one (5, 5, d)
+     kernel and d biases, the same for every head, zero padding 2;
+  7. out = out W_o + b_o.
+Steps 1–5 run in float32 (matmuls at full float32 precision) whatever the
+activation dtype, then cast back: the authors' fix for NaNs in float16.
+Parameters: 4D² + (N + 2)·D + 26·d (+ 3D with qkv_bias).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lkca_jax.layers.common import as_grid, check_tokens, linear, promote_param
+
+FOCUSING_POWER = 3
+DWC_SIZE = 5
+EPSILON = 1e-6
+HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes inside the float32 steps
+
+
+def dwc_init(key: jax.Array, shape) -> jax.Array:
+  """PyTorch's Conv2d default, which the authors' depthwise conv keeps (they never
+  re-initialise it): weight and bias uniform in ±1/√fan_in, fan_in = 5·5."""
+  bound = 1.0 / DWC_SIZE
+  return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+
+
+def focus(x: jax.Array, power: int = FOCUSING_POWER) -> jax.Array:
+  """φ(x) = x^p · ‖x‖ / ‖x^p‖ over the last axis, for x > 0.
+
+  Computed on x / max(x): the ratio is scale-free, so this is the same
+  function without x^p overflowing for large x (the authors' code switches
+  to this form for p > 6).
+  """
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  powered = (x / jnp.max(x, axis=-1, keepdims=True)) ** power
+  return powered * (norm / jnp.linalg.norm(powered, axis=-1, keepdims=True))
+
+
+def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Step 5 on (B, N, H, d) float32 maps: (q · kv) · z with kv computed first."""
+  n = q.shape[1]
+  kv = jnp.einsum("bnhc,bnhe->bhce", k * n ** -0.5, v * n ** -0.5, precision=HIGHEST)
+  z = 1.0 / (jnp.einsum("bnhc,bhc->bnh", q, k.mean(axis=1), precision=HIGHEST) + EPSILON)
+  return jnp.einsum("bnhc,bhce->bnhe", q, kv, precision=HIGHEST) * z[..., None]
+
+
+class FocusedLinearAttention(nnx.Module):
+  """FLatten token mixer (global linear attention over the token grid).
+
+  Args:
+    dim: token width D (divisible by num_heads).
+    grid: (h, w) patch grid; tokens row-major, N = h·w. Non-square grids work.
+    num_heads: H; head dim d = D / H is the depthwise conv's channel count.
+    qkv_bias: biases on W_q, W_k, W_v (default False, see module docstring).
+  """
+
+  needs_grid = True  # the position table and the depthwise conv read grid positions
+
+  def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, qkv_bias: bool = False,
+               dtype=None, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"FLatten needs dim ({dim}) divisible by num_heads ({num_heads}); "
+                       "pick a head count that divides dim")
+    self.grid = as_grid(grid)
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    num_tokens = self.grid[0] * self.grid[1]
+    self.q_proj = linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.k_proj = linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.position = nnx.Param(jnp.zeros((num_tokens, dim)))
+    self.scale = nnx.Param(jnp.zeros((dim,)))
+    self.dwc_kernel = nnx.Param(dwc_init(rngs.params(), (DWC_SIZE, DWC_SIZE, self.head_dim)))
+    self.dwc_bias = nnx.Param(dwc_init(rngs.params(), (self.head_dim,)))
+    self.out_proj = linear(dim, dim, dtype=dtype, rngs=rngs)
+
+  def depthwise_conv(self, v: jax.Array) -> jax.Array:
+    """Step 6 on (B, N, D): the (5, 5, d) kernel tiled over heads is a D-channel depthwise conv."""
+    b, n, dim = v.shape
+    h, w = self.grid
+    kernel = jnp.tile(promote_param(self.dwc_kernel[...], v), (1, 1, self.num_heads))
+    bias = jnp.tile(promote_param(self.dwc_bias[...], v), self.num_heads)
+    pad = DWC_SIZE // 2
+    y = jax.lax.conv_general_dilated(v.reshape(b, h, w, dim), kernel[:, :, None, :], (1, 1),
+                                     ((pad, pad), (pad, pad)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=dim)
+    return y.reshape(b, n, dim) + bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    check_tokens(x, self.grid, "FLatten")
+    b, n, dim = x.shape
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    f32 = jnp.float32
+    scale = jax.nn.softplus(self.scale[...].astype(f32))
+    k = k.astype(f32) + self.position[...].astype(f32)
+    q = focus((jax.nn.relu(q.astype(f32)) + EPSILON) / scale)
+    k = focus((jax.nn.relu(k) + EPSILON) / scale)
+    heads = (b, n, self.num_heads, self.head_dim)
+    out = linear_attention(q.reshape(heads), k.reshape(heads), v.astype(f32).reshape(heads))
+    out = out.reshape(b, n, dim).astype(v.dtype) + self.depthwise_conv(v)
+    return self.out_proj(out)

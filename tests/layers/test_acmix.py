@@ -1,0 +1,224 @@
+"""ACmix: parameter count, the conv branch at init, a float64 reference of the whole mixer, models."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkca_jax.layers import ACmix
+from lkca_jax.models import PRESETS, create_model, count_params
+
+BATCH = 2
+
+
+def max_rel_err(actual, expected) -> float:
+  """max |a − e| / max |e|: relative to the scale of the whole tensor."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def acmix_params(dim, grid, heads) -> int:
+  """Closed form from spec section 6, term by term."""
+  h, w = grid
+  qkv = 3 * dim * dim + 3 * dim  # Linear(D, 3D) with bias
+  relative_bias = (2 * h - 1) * (2 * w - 1) * heads  # one table column per head
+  out_proj = dim * dim + dim  # Linear(D, D) with bias, attention branch only
+  fc = 3 * heads * 9  # 3H → 9, no bias, shared over the d channel indices
+  conv = dim * 9 * 3 * 3  # D outputs, 9 inputs per group, 3×3 taps, no bias
+  rates = 2
+  return qkv + relative_bias + out_proj + fc + conv + rates
+
+
+@pytest.mark.parametrize("dim, grid, heads", [(12, (3, 5), 3), (112, (8, 8), 8), (176, (8, 8), 8)])
+def test_parameter_count_formula(dim, grid, heads):
+  module = nnx.eval_shape(lambda: ACmix(dim, grid, num_heads=heads, rngs=nnx.Rngs(0)))
+  assert count_params(module) == acmix_params(dim, grid, heads)
+  # The same in the compact form quoted in the module docstring.
+  h, w = grid
+  assert acmix_params(dim, grid, heads) == 4 * dim ** 2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 2
+
+
+def test_initial_values():
+  module = ACmix(16, (4, 6), num_heads=4, rngs=nnx.Rngs(0))
+  assert float(module.attention_rate[...]) == 0.5 and float(module.conv_rate[...]) == 0.5
+  assert module.qkv.bias is not None and module.fc.bias is None
+  kernel = np.asarray(module.conv_kernel[...])
+  assert kernel.shape == (3, 3, 9, 16)  # HWIO: taps, 9 inputs per group, D outputs
+  for i in range(9):
+    expected = np.zeros((3, 3))
+    expected[i // 3, i % 3] = 1.0
+    for o in range(16):
+      np.testing.assert_array_equal(kernel[:, :, i, o], expected)
+  table = np.asarray(module.relative_bias[...])
+  assert table.shape == (7 * 11, 4)
+  # Truncated normal, std 0.02 before truncation at 2σ.
+  assert np.abs(table).max() <= 0.04 and 0.01 < table.std() < 0.025
+
+
+def conv_of_qkv_maps(qkv, fc, grid, heads):
+  """float64 3×3 cross-correlation (zero padding 1) of the 3H head maps, kernel[a, b, j] = fc[j, 3a + b].
+
+  qkv: (B, N, 3D) with channel s·D + head·d + c; returns (B, N, D) with
+  channel c·H + o, the same value for every o (one-hot kernel at init).
+  """
+  h, w = grid
+  b, n, dim3 = qkv.shape
+  d = dim3 // 3 // heads
+  maps = qkv.reshape(b, h, w, 3 * heads, d)
+  padded = np.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  out = np.zeros((b, h, w, d))
+  for a in range(3):
+    for bb in range(3):
+      for j in range(3 * heads):
+        out += fc[j, 3 * a + bb] * padded[:, a:a + h, bb:bb + w, j, :]
+  return np.repeat(out[..., None], heads, axis=-1).reshape(b, n, d * heads)
+
+
+def test_conv_branch_at_init_is_3x3_conv_of_qkv_maps():
+  grid, heads, dim = (3, 5), 2, 8
+  module = ACmix(dim, grid, num_heads=heads, rngs=nnx.Rngs(1))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 15, dim)), jnp.float32)
+  qkv = module.qkv(x)
+  _, conv = module.branches(x)
+  expected = conv_of_qkv_maps(np.asarray(qkv, np.float64), np.asarray(module.fc.kernel[...], np.float64),
+                              grid, heads)
+  assert max_rel_err(conv, expected) < 1e-5
+  # The result is a real spatial mix: dropping the shifts (centre tap only) changes it.
+  centre_only = np.asarray(qkv, np.float64).reshape(BATCH, 15, 3 * heads, dim // heads)
+  centre_only = np.repeat(np.einsum("bnjc,j->bnc", centre_only, np.asarray(module.fc.kernel[...])[:, 4])[..., None],
+                          heads, axis=-1).reshape(BATCH, 15, dim)
+  assert max_rel_err(conv, centre_only) > 0.1
+
+
+def softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def reference_acmix(module, x, grid):
+  """float64 ACmix written after the authors' PyTorch code (NCHW, torch weight layouts)."""
+  h, w = grid
+  heads = module.num_heads
+  p = lambda v: np.asarray(v[...], np.float64)
+  x = np.asarray(x, np.float64)
+  b, n, dim = x.shape
+  d = dim // heads
+  qkv = x @ p(module.qkv.kernel) + p(module.qkv.bias)
+  q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
+
+  # Attention branch with Swin's relative position bias (query − key offsets).
+  table = p(module.relative_bias)
+  bias = np.zeros((heads, n, n))
+  for i in range(h):
+    for j in range(w):
+      for pp in range(h):
+        for qq in range(w):
+          bias[:, i * w + j, pp * w + qq] = table[(i - pp + h - 1) * (2 * w - 1) + (j - qq + w - 1)]
+  split = lambda t: t.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # (B, H, N, d)
+  weights = softmax(split(q) @ split(k).transpose(0, 1, 3, 2) * d ** -0.5 + bias)
+  attention = (weights @ split(v)).transpose(0, 2, 1, 3).reshape(b, n, dim)
+  attention = attention @ p(module.out_proj.kernel) + p(module.out_proj.bias)
+
+  # Convolution branch, as torch: cat the q/k/v views (B, H, d, hw) on dim 1, 1×1 fc
+  # conv 3H → 9, permute to (B, d, 9, hw), view as 9d channels, grouped conv (groups d).
+  nchw = lambda t: t.transpose(0, 2, 1).reshape(b, heads, d, n)
+  f_all = np.concatenate([nchw(q), nchw(k), nchw(v)], axis=1)  # (B, 3H, d, N)
+  fc_torch = p(module.fc.kernel).T  # (9, 3H)
+  f_conv = np.einsum("ij,bjcn->bicn", fc_torch, f_all).transpose(0, 2, 1, 3).reshape(b, 9 * d, h, w)
+  conv_torch = p(module.conv_kernel).transpose(3, 2, 0, 1)  # (D out, 9 in per group, 3, 3)
+  padded = np.pad(f_conv, ((0, 0), (0, 0), (1, 1), (1, 1)))
+  conv = np.zeros((b, dim, h, w))
+  outputs_per_group = dim // d
+  for o in range(dim):
+    group = o // outputs_per_group
+    for i in range(9):
+      for a in range(3):
+        for bb in range(3):
+          conv[:, o] += conv_torch[o, i, a, bb] * padded[:, group * 9 + i, a:a + h, bb:bb + w]
+  conv = conv.reshape(b, dim, n).transpose(0, 2, 1)
+  return p(module.attention_rate) * attention + p(module.conv_rate) * conv
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (4, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_full_forward_matches_float64_reference(grid):
+  h, w = grid
+  dim, heads = 12, 3
+  module = ACmix(dim, grid, num_heads=heads, rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(3)
+  # Move every parameter off its init so each one's layout is exercised.
+  module.conv_kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 9, dim)), jnp.float32)
+  module.relative_bias[...] = jnp.asarray(rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)), jnp.float32)
+  module.qkv.bias[...] = jnp.asarray(rng.normal(size=3 * dim), jnp.float32)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  module.attention_rate[...] = jnp.asarray(0.7, jnp.float32)
+  module.conv_rate[...] = jnp.asarray(-0.3, jnp.float32)
+  x = rng.normal(size=(BATCH, h * w, dim)).astype(np.float32)
+  out = module(jnp.asarray(x))
+  assert out.shape == (BATCH, h * w, dim) and out.dtype == jnp.float32
+  assert max_rel_err(out, reference_acmix(module, x, grid)) < 1e-5
+
+
+def test_bfloat16_activations_stay_bfloat16():
+  grid = (4, 4)
+  module = ACmix(8, grid, num_heads=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  reference = ACmix(8, grid, num_heads=2, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(BATCH, 16, 8)), jnp.float32)
+  out = module(x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  assert max_rel_err(out.astype(jnp.float32), reference(x)) < 3e-2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=5), r"divisible by num_heads \(5\)"),
+    (dict(grid=(0, 4)), "grid must be positive"),
+])
+def test_bad_construction_raises_value_error(kwargs, match):
+  kwargs = {"grid": (4, 4), "num_heads": 2, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    ACmix(8, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_wrong_token_count_raises_value_error():
+  module = ACmix(8, (3, 5), num_heads=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\(B, 15, D\).*3x5 grid.*class token excluded"):
+    module(jnp.ones((BATCH, 16, 8)))
+
+
+def logits_and_grads(model, images):
+  """Logits and d(Σ logits²)/d(parameters), for one jitted call."""
+  def loss(m):
+    logits = m(images)
+    return jnp.sum(logits ** 2), logits
+
+  (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  return logits, grads
+
+
+def test_inside_create_model_every_parameter_gets_a_gradient():
+  model = create_model("lkca_t", num_classes=10, image_size=16, rngs=nnx.Rngs(0),
+                       mixer="acmix", dim=16, depth=1, num_heads=4)
+  assert model.pool == "mean"
+  assert all(isinstance(block.mixer, ACmix) for block in model.blocks)
+  images = jnp.asarray(np.random.default_rng(5).normal(size=(BATCH, 16, 16, 3)), jnp.float32)
+  model.eval()
+  logits, grads = nnx.jit(logits_and_grads)(model, images)
+  assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())
+  for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("name, lkca_name", [("acmix_t", "lkca_t"), ("acmix_b", "lkca_b")])
+def test_presets_match_lkca_budget_and_give_logits(name, lkca_name):
+  def build(preset):
+    return create_model(preset, num_classes=10, image_size=32, rngs=nnx.Rngs(0))
+
+  assert PRESETS[name].mixer == "acmix" and PRESETS[name].mlp_ratio == 2.0
+  assert PRESETS[name].dim % PRESETS[name].num_heads == 0
+  model = build(name)
+  ours, theirs = count_params(model), count_params(nnx.eval_shape(lambda: build(lkca_name)))
+  assert theirs == {"lkca_t": 1_027_611, "lkca_b": 2_691_310}[lkca_name]
+  assert abs(ours - theirs) / theirs < 0.03
+  model.eval()
+  images = jnp.asarray(np.random.default_rng(6).normal(size=(BATCH, 32, 32, 3)), jnp.float32)
+  logits = nnx.jit(lambda m, x: m(x))(model, images)
+  assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())

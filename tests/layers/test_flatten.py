@@ -1,0 +1,223 @@
+"""FLatten: parameter count, a float64 reference of the spec steps, float32 islands under bf16, models."""
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkca_jax.layers import FocusedLinearAttention
+from lkca_jax.layers import flatten
+from lkca_jax.models import PRESETS, create_model, count_params
+
+BATCH = 2
+
+
+def max_rel_err(actual, expected) -> float:
+  """max |a − e| / max |e|: relative to the scale of the whole tensor."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
+  """Closed form from spec section 6, term by term."""
+  h, w = grid
+  d = dim // heads
+  qkv = 3 * dim * dim + (3 * dim if qkv_bias else 0)  # three Linear(D, D)
+  position = h * w * dim  # P: (N, D)
+  scale = dim  # s: (D,)
+  dwc = 5 * 5 * d + d  # one 5×5 kernel per head channel + bias, shared by the heads
+  out_proj = dim * dim + dim
+  return qkv + position + scale + dwc + out_proj
+
+
+@pytest.mark.parametrize("dim, grid, heads, qkv_bias", [
+    (12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, False), (176, (8, 8), 4, False)])
+def test_parameter_count_formula(dim, grid, heads, qkv_bias):
+  module = nnx.eval_shape(lambda: FocusedLinearAttention(dim, grid, num_heads=heads, qkv_bias=qkv_bias,
+                                                         rngs=nnx.Rngs(0)))
+  assert count_params(module) == flatten_params(dim, grid, heads, qkv_bias)
+  n, d = grid[0] * grid[1], dim // heads
+  assert flatten_params(dim, grid, heads, qkv_bias) == (
+      4 * dim ** 2 + (n + 2) * dim + 26 * d + (3 * dim if qkv_bias else 0))
+
+
+def test_initial_values():
+  module = FocusedLinearAttention(16, (4, 6), num_heads=2, rngs=nnx.Rngs(0))
+  assert module.q_proj.bias is None and module.k_proj.bias is None and module.v_proj.bias is None
+  assert module.out_proj.bias is not None
+  assert module.position[...].shape == (24, 16) and not np.asarray(module.position[...]).any()
+  assert module.scale[...].shape == (16,) and not np.asarray(module.scale[...]).any()
+  kernel, bias = np.asarray(module.dwc_kernel[...]), np.asarray(module.dwc_bias[...])
+  assert kernel.shape == (5, 5, 8) and bias.shape == (8,)
+  # PyTorch's Conv2d default, U(±1/√25), fills the range.
+  assert np.abs(kernel).max() <= 0.2 and np.abs(kernel).max() > 0.15 and np.abs(bias).max() <= 0.2
+
+
+def focus_direct(x, p=3):
+  """φ(x) = x^p · ‖x‖ / ‖x^p‖ over the last axis, literally."""
+  return x ** p * np.linalg.norm(x, axis=-1, keepdims=True) / np.linalg.norm(x ** p, axis=-1, keepdims=True)
+
+
+def test_focus_matches_direct_formula_and_survives_large_values():
+  x = np.abs(np.random.default_rng(0).normal(size=(4, 7, 24))) + 1e-6
+  assert max_rel_err(flatten.focus(jnp.asarray(x, jnp.float32)), focus_direct(x)) < 1e-6
+  # At 1e7 the literal form overflows float32 (‖x³‖² ~ 1e42); φ is 1-homogeneous, φ(c·x) = c·φ(x).
+  big = jnp.asarray(x * 1e7, jnp.float32)
+  with np.errstate(over="ignore"):
+    literal = focus_direct(np.asarray(big))  # ‖x³‖ = inf, so φ collapses to 0
+  assert max_rel_err(literal, focus_direct(x) * 1e7) > 0.5
+  out = flatten.focus(big)
+  assert bool(jnp.isfinite(out).all())
+  assert max_rel_err(out, focus_direct(x) * 1e7) < 1e-6
+
+
+def reference_flatten(module, x, grid):
+  """float64 FLatten following spec section 6 step by step."""
+  h, w = grid
+  heads = module.num_heads
+  p = lambda v: np.asarray(v[...], np.float64)
+  project = lambda lin, t: t @ p(lin.kernel) + (p(lin.bias) if lin.bias is not None else 0.0)
+  x = np.asarray(x, np.float64)
+  b, n, dim = x.shape
+  d = dim // heads
+  q, k, v = project(module.q_proj, x), project(module.k_proj, x), project(module.v_proj, x)
+  k = k + p(module.position)  # 1
+  q, k = np.maximum(q, 0) + 1e-6, np.maximum(k, 0) + 1e-6  # 2
+  softplus = np.log1p(np.exp(p(module.scale)))
+  q, k = q / softplus, k / softplus  # 3
+  q, k = focus_direct(q), focus_direct(k)  # 4: norms over all D channels
+  split = lambda t: t.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # 5: (B, H, N, d)
+  q, k, vh = split(q), split(k), split(v)
+  kv = (k.transpose(0, 1, 3, 2) / np.sqrt(n)) @ (vh / np.sqrt(n))
+  z = 1.0 / (q @ k.mean(axis=2)[..., None] + 1e-6)
+  out = (q @ kv) * z
+  # 6: 5×5 cross-correlation, zero padding 2, of each head's d-channel map, same kernel per head.
+  kernel, bias = p(module.dwc_kernel), p(module.dwc_bias)
+  maps = np.pad(vh.reshape(b, heads, h, w, d), ((0, 0), (0, 0), (2, 2), (2, 2), (0, 0)))
+  dwc = np.zeros((b, heads, h, w, d)) + bias
+  for a in range(5):
+    for bb in range(5):
+      dwc += kernel[a, bb] * maps[:, :, a:a + h, bb:bb + w, :]
+  out = out + dwc.reshape(b, heads, n, d)
+  out = out.transpose(0, 2, 1, 3).reshape(b, n, dim)
+  return project(module.out_proj, out)  # 7
+
+
+def randomise(module, rng):
+  """Moves P, s and every bias off their init (zeros) so each step's layout is exercised."""
+  n, dim = module.position[...].shape
+  module.position[...] = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+  module.scale[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  for proj in (module.q_proj, module.k_proj, module.v_proj):
+    if proj.bias is not None:
+      proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+
+
+@pytest.mark.parametrize("grid, qkv_bias", [((3, 5), False), ((3, 5), True), ((8, 8), False)],
+                         ids=["3x5", "3x5-qkv_bias", "8x8"])
+def test_matches_float64_reference_of_spec_steps(grid, qkv_bias):
+  h, w = grid
+  dim, heads = 12, 3
+  module = FocusedLinearAttention(dim, grid, num_heads=heads, qkv_bias=qkv_bias, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(2)
+  randomise(module, rng)
+  x = rng.normal(size=(BATCH, h * w, dim)).astype(np.float32)
+  out = module(jnp.asarray(x))
+  assert out.shape == (BATCH, h * w, dim) and out.dtype == jnp.float32
+  # float32 against float64: ~1e-7 per rounding; a few dozen roundings per output.
+  assert max_rel_err(out, reference_flatten(module, x, grid)) < 1e-5
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr, sub-jaxprs (jit, custom_jvp, …) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from equations(sub)
+
+
+def test_bfloat16_activations_stay_finite_with_float32_focusing():
+  grid, dim, heads = (4, 4), 16, 2
+  module = FocusedLinearAttention(dim, grid, num_heads=heads, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+  reference = FocusedLinearAttention(dim, grid, num_heads=heads, rngs=nnx.Rngs(3))
+  randomise(module, np.random.default_rng(4))
+  randomise(reference, np.random.default_rng(4))
+  # Large activations: q, k reach ~1e3, so x³ ~ 1e9 and ‖x³‖² ~ 1e19 before normalising.
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(BATCH, 16, dim)) * 100, jnp.float32)
+  out = module(x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
+  expected = reference(x)
+  assert bool(jnp.isfinite(expected).all())
+  # bf16 keeps an 8-bit mantissa in the projections and the dwc; the focusing amplifies it (x³).
+  assert max_rel_err(out.astype(jnp.float32), expected) < 5e-2
+
+  eqns = list(equations(jax.make_jaxpr(module)(x.astype(jnp.bfloat16)).jaxpr))
+  powers = [e for e in eqns if e.primitive.name == "integer_pow"]
+  assert len(powers) == 2  # focusing of q and of k
+  assert all(e.outvars[0].aval.dtype == jnp.float32 for e in powers)
+  matmuls = [e.outvars[0].aval.dtype for e in eqns if e.primitive.name == "dot_general"]
+  # q, k, v and output projections in bf16; kv, q·mean(k) and q·kv in float32.
+  assert sorted(map(str, matmuls)) == ["bfloat16"] * 4 + ["float32"] * 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=5), r"divisible by num_heads \(5\)"),
+    (dict(grid=(4, 0)), "grid must be positive"),
+])
+def test_bad_construction_raises_value_error(kwargs, match):
+  kwargs = {"grid": (4, 4), "num_heads": 2, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    FocusedLinearAttention(8, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_wrong_token_count_raises_value_error():
+  module = FocusedLinearAttention(8, (3, 5), num_heads=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\(B, 15, D\).*3x5 grid.*class token excluded"):
+    module(jnp.ones((BATCH, 16, 8)))
+
+
+def logits_and_grads(model, images):
+  """Logits and d(Σ logits²)/d(parameters), for one jitted call."""
+  def loss(m):
+    logits = m(images)
+    return jnp.sum(logits ** 2), logits
+
+  (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  return logits, grads
+
+
+def test_inside_create_model_every_parameter_gets_a_gradient():
+  model = create_model("lkca_t", num_classes=10, image_size=16, rngs=nnx.Rngs(0),
+                       mixer="flatten", dim=16, depth=1, num_heads=2)
+  assert model.pool == "mean"
+  assert all(isinstance(block.mixer, FocusedLinearAttention) for block in model.blocks)
+  images = jnp.asarray(np.random.default_rng(6).normal(size=(BATCH, 16, 16, 3)), jnp.float32)
+  model.eval()
+  logits, grads = nnx.jit(logits_and_grads)(model, images)
+  assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())
+  for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("name, lkca_name", [("flatten_t", "lkca_t"), ("flatten_b", "lkca_b")])
+def test_presets_match_lkca_budget_and_give_logits(name, lkca_name):
+  def build(preset):
+    return create_model(preset, num_classes=10, image_size=32, rngs=nnx.Rngs(0))
+
+  assert PRESETS[name].mixer == "flatten" and PRESETS[name].mlp_ratio == 2.0
+  assert PRESETS[name].dim % PRESETS[name].num_heads == 0
+  model = build(name)
+  ours, theirs = count_params(model), count_params(nnx.eval_shape(lambda: build(lkca_name)))
+  assert theirs == {"lkca_t": 1_027_611, "lkca_b": 2_691_310}[lkca_name]
+  assert abs(ours - theirs) / theirs < 0.03
+  model.eval()
+  images = jnp.asarray(np.random.default_rng(7).normal(size=(BATCH, 32, 32, 3)), jnp.float32)
+  logits = nnx.jit(lambda m, x: m(x))(model, images)
+  assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())
