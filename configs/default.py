@@ -1,0 +1,94 @@
+"""The reference training recipe (spec section 3), shared by every dataset config.
+
+Every recipe value lives here; dataset configs only say what differs.
+    python main.py --config configs/default.py   # CIFAR-10, lkca_b, full recipe
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """Preset fields that `--config.model_overrides.<field>=...` may replace."""
+  return ml_collections.ConfigDict({
+      "mixer": placeholder(str),  # a registry name, or a comma pattern "lkca,mhsa"
+      "dim": placeholder(int),
+      "depth": placeholder(int),
+      "num_heads": placeholder(int),
+      "mlp_ratio": placeholder(float),
+      "drop_path_rate": placeholder(float),
+      "pool": placeholder(str),
+      # Constructor options per mixer name (unset ones keep the mixer's default).
+      "mixer_options": ml_collections.ConfigDict({
+          "lkca": ml_collections.ConfigDict({
+              "view": placeholder(str),  # "auto", "conv" or "attention"
+              "kernel_sharing": placeholder(str),  # "layer", "head" or "channel"
+          }),
+      }),
+  })
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model: a preset of lkca_jax.models.PRESETS, optionally overridden.
+  config.model = "lkca_b"
+  config.model_overrides = model_overrides()
+  config.patch_size = placeholder(int)  # None: image size / 8, an 8x8 grid
+  config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
+
+  config.dataset = ml_collections.ConfigDict({
+      "name": "cifar10",
+      "data_dir": placeholder(str),  # TFDS data_dir (prepared copies live here)
+      "manual_dir": placeholder(str),  # where a manual download (tiny-imagenet-200.zip) lies
+      "download": True,  # False: never touch the network, fail if not prepared
+      "placement": "auto",  # "device", "host" or "auto" (device when it fits)
+      # Subsets for quick runs: keep the first `classes` labels (0: all) and at
+      # most `train_per_class` training images of each (0: all).
+      "classes": 0,
+      "train_per_class": 0,
+      "mean": (0.4914, 0.4822, 0.4465),
+      "std": (0.2470, 0.2435, 0.2616),
+  })
+
+  # Per-image augmentation, in this order (spec section 3).
+  config.augment = ml_collections.ConfigDict({
+      "flip": True,
+      "crop_padding": 4,
+      "autoaugment": "cifar10",  # "cifar10", "svhn", "imagenet" or None
+      "random_erasing": 0.25,
+      "erasing_area": (0.02, 0.4),
+      "erasing_aspect": (0.3, 3.3),
+  })
+
+  # Batch-level CutMix / Mixup.
+  config.mixing = ml_collections.ConfigDict({
+      "prob": 0.5,  # chance that a batch is mixed at all
+      "cutmix_prob": 0.5,  # chance that a mixed batch uses CutMix rather than Mixup
+      "cutmix_alpha": 1.0,
+      "mixup_alpha": 1.0,
+  })
+  config.label_smoothing = 0.1
+
+  config.optimizer = ml_collections.ConfigDict({
+      "learning_rate": 1e-3,
+      "b1": 0.9,
+      "b2": 0.999,
+      "eps": 1e-8,
+      "weight_decay": 0.05,  # on all parameters
+      "warmup_epochs": 10,
+      "init_learning_rate": 1e-6,
+      "end_learning_rate": 1e-6,
+  })
+
+  config.batch_size = 128  # global, split over all devices
+  config.num_epochs = 100
+  config.repeats = 3  # repeated augmentation: one epoch = 3 augmented passes
+  config.num_train_steps = -1  # -1: num_epochs * steps per epoch
+  config.num_devices = 0  # 0: every device of every host
+
+  config.eval_every_steps = -1  # -1: once an epoch, on the full test split
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3  # the latest K, plus the best by test top-1
+  return config

@@ -1,0 +1,169 @@
+"""A device-resident input pipeline: uint8 arrays on the accelerators, batches made inside jit.
+
+The datasets of the paper fit in accelerator memory as uint8 (Tiny-ImageNet
+train is 1.2 GB), so each split is placed once on every device, *replicated*:
+then any device can gather any image without cross-device traffic, and a
+batch is a gather plus the per-image augmentations, compiled as one program.
+When the split does not fit (placement "host", or "auto" on a small device)
+images stay in host memory and only the uint8 batch crosses to the devices;
+the batches are identical either way.
+
+The pipeline's whole state is (epoch, step, key): the epoch order is a
+permutation drawn from fold_in(key, epoch) over `repeats` copies of the
+training set, and each batch's augmentation key is derived from the global
+step. A resumed run therefore sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lkca_jax import augment as augment_lib
+
+DATA_AXIS = "data"
+# Keep the replicated dataset under this share of one device's memory.
+DEVICE_MEMORY_FRACTION = 0.25
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh with a `data` axis over the first `num_devices` devices (0: all)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are "
+                       "visible; lower --config.num_devices")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """Host array → global jax.Array; works the same on one host and across hosts."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def choose_placement(placement: str, nbytes: int) -> str:
+  if placement not in ("auto", "device", "host"):
+    raise ValueError(f"dataset.placement must be 'auto', 'device' or 'host', got {placement!r}")
+  if placement != "auto":
+    return placement
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if limit is None:  # CPU backends: device memory is host memory
+    return "device"
+  return "device" if nbytes <= DEVICE_MEMORY_FRACTION * limit else "host"
+
+
+@dataclasses.dataclass
+class Split:
+  """One split's uint8 images (N, H, W, C) and int32 labels, on device or host."""
+  images: jax.Array | np.ndarray
+  labels: jax.Array | np.ndarray
+  on_device: bool
+
+  @property
+  def size(self) -> int:
+    return int(self.labels.shape[0])
+
+
+class Pipeline:
+  """Produces sharded training and evaluation batches for one dataset."""
+
+  def __init__(self, mesh: Mesh, train: tuple[np.ndarray, np.ndarray],
+               test: tuple[np.ndarray, np.ndarray], *, global_batch: int, repeats: int,
+               augment: augment_lib.AugmentConfig, key: jax.Array, placement: str = "auto"):
+    num_devices = mesh.devices.size
+    if global_batch % num_devices:
+      raise ValueError(f"global batch {global_batch} is not divisible by {num_devices} devices; "
+                       "set --config.batch_size to a multiple of the device count")
+    self.mesh = mesh
+    self.global_batch = global_batch
+    self.repeats = repeats
+    self.augment = augment
+    self.order_key, self.augment_key = jax.random.split(key)
+    self.replicated = NamedSharding(mesh, P())
+    self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
+    self.placement = choose_placement(placement, nbytes)
+    on_device = self.placement == "device"
+    self.train = self._place(*train, on_device)
+    self.test = self._place(*test, on_device)
+    self.steps_per_epoch = (repeats * self.train.size) // global_batch
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{repeats} x {self.train.size} training images make no full batch of "
+                       f"{global_batch}; lower --config.batch_size")
+    self.eval_steps = -(-self.test.size // global_batch)
+    batch = self.batch_sharding
+    self._epoch_order = jax.jit(self._order, out_shardings=self.replicated)
+    self._gather_augment = jax.jit(self._gather_and_augment, out_shardings=batch)
+    self._augment = jax.jit(self._augment_images, out_shardings=batch)
+    self._gather_eval = jax.jit(self._gather_and_normalize, out_shardings=batch)
+    self._normalize = jax.jit(self._normalize_images, out_shardings=batch)
+
+  def _place(self, images, labels, on_device: bool) -> Split:
+    images = np.asarray(images, np.uint8)
+    labels = np.asarray(labels, np.int32)
+    if on_device:
+      return Split(put(images, self.replicated), put(labels, self.replicated), True)
+    return Split(images, labels, False)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train.images.shape[1:])
+
+  # --- training -------------------------------------------------------------
+  def _order(self, epoch):
+    copies = jnp.tile(jnp.arange(self.train.size, dtype=jnp.int32), self.repeats)
+    return jax.random.permutation(jax.random.fold_in(self.order_key, epoch), copies)
+
+  def epoch_order(self, epoch: int) -> jax.Array:
+    """Indices of one epoch: `repeats` shuffled copies of the training set."""
+    return self._epoch_order(epoch)
+
+  def _augment_images(self, images, labels, step):
+    images = jax.lax.with_sharding_constraint(images, self.batch_sharding)
+    key = jax.random.fold_in(self.augment_key, step)
+    return {"image": augment_lib.augment_batch(key, images, self.augment), "label": labels}
+
+  def _gather_and_augment(self, images, labels, order, step_in_epoch, step):
+    idx = jax.lax.dynamic_slice(order, (step_in_epoch * self.global_batch,), (self.global_batch,))
+    idx = jax.lax.with_sharding_constraint(idx, self.batch_sharding)
+    return self._augment_images(images[idx], labels[idx], step)
+
+  def train_batch(self, order: jax.Array, step: int) -> dict:
+    """The augmented batch of global step `step`, given its epoch's `order`."""
+    step_in_epoch = step % self.steps_per_epoch
+    if self.train.on_device:
+      return self._gather_augment(self.train.images, self.train.labels, order,
+                                  step_in_epoch, step)
+    start = step_in_epoch * self.global_batch
+    idx = np.asarray(order[start:start + self.global_batch])
+    return self._augment(put(self.train.images[idx], self.batch_sharding),
+                         put(self.train.labels[idx], self.batch_sharding), step)
+
+  # --- evaluation -----------------------------------------------------------
+  def _normalize_images(self, images):
+    return augment_lib.normalize(images, self.augment.mean, self.augment.std)
+
+  def _eval_indices(self, eval_step, size, xp):
+    idx = eval_step * self.global_batch + xp.arange(self.global_batch)
+    return xp.minimum(idx, size - 1), idx < size
+
+  def _gather_and_normalize(self, images, labels, eval_step):
+    idx, mask = self._eval_indices(eval_step, labels.shape[0], jnp)
+    return {"image": self._normalize_images(images[idx]), "label": labels[idx], "mask": mask}
+
+  def eval_batches(self):
+    """The whole test split in global batches; padding rows have mask False."""
+    for k in range(self.eval_steps):
+      if self.test.on_device:
+        yield self._gather_eval(self.test.images, self.test.labels, k)
+        continue
+      idx, mask = self._eval_indices(k, self.test.size, np)
+      yield {"image": self._normalize(put(self.test.images[idx], self.batch_sharding)),
+             "label": put(self.test.labels[idx], self.batch_sharding),
+             "mask": put(mask, self.batch_sharding)}

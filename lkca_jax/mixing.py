@@ -1,0 +1,54 @@
+"""Batch-level CutMix / Mixup as the reference trainer applies them.
+
+Per batch: with probability `prob` the batch is mixed, else left clean; a
+mixed batch is CutMix or Mixup with equal chance (by default). The partner
+of each image is a random permutation of the batch. The loss is then
+λ·CE(y_a) + (1 − λ)·CE(y_b); for CutMix λ is recomputed from the clipped box.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cutmix_box(key, height: int, width: int, lam):
+  """Box (y0, y1, x0, x1) of area ≈ (1 − λ)·H·W centred uniformly, clipped to the image."""
+  ky, kx = jax.random.split(key)
+  ratio = jnp.sqrt(1.0 - lam)
+  cut_h = (height * ratio).astype(jnp.int32)
+  cut_w = (width * ratio).astype(jnp.int32)
+  cy = jax.random.randint(ky, (), 0, height)
+  cx = jax.random.randint(kx, (), 0, width)
+  y0 = jnp.clip(cy - cut_h // 2, 0, height)
+  y1 = jnp.clip(cy + cut_h // 2, 0, height)
+  x0 = jnp.clip(cx - cut_w // 2, 0, width)
+  x1 = jnp.clip(cx + cut_w // 2, 0, width)
+  return y0, y1, x0, x1
+
+
+def mix_batch(key, images, labels, *, prob: float, cutmix_prob: float, cutmix_alpha: float,
+              mixup_alpha: float):
+  """Returns (images, labels_a, labels_b, lam); lam is 1 for a clean batch."""
+  k_mix, k_kind, k_perm, k_cut_lam, k_mix_lam, k_box = jax.random.split(key, 6)
+  _, height, width, _ = images.shape
+  partner = jax.random.permutation(k_perm, images.shape[0])
+  other, labels_b = images[partner], labels[partner]
+
+  lam_cut = jax.random.beta(k_cut_lam, cutmix_alpha, cutmix_alpha)
+  y0, y1, x0, x1 = cutmix_box(k_box, height, width, lam_cut)
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
+  inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+  cutmixed = jnp.where(inside[None, :, :, None], other, images)
+  lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (height * width)
+
+  lam_mix = jax.random.beta(k_mix_lam, mixup_alpha, mixup_alpha)
+  mixed_up = lam_mix * images + (1.0 - lam_mix) * other
+
+  do_mix = jax.random.uniform(k_mix) < prob
+  use_cutmix = jax.random.uniform(k_kind) < cutmix_prob
+  mixed = jnp.where(use_cutmix, cutmixed, mixed_up)
+  lam = jnp.where(use_cutmix, lam_cut, lam_mix)
+  images = jnp.where(do_mix, mixed, images).astype(images.dtype)
+  lam = jnp.where(do_mix, lam, 1.0).astype(jnp.float32)
+  return images, labels, jnp.where(do_mix, labels_b, labels), lam

@@ -1,0 +1,102 @@
+"""Train or evaluate an LKCA / ViT model from an ml_collections config.
+
+    python main.py --config configs/tinyimagenet.py [--workdir DIR] [--config.KEY=VALUE ...]
+    python main.py --config configs/digits.py --mode eval [--checkpoint DIR/checkpoints/STEP]
+
+The workdir defaults to workdirs/<config name>; running the same command
+again resumes from the latest checkpoint there. Bad input (unknown preset,
+dataset or config key, impossible shapes, unprepared data) is reported in
+one line with exit code 2 before anything is compiled.
+"""
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summary.json go "
+                    "(default: workdirs/<config name>).")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint.")
+flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
+
+USAGE_ERROR = 2
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv):
+  try:
+    rest = FLAGS(argv)
+    config = FLAGS.config
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+      config.keys()  # a config file that failed to load raises its error on first use
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    fail(f"could not load the --config file ({reason}); pass a config such as configs/digits.py")
+  except flags.Error as e:  # unknown flag, bad value, missing config file
+    fail(f"{e}. See `python main.py --helpfull` and the keys in configs/default.py.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
+    key = str(e).strip("\"'")
+    fail(f"bad --config override: {key} is not a key of this config or has the wrong type; "
+         "the keys are in configs/default.py")
+  if config is None:
+    fail("--config is required, e.g. --config configs/digits.py")
+  return rest
+
+
+def default_workdir() -> str:
+  path = config_flags.get_config_filename(FLAGS["config"])
+  return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+  from lkca_jax import checkpoint as checkpoint_lib
+  from lkca_jax import train
+
+  config = FLAGS.config
+  workdir = FLAGS.workdir or default_workdir()
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    if FLAGS.mode == "eval":
+      result = train.evaluate(config, workdir, FLAGS.checkpoint)
+      print(f"eval {result['checkpoint']}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
+            f"loss {result['loss']:.4f}")
+      return
+    run = train.Run.prepare(config)
+    summary = train.train_and_evaluate(config, workdir, run=run)
+  except (train.ConfigError, checkpoint_lib.CheckpointError) as e:
+    fail(str(e))
+  except train.NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if summary["stopped_by"]:
+    print(f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint saved in "
+          f"{workdir}. Run the same command to resume.")
+    return
+  print(f"{config.model} on {config.dataset.name}: final top1 {summary['final_top1']:.4f}, "
+        f"best top1 {summary['best_top1']:.4f} (step {summary['best_step']}), "
+        f"{summary['params']:,} params, {summary['wall_seconds']:.0f}s; "
+        f"summary in {workdir}/summary.json")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

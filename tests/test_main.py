@@ -1,0 +1,159 @@
+"""main.py end to end in real subprocesses: resume after SIGTERM and SIGKILL, eval, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 150
+# A small model that still learns visibly in 150 steps (no mixing, higher learning rate).
+TINY = ["--config", "configs/digits.py", "--config.model_overrides.dim=64",
+        "--config.model_overrides.depth=2", "--config.model_overrides.num_heads=4",
+        "--config.num_devices=1", "--config.batch_size=32", f"--config.num_train_steps={STEPS}",
+        "--config.checkpoint_every_steps=25", "--config.eval_every_steps=50",
+        "--config.log_every_steps=25", "--config.optimizer.warmup_epochs=0",
+        "--config.optimizer.learning_rate=3e-3", "--config.mixing.prob=0"]
+
+
+def main_cmd(workdir, *extra):
+  return [sys.executable, "main.py", *TINY, f"--workdir={workdir}", *extra]
+
+
+def run_main(workdir, *extra, timeout=300):
+  return subprocess.run(main_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def final_params(workdir):
+  """The parameters of the latest checkpoint, read back from disk with orbax."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[-1]), "state"))
+  return steps[-1], restored["params"]
+
+
+def wait_for_checkpoint(proc, workdir, step, timeout=240):
+  path = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(os.path.join(path, "state")):
+    assert proc.poll() is None, proc.stderr.read()
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+
+
+def assert_same_params(a, b):
+  leaves_a, leaves_b = jax_leaves(a), jax_leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  result = run_main(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_uninterrupted_run_writes_summary_logs_and_checkpoints(uninterrupted):
+  workdir, result = uninterrupted
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["step"] == STEPS and summary["total_steps"] == STEPS
+  assert summary["params"] > 0 and summary["train_images_per_second"] > 0
+  # 10 classes, 360 test images: chance is 10% ± 1.6%; this setting reaches ~38%.
+  assert 0.25 < summary["final_top1"] <= 1.0
+  assert summary["best_top1"] >= summary["final_top1"]
+  assert f"final top1 {summary['final_top1']:.4f}" in result.stdout
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  # latest 3 plus the best evaluated one; the final step always among them
+  assert steps[-3:] == [100, 125, 150] and len(steps) <= 4
+  assert summary["best_step"] in steps
+
+
+def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
+  workdir, _ = uninterrupted
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  result = run_main(workdir, "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"top1 {summary['final_top1']:.4f}" in result.stdout
+  result = run_main(workdir, "--mode=eval", f"--checkpoint={workdir}/checkpoints/{summary['best_step']}")
+  assert f"top1 {summary['best_top1']:.4f}" in result.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_resumes_to_identical_parameters(uninterrupted, tmp_path, sig):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(proc, workdir, 50)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  stopped_at, _ = final_params(workdir)
+  assert stopped_at < STEPS, "the run finished before the signal: nothing was interrupted"
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, err[-3000:]
+    assert f"stopped by SIGTERM at step {stopped_at}" in out
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  resumed = run_main(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  step, params = final_params(workdir)
+  full_step, full_params = final_params(uninterrupted[0])
+  assert step == full_step == STEPS
+  assert_same_params(params, full_params)
+
+
+BAD_INPUTS = [
+    (["--config.model=vit_99m"], "unknown model preset"),
+    (["--config.dataset.name=imagenet21k"], "unknown dataset"),
+    (["--config.no_such_key=1"], "no_such_key"),
+    (["--config.patch_size=3"], "not divisible by patch size"),
+    (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
+    (["--config.dataset.name=cifar10", "--config.dataset.mean=(0.5,0.5,0.5)",
+      "--config.dataset.std=(0.5,0.5,0.5)", "--config.dataset.download=False"],
+     "--config.dataset.data_dir"),
+]
+
+
+def test_bad_input_fails_fast_with_one_line_and_exit_2(tmp_path):
+  procs = []
+  for i, (flags, _) in enumerate(BAD_INPUTS):
+    workdir = tmp_path / str(i)
+    procs.append(subprocess.Popen(
+        main_cmd(workdir, *flags, f"--config.dataset.data_dir={tmp_path / 'empty'}"),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for proc, (flags, message) in zip(procs, BAD_INPUTS):
+    out, err = proc.communicate(timeout=120)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2, (flags, err[-2000:])
+    assert lines[-1].startswith("error: ") and message in lines[-1], (flags, err[-2000:])
+  # Nothing was trained or checkpointed.
+  assert not any((tmp_path / str(i) / "checkpoints").exists() for i in range(len(BAD_INPUTS)))
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  # A learning rate of 1e30 blows the weights up within a few steps.
+  result = run_main(str(tmp_path), "--config.optimizer.learning_rate=1e30",
+                    "--config.optimizer.warmup_epochs=0", "--config.checkpoint_every_steps=1",
+                    "--config.log_every_steps=1")
+  assert result.returncode == 1
+  line = result.stderr.strip().splitlines()[-1]
+  assert "loss became non-finite at step" in line
+  bad_step = int(line.split("at step ")[1].split(";")[0])
+  kept, params = final_params(str(tmp_path))
+  assert kept < bad_step
+  assert all(np.all(np.isfinite(x)) for x in jax_leaves(params))

@@ -1,0 +1,83 @@
+"""CutMix / Mixup: the mixed pixels, λ, and how often each happens."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lkca_jax.mixing import cutmix_box, mix_batch
+
+ALWAYS = dict(prob=1.0, cutmix_alpha=1.0, mixup_alpha=1.0)
+
+
+def _batch(n=16, size=12):
+  images = jnp.arange(n, dtype=jnp.float32)[:, None, None, None] * jnp.ones((n, size, size, 3))
+  return images, jnp.arange(n, dtype=jnp.int32)
+
+
+def test_cutmix_pixels_and_lambda_follow_the_box():
+  images, labels = _batch()
+  for seed in range(20):
+    out, ya, yb, lam = mix_batch(jax.random.key(seed), images, labels, cutmix_prob=1.0, **ALWAYS)
+    out, ya, yb, lam = map(np.asarray, (out, ya, yb, lam))
+    np.testing.assert_array_equal(ya, np.arange(16))
+    # Every image holds only its own value and its partner's (each image's value is its label).
+    from_partner = out[..., 0] == yb[:, None, None]
+    own = out[..., 0] == ya[:, None, None]
+    assert np.all(from_partner | own)
+    moved = np.where(ya != yb)[0]
+    if moved.size:
+      area = from_partner[moved[0]].mean()
+      assert lam == pytest.approx(1.0 - area, abs=1e-6)
+      # The pasted region is one axis-aligned rectangle.
+      rows, cols = np.nonzero(from_partner[moved[0]])
+      if rows.size:
+        assert rows.size == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+def test_mixup_is_the_convex_combination():
+  images, labels = _batch()
+  out, ya, yb, lam = mix_batch(jax.random.key(3), images, labels, cutmix_prob=0.0, **ALWAYS)
+  expected = lam * np.asarray(ya, np.float32) + (1 - lam) * np.asarray(yb, np.float32)
+  np.testing.assert_allclose(np.asarray(out)[:, 0, 0, 0], expected, rtol=1e-6)
+  assert 0.0 < float(lam) < 1.0
+
+
+def test_clean_batches_are_untouched():
+  images, labels = _batch()
+  out, ya, yb, lam = mix_batch(jax.random.key(0), images, labels, prob=0.0, cutmix_prob=0.5,
+                               cutmix_alpha=1.0, mixup_alpha=1.0)
+  np.testing.assert_array_equal(out, images)
+  np.testing.assert_array_equal(ya, yb)
+  assert float(lam) == 1.0
+
+
+def test_mixing_rates_match_the_recipe():
+  """Half the batches are mixed; of those, half CutMix (a λ of pure box area) and half Mixup."""
+  images, labels = _batch(8, 8)
+  fn = jax.jit(jax.vmap(lambda k: mix_batch(k, images, labels, prob=0.5, cutmix_prob=0.5,
+                                            cutmix_alpha=1.0, mixup_alpha=1.0)))
+  n = 4000
+  out, _, _, lam = fn(jax.random.split(jax.random.key(0), n))
+  out, lam = np.asarray(out), np.asarray(lam)
+  mixed = lam < 1.0
+  # A mixed batch with λ = 1 is possible only for an empty CutMix box, which is rare.
+  # 5 sigma of a binomial(4000, 0.5) is 0.04.
+  assert abs(mixed.mean() - 0.5) < 0.045
+  # Mixup makes non-integer pixel values; CutMix never does.
+  is_mixup = np.any(out != np.round(out), axis=(1, 2, 3, 4))
+  assert abs(is_mixup[mixed].mean() - 0.5) < 0.06
+  # λ ~ Beta(1, 1) = U(0, 1) for Mixup.
+  assert abs(np.mean(lam[is_mixup]) - 0.5) < 0.05
+
+
+def test_cutmix_box_area_tracks_lambda_and_stays_inside():
+  for seed, lam in enumerate([0.1, 0.5, 0.9]):
+    y0, y1, x0, x1 = map(int, cutmix_box(jax.random.key(seed), 32, 32, jnp.float32(lam)))
+    assert 0 <= y0 <= y1 <= 32 and 0 <= x0 <= x1 <= 32
+  # Centred boxes (no clipping) cover ≈ (1 − λ) of the image.
+  areas = []
+  for seed in range(200):
+    y0, y1, x0, x1 = map(int, cutmix_box(jax.random.key(seed), 64, 64, jnp.float32(0.75)))
+    if y0 > 0 and x0 > 0 and y1 < 64 and x1 < 64:
+      areas.append((y1 - y0) * (x1 - x0) / 64 ** 2)
+  assert areas and abs(np.mean(areas) - 0.25) < 0.02

@@ -1,0 +1,101 @@
+"""The trainer in-process: schedule, devices, config validation."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar10, default, digits, tinyimagenet
+from lkca_jax import train
+
+
+def tiny_digits(**overrides):
+  config = digits.get_config()
+  config.model_overrides.dim = 32
+  config.model_overrides.depth = 2
+  config.model_overrides.num_heads = 4
+  config.batch_size = 32
+  config.num_train_steps = 5
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def test_default_config_is_the_reference_recipe():
+  c = default.get_config()
+  assert (c.optimizer.learning_rate, c.optimizer.b1, c.optimizer.b2, c.optimizer.eps,
+          c.optimizer.weight_decay) == (1e-3, 0.9, 0.999, 1e-8, 0.05)
+  assert (c.batch_size, c.num_epochs, c.repeats, c.optimizer.warmup_epochs) == (128, 100, 3, 10)
+  assert (c.label_smoothing, c.mixing.prob, c.mixing.cutmix_prob) == (0.1, 0.5, 0.5)
+  assert (c.augment.random_erasing, c.augment.crop_padding, c.seed) == (0.25, 4, 0)
+  assert tinyimagenet.get_config().augment.autoaugment == "imagenet"
+  assert tinyimagenet.get_config().dataset.mean == (0.4802, 0.4481, 0.3975)
+
+
+@pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
+def test_schedule_warms_up_linearly_then_cosine_decays(steps_per_epoch, total):
+  config = cifar10.get_config()
+  schedule = train.learning_rate_schedule(config, steps_per_epoch, total)
+  warmup = 10 * steps_per_epoch
+  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)  # the first step uses 1e-6
+  assert float(schedule(warmup // 2)) == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-3)
+  assert float(schedule(warmup)) == pytest.approx(1e-3, rel=1e-6)
+  mid = warmup + (total - warmup) // 2
+  assert float(schedule(mid)) == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-3)
+  assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-3)
+  lrs = np.asarray([float(schedule(s)) for s in range(warmup, total, 997)])
+  assert np.all(np.diff(lrs) <= 0)
+
+
+def test_model_overrides_reach_the_model():
+  config = tiny_digits()
+  config.model_overrides.mixer = "lkca,mhsa"
+  config.model_overrides.mixer_options.lkca.view = "conv"
+  run = train.Run.prepare(config)
+  assert run.model.mixers == ["lkca", "mhsa"]
+  assert run.model.blocks[0].mixer.view == "conv"
+  assert run.model.pool == "mean"
+  assert run.model.blocks[0].mixer.kernel.shape == (15, 15)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model", "vit_99m", "unknown model preset"),
+    ("dataset.name", "imagenet21k", "unknown dataset"),
+    ("patch_size", 3, "not divisible by patch size"),
+    ("batch_size", 60, "not divisible by 8 devices"),
+    ("dtype", "float16", "dtype must be one of"),
+    ("augment.autoaugment", "cifar11", "cifar11"),
+])
+def test_bad_configs_fail_in_prepare(key, value, message):
+  config = tiny_digits(**{key: value, "num_devices": 0})
+  with pytest.raises(train.ConfigError, match=message):
+    train.Run.prepare(config)
+
+
+def _losses(num_devices, steps=5):
+  config = tiny_digits(num_devices=num_devices)
+  t = train.build_training(train.Run.prepare(config), config)
+  assert t.pipeline.mesh.devices.size == num_devices
+  state, losses = t.state, []
+  order = t.pipeline.epoch_order(0)
+  for step in range(steps):
+    batch = t.pipeline.train_batch(order, step)
+    assert batch["image"].sharding.spec[0] == "data"
+    state, metrics = t.train_step(state, batch, t.train_key)
+    losses.append(float(metrics["loss"]))
+  params = jax.device_get(state.params)
+  return np.asarray(losses), params
+
+
+def test_eight_devices_match_one_device():
+  assert jax.device_count() == 8
+  one, params_one = _losses(1)
+  eight, params_eight = _losses(8)
+  assert np.all(np.isfinite(one)) and one[0] > one[-1] - 5  # real, finite losses
+  np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_one, params_eight)
