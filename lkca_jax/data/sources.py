@@ -22,7 +22,7 @@ import numpy as np
 from lkca_jax.data import digits
 
 _TINY_IMAGENET_HINT = (
-    " (from --config.data.manual_dir=DIR holding tiny-imagenet-200.zip, or from the zip that "
+    " (from --config.dataset.manual_dir=DIR holding tiny-imagenet-200.zip, or from the zip that "
     "$LKCA_TINY_IMAGENET_ZIP names; with neither it downloads it from cs231n.stanford.edu)")
 
 
@@ -123,8 +123,8 @@ def _is_prepared(builder) -> bool:
 
 def _unavailable_message(spec: DatasetSpec, builder) -> str:
   return (f"dataset {spec.name} (TFDS {spec.tfds_name} {builder.version}) is not prepared in "
-          f"{builder.data_dir_root} and downloading is off: pass --config.data.data_dir=DIR where it is "
-          f"prepared, or --config.data.download=True to prepare it there{spec.source_hint}")
+          f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR where it is "
+          f"prepared, or --config.dataset.download=True to prepare it there{spec.source_hint}")
 
 
 def _check_manual_dir(spec: DatasetSpec, manual_dir) -> None:
@@ -180,7 +180,7 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
     start += len(label_batch)
   if start != count:
     raise ValueError(f"{spec.name}/{split}: read {start} examples but the dataset info says {count}; "
-                     f"prepare it again in a fresh --config.data.data_dir")
+                     f"prepare it again in a fresh --config.dataset.data_dir")
   return images, labels
 
 

@@ -71,7 +71,7 @@ def find_zip(manual_dir=None) -> str | None:
 def manual_dir_problem(manual_dir) -> str | None:
   """Why preparing from manual_dir cannot work, or None; checked before any download starts."""
   if find_zip(manual_dir) is None:
-    return (f"--config.data.manual_dir={manual_dir} holds no {ZIP_NAME}: put the official zip "
+    return (f"--config.dataset.manual_dir={manual_dir} holds no {ZIP_NAME}: put the official zip "
             f"there, or set ${ZIP_ENV} to its path")
   return None
 

@@ -99,7 +99,7 @@ def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path, no_network):
   message = str(info.value)
   assert "\n" not in message
   assert "cifar10" in message and str(tmp_path) in message
-  assert "--config.data.data_dir" in message and "--config.data.download=True" in message
+  assert "--config.dataset.data_dir" in message and "--config.dataset.download=True" in message
   assert isinstance(info.value, ValueError)
   # Nothing was written where we looked.
   assert list(tmp_path.iterdir()) == []
@@ -112,7 +112,7 @@ def test_check_available_is_cheap_and_names_the_tiny_imagenet_fixes(tmp_path, no
     data.check_available("tiny_imagenet", data_dir=tmp_path, manual_dir=None, download=False)
   assert time.perf_counter() - start < 10
   message = str(info.value)
-  for fix in ("--config.data.data_dir", "--config.data.manual_dir", "--config.data.download=True",
+  for fix in ("--config.dataset.data_dir", "--config.dataset.manual_dir", "--config.dataset.download=True",
               "LKCA_TINY_IMAGENET_ZIP", "tiny-imagenet-200.zip"):
     assert fix in message
   # Non-TFDS sources are always available; download=True is enough for TFDS ones.
