@@ -24,6 +24,8 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summary.json g
                     "(default: workdirs/<config name>).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint.")
 flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: one process per "
+                  "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).")
 
 USAGE_ERROR = 2
 
@@ -68,6 +70,9 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+  if FLAGS.multihost:
+    import jax
+    jax.distributed.initialize()  # coordinator and ranks come from the cluster environment
   from lkca_jax import checkpoint as checkpoint_lib
   from lkca_jax import train
 

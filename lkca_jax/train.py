@@ -334,8 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = checkpoints.restore(start, state)
     logging.info("resumed from %s/%d", checkpoints.directory, start)
   step = int(state.step)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if step == 0:
