@@ -6,10 +6,9 @@ restarted run resumes its data order, random streams and best-so-far.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "top1"
@@ -17,6 +16,12 @@ BEST_METRIC = "top1"
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used with this run; the message names the fix."""
+
+
+def absolute(path) -> epath.Path:
+  """Resolves local paths; leaves cloud paths (gs://...) as they are."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.resolve()
 
 
 def _abstract(tree):
@@ -27,7 +32,7 @@ class Checkpoints:
   """Wraps an orbax CheckpointManager over `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = absolute(directory)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
@@ -72,11 +77,10 @@ class Checkpoints:
     self.manager.close()
 
 
-def resolve(path: str) -> tuple[str, int]:
+def resolve(path) -> tuple[epath.Path, int]:
   """`.../checkpoints/<step>` → (checkpoints directory, step), with a clear error."""
-  path = os.path.abspath(path)
-  step = os.path.basename(path.rstrip("/"))
-  if not (os.path.isdir(path) and step.isdigit() and os.path.isdir(os.path.join(path, "state"))):
+  path = absolute(path)
+  if not (path.name.isdigit() and (path / "state").is_dir()):
     raise CheckpointError(f"{path} is not a checkpoint step directory (expected "
                           "<workdir>/checkpoints/<step> with a state/ folder)")
-  return os.path.dirname(path), int(step)
+  return path.parent, int(path.name)

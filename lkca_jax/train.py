@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -319,14 +320,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from clu import metric_writers, periodic_actions  # TensorFlow import: only when training
 
   run = run or Run.prepare(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)  # local paths and gs:// alike
+  workdir.mkdir(parents=True, exist_ok=True)
   t = build_training(run, config)
   pipeline, state, total_steps = t.pipeline, t.state, t.total_steps
   train_step, eval_step, train_key = t.train_step, t.eval_step, t.train_key
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else pipeline.steps_per_epoch)
 
-  checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+  checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints",
                                            keep=config.keep_checkpoints)
   meta = {"best_top1": -1.0, "best_step": 0, "history": []}
   start = checkpoints.latest_step()
@@ -335,10 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("resumed from %s/%d", checkpoints.directory, start)
   step = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if step == 0:
     writer.write_hparams({"model": config.model, "dataset": config.dataset.name,
                           "params": run.num_params, "devices": run.mesh.devices.size})
@@ -424,8 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "wall_seconds": wall, "config": json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   writer.flush()
   writer.close()
   return summary
@@ -438,8 +438,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if checkpoint:
     directory, step = checkpoint_lib.resolve(checkpoint)
   else:
-    directory = os.path.join(workdir, "checkpoints")
-    step = checkpoint_lib.Checkpoints(directory).latest_step() if os.path.isdir(directory) else None
+    directory = epath.Path(workdir) / "checkpoints"
+    step = checkpoint_lib.Checkpoints(directory).latest_step() if directory.is_dir() else None
     if step is None:
       raise checkpoint_lib.CheckpointError(
           f"no checkpoint in {directory}; train first or pass --checkpoint PATH")
