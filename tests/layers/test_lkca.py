@@ -1,0 +1,224 @@
+"""LKCA: the conv and attention views, an independent float64 reference, init, view choice."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.signal
+from flax import nnx
+
+from lkca_jax.layers import LKCA
+from lkca_jax.layers import lkca
+from lkca_jax.models import count_params
+
+GRIDS = [(8, 8), (4, 4), (3, 5), (16, 16)]
+SHARINGS = ["layer", "head", "channel"]
+BATCH, DIM, HEADS = 2, 8, 2
+
+
+def max_rel_err(actual, expected) -> float:
+  """max |a − e| / max |e|: relative to the scale of the whole tensor."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def random_inputs(grid, sharing, seed=0):
+  """Tokens v (B, N, D), a NON-zero kernel, and a cotangent r for loss = sum(r · out)."""
+  h, w = grid
+  rng = np.random.default_rng(seed)
+  v = rng.normal(size=(BATCH, h * w, DIM)).astype(np.float32)
+  kernel = rng.normal(size=lkca.kernel_shape(DIM, grid, HEADS, sharing)).astype(np.float32)
+  r = rng.normal(size=(BATCH, h * w, DIM)).astype(np.float32)
+  return v, kernel, r
+
+
+def channel_kernels(kernel, sharing) -> np.ndarray:
+  """Expands any kernel sharing to one (2h−1, 2w−1) kernel per channel: (D, 2h−1, 2w−1)."""
+  if sharing == "layer":
+    return np.broadcast_to(kernel, (DIM, *kernel.shape))
+  if sharing == "head":  # channel c belongs to head c // (D / heads)
+    return np.repeat(kernel, DIM // HEADS, axis=0)
+  return kernel
+
+
+def scipy_reference(v, kernel, r, grid, sharing):
+  """float64 output and gradients (w.r.t. v and kernel) of loss = sum(r · out), by scipy.
+
+  Forward: zero-padded cross-correlation. With a (2h−1, 2w−1) kernel on an
+  h×w map, "same" mode keeps the centred h×w window of the full correlation,
+  which is exactly zero padding (h−1, w−1) (checked against "valid" on the
+  explicitly padded map below).
+  dL/dv = convolve2d(r, K, "same") (the adjoint of correlation is convolution);
+  dL/dK = correlate2d(padded v, r, "valid").
+  """
+  h, w = grid
+  v, kernel, r = (np.asarray(a, np.float64) for a in (v, kernel, r))
+  per_channel = channel_kernels(kernel, sharing)
+  out = np.zeros_like(v)
+  grad_v = np.zeros_like(v)
+  grad_k = np.zeros_like(per_channel)
+  for b in range(v.shape[0]):
+    for c in range(DIM):
+      v_map, r_map, k = v[b, :, c].reshape(h, w), r[b, :, c].reshape(h, w), per_channel[c]
+      padded = np.pad(v_map, ((h - 1, h - 1), (w - 1, w - 1)))
+      same = scipy.signal.correlate2d(v_map, k, mode="same")
+      np.testing.assert_allclose(same, scipy.signal.correlate2d(padded, k, mode="valid"), atol=1e-12)
+      out[b, :, c] = same.reshape(-1)
+      grad_v[b, :, c] = scipy.signal.convolve2d(r_map, k, mode="same").reshape(-1)
+      grad_k[c] += scipy.signal.correlate2d(padded, r_map, mode="valid")
+  # Fold the per-channel kernel gradients back onto the shared parameter.
+  if sharing == "layer":
+    grad_k = grad_k.sum(axis=0)
+  elif sharing == "head":
+    grad_k = grad_k.reshape(HEADS, DIM // HEADS, *grad_k.shape[1:]).sum(axis=1)
+  return out, grad_v, grad_k
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def output_and_grads(mix, v, kernel, r, grid, sharing):
+  def loss(v, kernel):
+    out = mix(v, kernel, grid, sharing)
+    return jnp.sum(out * r), out
+
+  (_, out), (grad_v, grad_k) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(v, kernel)
+  return out, grad_v, grad_k
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+def test_conv_and_attention_views_agree_with_scipy_reference(grid, sharing):
+  v, kernel, r = random_inputs(grid, sharing)
+  conv = output_and_grads(lkca.mix_conv, v, kernel, r, grid, sharing)
+  attention = output_and_grads(lkca.mix_attention, v, kernel, r, grid, sharing)
+  reference = scipy_reference(v, kernel, r, grid, sharing)
+  for name, c, a, ref in zip(("output", "grad v", "grad kernel"), conv, attention, reference):
+    assert c.dtype == a.dtype == jnp.float32
+    assert c.shape == a.shape == ref.shape, name
+    assert max_rel_err(c, a) < 1e-5, f"{name}: conv vs attention"
+    assert max_rel_err(c, ref) < 1e-5, f"{name}: conv vs float64 scipy"
+    assert max_rel_err(a, ref) < 1e-5, f"{name}: attention vs float64 scipy"
+
+
+def test_true_convolution_matches_only_with_flipped_kernel():
+  grid = (3, 5)
+  v, kernel, _ = random_inputs(grid, "layer", seed=1)
+  out = np.asarray(lkca.mix_attention(v, kernel, grid, "layer"))
+  maps = v.astype(np.float64).transpose(0, 2, 1).reshape(BATCH, DIM, *grid)
+
+  def convolve(k):
+    return np.stack([[scipy.signal.convolve2d(m, k, mode="same") for m in per_image]
+                     for per_image in maps]).reshape(BATCH, DIM, -1).transpose(0, 2, 1)
+
+  assert max_rel_err(out, convolve(kernel)) > 0.1
+  assert max_rel_err(out, convolve(kernel[::-1, ::-1])) < 1e-5
+
+
+def test_attention_matrix_entries_by_explicit_loops():
+  h, w = 3, 4
+  kernel = np.arange((2 * h - 1) * (2 * w - 1), dtype=np.float32).reshape(2 * h - 1, 2 * w - 1)
+  a = np.asarray(lkca.attention_matrix(jnp.asarray(kernel), (h, w)))
+  assert a.shape == (h * w, h * w)
+  for i in range(h):
+    for j in range(w):
+      for p in range(h):
+        for q in range(w):
+          assert a[i * w + j, p * w + q] == kernel[h - 1 + p - i, w - 1 + q - j]
+      # Row (i, j) is the flattened window K[h−1−i : 2h−1−i, w−1−j : 2w−1−j].
+      window = kernel[h - 1 - i:2 * h - 1 - i, w - 1 - j:2 * w - 1 - j]
+      np.testing.assert_array_equal(a[i * w + j], window.reshape(-1))
+
+
+@pytest.mark.parametrize("view", ["conv", "attention"])
+def test_module_is_projection_mixing_projection(view):
+  """LKCA(x) = mix(x W_v) W_o + b_o, no bias on W_v, the same in both views."""
+  grid = (3, 5)
+  module = LKCA(DIM, grid, view=view, rngs=nnx.Rngs(0))
+  assert module.view == view
+  assert module.v_proj.bias is None
+  rng = np.random.default_rng(2)
+  module.kernel[...] = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=DIM), jnp.float32)
+  x = rng.normal(size=(BATCH, 15, DIM)).astype(np.float32)
+  wv = np.asarray(module.v_proj.kernel[...], np.float64)
+  wo = np.asarray(module.out_proj.kernel[...], np.float64)
+  bo = np.asarray(module.out_proj.bias[...], np.float64)
+  v = x.astype(np.float64) @ wv
+  mixed = np.zeros_like(v)
+  for b in range(BATCH):
+    for c in range(DIM):
+      mixed[b, :, c] = scipy.signal.correlate2d(
+          v[b, :, c].reshape(grid), np.asarray(module.kernel[...], np.float64), mode="same").reshape(-1)
+  expected = mixed @ wo + bo
+  assert max_rel_err(module(jnp.asarray(x)), expected) < 1e-5
+
+
+def test_parameter_count_formula():
+  for dim, grid in [(12, (3, 5)), (192, (8, 8))]:
+    h, w = grid
+    module = nnx.eval_shape(lambda: LKCA(dim, grid, rngs=nnx.Rngs(0)))
+    assert count_params(module) == 2 * dim ** 2 + dim + (2 * h - 1) * (2 * w - 1)
+  assert count_params(LKCA(192, (8, 8), rngs=nnx.Rngs(0))) == 74_145  # 2·192² + 192 + 15·15
+
+
+@pytest.mark.parametrize("sharing, shape", [("layer", (15, 15)), ("head", (4, 15, 15)),
+                                            ("channel", (16, 15, 15))])
+def test_kernel_initialised_to_zero(sharing, shape):
+  module = LKCA(16, (8, 8), num_heads=4, kernel_sharing=sharing, rngs=nnx.Rngs(0))
+  kernel = np.asarray(module.kernel[...])
+  assert kernel.shape == shape
+  assert not kernel.any()
+  # A zero kernel mixes nothing: the output is the (zero) output bias.
+  x = jnp.ones((2, 64, 16))
+  np.testing.assert_array_equal(np.asarray(module(x)), 0.0)
+
+
+def test_auto_view_resolves_to_a_concrete_view():
+  module = LKCA(DIM, (8, 8), rngs=nnx.Rngs(0))
+  assert module.view == "attention"  # 64² entries: far below the limit
+  assert lkca.resolve_view("auto", 192, (8, 8), 12, "channel") == "attention"  # 192·64²
+  assert lkca.resolve_view("conv", 192, (8, 8), 12, "layer") == "conv"
+
+
+def test_auto_view_falls_back_to_conv_when_matrix_too_big():
+  limit = lkca.AUTO_MAX_MATRIX_ENTRIES
+  # 91×91 grid: N² = 8281² ≈ 6.86e7 > 2^26 ≈ 6.71e7 for one shared kernel.
+  assert (91 * 91) ** 2 > limit >= (90 * 90) ** 2
+  assert lkca.resolve_view("auto", 4, (90, 90), 1, "layer") == "attention"
+  assert lkca.resolve_view("auto", 4, (91, 91), 1, "layer") == "conv"
+  # One matrix per channel multiplies the entries by D: 128 · 32⁴ = 2^27.
+  assert lkca.resolve_view("auto", 128, (32, 32), 1, "channel") == "conv"
+  assert lkca.resolve_view("auto", 128, (32, 32), 1, "layer") == "attention"
+  assert LKCA(4, (91, 91), rngs=nnx.Rngs(0)).view == "conv"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(view="dense"), "view must be one of"),
+    (dict(kernel_sharing="pixel"), "kernel_sharing must be one of"),
+    (dict(kernel_sharing="head", num_heads=3), "divisible by num_heads"),
+    (dict(grid=(0, 4)), "grid must be positive"),
+])
+def test_bad_construction_raises_value_error(kwargs, match):
+  kwargs = {"grid": (4, 4), **kwargs}
+  with pytest.raises(ValueError, match=match):
+    LKCA(DIM, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_wrong_token_count_raises_value_error():
+  module = LKCA(DIM, (4, 4), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"\(B, 16, D\).*4x4 grid.*class token excluded"):
+    module(jnp.ones((2, 17, DIM)))
+
+
+def test_bfloat16_activations_stay_bfloat16():
+  grid = (4, 4)
+  module = LKCA(DIM, grid, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  module.kernel[...] = jnp.asarray(np.random.default_rng(3).normal(size=(7, 7)), jnp.float32)
+  reference = LKCA(DIM, grid, rngs=nnx.Rngs(0))
+  reference.kernel[...] = module.kernel[...]
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, DIM)), jnp.float32)
+  out = module(x.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  assert module.kernel[...].dtype == jnp.float32  # parameters stay float32
+  # bf16 has an 8-bit mantissa (~0.4% per rounding); a few roundings per output: measured 0.4%.
+  assert max_rel_err(out.astype(jnp.float32), reference(x)) < 2e-2

@@ -1,0 +1,374 @@
+"""The pre-norm ViT family: preset parameter counts, init, stochastic depth, pooling, inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkca_jax.layers import LKCA, MHSA, DropPath, layer_norm, linear
+from lkca_jax.models import PRESETS, count_params, create_model
+
+# Spec section 2, typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
+SPEC_PARAM_COUNTS = {
+    "vit_05m": (479_890, 490_780, 520_160),
+    "vit_1m": (1_060_674, 1_073_004, 1_106_288),
+    "vit_2m": (1_955_010, 1_973_100, 2_022_000),
+    "vit": (2_692_426, 2_709_796, 2_756_744),
+    "vit_4m": (3_951_298, 3_975_148, 4_039_664),
+    "vit_8m": (7_852_114, 7_880_284, 7_956_512),
+    "lkca_05m": (500_710, 509_800, 534_300),
+    "lkca_t": (1_027_611, 1_039_941, 1_073_225),
+    "lkca_2m": (2_030_515, 2_047_885, 2_094_833),
+    "lkca_b": (2_691_310, 2_710_300, 2_761_640),
+    "lkca_4m": (4_048_939, 4_071_169, 4_131_293),
+    "lkca_8m": (7_941_106, 7_968_736, 8_043_500),
+    "lkca_l": (12_528_190, 12_560_680, 12_648_620),
+}
+DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tiny_imagenet": (200, 64)}
+
+# A small model for behaviour tests: the lkca_05m preset at width 16, depth 2.
+SMALL = dict(dim=16, depth=2)
+BATCH = 4  # one batch size wherever it does not matter: eager ops compile once per shape
+
+
+def small_model(name="lkca_05m", *, image_size=16, num_classes=5, seed=0, **overrides):
+  return create_model(name, num_classes=num_classes, image_size=image_size,
+                      rngs=nnx.Rngs(seed), **{**SMALL, **overrides})
+
+
+def images(shape, seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def randomise_lkca_kernels(model, seed=0):
+  """The LKCA init is zero, which would hide the mixing; give every kernel random values."""
+  rng = np.random.default_rng(seed)
+  for block in model.blocks:
+    if isinstance(block.mixer, LKCA):
+      kernel = block.mixer.kernel
+      kernel[...] = jnp.asarray(0.1 * rng.normal(size=kernel[...].shape), jnp.float32)
+
+
+def rel_err(actual, expected) -> float:
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+# --- parameter counts -------------------------------------------------------------------
+
+def test_presets_cover_the_spec_table():
+  assert set(SPEC_PARAM_COUNTS) <= set(PRESETS)  # other presets (peer mixers) may exist
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_PARAM_COUNTS))
+def test_preset_parameter_counts_match_spec(name):
+  for (num_classes, size), expected in zip(DATASETS.values(), SPEC_PARAM_COUNTS[name]):
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, image_size=size,
+                                                rngs=nnx.Rngs(0)))
+    assert model.grid == (8, 8)  # patch 4 at 32×32, patch 8 at 64×64
+    assert count_params(model) == expected, (name, num_classes, size)
+
+
+def test_vit_worked_check_per_component():
+  model = nnx.eval_shape(lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0)))
+  block = model.blocks[0]
+  count = lambda module: count_params(module)  # noqa: E731
+  assert count(block.norm1) + count(block.norm2) == 768
+  assert count(block.mixer.qkv) == 110_592 and count(block.mixer.out_proj) == 37_056
+  assert count(block.mlp) == 148_032
+  assert count(block) == 296_448 and len(model.blocks) == 9
+  assert count(model.patch_embed) == 9_408
+  assert model.pos_embed.shape == (65, 192)  # 12,480 = (64 + 1) · 192
+  assert model.cls_token.shape == (1, 1, 192)
+  assert count(model.head_norm) == 384 and count(model.head) == 1_930
+  assert 9 * 296_448 + 9_408 + 12_480 + 192 + 384 + 1_930 == count(model) == 2_692_426
+
+
+def test_lkca_mixer_count_formula_in_a_preset():
+  model = nnx.eval_shape(lambda: create_model("lkca_2m", num_classes=10, image_size=32,
+                                              rngs=nnx.Rngs(0)))
+  d, (h, w) = 192, model.grid
+  for block in model.blocks:
+    assert isinstance(block.mixer, LKCA)
+    assert count_params(block.mixer) == 2 * d * d + d + (2 * h - 1) * (2 * w - 1)
+
+
+# --- init -------------------------------------------------------------------------------
+
+def test_linear_init_is_untruncated_xavier_normal_with_zero_bias():
+  layer = linear(600, 400, rngs=nnx.Rngs(0))
+  kernel = np.asarray(layer.kernel[...])
+  std = np.sqrt(2 / (600 + 400))
+  assert abs(kernel.std() / std - 1) < 0.01  # 240k samples: std of the estimate ≈ 0.15%
+  assert abs(kernel.mean()) < 0.01 * std
+  # A normal puts 4.55% of its mass beyond 2 std; a truncated normal puts none there.
+  beyond = np.mean(np.abs(kernel) > 2 * std)
+  assert 0.04 < beyond < 0.051
+  assert np.abs(kernel).max() > 4 * std
+  assert not np.asarray(layer.bias[...]).any()
+
+
+def test_model_init():
+  model = small_model("vit_05m")
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Linear):
+      fan_in, fan_out = module.kernel[...].shape
+      std = np.sqrt(2 / (fan_in + fan_out))
+      # The sample std of n normals has relative spread ≈ 1/sqrt(2n): allow 5 of those.
+      tolerance = 5 / np.sqrt(2 * fan_in * fan_out)
+      assert abs(np.asarray(module.kernel[...]).std() / std - 1) < tolerance, path
+      if module.bias is not None:
+        assert not np.asarray(module.bias[...]).any(), path
+    if isinstance(module, nnx.LayerNorm):
+      assert module.epsilon == 1e-5, path
+      np.testing.assert_array_equal(np.asarray(module.scale[...]), 1.0)
+      np.testing.assert_array_equal(np.asarray(module.bias[...]), 0.0)
+  # Position embedding and class token: N(0, 1), not 0.02. (64 + 1) · 16 = 1,040 samples:
+  # the std and mean estimates spread by ≈ 0.022 and 0.031.
+  pos = np.asarray(model.pos_embed[...])
+  assert pos.shape == (65, 16) and abs(pos.std() - 1) < 0.1 and abs(pos.mean()) < 0.12
+  assert 0.3 < np.abs(np.asarray(model.cls_token[...])).mean() < 1.3  # E|N(0,1)| ≈ 0.80
+  lkca_model = small_model("lkca_05m")
+  for block in lkca_model.blocks:
+    assert not np.asarray(block.mixer.kernel[...]).any()
+
+
+def test_layer_norm_epsilon_is_1e_minus_5_numerically():
+  norm = layer_norm(2, rngs=nnx.Rngs(0))
+  a = 1e-3  # variance a² = 1e-6 is comparable with epsilon, so epsilon shows in the output
+  out = np.asarray(norm(jnp.asarray([[a, -a]], jnp.float32)))
+  np.testing.assert_allclose(out, [[a / np.sqrt(a * a + 1e-5), -a / np.sqrt(a * a + 1e-5)]],
+                             rtol=1e-4)
+  assert abs(out[0, 0] - a / np.sqrt(a * a + 1e-6)) > 0.1  # eps 1e-6 would give 0.707
+
+
+# --- stochastic depth -------------------------------------------------------------------
+
+def test_drop_path_drops_whole_samples_at_the_rate():
+  rate, batch = 0.25, 8000
+  drop = DropPath(rate, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).uniform(1, 2, size=(batch, 3, 4)), jnp.float32)
+  out = np.asarray(drop(x))
+  dropped = np.all(out == 0, axis=(1, 2))
+  kept = ~dropped
+  assert abs(dropped.mean() - rate) < 0.02  # binomial std ≈ 0.005
+  np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-6)
+  drop.eval()
+  np.testing.assert_array_equal(np.asarray(drop(x)), np.asarray(x))
+
+
+def test_presets_use_rate_0_1_in_every_layer():
+  model = nnx.eval_shape(lambda: create_model("lkca_t", num_classes=10, image_size=32,
+                                              rngs=nnx.Rngs(0)))
+  rates = [(b.drop_path1.rate, b.drop_path2.rate) for b in model.blocks]
+  assert rates == [(0.1, 0.1)] * 9  # no linear ramp
+
+
+def test_stochastic_depth_train_and_eval():
+  x = images((BATCH, 16, 16, 3))
+  model = small_model(drop_path_rate=0.5)
+  plain = small_model(drop_path_rate=0.0)
+  randomise_lkca_kernels(model)
+  randomise_lkca_kernels(plain)
+  plain_out = np.asarray(plain(x))
+
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(model(x)), plain_out)
+
+  model.train()
+  first = np.asarray(model(x, rngs=nnx.Rngs(dropout=7)))
+  again = np.asarray(model(x, rngs=nnx.Rngs(dropout=7)))
+  other = np.asarray(model(x, rngs=nnx.Rngs(dropout=8)))
+  np.testing.assert_array_equal(first, again)
+  assert np.abs(first - other).max() > 1e-3
+  changed = np.abs(first - plain_out).max(axis=1) > 1e-4
+  assert changed.any()  # 4 branches × 4 samples at rate 0.5: P(nothing dropped) = 2^-16
+  # Without explicit rngs the model's own stream advances: two calls differ.
+  assert np.abs(np.asarray(model(x)) - np.asarray(model(x))).max() > 1e-3
+
+
+# --- pooling, patterns, prefix tokens ----------------------------------------------------
+
+def manual_forward_tokens(model, x):
+  """The token sequence before pooling, built from the model's own pieces (eval mode)."""
+  tokens = model.patch_embed(model.patchify(x))
+  if model.pool == "cls":
+    cls = jnp.broadcast_to(model.cls_token[...], (x.shape[0], 1, tokens.shape[-1]))
+    tokens = jnp.concatenate([cls, tokens], axis=1)
+  tokens = tokens + model.pos_embed[...]
+  for block in model.blocks:
+    tokens = block(tokens, num_prefix=int(model.pool == "cls"))
+  return tokens
+
+
+@pytest.mark.parametrize("name, pool", [("vit_05m", "cls"), ("lkca_05m", "mean")])
+def test_pooling_follows_the_preset(name, pool):
+  model = small_model(name)
+  model.eval()
+  randomise_lkca_kernels(model)
+  assert model.pool == pool
+  assert hasattr(model, "cls_token") == (pool == "cls")  # no unused parameters
+  assert model.pos_embed[...].shape == (64 + (pool == "cls"), 16)
+  x = images((BATCH, 16, 16, 3))
+  tokens = manual_forward_tokens(model, x)
+  by_cls = model.head(model.head_norm(tokens[:, 0]))
+  by_mean = model.head(model.head_norm(tokens.mean(axis=1)))
+  logits = model(x)
+  expected, other = (by_cls, by_mean) if pool == "cls" else (by_mean, by_cls)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(logits) - np.asarray(other)).max() > 1e-3
+
+
+def test_per_layer_mixer_pattern():
+  model = small_model(mixer=["lkca", "mhsa"], depth=4)
+  assert [type(b.mixer) for b in model.blocks] == [LKCA, MHSA, LKCA, MHSA]
+  assert model.pool == "mean"  # some layer needs the grid, so no class token
+  model.eval()
+  x = images((BATCH, 16, 16, 3))
+  before = np.asarray(model(x))
+  randomise_lkca_kernels(model)
+  after = np.asarray(model(x))
+  assert before.shape == (BATCH, 5) and np.isfinite(after).all()
+  assert np.abs(after - before).max() > 1e-3  # the LKCA layers take part
+
+
+def test_grid_mixer_skips_the_class_token():
+  model = small_model(pool="cls")
+  model.eval()
+  randomise_lkca_kernels(model)
+  assert model.pos_embed[...].shape == (65, 16) and model.cls_token[...].shape == (1, 1, 16)
+  block = model.blocks[0]
+  tokens = images((BATCH, 65, 16), seed=1)
+  out = block(tokens, num_prefix=1)
+  # Patch tokens: exactly the block without the prefix token.
+  np.testing.assert_allclose(np.asarray(out[:, 1:]), np.asarray(block(tokens[:, 1:])), rtol=1e-6, atol=1e-6)
+  # Class token: its mixer branch is zero, only the MLP branch is added.
+  cls = tokens[:, :1]
+  np.testing.assert_allclose(np.asarray(out[:, :1]), np.asarray(cls + block.mlp(block.norm2(cls))),
+                             rtol=1e-6, atol=1e-6)
+  logits = model(images((BATCH, 16, 16, 3)))
+  assert logits.shape == (BATCH, 5) and np.isfinite(np.asarray(logits)).all()
+
+
+# --- inputs: batch, dtype, channels, shape ------------------------------------------------
+
+def test_batch_sizes_1_and_7():
+  model = small_model()
+  model.eval()
+  randomise_lkca_kernels(model)
+  x = images((7, 16, 16, 3))
+  full = np.asarray(model(x))
+  assert full.shape == (7, 5)
+  # Each sample's logits are independent of the rest of the batch.
+  np.testing.assert_allclose(np.asarray(model(x[:1])), full[:1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(model(x[3:])), full[3:], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_input_to_float32_model():
+  model = small_model()
+  model.eval()
+  randomise_lkca_kernels(model)
+  x = images((BATCH, 16, 16, 3))
+  out32 = model(x)
+  out_bf16_input = model(x.astype(jnp.bfloat16))
+  assert out_bf16_input.dtype == jnp.float32
+  assert rel_err(out_bf16_input, out32) < 5e-3  # only the input is rounded (2^-9 relative); measured 7e-4
+
+
+def test_bfloat16_model():
+  model32 = small_model()
+  model16 = small_model(dtype=jnp.bfloat16)
+  for model in (model32, model16):
+    model.eval()
+    randomise_lkca_kernels(model)
+  x = images((BATCH, 16, 16, 3))
+  out16 = model16(x)
+  assert out16.dtype == jnp.bfloat16
+  assert model16.patch_embed.kernel[...].dtype == jnp.float32  # float32 master weights
+  assert np.isfinite(np.asarray(out16, np.float32)).all()
+  # Every activation is rounded to bf16 (relative step 2^-8); measured 0.5% of the logit scale.
+  assert rel_err(out16.astype(jnp.float32), model32(x)) < 2e-2
+
+
+def test_single_channel_images():
+  model = create_model("lkca_05m", num_classes=5, image_size=16, channels=1, rngs=nnx.Rngs(0),
+                       **SMALL)
+  assert model.patch_embed.kernel[...].shape == (2 * 2 * 1, 16)
+  logits = model(images((BATCH, 16, 16, 1)))
+  assert logits.shape == (BATCH, 5) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_patchify_flattens_patches_as_p1_p2_c():
+  model = create_model("lkca_05m", num_classes=5, image_size=(4, 6), patch_size=2, channels=3,
+                       rngs=nnx.Rngs(0), **SMALL)
+  x = np.arange(4 * 6 * 3, dtype=np.float32).reshape(1, 4, 6, 3)
+  patches = np.asarray(model.patchify(jnp.asarray(x)))
+  assert patches.shape == (1, 6, 12)
+  np.testing.assert_array_equal(patches[0, 4], x[0, 2:4, 2:4, :].reshape(-1))  # row 1, col 1
+
+
+def test_non_square_images_in_every_view():
+  x = images((BATCH, 24, 40, 3))
+  outputs = {}
+  for view in ["conv", "attention", "auto"]:
+    for sharing in ["layer", "head", "channel"]:
+      model = create_model("lkca_05m", num_classes=5, image_size=(24, 40), patch_size=8,
+                           rngs=nnx.Rngs(0), dim=16, depth=2,
+                           mixer_options={"lkca": {"view": view, "kernel_sharing": sharing}})
+      assert model.grid == (3, 5)
+      assert model.blocks[0].mixer.kernel[...].shape[-2:] == (5, 9)
+      assert model.blocks[0].mixer.view == ("attention" if view == "auto" else view)
+      model.eval()
+      randomise_lkca_kernels(model)
+      outputs[view, sharing] = np.asarray(model(x))
+  for sharing in ["layer", "head", "channel"]:
+    for view in ["attention", "auto"]:
+      assert rel_err(outputs[view, sharing], outputs["conv", sharing]) < 1e-5
+  assert np.isfinite(outputs["conv", "layer"]).all()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=30, patch_size=4, rngs=nnx.Rngs(0)),
+     "not divisible by patch size 4"),
+    (lambda: create_model("lkca_xl", num_classes=5, image_size=32, rngs=nnx.Rngs(0)),
+     "unknown model preset 'lkca_xl'"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), mixer="conv"),
+     "unknown mixer 'conv'"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), width=64),
+     "unknown model override 'width'"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
+                          mixer=["lkca", "mhsa", "lkca"]),
+     "must repeat evenly over depth 8"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), pool="max"),
+     "pool must be"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
+                          mixer_options={"view": "conv"}),
+     "key mixer_options by mixer name"),
+])
+def test_bad_configuration_raises_value_error(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 1), (2, 16, 24, 3), (2, 17, 16, 3)])
+def test_bad_images_raise_value_error(shape):
+  model = small_model()
+  with pytest.raises(ValueError, match=r"expects images of shape \(B, 16, 16, 3\)"):
+    model(jnp.zeros(shape))
+
+
+def test_model_jits_and_differentiates():
+  model = small_model()
+  randomise_lkca_kernels(model)
+  model.eval()
+  x = images((BATCH, 16, 16, 3))
+
+  @nnx.jit
+  def loss_and_grads(model, x):
+    return nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+
+  loss, grads = loss_and_grads(model, x)
+  assert np.isclose(float(loss), float(jnp.sum(model(x) ** 2)), rtol=1e-5)
+  kernel_grad = np.asarray(grads.blocks[0].mixer.kernel[...])
+  assert kernel_grad.shape == (15, 15) and np.abs(kernel_grad).max() > 0
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
