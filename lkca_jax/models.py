@@ -66,8 +66,11 @@ class Block(nnx.Module):
   def __init__(self, dim: int, grid, *, mixer: str, num_heads: int, mlp_ratio: float,
                drop_path_rate: float, mixer_options: dict, dtype, rngs: nnx.Rngs):
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs,
-                               **mixer_options.get(mixer, {}))
+    options = mixer_options.get(mixer, {})
+    try:
+      self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs, **options)
+    except TypeError as e:  # a misspelt option
+      raise ValueError(f"bad mixer_options for {mixer!r} {options}: {e}") from None
     self.drop_path1 = DropPath(drop_path_rate, rngs=rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)

@@ -344,6 +344,9 @@ def test_non_square_images_in_every_view():
     (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
                           mixer_options={"view": "conv"}),
      "key mixer_options by mixer name"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
+                          mixer_options={"lkca": {"veiw": "conv"}}),
+     "bad mixer_options for 'lkca'.*veiw"),
 ])
 def test_bad_configuration_raises_value_error(make, match):
   with pytest.raises(ValueError, match=match):
