@@ -8,6 +8,7 @@ again resumes from the latest checkpoint there. Bad input (unknown preset,
 dataset or config key, impossible shapes, unprepared data) is reported in
 one line with exit code 2 before anything is compiled.
 """
+import logging as std_logging
 import os
 import sys
 
@@ -60,11 +61,11 @@ def default_workdir() -> str:
   return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
 
 
-class _QuietLibraries(logging.logging.Filter):
+class _QuietLibraries(std_logging.Filter):
   """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
@@ -79,7 +80,7 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir()
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(_QuietLibraries())  # every absl.logging call passes here
   try:
     if FLAGS.mode == "eval":
       result = train.evaluate(config, workdir, FLAGS.checkpoint)
