@@ -76,12 +76,8 @@ def build_model(config, spec, rngs: nnx.Rngs) -> models.ViT:
 
 
 def augment_config(config) -> augment_lib.AugmentConfig:
-  return augment_lib.AugmentConfig(
-      flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-      autoaugment=config.augment.autoaugment, random_erasing=config.augment.random_erasing,
-      erasing_area=tuple(config.augment.erasing_area),
-      erasing_aspect=tuple(config.augment.erasing_aspect),
-      mean=tuple(config.dataset.mean), std=tuple(config.dataset.std))
+  return augment_lib.AugmentConfig.from_config(config.augment, mean=config.dataset.mean,
+                                               std=config.dataset.std)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:

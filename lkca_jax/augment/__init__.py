@@ -7,9 +7,10 @@
 from lkca_jax.augment import autoaugment, ops
 from lkca_jax.augment.autoaugment import POLICIES
 from lkca_jax.augment.transforms import (AugmentConfig, augment_batch, augment_image,
-                                         erasing_box, normalize, random_crop,
-                                         random_erasing, random_flip)
+                                         augment_with_keys, erasing_box, normalize,
+                                         random_crop, random_erasing, random_flip)
 
-__all__ = ["AugmentConfig", "POLICIES", "augment_batch", "augment_image", "autoaugment",
+__all__ = ["AugmentConfig", "POLICIES", "augment_batch", "augment_image", "augment_with_keys",
+           "autoaugment",
            "erasing_box", "normalize", "ops", "random_crop", "random_erasing",
            "random_flip"]

@@ -125,9 +125,14 @@ class Pipeline:
     return self._epoch_order(epoch)
 
   def _augment_images(self, images, labels, step):
-    images = jax.lax.with_sharding_constraint(images, self.batch_sharding)
-    key = jax.random.fold_in(self.augment_key, step)
-    return {"image": augment_lib.augment_batch(key, images, self.augment), "label": labels}
+    # Same keys as augment_batch(fold_in(key, step), images); shard_map keeps each
+    # device on its own slice of the batch (AutoAugment loops over images on CPU,
+    # and a loop over a sharded axis would otherwise gather the whole batch).
+    keys = jax.random.split(jax.random.fold_in(self.augment_key, step), images.shape[0])
+    augment = jax.shard_map(lambda k, x: augment_lib.augment_with_keys(k, x, self.augment),
+                            mesh=self.mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+                            out_specs=P(DATA_AXIS))
+    return {"image": augment(keys, images), "label": labels}
 
   def _gather_and_augment(self, images, labels, order, step_in_epoch, step):
     idx = jax.lax.dynamic_slice(order, (step_in_epoch * self.global_batch,), (self.global_batch,))
