@@ -1,0 +1,112 @@
+"""The pipeline benchmark: its interleaving, its 'off' mode, and a real run on the fixture."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits, tinyimagenet
+from lkca_jax import augment, data, train
+from lkca_jax.data import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURE = os.path.join(ROOT, "tests", "data", "tiny-imagenet-200-fixture.zip")
+
+
+@pytest.mark.parametrize("count,block,order", [
+    (4, 1, "ABBAABBA"),
+    (4, 2, "AABBBBAA"),
+    (3, 2, "AABBBA"),  # the last block is cut to what is left
+])
+def test_modes_alternate_in_abba_blocks(count, block, order):
+  calls = []
+
+  def runner(name):
+    def run(index):
+      calls.append((name, index))
+      return float(len(calls))
+    return run
+  times = benchmark.interleaved_times({"A": runner("A"), "B": runner("B")}, count, block)
+  assert "".join(name for name, _ in calls) == order
+  assert [index for _, index in calls] == list(range(2 * count))  # one running index
+  assert len(times["A"]) == len(times["B"]) == count
+  assert times["A"] == [float(k + 1) for k, (name, _) in enumerate(calls) if name == "A"]
+
+
+def test_off_mode_is_normalisation_of_the_same_images():
+  config = digits.get_config()
+  config.batch_size = 32
+  run = train.Run.prepare(config)
+  on = train.build_training(run, config).pipeline
+  off_augment = benchmark.augment_off(on.augment)
+  assert (off_augment.flip, off_augment.crop_padding, off_augment.autoaugment,
+          off_augment.random_erasing) == (False, 0, None, 0.0)
+  assert (off_augment.mean, off_augment.std) == (on.augment.mean, on.augment.std)
+  off = benchmark.pipeline_with_augment(on, off_augment, jax.random.key(1))
+  assert off.placement == on.placement and off.steps_per_epoch == on.steps_per_epoch
+  order = np.asarray(off.epoch_order(0))
+  batch = off.train_batch(order, 2)
+  raw = np.asarray(on.train.images)[order[64:96]]
+  np.testing.assert_array_equal(np.asarray(batch["image"]),
+                                np.asarray(augment.normalize(raw, config.dataset.mean,
+                                                             config.dataset.std)))
+  np.testing.assert_array_equal(np.asarray(batch["label"]),
+                                np.asarray(on.train.labels)[order[64:96]])
+
+
+def test_breakdown_turns_on_one_enabled_stage_at_a_time():
+  full = train.augment_config(tinyimagenet.get_config())
+  stages = benchmark.augment_stages(full)
+  assert list(stages) == ["flip", "crop", "autoaugment", "normalize", "random_erasing"]
+  on = {name: [stage.flip, stage.crop_padding, stage.autoaugment, stage.random_erasing]
+        for name, stage in stages.items()}
+  assert on == {"flip": [True, 0, None, 0.0], "crop": [False, 4, None, 0.0],
+                "autoaugment": [False, 0, "imagenet", 0.0], "normalize": [False, 0, None, 0.0],
+                "random_erasing": [False, 0, None, 0.25]}
+  assert all(stage.mean == full.mean and stage.std == full.std for stage in stages.values())
+  crop_only = benchmark.augment_stages(train.augment_config(digits.get_config()))
+  assert list(crop_only) == ["crop", "normalize"] and crop_only["crop"].crop_padding == 1
+
+
+def test_benchmark_on_the_fixture_writes_both_modes(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  os.symlink(FIXTURE, manual / "tiny-imagenet-200.zip")
+  assert data.prepare("tiny_imagenet", data_dir=tmp_path / "tfds",
+                      manual_dir=manual) == {"train": 48, "validation": 20}
+  out = tmp_path / "bench" / "pipeline.json"
+  steps = 2
+  result = subprocess.run(
+      [sys.executable, "-m", "lkca_jax.data.benchmark", "--config", "configs/tinyimagenet.py",
+       f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.download=False",
+       "--config.model_overrides.dim=32", "--config.model_overrides.depth=1",
+       "--config.batch_size=16", f"--steps={steps}", "--nobreakdown", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ratio on/off" in result.stdout
+  results = json.loads(out.read_text())
+  train_results = results["train"]
+  for mode in ("on", "off"):
+    r = train_results[mode]
+    assert len(r["step_ms"]) == steps and min(r["step_ms"]) > 0
+    assert r["median_step_ms"] == pytest.approx(statistics.median(r["step_ms"]))
+    assert r["images_per_second"] == pytest.approx(16 / (r["median_step_ms"] / 1e3))
+    assert results["pipeline_batch_ms"][mode] > 0 and results["augment_batch_ms"][mode] > 0
+  assert train_results["ratio"] == pytest.approx(
+      train_results["on"]["images_per_second"] / train_results["off"]["images_per_second"])
+  assert results["meets_target"] == (train_results["ratio"] >= 0.85)
+  # AutoAugment and friends cost more than normalising alone.
+  assert results["augment_batch_ms"]["on"] > results["augment_batch_ms"]["off"]
+  assert results["augment"]["on"]["autoaugment"] == "imagenet"
+  assert results["augment"]["off"]["autoaugment"] is None
+  assert results["augment_stage_ms"] == {}  # --nobreakdown
+  assert results["train"]["additive_ratio"] == pytest.approx(
+      train_results["off"]["median_step_ms"] / (train_results["off"]["median_step_ms"]
+                                                + results["pipeline_batch_ms"]["on"]
+                                                - results["pipeline_batch_ms"]["off"]))
+  assert results["config"]["batch_size"] == 16 and results["config"]["params"] > 0
+  assert results["machine"]["cpu_count"] == os.cpu_count()
