@@ -1,0 +1,233 @@
+"""lkca_jax.compare: whole-model multiply-adds against the paper, and a real comparison run."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import digits
+from lkca_jax import compare, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def abstract_model(name, *, classes, image_size, channels=3, **overrides):
+  """The model's structure without allocating its parameters."""
+  return nnx.eval_shape(lambda: models.create_model(
+      name, num_classes=classes, image_size=image_size, channels=channels, rngs=nnx.Rngs(0),
+      **overrides))
+
+
+# --- multiply-adds --------------------------------------------------------------
+def token_mixing_macs(name, tokens):
+  """The N²-terms of the paper's models: MHSA's q·kᵀ and weights·v (over N+1 tokens with the
+  class token), LKCA's N×N mixing. The paper's FLOPs leave these out."""
+  preset = models.PRESETS[name]
+  if preset.mixer == "mhsa":
+    return preset.depth * 2 * (tokens + 1) ** 2 * preset.dim
+  return preset.depth * tokens ** 2 * preset.dim
+
+
+# Spec section 5: the paper's FLOPs (multiply-adds, in millions) on CIFAR (32×32, patch 4,
+# 10 classes) and Tiny-ImageNet (64×64, patch 8, 200 classes); 8×8 = 64 tokens each.
+PAPER = [("vit", 10, 32, 174.25), ("lkca_b", 10, 32, 170.81), ("lkca_t", 200, 64, 66.10),
+         ("lkca_b", 200, 64, 172.78), ("lkca_l", 200, 64, 802.99)]
+
+
+@pytest.mark.parametrize("name, classes, size, paper_millions", PAPER)
+def test_count_without_token_mixing_is_within_2_percent_of_the_paper(name, classes, size,
+                                                                        paper_millions):
+  model = abstract_model(name, classes=classes, image_size=size)
+  mixing_free = compare.model_macs(model) - token_mixing_macs(name, 64)
+  assert abs(mixing_free / 1e6 / paper_millions - 1) < 0.02
+
+
+@pytest.mark.parametrize("name, classes, size, paper_millions", PAPER)
+def test_paper_flops_are_our_count_less_token_mixing_plus_elementwise_work(
+    name, classes, size, paper_millions):
+  # The paper's numbers are what a PyTorch module-hook counter reports: Linear layers, plus
+  # 2 per element for each affine LayerNorm, 1 per element for GELU and softmax, and nothing
+  # for functional matmuls (MHSA's q·kᵀ, weights·v) or LKCA's functional conv. Rebuilding that
+  # from our count reproduces every published value to rounding.
+  preset = models.PRESETS[name]
+  model = abstract_model(name, classes=classes, image_size=size)
+  tokens = 64 + (model.pool == "cls")
+  hidden = int(round(preset.dim * preset.mlp_ratio))
+  softmax = preset.num_heads * tokens ** 2 if preset.mixer == "mhsa" else 0
+  elementwise = preset.depth * (2 * 2 * tokens * preset.dim + tokens * hidden + softmax)
+  elementwise += 2 * preset.dim  # the head LayerNorm
+  paper_style = compare.model_macs(model) - token_mixing_macs(name, 64) + elementwise
+  assert paper_style / 1e6 == pytest.approx(paper_millions, rel=5e-4)
+
+
+def test_breakdown_by_hand_for_a_class_token_model_with_a_grid_mixer():
+  # 4×4 image, patch 2: N = 4 patches, T = 5 tokens with the class token; D 8, 2 heads,
+  # MLP hidden 16, 5 classes. The LKCA layer sees the 4 patch tokens, MHSA all 5.
+  model = abstract_model("vit", classes=5, image_size=4, patch_size=2, dim=8, depth=2,
+                         num_heads=2, mixer=["mhsa", "lkca"], pool="cls")
+  assert compare.model_macs_breakdown(model) == {
+      "patch_embed": 4 * 12 * 8,
+      "mixers": (4 * 5 * 8 ** 2 + 2 * 5 ** 2 * 8) + (2 * 4 * 8 ** 2 + 4 ** 2 * 8),
+      "mlp": 2 * (2 * 5 * 8 * 16),
+      "head": 8 * 5,
+  }
+  assert compare.model_macs(model) == sum(compare.model_macs_breakdown(model).values())
+
+
+@pytest.mark.parametrize("name", ["vit", "lkca_b", "acmix_b", "flatten_b"])
+def test_count_is_the_bulk_of_xla_flops(name):
+  # XLA's own count of the compiled-from forward pass (2 flops per multiply-add, plus the
+  # element-wise work we leave out): a missing matmul would push the ratio far above 1.
+  model = abstract_model(name, classes=10, image_size=32)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
+  cost = forward.lower(state, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)).cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  assert 1.0 < cost["flops"] / 2 / compare.model_macs(model) < 1.08
+
+
+# --- configs and run directories ---------------------------------------------------
+@pytest.mark.parametrize("mixers, size, same_preset, message", [
+    (["lkca", "lkca"], "t", False, "names a mixer twice"),
+    ([], "t", False, "--mixers is empty"),
+    (["lkca", "swin"], "b", True, r"unknown mixer 'swin' in --mixers; choose from \['acmix'"),
+])
+def test_check_mixers_rejects_with_the_fix(mixers, size, same_preset, message):
+  with pytest.raises(compare.UsageError, match=message):
+    compare.check_mixers(mixers, size, same_preset)
+
+
+def test_run_config_picks_size_matched_or_same_preset_and_leaves_the_base_alone():
+  base = digits.get_config()
+  base.model_overrides.mixer_options.lkca.view = "conv"
+  sized = compare.run_config(base, "acmix", seed=2, size="b", same_preset=False, steps=7)
+  assert (sized.model, sized.model_overrides.mixer, sized.seed, sized.num_train_steps) == (
+      "acmix_b", "acmix", 2, 7)
+  assert sized.model_overrides.mixer_options.lkca.view is None  # not for acmix layers
+  same = compare.run_config(base, "mhsa", seed=1, size="t", same_preset=True, steps=None)
+  assert (same.model, same.model_overrides.mixer, same.num_train_steps) == (
+      "lkca_t", "mhsa", base.num_train_steps)
+  lkca = compare.run_config(base, "lkca", seed=0, size="t", same_preset=False, steps=None)
+  assert lkca.model == "lkca_t" and lkca.model_overrides.mixer_options.lkca.view == "conv"
+  assert base.seed == 0 and base.model_overrides.mixer is None
+
+
+def test_run_dirs_refused_unless_overwrite_and_only_run_dirs_deleted(tmp_path):
+  run = tmp_path / "lkca" / "seed0"
+  run.mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  fresh = str(tmp_path / "lkca" / "seed1")
+  with pytest.raises(compare.UsageError, match="already exists.*--overwrite"):
+    compare.clear_run_dirs([str(run), fresh], overwrite=False)
+  compare.clear_run_dirs([str(run), fresh], overwrite=True)
+  assert not run.exists()
+  stranger = tmp_path / "mhsa" / "seed0"
+  stranger.mkdir(parents=True)
+  (stranger / "notes.txt").write_text("mine")
+  with pytest.raises(compare.UsageError, match="not a training run directory"):
+    compare.clear_run_dirs([str(stranger)], overwrite=True)
+  assert (stranger / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("values, std", [([0.5, 0.7], np.std([0.5, 0.7], ddof=1)),
+                                          ([0.5], None)])
+def test_mean_std_is_the_sample_std(values, std):
+  mean, got = compare.mean_std(values)
+  assert mean == pytest.approx(np.mean(values))
+  assert got == (pytest.approx(std) if std is not None else None)
+
+
+# --- the command, end to end -------------------------------------------------------
+STEPS = 20
+TINY = ["--config.model_overrides.dim=32", "--config.model_overrides.depth=2",
+        "--config.model_overrides.num_heads=4", "--config.num_devices=1",
+        "--config.batch_size=32", "--config.eval_every_steps=10", "--config.log_every_steps=10"]
+
+
+def compare_cmd(workdir, *extra):
+  return [sys.executable, "-m", "lkca_jax.compare", "--config", "configs/digits.py",
+          f"--workdir={workdir}", *extra]
+
+
+def run_compare(workdir, *extra, timeout=300):
+  return subprocess.run(compare_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("compare")
+  out = workdir / "table.md"
+  result = run_compare(str(workdir), "--mixers=lkca,mhsa", "--seeds=2", f"--steps={STEPS}",
+                       "--same-preset", f"--out={out}", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, out, result
+
+
+def test_table_has_one_row_per_mixer_with_mean_and_std_over_the_seeds(comparison):
+  workdir, out, result = comparison
+  table = out.read_text()
+  assert table in result.stdout  # printed as well
+  report = json.loads(out.with_suffix(".json").read_text())
+  rows = [line for line in table.splitlines() if re.match(r"\| (lkca|mhsa) \|", line)]
+  assert [r["mixer"] for r in report["rows"]] == ["lkca", "mhsa"] and len(rows) == 2
+  for row, line in zip(report["rows"], rows):
+    assert [r["seed"] for r in row["runs"]] == [0, 1]
+    for key in ("final_top1", "best_top1"):
+      values = [r[key] for r in row["runs"]]
+      assert row[f"{key}_mean"] == pytest.approx(np.mean(values))
+      assert row[f"{key}_std"] == pytest.approx(np.std(values, ddof=1))
+      assert f"| {100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} |" in line
+    speeds = [r["train_images_per_second"] for r in row["runs"]]
+    assert row["train_images_per_second_mean"] == pytest.approx(np.mean(speeds))
+    assert min(speeds) > 0
+    for run in row["runs"]:  # each value is that run's own summary, trained as asked
+      summary = json.loads(open(os.path.join(workdir, row["mixer"], f"seed{run['seed']}",
+                                             "summary.json")).read())
+      assert summary["final_top1"] == run["final_top1"]
+      assert summary["best_top1"] == run["best_top1"]
+      assert summary["config"]["seed"] == run["seed"]
+      assert summary["step"] == STEPS
+      assert summary["config"]["model_overrides"]["mixer"] == row["mixer"]
+
+
+def test_params_and_macs_columns_are_those_of_the_built_model(comparison):
+  _, out, _ = comparison
+  report = json.loads(out.with_suffix(".json").read_text())
+  table = out.read_text()
+  for row in report["rows"]:
+    model = abstract_model("lkca_t", classes=10, image_size=8, channels=1, patch_size=1,
+                           dim=32, depth=2, num_heads=4, mixer=row["mixer"])
+    assert row["params"] == models.count_params(model)
+    assert row["macs"] == compare.model_macs(model)
+    assert f"| {row['mixer']} | lkca_t | " in table
+    assert f"| {row['params']:,} | {row['macs'] / 1e6:.2f}M |" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mixers=lkca,swin"], "unknown mixer 'swin' in --mixers"),
+    (["--seeds=0"], "--seeds=0"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+  result = run_compare(str(tmp_path), *args, *TINY)
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+  assert not os.listdir(tmp_path)  # nothing trained
+
+
+def test_existing_run_directory_is_refused_before_training(comparison):
+  workdir, out, _ = comparison
+  before = os.path.getmtime(os.path.join(workdir, "lkca", "seed0", "summary.json"))
+  result = run_compare(str(workdir), "--mixers=lkca", "--seeds=1", "--steps=5", "--same-preset",
+                       f"--out={workdir / 'again.md'}", *TINY)
+  assert result.returncode == 2
+  assert "already exists" in result.stderr and "--overwrite" in result.stderr
+  assert os.path.getmtime(os.path.join(workdir, "lkca", "seed0", "summary.json")) == before
+  assert not (workdir / "again.md").exists()
