@@ -252,6 +252,44 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
+class _TrainClock:
+  """Training throughput measured between device synchronisations.
+
+  Dispatch is asynchronous, so time is read only after blocking on a step's
+  result; compilation (the first step of a process), evaluation and
+  checkpointing fall outside the timed spans.
+  """
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.compiled = False
+    self.running = False
+    self.start, self.steps = 0.0, 0
+    self.seconds, self.images = 0.0, 0
+
+  def step(self, metrics):
+    if not self.compiled:  # time from the end of the compiling step
+      jax.block_until_ready(metrics)
+      self.compiled = True
+      self.resume()
+    else:
+      self.steps += 1
+
+  def stop(self, metrics):
+    jax.block_until_ready(metrics)
+    if self.running:
+      self.seconds += time.perf_counter() - self.start
+      self.images += self.steps * self.batch_size
+    self.running = False
+
+  def resume(self):
+    if self.compiled and not self.running:
+      self.running, self.start, self.steps = True, time.perf_counter(), 0
+
+  def images_per_second(self) -> float | None:
+    return self.images / self.seconds if self.seconds else None
+
+
 def _split_model(model):
   model.train()
   train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -307,7 +345,6 @@ def build_training(run: Run, config) -> Training:
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(eval_graphdef), out_shardings=replicated)
   return Training(pipeline, state, train_step, eval_step, schedule, total_steps, train_key)
-
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -367,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.write_scalars(window_start + len(fetched), summary)
     window, window_start = [], window_start + len(fetched)
 
-  train_images, train_seconds = 0, 0.0
+  clock = _TrainClock(config.batch_size)
   stopped_by = None
   order, order_epoch = None, -1
   wall_start = time.time()
@@ -376,19 +413,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       epoch = step // pipeline.steps_per_epoch
       if epoch != order_epoch:
         order, order_epoch = pipeline.epoch_order(epoch), epoch
-      t0 = time.time()
       batch = pipeline.train_batch(order, step)
       state, metrics = train_step(state, batch, train_key)
       window.append(metrics)
       step += 1
-      if step > 1:  # the first step includes compilation
-        train_seconds += time.time() - t0
-        train_images += config.batch_size
+      clock.step(metrics)
       progress(step)
-      if step % config.log_every_steps == 0:
+      eval_now = step % eval_every == 0 or step == total_steps
+      stopping = stop.received  # read once: a signal may land mid-iteration
+      save_now = eval_now or step % config.checkpoint_every_steps == 0 or stopping is not None
+      if step % config.log_every_steps == 0 or save_now:
+        clock.stop(metrics)  # evaluation and checkpoints are not training time
         flush()
       eval_metrics = None
-      if step % eval_every == 0 or step == total_steps:
+      if eval_now:
         eval_metrics = _run_eval(eval_step, state, pipeline)
         writer.write_scalars(step, {f"test_{k}": v for k, v in eval_metrics.items()})
         meta["history"].append({"step": step, **eval_metrics})
@@ -396,13 +434,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           meta["best_top1"], meta["best_step"] = eval_metrics["top1"], step
         logging.info("step %d: test top1 %.4f top5 %.4f loss %.4f", step, eval_metrics["top1"],
                      eval_metrics["top5"], eval_metrics["loss"])
-      if (eval_metrics is not None or step % config.checkpoint_every_steps == 0
-          or step == total_steps):
+      if save_now:
         save(step, eval_metrics)
-      if stop.received:
-        stopped_by = stop.received
-        if step % config.checkpoint_every_steps and eval_metrics is None and step != total_steps:
-          save(step)
+      clock.resume()
+      if stopping:
+        stopped_by = stopping
         break
     if window:
       flush()
@@ -417,7 +453,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "final_top1": final["top1"] if final else None,
       "final_top5": final["top5"] if final else None,
       "best_top1": meta["best_top1"] if final else None, "best_step": meta["best_step"],
-      "train_images_per_second": train_images / train_seconds if train_seconds else None,
+      "steps_per_epoch": pipeline.steps_per_epoch, "train_images": pipeline.train.size,
+      "test_images": pipeline.test.size,
+      "train_images_per_second": clock.images_per_second(),
       "wall_seconds": wall, "config": json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
