@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from lkca_jax.layers import ACmix
+from lkca_jax.layers.acmix import grouped_conv3x3
 from lkca_jax.models import PRESETS, create_model, count_params
 
 BATCH = 2
@@ -88,6 +89,30 @@ def test_conv_branch_at_init_is_3x3_conv_of_qkv_maps():
   centre_only = np.repeat(np.einsum("bnjc,j->bnc", centre_only, np.asarray(module.fc.kernel[...])[:, 4])[..., None],
                           heads, axis=-1).reshape(BATCH, 15, dim)
   assert max_rel_err(conv, centre_only) > 0.1
+
+
+def test_grouped_conv_matches_lax_grouped_conv_with_gradients():
+  """The slice-and-dot conv against the grouped conv it replaces, random maps and kernel, non-square grid."""
+  b, h, w, d, heads = 2, 3, 5, 4, 3
+  rng = np.random.default_rng(7)
+  maps = jnp.asarray(rng.normal(size=(b, h, w, d, 9)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 9, d * heads)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(b, h, w, d * heads)), jnp.float32)
+
+  def lax_grouped_conv(maps, kernel):  # the former formulation: channel c·9 + i, d groups
+    return jax.lax.conv_general_dilated(
+        maps.reshape(b, h, w, d * 9), kernel, (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+
+  def out_and_grads(conv):
+    # A random cotangent so every output position and channel weighs differently in the gradients.
+    loss = lambda m, k: jnp.sum(conv(m, k) * cotangent)
+    return conv(maps, kernel), *jax.grad(loss, argnums=(0, 1))(maps, kernel)
+
+  ours, expected = out_and_grads(grouped_conv3x3), out_and_grads(lax_grouped_conv)
+  for name, a, e in zip(("output", "d/d maps", "d/d kernel"), ours, expected):
+    assert a.shape == e.shape, name
+    assert max_rel_err(a, e) < 1e-5, name
 
 
 def softmax(x, axis=-1):
