@@ -15,8 +15,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
-import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from lkca_jax.cli import fail, parser_for  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -27,34 +28,6 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or ev
 flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: one process per "
                   "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).")
-
-USAGE_ERROR = 2
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(USAGE_ERROR)
-
-
-def parse_flags(argv):
-  try:
-    rest = FLAGS(argv)
-    config = FLAGS.config
-    if config is not None and not isinstance(config, ml_collections.ConfigDict):
-      config.keys()  # a config file that failed to load raises its error on first use
-  except OSError as e:
-    reason = str(e).strip().splitlines()[-1].strip()
-    fail(f"could not load the --config file ({reason}); pass a config such as configs/digits.py")
-  except flags.Error as e:  # unknown flag, bad value, missing config file
-    fail(f"{e}. See `python main.py --helpfull` and the keys in configs/default.py.")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
-    key = str(e).strip("\"'")
-    fail(f"bad --config override: {key} is not a key of this config or has the wrong type; "
-         "the keys are in configs/default.py")
-  if config is None:
-    fail("--config is required, e.g. --config configs/digits.py")
-  return rest
-
 
 def default_workdir() -> str:
   path = config_flags.get_config_filename(FLAGS["config"])
@@ -105,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parser_for("main.py"))

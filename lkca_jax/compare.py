@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lkca_jax.cli import fail, parser_for  # noqa: E402
 from lkca_jax.layers import MIXERS  # noqa: E402
 from lkca_jax.layers.costs import mixer_macs  # noqa: E402
 
@@ -56,7 +57,6 @@ SIZE_PRESETS = {
     "t": {"mhsa": "vit_1m", "lkca": "lkca_t", "acmix": "acmix_t", "flatten": "flatten_t"},
     "b": {"mhsa": "vit", "lkca": "lkca_b", "acmix": "acmix_b", "flatten": "flatten_b"},
 }
-USAGE_ERROR = 2
 # What a directory must hold for --overwrite to delete it: something train_and_evaluate wrote.
 RUN_DIR_MARKERS = ("config.json", "summary.json", "checkpoints")
 
@@ -262,21 +262,6 @@ def define_flags() -> None:
                     "when set, is used instead.")
 
 
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(USAGE_ERROR)
-
-
-def parse_flags(argv):
-  try:
-    rest = FLAGS(argv)
-  except flags.Error as e:  # unknown flag or config key, bad value, missing config file
-    fail(f"{e}. See `python -m lkca_jax.compare --helpfull` and configs/default.py.")
-  if FLAGS.config is None:
-    fail("--config is required, e.g. --config configs/digits.py")
-  return rest
-
-
 def config_stem() -> str:
   path = config_flags.get_config_filename(FLAGS["config"])
   return os.path.splitext(os.path.basename(path))[0]
@@ -374,4 +359,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parser_for("python -m lkca_jax.compare"))

@@ -7,7 +7,7 @@ overridden, and `mixer` may be a single registry name or a per-layer pattern
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

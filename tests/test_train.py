@@ -1,6 +1,4 @@
 """The trainer in-process: schedule, devices, config validation."""
-import dataclasses
-
 import jax
 import numpy as np
 import pytest

@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import sys
 import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-USAGE_ERROR = 2
+from lkca_jax.cli import fail, parser_for  # noqa: E402
+
 TILE_TARGET = 128  # upscale tiles to about this many pixels...
 MAX_SCALE = 8  # ...but at most 8x (8 px digits become 64 px)
 GAP = 4  # pixels around and between tiles
@@ -223,11 +223,6 @@ def write_preview(config, out: str, *, rows: int, cols: int, step: int, run=None
 
 
 # --- command line ------------------------------------------------------------
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(USAGE_ERROR)
-
-
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
@@ -237,30 +232,6 @@ def _define_flags():
   flags.DEFINE_integer("rows", 4, "Rows of tiles.")
   flags.DEFINE_integer("cols", 8, "Columns of tiles.")
   flags.DEFINE_integer("step", 0, "Global training step whose batch is shown.")
-
-
-def parse_flags(argv):
-  """absl parsing with main.py's one-line errors (exit 2)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  program = os.path.basename(argv[0]) if argv else "preview"
-  try:
-    rest = flags.FLAGS(argv)
-    config = flags.FLAGS.config
-    if config is not None and not isinstance(config, ml_collections.ConfigDict):
-      config.keys()  # a config file that failed to load raises its error on first use
-  except OSError as e:
-    reason = str(e).strip().splitlines()[-1].strip()
-    fail(f"could not load the --config file ({reason}); pass a config such as configs/digits.py")
-  except flags.Error as e:
-    fail(f"{e}. See `python -m lkca_jax.data.{program.removesuffix('.py')} --helpfull`.")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
-    key = str(e).strip("\"'")
-    fail(f"bad --config override: {key} is not a key of this config or has the wrong type; "
-         "the keys are in configs/default.py")
-  if config is None:
-    fail("--config is required, e.g. --config configs/tinyimagenet.py")
-  return rest
 
 
 def main(argv):
@@ -291,4 +262,4 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parser_for("python -m lkca_jax.data.preview"))
