@@ -7,7 +7,7 @@ from flax import nnx
 
 from lkca_jax.layers import ACmix
 from lkca_jax.layers.acmix import grouped_conv3x3
-from lkca_jax.models import PRESETS, create_model, count_params
+from lkca_jax.models import count_params
 
 BATCH = 2
 
@@ -191,59 +191,3 @@ def test_bfloat16_activations_stay_bfloat16():
   out = module(x.astype(jnp.bfloat16))
   assert out.dtype == jnp.bfloat16
   assert max_rel_err(out.astype(jnp.float32), reference(x)) < 3e-2
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_heads=5), r"divisible by num_heads \(5\)"),
-    (dict(grid=(0, 4)), "grid must be positive"),
-])
-def test_bad_construction_raises_value_error(kwargs, match):
-  kwargs = {"grid": (4, 4), "num_heads": 2, **kwargs}
-  with pytest.raises(ValueError, match=match):
-    ACmix(8, rngs=nnx.Rngs(0), **kwargs)
-
-
-def test_wrong_token_count_raises_value_error():
-  module = ACmix(8, (3, 5), num_heads=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"\(B, 15, D\).*3x5 grid.*class token excluded"):
-    module(jnp.ones((BATCH, 16, 8)))
-
-
-def logits_and_grads(model, images):
-  """Logits and d(Σ logits²)/d(parameters), for one jitted call."""
-  def loss(m):
-    logits = m(images)
-    return jnp.sum(logits ** 2), logits
-
-  (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
-  return logits, grads
-
-
-def test_inside_create_model_every_parameter_gets_a_gradient():
-  model = create_model("lkca_t", num_classes=10, image_size=16, rngs=nnx.Rngs(0),
-                       mixer="acmix", dim=16, depth=1, num_heads=4)
-  assert model.pool == "mean"
-  assert all(isinstance(block.mixer, ACmix) for block in model.blocks)
-  images = jnp.asarray(np.random.default_rng(5).normal(size=(BATCH, 16, 16, 3)), jnp.float32)
-  model.eval()
-  logits, grads = nnx.jit(logits_and_grads)(model, images)
-  assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())
-  for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
-    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
-
-
-@pytest.mark.parametrize("name, lkca_name", [("acmix_t", "lkca_t"), ("acmix_b", "lkca_b")])
-def test_presets_match_lkca_budget_and_give_logits(name, lkca_name):
-  def build(preset):
-    return create_model(preset, num_classes=10, image_size=32, rngs=nnx.Rngs(0))
-
-  assert PRESETS[name].mixer == "acmix" and PRESETS[name].mlp_ratio == 2.0
-  assert PRESETS[name].dim % PRESETS[name].num_heads == 0
-  model = build(name)
-  ours, theirs = count_params(model), count_params(nnx.eval_shape(lambda: build(lkca_name)))
-  assert theirs == {"lkca_t": 1_027_611, "lkca_b": 2_691_310}[lkca_name]
-  assert abs(ours - theirs) / theirs < 0.03
-  model.eval()
-  images = jnp.asarray(np.random.default_rng(6).normal(size=(BATCH, 32, 32, 3)), jnp.float32)
-  logits = nnx.jit(lambda m, x: m(x))(model, images)
-  assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())
