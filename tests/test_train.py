@@ -5,6 +5,7 @@ import pytest
 
 from configs import cifar10, default, digits, tinyimagenet
 from lkca_jax import train
+from tests.helpers import with_overrides
 
 
 def tiny_digits(**overrides):
@@ -14,13 +15,7 @@ def tiny_digits(**overrides):
   config.model_overrides.num_heads = 4
   config.batch_size = 32
   config.num_train_steps = 5
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return with_overrides(config, overrides)
 
 
 def test_default_config_is_the_reference_recipe():

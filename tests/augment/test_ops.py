@@ -17,10 +17,6 @@ grayscale ones). Tolerances, per op, and why:
   exact. Against PIL itself, rotate may differ on 0.5% of pixels (PIL maps
   coordinates in 16.16 fixed point, which moves a few nearest-pixel choices).
 """
-import io
-import zipfile
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,19 +24,10 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from lkca_jax.augment import ops
-
-FIXTURE = Path(__file__).parents[1] / "data" / "tiny-imagenet-200-fixture.zip"
-
+from tests.helpers import fixture_images
 
 def _load_fixture():
-  rgb, grey = [], []
-  with zipfile.ZipFile(FIXTURE) as archive:
-    for name in sorted(n for n in archive.namelist() if n.endswith(".JPEG")):
-      image = Image.open(io.BytesIO(archive.read(name)))
-      image.load()
-      if image.mode == "L":
-        grey.append(np.asarray(image))
-      rgb.append(np.asarray(image.convert("RGB")))
+  rgb, grey = fixture_images()
   # 6 RGB images across the four classes. Non-square crops (48 x 64) catch a
   # swapped height and width, and one shape everywhere keeps compiles few.
   return [image[:48] for image in rgb[::13]], [image[:48] for image in grey]

@@ -7,35 +7,26 @@ of sigmas). The erasing box is compared with a float64 numpy simulation of
 torchvision's RandomErasing.get_params (10 attempts, then give up).
 """
 import dataclasses
-import io
 import math
-import zipfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
 
 from lkca_jax import augment
 from lkca_jax.augment import autoaugment
+from tests.helpers import fixture_images
 
-FIXTURE = Path(__file__).parents[1] / "data" / "tiny-imagenet-200-fixture.zip"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def _load(count):
   """count 32x32 RGB crops of fixture JPEGs, and the grey JPEGs' crops."""
-  rgb, grey = [], []
-  with zipfile.ZipFile(FIXTURE) as archive:
-    for name in sorted(n for n in archive.namelist() if n.endswith(".JPEG")):
-      image = Image.open(io.BytesIO(archive.read(name)))
-      image.load()
-      if image.mode == "L":
-        grey.append(np.asarray(image)[16:48, 16:48])
-      rgb.append(np.asarray(image.convert("RGB"))[16:48, 16:48])
+  rgb, grey = fixture_images()
+  rgb = [image[16:48, 16:48] for image in rgb]
+  grey = [image[16:48, 16:48] for image in grey]
   return np.stack(rgb[::7][:count]), np.stack(grey)
 
 

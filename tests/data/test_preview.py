@@ -16,21 +16,10 @@ from PIL import Image
 from configs import digits, tinyimagenet
 from lkca_jax import augment, data, train
 from lkca_jax.data import preview
+from tests.helpers import FIXTURE_ZIP as FIXTURE, with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE = os.path.join(ROOT, "tests", "data", "tiny-imagenet-200-fixture.zip")
 WHITE = np.array([255, 255, 255])
-
-
-def with_overrides(config, overrides):
-  """The config with `--config.KEY=VALUE` style overrides applied (values already typed)."""
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
 
 
 def as_flags(overrides):
