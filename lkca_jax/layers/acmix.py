@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.layers.common import as_grid, check_tokens, linear, promote_param
+from lkca_jax.layers.common import as_grid, check_tokens, head_dim, linear, promote_param
 
 CONV_SIZE = 3
 CONV_TAPS = CONV_SIZE * CONV_SIZE  # k² = 9 shifted maps per head-channel index
@@ -83,12 +83,9 @@ class ACmix(nnx.Module):
   needs_grid = True  # the relative bias and the 3×3 convolution read grid positions
 
   def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, dtype=None, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(f"ACmix needs dim ({dim}) divisible by num_heads ({num_heads}); "
-                       "pick a head count that divides dim")
+    self.head_dim = head_dim(dim, num_heads, "ACmix")
     self.grid = as_grid(grid)
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
     h, w = self.grid
     self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.relative_bias = nnx.Param(

@@ -58,6 +58,14 @@ def as_grid(grid) -> tuple[int, int]:
   return int(h), int(w)
 
 
+def head_dim(dim: int, num_heads: int, owner: str) -> int:
+  """D / H, or a ValueError naming `owner` when the heads do not divide the width."""
+  if num_heads < 1 or dim % num_heads:
+    raise ValueError(f"{owner} needs dim ({dim}) divisible by num_heads ({num_heads}); "
+                     "pick a head count that divides dim")
+  return dim // num_heads
+
+
 def check_tokens(x: jax.Array, grid: tuple[int, int], name: str) -> None:
   if x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
     raise ValueError(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lkca_jax.layers.common import as_grid, check_tokens, linear, promote_param
+from lkca_jax.layers.common import as_grid, check_tokens, head_dim, linear, promote_param
 
 FOCUSING_POWER = 3
 DWC_SIZE = 5
@@ -69,12 +69,9 @@ class FocusedLinearAttention(nnx.Module):
 
   def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, qkv_bias: bool = False,
                dtype=None, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(f"FLatten needs dim ({dim}) divisible by num_heads ({num_heads}); "
-                       "pick a head count that divides dim")
+    self.head_dim = head_dim(dim, num_heads, "FLatten")
     self.grid = as_grid(grid)
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
     num_tokens = self.grid[0] * self.grid[1]
     self.q_proj = linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.k_proj = linear(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)

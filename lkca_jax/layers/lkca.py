@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.layers.common import as_grid, check_tokens, linear, promote_param
+from lkca_jax.layers.common import as_grid, check_tokens, head_dim, linear, promote_param
 
 VIEWS = ("auto", "conv", "attention")
 KERNEL_SHARING = ("layer", "head", "channel")
@@ -126,8 +126,8 @@ class LKCA(nnx.Module):
   def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 1, view: str = "auto",
                kernel_sharing: str = "layer", dtype=None, rngs: nnx.Rngs):
     self.grid = as_grid(grid)
-    if kernel_sharing == "head" and dim % num_heads:
-      raise ValueError(f"kernel_sharing='head' needs dim ({dim}) divisible by num_heads ({num_heads})")
+    if kernel_sharing == "head":
+      head_dim(dim, num_heads, "LKCA with kernel_sharing='head'")
     self.kernel_sharing = kernel_sharing
     self.view = resolve_view(view, dim, self.grid, num_heads, kernel_sharing)
     self.v_proj = linear(dim, dim, use_bias=False, dtype=dtype, rngs=rngs)
