@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m lkca_jax.bench
+	$(PY) -m lkca_jax.tools.bench_mixers
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

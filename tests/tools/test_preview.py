@@ -15,7 +15,7 @@ from PIL import Image
 
 from configs import digits, tinyimagenet
 from lkca_jax import augment, data, train
-from lkca_jax.data import preview
+from lkca_jax.tools import preview
 from tests.helpers import FIXTURE_ZIP as FIXTURE, with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,7 +119,7 @@ def previews(tmp_path_factory, tiny_imagenet_dirs):
   for name, (module, overrides, step) in runs.items():
     out = tmp / f"{name}.png"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lkca_jax.data.preview", "--config",
+        [sys.executable, "-m", "lkca_jax.tools.preview", "--config",
          f"configs/{os.path.basename(module.__file__)}", f"--out={out}", "--rows=2", "--cols=4",
          f"--step={step}", *as_flags(overrides)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -187,7 +187,7 @@ BAD_INPUTS = [
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
-  procs = [subprocess.Popen([sys.executable, "-m", "lkca_jax.data.preview", "--config",
+  procs = [subprocess.Popen([sys.executable, "-m", "lkca_jax.tools.preview", "--config",
                              "configs/digits.py", f"--out={tmp_path / f'{i}.png'}", *flags],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i, (flags, _) in enumerate(BAD_INPUTS)]

@@ -1,6 +1,6 @@
 """Training throughput with the per-image augmentation on and off, interleaved in one process.
 
-    python -m lkca_jax.data.benchmark --config configs/tinyimagenet.py [--config.model=lkca_b] \
+    python -m lkca_jax.tools.bench_pipeline --config configs/tinyimagenet.py [--config.model=lkca_b] \
         [--steps 20] [--block 1] [--out bench_results/pipeline.json] [--config.KEY=VALUE ...]
 
 A timed step is what the trainer does per step: `pipeline.train_batch` (gather
@@ -269,7 +269,7 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
-  from lkca_jax.cli import fail  # pylint: disable=import-outside-toplevel
+  from lkca_jax.tools.cli import fail  # pylint: disable=import-outside-toplevel
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
@@ -291,6 +291,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app
-  from lkca_jax.cli import parser_for
+  from lkca_jax.tools.cli import parser_for
   _define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.data.benchmark"))
+  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.bench_pipeline"))

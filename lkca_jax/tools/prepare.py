@@ -1,6 +1,6 @@
 """Prepares a TFDS dataset ahead of training and prints the time and split sizes.
 
-  python -m lkca_jax.data.prepare --dataset tiny_imagenet --manual_dir DIR --data_dir DIR
+  python -m lkca_jax.tools.prepare --dataset tiny_imagenet --manual_dir DIR --data_dir DIR
 
 DIR for --manual_dir holds tiny-imagenet-200.zip (or set $LKCA_TINY_IMAGENET_ZIP);
 without either, the builder downloads the official zip.

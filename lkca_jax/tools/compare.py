@@ -1,6 +1,6 @@
 """Trains several token mixers with one recipe and one step budget; writes a Markdown table.
 
-    python -m lkca_jax.compare --config configs/digits.py --mixers mhsa,lkca,acmix,flatten \
+    python -m lkca_jax.tools.compare --config configs/digits.py --mixers mhsa,lkca,acmix,flatten \
         --seeds 3 [--size t|b | --same-preset] [--steps N] [--out FILE.md] [--workdir DIR] \
         [--overwrite] [--config.KEY=VALUE ...]
 
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lkca_jax.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 from lkca_jax.layers import MIXERS  # noqa: E402
 from lkca_jax.layers.costs import mixer_macs  # noqa: E402
 
@@ -359,4 +359,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.compare"))
+  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.compare"))

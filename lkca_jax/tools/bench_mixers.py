@@ -1,6 +1,6 @@
 """Forward+backward timing of the LKCA mixer in each view against MHSA.
 
-    python -m lkca_jax.bench [--out bench_results/bench.json] [--repeats N]
+    python -m lkca_jax.tools.bench_mixers [--out bench_results/bench.json] [--repeats N]
                              [--cases mhsa,lkca-attention,...] [--shapes 8x8,16x16]
 
 Every case times one jit-compiled call of grad(sum(outputs)) with respect to

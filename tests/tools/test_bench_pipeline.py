@@ -11,7 +11,7 @@ import pytest
 
 from configs import digits, tinyimagenet
 from lkca_jax import augment, data, train
-from lkca_jax.data import benchmark
+from lkca_jax.tools import bench_pipeline as benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "data", "tiny-imagenet-200-fixture.zip")
@@ -81,7 +81,7 @@ def test_benchmark_on_the_fixture_writes_both_modes(tmp_path):
   out = tmp_path / "bench" / "pipeline.json"
   steps = 2
   result = subprocess.run(
-      [sys.executable, "-m", "lkca_jax.data.benchmark", "--config", "configs/tinyimagenet.py",
+      [sys.executable, "-m", "lkca_jax.tools.bench_pipeline", "--config", "configs/tinyimagenet.py",
        f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.dataset.download=False",
        "--config.model_overrides.dim=32", "--config.model_overrides.depth=1",
        "--config.batch_size=16", f"--steps={steps}", "--nobreakdown", f"--out={out}"],

@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMANDS = {
     "main": [sys.executable, "main.py"],
-    "preview": [sys.executable, "-m", "lkca_jax.data.preview"],
-    "benchmark": [sys.executable, "-m", "lkca_jax.data.benchmark"],
-    "compare": [sys.executable, "-m", "lkca_jax.compare", "--mixers=lkca"],
+    "preview": [sys.executable, "-m", "lkca_jax.tools.preview"],
+    "benchmark": [sys.executable, "-m", "lkca_jax.tools.bench_pipeline"],
+    "compare": [sys.executable, "-m", "lkca_jax.tools.compare", "--mixers=lkca"],
 }
 CASES = [
     (["--config", "configs/nope.py"], "could not load the --config file"),

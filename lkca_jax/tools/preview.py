@@ -1,6 +1,6 @@
 """A PNG grid of augmented training images, exactly as the trainer gets them at a step.
 
-    python -m lkca_jax.data.preview --config configs/tinyimagenet.py --out preview.png \
+    python -m lkca_jax.tools.preview --config configs/tinyimagenet.py --out preview.png \
         [--rows 4 --cols 8] [--step 0] [--config.KEY=VALUE ...]
 
 The batch is `pipeline.train_batch(order, step)` of the pipeline that
@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from lkca_jax.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 
 TILE_TARGET = 128  # upscale tiles to about this many pixels...
 MAX_SCALE = 8  # ...but at most 8x (8 px digits become 64 px)
@@ -262,4 +262,4 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app
   _define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.data.preview"))
+  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.preview"))

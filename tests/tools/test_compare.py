@@ -1,4 +1,4 @@
-"""lkca_jax.compare: whole-model multiply-adds against the paper, and a real comparison run."""
+"""lkca_jax.tools.compare: whole-model multiply-adds against the paper, and a real comparison run."""
 import json
 import os
 import re
@@ -12,9 +12,10 @@ import pytest
 from flax import nnx
 
 from configs import digits
-from lkca_jax import compare, models
+from lkca_jax import models
+from lkca_jax.tools import compare
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def abstract_model(name, *, classes, image_size, channels=3, **overrides):
@@ -152,7 +153,7 @@ TINY = ["--config.model_overrides.dim=32", "--config.model_overrides.depth=2",
 
 
 def compare_cmd(workdir, *extra):
-  return [sys.executable, "-m", "lkca_jax.compare", "--config", "configs/digits.py",
+  return [sys.executable, "-m", "lkca_jax.tools.compare", "--config", "configs/digits.py",
           f"--workdir={workdir}", *extra]
 
 
