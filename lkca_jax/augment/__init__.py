@@ -1,4 +1,4 @@
-"""Per-image training augmentation (spec sections 3 and 4), in pure JAX.
+"""Per-image training augmentation, in pure JAX (docs/reference.md, "Training recipe").
 
     cfg = AugmentConfig.from_config(config.augment, mean=..., std=...)
     batch = augment_batch(key, images_uint8, cfg)   # float32 (B, H, W, C)
@@ -6,11 +6,22 @@
 """
 from lkca_jax.augment import autoaugment, ops
 from lkca_jax.augment.autoaugment import POLICIES
-from lkca_jax.augment.transforms import (AugmentConfig, augment_batch, augment_image,
-                                         augment_with_keys, erasing_box, normalize,
-                                         random_crop, random_erasing, random_flip)
+from lkca_jax.augment.transforms import (
+  STAGES,
+  AugmentConfig,
+  Stage,
+  augment_batch,
+  augment_image,
+  augment_with_keys,
+  enabled_stages,
+  erasing_box,
+  normalize,
+  random_crop,
+  random_erasing,
+  random_flip,
+  stages_off,
+)
 
-__all__ = ["AugmentConfig", "POLICIES", "augment_batch", "augment_image", "augment_with_keys",
-           "autoaugment",
-           "erasing_box", "normalize", "ops", "random_crop", "random_erasing",
-           "random_flip"]
+__all__ = ["STAGES", "AugmentConfig", "POLICIES", "Stage", "augment_batch", "augment_image",
+           "augment_with_keys", "autoaugment", "enabled_stages", "erasing_box", "normalize",
+           "ops", "random_crop", "random_erasing", "random_flip", "stages_off"]

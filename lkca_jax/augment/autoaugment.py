@@ -1,8 +1,10 @@
-"""AutoAugment (Cubuk et al., 2019): the three learned policies of spec section 4.
+"""AutoAugment (Cubuk et al., 2019): its three learned policies, and applying them.
 
 A policy is 25 sub-policies ((p1, op1, m1), (p2, op2, m2)). Per image one
 sub-policy is drawn uniformly, then each of its two ops is applied, in order,
-with its own probability (random.random() < p, as in the reference).
+with its own probability (random.random() < p, as in the reference). The ops
+and their magnitudes are the table ops.OPS (docs/reference.md, "AutoAugment
+policies").
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _parse(text: str) -> tuple:
   return tuple(subpolicies)
 
 
-# Transcribed from the spec tables, in their order.
+# Transcribed from docs/reference.md, "AutoAugment policies", in its order.
 POLICIES = {
     "cifar10": _parse(
         "0.1 Invert 7, 0.2 Contrast 6; 0.7 Rotate 2, 0.3 TranslateX 9;"
@@ -74,7 +76,7 @@ POLICIES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def policy_arrays(policy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(probabilities f32, op indices i32, magnitudes i32), each (n, 2).
 
@@ -90,7 +92,7 @@ def policy_arrays(policy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(subpolicy) != 2:
       raise ValueError(f"a sub-policy is two (p, op, m) triples, got {subpolicy}")
     for probability, name, magnitude in subpolicy:
-      if name not in ops.OP_NAMES:
+      if name not in ops.OPS_BY_NAME:
         raise ValueError(f"unknown AutoAugment op {name!r}; use one of {ops.OP_NAMES}")
       if not (0.0 <= probability <= 1.0 and 0 <= magnitude < ops.NUM_MAGNITUDES):
         raise ValueError(f"need 0 <= p <= 1 and 0 <= m <= 9, got {(probability, name, magnitude)}")

@@ -7,6 +7,10 @@ input at (a(x+½) + b(y+½) + c, d(x+½) + e(y+½) + f), or the fill outside it.
 Shears are bicubic (PIL's a = -1 kernel, edge taps clamped, result truncated);
 translate and rotate are nearest, as in the reference, which passes no filter.
 
+The table OPS lists each op once (name, magnitude range, random sign or not,
+function); the op names, apply_op's argument table and its switch branches
+are all derived from it.
+
 Each op is jitted (compiled once per image shape, inlined under an outer jit
 or vmap; `fill` is static). No inexact product feeds an add: XLA fuses
 a*b + c into one FMA inside a compiled program but not across programs, and
@@ -16,37 +20,17 @@ bit (on CPU this is tested; PIL itself rounds without FMA).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-OP_NAMES = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Color",
-            "Contrast", "Sharpness", "Brightness", "Posterize", "Solarize",
-            "AutoContrast", "Equalize", "Invert")
-NUM_OPS = len(OP_NAMES)
-IDENTITY = NUM_OPS  # apply_op's extra branch: leave the image as it is
 NUM_MAGNITUDES = 10
 FILL = 128  # the reference's fillcolor (128, 128, 128)
-
-# Spec section 4: magnitude index m = 0..9 picks linspace(lo, hi, 10)[m].
-_RANGES = {
-    "ShearX": (0.0, 0.3), "ShearY": (0.0, 0.3),
-    "TranslateX": (0.0, 150 / 331), "TranslateY": (0.0, 150 / 331),
-    "Rotate": (0.0, 30.0),
-    "Color": (0.0, 0.9), "Contrast": (0.0, 0.9),
-    "Sharpness": (0.0, 0.9), "Brightness": (0.0, 0.9),
-    "Posterize": (8.0, 4.0), "Solarize": (256.0, 0.0),
-    "AutoContrast": (0.0, 0.0), "Equalize": (0.0, 0.0), "Invert": (0.0, 0.0),
-}
-MAGNITUDES = {name: np.linspace(lo, hi, NUM_MAGNITUDES)
-              for name, (lo, hi) in _RANGES.items()}
-MAGNITUDES["Posterize"] = np.round(MAGNITUDES["Posterize"])  # whole bits
-# Ops whose value gets a random sign (Rotate has none in the reference).
-SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY",
-                        "Color", "Contrast", "Sharpness", "Brightness"})
 
 
 def _check_image(image) -> jax.Array:
@@ -133,8 +117,13 @@ def translate_y(image, pixels, fill=FILL):
 
 
 @functools.partial(jax.jit, static_argnames="fill")
-def _rotate_cos_sin(image, cos, sin, fill):
-  # PIL's rotate about (W/2, H/2): u = cx + cos (x+½-cx) - sin (y+½-cy), ...
+def rotate(image, cos, sin, fill=FILL):
+  """PIL image.rotate (counter-clockwise, nearest) by the angle with this cos and sin.
+
+  The trig is the caller's (apply_op's table does it in float64, as PIL):
+  u = cx + cos (x+½-cx) - sin (y+½-cy), v = cy + sin (x+½-cx) + cos (y+½-cy)
+  about the centre (cx, cy) = (W/2, H/2), else `fill`.
+  """
   image = _check_image(image)
   height, width, _ = image.shape
   cx, cy = width / 2, height / 2
@@ -145,21 +134,6 @@ def _rotate_cos_sin(image, cos, sin, fill):
   return _sample_nearest(image, u, v, fill)
 
 
-def rotate(image, degrees, fill=FILL):
-  """PIL image.rotate(degrees) (counter-clockwise, nearest) with fill outside.
-
-  With a Python number the trig is done in numpy, exactly as apply_op's
-  table; a traced angle uses jnp.cos / jnp.sin.
-  """
-  if isinstance(degrees, (int, float, np.number)):  # exact trig when concrete
-    radians = np.deg2rad(float(degrees))
-    cos, sin = np.float32(np.cos(radians)), np.float32(np.sin(radians))
-  else:
-    radians = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
-    cos, sin = jnp.cos(radians), jnp.sin(radians)
-  return _rotate_cos_sin(image, cos, sin, fill)
-
-
 # PIL's bicubic transform filter (Geometry.c BICUBIC, a = -1) as weights of
 # the taps at offsets -1, 0, 1, 2 from the fractional position d. The weights
 # come from a 1/4096 table plus its first-order Taylor term, with d - grid
@@ -168,7 +142,7 @@ def rotate(image, degrees, fill=FILL):
 _CUBIC_STEPS = 4096
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cubic_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   d = (np.arange(_CUBIC_STEPS, dtype=np.float64) / _CUBIC_STEPS)[:, None]
   weights = np.concatenate([-d + 2 * d**2 - d**3, 1 - 2 * d**2 + d**3,
@@ -369,58 +343,119 @@ def equalize(image):
   return _lookup(image, jnp.where(step > 0, equalized, values))
 
 
+# --- the op table --------------------------------------------------------------
+
+
+def _no_arguments(value, height, width):
+  del value, height, width
+  return ()
+
+
+def _as_is(value, height, width):
+  del height, width
+  return (value,)
+
+
+def _enhance_factor(value, height, width):
+  del height, width
+  return (1.0 + value,)  # 1 ± value: 1 leaves the image as it is
+
+
+def _rotation(degrees, height, width):
+  del height, width
+  radians = np.deg2rad(degrees)
+  return np.cos(radians), np.sin(radians)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One AutoAugment op and everything apply_op needs to know about it.
+
+  Magnitude index m = 0..9 picks value linspace(*magnitude_range, 10)[m], in
+  float64 as the reference, negated at random when `signed`. `arguments(value,
+  height, width)` turns the (10,) values into fn's arguments after the image,
+  each a (10,) array, so fn(image, *arguments) is the op at each magnitude.
+  """
+  name: str
+  magnitude_range: tuple[float, float]  # the values at m = 0 and m = 9
+  signed: bool
+  fn: Callable[..., jax.Array]
+  arguments: Callable[..., tuple] = _no_arguments
+
+  @property
+  def arity(self) -> int:
+    """How many arguments fn takes after the image."""
+    return len(self.arguments(np.zeros(NUM_MAGNITUDES), 1, 1))
+
+  def argument_values(self, negative: bool, height: int, width: int) -> np.ndarray:
+    """(10 magnitudes, arity) float64 arguments; `negative` picks the sign of signed ops."""
+    sign = -1.0 if negative and self.signed else 1.0
+    value = np.linspace(*self.magnitude_range, NUM_MAGNITUDES) * sign
+    arguments = self.arguments(value, height, width)
+    if not arguments:
+      return np.zeros((NUM_MAGNITUDES, 0))
+    return np.stack(arguments, axis=-1)
+
+
+# docs/reference.md, "AutoAugment policies": the ops, their magnitude ranges and
+# which get a random sign (Rotate has none in the reference). An op's index in
+# this table is its index in apply_op's switch and in the policies' arrays.
+OPS = (
+    Op("ShearX", (0.0, 0.3), True, shear_x, _as_is),
+    Op("ShearY", (0.0, 0.3), True, shear_y, _as_is),
+    # Pixels: the fraction of the width for X, of the height for Y.
+    Op("TranslateX", (0.0, 150 / 331), True, translate_x, lambda v, h, w: (v * w,)),
+    Op("TranslateY", (0.0, 150 / 331), True, translate_y, lambda v, h, w: (v * h,)),
+    Op("Rotate", (0.0, 30.0), False, rotate, _rotation),
+    Op("Color", (0.0, 0.9), True, color, _enhance_factor),
+    Op("Contrast", (0.0, 0.9), True, contrast, _enhance_factor),
+    Op("Sharpness", (0.0, 0.9), True, sharpness, _enhance_factor),
+    Op("Brightness", (0.0, 0.9), True, brightness, _enhance_factor),
+    Op("Posterize", (8.0, 4.0), False, posterize,
+       lambda v, h, w: (np.round(v),)),  # whole bits
+    Op("Solarize", (256.0, 0.0), False, solarize, _as_is),
+    Op("AutoContrast", (0.0, 0.0), False, autocontrast),
+    Op("Equalize", (0.0, 0.0), False, equalize),
+    Op("Invert", (0.0, 0.0), False, invert),
+)
+OPS_BY_NAME = {op.name: op for op in OPS}
+if len(OPS_BY_NAME) != len(OPS):
+  raise ValueError(f"duplicate op names in {[op.name for op in OPS]}")
+OP_NAMES = tuple(OPS_BY_NAME)
+NUM_OPS = len(OPS)
+IDENTITY = NUM_OPS  # apply_op's extra branch: leave the image as it is
+NUM_ARGUMENTS = max(op.arity for op in OPS)
+
+
 # --- one op by index ---------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parameter_table(height: int, width: int) -> np.ndarray:
-  """(2 signs, NUM_OPS + 1, 10 magnitudes, 2) float32 op arguments.
+  """(2 signs, NUM_OPS + 1, 10 magnitudes, NUM_ARGUMENTS) float32 op arguments.
 
-  Sign index 0 is +, 1 is -. Computed in float64 as the reference does:
-  shear factor, translation in pixels (of the width for X, the height for Y),
-  (cos, sin) of the rotation, enhance factor 1 ± value, posterize bits,
-  solarize threshold; zeros for ops without an argument and for IDENTITY.
+  Sign index 0 is +, 1 is -. Row i holds OPS[i].argument_values (computed in
+  float64 as the reference does), zero-padded; IDENTITY's row is zeros.
   """
-  table = np.zeros((2, NUM_OPS + 1, NUM_MAGNITUDES, 2), np.float64)
-  for sign_index, sign in enumerate((1.0, -1.0)):
-    for op, name in enumerate(OP_NAMES):
-      value = MAGNITUDES[name] * (sign if name in SIGNED_OPS else 1.0)
-      if name in ("ShearX", "ShearY", "Posterize", "Solarize"):
-        table[sign_index, op, :, 0] = value
-      elif name == "TranslateX":
-        table[sign_index, op, :, 0] = value * width
-      elif name == "TranslateY":
-        table[sign_index, op, :, 0] = value * height
-      elif name == "Rotate":
-        table[sign_index, op, :, 0] = np.cos(np.deg2rad(value))
-        table[sign_index, op, :, 1] = np.sin(np.deg2rad(value))
-      elif name in ("Color", "Contrast", "Sharpness", "Brightness"):
-        table[sign_index, op, :, 0] = 1.0 + value
+  table = np.zeros((2, NUM_OPS + 1, NUM_MAGNITUDES, NUM_ARGUMENTS), np.float64)
+  for negative in (0, 1):
+    for index, op in enumerate(OPS):
+      table[negative, index, :, :op.arity] = op.argument_values(bool(negative), height, width)
   return table.astype(np.float32)
 
 
-_BRANCHES = (
-    lambda image, arg: shear_x(image, arg[0]),
-    lambda image, arg: shear_y(image, arg[0]),
-    lambda image, arg: translate_x(image, arg[0]),
-    lambda image, arg: translate_y(image, arg[0]),
-    lambda image, arg: _rotate_cos_sin(image, arg[0], arg[1], FILL),
-    lambda image, arg: color(image, arg[0]),
-    lambda image, arg: contrast(image, arg[0]),
-    lambda image, arg: sharpness(image, arg[0]),
-    lambda image, arg: brightness(image, arg[0]),
-    lambda image, arg: posterize(image, arg[0].astype(jnp.int32)),
-    lambda image, arg: solarize(image, arg[0]),
-    lambda image, arg: autocontrast(image),
-    lambda image, arg: equalize(image),
-    lambda image, arg: invert(image),
-    lambda image, arg: image,  # IDENTITY
-)
+def _branch(op: Op):
+  arity = op.arity
+  return lambda image, arg: op.fn(image, *(arg[i] for i in range(arity)))
+
+
+# Derived from OPS, so branch i is always OPS[i]; the last one is IDENTITY.
+_BRANCHES = tuple(_branch(op) for op in OPS) + (lambda image, arg: image,)
 
 
 @jax.jit
 def apply_op(key, image, op_index, magnitude_index):
-  """Op `op_index` (into OP_NAMES; IDENTITY = no-op) at magnitude 0..9.
+  """Op `op_index` (into OPS; IDENTITY = no-op) at magnitude 0..9.
 
   `key` draws the random sign of signed ops (+ or - with equal chance).
   One lax.switch over all ops, so it compiles once whatever the indices.

@@ -1,14 +1,19 @@
-"""The per-image training augmentation of spec section 3, and eval normalisation.
+"""The per-image training augmentation, and eval normalisation.
 
-Order: horizontal flip (p 0.5) -> random crop after zero padding ->
-AutoAugment -> scale to [0, 1] -> normalise -> random erasing. Everything is
-keyed by one jax PRNG key per image, so augment_image works eagerly, under jit
-and under vmap (augment_batch) with the same result for the same key.
+The steps run in the order of STAGES (docs/reference.md, "Training recipe"):
+horizontal flip (p 0.5) -> random crop after zero padding -> AutoAugment ->
+scale to [0, 1] and normalise -> random erasing. Everything is keyed by one
+jax PRNG key per image, so augment_image works eagerly, under jit and under
+vmap, and augment_batch gives each image what augment_image gives it for the
+same key (bit for bit on CPU; see augment_batch). The benchmark and the
+preview read the stages from STAGES too.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +22,14 @@ from jax import lax
 
 from lkca_jax.augment import autoaugment as autoaugment_lib
 
-ERASING_ATTEMPTS = 10  # torchvision RandomErasing: then give up on the image
+# Random erasing as the reference trainer does it (docs/reference.md#training-recipe):
+# aspect ratio (height / width) uniform in [0.3, 1/0.3], up to 100 attempts to fit a box,
+# the box filled with the dataset mean written into the normalised image. The other values
+# are torchvision RandomErasing's (log-uniform aspect, 10 attempts) and a zero fill.
+ERASING_ATTEMPTS = 100
+ERASING_ASPECT = (0.3, 1 / 0.3)
+ASPECT_SAMPLINGS = ("uniform", "log_uniform")
+ERASING_FILLS = ("mean", "zero")
 
 
 def _floats(name, values, length=None) -> tuple[float, ...]:
@@ -44,7 +56,10 @@ class AugmentConfig:
   autoaugment: str | None = None  # "cifar10", "svhn", "imagenet" or None
   random_erasing: float = 0.0  # probability; 0: off
   erasing_area: tuple[float, float] = (0.02, 0.4)  # fraction of the image
-  erasing_aspect: tuple[float, float] = (0.3, 3.3)  # height / width, log-uniform
+  erasing_aspect: tuple[float, float] = ERASING_ASPECT  # height / width
+  erasing_aspect_sampling: str = "uniform"  # or "log_uniform" (torchvision)
+  erasing_attempts: int = ERASING_ATTEMPTS  # tries to fit a box, then leave the image
+  erasing_fill: str = "mean"  # the dataset mean, in the normalised image; or "zero"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -75,9 +90,18 @@ class AugmentConfig:
     low, high = self.erasing_aspect
     if not 0.0 < low <= high:
       raise ValueError(f"erasing_aspect needs 0 < low <= high, got {self.erasing_aspect}")
+    if self.erasing_aspect_sampling not in ASPECT_SAMPLINGS:
+      raise ValueError(f"erasing_aspect_sampling must be one of {ASPECT_SAMPLINGS}, got "
+                       f"{self.erasing_aspect_sampling!r}")
+    attempts = self.erasing_attempts
+    if isinstance(attempts, bool) or int(attempts) != attempts or attempts < 1:
+      raise ValueError(f"erasing_attempts must be a whole number >= 1, got {attempts!r}")
+    set_("erasing_attempts", int(attempts))
+    if self.erasing_fill not in ERASING_FILLS:
+      raise ValueError(f"erasing_fill must be one of {ERASING_FILLS}, got {self.erasing_fill!r}")
 
   @classmethod
-  def from_config(cls, config, **overrides) -> "AugmentConfig":
+  def from_config(cls, config, **overrides) -> AugmentConfig:
     """From a ConfigDict (or mapping) with the field names as keys.
 
     Keyword overrides add or replace keys, e.g. the dataset's statistics:
@@ -136,23 +160,29 @@ def random_crop(rng, image, padding):
   return lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
 
 
-def erasing_box(rng, height, width, probability, area=(0.02, 0.4),
-                aspect=(0.3, 3.3)):
-  """torchvision RandomErasing.get_params, all 10 attempts drawn at once.
+def erasing_box(rng, height, width, probability, area=(0.02, 0.4), aspect=ERASING_ASPECT, *,
+                sampling="uniform", attempts=ERASING_ATTEMPTS):
+  """The reference's RandomErasing box, all attempts drawn at once.
 
   Returns (erase, top, left, box_height, box_width). An attempt draws an area
-  fraction uniformly in `area` and an aspect (height / width) log-uniformly in
-  `aspect`; the first whose rounded box fits strictly inside is used, with a
-  uniform position. erase is False with probability 1 - p or if none fits.
+  fraction uniformly in `area` and an aspect (height / width) in `aspect`,
+  uniformly (sampling="uniform", the reference) or log-uniformly ("log_uniform",
+  torchvision); box height round(sqrt(area * aspect)), width round(sqrt(area /
+  aspect)). The first of `attempts` whose box fits strictly inside is used, with
+  a uniform position. erase is False with probability 1 - p or if none fits.
   """
-  # One uniform draw for everything (cheaper to compile than five):
-  # 10 areas (pixels), 10 log aspects, then apply / top / left in [0, 1).
-  attempts = ERASING_ATTEMPTS
-  low = [area[0] * height * width] * attempts + [math.log(aspect[0])] * attempts + [0.0] * 3
-  high = [area[1] * height * width] * attempts + [math.log(aspect[1])] * attempts + [1.0] * 3
+  if sampling not in ASPECT_SAMPLINGS:
+    raise ValueError(f"sampling must be one of {ASPECT_SAMPLINGS}, got {sampling!r}")
+  # One uniform draw for everything (cheaper to compile than five): the areas
+  # (pixels), the aspects (or their logs), then apply / top / left in [0, 1).
+  warp = math.log if sampling == "log_uniform" else float
+  low = [area[0] * height * width] * attempts + [warp(aspect[0])] * attempts + [0.0] * 3
+  high = [area[1] * height * width] * attempts + [warp(aspect[1])] * attempts + [1.0] * 3
   draws = jax.random.uniform(rng, (2 * attempts + 3,), minval=jnp.asarray(low),
                              maxval=jnp.asarray(high))
-  target, ratio = draws[:attempts], jnp.exp(draws[attempts:2 * attempts])
+  target, ratio = draws[:attempts], draws[attempts:2 * attempts]
+  if sampling == "log_uniform":
+    ratio = jnp.exp(ratio)
   box_heights = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
   box_widths = jnp.round(jnp.sqrt(target / ratio)).astype(jnp.int32)
   fits = (box_heights < height) & (box_widths < width)
@@ -167,49 +197,161 @@ def erasing_box(rng, height, width, probability, area=(0.02, 0.4),
   return erase, top, left, box_height, box_width
 
 
-def random_erasing(rng, image, probability, area=(0.02, 0.4), aspect=(0.3, 3.3)):
-  """Zeroes a random box of a normalised float (H, W, C) image, with probability p.
+def random_erasing(rng, image, probability, area=(0.02, 0.4), aspect=ERASING_ASPECT, *,
+                   fill=0.0, sampling="uniform", attempts=ERASING_ATTEMPTS):
+  """Fills a random box of a normalised float (H, W, C) image with `fill`, with probability p.
 
-  Zero after normalisation is the clean form of the reference's fill with the
-  dataset mean (spec section 3).
+  `fill` is one value or one per channel. The reference writes the dataset mean
+  (the values of [0, 1] images) into the normalised image (AugmentConfig's
+  erasing_fill="mean"); 0 there is the mean colour, a different augmentation
+  (docs/reference.md#training-recipe).
   """
-  height, width, _ = image.shape
+  height, width, channels = image.shape
   erase, top, left, box_height, box_width = erasing_box(
-      rng, height, width, probability, area, aspect)
+      rng, height, width, probability, area, aspect, sampling=sampling, attempts=attempts)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
   inside = ((rows >= top) & (rows < top + box_height)
             & (cols >= left) & (cols < left + box_width) & erase)
-  return jnp.where(inside[..., None], jnp.zeros((), image.dtype), image)
+  values = np.broadcast_to(np.asarray(fill, np.float32), (channels,))
+  return jnp.where(inside[..., None], jnp.asarray(values, image.dtype), image)
+
+
+# --- the stages, in order -------------------------------------------------------
+
+
+def _flip(key, image, cfg):
+  del cfg
+  return random_flip(key, image)
+
+
+def _crop(key, image, cfg):
+  return random_crop(key, image, cfg.crop_padding)
+
+
+def _autoaugment(key, image, cfg):
+  return autoaugment_lib.apply_policy(key, image, cfg.autoaugment)
+
+
+def _autoaugment_batch(keys, images, cfg):
+  if jax.default_backend() == "cpu":
+    # vmap would turn apply_op's lax.switch into a select that computes all 14
+    # ops for every image (twice); in a loop each image runs only its own op.
+    return lax.map(lambda args: _autoaugment(*args, cfg), (keys, images))
+  # A loop of B small kernels is launch-bound on GPUs/TPUs; the batched select
+  # does 28x the arithmetic but in a few large kernels (not yet measured on an
+  # accelerator here).
+  return jax.vmap(lambda key, image: _autoaugment(key, image, cfg))(keys, images)
+
+
+def _normalize(key, images, cfg):
+  del key  # elementwise: the same for one image and for a batch
+  return normalize(images, cfg.mean, cfg.std)
+
+
+def _erase(key, image, cfg):
+  fill = cfg.mean if cfg.erasing_fill == "mean" else 0.0
+  return random_erasing(key, image, cfg.random_erasing, cfg.erasing_area, cfg.erasing_aspect,
+                        fill=fill, sampling=cfg.erasing_aspect_sampling,
+                        attempts=cfg.erasing_attempts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One step of the per-image augmentation.
+
+  apply(key, image, cfg) does it to one image; apply_batch(keys, images, cfg)
+  to a batch with one key per image (default: vmap of apply). `switch` is the
+  AugmentConfig field that turns the step on and `off` that field's value when
+  it is off; a stage without a switch always runs. A keyed stage gets its own
+  key of every image's key, whether it is on or not, so one step's randomness
+  does not depend on which others are on; a keyless one gets None.
+  """
+  name: str
+  apply: Callable[..., jax.Array]
+  _: dataclasses.KW_ONLY
+  switch: str | None = None
+  off: Any = None
+  keyed: bool = True
+  apply_batch: Callable[..., jax.Array] | None = None
+  description: str = ""  # str.format template of `cfg`, for display
+
+  def enabled(self, cfg: AugmentConfig) -> bool:
+    return self.switch is None or getattr(cfg, self.switch) != self.off
+
+  def alone(self, cfg: AugmentConfig) -> AugmentConfig:
+    """cfg with only this stage (and those without a switch) on."""
+    off = stages_off(cfg)
+    if self.switch is None:
+      return off
+    return dataclasses.replace(off, **{self.switch: getattr(cfg, self.switch)})
+
+  def describe(self, cfg: AugmentConfig) -> str:
+    return self.description.format(cfg=cfg)
+
+  def run(self, key, images, cfg: AugmentConfig, batched: bool):
+    if not batched:
+      return self.apply(key, images, cfg)
+    if self.apply_batch is not None:
+      return self.apply_batch(key, images, cfg)
+    return jax.vmap(lambda k, image: self.apply(k, image, cfg))(key, images)
+
+
+STAGES = (
+    Stage("flip", _flip, switch="flip", off=False, description="random flip"),
+    Stage("crop", _crop, switch="crop_padding", off=0,
+          description="pad-{cfg.crop_padding} random crop"),
+    Stage("autoaugment", _autoaugment, switch="autoaugment", off=None,
+          apply_batch=_autoaugment_batch, description="AutoAugment ({cfg.autoaugment})"),
+    Stage("normalize", _normalize, keyed=False, apply_batch=_normalize,
+          description="normalise"),
+    Stage("random_erasing", _erase, switch="random_erasing", off=0.0,
+          description="random erasing p={cfg.random_erasing:g}"),
+)
+NUM_KEYS = sum(stage.keyed for stage in STAGES)  # keys split from each image's key
+
+
+def enabled_stages(cfg: AugmentConfig) -> tuple[Stage, ...]:
+  """The stages that cfg turns on, in the order they run."""
+  return tuple(stage for stage in STAGES if stage.enabled(cfg))
+
+
+def stages_off(cfg: AugmentConfig) -> AugmentConfig:
+  """cfg with every switchable stage off: normalisation only."""
+  return dataclasses.replace(
+      cfg, **{stage.switch: stage.off for stage in STAGES if stage.switch is not None})
+
+
+def _apply_stages(stage_keys, images, cfg: AugmentConfig, batched: bool):
+  """The enabled STAGES in order; stage_keys[k] is the k-th keyed stage's key (or keys)."""
+  keys = iter(stage_keys)
+  for stage in STAGES:
+    key = next(keys) if stage.keyed else None
+    if stage.enabled(cfg):
+      images = stage.run(key, images, cfg, batched)
+  return images
 
 
 def augment_image(rng, image, cfg: AugmentConfig):
-  """One uint8 (H, W, C) image (C = 3 or 1) -> float32 (H, W, C), spec order."""
+  """One uint8 (H, W, C) image (C = 3 or 1) -> float32 (H, W, C), through STAGES."""
   image = jnp.asarray(image)
   if image.ndim != 3 or image.dtype != jnp.uint8:
     raise ValueError(f"augment_image expects one uint8 (H, W, C) image, got "
                      f"{image.dtype} {image.shape}; use augment_batch for (B, H, W, C)")
-  # Always four keys, so a step's randomness does not depend on which are on.
-  flip_key, crop_key, policy_key, erase_key = jax.random.split(rng, 4)
-  if cfg.flip:
-    image = random_flip(flip_key, image)
-  image = random_crop(crop_key, image, cfg.crop_padding)
-  if cfg.autoaugment is not None:
-    image = autoaugment_lib.apply_policy(policy_key, image, cfg.autoaugment)
-  normalised = normalize(image, cfg.mean, cfg.std)
-  if cfg.random_erasing > 0:
-    normalised = random_erasing(erase_key, normalised, cfg.random_erasing,
-                                cfg.erasing_area, cfg.erasing_aspect)
-  return normalised
+  return _apply_stages(jax.random.split(rng, NUM_KEYS), image, cfg, batched=False)
 
 
 def augment_batch(rng, images, cfg: AugmentConfig):
   """uint8 (B, H, W, C) -> float32; image i uses key i of split(rng, B).
 
-  Equal, bit for bit, to vmap(augment_image) over the keys. AutoAugment runs
-  under lax.map instead of vmap: vmap turns its lax.switch over the 14 ops into
-  a select that computes every op for every image (twice, one per sub-policy
-  op); in a loop each image runs only the op it drew.
+  Runs STAGES as augment_image does, each over the whole batch: normalisation
+  at once, the other stages vmapped, except AutoAugment, whose lax.switch over
+  the 14 ops vmap turns into a select that computes every op for every image
+  (twice, once per sub-policy op). So on CPU AutoAugment runs under lax.map,
+  each image running only the op it drew, and the result equals augment_image
+  with the same keys bit for bit (tested). On GPUs and TPUs it is vmapped (a
+  loop of small kernels is launch-bound there); the ops avoid FMA-dependent
+  rounding, so that path should agree too, but it is not tested here.
   """
   images = jnp.asarray(images)
   if images.ndim != 4:
@@ -219,24 +361,6 @@ def augment_batch(rng, images, cfg: AugmentConfig):
 
 def augment_with_keys(keys, images, cfg: AugmentConfig):
   """augment_batch with the per-image keys given: image i uses keys[i] (for shard_map)."""
-  # The same four keys per image as augment_image.
-  flip_keys, crop_keys, policy_keys, erase_keys = jnp.moveaxis(
-      jax.vmap(lambda key: jax.random.split(key, 4))(keys), 1, 0)
-  if cfg.flip:
-    images = jax.vmap(random_flip)(flip_keys, images)
-  images = jax.vmap(lambda key, image: random_crop(key, image, cfg.crop_padding))(
-      crop_keys, images)
-  if cfg.autoaugment is not None:
-    policy = lambda key, image: autoaugment_lib.apply_policy(key, image, cfg.autoaugment)
-    if jax.default_backend() == "cpu":
-      images = lax.map(lambda args: policy(*args), (policy_keys, images))
-    else:
-      # A loop of B small kernels is launch-bound on GPUs/TPUs; the batched
-      # select does 28x the arithmetic but in a few large kernels (not yet
-      # measured on an accelerator here).
-      images = jax.vmap(policy)(policy_keys, images)
-  normalised = normalize(images, cfg.mean, cfg.std)
-  if cfg.random_erasing > 0:
-    normalised = jax.vmap(lambda key, image: random_erasing(
-        key, image, cfg.random_erasing, cfg.erasing_area, cfg.erasing_aspect))(erase_keys, normalised)
-  return normalised
+  # The same NUM_KEYS keys per image as augment_image, stage-major.
+  stage_keys = jnp.moveaxis(jax.vmap(lambda key: jax.random.split(key, NUM_KEYS))(keys), 1, 0)
+  return _apply_stages(stage_keys, images, cfg, batched=True)

@@ -1,4 +1,4 @@
-"""AutoAugment policies (spec section 4) and sub-policy sampling.
+"""AutoAugment policies (docs/reference.md, "AutoAugment policies") and sub-policy sampling.
 
 Statistical checks use fixed keys and 5-sigma bounds: a correct sampler fails
 with probability ~1e-6 per bound (the result is deterministic for these keys
@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lkca_jax.augment import POLICIES, ops
-from lkca_jax.augment import autoaugment
+from lkca_jax.augment import POLICIES, autoaugment, ops
 
-# The spec's tables, transcribed as (p1, op1, m1, p2, op2, m2) in their order.
-SPEC = {
+# The reference's tables (docs/reference.md, "AutoAugment policies"), transcribed
+# as (p1, op1, m1, p2, op2, m2) in their order.
+TABLES = {
     "cifar10": [
         (0.1, "Invert", 7, 0.2, "Contrast", 6), (0.7, "Rotate", 2, 0.3, "TranslateX", 9),
         (0.8, "Sharpness", 1, 0.9, "Sharpness", 3), (0.5, "ShearY", 8, 0.7, "TranslateY", 9),
@@ -70,9 +70,9 @@ def _within_5_sigma(count, total, probability):
   return abs(count - total * probability) <= 5 * sigma
 
 
-def test_policies_equal_the_spec_tables():
+def test_policies_equal_the_reference_tables():
   assert sorted(POLICIES) == ["cifar10", "imagenet", "svhn"]
-  for name, rows in SPEC.items():
+  for name, rows in TABLES.items():
     assert len(POLICIES[name]) == 25 and len(rows) == 25
     flat = [first + second for first, second in POLICIES[name]]
     assert flat == rows, name
@@ -83,7 +83,7 @@ def test_policy_ops_exist_and_values_are_in_range():
   for name in POLICIES:
     probabilities, op_indices, magnitudes = autoaugment.policy_arrays(name)
     assert probabilities.shape == op_indices.shape == magnitudes.shape == (25, 2)
-    for subpolicy, ops_row in zip(POLICIES[name], op_indices):
+    for subpolicy, ops_row in zip(POLICIES[name], op_indices, strict=True):
       assert [ops.OP_NAMES[i] for i in ops_row] == [op for _, op, _ in subpolicy]
     assert probabilities.min() >= 0 and probabilities.max() <= 1
     assert magnitudes.min() >= 0 and magnitudes.max() <= 9

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from lkca_jax.augment import ops
+from lkca_jax.augment import autoaugment, ops
 from tests.helpers import fixture_images
+
 
 def _load_fixture():
   rgb, grey = fixture_images()
@@ -71,7 +72,7 @@ def test_fixture_has_colour_and_grey_images():
 ENHANCERS = [(ops.color, ImageEnhance.Color), (ops.contrast, ImageEnhance.Contrast),
              (ops.sharpness, ImageEnhance.Sharpness),
              (ops.brightness, ImageEnhance.Brightness)]
-# 1 ± the spec's values 0, 0.3 and 0.9 (m = 0, 3, 9), in float64 as the reference.
+# 1 ± the reference's values 0, 0.3 and 0.9 (m = 0, 3, 9), in float64 as it does.
 FACTORS = [1.0, 1.3, 0.7, 1.9, 1 - 0.9]
 
 
@@ -201,6 +202,12 @@ def pil_rotation_matrix(degrees, width, height):
   return a, b, c, d, e, f
 
 
+def _rotate(image, degrees):
+  """ops.rotate by `degrees`, the trig in float64 as apply_op's table does it."""
+  radians = np.deg2rad(degrees)
+  return ops.rotate(image, np.float32(np.cos(radians)), np.float32(np.sin(radians)))
+
+
 def _pil_rotate_with_fill(image, degrees):
   # The reference's rotate_with_fill: rotate as RGBA, composite onto grey.
   rotated = image.convert("RGBA").rotate(degrees)
@@ -209,7 +216,7 @@ def _pil_rotate_with_fill(image, degrees):
 
 
 WIDE = RGB
-SHEARS = [0.3, -0.3, 0.1, -2 / 30]  # the spec's m = 9 and m = 3, m = 2 values
+SHEARS = [0.3, -0.3, 0.1, -2 / 30]  # the reference's m = 9 and m = 3, m = 2 values
 SHIFTS = [150 / 331, -150 / 331, 150 / 331 * 3 / 9]  # fractions of the size
 
 
@@ -263,7 +270,7 @@ def test_translate_matches_numpy_and_pil(fraction):
 def test_rotate_matches_numpy_and_pil(degrees):
   for image in WIDE:
     height, width = image.shape[:2]
-    ours = np.asarray(ops.rotate(image, degrees))
+    ours = np.asarray(_rotate(image, degrees))
     np.testing.assert_array_equal(
         ours, reference_nearest(image, pil_rotation_matrix(degrees, width, height)))
     pil = np.asarray(_pil_rotate_with_fill(Image.fromarray(image), degrees))
@@ -273,15 +280,15 @@ def test_rotate_matches_numpy_and_pil(degrees):
 def test_rotate_is_counter_clockwise():
   image = np.zeros((9, 9, 1), np.uint8)
   image[4, 7] = 255  # right of the centre
-  out = np.asarray(ops.rotate(image, 90.0))[..., 0]
+  out = np.asarray(_rotate(image, 90.0))[..., 0]
   assert out[1, 4] == 255 and out.sum() == 255  # now above the centre
-  assert np.asarray(ops.rotate(image, 45.0))[0, 0, 0] == 128  # outside: fill
+  assert np.asarray(_rotate(image, 45.0))[0, 0, 0] == 128  # outside: fill
 
 
 def test_geometric_ops_on_grey_images():
   for grey in GREY:
     image = grey[..., None]
-    np.testing.assert_array_equal(np.asarray(ops.rotate(image, 20.0)),
+    np.testing.assert_array_equal(np.asarray(_rotate(image, 20.0)),
                                   reference_nearest(image, pil_rotation_matrix(20.0, 64, 48)))
     np.testing.assert_array_equal(np.asarray(ops.translate_x(image, -9.7)),
                                   reference_nearest(image, (1, 0, -9.7, 0, 1, 0)))
@@ -296,7 +303,7 @@ def _keys(count):
   return list(jax.random.split(jax.random.key(7), count))
 
 
-def test_magnitude_values_follow_the_spec():
+def test_magnitude_values_follow_the_reference():
   table = ops.parameter_table(48, 64)  # (sign, op, m, 2)
   index = ops.OP_NAMES.index
   np.testing.assert_allclose(table[0, index("ShearX"), :, 0], np.arange(10) * 0.3 / 9, atol=1e-7)
@@ -346,7 +353,7 @@ def test_apply_op_uses_a_random_sign(name):
 
 def test_apply_op_unsigned_ops_and_identity():
   image = WIDE[2]
-  expected = {"Rotate": ops.rotate(image, 30 * 4 / 9), "Posterize": ops.posterize(image, 6),
+  expected = {"Rotate": _rotate(image, 30 * 4 / 9), "Posterize": ops.posterize(image, 6),
               "Solarize": ops.solarize(image, 256 - 4 * 256 / 9),
               "AutoContrast": ops.autocontrast(image), "Equalize": ops.equalize(image),
               "Invert": ops.invert(image)}
@@ -359,13 +366,59 @@ def test_apply_op_unsigned_ops_and_identity():
 
 def test_apply_op_on_grey_images():
   image = GREY[0][..., None]
+  equalized = np.asarray(ImageOps.equalize(Image.fromarray(image[..., 0])))[..., None]
+  rotated = reference_nearest(image, pil_rotation_matrix(30 * 5 / 9, 64, 48))
   for name, want in {"Contrast": ops.contrast(image, 1.3), "Color": image,
-                     "Equalize": np.asarray(ImageOps.equalize(Image.fromarray(image[..., 0])))[..., None],
-                     "Rotate": reference_nearest(image, pil_rotation_matrix(30 * 5 / 9, 64, 48))}.items():
-    outs = [np.asarray(ops.apply_op(key, image, ops.OP_NAMES.index(name), 3 if name != "Rotate" else 5))
+                     "Equalize": equalized, "Rotate": rotated}.items():
+    magnitude = 3 if name != "Rotate" else 5
+    outs = [np.asarray(ops.apply_op(key, image, ops.OP_NAMES.index(name), magnitude))
             for key in _keys(4)]
     assert any(np.array_equal(out, np.asarray(want)) for out in outs), name
     assert all(out.shape == (48, 64, 1) and out.dtype == np.uint8 for out in outs)
+
+
+# --- the op table: one entry per op, everything else derived from it -----------
+
+# Written out here, apart from ops.OPS: the function each op name must run.
+FUNCTIONS = {"ShearX": ops.shear_x, "ShearY": ops.shear_y, "TranslateX": ops.translate_x,
+             "TranslateY": ops.translate_y, "Rotate": ops.rotate, "Color": ops.color,
+             "Contrast": ops.contrast, "Sharpness": ops.sharpness,
+             "Brightness": ops.brightness, "Posterize": ops.posterize,
+             "Solarize": ops.solarize, "AutoContrast": ops.autocontrast,
+             "Equalize": ops.equalize, "Invert": ops.invert}
+
+
+def test_every_policy_op_is_a_table_entry():
+  assert ops.OP_NAMES == tuple(op.name for op in ops.OPS)
+  assert sorted(ops.OP_NAMES) == sorted(FUNCTIONS) and ops.IDENTITY == len(ops.OPS) == 14
+  assert {op.name for op in ops.OPS if op.signed} == set(SIGNED)  # Rotate: no sign
+  for name, policy in autoaugment.POLICIES.items():
+    _, op_indices, _ = autoaugment.policy_arrays(name)
+    for subpolicy, row in zip(policy, op_indices, strict=True):
+      assert [ops.OPS[i].name for i in row] == [op for _, op, _ in subpolicy]
+      assert all(op in ops.OPS_BY_NAME for _, op, _ in subpolicy)
+
+
+@pytest.mark.parametrize("magnitude", [2, 7])  # at 9, Solarize (threshold 0) is Invert
+def test_each_switch_branch_runs_its_own_op(magnitude):
+  # apply_op at an op's index must equal that op's function called directly
+  # with its table arguments; the 14 results all differ on this image, so a
+  # branch or table entry moved to another index fails here.
+  image = WIDE[4]
+  height, width, _ = image.shape
+  table = ops.parameter_table(height, width)
+  key = jax.random.key(magnitude)
+  negative = int(jax.random.bernoulli(key))  # the sign apply_op draws from this key
+  results = {}
+  for index, op in enumerate(ops.OPS):
+    assert op.fn is FUNCTIONS[op.name], op.name
+    arguments = table[negative, index, magnitude, :op.arity]
+    np.testing.assert_array_equal(table[negative, index, magnitude, op.arity:], 0)
+    expected = np.asarray(FUNCTIONS[op.name](image, *arguments))
+    got = np.asarray(ops.apply_op(key, image, index, magnitude))
+    np.testing.assert_array_equal(got, expected, err_msg=op.name)
+    results[op.name] = got.tobytes()
+  assert len(set(results.values())) == len(ops.OPS)
 
 
 def test_ops_agree_eagerly_and_under_jit():
@@ -377,7 +430,7 @@ def test_ops_agree_eagerly_and_under_jit():
     eager = op(image, arg)
     jitted = jax.jit(op)(image, jnp.float32(arg))
     np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted), err_msg=op.__name__)
-  rotate = lambda im: ops.rotate(im, 23.3)  # a concrete angle: trig in numpy
+  rotate = lambda im: _rotate(im, 23.3)  # a concrete angle: trig in numpy
   np.testing.assert_array_equal(np.asarray(rotate(image)), np.asarray(jax.jit(rotate)(image)))
 
 
