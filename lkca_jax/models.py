@@ -7,13 +7,14 @@ overridden, and `mixer` may be a single registry name or a per-layer pattern
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lkca_jax.layers import MIXERS, MLP, DropPath, layer_norm, linear
+from lkca_jax.layers import MIXERS, MLP, DropPath, layer_norm, linear, option_names
 from lkca_jax.layers.common import as_grid
 
 
@@ -30,7 +31,7 @@ class Preset:
   mixer_options: dict = dataclasses.field(default_factory=dict)
 
 
-# Spec section 2. `num_heads` of LKCA presets only matters for kernel_sharing="head".
+# `docs/reference.md`, "Presets". LKCA presets' `num_heads` only matters for kernel_sharing="head".
 PRESETS: dict[str, Preset] = {
     "vit_05m": Preset("mhsa", 120, 4, 4),
     "vit_1m": Preset("mhsa", 136, 7, 8),
@@ -45,7 +46,7 @@ PRESETS: dict[str, Preset] = {
     "lkca_4m": Preset("lkca", 246, 11, 6),
     "lkca_8m": Preset("lkca", 306, 14, 9),
     "lkca_l": Preset("lkca", 360, 12, 12, mlp_ratio=3.0),
-    # Peer mixers (spec section 6) at lkca_t / lkca_b's CIFAR-10 budget: the
+    # Peer mixers (`docs/reference.md`, "Peer presets") at lkca_t / lkca_b's CIFAR-10 budget: the
     # same depth (9 / 10) and MLP ratio 2, width shrunk to match. ACmix keeps
     # 8 heads (as lkca_t / vit_1m); FLatten uses a few wide heads (d 38 / 44),
     # as FLatten-DeiT-T does (3 × 64). CIFAR-10 params vs 1,027,611 / 2,691,310:
@@ -59,6 +60,25 @@ PRESETS: dict[str, Preset] = {
 # patch 8 at 64×64), so the default patch size is image_size / 8.
 DEFAULT_GRID = 8
 
+# Compute dtypes by config name; parameters and optimizer state stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_mixer_options(mixer: str, options) -> None:
+  """ValueError unless every option name is one that mixer's constructor takes.
+
+  Checked against the signature rather than by catching the constructor's
+  TypeError, so a TypeError raised inside a constructor surfaces as the bug it is.
+  """
+  if not isinstance(options, Mapping):
+    raise ValueError(f"mixer_options[{mixer!r}] must map option names to values, got "
+                     f"{options!r}")
+  valid = option_names(MIXERS[mixer])
+  unknown = [] if valid is None else sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(f"bad mixer_options for {mixer!r}: unknown option {unknown[0]!r}; "
+                     f"valid options of {mixer!r}: {valid}")
+
 
 class Block(nnx.Module):
   """x += DropPath(Mixer(LN(x))); x += DropPath(MLP(LN(x)))."""
@@ -67,10 +87,11 @@ class Block(nnx.Module):
                drop_path_rate: float, mixer_options: dict, dtype, rngs: nnx.Rngs):
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
     options = mixer_options.get(mixer, {})
-    try:
-      self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs, **options)
-    except TypeError as e:  # a misspelt option
-      raise ValueError(f"bad mixer_options for {mixer!r} {options}: {e}") from None
+    check_mixer_options(mixer, options)
+    self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs, **options)
+    # What `macs` needs besides the token count and width (a tuple: static attributes hash).
+    self.num_heads = num_heads
+    self.mixer_options = tuple(sorted(options.items()))
     self.drop_path1 = DropPath(drop_path_rate, rngs=rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lkca_jax.layers import LKCA, MHSA, DropPath, layer_norm, linear
+from lkca_jax.layers import LKCA, MHSA, MIXERS, DropPath, layer_norm, linear
 from lkca_jax.models import PRESETS, count_params, create_model
 
-# Spec section 2, typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
-SPEC_PARAM_COUNTS = {
+# `docs/reference.md` ("Presets"), typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
+PUBLISHED_PARAM_COUNTS = {
     "vit_05m": (479_890, 490_780, 520_160),
     "vit_1m": (1_060_674, 1_073_004, 1_106_288),
     "vit_2m": (1_955_010, 1_973_100, 2_022_000),
@@ -56,21 +56,23 @@ def rel_err(actual, expected) -> float:
 
 # --- parameter counts -------------------------------------------------------------------
 
-def test_presets_cover_the_spec_table():
-  assert set(SPEC_PARAM_COUNTS) <= set(PRESETS)  # other presets (peer mixers) may exist
+def test_presets_cover_the_published_table():
+  assert set(PUBLISHED_PARAM_COUNTS) <= set(PRESETS)  # other presets (peer mixers) may exist
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_PARAM_COUNTS))
-def test_preset_parameter_counts_match_spec(name):
-  for (num_classes, size), expected in zip(DATASETS.values(), SPEC_PARAM_COUNTS[name]):
-    model = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, image_size=size,
-                                                rngs=nnx.Rngs(0)))
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAM_COUNTS))
+def test_preset_parameter_counts_match_the_published_ones(name):
+  for (num_classes, size), expected in zip(DATASETS.values(), PUBLISHED_PARAM_COUNTS[name],
+                                           strict=True):
+    model = nnx.eval_shape(lambda num_classes=num_classes, size=size: create_model(
+        name, num_classes=num_classes, image_size=size, rngs=nnx.Rngs(0)))
     assert model.grid == (8, 8)  # patch 4 at 32×32, patch 8 at 64×64
     assert count_params(model) == expected, (name, num_classes, size)
 
 
 def test_vit_worked_check_per_component():
-  model = nnx.eval_shape(lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0)))
   block = model.blocks[0]
   count = lambda module: count_params(module)  # noqa: E731
   assert count(block.norm1) + count(block.norm2) == 768
@@ -241,7 +243,8 @@ def test_grid_mixer_skips_the_class_token():
   tokens = images((BATCH, 65, 16), seed=1)
   out = block(tokens, num_prefix=1)
   # Patch tokens: exactly the block without the prefix token.
-  np.testing.assert_allclose(np.asarray(out[:, 1:]), np.asarray(block(tokens[:, 1:])), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out[:, 1:]), np.asarray(block(tokens[:, 1:])),
+                             rtol=1e-6, atol=1e-6)
   # Class token: its mixer branch is zero, only the MLP branch is added.
   cls = tokens[:, :1]
   np.testing.assert_allclose(np.asarray(out[:, :1]), np.asarray(cls + block.mlp(block.norm2(cls))),
@@ -272,7 +275,8 @@ def test_bfloat16_input_to_float32_model():
   out32 = model(x)
   out_bf16_input = model(x.astype(jnp.bfloat16))
   assert out_bf16_input.dtype == jnp.float32
-  assert rel_err(out_bf16_input, out32) < 5e-3  # only the input is rounded (2^-9 relative); measured 7e-4
+  # Only the input is rounded (2^-9 relative); measured 7e-4.
+  assert rel_err(out_bf16_input, out32) < 5e-3
 
 
 def test_bfloat16_model():
@@ -346,11 +350,49 @@ def test_non_square_images_in_every_view():
      "key mixer_options by mixer name"),
     (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
                           mixer_options={"lkca": {"veiw": "conv"}}),
-     "bad mixer_options for 'lkca'.*veiw"),
+     r"bad mixer_options for 'lkca': unknown option 'veiw'; valid options of 'lkca': "
+     r"\['kernel_init', 'kernel_sharing', 'view'\]"),
+    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
+                          mixer_options={"lkca": "conv"}),
+     r"mixer_options\['lkca'\] must map option names to values"),
 ])
 def test_bad_configuration_raises_value_error(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+class BrokenMixer(nnx.Module):
+  """A mixer whose constructor has a bug that raises TypeError."""
+
+  needs_grid = False
+
+  def __init__(self, dim, grid=None, *, num_heads, scale=1.0, dtype=None, rngs):
+    len(scale)  # the bug: a float has no len()
+
+
+class AnyOptionMixer(nnx.Module):
+  """A mixer that takes **options: any name reaches it, unchecked."""
+
+  needs_grid = False
+
+  def __init__(self, dim, grid=None, *, num_heads, dtype=None, rngs, **options):
+    self.options = tuple(sorted(options.items()))
+
+  def __call__(self, x):
+    return x
+
+
+def test_type_error_inside_a_mixer_constructor_surfaces_unchanged(monkeypatch):
+  monkeypatch.setitem(MIXERS, "broken", BrokenMixer)
+  with pytest.raises(TypeError, match="has no len") as info:
+    small_model(mixer="broken", mixer_options={"broken": {"scale": 2.0}})
+  assert info.traceback[-1].name == "__init__"  # raised where the bug is, not re-wrapped
+
+
+def test_options_of_a_mixer_taking_keyword_arguments_pass_through(monkeypatch):
+  monkeypatch.setitem(MIXERS, "any", AnyOptionMixer)
+  model = small_model(mixer="any", mixer_options={"any": {"whatever": 3}})
+  assert model.blocks[0].mixer.options == (("whatever", 3),)
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 16, 1), (2, 16, 24, 3), (2, 17, 16, 3)])

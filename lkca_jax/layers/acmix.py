@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.layers.common import as_grid, check_tokens, head_dim, linear, promote_param
+from lkca_jax.layers.common import (
+  as_grid,
+  check_cost_sizes,
+  check_tokens,
+  head_dim,
+  linear,
+  promote_param,
+)
+from lkca_jax.layers.mhsa import MHSA
 
 CONV_SIZE = 3
 CONV_TAPS = CONV_SIZE * CONV_SIZE  # k² = 9 shifted maps per head-channel index
@@ -36,9 +44,10 @@ CONV_TAPS = CONV_SIZE * CONV_SIZE  # k² = 9 shifted maps per head-channel index
 relative_bias_init = jax.nn.initializers.truncated_normal(0.02)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relative_position_index(h: int, w: int) -> np.ndarray:
-  """Bias-table row of every (query (i,j), key (p,q)) pair, Swin's order: (i−p+h−1)(2w−1) + (j−q+w−1)."""
+  """Bias-table row of every (query (i,j), key (p,q)) pair, in Swin's order:
+  (i−p+h−1)(2w−1) + (j−q+w−1)."""
   i, j = np.divmod(np.arange(h * w), w)
   di = i[:, None] - i[None, :] + (h - 1)  # rows: query; cols: key
   dj = j[:, None] - j[None, :] + (w - 1)
@@ -46,7 +55,8 @@ def relative_position_index(h: int, w: int) -> np.ndarray:
 
 
 def one_hot_shift_kernel(dim: int) -> np.ndarray:
-  """(3, 3, 9, D) HWIO kernel: input i of every group is 1 at tap (i // 3, i % 3), for every output."""
+  """(3, 3, 9, D) HWIO kernel: input i of every group is 1 at tap (i // 3, i % 3), for every
+  output."""
   taps = np.zeros((CONV_SIZE, CONV_SIZE, CONV_TAPS), np.float32)
   for i in range(CONV_TAPS):
     taps[i // CONV_SIZE, i % CONV_SIZE, i] = 1.0
@@ -64,7 +74,8 @@ def grouped_conv3x3(maps: jax.Array, kernel: jax.Array) -> jax.Array:
   """
   b, h, w, d, inputs = maps.shape
   padded = jnp.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
-  per_group = kernel.reshape(CONV_SIZE, CONV_SIZE, inputs, d, -1)  # (a, b, input i, group c, output o)
+  # (a, b, input i, group c, output o)
+  per_group = kernel.reshape(CONV_SIZE, CONV_SIZE, inputs, d, -1)
   # Cross-correlation: output (y, x) reads input (y + a − 1, x + b − 1) at tap (a, b).
   out = sum(jnp.einsum("byxci,ico->byxco", padded[:, a:a + h, bb:bb + w], per_group[a, bb])
             for a in range(CONV_SIZE) for bb in range(CONV_SIZE))
@@ -81,6 +92,18 @@ class ACmix(nnx.Module):
   """
 
   needs_grid = True  # the relative bias and the 3×3 convolution read grid positions
+  # Same depth and MLP ratio as lkca_t / lkca_b, width shrunk to their parameter count.
+  size_presets = {"t": "acmix_t", "b": "acmix_b"}
+  config_options = {}
+
+  @staticmethod
+  def macs(num_tokens: int, dim: int, num_heads: int) -> int:
+    """MHSA's count, plus the conv branch: the 3H → 9 map (27·N·D) and the grouped 3×3
+    convolution, 9 inputs × 9 taps per output (81·N·D)."""
+    check_cost_sizes(num_tokens, dim, num_heads, "ACmix")
+    head_dim(dim, num_heads, "ACmix")
+    conv_branch = (3 * CONV_TAPS + CONV_TAPS * CONV_TAPS) * num_tokens * dim
+    return MHSA.macs(num_tokens, dim, num_heads) + conv_branch
 
   def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, dtype=None, rngs: nnx.Rngs):
     self.head_dim = head_dim(dim, num_heads, "ACmix")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
@@ -47,7 +48,18 @@ class MLP(nnx.Module):
     self.fc2 = linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu_exact(self.fc1(x)))
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """The exact GELU x·Φ(x) = ½·x·(1 + erf(x/√2)), PyTorch's `nn.GELU()` formula.
+
+  `jax.nn.gelu(approximate=False)` writes Φ with erfc, which XLA:CPU expands
+  into an exp plus a rational approximation with selects; erf is one cheaper
+  polynomial (8192×420 float32, 2-core CPU: forward + backward 6.3 → 4.3 ms).
+  The two agree to float32 round-off of x (|Δ| ≤ ~1e-7·|x|).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
 
 
 def as_grid(grid) -> tuple[int, int]:
@@ -64,6 +76,13 @@ def head_dim(dim: int, num_heads: int, owner: str) -> int:
     raise ValueError(f"{owner} needs dim ({dim}) divisible by num_heads ({num_heads}); "
                      "pick a head count that divides dim")
   return dim // num_heads
+
+
+def check_cost_sizes(num_tokens: int, dim: int, num_heads: int, owner: str) -> None:
+  """The ValueError every mixer's `macs` raises for sizes no module could have."""
+  if num_tokens < 1 or dim < 1 or num_heads < 1:
+    raise ValueError(f"{owner}.macs needs positive sizes; got num_tokens={num_tokens}, "
+                     f"dim={dim}, num_heads={num_heads}")
 
 
 def check_tokens(x: jax.Array, grid: tuple[int, int], name: str) -> None:

@@ -1,6 +1,6 @@
-"""Focused linear attention (FLatten, Han et al., ICCV 2023), spec section 6.
+"""Focused linear attention (FLatten, Han et al., ICCV 2023), `docs/reference.md` "Peer mixers".
 
-q, k, v = x W_q, x W_k, x W_v (no bias by default: the spec writes x W, as
+q, k, v = x W_q, x W_k, x W_v (no bias by default: `docs/reference.md` writes x W, as
 for LKCA's bias-free W_v; `qkv_bias=True` gives the authors' Swin variant), then
   1. k += P, a learned (N, D) position table, init 0;
   2. q, k = ReLU(q) + 1e-6, ReLU(k) + 1e-6;
@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lkca_jax.layers.common import as_grid, check_tokens, head_dim, linear, promote_param
+from lkca_jax.layers.common import (
+  as_grid,
+  check_cost_sizes,
+  check_tokens,
+  head_dim,
+  linear,
+  promote_param,
+)
 
 FOCUSING_POWER = 3
 DWC_SIZE = 5
@@ -66,6 +73,20 @@ class FocusedLinearAttention(nnx.Module):
   """
 
   needs_grid = True  # the position table and the depthwise conv read grid positions
+  # Same depth and MLP ratio as lkca_t / lkca_b, width shrunk to their parameter count.
+  size_presets = {"t": "flatten_t", "b": "flatten_b"}
+  config_options = {"qkv_bias": bool}
+
+  @staticmethod
+  def macs(num_tokens: int, dim: int, num_heads: int, *, qkv_bias: bool = False) -> int:
+    """q, k, v, out projections (4·N·D²); kᵀv and q·kv (N·d² per head each, 2·N·D·d);
+    q·mean_N(k) (N·D); the 5×5 depthwise conv of v (25·N·D). The only count that
+    depends on the head dim d = D / H."""
+    del qkv_bias  # biases are element-wise work
+    check_cost_sizes(num_tokens, dim, num_heads, "FLatten")
+    d = head_dim(dim, num_heads, "FLatten")
+    return (4 * num_tokens * dim ** 2 + 2 * num_tokens * dim * d
+            + (1 + DWC_SIZE ** 2) * num_tokens * dim)
 
   def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, qkv_bias: bool = False,
                dtype=None, rngs: nnx.Rngs):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lkca_jax.layers.common import linear
+from lkca_jax.layers.common import check_cost_sizes, linear
 
 
 class MHSA(nnx.Module):
@@ -16,6 +16,15 @@ class MHSA(nnx.Module):
   """
 
   needs_grid = False
+  size_presets = {"t": "vit_1m", "b": "vit"}  # the paper's ViTs at lkca_t / lkca_b's budget
+  config_options = {"head_dim": int}
+
+  @staticmethod
+  def macs(num_tokens: int, dim: int, num_heads: int, *, head_dim: int | None = None) -> int:
+    """qkv and output projections (4·N·D² when H·d = D), then q·kᵀ and weights·v (2·N²·D)."""
+    check_cost_sizes(num_tokens, dim, num_heads, "MHSA")
+    inner = num_heads * (head_dim or dim // num_heads)
+    return 4 * num_tokens * dim * inner + 2 * num_tokens ** 2 * inner
 
   def __init__(self, dim: int, grid=None, *, num_heads: int = 8, head_dim: int | None = None,
                dtype=None, rngs: nnx.Rngs):

@@ -8,9 +8,10 @@ Every (mixer, seed) pair is one `train.train_and_evaluate` run of the same
 config, with `config.seed` = 0..S-1 and `config.num_train_steps` = --steps
 (default: the config's own budget). The model of a row is
 
-- size-matched (default): the preset of `SIZE_PRESETS[--size]` for that mixer
-  (t: vit_1m / lkca_t / acmix_t / flatten_t; b: vit / lkca_b / acmix_b /
-  flatten_b); `config.model` is ignored;
+- size-matched (default): the preset of `SIZE_PRESETS[--size]` for that mixer,
+  which each mixer class declares in its `size_presets` (t: vit_1m / lkca_t /
+  acmix_t / flatten_t; b: vit / lkca_b / acmix_b / flatten_b); `config.model`
+  is ignored;
 - --same-preset: `config.model` with `model_overrides.mixer` set to the mixer.
 
 Other `--config.model_overrides.*` apply to every row; `mixer_options` of
@@ -49,14 +50,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 from lkca_jax.layers import MIXERS  # noqa: E402
-from lkca_jax.layers.costs import mixer_macs  # noqa: E402
+from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 
-SIZE_PRESETS = {
-    "t": {"mhsa": "vit_1m", "lkca": "lkca_t", "acmix": "acmix_t", "flatten": "flatten_t"},
-    "b": {"mhsa": "vit", "lkca": "lkca_b", "acmix": "acmix_b", "flatten": "flatten_b"},
-}
+# {size: {mixer: preset}}, from each registered mixer's own `size_presets`.
+SIZE_PRESETS = {size: {name: cls.size_presets[size] for name, cls in MIXERS.items()
+                       if size in cls.size_presets}
+                for size in sorted({s for cls in MIXERS.values() for s in cls.size_presets})}
 # What a directory must hold for --overwrite to delete it: something train_and_evaluate wrote.
 RUN_DIR_MARKERS = ("config.json", "summary.json", "checkpoints")
 
@@ -70,7 +70,7 @@ def model_macs_breakdown(model) -> dict[str, int]:
   With N patch tokens, T = N (+1 with a class token), width D, MLP hidden D_h,
   patch p, C channels and K classes:
     patch_embed  N · p²C · D
-    mixers       Σ_layers costs.mixer_macs(mixer, N if it needs the grid else T, D, heads)
+    mixers       Σ_layers Mixer.macs(N if it needs the grid else T, D, heads, **options)
     mlp          depth · 2 · T · D · D_h
     head         D · K
   Only products of Linear / matmul / convolution count; LayerNorm, GELU,
@@ -85,8 +85,7 @@ def model_macs_breakdown(model) -> dict[str, int]:
   for block in model.blocks:
     mixer = block.mixer
     mixer_tokens = num_patches if mixer.needs_grid else tokens
-    name = next(n for n, cls in MIXERS.items() if type(mixer) is cls)
-    mixers += mixer_macs(name, mixer_tokens, dim, getattr(mixer, "num_heads", 1))
+    mixers += type(mixer).macs(mixer_tokens, dim, block.num_heads, **dict(block.mixer_options))
     mlp += 2 * tokens * dim * block.mlp.fc1.out_features
   return {"patch_embed": num_patches * model.patch_embed.in_features * dim,
           "mixers": mixers, "mlp": mlp,
@@ -223,7 +222,7 @@ def format_table(report: dict) -> str:
         f"| {row['mixer']} | {row['preset']} | {final} | {best} | {row['params']:,} "
         f"| {row['macs'] / 1e6:.2f}M | {f'{speed:.0f}' if speed else '–'} "
         f"| {len(row['finished_seeds'])}/{len(row['runs'])} |")
-  lines += ["", "Multiply-adds: patch embedding + per-layer mixer (`costs.mixer_macs`, "
+  lines += ["", "Multiply-adds: patch embedding + per-layer mixer (the mixer's `macs`, "
             "token-token mixing included) + MLP + head; norms, activations and softmax "
             "not counted. Train images/s: the trainer's summary value, first step excluded."]
   failures = [f"{row['mixer']} seed {r['seed']}: {r['error']}" for row in report["rows"]

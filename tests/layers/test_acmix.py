@@ -1,4 +1,4 @@
-"""ACmix: parameter count, the conv branch at init, a float64 reference of the whole mixer, models."""
+"""ACmix: parameter count, the conv branch at init, a float64 reference of the whole mixer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +19,7 @@ def max_rel_err(actual, expected) -> float:
 
 
 def acmix_params(dim, grid, heads) -> int:
-  """Closed form from spec section 6, term by term."""
+  """Closed form from `docs/reference.md` ("Peer mixers"), term by term."""
   h, w = grid
   qkv = 3 * dim * dim + 3 * dim  # Linear(D, 3D) with bias
   relative_bias = (2 * h - 1) * (2 * w - 1) * heads  # one table column per head
@@ -36,7 +36,8 @@ def test_parameter_count_formula(dim, grid, heads):
   assert count_params(module) == acmix_params(dim, grid, heads)
   # The same in the compact form quoted in the module docstring.
   h, w = grid
-  assert acmix_params(dim, grid, heads) == 4 * dim ** 2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 2
+  assert acmix_params(dim, grid, heads) == (
+      4 * dim ** 2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 2)
 
 
 def test_initial_values():
@@ -57,7 +58,8 @@ def test_initial_values():
 
 
 def conv_of_qkv_maps(qkv, fc, grid, heads):
-  """float64 3×3 cross-correlation (zero padding 1) of the 3H head maps, kernel[a, b, j] = fc[j, 3a + b].
+  """float64 3×3 cross-correlation (zero padding 1) of the 3H head maps,
+  kernel[a, b, j] = fc[j, 3a + b].
 
   qkv: (B, N, 3D) with channel s·D + head·d + c; returns (B, N, D) with
   channel c·H + o, the same value for every o (one-hot kernel at init).
@@ -81,18 +83,20 @@ def test_conv_branch_at_init_is_3x3_conv_of_qkv_maps():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 15, dim)), jnp.float32)
   qkv = module.qkv(x)
   _, conv = module.branches(x)
-  expected = conv_of_qkv_maps(np.asarray(qkv, np.float64), np.asarray(module.fc.kernel[...], np.float64),
-                              grid, heads)
+  expected = conv_of_qkv_maps(np.asarray(qkv, np.float64),
+                              np.asarray(module.fc.kernel[...], np.float64), grid, heads)
   assert max_rel_err(conv, expected) < 1e-5
   # The result is a real spatial mix: dropping the shifts (centre tap only) changes it.
   centre_only = np.asarray(qkv, np.float64).reshape(BATCH, 15, 3 * heads, dim // heads)
-  centre_only = np.repeat(np.einsum("bnjc,j->bnc", centre_only, np.asarray(module.fc.kernel[...])[:, 4])[..., None],
+  centre_tap = np.asarray(module.fc.kernel[...])[:, 4]
+  centre_only = np.repeat(np.einsum("bnjc,j->bnc", centre_only, centre_tap)[..., None],
                           heads, axis=-1).reshape(BATCH, 15, dim)
   assert max_rel_err(conv, centre_only) > 0.1
 
 
 def test_grouped_conv_matches_lax_grouped_conv_with_gradients():
-  """The slice-and-dot conv against the grouped conv it replaces, random maps and kernel, non-square grid."""
+  """The slice-and-dot conv against the grouped conv it replaces: random maps and kernel,
+  non-square grid."""
   b, h, w, d, heads = 2, 3, 5, 4, 3
   rng = np.random.default_rng(7)
   maps = jnp.asarray(rng.normal(size=(b, h, w, d, 9)), jnp.float32)
@@ -110,7 +114,7 @@ def test_grouped_conv_matches_lax_grouped_conv_with_gradients():
     return conv(maps, kernel), *jax.grad(loss, argnums=(0, 1))(maps, kernel)
 
   ours, expected = out_and_grads(grouped_conv3x3), out_and_grads(lax_grouped_conv)
-  for name, a, e in zip(("output", "d/d maps", "d/d kernel"), ours, expected):
+  for name, a, e in zip(("output", "d/d maps", "d/d kernel"), ours, expected, strict=True):
     assert a.shape == e.shape, name
     assert max_rel_err(a, e) < 1e-5, name
 
@@ -172,7 +176,8 @@ def test_full_forward_matches_float64_reference(grid):
   rng = np.random.default_rng(3)
   # Move every parameter off its init so each one's layout is exercised.
   module.conv_kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 9, dim)), jnp.float32)
-  module.relative_bias[...] = jnp.asarray(rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)), jnp.float32)
+  module.relative_bias[...] = jnp.asarray(rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)),
+                                          jnp.float32)
   module.qkv.bias[...] = jnp.asarray(rng.normal(size=3 * dim), jnp.float32)
   module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
   module.attention_rate[...] = jnp.asarray(0.7, jnp.float32)
@@ -191,3 +196,8 @@ def test_bfloat16_activations_stay_bfloat16():
   out = module(x.astype(jnp.bfloat16))
   assert out.dtype == jnp.bfloat16
   assert max_rel_err(out.astype(jnp.float32), reference(x)) < 3e-2
+
+
+def test_heads_that_do_not_divide_the_width_are_refused():
+  with pytest.raises(ValueError, match=r"ACmix needs dim \(8\) divisible by num_heads \(5\)"):
+    ACmix(8, (4, 4), num_heads=5, rngs=nnx.Rngs(0))

@@ -1,4 +1,4 @@
-"""FLatten: parameter count, a float64 reference of the spec steps, float32 islands under bf16, models."""
+"""FLatten: parameter count, a float64 reference step by step, float32 islands under bf16."""
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lkca_jax.layers import FocusedLinearAttention
-from lkca_jax.layers import flatten
+from lkca_jax.layers import FocusedLinearAttention, flatten
 from lkca_jax.models import count_params
 
 BATCH = 2
@@ -20,7 +19,7 @@ def max_rel_err(actual, expected) -> float:
 
 
 def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
-  """Closed form from spec section 6, term by term."""
+  """Closed form from `docs/reference.md` ("Peer mixers"), term by term."""
   h, w = grid
   d = dim // heads
   qkv = 3 * dim * dim + (3 * dim if qkv_bias else 0)  # three Linear(D, D)
@@ -32,10 +31,11 @@ def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
 
 
 @pytest.mark.parametrize("dim, grid, heads, qkv_bias", [
-    (12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, False), (176, (8, 8), 4, False)])
+    (12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, False),
+    (176, (8, 8), 4, False)])
 def test_parameter_count_formula(dim, grid, heads, qkv_bias):
-  module = nnx.eval_shape(lambda: FocusedLinearAttention(dim, grid, num_heads=heads, qkv_bias=qkv_bias,
-                                                         rngs=nnx.Rngs(0)))
+  module = nnx.eval_shape(lambda: FocusedLinearAttention(dim, grid, num_heads=heads,
+                                                         qkv_bias=qkv_bias, rngs=nnx.Rngs(0)))
   assert count_params(module) == flatten_params(dim, grid, heads, qkv_bias)
   n, d = grid[0] * grid[1], dim // heads
   assert flatten_params(dim, grid, heads, qkv_bias) == (
@@ -56,7 +56,8 @@ def test_initial_values():
 
 def focus_direct(x, p=3):
   """φ(x) = x^p · ‖x‖ / ‖x^p‖ over the last axis, literally."""
-  return x ** p * np.linalg.norm(x, axis=-1, keepdims=True) / np.linalg.norm(x ** p, axis=-1, keepdims=True)
+  norm = lambda t: np.linalg.norm(t, axis=-1, keepdims=True)
+  return x ** p * norm(x) / norm(x ** p)
 
 
 def test_focus_matches_direct_formula_and_survives_large_values():
@@ -73,7 +74,7 @@ def test_focus_matches_direct_formula_and_survives_large_values():
 
 
 def reference_flatten(module, x, grid):
-  """float64 FLatten following spec section 6 step by step."""
+  """float64 FLatten following `docs/reference.md` ("Peer mixers") step by step."""
   h, w = grid
   heads = module.num_heads
   p = lambda v: np.asarray(v[...], np.float64)
@@ -117,7 +118,7 @@ def randomise(module, rng):
 
 @pytest.mark.parametrize("grid, qkv_bias", [((3, 5), False), ((3, 5), True), ((8, 8), False)],
                          ids=["3x5", "3x5-qkv_bias", "8x8"])
-def test_matches_float64_reference_of_spec_steps(grid, qkv_bias):
+def test_matches_float64_reference_step_by_step(grid, qkv_bias):
   h, w = grid
   dim, heads = 12, 3
   module = FocusedLinearAttention(dim, grid, num_heads=heads, qkv_bias=qkv_bias, rngs=nnx.Rngs(1))
@@ -165,3 +166,8 @@ def test_bfloat16_activations_stay_finite_with_float32_focusing():
   matmuls = [e.outvars[0].aval.dtype for e in eqns if e.primitive.name == "dot_general"]
   # q, k, v and output projections in bf16; kv, q·mean(k) and q·kv in float32.
   assert sorted(map(str, matmuls)) == ["bfloat16"] * 4 + ["float32"] * 3
+
+
+def test_heads_that_do_not_divide_the_width_are_refused():
+  with pytest.raises(ValueError, match=r"FLatten needs dim \(8\) divisible by num_heads \(5\)"):
+    FocusedLinearAttention(8, (4, 4), num_heads=5, rngs=nnx.Rngs(0))

@@ -1,4 +1,5 @@
-"""LKCA: the conv and attention views, an independent float64 reference, init, view choice."""
+"""LKCA: the conv and attention views, an independent float64 reference, init (the
+reference zero kernel and the kernel_init options), view choice."""
 import functools
 
 import jax
@@ -8,8 +9,7 @@ import pytest
 import scipy.signal
 from flax import nnx
 
-from lkca_jax.layers import LKCA
-from lkca_jax.layers import lkca
+from lkca_jax.layers import LKCA, lkca
 from lkca_jax.models import count_params
 
 GRIDS = [(8, 8), (4, 4), (3, 5), (16, 16)]
@@ -63,7 +63,8 @@ def scipy_reference(v, kernel, r, grid, sharing):
       v_map, r_map, k = v[b, :, c].reshape(h, w), r[b, :, c].reshape(h, w), per_channel[c]
       padded = np.pad(v_map, ((h - 1, h - 1), (w - 1, w - 1)))
       same = scipy.signal.correlate2d(v_map, k, mode="same")
-      np.testing.assert_allclose(same, scipy.signal.correlate2d(padded, k, mode="valid"), atol=1e-12)
+      np.testing.assert_allclose(same, scipy.signal.correlate2d(padded, k, mode="valid"),
+                                 atol=1e-12)
       out[b, :, c] = same.reshape(-1)
       grad_v[b, :, c] = scipy.signal.convolve2d(r_map, k, mode="same").reshape(-1)
       grad_k[c] += scipy.signal.correlate2d(padded, r_map, mode="valid")
@@ -92,7 +93,8 @@ def test_conv_and_attention_views_agree_with_scipy_reference(grid, sharing):
   conv = output_and_grads(lkca.mix_conv, v, kernel, r, grid, sharing)
   attention = output_and_grads(lkca.mix_attention, v, kernel, r, grid, sharing)
   reference = scipy_reference(v, kernel, r, grid, sharing)
-  for name, c, a, ref in zip(("output", "grad v", "grad kernel"), conv, attention, reference):
+  for name, c, a, ref in zip(("output", "grad v", "grad kernel"), conv, attention, reference,
+                             strict=True):
     assert c.dtype == a.dtype == jnp.float32
     assert c.shape == a.shape == ref.shape, name
     assert max_rel_err(c, a) < 1e-5, f"{name}: conv vs attention"
@@ -145,10 +147,11 @@ def test_module_is_projection_mixing_projection(view):
   bo = np.asarray(module.out_proj.bias[...], np.float64)
   v = x.astype(np.float64) @ wv
   mixed = np.zeros_like(v)
+  kernel = np.asarray(module.kernel[...], np.float64)
   for b in range(BATCH):
     for c in range(DIM):
       mixed[b, :, c] = scipy.signal.correlate2d(
-          v[b, :, c].reshape(grid), np.asarray(module.kernel[...], np.float64), mode="same").reshape(-1)
+          v[b, :, c].reshape(grid), kernel, mode="same").reshape(-1)
   expected = mixed @ wo + bo
   assert max_rel_err(module(jnp.asarray(x)), expected) < 1e-5
 
@@ -156,7 +159,7 @@ def test_module_is_projection_mixing_projection(view):
 def test_parameter_count_formula():
   for dim, grid in [(12, (3, 5)), (192, (8, 8))]:
     h, w = grid
-    module = nnx.eval_shape(lambda: LKCA(dim, grid, rngs=nnx.Rngs(0)))
+    module = nnx.eval_shape(lambda dim=dim, grid=grid: LKCA(dim, grid, rngs=nnx.Rngs(0)))
     assert count_params(module) == 2 * dim ** 2 + dim + (2 * h - 1) * (2 * w - 1)
   assert count_params(LKCA(192, (8, 8), rngs=nnx.Rngs(0))) == 74_145  # 2·192² + 192 + 15·15
 
@@ -171,6 +174,73 @@ def test_kernel_initialised_to_zero(sharing, shape):
   # A zero kernel mixes nothing: the output is the (zero) output bias.
   x = jnp.ones((2, 64, 16))
   np.testing.assert_array_equal(np.asarray(module(x)), 0.0)
+
+
+@pytest.mark.parametrize("kernel_init", lkca.KERNEL_INITS)
+def test_kernel_init_changes_only_the_kernel(kernel_init):
+  # Same parameter count, and (at one seed) the same projections as the reference init.
+  reference = LKCA(16, (8, 8), num_heads=4, kernel_sharing="head", rngs=nnx.Rngs(0))
+  module = LKCA(16, (8, 8), num_heads=4, kernel_sharing="head", kernel_init=kernel_init,
+                rngs=nnx.Rngs(0))
+  assert count_params(module) == count_params(reference)
+  for name in ("v_proj", "out_proj"):
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(getattr(module, name)),
+                 nnx.state(getattr(reference, name)))
+  kernel = np.asarray(module.kernel[...])
+  assert kernel.shape == (4, 15, 15) and kernel.dtype == np.float32
+  assert np.isfinite(kernel).all() and (kernel_init == "zeros") == (not kernel.any())
+
+
+def test_delta_init_makes_the_attention_matrix_the_identity():
+  module = LKCA(DIM, (3, 5), kernel_init="delta", rngs=nnx.Rngs(0))
+  kernel = np.asarray(module.kernel[...])
+  assert kernel[2, 4] == 1 and kernel.sum() == 1  # the centre tap is the zero offset
+  np.testing.assert_array_equal(np.asarray(module.attention_matrix()), np.eye(15))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 15, DIM)), jnp.float32)
+  # Each token keeps its own value: out = x W_v W_o + b_o.
+  expected = module.out_proj(module.v_proj(x))
+  np.testing.assert_allclose(np.asarray(module(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_decay_init_is_a_normalised_distance_decaying_prior():
+  module = LKCA(DIM, (8, 8), kernel_init="decay", rngs=nnx.Rngs(0))
+  kernel = np.asarray(module.kernel[...], np.float64)
+  assert kernel.sum() == pytest.approx(1.0, rel=1e-6)
+  di, dj = np.meshgrid(np.arange(15) - 7, np.arange(15) - 7, indexing="ij")
+  distance = np.hypot(di, dj)
+  expected = np.exp(-distance / lkca.DECAY_LENGTH)
+  np.testing.assert_allclose(kernel, expected / expected.sum(), rtol=1e-6)
+  assert kernel.argmax() == 7 * 15 + 7  # strongest on the token itself
+  np.testing.assert_array_equal(kernel, kernel[::-1, ::-1])  # symmetric in the offset
+  np.testing.assert_array_equal(kernel, kernel.T)
+  # Strictly decreasing with distance.
+  order = np.argsort(distance.ravel(), kind="stable")
+  values, dists = kernel.ravel()[order], distance.ravel()[order]
+  assert (np.diff(values)[np.diff(dists) > 1e-9] < 0).all()
+
+
+def test_gaussian_init_is_small_noise_drawn_per_kernel():
+  module = LKCA(64, (8, 8), num_heads=4, kernel_sharing="channel", kernel_init="gaussian",
+                rngs=nnx.Rngs(0))
+  kernel = np.asarray(module.kernel[...])
+  assert kernel.shape == (64, 15, 15)
+  # 14,400 N(0, 0.02²) draws: the sample std within 3% and the mean within 5 standard errors.
+  assert kernel.std() == pytest.approx(lkca.GAUSSIAN_INIT_STD, rel=0.03)
+  assert abs(kernel.mean()) < 5 * lkca.GAUSSIAN_INIT_STD / np.sqrt(kernel.size)
+  assert not np.array_equal(kernel[0], kernel[1])  # each channel its own draw
+  again = LKCA(64, (8, 8), num_heads=4, kernel_sharing="channel", kernel_init="gaussian",
+               rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(again.kernel[...]), kernel)  # seeded
+  other = LKCA(64, (8, 8), kernel_init="gaussian", rngs=nnx.Rngs(1))
+  assert not np.array_equal(np.asarray(other.kernel[...]), kernel[0])
+
+
+def test_kernel_init_reaches_the_model_through_mixer_options():
+  from lkca_jax.models import create_model
+  model = create_model("lkca_t", num_classes=10, image_size=16, rngs=nnx.Rngs(0), dim=16,
+                       depth=2, mixer_options={"lkca": {"kernel_init": "delta"}})
+  for block in model.blocks:
+    np.testing.assert_array_equal(np.asarray(block.mixer.attention_matrix()), np.eye(64))
 
 
 def test_auto_view_resolves_to_a_concrete_view():
@@ -196,6 +266,7 @@ def test_auto_view_falls_back_to_conv_when_matrix_too_big():
     (dict(view="dense"), "view must be one of"),
     (dict(kernel_sharing="pixel"), "kernel_sharing must be one of"),
     (dict(kernel_sharing="head", num_heads=3), "divisible by num_heads"),
+    (dict(kernel_init="ones"), "kernel_init must be one of"),
     (dict(grid=(0, 4)), "grid must be positive"),
 ])
 def test_bad_construction_raises_value_error(kwargs, match):

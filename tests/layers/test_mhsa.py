@@ -13,8 +13,8 @@ def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
   b, n, _ = x.shape
   inner = num_heads * head_dim
   qkv = x @ w_qkv  # (B, N, 3·H·d), no bias
-  q, k, v = (qkv[..., s * inner:(s + 1) * inner].reshape(b, n, num_heads, head_dim).transpose(0, 2, 1, 3)
-             for s in range(3))  # (B, H, N, d)
+  q, k, v = (qkv[..., s * inner:(s + 1) * inner].reshape(b, n, num_heads, head_dim)
+             .transpose(0, 2, 1, 3) for s in range(3))  # (B, H, N, d)
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
   logits -= logits.max(axis=-1, keepdims=True)
   weights = np.exp(logits)
@@ -46,7 +46,7 @@ def test_structure_and_parameter_count():
   assert module.qkv.kernel[...].shape == (192, 576) and module.qkv.bias is None
   assert module.out_proj.kernel[...].shape == (192, 192)
   assert not np.asarray(module.out_proj.bias[...]).any()
-  # Spec worked check: qkv 110,592 + out 37,056.
+  # The worked example of `docs/reference.md` ("Presets"): qkv 110,592 + out 37,056.
   assert count_params(module) == 110_592 + 37_056
 
 
@@ -64,5 +64,6 @@ def test_bfloat16_module_returns_bfloat16_close_to_float32():
   out32 = MHSA(32, num_heads=4, rngs=nnx.Rngs(0))(x)
   out16 = MHSA(32, num_heads=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x.astype(jnp.bfloat16))
   assert out16.dtype == jnp.bfloat16
-  err = np.abs(np.asarray(out16, np.float32) - np.asarray(out32)).max() / np.abs(np.asarray(out32)).max()
+  out16, out32 = np.asarray(out16, np.float32), np.asarray(out32)
+  err = np.abs(out16 - out32).max() / np.abs(out32).max()
   assert err < 2e-2  # a few bf16 roundings (8-bit mantissa); measured 0.4%

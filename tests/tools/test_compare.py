@@ -1,4 +1,4 @@
-"""lkca_jax.tools.compare: whole-model multiply-adds against the paper, and a real comparison run."""
+"""lkca_jax.tools.compare: whole-model multiply-adds against the paper, and a real comparison."""
 import json
 import os
 import re
@@ -137,12 +137,39 @@ def test_run_dirs_refused_unless_overwrite_and_only_run_dirs_deleted(tmp_path):
   assert (stranger / "notes.txt").exists()
 
 
-@pytest.mark.parametrize("values, std", [([0.5, 0.7], np.std([0.5, 0.7], ddof=1)),
-                                          ([0.5], None)])
-def test_mean_std_is_the_sample_std(values, std):
-  mean, got = compare.mean_std(values)
-  assert mean == pytest.approx(np.mean(values))
-  assert got == (pytest.approx(std) if std is not None else None)
+# Per-seed values with their mean and sample std (ddof 1) worked out by hand:
+# [0.5, 0.6, 0.7]: mean 0.6, squared deviations 0.01 + 0 + 0.01, / 2 → std 0.1.
+# [0.81, 0.84, 0.90]: mean 0.85, 0.0016 + 0.0001 + 0.0025 = 0.0042, / 2 → std √0.0021 ≈ 0.0458258.
+@pytest.mark.parametrize("values, mean, std", [
+    ([0.5, 0.6, 0.7], 0.6, 0.1), ([0.81, 0.84, 0.90], 0.85, 0.0458258), ([0.5], 0.5, None)])
+def test_mean_std_is_the_sample_std(values, mean, std):
+  got_mean, got_std = compare.mean_std(values)
+  assert got_mean == pytest.approx(mean)
+  assert got_std == (pytest.approx(std, rel=1e-6) if std is not None else None)
+
+
+def test_table_cells_for_known_per_seed_values():
+  def run(seed, final, best, speed):
+    return {"seed": seed, "final_top1": final, "best_top1": best,
+            "train_images_per_second": speed}
+
+  rows = [
+      {"mixer": "lkca", "preset": "lkca_t", "params": 1_234, "macs": 5_678_901,
+       "runs": [run(0, 0.5, 0.81, 100.0), run(1, 0.6, 0.84, 200.0), run(2, 0.7, 0.90, 300.0)]},
+      {"mixer": "mhsa", "preset": "vit_1m", "params": 56_789, "macs": 12_345_678,
+       "runs": [run(0, 0.5, 0.55, 50.0), {"seed": 1, "error": "loss is nan at step 3"}]},
+  ]
+  report = {"settings": {
+      "same_preset": False, "model": None, "size": "t", "model_overrides": {},
+      "subset_classes": False, "classes": 10, "train_per_class": 0, "dataset": "digits",
+      "steps": 20, "batch_size": 32, "config_file": "configs/digits.py", "seeds": [0, 1, 2],
+      "devices": 1, "platform": "cpu"},
+      "rows": [compare.summarize_row(row) for row in rows]}
+  table = compare.format_table(report)
+  assert "| lkca | lkca_t | 60.00 ± 10.00 | 85.00 ± 4.58 | 1,234 | 5.68M | 200 | 3/3 |" in table
+  # One finished seed: a mean and no std; the failed seed is counted and listed.
+  assert "| mhsa | vit_1m | 50.00 | 55.00 | 56,789 | 12.35M | 50 | 1/2 |" in table
+  assert "- failed: mhsa seed 1: loss is nan at step 3" in table
 
 
 # --- the command, end to end -------------------------------------------------------
@@ -179,7 +206,7 @@ def test_table_has_one_row_per_mixer_with_mean_and_std_over_the_seeds(comparison
   report = json.loads(out.with_suffix(".json").read_text())
   rows = [line for line in table.splitlines() if re.match(r"\| (lkca|mhsa) \|", line)]
   assert [r["mixer"] for r in report["rows"]] == ["lkca", "mhsa"] and len(rows) == 2
-  for row, line in zip(report["rows"], rows):
+  for row, line in zip(report["rows"], rows, strict=True):
     assert [r["seed"] for r in row["runs"]] == [0, 1]
     for key in ("final_top1", "best_top1"):
       values = [r[key] for r in row["runs"]]
