@@ -1,10 +1,12 @@
-"""The reference training recipe (spec section 3), shared by every dataset config.
+"""The reference training recipe (docs/reference.md, "Training recipe"), for every dataset.
 
 Every recipe value lives here; dataset configs only say what differs.
     python main.py --config configs/default.py   # CIFAR-10, lkca_b, full recipe
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from lkca_jax.layers import MIXERS
 
 
 def model_overrides() -> ml_collections.ConfigDict:
@@ -17,13 +19,13 @@ def model_overrides() -> ml_collections.ConfigDict:
       "mlp_ratio": placeholder(float),
       "drop_path_rate": placeholder(float),
       "pool": placeholder(str),
-      # Constructor options per mixer name (unset ones keep the mixer's default).
+      # Constructor options per mixer name, one for each option a registered mixer lists in
+      # its `config_options` (e.g. mixer_options.lkca.view: "auto", "conv" or "attention";
+      # see the mixer's docstring). Unset ones keep the mixer's default.
       "mixer_options": ml_collections.ConfigDict({
-          "lkca": ml_collections.ConfigDict({
-              "view": placeholder(str),  # "auto", "conv" or "attention"
-              "kernel_sharing": placeholder(str),  # "layer", "head" or "channel"
-          }),
-      }),
+          name: {option: placeholder(str if isinstance(kind, tuple) else kind)
+                 for option, kind in cls.config_options.items()}
+          for name, cls in MIXERS.items()}),
   })
 
 
@@ -51,14 +53,21 @@ def get_config() -> ml_collections.ConfigDict:
       "std": (0.2470, 0.2435, 0.2616),
   })
 
-  # Per-image augmentation, in this order (spec section 3).
+  # Per-image augmentation, in this order (docs/reference.md, "Training recipe").
   config.augment = ml_collections.ConfigDict({
       "flip": True,
       "crop_padding": 4,
-      "autoaugment": "cifar10",  # "cifar10", "svhn", "imagenet" or None
+      "autoaugment": "cifar10",  # "cifar10", "svhn" or "imagenet"; "none" or unset: off
       "random_erasing": 0.25,
       "erasing_area": (0.02, 0.4),
-      "erasing_aspect": (0.3, 3.3),
+      "erasing_aspect": (0.3, 1 / 0.3),  # height / width
+      # How the aspect is drawn in erasing_aspect: "uniform" (the reference; 3 boxes in 4 are
+      # taller than wide) or "log_uniform" (torchvision: tall and wide equally likely).
+      "erasing_aspect_sampling": "uniform",
+      "erasing_attempts": 100,  # tries to fit a box before leaving the image (torchvision: 10)
+      # What fills the box: "mean" (the reference: the dataset mean values written into the
+      # normalised image, a lighter grey) or "zero" (0 after normalisation, the mean colour).
+      "erasing_fill": "mean",
   })
 
   # Batch-level CutMix / Mixup.
@@ -84,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128  # global, split over all devices
   config.num_epochs = 100
   config.repeats = 3  # repeated augmentation: one epoch = 3 augmented passes
+  # How an epoch's passes are ordered: "independent" (the reference: `repeats` independent
+  # shuffles back to back, no image twice in a pass) or "joint" (one shuffle of `repeats`
+  # stacked copies: an image can appear twice in one batch).
+  config.epoch_order = "independent"
   config.num_train_steps = -1  # -1: num_epochs * steps per epoch
   config.num_devices = 0  # 0: every device of every host
 

@@ -7,6 +7,8 @@ no AutoAugment).
     python main.py --config configs/digits.py            # `make train`
     python main.py --config configs/digits.py --config.model=vit_1m
 """
+from ml_collections.config_dict import placeholder
+
 from configs import default
 
 
@@ -20,7 +22,7 @@ def get_config():
   config.dataset.std = (0.3760,)
   config.augment.flip = False
   config.augment.crop_padding = 1
-  config.augment.autoaugment = None
+  config.augment.autoaugment = placeholder(str)  # unset: off; --config.augment.autoaugment=svhn
   config.augment.random_erasing = 0.0
   # 9 epochs x 67 steps (3 x 1,437 images / 64): about 4 minutes on 2 CPU cores.
   config.batch_size = 64

@@ -1,0 +1,283 @@
+"""Every config key with its valid values, checked in one place before anything is built.
+
+`RULES` maps each dotted key of configs/default.py to what it may hold (the
+recipe values are in `docs/reference.md`, "Training recipe" and "Presets");
+`validate(config)` checks a whole config against it and raises `ConfigError`
+with one line naming the key, the value and what is allowed. A key that the
+table does not know (say, a typo in a config file) is an error too, so a new
+config key needs a rule here; tests/test_config_checks.py enforces that.
+
+Only what a value means on its own is checked here. What depends on the data
+or the machine (dataset.classes against the class count, mean/std against the
+channels, patch_size against the image size, batch_size against the device
+count, whether the data is prepared) is checked by `train.Run.prepare` after
+this, still before anything is loaded or compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from lkca_jax import models
+from lkca_jax.augment import POLICIES
+from lkca_jax.augment.transforms import ASPECT_SAMPLINGS, ERASING_FILLS
+from lkca_jax.data import DATASETS
+from lkca_jax.data.pipeline import EPOCH_ORDERS
+from lkca_jax.layers import MIXERS
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the fix."""
+
+
+# Sets that live inside a function rather than as a constant elsewhere:
+# lkca_jax.data.pipeline.choose_placement and models.ViT accept these.
+PLACEMENTS = ("auto", "device", "host")
+POOLS = ("auto", "cls", "mean")
+NO_AUTOAUGMENT = "none"  # the string that switches AutoAugment off (unset does too)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one key may hold.
+
+  Attributes:
+    allowed: the allowed values in words, completing "KEY must be ...".
+    check: True for an allowed value (never called with None).
+    bad: one value the rule rejects; the tests set every key to its `bad`.
+    optional: None (an unset placeholder) is allowed and means "the default".
+    names: what a registry's entries are called ("model preset"): the message then
+      says "unknown model preset 'x'".
+  """
+  allowed: str
+  check: Callable[[Any], bool]
+  bad: Any
+  optional: bool = False
+  names: str | None = None
+
+  def error(self, key: str, value) -> str | None:
+    """The one-line complaint about `value` at `key`, or None when it is allowed."""
+    if value is None and self.optional:
+      return None
+    try:
+      if value is not None and self.check(value):
+        return None
+    except (TypeError, ValueError):  # a value of the wrong kind altogether
+      pass
+    if self.names and isinstance(value, str):
+      return f"{key}: unknown {self.names} {value!r}; {key} must be {self.allowed}"
+    return f"{key} must be {self.allowed}, got {value!r}"
+
+
+# --- rule builders -------------------------------------------------------------
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _unset(text: str, optional: bool) -> str:
+  return f"{text}, or unset (None)" if optional else text
+
+
+def integer(low: int, *, sentinel: int | None = None, meaning: str = "",
+            optional: bool = False) -> Rule:
+  """A whole number >= low, or the documented `sentinel` (e.g. -1: "derive it")."""
+  text = f"an integer >= {low}"
+  if sentinel is not None:
+    text += f", or {sentinel} ({meaning})"
+  bad = low - 1 if low - 1 != sentinel else low - 2
+  return Rule(_unset(text, optional),
+              lambda v: _is_int(v) and (v >= low or v == sentinel), bad, optional)
+
+
+def number(low: float, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, optional: bool = False) -> Rule:
+  """A finite number in the interval [low, high] (either end open as asked)."""
+  if high is None:
+    text = f"a number {'>' if low_open else '>='} {low:g}"
+  else:
+    text = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+  def check(v):
+    if not _is_number(v):
+      return False
+    above = v > low if low_open else v >= low
+    below = high is None or (v < high if high_open else v <= high)
+    return above and below
+
+  bad = (high + 1.0) if high is not None else (low - 1.0)
+  return Rule(_unset(text, optional), check, bad, optional)
+
+
+def choice(values: Iterable[str], *, names: str | None = None, optional: bool = False,
+           extra: Iterable[str] = ()) -> Rule:
+  """One of `values`, or of `extra` in any case (lower-case words such as "none")."""
+  values, extra = sorted(values), tuple(extra)
+  text = f"one of {values}"
+  if extra:
+    text += " or " + " / ".join(repr(e) for e in extra)
+  return Rule(_unset(text, optional),
+              lambda v: isinstance(v, str) and (v in values or v.lower() in extra), "bogus",
+              optional, names)
+
+
+def boolean(optional: bool = False) -> Rule:
+  return Rule(_unset("True or False", optional), lambda v: isinstance(v, bool), "yes", optional)
+
+
+def string(optional: bool = True) -> Rule:
+  return Rule(_unset("a non-empty string", optional),
+              lambda v: isinstance(v, str) and bool(v), "", optional)
+
+
+def numbers(allowed: str, check_each: Callable[[float], bool], *, length: int | None = None,
+            bad: tuple = ()) -> Rule:
+  """A tuple (or list) of finite numbers, `length` of them if given, else at least one."""
+
+  def check(v):
+    if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
+      return False
+    v = tuple(v)
+    if not v or (length is not None and len(v) != length):
+      return False
+    return all(_is_number(x) for x in v) and check_each(v)
+
+  return Rule(allowed, check, bad)
+
+
+def mixer_pattern() -> Rule:
+  """A mixer registry name, or a comma pattern of them repeated over depth ("lkca,mhsa")."""
+  names = sorted(MIXERS)
+  return Rule(_unset(f"a mixer name of {names} or a comma pattern of them, e.g. 'lkca,mhsa'",
+                     True),
+              lambda v: isinstance(v, str) and all(p in MIXERS for p in v.split(",")),
+              "lkca,bogus", optional=True, names="mixer")
+
+
+def mixer_option_rules() -> dict[str, Rule]:
+  """One rule per option a registered mixer declares in `config_options`.
+
+  A declared tuple of names is a choice among them; a type (int, float, bool)
+  takes any value of it (integers >= 1); the mixer checks the rest itself.
+  """
+  kinds = {int: lambda: integer(1, optional=True), bool: lambda: boolean(optional=True),
+           float: lambda: number(-math.inf, optional=True), str: lambda: string()}
+  rules = {}
+  for name, cls in MIXERS.items():
+    for option, kind in cls.config_options.items():
+      key = f"model_overrides.mixer_options.{name}.{option}"
+      rules[key] = choice(kind, optional=True) if isinstance(kind, tuple) else kinds[kind]()
+  return rules
+
+
+def dtypes() -> Rule:
+  return choice(models.DTYPES)
+
+
+def _probability() -> Rule:
+  return number(0.0, 1.0)
+
+
+# --- the table -----------------------------------------------------------------
+def rules() -> dict[str, Rule]:
+  """Every key of configs/default.py, in its order, with its rule."""
+  return {
+      "seed": integer(0),
+      "model": choice(models.PRESETS, names="model preset"),
+      "model_overrides.mixer": mixer_pattern(),
+      "model_overrides.dim": integer(1, optional=True),
+      "model_overrides.depth": integer(1, optional=True),
+      "model_overrides.num_heads": integer(1, optional=True),
+      "model_overrides.mlp_ratio": number(0.0, low_open=True, optional=True),
+      "model_overrides.drop_path_rate": number(0.0, 1.0, high_open=True, optional=True),
+      "model_overrides.pool": choice(POOLS, optional=True),
+      **mixer_option_rules(),
+      "patch_size": integer(1, optional=True),  # unset: image size / 8
+      "dtype": dtypes(),
+      "dataset.name": choice(DATASETS, names="dataset"),
+      "dataset.data_dir": string(),
+      "dataset.manual_dir": string(),
+      "dataset.download": boolean(),
+      "dataset.placement": choice(PLACEMENTS),
+      # The upper bound (the dataset's class count) is checked in Run.prepare.
+      "dataset.classes": Rule("0 (all classes) or an integer >= 2",
+                              lambda v: _is_int(v) and (v == 0 or v >= 2), 1),
+      "dataset.train_per_class": integer(0),  # 0: all
+      # Per channel of [0, 1] images; the channel count is checked in Run.prepare.
+      "dataset.mean": numbers("a non-empty tuple of numbers in [0, 1], one per channel",
+                              lambda v: all(0.0 <= x <= 1.0 for x in v), bad=()),
+      "dataset.std": numbers("a non-empty tuple of numbers > 0, one per channel",
+                             lambda v: all(x > 0.0 for x in v), bad=(0.2, 0.0, 0.2)),
+      "augment.flip": boolean(),
+      "augment.crop_padding": integer(0),  # 0: no crop
+      "augment.autoaugment": choice(POLICIES, optional=True, extra=(NO_AUTOAUGMENT,)),
+      "augment.random_erasing": _probability(),
+      "augment.erasing_area": numbers("a pair (low, high) with 0 < low <= high <= 1",
+                                      lambda v: 0.0 < v[0] <= v[1] <= 1.0, length=2,
+                                      bad=(0.4, 0.02)),
+      "augment.erasing_aspect": numbers("a pair (low, high) with 0 < low <= high",
+                                        lambda v: 0.0 < v[0] <= v[1], length=2, bad=(0.0, 3.3)),
+      "augment.erasing_aspect_sampling": choice(ASPECT_SAMPLINGS),
+      "augment.erasing_attempts": integer(1),
+      "augment.erasing_fill": choice(ERASING_FILLS),
+      "mixing.prob": _probability(),
+      "mixing.cutmix_prob": _probability(),
+      "mixing.cutmix_alpha": number(0.0, low_open=True),  # Beta(alpha, alpha) needs alpha > 0
+      "mixing.mixup_alpha": number(0.0, low_open=True),
+      "label_smoothing": number(0.0, 1.0, high_open=True),  # 1 would erase the labels
+      "optimizer.learning_rate": number(0.0, low_open=True),
+      "optimizer.b1": number(0.0, 1.0, high_open=True),
+      "optimizer.b2": number(0.0, 1.0, high_open=True),
+      "optimizer.eps": number(0.0, low_open=True),
+      "optimizer.weight_decay": number(0.0),
+      "optimizer.warmup_epochs": integer(0),
+      "optimizer.init_learning_rate": number(0.0),
+      "optimizer.end_learning_rate": number(0.0),
+      "batch_size": integer(1),
+      "num_epochs": integer(1),
+      "repeats": integer(1),
+      "epoch_order": choice(EPOCH_ORDERS),
+      "num_train_steps": integer(1, sentinel=-1, meaning="num_epochs x steps per epoch"),
+      "num_devices": integer(1, sentinel=0, meaning="every device"),
+      "eval_every_steps": integer(1, sentinel=-1, meaning="once an epoch"),
+      "log_every_steps": integer(1),
+      "checkpoint_every_steps": integer(1),
+      "keep_checkpoints": integer(1),
+  }
+
+
+def flatten(config, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} for every leaf of a (nested) ConfigDict or mapping."""
+  leaves = {}
+  for key, value in config.items():
+    if hasattr(value, "items") and not isinstance(value, (str, bytes)):
+      leaves.update(flatten(value, f"{prefix}{key}."))
+    else:
+      leaves[f"{prefix}{key}"] = value
+  return leaves
+
+
+def validate(config) -> None:
+  """Raises ConfigError for the first key (in table order) whose value is not allowed.
+
+  Also for a key the table does not know and for a key the config lacks.
+  """
+  table = rules()
+  values = flatten(config)
+  unknown = [key for key in values if key not in table]
+  if unknown:
+    raise ConfigError(f"unknown config key {unknown[0]} (= {values[unknown[0]]!r}); "
+                      "the keys are those of configs/default.py")
+  for key, rule in table.items():
+    if key not in values:
+      raise ConfigError(f"the config lacks the key {key}; start the config from "
+                        "configs/default.py's get_config()")
+    message = rule.error(key, values[key])
+    if message:
+      raise ConfigError(message)

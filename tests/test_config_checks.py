@@ -1,0 +1,149 @@
+"""Config validation: one table of rules, every key covered, every bad value one `error:` line.
+
+The bad config-value cases of main.py live here (flag parsing shared by every
+command stays in tests/tools/test_cli.py; unprepared data in tests/test_main.py).
+"""
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import configs
+from lkca_jax import config_checks, train
+from lkca_jax.layers.lkca import KERNEL_SHARING, VIEWS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RULES = config_checks.rules()
+CONFIG_NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+
+
+def load(name):
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def set_key(config, key, value):
+  """Sets a dotted key, even to a value of another type (as a config file could)."""
+  *path, last = key.split(".")
+  target = config
+  for part in path:
+    target = target[part]
+  with target.ignore_type():
+    target[last] = value
+  return config
+
+
+# --- in process ----------------------------------------------------------------
+@pytest.mark.parametrize("key", list(RULES))
+def test_each_rule_rejects_its_bad_value_in_one_line_naming_the_key(key):
+  config = set_key(load("default"), key, RULES[key].bad)
+  with pytest.raises(train.ConfigError) as error:
+    config_checks.validate(config)
+  message = str(error.value)
+  assert key in message and repr(RULES[key].bad) in message, message
+  assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_the_table_covers_every_key_of_every_config(name):
+  keys = set(config_checks.flatten(load(name)))
+  assert not keys - set(RULES), f"keys without a rule in config_checks.rules(): {keys - set(RULES)}"
+  assert not set(RULES) - keys, f"rules for keys configs/{name}.py lacks: {set(RULES) - keys}"
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_validates_as_is(name):
+  config_checks.validate(load(name))
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_field_is_typed_so_the_command_line_can_set_it(name):
+  # A bare None field refuses `--config.KEY=VALUE`; a placeholder(type) takes it.
+  config = load(name)
+  for key in config_checks.flatten(config):
+    *path, last = key.split(".")
+    parent = config
+    for part in path:
+      parent = parent[part]
+    assert parent.get_type(last) is not type(None), f"configs/{name}.py: {key} is a bare None"
+
+
+def test_unknown_and_missing_keys_are_caught():
+  config = load("default")
+  config.unlock()
+  config.dataset.colour = "grey"  # a typo or stale key in a config file
+  with pytest.raises(train.ConfigError, match=r"unknown config key dataset\.colour"):
+    config_checks.validate(config)
+  config = load("default")
+  config.unlock()
+  del config.optimizer["eps"]
+  with pytest.raises(train.ConfigError, match=r"lacks the key optimizer\.eps"):
+    config_checks.validate(config)
+
+
+def test_sentinels_and_unset_values_are_allowed():
+  config = load("default")
+  for key, value in [("num_train_steps", -1), ("eval_every_steps", -1), ("num_devices", 0),
+                     ("dataset.classes", 0), ("dataset.train_per_class", 0),
+                     ("augment.autoaugment", "none"), ("augment.autoaugment", "None"),
+                     ("augment.autoaugment", None),
+                     ("model_overrides.mixer", "lkca,mhsa"), ("label_smoothing", 0.0)]:
+    config_checks.validate(set_key(config, key, value))
+
+
+def test_mixer_options_take_the_sets_the_mixer_defines():
+  for key, allowed in [("model_overrides.mixer_options.lkca.view", VIEWS),
+                       ("model_overrides.mixer_options.lkca.kernel_sharing", KERNEL_SHARING)]:
+    for value in allowed:
+      assert RULES[key].error(key, value) is None
+    assert RULES[key].error(key, "bogus") is not None
+
+
+def test_config_error_is_one_class():
+  assert train.ConfigError is config_checks.ConfigError
+  assert issubclass(train.ConfigError, ValueError)
+
+
+# --- through main.py -----------------------------------------------------------
+DIGITS = ["--config", "configs/digits.py"]
+REJECTED = [
+    (["--config.batch_size=0"], "batch_size must be an integer >= 1, got 0"),
+    (["--config.repeats=0"], "repeats must be an integer >= 1, got 0"),
+    (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be a number > 0"),
+    (["--config.label_smoothing=2.0"], "label_smoothing must be a number in [0, 1)"),
+    (["--config.augment.autoaugment=bogus"], "augment.autoaugment must be one of"),
+    (["--mode=eval", "--config.num_epochs=0"], "num_epochs must be an integer >= 1"),
+    (["--config.model=vit_99m"], "unknown model preset 'vit_99m'"),
+    (["--config.dataset.name=imagenet21k"], "unknown dataset 'imagenet21k'"),
+    # Checked in Run.prepare against the dataset and devices, still before anything runs.
+    (["--config.patch_size=3"], "not divisible by patch size"),
+    (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
+]
+
+
+def _main(args, workdir):
+  return subprocess.Popen([sys.executable, "main.py", *DIGITS, *args, f"--workdir={workdir}"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _error_line(proc, args):
+  _, err = proc.communicate(timeout=300)
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2, (args, err[-2000:])
+  assert "Traceback" not in err, (args, err[-2000:])
+  assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], (args, err[-2000:])
+  return errors[0]
+
+
+def test_bad_values_exit_2_with_one_error_line_and_write_nothing(tmp_path):
+  # The accepted case: AutoAugment switched on for digits passes every check and
+  # reaches the checkpoint lookup of --mode eval, which finds none.
+  cases = REJECTED + [(["--mode=eval", "--config.augment.autoaugment=cifar10"], "no checkpoint in")]
+  # In parallel: each process spends most of its time importing JAX.
+  procs = [_main(args, tmp_path / str(i)) for i, (args, _) in enumerate(cases)]
+  for i, (proc, (args, message)) in enumerate(zip(procs, cases, strict=True)):
+    line = _error_line(proc, args)
+    assert message in line, (args, line)
+    assert not (tmp_path / str(i)).exists(), (args, os.listdir(tmp_path / str(i)))
