@@ -6,24 +6,31 @@ loader. `load_split` decodes a whole split once into numpy arrays.
 
 TFDS data is read only from `data_dir`: nothing is downloaded or prepared
 unless `download=True`; without it, a missing dataset raises
-`DatasetUnavailableError` naming the flags that fix it. TensorFlow and TFDS are
+`DatasetUnavailableError` naming the flags that fix it. With `manual_dir`
+holding the official files, preparing reads them and never touches the
+network; a download that cannot happen (unreachable host or proxy, unknown
+name, refused connection, wrong checksum) is a `DatasetUnavailableError`
+within seconds that names the files for `manual_dir`. TensorFlow and TFDS are
 imported inside the functions that need them, so importing this module (and
 the digits path) stays fast and TF-free.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
-from typing import Callable
+import socket
+import threading
+import urllib.parse
+from collections.abc import Callable
 
 import numpy as np
 
-from lkca_jax.data import digits
+from lkca_jax.data import digits, synthetic
 
-_TINY_IMAGENET_HINT = (
-    " (from --config.dataset.manual_dir=DIR holding tiny-imagenet-200.zip, or from the zip that "
-    "$LKCA_TINY_IMAGENET_ZIP names; with neither it downloads it from cs231n.stanford.edu)")
+REACH_TIMEOUT_S = 5.0  # per host: DNS lookup plus TCP connect
+DOWNLOAD_RETRIES = 2  # TFDS retries 10 times with backoff (3.5 min) before it gives up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +44,32 @@ class DatasetSpec:
   tfds_name: str | None  # None: not a TFDS dataset, `loader` reads it
   # For sources outside TFDS: loader(split) -> (uint8 images (N,H,W,C), int32 labels (N,)).
   loader: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None
-  # For TFDS builders outside the catalog: the module whose import registers it.
+  # The module whose import registers the TFDS builder (when outside the catalog) and that
+  # prepares from files downloaded by hand: manual_dir_problem(manual_dir, tfds_name) -> str | None,
+  # manual_builder(tfds_name, manual_dir, data_dir) -> builder | None.
   tfds_module: str | None = None
-  source_hint: str = ""  # appended to the "not available" error: where raw files come from
+  manual_files: str = ""  # the official files to put in manual_dir, as said in errors
+  manual_note: str = ""  # another way to give them, appended to manual_files in errors
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec("cifar10", 10, (32, 32), 3, "train", "test", "cifar10"),
-    "cifar100": DatasetSpec("cifar100", 100, (32, 32), 3, "train", "test", "cifar100"),
-    "svhn": DatasetSpec("svhn", 10, (32, 32), 3, "train", "test", "svhn_cropped"),
+    "cifar10": DatasetSpec("cifar10", 10, (32, 32), 3, "train", "test", "cifar10",
+                           tfds_module="lkca_jax.data.cifar",
+                           manual_files="cifar-10-binary.tar.gz or cifar-10-python.tar.gz"),
+    "cifar100": DatasetSpec("cifar100", 100, (32, 32), 3, "train", "test", "cifar100",
+                            tfds_module="lkca_jax.data.cifar",
+                            manual_files="cifar-100-binary.tar.gz or cifar-100-python.tar.gz"),
+    "svhn": DatasetSpec("svhn", 10, (32, 32), 3, "train", "test", "svhn_cropped",
+                        tfds_module="lkca_jax.data.svhn",
+                        manual_files="train_32x32.mat and test_32x32.mat",
+                        manual_note=" (extra_32x32.mat too for the extra split)"),
     "tiny_imagenet": DatasetSpec("tiny_imagenet", 200, (64, 64), 3, "train", "validation",
                                  "tiny_imagenet", tfds_module="lkca_jax.data.tiny_imagenet",
-                                 source_hint=_TINY_IMAGENET_HINT),
+                                 manual_files="tiny-imagenet-200.zip",
+                                 manual_note=" (or the zip that $LKCA_TINY_IMAGENET_ZIP names)"),
     "digits": DatasetSpec("digits", 10, (8, 8), 1, "train", "test", None, loader=digits.load),
+    "synthetic_cifar": DatasetSpec("synthetic_cifar", 10, (32, 32), 3, "train", "test", None,
+                                   loader=synthetic.load),
 }
 
 
@@ -96,17 +116,34 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None,
   return _decode_split(spec, builder, split)
 
 
-def prepare(name: str, *, data_dir=None, manual_dir=None, file_format: str = "tfrecord") -> dict[str, int]:
-  """Downloads (if needed) and prepares a TFDS dataset in data_dir; returns {split: size}."""
+def prepare(name: str, *, data_dir=None, manual_dir=None,
+            file_format: str = "tfrecord") -> dict[str, int]:
+  """Prepares a TFDS dataset in data_dir from manual_dir, or by downloading; returns {split: size}.
+
+  Raises DatasetUnavailableError, within seconds, when a needed download cannot happen.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   spec = get_spec(name)
   if spec.tfds_name is None:
-    raise ValueError(f"{name} is not a TFDS dataset and needs no preparing: load it with load_split")
+    raise ValueError(f"{name} is not a TFDS dataset and needs no preparing: "
+                     "load it with load_split")
   _check_manual_dir(spec, manual_dir)
-  builder = _builder(spec, data_dir)
   config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
-  builder.download_and_prepare(download_config=config, file_format=file_format)
+  data_dir = os.fspath(data_dir) if data_dir else None
+  builder = _manual_builder(spec, manual_dir, data_dir)
+  if builder is not None:  # local files: no network at all
+    builder.download_and_prepare(download_config=config, file_format=file_format)
+  else:  # the catalog's (or our registered) builder downloads as it always does
+    builder = _builder(spec, data_dir)
+    _download_and_prepare(spec, builder, config, file_format)
   return {split: info.num_examples for split, info in builder.info.splits.items()}
+
+
+def _manual_builder(spec: DatasetSpec, manual_dir, data_dir):
+  if spec.tfds_module is None:
+    return None
+  make = getattr(importlib.import_module(spec.tfds_module), "manual_builder", None)
+  return make(spec.tfds_name, manual_dir, data_dir) if make else None
 
 
 def _builder(spec: DatasetSpec, data_dir):
@@ -123,21 +160,132 @@ def _is_prepared(builder) -> bool:
 
 def _unavailable_message(spec: DatasetSpec, builder) -> str:
   return (f"dataset {spec.name} (TFDS {spec.tfds_name} {builder.version}) is not prepared in "
-          f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR where it is "
-          f"prepared, or --config.dataset.download=True to prepare it there{spec.source_hint}")
+          f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR "
+          f"where it is prepared, or --config.dataset.download=True to prepare it there (from "
+          f"--config.dataset.manual_dir=DIR holding {spec.manual_files}{spec.manual_note}; with "
+          f"no files there it downloads them)")
+
+
+def _offline_hint(spec: DatasetSpec) -> str:
+  return (f"to prepare it offline, put {spec.manual_files}{spec.manual_note} in a folder DIR "
+          "and pass --config.dataset.manual_dir=DIR (python -m lkca_jax.tools.prepare: "
+          "--manual_dir DIR)")
 
 
 def _check_manual_dir(spec: DatasetSpec, manual_dir) -> None:
-  """A manual_dir that lacks the files is a mistake: say so instead of downloading.
-
-  A builder module may define `manual_dir_problem(manual_dir) -> str | None`.
-  """
+  """A manual_dir that lacks the files is a mistake: say so instead of downloading."""
   if spec.tfds_module is None or manual_dir is None:
     return
   check = getattr(importlib.import_module(spec.tfds_module), "manual_dir_problem", None)
-  problem = check(manual_dir) if check else None
+  problem = check(manual_dir, spec.tfds_name) if check else None
   if problem:
-    raise DatasetUnavailableError(problem)
+    raise DatasetUnavailableError(f"dataset {spec.name}: {problem}")
+
+
+# --- downloads that cannot happen fail fast ------------------------------------
+def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) -> None:
+  """builder.download_and_prepare, with every download failure one DatasetUnavailableError."""
+  import requests  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.core.download import util as download_util  # pylint: disable=import-outside-toplevel
+
+  for url in _pending_downloads(spec, builder):
+    problem = unreachable(url)
+    if problem:
+      raise DatasetUnavailableError(f"dataset {spec.name} cannot be downloaded: {problem}; "
+                                    f"{_offline_hint(spec)}")
+  try:
+    with _bounded_retries():
+      builder.download_and_prepare(download_config=config, file_format=file_format)
+  except download_manager.NonMatchingChecksumError as e:
+    # TFDS's message spans lines; its first names the URL ("Artifact URL, downloaded to ...").
+    url = str(e).split()[1].rstrip(",") if str(e).startswith("Artifact ") else "a file"
+    raise DatasetUnavailableError(
+        f"dataset {spec.name}: the download of {url} has the wrong checksum (not the official "
+        f"file: a proxy or login page may have answered instead); {_offline_hint(spec)}") from None
+  except (requests.RequestException, download_util.DownloadError) as e:
+    reason = " ".join(str(e).split())[:300]
+    raise DatasetUnavailableError(f"dataset {spec.name} download failed: {reason}; "
+                                  f"{_offline_hint(spec)}") from None
+
+
+def _pending_downloads(spec: DatasetSpec, builder) -> list[str]:
+  """The URLs preparing will fetch: all the builder's, less those TFDS already has locally."""
+  from tensorflow_datasets.core.download import resource  # pylint: disable=import-outside-toplevel
+  url_infos = type(builder).url_infos or {}
+  urls = list(url_infos) or list(getattr(importlib.import_module(spec.tfds_module), "URLS", ())
+                                  if spec.tfds_module else ())
+  download_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads")
+  pending = []
+  for url in urls:
+    info = url_infos.get(url)
+    names = [resource.get_dl_fname(url)]
+    if info:
+      names.append(resource.get_dl_fname(url, info.checksum))
+    # Where TFDS's download manager looks: its cache (per dataset, or flat) and downloads/manual.
+    candidates = [os.path.join(download_dir, folder, name)
+                  for folder in (builder.name, "") for name in names]
+    if info and info.filename:
+      candidates.append(os.path.join(download_dir, "manual", info.filename))
+    if not any(os.path.exists(path) for path in candidates):
+      pending.append(url)
+  return pending
+
+
+def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
+  """Why a download of url cannot start (its host, or the proxy requests would use), or None.
+
+  Looks the host up and opens a TCP connection, giving up after `timeout` seconds:
+  DNS lookups have no timeout of their own, so the attempt runs in a thread.
+  """
+  import requests  # pylint: disable=import-outside-toplevel
+  parts = urllib.parse.urlsplit(url)
+  host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+  via = ""
+  proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+  if proxy:
+    proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    via = f" through the proxy {proxy_parts.hostname}:{proxy_parts.port or 80}"
+    host, port = proxy_parts.hostname, proxy_parts.port or 80
+  outcome: list[BaseException | None] = []
+
+  def attempt():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      outcome.append(None)
+    except BaseException as e:  # pylint: disable=broad-except
+      outcome.append(e)
+
+  thread = threading.Thread(target=attempt, daemon=True)  # daemon: a hung lookup never blocks exit
+  thread.start()
+  thread.join(timeout + 0.5)
+  target = f"{url}{via}"
+  if not outcome:
+    return f"{target}: no answer from {host}:{port} within {timeout:.0f} s"
+  error = outcome[0]
+  if error is None:
+    return None
+  if isinstance(error, socket.gaierror):
+    return f"{target}: the name {host} does not resolve ({error.strerror or error})"
+  if isinstance(error, ConnectionRefusedError):
+    return f"{target}: {host}:{port} refused the connection"
+  if isinstance(error, (socket.timeout, TimeoutError)):
+    return f"{target}: no answer from {host}:{port} within {timeout:.0f} s"
+  if isinstance(error, OSError):
+    return f"{target}: cannot connect to {host}:{port} ({error.strerror or error})"
+  raise error
+
+
+@contextlib.contextmanager
+def _bounded_retries():
+  """Caps TFDS's HTTP retries (10, with backoff: minutes) while we download."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
+  saved = downloader.MAX_RETRIES
+  downloader.MAX_RETRIES = min(saved, DOWNLOAD_RETRIES)
+  try:
+    yield
+  finally:
+    downloader.MAX_RETRIES = saved
 
 
 def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +298,8 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
   decoders = {image_key: tfds.decode.SkipDecoding()}
   if info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     # as_dataset cannot read array_record: take the raw records, parse them in tf.data.
-    source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    source = builder.as_data_source(
+        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     records = source.__getitems__(range(len(source)))
     # tf.constant first (from_tensor_slices on a list of 100k bytes takes seconds), then
     # parse whole batches: TFDS stores the image as bytes and the label as int64.
@@ -179,8 +328,8 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
     labels[start:start + len(label_batch)] = label_batch
     start += len(label_batch)
   if start != count:
-    raise ValueError(f"{spec.name}/{split}: read {start} examples but the dataset info says {count}; "
-                     f"prepare it again in a fresh --config.dataset.data_dir")
+    raise ValueError(f"{spec.name}/{split}: read {start} examples but the dataset info says "
+                     f"{count}; prepare it again in a fresh --config.dataset.data_dir")
   return images, labels
 
 

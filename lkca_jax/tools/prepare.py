@@ -1,32 +1,60 @@
 """Prepares a TFDS dataset ahead of training and prints the time and split sizes.
 
-  python -m lkca_jax.tools.prepare --dataset tiny_imagenet --manual_dir DIR --data_dir DIR
+  python -m lkca_jax.tools.prepare --dataset cifar10 --manual_dir DIR --data_dir DIR
 
-DIR for --manual_dir holds tiny-imagenet-200.zip (or set $LKCA_TINY_IMAGENET_ZIP);
-without either, the builder downloads the official zip.
+With --manual_dir, the dataset is prepared from the official files downloaded
+by hand into DIR, with no network: cifar10: cifar-10-binary.tar.gz or
+cifar-10-python.tar.gz; cifar100: cifar-100-binary.tar.gz or
+cifar-100-python.tar.gz; svhn: train_32x32.mat and test_32x32.mat (plus
+extra_32x32.mat for the extra split); tiny_imagenet: tiny-imagenet-200.zip (or
+set $LKCA_TINY_IMAGENET_ZIP). Without it, TFDS downloads them. Every failure
+(a bad flag, missing files, a download that cannot happen) is one `error:`
+line and exit code 2.
 """
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 import time
 
-from lkca_jax.data.sources import DATASETS, prepare
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from lkca_jax.data.sources import DATASETS, DatasetUnavailableError, prepare  # noqa: E402
+from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+
+PROGRAM = "python -m lkca_jax.tools.prepare"
+TFDS_DATASETS = sorted(name for name, spec in DATASETS.items() if spec.tfds_name)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--dataset", required=True,
-                      choices=sorted(n for n, s in DATASETS.items() if s.tfds_name))
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's own)")
-  parser.add_argument("--manual_dir", default=None, help="dir holding manually downloaded files")
-  parser.add_argument("--file_format", default="tfrecord", choices=["tfrecord", "array_record"])
-  args = parser.parse_args(argv)
+def _define_flags() -> None:
+  flags.DEFINE_enum("dataset", None, TFDS_DATASETS, "The dataset to prepare.")
+  flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's own).")
+  flags.DEFINE_string("manual_dir", None, "Dir holding the official files downloaded by hand.")
+  flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_record"],
+                    "How TFDS stores the prepared examples.")
+
+
+def main(argv) -> None:
+  args = flags.FLAGS
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; see `{PROGRAM} --helpfull`")
+  if args.dataset is None:
+    fail(f"--dataset is required: one of {', '.join(TFDS_DATASETS)}")
+  if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
+    fail(f"--manual_dir={args.manual_dir} is not a directory")
   start = time.perf_counter()
-  sizes = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                  file_format=args.file_format)
+  try:
+    sizes = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                    file_format=args.file_format)
+  except DatasetUnavailableError as e:
+    fail(str(e))
   print(f"prepared {args.dataset} ({args.file_format}) in {time.perf_counter() - start:.1f} s: "
         + ", ".join(f"{split} {size:,}" for split, size in sorted(sizes.items())))
+  sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  main()
+  _define_flags()
+  app.run(main, flags_parser=parser_for(PROGRAM))

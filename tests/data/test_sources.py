@@ -1,4 +1,5 @@
 """The dataset registry, digits, and the offline behaviour of load_split / check_available."""
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -29,10 +30,12 @@ def test_registry_matches_the_spec_sources():
   for name, (tfds_name, classes, size, eval_split) in expected.items():
     spec = data.DATASETS[name]
     assert (spec.name, spec.tfds_name, spec.num_classes, spec.image_size, spec.channels,
-            spec.train_split, spec.eval_split) == (name, tfds_name, classes, size, 3, "train", eval_split)
+            spec.train_split, spec.eval_split) == (name, tfds_name, classes, size, 3, "train",
+                                                   eval_split)
   digits = data.DATASETS["digits"]
-  assert (digits.tfds_name, digits.num_classes, digits.image_size, digits.channels) == (None, 10, (8, 8), 1)
-  with pytest.raises(Exception):  # frozen
+  assert (digits.tfds_name, digits.num_classes, digits.image_size,
+          digits.channels) == (None, 10, (8, 8), 1)
+  with pytest.raises(dataclasses.FrozenInstanceError):
     digits.num_classes = 3
 
 
@@ -45,7 +48,8 @@ def test_unknown_dataset_lists_the_registered_names():
 
 def test_import_is_tf_free():
   code = ("import sys, lkca_jax.data; "
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))")
+          "print(sorted(m for m in sys.modules "
+          "if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
 
@@ -81,7 +85,8 @@ def test_digits_are_the_sklearn_images_scaled_to_uint8():
   y = np.concatenate([data.load_split("digits", s)[1] for s in ("train", "test")])
   # train + test is exactly the full set, image with its label, in some order.
   def rows(images, labels):
-    flat = np.concatenate([images.reshape(len(images), -1), labels[:, None].astype(np.uint8)], axis=1)
+    flat = np.concatenate([images.reshape(len(images), -1), labels[:, None].astype(np.uint8)],
+                          axis=1)
     return flat[np.lexsort(flat.T[::-1])]
   np.testing.assert_array_equal(rows(x, y), rows(scaled, full.target))
 
@@ -105,22 +110,24 @@ def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path, no_network):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_check_available_is_cheap_and_names_the_tiny_imagenet_fixes(tmp_path, no_network, monkeypatch):
+def test_check_available_is_cheap_and_names_the_tiny_imagenet_fixes(tmp_path, no_network,
+                                                                    monkeypatch):
   monkeypatch.delenv("LKCA_TINY_IMAGENET_ZIP", raising=False)
   start = time.perf_counter()
   with pytest.raises(data.DatasetUnavailableError) as info:
     data.check_available("tiny_imagenet", data_dir=tmp_path, manual_dir=None, download=False)
   assert time.perf_counter() - start < 10
   message = str(info.value)
-  for fix in ("--config.dataset.data_dir", "--config.dataset.manual_dir", "--config.dataset.download=True",
-              "LKCA_TINY_IMAGENET_ZIP", "tiny-imagenet-200.zip"):
+  for fix in ("--config.dataset.data_dir", "--config.dataset.manual_dir",
+              "--config.dataset.download=True", "LKCA_TINY_IMAGENET_ZIP", "tiny-imagenet-200.zip"):
     assert fix in message
   # Non-TFDS sources are always available; download=True is enough for TFDS ones.
   data.check_available("digits", data_dir=tmp_path, manual_dir=None, download=False)
   data.check_available("svhn", data_dir=tmp_path, manual_dir=None, download=True)
 
 
-def test_manual_dir_without_the_zip_is_refused_before_any_download(tmp_path, no_network, monkeypatch):
+def test_manual_dir_without_the_zip_is_refused_before_any_download(tmp_path, no_network,
+                                                                   monkeypatch):
   monkeypatch.delenv("LKCA_TINY_IMAGENET_ZIP", raising=False)
   manual = tmp_path / "manual"
   manual.mkdir()

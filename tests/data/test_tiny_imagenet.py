@@ -66,6 +66,7 @@ def test_embedded_wnids_equal_the_official_file():
 
 def test_builder_is_registered_and_describes_itself_offline(tmp_path):
   import tensorflow_datasets as tfds
+
   from lkca_jax.data import tiny_imagenet
   builder = tfds.builder("tiny_imagenet", data_dir=tmp_path)
   assert isinstance(builder, tiny_imagenet.TinyImagenet)
@@ -79,7 +80,7 @@ def test_builder_is_registered_and_describes_itself_offline(tmp_path):
 
 @pytest.fixture(scope="module", params=["tfrecord", "array_record"])
 def fixture_dataset(request, tmp_path_factory):
-  """The fixture zip prepared through the real builder; yields (format, data_dir, prepare seconds)."""
+  """The fixture zip prepared through the real builder: (format, data_dir, prepare seconds)."""
   tmp = tmp_path_factory.mktemp(request.param)
   start = time.perf_counter()
   sizes = data.prepare("tiny_imagenet", data_dir=tmp / "tfds",
@@ -119,7 +120,8 @@ def test_fixture_pixels_and_labels_match_the_zip(fixture_dataset):
     assert gray_seen == 1  # val_116.JPEG
     # train: label is the index of the folder's wnid.
     images, labels = data.load_split("tiny_imagenet", "train", data_dir=data_dir)
-    members = [m for m in archive.namelist() if m.startswith(ROOT + "train/") and m.endswith(".JPEG")]
+    members = [m for m in archive.namelist()
+               if m.startswith(ROOT + "train/") and m.endswith(".JPEG")]
     assert len(members) == 48
     gray_seen = 0
     for member in members:
@@ -175,7 +177,8 @@ FULL_ZIP = os.environ.get("LKCA_TINY_IMAGENET_ZIP")
                     reason="set LKCA_TINY_IMAGENET_ZIP to the real tiny-imagenet-200.zip")
 def test_full_zip(tmp_path):
   start = time.perf_counter()
-  sizes = data.prepare("tiny_imagenet", data_dir=tmp_path, manual_dir=None)  # reads $LKCA_TINY_IMAGENET_ZIP
+  # manual_dir=None: the builder reads $LKCA_TINY_IMAGENET_ZIP.
+  sizes = data.prepare("tiny_imagenet", data_dir=tmp_path, manual_dir=None)
   prepare_s = time.perf_counter() - start
   assert sizes == {"train": 100_000, "validation": 10_000}
 
