@@ -1,21 +1,47 @@
 """Orbax checkpoints of the train state: the latest K plus the best by test top-1.
 
-Each checkpoint holds two items: `state` (step, parameters, optimizer state)
-and `meta` (JSON: epoch bookkeeping, best accuracy, eval history), so a
-restarted run resumes its data order, random streams and best-so-far.
+Each checkpoint `<directory>/<step>` holds two items: `state` (step, parameters,
+optimizer state, RNG stream counters) and `meta` (JSON: the best test top-1 so
+far, its step, and every evaluation's metrics), so a restarted run resumes its
+data order, random streams and best-so-far.
+
+A checkpoint that cannot be read back (truncated or missing files, corrupt
+metadata, a write cut short) is damaged: `restore_latest` warns, moves it to
+`<directory>_damaged/<step>-<reason>`, where orbax neither lists nor deletes it,
+and falls back to the newest one that restores. A checkpoint of another model
+or config is not damage but a `CheckpointError`.
 """
 from __future__ import annotations
 
+import json
+import re
+import sys
+
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "top1"
+# Orbax writes `<step>` under this name first and renames it when complete.
+TMP_MARKER = ".orbax-checkpoint-tmp"
+# Read errors that say nothing about the files (permissions, network, memory).
+_NOT_DAMAGE = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
+               "RESOURCE_EXHAUSTED")
 
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be used with this run; the message names the fix."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read back."""
+
+  def __init__(self, path, reason: str, detail: str):
+    super().__init__(f"checkpoint {path} is damaged ({reason}: {detail})")
+    self.path, self.reason, self.detail = path, reason, detail
 
 
 def absolute(path) -> epath.Path:
@@ -28,46 +54,245 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-class Checkpoints:
-  """Wraps an orbax CheckpointManager over `directory`."""
+def _detail(error: BaseException) -> str:
+  """One short line for `error`; of a TensorStore error, its status and innermost cause."""
+  lines = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
+  text = lines[0] if lines else ""
+  status = re.match(r"[A-Z_]+: ", text)
+  if status and ": " in text[status.end():]:
+    text = status.group() + text.rsplit(": ", 1)[1]
+  text = f"{type(error).__name__}: {text}"
+  return text if len(text) <= 300 else text[:297] + "..."
 
-  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
+
+def _without_closed_loop_noise(hook):
+  """`hook` (a sys.unraisablehook) minus the "Event loop is closed" tracebacks.
+
+  When one array read of a restore fails, orbax abandons the others; their
+  completion callbacks then reach a closed event loop and each prints such a
+  traceback (up to one per array, some after the restore has returned), which
+  says nothing the one warning does not.
+  """
+  def quiet(unraisable):
+    if "Event loop is closed" not in str(unraisable.exc_value):
+      hook(unraisable)
+  return quiet
+
+
+def _damage(path, part: str, error: Exception) -> DamagedCheckpointError:
+  """Classifies an error reading `part` ("data" or "meta") of checkpoint `path`.
+
+  Raises CheckpointError for errors that are not the files' fault, so that a
+  checkpoint is never set aside for, say, a network outage.
+  """
+  text = str(error)
+  if (isinstance(error, (PermissionError, TimeoutError, ConnectionError))
+      or any(code in text for code in _NOT_DAMAGE)):
+    raise CheckpointError(f"cannot read checkpoint {path} ({_detail(error)}); not damage to "
+                          "its files: fix the cause (access, network, memory) and retry") from None
+  lower = text.lower()
+  if isinstance(error, FileNotFoundError) or any(
+      m in lower for m in ("not_found", "not found", "no such file")):
+    kind = "missing"
+  elif "out_of_range" in lower or "byte range" in lower or "truncat" in lower:
+    kind = "truncated"
+  else:
+    kind = "corrupt"
+  return DamagedCheckpointError(path, f"{part}-{kind}", _detail(error))
+
+
+def _warn(damage: DamagedCheckpointError, outcome: str) -> None:
+  logging.warning("checkpoint %s cannot be restored (%s: %s); %s", damage.path, damage.reason,
+                  damage.detail, outcome)
+
+
+def _saved_shapes(state_dir: epath.Path) -> dict[str, tuple | None] | None:
+  """{array name: shape or None} from orbax's tree metadata file, without touching array data.
+
+  Returns None if the file's layout is not the one known here (another orbax
+  version), so that only the restore itself judges such a checkpoint.
+  Raises DamagedCheckpointError if the file is missing or not JSON.
+  """
+  path = state_dir / "_METADATA"
+  try:
+    tree = json.loads(path.read_text())["tree_metadata"]
+  except FileNotFoundError as e:
+    raise DamagedCheckpointError(state_dir.parent, "metadata-missing", _detail(e)) from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DamagedCheckpointError(state_dir.parent, "metadata-corrupt", _detail(e)) from None
+  except (KeyError, TypeError):
+    return None
+  try:
+    shapes = {}
+    for entry in tree.values():
+      if entry["value_metadata"].get("skip_deserialize"):  # an empty node, such as optax's
+        continue
+      name = ".".join(str(k["key"]) for k in entry["key_metadata"])
+      shape = entry["value_metadata"].get("write_shape")
+      shapes[name] = None if shape is None else tuple(shape)
+  except (KeyError, TypeError, AttributeError):
+    return None
+  return shapes
+
+
+def _shape_mismatch(saved: dict[str, tuple | None], like_state,
+                    partial: bool = False) -> str | None:
+  """How the saved state's array names and shapes differ from `like_state`'s, if they do.
+
+  With `partial`, arrays on disk that `like_state` leaves out are fine.
+  """
+  wanted = {}
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(like_state)[0]:
+    shape = tuple(leaf.shape)
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # saved as raw key data
+      shape = jax.eval_shape(jax.random.key_data, leaf).shape
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None and not sharding.is_fully_replicated:
+      shape = None  # orbax records the shard's shape, not the array's
+    wanted[".".join(ocp.tree.str_keypath(keypath))] = shape
+  if saved.keys() != wanted.keys() and not (partial and wanted.keys() <= saved.keys()):
+    parts = [f"{len(names)} arrays only {where}, e.g. {names[0]}" for names, where in (
+        ([] if partial else sorted(saved.keys() - wanted.keys()), "on disk"),
+        (sorted(wanted.keys() - saved.keys()), "in this model")) if names]
+    return "; ".join(parts)
+  for name, shape in wanted.items():
+    if None not in (shape, saved[name]) and saved[name] != shape:
+      return f"{name} is {saved[name]} on disk, {shape} in this model"
+  return None
+
+
+class Checkpoints:
+  """Wraps an orbax CheckpointManager over `directory`.
+
+  With `read_only` (evaluation) nothing in `directory` is written, deleted or
+  moved, so it is safe next to a run that is training there.
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True,
+               read_only: bool = False):
     self.directory = absolute(directory)
+    self.damaged_directory = self.directory.parent / f"{self.directory.name}_damaged"
+    self.read_only = read_only
+    if not read_only:  # before orbax deletes them as it starts
+      self._set_aside_unfinished_writes()
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=asynchronous, create=True,
-        cleanup_tmp_directories=True)
+        preservation_policy=None if read_only else policy,
+        enable_async_checkpointing=asynchronous, create=not read_only,
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def best_step(self) -> int | None:
-    return self.manager.best_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)),
                       metrics=metrics, force=True)
 
-  def restore(self, step: int, like_state):
-    """Restores `step` with the shapes, dtypes and shardings of `like_state`."""
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
+  def restore(self, step: int, like_state, *, partial: bool = False):
+    """Restores `step` with the shapes, dtypes and shardings of `like_state`.
+
+    With `partial`, `like_state` is a dict of some of the state's fields (say
+    {"params": ..., "rest": ...} to evaluate), and only those are read.
+    Raises DamagedCheckpointError if its files cannot be read back, and
+    CheckpointError if it holds another model or config.
+    """
+    path = self.directory / str(step)
+    saved = _saved_shapes(path / "state")
+    mismatch = saved is not None and _shape_mismatch(saved, like_state, partial)
+    if mismatch:
       raise CheckpointError(
-          f"checkpoint {self.directory}/{step} does not match this model/config ({e}); "
-          "resume with the config it was trained with, or start a fresh --workdir") from None
-    return restored["state"], restored["meta"]
+          f"checkpoint {path} does not match this model/config ({mismatch}); "
+          "resume with the config it was trained with, or start a fresh --workdir")
+    hook = sys.unraisablehook
+    sys.unraisablehook = _without_closed_loop_noise(hook)
+    try:
+      if partial:
+        state_args = ocp.args.PyTreeRestore(
+            item=_abstract(like_state), partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(like_state))
+      else:
+        state_args = ocp.args.StandardRestore(_abstract(like_state))
+      state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
+    except Exception as e:  # noqa: BLE001 - the metadata matched: the data is at fault
+      raise _damage(path, "data", e) from None  # and the abandoned reads stay quiet
+    sys.unraisablehook = hook
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # noqa: BLE001
+      raise _damage(path, "meta", e) from None
+    if not isinstance(meta, dict):
+      raise DamagedCheckpointError(path, "meta-corrupt", f"meta is a {type(meta).__name__}")
+    return state, meta
+
+  def restore_latest(self, like_state, *, partial: bool = False):
+    """(step, state, meta) of the newest checkpoint that restores, or None if there are none.
+
+    Damaged checkpoints on the way get one warning each and, unless read-only,
+    are set aside. Raises CheckpointError on a model/config mismatch, or if
+    there are checkpoints but none restores (then all are left where they are).
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, like_state, partial=partial)
+      except DamagedCheckpointError as e:
+        damaged.append(e)
+        continue
+      except CheckpointError:
+        for e in damaged:
+          _warn(e, "kept in place")
+        raise
+      for e in damaged:
+        if self.read_only:
+          outcome = "skipped"
+        elif jax.process_index() == 0:
+          outcome = f"set aside as {self._move_aside(e)}"
+        else:
+          outcome = "set aside by process 0"
+        _warn(e, outcome)
+      if damaged and not self.read_only:
+        if jax.process_count() > 1:  # all found the same damage; wait until it is moved
+          ocp.multihost.sync_global_processes("lkca_damaged_set_aside")
+        self.manager.reload()  # forget the moved steps, so their numbers can be saved again
+      return step, state, meta
+    if damaged:
+      for e in damaged:
+        _warn(e, "kept in place")
+      listed = ", ".join(f"{e.path.name}: {e.reason}" for e in damaged)
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({listed}); "
+                            "move them away to start over, or use another --workdir")
+    return None
+
+  def _move_aside(self, damage: DamagedCheckpointError) -> epath.Path:
+    """Moves a damaged checkpoint out of orbax's sight, never deleting it; returns where to."""
+    step = damage.path.name.split(TMP_MARKER)[0]
+    target, n = self.damaged_directory / f"{step}-{damage.reason}", 1
+    while target.exists():  # the same step may be damaged again after a re-save
+      n += 1
+      target = self.damaged_directory / f"{step}-{damage.reason}-{n}"
+    self.damaged_directory.mkdir(parents=True, exist_ok=True)
+    damage.path.rename(target)
+    return target
+
+  def _set_aside_unfinished_writes(self) -> None:
+    """Moves `<step>.orbax-checkpoint-tmp…` folders aside (process 0), then all go on."""
+    if jax.process_index() == 0 and self.directory.is_dir():
+      for path in sorted(self.directory.iterdir()):
+        step = path.name.split(TMP_MARKER)[0]
+        if TMP_MARKER in path.name and step.isdigit():
+          damage = DamagedCheckpointError(path, "unfinished-write",
+                                          "the write stopped before orbax finalized it")
+          _warn(damage, f"set aside as {self._move_aside(damage)}")
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("lkca_unfinished_writes_set_aside")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -1,6 +1,8 @@
-"""main.py end to end in real subprocesses: resume after SIGTERM and SIGKILL, eval, bad input."""
+"""main.py end to end in real subprocesses: resume after SIGTERM and SIGKILL (also mid-
+evaluation and mid-checkpoint-write), eval, bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +52,7 @@ def wait_for_checkpoint(proc, workdir, step, timeout=240):
 def assert_same_params(a, b):
   leaves_a, leaves_b = jax_leaves(a), jax_leaves(b)
   assert len(leaves_a) == len(leaves_b) > 0
-  for x, y in zip(leaves_a, leaves_b):
+  for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 
 
@@ -94,7 +96,8 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
   result = run_main(workdir, "--mode=eval")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"top1 {summary['final_top1']:.4f}" in result.stdout
-  result = run_main(workdir, "--mode=eval", f"--checkpoint={workdir}/checkpoints/{summary['best_step']}")
+  result = run_main(workdir, "--mode=eval",
+                    f"--checkpoint={workdir}/checkpoints/{summary['best_step']}")
   assert f"top1 {summary['best_top1']:.4f}" in result.stdout
 
 
@@ -122,12 +125,58 @@ def test_interrupted_run_resumes_to_identical_parameters(uninterrupted, tmp_path
   assert_same_params(params, full_params)
 
 
+# (LKCA_TEST_HOLD point, signal): the run is held there (train._StopSignal.hold_for_tests)
+# until the signal lands. After starting the asynchronous save of step 50, the hold keeps
+# that write unfinished.
+AWKWARD_MOMENTS = [("eval:50", signal.SIGTERM), ("save:50", signal.SIGTERM),
+                   ("save:50", signal.SIGKILL)]
+
+
+@pytest.mark.parametrize("hold, sig", AWKWARD_MOMENTS,
+                         ids=["SIGTERM-in-eval", "SIGTERM-in-async-save", "SIGKILL-in-save"])
+def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(uninterrupted, tmp_path,
+                                                                    hold, sig):
+  workdir, checkpoints = str(tmp_path), str(tmp_path / "checkpoints")
+  proc = subprocess.Popen(main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, LKCA_TEST_HOLD=hold))
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if line.startswith(f"holding at {hold}"):
+      break
+  else:
+    pytest.fail("the run never reached the hold:\n" + "".join(seen[-40:]))
+  unfinished = [n for n in os.listdir(checkpoints) if n.startswith("50.orbax-checkpoint-tmp")]
+  if hold.startswith("save"):
+    assert unfinished and "50" not in os.listdir(checkpoints), "the write is not in flight"
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM at step 51" in out
+    resume_from = 51
+  else:
+    assert proc.returncode == -signal.SIGKILL
+    assert "50" not in os.listdir(checkpoints)  # cut mid-write: only the unfinished copy
+    resume_from = 25
+  resumed = run_main(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(rf"resumed from \S+/checkpoints/{resume_from}\n", resumed.stderr), (
+      resumed.stderr[-3000:])
+  if sig == signal.SIGKILL:  # the unfinished write is kept aside, not deleted
+    assert re.search(r"checkpoints/50\.orbax-checkpoint-tmp\S* cannot be restored "
+                     r"\(unfinished-write", resumed.stderr)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "50-unfinished-write"))
+  step, params = final_params(workdir)
+  full_step, full_params = final_params(uninterrupted[0])
+  assert step == full_step == STEPS
+  assert_same_params(params, full_params)
+
+
+# Bad config values are tested in tests/test_config_checks.py, bad flags and
+# config keys in tests/tools/test_cli.py; here: data that is not prepared.
 BAD_INPUTS = [
-    (["--config.model=vit_99m"], "unknown model preset"),
-    (["--config.dataset.name=imagenet21k"], "unknown dataset"),
-    (["--config.no_such_key=1"], "no_such_key"),
-    (["--config.patch_size=3"], "not divisible by patch size"),
-    (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
     (["--config.dataset.name=cifar10", "--config.dataset.mean=(0.5,0.5,0.5)",
       "--config.dataset.std=(0.5,0.5,0.5)", "--config.dataset.download=False"],
      "--config.dataset.data_dir"),
@@ -141,9 +190,9 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(tmp_path):
     procs.append(subprocess.Popen(
         main_cmd(workdir, *flags, f"--config.dataset.data_dir={tmp_path / 'empty'}"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  for proc, (flags, message) in zip(procs, BAD_INPUTS):
+  for proc, (flags, message) in zip(procs, BAD_INPUTS, strict=True):
     out, err = proc.communicate(timeout=120)
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert proc.returncode == 2, (flags, err[-2000:])
     assert lines[-1].startswith("error: ") and message in lines[-1], (flags, err[-2000:])
   # Nothing was trained or checkpointed.
