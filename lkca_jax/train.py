@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -23,18 +25,17 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lkca_jax import augment as augment_lib
 from lkca_jax import checkpoint as checkpoint_lib
+from lkca_jax import config_checks
 from lkca_jax import data as data_lib
+from lkca_jax import files
 from lkca_jax import models
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.mixing import mix_batch
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the fix."""
+ConfigError = config_checks.ConfigError  # one class: main.py and the tools catch train.ConfigError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,17 +67,10 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def build_model(config, spec, rngs: nnx.Rngs) -> models.ViT:
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
   return models.create_model(config.model, num_classes=spec.num_classes,
                              image_size=spec.image_size, channels=spec.channels,
-                             patch_size=config.patch_size, dtype=DTYPES[config.dtype],
+                             patch_size=config.patch_size, dtype=models.DTYPES[config.dtype],
                              rngs=rngs, **model_kwargs(config))
-
-
-def augment_config(config) -> augment_lib.AugmentConfig:
-  return augment_lib.AugmentConfig.from_config(config.augment, mean=config.dataset.mean,
-                                               std=config.dataset.std)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -171,10 +165,11 @@ class Run:
   @classmethod
   def prepare(cls, config) -> "Run":
     """Validates the config, dataset and devices; builds the model. Raises ConfigError."""
-    if config.dataset.name not in data_lib.DATASETS:
-      raise ConfigError(f"unknown dataset {config.dataset.name!r}; choose one of "
-                        f"{sorted(data_lib.DATASETS)}")
-    spec = data_lib.DATASETS[config.dataset.name]
+    config_checks.validate(config)  # every key's own range first, before anything is built
+    try:
+      spec = data_lib.get_spec(config.dataset.name)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     classes = config.dataset.classes
     if classes:
       if not 2 <= classes <= spec.num_classes:
@@ -185,17 +180,14 @@ class Run:
       if len(config.dataset[key]) != spec.channels:
         raise ConfigError(f"dataset.{key} has {len(config.dataset[key])} values but "
                           f"{spec.name} images have {spec.channels} channels")
+    # The library rejects bad arguments (sizes that do not divide, unknown names) with
+    # ValueError; anything else raised here is a bug and keeps its traceback.
     try:
-      augment_config(config)
+      pipeline_lib.augment_config(config)
       mesh = pipeline_lib.make_mesh(config.num_devices)
-      if config.batch_size % mesh.devices.size:
-        raise ConfigError(f"global batch {config.batch_size} is not divisible by "
-                          f"{mesh.devices.size} devices; set --config.batch_size to a "
-                          "multiple of the device count")
+      pipeline_lib.check_global_batch(config.batch_size, mesh.devices.size)
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-    except ConfigError:
-      raise
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
       raise ConfigError(str(e)) from None
     try:
       data_lib.check_available(spec.name, data_dir=config.dataset.data_dir,
@@ -205,27 +197,12 @@ class Run:
       raise ConfigError(str(e)) from None
     return cls(config, spec, mesh, model, models.count_params(model))
 
-  def _subset(self, images, labels, per_class: int = 0):
-    """Keeps labels < spec.num_classes and, if per_class, the first per_class of each."""
-    keep = labels < self.spec.num_classes
-    if per_class:
-      rank = np.zeros_like(labels)
-      for c in np.unique(labels):
-        where = np.flatnonzero(labels == c)
-        rank[where] = np.arange(where.size)
-      keep &= rank < per_class
-    return images[keep], labels[keep]
-
   def load_data(self, key) -> pipeline_lib.Pipeline:
     t0 = time.time()
-    kwargs = dict(data_dir=self.config.dataset.data_dir, manual_dir=self.config.dataset.manual_dir,
-                  download=self.config.dataset.download)
-    train = self._subset(*data_lib.load_split(self.spec.name, self.spec.train_split, **kwargs),
-                         self.config.dataset.train_per_class)
-    test = self._subset(*data_lib.load_split(self.spec.name, self.spec.eval_split, **kwargs))
-    pipeline = pipeline_lib.Pipeline(
-        self.mesh, train, test, global_batch=self.config.batch_size, repeats=self.config.repeats,
-        augment=augment_config(self.config), key=key, placement=self.config.dataset.placement)
+    try:  # a download that cannot happen is the user's to fix, as an unprepared dataset is
+      pipeline = pipeline_lib.from_config(self.config, self.spec, self.mesh, key)
+    except data_lib.DatasetUnavailableError as e:
+      raise ConfigError(str(e)) from None
     logging.info("data: %d train / %d test images of %s on %s in %.1fs", pipeline.train.size,
                  pipeline.test.size, pipeline.image_shape, pipeline.placement, time.time() - t0)
     return pipeline
@@ -245,6 +222,22 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     self.received = signal.Signals(signum).name
+
+  def hold_for_tests(self, point: str, step: int) -> None:
+    """Test-only: LKCA_TEST_HOLD=<point>:<step> holds the run there until a signal.
+
+    Announces itself on stderr, then spins holding the GIL (a long switch
+    interval), so a checkpoint write just started stays unfinished: orbax
+    finalizes it from Python threads. Gives up after a minute.
+    """
+    if os.environ.get("LKCA_TEST_HOLD") != f"{point}:{step}":
+      return
+    print(f"holding at {point}:{step}", file=sys.stderr, flush=True)
+    interval, deadline = sys.getswitchinterval(), time.monotonic() + 60
+    sys.setswitchinterval(60.0)
+    while self.received is None and time.monotonic() < deadline:
+      pass
+    sys.setswitchinterval(interval)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -297,10 +290,10 @@ def _split_model(model):
   return train_graphdef, eval_graphdef, params, rest
 
 
-def _run_eval(eval_fn, state, pipeline) -> dict:
+def _run_eval(eval_fn, params, rest, pipeline) -> dict:
   totals = None
   for batch in pipeline.eval_batches():
-    sums = eval_fn(state.params, state.rest, batch)
+    sums = eval_fn(params, rest, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
@@ -325,10 +318,31 @@ class Training:
   schedule: optax.Schedule
   total_steps: int
   train_key: jax.Array
+  _order: tuple = dataclasses.field(default=(-1, None), repr=False)  # (epoch, its order)
+
+  def epoch_order(self, epoch: int) -> jax.Array:
+    """The epoch's example order, drawn once and kept until the next epoch."""
+    if self._order[0] != epoch:
+      self._order = (epoch, self.pipeline.epoch_order(epoch))
+    return self._order[1]
+
+  def batch(self, step: int) -> dict:
+    """The augmented training batch of global step `step`."""
+    return self.pipeline.train_batch(self.epoch_order(step // self.pipeline.steps_per_epoch), step)
+
+  def step(self, state: TrainState, step: int):
+    """One training step at global step `step`: its batch, then the jitted update."""
+    return self.train_step(state, self.batch(step), self.train_key)
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(data key, train key) of a run: the pipeline's order and augmentation, and the step's."""
+  data_key, train_key = jax.random.split(jax.random.key(seed))
+  return data_key, train_key
 
 
 def build_training(run: Run, config) -> Training:
-  data_key, train_key = jax.random.split(jax.random.key(config.seed))
+  data_key, train_key = run_keys(config.seed)
   pipeline = run.load_data(data_key)
   total_steps = total_train_steps(config, pipeline.steps_per_epoch)
   schedule = learning_rate_schedule(config, pipeline.steps_per_epoch, total_steps)
@@ -356,20 +370,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir.mkdir(parents=True, exist_ok=True)
   t = build_training(run, config)
   pipeline, state, total_steps = t.pipeline, t.state, t.total_steps
-  train_step, eval_step, train_key = t.train_step, t.eval_step, t.train_key
+  eval_step = t.eval_step
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else pipeline.steps_per_epoch)
 
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints",
                                            keep=config.keep_checkpoints)
   meta = {"best_top1": -1.0, "best_step": 0, "history": []}
-  start = checkpoints.latest_step()
-  if start is not None:
-    state, meta = checkpoints.restore(start, state)
+  restored = checkpoints.restore_latest(state)  # damaged ones: a warning each, set aside
+  if restored is not None:
+    start, state, meta = restored
     logging.info("resumed from %s/%d", checkpoints.directory, start)
   step = int(state.step)
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if step == 0:
@@ -405,15 +419,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   clock = _TrainClock(config.batch_size)
   stopped_by = None
-  order, order_epoch = None, -1
   wall_start = time.time()
   with _StopSignal() as stop:
     while step < total_steps:
-      epoch = step // pipeline.steps_per_epoch
-      if epoch != order_epoch:
-        order, order_epoch = pipeline.epoch_order(epoch), epoch
-      batch = pipeline.train_batch(order, step)
-      state, metrics = train_step(state, batch, train_key)
+      state, metrics = t.step(state, step)
       window.append(metrics)
       step += 1
       clock.step(metrics)
@@ -426,7 +435,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         flush()
       eval_metrics = None
       if eval_now:
-        eval_metrics = _run_eval(eval_step, state, pipeline)
+        stop.hold_for_tests("eval", step)
+        eval_metrics = _run_eval(eval_step, state.params, state.rest, pipeline)
         writer.write_scalars(step, {f"test_{k}": v for k, v in eval_metrics.items()})
         meta["history"].append({"step": step, **eval_metrics})
         if eval_metrics["top1"] > meta["best_top1"]:
@@ -435,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      eval_metrics["top5"], eval_metrics["loss"])
       if save_now:
         save(step, eval_metrics)
+        stop.hold_for_tests("save", step)  # the write is in flight
       clock.resume()
       if stopping:
         stopped_by = stopping
@@ -458,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "wall_seconds": wall, "config": json.loads(config.to_json_best_effort()),
   }
   if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_json(workdir / "summary.json", summary)
   writer.flush()
   writer.close()
   return summary
@@ -466,24 +477,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint: str | None = None) -> dict:
-  """Restores a checkpoint (the latest in workdir, or `checkpoint`) and evaluates on the test split."""
+  """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir."""
   run = Run.prepare(config)
   if checkpoint:
     directory, step = checkpoint_lib.resolve(checkpoint)
   else:
-    directory = epath.Path(workdir) / "checkpoints"
-    step = checkpoint_lib.Checkpoints(directory).latest_step() if directory.is_dir() else None
-    if step is None:
+    directory, step = epath.Path(workdir) / "checkpoints", None
+    if not directory.is_dir():
       raise checkpoint_lib.CheckpointError(
           f"no checkpoint in {directory}; train first or pass --checkpoint PATH")
   _, eval_graphdef, params, rest = _split_model(run.model)
-  replicated = NamedSharding(run.mesh, P())
-  tx = create_optimizer(config, learning_rate_schedule(config, 1, 2))
-  like = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                   opt_state=tx.init(params), rest=rest), replicated)
-  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False)
-  state, _ = checkpoints.restore(step, like)
+  # Only what evaluation needs is read: no optimizer state is built or restored.
+  like = jax.device_put({"params": params, "rest": rest}, NamedSharding(run.mesh, P()))
+  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
+  if step is None:  # the newest that restores; damaged ones are skipped with a warning
+    restored = checkpoints.restore_latest(like, partial=True)
+    if restored is None:
+      raise checkpoint_lib.CheckpointError(
+          f"no checkpoint in {directory}; train first or pass --checkpoint PATH")
+    step, state, _ = restored
+  else:
+    state, _ = checkpoints.restore(step, like, partial=True)
   checkpoints.close()
-  pipeline = run.load_data(jax.random.key(config.seed))
-  metrics = _run_eval(jax.jit(make_eval_step(eval_graphdef)), state, pipeline)
+  pipeline = run.load_data(run_keys(config.seed)[0])
+  metrics = _run_eval(jax.jit(make_eval_step(eval_graphdef)), state["params"], state["rest"],
+                      pipeline)
   return {"step": step, "checkpoint": f"{directory}/{step}", **metrics}

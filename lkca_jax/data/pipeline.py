@@ -8,10 +8,11 @@ When the split does not fit (placement "host", or "auto" on a small device)
 images stay in host memory and only the uint8 batch crosses to the devices;
 the batches are identical either way.
 
-The pipeline's whole state is (epoch, step, key): the epoch order is a
-permutation drawn from fold_in(key, epoch) over `repeats` copies of the
-training set, and each batch's augmentation key is derived from the global
-step. A resumed run therefore sees exactly the batches it would have seen.
+The pipeline's whole state is (epoch, step, key): the epoch order is drawn
+from fold_in(key, epoch) alone (`repeats` independent shuffles of the training
+set back to back, as the reference; or one shuffle of `repeats` stacked copies),
+and each batch's augmentation key is derived from the global step. A resumed
+run therefore sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
@@ -20,13 +21,20 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lkca_jax import augment as augment_lib
+from lkca_jax.data import sources
 
 DATA_AXIS = "data"
 # Keep the replicated dataset under this share of one device's memory.
 DEVICE_MEMORY_FRACTION = 0.25
+# How an epoch's `repeats` passes are ordered (docs/reference.md#training-recipe):
+# "independent" (the reference) shuffles each pass on its own, so no image repeats
+# within a pass; "joint" shuffles the stacked copies at once, so an image can land
+# twice in one batch.
+EPOCH_ORDERS = ("independent", "joint")
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -38,6 +46,47 @@ def make_mesh(num_devices: int = 0) -> Mesh:
                        "visible; lower --config.num_devices")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_global_batch(global_batch: int, num_devices: int) -> None:
+  if global_batch % num_devices:
+    raise ValueError(f"global batch {global_batch} is not divisible by {num_devices} devices; "
+                     "set --config.batch_size to a multiple of the device count")
+
+
+def subset(images: np.ndarray, labels: np.ndarray, *, num_classes: int, per_class: int = 0):
+  """Keeps labels < num_classes and, if per_class, the first per_class images of each."""
+  keep = labels < num_classes
+  if per_class:
+    rank = np.zeros_like(labels)
+    for c in np.unique(labels):
+      where = np.flatnonzero(labels == c)
+      rank[where] = np.arange(where.size)
+    keep &= rank < per_class
+  return images[keep], labels[keep]
+
+
+def augment_config(config) -> augment_lib.AugmentConfig:
+  """The per-image augmentation of a run config, with its dataset's statistics."""
+  return augment_lib.AugmentConfig.from_config(config.augment, mean=config.dataset.mean,
+                                               std=config.dataset.std)
+
+
+def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -> Pipeline:
+  """Loads `spec`'s splits as the run config says (subsets, placement) into a Pipeline.
+
+  `spec.num_classes` may be below the dataset's own (config.dataset.classes):
+  then only the first classes are kept.
+  """
+  data = config.dataset
+  kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
+  train = subset(*sources.load_split(spec.name, spec.train_split, **kwargs),
+                 num_classes=spec.num_classes, per_class=data.train_per_class)
+  test = subset(*sources.load_split(spec.name, spec.eval_split, **kwargs),
+                num_classes=spec.num_classes)
+  return Pipeline(mesh, train, test, global_batch=config.batch_size, repeats=config.repeats,
+                  augment=augment_config(config), key=key, placement=data.placement,
+                  epoch_order=config.epoch_order)
 
 
 def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -75,11 +124,12 @@ class Pipeline:
 
   def __init__(self, mesh: Mesh, train: tuple[np.ndarray, np.ndarray],
                test: tuple[np.ndarray, np.ndarray], *, global_batch: int, repeats: int,
-               augment: augment_lib.AugmentConfig, key: jax.Array, placement: str = "auto"):
-    num_devices = mesh.devices.size
-    if global_batch % num_devices:
-      raise ValueError(f"global batch {global_batch} is not divisible by {num_devices} devices; "
-                       "set --config.batch_size to a multiple of the device count")
+               augment: augment_lib.AugmentConfig, key: jax.Array, placement: str = "auto",
+               epoch_order: str = "independent"):
+    check_global_batch(global_batch, mesh.devices.size)
+    if epoch_order not in EPOCH_ORDERS:
+      raise ValueError(f"epoch_order must be one of {EPOCH_ORDERS}, got {epoch_order!r}")
+    self.order = epoch_order
     self.mesh = mesh
     self.global_batch = global_batch
     self.repeats = repeats
@@ -117,11 +167,16 @@ class Pipeline:
 
   # --- training -------------------------------------------------------------
   def _order(self, epoch):
-    copies = jnp.tile(jnp.arange(self.train.size, dtype=jnp.int32), self.repeats)
-    return jax.random.permutation(jax.random.fold_in(self.order_key, epoch), copies)
+    key = jax.random.fold_in(self.order_key, epoch)  # a pure function of (key, epoch)
+    if self.order == "joint":
+      copies = jnp.tile(jnp.arange(self.train.size, dtype=jnp.int32), self.repeats)
+      return jax.random.permutation(key, copies)
+    passes = jax.vmap(lambda k: jax.random.permutation(k, self.train.size))(
+        jax.random.split(key, self.repeats))
+    return passes.reshape(-1).astype(jnp.int32)
 
   def epoch_order(self, epoch: int) -> jax.Array:
-    """Indices of one epoch: `repeats` shuffled copies of the training set."""
+    """Indices of one epoch: `repeats` passes over the training set (see EPOCH_ORDERS)."""
     return self._epoch_order(epoch)
 
   def _augment_images(self, images, labels, step):

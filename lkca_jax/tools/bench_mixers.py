@@ -1,7 +1,7 @@
 """Forward+backward timing of the LKCA mixer in each view against MHSA.
 
-    python -m lkca_jax.tools.bench_mixers [--out bench_results/bench.json] [--repeats N]
-                             [--cases mhsa,lkca-attention,...] [--shapes 8x8,16x16]
+    python -m lkca_jax.tools.bench_mixers [--out bench_results/bench_mixers.json] [--repeats N]
+        [--max_seconds S] [--cases mhsa,lkca-attention,...] [--shapes 8x8,16x16]
 
 Every case times one jit-compiled call of grad(sum(outputs)) with respect to
 the input AND the parameters (the kernel for the bare mixing steps), on the
@@ -14,12 +14,8 @@ formulation (kernel_sharing="channel": one kernel per channel).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import pathlib
-import platform
 import statistics
 import time
 from typing import Callable
@@ -29,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.layers import LKCA, MHSA
-from lkca_jax.layers import lkca
+from lkca_jax.layers import LKCA, MHSA, lkca
+from lkca_jax.tools import cli
 
 DIM = 192
 MHSA_HEADS = 12
@@ -124,15 +120,9 @@ def time_grad(apply: Callable, args: tuple, repeats: int, max_seconds: float) ->
   return times
 
 
-def machine_info() -> dict:
-  device = jax.devices()[0]
-  return {"device_kind": device.device_kind, "platform": device.platform,
-          "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-          "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
-
-
 def run(case_names: list[str], shape_names: list[str], repeats: int, max_seconds: float) -> dict:
-  machine = machine_info()
+  machine = cli.machine_info()
+  machine["load_average_1m_at_start"] = machine.pop("load_average_1m")
   rows = []
   for shape_name in shape_names:
     batch, grid = SHAPES[shape_name]
@@ -185,34 +175,37 @@ def parse_list(text: str, valid, what: str) -> list[str]:
   names = [n.strip() for n in text.split(",") if n.strip()]
   unknown = [n for n in names if n not in valid]
   if unknown or not names:
-    raise SystemExit(f"unknown {what} {unknown or text!r}; choose from {', '.join(valid)}")
+    cli.fail(f"unknown {what} {unknown or text!r}; choose from {', '.join(valid)}")
   return names
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", default="bench_results/bench.json", help="JSON results file")
-  parser.add_argument("--repeats", type=int, default=15, help="timed runs per case (at most)")
-  parser.add_argument("--max-seconds", type=float, default=3.0,
-                      help=f"stop timing a case after this long (at least {MIN_TIMED_RUNS} runs)")
-  parser.add_argument("--cases", default=",".join(CASES),
-                      help="comma-separated subset of: " + ", ".join(CASES))
-  parser.add_argument("--shapes", default=",".join(SHAPES),
-                      help="comma-separated subset of: " + ", ".join(SHAPES))
-  args = parser.parse_args(argv)
-  if args.repeats < 1:
-    raise SystemExit("--repeats must be at least 1")
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("out", "bench_results/bench_mixers.json", "JSON results file.")
+  flags.DEFINE_integer("repeats", 15, "Timed runs per case (at most).")
+  flags.DEFINE_float("max_seconds", 3.0,
+                     f"Stop timing a case after this long (at least {MIN_TIMED_RUNS} runs).")
+  flags.DEFINE_string("cases", ",".join(CASES), "Comma-separated subset of: " + ", ".join(CASES))
+  flags.DEFINE_string("shapes", ",".join(SHAPES),
+                      "Comma-separated subset of: " + ", ".join(SHAPES))
+
+
+def main(argv) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  args = flags.FLAGS
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; see --helpfull")
+  if args.repeats < 1 or args.max_seconds <= 0:
+    cli.fail(f"--repeats must be at least 1 and --max_seconds above 0, got {args.repeats} and "
+             f"{args.max_seconds}")
   cases = parse_list(args.cases, CASES, "case")
   shapes = parse_list(args.shapes, SHAPES, "shape")
   results = run(cases, shapes, args.repeats, args.max_seconds)
-  table = markdown(results)
-  print(table)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + "\n")
-  print(f"wrote {out}")
-  return results
+  print(markdown(results))
+  print(f"wrote {cli.write_json(args.out, results)}")
 
 
 if __name__ == "__main__":
-  main()
+  from absl import app
+  _define_flags()
+  app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_mixers"))

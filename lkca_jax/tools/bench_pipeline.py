@@ -24,23 +24,24 @@ show where the augmentation time goes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-TARGET_RATIO = 0.85  # the issue: with augmentation >= 85% of the throughput without
+from lkca_jax.tools import cli  # noqa: E402
+
+# The input pipeline's goal: training with augmentation at least 85% as fast as without.
+TARGET_RATIO = 0.85
 MODES = ("on", "off")
 
 
 def augment_off(augment):
   """The same AugmentConfig with every per-image random step off (normalise only)."""
-  return dataclasses.replace(augment, flip=False, crop_padding=0, autoaugment=None,
-                             random_erasing=0.0)
+  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  return augment_lib.stages_off(augment)
 
 
 def pipeline_with_augment(pipeline, augment, key):
@@ -50,7 +51,8 @@ def pipeline_with_augment(pipeline, augment, key):
   arrays = lambda split: (np.asarray(split.images), np.asarray(split.labels))
   return pipeline_lib.Pipeline(pipeline.mesh, arrays(pipeline.train), arrays(pipeline.test),
                                global_batch=pipeline.global_batch, repeats=pipeline.repeats,
-                               augment=augment, key=key, placement=pipeline.placement)
+                               augment=augment, key=key, placement=pipeline.placement,
+                               epoch_order=pipeline.order)
 
 
 def interleaved_times(runs: dict[str, Callable[[int], float]], count: int,
@@ -76,26 +78,23 @@ def median_ms(seconds: list[float]) -> float:
 
 
 class TrainLoop:
-  """The trainer's step (batch + train_step) on a shared, donated state."""
+  """Times the trainer's own step (`Training.step`: batch, then the jitted update).
 
-  def __init__(self, training):
-    self.training = training
-    self.state = training.state
-    self._orders = {}
+  One donated state is threaded through both modes; each mode is a Training
+  with its own pipeline. The epoch order is drawn outside the timed span, as
+  the trainer draws it once an epoch.
+  """
 
-  def order(self, pipeline, epoch):
-    key = (id(pipeline), epoch)
-    if key not in self._orders:  # once an epoch in the trainer: not part of a step
-      self._orders[key] = pipeline.epoch_order(epoch)
-    return self._orders[key]
+  def __init__(self, trainings: dict):
+    self.trainings = trainings
+    self.state = next(iter(trainings.values())).state
 
-  def step(self, pipeline, step: int) -> float:
+  def step(self, mode: str, step: int) -> float:
     import jax  # pylint: disable=import-outside-toplevel
-    order = self.order(pipeline, step // pipeline.steps_per_epoch)
-    jax.block_until_ready(order)
+    training = self.trainings[mode]
+    jax.block_until_ready(training.epoch_order(step // training.pipeline.steps_per_epoch))
     start = time.perf_counter()
-    batch = pipeline.train_batch(order, step)
-    self.state, metrics = self.training.train_step(self.state, batch, self.training.train_key)
+    self.state, metrics = training.step(self.state, step)
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - start
 
@@ -111,27 +110,33 @@ def augment_stages(augment) -> dict:
   """name -> AugmentConfig with only that stage of `augment` on, for each enabled stage.
 
   Timing augment_batch with each times a stage as augment_batch runs it;
-  every one includes the normalisation, which "normalize" times alone.
+  every one includes the normalisation, which "normalize" times alone. The
+  stages and their order are augment.STAGES, the ones augment_batch runs.
   """
-  off = augment_off(augment)
-  stages = {}
-  if augment.flip:
-    stages["flip"] = dataclasses.replace(off, flip=True)
-  if augment.crop_padding:
-    stages["crop"] = dataclasses.replace(off, crop_padding=augment.crop_padding)
-  if augment.autoaugment:
-    stages["autoaugment"] = dataclasses.replace(off, autoaugment=augment.autoaugment)
-  stages["normalize"] = off
-  if augment.random_erasing:
-    stages["random_erasing"] = dataclasses.replace(off, random_erasing=augment.random_erasing)
-  return stages
+  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  return {stage.name: stage.alone(augment) for stage in augment_lib.enabled_stages(augment)}
 
 
-def machine_info() -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-          "devices": jax.device_count(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
+def summarize(step_times: dict, batch_ms: dict, batch: int) -> dict:
+  """Per-mode medians and the three on/off ratios from raw step times (seconds).
+
+  "ratio" divides the median images/s; "paired_ratio" is the median over k of
+  off_k / on_k (the k-th steps of both modes ran side by side, under one load);
+  "additive_ratio" is off / (off + on batch − off batch): the steps run one
+  after the other, so on = off + the extra batch time, and this ratio rests
+  on the short, low-noise batch timings.
+  """
+  results = {}
+  for name in MODES:
+    ms = median_ms(step_times[name])
+    results[name] = {"median_step_ms": ms, "images_per_second": batch / (ms / 1e3),
+                     "step_ms": [1e3 * t for t in step_times[name]]}
+  off_ms = results["off"]["median_step_ms"]
+  pairs = zip(step_times["on"], step_times["off"], strict=True)
+  return {**results,
+          "ratio": results["on"]["images_per_second"] / results["off"]["images_per_second"],
+          "paired_ratio": statistics.median(off_s / on_s for on_s, off_s in pairs),
+          "additive_ratio": off_ms / (off_ms + batch_ms["on"] - batch_ms["off"])}
 
 
 def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log=print) -> dict:
@@ -149,19 +154,19 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
   on = training.pipeline
   pipelines = {"on": on, "off": pipeline_with_augment(on, augment_off(on.augment),
                                                       jax.random.key(config.seed))}
-  loop = TrainLoop(training)
+  loop = TrainLoop({"on": training,
+                    "off": dataclasses.replace(training, pipeline=pipelines["off"])})
   log(f"data on {on.placement} in {load_seconds:.1f}s; compiling "
       f"{config.model} ({run.num_params:,} params) at batch {config.batch_size}")
 
   start = time.perf_counter()
   for name in MODES:  # compile, then one warm step each: excluded from the timings
-    loop.step(pipelines[name], 0)
-    loop.step(pipelines[name], 1)
+    loop.step(name, 0)
+    loop.step(name, 1)
   compile_seconds = time.perf_counter() - start
   base = 2  # steps already taken
   step_times = interleaved_times(
-      {name: (lambda i, p=pipelines[name]: loop.step(p, base + i)) for name in MODES},
-      steps, block)
+      {name: (lambda i, n=name: loop.step(n, base + i)) for name in MODES}, steps, block)
 
   # The pipeline alone, and the augmentation alone on a fixed batch.
   orders = {name: pipelines[name].epoch_order(0) for name in MODES}
@@ -192,20 +197,8 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
     stages = {name: median_ms(t) for name, t in stage_times.items()}
 
   batch = config.batch_size
-  train_results = {}
-  for name in MODES:
-    ms = median_ms(step_times[name])
-    train_results[name] = {"median_step_ms": ms, "images_per_second": batch / (ms / 1e3),
-                           "step_ms": [1e3 * t for t in step_times[name]]}
-  ratio = train_results["on"]["images_per_second"] / train_results["off"]["images_per_second"]
-  # The k-th steps of the two modes ran next to each other: their ratio sees one load.
-  paired = statistics.median(off_s / on_s
-                             for on_s, off_s in zip(step_times["on"], step_times["off"]))
   batch_ms = {name: median_ms(batch_times[name]) for name in MODES}
-  # The steps run one after the other, so on = off + the extra batch time; this
-  # ratio rests on short, low-noise timings and on the off step's median.
-  off_ms = train_results["off"]["median_step_ms"]
-  additive = off_ms / (off_ms + batch_ms["on"] - batch_ms["off"])
+  summary = summarize(step_times, batch_ms, batch)
   aug = on.augment
   return {
       "config": {"model": config.model, "dataset": config.dataset.name,
@@ -214,14 +207,13 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
       "note": ("'off' turns only the per-image augmentation off; batch-level CutMix/Mixup "
                "(inside the train step) are the same in both modes"),
       "steps": steps, "block": block,
-      "train": {**train_results, "ratio": ratio, "paired_ratio": paired,
-                "additive_ratio": additive},
-      "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
+      "train": summary,
+      "target_ratio": TARGET_RATIO, "meets_target": summary["ratio"] >= TARGET_RATIO,
       "pipeline_batch_ms": batch_ms,
       "augment_batch_ms": {name: median_ms(augment_times[name]) for name in MODES},
       "augment_stage_ms": stages,
       "load_seconds": load_seconds, "compile_seconds": compile_seconds,
-      "machine": {**machine_info(), "load_average_start": load_start,
+      "machine": {**cli.machine_info(), "load_average_start": load_start,
                   "load_average_end": os.getloadavg()},
   }
 
@@ -269,7 +261,7 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
-  from lkca_jax.tools.cli import fail  # pylint: disable=import-outside-toplevel
+  fail = cli.fail
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
@@ -282,15 +274,10 @@ def main(argv):
   except (train.ConfigError, data_lib.DatasetUnavailableError) as e:
     fail(str(e))
   print(format_table(results))
-  directory = os.path.dirname(os.path.abspath(FLAGS.out))
-  os.makedirs(directory, exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {FLAGS.out}")
+  print(f"wrote {cli.write_json(FLAGS.out, results)}")
 
 
 if __name__ == "__main__":
   from absl import app
-  from lkca_jax.tools.cli import parser_for
   _define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.bench_pipeline"))
+  app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_pipeline"))

@@ -1,11 +1,20 @@
-"""Shared command-line handling: one-line errors with exit code 2, before any work.
+"""What every command shares: flag parsing, one way to fail, machine info, output files.
 
-Used by main.py and the `python -m lkca_jax.*` commands, which all take an
-ml_collections `--config` file with `--config.KEY=VALUE` overrides.
+Used by main.py and the `python -m lkca_jax.tools.*` commands. A bad input is
+one `error:` line on stderr and exit code 2, before any work; every output
+file is written whole through `lkca_jax.files.write_atomic`.
 """
 from __future__ import annotations
 
+import io
+import os
+import platform
 import sys
+
+from lkca_jax.files import write_atomic, write_json
+
+__all__ = ["USAGE_ERROR", "fail", "machine_info", "parse_flags", "parser_for", "save_figure",
+           "write_atomic", "write_json"]
 
 USAGE_ERROR = 2
 
@@ -20,13 +29,17 @@ def parse_flags(argv, *, program: str = "main.py"):
   """absl flag parsing whose every failure is one `error:` line and exit 2.
 
   Covers unknown flags, bad values, unknown `--config.KEY` overrides, a config
-  file that is missing or fails to load, and a missing `--config`.
+  file that is missing or fails to load, and a missing `--config` (for commands
+  that define one).
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
+  takes_config = "config" in flags.FLAGS
+  config = None
   try:
     rest = flags.FLAGS(argv)
-    config = flags.FLAGS.config
+    if takes_config:
+      config = flags.FLAGS.config
     if config is not None and not isinstance(config, ml_collections.ConfigDict):
       config.keys()  # a config file that failed to load raises its error on first use
   except OSError as e:
@@ -38,7 +51,7 @@ def parse_flags(argv, *, program: str = "main.py"):
     key = str(e).strip("\"'")
     fail(f"bad --config override: {key} is not a key of this config or has the wrong type; "
          "the keys are in configs/default.py")
-  if config is None:
+  if takes_config and config is None:
     fail("--config is required, e.g. --config configs/digits.py")
   return rest
 
@@ -46,3 +59,21 @@ def parse_flags(argv, *, program: str = "main.py"):
 def parser_for(program: str):
   """A `flags_parser` for absl's app.run naming `program` in its hints."""
   return lambda argv: parse_flags(argv, program=program)
+
+
+def machine_info() -> dict:
+  """The machine a number was measured on, with the 1-minute load average now."""
+  import jax  # pylint: disable=import-outside-toplevel
+  device = jax.devices()[0]
+  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "backend": jax.default_backend(), "device_kind": device.device_kind,
+          "devices": jax.device_count(), "cpu_count": os.cpu_count(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def save_figure(figure, path, *, dpi: int = 150):
+  """Saves a matplotlib figure as a PNG, atomically; returns the path."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+  return write_atomic(path, buffer.getvalue())

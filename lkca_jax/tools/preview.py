@@ -8,8 +8,8 @@ The batch is `pipeline.train_batch(order, step)` of the pipeline that
 as a training run of that config), before the train step's batch-level
 CutMix / Mixup. Tiles are the first rows x cols images of the batch,
 un-normalised with the config's mean and std, clipped to [0, 1] and upscaled
-(nearest); random erasing zeroes normalised pixels, so erased boxes show in
-the dataset's mean colour. Each tile has its class name under it
+(nearest); erased boxes show in
+the fill of `augment.erasing_fill`. Each tile has its class name under it
 (Tiny-ImageNet: the first name of words.txt when the zip is at hand, else the
 wnid). Bad input is reported in one line with exit code 2, as main.py does.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import os
 import zipfile
 
@@ -24,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from lkca_jax.tools import cli  # noqa: E402
 from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 
 TILE_TARGET = 128  # upscale tiles to about this many pixels...
@@ -171,16 +173,18 @@ def render_grid(tiles: np.ndarray, labels: list[str], layout: Layout, caption: s
 
 
 def describe_augmentation(augment) -> str:
+  """The enabled random stages of augment.STAGES, in the order they run."""
+  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  notes = {"random_erasing": (
+      "erased boxes hold the dataset means in the normalised image: a light grey here"
+      if augment.erasing_fill == "mean" else
+      "erased boxes show as the mean colour: zero after normalisation")}
   parts = []
-  if augment.flip:
-    parts.append("random flip")
-  if augment.crop_padding:
-    parts.append(f"pad-{augment.crop_padding} random crop")
-  if augment.autoaugment:
-    parts.append(f"AutoAugment ({augment.autoaugment})")
-  if augment.random_erasing:
-    parts.append(f"random erasing p={augment.random_erasing:g} (erased boxes show as the "
-                 "mean colour: zero after normalisation)")
+  for stage in augment_lib.enabled_stages(augment):
+    if stage.switch is None:  # normalisation: every image, shown undone
+      continue
+    note = notes.get(stage.name)
+    parts.append(stage.describe(augment) + (f" ({note})" if note else ""))
   return ", ".join(parts) if parts else "no per-image augmentation (normalise only)"
 
 
@@ -188,7 +192,7 @@ def describe_augmentation(augment) -> str:
 def preview_batch(run, config, step: int):
   """(the trainer's pipeline, its augmented batch at global `step` as numpy)."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
-  pipeline = train.build_training(run, config).pipeline
+  pipeline = run.load_data(train.run_keys(config.seed)[0])  # the data only: no model state
   order = pipeline.epoch_order(step // pipeline.steps_per_epoch)
   batch = pipeline.train_batch(order, step)
   return pipeline, {key: np.asarray(value) for key, value in batch.items()}
@@ -216,9 +220,9 @@ def write_preview(config, out: str, *, rows: int, cols: int, step: int, run=None
              f"{describe_augmentation(pipeline.augment)}. Shown un-normalised, before the "
              "train step's batch-level CutMix/Mixup.")
   image = render_grid(tiles, labels, layout, caption)
-  directory = os.path.dirname(os.path.abspath(out))
-  os.makedirs(directory, exist_ok=True)
-  image.save(out, optimize=True)
+  png = io.BytesIO()
+  image.save(png, format="PNG", optimize=True)
+  cli.write_atomic(out, png.getvalue())
   return {"out": out, "size": image.size, "tile": layout.tile, "epoch": epoch}
 
 

@@ -11,6 +11,7 @@ COMMANDS = {
     "preview": [sys.executable, "-m", "lkca_jax.tools.preview"],
     "benchmark": [sys.executable, "-m", "lkca_jax.tools.bench_pipeline"],
     "compare": [sys.executable, "-m", "lkca_jax.tools.compare", "--mixers=lkca"],
+    "analyze": [sys.executable, "-m", "lkca_jax.tools.analyze"],
 }
 CASES = [
     (["--config", "configs/nope.py"], "could not load the --config file"),
