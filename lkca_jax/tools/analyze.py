@@ -1,0 +1,672 @@
+"""Pictures of what a trained model learned: LKCA kernels, attention views, ERFs, distances.
+
+    python -m lkca_jax.tools.analyze --config configs/digits.py [--workdir DIR] \
+        [--checkpoint DIR/checkpoints/STEP] [--images 50] [--layers 1,5,9] \
+        [--compare OTHER_WORKDIR] [--config.KEY=VALUE ...]
+
+The model is the one `main.py` trains for the config (`train.Run.prepare`),
+with the parameters of the workdir's latest checkpoint (or of --checkpoint);
+the same model before restoring is the one training started from, its
+"initialisation". Test images are the first --images of the test split,
+normalised as for evaluation. Written to <workdir>/analysis/, a PNG (150 dpi)
+and a JSON each:
+
+- kernels: every LKCA layer's (2h−1)×(2w−1) kernel, indexed by the key's
+  offset from the query in patches (zero offset boxed), on a diverging scale
+  centred on 0; per-head kernels one panel per head, per-channel kernels the
+  first 16 channels and the mean |K| over all of them. The JSON holds the raw
+  kernels. Left out for a model without LKCA layers.
+- attention: the N×N attention view of the --layers (default: the first,
+  middle and last LKCA / MHSA layer): LKCA's signed block-Toeplitz matrix A
+  (the mean over heads / channels for per-head / per-channel kernels), MHSA's
+  softmax weights averaged over the test images and heads, patch tokens only.
+  Tokens are numbered row-major over the h×w grid.
+- erf: the effective receptive field of the centre token (see
+  `lkca_jax.analysis`) after training and at initialisation, log-scaled,
+  with the sides of the smallest centred squares holding 20/30/50/99% of it.
+- distance: the mean attention distance of every LKCA / MHSA layer, in
+  patches, over depth, with the value of uniform attention for reference.
+
+--compare OTHER_WORKDIR adds a second trained model to the attention, erf and
+distance figures, e.g. vit_1m next to lkca_t: the config its run saved there
+(config.json, laid over --config for keys it lacks) and its latest checkpoint.
+
+Bad input (no checkpoint, a checkpoint of another model, a --compare directory
+that is no training workdir, --images < 1, a --layers entry out of range) is
+one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+
+DPI = 150
+MAX_CHANNELS_SHOWN = 16
+ERF_DECADES = 4  # the log colour scale spans max / 10^4 .. max
+ERF_SQUARE_SHOWN = 0.5  # the threshold whose square is drawn on the ERF maps
+
+
+# --- the models ----------------------------------------------------------------
+@dataclasses.dataclass
+class Subject:
+  """One trained model, its initialisation and the test images it is probed with."""
+  label: str
+  config: object
+  workdir: str
+  checkpoint: str
+  step: int
+  trained: object  # models.ViT with the checkpoint's parameters
+  init: object  # the same model as training started
+  images: np.ndarray  # normalised test images (B, H, W, C)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return tuple(self.trained.grid)
+
+  @property
+  def patch_size(self) -> int:
+    return int(self.trained.patch_size)
+
+  def layer_count(self) -> int:
+    return len(self.trained.blocks)
+
+
+def restore_params(model, workdir: str, checkpoint: str | None) -> tuple[object, int]:
+  """Loads into `model` the parameters of `checkpoint`, else of the newest good one in workdir.
+
+  Reads the parameters only (no optimizer state), read-only: nothing in the
+  workdir is moved or cleaned up, so a run may be training there. Damaged
+  checkpoints are skipped with a warning, as `main.py --mode eval` does.
+  Returns (checkpoints directory, step).
+  """
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  if checkpoint:
+    directory, step = checkpoint_lib.resolve(checkpoint)
+  else:
+    directory, step = checkpoint_lib.absolute(epath.Path(workdir) / "checkpoints"), None
+  missing = checkpoint_lib.CheckpointError(
+      f"no checkpoint in {directory}; train first (main.py --workdir {workdir}) or pass "
+      "--checkpoint PATH")
+  if not directory.is_dir():
+    raise missing
+  like = {"params": nnx.state(model, nnx.Param)}
+  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    if step is None:
+      restored = checkpoints.restore_latest(like, partial=True)
+      if restored is None:
+        raise missing
+      step, state, _ = restored
+    else:
+      state, _ = checkpoints.restore(step, like, partial=True)
+  finally:
+    checkpoints.close()
+  nnx.update(model, state["params"])
+  return directory, step
+
+
+def load_test_images(run, config, count: int) -> np.ndarray:
+  """The first `count` images of the test split (classes the run keeps), normalised."""
+  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  spec = run.spec
+  images, labels = data_lib.load_split(
+      spec.name, spec.eval_split, data_dir=config.dataset.data_dir,
+      manual_dir=config.dataset.manual_dir, download=config.dataset.download)
+  images = np.asarray(images)[np.asarray(labels) < spec.num_classes][:count]
+  return np.asarray(augment_lib.normalize(images, config.dataset.mean, config.dataset.std))
+
+
+def load_subject(config, workdir: str, checkpoint: str | None, images: int) -> Subject:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  run = train.Run.prepare(config)
+  init = nnx.clone(run.model)
+  directory, step = restore_params(run.model, workdir, checkpoint)
+  return Subject(label=config.model, config=config, workdir=str(workdir),
+                 checkpoint=f"{directory}/{step}", step=step, trained=run.model, init=init,
+                 images=load_test_images(run, config, images))
+
+
+def workdir_config(workdir: str, base):
+  """The config a training run saved in `workdir` (config.json), laid over `base`.
+
+  Keys the file lacks (added to the configs since that run) keep `base`'s
+  values; keys `base` does not know are ignored.
+  """
+  import copy  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"--compare {workdir} is not a directory")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--compare {workdir} is not a training workdir (no config.json)")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise FileNotFoundError(f"--compare {workdir}: cannot read config.json ({e})") from None
+  config = copy.deepcopy(base)
+  _overlay(config, saved, path)
+  return config
+
+
+def _overlay(config, values: dict, path: str, prefix: str = "") -> None:
+  for key, value in values.items():
+    if key not in config:
+      continue
+    current = config[key]
+    if isinstance(value, dict) and hasattr(current, "keys"):
+      _overlay(current, value, path, f"{prefix}{key}.")
+      continue
+    if isinstance(value, list):
+      value = tuple(value)  # JSON has no tuples
+    try:
+      config[key] = value
+    except (TypeError, ValueError, AttributeError) as e:
+      raise ValueError(f"{path}: {prefix}{key}={value!r} does not fit this config ({e})") from None
+
+
+# --- what to show ----------------------------------------------------------------
+def viewable_layers(model) -> list[int]:
+  from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+  return sorted(analysis.lkca_layers(model) + analysis.mhsa_layers(model))
+
+
+def choose_layers(model, requested: list[int] | None) -> list[int]:
+  """0-based layers for the attention figure: `requested` (1-based) or first, middle, last."""
+  viewable = viewable_layers(model)
+  if requested is None:
+    if not viewable:
+      return []
+    picks = [viewable[0], viewable[len(viewable) // 2], viewable[-1]]
+    return sorted(set(picks))
+  chosen = []
+  for layer in requested:
+    if not 1 <= layer <= len(model.blocks):
+      raise ValueError(f"--layers {layer} is out of range: the model has layers "
+                       f"1..{len(model.blocks)}")
+    if layer - 1 not in viewable:
+      raise ValueError(f"--layers {layer} is a {model.mixers[layer - 1]} layer, which has no "
+                       "attention view (LKCA and MHSA layers have)")
+    chosen.append(layer - 1)
+  return sorted(set(chosen))
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+  if not text:
+    return None
+  try:
+    return [int(part) for part in text.split(",") if part.strip()]
+  except ValueError:
+    raise ValueError(f"--layers must be comma-separated layer numbers, e.g. 1,5,9; got "
+                     f"{text!r}") from None
+
+
+@dataclasses.dataclass
+class Results:
+  """Every number the figures show, for one subject."""
+  kernels: dict  # layer → kernel
+  sharing: dict  # layer → kernel_sharing
+  views: dict  # layer → (N, N) matrix shown
+  view_kinds: dict  # layer → description
+  distances: dict  # layer → analysis.attention_distances entry
+  erf: dict  # "trained" / "init" → (H, W)
+  squares: dict  # "trained" / "init" → analysis.erf_squares
+
+
+def analyse(subject: Subject, layers: list[int]) -> Results:
+  from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+  model = subject.trained
+  kernels = analysis.lkca_kernels(model)
+  sharing = {i: model.blocks[i].mixer.kernel_sharing for i in kernels}
+  attention = {}  # MHSA layer → mean softmax over the test images (H, N, N)
+  if analysis.mhsa_layers(model):
+    attention = analysis.mean_mhsa_attention(model, subject.images)
+  toeplitz = analysis.lkca_attention(model)
+  views, kinds = {}, {}
+  for i in layers:
+    if i in toeplitz:
+      a = toeplitz[i]
+      views[i] = a if a.ndim == 2 else a.mean(axis=0)
+      kinds[i] = ("LKCA A" if a.ndim == 2 else
+                  f"LKCA A, mean of {a.shape[0]} {sharing[i]} kernels")
+    else:
+      views[i] = attention[i].mean(axis=0)
+      kinds[i] = f"MHSA, mean of {attention[i].shape[0]} heads"
+  distances = analysis.attention_distances(model, mhsa_attention=attention)
+  erf = {"trained": analysis.effective_receptive_field(model, subject.images),
+         "init": analysis.effective_receptive_field(subject.init, subject.images)}
+  squares = {key: analysis.erf_squares(value, subject.patch_size) for key, value in erf.items()}
+  return Results(kernels, sharing, views, kinds, distances, erf, squares)
+
+
+# --- figures -----------------------------------------------------------------------
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+                       "figure.titlesize": 10})
+  return plt
+
+
+def _symmetric_limit(values) -> float:
+  limit = float(np.max(np.abs(values))) if np.size(values) else 0.0
+  return limit if limit > 0 else 1.0  # an all-zero kernel still gets a readable scale
+
+
+def _kernel_panel(ax, kernel, grid, limit, cmap="RdBu_r"):
+  from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
+  h, w = grid
+  extent = (-(w - 1) - 0.5, (w - 1) + 0.5, (h - 1) + 0.5, -(h - 1) - 0.5)
+  vmin = -limit if cmap == "RdBu_r" else 0.0
+  image = ax.imshow(kernel, cmap=cmap, vmin=vmin, vmax=limit, extent=extent,
+                    interpolation="nearest")
+  ax.add_patch(Rectangle((-0.5, -0.5), 1, 1, fill=False, edgecolor="black", linewidth=0.8))
+  ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+  ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
+  return image
+
+
+def kernel_mosaic(stack: np.ndarray) -> tuple[np.ndarray, int]:
+  """(n, a, b) kernels as one image of ⌈√n⌉ columns, tiles one NaN pixel apart; and the columns."""
+  n, a, b = stack.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  mosaic = np.full((rows * (a + 1) - 1, cols * (b + 1) - 1), np.nan)
+  for k, kernel in enumerate(stack):
+    r, c = divmod(k, cols)
+    mosaic[r * (a + 1):r * (a + 1) + a, c * (b + 1):c * (b + 1) + b] = kernel
+  return mosaic, cols
+
+
+def plot_kernels(subject: Subject, results: Results, path) -> None:
+  """Per layer: its kernel (layer sharing), a row of heads, or 16 channels and mean |K|."""
+  from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  layers = sorted(results.kernels)
+  grid = subject.grid
+  sharing = results.sharing[layers[0]]  # one option for every LKCA layer of a model
+  xlabel, ylabel = "Δ column (patches)", "Δ row (patches)"
+  title = (f"{subject.label}: LKCA kernels at step {subject.step}, indexed by the key's "
+           "offset from the query (box: zero offset)")
+  if sharing == "layer":
+    cols = math.ceil(math.sqrt(len(layers)))
+    rows = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(layers):]:
+      ax.axis("off")
+    for ax, i in zip(axes.flat, layers, strict=False):  # spare panels are off
+      kernel = results.kernels[i]
+      image = _kernel_panel(ax, kernel, grid, _symmetric_limit(kernel))
+      fig.colorbar(image, ax=ax, shrink=0.85)
+      ax.set_title(f"layer {i + 1}")
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(ylabel)
+  elif sharing == "head":  # a row of heads per layer, one colour scale per layer
+    heads = results.kernels[layers[0]].shape[0]
+    fig, axes = plt.subplots(len(layers), heads, figsize=(1.5 * heads + 1.0, 1.45 * len(layers)),
+                             squeeze=False, layout="constrained")
+    for row, i in enumerate(layers):
+      limit = _symmetric_limit(results.kernels[i])
+      for col, kernel in enumerate(results.kernels[i]):
+        ax = axes[row, col]
+        image = _kernel_panel(ax, kernel, grid, limit)
+        ax.set_title(f"layer {i + 1}, head {col + 1}", fontsize=6)
+        ax.tick_params(labelsize=5)
+        if col == 0:
+          ax.set_ylabel(ylabel, fontsize=6)
+        if row == len(layers) - 1:
+          ax.set_xlabel(xlabel, fontsize=6)
+      fig.colorbar(image, ax=list(axes[row]), shrink=0.9, pad=0.01)
+  else:  # channel: per layer a mosaic of the first channels and the mean |K| of all
+    per_row = min(3, len(layers))
+    rows = math.ceil(len(layers) / per_row)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.4 * per_row, 2.7 * rows),
+                             squeeze=False, layout="constrained",
+                             gridspec_kw={"width_ratios": [1.6, 1] * per_row})
+    for ax in axes.flat[2 * len(layers):]:
+      ax.axis("off")
+    a, b = 2 * grid[0] - 1, 2 * grid[1] - 1
+    for k, i in enumerate(layers):
+      stack = results.kernels[i]
+      shown = stack[:MAX_CHANNELS_SHOWN]
+      mosaic, cols = kernel_mosaic(shown)
+      limit = _symmetric_limit(shown)
+      ax = axes[k // per_row, 2 * (k % per_row)]
+      cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")  # the gaps between tiles
+      image = ax.imshow(mosaic, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+      for t in range(shown.shape[0]):
+        r, c = divmod(t, cols)
+        ax.add_patch(Rectangle((c * (b + 1) + grid[1] - 1.5, r * (a + 1) + grid[0] - 1.5), 1, 1,
+                               fill=False, edgecolor="black", linewidth=0.5))
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(f"layer {i + 1}: channels 1–{shown.shape[0]} of {stack.shape[0]} "
+                   "(row-major tiles)", fontsize=7)
+      fig.colorbar(image, ax=ax, shrink=0.85)
+      ax = axes[k // per_row, 2 * (k % per_row) + 1]
+      mean_abs = np.abs(stack).mean(axis=0)
+      image = _kernel_panel(ax, mean_abs, grid, _symmetric_limit(mean_abs), cmap="magma")
+      ax.set_title(f"layer {i + 1}: mean |K|, all {stack.shape[0]}", fontsize=7)
+      ax.set_xlabel(xlabel, fontsize=6)
+      ax.set_ylabel(ylabel, fontsize=6)
+      ax.tick_params(labelsize=5)
+      fig.colorbar(image, ax=ax, shrink=0.85)
+  fig.suptitle(title)
+  save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_attention(subjects, results, layers, path) -> None:
+  """A row per model: the N×N attention view of each chosen layer."""
+  from matplotlib.ticker import MultipleLocator  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  cols = max(max(len(chosen), 1) for chosen in layers)
+  fig, axes = plt.subplots(len(subjects), cols, figsize=(3.1 * cols, 2.9 * len(subjects)),
+                           squeeze=False, layout="constrained")
+  for row, (subject, result, chosen) in enumerate(zip(subjects, results, layers, strict=True)):
+    for ax in axes[row, len(chosen):]:
+      ax.axis("off")
+    if not chosen:
+      axes[row, 0].text(0.5, 0.5, f"{subject.label}: no LKCA or MHSA layer", ha="center",
+                        va="center", transform=axes[row, 0].transAxes)
+    for ax, i in zip(axes[row], chosen, strict=False):
+      matrix = result.views[i]
+      if result.view_kinds[i].startswith("LKCA"):
+        limit = _symmetric_limit(matrix)
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit,
+                          interpolation="nearest")
+      else:
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, interpolation="nearest")
+      fig.colorbar(image, ax=ax, shrink=0.85)
+      w = subject.grid[1]
+      ax.xaxis.set_major_locator(MultipleLocator(w))  # one tick per grid row of tokens
+      ax.yaxis.set_major_locator(MultipleLocator(w))
+      ax.tick_params(labelsize=6)
+      ax.set_title(f"{subject.label}, layer {i + 1}\n{result.view_kinds[i]}")
+      ax.set_xlabel("key token (row-major)")
+      ax.set_ylabel("query token (row-major)")
+  fig.suptitle(f"Attention views on the {subjects[0].grid[0]}×{subjects[0].grid[1]} patch grid "
+               f"(MHSA: softmax averaged over {len(subjects[0].images)} test images, class "
+               "token dropped)")
+  save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_erf(subjects, results, path) -> None:
+  """Trained and initial ERF of each model, side by side, on a log colour scale."""
+  from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
+  from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  panels = [(s, r, key) for s, r in zip(subjects, results, strict=True)
+            for key in ("trained", "init")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False,
+                           layout="constrained")
+  floor = plt.get_cmap("magma")(0.0)
+  # Exact zeros (no path to the pixel) and values under the scale show as the floor colour.
+  cmap = plt.get_cmap("magma").with_extremes(bad=floor, under=floor)
+  for ax, (subject, result, key) in zip(axes[0], panels, strict=True):
+    erf = result.erf[key]
+    peak = erf.max()
+    scaled = erf / peak if peak > 0 else erf
+    image = ax.imshow(np.ma.masked_less_equal(scaled, 0), cmap=cmap, interpolation="nearest",
+                      norm=LogNorm(vmin=10.0 ** -ERF_DECADES, vmax=1.0))
+    fig.colorbar(image, ax=ax, shrink=0.8, label="ERF / max (log scale)")
+    p = subject.patch_size
+    row, col = (subject.grid[0] // 2) * p, (subject.grid[1] // 2) * p
+    ax.add_patch(Rectangle((col - 0.5, row - 0.5), p, p, fill=False, edgecolor="cyan",
+                           linewidth=1.0))
+    squares = result.squares[key]
+    shown = squares.get(ERF_SQUARE_SHOWN)
+    if shown:
+      k = (shown["side"] - p) // 2
+      ax.add_patch(Rectangle((col - k - 0.5, row - k - 0.5), shown["side"], shown["side"],
+                             fill=False, edgecolor="white", linestyle="--", linewidth=0.9))
+    sides = "/".join("–" if v is None else str(v["side"]) for v in squares.values())
+    when = f"trained, step {subject.step}" if key == "trained" else "at initialisation"
+    ax.set_title(f"{subject.label}, {when}\nt = {'/'.join(f'{t:g}' for t in squares)}: "
+                 f"{sides} px", loc="left")
+    ax.set_xlabel("x (pixels)")
+    ax.set_ylabel("y (pixels)")
+  fig.suptitle(f"Effective receptive field of the centre token (cyan), mean over "
+               f"{len(subjects[0].images)} test images\nt: sides of the smallest centred "
+               f"squares holding a fraction t of it (dashed: t = {ERF_SQUARE_SHOWN:g})")
+  save_figure(fig, path)
+  plt.close(fig)
+
+
+def plot_distances(subjects, results, path) -> None:
+  """Mean attention distance over depth, with per-head / per-channel values as dots."""
+  from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5.0, 3.4), layout="constrained")
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  grids = sorted({s.grid for s in subjects})
+  for subject, result, colour in zip(subjects, results, colours[:len(subjects)], strict=True):
+    layers = sorted(result.distances)
+    means = [result.distances[i]["mean"] for i in layers]
+    kinds = sorted({result.distances[i]["mixer"] for i in layers})
+    ax.plot([i + 1 for i in layers], means, marker="o", color=colour,
+            label=f"{subject.label} ({', '.join(k.upper() for k in kinds)})")
+    for i in layers:
+      units = result.distances[i]["per_unit"]
+      if units.size > 1:
+        ax.scatter(np.full(units.size, i + 1), units, s=6, color=colour, alpha=0.3,
+                   linewidths=0)
+  for grid, style in zip(grids, ("--", ":"), strict=False):  # at most two grids
+    ax.axhline(analysis.uniform_attention_distance(grid), color="grey", linestyle=style,
+               linewidth=1, label=f"uniform attention, {grid[0]}×{grid[1]} grid")
+  depth = max(s.layer_count() for s in subjects)
+  ax.set_xticks(range(1, depth + 1))
+  ax.set_xlim(0.5, depth + 0.5)
+  top = max([analysis.uniform_attention_distance(g) for g in grids]
+            + [float(np.nanmax(r.distances[i]["per_unit"])) for r in results for i in r.distances
+               if np.isfinite(r.distances[i]["per_unit"]).any()])
+  ax.set_ylim(0, 1.12 * top)
+  ax.set_xlabel("layer")
+  ax.set_ylabel("mean attention distance (patches)")
+  ax.set_title("Mean attention distance (dots: heads / channels)")
+  ax.legend(fontsize=7)
+  save_figure(fig, path)
+  plt.close(fig)
+
+
+# --- files ---------------------------------------------------------------------------
+def save_figure(fig, path) -> None:
+  cli.save_figure(fig, path, dpi=DPI)
+
+
+def jsonable(value):
+  """Numpy arrays and scalars as lists and numbers; NaN as null."""
+  if isinstance(value, dict):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return jsonable(value.tolist())
+  if isinstance(value, (np.floating, float)):
+    return None if not math.isfinite(float(value)) else float(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def save_json(path, value) -> None:
+  cli.write_atomic(path, json.dumps(jsonable(value), indent=1) + "\n")
+
+
+def describe(subject: Subject) -> dict:
+  return {"label": subject.label, "model": subject.config.model,
+          "dataset": subject.config.dataset.name, "workdir": subject.workdir,
+          "checkpoint": subject.checkpoint, "step": subject.step, "grid": list(subject.grid),
+          "patch_size": subject.patch_size, "mixers": list(subject.trained.mixers)}
+
+
+def kernels_json(subject: Subject, result: Results) -> dict:
+  layers = []
+  for i in sorted(result.kernels):
+    kernel = result.kernels[i]
+    h, w = subject.grid
+    layers.append({"layer": i + 1, "kernel_sharing": result.sharing[i],
+                   "shape": list(kernel.shape),
+                   "zero_offset_tap": kernel[..., h - 1, w - 1],
+                   "abs_sum": np.abs(kernel).sum(axis=(-2, -1)), "kernel": kernel})
+  return {**describe(subject), "layers_numbered_from": 1,
+          "kernel_index": "K[..., h-1+drow, w-1+dcol]: the weight of the key (drow, dcol) "
+                          "patches from the query", "layers": layers}
+
+
+def attention_json(subjects, results, layers) -> dict:
+  models = []
+  for subject, result, chosen in zip(subjects, results, layers, strict=True):
+    models.append({**describe(subject), "images": len(subject.images), "layers": [
+        {"layer": i + 1, "mixer": subject.trained.mixers[i], "shows": result.view_kinds[i],
+         "matrix": result.views[i]} for i in chosen]})
+  return {"layers_numbered_from": 1,
+          "matrix": "rows: query tokens, columns: key tokens, row-major over the patch grid; "
+                    "MHSA: mean softmax over images and heads, class token dropped",
+          "models": models}
+
+
+def erf_json(subjects, results) -> dict:
+  from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+  models = []
+  for subject, result in zip(subjects, results, strict=True):
+    entry = {**describe(subject), "images": len(subject.images),
+             "centre_token": list(analysis.centre_token(subject.grid))}
+    for key in ("trained", "init"):
+      squares = result.squares[key]
+      entry[key] = {"square_sides": {t: (v or {}).get("side") for t, v in squares.items()},
+                    "squares": squares, "map": result.erf[key]}
+    models.append(entry)
+  return {"thresholds": list(analysis.ERF_THRESHOLDS),
+          "definition": "mean over images of |d sum_c relu(y_c) / d image| summed over colour "
+                        "channels, y the centre token's output of the last block; squares "
+                        "grow around the centre token's patch, sides in pixels",
+          "models": models}
+
+
+def distance_json(subjects, results) -> dict:
+  from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+  models = []
+  for subject, result in zip(subjects, results, strict=True):
+    models.append({**describe(subject), "images": len(subject.images),
+                   "uniform_attention": analysis.uniform_attention_distance(subject.grid),
+                   "layers": [{"layer": i + 1, **result.distances[i]}
+                              for i in sorted(result.distances)]})
+  return {"layers_numbered_from": 1, "unit": "patches",
+          "per_unit": "one value per head (MHSA, per-head LKCA), channel (per-channel LKCA) "
+                      "or the layer's one kernel",
+          "models": models}
+
+
+def write_analysis(subjects, out_dir, layers: list[int] | None) -> list[str]:
+  """Computes and writes everything; returns the files written."""
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  chosen = [choose_layers(s.trained, layers) for s in subjects]
+  results = [analyse(s, c) for s, c in zip(subjects, chosen, strict=True)]
+  written = []
+  main, main_result = subjects[0], results[0]
+  if main_result.kernels:
+    plot_kernels(main, main_result, out / "kernels.png")
+    save_json(out / "kernels.json", kernels_json(main, main_result))
+    written += ["kernels.png", "kernels.json"]
+  plot_attention(subjects, results, chosen, out / "attention.png")
+  save_json(out / "attention.json", attention_json(subjects, results, chosen))
+  plot_erf(subjects, results, out / "erf.png")
+  save_json(out / "erf.json", erf_json(subjects, results))
+  plot_distances(subjects, results, out / "distance.png")
+  save_json(out / "distance.json", distance_json(subjects, results))
+  written += ["attention.png", "attention.json", "erf.png", "erf.json", "distance.png",
+              "distance.json"]
+  for subject, result in zip(subjects, results, strict=True):
+    summary = ", ".join(f"{i + 1}: {result.distances[i]['mean']:.2f}"
+                        for i in sorted(result.distances))
+    sides = result.squares["trained"]
+    print(f"{subject.label} ({subject.checkpoint}): mean attention distance by layer "
+          f"[{summary}] patches; ERF squares "
+          + ", ".join(f"{t:g}: {'-' if v is None else v['side']} px" for t, v in sides.items()))
+  return [str(out / name) for name in written]
+
+
+# --- command line ----------------------------------------------------------------------
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The training workdir (default: workdirs/<config name>); "
+                      "the figures go to <workdir>/analysis/.")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (default: the latest "
+                      "in <workdir>/checkpoints).")
+  flags.DEFINE_integer("images", 50, "Test images for the ERF and MHSA attention.")
+  flags.DEFINE_string("layers", None, "Comma-separated layers (from 1) for the attention "
+                      "figure (default: the first, middle and last LKCA / MHSA layer).")
+  flags.DEFINE_string("compare", None, "Another training workdir whose latest checkpoint is "
+                      "drawn next to this one (its config.json is used).")
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+  if FLAGS.images < 1:
+    fail(f"--images must be at least 1, got {FLAGS.images}")
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # orbax reports every restore at INFO
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("workdirs", os.path.splitext(
+      os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
+  try:
+    layers = parse_layers(FLAGS.layers)
+    other = workdir_config(FLAGS.compare, config) if FLAGS.compare else None
+    subjects = [load_subject(config, workdir, FLAGS.checkpoint, FLAGS.images)]
+    if other is not None:
+      subjects.append(load_subject(other, FLAGS.compare, None, FLAGS.images))
+    for subject in subjects:
+      choose_layers(subject.trained, layers)  # a bad --layers fails before any work
+  except (train.ConfigError, checkpoint_lib.CheckpointError, data_lib.DatasetUnavailableError,
+          FileNotFoundError, ValueError) as e:
+    fail(str(e))
+  if len(subjects) == 2 and subjects[0].label == subjects[1].label:
+    for subject in subjects:  # the same preset twice: tell them apart by workdir
+      subject.label = f"{subject.label} ({os.path.basename(os.path.normpath(subject.workdir))})"
+  for subject in subjects:
+    if len(subject.images) < FLAGS.images:
+      print(f"note: {subject.label}'s test split has only {len(subject.images)} images; "
+            "using all of them")
+  try:
+    written = write_analysis(subjects, os.path.join(workdir, "analysis"), layers)
+  except OSError as e:
+    fail(f"could not write the analysis: {e.strerror or e}")
+  print("wrote " + ", ".join(written))
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.analyze"))
