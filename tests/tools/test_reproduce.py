@@ -1,0 +1,185 @@
+"""lkca_jax.tools.reproduce: the paper's table, real runs on a tiny budget, resuming."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lkca_jax import models
+from lkca_jax.tools import reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# --- the paper's numbers ---------------------------------------------------------
+def documented_results() -> dict[tuple[str, str], float]:
+  """{(preset, table): top-1} parsed from docs/reference.md, "Paper results"."""
+  text = open(os.path.join(ROOT, "docs", "reference.md")).read()
+  section = text[text.index("## Paper results"):]
+  found = {}
+  for line in section.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    presets = re.findall(r"`(\w+)`", cells[1]) if len(cells) > 1 else []
+    if len(cells) == 5 and presets:  # pair | presets | CIFAR-10 | CIFAR-100 | Tiny-ImageNet
+      for table, cell in zip(("cifar10", "cifar100", "tinyimagenet"), cells[2:], strict=True):
+        values = re.findall(r"\d+\.\d+", cell)
+        for preset, value in zip(presets[-len(values):] if values else [], values, strict=True):
+          found[(preset, table)] = float(value)
+    elif len(cells) == 3 and presets and re.fullmatch(r"\d+\.\d+", cells[2]):  # SVHN table
+      found[(presets[0], "svhn")] = float(cells[2])
+  return found
+
+
+def test_paper_results_are_those_of_docs_reference():
+  encoded = {(row.preset, table): row.paper_top1 for table in reproduce.TABLES
+             for row in reproduce.paper_rows(table)}
+  assert encoded == documented_results()
+  assert len(encoded) == 12 + 12 + 13 + 4
+
+
+def test_every_row_is_a_preset_and_every_table_has_its_config():
+  for table in reproduce.TABLES:
+    rows = reproduce.paper_rows(table)
+    assert all(row.preset in models.PRESETS for row in rows)
+    assert os.path.exists(reproduce.config_path(table))
+  # ViT / LKCA pairs, in the paper's order.
+  assert [r.preset for r in reproduce.paper_rows("svhn")] == ["vit_1m", "lkca_t", "vit", "lkca_b"]
+  assert reproduce.paper_rows("tinyimagenet")[-1] == reproduce.PaperRow("lkca_l", "LKCA-L", 63.43)
+
+
+def test_select_rows():
+  assert [r.preset for r in reproduce.select_rows("cifar10", ["lkca_t", "vit_1m"])] == [
+      "lkca_t", "vit_1m"]
+  with pytest.raises(reproduce.UsageError, match="no row 'lkca_l'"):
+    reproduce.select_rows("cifar10", ["lkca_l"])
+  with pytest.raises(reproduce.UsageError, match="twice"):
+    reproduce.select_rows("cifar10", ["lkca_t", "lkca_t"])
+
+
+def test_table_in_argv():
+  assert reproduce.table_in_argv(["x", "--table=svhn", "--runs=2"]) == "svhn"
+  assert reproduce.table_in_argv(["x", "--runs=2", "--table", "cifar100"]) == "cifar100"
+  assert reproduce.table_in_argv(["x"]) is None
+
+
+# --- the command, end to end: the cifar10 rows on digits, a few steps ------------------
+STEPS, RUNS = 6, 2
+ROWS = ["vit_05m", "lkca_05m"]
+TINY = ["--config", "configs/digits.py", "--config.model_overrides.dim=16",
+        "--config.model_overrides.depth=1", "--config.model_overrides.num_heads=2",
+        "--config.num_devices=1", "--config.batch_size=32", "--config.log_every_steps=3",
+        "--config.eval_every_steps=3"]
+
+
+def run_reproduce(out, *extra, timeout=600):
+  command = [sys.executable, "-m", "lkca_jax.tools.reproduce", "--table=cifar10",
+             f"--out={out}", *extra]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reproduction(tmp_path_factory):
+  out = tmp_path_factory.mktemp("reproduce")
+  result = run_reproduce(out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}",
+                         *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, result
+
+
+def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction):
+  out, result = reproduction
+  table = (out / "table.md").read_text()
+  assert table in result.stdout
+  report = json.loads((out / "table.json").read_text())
+  paper = {row.preset: row for row in reproduce.paper_rows("cifar10")}
+  assert [row["preset"] for row in report["rows"]] == ROWS
+  for row in report["rows"]:
+    assert row["paper_top1"] == paper[row["preset"]].paper_top1
+    assert row["paper_name"] == paper[row["preset"]].paper_name
+    finals, bests = [], []
+    for k, run in enumerate(row["runs"]):  # every value comes from that run's summary.json
+      assert run["seed"] == k
+      summary = json.loads((out / row["preset"] / f"seed{k}" / "summary.json").read_text())
+      assert summary["config"]["seed"] == k and summary["step"] == STEPS
+      assert summary["model"] == row["preset"] and summary["dataset"] == "digits"
+      assert run["final_top1"] == 100 * summary["final_top1"]
+      finals.append(100 * summary["final_top1"])
+      bests.append(100 * summary["best_top1"])
+      assert row["params"] == summary["params"]
+    assert len(finals) == RUNS
+    assert row["top1_mean"] == pytest.approx(np.mean(finals))
+    assert row["top1_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert row["best_top1_mean"] == pytest.approx(np.mean(bests))
+    assert row["difference"] == pytest.approx(np.mean(finals) - row["paper_top1"])
+    assert row["steps"] == STEPS and row["proxy"] and row["recipe_steps"] == 9 * (3 * 1437 // 32)
+    assert row["machine"]["backend"] == "cpu"
+    line = next(line for line in table.splitlines() if f"`{row['preset']}`" in line)
+    assert (f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
+            f"| {np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f} "
+            f"| {np.mean(finals) - row['paper_top1']:+.2f} | {np.mean(bests):.2f} "
+            f"| {row['params']:,} | {STEPS} |") in line
+    assert line.endswith("| 1× cpu (cpu) |")  # --config.num_devices=1
+  assert "**Shortened proxy** (6 steps per run instead of the recipe's 1,206)" in table
+  assert "**Not the paper's dataset**" in table and "CIFAR-10" in table
+
+
+def test_a_second_invocation_skips_finished_rows(reproduction):
+  out, _ = reproduction
+  marker = [out / preset / reproduce.ROW_FILE for preset in ROWS]
+  before = [os.path.getmtime(path) for path in marker]
+  summaries = [os.path.getmtime(out / preset / "seed0" / "summary.json") for preset in ROWS]
+  table_before = json.loads((out / "table.json").read_text())["rows"]
+  result = run_reproduce(out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}",
+                         *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for preset in ROWS:
+    assert f"skipped {preset}: finished" in result.stdout
+  assert [os.path.getmtime(path) for path in marker] == before
+  assert [os.path.getmtime(out / p / "seed0" / "summary.json") for p in ROWS] == summaries
+  assert json.loads((out / "table.json").read_text())["rows"] == table_before
+
+
+def test_a_finished_row_with_other_settings_is_refused(reproduction):
+  out, _ = reproduction
+  result = run_reproduce(out, "--rows=lkca_05m", "--steps=5", f"--runs={RUNS}", *TINY)
+  assert result.returncode == 2
+  assert "finished row with other settings" in result.stderr and "--out" in result.stderr
+  assert result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rows=lkca_l"], "no row 'lkca_l'"),
+    (["--runs=0"], "--runs=0"),
+    (["--config.no_such_key=1"], "no_such_key"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+  result = run_reproduce(tmp_path / "out", *args, *TINY)
+  assert result.returncode == 2
+  assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+  assert not os.path.exists(tmp_path / "out")  # nothing trained
+
+
+def test_the_table_is_required():
+  result = subprocess.run([sys.executable, "-m", "lkca_jax.tools.reproduce", "--rows=lkca_t"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("error: --table is required: one of "
+                                   "cifar10,cifar100,tinyimagenet,svhn")
+
+
+def test_finished_runs_of_an_unfinished_row_are_read_back(tmp_path):
+  # A summary.json that reached its last step counts; a stopped one does not.
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5,
+                                                 "stopped_by": None}))
+  stopped = tmp_path / "stopped"
+  stopped.mkdir()
+  (stopped / "summary.json").write_text(json.dumps({"step": 3, "total_steps": 5,
+                                                    "stopped_by": "SIGTERM"}))
+  assert reproduce.finished_summary(str(done))["step"] == 5
+  assert reproduce.finished_summary(str(stopped)) is None
+  assert reproduce.finished_summary(str(tmp_path / "missing")) is None
