@@ -1,0 +1,214 @@
+"""Whole-train-step throughput of the trainer's own jitted step, per model and compute dtype.
+
+    python -m lkca_jax.tools.bench_step [--models lkca_t,lkca_b,vit_1m,vit] [--batch 128]
+        [--dtype float32,bfloat16] [--steps 20] [--out bench_results/bench_step.json] [--smoke]
+
+Flags:
+  --models  comma-separated presets of `lkca_jax.models.PRESETS`.
+  --batch   global batch size.
+  --dtype   comma-separated compute dtypes (`--config.dtype`): float32, bfloat16 or both;
+            parameters and optimizer state stay float32 either way (checked, see
+            `state_dtypes` in the JSON).
+  --steps   timed steps per model, dtype and column, after compilation and one warm-up step.
+  --out     where the JSON results go.
+  --smoke   tiny shapes for tests: width 32, depth 1, 2 heads, batch 16, 2 steps.
+
+Every case is the trainer's step as `train.build_training` builds it (CutMix/Mixup,
+the model with stochastic depth, label-smoothed loss, AdamW, state donated) on
+`synthetic_cifar` (32×32×3 uint8 noise, 10 classes, patch 4: an 8×8 grid, no
+TFDS needed), under `configs/default.py`'s recipe otherwise. Two columns:
+
+  fixed     `Training.train_step` on one fixed, already augmented and normalised batch:
+            the model, loss and optimizer alone;
+  pipeline  `Training.step`: the pipeline's batch with the full CIFAR-10 per-image
+            augmentation (flip, crop, AutoAugment, erasing), then the same step.
+
+All (model, dtype, column) cases run interleaved, one step each in turn, the
+order reversed every other round (A B B A), so load from other processes hits
+them alike. Reported per case: median and min ms/step and images/s
+(batch / median), plus the load average at start and end.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from lkca_jax.tools import cli  # noqa: E402
+
+COLUMNS = ("fixed", "pipeline")
+DATASET = "synthetic_cifar"
+SMOKE = {"batch": 16, "steps": 2,
+         "overrides": {"dim": 32, "depth": 1, "num_heads": 2}}
+
+
+def step_config(model: str, *, batch: int, dtype: str, overrides: dict | None = None):
+  """The reference recipe on synthetic CIFAR-shaped data for one model and compute dtype."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.dataset.name = DATASET
+  config.model = model
+  config.batch_size = batch
+  config.dtype = dtype
+  for key, value in (overrides or {}).items():
+    config.model_overrides[key] = value
+  return config
+
+
+def float_dtypes(tree) -> list[str]:
+  """Sorted names of the floating dtypes among a pytree's array leaves."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return sorted({str(x.dtype) for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)})
+
+
+class Case:
+  """One model at one dtype: its Training, its state, and both timed columns."""
+
+  def __init__(self, config):
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from lkca_jax import train  # pylint: disable=import-outside-toplevel
+    self.run = train.Run.prepare(config)
+    self.training = train.build_training(self.run, config)
+    self.state = self.training.state
+    self.step_index = 0
+    # One augmented, normalised batch, reused: the "fixed" column leaves the pipeline out.
+    self.fixed_batch = jax.block_until_ready(self.training.batch(0))
+
+  def step(self, column: str) -> float:
+    """One train step of `column`; returns its wall seconds (blocked until ready)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    t = self.training
+    if column == "pipeline":  # the epoch order is drawn once an epoch: outside the timing
+      jax.block_until_ready(t.epoch_order(self.step_index // t.pipeline.steps_per_epoch))
+    start = time.perf_counter()
+    if column == "fixed":
+      self.state, metrics = t.train_step(self.state, self.fixed_batch, t.train_key)
+    else:
+      self.state, metrics = t.step(self.state, self.step_index)
+    jax.block_until_ready((self.state, metrics))
+    self.step_index += 1
+    return time.perf_counter() - start
+
+
+def column_stats(seconds: list[float], batch: int) -> dict:
+  median_ms = 1e3 * statistics.median(seconds)
+  return {"median_ms": median_ms, "min_ms": 1e3 * min(seconds),
+          "images_per_second": batch / (median_ms / 1e3), "step_ms": [1e3 * s for s in seconds]}
+
+
+def run_benchmark(models: list[str], dtypes: list[str], *, batch: int, steps: int,
+                  overrides: dict | None = None, log=print) -> dict:
+  """Builds every (model, dtype), times both columns interleaved; returns the results."""
+  import jax  # pylint: disable=import-outside-toplevel
+  load_start = os.getloadavg()
+  cases = {}
+  compile_seconds = {}
+  for model in models:
+    for dtype in dtypes:
+      start = time.perf_counter()
+      case = Case(step_config(model, batch=batch, dtype=dtype, overrides=overrides))
+      for column in COLUMNS:  # compile, then one warm step: excluded from the timings
+        case.step(column)
+        case.step(column)
+      compile_seconds[f"{model}/{dtype}"] = time.perf_counter() - start
+      log(f"compiled {model} ({case.run.num_params:,} params) {dtype} in "
+          f"{compile_seconds[f'{model}/{dtype}']:.1f}s")
+      cases[(model, dtype)] = case
+  order = [(key, column) for key in cases for column in COLUMNS]
+  times = {item: [] for item in order}
+  for round_ in range(steps):
+    for key, column in (order if round_ % 2 == 0 else order[::-1]):
+      times[(key, column)].append(cases[key].step(column))
+  results = []
+  for (model, dtype), case in cases.items():
+    results.append({
+        "model": model, "dtype": dtype, "params": case.run.num_params,
+        **{column: column_stats(times[((model, dtype), column)], batch) for column in COLUMNS},
+        "state_dtypes": {"params": float_dtypes(case.state.params),
+                         "opt_state": float_dtypes(case.state.opt_state)},
+    })
+  return {
+      "config": {"models": models, "dtypes": dtypes, "batch_size": batch, "steps": steps,
+                 "dataset": DATASET, "image_shape": [32, 32, 3], "num_classes": 10,
+                 "patch_size": 4, "model_overrides": overrides or {}},
+      "columns": {"fixed": "train_step on one fixed, normalised batch (no per-image "
+                           "augmentation)",
+                  "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, "
+                              "then train_step"},
+      "results": results,
+      "compile_seconds": compile_seconds,
+      "jax": jax.__version__,
+      "machine": cli.machine_info(),
+      "load_average_start": list(load_start),
+      "load_average_end": list(os.getloadavg()),
+  }
+
+
+def format_table(results: dict) -> str:
+  c = results["config"]
+  lines = [f"train step, batch {c['batch_size']}, {c['dataset']} 32x32x3, median of "
+           f"{c['steps']} interleaved steps per case",
+           f"{'model':<10}{'dtype':<10}{'fixed ms':>10}{'min':>8}{'img/s':>8}"
+           f"{'pipeline ms':>13}{'min':>8}{'img/s':>8}"]
+  for r in results["results"]:
+    f, p = r["fixed"], r["pipeline"]
+    lines.append(f"{r['model']:<10}{r['dtype']:<10}{f['median_ms']:>10.1f}{f['min_ms']:>8.1f}"
+                 f"{f['images_per_second']:>8.1f}{p['median_ms']:>13.1f}{p['min_ms']:>8.1f}"
+                 f"{p['images_per_second']:>8.1f}")
+  m = results["machine"]
+  start, end = results["load_average_start"], results["load_average_end"]
+  lines.append(f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
+               f"{m['cpu_count']} CPUs, jax {results['jax']}, load average {start[0]:.2f} -> "
+               f"{end[0]:.2f}")
+  return "\n".join(lines)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_list("models", ["lkca_t", "lkca_b", "vit_1m", "vit"], "Model presets.")
+  flags.DEFINE_integer("batch", 128, "Global batch size.")
+  flags.DEFINE_list("dtype", ["float32", "bfloat16"], "Compute dtypes: float32, bfloat16.")
+  flags.DEFINE_integer("steps", 20, "Timed steps per model, dtype and column.")
+  flags.DEFINE_string("out", "bench_results/bench_step.json", "Where the JSON results go.")
+  flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 steps (for tests).")
+
+
+def main(argv):
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
+  if not FLAGS.models or unknown:
+    cli.fail(f"unknown model {unknown[0] if unknown else ''!r}; choose from "
+             f"{sorted(models_lib.PRESETS)}")
+  bad = [d for d in FLAGS.dtype if d not in models_lib.DTYPES]
+  if not FLAGS.dtype or bad:
+    cli.fail(f"--dtype must list {sorted(models_lib.DTYPES)}, got {FLAGS.dtype}")
+  batch, steps, overrides = FLAGS.batch, FLAGS.steps, None
+  if FLAGS.smoke:
+    batch, steps, overrides = SMOKE["batch"], SMOKE["steps"], SMOKE["overrides"]
+  if batch < 1 or steps < 1:
+    cli.fail(f"--batch and --steps must be at least 1, got {batch} and {steps}")
+  logging.set_verbosity(logging.WARNING)
+  try:
+    results = run_benchmark(FLAGS.models, FLAGS.dtype, batch=batch, steps=steps,
+                            overrides=overrides)
+  except train.ConfigError as e:
+    cli.fail(str(e))
+  print(format_table(results))
+  print(f"wrote {cli.write_json(FLAGS.out, results)}")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_step"))

@@ -1,0 +1,105 @@
+"""The train-step benchmark (a --smoke run end to end) and its synthetic_cifar data."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lkca_jax import config_checks, data, train
+from lkca_jax.data import synthetic
+from lkca_jax.tools import bench_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODELS = ("lkca_t", "vit")
+DTYPES = ("float32", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench_step.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "lkca_jax.tools.bench_step", "--smoke", f"--models={','.join(MODELS)}",
+       f"--dtype={','.join(DTYPES)}", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout, json.loads(out.read_text())
+
+
+def test_smoke_run_times_every_model_dtype_and_column(smoke):
+  stdout, results = smoke
+  config = results["config"]
+  batch, steps = config["batch_size"], config["steps"]
+  assert (batch, steps) == (bench_step.SMOKE["batch"], bench_step.SMOKE["steps"])
+  assert config["models"] == list(MODELS) and config["dtypes"] == list(DTYPES)
+  cases = [(r["model"], r["dtype"]) for r in results["results"]]
+  assert cases == [(m, d) for m in MODELS for d in DTYPES]
+  for r in results["results"]:
+    assert r["params"] > 0
+    for column in bench_step.COLUMNS:
+      stats = r[column]
+      assert len(stats["step_ms"]) == steps and min(stats["step_ms"]) > 0
+      assert 0 < stats["min_ms"] <= stats["median_ms"]
+      assert stats["min_ms"] == pytest.approx(min(stats["step_ms"]))
+      assert stats["images_per_second"] == pytest.approx(batch / (stats["median_ms"] / 1e3))
+    assert f"{r['model']:<10}{r['dtype']:<10}" in stdout
+  assert set(results["columns"]) == set(bench_step.COLUMNS)
+
+
+def test_smoke_run_records_machine_and_load(smoke):
+  _, results = smoke
+  assert results["jax"] == jax.__version__
+  assert results["machine"]["cpu_count"] == os.cpu_count()
+  assert len(results["load_average_start"]) == len(results["load_average_end"]) == 3
+  assert all(s > 0 for s in results["compile_seconds"].values())
+
+
+def test_bfloat16_keeps_parameters_and_optimizer_state_float32(smoke):
+  _, results = smoke
+  for r in results["results"]:  # after the timed steps, bf16 compute included
+    assert r["state_dtypes"] == {"params": ["float32"], "opt_state": ["float32"]}, r["dtype"]
+
+
+def test_bfloat16_config_computes_in_bfloat16_with_float32_state():
+  config = bench_step.step_config("lkca_t", batch=16, dtype="bfloat16",
+                                  overrides=bench_step.SMOKE["overrides"])
+  case = bench_step.Case(config)
+  model = jax.tree.leaves(case.state.params)
+  assert {x.dtype for x in model} == {jnp.dtype(jnp.float32)}
+  logits = case.run.model(case.fixed_batch["image"])
+  assert logits.dtype == jnp.bfloat16
+  case.step("fixed")
+  assert bench_step.float_dtypes(case.state.params) == ["float32"]
+  assert bench_step.float_dtypes(case.state.opt_state) == ["float32"]
+
+
+def test_synthetic_loader_is_deterministic_with_declared_shapes():
+  spec = data.get_spec("synthetic_cifar")
+  assert (spec.num_classes, spec.image_size, spec.channels) == (10, (32, 32), 3)
+  assert spec.tfds_name is None
+  for split in (spec.train_split, spec.eval_split):
+    images, labels = data.load_split("synthetic_cifar", split)
+    again, again_labels = synthetic.load(split)
+    np.testing.assert_array_equal(images, again)
+    np.testing.assert_array_equal(labels, again_labels)
+    assert images.shape == (synthetic.SPLIT_SIZES[split], 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (synthetic.SPLIT_SIZES[split],) and labels.dtype == np.int32
+    assert set(np.unique(labels)) == set(range(10))
+    images[0] = 0  # callers get copies
+    assert synthetic.load(split)[0].any(axis=(1, 2, 3))[0]
+  train_images, _ = synthetic.load("train")
+  test_images, _ = synthetic.load("test")
+  assert not np.array_equal(train_images[:len(test_images)], test_images)
+  with pytest.raises(ValueError, match="no split"):
+    synthetic.load("validation")
+
+
+def test_synthetic_dataset_passes_config_checks_without_tfds():
+  config = bench_step.step_config("lkca_t", batch=16, dtype="float32")
+  config_checks.validate(config)
+  run = train.Run.prepare(config)
+  assert run.spec.name == "synthetic_cifar"
+  data.check_available("synthetic_cifar")  # no TFDS builder involved
