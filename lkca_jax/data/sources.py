@@ -12,7 +12,10 @@ network; a download that cannot happen (unreachable host or proxy, unknown
 name, refused connection, wrong checksum) is a `DatasetUnavailableError`
 within seconds that names the files for `manual_dir`. TensorFlow and TFDS are
 imported inside the functions that need them, so importing this module (and
-the digits path) stays fast and TF-free.
+the digits path) stays fast and TF-free. A split prepared as array_record (what
+`prepare` writes by default) is read without TensorFlow (`records`): training
+from it never imports TF, which then serves only to prepare. A tfrecord split is
+decoded with tf.data.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lkca_jax.data import digits, synthetic
+from lkca_jax.data import digits, records, synthetic
 
 REACH_TIMEOUT_S = 5.0  # per host: DNS lookup plus TCP connect
 DOWNLOAD_RETRIES = 2  # TFDS retries 10 times with backoff (3.5 min) before it gives up
@@ -100,7 +103,7 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None,
                download: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images (N, H, W, C), int32 labels (N,)), decoded once.
 
-  Prepares a TFDS dataset first (tfrecord) when it is missing and download=True.
+  Prepares a TFDS dataset first (array_record) when it is missing and download=True.
   """
   spec = get_spec(name)
   if spec.tfds_name is None:
@@ -117,7 +120,7 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None,
 
 
 def prepare(name: str, *, data_dir=None, manual_dir=None,
-            file_format: str = "tfrecord") -> dict[str, int]:
+            file_format: str = "array_record") -> dict[str, int]:
   """Prepares a TFDS dataset in data_dir from manual_dir, or by downloading; returns {split: size}.
 
   Raises DatasetUnavailableError, within seconds, when a needed download cannot happen.
@@ -289,6 +292,23 @@ def _bounded_retries():
 
 
 def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """array_record: decoded without TensorFlow; tfrecord: with tf.data."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    images, labels = records.decode_split(builder, split, (*spec.image_size, spec.channels))
+    _check_count(spec, builder, split, len(labels))
+    return images, labels
+  return _decode_split_tf(spec, builder, split)
+
+
+def _check_count(spec: DatasetSpec, builder, split: str, count: int) -> None:
+  expected = builder.info.splits[split].num_examples
+  if count != expected:
+    raise ValueError(f"{spec.name}/{split}: read {count} examples but the dataset info says "
+                     f"{expected}; prepare it again in a fresh --config.dataset.data_dir")
+
+
+def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Decodes with tf.data in parallel into preallocated arrays (no second copy)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -327,9 +347,7 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
     images[start:start + len(label_batch)] = image_batch
     labels[start:start + len(label_batch)] = label_batch
     start += len(label_batch)
-  if start != count:
-    raise ValueError(f"{spec.name}/{split}: read {start} examples but the dataset info says "
-                     f"{count}; prepare it again in a fresh --config.dataset.data_dir")
+  _check_count(spec, builder, split, start)
   return images, labels
 
 

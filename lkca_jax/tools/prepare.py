@@ -7,7 +7,9 @@ by hand into DIR, with no network: cifar10: cifar-10-binary.tar.gz or
 cifar-10-python.tar.gz; cifar100: cifar-100-binary.tar.gz or
 cifar-100-python.tar.gz; svhn: train_32x32.mat and test_32x32.mat (plus
 extra_32x32.mat for the extra split); tiny_imagenet: tiny-imagenet-200.zip (or
-set $LKCA_TINY_IMAGENET_ZIP). Without it, TFDS downloads them. Every failure
+set $LKCA_TINY_IMAGENET_ZIP). Without it, TFDS downloads them. The examples are
+stored as array_record (--file_format, default), which training reads without
+TensorFlow; tfrecord copies are read through TensorFlow. Every failure
 (a bad flag, missing files, a download that cannot happen) is one `error:`
 line and exit code 2.
 """
@@ -32,8 +34,9 @@ def _define_flags() -> None:
   flags.DEFINE_enum("dataset", None, TFDS_DATASETS, "The dataset to prepare.")
   flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's own).")
   flags.DEFINE_string("manual_dir", None, "Dir holding the official files downloaded by hand.")
-  flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_record"],
-                    "How TFDS stores the prepared examples.")
+  flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
+                    "How TFDS stores the prepared examples; training reads array_record "
+                    "without TensorFlow.")
 
 
 def main(argv) -> None:

@@ -172,7 +172,7 @@ def test_prepared_ids_and_labels_follow_the_catalog(prepared):
   images, labels = written["test"]
   keys = list(OFFICIAL_NAMES[name])[::-1]  # record order: CIFAR-100's coarse label, then fine
   seen = set()
-  for example in tfds.as_numpy(builder.as_dataset("test", shuffle_files=False)):
+  for example in builder.as_data_source("test"):  # prepared as array_record: no tf.data
     index = int(example["id"].decode().removeprefix("test_"))
     np.testing.assert_array_equal(example["image"], images[index])
     assert [int(example[key]) for key in keys] == labels[index].tolist()
@@ -337,7 +337,7 @@ def test_prepare_command_offline_from_the_manual_dir(tmp_path):
                           "--data_dir", str(tmp_path / "tfds"),
                           env=proxy_env(f"http://127.0.0.1:{closed_port()}"))
   assert result.returncode == 0, result.stderr
-  assert "prepared cifar100 (tfrecord)" in result.stdout and "test 2, train 3" in result.stdout
+  assert "prepared cifar100 (array_record)" in result.stdout and "test 2, train 3" in result.stdout
 
 
 @pytest.mark.parametrize("args", [["--dataset", "mnist"], ["--dataset", "svhn", "extra"]])
