@@ -29,6 +29,7 @@ from lkca_jax import checkpoint as checkpoint_lib
 from lkca_jax import config_checks
 from lkca_jax import data as data_lib
 from lkca_jax import files
+from lkca_jax import metric_writer
 from lkca_jax import models
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.mixing import mix_batch
@@ -363,7 +364,7 @@ def build_training(run: Run, config) -> Training:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        run: Run | None = None) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the summary."""
-  from clu import metric_writers, periodic_actions  # TensorFlow import: only when training
+  from clu import periodic_actions  # TF-free: lkca_jax.metric_writer is imported first
 
   run = run or Run.prepare(config)
   workdir = epath.Path(workdir)  # local paths and gs:// alike
@@ -385,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
 
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  writer = metric_writer.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if step == 0:
     writer.write_hparams({"model": config.model, "dataset": config.dataset.name,
                           "params": run.num_params, "devices": run.mesh.devices.size})
