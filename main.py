@@ -57,8 +57,11 @@ def main(argv):
   try:
     if FLAGS.mode == "eval":
       result = train.evaluate(config, workdir, FLAGS.checkpoint)
-      print(f"eval {result['checkpoint']}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} "
-            f"loss {result['loss']:.4f}")
+      for r in result.get("runs", []):  # several runs: each, then their mean
+        print(f"eval {result['checkpoint']} run {r['run']} ({train.describe_values(r)}): "
+              f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}")
+      print(f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
+            f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}")
       return
     run = train.Run.prepare(config)
     summary = train.train_and_evaluate(config, workdir, run=run)
@@ -71,10 +74,35 @@ def main(argv):
     print(f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint saved in "
           f"{workdir}. Run the same command to resume.")
     return
+  if summary["num_runs"] > 1:
+    print_runs(config, summary, workdir)
+    return
   print(f"{config.model} on {config.dataset.name}: final top1 {summary['final_top1']:.4f}, "
         f"best top1 {summary['best_top1']:.4f} (step {summary['best_step']}), "
         f"{summary['params']:,} params, {summary['wall_seconds']:.0f}s; "
         f"summary in {workdir}/summary.json")
+
+
+def print_runs(config, summary, workdir) -> None:
+  """One line per swept combination (mean ± sample std over its seeds), one per dead run."""
+  from lkca_jax import train
+
+  def cell(group, key):
+    mean, std = group[f"{key}_mean"], group[f"{key}_std"]
+    return "–" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+  print(f"{config.model} on {config.dataset.name}: {summary['num_runs']} runs, "
+        f"{summary['params']:,} params each, {summary['wall_seconds']:.0f}s")
+  for group in summary["groups"]:
+    values = train.describe_values(group) or "all runs"
+    print(f"  {values}: final top1 {cell(group, 'final_top1')}, best top1 "
+          f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}")
+  for r in summary["runs"]:
+    if r["died_at_step"] is not None:
+      print(f"  run {r['run']} (seed {r['seed']}"
+            f"{', ' + train.describe_values(r) if r['values'] else ''}) died: loss non-finite "
+            f"at step {r['died_at_step']}")
+  print(f"summary in {workdir}/summary.json")
 
 
 if __name__ == "__main__":

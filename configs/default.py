@@ -32,6 +32,11 @@ def model_overrides() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Runs trained side by side in one process (README, "Many runs in one process"): seeds
+  # seed..seed+num_runs-1, each crossed with every combination of `sweep`, e.g.
+  # "optimizer.learning_rate=1e-3,5e-4;label_smoothing=0.0,0.1" (empty: no sweep).
+  config.num_runs = 1
+  config.sweep = ""
 
   # Model: a preset of lkca_jax.models.PRESETS, optionally overridden.
   config.model = "lkca_b"

@@ -189,6 +189,9 @@ def rules() -> dict[str, Rule]:
   """Every key of configs/default.py, in its order, with its rule."""
   return {
       "seed": integer(0),
+      "num_runs": integer(1),
+      "sweep": Rule("'' or KEY=V1,V2;KEY=V1,... over the keys " + ", ".join(SWEEPABLE),
+                    _parses_as_sweep, "bogus=1", optional=False),
       "model": choice(models.PRESETS, names="model preset"),
       "model_overrides.mixer": mixer_pattern(),
       "model_overrides.dim": integer(1, optional=True),
@@ -252,6 +255,59 @@ def rules() -> dict[str, Rule]:
   }
 
 
+# --- sweeps --------------------------------------------------------------------
+# Scalars that the trainer passes to its step as traced per-run values: a sweep over them
+# trains every value in one program. Other keys change shapes or the program itself.
+SWEEPABLE = ("optimizer.learning_rate", "optimizer.weight_decay",
+             "model_overrides.drop_path_rate", "label_smoothing", "mixing.prob",
+             "mixing.cutmix_prob")
+
+
+def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
+  """`"KEY=V1,V2;KEY=V1"` → {KEY: (V1, V2), ...}, in the order given. Raises ConfigError.
+
+  Every value must pass its key's own rule; a key may appear once.
+  """
+  sweep = {}
+  table = rules()
+  where = f"sweep={text!r}"
+  for part in (p.strip() for p in text.split(";")):
+    if not part:
+      continue
+    key, sep, values = (s.strip() for s in part.partition("="))
+    if not sep or not values:
+      raise ConfigError(f"{where}: {part!r} is not KEY=V1,V2,...; e.g. "
+                        "sweep='optimizer.learning_rate=1e-3,5e-4;label_smoothing=0.0,0.1'")
+    if key not in SWEEPABLE:
+      what = "it changes shapes or the program" if key in table else "it is no config key"
+      raise ConfigError(f"{where}: {key} cannot be swept ({what}); sweepable keys: "
+                        f"{', '.join(SWEEPABLE)}")
+    if key in sweep:
+      raise ConfigError(f"{where}: {key} is named twice; list all its values once")
+    try:
+      parsed = tuple(float(v) for v in values.split(","))
+    except ValueError:
+      raise ConfigError(f"{where}: {key}={values} holds a value that is not a number") from None
+    for value in parsed:
+      message = table[key].error(key, value)
+      if message:
+        raise ConfigError(f"{where}: {message}")
+    if len(set(parsed)) != len(parsed):
+      raise ConfigError(f"{where}: {key}={values} repeats a value")
+    sweep[key] = parsed
+  return sweep
+
+
+def _parses_as_sweep(value) -> bool:
+  if not isinstance(value, str):
+    return False
+  try:
+    parse_sweep(value)
+  except ConfigError:
+    return False
+  return True
+
+
 def flatten(config, prefix: str = "") -> dict[str, Any]:
   """{dotted key: value} for every leaf of a (nested) ConfigDict or mapping."""
   leaves = {}
@@ -278,6 +334,8 @@ def validate(config) -> None:
     if key not in values:
       raise ConfigError(f"the config lacks the key {key}; start the config from "
                         "configs/default.py's get_config()")
+    if key == "sweep" and isinstance(values[key], str):
+      parse_sweep(values[key])  # its own, more precise message
     message = rule.error(key, values[key])
     if message:
       raise ConfigError(message)

@@ -97,7 +97,7 @@ class Block(nnx.Module):
     self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)
     self.drop_path2 = DropPath(drop_path_rate, rngs=rngs)
 
-  def __call__(self, x, *, num_prefix: int = 0, rngs=None):
+  def __call__(self, x, *, num_prefix: int = 0, rngs=None, drop_path_rate=None):
     y = self.norm1(x)
     if num_prefix and self.mixer.needs_grid:
       # A grid mixer sees the patch tokens only; prefix tokens skip this branch.
@@ -105,8 +105,8 @@ class Block(nnx.Module):
       y = jnp.concatenate([jnp.zeros_like(y[:, :num_prefix]), mixed], axis=1)
     else:
       y = self.mixer(y)
-    x = x + self.drop_path1(y, rngs=rngs)
-    return x + self.drop_path2(self.mlp(self.norm2(x)), rngs=rngs)
+    x = x + self.drop_path1(y, rngs=rngs, rate=drop_path_rate)
+    return x + self.drop_path2(self.mlp(self.norm2(x)), rngs=rngs, rate=drop_path_rate)
 
 
 def _expand_pattern(mixer, depth: int) -> list[str]:
@@ -176,7 +176,9 @@ class ViT(nnx.Module):
     x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, self.grid[0] * self.grid[1], p * p * c)
 
-  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None,
+               drop_path_rate=None) -> jax.Array:
+    """`drop_path_rate`, if given (a traced scalar), replaces the blocks' own rate."""
     if self.dtype is not None:
       images = images.astype(self.dtype)
     x = self.patch_embed(self.patchify(images))
@@ -187,7 +189,7 @@ class ViT(nnx.Module):
       num_prefix = 1
     x = x + self.pos_embed[...].astype(x.dtype)
     for block in self.blocks:
-      x = block(x, num_prefix=num_prefix, rngs=rngs)
+      x = block(x, num_prefix=num_prefix, rngs=rngs, drop_path_rate=drop_path_rate)
     pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
     return self.head(self.head_norm(pooled))
 

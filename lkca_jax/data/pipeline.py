@@ -13,10 +13,16 @@ from fold_in(key, epoch) alone (`repeats` independent shuffles of the training
 set back to back, as the reference; or one shuffle of `repeats` stacked copies),
 and each batch's augmentation key is derived from the global step. A resumed
 run therefore sees exactly the batches it would have seen.
+
+Given a stack of K keys (runs trained side by side), every training array gains
+a leading run axis: run k's orders and batches are those of a pipeline with
+key k alone (the same functions, vmapped over the keys); evaluation batches
+are shared.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -134,9 +140,15 @@ class Pipeline:
     self.global_batch = global_batch
     self.repeats = repeats
     self.augment = augment
-    self.order_key, self.augment_key = jax.random.split(key)
+    # One key: one run. A stack of K keys: K runs, each with its own order and augmentation.
+    self.num_runs = None if key.ndim == 0 else key.shape[0]
+    keys = jax.random.split(key) if key.ndim == 0 else jax.vmap(jax.random.split)(key).T
+    self.order_key, self.augment_key = keys
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    # What train batches are placed as: (K, batch, ...) with a run axis.
+    self.train_sharding = (self.batch_sharding if self.num_runs is None
+                           else NamedSharding(mesh, P(None, DATA_AXIS)))
     nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
     self.placement = choose_placement(placement, nbytes)
     on_device = self.placement == "device"
@@ -147,10 +159,18 @@ class Pipeline:
       raise ValueError(f"{repeats} x {self.train.size} training images make no full batch of "
                        f"{global_batch}; lower --config.batch_size")
     self.eval_steps = -(-self.test.size // global_batch)
-    batch = self.batch_sharding
-    self._epoch_order = jax.jit(self._order, out_shardings=self.replicated)
-    self._gather_augment = jax.jit(self._gather_and_augment, out_shardings=batch)
-    self._augment = jax.jit(self._augment_images, out_shardings=batch)
+    batch, order, gather, augment = (self.batch_sharding, self._order,
+                                     self._gather_and_augment, self._augment_images)
+    if self.num_runs is not None:  # the same functions, over the run axis of the keys
+      order = jax.vmap(order, in_axes=(0, None))
+      gather = jax.vmap(gather, in_axes=(0, None, None, 0, None, None))
+      augment = jax.vmap(augment, in_axes=(0, 0, 0, None))
+    self._epoch_order = jax.jit(functools.partial(order, self.order_key),
+                                out_shardings=self.replicated)
+    self._gather_augment = jax.jit(functools.partial(gather, self.augment_key),
+                                   out_shardings=self.train_sharding)
+    self._augment = jax.jit(functools.partial(augment, self.augment_key),
+                            out_shardings=self.train_sharding)
     self._gather_eval = jax.jit(self._gather_and_normalize, out_shardings=batch)
     self._normalize = jax.jit(self._normalize_images, out_shardings=batch)
 
@@ -166,8 +186,8 @@ class Pipeline:
     return tuple(self.train.images.shape[1:])
 
   # --- training -------------------------------------------------------------
-  def _order(self, epoch):
-    key = jax.random.fold_in(self.order_key, epoch)  # a pure function of (key, epoch)
+  def _order(self, order_key, epoch):
+    key = jax.random.fold_in(order_key, epoch)  # a pure function of (key, epoch)
     if self.order == "joint":
       copies = jnp.tile(jnp.arange(self.train.size, dtype=jnp.int32), self.repeats)
       return jax.random.permutation(key, copies)
@@ -179,31 +199,31 @@ class Pipeline:
     """Indices of one epoch: `repeats` passes over the training set (see EPOCH_ORDERS)."""
     return self._epoch_order(epoch)
 
-  def _augment_images(self, images, labels, step):
+  def _augment_images(self, augment_key, images, labels, step):
     # Same keys as augment_batch(fold_in(key, step), images); shard_map keeps each
     # device on its own slice of the batch (AutoAugment loops over images on CPU,
     # and a loop over a sharded axis would otherwise gather the whole batch).
-    keys = jax.random.split(jax.random.fold_in(self.augment_key, step), images.shape[0])
+    keys = jax.random.split(jax.random.fold_in(augment_key, step), images.shape[0])
     augment = jax.shard_map(lambda k, x: augment_lib.augment_with_keys(k, x, self.augment),
                             mesh=self.mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
                             out_specs=P(DATA_AXIS))
     return {"image": augment(keys, images), "label": labels}
 
-  def _gather_and_augment(self, images, labels, order, step_in_epoch, step):
+  def _gather_and_augment(self, augment_key, images, labels, order, step_in_epoch, step):
     idx = jax.lax.dynamic_slice(order, (step_in_epoch * self.global_batch,), (self.global_batch,))
     idx = jax.lax.with_sharding_constraint(idx, self.batch_sharding)
-    return self._augment_images(images[idx], labels[idx], step)
+    return self._augment_images(augment_key, images[idx], labels[idx], step)
 
   def train_batch(self, order: jax.Array, step: int) -> dict:
-    """The augmented batch of global step `step`, given its epoch's `order`."""
+    """The augmented batch of global step `step`, given its epoch's `order` (of every run)."""
     step_in_epoch = step % self.steps_per_epoch
     if self.train.on_device:
       return self._gather_augment(self.train.images, self.train.labels, order,
                                   step_in_epoch, step)
     start = step_in_epoch * self.global_batch
-    idx = np.asarray(order[start:start + self.global_batch])
-    return self._augment(put(self.train.images[idx], self.batch_sharding),
-                         put(self.train.labels[idx], self.batch_sharding), step)
+    idx = np.asarray(order[..., start:start + self.global_batch])
+    return self._augment(put(self.train.images[idx], self.train_sharding),
+                         put(self.train.labels[idx], self.train_sharding), step)
 
   # --- evaluation -----------------------------------------------------------
   def _normalize_images(self, images):

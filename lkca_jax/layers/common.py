@@ -39,6 +39,19 @@ class DropPath(nnx.Dropout):
   def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
     super().__init__(rate, broadcast_dims=(1, 2), rngs=rngs)
 
+  def __call__(self, inputs, *, rngs=None, rate=None):
+    """With `rate` (a traced scalar in [0, 1), e.g. one run's of many) it replaces
+    `self.rate`; a key is then drawn even at rate 0, so every rate uses the same keys."""
+    if rate is None:
+      return super().__call__(inputs, rngs=rngs)
+    if self.deterministic:
+      return inputs
+    key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else rngs()
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(key, p=keep, shape=(inputs.shape[0], 1, 1))
+    mask = jnp.broadcast_to(mask, inputs.shape)
+    return jax.lax.select(mask, inputs / keep.astype(inputs.dtype), jnp.zeros_like(inputs))
+
 
 class MLP(nnx.Module):
   """Linear(D, r·D) → exact (erf) GELU → Linear(r·D, D); no dropout."""

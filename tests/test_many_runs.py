@@ -1,0 +1,193 @@
+"""Many runs in one process: seeds and swept scalars trained side by side under one vmapped step.
+
+Run k of a K-run process must be the single run with seed + k (and its swept
+values): the same loss at every step and the same parameters, to 1e-5.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from lkca_jax import config_checks, train
+from tests.helpers import with_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+# Tiny, but with every random part of the recipe on: CutMix/Mixup (digits: prob 0.5),
+# stochastic depth (lkca_t: 0.1), crop augmentation, shuffled data order.
+TINY = {"model_overrides.dim": 32, "model_overrides.depth": 2, "model_overrides.num_heads": 2,
+        "batch_size": 32, "num_train_steps": STEPS, "num_devices": 1,
+        "eval_every_steps": 5, "log_every_steps": 5, "checkpoint_every_steps": 5,
+        "optimizer.warmup_epochs": 0}
+
+
+def tiny(**overrides):
+  return with_overrides(digits.get_config(), {**TINY, **overrides})
+
+
+def train_steps(config, steps=STEPS):
+  """(losses (steps,) or (steps, runs), final params) of `config`'s runs, step by step."""
+  t = train.build_training(train.Run.prepare(config), config)
+  state, losses = t.state, []
+  for step in range(steps):
+    state, metrics = t.step(state, step)
+    losses.append(np.asarray(metrics["loss"]))
+  return np.stack(losses), jax.device_get(state.params), t
+
+
+def assert_run_is_single(many_losses, many_params, k, single_losses, single_params):
+  np.testing.assert_allclose(many_losses[:, k], single_losses, rtol=0, atol=1e-5)
+  leaves_many, leaves_one = jax.tree.leaves(many_params), jax.tree.leaves(single_params)
+  assert len(leaves_many) == len(leaves_one) > 0
+  for a, b in zip(leaves_many, leaves_one, strict=True):
+    np.testing.assert_allclose(np.asarray(a)[k], np.asarray(b), rtol=0, atol=1e-5)
+
+
+def test_each_of_three_runs_reproduces_its_single_run():
+  losses, params, t = train_steps(tiny(num_runs=3, seed=5))
+  assert losses.shape == (STEPS, 3) and [s.seed for s in t.specs] == [5, 6, 7]
+  assert np.all(np.isfinite(losses))
+  assert not np.allclose(losses[:, 0], losses[:, 1])  # different seeds, different runs
+  for k in range(3):
+    single_losses, single_params, _ = train_steps(tiny(seed=5 + k))
+    assert_run_is_single(losses, params, k, single_losses, single_params)
+
+
+def test_a_sweep_run_reproduces_its_single_run_for_every_sweepable_key():
+  # Every sweepable key off its default; the runs differ in the CutMix share.
+  sweep = ("optimizer.learning_rate=2e-3;optimizer.weight_decay=0.2;"
+           "model_overrides.drop_path_rate=0.3;label_smoothing=0.2;mixing.prob=0.9;"
+           "mixing.cutmix_prob=0.0,1.0")
+  losses, params, t = train_steps(tiny(sweep=sweep))
+  assert set(t.specs[0].values) == set(config_checks.SWEEPABLE)
+  assert [s.values["mixing.cutmix_prob"] for s in t.specs] == [0.0, 1.0]
+  for k, spec in enumerate(t.specs):
+    assert spec.config.label_smoothing == 0.2 and spec.config.sweep == ""
+    single_losses, single_params, _ = train_steps(spec.config)
+    assert_run_is_single(losses, params, k, single_losses, single_params)
+
+
+def test_runs_are_every_combination_times_the_seeds():
+  specs = train.run_specs(tiny(num_runs=2, seed=1,
+                               sweep="label_smoothing=0.0,0.1;optimizer.learning_rate=1e-3"))
+  assert [(s.seed, s.values["label_smoothing"]) for s in specs] == [
+      (1, 0.0), (2, 0.0), (1, 0.1), (2, 0.1)]
+  assert all(s.config.optimizer.learning_rate == 1e-3 and s.config.num_runs == 1
+             for s in specs)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model_overrides.dim=32,64", "model_overrides.dim cannot be swept (it changes shapes"),
+    ("batch_size=16,32", "batch_size cannot be swept"),
+    ("bogus.key=1", "bogus.key cannot be swept (it is no config key)"),
+    ("label_smoothing", "is not KEY=V1,V2"),
+    ("label_smoothing=0.1,x", "not a number"),
+    ("label_smoothing=0.1,1.5", "label_smoothing must be a number in [0, 1)"),
+    ("label_smoothing=0.1;label_smoothing=0.2", "named twice"),
+])
+def test_bad_sweeps_are_refused_with_the_reason(text, message):
+  with pytest.raises(config_checks.ConfigError, match=None) as error:
+    config_checks.validate(tiny(sweep=text))
+  assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_sweep_keys_exit_2_with_one_line(tmp_path):
+  cases = [("--config.sweep=model_overrides.depth=2,4", "model_overrides.depth cannot be swept"),
+           ("--config.sweep=dataset.name=digits", "dataset.name cannot be swept")]
+  procs = [subprocess.Popen([sys.executable, "main.py", "--config", "configs/digits.py", flag,
+                             f"--workdir={tmp_path / str(i)}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for i, (flag, _) in enumerate(cases)]
+  for proc, (flag, message) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=300)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2, (flag, err[-2000:])
+    assert lines[-1].startswith("error: ") and message in lines[-1], (flag, err[-2000:])
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err
+  assert not any((tmp_path / str(i) / "checkpoints").exists() for i in range(len(cases)))
+
+
+def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
+  # Run 1's learning rate blows it up within a few steps; run 0 must not notice.
+  config = tiny(sweep="optimizer.learning_rate=1e-3,1e30", checkpoint_every_steps=1,
+                log_every_steps=1)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  healthy, dead = summary["runs"]
+  assert dead["values"] == {"optimizer.learning_rate": 1e30}
+  assert dead["died_at_step"] is not None and 1 <= dead["died_at_step"] <= STEPS
+  assert healthy["died_at_step"] is None and healthy["final_top1"] is not None
+  assert f"stopped: loss became non-finite at step {dead['died_at_step']}" in caplog.text
+  # The survivor is exactly its single run; the dead one's parameters stay finite.
+  single_losses, single_params, _ = train_steps(train.run_specs(config)[0].config)
+  restored = train.checkpoint_lib.Checkpoints(tmp_path / "checkpoints", read_only=True)
+  state = restored.restore_latest(train.build_training(train.Run.prepare(config),
+                                                       config).state)[1]
+  restored.close()
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_params), strict=True):
+    np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b), rtol=0, atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(a)[1]))
+  # The statistics leave the dead run out.
+  groups = {g["values"]["optimizer.learning_rate"]: g for g in summary["groups"]}
+  assert groups[1e30]["finished_seeds"] == [] and groups[1e30]["final_top1_mean"] is None
+  assert groups[1e-3]["final_top1_mean"] == pytest.approx(healthy["final_top1"])
+
+
+def test_all_runs_dying_stops_the_process(tmp_path):
+  config = tiny(sweep="optimizer.learning_rate=1e30,1e31", log_every_steps=1)
+  with pytest.raises(train.NonFiniteLossError, match="non-finite in every run"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_summary_lists_every_run_with_mean_and_std_over_seeds(tmp_path):
+  config = tiny(num_runs=2, seed=3, sweep="label_smoothing=0.0,0.1")
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  on_disk = json.load(open(tmp_path / "summary.json"))
+  assert on_disk["runs"] == summary["runs"] and summary["num_runs"] == 4
+  runs = summary["runs"]
+  assert [(r["seed"], r["values"]["label_smoothing"]) for r in runs] == [
+      (3, 0.0), (4, 0.0), (3, 0.1), (4, 0.1)]
+  for r in runs:
+    assert 0.0 <= r["final_top1"] <= r["best_top1"] <= 1.0 and r["died_at_step"] is None
+    assert r["best_step"] in (5, 10)
+  assert len(summary["groups"]) == 2
+  for group, pair in zip(summary["groups"], (runs[:2], runs[2:]), strict=True):
+    assert group["seeds"] == group["finished_seeds"] == [3, 4]
+    for key in ("final_top1", "best_top1"):
+      values = [r[key] for r in pair]
+      assert group[f"{key}_mean"] == pytest.approx(sum(values) / 2, abs=1e-12)
+      sample_std = abs(values[0] - values[1]) / np.sqrt(2)  # ddof 1, by hand for two values
+      assert group[f"{key}_std"] == pytest.approx(sample_std, abs=1e-12)
+  finals = [r["final_top1"] for r in runs]
+  assert summary["final_top1"] == pytest.approx(np.mean(finals))
+  # Per-run and mean/std scalars reach TensorBoard.
+  events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+  assert events
+  text = open(tmp_path / events[0], "rb").read()
+  for tag in (b"run3/test_top1", b"mean/test_top1", b"std/test_top1", b"run0/train_loss"):
+    assert tag in text
+
+
+def test_the_memory_check_says_how_many_runs_fit():
+  train.check_runs_fit(3, step_bytes=300, limit_bytes=1000, reserved_bytes=100)  # 9 fit
+  with pytest.raises(train.ConfigError, match="at most 2 fit"):
+    train.check_runs_fit(3, step_bytes=300, limit_bytes=250)
+  with pytest.raises(train.ConfigError, match="at most 0 fit"):
+    train.check_runs_fit(4, step_bytes=400, limit_bytes=150, reserved_bytes=100)
+  # The compiled step's own estimate, against a fake device limit of one run's share.
+  config = tiny(num_runs=3)
+  run = train.Run.prepare(config)
+  with pytest.raises(train.ConfigError, match=r"num_runs: 3 runs need about .* at most 1 fit"):
+    train.build_training(run, config, memory_limit=_one_run_share(config))
+
+
+def _one_run_share(config) -> int:
+  """Bytes for a bit more than one of the config's runs: the compiled step's third, plus 40%."""
+  many = train.build_training(train.Run.prepare(config), config)
+  lowered = many.compiled_step.lower(many.state, many.batch(0), many.train_key,
+                                     many.hparams, many.alive)
+  return int(train.step_memory_bytes(lowered.compile()) / 3 * 1.4)
