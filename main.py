@@ -58,7 +58,7 @@ def main(argv):
     if FLAGS.mode == "eval":
       result = train.evaluate(config, workdir, FLAGS.checkpoint)
       for r in result.get("runs", []):  # several runs: each, then their mean
-        print(f"eval {result['checkpoint']} run {r['run']} ({train.describe_values(r)}): "
+        print(f"eval {result['checkpoint']} run {r['run']} ({run_name(r)}): "
               f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}")
       print(f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
             f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}")
@@ -83,6 +83,11 @@ def main(argv):
         f"summary in {workdir}/summary.json")
 
 
+def run_name(run: dict) -> str:
+  """"seed 1, label_smoothing=0.1" for a run of summary.json's or evaluate's "runs"."""
+  return ", ".join([f"seed {run['seed']}", *(f"{k}={v:g}" for k, v in run["values"].items())])
+
+
 def print_runs(config, summary, workdir) -> None:
   """One line per swept combination (mean ± sample std over its seeds), one per dead run."""
   from lkca_jax import train
@@ -99,9 +104,8 @@ def print_runs(config, summary, workdir) -> None:
           f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}")
   for r in summary["runs"]:
     if r["died_at_step"] is not None:
-      print(f"  run {r['run']} (seed {r['seed']}"
-            f"{', ' + train.describe_values(r) if r['values'] else ''}) died: loss non-finite "
-            f"at step {r['died_at_step']}")
+      print(f"  run {r['run']} ({run_name(r)}) died: loss non-finite at step "
+            f"{r['died_at_step']}")
   print(f"summary in {workdir}/summary.json")
 
 

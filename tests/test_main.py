@@ -125,6 +125,55 @@ def test_interrupted_run_resumes_to_identical_parameters(uninterrupted, tmp_path
   assert_same_params(params, full_params)
 
 
+# --- several runs side by side: one process, a stacked state -------------------------
+RUNS = ["--config.num_runs=3", "--config.num_train_steps=75"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_runs(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("runs"))
+  result = run_main(workdir, *RUNS)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_three_runs_write_per_run_summary_and_eval_mode_evaluates_each(uninterrupted_runs):
+  workdir, result = uninterrupted_runs
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["num_runs"] == 3 and [r["seed"] for r in summary["runs"]] == [0, 1, 2]
+  assert "final top1" in result.stdout and "over seeds [0, 1, 2]" in result.stdout
+  evaluated = run_main(workdir, *RUNS, "--mode=eval")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  for r in summary["runs"]:
+    assert f"run {r['run']} (seed {r['seed']}): top1 {r['final_top1']:.4f}" in evaluated.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_three_runs_resume_after_a_signal_to_identical_parameters(uninterrupted_runs, tmp_path,
+                                                                  sig):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(main_cmd(workdir, *RUNS), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(proc, workdir, 25)
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  stopped_at, _ = final_params(workdir)
+  assert stopped_at < 75, "the runs finished before the signal: nothing was interrupted"
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, err[-3000:]
+    assert f"stopped by SIGTERM at step {stopped_at}" in out
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  resumed = run_main(workdir, *RUNS)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr
+  step, params = final_params(workdir)
+  full_step, full_params = final_params(uninterrupted_runs[0])
+  assert step == full_step == 75
+  assert all(x.shape[0] == 3 for x in jax_leaves(params))  # the run axis
+  assert_same_params(params, full_params)
+
+
 # (LKCA_TEST_HOLD point, signal): the run is held there (train._StopSignal.hold_for_tests)
 # until the signal lands. After starting the asynchronous save of step 50, the hold keeps
 # that write unfinished.
