@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import digits
 from lkca_jax import config_checks, train
+from lkca_jax.data import pipeline as pipeline_lib
 from tests.helpers import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +48,28 @@ def assert_run_is_single(many_losses, many_params, k, single_losses, single_para
   assert len(leaves_many) == len(leaves_one) > 0
   for a, b in zip(leaves_many, leaves_one, strict=True):
     np.testing.assert_allclose(np.asarray(a)[k], np.asarray(b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_stacked_pipeline_gives_each_run_its_own_order_and_augmentation(placement):
+  # Every per-image augmentation on, over a 2-device data axis.
+  config = tiny(num_devices=2, **{"dataset.placement": placement, "augment.autoaugment": "svhn",
+                                  "augment.random_erasing": 0.5})
+  run = train.Run.prepare(config)
+  keys = [train.run_keys(seed)[0] for seed in (3, 4)]
+  many = pipeline_lib.from_config(config, run.spec, run.mesh, jnp.stack(keys))
+  order = many.epoch_order(1)
+  batch = many.train_batch(order, 70)
+  assert batch["image"].shape[:2] == (2, 32) and batch["image"].sharding.spec[1] == "data"
+  for k, key in enumerate(keys):
+    one = pipeline_lib.from_config(config, run.spec, run.mesh, key)
+    one_order = one.epoch_order(1)
+    np.testing.assert_array_equal(np.asarray(order[k]), np.asarray(one_order))
+    one_batch = one.train_batch(one_order, 70)
+    np.testing.assert_array_equal(np.asarray(batch["label"][k]), np.asarray(one_batch["label"]))
+    np.testing.assert_allclose(np.asarray(batch["image"][k]), np.asarray(one_batch["image"]),
+                               rtol=0, atol=1e-6)
+  assert not np.array_equal(np.asarray(order[0]), np.asarray(order[1]))
 
 
 def test_each_of_three_runs_reproduces_its_single_run():

@@ -2,6 +2,7 @@
 
     python -m lkca_jax.tools.bench_step [--models lkca_t,lkca_b,vit_1m,vit] [--batch 128]
         [--dtype float32,bfloat16] [--steps 20] [--out bench_results/bench_step.json] [--smoke]
+        [--runs K]
 
 Flags:
   --models  comma-separated presets of `lkca_jax.models.PRESETS`.
@@ -12,6 +13,12 @@ Flags:
   --steps   timed steps per model, dtype and column, after compilation and one warm-up step.
   --out     where the JSON results go.
   --smoke   tiny shapes for tests: width 32, depth 1, 2 heads, batch 16, 2 steps.
+  --runs    K > 1: instead, the cost of many runs in one process (`config.num_runs`):
+            per model and dtype, K runs side by side in one vmapped step against K
+            single runs (seeds 0..K-1), `Training.step` with the pipeline, all
+            interleaved as below. Reported: median ms of the K-run step and the sum of
+            the K single runs' medians, their ratio (below 1: the K-run step is
+            cheaper), and bytes per run from each compiled step's memory analysis.
 
 Every case is the trainer's step as `train.build_training` builds it (CutMix/Mixup,
 the model with stochastic depth, label-smoothed loss, AdamW, state donated) on
@@ -95,6 +102,79 @@ class Case:
     return time.perf_counter() - start
 
 
+def step_bytes(case) -> int:
+  """Peak bytes of a case's compiled training step (its memory analysis)."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  t = case.training
+  args = (case.state, case.fixed_batch, t.train_key, t.hparams)
+  lowered = t.compiled_step.lower(*args, t.alive) if t.many else t.compiled_step.lower(*args)
+  return train.step_memory_bytes(lowered.compile())
+
+
+def run_runs_benchmark(models: list[str], dtypes: list[str], *, runs: int, batch: int,
+                       steps: int, overrides: dict | None = None, log=print) -> dict:
+  """K runs in one process against K single runs, per (model, dtype); see --runs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  load_start = os.getloadavg()
+  cases = {}
+  for model in models:
+    for dtype in dtypes:
+      config = step_config(model, batch=batch, dtype=dtype, overrides=overrides)
+      many = config.copy_and_resolve_references()
+      many.num_runs = runs
+      singles = []
+      for k in range(runs):
+        single = config.copy_and_resolve_references()
+        single.seed = k
+        singles.append(Case(single))
+      together = Case(many)
+      for case in (together, *singles):  # compile, then one warm step: not timed
+        case.step("pipeline")
+        case.step("pipeline")
+      log(f"compiled {model} {dtype}: {runs} runs together and apart")
+      cases[(model, dtype)] = [together, *singles]
+  order = [(key, i) for key in cases for i in range(runs + 1)]
+  times = {item: [] for item in order}
+  for round_ in range(steps):
+    for key, i in (order if round_ % 2 == 0 else order[::-1]):
+      times[(key, i)].append(cases[key][i].step("pipeline"))
+  results = []
+  for (model, dtype), (together, *singles) in cases.items():
+    together_ms = 1e3 * statistics.median(times[((model, dtype), 0)])
+    separate_ms = sum(1e3 * statistics.median(times[((model, dtype), i)])
+                      for i in range(1, runs + 1))
+    many_bytes, single_bytes = step_bytes(together), step_bytes(singles[0])
+    results.append({
+        "model": model, "dtype": dtype, "runs": runs, "params": together.run.num_params,
+        "together_ms": together_ms, "separate_ms": separate_ms,
+        "ratio": together_ms / separate_ms,
+        "together_step_ms": [1e3 * s for s in times[((model, dtype), 0)]],
+        "single_bytes": single_bytes, "together_bytes": many_bytes,
+        "together_bytes_per_run": many_bytes / runs,
+    })
+  return {
+      "config": {"models": models, "dtypes": dtypes, "batch_size": batch, "steps": steps,
+                 "runs": runs, "dataset": DATASET, "model_overrides": overrides or {}},
+      "results": results, "jax": jax.__version__, "machine": cli.machine_info(),
+      "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+  }
+
+
+def format_runs_table(results: dict) -> str:
+  c = results["config"]
+  lines = [f"{c['runs']} runs in one process vs {c['runs']} single runs, batch "
+           f"{c['batch_size']} each, median of {c['steps']} interleaved steps",
+           f"{'model':<10}{'dtype':<10}{'together ms':>12}{'apart ms':>10}{'ratio':>7}"
+           f"{'MiB/run together':>18}{'MiB single':>12}"]
+  for r in results["results"]:
+    lines.append(f"{r['model']:<10}{r['dtype']:<10}{r['together_ms']:>12.1f}"
+                 f"{r['separate_ms']:>10.1f}{r['ratio']:>7.2f}"
+                 f"{r['together_bytes_per_run'] / 2**20:>18.1f}{r['single_bytes'] / 2**20:>12.1f}")
+  start, end = results["load_average_start"], results["load_average_end"]
+  lines.append(f"load average {start[0]:.2f} -> {end[0]:.2f}")
+  return "\n".join(lines)
+
+
 def column_stats(seconds: list[float], batch: int) -> dict:
   median_ms = 1e3 * statistics.median(seconds)
   return {"median_ms": median_ms, "min_ms": 1e3 * min(seconds),
@@ -176,6 +256,7 @@ def _define_flags():
   flags.DEFINE_integer("steps", 20, "Timed steps per model, dtype and column.")
   flags.DEFINE_string("out", "bench_results/bench_step.json", "Where the JSON results go.")
   flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 steps (for tests).")
+  flags.DEFINE_integer("runs", 1, "K > 1: time K runs in one process against K single runs.")
 
 
 def main(argv):
@@ -198,13 +279,19 @@ def main(argv):
     batch, steps, overrides = SMOKE["batch"], SMOKE["steps"], SMOKE["overrides"]
   if batch < 1 or steps < 1:
     cli.fail(f"--batch and --steps must be at least 1, got {batch} and {steps}")
+  if FLAGS.runs < 1:
+    cli.fail(f"--runs must be at least 1, got {FLAGS.runs}")
   logging.set_verbosity(logging.WARNING)
   try:
-    results = run_benchmark(FLAGS.models, FLAGS.dtype, batch=batch, steps=steps,
-                            overrides=overrides)
+    if FLAGS.runs > 1:
+      results = run_runs_benchmark(FLAGS.models, FLAGS.dtype, runs=FLAGS.runs, batch=batch,
+                                   steps=steps, overrides=overrides)
+    else:
+      results = run_benchmark(FLAGS.models, FLAGS.dtype, batch=batch, steps=steps,
+                              overrides=overrides)
   except train.ConfigError as e:
     cli.fail(str(e))
-  print(format_table(results))
+  print(format_runs_table(results) if FLAGS.runs > 1 else format_table(results))
   print(f"wrote {cli.write_json(FLAGS.out, results)}")
 
 

@@ -4,9 +4,11 @@
         --seeds 3 [--size t|b | --same-preset] [--steps N] [--out FILE.md] [--workdir DIR] \
         [--overwrite] [--config.KEY=VALUE ...]
 
-Every (mixer, seed) pair is one `train.train_and_evaluate` run of the same
-config, with `config.seed` = 0..S-1 and `config.num_train_steps` = --steps
-(default: the config's own budget). The model of a row is
+The seeds of a mixer are trained side by side in one process: one
+`train.train_and_evaluate` call with `config.num_runs` = S (seeds 0..S-1, see
+README "Many runs in one process"; run k is exactly the single run of seed k)
+and `config.num_train_steps` = --steps (default: the config's own budget).
+The model of a row is
 
 - size-matched (default): the preset of `SIZE_PRESETS[--size]` for that mixer,
   which each mixer class declares in its `size_presets` (t: vit_1m / lkca_t /
@@ -17,20 +19,21 @@ config, with `config.seed` = 0..S-1 and `config.num_train_steps` = --steps
 Other `--config.model_overrides.*` apply to every row; `mixer_options` of
 mixers other than the row's are cleared (they are keyed by mixer name).
 
-Run directories are DIR/<mixer>/seed<k> (DIR: --workdir, default
-workdirs/compare_<config name>). Every run is a fresh one: if one of them
-already exists the command refuses before training, unless --overwrite, which
-deletes those run directories first. Compiled programs are kept in
-DIR/jax_cache (JAX's persistent cache; --nocompile-cache turns it off), so
-only the first seed of each mixer pays for compilation.
+The training directory of a mixer is DIR/<mixer> (DIR: --workdir, default
+workdirs/compare_<config name>): checkpoints and logs of all its seeds, its
+summary.json, and DIR/<mixer>/seed<k>/summary.json with each seed's own
+values. Every comparison is a fresh one: if a mixer's directory already
+exists the command refuses before training, unless --overwrite, which deletes
+those directories first. Compiled programs are kept in DIR/jax_cache (JAX's
+persistent cache; --nocompile-cache turns it off), so reruns skip compilation.
 
 The table (--out, default bench_results/compare_<config name>.md) is printed,
 written after every finished run (an interrupted comparison keeps its finished
 rows), and saved with the per-seed values as JSON next to it (same name,
 .json). Columns: top-1 final and best (in %, mean ± sample standard deviation,
 ddof 1, over the seeds), trainable parameters, multiply-adds per image
-(`model_macs`), and training images per second (mean over seeds; the first,
-compiling step excluded).
+(`model_macs`), and training images per second of one run (the process's
+rate over its S runs, divided by S; the first, compiling step excluded).
 
 Bad input (unknown mixer, --seeds < 1, a config that cannot run, an existing
 run directory) is one line on stderr and exit code 2 before any training.
@@ -136,18 +139,13 @@ def run_config(base, mixer: str, *, seed: int, size: str, same_preset: bool,
 
 
 def enable_compile_cache(directory: str) -> None:
-  """JAX's persistent compilation cache: runs that differ only in seed compile the same
-  programs, so only the first run of each mixer pays for compilation (the same executable
-  runs either way). An explicit $JAX_COMPILATION_CACHE_DIR wins."""
+  """JAX's persistent compilation cache: a rerun of the same comparison compiles nothing
+  (the same executable runs either way). An explicit $JAX_COMPILATION_CACHE_DIR wins."""
   import jax
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-def run_dir(workdir: str, mixer: str, seed: int) -> str:
-  return os.path.join(workdir, mixer, f"seed{seed}")
 
 
 def clear_run_dirs(paths: list[str], overwrite: bool) -> None:
@@ -240,25 +238,36 @@ def write_report(report: dict, out: str) -> None:
     json.dump(report, f, indent=2)
 
 
+def write_seed_summary(path: str, summary: dict, run: dict) -> None:
+  """PATH/seed<k>/summary.json: the values of one run of a many-run summary, with its seed."""
+  config = copy.deepcopy(summary["config"])
+  config.update(seed=run["seed"], num_runs=1)
+  seed_summary = {k: v for k, v in summary.items() if k not in ("runs", "groups")}
+  seed_summary.update(run, config=config, num_runs=1)
+  os.makedirs(os.path.join(path, f"seed{run['seed']}"), exist_ok=True)
+  with open(os.path.join(path, f"seed{run['seed']}", "summary.json"), "w") as f:
+    json.dump(seed_summary, f, indent=2)
+
+
 # --- command line -------------------------------------------------------------------
 def define_flags() -> None:
   """The command's flags; defined on demand so importing this module (tests) registers none."""
   config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                   lock_config=True)
   flags.DEFINE_list("mixers", ["mhsa", "lkca", "acmix", "flatten"], "Token mixers to compare.")
-  flags.DEFINE_integer("seeds", 3, "Seeds 0..S-1 per mixer.", lower_bound=1)
+  flags.DEFINE_integer("seeds", 3, "Seeds 0..S-1 per mixer, trained side by side in one "
+                       "process (config.num_runs=S).", lower_bound=1)
   flags.DEFINE_enum("size", "t", sorted(SIZE_PRESETS), "Size-matched preset family.")
   flags.DEFINE_bool("same-preset", False, "Keep config.model; only override its mixer.")
   flags.DEFINE_integer("steps", None, "Training steps per run (default: the config's).",
                        lower_bound=1)
   flags.DEFINE_string("out", None,
                       "Markdown table path (default bench_results/compare_<config>.md).")
-  flags.DEFINE_string("workdir", None, "Run directories go to DIR/<mixer>/seed<k> "
-                      "(default workdirs/compare_<config>).")
+  flags.DEFINE_string("workdir", None, "Each mixer trains in DIR/<mixer>, its seeds' "
+                      "summaries in DIR/<mixer>/seed<k> (default workdirs/compare_<config>).")
   flags.DEFINE_bool("overwrite", False, "Delete existing run directories instead of refusing.")
-  flags.DEFINE_bool("compile-cache", True, "Keep compiled steps in DIR/jax_cache, so seeds "
-                    "after the first (and reruns) skip compilation; $JAX_COMPILATION_CACHE_DIR, "
-                    "when set, is used instead.")
+  flags.DEFINE_bool("compile-cache", True, "Keep compiled steps in DIR/jax_cache, so reruns "
+                    "skip compilation; $JAX_COMPILATION_CACHE_DIR, when set, is used instead.")
 
 
 def config_stem() -> str:
@@ -286,10 +295,12 @@ def main(argv):
 
   # Everything that can fail on input fails here, before the first step.
   try:
-    configs = {m: [run_config(base, m, seed=k, size=size, same_preset=same_preset, steps=steps)
-                   for k in seeds] for m in mixers}
-    runs = {m: train.Run.prepare(configs[m][0]) for m in mixers}
-    clear_run_dirs([run_dir(workdir, m, k) for m in mixers for k in seeds], FLAGS.overwrite)
+    configs = {m: run_config(base, m, seed=0, size=size, same_preset=same_preset, steps=steps)
+               for m in mixers}
+    for config in configs.values():
+      config.num_runs = len(seeds)
+    runs = {m: train.Run.prepare(configs[m]) for m in mixers}
+    clear_run_dirs([os.path.join(workdir, m) for m in mixers], FLAGS.overwrite)
   except (UsageError, train.ConfigError) as e:
     fail(str(e))
 
@@ -307,44 +318,50 @@ def main(argv):
           "platform": first.mesh.devices.flat[0].platform, "std_ddof": 1,
           "steps": steps, "workdir": workdir, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
       },
-      "rows": [{"mixer": m, "preset": configs[m][0].model, "params": runs[m].num_params,
+      "rows": [{"mixer": m, "preset": configs[m].model, "params": runs[m].num_params,
                 "macs": model_macs(runs[m].model),
                 "macs_breakdown": model_macs_breakdown(runs[m].model), "runs": []}
                for m in mixers],
   }
   rows = {row["mixer"]: summarize_row(row) for row in report["rows"]}
   total, done, failed = len(mixers) * len(seeds), 0, 0
-  # Seed-major: after each round every mixer has the same number of finished seeds.
-  for seed in seeds:
-    for mixer in mixers:
-      config = configs[mixer][seed]
-      run = runs.pop(mixer) if seed == 0 else train.Run.prepare(config)
-      path = run_dir(workdir, mixer, seed)
-      try:
-        summary = train.train_and_evaluate(config, path, run=run)
-      except train.NonFiniteLossError as e:
+  for mixer in mixers:  # all seeds of a mixer at once, side by side
+    path = os.path.join(workdir, mixer)
+    try:
+      summary = train.train_and_evaluate(configs[mixer], path, run=runs.pop(mixer))
+    except train.NonFiniteLossError as e:
+      for seed in seeds:
         rows[mixer]["runs"].append({"seed": seed, "workdir": path, "error": str(e)})
+      failed += len(seeds)
+      print(f"[{done + failed}/{total}] {mixer}: {e}", file=sys.stderr)
+      continue
+    if summary["stopped_by"]:
+      print(f"stopped by {summary['stopped_by']} during {mixer}; the mixers finished before it "
+            f"are in {out}. Rerun with --overwrite to start over.", file=sys.stderr)
+      sys.exit(1)
+    report["settings"]["steps"] = summary["total_steps"]
+    speed = summary["train_images_per_second"]
+    for r in summary["runs"]:
+      if r["died_at_step"] is not None:
+        rows[mixer]["runs"].append({"seed": r["seed"], "workdir": path, "error": (
+            f"loss became non-finite at step {r['died_at_step']}")})
         failed += 1
-        print(f"[{done + failed}/{total}] {mixer} seed {seed}: {e}", file=sys.stderr)
         continue
-      if summary["stopped_by"]:
-        print(f"stopped by {summary['stopped_by']} during {mixer} seed {seed}; the runs "
-              f"finished before it are in {out}. Rerun with --overwrite to start over.",
-              file=sys.stderr)
-        sys.exit(1)
       done += 1
-      report["settings"]["steps"] = summary["total_steps"]
       rows[mixer]["runs"].append({
-          "seed": seed, "workdir": path, "final_top1": summary["final_top1"],
-          "best_top1": summary["best_top1"], "best_step": summary["best_step"],
-          "train_images_per_second": summary["train_images_per_second"],
+          "seed": r["seed"], "workdir": path, "final_top1": r["final_top1"],
+          "best_top1": r["best_top1"], "best_step": r["best_step"],
+          "train_images_per_second": speed / len(seeds) if speed else None,
           "wall_seconds": summary["wall_seconds"]})
-      summarize_row(rows[mixer])
-      write_report(report, out)
-      print(f"[{done + failed}/{total}] {mixer} seed {seed}: final top-1 "
-            f"{100 * summary['final_top1']:.2f}%, best {100 * summary['best_top1']:.2f}%, "
-            f"{summary['train_images_per_second'] or 0:.0f} images/s, "
-            f"{summary['wall_seconds']:.0f} s", flush=True)
+      write_seed_summary(path, summary, r)
+    summarize_row(rows[mixer])
+    write_report(report, out)
+    row = rows[mixer]
+    print(f"[{done + failed}/{total}] {mixer}, seeds {row['finished_seeds']}: final top-1 "
+          f"{_percent(row['final_top1_mean'], row['final_top1_std'])}%, best "
+          f"{_percent(row['best_top1_mean'], row['best_top1_std'])}%, "
+          f"{speed or 0:.0f} images/s over {len(seeds)} runs, "
+          f"{summary['wall_seconds']:.0f} s", flush=True)
   for row in report["rows"]:
     summarize_row(row)
   report["settings"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -103,3 +103,16 @@ def test_synthetic_dataset_passes_config_checks_without_tfds():
   run = train.Run.prepare(config)
   assert run.spec.name == "synthetic_cifar"
   data.check_available("synthetic_cifar")  # no TFDS builder involved
+
+
+def test_runs_mode_times_k_runs_together_and_apart_with_memory_per_run():
+  results = bench_step.run_runs_benchmark(
+      ["lkca_t"], ["float32"], runs=2, batch=bench_step.SMOKE["batch"], steps=2,
+      overrides=bench_step.SMOKE["overrides"], log=lambda *_: None)
+  (r,) = results["results"]
+  assert r["runs"] == 2 and len(r["together_step_ms"]) == 2
+  assert r["ratio"] == pytest.approx(r["together_ms"] / r["separate_ms"])
+  # The stacked state holds two of everything: more bytes than one run, each run's share less.
+  assert r["single_bytes"] < r["together_bytes"] == 2 * r["together_bytes_per_run"]
+  table = bench_step.format_runs_table(results)
+  assert "2 runs in one process vs 2 single runs" in table and "lkca_t" in table
