@@ -24,7 +24,8 @@ config_flags.DEFINE_config_file("config", None, "Path to an ml_collections confi
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summary.json go "
                     "(default: workdirs/<config name>).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "Train (and resume), or evaluate a checkpoint.")
 flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: one process per "
                   "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).")
