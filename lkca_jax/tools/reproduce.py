@@ -6,18 +6,19 @@
 
 Every row of the table (docs/reference.md#paper-results, encoded once in
 `PAPER_RESULTS`) is a preset; --rows picks some (default: all of the table).
-A row is K runs (--runs, default 1) of `train.train_and_evaluate` with seeds
-config.seed .. config.seed + K − 1, all with the table's dataset config
+A row is K runs (--runs, default 1) with seeds config.seed .. config.seed + K − 1,
+trained side by side in one process (`config.num_runs`: one vmapped step, one
+`train.train_and_evaluate`), all with the table's dataset config
 (configs/<table>.py, the full reference recipe) unless --config names another
 (the tests run the cifar10 rows on configs/digits.py). --steps N sets
 config.num_train_steps: a shortened proxy, which the table says it is.
 
-Run directories are OUT/<preset>/seed<k> (OUT: --out, default
+A row's run directory is OUT/<preset> (OUT: --out, default
 workdirs/reproduce_<table>). A finished row writes OUT/<preset>/row.json
 (atomically); it is the marker that the row is done, and a later invocation
-skips that row ("skipped ..." on stdout) and reads its values back. A run
-interrupted mid-row resumes from its checkpoints; runs of the row that had
-finished are read from their summary.json, not trained again. A finished row
+skips that row ("skipped ..." on stdout) and reads its values back. A row
+interrupted mid-training resumes from its checkpoints; one whose training
+finished is read from its summary.json, not trained again. A finished row
 whose settings (the row's config and K) differ from this invocation's is an
 error: pass another --out.
 
@@ -122,10 +123,6 @@ def row_config(base, preset: str, steps: int | None):
   return config
 
 
-def run_dir(workdir: str, seed: int) -> str:
-  return os.path.join(workdir, f"seed{seed}")
-
-
 def finished_summary(path: str) -> dict | None:
   """The summary.json of a run that trained to its end, else None."""
   try:
@@ -145,24 +142,31 @@ class Stopped(RuntimeError):
 def train_row(config, runs: int, *, workdir: str) -> list[dict]:
   """Trains `runs` independent runs of `config` (seeds config.seed + 0 .. runs − 1).
 
-  Returns each run's summary (train.train_and_evaluate's), in seed order; runs
-  that already finished in `workdir` are read back, not retrained. The one place
-  that decides how the K runs are trained (one process after another today).
+  The runs train side by side in one process (`config.num_runs`, one vmapped
+  step); a row that already finished in `workdir` is read back, not retrained.
+  Returns one summary per run that finished (a run whose loss went non-finite
+  is left out and logged), in seed order, shaped as a single run's summary.
   """
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
-  summaries = []
-  for k in range(runs):
-    run_config = copy.deepcopy(config)
-    run_config.seed = config.seed + k
-    path = run_dir(workdir, run_config.seed)
-    summary = finished_summary(path)
-    if summary is None:
-      summary = train.train_and_evaluate(run_config, path)
-      if summary["stopped_by"]:
-        raise Stopped(f"stopped by {summary['stopped_by']} in {path}; run the same command "
-                      "to resume")
-    summaries.append(summary)
-  return summaries
+  summary = finished_summary(workdir)
+  if summary is None:
+    row_config = copy.deepcopy(config)
+    row_config.num_runs = runs
+    summary = train.train_and_evaluate(row_config, workdir)
+    if summary["stopped_by"]:
+      raise Stopped(f"stopped by {summary['stopped_by']} in {workdir}; run the same command "
+                    "to resume")
+  finished = [r for r in summary["runs"]
+              if r["died_at_step"] is None and r["final_top1"] is not None]
+  for r in summary["runs"]:
+    if r not in finished:
+      print(f"run with seed {r['seed']} in {workdir} died at step {r['died_at_step']}: left out")
+  if not finished:
+    raise Stopped(f"every run in {workdir} died (non-finite loss); lower the learning rate")
+  share = summary["wall_seconds"] / len(summary["runs"])  # one process trained them all
+  return [{**summary, "final_top1": r["final_top1"], "best_top1": r["best_top1"],
+           "best_step": r["best_step"], "wall_seconds": share,
+           "config": {**summary["config"], "seed": r["seed"]}} for r in finished]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

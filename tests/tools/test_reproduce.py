@@ -100,15 +100,16 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
     assert row["paper_top1"] == paper[row["preset"]].paper_top1
     assert row["paper_name"] == paper[row["preset"]].paper_name
     finals, bests = [], []
-    for k, run in enumerate(row["runs"]):  # every value comes from that run's summary.json
-      assert run["seed"] == k
-      summary = json.loads((out / row["preset"] / f"seed{k}" / "summary.json").read_text())
-      assert summary["config"]["seed"] == k and summary["step"] == STEPS
-      assert summary["model"] == row["preset"] and summary["dataset"] == "digits"
-      assert run["final_top1"] == 100 * summary["final_top1"]
-      finals.append(100 * summary["final_top1"])
-      bests.append(100 * summary["best_top1"])
-      assert row["params"] == summary["params"]
+    # The row's runs trained side by side in one process: one summary.json, a record per run.
+    summary = json.loads((out / row["preset"] / "summary.json").read_text())
+    assert summary["num_runs"] == RUNS and summary["step"] == STEPS
+    assert summary["model"] == row["preset"] and summary["dataset"] == "digits"
+    assert row["params"] == summary["params"]
+    for k, (run, recorded) in enumerate(zip(row["runs"], summary["runs"], strict=True)):
+      assert run["seed"] == recorded["seed"] == k
+      assert run["final_top1"] == 100 * recorded["final_top1"]
+      finals.append(100 * recorded["final_top1"])
+      bests.append(100 * recorded["best_top1"])
     assert len(finals) == RUNS
     assert row["top1_mean"] == pytest.approx(np.mean(finals))
     assert row["top1_std"] == pytest.approx(np.std(finals, ddof=1))
@@ -130,7 +131,7 @@ def test_a_second_invocation_skips_finished_rows(reproduction):
   out, _ = reproduction
   marker = [out / preset / reproduce.ROW_FILE for preset in ROWS]
   before = [os.path.getmtime(path) for path in marker]
-  summaries = [os.path.getmtime(out / preset / "seed0" / "summary.json") for preset in ROWS]
+  summaries = [os.path.getmtime(out / preset / "summary.json") for preset in ROWS]
   table_before = json.loads((out / "table.json").read_text())["rows"]
   result = run_reproduce(out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}",
                          *TINY)
@@ -138,7 +139,7 @@ def test_a_second_invocation_skips_finished_rows(reproduction):
   for preset in ROWS:
     assert f"skipped {preset}: finished" in result.stdout
   assert [os.path.getmtime(path) for path in marker] == before
-  assert [os.path.getmtime(out / p / "seed0" / "summary.json") for p in ROWS] == summaries
+  assert [os.path.getmtime(out / p / "summary.json") for p in ROWS] == summaries
   assert json.loads((out / "table.json").read_text())["rows"] == table_before
 
 
