@@ -29,6 +29,15 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"],
 flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: one process per "
                   "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).")
+flags.DEFINE_string("coordinator", None, "With --multihost: HOST:PORT of process 0 (default: "
+                    "$JAX_COORDINATOR_ADDRESS, else detected from the cluster).")
+flags.DEFINE_integer("num_processes", None, "With --multihost: the number of processes "
+                     "(default: $JAX_NUM_PROCESSES, else detected).")
+flags.DEFINE_integer("process_id", None, "With --multihost: this process's rank (default: "
+                     "$JAX_PROCESS_ID, else detected).")
+flags.DEFINE_bool("log_all_processes", False, "With --multihost: every process logs, not only "
+                  "process 0 (warnings and errors always show).")
+
 
 def default_workdir() -> str:
   path = config_flags.get_config_filename(FLAGS["config"])
@@ -45,32 +54,47 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+  from lkca_jax import distributed
   if FLAGS.multihost:
-    import jax
-    jax.distributed.initialize()  # coordinator and ranks come from the cluster environment
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    distributed.exit_on_failure(_main)  # a failed process must not hold the others
+  else:
+    _main()
+
+
+def _main():
+  import jax
+
   from lkca_jax import checkpoint as checkpoint_lib
-  from lkca_jax import train
+  from lkca_jax import distributed, train
 
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir()
-  logging.set_verbosity(logging.INFO)
+  lead = jax.process_index() == 0
+  logging.set_verbosity(logging.INFO if lead or FLAGS.log_all_processes else logging.WARNING)
   logging.get_absl_logger().addFilter(_QuietLibraries())  # every absl.logging call passes here
   try:
+    if FLAGS.multihost:  # before anything is built: a mismatch would deadlock later
+      distributed.check_same_everywhere(config.to_json_best_effort(sort_keys=True),
+                                        os.path.abspath(workdir))
     if FLAGS.mode == "eval":
       result = train.evaluate(config, workdir, FLAGS.checkpoint)
-      for r in result.get("runs", []):  # several runs: each, then their mean
-        print(f"eval {result['checkpoint']} run {r['run']} ({run_name(r)}): "
-              f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}")
-      print(f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
-            f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}")
+      if lead:
+        for r in result.get("runs", []):  # several runs: each, then their mean
+          print(f"eval {result['checkpoint']} run {r['run']} ({run_name(r)}): "
+                f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}")
+        print(f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
+              f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}")
       return
     run = train.Run.prepare(config)
     summary = train.train_and_evaluate(config, workdir, run=run)
-  except (train.ConfigError, checkpoint_lib.CheckpointError) as e:
+  except (train.ConfigError, checkpoint_lib.CheckpointError, distributed.MismatchError) as e:
     fail(str(e))
   except train.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  if not lead:  # one report for the job
+    return
   if summary["stopped_by"]:
     print(f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint saved in "
           f"{workdir}. Run the same command to resume.")

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lkca_jax import checkpoint as checkpoint_lib
-from lkca_jax import config_checks, files, metric_writer, models
+from lkca_jax import config_checks, distributed, files, metric_writer, models
 from lkca_jax import data as data_lib
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.mixing import mix_batch
@@ -556,7 +556,7 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
                           jnp.float32) for name in per_run[0]}
   replicated = NamedSharding(run.mesh, P())
   state = TrainState(step=step0, params=params, opt_state=opt_state, rest=rest)
-  state, hp = jax.device_put((state, hp), replicated)
+  state, hp = pipeline_lib.put_tree((state, hp), replicated)  # onto every process's devices
   state_sharding = jax.tree.map(lambda _: replicated, state)
   train_step = make_train_step(train_graphdef, config, pipeline.steps_per_epoch, total_steps)
   eval_step = make_eval_step(eval_graphdef)
@@ -772,7 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       clock.step(metrics)
       progress(step)
       eval_now = step % eval_every == 0 or step == total_steps
-      stopping = stop.received  # read once: a signal may land mid-iteration
+      stopping = distributed.agree_on_stop(stop.received, step)  # read once, same everywhere
       save_now = eval_now or step % config.checkpoint_every_steps == 0 or stopping is not None
       if step % config.log_every_steps == 0 or save_now:
         clock.stop(metrics)  # evaluation and checkpoints are not training time
@@ -842,8 +842,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   _, eval_graphdef, params, rest = _split_model(run.model)
   # Only what evaluation needs is read: no optimizer state is built or restored.
   like = {"params": params, "rest": rest}
-  like = jax.device_put(_stack([like] * len(specs)) if many else like,
-                        NamedSharding(run.mesh, P()))
+  like = pipeline_lib.put_tree(_stack([like] * len(specs)) if many else like,
+                               NamedSharding(run.mesh, P()))  # onto every process's devices
   checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
   if step is None:  # the newest that restores; damaged ones are skipped with a warning
     restored = checkpoints.restore_latest(like, partial=True)

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lkca_jax"
 LAYERS = {
     "files": 0, "layers": 0, "augment": 0, "mixing": 0,
     "models": 1, "data": 1,
-    "analysis": 2, "checkpoint": 2, "config_checks": 2, "metric_writer": 2,
+    "analysis": 2, "checkpoint": 2, "config_checks": 2, "distributed": 2, "metric_writer": 2,
     "train": 3,
     "tools": 4,
 }

@@ -101,12 +101,26 @@ def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def put_tree(tree, sharding: NamedSharding):
+  """`put` for every leaf of a pytree of arrays, PRNG keys included.
+
+  Unlike jax.device_put, this also reaches the devices of other processes
+  (each process supplies its own devices' copies).
+  """
+  def one(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
+                                      impl=jax.random.key_impl(x))
+    return put(x, sharding)
+  return jax.tree.map(one, tree)
+
+
 def choose_placement(placement: str, nbytes: int) -> str:
   if placement not in ("auto", "device", "host"):
     raise ValueError(f"dataset.placement must be 'auto', 'device' or 'host', got {placement!r}")
   if placement != "auto":
     return placement
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}  # another process's device has none
   limit = stats.get("bytes_limit")
   if limit is None:  # CPU backends: device memory is host memory
     return "device"
