@@ -104,18 +104,31 @@ def check_same_everywhere(config_json: str, workdir: str) -> None:
                         "every process the same number")
 
 
-def agree_on_stop(received: str | None, step: int) -> str | None:
+def in_order(tree):
+  """With several processes, waits until `tree` is computed; returns it.
+
+  Programs with collectives must run in the same order in every process. One
+  that depends on the previous (the train steps) does; independent ones
+  dispatched asynchronously (the evaluation batches, the stop vote) may
+  overlap, and CPU collectives then deadlock when processes match them up in
+  different orders.
+  """
+  return jax.block_until_ready(tree) if jax.process_count() > 1 else tree
+
+
+def agree_on_stop(received: str | None, step: int, after=None) -> str | None:
   """The signal name every process stops for at `step`, or None to go on.
 
   A signal reaches each process at a slightly different step; stopping on the
   local flag alone would leave the others waiting in the next step's all-reduce.
   With several processes the flags are combined every STOP_VOTE_EVERY steps,
-  the same steps everywhere.
+  the same steps everywhere, once `after` (the step's output) is computed.
   """
   if jax.process_count() == 1:
     return received
   if step % STOP_VOTE_EVERY:
     return None
+  in_order(after)  # the step's own collectives first
   mine = np.int32(signal.Signals[received].value if received else 0)
   agreed = int(np.max(multihost_utils.process_allgather(mine)))
   return signal.Signals(agreed).name if agreed else None

@@ -400,7 +400,7 @@ def _run_eval(eval_fn, params, rest, pipeline) -> dict | list[dict]:
   """Test loss, top-1 and top-5 of one run; of stacked parameters, a list with one a run."""
   totals = None
   for batch in pipeline.eval_batches():
-    sums = eval_fn(params, rest, batch)
+    sums = distributed.in_order(eval_fn(params, rest, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
 
@@ -772,7 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       clock.step(metrics)
       progress(step)
       eval_now = step % eval_every == 0 or step == total_steps
-      stopping = distributed.agree_on_stop(stop.received, step)  # read once, same everywhere
+      stopping = distributed.agree_on_stop(stop.received, step, metrics)  # one answer for all
       save_now = eval_now or step % config.checkpoint_every_steps == 0 or stopping is not None
       if step % config.log_every_steps == 0 or save_now:
         clock.stop(metrics)  # evaluation and checkpoints are not training time

@@ -6,7 +6,8 @@
 Starts the command once per process with JAX_COORDINATOR_ADDRESS (a free port
 on 127.0.0.1), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, and each process on
 `--devices_per_process` virtual CPU devices. Output lines are prefixed with
-`[pN]`. SIGTERM/SIGINT are forwarded to every process. If a process fails,
+`[pN]`. SIGTERM/SIGINT are forwarded to every process (a second one kills
+them). If a process fails,
 the others are stopped (SIGTERM, then SIGKILL after a grace period) and the
 launcher exits non-zero, with one line naming the process that failed.
 """
@@ -77,10 +78,13 @@ def launch(command: list[str], *, processes: int, devices_per_process: int = 0,
       thread.start()
       threads.append(thread)
 
-  def forward(signum, frame):
+  signals = []
+
+  def forward(signum, frame):  # a second signal: the job is stuck, end it
+    signals.append(signum)
     for child in children:
       if child.poll() is None:
-        child.send_signal(signum)
+        child.send_signal(signum) if len(signals) == 1 else child.kill()
 
   previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
   failed, deadline = None, None

@@ -1,0 +1,214 @@
+"""Several real processes with real collectives (gloo over 127.0.0.1), started by the launcher.
+
+    pytest -m multiprocess tests/test_multiprocess.py
+
+One 2-process x 4-device run is compared with 1 process x 8 devices and 1 x 1;
+the same run is interrupted by SIGTERM, by SIGKILL of one process, and started
+with a config that differs between processes.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_main import ROOT, assert_same_params
+
+pytestmark = pytest.mark.multiprocess
+
+STEPS = 12
+TINY = ["--config", "configs/digits.py", "--config.model_overrides.dim=32",
+        "--config.model_overrides.depth=2", "--config.model_overrides.num_heads=2",
+        "--config.batch_size=32", f"--config.num_train_steps={STEPS}",
+        "--config.checkpoint_every_steps=4", "--config.eval_every_steps=6",
+        "--config.log_every_steps=1", "--config.optimizer.warmup_epochs=0",
+        "--config.mixing.prob=0"]
+LAUNCH = [sys.executable, "-m", "lkca_jax.tools.launch", "--processes=2",
+          "--devices_per_process=4", "--"]
+
+
+def env(devices: int | None = None, **extra) -> dict:
+  result = dict(os.environ, **extra)
+  if devices:
+    result["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return result
+
+
+def two_process_cmd(workdir, *extra):
+  return [*LAUNCH, "main.py", "--multihost", *TINY, f"--workdir={workdir}", *extra]
+
+
+def one_process_cmd(workdir, *extra):
+  return [sys.executable, "main.py", *TINY, f"--workdir={workdir}", *extra]
+
+
+def start(cmd, **kwargs):
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **kwargs)
+
+
+def finish(proc, timeout=300):
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def train_losses(workdir) -> np.ndarray:
+  """train_loss of every step, from the run's TensorBoard events."""
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.util import tensor_util
+  losses = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents*")):
+    for event in event_file_loader.EventFileLoader(path).Load():
+      for value in event.summary.value:
+        if value.tag == "train_loss":
+          losses[event.step] = float(tensor_util.make_ndarray(value.tensor))
+  return np.asarray([losses[step] for step in sorted(losses)])
+
+
+def final_params(workdir):
+  """(step, parameters) of the latest checkpoint, read onto this process's first device.
+
+  A checkpoint of several processes names their devices; a target tree maps them here.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, "checkpoints")
+  step = max(int(s) for s in os.listdir(directory) if s.isdigit())
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+                        checkpointer.metadata(path).item_metadata)
+  return step, checkpointer.restore(path, target)["params"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Workdirs and outputs of the same run as 2 x 4, 1 x 8 and 1 x 1 devices."""
+  root = tmp_path_factory.mktemp("runs")
+  two = start(two_process_cmd(root / "2x4"))
+  rc, out = finish(two)
+  assert rc == 0, out[-4000:]
+  singles = {name: start(one_process_cmd(root / name, *flags), env=env(devices))
+             for name, devices, flags in (("1x8", 8, []), ("1x1", 1, ["--config.num_devices=1"]))}
+  result = {"2x4": (str(root / "2x4"), out)}
+  for name, proc in singles.items():
+    rc, out = finish(proc)
+    assert rc == 0, out[-4000:]
+    result[name] = (str(root / name), out)
+  return result
+
+
+def test_two_processes_train_as_one(runs):
+  losses = {name: train_losses(workdir) for name, (workdir, _) in runs.items()}
+  assert len(losses["2x4"]) == STEPS and np.all(np.isfinite(losses["2x4"]))
+  np.testing.assert_allclose(losses["2x4"], losses["1x8"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(losses["2x4"], losses["1x1"], rtol=1e-5, atol=1e-5)
+  step, params = final_params(runs["2x4"][0])
+  assert step == STEPS
+  for other in ("1x8", "1x1"):
+    other_step, other_params = final_params(runs[other][0])
+    assert other_step == STEPS
+    assert_same_params(params, other_params)
+  summary = json.load(open(os.path.join(runs["2x4"][0], "summary.json")))
+  assert summary["devices"] == 8
+  for other in ("1x8", "1x1"):  # the test split is gathered whole from both processes
+    expected = json.load(open(os.path.join(runs[other][0], "summary.json")))
+    assert summary["final_top1"] == pytest.approx(expected["final_top1"], abs=1e-6)
+
+
+def test_outputs_and_logs_come_once(runs):
+  workdir, out = runs["2x4"]
+  assert len(glob.glob(os.path.join(workdir, "events.out.tfevents*"))) == 1
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json",
+                                         os.path.basename(glob.glob(f"{workdir}/events*")[0]),
+                                         "summary.json"]
+  assert out.count("final top1") == 1 and "[p0] lkca_t on digits: final top1" in out
+  # INFO logs: process 0 only, once jax.distributed has connected (it logs that itself)
+  others = [line for line in out.splitlines()
+            if line.startswith("[p1] I") and "distributed.py" not in line]
+  assert "[p0] I" in out and not others, others[:5]
+
+
+def launcher_children(proc):
+  import psutil
+  deadline = time.time() + 60
+  while len(children := psutil.Process(proc.pid).children()) < 2:
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.1)
+  # Index by JAX_PROCESS_ID, which the launcher sets in each one's environment.
+  return {int(c.environ()["JAX_PROCESS_ID"]): c for c in children}
+
+
+def wait_for_line(proc, text, seen):
+  for line in proc.stdout:
+    seen.append(line)
+    if text in line:
+      return
+  pytest.fail(f"never saw {text!r}:\n" + "".join(seen[-40:]))
+
+
+def test_sigterm_to_the_job_stops_every_process_at_one_step_and_resumes_exactly(runs, tmp_path):
+  # Both processes hold after starting the save of step 4 until the signal lands; the
+  # stop is agreed at the next vote (step 8), whichever process saw the signal first.
+  proc = start(two_process_cmd(tmp_path), env=env(LKCA_TEST_HOLD="save:4"))
+  seen = []
+  wait_for_line(proc, "holding at save:4", seen)
+  proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both
+  rc, out = finish(proc)
+  out = "".join(seen) + out
+  assert rc == 0, out[-4000:]
+  assert out.count("stopped by SIGTERM at step 8") == 1, out[-4000:]
+  assert final_params(str(tmp_path))[0] == 8
+  rc, out = finish(start(two_process_cmd(tmp_path)))
+  assert rc == 0, out[-4000:]
+  assert "resumed from" in out
+  step, params = final_params(str(tmp_path))
+  assert step == STEPS
+  assert_same_params(params, final_params(runs["2x4"][0])[1])
+  np.testing.assert_allclose(train_losses(str(tmp_path))[-4:], train_losses(runs["2x4"][0])[-4:],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_sigkill_of_one_process_ends_the_job_and_it_resumes(runs, tmp_path):
+  # A long grace: the survivor must end by itself (jax's missed-heartbeat timeout).
+  cmd = two_process_cmd(tmp_path)
+  cmd.insert(cmd.index("--"), "--grace=60")
+  proc = start(cmd)
+  children = launcher_children(proc)
+  while not os.path.isdir(tmp_path / "checkpoints" / "4"):
+    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    time.sleep(0.02)
+  children[1].kill()
+  killed = time.time()
+  rc, out = finish(proc, timeout=120)
+  assert rc != 0 and time.time() - killed < 45, out[-4000:]
+  assert "launch: process 1 of 2 failed (signal SIGKILL); stopped the others" in out
+  assert "stopped sending heartbeats" in out, out[-4000:]
+  rc, out = finish(start(two_process_cmd(tmp_path)))
+  assert rc == 0, out[-4000:]
+  assert "resumed from" in out, out[-4000:]
+  step, params = final_params(str(tmp_path))
+  assert step == STEPS
+  assert_same_params(params, final_params(runs["2x4"][0])[1])
+
+
+def test_processes_with_different_configs_fail_with_one_line(tmp_path):
+  # Process 1 gets another learning rate through its environment-only override.
+  script = ("import os, sys, runpy; sys.argv = sys.argv[1:]; "
+            "sys.argv += ['--config.optimizer.learning_rate=0.5'] "
+            "if os.environ['JAX_PROCESS_ID'] == '1' else []; "
+            "runpy.run_path('main.py', run_name='__main__')")
+  cmd = [*LAUNCH, sys.executable, "-c", script, "main.py", "--multihost", *TINY,
+         f"--workdir={tmp_path}"]
+  rc, out = finish(start(cmd), timeout=120)
+  assert rc == 2, out[-4000:]
+  errors = [line for line in out.splitlines() if "error:" in line]
+  assert errors and all("the config of process 1 differs from process 0's" in line
+                        for line in errors), out[-4000:]
+  assert not (tmp_path / "checkpoints").exists()
