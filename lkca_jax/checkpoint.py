@@ -147,8 +147,8 @@ def _shape_mismatch(saved: dict[str, tuple | None], like_state,
     if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # saved as raw key data
       shape = jax.eval_shape(jax.random.key_data, leaf).shape
     sharding = getattr(leaf, "sharding", None)
-    if sharding is not None and not sharding.is_fully_replicated:
-      shape = None  # orbax records the shard's shape, not the array's
+    if sharding is not None and len(sharding.device_set) > 1:
+      shape = None  # orbax records the shape one device wrote (replicas split the writes)
     wanted[".".join(ocp.tree.str_keypath(keypath))] = shape
   if saved.keys() != wanted.keys() and not (partial and wanted.keys() <= saved.keys()):
     parts = [f"{len(names)} arrays only {where}, e.g. {names[0]}" for names, where in (

@@ -129,10 +129,11 @@ def test_outputs_and_logs_come_once(runs):
                                          os.path.basename(glob.glob(f"{workdir}/events*")[0]),
                                          "summary.json"]
   assert out.count("final top1") == 1 and "[p0] lkca_t on digits: final top1" in out
-  # INFO logs: process 0 only, once jax.distributed has connected (it logs that itself)
-  others = [line for line in out.splitlines()
-            if line.startswith("[p1] I") and "distributed.py" not in line]
-  assert "[p0] I" in out and not others, others[:5]
+  # The training log (train.py, the metric writer): process 0 only.
+  ours = ("train.py:", "logging_writer.py:")
+  lines = {p: [line for line in out.splitlines() if line.startswith(f"[{p}] I")
+               and any(name in line for name in ours)] for p in ("p0", "p1")}
+  assert lines["p0"] and not lines["p1"], lines["p1"][:5]
 
 
 def launcher_children(proc):
