@@ -432,7 +432,7 @@ def mean_std(values) -> tuple[float | None, float | None]:
 # --- device memory ---------------------------------------------------------------
 def device_memory_limit(device=None) -> int | None:
   """Bytes the device may allocate, or None where the backend does not say (CPU)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]  # another process's device has no stats here
   return (device.memory_stats() or {}).get("bytes_limit")
 
 
@@ -575,7 +575,7 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   t = Training(pipeline, state, compiled, jax.jit(eval_step, out_shardings=replicated),
                schedule, total_steps, train_key, hp, specs, alive)
-  limit = memory_limit or device_memory_limit(run.mesh.devices.flat[0])
+  limit = memory_limit or device_memory_limit()  # this process's first device
   if many and limit:  # compiled once more here, ahead of time, for its memory analysis
     lowered = compiled.lower(state, t.batch(0), train_key, hp, alive)
     dataset = sum(x.nbytes for split in (pipeline.train, pipeline.test) if split.on_device
