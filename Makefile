@@ -18,11 +18,14 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) main.py --config configs/digits.py
 
+# Lint and format checks first (seconds), then the suite on both cores.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -n 2 tests
 
 bench: $(STAMP)
-	$(PY) -m lkca_jax.tools.bench_mixers
+	$(PY) -m lkca_jax.tools.bench_step
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

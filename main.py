@@ -8,6 +8,7 @@ again resumes from the latest checkpoint there. Bad input (unknown preset,
 dataset or config key, impossible shapes, unprepared data) is reported in
 one line with exit code 2 before anything is compiled.
 """
+
 import logging as std_logging
 import os
 import sys
@@ -20,23 +21,43 @@ from ml_collections import config_flags  # noqa: E402
 from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summary.json go "
-                    "(default: workdirs/<config name>).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "Train (and resume), or evaluate a checkpoint.")
+config_flags.DEFINE_config_file(
+  "config", None, "Path to an ml_collections config file.", lock_config=True
+)
+flags.DEFINE_string(
+  "workdir", None, "Where checkpoints, logs and summary.json go (default: workdirs/<config name>)."
+)
+flags.DEFINE_enum(
+  "mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint."
+)
 flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: one process per "
-                  "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).")
-flags.DEFINE_string("coordinator", None, "With --multihost: HOST:PORT of process 0 (default: "
-                    "$JAX_COORDINATOR_ADDRESS, else detected from the cluster).")
-flags.DEFINE_integer("num_processes", None, "With --multihost: the number of processes "
-                     "(default: $JAX_NUM_PROCESSES, else detected).")
-flags.DEFINE_integer("process_id", None, "With --multihost: this process's rank (default: "
-                     "$JAX_PROCESS_ID, else detected).")
-flags.DEFINE_bool("log_all_processes", False, "With --multihost: every process logs, not only "
-                  "process 0 (warnings and errors always show).")
+flags.DEFINE_bool(
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() first: one process per "
+  "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).",
+)
+flags.DEFINE_string(
+  "coordinator",
+  None,
+  "With --multihost: HOST:PORT of process 0 (default: "
+  "$JAX_COORDINATOR_ADDRESS, else detected from the cluster).",
+)
+flags.DEFINE_integer(
+  "num_processes",
+  None,
+  "With --multihost: the number of processes (default: $JAX_NUM_PROCESSES, else detected).",
+)
+flags.DEFINE_integer(
+  "process_id",
+  None,
+  "With --multihost: this process's rank (default: $JAX_PROCESS_ID, else detected).",
+)
+flags.DEFINE_bool(
+  "log_all_processes",
+  False,
+  "With --multihost: every process logs, not only process 0 (warnings and errors always show).",
+)
 
 
 def default_workdir() -> str:
@@ -55,6 +76,7 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
   from lkca_jax import distributed
+
   if FLAGS.multihost:
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     distributed.exit_on_failure(_main)  # a failed process must not hold the others
@@ -75,16 +97,21 @@ def _main():
   logging.get_absl_logger().addFilter(_QuietLibraries())  # every absl.logging call passes here
   try:
     if FLAGS.multihost:  # before anything is built: a mismatch would deadlock later
-      distributed.check_same_everywhere(config.to_json_best_effort(sort_keys=True),
-                                        os.path.abspath(workdir))
+      distributed.check_same_everywhere(
+        config.to_json_best_effort(sort_keys=True), os.path.abspath(workdir)
+      )
     if FLAGS.mode == "eval":
       result = train.evaluate(config, workdir, FLAGS.checkpoint)
       if lead:
         for r in result.get("runs", []):  # several runs: each, then their mean
-          print(f"eval {result['checkpoint']} run {r['run']} ({run_name(r)}): "
-                f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}")
-        print(f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
-              f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}")
+          print(
+            f"eval {result['checkpoint']} run {r['run']} ({run_name(r)}): "
+            f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}"
+          )
+        print(
+          f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
+          f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
+        )
       return
     run = train.Run.prepare(config)
     summary = train.train_and_evaluate(config, workdir, run=run)
@@ -96,20 +123,24 @@ def _main():
   if not lead:  # one report for the job
     return
   if summary["stopped_by"]:
-    print(f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint saved in "
-          f"{workdir}. Run the same command to resume.")
+    print(
+      f"stopped by {summary['stopped_by']} at step {summary['step']}; checkpoint saved in "
+      f"{workdir}. Run the same command to resume."
+    )
     return
   if summary["num_runs"] > 1:
     print_runs(config, summary, workdir)
     return
-  print(f"{config.model} on {config.dataset.name}: final top1 {summary['final_top1']:.4f}, "
-        f"best top1 {summary['best_top1']:.4f} (step {summary['best_step']}), "
-        f"{summary['params']:,} params, {summary['wall_seconds']:.0f}s; "
-        f"summary in {workdir}/summary.json")
+  print(
+    f"{config.model} on {config.dataset.name}: final top1 {summary['final_top1']:.4f}, "
+    f"best top1 {summary['best_top1']:.4f} (step {summary['best_step']}), "
+    f"{summary['params']:,} params, {summary['wall_seconds']:.0f}s; "
+    f"summary in {workdir}/summary.json"
+  )
 
 
 def run_name(run: dict) -> str:
-  """"seed 1, label_smoothing=0.1" for a run of summary.json's or evaluate's "runs"."""
+  """ "seed 1, label_smoothing=0.1" for a run of summary.json's or evaluate's "runs"."""
   return ", ".join([f"seed {run['seed']}", *(f"{k}={v:g}" for k, v in run["values"].items())])
 
 
@@ -121,16 +152,19 @@ def print_runs(config, summary, workdir) -> None:
     mean, std = group[f"{key}_mean"], group[f"{key}_std"]
     return "–" if mean is None else f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
-  print(f"{config.model} on {config.dataset.name}: {summary['num_runs']} runs, "
-        f"{summary['params']:,} params each, {summary['wall_seconds']:.0f}s")
+  print(
+    f"{config.model} on {config.dataset.name}: {summary['num_runs']} runs, "
+    f"{summary['params']:,} params each, {summary['wall_seconds']:.0f}s"
+  )
   for group in summary["groups"]:
     values = train.describe_values(group) or "all runs"
-    print(f"  {values}: final top1 {cell(group, 'final_top1')}, best top1 "
-          f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}")
+    print(
+      f"  {values}: final top1 {cell(group, 'final_top1')}, best top1 "
+      f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}"
+    )
   for r in summary["runs"]:
     if r["died_at_step"] is not None:
-      print(f"  run {r['run']} ({run_name(r)}) died: loss non-finite at step "
-            f"{r['died_at_step']}")
+      print(f"  run {r['run']} ({run_name(r)}) died: loss non-finite at step {r['died_at_step']}")
   print(f"summary in {workdir}/summary.json")
 
 

@@ -13,6 +13,7 @@ each side over its runs, the JAX / PyTorch ratio (above 1: JAX is faster), and t
 load average before and after every run. PyTorch is a timing anchor only: nothing
 in lkca_jax imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,21 @@ def run_jax(models, batch, steps) -> dict:
   """{model: images/s} of one bench_step run (float32, fixed batch)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench_step.json")
-    subprocess.run([sys.executable, "-m", "lkca_jax.tools.bench_step",
-                    f"--models={','.join(models)}", f"--batch={batch}", "--dtype=float32",
-                    f"--steps={steps}", f"--out={out}"],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "lkca_jax.tools.bench_step",
+        f"--models={','.join(models)}",
+        f"--batch={batch}",
+        "--dtype=float32",
+        f"--steps={steps}",
+        f"--out={out}",
+      ],
+      cwd=ROOT,
+      check=True,
+      stdout=subprocess.DEVNULL,
+    )
     with open(out) as f:
       results = json.load(f)["results"]
   return {r["model"]: r["fixed"]["images_per_second"] for r in results}
@@ -48,8 +60,13 @@ def run_jax(models, batch, steps) -> dict:
 
 def run_torch(python, script, models, batch, steps) -> dict:
   """{model: images/s} parsed from the port's output lines."""
-  text = subprocess.run([python, script, *models, f"--batch={batch}", f"--steps={steps}"],
-                        cwd=ROOT, check=True, capture_output=True, text=True).stdout
+  text = subprocess.run(
+    [python, script, *models, f"--batch={batch}", f"--steps={steps}"],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
   found = {}
   for line in text.splitlines():
     match = TORCH_LINE.match(line.strip())
@@ -68,9 +85,10 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=1, help="A B B A rounds")
   parser.add_argument("--torch_python", default="/work/torchvenv/bin/python")
-  parser.add_argument("--torch_script",
-                      default=os.path.join(os.path.dirname(ROOT), "shared", "bench",
-                                           "torch_reference_step.py"))
+  parser.add_argument(
+    "--torch_script",
+    default=os.path.join(os.path.dirname(ROOT), "shared", "bench", "torch_reference_step.py"),
+  )
   parser.add_argument("--out", default="bench_results/compare_torch.json")
   args = parser.parse_args()
   models = args.models.split(",")
@@ -82,10 +100,20 @@ def main():
         ips = run_jax(models, args.batch, args.steps)
       else:
         ips = run_torch(args.torch_python, args.torch_script, models, args.batch, args.steps)
-      runs.append({"side": side, "images_per_second": ips, "load_before": before,
-                   "load_after": load(), "seconds": round(time.time() - start, 1)})
-      print(f"{side:<6} load {before:5.2f} -> {runs[-1]['load_after']:5.2f}  "
-            + "  ".join(f"{m} {ips[m]:.1f}" for m in models), flush=True)
+      runs.append(
+        {
+          "side": side,
+          "images_per_second": ips,
+          "load_before": before,
+          "load_after": load(),
+          "seconds": round(time.time() - start, 1),
+        }
+      )
+      print(
+        f"{side:<6} load {before:5.2f} -> {runs[-1]['load_after']:5.2f}  "
+        + "  ".join(f"{m} {ips[m]:.1f}" for m in models),
+        flush=True,
+      )
   summary = {}
   print(f"\nmedian images/s over runs, batch {args.batch}, float32 (ratio > 1: JAX faster)")
   print(f"{'model':<10}{'jax':>10}{'torch':>10}{'ratio':>8}")
@@ -95,12 +123,23 @@ def main():
     summary[m] = {"jax": jax_ips, "torch": torch_ips, "ratio": jax_ips / torch_ips}
     print(f"{m:<10}{jax_ips:>10.1f}{torch_ips:>10.1f}{jax_ips / torch_ips:>8.2f}")
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
-  print(f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
-        f"{os.cpu_count()} CPUs")
+  print(
+    f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
+    f"{os.cpu_count()} CPUs"
+  )
   os.makedirs(os.path.dirname(os.path.join(ROOT, args.out)), exist_ok=True)
   with open(os.path.join(ROOT, args.out), "w") as f:
-    json.dump({"runs": runs, "summary": summary, "batch": args.batch, "steps": args.steps,
-               "cpu_count": os.cpu_count()}, f, indent=2)
+    json.dump(
+      {
+        "runs": runs,
+        "summary": summary,
+        "batch": args.batch,
+        "steps": args.steps,
+        "cpu_count": os.cpu_count(),
+      },
+      f,
+      indent=2,
+    )
   print(f"wrote {args.out}")
 
 

@@ -1,7 +1,8 @@
 """CIFAR-10 with the reference recipe.
 
-    python main.py --config configs/cifar10.py --config.model=vit
+python main.py --config configs/cifar10.py --config.model=vit
 """
+
 from configs import default
 
 

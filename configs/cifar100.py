@@ -1,7 +1,8 @@
 """CIFAR-100 with the reference recipe.
 
-    python main.py --config configs/cifar100.py
+python main.py --config configs/cifar100.py
 """
+
 from configs import default
 
 

@@ -3,6 +3,7 @@
 Every recipe value lives here; dataset configs only say what differs.
     python main.py --config configs/default.py   # CIFAR-10, lkca_b, full recipe
 """
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -11,7 +12,8 @@ from lkca_jax.layers import MIXERS
 
 def model_overrides() -> ml_collections.ConfigDict:
   """Preset fields that `--config.model_overrides.<field>=...` may replace."""
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "mixer": placeholder(str),  # a registry name, or a comma pattern "lkca,mhsa"
       "dim": placeholder(int),
       "depth": placeholder(int),
@@ -22,11 +24,17 @@ def model_overrides() -> ml_collections.ConfigDict:
       # Constructor options per mixer name, one for each option a registered mixer lists in
       # its `config_options` (e.g. mixer_options.lkca.view: "auto", "conv" or "attention";
       # see the mixer's docstring). Unset ones keep the mixer's default.
-      "mixer_options": ml_collections.ConfigDict({
-          name: {option: placeholder(str if isinstance(kind, tuple) else kind)
-                 for option, kind in cls.config_options.items()}
-          for name, cls in MIXERS.items()}),
-  })
+      "mixer_options": ml_collections.ConfigDict(
+        {
+          name: {
+            option: placeholder(str if isinstance(kind, tuple) else kind)
+            for option, kind in cls.config_options.items()
+          }
+          for name, cls in MIXERS.items()
+        }
+      ),
+    }
+  )
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -44,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.patch_size = placeholder(int)  # None: image size / 8, an 8x8 grid
   config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
 
-  config.dataset = ml_collections.ConfigDict({
+  config.dataset = ml_collections.ConfigDict(
+    {
       "name": "cifar10",
       "data_dir": placeholder(str),  # TFDS data_dir (prepared copies live here)
       "manual_dir": placeholder(str),  # where a manual download (tiny-imagenet-200.zip) lies
@@ -56,10 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
       "train_per_class": 0,
       "mean": (0.4914, 0.4822, 0.4465),
       "std": (0.2470, 0.2435, 0.2616),
-  })
+    }
+  )
 
   # Per-image augmentation, in this order (docs/reference.md, "Training recipe").
-  config.augment = ml_collections.ConfigDict({
+  config.augment = ml_collections.ConfigDict(
+    {
       "flip": True,
       "crop_padding": 4,
       "autoaugment": "cifar10",  # "cifar10", "svhn" or "imagenet"; "none" or unset: off
@@ -73,18 +84,22 @@ def get_config() -> ml_collections.ConfigDict:
       # What fills the box: "mean" (the reference: the dataset mean values written into the
       # normalised image, a lighter grey) or "zero" (0 after normalisation, the mean colour).
       "erasing_fill": "mean",
-  })
+    }
+  )
 
   # Batch-level CutMix / Mixup.
-  config.mixing = ml_collections.ConfigDict({
+  config.mixing = ml_collections.ConfigDict(
+    {
       "prob": 0.5,  # chance that a batch is mixed at all
       "cutmix_prob": 0.5,  # chance that a mixed batch uses CutMix rather than Mixup
       "cutmix_alpha": 1.0,
       "mixup_alpha": 1.0,
-  })
+    }
+  )
   config.label_smoothing = 0.1
 
-  config.optimizer = ml_collections.ConfigDict({
+  config.optimizer = ml_collections.ConfigDict(
+    {
       "learning_rate": 1e-3,
       "b1": 0.9,
       "b2": 0.999,
@@ -93,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
       "warmup_epochs": 10,
       "init_learning_rate": 1e-6,
       "end_learning_rate": 1e-6,
-  })
+    }
+  )
 
   config.batch_size = 128  # global, split over all devices
   config.num_epochs = 100

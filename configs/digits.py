@@ -7,6 +7,7 @@ no AutoAugment).
     python main.py --config configs/digits.py            # `make train`
     python main.py --config configs/digits.py --config.model=vit_1m
 """
+
 from ml_collections.config_dict import placeholder
 
 from configs import default

@@ -1,7 +1,8 @@
 """SVHN (svhn_cropped, train split only) with the reference recipe.
 
-    python main.py --config configs/svhn.py --config.model=lkca_t
+python main.py --config configs/svhn.py --config.model=lkca_t
 """
+
 from configs import default
 
 

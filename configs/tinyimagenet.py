@@ -5,6 +5,7 @@ holds tiny-imagenet-200.zip:
     python main.py --config configs/tinyimagenet.py \
         --config.dataset.manual_dir=/path/to/folder/with/zip
 """
+
 from configs import default
 
 

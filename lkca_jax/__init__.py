@@ -1,4 +1,5 @@
 """lkca_jax: Large Kernel Convolutional Attention (arXiv 2401.05738) in JAX / Flax NNX."""
+
 from lkca_jax.layers import LKCA, MHSA, MIXERS
 from lkca_jax.models import PRESETS, count_params, create_model
 

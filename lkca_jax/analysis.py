@@ -21,6 +21,7 @@
 Layers are indexed from 0 (`model.blocks[i]`). The functions that run the
 model put it in eval mode (no DropPath) and leave it there.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,14 +50,14 @@ def mhsa_layers(model: models.ViT) -> list[int]:
 
 def lkca_kernels(model: models.ViT) -> dict[int, np.ndarray]:
   """Layer → its learned kernel: (2h−1, 2w−1), or (heads | channels, 2h−1, 2w−1)."""
-  return {i: np.asarray(model.blocks[i].mixer.kernel[...], np.float32)
-          for i in lkca_layers(model)}
+  return {i: np.asarray(model.blocks[i].mixer.kernel[...], np.float32) for i in lkca_layers(model)}
 
 
 def lkca_attention(model: models.ViT) -> dict[int, np.ndarray]:
   """Layer → the signed block-Toeplitz matrix A of every LKCA layer: (…, N, N)."""
-  return {i: np.asarray(model.blocks[i].mixer.attention_matrix(), np.float32)
-          for i in lkca_layers(model)}
+  return {
+    i: np.asarray(model.blocks[i].mixer.attention_matrix(), np.float32) for i in lkca_layers(model)
+  }
 
 
 # --- forward passes ------------------------------------------------------------
@@ -64,7 +65,7 @@ def mhsa_weights(mixer: MHSA, y: jax.Array) -> jax.Array:
   """The softmax weights (B, H, T, T) that `mixer` applies to its input tokens y (B, T, D)."""
   b, n, _ = y.shape
   qkv = mixer.qkv(y).reshape(b, n, 3, mixer.num_heads, mixer.head_dim)
-  logits = jnp.einsum("bnhd,bmhd->bhnm", qkv[:, :, 0], qkv[:, :, 1]) * mixer.head_dim ** -0.5
+  logits = jnp.einsum("bnhd,bmhd->bhnm", qkv[:, :, 0], qkv[:, :, 1]) * mixer.head_dim**-0.5
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -100,11 +101,12 @@ def pooled_logits(model: models.ViT, tokens: jax.Array) -> jax.Array:
 def _batches(images, batch_size: int):
   images = np.asarray(images, np.float32)
   for start in range(0, images.shape[0], batch_size):
-    yield images[start:start + batch_size]
+    yield images[start : start + batch_size]
 
 
-def mean_mhsa_attention(model: models.ViT, images, *,
-                        batch_size: int = BATCH_SIZE) -> dict[int, np.ndarray]:
+def mean_mhsa_attention(
+  model: models.ViT, images, *, batch_size: int = BATCH_SIZE
+) -> dict[int, np.ndarray]:
   """MHSA layer → its softmax weights averaged over `images`, patch tokens only: (H, N, N).
 
   Rows are queries, columns keys, both row-major over the h×w grid. With a
@@ -134,8 +136,9 @@ def centre_token(grid) -> tuple[int, int]:
   return grid[0] // 2, grid[1] // 2
 
 
-def effective_receptive_field(model: models.ViT, images, *,
-                              batch_size: int = BATCH_SIZE) -> np.ndarray:
+def effective_receptive_field(
+  model: models.ViT, images, *, batch_size: int = BATCH_SIZE
+) -> np.ndarray:
   """Mean over `images` (B, H, W, C) of |∂ Σ_c relu(y_c) / ∂ image| summed over C: (H, W).
 
   y is the centre patch token's output of the last block (residual stream,
@@ -200,8 +203,9 @@ def uniform_attention_distance(grid) -> float:
   return float(token_distances(tuple(int(g) for g in grid)).mean())
 
 
-def attention_distances(model: models.ViT, images=None, *,
-                        mhsa_attention: dict[int, np.ndarray] | None = None) -> dict[int, dict]:
+def attention_distances(
+  model: models.ViT, images=None, *, mhsa_attention: dict[int, np.ndarray] | None = None
+) -> dict[int, dict]:
   """Layer → {"mixer", "mean", "per_unit"} for every LKCA and MHSA layer.
 
   `per_unit` holds the mean distance of each head (MHSA, per-head LKCA
@@ -248,7 +252,10 @@ def erf_squares(erf, patch_size: int, thresholds=ERF_THRESHOLDS) -> dict[float, 
     whole = y0 == 0 and x0 == 0 and y1 == height and x1 == width
     for t, v in found.items():
       if v is None and (fraction >= t or whole):
-        found[t] = {"side": p + 2 * k, "fraction": float(fraction),
-                    "area_fraction": (y1 - y0) * (x1 - x0) / (height * width)}
+        found[t] = {
+          "side": p + 2 * k,
+          "fraction": float(fraction),
+          "area_fraction": (y1 - y0) * (x1 - x0) / (height * width),
+        }
     k += 1
   return found

@@ -11,6 +11,7 @@ metadata, a write cut short) is damaged: `restore_latest` warns, moves it to
 and falls back to the newest one that restores. A checkpoint of another model
 or config is not damage but a `CheckpointError`.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ BEST_METRIC = "top1"
 # Orbax writes `<step>` under this name first and renames it when complete.
 TMP_MARKER = ".orbax-checkpoint-tmp"
 # Read errors that say nothing about the files (permissions, network, memory).
-_NOT_DAMAGE = ("PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED",
-               "RESOURCE_EXHAUSTED")
+_NOT_DAMAGE = (
+  "PERMISSION_DENIED",
+  "UNAUTHENTICATED",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "RESOURCE_EXHAUSTED",
+)
 
 
 class CheckpointError(ValueError):
@@ -59,7 +65,7 @@ def _detail(error: BaseException) -> str:
   lines = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
   text = lines[0] if lines else ""
   status = re.match(r"[A-Z_]+: ", text)
-  if status and ": " in text[status.end():]:
+  if status and ": " in text[status.end() :]:
     text = status.group() + text.rsplit(": ", 1)[1]
   text = f"{type(error).__name__}: {text}"
   return text if len(text) <= 300 else text[:297] + "..."
@@ -73,9 +79,11 @@ def _without_closed_loop_noise(hook):
   traceback (up to one per array, some after the restore has returned), which
   says nothing the one warning does not.
   """
+
   def quiet(unraisable):
     if "Event loop is closed" not in str(unraisable.exc_value):
       hook(unraisable)
+
   return quiet
 
 
@@ -86,13 +94,17 @@ def _damage(path, part: str, error: Exception) -> DamagedCheckpointError:
   checkpoint is never set aside for, say, a network outage.
   """
   text = str(error)
-  if (isinstance(error, (PermissionError, TimeoutError, ConnectionError))
-      or any(code in text for code in _NOT_DAMAGE)):
-    raise CheckpointError(f"cannot read checkpoint {path} ({_detail(error)}); not damage to "
-                          "its files: fix the cause (access, network, memory) and retry") from None
+  if isinstance(error, (PermissionError, TimeoutError, ConnectionError)) or any(
+    code in text for code in _NOT_DAMAGE
+  ):
+    raise CheckpointError(
+      f"cannot read checkpoint {path} ({_detail(error)}); not damage to "
+      "its files: fix the cause (access, network, memory) and retry"
+    ) from None
   lower = text.lower()
   if isinstance(error, FileNotFoundError) or any(
-      m in lower for m in ("not_found", "not found", "no such file")):
+    m in lower for m in ("not_found", "not found", "no such file")
+  ):
     kind = "missing"
   elif "out_of_range" in lower or "byte range" in lower or "truncat" in lower:
     kind = "truncated"
@@ -102,8 +114,13 @@ def _damage(path, part: str, error: Exception) -> DamagedCheckpointError:
 
 
 def _warn(damage: DamagedCheckpointError, outcome: str) -> None:
-  logging.warning("checkpoint %s cannot be restored (%s: %s); %s", damage.path, damage.reason,
-                  damage.detail, outcome)
+  logging.warning(
+    "checkpoint %s cannot be restored (%s: %s); %s",
+    damage.path,
+    damage.reason,
+    damage.detail,
+    outcome,
+  )
 
 
 def _saved_shapes(state_dir: epath.Path) -> dict[str, tuple | None] | None:
@@ -135,8 +152,9 @@ def _saved_shapes(state_dir: epath.Path) -> dict[str, tuple | None] | None:
   return shapes
 
 
-def _shape_mismatch(saved: dict[str, tuple | None], like_state,
-                    partial: bool = False) -> str | None:
+def _shape_mismatch(
+  saved: dict[str, tuple | None], like_state, partial: bool = False
+) -> str | None:
   """How the saved state's array names and shapes differ from `like_state`'s, if they do.
 
   With `partial`, arrays on disk that `like_state` leaves out are fine.
@@ -151,9 +169,14 @@ def _shape_mismatch(saved: dict[str, tuple | None], like_state,
       shape = None  # orbax records the shape one device wrote (replicas split the writes)
     wanted[".".join(ocp.tree.str_keypath(keypath))] = shape
   if saved.keys() != wanted.keys() and not (partial and wanted.keys() <= saved.keys()):
-    parts = [f"{len(names)} arrays only {where}, e.g. {names[0]}" for names, where in (
+    parts = [
+      f"{len(names)} arrays only {where}, e.g. {names[0]}"
+      for names, where in (
         ([] if partial else sorted(saved.keys() - wanted.keys()), "on disk"),
-        (sorted(wanted.keys() - saved.keys()), "in this model")) if names]
+        (sorted(wanted.keys() - saved.keys()), "in this model"),
+      )
+      if names
+    ]
     return "; ".join(parts)
   for name, shape in wanted.items():
     if None not in (shape, saved[name]) and saved[name] != shape:
@@ -168,32 +191,42 @@ class Checkpoints:
   moved, so it is safe next to a run that is training there.
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str, *, keep: int = 3, asynchronous: bool = True, read_only: bool = False
+  ):
     self.directory = absolute(directory)
     self.damaged_directory = self.directory.parent / f"{self.directory.name}_damaged"
     self.read_only = read_only
     if not read_only:  # before orbax deletes them as it starts
       self._set_aside_unfinished_writes()
-    policy = checkpoint_managers.AnyPreservationPolicy([
+    policy = checkpoint_managers.AnyPreservationPolicy(
+      [
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                                  keep_checkpoints_without_metrics=False),
-    ])
+        checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=None if read_only else policy,
-        enable_async_checkpointing=asynchronous, create=not read_only,
-        cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+      preservation_policy=None if read_only else policy,
+      enable_async_checkpointing=asynchronous,
+      create=not read_only,
+      cleanup_tmp_directories=not read_only,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      metrics=metrics,
+      force=True,
+    )
 
   def restore(self, step: int, like_state, *, partial: bool = False):
     """Restores `step` with the shapes, dtypes and shardings of `like_state`.
@@ -208,15 +241,18 @@ class Checkpoints:
     mismatch = saved is not None and _shape_mismatch(saved, like_state, partial)
     if mismatch:
       raise CheckpointError(
-          f"checkpoint {path} does not match this model/config ({mismatch}); "
-          "resume with the config it was trained with, or start a fresh --workdir")
+        f"checkpoint {path} does not match this model/config ({mismatch}); "
+        "resume with the config it was trained with, or start a fresh --workdir"
+      )
     hook = sys.unraisablehook
     sys.unraisablehook = _without_closed_loop_noise(hook)
     try:
       if partial:
         state_args = ocp.args.PyTreeRestore(
-            item=_abstract(like_state), partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(like_state))
+          item=_abstract(like_state),
+          partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(like_state),
+        )
       else:
         state_args = ocp.args.StandardRestore(_abstract(like_state))
       state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
@@ -224,8 +260,9 @@ class Checkpoints:
       raise _damage(path, "data", e) from None  # and the abandoned reads stay quiet
     sys.unraisablehook = hook
     try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        "meta"
+      ]
     except Exception as e:  # noqa: BLE001
       raise _damage(path, "meta", e) from None
     if not isinstance(meta, dict):
@@ -267,8 +304,10 @@ class Checkpoints:
       for e in damaged:
         _warn(e, "kept in place")
       listed = ", ".join(f"{e.path.name}: {e.reason}" for e in damaged)
-      raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({listed}); "
-                            "move them away to start over, or use another --workdir")
+      raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored ({listed}); "
+        "move them away to start over, or use another --workdir"
+      )
     return None
 
   def _move_aside(self, damage: DamagedCheckpointError) -> epath.Path:
@@ -288,8 +327,9 @@ class Checkpoints:
       for path in sorted(self.directory.iterdir()):
         step = path.name.split(TMP_MARKER)[0]
         if TMP_MARKER in path.name and step.isdigit():
-          damage = DamagedCheckpointError(path, "unfinished-write",
-                                          "the write stopped before orbax finalized it")
+          damage = DamagedCheckpointError(
+            path, "unfinished-write", "the write stopped before orbax finalized it"
+          )
           _warn(damage, f"set aside as {self._move_aside(damage)}")
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes("lkca_unfinished_writes_set_aside")
@@ -306,6 +346,8 @@ def resolve(path) -> tuple[epath.Path, int]:
   """`.../checkpoints/<step>` → (checkpoints directory, step), with a clear error."""
   path = absolute(path)
   if not (path.name.isdigit() and (path / "state").is_dir()):
-    raise CheckpointError(f"{path} is not a checkpoint step directory (expected "
-                          "<workdir>/checkpoints/<step> with a state/ folder)")
+    raise CheckpointError(
+      f"{path} is not a checkpoint step directory (expected "
+      "<workdir>/checkpoints/<step> with a state/ folder)"
+    )
   return path.parent, int(path.name)

@@ -13,6 +13,7 @@ channels, patch_size against the image size, batch_size against the device
 count, whether the data is prepared) is checked by `train.Run.prepare` after
 this, still before anything is loaded or compiled.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,6 +52,7 @@ class Rule:
     names: what a registry's entries are called ("model preset"): the message then
       says "unknown model preset 'x'".
   """
+
   allowed: str
   check: Callable[[Any], bool]
   bad: Any
@@ -77,27 +79,34 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _unset(text: str, optional: bool) -> str:
   return f"{text}, or unset (None)" if optional else text
 
 
-def integer(low: int, *, sentinel: int | None = None, meaning: str = "",
-            optional: bool = False) -> Rule:
+def integer(
+  low: int, *, sentinel: int | None = None, meaning: str = "", optional: bool = False
+) -> Rule:
   """A whole number >= low, or the documented `sentinel` (e.g. -1: "derive it")."""
   text = f"an integer >= {low}"
   if sentinel is not None:
     text += f", or {sentinel} ({meaning})"
   bad = low - 1 if low - 1 != sentinel else low - 2
-  return Rule(_unset(text, optional),
-              lambda v: _is_int(v) and (v >= low or v == sentinel), bad, optional)
+  return Rule(
+    _unset(text, optional), lambda v: _is_int(v) and (v >= low or v == sentinel), bad, optional
+  )
 
 
-def number(low: float, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False, optional: bool = False) -> Rule:
+def number(
+  low: float,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  optional: bool = False,
+) -> Rule:
   """A finite number in the interval [low, high] (either end open as asked)."""
   if high is None:
     text = f"a number {'>' if low_open else '>='} {low:g}"
@@ -115,16 +124,25 @@ def number(low: float, high: float | None = None, *, low_open: bool = False,
   return Rule(_unset(text, optional), check, bad, optional)
 
 
-def choice(values: Iterable[str], *, names: str | None = None, optional: bool = False,
-           extra: Iterable[str] = ()) -> Rule:
+def choice(
+  values: Iterable[str],
+  *,
+  names: str | None = None,
+  optional: bool = False,
+  extra: Iterable[str] = (),
+) -> Rule:
   """One of `values`, or of `extra` in any case (lower-case words such as "none")."""
   values, extra = sorted(values), tuple(extra)
   text = f"one of {values}"
   if extra:
     text += " or " + " / ".join(repr(e) for e in extra)
-  return Rule(_unset(text, optional),
-              lambda v: isinstance(v, str) and (v in values or v.lower() in extra), "bogus",
-              optional, names)
+  return Rule(
+    _unset(text, optional),
+    lambda v: isinstance(v, str) and (v in values or v.lower() in extra),
+    "bogus",
+    optional,
+    names,
+  )
 
 
 def boolean(optional: bool = False) -> Rule:
@@ -132,12 +150,14 @@ def boolean(optional: bool = False) -> Rule:
 
 
 def string(optional: bool = True) -> Rule:
-  return Rule(_unset("a non-empty string", optional),
-              lambda v: isinstance(v, str) and bool(v), "", optional)
+  return Rule(
+    _unset("a non-empty string", optional), lambda v: isinstance(v, str) and bool(v), "", optional
+  )
 
 
-def numbers(allowed: str, check_each: Callable[[float], bool], *, length: int | None = None,
-            bad: tuple = ()) -> Rule:
+def numbers(
+  allowed: str, check_each: Callable[[float], bool], *, length: int | None = None, bad: tuple = ()
+) -> Rule:
   """A tuple (or list) of finite numbers, `length` of them if given, else at least one."""
 
   def check(v):
@@ -154,10 +174,13 @@ def numbers(allowed: str, check_each: Callable[[float], bool], *, length: int | 
 def mixer_pattern() -> Rule:
   """A mixer registry name, or a comma pattern of them repeated over depth ("lkca,mhsa")."""
   names = sorted(MIXERS)
-  return Rule(_unset(f"a mixer name of {names} or a comma pattern of them, e.g. 'lkca,mhsa'",
-                     True),
-              lambda v: isinstance(v, str) and all(p in MIXERS for p in v.split(",")),
-              "lkca,bogus", optional=True, names="mixer")
+  return Rule(
+    _unset(f"a mixer name of {names} or a comma pattern of them, e.g. 'lkca,mhsa'", True),
+    lambda v: isinstance(v, str) and all(p in MIXERS for p in v.split(",")),
+    "lkca,bogus",
+    optional=True,
+    names="mixer",
+  )
 
 
 def mixer_option_rules() -> dict[str, Rule]:
@@ -166,8 +189,12 @@ def mixer_option_rules() -> dict[str, Rule]:
   A declared tuple of names is a choice among them; a type (int, float, bool)
   takes any value of it (integers >= 1); the mixer checks the rest itself.
   """
-  kinds = {int: lambda: integer(1, optional=True), bool: lambda: boolean(optional=True),
-           float: lambda: number(-math.inf, optional=True), str: lambda: string()}
+  kinds = {
+    int: lambda: integer(1, optional=True),
+    bool: lambda: boolean(optional=True),
+    float: lambda: number(-math.inf, optional=True),
+    str: lambda: string(),
+  }
   rules = {}
   for name, cls in MIXERS.items():
     for option, kind in cls.config_options.items():
@@ -188,79 +215,102 @@ def _probability() -> Rule:
 def rules() -> dict[str, Rule]:
   """Every key of configs/default.py, in its order, with its rule."""
   return {
-      "seed": integer(0),
-      "num_runs": integer(1),
-      "sweep": Rule("'' or KEY=V1,V2;KEY=V1,... over the keys " + ", ".join(SWEEPABLE),
-                    _parses_as_sweep, "bogus=1", optional=False),
-      "model": choice(models.PRESETS, names="model preset"),
-      "model_overrides.mixer": mixer_pattern(),
-      "model_overrides.dim": integer(1, optional=True),
-      "model_overrides.depth": integer(1, optional=True),
-      "model_overrides.num_heads": integer(1, optional=True),
-      "model_overrides.mlp_ratio": number(0.0, low_open=True, optional=True),
-      "model_overrides.drop_path_rate": number(0.0, 1.0, high_open=True, optional=True),
-      "model_overrides.pool": choice(POOLS, optional=True),
-      **mixer_option_rules(),
-      "patch_size": integer(1, optional=True),  # unset: image size / 8
-      "dtype": dtypes(),
-      "dataset.name": choice(DATASETS, names="dataset"),
-      "dataset.data_dir": string(),
-      "dataset.manual_dir": string(),
-      "dataset.download": boolean(),
-      "dataset.placement": choice(PLACEMENTS),
-      # The upper bound (the dataset's class count) is checked in Run.prepare.
-      "dataset.classes": Rule("0 (all classes) or an integer >= 2",
-                              lambda v: _is_int(v) and (v == 0 or v >= 2), 1),
-      "dataset.train_per_class": integer(0),  # 0: all
-      # Per channel of [0, 1] images; the channel count is checked in Run.prepare.
-      "dataset.mean": numbers("a non-empty tuple of numbers in [0, 1], one per channel",
-                              lambda v: all(0.0 <= x <= 1.0 for x in v), bad=()),
-      "dataset.std": numbers("a non-empty tuple of numbers > 0, one per channel",
-                             lambda v: all(x > 0.0 for x in v), bad=(0.2, 0.0, 0.2)),
-      "augment.flip": boolean(),
-      "augment.crop_padding": integer(0),  # 0: no crop
-      "augment.autoaugment": choice(POLICIES, optional=True, extra=(NO_AUTOAUGMENT,)),
-      "augment.random_erasing": _probability(),
-      "augment.erasing_area": numbers("a pair (low, high) with 0 < low <= high <= 1",
-                                      lambda v: 0.0 < v[0] <= v[1] <= 1.0, length=2,
-                                      bad=(0.4, 0.02)),
-      "augment.erasing_aspect": numbers("a pair (low, high) with 0 < low <= high",
-                                        lambda v: 0.0 < v[0] <= v[1], length=2, bad=(0.0, 3.3)),
-      "augment.erasing_aspect_sampling": choice(ASPECT_SAMPLINGS),
-      "augment.erasing_attempts": integer(1),
-      "augment.erasing_fill": choice(ERASING_FILLS),
-      "mixing.prob": _probability(),
-      "mixing.cutmix_prob": _probability(),
-      "mixing.cutmix_alpha": number(0.0, low_open=True),  # Beta(alpha, alpha) needs alpha > 0
-      "mixing.mixup_alpha": number(0.0, low_open=True),
-      "label_smoothing": number(0.0, 1.0, high_open=True),  # 1 would erase the labels
-      "optimizer.learning_rate": number(0.0, low_open=True),
-      "optimizer.b1": number(0.0, 1.0, high_open=True),
-      "optimizer.b2": number(0.0, 1.0, high_open=True),
-      "optimizer.eps": number(0.0, low_open=True),
-      "optimizer.weight_decay": number(0.0),
-      "optimizer.warmup_epochs": integer(0),
-      "optimizer.init_learning_rate": number(0.0),
-      "optimizer.end_learning_rate": number(0.0),
-      "batch_size": integer(1),
-      "num_epochs": integer(1),
-      "repeats": integer(1),
-      "epoch_order": choice(EPOCH_ORDERS),
-      "num_train_steps": integer(1, sentinel=-1, meaning="num_epochs x steps per epoch"),
-      "num_devices": integer(1, sentinel=0, meaning="every device"),
-      "eval_every_steps": integer(1, sentinel=-1, meaning="once an epoch"),
-      "log_every_steps": integer(1),
-      "checkpoint_every_steps": integer(1),
-      "keep_checkpoints": integer(1),
+    "seed": integer(0),
+    "num_runs": integer(1),
+    "sweep": Rule(
+      "'' or KEY=V1,V2;KEY=V1,... over the keys " + ", ".join(SWEEPABLE),
+      _parses_as_sweep,
+      "bogus=1",
+      optional=False,
+    ),
+    "model": choice(models.PRESETS, names="model preset"),
+    "model_overrides.mixer": mixer_pattern(),
+    "model_overrides.dim": integer(1, optional=True),
+    "model_overrides.depth": integer(1, optional=True),
+    "model_overrides.num_heads": integer(1, optional=True),
+    "model_overrides.mlp_ratio": number(0.0, low_open=True, optional=True),
+    "model_overrides.drop_path_rate": number(0.0, 1.0, high_open=True, optional=True),
+    "model_overrides.pool": choice(POOLS, optional=True),
+    **mixer_option_rules(),
+    "patch_size": integer(1, optional=True),  # unset: image size / 8
+    "dtype": dtypes(),
+    "dataset.name": choice(DATASETS, names="dataset"),
+    "dataset.data_dir": string(),
+    "dataset.manual_dir": string(),
+    "dataset.download": boolean(),
+    "dataset.placement": choice(PLACEMENTS),
+    # The upper bound (the dataset's class count) is checked in Run.prepare.
+    "dataset.classes": Rule(
+      "0 (all classes) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2), 1
+    ),
+    "dataset.train_per_class": integer(0),  # 0: all
+    # Per channel of [0, 1] images; the channel count is checked in Run.prepare.
+    "dataset.mean": numbers(
+      "a non-empty tuple of numbers in [0, 1], one per channel",
+      lambda v: all(0.0 <= x <= 1.0 for x in v),
+      bad=(),
+    ),
+    "dataset.std": numbers(
+      "a non-empty tuple of numbers > 0, one per channel",
+      lambda v: all(x > 0.0 for x in v),
+      bad=(0.2, 0.0, 0.2),
+    ),
+    "augment.flip": boolean(),
+    "augment.crop_padding": integer(0),  # 0: no crop
+    "augment.autoaugment": choice(POLICIES, optional=True, extra=(NO_AUTOAUGMENT,)),
+    "augment.random_erasing": _probability(),
+    "augment.erasing_area": numbers(
+      "a pair (low, high) with 0 < low <= high <= 1",
+      lambda v: 0.0 < v[0] <= v[1] <= 1.0,
+      length=2,
+      bad=(0.4, 0.02),
+    ),
+    "augment.erasing_aspect": numbers(
+      "a pair (low, high) with 0 < low <= high",
+      lambda v: 0.0 < v[0] <= v[1],
+      length=2,
+      bad=(0.0, 3.3),
+    ),
+    "augment.erasing_aspect_sampling": choice(ASPECT_SAMPLINGS),
+    "augment.erasing_attempts": integer(1),
+    "augment.erasing_fill": choice(ERASING_FILLS),
+    "mixing.prob": _probability(),
+    "mixing.cutmix_prob": _probability(),
+    "mixing.cutmix_alpha": number(0.0, low_open=True),  # Beta(alpha, alpha) needs alpha > 0
+    "mixing.mixup_alpha": number(0.0, low_open=True),
+    "label_smoothing": number(0.0, 1.0, high_open=True),  # 1 would erase the labels
+    "optimizer.learning_rate": number(0.0, low_open=True),
+    "optimizer.b1": number(0.0, 1.0, high_open=True),
+    "optimizer.b2": number(0.0, 1.0, high_open=True),
+    "optimizer.eps": number(0.0, low_open=True),
+    "optimizer.weight_decay": number(0.0),
+    "optimizer.warmup_epochs": integer(0),
+    "optimizer.init_learning_rate": number(0.0),
+    "optimizer.end_learning_rate": number(0.0),
+    "batch_size": integer(1),
+    "num_epochs": integer(1),
+    "repeats": integer(1),
+    "epoch_order": choice(EPOCH_ORDERS),
+    "num_train_steps": integer(1, sentinel=-1, meaning="num_epochs x steps per epoch"),
+    "num_devices": integer(1, sentinel=0, meaning="every device"),
+    "eval_every_steps": integer(1, sentinel=-1, meaning="once an epoch"),
+    "log_every_steps": integer(1),
+    "checkpoint_every_steps": integer(1),
+    "keep_checkpoints": integer(1),
   }
 
 
 # --- sweeps --------------------------------------------------------------------
 # Scalars that the trainer passes to its step as traced per-run values: a sweep over them
 # trains every value in one program. Other keys change shapes or the program itself.
-SWEEPABLE = ("optimizer.learning_rate", "optimizer.weight_decay",
-             "model_overrides.drop_path_rate", "label_smoothing", "mixing.prob",
-             "mixing.cutmix_prob")
+SWEEPABLE = (
+  "optimizer.learning_rate",
+  "optimizer.weight_decay",
+  "model_overrides.drop_path_rate",
+  "label_smoothing",
+  "mixing.prob",
+  "mixing.cutmix_prob",
+)
 
 
 def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
@@ -276,12 +326,15 @@ def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
       continue
     key, sep, values = (s.strip() for s in part.partition("="))
     if not sep or not values:
-      raise ConfigError(f"{where}: {part!r} is not KEY=V1,V2,...; e.g. "
-                        "sweep='optimizer.learning_rate=1e-3,5e-4;label_smoothing=0.0,0.1'")
+      raise ConfigError(
+        f"{where}: {part!r} is not KEY=V1,V2,...; e.g. "
+        "sweep='optimizer.learning_rate=1e-3,5e-4;label_smoothing=0.0,0.1'"
+      )
     if key not in SWEEPABLE:
       what = "it changes shapes or the program" if key in table else "it is no config key"
-      raise ConfigError(f"{where}: {key} cannot be swept ({what}); sweepable keys: "
-                        f"{', '.join(SWEEPABLE)}")
+      raise ConfigError(
+        f"{where}: {key} cannot be swept ({what}); sweepable keys: {', '.join(SWEEPABLE)}"
+      )
     if key in sweep:
       raise ConfigError(f"{where}: {key} is named twice; list all its values once")
     try:
@@ -328,12 +381,15 @@ def validate(config) -> None:
   values = flatten(config)
   unknown = [key for key in values if key not in table]
   if unknown:
-    raise ConfigError(f"unknown config key {unknown[0]} (= {values[unknown[0]]!r}); "
-                      "the keys are those of configs/default.py")
+    raise ConfigError(
+      f"unknown config key {unknown[0]} (= {values[unknown[0]]!r}); "
+      "the keys are those of configs/default.py"
+    )
   for key, rule in table.items():
     if key not in values:
-      raise ConfigError(f"the config lacks the key {key}; start the config from "
-                        "configs/default.py's get_config()")
+      raise ConfigError(
+        f"the config lacks the key {key}; start the config from configs/default.py's get_config()"
+      )
     if key == "sweep" and isinstance(values[key], str):
       parse_sweep(values[key])  # its own, more precise message
     message = rule.error(key, values[key])

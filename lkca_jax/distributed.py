@@ -6,6 +6,7 @@ decides on its own (its config, its device count, whether a signal reached it)
 must agree across processes, or the collectives deadlock: the helpers here
 gather those decisions so that every process acts on the same answer.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,9 @@ class MismatchError(ValueError):
   """The processes of one job were started with different settings."""
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
   """jax.distributed.initialize with bounded timeouts; unset arguments come from the cluster.
 
   Unset arguments come from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES and
@@ -45,16 +47,28 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   # Cross-process collectives on CPU devices (the local rehearsal): gloo over TCP.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # jax itself reads JAX_COORDINATOR_ADDRESS; the launcher also sets the ranks this way.
-  env = {name: int(os.environ[name]) for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-         if os.environ.get(name)}
+  env = {
+    name: int(os.environ[name])
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    if os.environ.get(name)
+  }
   num_processes = num_processes if num_processes is not None else env.get("JAX_NUM_PROCESSES")
   process_id = process_id if process_id is not None else env.get("JAX_PROCESS_ID")
-  kwargs = {name: value for name, value in (("coordinator_address", coordinator),
-                                           ("num_processes", num_processes),
-                                           ("process_id", process_id)) if value is not None}
-  jax.distributed.initialize(**kwargs, initialization_timeout=INITIALIZATION_TIMEOUT_S,
-                             heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
-                             shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+  kwargs = {
+    name: value
+    for name, value in (
+      ("coordinator_address", coordinator),
+      ("num_processes", num_processes),
+      ("process_id", process_id),
+    )
+    if value is not None
+  }
+  jax.distributed.initialize(
+    **kwargs,
+    initialization_timeout=INITIALIZATION_TIMEOUT_S,
+    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+  )
 
 
 def exit_on_failure(fn: Callable[[], None]) -> None:
@@ -89,19 +103,27 @@ def check_same_everywhere(config_json: str, workdir: str) -> None:
   """Raises MismatchError unless every process has this config, workdir and device count."""
   if jax.process_count() == 1:
     return
-  mine = np.concatenate([_digest(config_json), _digest(workdir),
-                         np.asarray([jax.local_device_count()], np.int32)])
+  mine = np.concatenate(
+    [_digest(config_json), _digest(workdir), np.asarray([jax.local_device_count()], np.int32)]
+  )
   everyone = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 5)
   for what, columns in (("config", slice(0, 2)), ("workdir", slice(2, 4))):
-    differ = [p for p in range(len(everyone))
-              if not np.array_equal(everyone[p, columns], everyone[0, columns])]
+    differ = [
+      p
+      for p in range(len(everyone))
+      if not np.array_equal(everyone[p, columns], everyone[0, columns])
+    ]
     if differ:
-      raise MismatchError(f"the {what} of process {differ[0]} differs from process 0's; start "
-                          "every process with the same command")
+      raise MismatchError(
+        f"the {what} of process {differ[0]} differs from process 0's; start "
+        "every process with the same command"
+      )
   counts = everyone[:, 4].tolist()
   if len(set(counts)) > 1:
-    raise MismatchError(f"the processes see different numbers of local devices {counts}; give "
-                        "every process the same number")
+    raise MismatchError(
+      f"the processes see different numbers of local devices {counts}; give "
+      "every process the same number"
+    )
 
 
 def in_order(tree):

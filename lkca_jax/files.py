@@ -5,6 +5,7 @@ JSON results, pictures) goes through `write_atomic`: the bytes land in a
 temporary sibling that is then renamed over the target, so a crash or a
 signal mid-write leaves the previous version (or nothing), never half a file.
 """
+
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ protos and record format. TensorBoard's `EventFileWriter` cannot be used: it
 opens files through `tensorboard.compat.tf`, which imports TensorFlow whenever
 it is installed.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,6 +37,7 @@ def _defer_clu_tf_writer() -> None:
 
     def __new__(cls, *args, **kwargs):
       from clu.metric_writers.tf import summary_writer  # pylint: disable=import-outside-toplevel
+
       return summary_writer.SummaryWriter(*args, **kwargs)
 
   module = types.ModuleType(name, SummaryWriter.__doc__)
@@ -68,8 +70,9 @@ class EventFileWriter(clu_writers.MetricWriter):
     directory = epath.Path(logdir)
     directory.mkdir(parents=True, exist_ok=True)
     # The name TensorBoard looks for; host and pid keep concurrent or resumed runs apart.
-    self.path = directory / (f"events.out.tfevents.{int(time.time()):010d}."
-                             f"{socket.gethostname()}.{os.getpid()}")
+    self.path = directory / (
+      f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    )
     self._file = self.path.open("wb")
     self._records = RecordWriter(self._file)
     self._lock = threading.Lock()  # async writers call from their own thread
@@ -85,13 +88,20 @@ class EventFileWriter(clu_writers.MetricWriter):
   def _write_values(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     self._write_summary(step, summary_pb2.Summary(value=values))
 
-  def write_summaries(self, step: int, values: Mapping[str, Any],
-                      metadata: Mapping[str, Any] | None = None):
-    self._write_values(step, [
+  def write_summaries(
+    self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+  ):
+    self._write_values(
+      step,
+      [
         summary_pb2.Summary.Value(
-            tag=key, tensor=tensor_util.make_tensor_proto(np.asarray(value)),
-            metadata=(metadata or {}).get(key))
-        for key, value in values.items()])
+          tag=key,
+          tensor=tensor_util.make_tensor_proto(np.asarray(value)),
+          metadata=(metadata or {}).get(key),
+        )
+        for key, value in values.items()
+      ],
+    )
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     values = []
@@ -102,6 +112,7 @@ class EventFileWriter(clu_writers.MetricWriter):
   def write_images(self, step: int, images: Mapping[str, Any]):
     """uint8 images, or floats in [0, 1]; (H, W, C) or (N, H, W, C), C of 1, 3 or 4."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
+
     values = []
     for key, value in images.items():
       value = np.asarray(value)
@@ -116,9 +127,13 @@ class EventFileWriter(clu_writers.MetricWriter):
         encoded.append(out.getvalue())
       # tf.summary.image's layout: [width, height, png, png, ...] as strings.
       tensor = [str(value.shape[2]).encode(), str(value.shape[1]).encode(), *encoded]
-      values.append(summary_pb2.Summary.Value(
-          tag=key, tensor=tensor_util.make_tensor_proto(tensor),
-          metadata=image_metadata.create_summary_metadata(display_name=None, description=None)))
+      values.append(
+        summary_pb2.Summary.Value(
+          tag=key,
+          tensor=tensor_util.make_tensor_proto(tensor),
+          metadata=image_metadata.create_summary_metadata(display_name=None, description=None),
+        )
+      )
     self._write_values(step, values)
 
   def write_videos(self, step: int, videos: Mapping[str, Any]):
@@ -133,8 +148,9 @@ class EventFileWriter(clu_writers.MetricWriter):
       values.extend(text_summary.text_pb(key, value).value)
     self._write_values(step, values)
 
-  def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Mapping[str, int] | None = None):
+  def write_histograms(
+    self, step: int, arrays: Mapping[str, Any], num_buckets: Mapping[str, int] | None = None
+  ):
     values = []
     for key, value in arrays.items():
       buckets = (num_buckets or {}).get(key)
@@ -154,8 +170,9 @@ class EventFileWriter(clu_writers.MetricWriter):
       self._records.close()
 
 
-def create_default_writer(logdir=None, *, just_logging: bool = False,
-                          asynchronous: bool = True) -> clu_writers.MetricWriter:
+def create_default_writer(
+  logdir=None, *, just_logging: bool = False, asynchronous: bool = True
+) -> clu_writers.MetricWriter:
   """clu's `create_default_writer` (console log + event files), without TensorFlow."""
   writers = [clu_writers.LoggingWriter()]
   if not just_logging and logdir is not None:

@@ -5,6 +5,7 @@ mixed batch is CutMix or Mixup with equal chance (by default). The partner
 of each image is a random permutation of the batch. The loss is then
 λ·CE(y_a) + (1 − λ)·CE(y_b); for CutMix λ is recomputed from the clipped box.
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,9 @@ def cutmix_box(key, height: int, width: int, lam):
   return y0, y1, x0, x1
 
 
-def mix_batch(key, images, labels, *, prob: float, cutmix_prob: float, cutmix_alpha: float,
-              mixup_alpha: float):
+def mix_batch(
+  key, images, labels, *, prob: float, cutmix_prob: float, cutmix_alpha: float, mixup_alpha: float
+):
   """Returns (images, labels_a, labels_b, lam); lam is 1 for a clean batch."""
   k_mix, k_kind, k_perm, k_cut_lam, k_mix_lam, k_box = jax.random.split(key, 6)
   _, height, width, _ = images.shape

@@ -4,6 +4,7 @@
 overridden, and `mixer` may be a single registry name or a per-layer pattern
 (a list as long as `depth`, or a shorter one that repeats).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,27 +34,27 @@ class Preset:
 
 # `docs/reference.md`, "Presets". LKCA presets' `num_heads` only matters for kernel_sharing="head".
 PRESETS: dict[str, Preset] = {
-    "vit_05m": Preset("mhsa", 120, 4, 4),
-    "vit_1m": Preset("mhsa", 136, 7, 8),
-    "vit_2m": Preset("mhsa", 200, 6, 8),
-    "vit": Preset("mhsa", 192, 9, 12),
-    "vit_4m": Preset("mhsa", 264, 7, 8),
-    "vit_8m": Preset("mhsa", 312, 10, 8),
-    "lkca_05m": Preset("lkca", 100, 8, 4),
-    "lkca_t": Preset("lkca", 136, 9, 8),
-    "lkca_2m": Preset("lkca", 192, 9, 12),
-    "lkca_b": Preset("lkca", 210, 10, 10),
-    "lkca_4m": Preset("lkca", 246, 11, 6),
-    "lkca_8m": Preset("lkca", 306, 14, 9),
-    "lkca_l": Preset("lkca", 360, 12, 12, mlp_ratio=3.0),
-    # Peer mixers (`docs/reference.md`, "Peer presets") at lkca_t / lkca_b's CIFAR-10 budget: the
-    # same depth (9 / 10) and MLP ratio 2, width shrunk to match. ACmix keeps
-    # 8 heads (as lkca_t / vit_1m); FLatten uses a few wide heads (d 38 / 44),
-    # as FLatten-DeiT-T does (3 × 64). CIFAR-10 params vs 1,027,611 / 2,691,310:
-    "acmix_t": Preset("acmix", 112, 9, 8),  # 1,028,076 (+0.05%)
-    "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,190 (−0.34%)
-    "flatten_t": Preset("flatten", 114, 9, 3),  # 1,033,762 (+0.60%)
-    "flatten_b": Preset("flatten", 176, 10, 4),  # 2,640,010 (−1.91%)
+  "vit_05m": Preset("mhsa", 120, 4, 4),
+  "vit_1m": Preset("mhsa", 136, 7, 8),
+  "vit_2m": Preset("mhsa", 200, 6, 8),
+  "vit": Preset("mhsa", 192, 9, 12),
+  "vit_4m": Preset("mhsa", 264, 7, 8),
+  "vit_8m": Preset("mhsa", 312, 10, 8),
+  "lkca_05m": Preset("lkca", 100, 8, 4),
+  "lkca_t": Preset("lkca", 136, 9, 8),
+  "lkca_2m": Preset("lkca", 192, 9, 12),
+  "lkca_b": Preset("lkca", 210, 10, 10),
+  "lkca_4m": Preset("lkca", 246, 11, 6),
+  "lkca_8m": Preset("lkca", 306, 14, 9),
+  "lkca_l": Preset("lkca", 360, 12, 12, mlp_ratio=3.0),
+  # Peer mixers (`docs/reference.md`, "Peer presets") at lkca_t / lkca_b's CIFAR-10 budget: the
+  # same depth (9 / 10) and MLP ratio 2, width shrunk to match. ACmix keeps
+  # 8 heads (as lkca_t / vit_1m); FLatten uses a few wide heads (d 38 / 44),
+  # as FLatten-DeiT-T does (3 × 64). CIFAR-10 params vs 1,027,611 / 2,691,310:
+  "acmix_t": Preset("acmix", 112, 9, 8),  # 1,028,076 (+0.05%)
+  "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,190 (−0.34%)
+  "flatten_t": Preset("flatten", 114, 9, 3),  # 1,033,762 (+0.60%)
+  "flatten_b": Preset("flatten", 176, 10, 4),  # 2,640,010 (−1.91%)
 }
 
 # The input grid is 8×8 for every dataset of the paper (patch 4 at 32×32,
@@ -71,20 +72,32 @@ def check_mixer_options(mixer: str, options) -> None:
   TypeError, so a TypeError raised inside a constructor surfaces as the bug it is.
   """
   if not isinstance(options, Mapping):
-    raise ValueError(f"mixer_options[{mixer!r}] must map option names to values, got "
-                     f"{options!r}")
+    raise ValueError(f"mixer_options[{mixer!r}] must map option names to values, got {options!r}")
   valid = option_names(MIXERS[mixer])
   unknown = [] if valid is None else sorted(set(options) - set(valid))
   if unknown:
-    raise ValueError(f"bad mixer_options for {mixer!r}: unknown option {unknown[0]!r}; "
-                     f"valid options of {mixer!r}: {valid}")
+    raise ValueError(
+      f"bad mixer_options for {mixer!r}: unknown option {unknown[0]!r}; "
+      f"valid options of {mixer!r}: {valid}"
+    )
 
 
 class Block(nnx.Module):
   """x += DropPath(Mixer(LN(x))); x += DropPath(MLP(LN(x)))."""
 
-  def __init__(self, dim: int, grid, *, mixer: str, num_heads: int, mlp_ratio: float,
-               drop_path_rate: float, mixer_options: dict, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    grid,
+    *,
+    mixer: str,
+    num_heads: int,
+    mlp_ratio: float,
+    drop_path_rate: float,
+    mixer_options: dict,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
     options = mixer_options.get(mixer, {})
     check_mixer_options(mixer, options)
@@ -127,14 +140,30 @@ class ViT(nnx.Module):
   patch tokens ("mean", the LKCA models).
   """
 
-  def __init__(self, *, num_classes: int, image_size, channels: int, patch_size: int,
-               dim: int, depth: int, num_heads: int, mixer: Any = "lkca",
-               mlp_ratio: float = 2.0, drop_path_rate: float = 0.1, pool: str = "auto",
-               mixer_options: dict | None = None, dtype=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    num_classes: int,
+    image_size,
+    channels: int,
+    patch_size: int,
+    dim: int,
+    depth: int,
+    num_heads: int,
+    mixer: Any = "lkca",
+    mlp_ratio: float = 2.0,
+    drop_path_rate: float = 0.1,
+    pool: str = "auto",
+    mixer_options: dict | None = None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
     height, width = as_grid(image_size)
     if height % patch_size or width % patch_size:
-      raise ValueError(f"image size {height}x{width} is not divisible by patch size "
-                       f"{patch_size}; choose a patch size that divides both sides")
+      raise ValueError(
+        f"image size {height}x{width} is not divisible by patch size "
+        f"{patch_size}; choose a patch size that divides both sides"
+      )
     self.grid = (height // patch_size, width // patch_size)
     self.patch_size = patch_size
     self.channels = channels
@@ -143,8 +172,10 @@ class ViT(nnx.Module):
     mixer_options = dict(mixer_options or {})
     unused = sorted(set(mixer_options) - set(self.mixers))
     if unused:
-      raise ValueError(f"mixer_options for {unused[0]!r}, which no layer uses (mixers: "
-                       f"{sorted(set(self.mixers))}); key mixer_options by mixer name")
+      raise ValueError(
+        f"mixer_options for {unused[0]!r}, which no layer uses (mixers: "
+        f"{sorted(set(self.mixers))}); key mixer_options by mixer name"
+      )
     needs_grid = any(MIXERS[m].needs_grid for m in self.mixers)
     if pool == "auto":
       pool = "mean" if needs_grid else "cls"
@@ -158,11 +189,22 @@ class ViT(nnx.Module):
       self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, dim)))
       num_tokens += 1
     self.pos_embed = nnx.Param(normal(rngs.params(), (num_tokens, dim)))
-    self.blocks = nnx.List([
-        Block(dim, self.grid, mixer=m, num_heads=num_heads, mlp_ratio=mlp_ratio,
-              drop_path_rate=drop_path_rate, mixer_options=mixer_options,
-              dtype=dtype, rngs=rngs)
-        for m in self.mixers])
+    self.blocks = nnx.List(
+      [
+        Block(
+          dim,
+          self.grid,
+          mixer=m,
+          num_heads=num_heads,
+          mlp_ratio=mlp_ratio,
+          drop_path_rate=drop_path_rate,
+          mixer_options=mixer_options,
+          dtype=dtype,
+          rngs=rngs,
+        )
+        for m in self.mixers
+      ]
+    )
     self.head_norm = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.head = linear(dim, num_classes, dtype=dtype, rngs=rngs)
 
@@ -171,13 +213,16 @@ class ViT(nnx.Module):
     b, height, width, c = images.shape
     p = self.patch_size
     if (height // p, width // p) != self.grid or c != self.channels or height % p or width % p:
-      raise ValueError(f"model expects images of shape (B, {self.grid[0] * p}, "
-                       f"{self.grid[1] * p}, {self.channels}), got {images.shape}")
+      raise ValueError(
+        f"model expects images of shape (B, {self.grid[0] * p}, "
+        f"{self.grid[1] * p}, {self.channels}), got {images.shape}"
+      )
     x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, self.grid[0] * self.grid[1], p * p * c)
 
-  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None,
-               drop_path_rate=None) -> jax.Array:
+  def __call__(
+    self, images: jax.Array, *, rngs: nnx.Rngs | None = None, drop_path_rate=None
+  ) -> jax.Array:
     """`drop_path_rate`, if given (a traced scalar), replaces the blocks' own rate."""
     if self.dtype is not None:
       images = images.astype(self.dtype)
@@ -198,9 +243,17 @@ def preset_fields() -> list[str]:
   return [f.name for f in dataclasses.fields(Preset)]
 
 
-def create_model(name: str, *, num_classes: int, image_size, channels: int = 3,
-                 patch_size: int | None = None, rngs: nnx.Rngs, dtype=None,
-                 **overrides) -> ViT:
+def create_model(
+  name: str,
+  *,
+  num_classes: int,
+  image_size,
+  channels: int = 3,
+  patch_size: int | None = None,
+  rngs: nnx.Rngs,
+  dtype=None,
+  **overrides,
+) -> ViT:
   """Builds preset `name`; keyword overrides replace preset fields (see `Preset`)."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -211,8 +264,15 @@ def create_model(name: str, *, num_classes: int, image_size, channels: int = 3,
   height, width = as_grid(image_size)
   if patch_size is None:
     patch_size = max(1, min(height, width) // DEFAULT_GRID)
-  return ViT(num_classes=num_classes, image_size=(height, width), channels=channels,
-             patch_size=patch_size, dtype=dtype, rngs=rngs, **dataclasses.asdict(preset))
+  return ViT(
+    num_classes=num_classes,
+    image_size=(height, width),
+    channels=channels,
+    patch_size=patch_size,
+    dtype=dtype,
+    rngs=rngs,
+    **dataclasses.asdict(preset),
+  )
 
 
 def count_params(model: nnx.Module) -> int:

@@ -4,6 +4,7 @@ Parameters and optimizer state are replicated over a 1-D mesh of all devices,
 batches are sharded on its `data` axis, and XLA inserts the gradient
 all-reduce (the `jit` successor of `pmap` data parallelism).
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
   overrides = {}
   for key, value in config.model_overrides.items():
     if key == "mixer_options":
-      options = {name: {k: v for k, v in opts.items() if v is not None}
-                 for name, opts in value.items()}
+      options = {
+        name: {k: v for k, v in opts.items() if v is not None} for name, opts in value.items()
+      }
       options = {name: opts for name, opts in options.items() if opts}
       if options:
         overrides[key] = options
@@ -66,14 +68,21 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def build_model(config, spec, rngs: nnx.Rngs) -> models.ViT:
-  return models.create_model(config.model, num_classes=spec.num_classes,
-                             image_size=spec.image_size, channels=spec.channels,
-                             patch_size=config.patch_size, dtype=models.DTYPES[config.dtype],
-                             rngs=rngs, **model_kwargs(config))
+  return models.create_model(
+    config.model,
+    num_classes=spec.num_classes,
+    image_size=spec.image_size,
+    channels=spec.channels,
+    patch_size=config.patch_size,
+    dtype=models.DTYPES[config.dtype],
+    rngs=rngs,
+    **model_kwargs(config),
+  )
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int,
-                           peak=None) -> optax.Schedule:
+def learning_rate_schedule(
+  config, steps_per_epoch: int, total_steps: int, peak=None
+) -> optax.Schedule:
   """Per step: linear warmup from init to peak, then one cosine decay to end.
 
   optax's warmup_cosine_decay_schedule, written so that `peak` (default: the
@@ -104,18 +113,21 @@ def create_optimizer(config, schedule, weight_decay=None) -> optax.GradientTrans
 
 # --- many runs: seeds x sweep --------------------------------------------------
 # Swept config key → the name of its per-run value in the step's `hparams`.
-HPARAMS = {"optimizer.learning_rate": "learning_rate",
-           "optimizer.weight_decay": "weight_decay",
-           "model_overrides.drop_path_rate": "drop_path_rate",
-           "label_smoothing": "label_smoothing",
-           "mixing.prob": "mixing_prob",
-           "mixing.cutmix_prob": "cutmix_prob"}
+HPARAMS = {
+  "optimizer.learning_rate": "learning_rate",
+  "optimizer.weight_decay": "weight_decay",
+  "model_overrides.drop_path_rate": "drop_path_rate",
+  "label_smoothing": "label_smoothing",
+  "mixing.prob": "mixing_prob",
+  "mixing.cutmix_prob": "cutmix_prob",
+}
 assert set(HPARAMS) == set(config_checks.SWEEPABLE)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One run of a many-run process: its seed, swept values, and its own single-run config."""
+
   index: int
   seed: int
   values: dict  # {swept config key: value}
@@ -150,10 +162,14 @@ def hparams(config) -> dict[str, float]:
   rate = config.model_overrides.drop_path_rate
   if rate is None:
     rate = models.PRESETS[config.model].drop_path_rate
-  return {"learning_rate": config.optimizer.learning_rate,
-          "weight_decay": config.optimizer.weight_decay,
-          "drop_path_rate": rate, "label_smoothing": config.label_smoothing,
-          "mixing_prob": config.mixing.prob, "cutmix_prob": config.mixing.cutmix_prob}
+  return {
+    "learning_rate": config.optimizer.learning_rate,
+    "weight_decay": config.optimizer.weight_decay,
+    "drop_path_rate": rate,
+    "label_smoothing": config.label_smoothing,
+    "mixing_prob": config.mixing.prob,
+    "cutmix_prob": config.mixing.cutmix_prob,
+  }
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -183,33 +199,39 @@ def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: i
   alphas = {"cutmix_alpha": config.mixing.cutmix_alpha, "mixup_alpha": config.mixing.mixup_alpha}
 
   def train_step(state: TrainState, batch, rng, hp):
-    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps,
-                                      peak=hp["learning_rate"])
+    schedule = learning_rate_schedule(
+      config, steps_per_epoch, total_steps, peak=hp["learning_rate"]
+    )
     tx = create_optimizer(config, schedule, weight_decay=hp["weight_decay"])
     smoothing = hp["label_smoothing"]
     step_key = jax.random.fold_in(rng, state.step)
     mix_key, drop_key = jax.random.split(step_key)
     images, labels_a, labels_b, lam = mix_batch(
-        mix_key, batch["image"], batch["label"], prob=hp["mixing_prob"],
-        cutmix_prob=hp["cutmix_prob"], **alphas)
+      mix_key,
+      batch["image"],
+      batch["label"],
+      prob=hp["mixing_prob"],
+      cutmix_prob=hp["cutmix_prob"],
+      **alphas,
+    )
 
     def loss_fn(params):
       model = nnx.merge(train_graphdef, params, state.rest)
-      logits = model(images, rngs=nnx.Rngs(dropout=drop_key),
-                     drop_path_rate=hp["drop_path_rate"])
-      loss = (lam * cross_entropy(logits, labels_a, smoothing)
-              + (1.0 - lam) * cross_entropy(logits, labels_b, smoothing))
+      logits = model(images, rngs=nnx.Rngs(dropout=drop_key), drop_path_rate=hp["drop_path_rate"])
+      loss = lam * cross_entropy(logits, labels_a, smoothing) + (1.0 - lam) * cross_entropy(
+        logits, labels_b, smoothing
+      )
       return loss.mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": loss,
-        "top1": top_k_correct(logits, labels_a, 1).mean(),
-        "top5": top_k_correct(logits, labels_a, 5).mean(),
-        "learning_rate": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
+      "loss": loss,
+      "top1": top_k_correct(logits, labels_a, 1).mean(),
+      "top5": top_k_correct(logits, labels_a, 5).mean(),
+      "learning_rate": schedule(state.step),
+      "grad_norm": optax.global_norm(grads),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -229,13 +251,17 @@ def make_runs_step(train_step):
   `runs_step(state, batch, rng, hp, alive) -> (state, metrics)`, metrics with
   the new `alive`.
   """
+
   def one_run(state, batch, rng, hp, alive):
     new, metrics = train_step(state, batch, rng, hp)
     ok = alive & jnp.isfinite(metrics["loss"]) & _all_finite(new.params)
     keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
-    new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+    new = new.replace(
+      params=jax.tree.map(keep, new.params, state.params),
+      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+    )
     return new, {**metrics, "alive": ok}
+
   return jax.vmap(one_run)
 
 
@@ -245,11 +271,12 @@ def make_eval_step(eval_graphdef):
     logits = model(batch["image"])
     mask = batch["mask"].astype(jnp.float32)
     return {
-        "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-        "top1": jnp.sum(top_k_correct(logits, batch["label"], 1) * mask),
-        "top5": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
-        "count": jnp.sum(mask),
+      "loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+      "top1": jnp.sum(top_k_correct(logits, batch["label"], 1) * mask),
+      "top5": jnp.sum(top_k_correct(logits, batch["label"], 5) * mask),
+      "count": jnp.sum(mask),
     }
+
   return eval_step
 
 
@@ -257,6 +284,7 @@ def make_eval_step(eval_graphdef):
 @dataclasses.dataclass
 class Run:
   """Everything built from a config before the first step; cheap until `load_data`."""
+
   config: ml_collections.ConfigDict
   spec: Any
   mesh: Any
@@ -274,13 +302,17 @@ class Run:
     classes = config.dataset.classes
     if classes:
       if not 2 <= classes <= spec.num_classes:
-        raise ConfigError(f"dataset.classes={classes} must be between 2 and {spec.num_classes} "
-                          f"(or 0 for all of {spec.name})")
+        raise ConfigError(
+          f"dataset.classes={classes} must be between 2 and {spec.num_classes} "
+          f"(or 0 for all of {spec.name})"
+        )
       spec = dataclasses.replace(spec, num_classes=classes)
     for key in ("mean", "std"):
       if len(config.dataset[key]) != spec.channels:
-        raise ConfigError(f"dataset.{key} has {len(config.dataset[key])} values but "
-                          f"{spec.name} images have {spec.channels} channels")
+        raise ConfigError(
+          f"dataset.{key} has {len(config.dataset[key])} values but "
+          f"{spec.name} images have {spec.channels} channels"
+        )
     # The library rejects bad arguments (sizes that do not divide, unknown names) with
     # ValueError; anything else raised here is a bug and keeps its traceback.
     try:
@@ -291,9 +323,12 @@ class Run:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     try:
-      data_lib.check_available(spec.name, data_dir=config.dataset.data_dir,
-                               manual_dir=config.dataset.manual_dir,
-                               download=config.dataset.download)
+      data_lib.check_available(
+        spec.name,
+        data_dir=config.dataset.data_dir,
+        manual_dir=config.dataset.manual_dir,
+        download=config.dataset.download,
+      )
     except data_lib.DatasetUnavailableError as e:
       raise ConfigError(str(e)) from None
     return cls(config, spec, mesh, model, models.count_params(model))
@@ -304,8 +339,14 @@ class Run:
       pipeline = pipeline_lib.from_config(self.config, self.spec, self.mesh, key)
     except data_lib.DatasetUnavailableError as e:
       raise ConfigError(str(e)) from None
-    logging.info("data: %d train / %d test images of %s on %s in %.1fs", pipeline.train.size,
-                 pipeline.test.size, pipeline.image_shape, pipeline.placement, time.time() - t0)
+    logging.info(
+      "data: %d train / %d test images of %s on %s in %.1fs",
+      pipeline.train.size,
+      pipeline.test.size,
+      pipeline.image_shape,
+      pipeline.placement,
+      time.time() - t0,
+    )
     return pipeline
 
 
@@ -406,8 +447,11 @@ def _run_eval(eval_fn, params, rest, pipeline) -> dict | list[dict]:
 
   def rates(t):
     count = float(t["count"])
-    return {"loss": float(t["loss"]) / count, "top1": float(t["top1"]) / count,
-            "top5": float(t["top5"]) / count}
+    return {
+      "loss": float(t["loss"]) / count,
+      "top1": float(t["top1"]) / count,
+      "top5": float(t["top5"]) / count,
+    }
 
   if np.ndim(totals["count"]) == 0:
     return rates(totals)
@@ -436,8 +480,9 @@ def device_memory_limit(device=None) -> int | None:
   return (device.memory_stats() or {}).get("bytes_limit")
 
 
-def check_runs_fit(num_runs: int, step_bytes: int, limit_bytes: int,
-                   reserved_bytes: int = 0) -> int:
+def check_runs_fit(
+  num_runs: int, step_bytes: int, limit_bytes: int, reserved_bytes: int = 0
+) -> int:
   """How many runs fit; raises ConfigError when `num_runs` do not.
 
   `step_bytes` is what the compiled step of `num_runs` runs holds at its peak
@@ -449,19 +494,21 @@ def check_runs_fit(num_runs: int, step_bytes: int, limit_bytes: int,
   free = limit_bytes - reserved_bytes
   fit = max(int(free // per_run), 0) if per_run > 0 else num_runs
   if fit < num_runs:
-    gib = 2.0 ** 30
+    gib = 2.0**30
     raise ConfigError(
-        f"num_runs: {num_runs} runs need about {step_bytes / gib:.2f} GiB of device memory "
-        f"({per_run / gib:.2f} GiB each) but {free / gib:.2f} GiB are free: at most {fit} "
-        "fit; lower --config.num_runs or the sweep")
+      f"num_runs: {num_runs} runs need about {step_bytes / gib:.2f} GiB of device memory "
+      f"({per_run / gib:.2f} GiB each) but {free / gib:.2f} GiB are free: at most {fit} "
+      "fit; lower --config.num_runs or the sweep"
+    )
   return fit
 
 
 def step_memory_bytes(compiled) -> int:
   """Peak bytes of a compiled program, from its memory analysis."""
   m = compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-             + m.temp_size_in_bytes)
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
 
 
 # --- the training ----------------------------------------------------------------
@@ -472,6 +519,7 @@ class Training:
   With one run the state is as a single run's; with several every leaf has a
   leading run axis, and `alive` marks the runs whose loss is still finite.
   """
+
   pipeline: pipeline_lib.Pipeline
   state: TrainState
   compiled_step: Any  # jit(step(state, batch, rng, hp[, alive])), state donated
@@ -506,8 +554,9 @@ class Training:
     """One training step at global step `step`: its batch, then the jitted update."""
     if not self.many:
       return self.train_step(state, self.batch(step), self.train_key)
-    state, metrics = self.compiled_step(state, self.batch(step), self.train_key, self.hparams,
-                                        self.alive)
+    state, metrics = self.compiled_step(
+      state, self.batch(step), self.train_key, self.hparams, self.alive
+    )
     self.alive = metrics["alive"]
     return state, metrics
 
@@ -523,8 +572,11 @@ def _initial_states(run: Run, specs, tx):
   by_seed = {}
   for spec in specs:
     if spec.seed not in by_seed:
-      model = run.model if spec.seed == run.config.seed else build_model(
-          spec.config, run.spec, nnx.Rngs(params=spec.seed, dropout=spec.seed + 1))
+      model = (
+        run.model
+        if spec.seed == run.config.seed
+        else build_model(spec.config, run.spec, nnx.Rngs(params=spec.seed, dropout=spec.seed + 1))
+      )
       _, _, params, rest = _split_model(model)
       by_seed[spec.seed] = (params, rest, tx.init(params))
   return [by_seed[spec.seed] for spec in specs]
@@ -548,12 +600,16 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
   schedule = learning_rate_schedule(config, pipeline.steps_per_epoch, total_steps)
   tx = create_optimizer(config, schedule)
   train_graphdef, eval_graphdef, _, _ = _split_model(run.model)
-  params, rest, opt_state = (_stack(parts) if many else parts[0]
-                             for parts in zip(*_initial_states(run, specs, tx), strict=True))
+  params, rest, opt_state = (
+    _stack(parts) if many else parts[0]
+    for parts in zip(*_initial_states(run, specs, tx), strict=True)
+  )
   step0 = jnp.zeros((len(specs),) if many else (), jnp.int32)
   per_run = [hparams(spec.config) for spec in specs]
-  hp = {name: jnp.asarray([h[name] for h in per_run] if many else per_run[0][name],
-                          jnp.float32) for name in per_run[0]}
+  hp = {
+    name: jnp.asarray([h[name] for h in per_run] if many else per_run[0][name], jnp.float32)
+    for name in per_run[0]
+  }
   replicated = NamedSharding(run.mesh, P())
   state = TrainState(step=step0, params=params, opt_state=opt_state, rest=rest)
   state, hp = pipeline_lib.put_tree((state, hp), replicated)  # onto every process's devices
@@ -562,35 +618,53 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
   eval_step = make_eval_step(eval_graphdef)
   alive = None
   if many:
-    compiled = jax.jit(make_runs_step(train_step),
-                       in_shardings=(state_sharding, pipeline.train_sharding, replicated,
-                                     replicated, replicated),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+    compiled = jax.jit(
+      make_runs_step(train_step),
+      in_shardings=(state_sharding, pipeline.train_sharding, replicated, replicated, replicated),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+    )
     eval_step = jax.vmap(eval_step, in_axes=(0, 0, None))
     alive = jax.device_put(jnp.ones(len(specs), bool), replicated)
   else:
-    compiled = jax.jit(train_step,
-                       in_shardings=(state_sharding, pipeline.batch_sharding, replicated,
-                                     replicated),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  t = Training(pipeline, state, compiled, jax.jit(eval_step, out_shardings=replicated),
-               schedule, total_steps, train_key, hp, specs, alive)
+    compiled = jax.jit(
+      train_step,
+      in_shardings=(state_sharding, pipeline.batch_sharding, replicated, replicated),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=0,
+    )
+  t = Training(
+    pipeline,
+    state,
+    compiled,
+    jax.jit(eval_step, out_shardings=replicated),
+    schedule,
+    total_steps,
+    train_key,
+    hp,
+    specs,
+    alive,
+  )
   limit = memory_limit or device_memory_limit()  # this process's first device
   if many and limit:  # compiled once more here, ahead of time, for its memory analysis
     lowered = compiled.lower(state, t.batch(0), train_key, hp, alive)
-    dataset = sum(x.nbytes for split in (pipeline.train, pipeline.test) if split.on_device
-                  for x in (split.images, split.labels))
+    dataset = sum(
+      x.nbytes
+      for split in (pipeline.train, pipeline.test)
+      if split.on_device
+      for x in (split.images, split.labels)
+    )
     check_runs_fit(len(specs), step_memory_bytes(lowered.compile()), limit, dataset)
   return t
 
 
 def describe_values(run: dict) -> str:
-  """"label_smoothing=0.1, mixing.prob=0": the swept values of a run or group (its "values")."""
+  """ "label_smoothing=0.1, mixing.prob=0": the swept values of a run or group (its "values")."""
   return ", ".join(f"{k}={v:g}" for k, v in run["values"].items())
 
 
 def describe(spec: RunSpec) -> str:
-  """"seed 3, label_smoothing=0.1": how a run is named in logs."""
+  """ "seed 3, label_smoothing=0.1": how a run is named in logs."""
   return ", ".join([f"seed {spec.seed}", *(f"{k}={v:g}" for k, v in spec.values.items())])
 
 
@@ -603,11 +677,18 @@ def run_summaries(specs, records) -> list[dict]:
   runs = []
   for spec, rec in zip(specs, records, strict=True):
     final = rec["history"][-1] if rec["history"] else None
-    runs.append({"run": spec.index, "seed": spec.seed, "values": spec.values,
-                 "final_top1": final["top1"] if final else None,
-                 "final_top5": final["top5"] if final else None,
-                 "best_top1": rec["best_top1"] if final else None,
-                 "best_step": rec["best_step"], "died_at_step": rec.get("died_at_step")})
+    runs.append(
+      {
+        "run": spec.index,
+        "seed": spec.seed,
+        "values": spec.values,
+        "final_top1": final["top1"] if final else None,
+        "final_top5": final["top5"] if final else None,
+        "best_top1": rec["best_top1"] if final else None,
+        "best_step": rec["best_step"],
+        "died_at_step": rec.get("died_at_step"),
+      }
+    )
   return runs
 
 
@@ -624,15 +705,17 @@ def group_summaries(runs: list[dict]) -> list[dict]:
     if r["died_at_step"] is None and r["final_top1"] is not None:
       groups[key]["finished_seeds"].append(r["seed"])
   for key, group in groups.items():
-    done = [r for r in runs if tuple(r["values"].items()) == key
-            and r["seed"] in group["finished_seeds"]]
+    done = [
+      r for r in runs if tuple(r["values"].items()) == key and r["seed"] in group["finished_seeds"]
+    ]
     for metric in ("final_top1", "best_top1"):
       group[f"{metric}_mean"], group[f"{metric}_std"] = mean_std(r[metric] for r in done)
   return list(groups.values())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       run: Run | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, run: Run | None = None
+) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the summary.
 
   With `num_runs` > 1 or a `sweep`, trains all runs side by side in one
@@ -646,42 +729,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t = build_training(run, config)
   pipeline, state, total_steps, specs, many = t.pipeline, t.state, t.total_steps, t.specs, t.many
   eval_step = t.eval_step
-  eval_every = (config.eval_every_steps if config.eval_every_steps > 0
-                else pipeline.steps_per_epoch)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else pipeline.steps_per_epoch
 
-  checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints",
-                                           keep=config.keep_checkpoints)
+  checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
   # One run: today's layout. Several: one record each (best, history, death) under "runs".
-  meta = ({"runs": [_fresh_record() for _ in specs]} if many
-          else {"best_top1": -1.0, "best_step": 0, "history": []})
+  meta = (
+    {"runs": [_fresh_record() for _ in specs]}
+    if many
+    else {"best_top1": -1.0, "best_step": 0, "history": []}
+  )
   restored = checkpoints.restore_latest(state)  # damaged ones: a warning each, set aside
   if restored is not None:
     start, state, meta = restored
     logging.info("resumed from %s/%d", checkpoints.directory, start)
   records = meta["runs"] if many else [meta]
   if many:
-    t.alive = jax.device_put(jnp.asarray([r["died_at_step"] is None for r in records]),
-                             NamedSharding(run.mesh, P()))
+    t.alive = jax.device_put(
+      jnp.asarray([r["died_at_step"] is None for r in records]), NamedSharding(run.mesh, P())
+    )
   step = int(np.asarray(state.step).reshape(-1)[0])
   if jax.process_index() == 0:
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   writer = metric_writer.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if step == 0:
-    writer.write_hparams({"model": config.model, "dataset": config.dataset.name,
-                          "params": run.num_params, "devices": run.mesh.devices.size,
-                          **({"runs": len(specs)} if many else {})})
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps, every_secs=None)
-  logging.info("%s on %s: %d params, %d steps (%d a epoch), %d devices%s", config.model,
-               config.dataset.name, run.num_params, total_steps, pipeline.steps_per_epoch,
-               run.mesh.devices.size, f", {len(specs)} runs side by side" if many else "")
+    writer.write_hparams(
+      {
+        "model": config.model,
+        "dataset": config.dataset.name,
+        "params": run.num_params,
+        "devices": run.mesh.devices.size,
+        **({"runs": len(specs)} if many else {}),
+      }
+    )
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
+  )
+  logging.info(
+    "%s on %s: %d params, %d steps (%d a epoch), %d devices%s",
+    config.model,
+    config.dataset.name,
+    run.num_params,
+    total_steps,
+    pipeline.steps_per_epoch,
+    run.mesh.devices.size,
+    f", {len(specs)} runs side by side" if many else "",
+  )
 
   def save(at_step, eval_top1=None):
     if window:  # never let a non-finite step into a checkpoint
       flush()
-    checkpoints.save(at_step, state, meta,
-                     {"top1": eval_top1} if eval_top1 is not None else None)
+    checkpoints.save(at_step, state, meta, {"top1": eval_top1} if eval_top1 is not None else None)
 
   def with_spread(scalars: dict, per_run: list[dict], name: str) -> None:
     """Adds each run's `name` values as run<k>/..., and their mean/ and std/ over runs."""
@@ -708,30 +806,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoints.wait()
         keep = checkpoints.latest_step()
         raise NonFiniteLossError(
-            f"loss became non-finite at step {bad}; training stopped. The last good checkpoint "
-            f"({checkpoints.directory}/{keep}) is kept: lower the learning rate or use float32.")
+          f"loss became non-finite at step {bad}; training stopped. The last good checkpoint "
+          f"({checkpoints.directory}/{keep}) is kept: lower the learning rate or use float32."
+        )
       summary = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     else:
       alive = np.stack([m["alive"] for m in fetched])  # (steps, runs)
       for k, rec in enumerate(records):
         if rec["died_at_step"] is None and not alive[:, k].all():
           rec["died_at_step"] = window_start + int(np.argmin(alive[:, k])) + 1
-          logging.warning("run %d (%s) stopped: loss became non-finite at step %d; its "
-                          "parameters stay those before that step, the other runs go on", k,
-                          describe(specs[k]), rec["died_at_step"])
+          logging.warning(
+            "run %d (%s) stopped: loss became non-finite at step %d; its "
+            "parameters stay those before that step, the other runs go on",
+            k,
+            describe(specs[k]),
+            rec["died_at_step"],
+          )
       if all(rec["died_at_step"] is not None for rec in records):
         checkpoints.wait()
         raise NonFiniteLossError(
-            "loss became non-finite in every run (at steps "
-            f"{', '.join(str(r['died_at_step']) for r in records)}); training stopped. The last "
-            f"checkpoint ({checkpoints.directory}/{checkpoints.latest_step()}) is kept: lower "
-            "the learning rate or use float32.")
+          "loss became non-finite in every run (at steps "
+          f"{', '.join(str(r['died_at_step']) for r in records)}); training stopped. The last "
+          f"checkpoint ({checkpoints.directory}/{checkpoints.latest_step()}) is kept: lower "
+          "the learning rate or use float32."
+        )
       keys = [key for key in fetched[0] if key != "alive"]
       per_run = []
       for k in range(len(specs)):
         live = np.flatnonzero(alive[:, k])  # its steps before it died
-        per_run.append({key: float(np.mean([fetched[i][key][k] for i in live])) for key in keys}
-                       if live.size else None)
+        per_run.append(
+          {key: float(np.mean([fetched[i][key][k] for i in live])) for key in keys}
+          if live.size
+          else None
+        )
       summary = {}
       with_spread(summary, per_run, "train_")
     writer.write_scalars(window_start + len(fetched), summary)
@@ -747,18 +854,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not many:
       res = results[0]
       writer.write_scalars(step, {f"test_{k}": v for k, v in res.items()})
-      logging.info("step %d: test top1 %.4f top5 %.4f loss %.4f", step, res["top1"],
-                   res["top5"], res["loss"])
+      logging.info(
+        "step %d: test top1 %.4f top5 %.4f loss %.4f", step, res["top1"], res["top5"], res["loss"]
+      )
       return res["top1"]
-    living = [res if rec["died_at_step"] is None else None
-              for rec, res in zip(records, results, strict=True)]
+    living = [
+      res if rec["died_at_step"] is None else None
+      for rec, res in zip(records, results, strict=True)
+    ]
     scalars = {}
     with_spread(scalars, living, "test_")
     writer.write_scalars(step, scalars)
     top1 = [res["top1"] for res in living if res is not None]
     mean, std = mean_std(top1)
-    logging.info("step %d: test top1 %.4f ± %.4f over %d live runs (%s)", step, mean,
-                 std or 0.0, len(top1), " ".join(f"{x:.4f}" for x in top1))
+    logging.info(
+      "step %d: test top1 %.4f ± %.4f over %d live runs (%s)",
+      step,
+      mean,
+      std or 0.0,
+      len(top1),
+      " ".join(f"{x:.4f}" for x in top1),
+    )
     return mean
 
   clock = _TrainClock(config.batch_size * len(specs))
@@ -797,24 +913,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   groups = group_summaries(runs)
   if many:  # the headline numbers: means over the runs that finished alive
     done = [r for r in runs if r["died_at_step"] is None and r["final_top1"] is not None]
-    final = ({"top1": mean_std(r["final_top1"] for r in done)[0],
-              "top5": mean_std(r["final_top5"] for r in done)[0]} if done else None)
+    final = (
+      {
+        "top1": mean_std(r["final_top1"] for r in done)[0],
+        "top5": mean_std(r["final_top5"] for r in done)[0],
+      }
+      if done
+      else None
+    )
     best_top1, best_step = (mean_std(r["best_top1"] for r in done)[0] if done else None), None
   else:
     final = meta["history"][-1] if meta["history"] else None
     best_top1, best_step = (meta["best_top1"] if final else None), meta["best_step"]
   summary = {
-      "model": config.model, "dataset": config.dataset.name, "params": run.num_params,
-      "devices": run.mesh.devices.size, "step": step, "total_steps": total_steps,
-      "stopped_by": stopped_by,
-      "final_top1": final["top1"] if final else None,
-      "final_top5": final["top5"] if final else None,
-      "best_top1": best_top1, "best_step": best_step,
-      "steps_per_epoch": pipeline.steps_per_epoch, "train_images": pipeline.train.size,
-      "test_images": pipeline.test.size,
-      "train_images_per_second": clock.images_per_second(),
-      "wall_seconds": wall, "config": json.loads(config.to_json_best_effort()),
-      "num_runs": len(specs), "runs": runs, "groups": groups,
+    "model": config.model,
+    "dataset": config.dataset.name,
+    "params": run.num_params,
+    "devices": run.mesh.devices.size,
+    "step": step,
+    "total_steps": total_steps,
+    "stopped_by": stopped_by,
+    "final_top1": final["top1"] if final else None,
+    "final_top5": final["top5"] if final else None,
+    "best_top1": best_top1,
+    "best_step": best_step,
+    "steps_per_epoch": pipeline.steps_per_epoch,
+    "train_images": pipeline.train.size,
+    "test_images": pipeline.test.size,
+    "train_images_per_second": clock.images_per_second(),
+    "wall_seconds": wall,
+    "config": json.loads(config.to_json_best_effort()),
+    "num_runs": len(specs),
+    "runs": runs,
+    "groups": groups,
   }
   if jax.process_index() == 0:
     files.write_json(workdir / "summary.json", summary)
@@ -823,8 +954,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str,
-             checkpoint: str | None = None) -> dict:
+def evaluate(
+  config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None
+) -> dict:
   """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir.
 
   With several runs, every run: their results are under "runs", their means at the top.
@@ -836,20 +968,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     directory, step = epath.Path(workdir) / "checkpoints", None
     if not directory.is_dir():
       raise checkpoint_lib.CheckpointError(
-          f"no checkpoint in {directory}; train first or pass --checkpoint PATH")
+        f"no checkpoint in {directory}; train first or pass --checkpoint PATH"
+      )
   specs = run_specs(config)
   many = len(specs) > 1
   _, eval_graphdef, params, rest = _split_model(run.model)
   # Only what evaluation needs is read: no optimizer state is built or restored.
   like = {"params": params, "rest": rest}
-  like = pipeline_lib.put_tree(_stack([like] * len(specs)) if many else like,
-                               NamedSharding(run.mesh, P()))  # onto every process's devices
+  like = pipeline_lib.put_tree(
+    _stack([like] * len(specs)) if many else like, NamedSharding(run.mesh, P())
+  )  # onto every process's devices
   checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
   if step is None:  # the newest that restores; damaged ones are skipped with a warning
     restored = checkpoints.restore_latest(like, partial=True)
     if restored is None:
       raise checkpoint_lib.CheckpointError(
-          f"no checkpoint in {directory}; train first or pass --checkpoint PATH")
+        f"no checkpoint in {directory}; train first or pass --checkpoint PATH"
+      )
     step, state, _ = restored
   else:
     state, _ = checkpoints.restore(step, like, partial=True)
@@ -859,9 +994,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not many:
     metrics = _run_eval(jax.jit(eval_step), state["params"], state["rest"], pipeline)
     return {"step": step, "checkpoint": f"{directory}/{step}", **metrics}
-  results = _run_eval(jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None))), state["params"],
-                      state["rest"], pipeline)
-  runs = [{"run": spec.index, "seed": spec.seed, "values": spec.values, **res}
-          for spec, res in zip(specs, results, strict=True)]
+  results = _run_eval(
+    jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None))), state["params"], state["rest"], pipeline
+  )
+  runs = [
+    {"run": spec.index, "seed": spec.seed, "values": spec.values, **res}
+    for spec, res in zip(specs, results, strict=True)
+  ]
   means = {key: mean_std(r[key] for r in results)[0] for key in ("loss", "top1", "top5")}
   return {"step": step, "checkpoint": f"{directory}/{step}", **means, "runs": runs}

@@ -1,4 +1,5 @@
 """Helpers shared by several test modules."""
+
 import io
 import zipfile
 from pathlib import Path
@@ -21,7 +22,7 @@ def with_overrides(config, overrides):
 
 
 def fixture_images():
-  """Every JPEG of the fixture zip, in name order: (all as RGB arrays, the grayscale ones as 2-D)."""
+  """Every JPEG of the fixture zip, in name order: (all as RGB arrays, the grey ones as 2-D)."""
   rgb, grey = [], []
   with zipfile.ZipFile(FIXTURE_ZIP) as archive:
     for name in sorted(n for n in archive.namelist() if n.endswith(".JPEG")):

@@ -5,6 +5,7 @@ one key, (a, b) patches away; zero kernels (LKCA at init) mix nothing; zero
 qkv weights make MHSA attend uniformly. Grids are non-square so that a row /
 column mix-up shows.
 """
+
 import itertools
 import math
 
@@ -23,8 +24,15 @@ GRID = (5, 7)
 def make_model(preset="lkca_t", **overrides):
   options = dict(dim=8, depth=1, num_heads=2)
   options.update(overrides)
-  model = models.create_model(preset, num_classes=3, image_size=IMAGE, channels=2,
-                              patch_size=PATCH, rngs=nnx.Rngs(0), **options)
+  model = models.create_model(
+    preset,
+    num_classes=3,
+    image_size=IMAGE,
+    channels=2,
+    patch_size=PATCH,
+    rngs=nnx.Rngs(0),
+    **options,
+  )
   model.eval()
   return model
 
@@ -48,7 +56,7 @@ def brute_force_mean_distance(grid):
 
 def patch_mask(row, col):
   mask = np.zeros(IMAGE, bool)
-  mask[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH] = True
+  mask[row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH] = True
   return mask
 
 
@@ -81,8 +89,12 @@ def test_single_tap_kernel_has_the_taps_distance(offset):
   expected = math.hypot(*offset)
   per_query = analysis.attention_distance_per_query(analysis.lkca_attention(model)[0], GRID)
   rows, cols = np.divmod(np.arange(35), 7)
-  inside = ((0 <= rows + offset[0]) & (rows + offset[0] < 5)
-            & (0 <= cols + offset[1]) & (cols + offset[1] < 7))
+  inside = (
+    (0 <= rows + offset[0])
+    & (rows + offset[0] < 5)
+    & (0 <= cols + offset[1])
+    & (cols + offset[1] < 7)
+  )
   np.testing.assert_allclose(per_query[inside], expected, rtol=1e-12)
   assert np.isnan(per_query[~inside]).all()  # its one key is off the grid
   result = analysis.attention_distances(model)
@@ -136,7 +148,7 @@ def test_zero_kernel_lkca_at_init_sees_only_the_centre_patch():
   assert list(squares) == list(analysis.ERF_THRESHOLDS)
   for square in squares.values():
     assert square["side"] == PATCH and square["fraction"] == pytest.approx(1.0)
-    assert square["area_fraction"] == pytest.approx(PATCH ** 2 / (IMAGE[0] * IMAGE[1]))
+    assert square["area_fraction"] == pytest.approx(PATCH**2 / (IMAGE[0] * IMAGE[1]))
 
 
 def test_mhsa_erf_at_init_reaches_every_patch():
@@ -167,7 +179,7 @@ def test_mean_attention_is_an_average_over_images():
   model = make_model("vit_1m")
   x = images(5)
   both = analysis.mean_mhsa_attention(model, x, batch_size=3)[0]
-  one_by_one = [analysis.mean_mhsa_attention(model, x[k:k + 1])[0] for k in range(5)]
+  one_by_one = [analysis.mean_mhsa_attention(model, x[k : k + 1])[0] for k in range(5)]
   np.testing.assert_allclose(both, np.mean(one_by_one, axis=0), atol=1e-6)
   _, _, weights = analysis.run_blocks(model, jnp.asarray(x[:1]), attention=True)
   np.testing.assert_allclose(one_by_one[0], weights[0][0, :, 1:, 1:], atol=1e-6)
@@ -176,7 +188,7 @@ def test_mean_attention_is_an_average_over_images():
 def brute_force_square(erf, top, left, p, t):
   """Smallest k with the clipped square [top−k, top+p+k) × [left−k, left+p+k) holding ≥ t."""
   for k in itertools.count():
-    inside = erf[max(top - k, 0):top + p + k, max(left - k, 0):left + p + k].sum()
+    inside = erf[max(top - k, 0) : top + p + k, max(left - k, 0) : left + p + k].sum()
     if inside >= t * erf.sum():
       return p + 2 * k
 
@@ -188,8 +200,9 @@ def test_erf_squares_match_brute_force_and_grow_with_t(shape, p):
     squares = analysis.erf_squares(erf, p)
     row, col = analysis.centre_token((shape[0] // p, shape[1] // p))
     sides = [squares[t]["side"] for t in analysis.ERF_THRESHOLDS]
-    assert sides == [brute_force_square(erf, row * p, col * p, p, t)
-                     for t in analysis.ERF_THRESHOLDS]
+    assert sides == [
+      brute_force_square(erf, row * p, col * p, p, t) for t in analysis.ERF_THRESHOLDS
+    ]
     assert sides == sorted(sides)
     for t in analysis.ERF_THRESHOLDS:
       assert squares[t]["fraction"] >= t

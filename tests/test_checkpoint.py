@@ -4,6 +4,7 @@ One real short training on digits writes checkpoints 4, 8 and 12; each test
 damages a copy of it on disk the way a full disk, a crash or a bad copy would,
 and runs main.py on it again in a subprocess.
 """
+
 import os
 import re
 import shutil
@@ -13,8 +14,12 @@ import pytest
 from tests.test_main import assert_same_params, final_params, run_main
 
 STEPS = 12
-SHORT = [f"--config.num_train_steps={STEPS}", "--config.checkpoint_every_steps=4",
-         "--config.eval_every_steps=4", "--config.log_every_steps=4"]
+SHORT = [
+  f"--config.num_train_steps={STEPS}",
+  "--config.checkpoint_every_steps=4",
+  "--config.eval_every_steps=4",
+  "--config.log_every_steps=4",
+]
 
 
 def run(workdir, *extra):
@@ -23,8 +28,12 @@ def run(workdir, *extra):
 
 def data_files(step_dir):
   """The array data files of a checkpoint: those in the OCDBT `d/` folders under state/."""
-  return [os.path.join(root, name) for root, _, names in os.walk(step_dir / "state")
-          if os.path.basename(root) == "d" for name in names]
+  return [
+    os.path.join(root, name)
+    for root, _, names in os.walk(step_dir / "state")
+    if os.path.basename(root) == "d"
+    for name in names
+  ]
 
 
 def truncate_data(step_dir):
@@ -54,9 +63,13 @@ def unfinished_write(step_dir):
     os.remove(path)
 
 
-DAMAGE = [(truncate_data, "data-truncated"), (delete_data, "data-missing"),
-          (corrupt_tree_metadata, "metadata-corrupt"), (corrupt_meta_json, "meta-corrupt"),
-          (unfinished_write, "unfinished-write")]
+DAMAGE = [
+  (truncate_data, "data-truncated"),
+  (delete_data, "data-missing"),
+  (corrupt_tree_metadata, "metadata-corrupt"),
+  (corrupt_meta_json, "meta-corrupt"),
+  (unfinished_write, "unfinished-write"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +98,9 @@ def error_lines(stderr):
 
 
 @pytest.mark.parametrize("damage, reason", DAMAGE, ids=[r for _, r in DAMAGE])
-def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(trained, tmp_path, damage,
-                                                                     reason):
+def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(
+  trained, tmp_path, damage, reason
+):
   workdir = damaged_copy(trained, tmp_path, damage)
   result = run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -110,8 +124,11 @@ def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path
   result = run(workdir)
   assert result.returncode == 2, result.stderr[-3000:]
   assert error_lines(result.stderr) == [result.stderr.strip().splitlines()[-1]]
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      f"error: no checkpoint in {workdir}/checkpoints can be restored")
+  assert (
+    result.stderr.strip()
+    .splitlines()[-1]
+    .startswith(f"error: no checkpoint in {workdir}/checkpoints can be restored")
+  )
   assert len(warnings_about_damage(result.stderr)) == 3
   assert "Traceback" not in result.stderr
   # Nothing is moved when there is nothing to fall back to: every retry says the same.
@@ -124,22 +141,25 @@ def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path):
   result = run(workdir, "--config.model_overrides.depth=3")
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: checkpoint {workdir}/checkpoints/12 does not match this "
-                         "model/config"), last
+  assert last.startswith(
+    f"error: checkpoint {workdir}/checkpoints/12 does not match this model/config"
+  ), last
   assert not warnings_about_damage(result.stderr)
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
   assert not (workdir / "checkpoints_damaged").exists()
 
 
-def test_eval_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_an_error(trained,
-                                                                                   tmp_path):
+def test_eval_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_an_error(
+  trained, tmp_path
+):
   workdir = damaged_copy(trained, tmp_path, truncate_data)
   top1_at_8 = re.search(r"step 8: test top1 (\S+)", trained[1].stderr).group(1)
   result = run(workdir, "--mode=eval")
   assert result.returncode == 0, result.stderr[-3000:]
   warnings = warnings_about_damage(result.stderr)
   assert len(warnings) == 1 and re.search(
-      r"checkpoints/12 cannot be restored \(data-truncated: .*\); skipped$", warnings[0])
+    r"checkpoints/12 cannot be restored \(data-truncated: .*\); skipped$", warnings[0]
+  )
   assert f"eval {workdir}/checkpoints/8: top1 {top1_at_8} " in result.stdout
   # Evaluation changes nothing in the workdir: a run may be training there.
   assert (workdir / "checkpoints" / "12").is_dir()
@@ -148,5 +168,8 @@ def test_eval_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_an_err
   result = run(workdir, "--mode=eval", f"--checkpoint={workdir}/checkpoints/12")
   assert result.returncode == 2, result.stderr[-3000:]
   assert error_lines(result.stderr) == [result.stderr.strip().splitlines()[-1]]
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      f"error: checkpoint {workdir}/checkpoints/12 is damaged (data-truncated: ")
+  assert (
+    result.stderr.strip()
+    .splitlines()[-1]
+    .startswith(f"error: checkpoint {workdir}/checkpoints/12 is damaged (data-truncated: ")
+  )

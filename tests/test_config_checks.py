@@ -3,6 +3,7 @@
 The bad config-value cases of main.py live here (flag parsing shared by every
 command stays in tests/tools/test_cli.py; unprepared data in tests/test_main.py).
 """
+
 import importlib
 import os
 import pkgutil
@@ -85,17 +86,26 @@ def test_unknown_and_missing_keys_are_caught():
 
 def test_sentinels_and_unset_values_are_allowed():
   config = load("default")
-  for key, value in [("num_train_steps", -1), ("eval_every_steps", -1), ("num_devices", 0),
-                     ("dataset.classes", 0), ("dataset.train_per_class", 0),
-                     ("augment.autoaugment", "none"), ("augment.autoaugment", "None"),
-                     ("augment.autoaugment", None),
-                     ("model_overrides.mixer", "lkca,mhsa"), ("label_smoothing", 0.0)]:
+  for key, value in [
+    ("num_train_steps", -1),
+    ("eval_every_steps", -1),
+    ("num_devices", 0),
+    ("dataset.classes", 0),
+    ("dataset.train_per_class", 0),
+    ("augment.autoaugment", "none"),
+    ("augment.autoaugment", "None"),
+    ("augment.autoaugment", None),
+    ("model_overrides.mixer", "lkca,mhsa"),
+    ("label_smoothing", 0.0),
+  ]:
     config_checks.validate(set_key(config, key, value))
 
 
 def test_mixer_options_take_the_sets_the_mixer_defines():
-  for key, allowed in [("model_overrides.mixer_options.lkca.view", VIEWS),
-                       ("model_overrides.mixer_options.lkca.kernel_sharing", KERNEL_SHARING)]:
+  for key, allowed in [
+    ("model_overrides.mixer_options.lkca.view", VIEWS),
+    ("model_overrides.mixer_options.lkca.kernel_sharing", KERNEL_SHARING),
+  ]:
     for value in allowed:
       assert RULES[key].error(key, value) is None
     assert RULES[key].error(key, "bogus") is not None
@@ -109,23 +119,28 @@ def test_config_error_is_one_class():
 # --- through main.py -----------------------------------------------------------
 DIGITS = ["--config", "configs/digits.py"]
 REJECTED = [
-    (["--config.batch_size=0"], "batch_size must be an integer >= 1, got 0"),
-    (["--config.repeats=0"], "repeats must be an integer >= 1, got 0"),
-    (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be a number > 0"),
-    (["--config.label_smoothing=2.0"], "label_smoothing must be a number in [0, 1)"),
-    (["--config.augment.autoaugment=bogus"], "augment.autoaugment must be one of"),
-    (["--mode=eval", "--config.num_epochs=0"], "num_epochs must be an integer >= 1"),
-    (["--config.model=vit_99m"], "unknown model preset 'vit_99m'"),
-    (["--config.dataset.name=imagenet21k"], "unknown dataset 'imagenet21k'"),
-    # Checked in Run.prepare against the dataset and devices, still before anything runs.
-    (["--config.patch_size=3"], "not divisible by patch size"),
-    (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
+  (["--config.batch_size=0"], "batch_size must be an integer >= 1, got 0"),
+  (["--config.repeats=0"], "repeats must be an integer >= 1, got 0"),
+  (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be a number > 0"),
+  (["--config.label_smoothing=2.0"], "label_smoothing must be a number in [0, 1)"),
+  (["--config.augment.autoaugment=bogus"], "augment.autoaugment must be one of"),
+  (["--mode=eval", "--config.num_epochs=0"], "num_epochs must be an integer >= 1"),
+  (["--config.model=vit_99m"], "unknown model preset 'vit_99m'"),
+  (["--config.dataset.name=imagenet21k"], "unknown dataset 'imagenet21k'"),
+  # Checked in Run.prepare against the dataset and devices, still before anything runs.
+  (["--config.patch_size=3"], "not divisible by patch size"),
+  (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
 ]
 
 
 def _main(args, workdir):
-  return subprocess.Popen([sys.executable, "main.py", *DIGITS, *args, f"--workdir={workdir}"],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "main.py", *DIGITS, *args, f"--workdir={workdir}"],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _error_line(proc, args):

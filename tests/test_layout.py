@@ -3,6 +3,7 @@
 Every `import` in the package is read, function-local ones included (a local
 import hides a cycle; it does not remove it).
 """
+
 import ast
 from pathlib import Path
 
@@ -12,11 +13,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lkca_jax"
 
 # Lower numbers sit lower: a module may import its own layer's package and anything below it.
 LAYERS = {
-    "files": 0, "layers": 0, "augment": 0, "mixing": 0,
-    "models": 1, "data": 1,
-    "analysis": 2, "checkpoint": 2, "config_checks": 2, "distributed": 2, "metric_writer": 2,
-    "train": 3,
-    "tools": 4,
+  "files": 0,
+  "layers": 0,
+  "augment": 0,
+  "mixing": 0,
+  "models": 1,
+  "data": 1,
+  "analysis": 2,
+  "checkpoint": 2,
+  "config_checks": 2,
+  "distributed": 2,
+  "metric_writer": 2,
+  "train": 3,
+  "tools": 4,
 }
 
 
@@ -35,8 +44,10 @@ def imports_of(path: Path) -> list[str]:
     if isinstance(node, ast.Import):
       found += [alias.name for alias in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      found += [f"{node.module}.{alias.name}" if node.module == "lkca_jax" else node.module
-                for alias in node.names]
+      found += [
+        f"{node.module}.{alias.name}" if node.module == "lkca_jax" else node.module
+        for alias in node.names
+      ]
   return [name for name in found if name.split(".")[0] == "lkca_jax"]
 
 
@@ -68,8 +79,9 @@ def test_imports_point_down(module, path):
     if target_package == own_package:
       continue
     assert layer_of(imported) < own, (
-        f"{module} (layer {own}) imports {imported} (layer {layer_of(imported)}): imports must "
-        "run commands → trainer → data/models → layers/augment")
+      f"{module} (layer {own}) imports {imported} (layer {layer_of(imported)}): imports must "
+      "run commands → trainer → data/models → layers/augment"
+    )
 
 
 def test_the_checker_sees_local_imports(tmp_path):

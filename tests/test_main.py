@@ -1,5 +1,6 @@
 """main.py end to end in real subprocesses: resume after SIGTERM and SIGKILL (also mid-
 evaluation and mid-checkpoint-write), eval, bad input."""
+
 import json
 import os
 import re
@@ -15,12 +16,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 150
 # A small model that still learns visibly in 150 steps (no mixing, higher learning rate).
-TINY = ["--config", "configs/digits.py", "--config.model_overrides.dim=64",
-        "--config.model_overrides.depth=2", "--config.model_overrides.num_heads=4",
-        "--config.num_devices=1", "--config.batch_size=32", f"--config.num_train_steps={STEPS}",
-        "--config.checkpoint_every_steps=25", "--config.eval_every_steps=50",
-        "--config.log_every_steps=25", "--config.optimizer.warmup_epochs=0",
-        "--config.optimizer.learning_rate=3e-3", "--config.mixing.prob=0"]
+TINY = [
+  "--config",
+  "configs/digits.py",
+  "--config.model_overrides.dim=64",
+  "--config.model_overrides.depth=2",
+  "--config.model_overrides.num_heads=4",
+  "--config.num_devices=1",
+  "--config.batch_size=32",
+  f"--config.num_train_steps={STEPS}",
+  "--config.checkpoint_every_steps=25",
+  "--config.eval_every_steps=50",
+  "--config.log_every_steps=25",
+  "--config.optimizer.warmup_epochs=0",
+  "--config.optimizer.learning_rate=3e-3",
+  "--config.mixing.prob=0",
+]
 
 
 def main_cmd(workdir, *extra):
@@ -28,8 +39,9 @@ def main_cmd(workdir, *extra):
 
 
 def run_main(workdir, *extra, timeout=300):
-  return subprocess.run(main_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    main_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def final_params(workdir):
@@ -58,6 +70,7 @@ def assert_same_params(a, b):
 
 def jax_leaves(tree):
   import jax
+
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -96,16 +109,18 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
   result = run_main(workdir, "--mode=eval")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"top1 {summary['final_top1']:.4f}" in result.stdout
-  result = run_main(workdir, "--mode=eval",
-                    f"--checkpoint={workdir}/checkpoints/{summary['best_step']}")
+  result = run_main(
+    workdir, "--mode=eval", f"--checkpoint={workdir}/checkpoints/{summary['best_step']}"
+  )
   assert f"top1 {summary['best_top1']:.4f}" in result.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_run_resumes_to_identical_parameters(uninterrupted, tmp_path, sig):
   workdir = str(tmp_path)
-  proc = subprocess.Popen(main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   wait_for_checkpoint(proc, workdir, 50)
   proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
@@ -149,11 +164,13 @@ def test_three_runs_write_per_run_summary_and_eval_mode_evaluates_each(uninterru
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_three_runs_resume_after_a_signal_to_identical_parameters(uninterrupted_runs, tmp_path,
-                                                                  sig):
+def test_three_runs_resume_after_a_signal_to_identical_parameters(
+  uninterrupted_runs, tmp_path, sig
+):
   workdir = str(tmp_path)
-  proc = subprocess.Popen(main_cmd(workdir, *RUNS), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    main_cmd(workdir, *RUNS), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   wait_for_checkpoint(proc, workdir, 25)
   proc.send_signal(sig)
   out, err = proc.communicate(timeout=120)
@@ -177,18 +194,28 @@ def test_three_runs_resume_after_a_signal_to_identical_parameters(uninterrupted_
 # (LKCA_TEST_HOLD point, signal): the run is held there (train._StopSignal.hold_for_tests)
 # until the signal lands. After starting the asynchronous save of step 50, the hold keeps
 # that write unfinished.
-AWKWARD_MOMENTS = [("eval:50", signal.SIGTERM), ("save:50", signal.SIGTERM),
-                   ("save:50", signal.SIGKILL)]
+AWKWARD_MOMENTS = [
+  ("eval:50", signal.SIGTERM),
+  ("save:50", signal.SIGTERM),
+  ("save:50", signal.SIGKILL),
+]
 
 
-@pytest.mark.parametrize("hold, sig", AWKWARD_MOMENTS,
-                         ids=["SIGTERM-in-eval", "SIGTERM-in-async-save", "SIGKILL-in-save"])
-def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(uninterrupted, tmp_path,
-                                                                    hold, sig):
+@pytest.mark.parametrize(
+  "hold, sig", AWKWARD_MOMENTS, ids=["SIGTERM-in-eval", "SIGTERM-in-async-save", "SIGKILL-in-save"]
+)
+def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(
+  uninterrupted, tmp_path, hold, sig
+):
   workdir, checkpoints = str(tmp_path), str(tmp_path / "checkpoints")
-  proc = subprocess.Popen(main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, LKCA_TEST_HOLD=hold))
+  proc = subprocess.Popen(
+    main_cmd(workdir),
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, LKCA_TEST_HOLD=hold),
+  )
   seen = []
   for line in proc.stderr:
     seen.append(line)
@@ -212,10 +239,14 @@ def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(uninterrupt
   resumed = run_main(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert re.search(rf"resumed from \S+/checkpoints/{resume_from}\n", resumed.stderr), (
-      resumed.stderr[-3000:])
+    resumed.stderr[-3000:]
+  )
   if sig == signal.SIGKILL:  # the unfinished write is kept aside, not deleted
-    assert re.search(r"checkpoints/50\.orbax-checkpoint-tmp\S* cannot be restored "
-                     r"\(unfinished-write", resumed.stderr)
+    assert re.search(
+      r"checkpoints/50\.orbax-checkpoint-tmp\S* cannot be restored "
+      r"\(unfinished-write",
+      resumed.stderr,
+    )
     assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "50-unfinished-write"))
   step, params = final_params(workdir)
   full_step, full_params = final_params(uninterrupted[0])
@@ -226,9 +257,15 @@ def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(uninterrupt
 # Bad config values are tested in tests/test_config_checks.py, bad flags and
 # config keys in tests/tools/test_cli.py; here: data that is not prepared.
 BAD_INPUTS = [
-    (["--config.dataset.name=cifar10", "--config.dataset.mean=(0.5,0.5,0.5)",
-      "--config.dataset.std=(0.5,0.5,0.5)", "--config.dataset.download=False"],
-     "--config.dataset.data_dir"),
+  (
+    [
+      "--config.dataset.name=cifar10",
+      "--config.dataset.mean=(0.5,0.5,0.5)",
+      "--config.dataset.std=(0.5,0.5,0.5)",
+      "--config.dataset.download=False",
+    ],
+    "--config.dataset.data_dir",
+  ),
 ]
 
 
@@ -236,9 +273,15 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(tmp_path):
   procs = []
   for i, (flags, _) in enumerate(BAD_INPUTS):
     workdir = tmp_path / str(i)
-    procs.append(subprocess.Popen(
+    procs.append(
+      subprocess.Popen(
         main_cmd(workdir, *flags, f"--config.dataset.data_dir={tmp_path / 'empty'}"),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   for proc, (flags, message) in zip(procs, BAD_INPUTS, strict=True):
     out, err = proc.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -250,9 +293,13 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(tmp_path):
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   # A learning rate of 1e30 blows the weights up within a few steps.
-  result = run_main(str(tmp_path), "--config.optimizer.learning_rate=1e30",
-                    "--config.optimizer.warmup_epochs=0", "--config.checkpoint_every_steps=1",
-                    "--config.log_every_steps=1")
+  result = run_main(
+    str(tmp_path),
+    "--config.optimizer.learning_rate=1e30",
+    "--config.optimizer.warmup_epochs=0",
+    "--config.checkpoint_every_steps=1",
+    "--config.log_every_steps=1",
+  )
   assert result.returncode == 1
   line = result.stderr.strip().splitlines()[-1]
   assert "loss became non-finite at step" in line

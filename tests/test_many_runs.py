@@ -3,6 +3,7 @@
 Run k of a K-run process must be the single run with seed + k (and its swept
 values): the same loss at every step and the same parameters, to 1e-5.
 """
+
 import json
 import os
 import subprocess
@@ -22,10 +23,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 # Tiny, but with every random part of the recipe on: CutMix/Mixup (digits: prob 0.5),
 # stochastic depth (lkca_t: 0.1), crop augmentation, shuffled data order.
-TINY = {"model_overrides.dim": 32, "model_overrides.depth": 2, "model_overrides.num_heads": 2,
-        "batch_size": 32, "num_train_steps": STEPS, "num_devices": 1,
-        "eval_every_steps": 5, "log_every_steps": 5, "checkpoint_every_steps": 5,
-        "optimizer.warmup_epochs": 0}
+TINY = {
+  "model_overrides.dim": 32,
+  "model_overrides.depth": 2,
+  "model_overrides.num_heads": 2,
+  "batch_size": 32,
+  "num_train_steps": STEPS,
+  "num_devices": 1,
+  "eval_every_steps": 5,
+  "log_every_steps": 5,
+  "checkpoint_every_steps": 5,
+  "optimizer.warmup_epochs": 0,
+}
 
 
 def tiny(**overrides):
@@ -53,8 +62,14 @@ def assert_run_is_single(many_losses, many_params, k, single_losses, single_para
 @pytest.mark.parametrize("placement", ["device", "host"])
 def test_stacked_pipeline_gives_each_run_its_own_order_and_augmentation(placement):
   # Every per-image augmentation on, over a 2-device data axis.
-  config = tiny(num_devices=2, **{"dataset.placement": placement, "augment.autoaugment": "svhn",
-                                  "augment.random_erasing": 0.5})
+  config = tiny(
+    num_devices=2,
+    **{
+      "dataset.placement": placement,
+      "augment.autoaugment": "svhn",
+      "augment.random_erasing": 0.5,
+    },
+  )
   run = train.Run.prepare(config)
   keys = [train.run_keys(seed)[0] for seed in (3, 4)]
   many = pipeline_lib.from_config(config, run.spec, run.mesh, jnp.stack(keys))
@@ -67,8 +82,9 @@ def test_stacked_pipeline_gives_each_run_its_own_order_and_augmentation(placemen
     np.testing.assert_array_equal(np.asarray(order[k]), np.asarray(one_order))
     one_batch = one.train_batch(one_order, 70)
     np.testing.assert_array_equal(np.asarray(batch["label"][k]), np.asarray(one_batch["label"]))
-    np.testing.assert_allclose(np.asarray(batch["image"][k]), np.asarray(one_batch["image"]),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(batch["image"][k]), np.asarray(one_batch["image"]), rtol=0, atol=1e-6
+    )
   assert not np.array_equal(np.asarray(order[0]), np.asarray(order[1]))
 
 
@@ -84,9 +100,11 @@ def test_each_of_three_runs_reproduces_its_single_run():
 
 def test_a_sweep_run_reproduces_its_single_run_for_every_sweepable_key():
   # Every sweepable key off its default; the runs differ in the CutMix share.
-  sweep = ("optimizer.learning_rate=2e-3;optimizer.weight_decay=0.2;"
-           "model_overrides.drop_path_rate=0.3;label_smoothing=0.2;mixing.prob=0.9;"
-           "mixing.cutmix_prob=0.0,1.0")
+  sweep = (
+    "optimizer.learning_rate=2e-3;optimizer.weight_decay=0.2;"
+    "model_overrides.drop_path_rate=0.3;label_smoothing=0.2;mixing.prob=0.9;"
+    "mixing.cutmix_prob=0.0,1.0"
+  )
   losses, params, t = train_steps(tiny(sweep=sweep))
   assert set(t.specs[0].values) == set(config_checks.SWEEPABLE)
   assert [s.values["mixing.cutmix_prob"] for s in t.specs] == [0.0, 1.0]
@@ -97,15 +115,21 @@ def test_a_sweep_run_reproduces_its_single_run_for_every_sweepable_key():
 
 
 def test_runs_are_every_combination_times_the_seeds():
-  specs = train.run_specs(tiny(num_runs=2, seed=1,
-                               sweep="label_smoothing=0.0,0.1;optimizer.learning_rate=1e-3"))
+  specs = train.run_specs(
+    tiny(num_runs=2, seed=1, sweep="label_smoothing=0.0,0.1;optimizer.learning_rate=1e-3")
+  )
   assert [(s.seed, s.values["label_smoothing"]) for s in specs] == [
-      (1, 0.0), (2, 0.0), (1, 0.1), (2, 0.1)]
-  assert all(s.config.optimizer.learning_rate == 1e-3 and s.config.num_runs == 1
-             for s in specs)
+    (1, 0.0),
+    (2, 0.0),
+    (1, 0.1),
+    (2, 0.1),
+  ]
+  assert all(s.config.optimizer.learning_rate == 1e-3 and s.config.num_runs == 1 for s in specs)
 
 
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize(
+  "text, message",
+  [
     ("model_overrides.dim=32,64", "model_overrides.dim cannot be swept (it changes shapes"),
     ("batch_size=16,32", "batch_size cannot be swept"),
     ("bogus.key=1", "bogus.key cannot be swept (it is no config key)"),
@@ -113,7 +137,8 @@ def test_runs_are_every_combination_times_the_seeds():
     ("label_smoothing=0.1,x", "not a number"),
     ("label_smoothing=0.1,1.5", "label_smoothing must be a number in [0, 1)"),
     ("label_smoothing=0.1;label_smoothing=0.2", "named twice"),
-])
+  ],
+)
 def test_bad_sweeps_are_refused_with_the_reason(text, message):
   with pytest.raises(config_checks.ConfigError, match=None) as error:
     config_checks.validate(tiny(sweep=text))
@@ -121,12 +146,27 @@ def test_bad_sweeps_are_refused_with_the_reason(text, message):
 
 
 def test_bad_sweep_keys_exit_2_with_one_line(tmp_path):
-  cases = [("--config.sweep=model_overrides.depth=2,4", "model_overrides.depth cannot be swept"),
-           ("--config.sweep=dataset.name=digits", "dataset.name cannot be swept")]
-  procs = [subprocess.Popen([sys.executable, "main.py", "--config", "configs/digits.py", flag,
-                             f"--workdir={tmp_path / str(i)}"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for i, (flag, _) in enumerate(cases)]
+  cases = [
+    ("--config.sweep=model_overrides.depth=2,4", "model_overrides.depth cannot be swept"),
+    ("--config.sweep=dataset.name=digits", "dataset.name cannot be swept"),
+  ]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "main.py",
+        "--config",
+        "configs/digits.py",
+        flag,
+        f"--workdir={tmp_path / str(i)}",
+      ],
+      cwd=ROOT,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for i, (flag, _) in enumerate(cases)
+  ]
   for proc, (flag, message) in zip(procs, cases, strict=True):
     _, err = proc.communicate(timeout=300)
     lines = [line for line in err.strip().splitlines() if line.strip()]
@@ -138,8 +178,9 @@ def test_bad_sweep_keys_exit_2_with_one_line(tmp_path):
 
 def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   # Run 1's learning rate blows it up within a few steps; run 0 must not notice.
-  config = tiny(sweep="optimizer.learning_rate=1e-3,1e30", checkpoint_every_steps=1,
-                log_every_steps=1)
+  config = tiny(
+    sweep="optimizer.learning_rate=1e-3,1e30", checkpoint_every_steps=1, log_every_steps=1
+  )
   summary = train.train_and_evaluate(config, str(tmp_path))
   healthy, dead = summary["runs"]
   assert dead["values"] == {"optimizer.learning_rate": 1e30}
@@ -149,8 +190,7 @@ def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   # The survivor is exactly its single run; the dead one's parameters stay finite.
   single_losses, single_params, _ = train_steps(train.run_specs(config)[0].config)
   restored = train.checkpoint_lib.Checkpoints(tmp_path / "checkpoints", read_only=True)
-  state = restored.restore_latest(train.build_training(train.Run.prepare(config),
-                                                       config).state)[1]
+  state = restored.restore_latest(train.build_training(train.Run.prepare(config), config).state)[1]
   restored.close()
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_params), strict=True):
     np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b), rtol=0, atol=1e-5)
@@ -174,7 +214,11 @@ def test_summary_lists_every_run_with_mean_and_std_over_seeds(tmp_path):
   assert on_disk["runs"] == summary["runs"] and summary["num_runs"] == 4
   runs = summary["runs"]
   assert [(r["seed"], r["values"]["label_smoothing"]) for r in runs] == [
-      (3, 0.0), (4, 0.0), (3, 0.1), (4, 0.1)]
+    (3, 0.0),
+    (4, 0.0),
+    (3, 0.1),
+    (4, 0.1),
+  ]
   for r in runs:
     assert 0.0 <= r["final_top1"] <= r["best_top1"] <= 1.0 and r["died_at_step"] is None
     assert r["best_step"] in (5, 10)
@@ -212,6 +256,7 @@ def test_the_memory_check_says_how_many_runs_fit():
 def _one_run_share(config) -> int:
   """Bytes for a bit more than one of the config's runs: the compiled step's third, plus 40%."""
   many = train.build_training(train.Run.prepare(config), config)
-  lowered = many.compiled_step.lower(many.state, many.batch(0), many.train_key,
-                                     many.hparams, many.alive)
+  lowered = many.compiled_step.lower(
+    many.state, many.batch(0), many.train_key, many.hparams, many.alive
+  )
   return int(train.step_memory_bytes(lowered.compile()) / 3 * 1.4)

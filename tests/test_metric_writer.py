@@ -1,4 +1,5 @@
 """The TF-free TensorBoard writer: what it writes reads back with TensorBoard's own reader."""
+
 import glob
 import io
 import os
@@ -18,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def read_events(logdir):
   (path,) = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
   accumulator = event_accumulator.EventAccumulator(
-      path, size_guidance={event_accumulator.TENSORS: 0})  # 0: keep every event
+    path, size_guidance={event_accumulator.TENSORS: 0}
+  )  # 0: keep every event
   accumulator.Reload()
   return accumulator
 
@@ -39,9 +41,11 @@ def test_scalars_read_back_with_their_steps_and_values(tmp_path):
   assert [(s, v.item()) for s, v in values(events, "train_loss")] == [(5, 2.5), (10, 1.5)]
   assert [(s, v.item()) for s, v in values(events, "train_top1")] == [(5, 0.25)]
   assert [(s, v.item()) for s, v in values(events, "test_top1")] == [(10, 0.125)]
+
   # The same plugins tf.summary writes for: TensorBoard's dashboards find them.
   def plugin(tag):
     return events.SummaryMetadata(tag).plugin_data.plugin_name
+
   assert plugin("train_loss") == "scalars" and plugin("note") == "text"
   assert plugin("_hparams_/session_start_info") == "hparams"
   assert values(events, "note")[0][1].item() == b"hello"
@@ -55,22 +59,25 @@ def test_images_histograms_and_raw_tensors(tmp_path):
   writer.write_summaries(3, {"raw": np.arange(3)})
   writer.close()
   events = read_events(tmp_path)
-  (_, encoded), = values(events, "image")
+  ((_, encoded),) = values(events, "image")
   assert encoded[:2].tolist() == [b"5", b"4"] and len(encoded) == 3  # width, height, 1 png
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded[2]))), image)
   assert len(values(events, "grey")[0][1]) == 4
-  (step, histogram), = values(events, "weights")
+  ((step, histogram),) = values(events, "weights")
   assert step == 2 and histogram.shape == (5, 3) and histogram[:, 2].sum() == 10
   np.testing.assert_array_equal(values(events, "raw")[0][1], np.arange(3))
 
 
 def test_writer_and_clu_progress_never_import_tensorflow(tmp_path):
-  code = ("import sys; from lkca_jax import metric_writer; from clu import periodic_actions; "
-          f"w = metric_writer.create_default_writer({str(tmp_path)!r}); "
-          "w.write_scalars(1, {'loss': 1.0}); "
-          "periodic_actions.ReportProgress(num_train_steps=2, writer=w, every_steps=1)(1); "
-          "w.close(); print('tensorflow' in sys.modules)")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+  code = (
+    "import sys; from lkca_jax import metric_writer; from clu import periodic_actions; "
+    f"w = metric_writer.create_default_writer({str(tmp_path)!r}); "
+    "w.write_scalars(1, {'loss': 1.0}); "
+    "periodic_actions.ReportProgress(num_train_steps=2, writer=w, every_steps=1)(1); "
+    "w.close(); print('tensorflow' in sys.modules)"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["False"]

@@ -1,4 +1,5 @@
 """CutMix / Mixup: the mixed pixels, λ, and how often each happens."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,9 @@ def test_mixup_is_the_convex_combination():
 
 def test_clean_batches_are_untouched():
   images, labels = _batch()
-  out, ya, yb, lam = mix_batch(jax.random.key(0), images, labels, prob=0.0, cutmix_prob=0.5,
-                               cutmix_alpha=1.0, mixup_alpha=1.0)
+  out, ya, yb, lam = mix_batch(
+    jax.random.key(0), images, labels, prob=0.0, cutmix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=1.0
+  )
   np.testing.assert_array_equal(out, images)
   np.testing.assert_array_equal(ya, yb)
   assert float(lam) == 1.0
@@ -54,8 +56,13 @@ def test_clean_batches_are_untouched():
 def test_mixing_rates_match_the_recipe():
   """Half the batches are mixed; of those, half CutMix (a λ of pure box area) and half Mixup."""
   images, labels = _batch(8, 8)
-  fn = jax.jit(jax.vmap(lambda k: mix_batch(k, images, labels, prob=0.5, cutmix_prob=0.5,
-                                            cutmix_alpha=1.0, mixup_alpha=1.0)))
+  fn = jax.jit(
+    jax.vmap(
+      lambda k: mix_batch(
+        k, images, labels, prob=0.5, cutmix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=1.0
+      )
+    )
+  )
   n = 4000
   out, _, _, lam = fn(jax.random.split(jax.random.key(0), n))
   out, lam = np.asarray(out), np.asarray(lam)
@@ -79,5 +86,5 @@ def test_cutmix_box_area_tracks_lambda_and_stays_inside():
   for seed in range(200):
     y0, y1, x0, x1 = map(int, cutmix_box(jax.random.key(seed), 64, 64, jnp.float32(0.75)))
     if y0 > 0 and x0 > 0 and y1 < 64 and x1 < 64:
-      areas.append((y1 - y0) * (x1 - x0) / 64 ** 2)
+      areas.append((y1 - y0) * (x1 - x0) / 64**2)
   assert areas and abs(np.mean(areas) - 0.25) < 0.02

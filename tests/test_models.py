@@ -1,4 +1,5 @@
 """The pre-norm ViT family: preset parameter counts, init, stochastic depth, pooling, inputs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,19 +11,19 @@ from lkca_jax.models import PRESETS, count_params, create_model
 
 # `docs/reference.md` ("Presets"), typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
 PUBLISHED_PARAM_COUNTS = {
-    "vit_05m": (479_890, 490_780, 520_160),
-    "vit_1m": (1_060_674, 1_073_004, 1_106_288),
-    "vit_2m": (1_955_010, 1_973_100, 2_022_000),
-    "vit": (2_692_426, 2_709_796, 2_756_744),
-    "vit_4m": (3_951_298, 3_975_148, 4_039_664),
-    "vit_8m": (7_852_114, 7_880_284, 7_956_512),
-    "lkca_05m": (500_710, 509_800, 534_300),
-    "lkca_t": (1_027_611, 1_039_941, 1_073_225),
-    "lkca_2m": (2_030_515, 2_047_885, 2_094_833),
-    "lkca_b": (2_691_310, 2_710_300, 2_761_640),
-    "lkca_4m": (4_048_939, 4_071_169, 4_131_293),
-    "lkca_8m": (7_941_106, 7_968_736, 8_043_500),
-    "lkca_l": (12_528_190, 12_560_680, 12_648_620),
+  "vit_05m": (479_890, 490_780, 520_160),
+  "vit_1m": (1_060_674, 1_073_004, 1_106_288),
+  "vit_2m": (1_955_010, 1_973_100, 2_022_000),
+  "vit": (2_692_426, 2_709_796, 2_756_744),
+  "vit_4m": (3_951_298, 3_975_148, 4_039_664),
+  "vit_8m": (7_852_114, 7_880_284, 7_956_512),
+  "lkca_05m": (500_710, 509_800, 534_300),
+  "lkca_t": (1_027_611, 1_039_941, 1_073_225),
+  "lkca_2m": (2_030_515, 2_047_885, 2_094_833),
+  "lkca_b": (2_691_310, 2_710_300, 2_761_640),
+  "lkca_4m": (4_048_939, 4_071_169, 4_131_293),
+  "lkca_8m": (7_941_106, 7_968_736, 8_043_500),
+  "lkca_l": (12_528_190, 12_560_680, 12_648_620),
 }
 DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tiny_imagenet": (200, 64)}
 
@@ -32,8 +33,13 @@ BATCH = 4  # one batch size wherever it does not matter: eager ops compile once 
 
 
 def small_model(name="lkca_05m", *, image_size=16, num_classes=5, seed=0, **overrides):
-  return create_model(name, num_classes=num_classes, image_size=image_size,
-                      rngs=nnx.Rngs(seed), **{**SMALL, **overrides})
+  return create_model(
+    name,
+    num_classes=num_classes,
+    image_size=image_size,
+    rngs=nnx.Rngs(seed),
+    **{**SMALL, **overrides},
+  )
 
 
 def images(shape, seed=0, dtype=jnp.float32):
@@ -56,23 +62,29 @@ def rel_err(actual, expected) -> float:
 
 # --- parameter counts -------------------------------------------------------------------
 
+
 def test_presets_cover_the_published_table():
   assert set(PUBLISHED_PARAM_COUNTS) <= set(PRESETS)  # other presets (peer mixers) may exist
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAM_COUNTS))
 def test_preset_parameter_counts_match_the_published_ones(name):
-  for (num_classes, size), expected in zip(DATASETS.values(), PUBLISHED_PARAM_COUNTS[name],
-                                           strict=True):
-    model = nnx.eval_shape(lambda num_classes=num_classes, size=size: create_model(
-        name, num_classes=num_classes, image_size=size, rngs=nnx.Rngs(0)))
+  for (num_classes, size), expected in zip(
+    DATASETS.values(), PUBLISHED_PARAM_COUNTS[name], strict=True
+  ):
+    model = nnx.eval_shape(
+      lambda num_classes=num_classes, size=size: create_model(
+        name, num_classes=num_classes, image_size=size, rngs=nnx.Rngs(0)
+      )
+    )
     assert model.grid == (8, 8)  # patch 4 at 32×32, patch 8 at 64×64
     assert count_params(model) == expected, (name, num_classes, size)
 
 
 def test_vit_worked_check_per_component():
   model = nnx.eval_shape(
-      lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0)))
+    lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0))
+  )
   block = model.blocks[0]
   count = lambda module: count_params(module)  # noqa: E731
   assert count(block.norm1) + count(block.norm2) == 768
@@ -87,8 +99,9 @@ def test_vit_worked_check_per_component():
 
 
 def test_lkca_mixer_count_formula_in_a_preset():
-  model = nnx.eval_shape(lambda: create_model("lkca_2m", num_classes=10, image_size=32,
-                                              rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: create_model("lkca_2m", num_classes=10, image_size=32, rngs=nnx.Rngs(0))
+  )
   d, (h, w) = 192, model.grid
   for block in model.blocks:
     assert isinstance(block.mixer, LKCA)
@@ -96,6 +109,7 @@ def test_lkca_mixer_count_formula_in_a_preset():
 
 
 # --- init -------------------------------------------------------------------------------
+
 
 def test_linear_init_is_untruncated_xavier_normal_with_zero_bias():
   layer = linear(600, 400, rngs=nnx.Rngs(0))
@@ -139,12 +153,14 @@ def test_layer_norm_epsilon_is_1e_minus_5_numerically():
   norm = layer_norm(2, rngs=nnx.Rngs(0))
   a = 1e-3  # variance a² = 1e-6 is comparable with epsilon, so epsilon shows in the output
   out = np.asarray(norm(jnp.asarray([[a, -a]], jnp.float32)))
-  np.testing.assert_allclose(out, [[a / np.sqrt(a * a + 1e-5), -a / np.sqrt(a * a + 1e-5)]],
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    out, [[a / np.sqrt(a * a + 1e-5), -a / np.sqrt(a * a + 1e-5)]], rtol=1e-4
+  )
   assert abs(out[0, 0] - a / np.sqrt(a * a + 1e-6)) > 0.1  # eps 1e-6 would give 0.707
 
 
 # --- stochastic depth -------------------------------------------------------------------
+
 
 def test_drop_path_drops_whole_samples_at_the_rate():
   rate, batch = 0.25, 8000
@@ -160,8 +176,9 @@ def test_drop_path_drops_whole_samples_at_the_rate():
 
 
 def test_presets_use_rate_0_1_in_every_layer():
-  model = nnx.eval_shape(lambda: create_model("lkca_t", num_classes=10, image_size=32,
-                                              rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: create_model("lkca_t", num_classes=10, image_size=32, rngs=nnx.Rngs(0))
+  )
   rates = [(b.drop_path1.rate, b.drop_path2.rate) for b in model.blocks]
   assert rates == [(0.1, 0.1)] * 9  # no linear ramp
 
@@ -190,6 +207,7 @@ def test_stochastic_depth_train_and_eval():
 
 
 # --- pooling, patterns, prefix tokens ----------------------------------------------------
+
 
 def manual_forward_tokens(model, x):
   """The token sequence before pooling, built from the model's own pieces (eval mode)."""
@@ -243,17 +261,20 @@ def test_grid_mixer_skips_the_class_token():
   tokens = images((BATCH, 65, 16), seed=1)
   out = block(tokens, num_prefix=1)
   # Patch tokens: exactly the block without the prefix token.
-  np.testing.assert_allclose(np.asarray(out[:, 1:]), np.asarray(block(tokens[:, 1:])),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out[:, 1:]), np.asarray(block(tokens[:, 1:])), rtol=1e-6, atol=1e-6
+  )
   # Class token: its mixer branch is zero, only the MLP branch is added.
   cls = tokens[:, :1]
-  np.testing.assert_allclose(np.asarray(out[:, :1]), np.asarray(cls + block.mlp(block.norm2(cls))),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out[:, :1]), np.asarray(cls + block.mlp(block.norm2(cls))), rtol=1e-6, atol=1e-6
+  )
   logits = model(images((BATCH, 16, 16, 3)))
   assert logits.shape == (BATCH, 5) and np.isfinite(np.asarray(logits)).all()
 
 
 # --- inputs: batch, dtype, channels, shape ------------------------------------------------
+
 
 def test_batch_sizes_1_and_7():
   model = small_model()
@@ -295,16 +316,24 @@ def test_bfloat16_model():
 
 
 def test_single_channel_images():
-  model = create_model("lkca_05m", num_classes=5, image_size=16, channels=1, rngs=nnx.Rngs(0),
-                       **SMALL)
+  model = create_model(
+    "lkca_05m", num_classes=5, image_size=16, channels=1, rngs=nnx.Rngs(0), **SMALL
+  )
   assert model.patch_embed.kernel[...].shape == (2 * 2 * 1, 16)
   logits = model(images((BATCH, 16, 16, 1)))
   assert logits.shape == (BATCH, 5) and np.isfinite(np.asarray(logits)).all()
 
 
 def test_patchify_flattens_patches_as_p1_p2_c():
-  model = create_model("lkca_05m", num_classes=5, image_size=(4, 6), patch_size=2, channels=3,
-                       rngs=nnx.Rngs(0), **SMALL)
+  model = create_model(
+    "lkca_05m",
+    num_classes=5,
+    image_size=(4, 6),
+    patch_size=2,
+    channels=3,
+    rngs=nnx.Rngs(0),
+    **SMALL,
+  )
   x = np.arange(4 * 6 * 3, dtype=np.float32).reshape(1, 4, 6, 3)
   patches = np.asarray(model.patchify(jnp.asarray(x)))
   assert patches.shape == (1, 6, 12)
@@ -316,9 +345,16 @@ def test_non_square_images_in_every_view():
   outputs = {}
   for view in ["conv", "attention", "auto"]:
     for sharing in ["layer", "head", "channel"]:
-      model = create_model("lkca_05m", num_classes=5, image_size=(24, 40), patch_size=8,
-                           rngs=nnx.Rngs(0), dim=16, depth=2,
-                           mixer_options={"lkca": {"view": view, "kernel_sharing": sharing}})
+      model = create_model(
+        "lkca_05m",
+        num_classes=5,
+        image_size=(24, 40),
+        patch_size=8,
+        rngs=nnx.Rngs(0),
+        dim=16,
+        depth=2,
+        mixer_options={"lkca": {"view": view, "kernel_sharing": sharing}},
+      )
       assert model.grid == (3, 5)
       assert model.blocks[0].mixer.kernel[...].shape[-2:] == (5, 9)
       assert model.blocks[0].mixer.view == ("attention" if view == "auto" else view)
@@ -331,31 +367,64 @@ def test_non_square_images_in_every_view():
   assert np.isfinite(outputs["conv", "layer"]).all()
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=30, patch_size=4, rngs=nnx.Rngs(0)),
-     "not divisible by patch size 4"),
-    (lambda: create_model("lkca_xl", num_classes=5, image_size=32, rngs=nnx.Rngs(0)),
-     "unknown model preset 'lkca_xl'"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), mixer="conv"),
-     "unknown mixer 'conv'"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), width=64),
-     "unknown model override 'width'"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
-                          mixer=["lkca", "mhsa", "lkca"]),
-     "must repeat evenly over depth 8"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), pool="max"),
-     "pool must be"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
-                          mixer_options={"view": "conv"}),
-     "key mixer_options by mixer name"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
-                          mixer_options={"lkca": {"veiw": "conv"}}),
-     r"bad mixer_options for 'lkca': unknown option 'veiw'; valid options of 'lkca': "
-     r"\['kernel_init', 'kernel_sharing', 'view'\]"),
-    (lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0),
-                          mixer_options={"lkca": "conv"}),
-     r"mixer_options\['lkca'\] must map option names to values"),
-])
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (
+      lambda: create_model(
+        "lkca_05m", num_classes=5, image_size=30, patch_size=4, rngs=nnx.Rngs(0)
+      ),
+      "not divisible by patch size 4",
+    ),
+    (
+      lambda: create_model("lkca_xl", num_classes=5, image_size=32, rngs=nnx.Rngs(0)),
+      "unknown model preset 'lkca_xl'",
+    ),
+    (
+      lambda: create_model(
+        "lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), mixer="conv"
+      ),
+      "unknown mixer 'conv'",
+    ),
+    (
+      lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), width=64),
+      "unknown model override 'width'",
+    ),
+    (
+      lambda: create_model(
+        "lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), mixer=["lkca", "mhsa", "lkca"]
+      ),
+      "must repeat evenly over depth 8",
+    ),
+    (
+      lambda: create_model("lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), pool="max"),
+      "pool must be",
+    ),
+    (
+      lambda: create_model(
+        "lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), mixer_options={"view": "conv"}
+      ),
+      "key mixer_options by mixer name",
+    ),
+    (
+      lambda: create_model(
+        "lkca_05m",
+        num_classes=5,
+        image_size=32,
+        rngs=nnx.Rngs(0),
+        mixer_options={"lkca": {"veiw": "conv"}},
+      ),
+      r"bad mixer_options for 'lkca': unknown option 'veiw'; valid options of 'lkca': "
+      r"\['kernel_init', 'kernel_sharing', 'view'\]",
+    ),
+    (
+      lambda: create_model(
+        "lkca_05m", num_classes=5, image_size=32, rngs=nnx.Rngs(0), mixer_options={"lkca": "conv"}
+      ),
+      r"mixer_options\['lkca'\] must map option names to values",
+    ),
+  ],
+)
 def test_bad_configuration_raises_value_error(make, match):
   with pytest.raises(ValueError, match=match):
     make()

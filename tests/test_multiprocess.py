@@ -6,6 +6,7 @@ One 2-process x 4-device run is compared with 1 process x 8 devices and 1 x 1;
 the same run is interrupted by SIGTERM, by SIGKILL of one process, and started
 with a config that differs between processes.
 """
+
 import glob
 import json
 import os
@@ -22,14 +23,28 @@ from tests.test_main import ROOT, assert_same_params
 pytestmark = pytest.mark.multiprocess
 
 STEPS = 12
-TINY = ["--config", "configs/digits.py", "--config.model_overrides.dim=32",
-        "--config.model_overrides.depth=2", "--config.model_overrides.num_heads=2",
-        "--config.batch_size=32", f"--config.num_train_steps={STEPS}",
-        "--config.checkpoint_every_steps=4", "--config.eval_every_steps=6",
-        "--config.log_every_steps=1", "--config.optimizer.warmup_epochs=0",
-        "--config.mixing.prob=0"]
-LAUNCH = [sys.executable, "-m", "lkca_jax.tools.launch", "--processes=2",
-          "--devices_per_process=4", "--"]
+TINY = [
+  "--config",
+  "configs/digits.py",
+  "--config.model_overrides.dim=32",
+  "--config.model_overrides.depth=2",
+  "--config.model_overrides.num_heads=2",
+  "--config.batch_size=32",
+  f"--config.num_train_steps={STEPS}",
+  "--config.checkpoint_every_steps=4",
+  "--config.eval_every_steps=6",
+  "--config.log_every_steps=1",
+  "--config.optimizer.warmup_epochs=0",
+  "--config.mixing.prob=0",
+]
+LAUNCH = [
+  sys.executable,
+  "-m",
+  "lkca_jax.tools.launch",
+  "--processes=2",
+  "--devices_per_process=4",
+  "--",
+]
 
 
 def env(devices: int | None = None, **extra) -> dict:
@@ -48,8 +63,9 @@ def one_process_cmd(workdir, *extra):
 
 
 def start(cmd, **kwargs):
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **kwargs)
+  return subprocess.Popen(
+    cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+  )
 
 
 def finish(proc, timeout=300):
@@ -61,6 +77,7 @@ def train_losses(workdir) -> np.ndarray:
   """train_loss of every step, from the run's TensorBoard events."""
   from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.util import tensor_util
+
   losses = {}
   for path in glob.glob(os.path.join(workdir, "events.out.tfevents*")):
     for event in event_file_loader.EventFileLoader(path).Load():
@@ -77,13 +94,16 @@ def final_params(workdir):
   """
   import jax
   import orbax.checkpoint as ocp
+
   directory = os.path.join(workdir, "checkpoints")
   step = max(int(s) for s in os.listdir(directory) if s.isdigit())
   path = os.path.join(directory, str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
-                        checkpointer.metadata(path).item_metadata)
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+    checkpointer.metadata(path).item_metadata,
+  )
   return step, checkpointer.restore(path, target)["params"]
 
 
@@ -94,8 +114,10 @@ def runs(tmp_path_factory):
   two = start(two_process_cmd(root / "2x4"))
   rc, out = finish(two)
   assert rc == 0, out[-4000:]
-  singles = {name: start(one_process_cmd(root / name, *flags), env=env(devices))
-             for name, devices, flags in (("1x8", 8, []), ("1x1", 1, ["--config.num_devices=1"]))}
+  singles = {
+    name: start(one_process_cmd(root / name, *flags), env=env(devices))
+    for name, devices, flags in (("1x8", 8, []), ("1x1", 1, ["--config.num_devices=1"]))
+  }
   result = {"2x4": (str(root / "2x4"), out)}
   for name, proc in singles.items():
     rc, out = finish(proc)
@@ -125,19 +147,29 @@ def test_two_processes_train_as_one(runs):
 def test_outputs_and_logs_come_once(runs):
   workdir, out = runs["2x4"]
   assert len(glob.glob(os.path.join(workdir, "events.out.tfevents*"))) == 1
-  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json",
-                                         os.path.basename(glob.glob(f"{workdir}/events*")[0]),
-                                         "summary.json"]
+  assert sorted(os.listdir(workdir)) == [
+    "checkpoints",
+    "config.json",
+    os.path.basename(glob.glob(f"{workdir}/events*")[0]),
+    "summary.json",
+  ]
   assert out.count("final top1") == 1 and "[p0] lkca_t on digits: final top1" in out
   # The training log (train.py, the metric writer): process 0 only.
   ours = ("train.py:", "logging_writer.py:")
-  lines = {p: [line for line in out.splitlines() if line.startswith(f"[{p}] I")
-               and any(name in line for name in ours)] for p in ("p0", "p1")}
+  lines = {
+    p: [
+      line
+      for line in out.splitlines()
+      if line.startswith(f"[{p}] I") and any(name in line for name in ours)
+    ]
+    for p in ("p0", "p1")
+  }
   assert lines["p0"] and not lines["p1"], lines["p1"][:5]
 
 
 def launcher_children(proc):
   import psutil
+
   deadline = time.time() + 60
   while len(children := psutil.Process(proc.pid).children()) < 2:
     assert time.time() < deadline and proc.poll() is None
@@ -172,8 +204,9 @@ def test_sigterm_to_the_job_stops_every_process_at_one_step_and_resumes_exactly(
   step, params = final_params(str(tmp_path))
   assert step == STEPS
   assert_same_params(params, final_params(runs["2x4"][0])[1])
-  np.testing.assert_allclose(train_losses(str(tmp_path))[-4:], train_losses(runs["2x4"][0])[-4:],
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    train_losses(str(tmp_path))[-4:], train_losses(runs["2x4"][0])[-4:], rtol=1e-6, atol=1e-6
+  )
 
 
 def test_sigkill_of_one_process_ends_the_job_and_it_resumes(runs, tmp_path):
@@ -201,15 +234,26 @@ def test_sigkill_of_one_process_ends_the_job_and_it_resumes(runs, tmp_path):
 
 def test_processes_with_different_configs_fail_with_one_line(tmp_path):
   # Process 1 gets another learning rate through its environment-only override.
-  script = ("import os, sys, runpy; sys.argv = sys.argv[1:]; "
-            "sys.argv += ['--config.optimizer.learning_rate=0.5'] "
-            "if os.environ['JAX_PROCESS_ID'] == '1' else []; "
-            "runpy.run_path('main.py', run_name='__main__')")
-  cmd = [*LAUNCH, sys.executable, "-c", script, "main.py", "--multihost", *TINY,
-         f"--workdir={tmp_path}"]
+  script = (
+    "import os, sys, runpy; sys.argv = sys.argv[1:]; "
+    "sys.argv += ['--config.optimizer.learning_rate=0.5'] "
+    "if os.environ['JAX_PROCESS_ID'] == '1' else []; "
+    "runpy.run_path('main.py', run_name='__main__')"
+  )
+  cmd = [
+    *LAUNCH,
+    sys.executable,
+    "-c",
+    script,
+    "main.py",
+    "--multihost",
+    *TINY,
+    f"--workdir={tmp_path}",
+  ]
   rc, out = finish(start(cmd), timeout=120)
   assert rc == 2, out[-4000:]
   errors = [line for line in out.splitlines() if "error:" in line]
-  assert errors and all("the config of process 1 differs from process 0's" in line
-                        for line in errors), out[-4000:]
+  assert errors and all(
+    "the config of process 1 differs from process 0's" in line for line in errors
+  ), out[-4000:]
   assert not (tmp_path / "checkpoints").exists()

@@ -5,6 +5,7 @@ take GPU memory from JAX): a short `main.py` run on the Tiny-ImageNet fixture,
 prepared as array_record, must write its TensorBoard events and summary.json
 with no `tensorflow` module ever loaded.
 """
+
 import json
 import os
 import subprocess
@@ -31,19 +32,37 @@ runpy.run_path("main.py", run_name="__main__")
 
 def test_training_from_array_record_never_imports_tensorflow(tmp_path):
   data_dir = tmp_path / "tfds"
-  data.prepare("tiny_imagenet", data_dir=data_dir, manual_dir=manual_dir_with(tmp_path, FIXTURE),
-               file_format="array_record")
+  data.prepare(
+    "tiny_imagenet",
+    data_dir=data_dir,
+    manual_dir=manual_dir_with(tmp_path, FIXTURE),
+    file_format="array_record",
+  )
   wrapper, workdir = tmp_path / "run_main.py", tmp_path / "workdir"
   wrapper.write_text(WRAPPER)
   result = subprocess.run(
-      [sys.executable, str(wrapper), "--config", "configs/tinyimagenet.py",
-       f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
-       "--config.dataset.download=False", "--config.model=lkca_t",
-       "--config.model_overrides.dim=32", "--config.model_overrides.depth=1",
-       "--config.model_overrides.num_heads=2", "--config.num_devices=1",
-       "--config.batch_size=16", f"--config.num_train_steps={STEPS}",
-       "--config.log_every_steps=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      str(wrapper),
+      "--config",
+      "configs/tinyimagenet.py",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.dataset.download=False",
+      "--config.model=lkca_t",
+      "--config.model_overrides.dim=32",
+      "--config.model_overrides.depth=1",
+      "--config.model_overrides.num_heads=2",
+      "--config.num_devices=1",
+      "--config.batch_size=16",
+      f"--config.num_train_steps={STEPS}",
+      "--config.log_every_steps=1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1] == "tensorflow modules: []", result.stdout
 
@@ -51,12 +70,14 @@ def test_training_from_array_record_never_imports_tensorflow(tmp_path):
   assert summary["step"] == STEPS and summary["dataset"] == "tiny_imagenet"
   assert (summary["train_images"], summary["test_images"]) == (48, 20)
   (events_file,) = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
-  events = event_accumulator.EventAccumulator(str(workdir / events_file),
-                                              size_guidance={event_accumulator.TENSORS: 0})
+  events = event_accumulator.EventAccumulator(
+    str(workdir / events_file), size_guidance={event_accumulator.TENSORS: 0}
+  )
   events.Reload()
 
   def scalars(tag):
     return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
+
   assert [step for step, _ in scalars("train_loss")] == list(range(1, STEPS + 1))
   ((step, top1),) = scalars("test_top1")
   assert step == STEPS and abs(top1 - summary["final_top1"]) < 1e-6

@@ -1,4 +1,5 @@
 """The trainer in-process: schedule, devices, config validation."""
+
 import jax
 import numpy as np
 import pytest
@@ -20,8 +21,13 @@ def tiny_digits(**overrides):
 
 def test_default_config_is_the_reference_recipe():
   c = default.get_config()
-  assert (c.optimizer.learning_rate, c.optimizer.b1, c.optimizer.b2, c.optimizer.eps,
-          c.optimizer.weight_decay) == (1e-3, 0.9, 0.999, 1e-8, 0.05)
+  assert (
+    c.optimizer.learning_rate,
+    c.optimizer.b1,
+    c.optimizer.b2,
+    c.optimizer.eps,
+    c.optimizer.weight_decay,
+  ) == (1e-3, 0.9, 0.999, 1e-8, 0.05)
   assert (c.batch_size, c.num_epochs, c.repeats, c.optimizer.warmup_epochs) == (128, 100, 3, 10)
   assert (c.label_smoothing, c.mixing.prob, c.mixing.cutmix_prob) == (0.1, 0.5, 0.5)
   assert (c.augment.random_erasing, c.augment.crop_padding, c.seed) == (0.25, 4, 0)
@@ -76,5 +82,6 @@ def test_eight_devices_match_one_device():
   eight, params_eight = _losses(8)
   assert np.all(np.isfinite(one)) and one[0] > one[-1] - 5  # real, finite losses
   np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params_one, params_eight)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_one, params_eight
+  )

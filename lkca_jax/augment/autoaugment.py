@@ -6,6 +6,7 @@ with its own probability (random.random() < p, as in the reference). The ops
 and their magnitudes are the table ops.OPS (docs/reference.md, "AutoAugment
 policies").
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,48 +32,51 @@ def _parse(text: str) -> tuple:
 
 # Transcribed from docs/reference.md, "AutoAugment policies", in its order.
 POLICIES = {
-    "cifar10": _parse(
-        "0.1 Invert 7, 0.2 Contrast 6; 0.7 Rotate 2, 0.3 TranslateX 9;"
-        "0.8 Sharpness 1, 0.9 Sharpness 3; 0.5 ShearY 8, 0.7 TranslateY 9;"
-        "0.5 AutoContrast 8, 0.9 Equalize 2; 0.2 ShearY 7, 0.3 Posterize 7;"
-        "0.4 Color 3, 0.6 Brightness 7; 0.3 Sharpness 9, 0.7 Brightness 9;"
-        "0.6 Equalize 5, 0.5 Equalize 1; 0.6 Contrast 7, 0.6 Sharpness 5;"
-        "0.7 Color 7, 0.5 TranslateX 8; 0.3 Equalize 7, 0.4 AutoContrast 8;"
-        "0.4 TranslateY 3, 0.2 Sharpness 6; 0.9 Brightness 6, 0.2 Color 8;"
-        "0.5 Solarize 2, 0.0 Invert 3; 0.2 Equalize 0, 0.6 AutoContrast 0;"
-        "0.2 Equalize 8, 0.6 Equalize 4; 0.9 Color 9, 0.6 Equalize 6;"
-        "0.8 AutoContrast 4, 0.2 Solarize 8; 0.1 Brightness 3, 0.7 Color 0;"
-        "0.4 Solarize 5, 0.9 AutoContrast 3; 0.9 TranslateY 9, 0.7 TranslateY 9;"
-        "0.9 AutoContrast 2, 0.8 Solarize 3; 0.8 Equalize 8, 0.1 Invert 3;"
-        "0.7 TranslateY 9, 0.9 AutoContrast 1"),
-    "svhn": _parse(
-        "0.9 ShearX 4, 0.2 Invert 3; 0.9 ShearY 8, 0.7 Invert 5;"
-        "0.6 Equalize 5, 0.6 Solarize 6; 0.9 Invert 3, 0.6 Equalize 3;"
-        "0.6 Equalize 1, 0.9 Rotate 3; 0.9 ShearX 4, 0.8 AutoContrast 3;"
-        "0.9 ShearY 8, 0.4 Invert 5; 0.9 ShearY 5, 0.2 Solarize 6;"
-        "0.9 Invert 6, 0.8 AutoContrast 1; 0.6 Equalize 3, 0.9 Rotate 3;"
-        "0.9 ShearX 4, 0.3 Solarize 3; 0.8 ShearY 8, 0.7 Invert 4;"
-        "0.9 Equalize 5, 0.6 TranslateY 6; 0.9 Invert 4, 0.6 Equalize 7;"
-        "0.3 Contrast 3, 0.8 Rotate 4; 0.8 Invert 5, 0.0 TranslateY 2;"
-        "0.7 ShearY 6, 0.4 Solarize 8; 0.6 Invert 4, 0.8 Rotate 4;"
-        "0.3 ShearY 7, 0.9 TranslateX 3; 0.1 ShearX 6, 0.6 Invert 5;"
-        "0.7 Solarize 2, 0.6 TranslateY 7; 0.8 ShearY 4, 0.8 Invert 8;"
-        "0.7 ShearX 9, 0.8 TranslateY 3; 0.8 ShearY 5, 0.7 AutoContrast 3;"
-        "0.7 ShearX 2, 0.1 Invert 5"),
-    "imagenet": _parse(
-        "0.4 Posterize 8, 0.6 Rotate 9; 0.6 Solarize 5, 0.6 AutoContrast 5;"
-        "0.8 Equalize 8, 0.6 Equalize 3; 0.6 Posterize 7, 0.6 Posterize 6;"
-        "0.4 Equalize 7, 0.2 Solarize 4; 0.4 Equalize 4, 0.8 Rotate 8;"
-        "0.6 Solarize 3, 0.6 Equalize 7; 0.8 Posterize 5, 1.0 Equalize 2;"
-        "0.2 Rotate 3, 0.6 Solarize 8; 0.6 Equalize 8, 0.4 Posterize 6;"
-        "0.8 Rotate 8, 0.4 Color 0; 0.4 Rotate 9, 0.6 Equalize 2;"
-        "0.0 Equalize 7, 0.8 Equalize 8; 0.6 Invert 4, 1.0 Equalize 8;"
-        "0.6 Color 4, 1.0 Contrast 8; 0.8 Rotate 8, 1.0 Color 2;"
-        "0.8 Color 8, 0.8 Solarize 7; 0.4 Sharpness 7, 0.6 Invert 8;"
-        "0.6 ShearX 5, 1.0 Equalize 9; 0.4 Color 0, 0.6 Equalize 3;"
-        "0.4 Equalize 7, 0.2 Solarize 4; 0.6 Solarize 5, 0.6 AutoContrast 5;"
-        "0.6 Invert 4, 1.0 Equalize 8; 0.6 Color 4, 1.0 Contrast 8;"
-        "0.8 Equalize 8, 0.6 Equalize 3"),
+  "cifar10": _parse(
+    "0.1 Invert 7, 0.2 Contrast 6; 0.7 Rotate 2, 0.3 TranslateX 9;"
+    "0.8 Sharpness 1, 0.9 Sharpness 3; 0.5 ShearY 8, 0.7 TranslateY 9;"
+    "0.5 AutoContrast 8, 0.9 Equalize 2; 0.2 ShearY 7, 0.3 Posterize 7;"
+    "0.4 Color 3, 0.6 Brightness 7; 0.3 Sharpness 9, 0.7 Brightness 9;"
+    "0.6 Equalize 5, 0.5 Equalize 1; 0.6 Contrast 7, 0.6 Sharpness 5;"
+    "0.7 Color 7, 0.5 TranslateX 8; 0.3 Equalize 7, 0.4 AutoContrast 8;"
+    "0.4 TranslateY 3, 0.2 Sharpness 6; 0.9 Brightness 6, 0.2 Color 8;"
+    "0.5 Solarize 2, 0.0 Invert 3; 0.2 Equalize 0, 0.6 AutoContrast 0;"
+    "0.2 Equalize 8, 0.6 Equalize 4; 0.9 Color 9, 0.6 Equalize 6;"
+    "0.8 AutoContrast 4, 0.2 Solarize 8; 0.1 Brightness 3, 0.7 Color 0;"
+    "0.4 Solarize 5, 0.9 AutoContrast 3; 0.9 TranslateY 9, 0.7 TranslateY 9;"
+    "0.9 AutoContrast 2, 0.8 Solarize 3; 0.8 Equalize 8, 0.1 Invert 3;"
+    "0.7 TranslateY 9, 0.9 AutoContrast 1"
+  ),
+  "svhn": _parse(
+    "0.9 ShearX 4, 0.2 Invert 3; 0.9 ShearY 8, 0.7 Invert 5;"
+    "0.6 Equalize 5, 0.6 Solarize 6; 0.9 Invert 3, 0.6 Equalize 3;"
+    "0.6 Equalize 1, 0.9 Rotate 3; 0.9 ShearX 4, 0.8 AutoContrast 3;"
+    "0.9 ShearY 8, 0.4 Invert 5; 0.9 ShearY 5, 0.2 Solarize 6;"
+    "0.9 Invert 6, 0.8 AutoContrast 1; 0.6 Equalize 3, 0.9 Rotate 3;"
+    "0.9 ShearX 4, 0.3 Solarize 3; 0.8 ShearY 8, 0.7 Invert 4;"
+    "0.9 Equalize 5, 0.6 TranslateY 6; 0.9 Invert 4, 0.6 Equalize 7;"
+    "0.3 Contrast 3, 0.8 Rotate 4; 0.8 Invert 5, 0.0 TranslateY 2;"
+    "0.7 ShearY 6, 0.4 Solarize 8; 0.6 Invert 4, 0.8 Rotate 4;"
+    "0.3 ShearY 7, 0.9 TranslateX 3; 0.1 ShearX 6, 0.6 Invert 5;"
+    "0.7 Solarize 2, 0.6 TranslateY 7; 0.8 ShearY 4, 0.8 Invert 8;"
+    "0.7 ShearX 9, 0.8 TranslateY 3; 0.8 ShearY 5, 0.7 AutoContrast 3;"
+    "0.7 ShearX 2, 0.1 Invert 5"
+  ),
+  "imagenet": _parse(
+    "0.4 Posterize 8, 0.6 Rotate 9; 0.6 Solarize 5, 0.6 AutoContrast 5;"
+    "0.8 Equalize 8, 0.6 Equalize 3; 0.6 Posterize 7, 0.6 Posterize 6;"
+    "0.4 Equalize 7, 0.2 Solarize 4; 0.4 Equalize 4, 0.8 Rotate 8;"
+    "0.6 Solarize 3, 0.6 Equalize 7; 0.8 Posterize 5, 1.0 Equalize 2;"
+    "0.2 Rotate 3, 0.6 Solarize 8; 0.6 Equalize 8, 0.4 Posterize 6;"
+    "0.8 Rotate 8, 0.4 Color 0; 0.4 Rotate 9, 0.6 Equalize 2;"
+    "0.0 Equalize 7, 0.8 Equalize 8; 0.6 Invert 4, 1.0 Equalize 8;"
+    "0.6 Color 4, 1.0 Contrast 8; 0.8 Rotate 8, 1.0 Color 2;"
+    "0.8 Color 8, 0.8 Solarize 7; 0.4 Sharpness 7, 0.6 Invert 8;"
+    "0.6 ShearX 5, 1.0 Equalize 9; 0.4 Color 0, 0.6 Equalize 3;"
+    "0.4 Equalize 7, 0.2 Solarize 4; 0.6 Solarize 5, 0.6 AutoContrast 5;"
+    "0.6 Invert 4, 1.0 Equalize 8; 0.6 Color 4, 1.0 Contrast 8;"
+    "0.8 Equalize 8, 0.6 Equalize 3"
+  ),
 }
 
 
@@ -84,8 +88,7 @@ def policy_arrays(policy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """
   if isinstance(policy, str):
     if policy not in POLICIES:
-      raise ValueError(f"unknown AutoAugment policy {policy!r}; "
-                       f"use one of {sorted(POLICIES)}")
+      raise ValueError(f"unknown AutoAugment policy {policy!r}; use one of {sorted(POLICIES)}")
     policy = POLICIES[policy]
   probabilities, op_indices, magnitudes = [], [], []
   for subpolicy in policy:
@@ -101,8 +104,11 @@ def policy_arrays(policy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     magnitudes.append([m for _, _, m in subpolicy])
   if not probabilities:
     raise ValueError("a policy needs at least one sub-policy")
-  return (np.asarray(probabilities, np.float32), np.asarray(op_indices, np.int32),
-          np.asarray(magnitudes, np.int32))
+  return (
+    np.asarray(probabilities, np.float32),
+    np.asarray(op_indices, np.int32),
+    np.asarray(magnitudes, np.int32),
+  )
 
 
 @functools.partial(jax.jit, static_argnames="policy")
@@ -135,6 +141,5 @@ def apply_policy(rng, image, policy):
     op_index, magnitude, sign_key = op
     return ops.apply_op(sign_key, image, op_index, magnitude), None
 
-  image, _ = jax.lax.scan(apply_one, image,
-                          (op_indices, jnp.asarray(magnitudes)[index], sign_keys))
+  image, _ = jax.lax.scan(apply_one, image, (op_indices, jnp.asarray(magnitudes)[index], sign_keys))
   return image

@@ -18,6 +18,7 @@ an FMA rounds differently. Factors are split into two 12-bit halves
 (`_split`), so every product is exact and eager, jit and vmap agree bit for
 bit (on CPU this is tested; PIL itself rounds without FMA).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ FILL = 128  # the reference's fillcolor (128, 128, 128)
 def _check_image(image) -> jax.Array:
   image = jnp.asarray(image)
   if image.ndim != 3 or image.dtype != jnp.uint8:
-    raise ValueError(f"expected a uint8 (H, W, C) image, got {image.dtype} "
-                     f"{image.shape}; convert with .astype(np.uint8)")
+    raise ValueError(
+      f"expected a uint8 (H, W, C) image, got {image.dtype} "
+      f"{image.shape}; convert with .astype(np.uint8)"
+    )
   return image
 
 
@@ -145,10 +148,12 @@ _CUBIC_STEPS = 4096
 @functools.cache
 def _cubic_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   d = (np.arange(_CUBIC_STEPS, dtype=np.float64) / _CUBIC_STEPS)[:, None]
-  weights = np.concatenate([-d + 2 * d**2 - d**3, 1 - 2 * d**2 + d**3,
-                            d + d**2 - d**3, -d**2 + d**3], axis=-1)
-  slopes = np.concatenate([-1 + 4 * d - 3 * d**2, -4 * d + 3 * d**2,
-                           1 + 2 * d - 3 * d**2, -2 * d + 3 * d**2], axis=-1)
+  weights = np.concatenate(
+    [-d + 2 * d**2 - d**3, 1 - 2 * d**2 + d**3, d + d**2 - d**3, -(d**2) + d**3], axis=-1
+  )
+  slopes = np.concatenate(
+    [-1 + 4 * d - 3 * d**2, -4 * d + 3 * d**2, 1 + 2 * d - 3 * d**2, -2 * d + 3 * d**2], axis=-1
+  )
   slopes = slopes.astype(np.float32)
   slopes_hi = (slopes.view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
   return weights.astype(np.float32), slopes_hi, slopes - slopes_hi
@@ -159,8 +164,7 @@ def _cubic_weights(fraction):
   scaled = fraction * _CUBIC_STEPS  # exact: a power of two
   step = jnp.floor(scaled)
   rest = jnp.floor((scaled - step) * 4096) / (4096 * _CUBIC_STEPS)  # 12 bits
-  weights, slopes_hi, slopes_lo = (jnp.asarray(t)[step.astype(jnp.int32)]
-                                   for t in _cubic_tables())
+  weights, slopes_hi, slopes_lo = (jnp.asarray(t)[step.astype(jnp.int32)] for t in _cubic_tables())
   rest = rest[..., None]
   return (weights + slopes_hi * rest) + slopes_lo * rest
 
@@ -182,19 +186,19 @@ def shear_x(image, factor, fill=FILL):
   w_hi, w_lo = _split(_cubic_weights(fraction))  # (H, 4) each
   base = jnp.arange(width)[None, :] + whole.astype(jnp.int32)[:, None]
   rows = jnp.arange(height)[:, None]
-  taps = [image[rows, jnp.clip(base + offset, 0, width - 1)].astype(jnp.float32)
-          for offset in (-1, 0, 1, 2)]
+  taps = [
+    image[rows, jnp.clip(base + offset, 0, width - 1)].astype(jnp.float32)
+    for offset in (-1, 0, 1, 2)
+  ]
   # centre + sum of w * (tap - centre): exact where the taps are equal, as in
   # PIL's Horner form, and every product is exact; fixed summation order.
   total = taps[1]
   for tap in (0, 2, 3):
     difference = taps[tap] - taps[1]
-    total = total + (w_hi[:, None, tap, None] * difference
-                     + w_lo[:, None, tap, None] * difference)
+    total = total + (w_hi[:, None, tap, None] * difference + w_lo[:, None, tap, None] * difference)
   position = _centres(width)[None, :] + shift[:, None]
   inside = (position >= 0) & (position < width)
-  return jnp.where(inside[..., None], _to_uint8(total),
-                   _fill_value(fill, channels))
+  return jnp.where(inside[..., None], _to_uint8(total), _fill_value(fill, channels))
 
 
 @functools.partial(jax.jit, static_argnames="fill")
@@ -214,8 +218,7 @@ def _grey(image):
   if image.shape[-1] != 3:
     raise ValueError(f"colour ops need C = 3 or 1, got shape {image.shape}")
   rgb = image.astype(jnp.int32)
-  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471
-          + 0x8000) >> 16
+  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
   return luma[..., None]
 
 
@@ -263,7 +266,7 @@ def _smooth(image):
   total = 4 * pixels[1:-1, 1:-1]
   for dy in range(3):
     for dx in range(3):
-      total = total + pixels[dy:height - 2 + dy, dx:width - 2 + dx]
+      total = total + pixels[dy : height - 2 + dy, dx : width - 2 + dx]
   inner = ((2 * total + 13) // 26).astype(jnp.uint8)
   return image.at[1:-1, 1:-1].set(inner)
 
@@ -331,8 +334,7 @@ def equalize(image):
   image = _check_image(image)
   channels = image.shape[-1]
   pixels = image.astype(jnp.int32).reshape(-1, channels)
-  counts = jnp.zeros((channels, 256), jnp.int32).at[
-      jnp.arange(channels)[None, :], pixels].add(1)
+  counts = jnp.zeros((channels, 256), jnp.int32).at[jnp.arange(channels)[None, :], pixels].add(1)
   top = jnp.max(pixels, axis=0)  # the last non-empty bin
   last_count = counts[jnp.arange(channels), top]
   step = ((pixels.shape[0] - last_count) // 255)[:, None]
@@ -376,6 +378,7 @@ class Op:
   height, width)` turns the (10,) values into fn's arguments after the image,
   each a (10,) array, so fn(image, *arguments) is the op at each magnitude.
   """
+
   name: str
   magnitude_range: tuple[float, float]  # the values at m = 0 and m = 9
   signed: bool
@@ -401,22 +404,21 @@ class Op:
 # which get a random sign (Rotate has none in the reference). An op's index in
 # this table is its index in apply_op's switch and in the policies' arrays.
 OPS = (
-    Op("ShearX", (0.0, 0.3), True, shear_x, _as_is),
-    Op("ShearY", (0.0, 0.3), True, shear_y, _as_is),
-    # Pixels: the fraction of the width for X, of the height for Y.
-    Op("TranslateX", (0.0, 150 / 331), True, translate_x, lambda v, h, w: (v * w,)),
-    Op("TranslateY", (0.0, 150 / 331), True, translate_y, lambda v, h, w: (v * h,)),
-    Op("Rotate", (0.0, 30.0), False, rotate, _rotation),
-    Op("Color", (0.0, 0.9), True, color, _enhance_factor),
-    Op("Contrast", (0.0, 0.9), True, contrast, _enhance_factor),
-    Op("Sharpness", (0.0, 0.9), True, sharpness, _enhance_factor),
-    Op("Brightness", (0.0, 0.9), True, brightness, _enhance_factor),
-    Op("Posterize", (8.0, 4.0), False, posterize,
-       lambda v, h, w: (np.round(v),)),  # whole bits
-    Op("Solarize", (256.0, 0.0), False, solarize, _as_is),
-    Op("AutoContrast", (0.0, 0.0), False, autocontrast),
-    Op("Equalize", (0.0, 0.0), False, equalize),
-    Op("Invert", (0.0, 0.0), False, invert),
+  Op("ShearX", (0.0, 0.3), True, shear_x, _as_is),
+  Op("ShearY", (0.0, 0.3), True, shear_y, _as_is),
+  # Pixels: the fraction of the width for X, of the height for Y.
+  Op("TranslateX", (0.0, 150 / 331), True, translate_x, lambda v, h, w: (v * w,)),
+  Op("TranslateY", (0.0, 150 / 331), True, translate_y, lambda v, h, w: (v * h,)),
+  Op("Rotate", (0.0, 30.0), False, rotate, _rotation),
+  Op("Color", (0.0, 0.9), True, color, _enhance_factor),
+  Op("Contrast", (0.0, 0.9), True, contrast, _enhance_factor),
+  Op("Sharpness", (0.0, 0.9), True, sharpness, _enhance_factor),
+  Op("Brightness", (0.0, 0.9), True, brightness, _enhance_factor),
+  Op("Posterize", (8.0, 4.0), False, posterize, lambda v, h, w: (np.round(v),)),  # whole bits
+  Op("Solarize", (256.0, 0.0), False, solarize, _as_is),
+  Op("AutoContrast", (0.0, 0.0), False, autocontrast),
+  Op("Equalize", (0.0, 0.0), False, equalize),
+  Op("Invert", (0.0, 0.0), False, invert),
 )
 OPS_BY_NAME = {op.name: op for op in OPS}
 if len(OPS_BY_NAME) != len(OPS):
@@ -440,7 +442,7 @@ def parameter_table(height: int, width: int) -> np.ndarray:
   table = np.zeros((2, NUM_OPS + 1, NUM_MAGNITUDES, NUM_ARGUMENTS), np.float64)
   for negative in (0, 1):
     for index, op in enumerate(OPS):
-      table[negative, index, :, :op.arity] = op.argument_values(bool(negative), height, width)
+      table[negative, index, :, : op.arity] = op.argument_values(bool(negative), height, width)
   return table.astype(np.float32)
 
 

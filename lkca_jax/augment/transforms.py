@@ -8,6 +8,7 @@ vmap, and augment_batch gives each image what augment_image gives it for the
 same key (bit for bit on CPU; see augment_batch). The benchmark and the
 preview read the stages from STAGES too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ class AugmentConfig:
   The defaults switch every random step off (scale and normalise only);
   mean and std (per channel, of [0, 1] images) have no default.
   """
+
   mean: tuple[float, ...]
   std: tuple[float, ...]
   flip: bool = False
@@ -66,8 +68,9 @@ class AugmentConfig:
     set_("mean", _floats("mean", self.mean))
     set_("std", _floats("std", self.std))
     if len(self.mean) != len(self.std) or not self.mean:
-      raise ValueError(f"mean and std need one value per channel, got "
-                       f"mean={self.mean}, std={self.std}")
+      raise ValueError(
+        f"mean and std need one value per channel, got mean={self.mean}, std={self.std}"
+      )
     if min(self.std) <= 0:
       raise ValueError(f"std must be positive, got {self.std}")
     set_("flip", bool(self.flip))
@@ -77,8 +80,10 @@ class AugmentConfig:
     if isinstance(self.autoaugment, str) and self.autoaugment.lower() == "none":
       set_("autoaugment", None)
     if self.autoaugment is not None and self.autoaugment not in autoaugment_lib.POLICIES:
-      raise ValueError(f"autoaugment must be one of {sorted(autoaugment_lib.POLICIES)} "
-                       f"or None, got {self.autoaugment!r}")
+      raise ValueError(
+        f"autoaugment must be one of {sorted(autoaugment_lib.POLICIES)} "
+        f"or None, got {self.autoaugment!r}"
+      )
     set_("random_erasing", float(self.random_erasing))
     if not 0.0 <= self.random_erasing <= 1.0:
       raise ValueError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
@@ -91,8 +96,10 @@ class AugmentConfig:
     if not 0.0 < low <= high:
       raise ValueError(f"erasing_aspect needs 0 < low <= high, got {self.erasing_aspect}")
     if self.erasing_aspect_sampling not in ASPECT_SAMPLINGS:
-      raise ValueError(f"erasing_aspect_sampling must be one of {ASPECT_SAMPLINGS}, got "
-                       f"{self.erasing_aspect_sampling!r}")
+      raise ValueError(
+        f"erasing_aspect_sampling must be one of {ASPECT_SAMPLINGS}, got "
+        f"{self.erasing_aspect_sampling!r}"
+      )
     attempts = self.erasing_attempts
     if isinstance(attempts, bool) or int(attempts) != attempts or attempts < 1:
       raise ValueError(f"erasing_attempts must be a whole number >= 1, got {attempts!r}")
@@ -116,16 +123,19 @@ class AugmentConfig:
       raise ValueError(f"unknown augment key(s) {unknown}; known keys are {sorted(known)}")
     missing = sorted({"mean", "std"} - set(values))
     if missing:
-      raise ValueError(f"augment config lacks {missing}; pass them, e.g. "
-                       "from_config(config.augment, mean=..., std=...)")
+      raise ValueError(
+        f"augment config lacks {missing}; pass them, e.g. "
+        "from_config(config.augment, mean=..., std=...)"
+      )
     return cls(**values)
 
 
 def _statistics(values, channels, name) -> np.ndarray:
   values = np.asarray(values, np.float64)
   if values.ndim != 1 or values.shape[0] not in (1, channels):
-    raise ValueError(f"{name} has {values.size} values for {channels}-channel "
-                     f"images; give 1 or {channels}")
+    raise ValueError(
+      f"{name} has {values.size} values for {channels}-channel images; give 1 or {channels}"
+    )
   return values
 
 
@@ -136,8 +146,9 @@ def normalize(images, mean, std):
   """
   images = jnp.asarray(images)
   if images.dtype != jnp.uint8:
-    raise ValueError(f"normalize expects uint8 images, got {images.dtype}; "
-                     "convert with .astype(np.uint8)")
+    raise ValueError(
+      f"normalize expects uint8 images, got {images.dtype}; convert with .astype(np.uint8)"
+    )
   channels = images.shape[-1]
   offset = (255 * _statistics(mean, channels, "mean")).astype(np.float32)
   scale = (255 * _statistics(std, channels, "std")).astype(np.float32)
@@ -160,8 +171,17 @@ def random_crop(rng, image, padding):
   return lax.dynamic_slice(padded, (top, left, 0), (height, width, channels))
 
 
-def erasing_box(rng, height, width, probability, area=(0.02, 0.4), aspect=ERASING_ASPECT, *,
-                sampling="uniform", attempts=ERASING_ATTEMPTS):
+def erasing_box(
+  rng,
+  height,
+  width,
+  probability,
+  area=(0.02, 0.4),
+  aspect=ERASING_ASPECT,
+  *,
+  sampling="uniform",
+  attempts=ERASING_ATTEMPTS,
+):
   """The reference's RandomErasing box, all attempts drawn at once.
 
   Returns (erase, top, left, box_height, box_width). An attempt draws an area
@@ -178,9 +198,10 @@ def erasing_box(rng, height, width, probability, area=(0.02, 0.4), aspect=ERASIN
   warp = math.log if sampling == "log_uniform" else float
   low = [area[0] * height * width] * attempts + [warp(aspect[0])] * attempts + [0.0] * 3
   high = [area[1] * height * width] * attempts + [warp(aspect[1])] * attempts + [1.0] * 3
-  draws = jax.random.uniform(rng, (2 * attempts + 3,), minval=jnp.asarray(low),
-                             maxval=jnp.asarray(high))
-  target, ratio = draws[:attempts], draws[attempts:2 * attempts]
+  draws = jax.random.uniform(
+    rng, (2 * attempts + 3,), minval=jnp.asarray(low), maxval=jnp.asarray(high)
+  )
+  target, ratio = draws[:attempts], draws[attempts : 2 * attempts]
   if sampling == "log_uniform":
     ratio = jnp.exp(ratio)
   box_heights = jnp.round(jnp.sqrt(target * ratio)).astype(jnp.int32)
@@ -188,17 +209,26 @@ def erasing_box(rng, height, width, probability, area=(0.02, 0.4), aspect=ERASIN
   fits = (box_heights < height) & (box_widths < width)
   first = jnp.argmax(fits)
   box_height, box_width = box_heights[first], box_widths[first]
-  apply, top, left = draws[2 * attempts:]
+  apply, top, left = draws[2 * attempts :]
   erase = (apply < probability) & jnp.any(fits)
-  top = jnp.minimum(jnp.floor(top * (height - box_height + 1)).astype(jnp.int32),
-                    height - box_height)  # uniform in 0 .. H - h
-  left = jnp.minimum(jnp.floor(left * (width - box_width + 1)).astype(jnp.int32),
-                     width - box_width)
+  top = jnp.minimum(
+    jnp.floor(top * (height - box_height + 1)).astype(jnp.int32), height - box_height
+  )  # uniform in 0 .. H - h
+  left = jnp.minimum(jnp.floor(left * (width - box_width + 1)).astype(jnp.int32), width - box_width)
   return erase, top, left, box_height, box_width
 
 
-def random_erasing(rng, image, probability, area=(0.02, 0.4), aspect=ERASING_ASPECT, *,
-                   fill=0.0, sampling="uniform", attempts=ERASING_ATTEMPTS):
+def random_erasing(
+  rng,
+  image,
+  probability,
+  area=(0.02, 0.4),
+  aspect=ERASING_ASPECT,
+  *,
+  fill=0.0,
+  sampling="uniform",
+  attempts=ERASING_ATTEMPTS,
+):
   """Fills a random box of a normalised float (H, W, C) image with `fill`, with probability p.
 
   `fill` is one value or one per channel. The reference writes the dataset mean
@@ -208,11 +238,13 @@ def random_erasing(rng, image, probability, area=(0.02, 0.4), aspect=ERASING_ASP
   """
   height, width, channels = image.shape
   erase, top, left, box_height, box_width = erasing_box(
-      rng, height, width, probability, area, aspect, sampling=sampling, attempts=attempts)
+    rng, height, width, probability, area, aspect, sampling=sampling, attempts=attempts
+  )
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
-  inside = ((rows >= top) & (rows < top + box_height)
-            & (cols >= left) & (cols < left + box_width) & erase)
+  inside = (
+    (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width) & erase
+  )
   values = np.broadcast_to(np.asarray(fill, np.float32), (channels,))
   return jnp.where(inside[..., None], jnp.asarray(values, image.dtype), image)
 
@@ -251,9 +283,16 @@ def _normalize(key, images, cfg):
 
 def _erase(key, image, cfg):
   fill = cfg.mean if cfg.erasing_fill == "mean" else 0.0
-  return random_erasing(key, image, cfg.random_erasing, cfg.erasing_area, cfg.erasing_aspect,
-                        fill=fill, sampling=cfg.erasing_aspect_sampling,
-                        attempts=cfg.erasing_attempts)
+  return random_erasing(
+    key,
+    image,
+    cfg.random_erasing,
+    cfg.erasing_area,
+    cfg.erasing_aspect,
+    fill=fill,
+    sampling=cfg.erasing_aspect_sampling,
+    attempts=cfg.erasing_attempts,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +306,7 @@ class Stage:
   key of every image's key, whether it is on or not, so one step's randomness
   does not depend on which others are on; a keyless one gets None.
   """
+
   name: str
   apply: Callable[..., jax.Array]
   _: dataclasses.KW_ONLY
@@ -298,15 +338,26 @@ class Stage:
 
 
 STAGES = (
-    Stage("flip", _flip, switch="flip", off=False, description="random flip"),
-    Stage("crop", _crop, switch="crop_padding", off=0,
-          description="pad-{cfg.crop_padding} random crop"),
-    Stage("autoaugment", _autoaugment, switch="autoaugment", off=None,
-          apply_batch=_autoaugment_batch, description="AutoAugment ({cfg.autoaugment})"),
-    Stage("normalize", _normalize, keyed=False, apply_batch=_normalize,
-          description="normalise"),
-    Stage("random_erasing", _erase, switch="random_erasing", off=0.0,
-          description="random erasing p={cfg.random_erasing:g}"),
+  Stage("flip", _flip, switch="flip", off=False, description="random flip"),
+  Stage(
+    "crop", _crop, switch="crop_padding", off=0, description="pad-{cfg.crop_padding} random crop"
+  ),
+  Stage(
+    "autoaugment",
+    _autoaugment,
+    switch="autoaugment",
+    off=None,
+    apply_batch=_autoaugment_batch,
+    description="AutoAugment ({cfg.autoaugment})",
+  ),
+  Stage("normalize", _normalize, keyed=False, apply_batch=_normalize, description="normalise"),
+  Stage(
+    "random_erasing",
+    _erase,
+    switch="random_erasing",
+    off=0.0,
+    description="random erasing p={cfg.random_erasing:g}",
+  ),
 )
 NUM_KEYS = sum(stage.keyed for stage in STAGES)  # keys split from each image's key
 
@@ -319,7 +370,8 @@ def enabled_stages(cfg: AugmentConfig) -> tuple[Stage, ...]:
 def stages_off(cfg: AugmentConfig) -> AugmentConfig:
   """cfg with every switchable stage off: normalisation only."""
   return dataclasses.replace(
-      cfg, **{stage.switch: stage.off for stage in STAGES if stage.switch is not None})
+    cfg, **{stage.switch: stage.off for stage in STAGES if stage.switch is not None}
+  )
 
 
 def _apply_stages(stage_keys, images, cfg: AugmentConfig, batched: bool):
@@ -336,8 +388,10 @@ def augment_image(rng, image, cfg: AugmentConfig):
   """One uint8 (H, W, C) image (C = 3 or 1) -> float32 (H, W, C), through STAGES."""
   image = jnp.asarray(image)
   if image.ndim != 3 or image.dtype != jnp.uint8:
-    raise ValueError(f"augment_image expects one uint8 (H, W, C) image, got "
-                     f"{image.dtype} {image.shape}; use augment_batch for (B, H, W, C)")
+    raise ValueError(
+      f"augment_image expects one uint8 (H, W, C) image, got "
+      f"{image.dtype} {image.shape}; use augment_batch for (B, H, W, C)"
+    )
   return _apply_stages(jax.random.split(rng, NUM_KEYS), image, cfg, batched=False)
 
 

@@ -4,6 +4,7 @@ The split is fixed: a stratified 80/20 `train_test_split(random_state=0)`, so
 train has 1,437 images and test 360. Pixel values 0..16 become uint8 by
 round(v * 255 / 16), so 16 maps to 255.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,11 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
 def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
+
   digits = load_digits()
   images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
-  train, test = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=0,
-                                 stratify=labels)
+  train, test = train_test_split(
+    np.arange(len(labels)), test_size=0.2, random_state=0, stratify=labels
+  )
   return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}

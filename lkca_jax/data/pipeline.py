@@ -19,6 +19,7 @@ a leading run axis: run k's orders and batches are those of a pipeline with
 key k alone (the same functions, vmapped over the keys); evaluation batches
 are shared.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,16 +49,20 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   devices = jax.devices()
   if num_devices:
     if num_devices > len(devices):
-      raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are "
-                       "visible; lower --config.num_devices")
+      raise ValueError(
+        f"num_devices={num_devices} but only {len(devices)} devices are "
+        "visible; lower --config.num_devices"
+      )
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def check_global_batch(global_batch: int, num_devices: int) -> None:
   if global_batch % num_devices:
-    raise ValueError(f"global batch {global_batch} is not divisible by {num_devices} devices; "
-                     "set --config.batch_size to a multiple of the device count")
+    raise ValueError(
+      f"global batch {global_batch} is not divisible by {num_devices} devices; "
+      "set --config.batch_size to a multiple of the device count"
+    )
 
 
 def subset(images: np.ndarray, labels: np.ndarray, *, num_classes: int, per_class: int = 0):
@@ -74,8 +79,9 @@ def subset(images: np.ndarray, labels: np.ndarray, *, num_classes: int, per_clas
 
 def augment_config(config) -> augment_lib.AugmentConfig:
   """The per-image augmentation of a run config, with its dataset's statistics."""
-  return augment_lib.AugmentConfig.from_config(config.augment, mean=config.dataset.mean,
-                                               std=config.dataset.std)
+  return augment_lib.AugmentConfig.from_config(
+    config.augment, mean=config.dataset.mean, std=config.dataset.std
+  )
 
 
 def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -> Pipeline:
@@ -86,13 +92,25 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
   """
   data = config.dataset
   kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
-  train = subset(*sources.load_split(spec.name, spec.train_split, **kwargs),
-                 num_classes=spec.num_classes, per_class=data.train_per_class)
-  test = subset(*sources.load_split(spec.name, spec.eval_split, **kwargs),
-                num_classes=spec.num_classes)
-  return Pipeline(mesh, train, test, global_batch=config.batch_size, repeats=config.repeats,
-                  augment=augment_config(config), key=key, placement=data.placement,
-                  epoch_order=config.epoch_order)
+  train = subset(
+    *sources.load_split(spec.name, spec.train_split, **kwargs),
+    num_classes=spec.num_classes,
+    per_class=data.train_per_class,
+  )
+  test = subset(
+    *sources.load_split(spec.name, spec.eval_split, **kwargs), num_classes=spec.num_classes
+  )
+  return Pipeline(
+    mesh,
+    train,
+    test,
+    global_batch=config.batch_size,
+    repeats=config.repeats,
+    augment=augment_config(config),
+    key=key,
+    placement=data.placement,
+    epoch_order=config.epoch_order,
+  )
 
 
 def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -107,11 +125,14 @@ def put_tree(tree, sharding: NamedSharding):
   Unlike jax.device_put, this also reaches the devices of other processes
   (each process supplies its own devices' copies).
   """
+
   def one(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding),
-                                      impl=jax.random.key_impl(x))
+      return jax.random.wrap_key_data(
+        put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x)
+      )
     return put(x, sharding)
+
   return jax.tree.map(one, tree)
 
 
@@ -130,6 +151,7 @@ def choose_placement(placement: str, nbytes: int) -> str:
 @dataclasses.dataclass
 class Split:
   """One split's uint8 images (N, H, W, C) and int32 labels, on device or host."""
+
   images: jax.Array | np.ndarray
   labels: jax.Array | np.ndarray
   on_device: bool
@@ -142,10 +164,19 @@ class Split:
 class Pipeline:
   """Produces sharded training and evaluation batches for one dataset."""
 
-  def __init__(self, mesh: Mesh, train: tuple[np.ndarray, np.ndarray],
-               test: tuple[np.ndarray, np.ndarray], *, global_batch: int, repeats: int,
-               augment: augment_lib.AugmentConfig, key: jax.Array, placement: str = "auto",
-               epoch_order: str = "independent"):
+  def __init__(
+    self,
+    mesh: Mesh,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    global_batch: int,
+    repeats: int,
+    augment: augment_lib.AugmentConfig,
+    key: jax.Array,
+    placement: str = "auto",
+    epoch_order: str = "independent",
+  ):
     check_global_batch(global_batch, mesh.devices.size)
     if epoch_order not in EPOCH_ORDERS:
       raise ValueError(f"epoch_order must be one of {EPOCH_ORDERS}, got {epoch_order!r}")
@@ -161,8 +192,9 @@ class Pipeline:
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     # What train batches are placed as: (K, batch, ...) with a run axis.
-    self.train_sharding = (self.batch_sharding if self.num_runs is None
-                           else NamedSharding(mesh, P(None, DATA_AXIS)))
+    self.train_sharding = (
+      self.batch_sharding if self.num_runs is None else NamedSharding(mesh, P(None, DATA_AXIS))
+    )
     nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
     self.placement = choose_placement(placement, nbytes)
     on_device = self.placement == "device"
@@ -170,21 +202,30 @@ class Pipeline:
     self.test = self._place(*test, on_device)
     self.steps_per_epoch = (repeats * self.train.size) // global_batch
     if self.steps_per_epoch == 0:
-      raise ValueError(f"{repeats} x {self.train.size} training images make no full batch of "
-                       f"{global_batch}; lower --config.batch_size")
+      raise ValueError(
+        f"{repeats} x {self.train.size} training images make no full batch of "
+        f"{global_batch}; lower --config.batch_size"
+      )
     self.eval_steps = -(-self.test.size // global_batch)
-    batch, order, gather, augment = (self.batch_sharding, self._order,
-                                     self._gather_and_augment, self._augment_images)
+    batch, order, gather, augment = (
+      self.batch_sharding,
+      self._order,
+      self._gather_and_augment,
+      self._augment_images,
+    )
     if self.num_runs is not None:  # the same functions, over the run axis of the keys
       order = jax.vmap(order, in_axes=(0, None))
       gather = jax.vmap(gather, in_axes=(0, None, None, 0, None, None))
       augment = jax.vmap(augment, in_axes=(0, 0, 0, None))
-    self._epoch_order = jax.jit(functools.partial(order, self.order_key),
-                                out_shardings=self.replicated)
-    self._gather_augment = jax.jit(functools.partial(gather, self.augment_key),
-                                   out_shardings=self.train_sharding)
-    self._augment = jax.jit(functools.partial(augment, self.augment_key),
-                            out_shardings=self.train_sharding)
+    self._epoch_order = jax.jit(
+      functools.partial(order, self.order_key), out_shardings=self.replicated
+    )
+    self._gather_augment = jax.jit(
+      functools.partial(gather, self.augment_key), out_shardings=self.train_sharding
+    )
+    self._augment = jax.jit(
+      functools.partial(augment, self.augment_key), out_shardings=self.train_sharding
+    )
     self._gather_eval = jax.jit(self._gather_and_normalize, out_shardings=batch)
     self._normalize = jax.jit(self._normalize_images, out_shardings=batch)
 
@@ -206,7 +247,8 @@ class Pipeline:
       copies = jnp.tile(jnp.arange(self.train.size, dtype=jnp.int32), self.repeats)
       return jax.random.permutation(key, copies)
     passes = jax.vmap(lambda k: jax.random.permutation(k, self.train.size))(
-        jax.random.split(key, self.repeats))
+      jax.random.split(key, self.repeats)
+    )
     return passes.reshape(-1).astype(jnp.int32)
 
   def epoch_order(self, epoch: int) -> jax.Array:
@@ -218,9 +260,12 @@ class Pipeline:
     # device on its own slice of the batch (AutoAugment loops over images on CPU,
     # and a loop over a sharded axis would otherwise gather the whole batch).
     keys = jax.random.split(jax.random.fold_in(augment_key, step), images.shape[0])
-    augment = jax.shard_map(lambda k, x: augment_lib.augment_with_keys(k, x, self.augment),
-                            mesh=self.mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
-                            out_specs=P(DATA_AXIS))
+    augment = jax.shard_map(
+      lambda k, x: augment_lib.augment_with_keys(k, x, self.augment),
+      mesh=self.mesh,
+      in_specs=(P(DATA_AXIS), P(DATA_AXIS)),
+      out_specs=P(DATA_AXIS),
+    )
     return {"image": augment(keys, images), "label": labels}
 
   def _gather_and_augment(self, augment_key, images, labels, order, step_in_epoch, step):
@@ -232,12 +277,14 @@ class Pipeline:
     """The augmented batch of global step `step`, given its epoch's `order` (of every run)."""
     step_in_epoch = step % self.steps_per_epoch
     if self.train.on_device:
-      return self._gather_augment(self.train.images, self.train.labels, order,
-                                  step_in_epoch, step)
+      return self._gather_augment(self.train.images, self.train.labels, order, step_in_epoch, step)
     start = step_in_epoch * self.global_batch
-    idx = np.asarray(order[..., start:start + self.global_batch])
-    return self._augment(put(self.train.images[idx], self.train_sharding),
-                         put(self.train.labels[idx], self.train_sharding), step)
+    idx = np.asarray(order[..., start : start + self.global_batch])
+    return self._augment(
+      put(self.train.images[idx], self.train_sharding),
+      put(self.train.labels[idx], self.train_sharding),
+      step,
+    )
 
   # --- evaluation -----------------------------------------------------------
   def _normalize_images(self, images):
@@ -258,6 +305,8 @@ class Pipeline:
         yield self._gather_eval(self.test.images, self.test.labels, k)
         continue
       idx, mask = self._eval_indices(k, self.test.size, np)
-      yield {"image": self._normalize(put(self.test.images[idx], self.batch_sharding)),
-             "label": put(self.test.labels[idx], self.batch_sharding),
-             "mask": put(mask, self.batch_sharding)}
+      yield {
+        "image": self._normalize(put(self.test.images[idx], self.batch_sharding)),
+        "label": put(self.test.labels[idx], self.batch_sharding),
+        "mask": put(mask, self.batch_sharding),
+      }

@@ -6,6 +6,7 @@ copy of that proto, so the records parse with protobuf alone; the image bytes
 libjpeg defaults (integer DCT, fancy upsampling), so the arrays equal those of
 the TensorFlow path pixel for pixel (tests/data/test_records.py).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -39,8 +40,10 @@ def decode_split(builder, split: str, shape: tuple[int, int, int]) -> tuple[np.n
 
   chunk = -(-len(records) // DECODE_THREADS) if records else 1
   with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
-    futures = [pool.submit(decode_range, start, min(start + chunk, len(records)))
-               for start in range(0, len(records), chunk)]
+    futures = [
+      pool.submit(decode_range, start, min(start + chunk, len(records)))
+      for start in range(0, len(records), chunk)
+    ]
     for future in futures:
       future.result()  # re-raises a decoding error
   return images, labels
@@ -48,9 +51,11 @@ def decode_split(builder, split: str, shape: tuple[int, int, int]) -> tuple[np.n
 
 def _decode_image(data: bytes, mode: str, shape: tuple[int, int, int]) -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   with Image.open(io.BytesIO(data)) as image:
     pixels = np.asarray(image if image.mode == mode else image.convert(mode))
   if pixels.shape[:2] != shape[:2]:
-    raise ValueError(f"an image is {pixels.shape[1]}x{pixels.shape[0]}, expected "
-                     f"{shape[1]}x{shape[0]}")
+    raise ValueError(
+      f"an image is {pixels.shape[1]}x{pixels.shape[0]}, expected {shape[1]}x{shape[0]}"
+    )
   return pixels.reshape(shape)

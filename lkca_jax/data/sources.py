@@ -17,6 +17,7 @@ the digits path) stays fast and TF-free. A split prepared as array_record (what
 from it never imports TF, which then serves only to prepare. A tfrecord split is
 decoded with tf.data.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,23 +57,56 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec("cifar10", 10, (32, 32), 3, "train", "test", "cifar10",
-                           tfds_module="lkca_jax.data.cifar",
-                           manual_files="cifar-10-binary.tar.gz or cifar-10-python.tar.gz"),
-    "cifar100": DatasetSpec("cifar100", 100, (32, 32), 3, "train", "test", "cifar100",
-                            tfds_module="lkca_jax.data.cifar",
-                            manual_files="cifar-100-binary.tar.gz or cifar-100-python.tar.gz"),
-    "svhn": DatasetSpec("svhn", 10, (32, 32), 3, "train", "test", "svhn_cropped",
-                        tfds_module="lkca_jax.data.svhn",
-                        manual_files="train_32x32.mat and test_32x32.mat",
-                        manual_note=" (extra_32x32.mat too for the extra split)"),
-    "tiny_imagenet": DatasetSpec("tiny_imagenet", 200, (64, 64), 3, "train", "validation",
-                                 "tiny_imagenet", tfds_module="lkca_jax.data.tiny_imagenet",
-                                 manual_files="tiny-imagenet-200.zip",
-                                 manual_note=" (or the zip that $LKCA_TINY_IMAGENET_ZIP names)"),
-    "digits": DatasetSpec("digits", 10, (8, 8), 1, "train", "test", None, loader=digits.load),
-    "synthetic_cifar": DatasetSpec("synthetic_cifar", 10, (32, 32), 3, "train", "test", None,
-                                   loader=synthetic.load),
+  "cifar10": DatasetSpec(
+    "cifar10",
+    10,
+    (32, 32),
+    3,
+    "train",
+    "test",
+    "cifar10",
+    tfds_module="lkca_jax.data.cifar",
+    manual_files="cifar-10-binary.tar.gz or cifar-10-python.tar.gz",
+  ),
+  "cifar100": DatasetSpec(
+    "cifar100",
+    100,
+    (32, 32),
+    3,
+    "train",
+    "test",
+    "cifar100",
+    tfds_module="lkca_jax.data.cifar",
+    manual_files="cifar-100-binary.tar.gz or cifar-100-python.tar.gz",
+  ),
+  "svhn": DatasetSpec(
+    "svhn",
+    10,
+    (32, 32),
+    3,
+    "train",
+    "test",
+    "svhn_cropped",
+    tfds_module="lkca_jax.data.svhn",
+    manual_files="train_32x32.mat and test_32x32.mat",
+    manual_note=" (extra_32x32.mat too for the extra split)",
+  ),
+  "tiny_imagenet": DatasetSpec(
+    "tiny_imagenet",
+    200,
+    (64, 64),
+    3,
+    "train",
+    "validation",
+    "tiny_imagenet",
+    tfds_module="lkca_jax.data.tiny_imagenet",
+    manual_files="tiny-imagenet-200.zip",
+    manual_note=" (or the zip that $LKCA_TINY_IMAGENET_ZIP names)",
+  ),
+  "digits": DatasetSpec("digits", 10, (8, 8), 1, "train", "test", None, loader=digits.load),
+  "synthetic_cifar": DatasetSpec(
+    "synthetic_cifar", 10, (32, 32), 3, "train", "test", None, loader=synthetic.load
+  ),
 }
 
 
@@ -99,8 +133,9 @@ def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool
   _check_manual_dir(spec, manual_dir)
 
 
-def load_split(name: str, split: str, *, data_dir=None, manual_dir=None,
-               download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+  name: str, split: str, *, data_dir=None, manual_dir=None, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images (N, H, W, C), int32 labels (N,)), decoded once.
 
   Prepares a TFDS dataset first (array_record) when it is missing and download=True.
@@ -119,17 +154,20 @@ def load_split(name: str, split: str, *, data_dir=None, manual_dir=None,
   return _decode_split(spec, builder, split)
 
 
-def prepare(name: str, *, data_dir=None, manual_dir=None,
-            file_format: str = "array_record") -> dict[str, int]:
+def prepare(
+  name: str, *, data_dir=None, manual_dir=None, file_format: str = "array_record"
+) -> dict[str, int]:
   """Prepares a TFDS dataset in data_dir from manual_dir, or by downloading; returns {split: size}.
 
   Raises DatasetUnavailableError, within seconds, when a needed download cannot happen.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   spec = get_spec(name)
   if spec.tfds_name is None:
-    raise ValueError(f"{name} is not a TFDS dataset and needs no preparing: "
-                     "load it with load_split")
+    raise ValueError(
+      f"{name} is not a TFDS dataset and needs no preparing: load it with load_split"
+    )
   _check_manual_dir(spec, manual_dir)
   config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
   data_dir = os.fspath(data_dir) if data_dir else None
@@ -151,6 +189,7 @@ def _manual_builder(spec: DatasetSpec, manual_dir, data_dir):
 
 def _builder(spec: DatasetSpec, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   if spec.tfds_module:
     importlib.import_module(spec.tfds_module)  # registers the builder with TFDS
   return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir else None)
@@ -162,17 +201,21 @@ def _is_prepared(builder) -> bool:
 
 
 def _unavailable_message(spec: DatasetSpec, builder) -> str:
-  return (f"dataset {spec.name} (TFDS {spec.tfds_name} {builder.version}) is not prepared in "
-          f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR "
-          f"where it is prepared, or --config.dataset.download=True to prepare it there (from "
-          f"--config.dataset.manual_dir=DIR holding {spec.manual_files}{spec.manual_note}; with "
-          f"no files there it downloads them)")
+  return (
+    f"dataset {spec.name} (TFDS {spec.tfds_name} {builder.version}) is not prepared in "
+    f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR "
+    f"where it is prepared, or --config.dataset.download=True to prepare it there (from "
+    f"--config.dataset.manual_dir=DIR holding {spec.manual_files}{spec.manual_note}; with "
+    f"no files there it downloads them)"
+  )
 
 
 def _offline_hint(spec: DatasetSpec) -> str:
-  return (f"to prepare it offline, put {spec.manual_files}{spec.manual_note} in a folder DIR "
-          "and pass --config.dataset.manual_dir=DIR (python -m lkca_jax.tools.prepare: "
-          "--manual_dir DIR)")
+  return (
+    f"to prepare it offline, put {spec.manual_files}{spec.manual_note} in a folder DIR "
+    "and pass --config.dataset.manual_dir=DIR (python -m lkca_jax.tools.prepare: "
+    "--manual_dir DIR)"
+  )
 
 
 def _check_manual_dir(spec: DatasetSpec, manual_dir) -> None:
@@ -195,8 +238,9 @@ def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) 
   for url in _pending_downloads(spec, builder):
     problem = unreachable(url)
     if problem:
-      raise DatasetUnavailableError(f"dataset {spec.name} cannot be downloaded: {problem}; "
-                                    f"{_offline_hint(spec)}")
+      raise DatasetUnavailableError(
+        f"dataset {spec.name} cannot be downloaded: {problem}; {_offline_hint(spec)}"
+      )
   try:
     with _bounded_retries():
       builder.download_and_prepare(download_config=config, file_format=file_format)
@@ -204,20 +248,24 @@ def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) 
     # TFDS's message spans lines; its first names the URL ("Artifact URL, downloaded to ...").
     url = str(e).split()[1].rstrip(",") if str(e).startswith("Artifact ") else "a file"
     raise DatasetUnavailableError(
-        f"dataset {spec.name}: the download of {url} has the wrong checksum (not the official "
-        f"file: a proxy or login page may have answered instead); {_offline_hint(spec)}") from None
+      f"dataset {spec.name}: the download of {url} has the wrong checksum (not the official "
+      f"file: a proxy or login page may have answered instead); {_offline_hint(spec)}"
+    ) from None
   except (requests.RequestException, download_util.DownloadError) as e:
     reason = " ".join(str(e).split())[:300]
-    raise DatasetUnavailableError(f"dataset {spec.name} download failed: {reason}; "
-                                  f"{_offline_hint(spec)}") from None
+    raise DatasetUnavailableError(
+      f"dataset {spec.name} download failed: {reason}; {_offline_hint(spec)}"
+    ) from None
 
 
 def _pending_downloads(spec: DatasetSpec, builder) -> list[str]:
   """The URLs preparing will fetch: all the builder's, less those TFDS already has locally."""
   from tensorflow_datasets.core.download import resource  # pylint: disable=import-outside-toplevel
+
   url_infos = type(builder).url_infos or {}
-  urls = list(url_infos) or list(getattr(importlib.import_module(spec.tfds_module), "URLS", ())
-                                  if spec.tfds_module else ())
+  urls = list(url_infos) or list(
+    getattr(importlib.import_module(spec.tfds_module), "URLS", ()) if spec.tfds_module else ()
+  )
   download_dir = os.path.join(os.fspath(builder.data_dir_root), "downloads")
   pending = []
   for url in urls:
@@ -226,8 +274,9 @@ def _pending_downloads(spec: DatasetSpec, builder) -> list[str]:
     if info:
       names.append(resource.get_dl_fname(url, info.checksum))
     # Where TFDS's download manager looks: its cache (per dataset, or flat) and downloads/manual.
-    candidates = [os.path.join(download_dir, folder, name)
-                  for folder in (builder.name, "") for name in names]
+    candidates = [
+      os.path.join(download_dir, folder, name) for folder in (builder.name, "") for name in names
+    ]
     if info and info.filename:
       candidates.append(os.path.join(download_dir, "manual", info.filename))
     if not any(os.path.exists(path) for path in candidates):
@@ -242,6 +291,7 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
   DNS lookups have no timeout of their own, so the attempt runs in a thread.
   """
   import requests  # pylint: disable=import-outside-toplevel
+
   parts = urllib.parse.urlsplit(url)
   host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
   via = ""
@@ -283,6 +333,7 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
 def _bounded_retries():
   """Caps TFDS's HTTP retries (10, with backoff: minutes) while we download."""
   from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
+
   saved = downloader.MAX_RETRIES
   downloader.MAX_RETRIES = min(saved, DOWNLOAD_RETRIES)
   try:
@@ -294,6 +345,7 @@ def _bounded_retries():
 def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """array_record: decoded without TensorFlow; tfrecord: with tf.data."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     images, labels = records.decode_split(builder, split, (*spec.image_size, spec.channels))
     _check_count(spec, builder, split, len(labels))
@@ -304,8 +356,10 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
 def _check_count(spec: DatasetSpec, builder, split: str, count: int) -> None:
   expected = builder.info.splits[split].num_examples
   if count != expected:
-    raise ValueError(f"{spec.name}/{split}: read {count} examples but the dataset info says "
-                     f"{expected}; prepare it again in a fresh --config.dataset.data_dir")
+    raise ValueError(
+      f"{spec.name}/{split}: read {count} examples but the dataset info says "
+      f"{expected}; prepare it again in a fresh --config.dataset.data_dir"
+    )
 
 
 def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -319,17 +373,28 @@ def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray
   if info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     # as_dataset cannot read array_record: take the raw records, parse them in tf.data.
     source = builder.as_data_source(
-        split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
     records = source.__getitems__(range(len(source)))
     # tf.constant first (from_tensor_slices on a list of 100k bytes takes seconds), then
     # parse whole batches: TFDS stores the image as bytes and the label as int64.
-    keys = {image_key: tf.io.FixedLenFeature([], tf.string),
-            label_key: tf.io.FixedLenFeature([], tf.int64)}
-    examples = (tf.data.Dataset.from_tensor_slices(tf.constant(records)).batch(1024)
-                .map(lambda batch: tf.io.parse_example(batch, keys)).unbatch())
+    keys = {
+      image_key: tf.io.FixedLenFeature([], tf.string),
+      label_key: tf.io.FixedLenFeature([], tf.int64),
+    }
+    examples = (
+      tf.data.Dataset.from_tensor_slices(tf.constant(records))
+      .batch(1024)
+      .map(lambda batch: tf.io.parse_example(batch, keys))
+      .unbatch()
+    )
   else:
-    examples = builder.as_dataset(split, decoders=decoders, shuffle_files=False,
-                                  read_config=tfds.ReadConfig(try_autocache=False))
+    examples = builder.as_dataset(
+      split,
+      decoders=decoders,
+      shuffle_files=False,
+      read_config=tfds.ReadConfig(try_autocache=False),
+    )
 
   shape = (*spec.image_size, spec.channels)
   decode = _image_decoder(info.features[image_key].encoding_format, spec.channels)
@@ -344,8 +409,8 @@ def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray
   labels = np.empty((count,), np.int32)
   start = 0
   for image_batch, label_batch in tfds.as_numpy(batches):
-    images[start:start + len(label_batch)] = image_batch
-    labels[start:start + len(label_batch)] = label_batch
+    images[start : start + len(label_batch)] = image_batch
+    labels[start : start + len(label_batch)] = label_batch
     start += len(label_batch)
   _check_count(spec, builder, split, start)
   return images, labels
@@ -353,6 +418,7 @@ def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray
 
 def _image_decoder(encoding_format: str | None, channels: int):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   if encoding_format == "jpeg":
     # INTEGER_ACCURATE is libjpeg's default, so pixels match PIL's decode of the same bytes.
     return lambda data: tf.io.decode_jpeg(data, channels=channels, dct_method="INTEGER_ACCURATE")

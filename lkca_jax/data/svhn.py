@@ -8,6 +8,7 @@ own example generator. `extra_32x32.mat` (1.3 GB, 531,131 images the
 training here does not use) adds the `extra` split when it is there too;
 without it the prepared copy has train and test only.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ def _files(manual_dir) -> dict[str, str]:
   """{split: path} of the .mat files present in manual_dir."""
   if manual_dir is None:
     return {}
-  paths = {split: os.path.join(os.fspath(manual_dir), name)
-           for split, name in {**REQUIRED, **OPTIONAL}.items()}
+  paths = {
+    split: os.path.join(os.fspath(manual_dir), name)
+    for split, name in {**REQUIRED, **OPTIONAL}.items()
+  }
   return {split: path for split, path in paths.items() if os.path.isfile(path)}
 
 
@@ -36,8 +39,10 @@ def manual_dir_problem(manual_dir, tfds_name: str = "svhn_cropped") -> str | Non
   del tfds_name
   missing = [name for split, name in REQUIRED.items() if split not in _files(manual_dir)]
   if missing:
-    return (f"--config.dataset.manual_dir={manual_dir} holds no {' and no '.join(missing)}: put "
-            f"the official {' and '.join(REQUIRED.values())} there")
+    return (
+      f"--config.dataset.manual_dir={manual_dir} holds no {' and no '.join(missing)}: put "
+      f"the official {' and '.join(REQUIRED.values())} there"
+    )
   return None
 
 
@@ -53,19 +58,24 @@ def manual_builder(tfds_name: str, manual_dir, data_dir):
 def _check_mat(path: str) -> None:
   """X (32, 32, 3, N) and y (N, 1) by the file's headers, before the catalog loads it whole."""
   from scipy import io as scipy_io  # pylint: disable=import-outside-toplevel
+
   try:
     shapes = {name: shape for name, shape, _ in scipy_io.whosmat(path)}
   except Exception as e:  # scipy raises IndexError, ValueError... on a file that is not MATLAB's
-    raise DatasetUnavailableError(f"{path} is not a MATLAB file ({e}): use the official "
-                                  f"{os.path.basename(path)}") from None
+    raise DatasetUnavailableError(
+      f"{path} is not a MATLAB file ({e}): use the official {os.path.basename(path)}"
+    ) from None
   x, y = shapes.get("X"), shapes.get("y")
   if x is None or y is None or tuple(x[:3]) != (32, 32, 3) or tuple(y) != (x[3], 1):
-    raise DatasetUnavailableError(f"{path} holds {shapes}, not X (32, 32, 3, N) and y (N, 1): "
-                                  f"use the official {os.path.basename(path)}")
+    raise DatasetUnavailableError(
+      f"{path} holds {shapes}, not X (32, 32, 3, N) and y (N, 1): "
+      f"use the official {os.path.basename(path)}"
+    )
 
 
 class ManualSvhnCropped(tfds_svhn.Builder, skip_registration=True):
   """TFDS `svhn_cropped` 3.1.0, prepared from the official .mat files."""
+
   name = "svhn_cropped"
   # The catalog's folder: its checksums, README and citation, not ours.
   code_path = tfds_svhn.Builder.code_path
@@ -80,8 +90,12 @@ class ManualSvhnCropped(tfds_svhn.Builder, skip_registration=True):
     for path in self._files.values():
       _check_mat(path)
     if "extra" not in self._files:
-      logging.warning("svhn_cropped: no %s in the manual dir, so the prepared copy has no "
-                      "'extra' split (training uses train and test)", OPTIONAL["extra"])
-    return [tfds.core.SplitGenerator(name=split,
-                                     gen_kwargs=dict(split_prefix=f"{split}_", filepath=path))
-            for split, path in self._files.items()]
+      logging.warning(
+        "svhn_cropped: no %s in the manual dir, so the prepared copy has no "
+        "'extra' split (training uses train and test)",
+        OPTIONAL["extra"],
+      )
+    return [
+      tfds.core.SplitGenerator(name=split, gen_kwargs=dict(split_prefix=f"{split}_", filepath=path))
+      for split, path in self._files.items()
+    ]

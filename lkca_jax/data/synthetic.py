@@ -6,6 +6,7 @@ every machine (numpy's PCG64 stream is platform-independent). The content is
 noise: good for timing the trainer (`python -m lkca_jax.tools.bench_step`) on a
 machine without TensorFlow, not for accuracy.
 """
+
 from __future__ import annotations
 
 import functools

@@ -11,6 +11,7 @@ JPEGs are stored byte for byte; the 1,989 grayscale ones are re-encoded as RGB
 JPEGs at quality 100 (3 equal channels, within 1 level of the original decode:
 measured over all 1,989).
 """
+
 from __future__ import annotations
 
 import io
@@ -31,35 +32,206 @@ _ROOT = "tiny-imagenet-200/"
 
 # wnids.txt of the official zip, in file order: the label of wnid WNIDS[i] is i.
 WNIDS = (
-    "n02124075", "n04067472", "n04540053", "n04099969", "n07749582", "n01641577", "n02802426",
-    "n09246464", "n07920052", "n03970156", "n03891332", "n02106662", "n03201208", "n02279972",
-    "n02132136", "n04146614", "n07873807", "n02364673", "n04507155", "n03854065", "n03838899",
-    "n03733131", "n01443537", "n07875152", "n03544143", "n09428293", "n03085013", "n02437312",
-    "n07614500", "n03804744", "n04265275", "n02963159", "n02486410", "n01944390", "n09256479",
-    "n02058221", "n04275548", "n02321529", "n02769748", "n02099712", "n07695742", "n02056570",
-    "n02281406", "n01774750", "n02509815", "n03983396", "n07753592", "n04254777", "n02233338",
-    "n04008634", "n02823428", "n02236044", "n03393912", "n07583066", "n04074963", "n01629819",
-    "n09332890", "n02481823", "n03902125", "n03404251", "n09193705", "n03637318", "n04456115",
-    "n02666196", "n03796401", "n02795169", "n02123045", "n01855672", "n01882714", "n02917067",
-    "n02988304", "n04398044", "n02843684", "n02423022", "n02669723", "n04465501", "n02165456",
-    "n03770439", "n02099601", "n04486054", "n02950826", "n03814639", "n04259630", "n03424325",
-    "n02948072", "n03179701", "n03400231", "n02206856", "n03160309", "n01984695", "n03977966",
-    "n03584254", "n04023962", "n02814860", "n01910747", "n04596742", "n03992509", "n04133789",
-    "n03937543", "n02927161", "n01945685", "n02395406", "n02125311", "n03126707", "n04532106",
-    "n02268443", "n02977058", "n07734744", "n03599486", "n04562935", "n03014705", "n04251144",
-    "n04356056", "n02190166", "n03670208", "n02002724", "n02074367", "n04285008", "n04560804",
-    "n04366367", "n02403003", "n07615774", "n04501370", "n03026506", "n02906734", "n01770393",
-    "n04597913", "n03930313", "n04118538", "n04179913", "n04311004", "n02123394", "n04070727",
-    "n02793495", "n02730930", "n02094433", "n04371430", "n04328186", "n03649909", "n04417672",
-    "n03388043", "n01774384", "n02837789", "n07579787", "n04399382", "n02791270", "n03089624",
-    "n02814533", "n04149813", "n07747607", "n03355925", "n01983481", "n04487081", "n03250847",
-    "n03255030", "n02892201", "n02883205", "n03100240", "n02415577", "n02480495", "n01698640",
-    "n01784675", "n04376876", "n03444034", "n01917289", "n01950731", "n03042490", "n07711569",
-    "n04532670", "n03763968", "n07768694", "n02999410", "n03617480", "n06596364", "n01768244",
-    "n02410509", "n03976657", "n01742172", "n03980874", "n02808440", "n02226429", "n02231487",
-    "n02085620", "n01644900", "n02129165", "n02699494", "n03837869", "n02815834", "n07720875",
-    "n02788148", "n02909870", "n03706229", "n07871810", "n03447447", "n02113799", "n12267677",
-    "n03662601", "n02841315", "n07715103", "n02504458",
+  "n02124075",
+  "n04067472",
+  "n04540053",
+  "n04099969",
+  "n07749582",
+  "n01641577",
+  "n02802426",
+  "n09246464",
+  "n07920052",
+  "n03970156",
+  "n03891332",
+  "n02106662",
+  "n03201208",
+  "n02279972",
+  "n02132136",
+  "n04146614",
+  "n07873807",
+  "n02364673",
+  "n04507155",
+  "n03854065",
+  "n03838899",
+  "n03733131",
+  "n01443537",
+  "n07875152",
+  "n03544143",
+  "n09428293",
+  "n03085013",
+  "n02437312",
+  "n07614500",
+  "n03804744",
+  "n04265275",
+  "n02963159",
+  "n02486410",
+  "n01944390",
+  "n09256479",
+  "n02058221",
+  "n04275548",
+  "n02321529",
+  "n02769748",
+  "n02099712",
+  "n07695742",
+  "n02056570",
+  "n02281406",
+  "n01774750",
+  "n02509815",
+  "n03983396",
+  "n07753592",
+  "n04254777",
+  "n02233338",
+  "n04008634",
+  "n02823428",
+  "n02236044",
+  "n03393912",
+  "n07583066",
+  "n04074963",
+  "n01629819",
+  "n09332890",
+  "n02481823",
+  "n03902125",
+  "n03404251",
+  "n09193705",
+  "n03637318",
+  "n04456115",
+  "n02666196",
+  "n03796401",
+  "n02795169",
+  "n02123045",
+  "n01855672",
+  "n01882714",
+  "n02917067",
+  "n02988304",
+  "n04398044",
+  "n02843684",
+  "n02423022",
+  "n02669723",
+  "n04465501",
+  "n02165456",
+  "n03770439",
+  "n02099601",
+  "n04486054",
+  "n02950826",
+  "n03814639",
+  "n04259630",
+  "n03424325",
+  "n02948072",
+  "n03179701",
+  "n03400231",
+  "n02206856",
+  "n03160309",
+  "n01984695",
+  "n03977966",
+  "n03584254",
+  "n04023962",
+  "n02814860",
+  "n01910747",
+  "n04596742",
+  "n03992509",
+  "n04133789",
+  "n03937543",
+  "n02927161",
+  "n01945685",
+  "n02395406",
+  "n02125311",
+  "n03126707",
+  "n04532106",
+  "n02268443",
+  "n02977058",
+  "n07734744",
+  "n03599486",
+  "n04562935",
+  "n03014705",
+  "n04251144",
+  "n04356056",
+  "n02190166",
+  "n03670208",
+  "n02002724",
+  "n02074367",
+  "n04285008",
+  "n04560804",
+  "n04366367",
+  "n02403003",
+  "n07615774",
+  "n04501370",
+  "n03026506",
+  "n02906734",
+  "n01770393",
+  "n04597913",
+  "n03930313",
+  "n04118538",
+  "n04179913",
+  "n04311004",
+  "n02123394",
+  "n04070727",
+  "n02793495",
+  "n02730930",
+  "n02094433",
+  "n04371430",
+  "n04328186",
+  "n03649909",
+  "n04417672",
+  "n03388043",
+  "n01774384",
+  "n02837789",
+  "n07579787",
+  "n04399382",
+  "n02791270",
+  "n03089624",
+  "n02814533",
+  "n04149813",
+  "n07747607",
+  "n03355925",
+  "n01983481",
+  "n04487081",
+  "n03250847",
+  "n03255030",
+  "n02892201",
+  "n02883205",
+  "n03100240",
+  "n02415577",
+  "n02480495",
+  "n01698640",
+  "n01784675",
+  "n04376876",
+  "n03444034",
+  "n01917289",
+  "n01950731",
+  "n03042490",
+  "n07711569",
+  "n04532670",
+  "n03763968",
+  "n07768694",
+  "n02999410",
+  "n03617480",
+  "n06596364",
+  "n01768244",
+  "n02410509",
+  "n03976657",
+  "n01742172",
+  "n03980874",
+  "n02808440",
+  "n02226429",
+  "n02231487",
+  "n02085620",
+  "n01644900",
+  "n02129165",
+  "n02699494",
+  "n03837869",
+  "n02815834",
+  "n07720875",
+  "n02788148",
+  "n02909870",
+  "n03706229",
+  "n07871810",
+  "n03447447",
+  "n02113799",
+  "n12267677",
+  "n03662601",
+  "n02841315",
+  "n07715103",
+  "n02504458",
 )
 
 
@@ -79,8 +251,10 @@ def manual_dir_problem(manual_dir, tfds_name: str = "tiny_imagenet") -> str | No
   """Why preparing from manual_dir cannot work, or None; checked before any download starts."""
   del tfds_name
   if find_zip(manual_dir) is None:
-    return (f"--config.dataset.manual_dir={manual_dir} holds no {ZIP_NAME}: put the official zip "
-            f"there, or set ${ZIP_ENV} to its path")
+    return (
+      f"--config.dataset.manual_dir={manual_dir} holds no {ZIP_NAME}: put the official zip "
+      f"there, or set ${ZIP_ENV} to its path"
+    )
   return None
 
 
@@ -95,6 +269,7 @@ def manual_builder(tfds_name: str, manual_dir, data_dir):
 def _as_rgb_jpeg(data: bytes) -> bytes:
   """JPEG bytes with 3 channels: RGB files pass through untouched (fast, lossless)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   with Image.open(io.BytesIO(data)) as image:
     if image.mode == "RGB":
       return data
@@ -108,8 +283,10 @@ def _as_rgb_jpeg(data: bytes) -> bytes:
 def _check_wnids(archive: zipfile.ZipFile) -> None:
   found = tuple(archive.read(_ROOT + "wnids.txt").decode().split())
   if found != WNIDS:
-    raise ValueError(f"{archive.filename}: wnids.txt differs from the official 200 wnids; "
-                     f"use the official {ZIP_NAME} ({URL})")
+    raise ValueError(
+      f"{archive.filename}: wnids.txt differs from the official 200 wnids; "
+      f"use the official {ZIP_NAME} ({URL})"
+    )
 
 
 class TinyImagenet(tfds.core.GeneratorBasedBuilder):
@@ -118,24 +295,27 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: train and validation splits."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Place the official {ZIP_NAME} ({URL}) in the manual dir, unextracted, "
-      f"or set {ZIP_ENV} to its path.")
+    f"Place the official {ZIP_NAME} ({URL}) in the manual dir, unextracted, "
+    f"or set {ZIP_ENV} to its path."
+  )
   # TFDS finds its checksums file next to the builder's code through the
   # top-level package, which fails while lkca_jax is a namespace package.
   code_path = epath.Path(__file__)
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Tiny-ImageNet-200 (CS231n): 64x64 images, 200 classes, "
-                    "500 train and 50 validation images per class.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=IMAGE_SHAPE, encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(names=list(WNIDS)),
-            "file_name": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="http://cs231n.stanford.edu/",
+      builder=self,
+      description="Tiny-ImageNet-200 (CS231n): 64x64 images, 200 classes, "
+      "500 train and 50 validation images per class.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=IMAGE_SHAPE, encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(names=list(WNIDS)),
+          "file_name": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="http://cs231n.stanford.edu/",
     )
 
   def _split_generators(self, dl_manager):
@@ -151,31 +331,39 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
           if os.path.exists(junk):
             os.remove(junk)
       raise DatasetUnavailableError(
-          f"dataset tiny_imagenet: {path} is not a zip file: download the official {ZIP_NAME} "
-          f"({URL}) by hand and pass --config.dataset.manual_dir=DIR for the folder it is in")
+        f"dataset tiny_imagenet: {path} is not a zip file: download the official {ZIP_NAME} "
+        f"({URL}) by hand and pass --config.dataset.manual_dir=DIR for the folder it is in"
+      )
     return {
-        "train": self._generate_examples(path, "train"),
-        "validation": self._generate_examples(path, "validation"),
+      "train": self._generate_examples(path, "train"),
+      "validation": self._generate_examples(path, "validation"),
     }
 
   def _generate_examples(self, path, split):
     with zipfile.ZipFile(path) as archive:
       _check_wnids(archive)
       for file_name, wnid, member in _members(archive, split):
-        yield file_name, {
+        yield (
+          file_name,
+          {
             "image": _as_rgb_jpeg(archive.read(member)),
             "label": wnid,
             "file_name": file_name,
-        }
+          },
+        )
 
 
 def _members(archive: zipfile.ZipFile, split: str):
   """(file name, wnid, zip member) of every image of a split."""
   if split == "train":
     for member in archive.namelist():
-      parts = member[len(_ROOT):].split("/")  # train/<wnid>/images/<file>
-      if (member.startswith(_ROOT + "train/") and len(parts) == 4 and parts[2] == "images"
-          and parts[3].endswith(".JPEG")):
+      parts = member[len(_ROOT) :].split("/")  # train/<wnid>/images/<file>
+      if (
+        member.startswith(_ROOT + "train/")
+        and len(parts) == 4
+        and parts[2] == "images"
+        and parts[3].endswith(".JPEG")
+      ):
         yield parts[3], parts[1], member
   else:
     for line in archive.read(_ROOT + "val/val_annotations.txt").decode().splitlines():

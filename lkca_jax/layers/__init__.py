@@ -26,6 +26,7 @@ describes it:
 
 `tests/layers/test_mixer_contract.py` checks all of it for every entry.
 """
+
 import inspect
 
 from lkca_jax.layers.acmix import ACmix
@@ -35,10 +36,10 @@ from lkca_jax.layers.lkca import LKCA
 from lkca_jax.layers.mhsa import MHSA
 
 MIXERS = {
-    "mhsa": MHSA,
-    "lkca": LKCA,
-    "acmix": ACmix,
-    "flatten": FocusedLinearAttention,
+  "mhsa": MHSA,
+  "lkca": LKCA,
+  "acmix": ACmix,
+  "flatten": FocusedLinearAttention,
 }
 
 # What the models pass every mixer; any other constructor argument is an option.
@@ -50,9 +51,24 @@ def option_names(cls) -> list[str] | None:
   params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
   if any(p.kind is p.VAR_KEYWORD for p in params):
     return None
-  return sorted(p.name for p in params if p.name not in MIXER_ARGS
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+  return sorted(
+    p.name
+    for p in params
+    if p.name not in MIXER_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+  )
 
 
-__all__ = ["ACmix", "FocusedLinearAttention", "LKCA", "MHSA", "MLP", "DropPath", "MIXERS",
-           "MIXER_ARGS", "layer_norm", "linear", "option_names", "xavier_normal"]
+__all__ = [
+  "ACmix",
+  "FocusedLinearAttention",
+  "LKCA",
+  "MHSA",
+  "MLP",
+  "DropPath",
+  "MIXERS",
+  "MIXER_ARGS",
+  "layer_norm",
+  "linear",
+  "option_names",
+  "xavier_normal",
+]

@@ -19,6 +19,7 @@ as the authors' Swin version reshapes it). Two branches reuse them:
 output = attention_rate · attention + conv_rate · convolution (both init 0.5).
 Parameters: 4D² + 85D + ((2h−1)(2w−1) + 27)·H + 2.
 """
+
 from __future__ import annotations
 
 import functools
@@ -77,8 +78,11 @@ def grouped_conv3x3(maps: jax.Array, kernel: jax.Array) -> jax.Array:
   # (a, b, input i, group c, output o)
   per_group = kernel.reshape(CONV_SIZE, CONV_SIZE, inputs, d, -1)
   # Cross-correlation: output (y, x) reads input (y + a − 1, x + b − 1) at tap (a, b).
-  out = sum(jnp.einsum("byxci,ico->byxco", padded[:, a:a + h, bb:bb + w], per_group[a, bb])
-            for a in range(CONV_SIZE) for bb in range(CONV_SIZE))
+  out = sum(
+    jnp.einsum("byxci,ico->byxco", padded[:, a : a + h, bb : bb + w], per_group[a, bb])
+    for a in range(CONV_SIZE)
+    for bb in range(CONV_SIZE)
+  )
   return out.reshape(b, h, w, -1)
 
 
@@ -112,7 +116,8 @@ class ACmix(nnx.Module):
     h, w = self.grid
     self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.relative_bias = nnx.Param(
-        relative_bias_init(rngs.params(), ((2 * h - 1) * (2 * w - 1), num_heads)))
+      relative_bias_init(rngs.params(), ((2 * h - 1) * (2 * w - 1), num_heads))
+    )
     self.out_proj = linear(dim, dim, dtype=dtype, rngs=rngs)
     self.fc = linear(3 * num_heads, CONV_TAPS, use_bias=False, dtype=dtype, rngs=rngs)
     self.conv_kernel = nnx.Param(jnp.asarray(one_hot_shift_kernel(dim)))
@@ -127,7 +132,7 @@ class ACmix(nnx.Module):
     b, n, _ = qkv.shape
     qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * self.head_dim ** -0.5
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * self.head_dim**-0.5
     logits = logits + self.relative_bias_matrix().astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
@@ -151,5 +156,7 @@ class ACmix(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     attention, convolution = self.branches(x)
-    return (promote_param(self.attention_rate[...], attention) * attention
-            + promote_param(self.conv_rate[...], convolution) * convolution)
+    return (
+      promote_param(self.attention_rate[...], attention) * attention
+      + promote_param(self.conv_rate[...], convolution) * convolution
+    )

@@ -4,6 +4,7 @@ The reference initialises every Linear with xavier/glorot *normal* (not
 truncated) weights and zero biases, and uses LayerNorm with epsilon 1e-5
 (PyTorch's default), so those are fixed here once.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,12 +16,18 @@ xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 LAYER_NORM_EPSILON = 1e-5
 
 
-def linear(in_features: int, out_features: int, *, use_bias: bool = True,
-           dtype=None, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(in_features, out_features, use_bias=use_bias,
-                    kernel_init=xavier_normal,
-                    bias_init=jax.nn.initializers.zeros,
-                    dtype=dtype, rngs=rngs)
+def linear(
+  in_features: int, out_features: int, *, use_bias: bool = True, dtype=None, rngs: nnx.Rngs
+) -> nnx.Linear:
+  return nnx.Linear(
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    kernel_init=xavier_normal,
+    bias_init=jax.nn.initializers.zeros,
+    dtype=dtype,
+    rngs=rngs,
+  )
 
 
 def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -86,24 +93,29 @@ def as_grid(grid) -> tuple[int, int]:
 def head_dim(dim: int, num_heads: int, owner: str) -> int:
   """D / H, or a ValueError naming `owner` when the heads do not divide the width."""
   if num_heads < 1 or dim % num_heads:
-    raise ValueError(f"{owner} needs dim ({dim}) divisible by num_heads ({num_heads}); "
-                     "pick a head count that divides dim")
+    raise ValueError(
+      f"{owner} needs dim ({dim}) divisible by num_heads ({num_heads}); "
+      "pick a head count that divides dim"
+    )
   return dim // num_heads
 
 
 def check_cost_sizes(num_tokens: int, dim: int, num_heads: int, owner: str) -> None:
   """The ValueError every mixer's `macs` raises for sizes no module could have."""
   if num_tokens < 1 or dim < 1 or num_heads < 1:
-    raise ValueError(f"{owner}.macs needs positive sizes; got num_tokens={num_tokens}, "
-                     f"dim={dim}, num_heads={num_heads}")
+    raise ValueError(
+      f"{owner}.macs needs positive sizes; got num_tokens={num_tokens}, "
+      f"dim={dim}, num_heads={num_heads}"
+    )
 
 
 def check_tokens(x: jax.Array, grid: tuple[int, int], name: str) -> None:
   if x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
     raise ValueError(
-        f"{name} expects tokens of shape (B, {grid[0] * grid[1]}, D) for its "
-        f"{grid[0]}x{grid[1]} grid, got {x.shape}; build the mixer with the "
-        "grid of the patch tokens (class token excluded).")
+      f"{name} expects tokens of shape (B, {grid[0] * grid[1]}, D) for its "
+      f"{grid[0]}x{grid[1]} grid, got {x.shape}; build the mixer with the "
+      "grid of the patch tokens (class token excluded)."
+    )
 
 
 def promote_param(value: jax.Array, x: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ Steps 1–5 run in float32 (matmuls at full float32 precision) whatever the
 activation dtype, then cast back: the authors' fix for NaNs in float16.
 Parameters: 4D² + (N + 2)·D + 26·d (+ 3D with qkv_bias).
 """
+
 from __future__ import annotations
 
 import jax
@@ -57,7 +58,7 @@ def focus(x: jax.Array, power: int = FOCUSING_POWER) -> jax.Array:
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Step 5 on (B, N, H, d) float32 maps: (q · kv) · z with kv computed first."""
   n = q.shape[1]
-  kv = jnp.einsum("bnhc,bnhe->bhce", k * n ** -0.5, v * n ** -0.5, precision=HIGHEST)
+  kv = jnp.einsum("bnhc,bnhe->bhce", k * n**-0.5, v * n**-0.5, precision=HIGHEST)
   z = 1.0 / (jnp.einsum("bnhc,bhc->bnh", q, k.mean(axis=1), precision=HIGHEST) + EPSILON)
   return jnp.einsum("bnhc,bhce->bnhe", q, kv, precision=HIGHEST) * z[..., None]
 
@@ -85,11 +86,18 @@ class FocusedLinearAttention(nnx.Module):
     del qkv_bias  # biases are element-wise work
     check_cost_sizes(num_tokens, dim, num_heads, "FLatten")
     d = head_dim(dim, num_heads, "FLatten")
-    return (4 * num_tokens * dim ** 2 + 2 * num_tokens * dim * d
-            + (1 + DWC_SIZE ** 2) * num_tokens * dim)
+    return 4 * num_tokens * dim**2 + 2 * num_tokens * dim * d + (1 + DWC_SIZE**2) * num_tokens * dim
 
-  def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 8, qkv_bias: bool = False,
-               dtype=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    grid=(8, 8),
+    *,
+    num_heads: int = 8,
+    qkv_bias: bool = False,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
     self.head_dim = head_dim(dim, num_heads, "FLatten")
     self.grid = as_grid(grid)
     self.num_heads = num_heads
@@ -110,10 +118,14 @@ class FocusedLinearAttention(nnx.Module):
     kernel = jnp.tile(promote_param(self.dwc_kernel[...], v), (1, 1, self.num_heads))
     bias = jnp.tile(promote_param(self.dwc_bias[...], v), self.num_heads)
     pad = DWC_SIZE // 2
-    y = jax.lax.conv_general_dilated(v.reshape(b, h, w, dim), kernel[:, :, None, :], (1, 1),
-                                     ((pad, pad), (pad, pad)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=dim)
+    y = jax.lax.conv_general_dilated(
+      v.reshape(b, h, w, dim),
+      kernel[:, :, None, :],
+      (1, 1),
+      ((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=dim,
+    )
     return y.reshape(b, n, dim) + bias
 
   def __call__(self, x: jax.Array) -> jax.Array:

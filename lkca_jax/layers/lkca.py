@@ -6,6 +6,7 @@ read as attention it is an N×N block-Toeplitz matrix A with
 A[(i,j),(p,q)] = K[h−1+p−i, w−1+q−j] applied to V. Both views are the same
 function; `view` picks which one XLA runs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,8 +69,9 @@ def kernel_shape(dim: int, grid, num_heads: int, sharing: str) -> tuple[int, ...
   raise ValueError(f"kernel_sharing must be one of {KERNEL_SHARING}, got {sharing!r}")
 
 
-def init_kernel(kernel_init: str, shape: tuple[int, ...], key: jax.Array | None = None
-                ) -> jax.Array:
+def init_kernel(
+  kernel_init: str, shape: tuple[int, ...], key: jax.Array | None = None
+) -> jax.Array:
   """A float32 kernel of `shape` (…, 2h−1, 2w−1) as `kernel_init` says (see KERNEL_INITS).
 
   Only "gaussian" reads `key`.
@@ -106,8 +108,9 @@ def mix_attention(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer")
     # row-major as they lie. The plain einsum "nm,bmd->bnd" made XLA:CPU transpose v to
     # (B·D, N) and the result back, forward and backward; this form skips the copies
     # (lkca_b train step, 2-core CPU: mixing fwd+bwd 8.9 → 6.5 ms per layer).
-    return jax.lax.dot_general(jnp.broadcast_to(a, (v.shape[0], *a.shape)), v,
-                               (((2,), (1,)), ((0,), (0,))))
+    return jax.lax.dot_general(
+      jnp.broadcast_to(a, (v.shape[0], *a.shape)), v, (((2,), (1,)), ((0,), (0,)))
+    )
   if sharing == "channel":
     return jnp.einsum("dnm,bmd->bnd", a, v)
   b, n, d = v.shape
@@ -126,20 +129,32 @@ def mix_conv(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer") -> j
   if sharing == "layer":
     # Fold channels into the batch: one single-channel correlation per map.
     x = v.reshape(b, h, w, d).transpose(0, 3, 1, 2).reshape(b * d, h, w, 1)
-    y = jax.lax.conv_general_dilated(x, kernel[:, :, None, None], (1, 1), pad,
-                                     dimension_numbers=dims)
+    y = jax.lax.conv_general_dilated(
+      x, kernel[:, :, None, None], (1, 1), pad, dimension_numbers=dims
+    )
     return y.reshape(b, d, n).transpose(0, 2, 1)
   if sharing == "channel":
-    y = jax.lax.conv_general_dilated(v.reshape(b, h, w, d),
-                                     jnp.moveaxis(kernel, 0, -1)[:, :, None, :], (1, 1), pad,
-                                     dimension_numbers=dims, feature_group_count=d)
+    y = jax.lax.conv_general_dilated(
+      v.reshape(b, h, w, d),
+      jnp.moveaxis(kernel, 0, -1)[:, :, None, :],
+      (1, 1),
+      pad,
+      dimension_numbers=dims,
+      feature_group_count=d,
+    )
     return y.reshape(b, n, d)
   heads = kernel.shape[0]
   c = d // heads
   # Heads become grouped channels, the per-head channel index joins the batch.
   x = v.reshape(b, h, w, heads, c).transpose(0, 4, 1, 2, 3).reshape(b * c, h, w, heads)
-  y = jax.lax.conv_general_dilated(x, jnp.moveaxis(kernel, 0, -1)[:, :, None, :], (1, 1), pad,
-                                   dimension_numbers=dims, feature_group_count=heads)
+  y = jax.lax.conv_general_dilated(
+    x,
+    jnp.moveaxis(kernel, 0, -1)[:, :, None, :],
+    (1, 1),
+    pad,
+    dimension_numbers=dims,
+    feature_group_count=heads,
+  )
   return y.reshape(b, c, n, heads).transpose(0, 2, 3, 1).reshape(b, n, d)
 
 
@@ -172,8 +187,15 @@ class LKCA(nnx.Module):
   config_options = {"view": VIEWS, "kernel_sharing": KERNEL_SHARING, "kernel_init": KERNEL_INITS}
 
   @staticmethod
-  def macs(num_tokens: int, dim: int, num_heads: int, *, view: str = "auto",
-           kernel_sharing: str = "layer", kernel_init: str = "zeros") -> int:
+  def macs(
+    num_tokens: int,
+    dim: int,
+    num_heads: int,
+    *,
+    view: str = "auto",
+    kernel_sharing: str = "layer",
+    kernel_init: str = "zeros",
+  ) -> int:
     """W_v and W_o (2·N·D²), then the direct N×N mixing of every channel (N²·D).
 
     The direct (attention-view) cost whatever `view` and `kernel_sharing`: the
@@ -181,11 +203,20 @@ class LKCA(nnx.Module):
     """
     del view, kernel_sharing, kernel_init  # the count of the function, not of one schedule
     check_cost_sizes(num_tokens, dim, num_heads, "LKCA")
-    return 2 * num_tokens * dim ** 2 + num_tokens ** 2 * dim
+    return 2 * num_tokens * dim**2 + num_tokens**2 * dim
 
-  def __init__(self, dim: int, grid=(8, 8), *, num_heads: int = 1, view: str = "auto",
-               kernel_sharing: str = "layer", kernel_init: str = "zeros", dtype=None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    grid=(8, 8),
+    *,
+    num_heads: int = 1,
+    view: str = "auto",
+    kernel_sharing: str = "layer",
+    kernel_init: str = "zeros",
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
     self.grid = as_grid(grid)
     if kernel_sharing == "head":
       head_dim(dim, num_heads, "LKCA with kernel_sharing='head'")

@@ -1,4 +1,5 @@
 """Standard multi-head self-attention, as the ViT baseline of the reference uses it."""
+
 from __future__ import annotations
 
 import jax
@@ -24,10 +25,18 @@ class MHSA(nnx.Module):
     """qkv and output projections (4·N·D² when H·d = D), then q·kᵀ and weights·v (2·N²·D)."""
     check_cost_sizes(num_tokens, dim, num_heads, "MHSA")
     inner = num_heads * (head_dim or dim // num_heads)
-    return 4 * num_tokens * dim * inner + 2 * num_tokens ** 2 * inner
+    return 4 * num_tokens * dim * inner + 2 * num_tokens**2 * inner
 
-  def __init__(self, dim: int, grid=None, *, num_heads: int = 8, head_dim: int | None = None,
-               dtype=None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    grid=None,
+    *,
+    num_heads: int = 8,
+    head_dim: int | None = None,
+    dtype=None,
+    rngs: nnx.Rngs,
+  ):
     del grid
     self.num_heads = num_heads
     self.head_dim = head_dim or dim // num_heads
@@ -39,7 +48,7 @@ class MHSA(nnx.Module):
     b, n, _ = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim ** -0.5
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim**-0.5
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
     return self.out_proj(out.reshape(b, n, -1))

@@ -35,6 +35,7 @@ Bad input (no checkpoint, a checkpoint of another model, a --compare directory
 that is no training workdir, --images < 1, a --layers entry out of range) is
 one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ ERF_SQUARE_SHOWN = 0.5  # the threshold whose square is drawn on the ERF maps
 @dataclasses.dataclass
 class Subject:
   """One trained model, its initialisation and the test images it is probed with."""
+
   label: str
   config: object
   workdir: str
@@ -92,13 +94,15 @@ def restore_params(model, workdir: str, checkpoint: str | None) -> tuple[object,
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+
   if checkpoint:
     directory, step = checkpoint_lib.resolve(checkpoint)
   else:
     directory, step = checkpoint_lib.absolute(epath.Path(workdir) / "checkpoints"), None
   missing = checkpoint_lib.CheckpointError(
-      f"no checkpoint in {directory}; train first (main.py --workdir {workdir}) or pass "
-      "--checkpoint PATH")
+    f"no checkpoint in {directory}; train first (main.py --workdir {workdir}) or pass "
+    "--checkpoint PATH"
+  )
   if not directory.is_dir():
     raise missing
   like = {"params": nnx.state(model, nnx.Param)}
@@ -121,10 +125,15 @@ def load_test_images(run, config, count: int) -> np.ndarray:
   """The first `count` images of the test split (classes the run keeps), normalised."""
   from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+
   spec = run.spec
   images, labels = data_lib.load_split(
-      spec.name, spec.eval_split, data_dir=config.dataset.data_dir,
-      manual_dir=config.dataset.manual_dir, download=config.dataset.download)
+    spec.name,
+    spec.eval_split,
+    data_dir=config.dataset.data_dir,
+    manual_dir=config.dataset.manual_dir,
+    download=config.dataset.download,
+  )
   images = np.asarray(images)[np.asarray(labels) < spec.num_classes][:count]
   return np.asarray(augment_lib.normalize(images, config.dataset.mean, config.dataset.std))
 
@@ -133,12 +142,20 @@ def load_subject(config, workdir: str, checkpoint: str | None, images: int) -> S
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   run = train.Run.prepare(config)
   init = nnx.clone(run.model)
   directory, step = restore_params(run.model, workdir, checkpoint)
-  return Subject(label=config.model, config=config, workdir=str(workdir),
-                 checkpoint=f"{directory}/{step}", step=step, trained=run.model, init=init,
-                 images=load_test_images(run, config, images))
+  return Subject(
+    label=config.model,
+    config=config,
+    workdir=str(workdir),
+    checkpoint=f"{directory}/{step}",
+    step=step,
+    trained=run.model,
+    init=init,
+    images=load_test_images(run, config, images),
+  )
 
 
 def workdir_config(workdir: str, base):
@@ -148,6 +165,7 @@ def workdir_config(workdir: str, base):
   values; keys `base` does not know are ignored.
   """
   import copy  # pylint: disable=import-outside-toplevel
+
   path = os.path.join(workdir, "config.json")
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--compare {workdir} is not a directory")
@@ -182,6 +200,7 @@ def _overlay(config, values: dict, path: str, prefix: str = "") -> None:
 # --- what to show ----------------------------------------------------------------
 def viewable_layers(model) -> list[int]:
   from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+
   return sorted(analysis.lkca_layers(model) + analysis.mhsa_layers(model))
 
 
@@ -196,11 +215,14 @@ def choose_layers(model, requested: list[int] | None) -> list[int]:
   chosen = []
   for layer in requested:
     if not 1 <= layer <= len(model.blocks):
-      raise ValueError(f"--layers {layer} is out of range: the model has layers "
-                       f"1..{len(model.blocks)}")
+      raise ValueError(
+        f"--layers {layer} is out of range: the model has layers 1..{len(model.blocks)}"
+      )
     if layer - 1 not in viewable:
-      raise ValueError(f"--layers {layer} is a {model.mixers[layer - 1]} layer, which has no "
-                       "attention view (LKCA and MHSA layers have)")
+      raise ValueError(
+        f"--layers {layer} is a {model.mixers[layer - 1]} layer, which has no "
+        "attention view (LKCA and MHSA layers have)"
+      )
     chosen.append(layer - 1)
   return sorted(set(chosen))
 
@@ -211,13 +233,15 @@ def parse_layers(text: str | None) -> list[int] | None:
   try:
     return [int(part) for part in text.split(",") if part.strip()]
   except ValueError:
-    raise ValueError(f"--layers must be comma-separated layer numbers, e.g. 1,5,9; got "
-                     f"{text!r}") from None
+    raise ValueError(
+      f"--layers must be comma-separated layer numbers, e.g. 1,5,9; got {text!r}"
+    ) from None
 
 
 @dataclasses.dataclass
 class Results:
   """Every number the figures show, for one subject."""
+
   kernels: dict  # layer → kernel
   sharing: dict  # layer → kernel_sharing
   views: dict  # layer → (N, N) matrix shown
@@ -229,6 +253,7 @@ class Results:
 
 def analyse(subject: Subject, layers: list[int]) -> Results:
   from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+
   model = subject.trained
   kernels = analysis.lkca_kernels(model)
   sharing = {i: model.blocks[i].mixer.kernel_sharing for i in kernels}
@@ -241,14 +266,15 @@ def analyse(subject: Subject, layers: list[int]) -> Results:
     if i in toeplitz:
       a = toeplitz[i]
       views[i] = a if a.ndim == 2 else a.mean(axis=0)
-      kinds[i] = ("LKCA A" if a.ndim == 2 else
-                  f"LKCA A, mean of {a.shape[0]} {sharing[i]} kernels")
+      kinds[i] = "LKCA A" if a.ndim == 2 else f"LKCA A, mean of {a.shape[0]} {sharing[i]} kernels"
     else:
       views[i] = attention[i].mean(axis=0)
       kinds[i] = f"MHSA, mean of {attention[i].shape[0]} heads"
   distances = analysis.attention_distances(model, mhsa_attention=attention)
-  erf = {"trained": analysis.effective_receptive_field(model, subject.images),
-         "init": analysis.effective_receptive_field(subject.init, subject.images)}
+  erf = {
+    "trained": analysis.effective_receptive_field(model, subject.images),
+    "init": analysis.effective_receptive_field(subject.init, subject.images),
+  }
   squares = {key: analysis.erf_squares(value, subject.patch_size) for key, value in erf.items()}
   return Results(kernels, sharing, views, kinds, distances, erf, squares)
 
@@ -256,10 +282,13 @@ def analyse(subject: Subject, layers: list[int]) -> Results:
 # --- figures -----------------------------------------------------------------------
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
-                       "figure.titlesize": 10})
+
+  plt.rcParams.update(
+    {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "figure.titlesize": 10}
+  )
   return plt
 
 
@@ -271,11 +300,13 @@ def _symmetric_limit(values) -> float:
 def _kernel_panel(ax, kernel, grid, limit, cmap="RdBu_r"):
   from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
   from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
+
   h, w = grid
   extent = (-(w - 1) - 0.5, (w - 1) + 0.5, (h - 1) + 0.5, -(h - 1) - 0.5)
   vmin = -limit if cmap == "RdBu_r" else 0.0
-  image = ax.imshow(kernel, cmap=cmap, vmin=vmin, vmax=limit, extent=extent,
-                    interpolation="nearest")
+  image = ax.imshow(
+    kernel, cmap=cmap, vmin=vmin, vmax=limit, extent=extent, interpolation="nearest"
+  )
   ax.add_patch(Rectangle((-0.5, -0.5), 1, 1, fill=False, edgecolor="black", linewidth=0.8))
   ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
   ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
@@ -290,26 +321,30 @@ def kernel_mosaic(stack: np.ndarray) -> tuple[np.ndarray, int]:
   mosaic = np.full((rows * (a + 1) - 1, cols * (b + 1) - 1), np.nan)
   for k, kernel in enumerate(stack):
     r, c = divmod(k, cols)
-    mosaic[r * (a + 1):r * (a + 1) + a, c * (b + 1):c * (b + 1) + b] = kernel
+    mosaic[r * (a + 1) : r * (a + 1) + a, c * (b + 1) : c * (b + 1) + b] = kernel
   return mosaic, cols
 
 
 def plot_kernels(subject: Subject, results: Results, path) -> None:
   """Per layer: its kernel (layer sharing), a row of heads, or 16 channels and mean |K|."""
   from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+
   plt = _pyplot()
   layers = sorted(results.kernels)
   grid = subject.grid
   sharing = results.sharing[layers[0]]  # one option for every LKCA layer of a model
   xlabel, ylabel = "Δ column (patches)", "Δ row (patches)"
-  title = (f"{subject.label}: LKCA kernels at step {subject.step}, indexed by the key's "
-           "offset from the query (box: zero offset)")
+  title = (
+    f"{subject.label}: LKCA kernels at step {subject.step}, indexed by the key's "
+    "offset from the query (box: zero offset)"
+  )
   if sharing == "layer":
     cols = math.ceil(math.sqrt(len(layers)))
     rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat[len(layers):]:
+    fig, axes = plt.subplots(
+      rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(layers) :]:
       ax.axis("off")
     for ax, i in zip(axes.flat, layers, strict=False):  # spare panels are off
       kernel = results.kernels[i]
@@ -320,8 +355,13 @@ def plot_kernels(subject: Subject, results: Results, path) -> None:
       ax.set_ylabel(ylabel)
   elif sharing == "head":  # a row of heads per layer, one colour scale per layer
     heads = results.kernels[layers[0]].shape[0]
-    fig, axes = plt.subplots(len(layers), heads, figsize=(1.5 * heads + 1.0, 1.45 * len(layers)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+      len(layers),
+      heads,
+      figsize=(1.5 * heads + 1.0, 1.45 * len(layers)),
+      squeeze=False,
+      layout="constrained",
+    )
     for row, i in enumerate(layers):
       limit = _symmetric_limit(results.kernels[i])
       for col, kernel in enumerate(results.kernels[i]):
@@ -337,10 +377,15 @@ def plot_kernels(subject: Subject, results: Results, path) -> None:
   else:  # channel: per layer a mosaic of the first channels and the mean |K| of all
     per_row = min(3, len(layers))
     rows = math.ceil(len(layers) / per_row)
-    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(5.4 * per_row, 2.7 * rows),
-                             squeeze=False, layout="constrained",
-                             gridspec_kw={"width_ratios": [1.6, 1] * per_row})
-    for ax in axes.flat[2 * len(layers):]:
+    fig, axes = plt.subplots(
+      rows,
+      2 * per_row,
+      figsize=(5.4 * per_row, 2.7 * rows),
+      squeeze=False,
+      layout="constrained",
+      gridspec_kw={"width_ratios": [1.6, 1] * per_row},
+    )
+    for ax in axes.flat[2 * len(layers) :]:
       ax.axis("off")
     a, b = 2 * grid[0] - 1, 2 * grid[1] - 1
     for k, i in enumerate(layers):
@@ -353,12 +398,22 @@ def plot_kernels(subject: Subject, results: Results, path) -> None:
       image = ax.imshow(mosaic, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
       for t in range(shown.shape[0]):
         r, c = divmod(t, cols)
-        ax.add_patch(Rectangle((c * (b + 1) + grid[1] - 1.5, r * (a + 1) + grid[0] - 1.5), 1, 1,
-                               fill=False, edgecolor="black", linewidth=0.5))
+        ax.add_patch(
+          Rectangle(
+            (c * (b + 1) + grid[1] - 1.5, r * (a + 1) + grid[0] - 1.5),
+            1,
+            1,
+            fill=False,
+            edgecolor="black",
+            linewidth=0.5,
+          )
+        )
       ax.set_xticks([])
       ax.set_yticks([])
-      ax.set_title(f"layer {i + 1}: channels 1–{shown.shape[0]} of {stack.shape[0]} "
-                   "(row-major tiles)", fontsize=7)
+      ax.set_title(
+        f"layer {i + 1}: channels 1–{shown.shape[0]} of {stack.shape[0]} (row-major tiles)",
+        fontsize=7,
+      )
       fig.colorbar(image, ax=ax, shrink=0.85)
       ax = axes[k // per_row, 2 * (k % per_row) + 1]
       mean_abs = np.abs(stack).mean(axis=0)
@@ -376,22 +431,33 @@ def plot_kernels(subject: Subject, results: Results, path) -> None:
 def plot_attention(subjects, results, layers, path) -> None:
   """A row per model: the N×N attention view of each chosen layer."""
   from matplotlib.ticker import MultipleLocator  # pylint: disable=import-outside-toplevel
+
   plt = _pyplot()
   cols = max(max(len(chosen), 1) for chosen in layers)
-  fig, axes = plt.subplots(len(subjects), cols, figsize=(3.1 * cols, 2.9 * len(subjects)),
-                           squeeze=False, layout="constrained")
+  fig, axes = plt.subplots(
+    len(subjects),
+    cols,
+    figsize=(3.1 * cols, 2.9 * len(subjects)),
+    squeeze=False,
+    layout="constrained",
+  )
   for row, (subject, result, chosen) in enumerate(zip(subjects, results, layers, strict=True)):
-    for ax in axes[row, len(chosen):]:
+    for ax in axes[row, len(chosen) :]:
       ax.axis("off")
     if not chosen:
-      axes[row, 0].text(0.5, 0.5, f"{subject.label}: no LKCA or MHSA layer", ha="center",
-                        va="center", transform=axes[row, 0].transAxes)
+      axes[row, 0].text(
+        0.5,
+        0.5,
+        f"{subject.label}: no LKCA or MHSA layer",
+        ha="center",
+        va="center",
+        transform=axes[row, 0].transAxes,
+      )
     for ax, i in zip(axes[row], chosen, strict=False):
       matrix = result.views[i]
       if result.view_kinds[i].startswith("LKCA"):
         limit = _symmetric_limit(matrix)
-        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit,
-                          interpolation="nearest")
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
       else:
         image = ax.imshow(matrix, cmap="viridis", vmin=0.0, interpolation="nearest")
       fig.colorbar(image, ax=ax, shrink=0.85)
@@ -402,9 +468,11 @@ def plot_attention(subjects, results, layers, path) -> None:
       ax.set_title(f"{subject.label}, layer {i + 1}\n{result.view_kinds[i]}")
       ax.set_xlabel("key token (row-major)")
       ax.set_ylabel("query token (row-major)")
-  fig.suptitle(f"Attention views on the {subjects[0].grid[0]}×{subjects[0].grid[1]} patch grid "
-               f"(MHSA: softmax averaged over {len(subjects[0].images)} test images, class "
-               "token dropped)")
+  fig.suptitle(
+    f"Attention views on the {subjects[0].grid[0]}×{subjects[0].grid[1]} patch grid "
+    f"(MHSA: softmax averaged over {len(subjects[0].images)} test images, class "
+    "token dropped)"
+  )
   save_figure(fig, path)
   plt.close(fig)
 
@@ -413,11 +481,14 @@ def plot_erf(subjects, results, path) -> None:
   """Trained and initial ERF of each model, side by side, on a log colour scale."""
   from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
   from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+
   plt = _pyplot()
-  panels = [(s, r, key) for s, r in zip(subjects, results, strict=True)
-            for key in ("trained", "init")]
-  fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False,
-                           layout="constrained")
+  panels = [
+    (s, r, key) for s, r in zip(subjects, results, strict=True) for key in ("trained", "init")
+  ]
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False, layout="constrained"
+  )
   floor = plt.get_cmap("magma")(0.0)
   # Exact zeros (no path to the pixel) and values under the scale show as the floor colour.
   cmap = plt.get_cmap("magma").with_extremes(bad=floor, under=floor)
@@ -425,28 +496,45 @@ def plot_erf(subjects, results, path) -> None:
     erf = result.erf[key]
     peak = erf.max()
     scaled = erf / peak if peak > 0 else erf
-    image = ax.imshow(np.ma.masked_less_equal(scaled, 0), cmap=cmap, interpolation="nearest",
-                      norm=LogNorm(vmin=10.0 ** -ERF_DECADES, vmax=1.0))
+    image = ax.imshow(
+      np.ma.masked_less_equal(scaled, 0),
+      cmap=cmap,
+      interpolation="nearest",
+      norm=LogNorm(vmin=10.0**-ERF_DECADES, vmax=1.0),
+    )
     fig.colorbar(image, ax=ax, shrink=0.8, label="ERF / max (log scale)")
     p = subject.patch_size
     row, col = (subject.grid[0] // 2) * p, (subject.grid[1] // 2) * p
-    ax.add_patch(Rectangle((col - 0.5, row - 0.5), p, p, fill=False, edgecolor="cyan",
-                           linewidth=1.0))
+    ax.add_patch(
+      Rectangle((col - 0.5, row - 0.5), p, p, fill=False, edgecolor="cyan", linewidth=1.0)
+    )
     squares = result.squares[key]
     shown = squares.get(ERF_SQUARE_SHOWN)
     if shown:
       k = (shown["side"] - p) // 2
-      ax.add_patch(Rectangle((col - k - 0.5, row - k - 0.5), shown["side"], shown["side"],
-                             fill=False, edgecolor="white", linestyle="--", linewidth=0.9))
+      ax.add_patch(
+        Rectangle(
+          (col - k - 0.5, row - k - 0.5),
+          shown["side"],
+          shown["side"],
+          fill=False,
+          edgecolor="white",
+          linestyle="--",
+          linewidth=0.9,
+        )
+      )
     sides = "/".join("–" if v is None else str(v["side"]) for v in squares.values())
     when = f"trained, step {subject.step}" if key == "trained" else "at initialisation"
-    ax.set_title(f"{subject.label}, {when}\nt = {'/'.join(f'{t:g}' for t in squares)}: "
-                 f"{sides} px", loc="left")
+    ax.set_title(
+      f"{subject.label}, {when}\nt = {'/'.join(f'{t:g}' for t in squares)}: {sides} px", loc="left"
+    )
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
-  fig.suptitle(f"Effective receptive field of the centre token (cyan), mean over "
-               f"{len(subjects[0].images)} test images\nt: sides of the smallest centred "
-               f"squares holding a fraction t of it (dashed: t = {ERF_SQUARE_SHOWN:g})")
+  fig.suptitle(
+    f"Effective receptive field of the centre token (cyan), mean over "
+    f"{len(subjects[0].images)} test images\nt: sides of the smallest centred "
+    f"squares holding a fraction t of it (dashed: t = {ERF_SQUARE_SHOWN:g})"
+  )
   save_figure(fig, path)
   plt.close(fig)
 
@@ -454,30 +542,46 @@ def plot_erf(subjects, results, path) -> None:
 def plot_distances(subjects, results, path) -> None:
   """Mean attention distance over depth, with per-head / per-channel values as dots."""
   from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5.0, 3.4), layout="constrained")
   colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   grids = sorted({s.grid for s in subjects})
-  for subject, result, colour in zip(subjects, results, colours[:len(subjects)], strict=True):
+  for subject, result, colour in zip(subjects, results, colours[: len(subjects)], strict=True):
     layers = sorted(result.distances)
     means = [result.distances[i]["mean"] for i in layers]
     kinds = sorted({result.distances[i]["mixer"] for i in layers})
-    ax.plot([i + 1 for i in layers], means, marker="o", color=colour,
-            label=f"{subject.label} ({', '.join(k.upper() for k in kinds)})")
+    ax.plot(
+      [i + 1 for i in layers],
+      means,
+      marker="o",
+      color=colour,
+      label=f"{subject.label} ({', '.join(k.upper() for k in kinds)})",
+    )
     for i in layers:
       units = result.distances[i]["per_unit"]
       if units.size > 1:
-        ax.scatter(np.full(units.size, i + 1), units, s=6, color=colour, alpha=0.3,
-                   linewidths=0)
+        ax.scatter(np.full(units.size, i + 1), units, s=6, color=colour, alpha=0.3, linewidths=0)
   for grid, style in zip(grids, ("--", ":"), strict=False):  # at most two grids
-    ax.axhline(analysis.uniform_attention_distance(grid), color="grey", linestyle=style,
-               linewidth=1, label=f"uniform attention, {grid[0]}×{grid[1]} grid")
+    ax.axhline(
+      analysis.uniform_attention_distance(grid),
+      color="grey",
+      linestyle=style,
+      linewidth=1,
+      label=f"uniform attention, {grid[0]}×{grid[1]} grid",
+    )
   depth = max(s.layer_count() for s in subjects)
   ax.set_xticks(range(1, depth + 1))
   ax.set_xlim(0.5, depth + 0.5)
-  top = max([analysis.uniform_attention_distance(g) for g in grids]
-            + [float(np.nanmax(r.distances[i]["per_unit"])) for r in results for i in r.distances
-               if np.isfinite(r.distances[i]["per_unit"]).any()])
+  top = max(
+    [analysis.uniform_attention_distance(g) for g in grids]
+    + [
+      float(np.nanmax(r.distances[i]["per_unit"]))
+      for r in results
+      for i in r.distances
+      if np.isfinite(r.distances[i]["per_unit"]).any()
+    ]
+  )
   ax.set_ylim(0, 1.12 * top)
   ax.set_xlabel("layer")
   ax.set_ylabel("mean attention distance (patches)")
@@ -512,10 +616,17 @@ def save_json(path, value) -> None:
 
 
 def describe(subject: Subject) -> dict:
-  return {"label": subject.label, "model": subject.config.model,
-          "dataset": subject.config.dataset.name, "workdir": subject.workdir,
-          "checkpoint": subject.checkpoint, "step": subject.step, "grid": list(subject.grid),
-          "patch_size": subject.patch_size, "mixers": list(subject.trained.mixers)}
+  return {
+    "label": subject.label,
+    "model": subject.config.model,
+    "dataset": subject.config.dataset.name,
+    "workdir": subject.workdir,
+    "checkpoint": subject.checkpoint,
+    "step": subject.step,
+    "grid": list(subject.grid),
+    "patch_size": subject.patch_size,
+    "mixers": list(subject.trained.mixers),
+  }
 
 
 def kernels_json(subject: Subject, result: Results) -> dict:
@@ -523,62 +634,104 @@ def kernels_json(subject: Subject, result: Results) -> dict:
   for i in sorted(result.kernels):
     kernel = result.kernels[i]
     h, w = subject.grid
-    layers.append({"layer": i + 1, "kernel_sharing": result.sharing[i],
-                   "shape": list(kernel.shape),
-                   "zero_offset_tap": kernel[..., h - 1, w - 1],
-                   "abs_sum": np.abs(kernel).sum(axis=(-2, -1)), "kernel": kernel})
-  return {**describe(subject), "layers_numbered_from": 1,
-          "kernel_index": "K[..., h-1+drow, w-1+dcol]: the weight of the key (drow, dcol) "
-                          "patches from the query", "layers": layers}
+    layers.append(
+      {
+        "layer": i + 1,
+        "kernel_sharing": result.sharing[i],
+        "shape": list(kernel.shape),
+        "zero_offset_tap": kernel[..., h - 1, w - 1],
+        "abs_sum": np.abs(kernel).sum(axis=(-2, -1)),
+        "kernel": kernel,
+      }
+    )
+  return {
+    **describe(subject),
+    "layers_numbered_from": 1,
+    "kernel_index": "K[..., h-1+drow, w-1+dcol]: the weight of the key (drow, dcol) "
+    "patches from the query",
+    "layers": layers,
+  }
 
 
 def attention_json(subjects, results, layers) -> dict:
   models = []
   for subject, result, chosen in zip(subjects, results, layers, strict=True):
-    models.append({**describe(subject), "images": len(subject.images), "layers": [
-        {"layer": i + 1, "mixer": subject.trained.mixers[i], "shows": result.view_kinds[i],
-         "matrix": result.views[i]} for i in chosen]})
-  return {"layers_numbered_from": 1,
-          "matrix": "rows: query tokens, columns: key tokens, row-major over the patch grid; "
-                    "MHSA: mean softmax over images and heads, class token dropped",
-          "models": models}
+    models.append(
+      {
+        **describe(subject),
+        "images": len(subject.images),
+        "layers": [
+          {
+            "layer": i + 1,
+            "mixer": subject.trained.mixers[i],
+            "shows": result.view_kinds[i],
+            "matrix": result.views[i],
+          }
+          for i in chosen
+        ],
+      }
+    )
+  return {
+    "layers_numbered_from": 1,
+    "matrix": "rows: query tokens, columns: key tokens, row-major over the patch grid; "
+    "MHSA: mean softmax over images and heads, class token dropped",
+    "models": models,
+  }
 
 
 def erf_json(subjects, results) -> dict:
   from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+
   models = []
   for subject, result in zip(subjects, results, strict=True):
-    entry = {**describe(subject), "images": len(subject.images),
-             "centre_token": list(analysis.centre_token(subject.grid))}
+    entry = {
+      **describe(subject),
+      "images": len(subject.images),
+      "centre_token": list(analysis.centre_token(subject.grid)),
+    }
     for key in ("trained", "init"):
       squares = result.squares[key]
-      entry[key] = {"square_sides": {t: (v or {}).get("side") for t, v in squares.items()},
-                    "squares": squares, "map": result.erf[key]}
+      entry[key] = {
+        "square_sides": {t: (v or {}).get("side") for t, v in squares.items()},
+        "squares": squares,
+        "map": result.erf[key],
+      }
     models.append(entry)
-  return {"thresholds": list(analysis.ERF_THRESHOLDS),
-          "definition": "mean over images of |d sum_c relu(y_c) / d image| summed over colour "
-                        "channels, y the centre token's output of the last block; squares "
-                        "grow around the centre token's patch, sides in pixels",
-          "models": models}
+  return {
+    "thresholds": list(analysis.ERF_THRESHOLDS),
+    "definition": "mean over images of |d sum_c relu(y_c) / d image| summed over colour "
+    "channels, y the centre token's output of the last block; squares "
+    "grow around the centre token's patch, sides in pixels",
+    "models": models,
+  }
 
 
 def distance_json(subjects, results) -> dict:
   from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
+
   models = []
   for subject, result in zip(subjects, results, strict=True):
-    models.append({**describe(subject), "images": len(subject.images),
-                   "uniform_attention": analysis.uniform_attention_distance(subject.grid),
-                   "layers": [{"layer": i + 1, **result.distances[i]}
-                              for i in sorted(result.distances)]})
-  return {"layers_numbered_from": 1, "unit": "patches",
-          "per_unit": "one value per head (MHSA, per-head LKCA), channel (per-channel LKCA) "
-                      "or the layer's one kernel",
-          "models": models}
+    models.append(
+      {
+        **describe(subject),
+        "images": len(subject.images),
+        "uniform_attention": analysis.uniform_attention_distance(subject.grid),
+        "layers": [{"layer": i + 1, **result.distances[i]} for i in sorted(result.distances)],
+      }
+    )
+  return {
+    "layers_numbered_from": 1,
+    "unit": "patches",
+    "per_unit": "one value per head (MHSA, per-head LKCA), channel (per-channel LKCA) "
+    "or the layer's one kernel",
+    "models": models,
+  }
 
 
 def write_analysis(subjects, out_dir, layers: list[int] | None) -> list[str]:
   """Computes and writes everything; returns the files written."""
   from etils import epath  # pylint: disable=import-outside-toplevel
+
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   chosen = [choose_layers(s.trained, layers) for s in subjects]
@@ -595,15 +748,24 @@ def write_analysis(subjects, out_dir, layers: list[int] | None) -> list[str]:
   save_json(out / "erf.json", erf_json(subjects, results))
   plot_distances(subjects, results, out / "distance.png")
   save_json(out / "distance.json", distance_json(subjects, results))
-  written += ["attention.png", "attention.json", "erf.png", "erf.json", "distance.png",
-              "distance.json"]
+  written += [
+    "attention.png",
+    "attention.json",
+    "erf.png",
+    "erf.json",
+    "distance.png",
+    "distance.json",
+  ]
   for subject, result in zip(subjects, results, strict=True):
-    summary = ", ".join(f"{i + 1}: {result.distances[i]['mean']:.2f}"
-                        for i in sorted(result.distances))
+    summary = ", ".join(
+      f"{i + 1}: {result.distances[i]['mean']:.2f}" for i in sorted(result.distances)
+    )
     sides = result.squares["trained"]
-    print(f"{subject.label} ({subject.checkpoint}): mean attention distance by layer "
-          f"[{summary}] patches; ERF squares "
-          + ", ".join(f"{t:g}: {'-' if v is None else v['side']} px" for t, v in sides.items()))
+    print(
+      f"{subject.label} ({subject.checkpoint}): mean attention distance by layer "
+      f"[{summary}] patches; ERF squares "
+      + ", ".join(f"{t:g}: {'-' if v is None else v['side']} px" for t, v in sides.items())
+    )
   return [str(out / name) for name in written]
 
 
@@ -611,21 +773,39 @@ def write_analysis(subjects, out_dir, layers: list[int] | None) -> list[str]:
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training workdir (default: workdirs/<config name>); "
-                      "the figures go to <workdir>/analysis/.")
-  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (default: the latest "
-                      "in <workdir>/checkpoints).")
+
+  config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "The training workdir (default: workdirs/<config name>); "
+    "the figures go to <workdir>/analysis/.",
+  )
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "A checkpoint step directory (default: the latest in <workdir>/checkpoints).",
+  )
   flags.DEFINE_integer("images", 50, "Test images for the ERF and MHSA attention.")
-  flags.DEFINE_string("layers", None, "Comma-separated layers (from 1) for the attention "
-                      "figure (default: the first, middle and last LKCA / MHSA layer).")
-  flags.DEFINE_string("compare", None, "Another training workdir whose latest checkpoint is "
-                      "drawn next to this one (its config.json is used).")
+  flags.DEFINE_string(
+    "layers",
+    None,
+    "Comma-separated layers (from 1) for the attention "
+    "figure (default: the first, middle and last LKCA / MHSA layer).",
+  )
+  flags.DEFINE_string(
+    "compare",
+    None,
+    "Another training workdir whose latest checkpoint is "
+    "drawn next to this one (its config.json is used).",
+  )
 
 
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
@@ -637,10 +817,13 @@ def main(argv):
   from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   logging.set_verbosity(logging.WARNING)  # orbax reports every restore at INFO
   config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join("workdirs", os.path.splitext(
-      os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
+  workdir = FLAGS.workdir or os.path.join(
+    "workdirs",
+    os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0],
+  )
   try:
     layers = parse_layers(FLAGS.layers)
     other = workdir_config(FLAGS.compare, config) if FLAGS.compare else None
@@ -649,16 +832,23 @@ def main(argv):
       subjects.append(load_subject(other, FLAGS.compare, None, FLAGS.images))
     for subject in subjects:
       choose_layers(subject.trained, layers)  # a bad --layers fails before any work
-  except (train.ConfigError, checkpoint_lib.CheckpointError, data_lib.DatasetUnavailableError,
-          FileNotFoundError, ValueError) as e:
+  except (
+    train.ConfigError,
+    checkpoint_lib.CheckpointError,
+    data_lib.DatasetUnavailableError,
+    FileNotFoundError,
+    ValueError,
+  ) as e:
     fail(str(e))
   if len(subjects) == 2 and subjects[0].label == subjects[1].label:
     for subject in subjects:  # the same preset twice: tell them apart by workdir
       subject.label = f"{subject.label} ({os.path.basename(os.path.normpath(subject.workdir))})"
   for subject in subjects:
     if len(subject.images) < FLAGS.images:
-      print(f"note: {subject.label}'s test split has only {len(subject.images)} images; "
-            "using all of them")
+      print(
+        f"note: {subject.label}'s test split has only {len(subject.images)} images; "
+        "using all of them"
+      )
   try:
     written = write_analysis(subjects, os.path.join(workdir, "analysis"), layers)
   except OSError as e:
@@ -668,5 +858,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.analyze"))

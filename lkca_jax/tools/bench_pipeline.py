@@ -1,7 +1,8 @@
 """Training throughput with the per-image augmentation on and off, interleaved in one process.
 
-    python -m lkca_jax.tools.bench_pipeline --config configs/tinyimagenet.py [--config.model=lkca_b] \
-        [--steps 20] [--block 1] [--out bench_results/pipeline.json] [--config.KEY=VALUE ...]
+    python -m lkca_jax.tools.bench_pipeline --config configs/tinyimagenet.py \
+        [--config.model=lkca_b] [--steps 20] [--block 1] [--out bench_results/pipeline.json] \
+        [--config.KEY=VALUE ...]
 
 A timed step is what the trainer does per step: `pipeline.train_batch` (gather
 + per-image augmentation) then the jitted `train_step`, blocked until ready.
@@ -21,6 +22,7 @@ so steady even on a busy machine. Also timed, interleaved the same way:
 (unless --nobreakdown) augment_batch with one enabled stage on at a time, to
 show where the augmentation time goes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,22 +43,33 @@ MODES = ("on", "off")
 def augment_off(augment):
   """The same AugmentConfig with every per-image random step off (normalise only)."""
   from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+
   return augment_lib.stages_off(augment)
 
 
 def pipeline_with_augment(pipeline, augment, key):
   """A second Pipeline over the same images and labels, with another augmentation."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from lkca_jax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+
   arrays = lambda split: (np.asarray(split.images), np.asarray(split.labels))
-  return pipeline_lib.Pipeline(pipeline.mesh, arrays(pipeline.train), arrays(pipeline.test),
-                               global_batch=pipeline.global_batch, repeats=pipeline.repeats,
-                               augment=augment, key=key, placement=pipeline.placement,
-                               epoch_order=pipeline.order)
+  return pipeline_lib.Pipeline(
+    pipeline.mesh,
+    arrays(pipeline.train),
+    arrays(pipeline.test),
+    global_batch=pipeline.global_batch,
+    repeats=pipeline.repeats,
+    augment=augment,
+    key=key,
+    placement=pipeline.placement,
+    epoch_order=pipeline.order,
+  )
 
 
-def interleaved_times(runs: dict[str, Callable[[int], float]], count: int,
-                      block: int) -> dict[str, list[float]]:
+def interleaved_times(
+  runs: dict[str, Callable[[int], float]], count: int, block: int
+) -> dict[str, list[float]]:
   """`count` timings of each `runs[name](index) -> seconds`, in alternating blocks.
 
   Blocks go A B B A A B ...: each mode is as often first as second, so a
@@ -66,7 +79,7 @@ def interleaved_times(runs: dict[str, Callable[[int], float]], count: int,
   times = {name: [] for name in names}
   index = 0
   for round_ in range(-(-count // block)):
-    for name in (names if round_ % 2 == 0 else names[::-1]):
+    for name in names if round_ % 2 == 0 else names[::-1]:
       for _ in range(min(block, count - len(times[name]))):
         times[name].append(runs[name](index))
         index += 1
@@ -91,6 +104,7 @@ class TrainLoop:
 
   def step(self, mode: str, step: int) -> float:
     import jax  # pylint: disable=import-outside-toplevel
+
     training = self.trainings[mode]
     jax.block_until_ready(training.epoch_order(step // training.pipeline.steps_per_epoch))
     start = time.perf_counter()
@@ -101,6 +115,7 @@ class TrainLoop:
 
 def timed_call(fn, *args) -> float:
   import jax  # pylint: disable=import-outside-toplevel
+
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   return time.perf_counter() - start
@@ -114,6 +129,7 @@ def augment_stages(augment) -> dict:
   stages and their order are augment.STAGES, the ones augment_batch runs.
   """
   from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+
   return {stage.name: stage.alone(augment) for stage in augment_lib.enabled_stages(augment)}
 
 
@@ -129,20 +145,26 @@ def summarize(step_times: dict, batch_ms: dict, batch: int) -> dict:
   results = {}
   for name in MODES:
     ms = median_ms(step_times[name])
-    results[name] = {"median_step_ms": ms, "images_per_second": batch / (ms / 1e3),
-                     "step_ms": [1e3 * t for t in step_times[name]]}
+    results[name] = {
+      "median_step_ms": ms,
+      "images_per_second": batch / (ms / 1e3),
+      "step_ms": [1e3 * t for t in step_times[name]],
+    }
   off_ms = results["off"]["median_step_ms"]
   pairs = zip(step_times["on"], step_times["off"], strict=True)
-  return {**results,
-          "ratio": results["on"]["images_per_second"] / results["off"]["images_per_second"],
-          "paired_ratio": statistics.median(off_s / on_s for on_s, off_s in pairs),
-          "additive_ratio": off_ms / (off_ms + batch_ms["on"] - batch_ms["off"])}
+  return {
+    **results,
+    "ratio": results["on"]["images_per_second"] / results["off"]["images_per_second"],
+    "paired_ratio": statistics.median(off_s / on_s for on_s, off_s in pairs),
+    "additive_ratio": off_ms / (off_ms + batch_ms["on"] - batch_ms["off"]),
+  }
 
 
 def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log=print) -> dict:
   """Builds the trainer's pieces from `config` and times both modes; returns the results."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
@@ -152,12 +174,17 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
   training = train.build_training(run, config)
   load_seconds = time.perf_counter() - start
   on = training.pipeline
-  pipelines = {"on": on, "off": pipeline_with_augment(on, augment_off(on.augment),
-                                                      jax.random.key(config.seed))}
-  loop = TrainLoop({"on": training,
-                    "off": dataclasses.replace(training, pipeline=pipelines["off"])})
-  log(f"data on {on.placement} in {load_seconds:.1f}s; compiling "
-      f"{config.model} ({run.num_params:,} params) at batch {config.batch_size}")
+  pipelines = {
+    "on": on,
+    "off": pipeline_with_augment(on, augment_off(on.augment), jax.random.key(config.seed)),
+  }
+  loop = TrainLoop(
+    {"on": training, "off": dataclasses.replace(training, pipeline=pipelines["off"])}
+  )
+  log(
+    f"data on {on.placement} in {load_seconds:.1f}s; compiling "
+    f"{config.model} ({run.num_params:,} params) at batch {config.batch_size}"
+  )
 
   start = time.perf_counter()
   for name in MODES:  # compile, then one warm step each: excluded from the timings
@@ -166,34 +193,48 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
   compile_seconds = time.perf_counter() - start
   base = 2  # steps already taken
   step_times = interleaved_times(
-      {name: (lambda i, n=name: loop.step(n, base + i)) for name in MODES}, steps, block)
+    {name: (lambda i, n=name: loop.step(n, base + i)) for name in MODES}, steps, block
+  )
 
   # The pipeline alone, and the augmentation alone on a fixed batch.
   orders = {name: pipelines[name].epoch_order(0) for name in MODES}
-  images = np.asarray(on.train.images[:config.batch_size])
+  images = np.asarray(on.train.images[: config.batch_size])
   keys = lambda i: jax.random.fold_in(jax.random.key(config.seed), i)
-  augments = {name: jax.jit(lambda key, x, a=pipelines[name].augment:
-                            augment_lib.augment_batch(key, x, a)) for name in MODES}
+  augments = {
+    name: jax.jit(lambda key, x, a=pipelines[name].augment: augment_lib.augment_batch(key, x, a))
+    for name in MODES
+  }
   spe = on.steps_per_epoch
   for name in MODES:  # compile
     jax.block_until_ready(pipelines[name].train_batch(orders[name], 0))
     jax.block_until_ready(augments[name](keys(0), images))
   batch_times = interleaved_times(
-      {name: (lambda i, n=name: timed_call(pipelines[n].train_batch, orders[n], i % spe))
-       for name in MODES}, steps, block)
+    {
+      name: (lambda i, n=name: timed_call(pipelines[n].train_batch, orders[n], i % spe))
+      for name in MODES
+    },
+    steps,
+    block,
+  )
   augment_times = interleaved_times(
-      {name: (lambda i, n=name: timed_call(augments[n], keys(i), images)) for name in MODES},
-      steps, block)
+    {name: (lambda i, n=name: timed_call(augments[n], keys(i), images)) for name in MODES},
+    steps,
+    block,
+  )
 
   stages = {}
   if breakdown:
-    functions = {name: jax.jit(lambda key, x, a=stage: augment_lib.augment_batch(key, x, a))
-                 for name, stage in augment_stages(on.augment).items()}
+    functions = {
+      name: jax.jit(lambda key, x, a=stage: augment_lib.augment_batch(key, x, a))
+      for name, stage in augment_stages(on.augment).items()
+    }
     for fn in functions.values():  # compile
       jax.block_until_ready(fn(keys(0), images))
     stage_times = interleaved_times(
-        {name: (lambda i, f=fn: timed_call(f, keys(i), images)) for name, fn in functions.items()},
-        steps, 1)
+      {name: (lambda i, f=fn: timed_call(f, keys(i), images)) for name, fn in functions.items()},
+      steps,
+      1,
+    )
     stages = {name: median_ms(t) for name, t in stage_times.items()}
 
   batch = config.batch_size
@@ -201,56 +242,81 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
   summary = summarize(step_times, batch_ms, batch)
   aug = on.augment
   return {
-      "config": {"model": config.model, "dataset": config.dataset.name,
-                 "params": run.num_params, "batch_size": batch, "dtype": config.dtype},
-      "augment": {"on": dataclasses.asdict(aug), "off": dataclasses.asdict(augment_off(aug))},
-      "note": ("'off' turns only the per-image augmentation off; batch-level CutMix/Mixup "
-               "(inside the train step) are the same in both modes"),
-      "steps": steps, "block": block,
-      "train": summary,
-      "target_ratio": TARGET_RATIO, "meets_target": summary["ratio"] >= TARGET_RATIO,
-      "pipeline_batch_ms": batch_ms,
-      "augment_batch_ms": {name: median_ms(augment_times[name]) for name in MODES},
-      "augment_stage_ms": stages,
-      "load_seconds": load_seconds, "compile_seconds": compile_seconds,
-      "machine": {**cli.machine_info(), "load_average_start": load_start,
-                  "load_average_end": os.getloadavg()},
+    "config": {
+      "model": config.model,
+      "dataset": config.dataset.name,
+      "params": run.num_params,
+      "batch_size": batch,
+      "dtype": config.dtype,
+    },
+    "augment": {"on": dataclasses.asdict(aug), "off": dataclasses.asdict(augment_off(aug))},
+    "note": (
+      "'off' turns only the per-image augmentation off; batch-level CutMix/Mixup "
+      "(inside the train step) are the same in both modes"
+    ),
+    "steps": steps,
+    "block": block,
+    "train": summary,
+    "target_ratio": TARGET_RATIO,
+    "meets_target": summary["ratio"] >= TARGET_RATIO,
+    "pipeline_batch_ms": batch_ms,
+    "augment_batch_ms": {name: median_ms(augment_times[name]) for name in MODES},
+    "augment_stage_ms": stages,
+    "load_seconds": load_seconds,
+    "compile_seconds": compile_seconds,
+    "machine": {
+      **cli.machine_info(),
+      "load_average_start": load_start,
+      "load_average_end": os.getloadavg(),
+    },
   }
 
 
 def format_table(results: dict) -> str:
   t, m, c = results["train"], results["machine"], results["config"]
   lines = [
-      f"{c['model']} on {c['dataset']}, batch {c['batch_size']}, median of {results['steps']} "
-      f"steps a mode (blocks of {results['block']}, interleaved)",
-      f"{'augmentation':<14}{'images/s':>10}{'step ms':>10}{'batch ms':>10}{'augment ms':>12}",
+    f"{c['model']} on {c['dataset']}, batch {c['batch_size']}, median of {results['steps']} "
+    f"steps a mode (blocks of {results['block']}, interleaved)",
+    f"{'augmentation':<14}{'images/s':>10}{'step ms':>10}{'batch ms':>10}{'augment ms':>12}",
   ]
   for name in MODES:
-    lines.append(f"{name:<14}{t[name]['images_per_second']:>10.1f}"
-                 f"{t[name]['median_step_ms']:>10.1f}{results['pipeline_batch_ms'][name]:>10.1f}"
-                 f"{results['augment_batch_ms'][name]:>12.1f}")
+    lines.append(
+      f"{name:<14}{t[name]['images_per_second']:>10.1f}"
+      f"{t[name]['median_step_ms']:>10.1f}{results['pipeline_batch_ms'][name]:>10.1f}"
+      f"{results['augment_batch_ms'][name]:>12.1f}"
+    )
   verdict = "meets" if results["meets_target"] else "BELOW"
-  lines.append(f"ratio on/off: {t['ratio']:.3f} ({verdict} the {results['target_ratio']:.0%} "
-               "target); "
-               f"median of paired step ratios {t['paired_ratio']:.3f}; off step / (off step + "
-               f"extra batch ms) {t['additive_ratio']:.3f}")
+  lines.append(
+    f"ratio on/off: {t['ratio']:.3f} ({verdict} the {results['target_ratio']:.0%} "
+    "target); "
+    f"median of paired step ratios {t['paired_ratio']:.3f}; off step / (off step + "
+    f"extra batch ms) {t['additive_ratio']:.3f}"
+  )
   if results["augment_stage_ms"]:
-    lines.append("augment_batch with one stage on (ms a batch, each + normalize): " + ", ".join(
-        f"{k} {v:.1f}" for k, v in results["augment_stage_ms"].items()))
-  lines.append("step: train_batch + train_step; batch: pipeline.train_batch alone (gather + "
-               "augment); augment: jit(augment_batch) alone")
+    lines.append(
+      "augment_batch with one stage on (ms a batch, each + normalize): "
+      + ", ".join(f"{k} {v:.1f}" for k, v in results["augment_stage_ms"].items())
+    )
+  lines.append(
+    "step: train_batch + train_step; batch: pipeline.train_batch alone (gather + "
+    "augment); augment: jit(augment_batch) alone"
+  )
   lines.append(results["note"])
-  lines.append(f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
-               f"{m['cpu_count']} CPUs, jax {m['jax']}, load average "
-               f"{m['load_average_start'][0]:.2f} -> {m['load_average_end'][0]:.2f}")
+  lines.append(
+    f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
+    f"{m['cpu_count']} CPUs, jax {m['jax']}, load average "
+    f"{m['load_average_start'][0]:.2f} -> {m['load_average_end'][0]:.2f}"
+  )
   return "\n".join(lines)
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+  )
   flags.DEFINE_integer("steps", 20, "Timed steps per mode.")
   flags.DEFINE_integer("block", 1, "Steps per block; the modes alternate block by block.")
   flags.DEFINE_string("out", "bench_results/pipeline.json", "Where the JSON results go.")
@@ -259,8 +325,10 @@ def _define_flags():
 
 def main(argv):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
+
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   fail = cli.fail
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -269,8 +337,9 @@ def main(argv):
     fail(f"--steps and --block must be at least 1, got {FLAGS.steps} and {FLAGS.block}")
   logging.set_verbosity(logging.WARNING)
   try:
-    results = run_benchmark(FLAGS.config, steps=FLAGS.steps, block=FLAGS.block,
-                            breakdown=FLAGS.breakdown)
+    results = run_benchmark(
+      FLAGS.config, steps=FLAGS.steps, block=FLAGS.block, breakdown=FLAGS.breakdown
+    )
   except (train.ConfigError, data_lib.DatasetUnavailableError) as e:
     fail(str(e))
   print(format_table(results))
@@ -279,5 +348,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_pipeline"))

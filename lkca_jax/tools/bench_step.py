@@ -35,6 +35,7 @@ order reversed every other round (A B B A), so load from other processes hits
 them alike. Reported per case: median and min ms/step and images/s
 (batch / median), plus the load average at start and end.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,13 +48,13 @@ from lkca_jax.tools import cli  # noqa: E402
 
 COLUMNS = ("fixed", "pipeline")
 DATASET = "synthetic_cifar"
-SMOKE = {"batch": 16, "steps": 2,
-         "overrides": {"dim": 32, "depth": 1, "num_heads": 2}}
+SMOKE = {"batch": 16, "steps": 2, "overrides": {"dim": 32, "depth": 1, "num_heads": 2}}
 
 
 def step_config(model: str, *, batch: int, dtype: str, overrides: dict | None = None):
   """The reference recipe on synthetic CIFAR-shaped data for one model and compute dtype."""
   from configs import default  # pylint: disable=import-outside-toplevel
+
   config = default.get_config()
   config.dataset.name = DATASET
   config.model = model
@@ -68,8 +69,14 @@ def float_dtypes(tree) -> list[str]:
   """Sorted names of the floating dtypes among a pytree's array leaves."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return sorted({str(x.dtype) for x in jax.tree.leaves(tree)
-                 if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)})
+
+  return sorted(
+    {
+      str(x.dtype)
+      for x in jax.tree.leaves(tree)
+      if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+    }
+  )
 
 
 class Case:
@@ -79,6 +86,7 @@ class Case:
     import jax  # pylint: disable=import-outside-toplevel
 
     from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
     self.run = train.Run.prepare(config)
     self.training = train.build_training(self.run, config)
     self.state = self.training.state
@@ -89,6 +97,7 @@ class Case:
   def step(self, column: str) -> float:
     """One train step of `column`; returns its wall seconds (blocked until ready)."""
     import jax  # pylint: disable=import-outside-toplevel
+
     t = self.training
     if column == "pipeline":  # the epoch order is drawn once an epoch: outside the timing
       jax.block_until_ready(t.epoch_order(self.step_index // t.pipeline.steps_per_epoch))
@@ -105,16 +114,26 @@ class Case:
 def step_bytes(case) -> int:
   """Peak bytes of a case's compiled training step (its memory analysis)."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   t = case.training
   args = (case.state, case.fixed_batch, t.train_key, t.hparams)
   lowered = t.compiled_step.lower(*args, t.alive) if t.many else t.compiled_step.lower(*args)
   return train.step_memory_bytes(lowered.compile())
 
 
-def run_runs_benchmark(models: list[str], dtypes: list[str], *, runs: int, batch: int,
-                       steps: int, overrides: dict | None = None, log=print) -> dict:
+def run_runs_benchmark(
+  models: list[str],
+  dtypes: list[str],
+  *,
+  runs: int,
+  batch: int,
+  steps: int,
+  overrides: dict | None = None,
+  log=print,
+) -> dict:
   """K runs in one process against K single runs, per (model, dtype); see --runs."""
   import jax  # pylint: disable=import-outside-toplevel
+
   load_start = os.getloadavg()
   cases = {}
   for model in models:
@@ -136,40 +155,62 @@ def run_runs_benchmark(models: list[str], dtypes: list[str], *, runs: int, batch
   order = [(key, i) for key in cases for i in range(runs + 1)]
   times = {item: [] for item in order}
   for round_ in range(steps):
-    for key, i in (order if round_ % 2 == 0 else order[::-1]):
+    for key, i in order if round_ % 2 == 0 else order[::-1]:
       times[(key, i)].append(cases[key][i].step("pipeline"))
   results = []
   for (model, dtype), (together, *singles) in cases.items():
     together_ms = 1e3 * statistics.median(times[((model, dtype), 0)])
-    separate_ms = sum(1e3 * statistics.median(times[((model, dtype), i)])
-                      for i in range(1, runs + 1))
+    separate_ms = sum(
+      1e3 * statistics.median(times[((model, dtype), i)]) for i in range(1, runs + 1)
+    )
     many_bytes, single_bytes = step_bytes(together), step_bytes(singles[0])
-    results.append({
-        "model": model, "dtype": dtype, "runs": runs, "params": together.run.num_params,
-        "together_ms": together_ms, "separate_ms": separate_ms,
+    results.append(
+      {
+        "model": model,
+        "dtype": dtype,
+        "runs": runs,
+        "params": together.run.num_params,
+        "together_ms": together_ms,
+        "separate_ms": separate_ms,
         "ratio": together_ms / separate_ms,
         "together_step_ms": [1e3 * s for s in times[((model, dtype), 0)]],
-        "single_bytes": single_bytes, "together_bytes": many_bytes,
+        "single_bytes": single_bytes,
+        "together_bytes": many_bytes,
         "together_bytes_per_run": many_bytes / runs,
-    })
+      }
+    )
   return {
-      "config": {"models": models, "dtypes": dtypes, "batch_size": batch, "steps": steps,
-                 "runs": runs, "dataset": DATASET, "model_overrides": overrides or {}},
-      "results": results, "jax": jax.__version__, "machine": cli.machine_info(),
-      "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+    "config": {
+      "models": models,
+      "dtypes": dtypes,
+      "batch_size": batch,
+      "steps": steps,
+      "runs": runs,
+      "dataset": DATASET,
+      "model_overrides": overrides or {},
+    },
+    "results": results,
+    "jax": jax.__version__,
+    "machine": cli.machine_info(),
+    "load_average_start": list(load_start),
+    "load_average_end": list(os.getloadavg()),
   }
 
 
 def format_runs_table(results: dict) -> str:
   c = results["config"]
-  lines = [f"{c['runs']} runs in one process vs {c['runs']} single runs, batch "
-           f"{c['batch_size']} each, median of {c['steps']} interleaved steps",
-           f"{'model':<10}{'dtype':<10}{'together ms':>12}{'apart ms':>10}{'ratio':>7}"
-           f"{'MiB/run together':>18}{'MiB single':>12}"]
+  lines = [
+    f"{c['runs']} runs in one process vs {c['runs']} single runs, batch "
+    f"{c['batch_size']} each, median of {c['steps']} interleaved steps",
+    f"{'model':<10}{'dtype':<10}{'together ms':>12}{'apart ms':>10}{'ratio':>7}"
+    f"{'MiB/run together':>18}{'MiB single':>12}",
+  ]
   for r in results["results"]:
-    lines.append(f"{r['model']:<10}{r['dtype']:<10}{r['together_ms']:>12.1f}"
-                 f"{r['separate_ms']:>10.1f}{r['ratio']:>7.2f}"
-                 f"{r['together_bytes_per_run'] / 2**20:>18.1f}{r['single_bytes'] / 2**20:>12.1f}")
+    lines.append(
+      f"{r['model']:<10}{r['dtype']:<10}{r['together_ms']:>12.1f}"
+      f"{r['separate_ms']:>10.1f}{r['ratio']:>7.2f}"
+      f"{r['together_bytes_per_run'] / 2**20:>18.1f}{r['single_bytes'] / 2**20:>12.1f}"
+    )
   start, end = results["load_average_start"], results["load_average_end"]
   lines.append(f"load average {start[0]:.2f} -> {end[0]:.2f}")
   return "\n".join(lines)
@@ -177,14 +218,26 @@ def format_runs_table(results: dict) -> str:
 
 def column_stats(seconds: list[float], batch: int) -> dict:
   median_ms = 1e3 * statistics.median(seconds)
-  return {"median_ms": median_ms, "min_ms": 1e3 * min(seconds),
-          "images_per_second": batch / (median_ms / 1e3), "step_ms": [1e3 * s for s in seconds]}
+  return {
+    "median_ms": median_ms,
+    "min_ms": 1e3 * min(seconds),
+    "images_per_second": batch / (median_ms / 1e3),
+    "step_ms": [1e3 * s for s in seconds],
+  }
 
 
-def run_benchmark(models: list[str], dtypes: list[str], *, batch: int, steps: int,
-                  overrides: dict | None = None, log=print) -> dict:
+def run_benchmark(
+  models: list[str],
+  dtypes: list[str],
+  *,
+  batch: int,
+  steps: int,
+  overrides: dict | None = None,
+  log=print,
+) -> dict:
   """Builds every (model, dtype), times both columns interleaved; returns the results."""
   import jax  # pylint: disable=import-outside-toplevel
+
   load_start = os.getloadavg()
   cases = {}
   compile_seconds = {}
@@ -196,60 +249,83 @@ def run_benchmark(models: list[str], dtypes: list[str], *, batch: int, steps: in
         case.step(column)
         case.step(column)
       compile_seconds[f"{model}/{dtype}"] = time.perf_counter() - start
-      log(f"compiled {model} ({case.run.num_params:,} params) {dtype} in "
-          f"{compile_seconds[f'{model}/{dtype}']:.1f}s")
+      log(
+        f"compiled {model} ({case.run.num_params:,} params) {dtype} in "
+        f"{compile_seconds[f'{model}/{dtype}']:.1f}s"
+      )
       cases[(model, dtype)] = case
   order = [(key, column) for key in cases for column in COLUMNS]
   times = {item: [] for item in order}
   for round_ in range(steps):
-    for key, column in (order if round_ % 2 == 0 else order[::-1]):
+    for key, column in order if round_ % 2 == 0 else order[::-1]:
       times[(key, column)].append(cases[key].step(column))
   results = []
   for (model, dtype), case in cases.items():
-    results.append({
-        "model": model, "dtype": dtype, "params": case.run.num_params,
+    results.append(
+      {
+        "model": model,
+        "dtype": dtype,
+        "params": case.run.num_params,
         **{column: column_stats(times[((model, dtype), column)], batch) for column in COLUMNS},
-        "state_dtypes": {"params": float_dtypes(case.state.params),
-                         "opt_state": float_dtypes(case.state.opt_state)},
-    })
+        "state_dtypes": {
+          "params": float_dtypes(case.state.params),
+          "opt_state": float_dtypes(case.state.opt_state),
+        },
+      }
+    )
   return {
-      "config": {"models": models, "dtypes": dtypes, "batch_size": batch, "steps": steps,
-                 "dataset": DATASET, "image_shape": [32, 32, 3], "num_classes": 10,
-                 "patch_size": 4, "model_overrides": overrides or {}},
-      "columns": {"fixed": "train_step on one fixed, normalised batch (no per-image "
-                           "augmentation)",
-                  "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, "
-                              "then train_step"},
-      "results": results,
-      "compile_seconds": compile_seconds,
-      "jax": jax.__version__,
-      "machine": cli.machine_info(),
-      "load_average_start": list(load_start),
-      "load_average_end": list(os.getloadavg()),
+    "config": {
+      "models": models,
+      "dtypes": dtypes,
+      "batch_size": batch,
+      "steps": steps,
+      "dataset": DATASET,
+      "image_shape": [32, 32, 3],
+      "num_classes": 10,
+      "patch_size": 4,
+      "model_overrides": overrides or {},
+    },
+    "columns": {
+      "fixed": "train_step on one fixed, normalised batch (no per-image augmentation)",
+      "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, then train_step",
+    },
+    "results": results,
+    "compile_seconds": compile_seconds,
+    "jax": jax.__version__,
+    "machine": cli.machine_info(),
+    "load_average_start": list(load_start),
+    "load_average_end": list(os.getloadavg()),
   }
 
 
 def format_table(results: dict) -> str:
   c = results["config"]
-  lines = [f"train step, batch {c['batch_size']}, {c['dataset']} 32x32x3, median of "
-           f"{c['steps']} interleaved steps per case",
-           f"{'model':<10}{'dtype':<10}{'fixed ms':>10}{'min':>8}{'img/s':>8}"
-           f"{'pipeline ms':>13}{'min':>8}{'img/s':>8}"]
+  lines = [
+    f"train step, batch {c['batch_size']}, {c['dataset']} 32x32x3, median of "
+    f"{c['steps']} interleaved steps per case",
+    f"{'model':<10}{'dtype':<10}{'fixed ms':>10}{'min':>8}{'img/s':>8}"
+    f"{'pipeline ms':>13}{'min':>8}{'img/s':>8}",
+  ]
   for r in results["results"]:
     f, p = r["fixed"], r["pipeline"]
-    lines.append(f"{r['model']:<10}{r['dtype']:<10}{f['median_ms']:>10.1f}{f['min_ms']:>8.1f}"
-                 f"{f['images_per_second']:>8.1f}{p['median_ms']:>13.1f}{p['min_ms']:>8.1f}"
-                 f"{p['images_per_second']:>8.1f}")
+    lines.append(
+      f"{r['model']:<10}{r['dtype']:<10}{f['median_ms']:>10.1f}{f['min_ms']:>8.1f}"
+      f"{f['images_per_second']:>8.1f}{p['median_ms']:>13.1f}{p['min_ms']:>8.1f}"
+      f"{p['images_per_second']:>8.1f}"
+    )
   m = results["machine"]
   start, end = results["load_average_start"], results["load_average_end"]
-  lines.append(f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
-               f"{m['cpu_count']} CPUs, jax {results['jax']}, load average {start[0]:.2f} -> "
-               f"{end[0]:.2f}")
+  lines.append(
+    f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
+    f"{m['cpu_count']} CPUs, jax {results['jax']}, load average {start[0]:.2f} -> "
+    f"{end[0]:.2f}"
+  )
   return "\n".join(lines)
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   flags.DEFINE_list("models", ["lkca_t", "lkca_b", "vit_1m", "vit"], "Model presets.")
   flags.DEFINE_integer("batch", 128, "Global batch size.")
   flags.DEFINE_list("dtype", ["float32", "bfloat16"], "Compute dtypes: float32, bfloat16.")
@@ -264,13 +340,15 @@ def main(argv):
 
   from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
   unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
   if not FLAGS.models or unknown:
-    cli.fail(f"unknown model {unknown[0] if unknown else ''!r}; choose from "
-             f"{sorted(models_lib.PRESETS)}")
+    cli.fail(
+      f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models_lib.PRESETS)}"
+    )
   bad = [d for d in FLAGS.dtype if d not in models_lib.DTYPES]
   if not FLAGS.dtype or bad:
     cli.fail(f"--dtype must list {sorted(models_lib.DTYPES)}, got {FLAGS.dtype}")
@@ -284,11 +362,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     if FLAGS.runs > 1:
-      results = run_runs_benchmark(FLAGS.models, FLAGS.dtype, runs=FLAGS.runs, batch=batch,
-                                   steps=steps, overrides=overrides)
+      results = run_runs_benchmark(
+        FLAGS.models, FLAGS.dtype, runs=FLAGS.runs, batch=batch, steps=steps, overrides=overrides
+      )
     else:
-      results = run_benchmark(FLAGS.models, FLAGS.dtype, batch=batch, steps=steps,
-                              overrides=overrides)
+      results = run_benchmark(
+        FLAGS.models, FLAGS.dtype, batch=batch, steps=steps, overrides=overrides
+      )
   except train.ConfigError as e:
     cli.fail(str(e))
   print(format_runs_table(results) if FLAGS.runs > 1 else format_table(results))
@@ -297,5 +377,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_step"))

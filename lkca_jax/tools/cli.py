@@ -4,6 +4,7 @@ Used by main.py and the `python -m lkca_jax.tools.*` commands. A bad input is
 one `error:` line on stderr and exit code 2, before any work; every output
 file is written whole through `lkca_jax.files.write_atomic`.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,16 @@ import sys
 
 from lkca_jax.files import write_atomic, write_json
 
-__all__ = ["USAGE_ERROR", "fail", "machine_info", "parse_flags", "parser_for", "save_figure",
-           "write_atomic", "write_json"]
+__all__ = [
+  "USAGE_ERROR",
+  "fail",
+  "machine_info",
+  "parse_flags",
+  "parser_for",
+  "save_figure",
+  "write_atomic",
+  "write_json",
+]
 
 USAGE_ERROR = 2
 
@@ -34,6 +43,7 @@ def parse_flags(argv, *, program: str = "main.py"):
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   takes_config = "config" in flags.FLAGS
   config = None
   try:
@@ -49,8 +59,10 @@ def parse_flags(argv, *, program: str = "main.py"):
     fail(f"{e}. See `{program} --helpfull` and the keys in configs/default.py.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
     key = str(e).strip("\"'")
-    fail(f"bad --config override: {key} is not a key of this config or has the wrong type; "
-         "the keys are in configs/default.py")
+    fail(
+      f"bad --config override: {key} is not a key of this config or has the wrong type; "
+      "the keys are in configs/default.py"
+    )
   if takes_config and config is None:
     fail("--config is required, e.g. --config configs/digits.py")
   return rest
@@ -64,12 +76,19 @@ def parser_for(program: str):
 def machine_info() -> dict:
   """The machine a number was measured on, with the 1-minute load average now."""
   import jax  # pylint: disable=import-outside-toplevel
+
   device = jax.devices()[0]
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "backend": jax.default_backend(), "device_kind": device.device_kind,
-          "devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "load_average_1m": round(os.getloadavg()[0], 2)}
+  return {
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "backend": jax.default_backend(),
+    "device_kind": device.device_kind,
+    "devices": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "load_average_1m": round(os.getloadavg()[0], 2),
+  }
 
 
 def save_figure(figure, path, *, dpi: int = 150):

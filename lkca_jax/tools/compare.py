@@ -38,6 +38,7 @@ rate over its S runs, divided by S; the first, compiling step excluded).
 Bad input (unknown mixer, --seeds < 1, a config that cannot run, an existing
 run directory) is one line on stderr and exit code 2 before any training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,9 +58,10 @@ from lkca_jax.layers import MIXERS  # noqa: E402
 from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
 
 # {size: {mixer: preset}}, from each registered mixer's own `size_presets`.
-SIZE_PRESETS = {size: {name: cls.size_presets[size] for name, cls in MIXERS.items()
-                       if size in cls.size_presets}
-                for size in sorted({s for cls in MIXERS.values() for s in cls.size_presets})}
+SIZE_PRESETS = {
+  size: {name: cls.size_presets[size] for name, cls in MIXERS.items() if size in cls.size_presets}
+  for size in sorted({s for cls in MIXERS.values() for s in cls.size_presets})
+}
 # What a directory must hold for --overwrite to delete it: something train_and_evaluate wrote.
 RUN_DIR_MARKERS = ("config.json", "summary.json", "checkpoints")
 
@@ -90,9 +92,12 @@ def model_macs_breakdown(model) -> dict[str, int]:
     mixer_tokens = num_patches if mixer.needs_grid else tokens
     mixers += type(mixer).macs(mixer_tokens, dim, block.num_heads, **dict(block.mixer_options))
     mlp += 2 * tokens * dim * block.mlp.fc1.out_features
-  return {"patch_embed": num_patches * model.patch_embed.in_features * dim,
-          "mixers": mixers, "mlp": mlp,
-          "head": dim * model.head.out_features}
+  return {
+    "patch_embed": num_patches * model.patch_embed.in_features * dim,
+    "mixers": mixers,
+    "mlp": mlp,
+    "head": dim * model.head.out_features,
+  }
 
 
 def model_macs(model) -> int:
@@ -114,16 +119,17 @@ def check_mixers(mixers: list[str], size: str, same_preset: bool) -> None:
     if mixer not in MIXERS:
       raise UsageError(f"unknown mixer {mixer!r} in --mixers; choose from {sorted(MIXERS)}")
     if not same_preset and mixer not in SIZE_PRESETS[size]:
-      raise UsageError(f"no size-{size} preset for mixer {mixer!r} (have "
-                       f"{sorted(SIZE_PRESETS[size])}); pass --same-preset to use config.model")
+      raise UsageError(
+        f"no size-{size} preset for mixer {mixer!r} (have "
+        f"{sorted(SIZE_PRESETS[size])}); pass --same-preset to use config.model"
+      )
 
 
 def preset_for(config, mixer: str, size: str, same_preset: bool) -> str:
   return config.model if same_preset else SIZE_PRESETS[size][mixer]
 
 
-def run_config(base, mixer: str, *, seed: int, size: str, same_preset: bool,
-               steps: int | None):
+def run_config(base, mixer: str, *, seed: int, size: str, same_preset: bool, steps: int | None):
   """A copy of `base` that trains `mixer` with `seed` (and `steps`, when given)."""
   config = copy.deepcopy(base)
   config.model = preset_for(base, mixer, size, same_preset)
@@ -142,6 +148,7 @@ def enable_compile_cache(directory: str) -> None:
   """JAX's persistent compilation cache: a rerun of the same comparison compiles nothing
   (the same executable runs either way). An explicit $JAX_COMPILATION_CACHE_DIR wins."""
   import jax
+
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   jax.config.update("jax_compilation_cache_dir", directory)
@@ -154,13 +161,18 @@ def clear_run_dirs(paths: list[str], overwrite: bool) -> None:
   if not existing:
     return
   if not overwrite:
-    raise UsageError(f"run directory {existing[0]} already exists ({len(existing)} of "
-                     f"{len(paths)}); pass --overwrite to delete and retrain, or another --workdir")
+    raise UsageError(
+      f"run directory {existing[0]} already exists ({len(existing)} of "
+      f"{len(paths)}); pass --overwrite to delete and retrain, or another --workdir"
+    )
   for path in existing:
-    if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, m))
-                                          for m in RUN_DIR_MARKERS):
-      raise UsageError(f"{path} exists but is not a training run directory; --overwrite "
-                       "deletes only those: move it away or pass another --workdir")
+    if not os.path.isdir(path) or not any(
+      os.path.exists(os.path.join(path, m)) for m in RUN_DIR_MARKERS
+    ):
+      raise UsageError(
+        f"{path} exists but is not a training run directory; --overwrite "
+        "deletes only those: move it away or pass another --workdir"
+      )
   for path in existing:
     shutil.rmtree(path)
 
@@ -193,38 +205,50 @@ def _percent(mean, std) -> str:
 
 def format_table(report: dict) -> str:
   s = report["settings"]
-  how = ("`config.model` " + f"`{s['model']}`" + " with each mixer" if s["same_preset"]
-         else f"size-matched presets (size {s['size']})")
+  how = (
+    "`config.model` " + f"`{s['model']}`" + " with each mixer"
+    if s["same_preset"]
+    else f"size-matched presets (size {s['size']})"
+  )
   overrides = ", ".join(f"{k}={v}" for k, v in s["model_overrides"].items())
   subset = (f"first {s['classes']} classes, " if s["subset_classes"] else "") + (
-      f"{s['train_per_class']} training images a class, " if s["train_per_class"] else "")
+    f"{s['train_per_class']} training images a class, " if s["train_per_class"] else ""
+  )
   lines = [
-      f"## Token mixers on {s['dataset']}: {s['steps']} steps at batch {s['batch_size']}",
-      "",
-      f"Config `{s['config_file']}`, {how}"
-      + (f", overrides {overrides}" if overrides else "")
-      + f"; {subset}seeds {', '.join(map(str, s['seeds']))}; {s['devices']} {s['platform']} "
-      "device(s). Top-1 on the full evaluation split"
-      + (" of those classes" if s["subset_classes"] else "")
-      + ", in %, mean ± sample std (ddof 1) over seeds.",
-      "",
-      "| mixer | preset | top-1 final | best top-1 | params | multiply-adds / image "
-      "| train images/s | seeds |",
-      "|---|---|---|---|---|---|---|---|",
+    f"## Token mixers on {s['dataset']}: {s['steps']} steps at batch {s['batch_size']}",
+    "",
+    f"Config `{s['config_file']}`, {how}"
+    + (f", overrides {overrides}" if overrides else "")
+    + f"; {subset}seeds {', '.join(map(str, s['seeds']))}; {s['devices']} {s['platform']} "
+    "device(s). Top-1 on the full evaluation split"
+    + (" of those classes" if s["subset_classes"] else "")
+    + ", in %, mean ± sample std (ddof 1) over seeds.",
+    "",
+    "| mixer | preset | top-1 final | best top-1 | params | multiply-adds / image "
+    "| train images/s | seeds |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for row in report["rows"]:
     speed = row["train_images_per_second_mean"]
     final = _percent(row["final_top1_mean"], row["final_top1_std"])
     best = _percent(row["best_top1_mean"], row["best_top1_std"])
     lines.append(
-        f"| {row['mixer']} | {row['preset']} | {final} | {best} | {row['params']:,} "
-        f"| {row['macs'] / 1e6:.2f}M | {f'{speed:.0f}' if speed else '–'} "
-        f"| {len(row['finished_seeds'])}/{len(row['runs'])} |")
-  lines += ["", "Multiply-adds: patch embedding + per-layer mixer (the mixer's `macs`, "
-            "token-token mixing included) + MLP + head; norms, activations and softmax "
-            "not counted. Train images/s: the trainer's summary value, first step excluded."]
-  failures = [f"{row['mixer']} seed {r['seed']}: {r['error']}" for row in report["rows"]
-              for r in row["runs"] if r.get("error")]
+      f"| {row['mixer']} | {row['preset']} | {final} | {best} | {row['params']:,} "
+      f"| {row['macs'] / 1e6:.2f}M | {f'{speed:.0f}' if speed else '–'} "
+      f"| {len(row['finished_seeds'])}/{len(row['runs'])} |"
+    )
+  lines += [
+    "",
+    "Multiply-adds: patch embedding + per-layer mixer (the mixer's `macs`, "
+    "token-token mixing included) + MLP + head; norms, activations and softmax "
+    "not counted. Train images/s: the trainer's summary value, first step excluded.",
+  ]
+  failures = [
+    f"{row['mixer']} seed {r['seed']}: {r['error']}"
+    for row in report["rows"]
+    for r in row["runs"]
+    if r.get("error")
+  ]
   if failures:
     lines += [""] + [f"- failed: {f}" for f in failures]
   return "\n".join(lines) + "\n"
@@ -252,22 +276,37 @@ def write_seed_summary(path: str, summary: dict, run: dict) -> None:
 # --- command line -------------------------------------------------------------------
 def define_flags() -> None:
   """The command's flags; defined on demand so importing this module (tests) registers none."""
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+  )
   flags.DEFINE_list("mixers", ["mhsa", "lkca", "acmix", "flatten"], "Token mixers to compare.")
-  flags.DEFINE_integer("seeds", 3, "Seeds 0..S-1 per mixer, trained side by side in one "
-                       "process (config.num_runs=S).", lower_bound=1)
+  flags.DEFINE_integer(
+    "seeds",
+    3,
+    "Seeds 0..S-1 per mixer, trained side by side in one process (config.num_runs=S).",
+    lower_bound=1,
+  )
   flags.DEFINE_enum("size", "t", sorted(SIZE_PRESETS), "Size-matched preset family.")
   flags.DEFINE_bool("same-preset", False, "Keep config.model; only override its mixer.")
-  flags.DEFINE_integer("steps", None, "Training steps per run (default: the config's).",
-                       lower_bound=1)
-  flags.DEFINE_string("out", None,
-                      "Markdown table path (default bench_results/compare_<config>.md).")
-  flags.DEFINE_string("workdir", None, "Each mixer trains in DIR/<mixer>, its seeds' "
-                      "summaries in DIR/<mixer>/seed<k> (default workdirs/compare_<config>).")
+  flags.DEFINE_integer(
+    "steps", None, "Training steps per run (default: the config's).", lower_bound=1
+  )
+  flags.DEFINE_string(
+    "out", None, "Markdown table path (default bench_results/compare_<config>.md)."
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Each mixer trains in DIR/<mixer>, its seeds' "
+    "summaries in DIR/<mixer>/seed<k> (default workdirs/compare_<config>).",
+  )
   flags.DEFINE_bool("overwrite", False, "Delete existing run directories instead of refusing.")
-  flags.DEFINE_bool("compile-cache", True, "Keep compiled steps in DIR/jax_cache, so reruns "
-                    "skip compilation; $JAX_COMPILATION_CACHE_DIR, when set, is used instead.")
+  flags.DEFINE_bool(
+    "compile-cache",
+    True,
+    "Keep compiled steps in DIR/jax_cache, so reruns "
+    "skip compilation; $JAX_COMPILATION_CACHE_DIR, when set, is used instead.",
+  )
 
 
 def config_stem() -> str:
@@ -277,8 +316,7 @@ def config_stem() -> str:
 
 def main(argv):
   if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --flag=VALUE or "
-         "--config.KEY=VALUE")
+    fail(f"unexpected arguments {argv[1:]}; pass settings as --flag=VALUE or --config.KEY=VALUE")
   base, mixers, seeds = FLAGS.config, FLAGS.mixers, list(range(FLAGS.seeds))
   same_preset, size, steps = FLAGS["same-preset"].value, FLAGS.size, FLAGS.steps
   workdir = FLAGS.workdir or os.path.join("workdirs", f"compare_{config_stem()}")
@@ -295,8 +333,10 @@ def main(argv):
 
   # Everything that can fail on input fails here, before the first step.
   try:
-    configs = {m: run_config(base, m, seed=0, size=size, same_preset=same_preset, steps=steps)
-               for m in mixers}
+    configs = {
+      m: run_config(base, m, seed=0, size=size, same_preset=same_preset, steps=steps)
+      for m in mixers
+    }
     for config in configs.values():
       config.num_runs = len(seeds)
     runs = {m: train.Run.prepare(configs[m]) for m in mixers}
@@ -306,22 +346,38 @@ def main(argv):
 
   first = runs[mixers[0]]
   report = {
-      "settings": {
-          "argv": sys.argv, "config_file": config_flags.get_config_filename(FLAGS["config"]),
-          "dataset": base.dataset.name, "classes": first.spec.num_classes,
-          "subset_classes": bool(base.dataset.classes),
-          "train_per_class": base.dataset.train_per_class,
-          "mixers": mixers, "seeds": seeds, "size": None if same_preset else size,
-          "same_preset": same_preset, "model": base.model if same_preset else None,
-          "model_overrides": {k: v for k, v in train.model_kwargs(base).items() if k != "mixer"},
-          "batch_size": base.batch_size, "devices": int(first.mesh.devices.size),
-          "platform": first.mesh.devices.flat[0].platform, "std_ddof": 1,
-          "steps": steps, "workdir": workdir, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-      },
-      "rows": [{"mixer": m, "preset": configs[m].model, "params": runs[m].num_params,
-                "macs": model_macs(runs[m].model),
-                "macs_breakdown": model_macs_breakdown(runs[m].model), "runs": []}
-               for m in mixers],
+    "settings": {
+      "argv": sys.argv,
+      "config_file": config_flags.get_config_filename(FLAGS["config"]),
+      "dataset": base.dataset.name,
+      "classes": first.spec.num_classes,
+      "subset_classes": bool(base.dataset.classes),
+      "train_per_class": base.dataset.train_per_class,
+      "mixers": mixers,
+      "seeds": seeds,
+      "size": None if same_preset else size,
+      "same_preset": same_preset,
+      "model": base.model if same_preset else None,
+      "model_overrides": {k: v for k, v in train.model_kwargs(base).items() if k != "mixer"},
+      "batch_size": base.batch_size,
+      "devices": int(first.mesh.devices.size),
+      "platform": first.mesh.devices.flat[0].platform,
+      "std_ddof": 1,
+      "steps": steps,
+      "workdir": workdir,
+      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    },
+    "rows": [
+      {
+        "mixer": m,
+        "preset": configs[m].model,
+        "params": runs[m].num_params,
+        "macs": model_macs(runs[m].model),
+        "macs_breakdown": model_macs_breakdown(runs[m].model),
+        "runs": [],
+      }
+      for m in mixers
+    ],
   }
   rows = {row["mixer"]: summarize_row(row) for row in report["rows"]}
   total, done, failed = len(mixers) * len(seeds), 0, 0
@@ -336,32 +392,49 @@ def main(argv):
       print(f"[{done + failed}/{total}] {mixer}: {e}", file=sys.stderr)
       continue
     if summary["stopped_by"]:
-      print(f"stopped by {summary['stopped_by']} during {mixer}; the mixers finished before it "
-            f"are in {out}. Rerun with --overwrite to start over.", file=sys.stderr)
+      print(
+        f"stopped by {summary['stopped_by']} during {mixer}; the mixers finished before it "
+        f"are in {out}. Rerun with --overwrite to start over.",
+        file=sys.stderr,
+      )
       sys.exit(1)
     report["settings"]["steps"] = summary["total_steps"]
     speed = summary["train_images_per_second"]
     for r in summary["runs"]:
       if r["died_at_step"] is not None:
-        rows[mixer]["runs"].append({"seed": r["seed"], "workdir": path, "error": (
-            f"loss became non-finite at step {r['died_at_step']}")})
+        rows[mixer]["runs"].append(
+          {
+            "seed": r["seed"],
+            "workdir": path,
+            "error": (f"loss became non-finite at step {r['died_at_step']}"),
+          }
+        )
         failed += 1
         continue
       done += 1
-      rows[mixer]["runs"].append({
-          "seed": r["seed"], "workdir": path, "final_top1": r["final_top1"],
-          "best_top1": r["best_top1"], "best_step": r["best_step"],
+      rows[mixer]["runs"].append(
+        {
+          "seed": r["seed"],
+          "workdir": path,
+          "final_top1": r["final_top1"],
+          "best_top1": r["best_top1"],
+          "best_step": r["best_step"],
           "train_images_per_second": speed / len(seeds) if speed else None,
-          "wall_seconds": summary["wall_seconds"]})
+          "wall_seconds": summary["wall_seconds"],
+        }
+      )
       write_seed_summary(path, summary, r)
     summarize_row(rows[mixer])
     write_report(report, out)
     row = rows[mixer]
-    print(f"[{done + failed}/{total}] {mixer}, seeds {row['finished_seeds']}: final top-1 "
-          f"{_percent(row['final_top1_mean'], row['final_top1_std'])}%, best "
-          f"{_percent(row['best_top1_mean'], row['best_top1_std'])}%, "
-          f"{speed or 0:.0f} images/s over {len(seeds)} runs, "
-          f"{summary['wall_seconds']:.0f} s", flush=True)
+    print(
+      f"[{done + failed}/{total}] {mixer}, seeds {row['finished_seeds']}: final top-1 "
+      f"{_percent(row['final_top1_mean'], row['final_top1_std'])}%, best "
+      f"{_percent(row['best_top1_mean'], row['best_top1_std'])}%, "
+      f"{speed or 0:.0f} images/s over {len(seeds)} runs, "
+      f"{summary['wall_seconds']:.0f} s",
+      flush=True,
+    )
   for row in report["rows"]:
     summarize_row(row)
   report["settings"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -11,6 +11,7 @@ them). If a process fails,
 the others are stopped (SIGTERM, then SIGKILL after a grace period) and the
 launcher exits non-zero, with one line naming the process that failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(base: dict, *, port: int, processes: int, index: int,
-                devices_per_process: int) -> dict:
-  env = dict(base, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-             JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",  # not every interface
-             JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index),
-             PYTHONUNBUFFERED="1")
+def process_env(
+  base: dict, *, port: int, processes: int, index: int, devices_per_process: int
+) -> dict:
+  env = dict(
+    base,
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",  # not every interface
+    JAX_NUM_PROCESSES=str(processes),
+    JAX_PROCESS_ID=str(index),
+    PYTHONUNBUFFERED="1",
+  )
   if devices_per_process:
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}"
@@ -59,19 +65,31 @@ def _describe(code: int) -> str:
   return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
-def launch(command: list[str], *, processes: int, devices_per_process: int = 0,
-           grace: float = GRACE_S) -> int:
+def launch(
+  command: list[str], *, processes: int, devices_per_process: int = 0, grace: float = GRACE_S
+) -> int:
   """Runs `command` as `processes` processes of one job; returns the exit code for the job."""
   if command and command[0].endswith(".py"):
     command = [sys.executable, *command]
   port = free_port()
   children, threads = [], []
   for index in range(processes):
-    env = process_env(os.environ, port=port, processes=processes, index=index,
-                      devices_per_process=devices_per_process)
+    env = process_env(
+      os.environ,
+      port=port,
+      processes=processes,
+      index=index,
+      devices_per_process=devices_per_process,
+    )
     # A session of their own: a terminal's Ctrl-C reaches them only through the forwarding.
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    child = subprocess.Popen(
+      command,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+    )
     children.append(child)
     for stream, out in ((child.stdout, sys.stdout), (child.stderr, sys.stderr)):
       thread = threading.Thread(target=_forward, args=(stream, f"[p{index}] ", out), daemon=True)
@@ -91,8 +109,9 @@ def launch(command: list[str], *, processes: int, devices_per_process: int = 0,
   try:
     while [child.poll() for child in children].count(None):  # polls every child
       if failed is None:
-        failed = next(((i, c.returncode) for i, c in enumerate(children)
-                       if c.returncode not in (None, 0)), None)
+        failed = next(
+          ((i, c.returncode) for i, c in enumerate(children) if c.returncode not in (None, 0)), None
+        )
         if failed is not None:  # the others cannot finish without it
           for child in children:
             if child.poll() is None:
@@ -113,30 +132,45 @@ def launch(command: list[str], *, processes: int, devices_per_process: int = 0,
   if failed is None:
     return 0
   index, code = failed
-  print(f"launch: process {index} of {processes} failed ({_describe(code)}); stopped the others",
-        file=sys.stderr)
+  print(
+    f"launch: process {index} of {processes} failed ({_describe(code)}); stopped the others",
+    file=sys.stderr,
+  )
   return code if code > 0 else 1
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m lkca_jax.tools.launch",
-      description="Run a command as N local processes of one jax.distributed job.")
+    prog="python -m lkca_jax.tools.launch",
+    description="Run a command as N local processes of one jax.distributed job.",
+  )
   parser.add_argument("--processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", type=int, default=0,
-                      help="virtual CPU devices per process (0: the platform's own devices)")
-  parser.add_argument("--grace", type=float, default=GRACE_S,
-                      help="seconds the others get to stop after one fails")
-  parser.add_argument("command", nargs=argparse.REMAINDER,
-                      help="after --: the command, e.g. main.py --multihost --config ...")
+  parser.add_argument(
+    "--devices_per_process",
+    type=int,
+    default=0,
+    help="virtual CPU devices per process (0: the platform's own devices)",
+  )
+  parser.add_argument(
+    "--grace", type=float, default=GRACE_S, help="seconds the others get to stop after one fails"
+  )
+  parser.add_argument(
+    "command",
+    nargs=argparse.REMAINDER,
+    help="after --: the command, e.g. main.py --multihost --config ...",
+  )
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
   if not command:
     parser.error("no command; pass it after --, e.g. -- main.py --multihost --config ...")
   if args.processes < 1:
     parser.error("--processes must be at least 1")
-  return launch(command, processes=args.processes, devices_per_process=args.devices_per_process,
-                grace=args.grace)
+  return launch(
+    command,
+    processes=args.processes,
+    devices_per_process=args.devices_per_process,
+    grace=args.grace,
+  )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ TensorFlow; tfrecord copies are read through TensorFlow. Every failure
 (a bad flag, missing files, a download that cannot happen) is one `error:`
 line and exit code 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,12 @@ def _define_flags() -> None:
   flags.DEFINE_enum("dataset", None, TFDS_DATASETS, "The dataset to prepare.")
   flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's own).")
   flags.DEFINE_string("manual_dir", None, "Dir holding the official files downloaded by hand.")
-  flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
-                    "How TFDS stores the prepared examples; training reads array_record "
-                    "without TensorFlow.")
+  flags.DEFINE_enum(
+    "file_format",
+    "array_record",
+    ["array_record", "tfrecord"],
+    "How TFDS stores the prepared examples; training reads array_record without TensorFlow.",
+  )
 
 
 def main(argv) -> None:
@@ -49,12 +53,15 @@ def main(argv) -> None:
     fail(f"--manual_dir={args.manual_dir} is not a directory")
   start = time.perf_counter()
   try:
-    sizes = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                    file_format=args.file_format)
+    sizes = prepare(
+      args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, file_format=args.file_format
+    )
   except DatasetUnavailableError as e:
     fail(str(e))
-  print(f"prepared {args.dataset} ({args.file_format}) in {time.perf_counter() - start:.1f} s: "
-        + ", ".join(f"{split} {size:,}" for split, size in sorted(sizes.items())))
+  print(
+    f"prepared {args.dataset} ({args.file_format}) in {time.perf_counter() - start:.1f} s: "
+    + ", ".join(f"{split} {size:,}" for split, size in sorted(sizes.items()))
+  )
   sys.stdout.flush()
 
 

@@ -13,6 +13,7 @@ the fill of `augment.erasing_fill`. Each tile has its class name under it
 (Tiny-ImageNet: the first name of words.txt when the zip is at hand, else the
 wnid). Bad input is reported in one line with exit code 2, as main.py does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ def default_scale(image_size: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where things are in the grid: tiles of `tile` px, a label strip under each."""
+
   rows: int
   cols: int
   tile: int
@@ -93,11 +95,12 @@ def class_names(config, spec) -> list[str]:
   if spec.tfds_name is None:
     return [str(label) for label in range(spec.num_classes)]
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   if spec.tfds_module:
     importlib.import_module(spec.tfds_module)
   builder = tfds.builder(spec.tfds_name, data_dir=config.dataset.data_dir)
   label_key = builder.info.supervised_keys[1]
-  names = list(builder.info.features[label_key].names)[:spec.num_classes]
+  names = list(builder.info.features[label_key].names)[: spec.num_classes]
   if spec.name == "tiny_imagenet":
     words = tiny_imagenet_words(config.dataset.manual_dir)
     names = [words.get(name, name) for name in names]
@@ -107,6 +110,7 @@ def class_names(config, spec) -> list[str]:
 def tiny_imagenet_words(manual_dir=None) -> dict[str, str]:
   """wnid -> first human-readable name from the zip's words.txt; {} without a zip."""
   from lkca_jax.data import tiny_imagenet  # pylint: disable=import-outside-toplevel
+
   path = tiny_imagenet.find_zip(manual_dir)
   if path is None:
     return {}
@@ -126,6 +130,7 @@ def tiny_imagenet_words(manual_dir=None) -> dict[str, str]:
 # --- drawing -----------------------------------------------------------------
 def _font():
   from PIL import ImageFont  # pylint: disable=import-outside-toplevel
+
   try:
     return ImageFont.load_default(size=FONT_SIZE)  # needs FreeType
   except (TypeError, ImportError, OSError):
@@ -144,6 +149,7 @@ def _fit(draw, text: str, font, width: int) -> str:
 def caption_lines(caption: str, font, width: int) -> list[str]:
   """`caption` wrapped at word boundaries into lines at most `width` pixels wide."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+
   draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   lines = []
   for word in caption.split():
@@ -157,16 +163,21 @@ def caption_lines(caption: str, font, width: int) -> list[str]:
 def render_grid(tiles: np.ndarray, labels: list[str], layout: Layout, caption: str = ""):
   """A PIL image: uint8 tiles (rows * cols, tile, tile, 3) with labels, caption below."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+
   font = _font()
   lines = caption_lines(caption, font, layout.width - 2 * GAP) if caption else []
   height = layout.grid_height + len(lines) * LINE_HEIGHT + (GAP if lines else 0)
   canvas = Image.new("RGB", (layout.width, height), BACKGROUND)
   draw = ImageDraw.Draw(canvas)
-  for index, (tile, label) in enumerate(zip(tiles, labels)):
+  for index, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
     top, left = layout.tile_origin(*divmod(index, layout.cols))
     canvas.paste(Image.fromarray(tile), (left, top))
-    draw.text((left, top + layout.tile + 1), _fit(draw, label, font, layout.tile),
-              fill=TEXT_COLOUR, font=font)
+    draw.text(
+      (left, top + layout.tile + 1),
+      _fit(draw, label, font, layout.tile),
+      fill=TEXT_COLOUR,
+      font=font,
+    )
   for k, line in enumerate(lines):
     draw.text((GAP, layout.grid_height + k * LINE_HEIGHT), line, fill=TEXT_COLOUR, font=font)
   return canvas
@@ -175,10 +186,14 @@ def render_grid(tiles: np.ndarray, labels: list[str], layout: Layout, caption: s
 def describe_augmentation(augment) -> str:
   """The enabled random stages of augment.STAGES, in the order they run."""
   from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
-  notes = {"random_erasing": (
+
+  notes = {
+    "random_erasing": (
       "erased boxes hold the dataset means in the normalised image: a light grey here"
-      if augment.erasing_fill == "mean" else
-      "erased boxes show as the mean colour: zero after normalisation")}
+      if augment.erasing_fill == "mean"
+      else "erased boxes show as the mean colour: zero after normalisation"
+    )
+  }
   parts = []
   for stage in augment_lib.enabled_stages(augment):
     if stage.switch is None:  # normalisation: every image, shown undone
@@ -192,6 +207,7 @@ def describe_augmentation(augment) -> str:
 def preview_batch(run, config, step: int):
   """(the trainer's pipeline, its augmented batch at global `step` as numpy)."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   pipeline = run.load_data(train.run_keys(config.seed)[0])  # the data only: no model state
   order = pipeline.epoch_order(step // pipeline.steps_per_epoch)
   batch = pipeline.train_batch(order, step)
@@ -201,24 +217,30 @@ def preview_batch(run, config, step: int):
 def write_preview(config, out: str, *, rows: int, cols: int, step: int, run=None) -> dict:
   """Writes the PNG; returns what it shows (for the caller's message)."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   count = rows * cols
   if count > config.batch_size:
-    raise train.ConfigError(f"--rows x --cols = {count} tiles but a batch has only "
-                            f"{config.batch_size} images; lower --rows/--cols")
+    raise train.ConfigError(
+      f"--rows x --cols = {count} tiles but a batch has only "
+      f"{config.batch_size} images; lower --rows/--cols"
+    )
   run = run or train.Run.prepare(config)
   names = class_names(config, run.spec)
   pipeline, batch = preview_batch(run, config, step)
   height = pipeline.image_shape[0]
   scale = default_scale(height)
   layout = Layout(rows, cols, height * scale)
-  tiles = upscale(to_display(batch["image"][:count], config.dataset.mean, config.dataset.std),
-                  scale)
+  tiles = upscale(
+    to_display(batch["image"][:count], config.dataset.mean, config.dataset.std), scale
+  )
   labels = [names[int(label)] for label in batch["label"][:count]]
   epoch = step // pipeline.steps_per_epoch
-  caption = (f"{config.dataset.name} training batch at step {step} (epoch {epoch}), images "
-             f"0-{count - 1} of {config.batch_size}, from pipeline.train_batch: "
-             f"{describe_augmentation(pipeline.augment)}. Shown un-normalised, before the "
-             "train step's batch-level CutMix/Mixup.")
+  caption = (
+    f"{config.dataset.name} training batch at step {step} (epoch {epoch}), images "
+    f"0-{count - 1} of {config.batch_size}, from pipeline.train_batch: "
+    f"{describe_augmentation(pipeline.augment)}. Shown un-normalised, before the "
+    "train step's batch-level CutMix/Mixup."
+  )
   image = render_grid(tiles, labels, layout, caption)
   png = io.BytesIO()
   image.save(png, format="PNG", optimize=True)
@@ -230,8 +252,10 @@ def write_preview(config, out: str, *, rows: int, cols: int, step: int, run=None
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+  )
   flags.DEFINE_string("out", "preview.png", "Where the PNG goes.")
   flags.DEFINE_integer("rows", 4, "Rows of tiles.")
   flags.DEFINE_integer("cols", 8, "Columns of tiles.")
@@ -240,6 +264,7 @@ def _define_flags():
 
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
@@ -251,19 +276,24 @@ def main(argv):
     fail(f"--out must name a .png file, got {FLAGS.out!r}")
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   try:
-    shown = write_preview(FLAGS.config, FLAGS.out, rows=FLAGS.rows, cols=FLAGS.cols,
-                          step=FLAGS.step)
+    shown = write_preview(
+      FLAGS.config, FLAGS.out, rows=FLAGS.rows, cols=FLAGS.cols, step=FLAGS.step
+    )
   except (train.ConfigError, data_lib.DatasetUnavailableError) as e:
     fail(str(e))
   except OSError as e:
     fail(f"could not write {FLAGS.out}: {e.strerror or e}")
   width, height = shown["size"]
-  print(f"wrote {shown['out']} ({width}x{height} px, {FLAGS.rows}x{FLAGS.cols} tiles of "
-        f"{shown['tile']} px): step {FLAGS.step}, epoch {shown['epoch']}")
+  print(
+    f"wrote {shown['out']} ({width}x{height} px, {FLAGS.rows}x{FLAGS.cols} tiles of "
+    f"{shown['tile']} px): step {FLAGS.step}, epoch {shown['epoch']}"
+  )
 
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.preview"))

@@ -30,6 +30,7 @@ time of all runs and the machine.
 
 Bad input is one `error:` line on stderr and exit code 2 before any training.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,25 +53,33 @@ FLAGS = flags.FLAGS
 # The paper's tables (docs/reference.md#paper-results): top-1 in %, trained from scratch;
 # None where the paper reports no value. Column order: TABLES.
 TABLES = ("cifar10", "cifar100", "tinyimagenet", "svhn")
-TABLE_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet",
-               "svhn": "SVHN"}
-TABLE_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100",  # dataset.name of each config
-                  "tinyimagenet": "tiny_imagenet", "svhn": "svhn"}
+TABLE_NAMES = {
+  "cifar10": "CIFAR-10",
+  "cifar100": "CIFAR-100",
+  "tinyimagenet": "Tiny-ImageNet",
+  "svhn": "SVHN",
+}
+TABLE_DATASETS = {
+  "cifar10": "cifar10",
+  "cifar100": "cifar100",  # dataset.name of each config
+  "tinyimagenet": "tiny_imagenet",
+  "svhn": "svhn",
+}
 PAPER_RESULTS = (
-    # preset, paper name, CIFAR-10, CIFAR-100, Tiny-ImageNet, SVHN
-    ("vit_05m", "ViT/0.5M", 87.83, 64.68, 46.53, None),
-    ("lkca_05m", "ViT/0.5M-LKCA", 90.94, 69.35, 50.59, None),
-    ("vit_1m", "ViT/1M (ViT-Lite)", 91.16, 70.86, 53.46, 97.53),
-    ("lkca_t", "ViT/1M-LKCA (LKCA-T)", 92.49, 73.40, 57.29, 97.15),
-    ("vit_2m", "ViT/2M", 92.32, 71.17, 54.58, None),
-    ("lkca_2m", "ViT/2M-LKCA", 93.55, 75.94, 60.70, None),
-    ("vit", "ViT (ViT-Small)", 93.36, 72.65, 55.74, 97.90),
-    ("lkca_b", "ViT-LKCA (LKCA-B)", 94.11, 76.50, 60.95, 97.68),
-    ("vit_4m", "ViT/4M", 93.64, 72.82, 56.16, None),
-    ("lkca_4m", "ViT/4M-LKCA", 94.71, 76.95, 62.30, None),
-    ("vit_8m", "ViT/8M", 94.46, 73.39, 57.39, None),
-    ("lkca_8m", "ViT/8M-LKCA", 94.88, 78.57, 63.38, None),
-    ("lkca_l", "LKCA-L", None, None, 63.43, None),
+  # preset, paper name, CIFAR-10, CIFAR-100, Tiny-ImageNet, SVHN
+  ("vit_05m", "ViT/0.5M", 87.83, 64.68, 46.53, None),
+  ("lkca_05m", "ViT/0.5M-LKCA", 90.94, 69.35, 50.59, None),
+  ("vit_1m", "ViT/1M (ViT-Lite)", 91.16, 70.86, 53.46, 97.53),
+  ("lkca_t", "ViT/1M-LKCA (LKCA-T)", 92.49, 73.40, 57.29, 97.15),
+  ("vit_2m", "ViT/2M", 92.32, 71.17, 54.58, None),
+  ("lkca_2m", "ViT/2M-LKCA", 93.55, 75.94, 60.70, None),
+  ("vit", "ViT (ViT-Small)", 93.36, 72.65, 55.74, 97.90),
+  ("lkca_b", "ViT-LKCA (LKCA-B)", 94.11, 76.50, 60.95, 97.68),
+  ("vit_4m", "ViT/4M", 93.64, 72.82, 56.16, None),
+  ("lkca_4m", "ViT/4M-LKCA", 94.71, 76.95, 62.30, None),
+  ("vit_8m", "ViT/8M", 94.46, 73.39, 57.39, None),
+  ("lkca_8m", "ViT/8M-LKCA", 94.88, 78.57, 63.38, None),
+  ("lkca_l", "LKCA-L", None, None, 63.43, None),
 )
 ROW_FILE = "row.json"  # a finished row's values; its presence marks the row done
 
@@ -85,13 +94,13 @@ class PaperRow:
 def paper_rows(table: str) -> list[PaperRow]:
   """The rows the paper reports for `table`, in the paper's order."""
   column = 2 + TABLES.index(table)
-  return [PaperRow(row[0], row[1], row[column]) for row in PAPER_RESULTS
-          if row[column] is not None]
+  return [PaperRow(row[0], row[1], row[column]) for row in PAPER_RESULTS if row[column] is not None]
 
 
 def config_path(table: str) -> str:
   """configs/<table>.py: the dataset's reference-recipe config."""
   import configs  # pylint: disable=import-outside-toplevel
+
   return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), f"{table}.py")
 
 
@@ -108,8 +117,10 @@ def select_rows(table: str, names: list[str] | None) -> list[PaperRow]:
     raise UsageError(f"--rows {','.join(names)} names a row twice; list each once")
   unknown = [name for name in names if name not in by_preset]
   if unknown:
-    raise UsageError(f"--rows: the paper's {table} table has no row {unknown[0]!r}; its rows "
-                     f"are {','.join(by_preset)}")
+    raise UsageError(
+      f"--rows: the paper's {table} table has no row {unknown[0]!r}; its rows "
+      f"are {','.join(by_preset)}"
+    )
   return [by_preset[name] for name in names]
 
 
@@ -148,25 +159,36 @@ def train_row(config, runs: int, *, workdir: str) -> list[dict]:
   is left out and logged), in seed order, shaped as a single run's summary.
   """
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   summary = finished_summary(workdir)
   if summary is None:
     row_config = copy.deepcopy(config)
     row_config.num_runs = runs
     summary = train.train_and_evaluate(row_config, workdir)
     if summary["stopped_by"]:
-      raise Stopped(f"stopped by {summary['stopped_by']} in {workdir}; run the same command "
-                    "to resume")
-  finished = [r for r in summary["runs"]
-              if r["died_at_step"] is None and r["final_top1"] is not None]
+      raise Stopped(
+        f"stopped by {summary['stopped_by']} in {workdir}; run the same command to resume"
+      )
+  finished = [
+    r for r in summary["runs"] if r["died_at_step"] is None and r["final_top1"] is not None
+  ]
   for r in summary["runs"]:
     if r not in finished:
       print(f"run with seed {r['seed']} in {workdir} died at step {r['died_at_step']}: left out")
   if not finished:
     raise Stopped(f"every run in {workdir} died (non-finite loss); lower the learning rate")
   share = summary["wall_seconds"] / len(summary["runs"])  # one process trained them all
-  return [{**summary, "final_top1": r["final_top1"], "best_top1": r["best_top1"],
-           "best_step": r["best_step"], "wall_seconds": share,
-           "config": {**summary["config"], "seed": r["seed"]}} for r in finished]
+  return [
+    {
+      **summary,
+      "final_top1": r["final_top1"],
+      "best_top1": r["best_top1"],
+      "best_step": r["best_step"],
+      "wall_seconds": share,
+      "config": {**summary["config"], "seed": r["seed"]},
+    }
+    for r in finished
+  ]
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -186,20 +208,36 @@ def summarize_row(row: PaperRow, config, summaries: list[dict], fingerprint: dic
   first = summaries[0]
   recipe_steps = config.num_epochs * first["steps_per_epoch"]
   return {
-      "preset": row.preset, "paper_name": row.paper_name, "paper_top1": row.paper_top1,
-      "top1_mean": mean, "top1_std": std, "difference": mean - row.paper_top1,
-      "best_top1_mean": best_mean, "best_top1_std": best_std,
-      "params": first["params"], "devices": first["devices"], "steps": first["total_steps"],
-      "recipe_steps": recipe_steps,
-      "proxy": first["total_steps"] != recipe_steps, "dataset": first["dataset"],
-      "train_images": first["train_images"], "test_images": first["test_images"],
-      "wall_seconds": float(sum(s["wall_seconds"] for s in summaries)),
-      "machine": machine_info(),
-      "runs": [{"seed": s["config"]["seed"], "final_top1": 100 * s["final_top1"],
-                "best_top1": 100 * s["best_top1"], "best_step": s["best_step"],
-                "wall_seconds": s["wall_seconds"]} for s in summaries],
-      "settings": fingerprint,
-      "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    "preset": row.preset,
+    "paper_name": row.paper_name,
+    "paper_top1": row.paper_top1,
+    "top1_mean": mean,
+    "top1_std": std,
+    "difference": mean - row.paper_top1,
+    "best_top1_mean": best_mean,
+    "best_top1_std": best_std,
+    "params": first["params"],
+    "devices": first["devices"],
+    "steps": first["total_steps"],
+    "recipe_steps": recipe_steps,
+    "proxy": first["total_steps"] != recipe_steps,
+    "dataset": first["dataset"],
+    "train_images": first["train_images"],
+    "test_images": first["test_images"],
+    "wall_seconds": float(sum(s["wall_seconds"] for s in summaries)),
+    "machine": machine_info(),
+    "runs": [
+      {
+        "seed": s["config"]["seed"],
+        "final_top1": 100 * s["final_top1"],
+        "best_top1": 100 * s["best_top1"],
+        "best_step": s["best_step"],
+        "wall_seconds": s["wall_seconds"],
+      }
+      for s in summaries
+    ],
+    "settings": fingerprint,
+    "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
 
 
@@ -243,37 +281,47 @@ def format_table(report: dict) -> str:
   done = [row for row in report["rows"] if row.get("top1_mean") is not None]
   lines = [f"## {TABLE_NAMES[s['table']]}: the paper's top-1 against lkca_jax", ""]
   if s["dataset"] != s["table_dataset"]:
-    lines += [f"**Not the paper's dataset**: config `{s['config_file']}` trains on "
-              f"{s['dataset']}, while the paper's numbers are for {TABLE_NAMES[s['table']]}; "
-              "the differences below compare unlike things.", ""]
+    lines += [
+      f"**Not the paper's dataset**: config `{s['config_file']}` trains on "
+      f"{s['dataset']}, while the paper's numbers are for {TABLE_NAMES[s['table']]}; "
+      "the differences below compare unlike things.",
+      "",
+    ]
   proxies = sorted({(row["steps"], row["recipe_steps"]) for row in done if row["proxy"]})
   if proxies:
-    budget = "; ".join(f"{steps:,} steps per run instead of the recipe's {recipe:,}"
-                       for steps, recipe in proxies)
-    lines += [f"**Shortened proxy** ({budget}): not the paper's training budget, so the "
-              "numbers are not comparable to the paper's.", ""]
+    budget = "; ".join(
+      f"{steps:,} steps per run instead of the recipe's {recipe:,}" for steps, recipe in proxies
+    )
+    lines += [
+      f"**Shortened proxy** ({budget}): not the paper's training budget, so the "
+      "numbers are not comparable to the paper's.",
+      "",
+    ]
   elif done:
     lines += [f"Full recipe of `{s['config_file']}`.", ""]
   last = s["seed"] + s["runs"] - 1
   seeds = f"seeds {s['seed']}..{last}" if s["runs"] > 1 else f"seed {s['seed']}"
   lines += [
-      f"Ours: final top-1 on the whole test split, in %, mean ± sample std (ddof 1) over "
-      f"{s['runs']} run(s) ({seeds}); best: the best evaluation of a run, mean over runs. "
-      "Wall: the trainer's wall time, all runs of the row.",
-      "",
-      "| model | preset | paper | ours | ours − paper | best | params | steps | wall | machine |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    f"Ours: final top-1 on the whole test split, in %, mean ± sample std (ddof 1) over "
+    f"{s['runs']} run(s) ({seeds}); best: the best evaluation of a run, mean over runs. "
+    "Wall: the trainer's wall time, all runs of the row.",
+    "",
+    "| model | preset | paper | ours | ours − paper | best | params | steps | wall | machine |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
   ]
   for row in report["rows"]:
     if row.get("top1_mean") is None:
-      lines.append(f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
-                   "| not run | – | – | – | – | – | – |")
+      lines.append(
+        f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
+        "| not run | – | – | – | – | – | – |"
+      )
       continue
     lines.append(
-        f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
-        f"| {_value(row['top1_mean'], row['top1_std'])} | {_value(row['difference'], signed=True)} "
-        f"| {_value(row['best_top1_mean'])} | {row['params']:,} | {row['steps']:,} "
-        f"| {_duration(row['wall_seconds'])} | {_machine(row)} |")
+      f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
+      f"| {_value(row['top1_mean'], row['top1_std'])} | {_value(row['difference'], signed=True)} "
+      f"| {_value(row['best_top1_mean'])} | {row['params']:,} | {row['steps']:,} "
+      f"| {_duration(row['wall_seconds'])} | {_machine(row)} |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -297,21 +345,29 @@ def define_flags(table: str | None) -> None:
   """The command's flags; --config defaults to configs/<table>.py (defined on demand, so
   importing this module registers none)."""
   default = config_path(table) if table in TABLES else None
-  config_flags.DEFINE_config_file("config", default, "The config file (default: "
-                                  "configs/<table>.py, the table's dataset).", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config",
+    default,
+    "The config file (default: configs/<table>.py, the table's dataset).",
+    lock_config=True,
+  )
   flags.DEFINE_enum("table", None, list(TABLES), "Which of the paper's tables to reproduce.")
   flags.DEFINE_list("rows", None, "Presets of the table to run (default: all of its rows).")
-  flags.DEFINE_integer("steps", None, "Training steps per run: a shortened proxy (default: "
-                       "the config's full recipe).", lower_bound=1)
-  flags.DEFINE_integer("runs", 1, "Independent runs per row, seeds config.seed + 0..K-1.",
-                       lower_bound=1)
+  flags.DEFINE_integer(
+    "steps",
+    None,
+    "Training steps per run: a shortened proxy (default: the config's full recipe).",
+    lower_bound=1,
+  )
+  flags.DEFINE_integer(
+    "runs", 1, "Independent runs per row, seeds config.seed + 0..K-1.", lower_bound=1
+  )
   flags.DEFINE_string("out", None, "Output directory (default workdirs/reproduce_<table>).")
 
 
 def main(argv):
   if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --flag=VALUE or "
-         "--config.KEY=VALUE")
+    fail(f"unexpected arguments {argv[1:]}; pass settings as --flag=VALUE or --config.KEY=VALUE")
   if FLAGS.table is None:
     fail(f"--table is required: one of {','.join(TABLES)}")
   table, runs, steps = FLAGS.table, FLAGS.runs, FLAGS.steps
@@ -332,28 +388,37 @@ def main(argv):
       if done is None:
         train.Run.prepare(configs[row.preset])  # validates config, data and model
       elif done.get("settings") != prints[row.preset]:
-        raise UsageError(f"{os.path.join(out, row.preset, ROW_FILE)} is a finished row with "
-                         "other settings (config, --steps or --runs); pass another --out")
+        raise UsageError(
+          f"{os.path.join(out, row.preset, ROW_FILE)} is a finished row with "
+          "other settings (config, --steps or --runs); pass another --out"
+        )
       else:
         finished[row.preset] = done
   except (UsageError, train.ConfigError) as e:
     fail(str(e))
 
   report = {
-      "settings": {
-          "argv": sys.argv, "table": table, "table_dataset": TABLE_DATASETS[table],
-          "config_file": config_flags.get_config_filename(FLAGS["config"]),
-          "dataset": base.dataset.name,
-          "rows": [row.preset for row in rows], "runs": runs, "seed": base.seed,
-          "steps": steps, "out": out, "std_ddof": 1,
-      },
-      "rows": [finished.get(row.preset) or dataclasses.asdict(row) for row in rows],
+    "settings": {
+      "argv": sys.argv,
+      "table": table,
+      "table_dataset": TABLE_DATASETS[table],
+      "config_file": config_flags.get_config_filename(FLAGS["config"]),
+      "dataset": base.dataset.name,
+      "rows": [row.preset for row in rows],
+      "runs": runs,
+      "seed": base.seed,
+      "steps": steps,
+      "out": out,
+      "std_ddof": 1,
+    },
+    "rows": [finished.get(row.preset) or dataclasses.asdict(row) for row in rows],
   }
   failed = 0
   for index, row in enumerate(rows):
     if row.preset in finished:
-      print(f"skipped {row.preset}: finished ({os.path.join(out, row.preset, ROW_FILE)})",
-            flush=True)
+      print(
+        f"skipped {row.preset}: finished ({os.path.join(out, row.preset, ROW_FILE)})", flush=True
+      )
       continue
     workdir = os.path.join(out, row.preset)
     try:
@@ -370,9 +435,12 @@ def main(argv):
     write_json(os.path.join(workdir, ROW_FILE), result)
     report["rows"][index] = result
     write_report(report, out)
-    print(f"{row.preset}: {_value(result['top1_mean'], result['top1_std'])} % "
-          f"(paper {row.paper_top1:.2f}, {_value(result['difference'], signed=True)}), "
-          f"{result['steps']:,} steps, {_duration(result['wall_seconds'])}", flush=True)
+    print(
+      f"{row.preset}: {_value(result['top1_mean'], result['top1_std'])} % "
+      f"(paper {row.paper_top1:.2f}, {_value(result['difference'], signed=True)}), "
+      f"{result['steps']:,} steps, {_duration(result['wall_seconds'])}",
+      flush=True,
+    )
   write_report(report, out)
   print(format_table(report))
   print(f"table: {os.path.join(out, 'table.md')}; values: {os.path.join(out, 'table.json')}")

@@ -5,6 +5,7 @@ with probability ~1e-6 per bound (the result is deterministic for these keys
 anyway), while a wrong probability, a skewed choice or a swapped order moves
 the counts by tens of sigmas.
 """
+
 import functools
 
 import jax
@@ -17,51 +18,87 @@ from lkca_jax.augment import POLICIES, autoaugment, ops
 # The reference's tables (docs/reference.md, "AutoAugment policies"), transcribed
 # as (p1, op1, m1, p2, op2, m2) in their order.
 TABLES = {
-    "cifar10": [
-        (0.1, "Invert", 7, 0.2, "Contrast", 6), (0.7, "Rotate", 2, 0.3, "TranslateX", 9),
-        (0.8, "Sharpness", 1, 0.9, "Sharpness", 3), (0.5, "ShearY", 8, 0.7, "TranslateY", 9),
-        (0.5, "AutoContrast", 8, 0.9, "Equalize", 2), (0.2, "ShearY", 7, 0.3, "Posterize", 7),
-        (0.4, "Color", 3, 0.6, "Brightness", 7), (0.3, "Sharpness", 9, 0.7, "Brightness", 9),
-        (0.6, "Equalize", 5, 0.5, "Equalize", 1), (0.6, "Contrast", 7, 0.6, "Sharpness", 5),
-        (0.7, "Color", 7, 0.5, "TranslateX", 8), (0.3, "Equalize", 7, 0.4, "AutoContrast", 8),
-        (0.4, "TranslateY", 3, 0.2, "Sharpness", 6), (0.9, "Brightness", 6, 0.2, "Color", 8),
-        (0.5, "Solarize", 2, 0.0, "Invert", 3), (0.2, "Equalize", 0, 0.6, "AutoContrast", 0),
-        (0.2, "Equalize", 8, 0.6, "Equalize", 4), (0.9, "Color", 9, 0.6, "Equalize", 6),
-        (0.8, "AutoContrast", 4, 0.2, "Solarize", 8), (0.1, "Brightness", 3, 0.7, "Color", 0),
-        (0.4, "Solarize", 5, 0.9, "AutoContrast", 3), (0.9, "TranslateY", 9, 0.7, "TranslateY", 9),
-        (0.9, "AutoContrast", 2, 0.8, "Solarize", 3), (0.8, "Equalize", 8, 0.1, "Invert", 3),
-        (0.7, "TranslateY", 9, 0.9, "AutoContrast", 1),
-    ],
-    "svhn": [
-        (0.9, "ShearX", 4, 0.2, "Invert", 3), (0.9, "ShearY", 8, 0.7, "Invert", 5),
-        (0.6, "Equalize", 5, 0.6, "Solarize", 6), (0.9, "Invert", 3, 0.6, "Equalize", 3),
-        (0.6, "Equalize", 1, 0.9, "Rotate", 3), (0.9, "ShearX", 4, 0.8, "AutoContrast", 3),
-        (0.9, "ShearY", 8, 0.4, "Invert", 5), (0.9, "ShearY", 5, 0.2, "Solarize", 6),
-        (0.9, "Invert", 6, 0.8, "AutoContrast", 1), (0.6, "Equalize", 3, 0.9, "Rotate", 3),
-        (0.9, "ShearX", 4, 0.3, "Solarize", 3), (0.8, "ShearY", 8, 0.7, "Invert", 4),
-        (0.9, "Equalize", 5, 0.6, "TranslateY", 6), (0.9, "Invert", 4, 0.6, "Equalize", 7),
-        (0.3, "Contrast", 3, 0.8, "Rotate", 4), (0.8, "Invert", 5, 0.0, "TranslateY", 2),
-        (0.7, "ShearY", 6, 0.4, "Solarize", 8), (0.6, "Invert", 4, 0.8, "Rotate", 4),
-        (0.3, "ShearY", 7, 0.9, "TranslateX", 3), (0.1, "ShearX", 6, 0.6, "Invert", 5),
-        (0.7, "Solarize", 2, 0.6, "TranslateY", 7), (0.8, "ShearY", 4, 0.8, "Invert", 8),
-        (0.7, "ShearX", 9, 0.8, "TranslateY", 3), (0.8, "ShearY", 5, 0.7, "AutoContrast", 3),
-        (0.7, "ShearX", 2, 0.1, "Invert", 5),
-    ],
-    "imagenet": [
-        (0.4, "Posterize", 8, 0.6, "Rotate", 9), (0.6, "Solarize", 5, 0.6, "AutoContrast", 5),
-        (0.8, "Equalize", 8, 0.6, "Equalize", 3), (0.6, "Posterize", 7, 0.6, "Posterize", 6),
-        (0.4, "Equalize", 7, 0.2, "Solarize", 4), (0.4, "Equalize", 4, 0.8, "Rotate", 8),
-        (0.6, "Solarize", 3, 0.6, "Equalize", 7), (0.8, "Posterize", 5, 1.0, "Equalize", 2),
-        (0.2, "Rotate", 3, 0.6, "Solarize", 8), (0.6, "Equalize", 8, 0.4, "Posterize", 6),
-        (0.8, "Rotate", 8, 0.4, "Color", 0), (0.4, "Rotate", 9, 0.6, "Equalize", 2),
-        (0.0, "Equalize", 7, 0.8, "Equalize", 8), (0.6, "Invert", 4, 1.0, "Equalize", 8),
-        (0.6, "Color", 4, 1.0, "Contrast", 8), (0.8, "Rotate", 8, 1.0, "Color", 2),
-        (0.8, "Color", 8, 0.8, "Solarize", 7), (0.4, "Sharpness", 7, 0.6, "Invert", 8),
-        (0.6, "ShearX", 5, 1.0, "Equalize", 9), (0.4, "Color", 0, 0.6, "Equalize", 3),
-        (0.4, "Equalize", 7, 0.2, "Solarize", 4), (0.6, "Solarize", 5, 0.6, "AutoContrast", 5),
-        (0.6, "Invert", 4, 1.0, "Equalize", 8), (0.6, "Color", 4, 1.0, "Contrast", 8),
-        (0.8, "Equalize", 8, 0.6, "Equalize", 3),
-    ],
+  "cifar10": [
+    (0.1, "Invert", 7, 0.2, "Contrast", 6),
+    (0.7, "Rotate", 2, 0.3, "TranslateX", 9),
+    (0.8, "Sharpness", 1, 0.9, "Sharpness", 3),
+    (0.5, "ShearY", 8, 0.7, "TranslateY", 9),
+    (0.5, "AutoContrast", 8, 0.9, "Equalize", 2),
+    (0.2, "ShearY", 7, 0.3, "Posterize", 7),
+    (0.4, "Color", 3, 0.6, "Brightness", 7),
+    (0.3, "Sharpness", 9, 0.7, "Brightness", 9),
+    (0.6, "Equalize", 5, 0.5, "Equalize", 1),
+    (0.6, "Contrast", 7, 0.6, "Sharpness", 5),
+    (0.7, "Color", 7, 0.5, "TranslateX", 8),
+    (0.3, "Equalize", 7, 0.4, "AutoContrast", 8),
+    (0.4, "TranslateY", 3, 0.2, "Sharpness", 6),
+    (0.9, "Brightness", 6, 0.2, "Color", 8),
+    (0.5, "Solarize", 2, 0.0, "Invert", 3),
+    (0.2, "Equalize", 0, 0.6, "AutoContrast", 0),
+    (0.2, "Equalize", 8, 0.6, "Equalize", 4),
+    (0.9, "Color", 9, 0.6, "Equalize", 6),
+    (0.8, "AutoContrast", 4, 0.2, "Solarize", 8),
+    (0.1, "Brightness", 3, 0.7, "Color", 0),
+    (0.4, "Solarize", 5, 0.9, "AutoContrast", 3),
+    (0.9, "TranslateY", 9, 0.7, "TranslateY", 9),
+    (0.9, "AutoContrast", 2, 0.8, "Solarize", 3),
+    (0.8, "Equalize", 8, 0.1, "Invert", 3),
+    (0.7, "TranslateY", 9, 0.9, "AutoContrast", 1),
+  ],
+  "svhn": [
+    (0.9, "ShearX", 4, 0.2, "Invert", 3),
+    (0.9, "ShearY", 8, 0.7, "Invert", 5),
+    (0.6, "Equalize", 5, 0.6, "Solarize", 6),
+    (0.9, "Invert", 3, 0.6, "Equalize", 3),
+    (0.6, "Equalize", 1, 0.9, "Rotate", 3),
+    (0.9, "ShearX", 4, 0.8, "AutoContrast", 3),
+    (0.9, "ShearY", 8, 0.4, "Invert", 5),
+    (0.9, "ShearY", 5, 0.2, "Solarize", 6),
+    (0.9, "Invert", 6, 0.8, "AutoContrast", 1),
+    (0.6, "Equalize", 3, 0.9, "Rotate", 3),
+    (0.9, "ShearX", 4, 0.3, "Solarize", 3),
+    (0.8, "ShearY", 8, 0.7, "Invert", 4),
+    (0.9, "Equalize", 5, 0.6, "TranslateY", 6),
+    (0.9, "Invert", 4, 0.6, "Equalize", 7),
+    (0.3, "Contrast", 3, 0.8, "Rotate", 4),
+    (0.8, "Invert", 5, 0.0, "TranslateY", 2),
+    (0.7, "ShearY", 6, 0.4, "Solarize", 8),
+    (0.6, "Invert", 4, 0.8, "Rotate", 4),
+    (0.3, "ShearY", 7, 0.9, "TranslateX", 3),
+    (0.1, "ShearX", 6, 0.6, "Invert", 5),
+    (0.7, "Solarize", 2, 0.6, "TranslateY", 7),
+    (0.8, "ShearY", 4, 0.8, "Invert", 8),
+    (0.7, "ShearX", 9, 0.8, "TranslateY", 3),
+    (0.8, "ShearY", 5, 0.7, "AutoContrast", 3),
+    (0.7, "ShearX", 2, 0.1, "Invert", 5),
+  ],
+  "imagenet": [
+    (0.4, "Posterize", 8, 0.6, "Rotate", 9),
+    (0.6, "Solarize", 5, 0.6, "AutoContrast", 5),
+    (0.8, "Equalize", 8, 0.6, "Equalize", 3),
+    (0.6, "Posterize", 7, 0.6, "Posterize", 6),
+    (0.4, "Equalize", 7, 0.2, "Solarize", 4),
+    (0.4, "Equalize", 4, 0.8, "Rotate", 8),
+    (0.6, "Solarize", 3, 0.6, "Equalize", 7),
+    (0.8, "Posterize", 5, 1.0, "Equalize", 2),
+    (0.2, "Rotate", 3, 0.6, "Solarize", 8),
+    (0.6, "Equalize", 8, 0.4, "Posterize", 6),
+    (0.8, "Rotate", 8, 0.4, "Color", 0),
+    (0.4, "Rotate", 9, 0.6, "Equalize", 2),
+    (0.0, "Equalize", 7, 0.8, "Equalize", 8),
+    (0.6, "Invert", 4, 1.0, "Equalize", 8),
+    (0.6, "Color", 4, 1.0, "Contrast", 8),
+    (0.8, "Rotate", 8, 1.0, "Color", 2),
+    (0.8, "Color", 8, 0.8, "Solarize", 7),
+    (0.4, "Sharpness", 7, 0.6, "Invert", 8),
+    (0.6, "ShearX", 5, 1.0, "Equalize", 9),
+    (0.4, "Color", 0, 0.6, "Equalize", 3),
+    (0.4, "Equalize", 7, 0.2, "Solarize", 4),
+    (0.6, "Solarize", 5, 0.6, "AutoContrast", 5),
+    (0.6, "Invert", 4, 1.0, "Equalize", 8),
+    (0.6, "Color", 4, 1.0, "Contrast", 8),
+    (0.8, "Equalize", 8, 0.6, "Equalize", 3),
+  ],
 }
 
 
@@ -117,8 +154,10 @@ def test_two_ops_apply_in_order_with_independent_probabilities():
   # A constant image of 10 tells every outcome apart: Invert -> 245,
   # Posterize 4 bits -> 0, both in order -> 240 (the other order gives 255),
   # and the second sub-policy's Posterize 6 bits -> 8.
-  policy = (((0.3, "Invert", 0), (0.6, "Posterize", 9)),
-            ((1.0, "Posterize", 5), (0.0, "Invert", 0)))
+  policy = (
+    ((0.3, "Invert", 0), (0.6, "Posterize", 9)),
+    ((1.0, "Posterize", 5), (0.0, "Invert", 0)),
+  )
   draws = 8_000
   image = jnp.full((4, 4, 3), 10, jnp.uint8)
   keys = jax.random.split(jax.random.key(5), draws)
@@ -126,8 +165,13 @@ def test_two_ops_apply_in_order_with_independent_probabilities():
   out = np.asarray(apply(keys))
   assert (out == out[:, :1, :1, :1]).all()  # each result is constant
   values = out[:, 0, 0, 0]
-  expected = {10: 0.5 * 0.7 * 0.4, 245: 0.5 * 0.3 * 0.4, 0: 0.5 * 0.7 * 0.6,
-              240: 0.5 * 0.3 * 0.6, 8: 0.5}
+  expected = {
+    10: 0.5 * 0.7 * 0.4,
+    245: 0.5 * 0.3 * 0.4,
+    0: 0.5 * 0.7 * 0.6,
+    240: 0.5 * 0.3 * 0.6,
+    8: 0.5,
+  }
   assert set(np.unique(values)) == set(expected)
   for value, probability in expected.items():
     assert _within_5_sigma(np.sum(values == value), draws, probability), value

@@ -17,6 +17,7 @@ grayscale ones). Tolerances, per op, and why:
   exact. Against PIL itself, rotate may differ on 0.5% of pixels (PIL maps
   coordinates in 16.16 fixed point, which moves a few nearest-pixel choices).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,9 +70,12 @@ def test_fixture_has_colour_and_grey_images():
 
 # --- colour ops against PIL ---------------------------------------------------
 
-ENHANCERS = [(ops.color, ImageEnhance.Color), (ops.contrast, ImageEnhance.Contrast),
-             (ops.sharpness, ImageEnhance.Sharpness),
-             (ops.brightness, ImageEnhance.Brightness)]
+ENHANCERS = [
+  (ops.color, ImageEnhance.Color),
+  (ops.contrast, ImageEnhance.Contrast),
+  (ops.sharpness, ImageEnhance.Sharpness),
+  (ops.brightness, ImageEnhance.Brightness),
+]
 # 1 ± the reference's values 0, 0.3 and 0.9 (m = 0, 3, 9), in float64 as it does.
 FACTORS = [1.0, 1.3, 0.7, 1.9, 1 - 0.9]
 
@@ -79,8 +83,9 @@ FACTORS = [1.0, 1.3, 0.7, 1.9, 1 - 0.9]
 @pytest.mark.parametrize("ours, pil", ENHANCERS, ids=lambda x: getattr(x, "__name__", ""))
 @pytest.mark.parametrize("factor", FACTORS)
 def test_enhance_matches_pil_exactly(ours, pil, factor):
-  _assert_equal(_ours(lambda image: ours(image, factor)),
-                _pil_rgb(lambda image: pil(image).enhance(factor)))
+  _assert_equal(
+    _ours(lambda image: ours(image, factor)), _pil_rgb(lambda image: pil(image).enhance(factor))
+  )
 
 
 @pytest.mark.parametrize("ours, pil", ENHANCERS, ids=lambda x: getattr(x, "__name__", ""))
@@ -92,14 +97,18 @@ def test_enhance_on_grey_matches_pil_mode_l(ours, pil):
 
 @pytest.mark.parametrize("bits", [8, 7, 6, 5, 4])
 def test_posterize_matches_pil(bits):
-  _assert_equal(_ours(lambda image: ops.posterize(image, bits)),
-                _pil_rgb(lambda image: ImageOps.posterize(image, bits)))
+  _assert_equal(
+    _ours(lambda image: ops.posterize(image, bits)),
+    _pil_rgb(lambda image: ImageOps.posterize(image, bits)),
+  )
 
 
 @pytest.mark.parametrize("threshold", np.linspace(256, 0, 10)[[0, 1, 4, 8, 9]])
 def test_solarize_matches_pil(threshold):
-  _assert_equal(_ours(lambda image: ops.solarize(image, threshold)),
-                _pil_rgb(lambda image: ImageOps.solarize(image, threshold)))
+  _assert_equal(
+    _ours(lambda image: ops.solarize(image, threshold)),
+    _pil_rgb(lambda image: ImageOps.solarize(image, threshold)),
+  )
 
 
 def test_invert_and_equalize_match_pil():
@@ -111,20 +120,26 @@ def test_autocontrast_matches_pil_within_one():
   ours = _ours(ops.autocontrast)
   _assert_close(ours, _pil_rgb(ImageOps.autocontrast), max_fraction=0.01)
   # Every channel really is stretched to the full range.
-  assert all(image.min(axis=(0, 1)).max() == 0 and image.max(axis=(0, 1)).min() == 255
-             for image in ours)
+  assert all(
+    image.min(axis=(0, 1)).max() == 0 and image.max(axis=(0, 1)).min() == 255 for image in ours
+  )
 
 
 def test_colour_ops_on_grey_match_pil_mode_l():
-  for ours, pil in [(ops.equalize, ImageOps.equalize), (ops.invert, ImageOps.invert),
-                    (lambda im: ops.solarize(im, 128), lambda im: ImageOps.solarize(im, 128)),
-                    (lambda im: ops.posterize(im, 5), lambda im: ImageOps.posterize(im, 5))]:
+  for ours, pil in [
+    (ops.equalize, ImageOps.equalize),
+    (ops.invert, ImageOps.invert),
+    (lambda im: ops.solarize(im, 128), lambda im: ImageOps.solarize(im, 128)),
+    (lambda im: ops.posterize(im, 5), lambda im: ImageOps.posterize(im, 5)),
+  ]:
     for image in GREY:
       expected = np.asarray(pil(Image.fromarray(image)))
       np.testing.assert_array_equal(np.asarray(ours(image[..., None]))[..., 0], expected)
-  _assert_close(_ours(ops.autocontrast, [g[..., None] for g in GREY]),
-                [np.asarray(ImageOps.autocontrast(Image.fromarray(g)))[..., None]
-                 for g in GREY], max_fraction=0.01)
+  _assert_close(
+    _ours(ops.autocontrast, [g[..., None] for g in GREY]),
+    [np.asarray(ImageOps.autocontrast(Image.fromarray(g)))[..., None] for g in GREY],
+    max_fraction=0.01,
+  )
 
 
 def test_equalize_and_autocontrast_leave_constant_channels_alone():
@@ -211,8 +226,9 @@ def _rotate(image, degrees):
 def _pil_rotate_with_fill(image, degrees):
   # The reference's rotate_with_fill: rotate as RGBA, composite onto grey.
   rotated = image.convert("RGBA").rotate(degrees)
-  return Image.composite(rotated, Image.new("RGBA", rotated.size, (128,) * 4),
-                         rotated).convert(image.mode)
+  return Image.composite(rotated, Image.new("RGBA", rotated.size, (128,) * 4), rotated).convert(
+    image.mode
+  )
 
 
 WIDE = RGB
@@ -226,9 +242,14 @@ def test_shear_x_matches_numpy_and_pil(factor):
   ours = _ours(lambda image: ops.shear_x(image, factor), WIDE)
   skip = np.stack([on_edge(im.shape, matrix) for im in WIDE])
   _assert_close(ours, [reference_bicubic(im, matrix) for im in WIDE], 0.005, skip)
-  pil = [np.asarray(Image.fromarray(im).transform(
-      im.shape[1::-1], Image.AFFINE, matrix, Image.BICUBIC,
-      fillcolor=(128, 128, 128))) for im in WIDE]
+  pil = [
+    np.asarray(
+      Image.fromarray(im).transform(
+        im.shape[1::-1], Image.AFFINE, matrix, Image.BICUBIC, fillcolor=(128, 128, 128)
+      )
+    )
+    for im in WIDE
+  ]
   _assert_close(ours, pil, 0.005, skip)
   assert np.mean(np.stack(ours) == 128) < 0.5  # not just fill
 
@@ -237,8 +258,12 @@ def test_shear_x_matches_numpy_and_pil(factor):
 def test_shear_y_matches_numpy(factor):
   matrix = (1, 0, 0, factor, 1, 0)
   skip = np.stack([on_edge(im.shape, matrix) for im in WIDE])
-  _assert_close(_ours(lambda image: ops.shear_y(image, factor), WIDE),
-                [reference_bicubic(im, matrix) for im in WIDE], 0.005, skip)
+  _assert_close(
+    _ours(lambda image: ops.shear_y(image, factor), WIDE),
+    [reference_bicubic(im, matrix) for im in WIDE],
+    0.005,
+    skip,
+  )
 
 
 def test_shear_moves_rows_by_factor_times_row_centre():
@@ -257,12 +282,15 @@ def test_translate_matches_numpy_and_pil(fraction):
     height, width = image.shape[:2]
     tx = (1, 0, fraction * width, 0, 1, 0)
     ty = (1, 0, 0, 0, 1, fraction * height)
-    for op, matrix, shift in ((ops.translate_x, tx, fraction * width),
-                              (ops.translate_y, ty, fraction * height)):
+    for op, matrix, shift in (
+      (ops.translate_x, tx, fraction * width),
+      (ops.translate_y, ty, fraction * height),
+    ):
       ours = np.asarray(op(image, shift))
       np.testing.assert_array_equal(ours, reference_nearest(image, matrix))
-      pil = Image.fromarray(image).transform((width, height), Image.AFFINE, matrix,
-                                             fillcolor=(128, 128, 128))
+      pil = Image.fromarray(image).transform(
+        (width, height), Image.AFFINE, matrix, fillcolor=(128, 128, 128)
+      )
       np.testing.assert_array_equal(ours, np.asarray(pil))
 
 
@@ -272,7 +300,8 @@ def test_rotate_matches_numpy_and_pil(degrees):
     height, width = image.shape[:2]
     ours = np.asarray(_rotate(image, degrees))
     np.testing.assert_array_equal(
-        ours, reference_nearest(image, pil_rotation_matrix(degrees, width, height)))
+      ours, reference_nearest(image, pil_rotation_matrix(degrees, width, height))
+    )
     pil = np.asarray(_pil_rotate_with_fill(Image.fromarray(image), degrees))
     assert np.mean(np.any(ours != pil, axis=-1)) <= 0.005
 
@@ -288,12 +317,17 @@ def test_rotate_is_counter_clockwise():
 def test_geometric_ops_on_grey_images():
   for grey in GREY:
     image = grey[..., None]
-    np.testing.assert_array_equal(np.asarray(_rotate(image, 20.0)),
-                                  reference_nearest(image, pil_rotation_matrix(20.0, 64, 48)))
-    np.testing.assert_array_equal(np.asarray(ops.translate_x(image, -9.7)),
-                                  reference_nearest(image, (1, 0, -9.7, 0, 1, 0)))
-    _assert_close([np.asarray(ops.shear_y(image, -0.3))],
-                  [reference_bicubic(image, (1, 0, 0, -0.3, 1, 0))], 0.005)
+    np.testing.assert_array_equal(
+      np.asarray(_rotate(image, 20.0)), reference_nearest(image, pil_rotation_matrix(20.0, 64, 48))
+    )
+    np.testing.assert_array_equal(
+      np.asarray(ops.translate_x(image, -9.7)), reference_nearest(image, (1, 0, -9.7, 0, 1, 0))
+    )
+    _assert_close(
+      [np.asarray(ops.shear_y(image, -0.3))],
+      [reference_bicubic(image, (1, 0, 0, -0.3, 1, 0))],
+      0.005,
+    )
 
 
 # --- apply_op: the magnitude table, the random sign, one switch -----------------
@@ -311,28 +345,38 @@ def test_magnitude_values_follow_the_reference():
   np.testing.assert_allclose(table[1, index("TranslateX"), 9, 0], -150 / 331 * 64, rtol=1e-6)
   np.testing.assert_allclose(table[0, index("TranslateY"), 9, 0], 150 / 331 * 48, rtol=1e-6)
   for sign in (0, 1):  # Rotate has no random sign: 30 degrees either way
-    np.testing.assert_allclose(table[sign, index("Rotate"), 9], [np.cos(np.pi / 6), 0.5],
-                               rtol=1e-6)
+    np.testing.assert_allclose(table[sign, index("Rotate"), 9], [np.cos(np.pi / 6), 0.5], rtol=1e-6)
   for name in ("Color", "Contrast", "Sharpness", "Brightness"):
     np.testing.assert_allclose(table[0, index(name), :, 0], 1 + np.arange(10) * 0.1, rtol=1e-6)
     np.testing.assert_allclose(table[1, index(name), :, 0], 1 - np.arange(10) * 0.1, atol=1e-6)
-  np.testing.assert_array_equal(table[:, index("Posterize"), :, 0],
-                                [[8, 8, 7, 7, 6, 6, 5, 5, 4, 4]] * 2)
-  np.testing.assert_allclose(table[1, index("Solarize"), :, 0], 256 - np.arange(10) * 256 / 9,
-                             atol=1e-4)
+  np.testing.assert_array_equal(
+    table[:, index("Posterize"), :, 0], [[8, 8, 7, 7, 6, 6, 5, 5, 4, 4]] * 2
+  )
+  np.testing.assert_allclose(
+    table[1, index("Solarize"), :, 0], 256 - np.arange(10) * 256 / 9, atol=1e-4
+  )
 
 
-SIGNED = {"ShearX": lambda im, v: ops.shear_x(im, v),
-          "ShearY": lambda im, v: ops.shear_y(im, v),
-          "TranslateX": lambda im, v: ops.translate_x(im, v * 64),
-          "TranslateY": lambda im, v: ops.translate_y(im, v * 48),
-          "Color": lambda im, v: ops.color(im, 1 + v),
-          "Contrast": lambda im, v: ops.contrast(im, 1 + v),
-          "Sharpness": lambda im, v: ops.sharpness(im, 1 + v),
-          "Brightness": lambda im, v: ops.brightness(im, 1 + v)}
-VALUE_AT_7 = {"ShearX": 0.3 * 7 / 9, "ShearY": 0.3 * 7 / 9, "TranslateX": 150 / 331 * 7 / 9,
-              "TranslateY": 150 / 331 * 7 / 9, "Color": 0.7, "Contrast": 0.7,
-              "Sharpness": 0.7, "Brightness": 0.7}
+SIGNED = {
+  "ShearX": lambda im, v: ops.shear_x(im, v),
+  "ShearY": lambda im, v: ops.shear_y(im, v),
+  "TranslateX": lambda im, v: ops.translate_x(im, v * 64),
+  "TranslateY": lambda im, v: ops.translate_y(im, v * 48),
+  "Color": lambda im, v: ops.color(im, 1 + v),
+  "Contrast": lambda im, v: ops.contrast(im, 1 + v),
+  "Sharpness": lambda im, v: ops.sharpness(im, 1 + v),
+  "Brightness": lambda im, v: ops.brightness(im, 1 + v),
+}
+VALUE_AT_7 = {
+  "ShearX": 0.3 * 7 / 9,
+  "ShearY": 0.3 * 7 / 9,
+  "TranslateX": 150 / 331 * 7 / 9,
+  "TranslateY": 150 / 331 * 7 / 9,
+  "Color": 0.7,
+  "Contrast": 0.7,
+  "Sharpness": 0.7,
+  "Brightness": 0.7,
+}
 
 
 @pytest.mark.parametrize("name", sorted(SIGNED))
@@ -353,10 +397,14 @@ def test_apply_op_uses_a_random_sign(name):
 
 def test_apply_op_unsigned_ops_and_identity():
   image = WIDE[2]
-  expected = {"Rotate": _rotate(image, 30 * 4 / 9), "Posterize": ops.posterize(image, 6),
-              "Solarize": ops.solarize(image, 256 - 4 * 256 / 9),
-              "AutoContrast": ops.autocontrast(image), "Equalize": ops.equalize(image),
-              "Invert": ops.invert(image)}
+  expected = {
+    "Rotate": _rotate(image, 30 * 4 / 9),
+    "Posterize": ops.posterize(image, 6),
+    "Solarize": ops.solarize(image, 256 - 4 * 256 / 9),
+    "AutoContrast": ops.autocontrast(image),
+    "Equalize": ops.equalize(image),
+    "Invert": ops.invert(image),
+  }
   for key in _keys(3):
     for name, want in expected.items():
       got = ops.apply_op(key, image, ops.OP_NAMES.index(name), 4)
@@ -368,11 +416,16 @@ def test_apply_op_on_grey_images():
   image = GREY[0][..., None]
   equalized = np.asarray(ImageOps.equalize(Image.fromarray(image[..., 0])))[..., None]
   rotated = reference_nearest(image, pil_rotation_matrix(30 * 5 / 9, 64, 48))
-  for name, want in {"Contrast": ops.contrast(image, 1.3), "Color": image,
-                     "Equalize": equalized, "Rotate": rotated}.items():
+  for name, want in {
+    "Contrast": ops.contrast(image, 1.3),
+    "Color": image,
+    "Equalize": equalized,
+    "Rotate": rotated,
+  }.items():
     magnitude = 3 if name != "Rotate" else 5
-    outs = [np.asarray(ops.apply_op(key, image, ops.OP_NAMES.index(name), magnitude))
-            for key in _keys(4)]
+    outs = [
+      np.asarray(ops.apply_op(key, image, ops.OP_NAMES.index(name), magnitude)) for key in _keys(4)
+    ]
     assert any(np.array_equal(out, np.asarray(want)) for out in outs), name
     assert all(out.shape == (48, 64, 1) and out.dtype == np.uint8 for out in outs)
 
@@ -380,12 +433,22 @@ def test_apply_op_on_grey_images():
 # --- the op table: one entry per op, everything else derived from it -----------
 
 # Written out here, apart from ops.OPS: the function each op name must run.
-FUNCTIONS = {"ShearX": ops.shear_x, "ShearY": ops.shear_y, "TranslateX": ops.translate_x,
-             "TranslateY": ops.translate_y, "Rotate": ops.rotate, "Color": ops.color,
-             "Contrast": ops.contrast, "Sharpness": ops.sharpness,
-             "Brightness": ops.brightness, "Posterize": ops.posterize,
-             "Solarize": ops.solarize, "AutoContrast": ops.autocontrast,
-             "Equalize": ops.equalize, "Invert": ops.invert}
+FUNCTIONS = {
+  "ShearX": ops.shear_x,
+  "ShearY": ops.shear_y,
+  "TranslateX": ops.translate_x,
+  "TranslateY": ops.translate_y,
+  "Rotate": ops.rotate,
+  "Color": ops.color,
+  "Contrast": ops.contrast,
+  "Sharpness": ops.sharpness,
+  "Brightness": ops.brightness,
+  "Posterize": ops.posterize,
+  "Solarize": ops.solarize,
+  "AutoContrast": ops.autocontrast,
+  "Equalize": ops.equalize,
+  "Invert": ops.invert,
+}
 
 
 def test_every_policy_op_is_a_table_entry():
@@ -412,8 +475,8 @@ def test_each_switch_branch_runs_its_own_op(magnitude):
   results = {}
   for index, op in enumerate(ops.OPS):
     assert op.fn is FUNCTIONS[op.name], op.name
-    arguments = table[negative, index, magnitude, :op.arity]
-    np.testing.assert_array_equal(table[negative, index, magnitude, op.arity:], 0)
+    arguments = table[negative, index, magnitude, : op.arity]
+    np.testing.assert_array_equal(table[negative, index, magnitude, op.arity :], 0)
     expected = np.asarray(FUNCTIONS[op.name](image, *arguments))
     got = np.asarray(ops.apply_op(key, image, index, magnitude))
     np.testing.assert_array_equal(got, expected, err_msg=op.name)
@@ -424,9 +487,15 @@ def test_each_switch_branch_runs_its_own_op(magnitude):
 def test_ops_agree_eagerly_and_under_jit():
   # No product feeds an add, so XLA's FMA fusion under jit changes nothing.
   image = jnp.asarray(RGB[3])
-  for op, arg in [(ops.shear_x, -0.2333), (ops.shear_y, 0.3), (ops.translate_x, 7.3),
-                  (ops.color, 1.9), (ops.contrast, 0.2), (ops.sharpness, 1.8),
-                  (ops.brightness, 1.3)]:
+  for op, arg in [
+    (ops.shear_x, -0.2333),
+    (ops.shear_y, 0.3),
+    (ops.translate_x, 7.3),
+    (ops.color, 1.9),
+    (ops.contrast, 0.2),
+    (ops.sharpness, 1.8),
+    (ops.brightness, 1.3),
+  ]:
     eager = op(image, arg)
     jitted = jax.jit(op)(image, jnp.float32(arg))
     np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted), err_msg=op.__name__)

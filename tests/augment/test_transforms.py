@@ -9,6 +9,7 @@ attempts; the dataset mean written into the normalised image), and the
 log-uniform option against a float64 numpy simulation of torchvision's
 RandomErasing.get_params (10 attempts, then give up).
 """
+
 import dataclasses
 import math
 
@@ -36,8 +37,9 @@ def _load(count):
 IMAGES, GREY = _load(8)
 # The full recipe; one mean / std for all channels so that grey images (C = 1)
 # share it (normalisation per channel is tested on its own below).
-FULL = augment.AugmentConfig(mean=(0.45,), std=(0.25,), flip=True, crop_padding=4,
-                             autoaugment="cifar10", random_erasing=0.25)
+FULL = augment.AugmentConfig(
+  mean=(0.45,), std=(0.25,), flip=True, crop_padding=4, autoaugment="cifar10", random_erasing=0.25
+)
 
 
 def _within_5_sigma(count, total, probability):
@@ -90,10 +92,17 @@ def test_steps_run_in_the_recipe_order():
     image = augment.random_flip(flip_key, IMAGES[1])
     image = augment.random_crop(crop_key, image, 4)
     image = autoaugment.apply_policy(policy_key, image, "cifar10")
-    expected = augment.random_erasing(erase_key, augment.normalize(image, cfg.mean, cfg.std),
-                                      1.0, cfg.erasing_area, cfg.erasing_aspect, fill=cfg.mean)
-    np.testing.assert_array_equal(np.asarray(augment.augment_image(key, IMAGES[1], cfg)),
-                                  np.asarray(expected))
+    expected = augment.random_erasing(
+      erase_key,
+      augment.normalize(image, cfg.mean, cfg.std),
+      1.0,
+      cfg.erasing_area,
+      cfg.erasing_aspect,
+      fill=cfg.mean,
+    )
+    np.testing.assert_array_equal(
+      np.asarray(augment.augment_image(key, IMAGES[1], cfg)), np.asarray(expected)
+    )
 
 
 RECIPE_ORDER = ["flip", "crop", "autoaugment", "normalize", "random_erasing"]
@@ -107,8 +116,12 @@ def test_stages_are_listed_once_in_the_recipe_order():
   assert (off.mean, off.std, off.erasing_area) == (FULL.mean, FULL.std, FULL.erasing_area)
   assert [stage.name for stage in augment.enabled_stages(off)] == ["normalize"]
   assert [stage.describe(FULL) for stage in augment.STAGES] == [
-      "random flip", "pad-4 random crop", "AutoAugment (cifar10)", "normalise",
-      "random erasing p=0.25"]
+    "random flip",
+    "pad-4 random crop",
+    "AutoAugment (cifar10)",
+    "normalise",
+    "random erasing p=0.25",
+  ]
 
 
 @pytest.mark.parametrize("name", ["flip", "crop", "random_erasing"])
@@ -117,7 +130,8 @@ def test_each_stage_alone_runs_the_same_in_batch_and_per_image(name):
   stage = next(stage for stage in augment.STAGES if stage.name == name)
   cfg = stage.alone(FULL)
   assert [s.name for s in augment.enabled_stages(cfg)] == (
-      ["normalize", name] if name == "random_erasing" else [name, "normalize"])
+    ["normalize", name] if name == "random_erasing" else [name, "normalize"]
+  )
   rng = jax.random.key(31)
   keys = jax.random.split(rng, len(IMAGES))
   single = np.stack([augment.augment_image(k, im, cfg) for k, im in zip(keys, IMAGES, strict=True)])
@@ -129,8 +143,9 @@ def test_each_stage_alone_runs_the_same_in_batch_and_per_image(name):
 def test_no_augmentation_is_normalisation():
   cfg = augment.AugmentConfig(mean=CIFAR_MEAN, std=CIFAR_STD)
   out = augment.augment_image(jax.random.key(0), IMAGES[0], cfg)
-  np.testing.assert_array_equal(np.asarray(out),
-                                np.asarray(augment.normalize(IMAGES[0], CIFAR_MEAN, CIFAR_STD)))
+  np.testing.assert_array_equal(
+    np.asarray(out), np.asarray(augment.normalize(IMAGES[0], CIFAR_MEAN, CIFAR_STD))
+  )
 
 
 def test_normalize_is_per_channel_and_standardises_a_known_image():
@@ -141,8 +156,7 @@ def test_normalize_is_per_channel_and_standardises_a_known_image():
   np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-5)
   np.testing.assert_allclose(out.std(axis=(0, 1, 2)), 1, atol=1e-5)
   expected = (images - np.array(CIFAR_MEAN)) / np.array(CIFAR_STD)
-  np.testing.assert_allclose(augment.normalize(IMAGES, CIFAR_MEAN, CIFAR_STD), expected,
-                             atol=1e-5)
+  np.testing.assert_allclose(augment.normalize(IMAGES, CIFAR_MEAN, CIFAR_STD), expected, atol=1e-5)
   # Half black, half white: x / 255 has mean 0.5 and std 0.5 exactly.
   two_tone = np.zeros((2, 4, 4, 3), np.uint8)
   two_tone[:, :2] = 255
@@ -158,8 +172,11 @@ def test_flip_happens_half_the_time():
   cfg = augment.AugmentConfig(mean=(0.0,), std=(1 / 255,), flip=True)
   image = np.arange(6, dtype=np.uint8).reshape(2, 3, 1)
   draws = 20_000
-  out = np.asarray(jax.jit(augment.augment_batch, static_argnames="cfg")(
-      jax.random.key(1), np.broadcast_to(image, (draws, 2, 3, 1)), cfg=cfg))
+  out = np.asarray(
+    jax.jit(augment.augment_batch, static_argnames="cfg")(
+      jax.random.key(1), np.broadcast_to(image, (draws, 2, 3, 1)), cfg=cfg
+    )
+  )
   flipped = (out == image[:, ::-1]).all(axis=(1, 2, 3))
   kept = (out == image).all(axis=(1, 2, 3))
   assert (flipped ^ kept).all()
@@ -170,8 +187,11 @@ def test_crop_offsets_are_uniform_over_the_zero_padding():
   cfg = augment.AugmentConfig(mean=(0.0,), std=(1 / 255,), crop_padding=4)
   image = (np.arange(64, dtype=np.uint8) + 1).reshape(8, 8, 1)  # no zeros
   draws = 9_000
-  out = np.asarray(jax.jit(augment.augment_batch, static_argnames="cfg")(
-      jax.random.key(2), np.broadcast_to(image, (draws, 8, 8, 1)), cfg=cfg))
+  out = np.asarray(
+    jax.jit(augment.augment_batch, static_argnames="cfg")(
+      jax.random.key(2), np.broadcast_to(image, (draws, 8, 8, 1)), cfg=cfg
+    )
+  )
   out = np.rint(out[..., 0]).astype(int)
   # Any non-zero output pixel (i, j) holding image[r, c] gives the window's
   # offset (r - i + 4, c - j + 4) in the padded image; then every crop must
@@ -200,16 +220,20 @@ def _torchvision_boxes(rng, count, height, width, area, aspect):
   fits = (h < height) & (w < width)
   first = fits.argmax(axis=1)
   rows = np.arange(count)
-  return np.where(fits.any(axis=1)[:, None],
-                  np.stack([h[rows, first], w[rows, first]], axis=1), 0)
+  return np.where(fits.any(axis=1)[:, None], np.stack([h[rows, first], w[rows, first]], axis=1), 0)
 
 
 def test_log_uniform_erasing_box_matches_torchvision_random_erasing():
   # The old behaviour, kept as options: log-uniform aspect in [0.3, 3.3], 10 attempts.
   height = width = 224
   area, aspect, probability, draws = (0.02, 0.4), (0.3, 3.3), 0.25, 40_000
-  box = jax.jit(jax.vmap(lambda k: augment.erasing_box(
-      k, height, width, probability, area, aspect, sampling="log_uniform", attempts=10)))
+  box = jax.jit(
+    jax.vmap(
+      lambda k: augment.erasing_box(
+        k, height, width, probability, area, aspect, sampling="log_uniform", attempts=10
+      )
+    )
+  )
   erase, top, left, h, w = map(np.asarray, box(jax.random.split(jax.random.key(3), draws)))
   assert _within_5_sigma(erase.sum(), draws, probability)
   h, w, top, left = h[erase], w[erase], top[erase], left[erase]
@@ -232,8 +256,10 @@ def test_log_uniform_erasing_box_matches_torchvision_random_erasing():
   reference = reference[reference[:, 0] > 0]
   ref_fraction = reference[:, 0] * reference[:, 1] / (height * width)
   ref_log_aspect = np.log(reference[:, 0] / reference[:, 1])
-  for ours, theirs, edges in ((fraction, ref_fraction, np.linspace(0.0, 0.42, 15)),
-                              (log_aspect, ref_log_aspect, np.linspace(-1.3, 1.3, 14))):
+  for ours, theirs, edges in (
+    (fraction, ref_fraction, np.linspace(0.0, 0.42, 15)),
+    (log_aspect, ref_log_aspect, np.linspace(-1.3, 1.3, 14)),
+  ):
     _assert_histograms_agree(ours, theirs, edges)
   # Log-uniform on a range symmetric in log: tall and wide equally likely.
   taller = int((h > w).sum())
@@ -260,8 +286,7 @@ def _reference_boxes(rng, count, height, width, area, aspect, attempts=100):
   fits = (h < height) & (w < width)
   first = fits.argmax(axis=1)
   rows = np.arange(count)
-  return np.where(fits.any(axis=1)[:, None],
-                  np.stack([h[rows, first], w[rows, first]], axis=1), 0)
+  return np.where(fits.any(axis=1)[:, None], np.stack([h[rows, first], w[rows, first]], axis=1), 0)
 
 
 def test_erasing_box_by_default_is_the_reference_one():
@@ -284,8 +309,9 @@ def test_erasing_box_by_default_is_the_reference_one():
   # Uniform aspect: P(ratio > 1) = (1/0.3 - 1) / (1/0.3 - 0.3) = 0.769 before fitting and
   # rounding; the exact share under both comes from the simulation. Counted over boxes that
   # are not square, within a binomial 5 sigma.
-  reference = _reference_boxes(np.random.default_rng(1), 200_000, height, width, area,
-                               (0.3, 1 / 0.3))
+  reference = _reference_boxes(
+    np.random.default_rng(1), 200_000, height, width, area, (0.3, 1 / 0.3)
+  )
   reference = reference[reference[:, 0] > 0]
   uneven = h != w
   ref_uneven = reference[:, 0] != reference[:, 1]
@@ -296,8 +322,9 @@ def test_erasing_box_by_default_is_the_reference_one():
   # The whole distribution of (area, aspect) matches the reference simulation.
   ref_fraction = reference[:, 0] * reference[:, 1] / (height * width)
   _assert_histograms_agree(fraction, ref_fraction, np.linspace(0.0, 0.45, 10))
-  _assert_histograms_agree(np.log(h / w), np.log(reference[:, 0] / reference[:, 1]),
-                           np.linspace(-1.4, 1.4, 12))
+  _assert_histograms_agree(
+    np.log(h / w), np.log(reference[:, 0] / reference[:, 1]), np.linspace(-1.4, 1.4, 12)
+  )
 
 
 def test_erasing_attempts_limit_how_often_a_box_is_found():
@@ -307,11 +334,13 @@ def test_erasing_attempts_limit_how_often_a_box_is_found():
   keys = jax.random.split(jax.random.key(5), draws)
   found = []
   for attempts in (1, 10, 100):
-    box = jax.jit(jax.vmap(lambda k, a=attempts: augment.erasing_box(k, 8, 8, 1.0, area,
-                                                                     attempts=a)))
+    box = jax.jit(
+      jax.vmap(lambda k, a=attempts: augment.erasing_box(k, 8, 8, 1.0, area, attempts=a))
+    )
     found.append(int(np.asarray(box(keys)[0]).sum()))
-    reference = _reference_boxes(np.random.default_rng(attempts), 100_000, 8, 8, area,
-                                 (0.3, 1 / 0.3), attempts=attempts)
+    reference = _reference_boxes(
+      np.random.default_rng(attempts), 100_000, 8, 8, area, (0.3, 1 / 0.3), attempts=attempts
+    )
     p = float((reference[:, 0] > 0).mean())
     assert abs(found[-1] - draws * p) <= 5 * math.sqrt(draws * p * (1 - p)) + draws * 0.01
   assert found[0] < found[1] < found[2]
@@ -325,7 +354,7 @@ def test_random_erasing_fills_exactly_its_box():
     for fill, value in ((0.0, 0.0), (CIFAR_MEAN, np.float32(CIFAR_MEAN))):
       out = np.asarray(augment.random_erasing(key, image, 1.0, fill=fill))
       expected = np.asarray(image).copy()
-      expected[top:top + h, left:left + w] = value
+      expected[top : top + h, left : left + w] = value
       np.testing.assert_array_equal(out, expected)
   np.testing.assert_array_equal(augment.random_erasing(jax.random.key(0), image, 0.0), image)
 
@@ -343,7 +372,7 @@ def test_erasing_fill_writes_the_dataset_mean_into_the_normalised_image(fill):
     erase_key = jax.random.split(key, augment.transforms.NUM_KEYS)[-1]  # the last keyed stage
     _, top, left, h, w = map(int, augment.erasing_box(erase_key, 32, 32, 1.0))
     box = np.zeros((32, 32), bool)
-    box[top:top + h, left:left + w] = True
+    box[top : top + h, left : left + w] = True
     expected = np.float32(CIFAR_MEAN) if fill == "mean" else np.zeros(3, np.float32)
     np.testing.assert_array_equal(out[box], np.broadcast_to(expected, (box.sum(), 3)))
     np.testing.assert_array_equal(out[~box], clean[~box])
@@ -351,24 +380,47 @@ def test_erasing_fill_writes_the_dataset_mean_into_the_normalised_image(fill):
 
 def test_config_from_the_project_config():
   from configs import default
+
   config = default.get_config()
-  cfg = augment.AugmentConfig.from_config(config.augment, mean=config.dataset.mean,
-                                          std=config.dataset.std)
-  assert cfg == augment.AugmentConfig(mean=CIFAR_MEAN, std=CIFAR_STD, flip=True, crop_padding=4,
-                                      autoaugment="cifar10", random_erasing=0.25,
-                                      erasing_area=(0.02, 0.4), erasing_aspect=(0.3, 1 / 0.3),
-                                      erasing_aspect_sampling="uniform", erasing_attempts=100,
-                                      erasing_fill="mean")
+  cfg = augment.AugmentConfig.from_config(
+    config.augment, mean=config.dataset.mean, std=config.dataset.std
+  )
+  assert cfg == augment.AugmentConfig(
+    mean=CIFAR_MEAN,
+    std=CIFAR_STD,
+    flip=True,
+    crop_padding=4,
+    autoaugment="cifar10",
+    random_erasing=0.25,
+    erasing_area=(0.02, 0.4),
+    erasing_aspect=(0.3, 1 / 0.3),
+    erasing_aspect_sampling="uniform",
+    erasing_attempts=100,
+    erasing_fill="mean",
+  )
   # The reference erasing is also AugmentConfig's own default.
-  assert cfg == augment.AugmentConfig(mean=CIFAR_MEAN, std=CIFAR_STD, flip=True, crop_padding=4,
-                                      autoaugment="cifar10", random_erasing=0.25)
+  assert cfg == augment.AugmentConfig(
+    mean=CIFAR_MEAN,
+    std=CIFAR_STD,
+    flip=True,
+    crop_padding=4,
+    autoaugment="cifar10",
+    random_erasing=0.25,
+  )
   hash(cfg)  # usable as a static jit argument
 
 
 def test_bad_configs_are_rejected():
-  good = ml_collections.ConfigDict({"flip": True, "crop_padding": 4, "autoaugment": "svhn",
-                                    "random_erasing": 0.25, "mean": [0.5] * 3,
-                                    "std": [0.2] * 3})
+  good = ml_collections.ConfigDict(
+    {
+      "flip": True,
+      "crop_padding": 4,
+      "autoaugment": "svhn",
+      "random_erasing": 0.25,
+      "mean": [0.5] * 3,
+      "std": [0.2] * 3,
+    }
+  )
   assert augment.AugmentConfig.from_config(good).mean == (0.5, 0.5, 0.5)
   assert augment.AugmentConfig.from_config(good, autoaugment=None).autoaugment is None
   with pytest.raises(ValueError, match="fliip"):
@@ -377,10 +429,17 @@ def test_bad_configs_are_rejected():
     augment.AugmentConfig.from_config({"flip": True})
   with pytest.raises(ValueError, match="cifar10"):
     augment.AugmentConfig.from_config(good, autoaugment="cifar100")
-  for bad in ({"random_erasing": 1.5}, {"erasing_area": (0.4, 0.02)}, {"crop_padding": -1},
-              {"std": (0.0, 0.1, 0.1)}, {"mean": (0.5, 0.5)},
-              {"erasing_aspect_sampling": "log"}, {"erasing_attempts": 0},
-              {"erasing_attempts": 2.5}, {"erasing_fill": "grey"}):
+  for bad in (
+    {"random_erasing": 1.5},
+    {"erasing_area": (0.4, 0.02)},
+    {"crop_padding": -1},
+    {"std": (0.0, 0.1, 0.1)},
+    {"mean": (0.5, 0.5)},
+    {"erasing_aspect_sampling": "log"},
+    {"erasing_attempts": 0},
+    {"erasing_attempts": 2.5},
+    {"erasing_fill": "grey"},
+  ):
     with pytest.raises(ValueError):
       augment.AugmentConfig.from_config(good, **bad)
   with pytest.raises(ValueError, match="augment_batch"):

@@ -4,6 +4,7 @@ Each writer puts real 32x32 photos (crops of the Tiny-ImageNet fixture) into
 the file a user downloads by hand, with the official file and folder names,
 and returns what it wrote: {split: (images (N, 32, 32, 3) uint8, labels)}.
 """
+
 import io
 import pickle
 import tarfile
@@ -12,35 +13,150 @@ import numpy as np
 
 from tests.helpers import fixture_images
 
-CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                 "truck")
+CIFAR10_NAMES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 CIFAR100_COARSE = (
-    "aquatic_mammals", "fish", "flowers", "food_containers", "fruit_and_vegetables",
-    "household_electrical_devices", "household_furniture", "insects", "large_carnivores",
-    "large_man-made_outdoor_things", "large_natural_outdoor_scenes",
-    "large_omnivores_and_herbivores", "medium_mammals", "non-insect_invertebrates", "people",
-    "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2")
+  "aquatic_mammals",
+  "fish",
+  "flowers",
+  "food_containers",
+  "fruit_and_vegetables",
+  "household_electrical_devices",
+  "household_furniture",
+  "insects",
+  "large_carnivores",
+  "large_man-made_outdoor_things",
+  "large_natural_outdoor_scenes",
+  "large_omnivores_and_herbivores",
+  "medium_mammals",
+  "non-insect_invertebrates",
+  "people",
+  "reptiles",
+  "small_mammals",
+  "trees",
+  "vehicles_1",
+  "vehicles_2",
+)
 CIFAR100_FINE = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup",
-    "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house",
-    "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man",
-    "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
-    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy",
-    "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
-    "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
-    "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman",
-    "worm")
+  "apple",
+  "aquarium_fish",
+  "baby",
+  "bear",
+  "beaver",
+  "bed",
+  "bee",
+  "beetle",
+  "bicycle",
+  "bottle",
+  "bowl",
+  "boy",
+  "bridge",
+  "bus",
+  "butterfly",
+  "camel",
+  "can",
+  "castle",
+  "caterpillar",
+  "cattle",
+  "chair",
+  "chimpanzee",
+  "clock",
+  "cloud",
+  "cockroach",
+  "couch",
+  "crab",
+  "crocodile",
+  "cup",
+  "dinosaur",
+  "dolphin",
+  "elephant",
+  "flatfish",
+  "forest",
+  "fox",
+  "girl",
+  "hamster",
+  "house",
+  "kangaroo",
+  "keyboard",
+  "lamp",
+  "lawn_mower",
+  "leopard",
+  "lion",
+  "lizard",
+  "lobster",
+  "man",
+  "maple_tree",
+  "motorcycle",
+  "mountain",
+  "mouse",
+  "mushroom",
+  "oak_tree",
+  "orange",
+  "orchid",
+  "otter",
+  "palm_tree",
+  "pear",
+  "pickup_truck",
+  "pine_tree",
+  "plain",
+  "plate",
+  "poppy",
+  "porcupine",
+  "possum",
+  "rabbit",
+  "raccoon",
+  "ray",
+  "road",
+  "rocket",
+  "rose",
+  "sea",
+  "seal",
+  "shark",
+  "shrew",
+  "skunk",
+  "skyscraper",
+  "snail",
+  "snake",
+  "spider",
+  "squirrel",
+  "streetcar",
+  "sunflower",
+  "sweet_pepper",
+  "table",
+  "tank",
+  "telephone",
+  "television",
+  "tiger",
+  "tractor",
+  "train",
+  "trout",
+  "tulip",
+  "turtle",
+  "wardrobe",
+  "whale",
+  "willow_tree",
+  "wolf",
+  "woman",
+  "worm",
+)
 
 
 def crops(count: int, offset: int = 0) -> np.ndarray:
   """`count` distinct 32x32 RGB photos: the 4 quadrants of each fixture image."""
   rgb, _ = fixture_images()
-  tiles = [image[y:y + 32, x:x + 32] for image in rgb for y in (0, 32) for x in (0, 32)]
+  tiles = [image[y : y + 32, x : x + 32] for image in rgb for y in (0, 32) for x in (0, 32)]
   assert offset + count <= len(tiles), "the fixture has 272 crops"
-  return np.stack(tiles[offset:offset + count]).astype(np.uint8)
+  return np.stack(tiles[offset : offset + count]).astype(np.uint8)
 
 
 def _chw_rows(images: np.ndarray) -> np.ndarray:
@@ -80,19 +196,41 @@ def write_cifar10(folder, fmt: str, per_batch: int = 3, test: int = 5) -> dict:
         rows = np.concatenate([labels.astype(np.uint8), _chw_rows(images)], axis=1)
         _add(archive, f"cifar-10-batches-bin/{stem}.bin", rows.tobytes())
       else:
-        _add(archive, f"cifar-10-batches-py/{stem}", _pickle({
-            b"batch_label": f"{stem} of 5".encode(), b"labels": labels[:, 0].tolist(),
-            b"data": _chw_rows(images), b"filenames": [b"x.png"] * len(images)}))
+        _add(
+          archive,
+          f"cifar-10-batches-py/{stem}",
+          _pickle(
+            {
+              b"batch_label": f"{stem} of 5".encode(),
+              b"labels": labels[:, 0].tolist(),
+              b"data": _chw_rows(images),
+              b"filenames": [b"x.png"] * len(images),
+            }
+          ),
+        )
     if fmt == "binary":
-      _add(archive, "cifar-10-batches-bin/batches.meta.txt",
-           ("\n".join(CIFAR10_NAMES) + "\n\n").encode())
+      _add(
+        archive,
+        "cifar-10-batches-bin/batches.meta.txt",
+        ("\n".join(CIFAR10_NAMES) + "\n\n").encode(),
+      )
     else:
-      _add(archive, "cifar-10-batches-py/batches.meta", _pickle({
-          b"label_names": [name.encode() for name in CIFAR10_NAMES],
-          b"num_cases_per_batch": per_batch, b"num_vis": 3072}))
+      _add(
+        archive,
+        "cifar-10-batches-py/batches.meta",
+        _pickle(
+          {
+            b"label_names": [name.encode() for name in CIFAR10_NAMES],
+            b"num_cases_per_batch": per_batch,
+            b"num_vis": 3072,
+          }
+        ),
+      )
   train = [batches[f"b{i}"] for i in range(1, 6)]
-  return {"train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-          "test": batches["test"]}
+  return {
+    "train": (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
+    "test": batches["test"],
+  }
 
 
 def write_cifar100(folder, fmt: str, train: int = 12, test: int = 6) -> dict:
@@ -105,31 +243,56 @@ def write_cifar100(folder, fmt: str, train: int = 12, test: int = 6) -> dict:
         rows = np.concatenate([labels.astype(np.uint8), _chw_rows(images)], axis=1)
         _add(archive, f"cifar-100-binary/{split}.bin", rows.tobytes())
       else:
-        _add(archive, f"cifar-100-python/{split}", _pickle({
-            b"filenames": [b"x.png"] * len(images), b"batch_label": f"{split} batch".encode(),
-            b"fine_labels": labels[:, 1].tolist(), b"coarse_labels": labels[:, 0].tolist(),
-            b"data": _chw_rows(images)}))
+        _add(
+          archive,
+          f"cifar-100-python/{split}",
+          _pickle(
+            {
+              b"filenames": [b"x.png"] * len(images),
+              b"batch_label": f"{split} batch".encode(),
+              b"fine_labels": labels[:, 1].tolist(),
+              b"coarse_labels": labels[:, 0].tolist(),
+              b"data": _chw_rows(images),
+            }
+          ),
+        )
     if fmt == "binary":
-      _add(archive, "cifar-100-binary/coarse_label_names.txt",
-           ("\n".join(CIFAR100_COARSE) + "\n").encode())
-      _add(archive, "cifar-100-binary/fine_label_names.txt",
-           ("\n".join(CIFAR100_FINE) + "\n").encode())
+      _add(
+        archive,
+        "cifar-100-binary/coarse_label_names.txt",
+        ("\n".join(CIFAR100_COARSE) + "\n").encode(),
+      )
+      _add(
+        archive, "cifar-100-binary/fine_label_names.txt", ("\n".join(CIFAR100_FINE) + "\n").encode()
+      )
     else:
-      _add(archive, "cifar-100-python/meta", _pickle({
-          b"fine_label_names": [n.encode() for n in CIFAR100_FINE],
-          b"coarse_label_names": [n.encode() for n in CIFAR100_COARSE]}))
+      _add(
+        archive,
+        "cifar-100-python/meta",
+        _pickle(
+          {
+            b"fine_label_names": [n.encode() for n in CIFAR100_FINE],
+            b"coarse_label_names": [n.encode() for n in CIFAR100_COARSE],
+          }
+        ),
+      )
   return splits
 
 
 def write_svhn(folder, splits=("train", "test", "extra"), count: int = 7) -> dict:
   """{split}_32x32.mat: X (32, 32, 3, N) uint8, y (N, 1) in 1..10, where 10 is the digit 0."""
   from scipy import io as scipy_io
+
   out = {}
   for k, split in enumerate(splits):
     images = crops(count, offset=k * count)
     digits = np.arange(k, k + count) % 10  # every split has a 0, stored as 10
-    scipy_io.savemat(folder / f"{split}_32x32.mat",
-                     {"X": images.transpose(1, 2, 3, 0),
-                      "y": np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]})
+    scipy_io.savemat(
+      folder / f"{split}_32x32.mat",
+      {
+        "X": images.transpose(1, 2, 3, 0),
+        "y": np.where(digits == 0, 10, digits).astype(np.uint8)[:, None],
+      },
+    )
     out[split] = (images, digits[:, None])
   return out

@@ -10,6 +10,7 @@ requests (and so TFDS) follows: a closed local port (refused), a name under
 .invalid (does not resolve), a local HTTP server answering garbage (wrong
 checksum) or 503 (server error). No real host is contacted.
 """
+
 import http.server
 import os
 import socket
@@ -25,18 +26,22 @@ from lkca_jax import data
 from tests.data import official_archives as archives
 
 CATALOG = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
-MANUAL_FILES = {"cifar10": ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"),
-                "cifar100": ("cifar-100-binary.tar.gz", "cifar-100-python.tar.gz"),
-                "svhn": ("train_32x32.mat", "test_32x32.mat"),
-                "tiny_imagenet": ("tiny-imagenet-200.zip",)}
+MANUAL_FILES = {
+  "cifar10": ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"),
+  "cifar100": ("cifar-100-binary.tar.gz", "cifar-100-python.tar.gz"),
+  "svhn": ("train_32x32.mat", "test_32x32.mat"),
+  "tiny_imagenet": ("tiny-imagenet-200.zip",),
+}
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
 FAST_S = 10  # a download that cannot happen must fail well within this
 
 
 def block_network(patch) -> None:
   """Any Python-level connection or DNS lookup fails the test."""
+
   def refuse(*args, **kwargs):
     raise AssertionError(f"network access attempted: {args}")
+
   patch.setattr(socket.socket, "connect", refuse)
   patch.setattr(socket, "getaddrinfo", refuse)
   patch.setattr(socket, "create_connection", refuse)
@@ -64,8 +69,10 @@ def use_proxy(monkeypatch, proxy: str) -> None:
 
 def rows(images, labels):
   """(image, label) pairs as sorted byte rows: equal iff the same multiset."""
-  flat = np.concatenate([images.reshape(len(images), -1),
-                         np.asarray(labels).reshape(len(images), -1).astype(np.uint8)], axis=1)
+  flat = np.concatenate(
+    [images.reshape(len(images), -1), np.asarray(labels).reshape(len(images), -1).astype(np.uint8)],
+    axis=1,
+  )
   return flat[np.lexsort(flat.T[::-1])]
 
 
@@ -73,6 +80,7 @@ def rows(images, labels):
 def test_catalog_builders_work_with_the_pinned_dependencies(tmp_path):
   """Reading the catalog's own checksums needs importlib_resources (in requirements.txt)."""
   import tensorflow_datasets as tfds
+
   for tfds_name in CATALOG.values():
     builder = tfds.builder(tfds_name, data_dir=tmp_path)
     assert type(builder).code_path.exists()
@@ -85,12 +93,17 @@ def test_manual_builders_describe_the_catalog_dataset(name, tmp_path):
   import tensorflow_datasets as tfds
 
   from lkca_jax.data import cifar, svhn
+
   catalog = tfds.builder(CATALOG[name], data_dir=tmp_path / "a")
-  manual = {"cifar10": lambda: cifar.ManualCifar10(archive="-", layout=cifar.CIFAR10.layouts[0],
-                                                   data_dir=tmp_path / "b"),
-            "cifar100": lambda: cifar.ManualCifar100(archive="-", layout=cifar.CIFAR100.layouts[1],
-                                                     data_dir=tmp_path / "b"),
-            "svhn": lambda: svhn.ManualSvhnCropped(files={}, data_dir=tmp_path / "b")}[name]()
+  manual = {
+    "cifar10": lambda: cifar.ManualCifar10(
+      archive="-", layout=cifar.CIFAR10.layouts[0], data_dir=tmp_path / "b"
+    ),
+    "cifar100": lambda: cifar.ManualCifar100(
+      archive="-", layout=cifar.CIFAR100.layouts[1], data_dir=tmp_path / "b"
+    ),
+    "svhn": lambda: svhn.ManualSvhnCropped(files={}, data_dir=tmp_path / "b"),
+  }[name]()
   assert isinstance(manual, type(catalog))
   assert (manual.name, manual.version) == (catalog.name, catalog.version)
   assert manual.info.features.to_json() == catalog.info.features.to_json()
@@ -103,6 +116,7 @@ def test_manual_builders_describe_the_catalog_dataset(name, tmp_path):
 
 def test_registry_names_the_files_the_builders_read():
   from lkca_jax.data import cifar, svhn
+
   assert data.DATASETS["cifar10"].manual_files == " or ".join(cifar.CIFAR10.file_names)
   assert data.DATASETS["cifar100"].manual_files == " or ".join(cifar.CIFAR100.file_names)
   assert data.DATASETS["svhn"].manual_files == " and ".join(svhn.REQUIRED.values())
@@ -110,17 +124,21 @@ def test_registry_names_the_files_the_builders_read():
 
 # --- prepared offline ------------------------------------------------------------
 CASES = {
-    "cifar10-binary": ("cifar10", lambda d: archives.write_cifar10(d, "binary")),
-    "cifar10-python": ("cifar10", lambda d: archives.write_cifar10(d, "python")),
-    "cifar100-binary": ("cifar100", lambda d: archives.write_cifar100(d, "binary")),
-    "cifar100-python": ("cifar100", lambda d: archives.write_cifar100(d, "python")),
-    "svhn": ("svhn", archives.write_svhn),
-    "svhn-no-extra": ("svhn", lambda d: archives.write_svhn(d, splits=("train", "test"))),
+  "cifar10-binary": ("cifar10", lambda d: archives.write_cifar10(d, "binary")),
+  "cifar10-python": ("cifar10", lambda d: archives.write_cifar10(d, "python")),
+  "cifar100-binary": ("cifar100", lambda d: archives.write_cifar100(d, "binary")),
+  "cifar100-python": ("cifar100", lambda d: archives.write_cifar100(d, "python")),
+  "svhn": ("svhn", archives.write_svhn),
+  "svhn-no-extra": ("svhn", lambda d: archives.write_svhn(d, splits=("train", "test"))),
 }
-OFFICIAL_NAMES = {"cifar10": {"label": list(archives.CIFAR10_NAMES)},
-                  "cifar100": {"label": list(archives.CIFAR100_FINE),
-                               "coarse_label": list(archives.CIFAR100_COARSE)},
-                  "svhn": {"label": [str(digit) for digit in range(10)]}}
+OFFICIAL_NAMES = {
+  "cifar10": {"label": list(archives.CIFAR10_NAMES)},
+  "cifar100": {
+    "label": list(archives.CIFAR100_FINE),
+    "coarse_label": list(archives.CIFAR100_COARSE),
+  },
+  "svhn": {"label": [str(digit) for digit in range(10)]},
+}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -145,13 +163,15 @@ def test_prepared_splits_hold_exactly_the_archive_images(prepared, no_network):
     expected_images, expected_labels = written[split]
     assert images.shape == expected_images.shape and images.dtype == np.uint8
     # The training label is the last label column: CIFAR-100's fine label.
-    np.testing.assert_array_equal(rows(images, labels),
-                                  rows(expected_images, expected_labels[:, -1]))
+    np.testing.assert_array_equal(
+      rows(images, labels), rows(expected_images, expected_labels[:, -1])
+    )
 
 
 def test_prepared_copy_is_the_catalog_dataset(prepared, tmp_path):
   """Loaded through the catalog's own builder: same name, version, features, splits, label names."""
   import tensorflow_datasets as tfds
+
   name, data_dir, written = prepared
   builder = tfds.builder(CATALOG[name], data_dir=data_dir)
   fresh = tfds.builder(CATALOG[name], data_dir=tmp_path)
@@ -167,6 +187,7 @@ def test_prepared_copy_is_the_catalog_dataset(prepared, tmp_path):
 def test_prepared_ids_and_labels_follow_the_catalog(prepared):
   """Each example's id ("test_00003") is its place in the archive, as the catalog numbers them."""
   import tensorflow_datasets as tfds
+
   name, data_dir, written = prepared
   builder = tfds.builder(CATALOG[name], data_dir=data_dir)
   images, labels = written["test"]
@@ -187,8 +208,9 @@ def test_download_true_prepares_from_the_manual_dir_offline(tmp_path, no_network
   with pytest.raises(data.DatasetUnavailableError, match="downloading is off"):
     data.check_available("cifar10", data_dir=tmp_path / "tfds", manual_dir=manual)
   data.check_available("cifar10", data_dir=tmp_path / "tfds", manual_dir=manual, download=True)
-  images, labels = data.load_split("cifar10", "test", data_dir=tmp_path / "tfds",
-                                   manual_dir=manual, download=True)
+  images, labels = data.load_split(
+    "cifar10", "test", data_dir=tmp_path / "tfds", manual_dir=manual, download=True
+  )
   np.testing.assert_array_equal(rows(images, labels), rows(*written["test"]))
 
 
@@ -249,6 +271,7 @@ def test_unknown_host_fails_fast(tmp_path, monkeypatch):
 
 class _Answer(http.server.BaseHTTPRequestHandler):
   """A proxy that answers every GET with a login page, or with 503."""
+
   status = 200
 
   def do_GET(self):  # noqa: N802 (the name http.server calls)
@@ -272,6 +295,7 @@ def answering_proxy():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     servers.append(server)
     return f"http://127.0.0.1:{server.server_address[1]}"
+
   yield start
   for server in servers:
     server.shutdown()
@@ -312,15 +336,24 @@ def test_tiny_imagenet_download_that_is_not_a_zip(tmp_path, monkeypatch, answeri
 # --- the prepare command ----------------------------------------------------------------
 def run_prepare(*args, env=None):
   start = time.perf_counter()
-  result = subprocess.run([sys.executable, "-m", "lkca_jax.tools.prepare", *args],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "lkca_jax.tools.prepare", *args],
+    capture_output=True,
+    text=True,
+    env={**os.environ, **(env or {})},
+    timeout=120,
+  )
   return result, time.perf_counter() - start
 
 
 def test_prepare_command_unreachable_download_is_one_line_exit_2(tmp_path):
-  result, seconds = run_prepare("--dataset", "cifar10", "--data_dir", str(tmp_path),
-                                env=proxy_env(f"http://127.0.0.1:{closed_port()}"))
+  result, seconds = run_prepare(
+    "--dataset",
+    "cifar10",
+    "--data_dir",
+    str(tmp_path),
+    env=proxy_env(f"http://127.0.0.1:{closed_port()}"),
+  )
   assert result.returncode == 2, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: dataset cifar10 cannot be downloaded")
@@ -333,9 +366,15 @@ def test_prepare_command_offline_from_the_manual_dir(tmp_path):
   manual.mkdir()
   archives.write_cifar100(manual, "binary", train=3, test=2)
   # Any download attempt would meet a closed port: preparing must not need one.
-  result, _ = run_prepare("--dataset", "cifar100", "--manual_dir", str(manual),
-                          "--data_dir", str(tmp_path / "tfds"),
-                          env=proxy_env(f"http://127.0.0.1:{closed_port()}"))
+  result, _ = run_prepare(
+    "--dataset",
+    "cifar100",
+    "--manual_dir",
+    str(manual),
+    "--data_dir",
+    str(tmp_path / "tfds"),
+    env=proxy_env(f"http://127.0.0.1:{closed_port()}"),
+  )
   assert result.returncode == 0, result.stderr
   assert "prepared cifar100 (array_record)" in result.stdout and "test 2, train 3" in result.stdout
 

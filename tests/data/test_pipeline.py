@@ -5,6 +5,7 @@ to back, cut into batches ("independent", the default); "joint" (one shuffle of
 the stacked copies) is kept as an option. Either order is a pure function of
 (key, epoch), which exact resume relies on.
 """
+
 import jax
 import numpy as np
 import pytest
@@ -22,9 +23,16 @@ def make_pipeline(order=None, key=0, size=SIZE, batch=BATCH):
   test = (images[:batch], labels[:batch])
   kwargs = {} if order is None else {"epoch_order": order}
   return pipeline_lib.Pipeline(
-      pipeline_lib.make_mesh(1), (images, labels), test, global_batch=batch, repeats=REPEATS,
-      augment=augment.AugmentConfig(mean=(0.5,), std=(0.25,)), key=jax.random.key(key),
-      placement="host", **kwargs)
+    pipeline_lib.make_mesh(1),
+    (images, labels),
+    test,
+    global_batch=batch,
+    repeats=REPEATS,
+    augment=augment.AugmentConfig(mean=(0.5,), std=(0.25,)),
+    key=jax.random.key(key),
+    placement="host",
+    **kwargs,
+  )
 
 
 def test_the_reference_order_is_the_default_of_the_pipeline_and_of_the_config():
@@ -46,7 +54,7 @@ def test_independent_order_is_three_permutations_back_to_back(epoch):
   steps = make_pipeline("independent").steps_per_epoch
   assert steps == REPEATS * SIZE // BATCH
   for step in range(steps):
-    batch = order[step * BATCH:(step + 1) * BATCH]
+    batch = order[step * BATCH : (step + 1) * BATCH]
     if step * BATCH // SIZE == ((step + 1) * BATCH - 1) // SIZE:
       assert len(set(batch.tolist())) == BATCH
 
@@ -76,26 +84,26 @@ def test_order_is_a_pure_function_of_key_and_epoch(order):
   # A resumed run rebuilds the pipeline and asks for the epoch it stopped in.
   first, again = make_pipeline(order, key=4), make_pipeline(order, key=4)
   for epoch in (5, 0, 5):
-    np.testing.assert_array_equal(np.asarray(first.epoch_order(epoch)),
-                                  np.asarray(again.epoch_order(epoch)))
+    np.testing.assert_array_equal(
+      np.asarray(first.epoch_order(epoch)), np.asarray(again.epoch_order(epoch))
+    )
   assert not np.array_equal(np.asarray(first.epoch_order(0)), np.asarray(first.epoch_order(1)))
   other_key = make_pipeline(order, key=5)
-  assert not np.array_equal(np.asarray(first.epoch_order(0)),
-                            np.asarray(other_key.epoch_order(0)))
+  assert not np.array_equal(np.asarray(first.epoch_order(0)), np.asarray(other_key.epoch_order(0)))
 
 
 def test_cifar_sized_epoch_repeats_no_image_within_a_pass():
-  # The issue's case: 50,000 images, batch 128, 1,171 batches. Joint ordering puts the same
+  # A CIFAR epoch: 50,000 images, batch 128, 1,171 batches. Joint ordering puts the same
   # image twice in ~130 of them; the independent order only where a batch straddles two passes.
   p = make_pipeline("independent", size=50_000, batch=128)
   order = np.asarray(p.epoch_order(0))
   assert p.steps_per_epoch == 1171
-  batches = order[:1171 * 128].reshape(1171, 128)
+  batches = order[: 1171 * 128].reshape(1171, 128)
   doubled = [k for k, batch in enumerate(batches) if len(np.unique(batch)) < 128]
   # Only the two batches that straddle a pass boundary (starts 49,920 and 99,968) may.
   assert set(doubled) <= {50_000 // 128, 100_000 // 128}
   joint = np.asarray(make_pipeline("joint", size=50_000, batch=128).epoch_order(0))
-  joint_doubled = sum(len(np.unique(b)) < 128 for b in joint[:1171 * 128].reshape(1171, 128))
+  joint_doubled = sum(len(np.unique(b)) < 128 for b in joint[: 1171 * 128].reshape(1171, 128))
   assert 80 < joint_doubled < 200
 
 
@@ -106,14 +114,20 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
     def __init__(self, *args, **kwargs):  # records the arguments, builds nothing
       captured.update(kwargs)
 
-  monkeypatch.setattr(pipeline_lib.sources, "load_split",
-                      lambda *a, **k: (np.zeros((4, 2, 2, 3), np.uint8), np.zeros(4, np.int32)))
+  monkeypatch.setattr(
+    pipeline_lib.sources,
+    "load_split",
+    lambda *a, **k: (np.zeros((4, 2, 2, 3), np.uint8), np.zeros(4, np.int32)),
+  )
   monkeypatch.setattr(pipeline_lib, "Pipeline", Spy)
   config = default.get_config()
   for order in pipeline_lib.EPOCH_ORDERS:
     config.epoch_order = order
-    spec = type("Spec", (), {"name": "cifar10", "train_split": "train", "eval_split": "test",
-                             "num_classes": 10})()
+    spec = type(
+      "Spec",
+      (),
+      {"name": "cifar10", "train_split": "train", "eval_split": "test", "num_classes": 10},
+    )()
     pipeline_lib.from_config(config, spec, pipeline_lib.make_mesh(1), jax.random.key(0))
     assert captured["epoch_order"] == order
 

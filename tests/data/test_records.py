@@ -4,6 +4,7 @@ The Tiny-ImageNet fixture zip is prepared in both file formats; the array_record
 copy is read by `records` (no TensorFlow) and by the tf.data path, the tfrecord
 copy by tf.data, and all three must agree pixel for pixel, label for label.
 """
+
 import os
 import subprocess
 import sys
@@ -27,8 +28,12 @@ def prepared(tmp_path_factory):
   dirs = {}
   for file_format in ("array_record", "tfrecord"):
     dirs[file_format] = tmp / file_format
-    assert data.prepare("tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual,
-                        file_format=file_format) == SPLITS
+    assert (
+      data.prepare(
+        "tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual, file_format=file_format
+      )
+      == SPLITS
+    )
   return dirs
 
 
@@ -51,18 +56,22 @@ def test_tf_free_arrays_equal_the_tensorflow_path(prepared, split):
   np.testing.assert_array_equal(images, tf_images)
   np.testing.assert_array_equal(labels, tf_labels)
   # The tfrecord copy (read through tf.data) holds the same examples in the same order.
-  tfrecord_images, tfrecord_labels = data.load_split("tiny_imagenet", split,
-                                                     data_dir=prepared["tfrecord"])
+  tfrecord_images, tfrecord_labels = data.load_split(
+    "tiny_imagenet", split, data_dir=prepared["tfrecord"]
+  )
   np.testing.assert_array_equal(images, tfrecord_images)
   np.testing.assert_array_equal(labels, tfrecord_labels)
 
 
 def test_reading_array_record_never_imports_tensorflow(prepared):
   data_dir = str(prepared["array_record"])
-  code = ("import sys; from lkca_jax import data; "
-          f"x, y = data.load_split('tiny_imagenet', 'train', data_dir={data_dir!r}); "
-          "print(len(y), 'tensorflow' in sys.modules)")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+  code = (
+    "import sys; from lkca_jax import data; "
+    f"x, y = data.load_split('tiny_imagenet', 'train', data_dir={data_dir!r}); "
+    "print(len(y), 'tensorflow' in sys.modules)"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["48", "False"]

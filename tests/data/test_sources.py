@@ -1,4 +1,5 @@
 """The dataset registry, digits, and the offline behaviour of load_split / check_available."""
+
 import dataclasses
 import socket
 import subprocess
@@ -14,27 +15,41 @@ from lkca_jax import data
 @pytest.fixture
 def no_network(monkeypatch):
   """Any Python-level connection or DNS lookup fails the test."""
+
   def refuse(*args, **kwargs):
     raise AssertionError(f"network access attempted: {args}")
+
   monkeypatch.setattr(socket.socket, "connect", refuse)
   monkeypatch.setattr(socket, "getaddrinfo", refuse)
   monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_registry_matches_the_spec_sources():
-  # Spec section 3: TFDS cifar10, cifar100, svhn_cropped (train / test); our Tiny-ImageNet builder.
-  expected = {"cifar10": ("cifar10", 10, (32, 32), "test"),
-              "cifar100": ("cifar100", 100, (32, 32), "test"),
-              "svhn": ("svhn_cropped", 10, (32, 32), "test"),
-              "tiny_imagenet": ("tiny_imagenet", 200, (64, 64), "validation")}
+def test_registry_matches_the_published_sources():
+  # TFDS cifar10, cifar100, svhn_cropped (train / test); our Tiny-ImageNet builder.
+  expected = {
+    "cifar10": ("cifar10", 10, (32, 32), "test"),
+    "cifar100": ("cifar100", 100, (32, 32), "test"),
+    "svhn": ("svhn_cropped", 10, (32, 32), "test"),
+    "tiny_imagenet": ("tiny_imagenet", 200, (64, 64), "validation"),
+  }
   for name, (tfds_name, classes, size, eval_split) in expected.items():
     spec = data.DATASETS[name]
-    assert (spec.name, spec.tfds_name, spec.num_classes, spec.image_size, spec.channels,
-            spec.train_split, spec.eval_split) == (name, tfds_name, classes, size, 3, "train",
-                                                   eval_split)
+    assert (
+      spec.name,
+      spec.tfds_name,
+      spec.num_classes,
+      spec.image_size,
+      spec.channels,
+      spec.train_split,
+      spec.eval_split,
+    ) == (name, tfds_name, classes, size, 3, "train", eval_split)
   digits = data.DATASETS["digits"]
-  assert (digits.tfds_name, digits.num_classes, digits.image_size,
-          digits.channels) == (None, 10, (8, 8), 1)
+  assert (digits.tfds_name, digits.num_classes, digits.image_size, digits.channels) == (
+    None,
+    10,
+    (8, 8),
+    1,
+  )
   with pytest.raises(dataclasses.FrozenInstanceError):
     digits.num_classes = 3
 
@@ -47,15 +62,18 @@ def test_unknown_dataset_lists_the_registered_names():
 
 
 def test_import_is_tf_free():
-  code = ("import sys, lkca_jax.data; "
-          "print(sorted(m for m in sys.modules "
-          "if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))")
+  code = (
+    "import sys, lkca_jax.data; "
+    "print(sorted(m for m in sys.modules "
+    "if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
 
 
 def test_digits_split_sizes_stratified_and_deterministic():
   from sklearn.datasets import load_digits
+
   full = load_digits()
   x_train, y_train = data.load_split("digits", "train")
   x_test, y_test = data.load_split("digits", "test")
@@ -77,17 +95,21 @@ def test_digits_split_sizes_stratified_and_deterministic():
 
 def test_digits_are_the_sklearn_images_scaled_to_uint8():
   from sklearn.datasets import load_digits
+
   full = load_digits()
   table = np.array([round(v * 255 / 16) for v in range(17)], np.uint8)
   assert table[16] == 255 and table[8] == 128  # 127.5 rounds to even
   scaled = table[full.images.astype(int)]
   x = np.concatenate([data.load_split("digits", s)[0][..., 0] for s in ("train", "test")])
   y = np.concatenate([data.load_split("digits", s)[1] for s in ("train", "test")])
+
   # train + test is exactly the full set, image with its label, in some order.
   def rows(images, labels):
-    flat = np.concatenate([images.reshape(len(images), -1), labels[:, None].astype(np.uint8)],
-                          axis=1)
+    flat = np.concatenate(
+      [images.reshape(len(images), -1), labels[:, None].astype(np.uint8)], axis=1
+    )
     return flat[np.lexsort(flat.T[::-1])]
+
   np.testing.assert_array_equal(rows(x, y), rows(scaled, full.target))
 
 
@@ -110,24 +132,31 @@ def test_unprepared_tfds_dataset_fails_fast_offline(tmp_path, no_network):
   assert list(tmp_path.iterdir()) == []
 
 
-def test_check_available_is_cheap_and_names_the_tiny_imagenet_fixes(tmp_path, no_network,
-                                                                    monkeypatch):
+def test_check_available_is_cheap_and_names_the_tiny_imagenet_fixes(
+  tmp_path, no_network, monkeypatch
+):
   monkeypatch.delenv("LKCA_TINY_IMAGENET_ZIP", raising=False)
   start = time.perf_counter()
   with pytest.raises(data.DatasetUnavailableError) as info:
     data.check_available("tiny_imagenet", data_dir=tmp_path, manual_dir=None, download=False)
   assert time.perf_counter() - start < 10
   message = str(info.value)
-  for fix in ("--config.dataset.data_dir", "--config.dataset.manual_dir",
-              "--config.dataset.download=True", "LKCA_TINY_IMAGENET_ZIP", "tiny-imagenet-200.zip"):
+  for fix in (
+    "--config.dataset.data_dir",
+    "--config.dataset.manual_dir",
+    "--config.dataset.download=True",
+    "LKCA_TINY_IMAGENET_ZIP",
+    "tiny-imagenet-200.zip",
+  ):
     assert fix in message
   # Non-TFDS sources are always available; download=True is enough for TFDS ones.
   data.check_available("digits", data_dir=tmp_path, manual_dir=None, download=False)
   data.check_available("svhn", data_dir=tmp_path, manual_dir=None, download=True)
 
 
-def test_manual_dir_without_the_zip_is_refused_before_any_download(tmp_path, no_network,
-                                                                   monkeypatch):
+def test_manual_dir_without_the_zip_is_refused_before_any_download(
+  tmp_path, no_network, monkeypatch
+):
   monkeypatch.delenv("LKCA_TINY_IMAGENET_ZIP", raising=False)
   manual = tmp_path / "manual"
   manual.mkdir()

@@ -6,6 +6,7 @@ not depend on the order TFDS stores examples in. RGB JPEGs are stored byte for
 byte and decode exactly as PIL decodes them; grayscale ones are re-encoded as
 RGB JPEG (quality 100), so they may differ from PIL's decode by 1 level.
 """
+
 import io
 import os
 import shutil
@@ -44,6 +45,7 @@ def find_row(images, reference, tolerance):
   def close(candidates, rows_of_pixels):
     diff = np.abs(images[candidates, :rows_of_pixels].astype(np.int16) - reference[:rows_of_pixels])
     return candidates[diff.reshape(len(candidates), -1).max(axis=1) <= tolerance]
+
   # First pixel row only, then whole images: cheap even on the 1.2 GB train split.
   rows = close(close(np.arange(len(images)), 1), images.shape[1])
   assert len(rows) == 1, f"{len(rows)} matching images"
@@ -59,6 +61,7 @@ def manual_dir_with(tmp_dir, zip_path):
 
 def test_embedded_wnids_equal_the_official_file():
   from lkca_jax.data import tiny_imagenet
+
   with zipfile.ZipFile(FIXTURE) as archive:  # the fixture keeps the full wnids.txt
     assert list(tiny_imagenet.WNIDS) == read_wnids(archive)
   assert len(set(tiny_imagenet.WNIDS)) == 200
@@ -68,6 +71,7 @@ def test_builder_is_registered_and_describes_itself_offline(tmp_path):
   import tensorflow_datasets as tfds
 
   from lkca_jax.data import tiny_imagenet
+
   builder = tfds.builder("tiny_imagenet", data_dir=tmp_path)
   assert isinstance(builder, tiny_imagenet.TinyImagenet)
   assert str(builder.version) == "1.0.0"
@@ -83,8 +87,12 @@ def fixture_dataset(request, tmp_path_factory):
   """The fixture zip prepared through the real builder: (format, data_dir, prepare seconds)."""
   tmp = tmp_path_factory.mktemp(request.param)
   start = time.perf_counter()
-  sizes = data.prepare("tiny_imagenet", data_dir=tmp / "tfds",
-                       manual_dir=manual_dir_with(tmp, FIXTURE), file_format=request.param)
+  sizes = data.prepare(
+    "tiny_imagenet",
+    data_dir=tmp / "tfds",
+    manual_dir=manual_dir_with(tmp, FIXTURE),
+    file_format=request.param,
+  )
   assert sizes == {"train": 48, "validation": 20}
   files = os.listdir(tmp / "tfds" / "tiny_imagenet" / "1.0.0")
   assert any(f".{request.param}-" in name for name in files), files
@@ -120,8 +128,9 @@ def test_fixture_pixels_and_labels_match_the_zip(fixture_dataset):
     assert gray_seen == 1  # val_116.JPEG
     # train: label is the index of the folder's wnid.
     images, labels = data.load_split("tiny_imagenet", "train", data_dir=data_dir)
-    members = [m for m in archive.namelist()
-               if m.startswith(ROOT + "train/") and m.endswith(".JPEG")]
+    members = [
+      m for m in archive.namelist() if m.startswith(ROOT + "train/") and m.endswith(".JPEG")
+    ]
     assert len(members) == 48
     gray_seen = 0
     for member in members:
@@ -150,6 +159,7 @@ def test_prepared_data_loads_with_no_network(fixture_dataset, monkeypatch):
 
   def refuse(*args, **kwargs):
     raise AssertionError("network access attempted")
+
   monkeypatch.setattr(socket.socket, "connect", refuse)
   monkeypatch.setattr(socket, "getaddrinfo", refuse)
   _, data_dir, _ = fixture_dataset
@@ -165,16 +175,19 @@ def test_download_true_prepares_from_the_manual_dir(tmp_path, monkeypatch):
   manual = manual_dir_with(tmp_path, FIXTURE)
   with pytest.raises(data.DatasetUnavailableError):
     data.load_split("tiny_imagenet", "validation", data_dir=tmp_path / "tfds", manual_dir=manual)
-  images, labels = data.load_split("tiny_imagenet", "validation", data_dir=tmp_path / "tfds",
-                                   manual_dir=manual, download=True)
+  images, labels = data.load_split(
+    "tiny_imagenet", "validation", data_dir=tmp_path / "tfds", manual_dir=manual, download=True
+  )
   assert images.shape == (20, 64, 64, 3) and sorted(set(labels.tolist())) == [0, 1, 2, 199]
 
 
 FULL_ZIP = os.environ.get("LKCA_TINY_IMAGENET_ZIP")
 
 
-@pytest.mark.skipif(not FULL_ZIP or not os.path.isfile(FULL_ZIP),
-                    reason="set LKCA_TINY_IMAGENET_ZIP to the real tiny-imagenet-200.zip")
+@pytest.mark.skipif(
+  not FULL_ZIP or not os.path.isfile(FULL_ZIP),
+  reason="set LKCA_TINY_IMAGENET_ZIP to the real tiny-imagenet-200.zip",
+)
 def test_full_zip(tmp_path):
   start = time.perf_counter()
   # manual_dir=None: the builder reads $LKCA_TINY_IMAGENET_ZIP.
@@ -193,6 +206,7 @@ def test_full_zip(tmp_path):
 
   with zipfile.ZipFile(FULL_ZIP) as archive:
     from lkca_jax.data import tiny_imagenet
+
     wnids = read_wnids(archive)
     assert wnids == list(tiny_imagenet.WNIDS)
     for file_name, wnid in val_annotations(archive)[:5]:

@@ -1,4 +1,5 @@
 """ACmix: parameter count, the conv branch at init, a float64 reference of the whole mixer."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,8 @@ def test_parameter_count_formula(dim, grid, heads):
   # The same in the compact form quoted in the module docstring.
   h, w = grid
   assert acmix_params(dim, grid, heads) == (
-      4 * dim ** 2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 2)
+    4 * dim**2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 2
+  )
 
 
 def test_initial_values():
@@ -73,7 +75,7 @@ def conv_of_qkv_maps(qkv, fc, grid, heads):
   for a in range(3):
     for bb in range(3):
       for j in range(3 * heads):
-        out += fc[j, 3 * a + bb] * padded[:, a:a + h, bb:bb + w, j, :]
+        out += fc[j, 3 * a + bb] * padded[:, a : a + h, bb : bb + w, j, :]
   return np.repeat(out[..., None], heads, axis=-1).reshape(b, n, d * heads)
 
 
@@ -83,14 +85,16 @@ def test_conv_branch_at_init_is_3x3_conv_of_qkv_maps():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 15, dim)), jnp.float32)
   qkv = module.qkv(x)
   _, conv = module.branches(x)
-  expected = conv_of_qkv_maps(np.asarray(qkv, np.float64),
-                              np.asarray(module.fc.kernel[...], np.float64), grid, heads)
+  expected = conv_of_qkv_maps(
+    np.asarray(qkv, np.float64), np.asarray(module.fc.kernel[...], np.float64), grid, heads
+  )
   assert max_rel_err(conv, expected) < 1e-5
   # The result is a real spatial mix: dropping the shifts (centre tap only) changes it.
   centre_only = np.asarray(qkv, np.float64).reshape(BATCH, 15, 3 * heads, dim // heads)
   centre_tap = np.asarray(module.fc.kernel[...])[:, 4]
-  centre_only = np.repeat(np.einsum("bnjc,j->bnc", centre_only, centre_tap)[..., None],
-                          heads, axis=-1).reshape(BATCH, 15, dim)
+  centre_only = np.repeat(
+    np.einsum("bnjc,j->bnc", centre_only, centre_tap)[..., None], heads, axis=-1
+  ).reshape(BATCH, 15, dim)
   assert max_rel_err(conv, centre_only) > 0.1
 
 
@@ -105,8 +109,13 @@ def test_grouped_conv_matches_lax_grouped_conv_with_gradients():
 
   def lax_grouped_conv(maps, kernel):  # the former formulation: channel c·9 + i, d groups
     return jax.lax.conv_general_dilated(
-        maps.reshape(b, h, w, d * 9), kernel, (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d)
+      maps.reshape(b, h, w, d * 9),
+      kernel,
+      (1, 1),
+      ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=d,
+    )
 
   def out_and_grads(conv):
     # A random cotangent so every output position and channel weighs differently in the gradients.
@@ -133,7 +142,7 @@ def reference_acmix(module, x, grid):
   b, n, dim = x.shape
   d = dim // heads
   qkv = x @ p(module.qkv.kernel) + p(module.qkv.bias)
-  q, k, v = qkv[..., :dim], qkv[..., dim:2 * dim], qkv[..., 2 * dim:]
+  q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
 
   # Attention branch with Swin's relative position bias (query − key offsets).
   table = p(module.relative_bias)
@@ -144,7 +153,7 @@ def reference_acmix(module, x, grid):
         for qq in range(w):
           bias[:, i * w + j, pp * w + qq] = table[(i - pp + h - 1) * (2 * w - 1) + (j - qq + w - 1)]
   split = lambda t: t.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # (B, H, N, d)
-  weights = softmax(split(q) @ split(k).transpose(0, 1, 3, 2) * d ** -0.5 + bias)
+  weights = softmax(split(q) @ split(k).transpose(0, 1, 3, 2) * d**-0.5 + bias)
   attention = (weights @ split(v)).transpose(0, 2, 1, 3).reshape(b, n, dim)
   attention = attention @ p(module.out_proj.kernel) + p(module.out_proj.bias)
 
@@ -163,7 +172,7 @@ def reference_acmix(module, x, grid):
     for i in range(9):
       for a in range(3):
         for bb in range(3):
-          conv[:, o] += conv_torch[o, i, a, bb] * padded[:, group * 9 + i, a:a + h, bb:bb + w]
+          conv[:, o] += conv_torch[o, i, a, bb] * padded[:, group * 9 + i, a : a + h, bb : bb + w]
   conv = conv.reshape(b, dim, n).transpose(0, 2, 1)
   return p(module.attention_rate) * attention + p(module.conv_rate) * conv
 
@@ -176,8 +185,9 @@ def test_full_forward_matches_float64_reference(grid):
   rng = np.random.default_rng(3)
   # Move every parameter off its init so each one's layout is exercised.
   module.conv_kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 9, dim)), jnp.float32)
-  module.relative_bias[...] = jnp.asarray(rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)),
-                                          jnp.float32)
+  module.relative_bias[...] = jnp.asarray(
+    rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)), jnp.float32
+  )
   module.qkv.bias[...] = jnp.asarray(rng.normal(size=3 * dim), jnp.float32)
   module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
   module.attention_rate[...] = jnp.asarray(0.7, jnp.float32)

@@ -1,4 +1,5 @@
 """FLatten: parameter count, a float64 reference step by step, float32 islands under bf16."""
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -30,16 +31,19 @@ def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
   return qkv + position + scale + dwc + out_proj
 
 
-@pytest.mark.parametrize("dim, grid, heads, qkv_bias", [
-    (12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, False),
-    (176, (8, 8), 4, False)])
+@pytest.mark.parametrize(
+  "dim, grid, heads, qkv_bias",
+  [(12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, False), (176, (8, 8), 4, False)],
+)
 def test_parameter_count_formula(dim, grid, heads, qkv_bias):
-  module = nnx.eval_shape(lambda: FocusedLinearAttention(dim, grid, num_heads=heads,
-                                                         qkv_bias=qkv_bias, rngs=nnx.Rngs(0)))
+  module = nnx.eval_shape(
+    lambda: FocusedLinearAttention(dim, grid, num_heads=heads, qkv_bias=qkv_bias, rngs=nnx.Rngs(0))
+  )
   assert count_params(module) == flatten_params(dim, grid, heads, qkv_bias)
   n, d = grid[0] * grid[1], dim // heads
   assert flatten_params(dim, grid, heads, qkv_bias) == (
-      4 * dim ** 2 + (n + 2) * dim + 26 * d + (3 * dim if qkv_bias else 0))
+    4 * dim**2 + (n + 2) * dim + 26 * d + (3 * dim if qkv_bias else 0)
+  )
 
 
 def test_initial_values():
@@ -57,7 +61,7 @@ def test_initial_values():
 def focus_direct(x, p=3):
   """φ(x) = x^p · ‖x‖ / ‖x^p‖ over the last axis, literally."""
   norm = lambda t: np.linalg.norm(t, axis=-1, keepdims=True)
-  return x ** p * norm(x) / norm(x ** p)
+  return x**p * norm(x) / norm(x**p)
 
 
 def test_focus_matches_direct_formula_and_survives_large_values():
@@ -99,7 +103,7 @@ def reference_flatten(module, x, grid):
   dwc = np.zeros((b, heads, h, w, d)) + bias
   for a in range(5):
     for bb in range(5):
-      dwc += kernel[a, bb] * maps[:, :, a:a + h, bb:bb + w, :]
+      dwc += kernel[a, bb] * maps[:, :, a : a + h, bb : bb + w, :]
   out = out + dwc.reshape(b, heads, n, d)
   out = out.transpose(0, 2, 1, 3).reshape(b, n, dim)
   return project(module.out_proj, out)  # 7
@@ -116,8 +120,11 @@ def randomise(module, rng):
       proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
 
 
-@pytest.mark.parametrize("grid, qkv_bias", [((3, 5), False), ((3, 5), True), ((8, 8), False)],
-                         ids=["3x5", "3x5-qkv_bias", "8x8"])
+@pytest.mark.parametrize(
+  "grid, qkv_bias",
+  [((3, 5), False), ((3, 5), True), ((8, 8), False)],
+  ids=["3x5", "3x5-qkv_bias", "8x8"],
+)
 def test_matches_float64_reference_step_by_step(grid, qkv_bias):
   h, w = grid
   dim, heads = 12, 3

@@ -1,5 +1,6 @@
 """LKCA: the conv and attention views, an independent float64 reference, init (the
 reference zero kernel and the kernel_init options), view choice."""
+
 import functools
 
 import jax
@@ -63,8 +64,9 @@ def scipy_reference(v, kernel, r, grid, sharing):
       v_map, r_map, k = v[b, :, c].reshape(h, w), r[b, :, c].reshape(h, w), per_channel[c]
       padded = np.pad(v_map, ((h - 1, h - 1), (w - 1, w - 1)))
       same = scipy.signal.correlate2d(v_map, k, mode="same")
-      np.testing.assert_allclose(same, scipy.signal.correlate2d(padded, k, mode="valid"),
-                                 atol=1e-12)
+      np.testing.assert_allclose(
+        same, scipy.signal.correlate2d(padded, k, mode="valid"), atol=1e-12
+      )
       out[b, :, c] = same.reshape(-1)
       grad_v[b, :, c] = scipy.signal.convolve2d(r_map, k, mode="same").reshape(-1)
       grad_k[c] += scipy.signal.correlate2d(padded, r_map, mode="valid")
@@ -93,8 +95,9 @@ def test_conv_and_attention_views_agree_with_scipy_reference(grid, sharing):
   conv = output_and_grads(lkca.mix_conv, v, kernel, r, grid, sharing)
   attention = output_and_grads(lkca.mix_attention, v, kernel, r, grid, sharing)
   reference = scipy_reference(v, kernel, r, grid, sharing)
-  for name, c, a, ref in zip(("output", "grad v", "grad kernel"), conv, attention, reference,
-                             strict=True):
+  for name, c, a, ref in zip(
+    ("output", "grad v", "grad kernel"), conv, attention, reference, strict=True
+  ):
     assert c.dtype == a.dtype == jnp.float32
     assert c.shape == a.shape == ref.shape, name
     assert max_rel_err(c, a) < 1e-5, f"{name}: conv vs attention"
@@ -109,8 +112,13 @@ def test_true_convolution_matches_only_with_flipped_kernel():
   maps = v.astype(np.float64).transpose(0, 2, 1).reshape(BATCH, DIM, *grid)
 
   def convolve(k):
-    return np.stack([[scipy.signal.convolve2d(m, k, mode="same") for m in per_image]
-                     for per_image in maps]).reshape(BATCH, DIM, -1).transpose(0, 2, 1)
+    return (
+      np.stack(
+        [[scipy.signal.convolve2d(m, k, mode="same") for m in per_image] for per_image in maps]
+      )
+      .reshape(BATCH, DIM, -1)
+      .transpose(0, 2, 1)
+    )
 
   assert max_rel_err(out, convolve(kernel)) > 0.1
   assert max_rel_err(out, convolve(kernel[::-1, ::-1])) < 1e-5
@@ -127,7 +135,7 @@ def test_attention_matrix_entries_by_explicit_loops():
         for q in range(w):
           assert a[i * w + j, p * w + q] == kernel[h - 1 + p - i, w - 1 + q - j]
       # Row (i, j) is the flattened window K[h−1−i : 2h−1−i, w−1−j : 2w−1−j].
-      window = kernel[h - 1 - i:2 * h - 1 - i, w - 1 - j:2 * w - 1 - j]
+      window = kernel[h - 1 - i : 2 * h - 1 - i, w - 1 - j : 2 * w - 1 - j]
       np.testing.assert_array_equal(a[i * w + j], window.reshape(-1))
 
 
@@ -151,7 +159,8 @@ def test_module_is_projection_mixing_projection(view):
   for b in range(BATCH):
     for c in range(DIM):
       mixed[b, :, c] = scipy.signal.correlate2d(
-          v[b, :, c].reshape(grid), kernel, mode="same").reshape(-1)
+        v[b, :, c].reshape(grid), kernel, mode="same"
+      ).reshape(-1)
   expected = mixed @ wo + bo
   assert max_rel_err(module(jnp.asarray(x)), expected) < 1e-5
 
@@ -160,12 +169,13 @@ def test_parameter_count_formula():
   for dim, grid in [(12, (3, 5)), (192, (8, 8))]:
     h, w = grid
     module = nnx.eval_shape(lambda dim=dim, grid=grid: LKCA(dim, grid, rngs=nnx.Rngs(0)))
-    assert count_params(module) == 2 * dim ** 2 + dim + (2 * h - 1) * (2 * w - 1)
+    assert count_params(module) == 2 * dim**2 + dim + (2 * h - 1) * (2 * w - 1)
   assert count_params(LKCA(192, (8, 8), rngs=nnx.Rngs(0))) == 74_145  # 2·192² + 192 + 15·15
 
 
-@pytest.mark.parametrize("sharing, shape", [("layer", (15, 15)), ("head", (4, 15, 15)),
-                                            ("channel", (16, 15, 15))])
+@pytest.mark.parametrize(
+  "sharing, shape", [("layer", (15, 15)), ("head", (4, 15, 15)), ("channel", (16, 15, 15))]
+)
 def test_kernel_initialised_to_zero(sharing, shape):
   module = LKCA(16, (8, 8), num_heads=4, kernel_sharing=sharing, rngs=nnx.Rngs(0))
   kernel = np.asarray(module.kernel[...])
@@ -180,12 +190,16 @@ def test_kernel_initialised_to_zero(sharing, shape):
 def test_kernel_init_changes_only_the_kernel(kernel_init):
   # Same parameter count, and (at one seed) the same projections as the reference init.
   reference = LKCA(16, (8, 8), num_heads=4, kernel_sharing="head", rngs=nnx.Rngs(0))
-  module = LKCA(16, (8, 8), num_heads=4, kernel_sharing="head", kernel_init=kernel_init,
-                rngs=nnx.Rngs(0))
+  module = LKCA(
+    16, (8, 8), num_heads=4, kernel_sharing="head", kernel_init=kernel_init, rngs=nnx.Rngs(0)
+  )
   assert count_params(module) == count_params(reference)
   for name in ("v_proj", "out_proj"):
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(getattr(module, name)),
-                 nnx.state(getattr(reference, name)))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      nnx.state(getattr(module, name)),
+      nnx.state(getattr(reference, name)),
+    )
   kernel = np.asarray(module.kernel[...])
   assert kernel.shape == (4, 15, 15) and kernel.dtype == np.float32
   assert np.isfinite(kernel).all() and (kernel_init == "zeros") == (not kernel.any())
@@ -220,16 +234,18 @@ def test_decay_init_is_a_normalised_distance_decaying_prior():
 
 
 def test_gaussian_init_is_small_noise_drawn_per_kernel():
-  module = LKCA(64, (8, 8), num_heads=4, kernel_sharing="channel", kernel_init="gaussian",
-                rngs=nnx.Rngs(0))
+  module = LKCA(
+    64, (8, 8), num_heads=4, kernel_sharing="channel", kernel_init="gaussian", rngs=nnx.Rngs(0)
+  )
   kernel = np.asarray(module.kernel[...])
   assert kernel.shape == (64, 15, 15)
   # 14,400 N(0, 0.02²) draws: the sample std within 3% and the mean within 5 standard errors.
   assert kernel.std() == pytest.approx(lkca.GAUSSIAN_INIT_STD, rel=0.03)
   assert abs(kernel.mean()) < 5 * lkca.GAUSSIAN_INIT_STD / np.sqrt(kernel.size)
   assert not np.array_equal(kernel[0], kernel[1])  # each channel its own draw
-  again = LKCA(64, (8, 8), num_heads=4, kernel_sharing="channel", kernel_init="gaussian",
-               rngs=nnx.Rngs(0))
+  again = LKCA(
+    64, (8, 8), num_heads=4, kernel_sharing="channel", kernel_init="gaussian", rngs=nnx.Rngs(0)
+  )
   np.testing.assert_array_equal(np.asarray(again.kernel[...]), kernel)  # seeded
   other = LKCA(64, (8, 8), kernel_init="gaussian", rngs=nnx.Rngs(1))
   assert not np.array_equal(np.asarray(other.kernel[...]), kernel[0])
@@ -237,8 +253,16 @@ def test_gaussian_init_is_small_noise_drawn_per_kernel():
 
 def test_kernel_init_reaches_the_model_through_mixer_options():
   from lkca_jax.models import create_model
-  model = create_model("lkca_t", num_classes=10, image_size=16, rngs=nnx.Rngs(0), dim=16,
-                       depth=2, mixer_options={"lkca": {"kernel_init": "delta"}})
+
+  model = create_model(
+    "lkca_t",
+    num_classes=10,
+    image_size=16,
+    rngs=nnx.Rngs(0),
+    dim=16,
+    depth=2,
+    mixer_options={"lkca": {"kernel_init": "delta"}},
+  )
   for block in model.blocks:
     np.testing.assert_array_equal(np.asarray(block.mixer.attention_matrix()), np.eye(64))
 
@@ -262,13 +286,16 @@ def test_auto_view_falls_back_to_conv_when_matrix_too_big():
   assert LKCA(4, (91, 91), rngs=nnx.Rngs(0)).view == "conv"
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(view="dense"), "view must be one of"),
     (dict(kernel_sharing="pixel"), "kernel_sharing must be one of"),
     (dict(kernel_sharing="head", num_heads=3), "divisible by num_heads"),
     (dict(kernel_init="ones"), "kernel_init must be one of"),
     (dict(grid=(0, 4)), "grid must be positive"),
-])
+  ],
+)
 def test_bad_construction_raises_value_error(kwargs, match):
   kwargs = {"grid": (4, 4), **kwargs}
   with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """MHSA against an independent float64 numpy softmax(q kᵀ / sqrt(d)) v."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
   b, n, _ = x.shape
   inner = num_heads * head_dim
   qkv = x @ w_qkv  # (B, N, 3·H·d), no bias
-  q, k, v = (qkv[..., s * inner:(s + 1) * inner].reshape(b, n, num_heads, head_dim)
-             .transpose(0, 2, 1, 3) for s in range(3))  # (B, H, N, d)
+  q, k, v = (
+    qkv[..., s * inner : (s + 1) * inner].reshape(b, n, num_heads, head_dim).transpose(0, 2, 1, 3)
+    for s in range(3)
+  )  # (B, H, N, d)
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
   logits -= logits.max(axis=-1, keepdims=True)
   weights = np.exp(logits)
@@ -23,18 +26,28 @@ def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
   return out @ w_out + b_out
 
 
-@pytest.mark.parametrize("dim, num_heads, head_dim, tokens", [
+@pytest.mark.parametrize(
+  "dim, num_heads, head_dim, tokens",
+  [
     (24, 4, None, 65),  # 8×8 grid plus a class token
-    (16, 2, 5, 1),      # head_dim decoupled from dim / heads; a single token
-])
+    (16, 2, 5, 1),  # head_dim decoupled from dim / heads; a single token
+  ],
+)
 def test_matches_numpy_reference(dim, num_heads, head_dim, tokens):
   module = MHSA(dim, num_heads=num_heads, head_dim=head_dim, rngs=nnx.Rngs(0))
   d = head_dim or dim // num_heads
   rng = np.random.default_rng(0)
   module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)  # init is zero
   x = rng.normal(size=(3, tokens, dim)).astype(np.float32)
-  expected = numpy_mhsa(x.astype(np.float64), *(np.asarray(a[...], np.float64) for a in (
-      module.qkv.kernel, module.out_proj.kernel, module.out_proj.bias)), num_heads, d)
+  expected = numpy_mhsa(
+    x.astype(np.float64),
+    *(
+      np.asarray(a[...], np.float64)
+      for a in (module.qkv.kernel, module.out_proj.kernel, module.out_proj.bias)
+    ),
+    num_heads,
+    d,
+  )
   out = np.asarray(module(jnp.asarray(x)))
   assert out.dtype == np.float32 and out.shape == (3, tokens, dim)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -55,8 +68,9 @@ def test_attention_is_permutation_equivariant():
   module = MHSA(16, num_heads=4, rngs=nnx.Rngs(1))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 16)), jnp.float32)
   perm = np.random.default_rng(2).permutation(9)
-  np.testing.assert_allclose(np.asarray(module(x[:, perm])), np.asarray(module(x))[:, perm],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(module(x[:, perm])), np.asarray(module(x))[:, perm], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_bfloat16_module_returns_bfloat16_close_to_float32():

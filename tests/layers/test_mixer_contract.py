@@ -5,6 +5,7 @@ Shapes, gradients, bfloat16, grids, option names, size-matched presets, and `mac
 XLA's own count. Values particular to one mixer (float64 references, parameter counts) live
 in that mixer's test file; the published cost table is checked at the end.
 """
+
 import inspect
 import re
 
@@ -35,8 +36,7 @@ def build(name, *, dim=DIM, grid=GRID, heads=HEADS, seed=0, **kwargs):
 
 
 def tokens(name, seed=0, dtype=jnp.float32, dim=DIM):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=(BATCH, num_tokens(name), dim)),
-                     dtype)
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(BATCH, num_tokens(name), dim)), dtype)
 
 
 def randomise(module, seed=0):
@@ -44,8 +44,9 @@ def randomise(module, seed=0):
   position table) would otherwise leave some gradients exactly zero."""
   rng = np.random.default_rng(seed)
   params = nnx.state(module, nnx.Param)
-  nnx.update(module, jax.tree.map(
-      lambda p: p + jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype), params))
+  nnx.update(
+    module, jax.tree.map(lambda p: p + jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype), params)
+  )
   return module
 
 
@@ -79,9 +80,11 @@ def test_config_exposes_exactly_the_declared_options(name):
   cls = MIXERS[name]
   valid = option_names(cls)
   assert valid is None or set(cls.config_options) <= set(valid)
-  assert all(kind in (str, int, float, bool) or
-             (isinstance(kind, tuple) and all(isinstance(v, str) for v in kind))
-             for kind in cls.config_options.values())
+  assert all(
+    kind in (str, int, float, bool)
+    or (isinstance(kind, tuple) and all(isinstance(v, str) for v in kind))
+    for kind in cls.config_options.values()
+  )
   exposed = default.get_config().model_overrides.mixer_options[name]
   assert sorted(exposed) == sorted(cls.config_options)
   assert all(value is None for value in exposed.values())  # unset: the mixer's default
@@ -108,16 +111,23 @@ def test_size_presets_are_this_mixers_at_the_lkca_budget(name, size):
   assert abs(count_params(model) - budget) / budget < 0.04
   # The preset's forward traces to logits (traced, not compiled: the small models above run).
   graphdef, state = nnx.split(model)
-  logits = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state,
-                          jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.float32))
+  logits = jax.eval_shape(
+    lambda state, x: nnx.merge(graphdef, state)(x),
+    state,
+    jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.float32),
+  )
   assert logits.shape == (BATCH, 10) and logits.dtype == jnp.float32
 
 
 def test_compare_size_presets_are_exactly_the_declared_ones():
-  declared = {(size, name, preset) for name in NAMES
-              for size, preset in MIXERS[name].size_presets.items()}
-  assert {(size, name, preset) for size, row in compare.SIZE_PRESETS.items()
-          for name, preset in row.items()} == declared
+  declared = {
+    (size, name, preset) for name in NAMES for size, preset in MIXERS[name].size_presets.items()
+  }
+  assert {
+    (size, name, preset)
+    for size, row in compare.SIZE_PRESETS.items()
+    for name, preset in row.items()
+  } == declared
 
 
 # --- the module ---------------------------------------------------------------------------
@@ -190,17 +200,34 @@ def test_head_count_that_does_not_divide_the_width_is_refused_or_unused(name):
 @pytest.mark.parametrize("option", ["no_such_option", "num_heads"])
 def test_unknown_option_is_a_value_error_naming_mixer_option_and_valid_ones(name, option):
   valid = option_names(MIXERS[name])
-  message = (f"bad mixer_options for '{name}': unknown option '{option}'; "
-             f"valid options of '{name}': {valid}")
+  message = (
+    f"bad mixer_options for '{name}': unknown option '{option}'; valid options of '{name}': {valid}"
+  )
   with pytest.raises(ValueError, match=re.escape(message)):
-    create_model("lkca_05m", num_classes=5, image_size=16, rngs=nnx.Rngs(0), dim=16, depth=1,
-                 mixer=name, mixer_options={name: {option: 1}})
+    create_model(
+      "lkca_05m",
+      num_classes=5,
+      image_size=16,
+      rngs=nnx.Rngs(0),
+      dim=16,
+      depth=1,
+      mixer=name,
+      mixer_options={name: {option: 1}},
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inside_create_model_every_parameter_gets_a_gradient(name):
-  model = create_model("lkca_t", num_classes=10, image_size=16, rngs=nnx.Rngs(0),
-                       mixer=name, dim=16, depth=1, num_heads=4)
+  model = create_model(
+    "lkca_t",
+    num_classes=10,
+    image_size=16,
+    rngs=nnx.Rngs(0),
+    mixer=name,
+    dim=16,
+    depth=1,
+    num_heads=4,
+  )
   assert model.pool == ("mean" if MIXERS[name].needs_grid else "cls")
   assert all(isinstance(block.mixer, MIXERS[name]) for block in model.blocks)
   randomise(model)
@@ -209,7 +236,7 @@ def test_inside_create_model_every_parameter_gets_a_gradient(name):
 
   def loss(m):
     logits = m(images)
-    return jnp.sum(logits ** 2), logits
+    return jnp.sum(logits**2), logits
 
   (_, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
   assert logits.shape == (BATCH, 10) and bool(jnp.isfinite(logits).all())
@@ -274,8 +301,10 @@ def test_macs_is_an_int_that_grows_with_tokens_and_width(name):
 # --- the published cost table (docs/reference.md, "Peer mixers") ---------------------------
 # Column N = 64, D = 192, in millions (one decimal). FLatten's count depends on the head dim:
 # the column is FLatten-DeiT-T's 3 heads (d = 64).
-@pytest.mark.parametrize("name, heads, millions", [
-    ("mhsa", 12, 11.0), ("lkca", 12, 5.5), ("acmix", 12, 12.3), ("flatten", 3, 11.3)])
+@pytest.mark.parametrize(
+  "name, heads, millions",
+  [("mhsa", 12, 11.0), ("lkca", 12, 5.5), ("acmix", 12, 12.3), ("flatten", 3, 11.3)],
+)
 def test_published_column_at_64_tokens_width_192(name, heads, millions):
   assert round(MIXERS[name].macs(64, 192, heads) / 1e6, 1) == millions
 
@@ -284,14 +313,15 @@ def test_published_column_at_64_tokens_width_192(name, heads, millions):
 def test_leading_terms(n, dim, heads):
   d = dim // heads
   macs = {name: MIXERS[name].macs for name in ("mhsa", "lkca", "acmix", "flatten")}
-  assert macs["mhsa"](n, dim, heads) == 4 * n * dim ** 2 + 2 * n ** 2 * dim
-  assert macs["lkca"](n, dim, heads) == 2 * n * dim ** 2 + n ** 2 * dim
+  assert macs["mhsa"](n, dim, heads) == 4 * n * dim**2 + 2 * n**2 * dim
+  assert macs["lkca"](n, dim, heads) == 2 * n * dim**2 + n**2 * dim
   # ACmix's conv branch: 3H → 9 per token and channel index (27·N·D) plus the
   # grouped 3×3 conv, 9 inputs × 9 taps per output (81·N·D): 108·N·D over MHSA.
   assert macs["acmix"](n, dim, heads) - macs["mhsa"](n, dim, heads) == 108 * n * dim
   # FLatten: 4 projections, kᵀv and q·kv (N·d² per head each), q·mean(k) (N·D), 5×5 dwc (25·N·D).
   assert macs["flatten"](n, dim, heads) == (
-      4 * n * dim ** 2 + 2 * n * dim * d + n * dim + 25 * n * dim)
+    4 * n * dim**2 + 2 * n * dim * d + n * dim + 25 * n * dim
+  )
 
 
 def test_only_flatten_depends_on_heads():

@@ -5,6 +5,7 @@ in the checkpoint (read back with orbax), the block-Toeplitz index formula,
 softmax rows, the grid's mean pairwise distance, and a zero-kernel LKCA at
 init (an ERF of the centre pixel alone, patch 1).
 """
+
 import itertools
 import json
 import math
@@ -22,19 +23,35 @@ from lkca_jax import analysis, models
 from lkca_jax.tools import analyze
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--config.num_train_steps=10", "--config.model_overrides.dim=32",
-        "--config.model_overrides.num_heads=2", "--config.num_devices=1",
-        "--config.batch_size=32", "--config.eval_every_steps=10"]
+TINY = [
+  "--config.num_train_steps=10",
+  "--config.model_overrides.dim=32",
+  "--config.model_overrides.num_heads=2",
+  "--config.num_devices=1",
+  "--config.batch_size=32",
+  "--config.eval_every_steps=10",
+]
 LKCA = ["--config", "configs/digits.py", "--config.model_overrides.depth=2", *TINY]
-VIT = ["--config", "configs/digits.py", "--config.model=vit_1m",
-       "--config.model_overrides.depth=3", *TINY]
+VIT = [
+  "--config",
+  "configs/digits.py",
+  "--config.model=vit_1m",
+  "--config.model_overrides.depth=3",
+  *TINY,
+]
 IMAGES = 20
 OUTPUTS = ["kernels", "attention", "erf", "distance"]
 
 
 def start(args, **kwargs):
-  return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **kwargs)
+  return subprocess.Popen(
+    [sys.executable, *args],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kwargs,
+  )
 
 
 def finish(proc, timeout=600):
@@ -47,8 +64,10 @@ def trained(tmp_path_factory):
   """{"lkca": workdir, "vit": workdir}: depth-2 lkca_t and depth-3 vit_1m, 10 steps each."""
   tmp = tmp_path_factory.mktemp("analyze")
   workdirs = {"lkca": tmp / "lkca", "vit": tmp / "vit"}
-  procs = [start(["main.py", *flags, f"--workdir={workdirs[name]}"])
-           for name, flags in (("lkca", LKCA), ("vit", VIT))]
+  procs = [
+    start(["main.py", *flags, f"--workdir={workdirs[name]}"])
+    for name, flags in (("lkca", LKCA), ("vit", VIT))
+  ]
   for proc in procs:
     code, _, err = finish(proc)
     assert code == 0, err[-3000:]
@@ -58,9 +77,18 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysed(trained):
   """The command on the LKCA workdir with the ViT one to compare: (stdout, {name: JSON})."""
-  code, out, err = finish(start(["-m", "lkca_jax.tools.analyze", *LKCA,
-                                 f"--workdir={trained['lkca']}", f"--compare={trained['vit']}",
-                                 f"--images={IMAGES}"]))
+  code, out, err = finish(
+    start(
+      [
+        "-m",
+        "lkca_jax.tools.analyze",
+        *LKCA,
+        f"--workdir={trained['lkca']}",
+        f"--compare={trained['vit']}",
+        f"--images={IMAGES}",
+      ]
+    )
+  )
   assert code == 0, err[-3000:]
   directory = trained["lkca"] / "analysis"
   return out, {name: json.loads((directory / f"{name}.json").read_text()) for name in OUTPUTS}
@@ -121,8 +149,10 @@ def test_attention_views(trained, analysed):
   for layer, kernel in zip(lkca["layers"], kernels, strict=True):
     matrix = np.asarray(layer["matrix"])
     assert matrix.shape == (64, 64)
-    expected = [[kernel[7 + p - i, 7 + q - j] for p, q in itertools.product(range(8), repeat=2)]
-                for i, j in itertools.product(range(8), repeat=2)]  # A[(i,j),(p,q)]
+    expected = [
+      [kernel[7 + p - i, 7 + q - j] for p, q in itertools.product(range(8), repeat=2)]
+      for i, j in itertools.product(range(8), repeat=2)
+    ]  # A[(i,j),(p,q)]
     np.testing.assert_allclose(matrix, expected, rtol=1e-6)
   for layer in vit["layers"]:
     matrix = np.asarray(layer["matrix"])
@@ -173,15 +203,25 @@ def test_attention_distances(analysed):
 
 def synthetic_subject(sharing):
   """A 3-layer LKCA model with random kernels, wrapped for the plotting functions."""
-  model = models.create_model("lkca_t", num_classes=10, image_size=8, channels=1, patch_size=1,
-                              dim=32, depth=3, num_heads=4, rngs=nnx.Rngs(0),
-                              mixer_options={"lkca": {"kernel_sharing": sharing}})
+  model = models.create_model(
+    "lkca_t",
+    num_classes=10,
+    image_size=8,
+    channels=1,
+    patch_size=1,
+    dim=32,
+    depth=3,
+    num_heads=4,
+    rngs=nnx.Rngs(0),
+    mixer_options={"lkca": {"kernel_sharing": sharing}},
+  )
   rng = np.random.default_rng(0)
   for block in model.blocks:
     block.mixer.kernel[...] = rng.normal(size=block.mixer.kernel[...].shape).astype(np.float32)
   images = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
-  return analyze.Subject("lkca_t", None, "workdir", "workdir/checkpoints/1", 1, model,
-                         nnx.clone(model), images)
+  return analyze.Subject(
+    "lkca_t", None, "workdir", "workdir/checkpoints/1", 1, model, nnx.clone(model), images
+  )
 
 
 @pytest.mark.parametrize("sharing,units", [("head", 4), ("channel", 32)])
@@ -209,9 +249,18 @@ def test_kernel_mosaic_tiles_channels_row_major():
 
 
 def test_layers_flag_selects_and_checks_layers():
-  model = models.create_model("lkca_t", num_classes=10, image_size=8, channels=1, patch_size=1,
-                              dim=16, depth=5, num_heads=2, rngs=nnx.Rngs(0),
-                              mixer=["lkca", "acmix"] * 2 + ["lkca"])
+  model = models.create_model(
+    "lkca_t",
+    num_classes=10,
+    image_size=8,
+    channels=1,
+    patch_size=1,
+    dim=16,
+    depth=5,
+    num_heads=2,
+    rngs=nnx.Rngs(0),
+    mixer=["lkca", "acmix"] * 2 + ["lkca"],
+  )
   assert analyze.choose_layers(model, None) == [0, 2, 4]  # acmix layers have no view
   assert analyze.choose_layers(model, [5, 1, 1]) == [0, 4]
   with pytest.raises(ValueError, match="out of range"):
@@ -227,12 +276,12 @@ def test_bad_input_exits_2_with_one_line(trained, tmp_path):
   empty.mkdir()
   lkca = [*LKCA, f"--workdir={trained['lkca']}"]
   cases = [
-      ([*LKCA, f"--workdir={empty}"], "no checkpoint in"),
-      ([*lkca, f"--compare={tmp_path / 'missing'}"], "is not a directory"),
-      ([*lkca, f"--compare={empty}"], "is not a training workdir"),
-      ([*lkca, "--images=0"], "--images must be at least 1"),
-      ([*lkca, "--layers=3"], "out of range"),
-      ([*lkca, "--config.model_overrides.dim=48"], "does not match this model"),
+    ([*LKCA, f"--workdir={empty}"], "no checkpoint in"),
+    ([*lkca, f"--compare={tmp_path / 'missing'}"], "is not a directory"),
+    ([*lkca, f"--compare={empty}"], "is not a training workdir"),
+    ([*lkca, "--images=0"], "--images must be at least 1"),
+    ([*lkca, "--layers=3"], "out of range"),
+    ([*lkca, "--config.model_overrides.dim=48"], "does not match this model"),
   ]
   procs = [start(["-m", "lkca_jax.tools.analyze", *flags]) for flags, _ in cases]
   for proc, (flags, message) in zip(procs, cases, strict=True):

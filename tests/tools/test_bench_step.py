@@ -1,4 +1,5 @@
 """The train-step benchmark (a --smoke run end to end) and its synthetic_cifar data."""
+
 import json
 import os
 import subprocess
@@ -22,9 +23,20 @@ DTYPES = ("float32", "bfloat16")
 def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench_step.json"
   result = subprocess.run(
-      [sys.executable, "-m", "lkca_jax.tools.bench_step", "--smoke", f"--models={','.join(MODELS)}",
-       f"--dtype={','.join(DTYPES)}", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "lkca_jax.tools.bench_step",
+      "--smoke",
+      f"--models={','.join(MODELS)}",
+      f"--dtype={','.join(DTYPES)}",
+      f"--out={out}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout, json.loads(out.read_text())
 
@@ -64,8 +76,9 @@ def test_bfloat16_keeps_parameters_and_optimizer_state_float32(smoke):
 
 
 def test_bfloat16_config_computes_in_bfloat16_with_float32_state():
-  config = bench_step.step_config("lkca_t", batch=16, dtype="bfloat16",
-                                  overrides=bench_step.SMOKE["overrides"])
+  config = bench_step.step_config(
+    "lkca_t", batch=16, dtype="bfloat16", overrides=bench_step.SMOKE["overrides"]
+  )
   case = bench_step.Case(config)
   model = jax.tree.leaves(case.state.params)
   assert {x.dtype for x in model} == {jnp.dtype(jnp.float32)}
@@ -92,7 +105,7 @@ def test_synthetic_loader_is_deterministic_with_declared_shapes():
     assert synthetic.load(split)[0].any(axis=(1, 2, 3))[0]
   train_images, _ = synthetic.load("train")
   test_images, _ = synthetic.load("test")
-  assert not np.array_equal(train_images[:len(test_images)], test_images)
+  assert not np.array_equal(train_images[: len(test_images)], test_images)
   with pytest.raises(ValueError, match="no split"):
     synthetic.load("validation")
 
@@ -107,8 +120,14 @@ def test_synthetic_dataset_passes_config_checks_without_tfds():
 
 def test_runs_mode_times_k_runs_together_and_apart_with_memory_per_run():
   results = bench_step.run_runs_benchmark(
-      ["lkca_t"], ["float32"], runs=2, batch=bench_step.SMOKE["batch"], steps=2,
-      overrides=bench_step.SMOKE["overrides"], log=lambda *_: None)
+    ["lkca_t"],
+    ["float32"],
+    runs=2,
+    batch=bench_step.SMOKE["batch"],
+    steps=2,
+    overrides=bench_step.SMOKE["overrides"],
+    log=lambda *_: None,
+  )
   (r,) = results["results"]
   assert r["runs"] == 2 and len(r["together_step_ms"]) == 2
   assert r["ratio"] == pytest.approx(r["together_ms"] / r["separate_ms"])

@@ -1,4 +1,5 @@
 """Every command shares one bad-input contract: one `error:` line, exit 2, no traceback."""
+
 import os
 import subprocess
 import sys
@@ -7,26 +8,30 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMANDS = {
-    "main": [sys.executable, "main.py"],
-    "preview": [sys.executable, "-m", "lkca_jax.tools.preview"],
-    "benchmark": [sys.executable, "-m", "lkca_jax.tools.bench_pipeline"],
-    "compare": [sys.executable, "-m", "lkca_jax.tools.compare", "--mixers=lkca"],
-    "analyze": [sys.executable, "-m", "lkca_jax.tools.analyze"],
+  "main": [sys.executable, "main.py"],
+  "preview": [sys.executable, "-m", "lkca_jax.tools.preview"],
+  "benchmark": [sys.executable, "-m", "lkca_jax.tools.bench_pipeline"],
+  "compare": [sys.executable, "-m", "lkca_jax.tools.compare", "--mixers=lkca"],
+  "analyze": [sys.executable, "-m", "lkca_jax.tools.analyze"],
 }
 CASES = [
-    (["--config", "configs/nope.py"], "could not load the --config file"),
-    (["--config", "configs/digits.py", "--config.no_such_key=1"], "no_such_key is not a key"),
-    (["--config", "configs/digits.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
-    (["--config", "configs/digits.py", "--no_such_flag"], "no_such_flag"),
-    ([], "--config is required"),
+  (["--config", "configs/nope.py"], "could not load the --config file"),
+  (["--config", "configs/digits.py", "--config.no_such_key=1"], "no_such_key is not a key"),
+  (["--config", "configs/digits.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
+  (["--config", "configs/digits.py", "--no_such_flag"], "no_such_flag"),
+  ([], "--config is required"),
 ]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_bad_flags_are_one_line_and_exit_2(command):
-  procs = [subprocess.Popen(COMMANDS[command] + args, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for args, _ in CASES]
-  for proc, (args, message) in zip(procs, CASES):
+  procs = [
+    subprocess.Popen(
+      COMMANDS[command] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for args, _ in CASES
+  ]
+  for proc, (args, message) in zip(procs, CASES, strict=True):
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 2, (args, err[-1500:])

@@ -1,4 +1,5 @@
 """lkca_jax.tools.compare: whole-model multiply-adds against the paper, and a real comparison."""
+
 import json
 import os
 import re
@@ -20,9 +21,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def abstract_model(name, *, classes, image_size, channels=3, **overrides):
   """The model's structure without allocating its parameters."""
-  return nnx.eval_shape(lambda: models.create_model(
-      name, num_classes=classes, image_size=image_size, channels=channels, rngs=nnx.Rngs(0),
-      **overrides))
+  return nnx.eval_shape(
+    lambda: models.create_model(
+      name,
+      num_classes=classes,
+      image_size=image_size,
+      channels=channels,
+      rngs=nnx.Rngs(0),
+      **overrides,
+    )
+  )
 
 
 # --- multiply-adds --------------------------------------------------------------
@@ -32,18 +40,24 @@ def token_mixing_macs(name, tokens):
   preset = models.PRESETS[name]
   if preset.mixer == "mhsa":
     return preset.depth * 2 * (tokens + 1) ** 2 * preset.dim
-  return preset.depth * tokens ** 2 * preset.dim
+  return preset.depth * tokens**2 * preset.dim
 
 
-# Spec section 5: the paper's FLOPs (multiply-adds, in millions) on CIFAR (32×32, patch 4,
+# The paper's FLOPs (multiply-adds, in millions; docs/reference.md) on CIFAR (32×32, patch 4,
 # 10 classes) and Tiny-ImageNet (64×64, patch 8, 200 classes); 8×8 = 64 tokens each.
-PAPER = [("vit", 10, 32, 174.25), ("lkca_b", 10, 32, 170.81), ("lkca_t", 200, 64, 66.10),
-         ("lkca_b", 200, 64, 172.78), ("lkca_l", 200, 64, 802.99)]
+PAPER = [
+  ("vit", 10, 32, 174.25),
+  ("lkca_b", 10, 32, 170.81),
+  ("lkca_t", 200, 64, 66.10),
+  ("lkca_b", 200, 64, 172.78),
+  ("lkca_l", 200, 64, 802.99),
+]
 
 
 @pytest.mark.parametrize("name, classes, size, paper_millions", PAPER)
-def test_count_without_token_mixing_is_within_2_percent_of_the_paper(name, classes, size,
-                                                                        paper_millions):
+def test_count_without_token_mixing_is_within_2_percent_of_the_paper(
+  name, classes, size, paper_millions
+):
   model = abstract_model(name, classes=classes, image_size=size)
   mixing_free = compare.model_macs(model) - token_mixing_macs(name, 64)
   assert abs(mixing_free / 1e6 / paper_millions - 1) < 0.02
@@ -51,7 +65,8 @@ def test_count_without_token_mixing_is_within_2_percent_of_the_paper(name, class
 
 @pytest.mark.parametrize("name, classes, size, paper_millions", PAPER)
 def test_paper_flops_are_our_count_less_token_mixing_plus_elementwise_work(
-    name, classes, size, paper_millions):
+  name, classes, size, paper_millions
+):
   # The paper's numbers are what a PyTorch module-hook counter reports: Linear layers, plus
   # 2 per element for each affine LayerNorm, 1 per element for GELU and softmax, and nothing
   # for functional matmuls (MHSA's q·kᵀ, weights·v) or LKCA's functional conv. Rebuilding that
@@ -60,7 +75,7 @@ def test_paper_flops_are_our_count_less_token_mixing_plus_elementwise_work(
   model = abstract_model(name, classes=classes, image_size=size)
   tokens = 64 + (model.pool == "cls")
   hidden = int(round(preset.dim * preset.mlp_ratio))
-  softmax = preset.num_heads * tokens ** 2 if preset.mixer == "mhsa" else 0
+  softmax = preset.num_heads * tokens**2 if preset.mixer == "mhsa" else 0
   elementwise = preset.depth * (2 * 2 * tokens * preset.dim + tokens * hidden + softmax)
   elementwise += 2 * preset.dim  # the head LayerNorm
   paper_style = compare.model_macs(model) - token_mixing_macs(name, 64) + elementwise
@@ -70,13 +85,22 @@ def test_paper_flops_are_our_count_less_token_mixing_plus_elementwise_work(
 def test_breakdown_by_hand_for_a_class_token_model_with_a_grid_mixer():
   # 4×4 image, patch 2: N = 4 patches, T = 5 tokens with the class token; D 8, 2 heads,
   # MLP hidden 16, 5 classes. The LKCA layer sees the 4 patch tokens, MHSA all 5.
-  model = abstract_model("vit", classes=5, image_size=4, patch_size=2, dim=8, depth=2,
-                         num_heads=2, mixer=["mhsa", "lkca"], pool="cls")
+  model = abstract_model(
+    "vit",
+    classes=5,
+    image_size=4,
+    patch_size=2,
+    dim=8,
+    depth=2,
+    num_heads=2,
+    mixer=["mhsa", "lkca"],
+    pool="cls",
+  )
   assert compare.model_macs_breakdown(model) == {
-      "patch_embed": 4 * 12 * 8,
-      "mixers": (4 * 5 * 8 ** 2 + 2 * 5 ** 2 * 8) + (2 * 4 * 8 ** 2 + 4 ** 2 * 8),
-      "mlp": 2 * (2 * 5 * 8 * 16),
-      "head": 8 * 5,
+    "patch_embed": 4 * 12 * 8,
+    "mixers": (4 * 5 * 8**2 + 2 * 5**2 * 8) + (2 * 4 * 8**2 + 4**2 * 8),
+    "mlp": 2 * (2 * 5 * 8 * 16),
+    "head": 8 * 5,
   }
   assert compare.model_macs(model) == sum(compare.model_macs_breakdown(model).values())
 
@@ -95,11 +119,14 @@ def test_count_is_the_bulk_of_xla_flops(name):
 
 
 # --- configs and run directories ---------------------------------------------------
-@pytest.mark.parametrize("mixers, size, same_preset, message", [
+@pytest.mark.parametrize(
+  "mixers, size, same_preset, message",
+  [
     (["lkca", "lkca"], "t", False, "names a mixer twice"),
     ([], "t", False, "--mixers is empty"),
     (["lkca", "swin"], "b", True, r"unknown mixer 'swin' in --mixers; choose from \['acmix'"),
-])
+  ],
+)
 def test_check_mixers_rejects_with_the_fix(mixers, size, same_preset, message):
   with pytest.raises(compare.UsageError, match=message):
     compare.check_mixers(mixers, size, same_preset)
@@ -110,11 +137,18 @@ def test_run_config_picks_size_matched_or_same_preset_and_leaves_the_base_alone(
   base.model_overrides.mixer_options.lkca.view = "conv"
   sized = compare.run_config(base, "acmix", seed=2, size="b", same_preset=False, steps=7)
   assert (sized.model, sized.model_overrides.mixer, sized.seed, sized.num_train_steps) == (
-      "acmix_b", "acmix", 2, 7)
+    "acmix_b",
+    "acmix",
+    2,
+    7,
+  )
   assert sized.model_overrides.mixer_options.lkca.view is None  # not for acmix layers
   same = compare.run_config(base, "mhsa", seed=1, size="t", same_preset=True, steps=None)
   assert (same.model, same.model_overrides.mixer, same.num_train_steps) == (
-      "lkca_t", "mhsa", base.num_train_steps)
+    "lkca_t",
+    "mhsa",
+    base.num_train_steps,
+  )
   lkca = compare.run_config(base, "lkca", seed=0, size="t", same_preset=False, steps=None)
   assert lkca.model == "lkca_t" and lkca.model_overrides.mixer_options.lkca.view == "conv"
   assert base.seed == 0 and base.model_overrides.mixer is None
@@ -140,8 +174,10 @@ def test_run_dirs_refused_unless_overwrite_and_only_run_dirs_deleted(tmp_path):
 # Per-seed values with their mean and sample std (ddof 1) worked out by hand:
 # [0.5, 0.6, 0.7]: mean 0.6, squared deviations 0.01 + 0 + 0.01, / 2 → std 0.1.
 # [0.81, 0.84, 0.90]: mean 0.85, 0.0016 + 0.0001 + 0.0025 = 0.0042, / 2 → std √0.0021 ≈ 0.0458258.
-@pytest.mark.parametrize("values, mean, std", [
-    ([0.5, 0.6, 0.7], 0.6, 0.1), ([0.81, 0.84, 0.90], 0.85, 0.0458258), ([0.5], 0.5, None)])
+@pytest.mark.parametrize(
+  "values, mean, std",
+  [([0.5, 0.6, 0.7], 0.6, 0.1), ([0.81, 0.84, 0.90], 0.85, 0.0458258), ([0.5], 0.5, None)],
+)
 def test_mean_std_is_the_sample_std(values, mean, std):
   got_mean, got_std = compare.mean_std(values)
   assert got_mean == pytest.approx(mean)
@@ -150,21 +186,43 @@ def test_mean_std_is_the_sample_std(values, mean, std):
 
 def test_table_cells_for_known_per_seed_values():
   def run(seed, final, best, speed):
-    return {"seed": seed, "final_top1": final, "best_top1": best,
-            "train_images_per_second": speed}
+    return {"seed": seed, "final_top1": final, "best_top1": best, "train_images_per_second": speed}
 
   rows = [
-      {"mixer": "lkca", "preset": "lkca_t", "params": 1_234, "macs": 5_678_901,
-       "runs": [run(0, 0.5, 0.81, 100.0), run(1, 0.6, 0.84, 200.0), run(2, 0.7, 0.90, 300.0)]},
-      {"mixer": "mhsa", "preset": "vit_1m", "params": 56_789, "macs": 12_345_678,
-       "runs": [run(0, 0.5, 0.55, 50.0), {"seed": 1, "error": "loss is nan at step 3"}]},
+    {
+      "mixer": "lkca",
+      "preset": "lkca_t",
+      "params": 1_234,
+      "macs": 5_678_901,
+      "runs": [run(0, 0.5, 0.81, 100.0), run(1, 0.6, 0.84, 200.0), run(2, 0.7, 0.90, 300.0)],
+    },
+    {
+      "mixer": "mhsa",
+      "preset": "vit_1m",
+      "params": 56_789,
+      "macs": 12_345_678,
+      "runs": [run(0, 0.5, 0.55, 50.0), {"seed": 1, "error": "loss is nan at step 3"}],
+    },
   ]
-  report = {"settings": {
-      "same_preset": False, "model": None, "size": "t", "model_overrides": {},
-      "subset_classes": False, "classes": 10, "train_per_class": 0, "dataset": "digits",
-      "steps": 20, "batch_size": 32, "config_file": "configs/digits.py", "seeds": [0, 1, 2],
-      "devices": 1, "platform": "cpu"},
-      "rows": [compare.summarize_row(row) for row in rows]}
+  report = {
+    "settings": {
+      "same_preset": False,
+      "model": None,
+      "size": "t",
+      "model_overrides": {},
+      "subset_classes": False,
+      "classes": 10,
+      "train_per_class": 0,
+      "dataset": "digits",
+      "steps": 20,
+      "batch_size": 32,
+      "config_file": "configs/digits.py",
+      "seeds": [0, 1, 2],
+      "devices": 1,
+      "platform": "cpu",
+    },
+    "rows": [compare.summarize_row(row) for row in rows],
+  }
   table = compare.format_table(report)
   assert "| lkca | lkca_t | 60.00 ± 10.00 | 85.00 ± 4.58 | 1,234 | 5.68M | 200 | 3/3 |" in table
   # One finished seed: a mean and no std; the failed seed is counted and listed.
@@ -174,27 +232,48 @@ def test_table_cells_for_known_per_seed_values():
 
 # --- the command, end to end -------------------------------------------------------
 STEPS = 20
-TINY = ["--config.model_overrides.dim=32", "--config.model_overrides.depth=2",
-        "--config.model_overrides.num_heads=4", "--config.num_devices=1",
-        "--config.batch_size=32", "--config.eval_every_steps=10", "--config.log_every_steps=10"]
+TINY = [
+  "--config.model_overrides.dim=32",
+  "--config.model_overrides.depth=2",
+  "--config.model_overrides.num_heads=4",
+  "--config.num_devices=1",
+  "--config.batch_size=32",
+  "--config.eval_every_steps=10",
+  "--config.log_every_steps=10",
+]
 
 
 def compare_cmd(workdir, *extra):
-  return [sys.executable, "-m", "lkca_jax.tools.compare", "--config", "configs/digits.py",
-          f"--workdir={workdir}", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "lkca_jax.tools.compare",
+    "--config",
+    "configs/digits.py",
+    f"--workdir={workdir}",
+    *extra,
+  ]
 
 
 def run_compare(workdir, *extra, timeout=300):
-  return subprocess.run(compare_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    compare_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("compare")
   out = workdir / "table.md"
-  result = run_compare(str(workdir), "--mixers=lkca,mhsa", "--seeds=2", f"--steps={STEPS}",
-                       "--same-preset", f"--out={out}", *TINY)
+  result = run_compare(
+    str(workdir),
+    "--mixers=lkca,mhsa",
+    "--seeds=2",
+    f"--steps={STEPS}",
+    "--same-preset",
+    f"--out={out}",
+    *TINY,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, out, result
 
@@ -217,8 +296,9 @@ def test_table_has_one_row_per_mixer_with_mean_and_std_over_the_seeds(comparison
     assert row["train_images_per_second_mean"] == pytest.approx(np.mean(speeds))
     assert min(speeds) > 0
     for run in row["runs"]:  # each value is that run's own summary, trained as asked
-      summary = json.loads(open(os.path.join(workdir, row["mixer"], f"seed{run['seed']}",
-                                             "summary.json")).read())
+      summary = json.loads(
+        open(os.path.join(workdir, row["mixer"], f"seed{run['seed']}", "summary.json")).read()
+      )
       assert summary["final_top1"] == run["final_top1"]
       assert summary["best_top1"] == run["best_top1"]
       assert summary["config"]["seed"] == run["seed"]
@@ -231,18 +311,30 @@ def test_params_and_macs_columns_are_those_of_the_built_model(comparison):
   report = json.loads(out.with_suffix(".json").read_text())
   table = out.read_text()
   for row in report["rows"]:
-    model = abstract_model("lkca_t", classes=10, image_size=8, channels=1, patch_size=1,
-                           dim=32, depth=2, num_heads=4, mixer=row["mixer"])
+    model = abstract_model(
+      "lkca_t",
+      classes=10,
+      image_size=8,
+      channels=1,
+      patch_size=1,
+      dim=32,
+      depth=2,
+      num_heads=4,
+      mixer=row["mixer"],
+    )
     assert row["params"] == models.count_params(model)
     assert row["macs"] == compare.model_macs(model)
     assert f"| {row['mixer']} | lkca_t | " in table
     assert f"| {row['params']:,} | {row['macs'] / 1e6:.2f}M |" in table
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--mixers=lkca,swin"], "unknown mixer 'swin' in --mixers"),
     (["--seeds=0"], "--seeds=0"),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   result = run_compare(str(tmp_path), *args, *TINY)
   assert result.returncode == 2
@@ -253,8 +345,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_existing_run_directory_is_refused_before_training(comparison):
   workdir, out, _ = comparison
   before = os.path.getmtime(os.path.join(workdir, "lkca", "seed0", "summary.json"))
-  result = run_compare(str(workdir), "--mixers=lkca", "--seeds=1", "--steps=5", "--same-preset",
-                       f"--out={workdir / 'again.md'}", *TINY)
+  result = run_compare(
+    str(workdir),
+    "--mixers=lkca",
+    "--seeds=1",
+    "--steps=5",
+    "--same-preset",
+    f"--out={workdir / 'again.md'}",
+    *TINY,
+  )
   assert result.returncode == 2
   assert "already exists" in result.stderr and "--overwrite" in result.stderr
   assert os.path.getmtime(os.path.join(workdir, "lkca", "seed0", "summary.json")) == before

@@ -4,6 +4,7 @@ Expected tiles are recomputed in-process from the pipeline that
 `train.build_training` builds for the same config, un-normalised as the
 preview documents (x * std + mean, clipped to [0, 1], rounded to 8 bits).
 """
+
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from PIL import Image
 from configs import digits, tinyimagenet
 from lkca_jax import augment, data, train
 from lkca_jax.tools import preview
-from tests.helpers import FIXTURE_ZIP as FIXTURE, with_overrides
+from tests.helpers import FIXTURE_ZIP as FIXTURE
+from tests.helpers import with_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHITE = np.array([255, 255, 255])
@@ -32,7 +34,7 @@ def trainer_batch(config, step):
   order = np.asarray(pipeline.epoch_order(step // pipeline.steps_per_epoch))
   batch = pipeline.train_batch(order, step)
   start = (step % pipeline.steps_per_epoch) * config.batch_size
-  raw = np.asarray(pipeline.train.images)[order[start:start + config.batch_size]]
+  raw = np.asarray(pipeline.train.images)[order[start : start + config.batch_size]]
   return {key: np.asarray(value) for key, value in batch.items()}, raw
 
 
@@ -50,11 +52,11 @@ def read_tiles(path, rows, cols, tile):
   tiles, strips = [], []
   for index in range(rows * cols):
     top, left = layout.tile_origin(*divmod(index, cols))
-    tiles.append(image[top:top + tile, left:left + tile])
-    strips.append(image[top + tile:top + tile + preview.LINE_HEIGHT, left:left + tile])
+    tiles.append(image[top : top + tile, left : left + tile])
+    strips.append(image[top + tile : top + tile + preview.LINE_HEIGHT, left : left + tile])
     # The tile is framed by background: the cut is where the tile really is.
-    assert (image[top - 1, left:left + tile] == WHITE).all()
-    assert (image[top:top + tile, left - 1] == WHITE).all()
+    assert (image[top - 1, left : left + tile] == WHITE).all()
+    assert (image[top : top + tile, left - 1] == WHITE).all()
   return image, np.stack(tiles), strips
 
 
@@ -64,11 +66,12 @@ def check_preview(out, config, expected, rows, cols, tile, min_changed):
   assert image.shape[0] > rows * (tile + preview.LINE_HEIGHT)  # + gaps and the caption
   batch, raw = expected
   scale = tile // raw.shape[1]
-  want = expected_tiles(batch["image"][:rows * cols], config.dataset.mean, config.dataset.std,
-                        scale)
+  want = expected_tiles(
+    batch["image"][: rows * cols], config.dataset.mean, config.dataset.std, scale
+  )
   np.testing.assert_array_equal(tiles, want)
   # Augmentation is visible: most tiles are not the raw image.
-  raw_tiles = np.broadcast_to(raw[:rows * cols], (rows * cols, *raw.shape[1:3], 3))
+  raw_tiles = np.broadcast_to(raw[: rows * cols], (rows * cols, *raw.shape[1:3], 3))
   raw_tiles = raw_tiles.repeat(scale, axis=1).repeat(scale, axis=2)
   difference = np.abs(tiles.astype(int) - raw_tiles).mean(axis=(1, 2, 3))
   assert (difference > 2).sum() >= min_changed, difference
@@ -80,8 +83,9 @@ def test_to_display_inverts_normalisation():
   rng = np.random.default_rng(0)
   raw = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
   mean, std = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
-  np.testing.assert_array_equal(preview.to_display(augment.normalize(raw, mean, std), mean, std),
-                                raw)
+  np.testing.assert_array_equal(
+    preview.to_display(augment.normalize(raw, mean, std), mean, std), raw
+  )
   # Pixels at zero after normalisation (erasing_fill="zero") show as the mean colour.
   erased = preview.to_display(np.zeros((1, 1, 1, 3), np.float32), mean, std)[0, 0, 0]
   np.testing.assert_array_equal(erased, np.round(np.asarray(mean) * 255))
@@ -110,19 +114,39 @@ def previews(tmp_path_factory, tiny_imagenet_dirs):
   small = {"batch_size": 16, "model_overrides.dim": 32, "model_overrides.depth": 1}  # the
   # model does not touch the batch; a small one is quicker to build
   runs = {
-      "digits": (digits, small, 3),
-      "tiny_imagenet": (tinyimagenet, {**small, "dataset.download": False,
-                                       "dataset.data_dir": str(data_dir),
-                                       "dataset.manual_dir": str(manual)}, 10),
+    "digits": (digits, small, 3),
+    "tiny_imagenet": (
+      tinyimagenet,
+      {
+        **small,
+        "dataset.download": False,
+        "dataset.data_dir": str(data_dir),
+        "dataset.manual_dir": str(manual),
+      },
+      10,
+    ),
   }
   started = {}
   for name, (module, overrides, step) in runs.items():
     out = tmp / f"{name}.png"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lkca_jax.tools.preview", "--config",
-         f"configs/{os.path.basename(module.__file__)}", f"--out={out}", "--rows=2", "--cols=4",
-         f"--step={step}", *as_flags(overrides)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [
+        sys.executable,
+        "-m",
+        "lkca_jax.tools.preview",
+        "--config",
+        f"configs/{os.path.basename(module.__file__)}",
+        f"--out={out}",
+        "--rows=2",
+        "--cols=4",
+        f"--step={step}",
+        *as_flags(overrides),
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
     started[name] = (proc, out, with_overrides(module.get_config(), overrides), step)
   yield started
   for proc, *_ in started.values():
@@ -181,17 +205,31 @@ def test_digits_label_names():
 # The preview's own flags; config values and shared flags are tested once for every
 # command in tests/test_config_checks.py and tests/tools/test_cli.py.
 BAD_INPUTS = [
-    (["--rows=0"], "--rows and --cols must be at least 1"),
-    (["--rows=9", "--cols=8"], "72 tiles but a batch has only 64 images"),
+  (["--rows=0"], "--rows and --cols must be at least 1"),
+  (["--rows=9", "--cols=8"], "72 tiles but a batch has only 64 images"),
 ]
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
-  procs = [subprocess.Popen([sys.executable, "-m", "lkca_jax.tools.preview", "--config",
-                             "configs/digits.py", f"--out={tmp_path / f'{i}.png'}", *flags],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i, (flags, _) in enumerate(BAD_INPUTS)]
-  for i, (proc, (flags, message)) in enumerate(zip(procs, BAD_INPUTS)):
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "lkca_jax.tools.preview",
+        "--config",
+        "configs/digits.py",
+        f"--out={tmp_path / f'{i}.png'}",
+        *flags,
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i, (flags, _) in enumerate(BAD_INPUTS)
+  ]
+  for i, (proc, (flags, message)) in enumerate(zip(procs, BAD_INPUTS, strict=True)):
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert proc.returncode == 2, (flags, err[-2000:])

@@ -1,4 +1,5 @@
 """lkca_jax.tools.reproduce: the paper's table, real runs on a tiny budget, resuming."""
+
 import json
 import os
 import re
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def documented_results() -> dict[tuple[str, str], float]:
   """{(preset, table): top-1} parsed from docs/reference.md, "Paper results"."""
   text = open(os.path.join(ROOT, "docs", "reference.md")).read()
-  section = text[text.index("## Paper results"):]
+  section = text[text.index("## Paper results") :]
   found = {}
   for line in section.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -26,7 +27,7 @@ def documented_results() -> dict[tuple[str, str], float]:
     if len(cells) == 5 and presets:  # pair | presets | CIFAR-10 | CIFAR-100 | Tiny-ImageNet
       for table, cell in zip(("cifar10", "cifar100", "tinyimagenet"), cells[2:], strict=True):
         values = re.findall(r"\d+\.\d+", cell)
-        for preset, value in zip(presets[-len(values):] if values else [], values, strict=True):
+        for preset, value in zip(presets[-len(values) :] if values else [], values, strict=True):
           found[(preset, table)] = float(value)
     elif len(cells) == 3 and presets and re.fullmatch(r"\d+\.\d+", cells[2]):  # SVHN table
       found[(presets[0], "svhn")] = float(cells[2])
@@ -34,8 +35,11 @@ def documented_results() -> dict[tuple[str, str], float]:
 
 
 def test_paper_results_are_those_of_docs_reference():
-  encoded = {(row.preset, table): row.paper_top1 for table in reproduce.TABLES
-             for row in reproduce.paper_rows(table)}
+  encoded = {
+    (row.preset, table): row.paper_top1
+    for table in reproduce.TABLES
+    for row in reproduce.paper_rows(table)
+  }
   assert encoded == documented_results()
   assert len(encoded) == 12 + 12 + 13 + 4
 
@@ -52,7 +56,9 @@ def test_every_row_is_a_preset_and_every_table_has_its_config():
 
 def test_select_rows():
   assert [r.preset for r in reproduce.select_rows("cifar10", ["lkca_t", "vit_1m"])] == [
-      "lkca_t", "vit_1m"]
+    "lkca_t",
+    "vit_1m",
+  ]
   with pytest.raises(reproduce.UsageError, match="no row 'lkca_l'"):
     reproduce.select_rows("cifar10", ["lkca_l"])
   with pytest.raises(reproduce.UsageError, match="twice"):
@@ -68,23 +74,37 @@ def test_table_in_argv():
 # --- the command, end to end: the cifar10 rows on digits, a few steps ------------------
 STEPS, RUNS = 6, 2
 ROWS = ["vit_05m", "lkca_05m"]
-TINY = ["--config", "configs/digits.py", "--config.model_overrides.dim=16",
-        "--config.model_overrides.depth=1", "--config.model_overrides.num_heads=2",
-        "--config.num_devices=1", "--config.batch_size=32", "--config.log_every_steps=3",
-        "--config.eval_every_steps=3"]
+TINY = [
+  "--config",
+  "configs/digits.py",
+  "--config.model_overrides.dim=16",
+  "--config.model_overrides.depth=1",
+  "--config.model_overrides.num_heads=2",
+  "--config.num_devices=1",
+  "--config.batch_size=32",
+  "--config.log_every_steps=3",
+  "--config.eval_every_steps=3",
+]
 
 
 def run_reproduce(out, *extra, timeout=600):
-  command = [sys.executable, "-m", "lkca_jax.tools.reproduce", "--table=cifar10",
-             f"--out={out}", *extra]
+  command = [
+    sys.executable,
+    "-m",
+    "lkca_jax.tools.reproduce",
+    "--table=cifar10",
+    f"--out={out}",
+    *extra,
+  ]
   return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def reproduction(tmp_path_factory):
   out = tmp_path_factory.mktemp("reproduce")
-  result = run_reproduce(out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}",
-                         *TINY)
+  result = run_reproduce(
+    out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}", *TINY
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return out, result
 
@@ -118,10 +138,12 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
     assert row["steps"] == STEPS and row["proxy"] and row["recipe_steps"] == 9 * (3 * 1437 // 32)
     assert row["machine"]["backend"] == "cpu"
     line = next(line for line in table.splitlines() if f"`{row['preset']}`" in line)
-    assert (f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
-            f"| {np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f} "
-            f"| {np.mean(finals) - row['paper_top1']:+.2f} | {np.mean(bests):.2f} "
-            f"| {row['params']:,} | {STEPS} |") in line
+    assert (
+      f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
+      f"| {np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f} "
+      f"| {np.mean(finals) - row['paper_top1']:+.2f} | {np.mean(bests):.2f} "
+      f"| {row['params']:,} | {STEPS} |"
+    ) in line
     assert line.endswith("| 1× cpu (cpu) |")  # --config.num_devices=1
   assert "**Shortened proxy** (6 steps per run instead of the recipe's 1,206)" in table
   assert "**Not the paper's dataset**" in table and "CIFAR-10" in table
@@ -133,8 +155,9 @@ def test_a_second_invocation_skips_finished_rows(reproduction):
   before = [os.path.getmtime(path) for path in marker]
   summaries = [os.path.getmtime(out / preset / "summary.json") for preset in ROWS]
   table_before = json.loads((out / "table.json").read_text())["rows"]
-  result = run_reproduce(out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}",
-                         *TINY)
+  result = run_reproduce(
+    out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}", *TINY
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   for preset in ROWS:
     assert f"skipped {preset}: finished" in result.stdout
@@ -151,11 +174,14 @@ def test_a_finished_row_with_other_settings_is_refused(reproduction):
   assert result.stderr.strip().count("\n") == 0
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--rows=lkca_l"], "no row 'lkca_l'"),
     (["--runs=0"], "--runs=0"),
     (["--config.no_such_key=1"], "no_such_key"),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   result = run_reproduce(tmp_path / "out", *args, *TINY)
   assert result.returncode == 2
@@ -164,23 +190,29 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_the_table_is_required():
-  result = subprocess.run([sys.executable, "-m", "lkca_jax.tools.reproduce", "--rows=lkca_t"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "lkca_jax.tools.reproduce", "--rows=lkca_t"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 2
-  assert result.stderr.strip() == ("error: --table is required: one of "
-                                   "cifar10,cifar100,tinyimagenet,svhn")
+  assert result.stderr.strip() == (
+    "error: --table is required: one of cifar10,cifar100,tinyimagenet,svhn"
+  )
 
 
 def test_finished_runs_of_an_unfinished_row_are_read_back(tmp_path):
   # A summary.json that reached its last step counts; a stopped one does not.
   done = tmp_path / "done"
   done.mkdir()
-  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5,
-                                                 "stopped_by": None}))
+  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5, "stopped_by": None}))
   stopped = tmp_path / "stopped"
   stopped.mkdir()
-  (stopped / "summary.json").write_text(json.dumps({"step": 3, "total_steps": 5,
-                                                    "stopped_by": "SIGTERM"}))
+  (stopped / "summary.json").write_text(
+    json.dumps({"step": 3, "total_steps": 5, "stopped_by": "SIGTERM"})
+  )
   assert reproduce.finished_summary(str(done))["step"] == 5
   assert reproduce.finished_summary(str(stopped)) is None
   assert reproduce.finished_summary(str(tmp_path / "missing")) is None
