@@ -62,12 +62,6 @@ def _assert_close(ours, theirs, max_fraction, skip=None):
   assert np.mean(mine != expected) <= max_fraction
 
 
-def test_fixture_has_colour_and_grey_images():
-  assert len(RGB) == 6 and len(GREY) == 2
-  assert all(image.shape == (48, 64, 3) for image in RGB)
-  assert all(image.ndim == 2 for image in GREY)
-
-
 # --- colour ops against PIL ---------------------------------------------------
 
 ENHANCERS = [
