@@ -144,6 +144,28 @@ def test_two_processes_train_as_one(runs):
     assert summary["final_top1"] == pytest.approx(expected["final_top1"], abs=1e-6)
 
 
+def test_many_runs_train_across_processes(tmp_path):
+  """num_runs=2 over 2 processes x 4 devices equals it in 1 process x 8 devices."""
+  two = start(two_process_cmd(tmp_path / "2x4", "--config.num_runs=2"))
+  one = start(one_process_cmd(tmp_path / "1x8", "--config.num_runs=2"), env=env(8))
+  for proc in (two, one):
+    rc, out = finish(proc)
+    assert rc == 0, out[-4000:]
+  step, params = final_params(tmp_path / "2x4")
+  other_step, other_params = final_params(tmp_path / "1x8")
+  assert step == other_step == STEPS
+  assert_same_params(params, other_params)
+  import jax
+
+  leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
+  assert all(leaf.shape[0] == 2 for leaf in leaves)  # stacked: one slice a run
+  assert any(not np.allclose(leaf[0], leaf[1]) for leaf in leaves)  # two different runs
+  summaries = [json.load(open(tmp_path / name / "summary.json")) for name in ("2x4", "1x8")]
+  assert [r["seed"] for r in summaries[0]["runs"]] == [0, 1]
+  for mine, theirs in zip(summaries[0]["runs"], summaries[1]["runs"], strict=True):
+    assert mine["final_top1"] == pytest.approx(theirs["final_top1"], abs=1e-6)
+
+
 def test_outputs_and_logs_come_once(runs):
   workdir, out = runs["2x4"]
   assert len(glob.glob(os.path.join(workdir, "events.out.tfevents*"))) == 1
