@@ -1,4 +1,4 @@
-"""The reference training recipe (docs/reference.md, "Training recipe"), for every dataset.
+"""The reference training recipe (docs/method.md, "Training recipe"), for every dataset.
 
 Every recipe value lives here; dataset configs only say what differs.
     python main.py --config configs/default.py   # CIFAR-10, lkca_b, full recipe
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     }
   )
 
-  # Per-image augmentation, in this order (docs/reference.md, "Training recipe").
+  # Per-image augmentation, in this order (docs/method.md, "Training recipe").
   config.augment = ml_collections.ConfigDict(
     {
       "flip": True,

@@ -1,7 +1,7 @@
 """Every config key with its valid values, checked in one place before anything is built.
 
 `RULES` maps each dotted key of configs/default.py to what it may hold (the
-recipe values are in `docs/reference.md`, "Training recipe" and "Presets");
+recipe values are in `docs/method.md`, "Training recipe" and "Presets");
 `validate(config)` checks a whole config against it and raises `ConfigError`
 with one line naming the key, the value and what is allowed. A key that the
 table does not know (say, a typo in a config file) is an error too, so a new

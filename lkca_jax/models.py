@@ -32,7 +32,7 @@ class Preset:
   mixer_options: dict = dataclasses.field(default_factory=dict)
 
 
-# `docs/reference.md`, "Presets". LKCA presets' `num_heads` only matters for kernel_sharing="head".
+# `docs/method.md`, "Presets". LKCA presets' `num_heads` only matters for kernel_sharing="head".
 PRESETS: dict[str, Preset] = {
   "vit_05m": Preset("mhsa", 120, 4, 4),
   "vit_1m": Preset("mhsa", 136, 7, 8),
@@ -47,7 +47,7 @@ PRESETS: dict[str, Preset] = {
   "lkca_4m": Preset("lkca", 246, 11, 6),
   "lkca_8m": Preset("lkca", 306, 14, 9),
   "lkca_l": Preset("lkca", 360, 12, 12, mlp_ratio=3.0),
-  # Peer mixers (`docs/reference.md`, "Peer presets") at lkca_t / lkca_b's CIFAR-10 budget: the
+  # Peer mixers (`docs/method.md`, "Peer presets") at lkca_t / lkca_b's CIFAR-10 budget: the
   # same depth (9 / 10) and MLP ratio 2, width shrunk to match. ACmix keeps
   # 8 heads (as lkca_t / vit_1m); FLatten uses a few wide heads (d 38 / 44),
   # as FLatten-DeiT-T does (3 × 64). CIFAR-10 params vs 1,027,611 / 2,691,310:

@@ -9,7 +9,7 @@ from flax import nnx
 from lkca_jax.layers import LKCA, MHSA, MIXERS, DropPath, layer_norm, linear
 from lkca_jax.models import PRESETS, count_params, create_model
 
-# `docs/reference.md` ("Presets"), typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
+# `docs/method.md` ("Presets"), typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
 PUBLISHED_PARAM_COUNTS = {
   "vit_05m": (479_890, 490_780, 520_160),
   "vit_1m": (1_060_674, 1_073_004, 1_106_288),

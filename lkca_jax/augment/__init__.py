@@ -1,4 +1,4 @@
-"""Per-image training augmentation, in pure JAX (docs/reference.md, "Training recipe").
+"""Per-image training augmentation, in pure JAX (docs/method.md, "Training recipe").
 
 cfg = AugmentConfig.from_config(config.augment, mean=..., std=...)
 batch = augment_batch(key, images_uint8, cfg)   # float32 (B, H, W, C)

@@ -3,7 +3,7 @@
 A policy is 25 sub-policies ((p1, op1, m1), (p2, op2, m2)). Per image one
 sub-policy is drawn uniformly, then each of its two ops is applied, in order,
 with its own probability (random.random() < p, as in the reference). The ops
-and their magnitudes are the table ops.OPS (docs/reference.md, "AutoAugment
+and their magnitudes are the table ops.OPS (docs/method.md, "AutoAugment
 policies").
 """
 
@@ -30,7 +30,7 @@ def _parse(text: str) -> tuple:
   return tuple(subpolicies)
 
 
-# Transcribed from docs/reference.md, "AutoAugment policies", in its order.
+# Transcribed from docs/method.md, "AutoAugment policies", in its order.
 POLICIES = {
   "cifar10": _parse(
     "0.1 Invert 7, 0.2 Contrast 6; 0.7 Rotate 2, 0.3 TranslateX 9;"

@@ -400,7 +400,7 @@ class Op:
     return np.stack(arguments, axis=-1)
 
 
-# docs/reference.md, "AutoAugment policies": the ops, their magnitude ranges and
+# docs/method.md, "AutoAugment policies": the ops, their magnitude ranges and
 # which get a random sign (Rotate has none in the reference). An op's index in
 # this table is its index in apply_op's switch and in the policies' arrays.
 OPS = (

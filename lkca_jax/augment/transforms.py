@@ -1,6 +1,6 @@
 """The per-image training augmentation, and eval normalisation.
 
-The steps run in the order of STAGES (docs/reference.md, "Training recipe"):
+The steps run in the order of STAGES (docs/method.md, "Training recipe"):
 horizontal flip (p 0.5) -> random crop after zero padding -> AutoAugment ->
 scale to [0, 1] and normalise -> random erasing. Everything is keyed by one
 jax PRNG key per image, so augment_image works eagerly, under jit and under
@@ -23,7 +23,7 @@ from jax import lax
 
 from lkca_jax.augment import autoaugment as autoaugment_lib
 
-# Random erasing as the reference trainer does it (docs/reference.md#training-recipe):
+# Random erasing as the reference trainer does it (docs/method.md#training-recipe):
 # aspect ratio (height / width) uniform in [0.3, 1/0.3], up to 100 attempts to fit a box,
 # the box filled with the dataset mean written into the normalised image. The other values
 # are torchvision RandomErasing's (log-uniform aspect, 10 attempts) and a zero fill.
@@ -234,7 +234,7 @@ def random_erasing(
   `fill` is one value or one per channel. The reference writes the dataset mean
   (the values of [0, 1] images) into the normalised image (AugmentConfig's
   erasing_fill="mean"); 0 there is the mean colour, a different augmentation
-  (docs/reference.md#training-recipe).
+  (docs/method.md#training-recipe).
   """
   height, width, channels = image.shape
   erase, top, left, box_height, box_width = erasing_box(

@@ -37,7 +37,7 @@ from lkca_jax.data import sources
 DATA_AXIS = "data"
 # Keep the replicated dataset under this share of one device's memory.
 DEVICE_MEMORY_FRACTION = 0.25
-# How an epoch's `repeats` passes are ordered (docs/reference.md#training-recipe):
+# How an epoch's `repeats` passes are ordered (docs/method.md#training-recipe):
 # "independent" (the reference) shuffles each pass on its own, so no image repeats
 # within a pass; "joint" shuffles the stacked copies at once, so an image can land
 # twice in one batch.

@@ -15,7 +15,7 @@ describes it:
   options. Counted: every product of a Linear, matmul or convolution. Not
   counted: element-wise work (softmax, scaling, biases, activations, norms,
   mixing rates), as the MHSA row 4ND² + 2N²D of the cost table in
-  `docs/reference.md` ("Peer mixers") leaves out the softmax. Raises
+  `docs/method.md` ("Peer mixers") leaves out the softmax. Raises
   ValueError for sizes no module could have;
 - `size_presets`: {size: preset name} of its `models.PRESETS` entries at the
   parameter budget of lkca_t ("t") and lkca_b ("b"), for `tools.compare`;

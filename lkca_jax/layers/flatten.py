@@ -1,6 +1,6 @@
-"""Focused linear attention (FLatten, Han et al., ICCV 2023), `docs/reference.md` "Peer mixers".
+"""Focused linear attention (FLatten, Han et al., ICCV 2023), `docs/method.md` "Peer mixers".
 
-q, k, v = x W_q, x W_k, x W_v (no bias by default: `docs/reference.md` writes x W, as
+q, k, v = x W_q, x W_k, x W_v (no bias by default: `docs/method.md` writes x W, as
 for LKCA's bias-free W_v; `qkv_bias=True` gives the authors' Swin variant), then
   1. k += P, a learned (N, D) position table, init 0;
   2. q, k = ReLU(q) + 1e-6, ReLU(k) + 1e-6;

@@ -27,7 +27,7 @@ from lkca_jax.layers.common import (
 
 VIEWS = ("auto", "conv", "attention")
 KERNEL_SHARING = ("layer", "head", "channel")
-# How K starts. "zeros" is the reference (docs/reference.md#lkca-operator): at init the
+# How K starts. "zeros" is the reference (docs/method.md#lkca-operator): at init the
 # mixer mixes no tokens and outputs b_o. The others are lkca_jax's extensions, each a
 # fixed (2h−1, 2w−1) pattern copied to every kernel of the layer:
 # "delta": 1 at the zero offset (A = I, every token keeps its own value);

@@ -4,7 +4,7 @@
         [--rows vit_1m,lkca_t] [--steps N] [--runs K] [--out DIR] \
         [--config FILE] [--config.KEY=VALUE ...]
 
-Every row of the table (docs/reference.md#paper-results, encoded once in
+Every row of the table (docs/method.md#paper-results, encoded once in
 `PAPER_RESULTS`) is a preset; --rows picks some (default: all of the table).
 A row is K runs (--runs, default 1) with seeds config.seed .. config.seed + K − 1,
 trained side by side in one process (`config.num_runs`: one vmapped step, one
@@ -50,7 +50,7 @@ from lkca_jax.tools.cli import fail, machine_info, parser_for, write_atomic, wri
 
 FLAGS = flags.FLAGS
 
-# The paper's tables (docs/reference.md#paper-results): top-1 in %, trained from scratch;
+# The paper's tables (docs/method.md#paper-results): top-1 in %, trained from scratch;
 # None where the paper reports no value. Column order: TABLES.
 TABLES = ("cifar10", "cifar100", "tinyimagenet", "svhn")
 TABLE_NAMES = {

@@ -1,4 +1,4 @@
-"""AutoAugment policies (docs/reference.md, "AutoAugment policies") and sub-policy sampling.
+"""AutoAugment policies (docs/method.md, "AutoAugment policies") and sub-policy sampling.
 
 Statistical checks use fixed keys and 5-sigma bounds: a correct sampler fails
 with probability ~1e-6 per bound (the result is deterministic for these keys
@@ -15,7 +15,7 @@ import pytest
 
 from lkca_jax.augment import POLICIES, autoaugment, ops
 
-# The reference's tables (docs/reference.md, "AutoAugment policies"), transcribed
+# The reference's tables (docs/method.md, "AutoAugment policies"), transcribed
 # as (p1, op1, m1, p2, op2, m2) in their order.
 TABLES = {
   "cifar10": [

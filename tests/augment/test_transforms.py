@@ -1,4 +1,4 @@
-"""The composed per-image augmentation and eval normalisation (docs/reference.md).
+"""The composed per-image augmentation and eval normalisation (docs/method.md).
 
 Statistical checks use fixed keys and 5-sigma bounds (a correct sampler
 fails with probability ~1e-6 per bound; an off-by-one range, a wrong

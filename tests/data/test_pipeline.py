@@ -1,4 +1,4 @@
-"""The epoch order of the input pipeline (docs/reference.md#training-recipe).
+"""The epoch order of the input pipeline (docs/method.md#training-recipe).
 
 The reference epoch is `repeats` independent shuffles of the training set back
 to back, cut into batches ("independent", the default); "joint" (one shuffle of

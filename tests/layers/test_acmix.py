@@ -20,7 +20,7 @@ def max_rel_err(actual, expected) -> float:
 
 
 def acmix_params(dim, grid, heads) -> int:
-  """Closed form from `docs/reference.md` ("Peer mixers"), term by term."""
+  """Closed form from `docs/method.md` ("Peer mixers"), term by term."""
   h, w = grid
   qkv = 3 * dim * dim + 3 * dim  # Linear(D, 3D) with bias
   relative_bias = (2 * h - 1) * (2 * w - 1) * heads  # one table column per head

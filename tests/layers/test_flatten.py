@@ -20,7 +20,7 @@ def max_rel_err(actual, expected) -> float:
 
 
 def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
-  """Closed form from `docs/reference.md` ("Peer mixers"), term by term."""
+  """Closed form from `docs/method.md` ("Peer mixers"), term by term."""
   h, w = grid
   d = dim // heads
   qkv = 3 * dim * dim + (3 * dim if qkv_bias else 0)  # three Linear(D, D)
@@ -78,7 +78,7 @@ def test_focus_matches_direct_formula_and_survives_large_values():
 
 
 def reference_flatten(module, x, grid):
-  """float64 FLatten following `docs/reference.md` ("Peer mixers") step by step."""
+  """float64 FLatten following `docs/method.md` ("Peer mixers") step by step."""
   h, w = grid
   heads = module.num_heads
   p = lambda v: np.asarray(v[...], np.float64)

@@ -59,7 +59,7 @@ def test_structure_and_parameter_count():
   assert module.qkv.kernel[...].shape == (192, 576) and module.qkv.bias is None
   assert module.out_proj.kernel[...].shape == (192, 192)
   assert not np.asarray(module.out_proj.bias[...]).any()
-  # The worked example of `docs/reference.md` ("Presets"): qkv 110,592 + out 37,056.
+  # The worked example of `docs/method.md` ("Presets"): qkv 110,592 + out 37,056.
   assert count_params(module) == 110_592 + 37_056
 
 

@@ -298,7 +298,7 @@ def test_macs_is_an_int_that_grows_with_tokens_and_width(name):
   assert macs(64, 192, 12) < macs(65, 192, 12) and macs(64, 192, 12) < macs(64, 204, 12)
 
 
-# --- the published cost table (docs/reference.md, "Peer mixers") ---------------------------
+# --- the published cost table (docs/method.md, "Peer mixers") ---------------------------
 # Column N = 64, D = 192, in millions (one decimal). FLatten's count depends on the head dim:
 # the column is FLatten-DeiT-T's 3 heads (d = 64).
 @pytest.mark.parametrize(

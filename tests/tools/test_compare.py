@@ -43,7 +43,7 @@ def token_mixing_macs(name, tokens):
   return preset.depth * tokens**2 * preset.dim
 
 
-# The paper's FLOPs (multiply-adds, in millions; docs/reference.md) on CIFAR (32×32, patch 4,
+# The paper's FLOPs (multiply-adds, in millions; docs/method.md) on CIFAR (32×32, patch 4,
 # 10 classes) and Tiny-ImageNet (64×64, patch 8, 200 classes); 8×8 = 64 tokens each.
 PAPER = [
   ("vit", 10, 32, 174.25),

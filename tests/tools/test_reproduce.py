@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # --- the paper's numbers ---------------------------------------------------------
 def documented_results() -> dict[tuple[str, str], float]:
-  """{(preset, table): top-1} parsed from docs/reference.md, "Paper results"."""
-  text = open(os.path.join(ROOT, "docs", "reference.md")).read()
+  """{(preset, table): top-1} parsed from docs/method.md, "Paper results"."""
+  text = open(os.path.join(ROOT, "docs", "method.md")).read()
   section = text[text.index("## Paper results") :]
   found = {}
   for line in section.splitlines():
