@@ -132,7 +132,6 @@ def run_runs_benchmark(
   log=print,
 ) -> dict:
   """K runs in one process against K single runs, per (model, dtype); see --runs."""
-  import jax  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
   cases = {}
@@ -190,6 +189,15 @@ def run_runs_benchmark(
       "model_overrides": overrides or {},
     },
     "results": results,
+    **provenance(load_start),
+  }
+
+
+def provenance(load_start) -> dict:
+  """Where and under what load a result was measured."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return {
     "jax": jax.__version__,
     "machine": cli.machine_info(),
     "load_average_start": list(load_start),
@@ -236,7 +244,6 @@ def run_benchmark(
   log=print,
 ) -> dict:
   """Builds every (model, dtype), times both columns interleaved; returns the results."""
-  import jax  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
   cases = {}
@@ -291,10 +298,7 @@ def run_benchmark(
     },
     "results": results,
     "compile_seconds": compile_seconds,
-    "jax": jax.__version__,
-    "machine": cli.machine_info(),
-    "load_average_start": list(load_start),
-    "load_average_end": list(os.getloadavg()),
+    **provenance(load_start),
   }
 
 
