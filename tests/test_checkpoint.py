@@ -93,6 +93,14 @@ def warnings_about_damage(stderr):
   return [line for line in stderr.splitlines() if "cannot be restored" in line]
 
 
+def assert_no_traceback_through_our_code(stderr):
+  # orbax may log the failed read of the damaged file itself (timing decides whether its
+  # async read reports before it is abandoned); no traceback may pass through our code.
+  frames = re.findall(r'File "([^"]+)"', stderr)
+  ours = [f for f in frames if "/lkca_jax/" in f or f.endswith("main.py")]
+  assert not ours, stderr[-3000:]
+
+
 def error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
@@ -109,7 +117,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(
   assert re.search(rf"checkpoints/12\S* cannot be restored \({reason}: ", warnings[0])
   assert warnings[0].endswith(f"set aside as {workdir}/checkpoints_damaged/12-{reason}")
   assert re.search(r"resumed from \S+/checkpoints/8\n", result.stderr)
-  assert "Traceback" not in result.stderr
+  assert_no_traceback_through_our_code(result.stderr)
   # Kept, out of orbax's sight; and step 12 was saved again, as if nothing had happened.
   assert (workdir / "checkpoints_damaged" / f"12-{reason}").is_dir()
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
@@ -130,7 +138,7 @@ def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path
     .startswith(f"error: no checkpoint in {workdir}/checkpoints can be restored")
   )
   assert len(warnings_about_damage(result.stderr)) == 3
-  assert "Traceback" not in result.stderr
+  assert_no_traceback_through_our_code(result.stderr)
   # Nothing is moved when there is nothing to fall back to: every retry says the same.
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
   assert not (workdir / "checkpoints_damaged").exists()
