@@ -29,9 +29,31 @@ USAGE_ERROR = 2
 
 
 def fail(message: str) -> None:
-  """Prints `error: message` on stderr and exits with the usage-error code."""
-  print(f"error: {message}", file=sys.stderr)
+  """Prints `error: message` on stderr, as its last line, and exits with the usage-error code."""
+  sys.stdout.flush()
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  _silence_shutdown()
   sys.exit(USAGE_ERROR)
+
+
+def _silence_shutdown() -> None:
+  """Keeps the interpreter's shutdown from printing after the error line.
+
+  A failed checkpoint read leaves orbax's other reads abandoned; when they are
+  collected at exit they report themselves (an unretrieved task's exception,
+  a never-awaited coroutine, a log line from a worker thread), restating the
+  error already printed, and would bury it. Some of those are written by the
+  interpreter's finalization, past any Python-level filter, so the stderr file
+  descriptor itself is pointed at /dev/null.
+  """
+  sys.stderr.flush()
+  try:
+    fd = sys.stderr.fileno()
+  except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr is not a file
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, fd)
+  os.close(devnull)
 
 
 def parse_flags(argv, *, program: str = "main.py"):

@@ -37,3 +37,31 @@ def test_bad_flags_are_one_line_and_exit_2(command):
     assert proc.returncode == 2, (args, err[-1500:])
     assert "Traceback" not in err, (args, err[-1500:])
     assert lines[-1].startswith("error: ") and message in lines[-1], (args, lines[-1])
+
+
+# What orbax's abandoned reads leave for the interpreter's shutdown after a failed restore:
+# a failed task nobody awaited, a coroutine never awaited, a log line from a worker thread.
+LEFT_BEHIND = """
+import asyncio, gc, logging, threading, time
+from absl import logging as absl_logging
+from lkca_jax.tools import cli
+
+async def read():
+  raise ValueError("OUT_OF_RANGE: byte range not valid")
+
+loop = asyncio.new_event_loop()
+task = loop.create_task(read())
+loop.run_until_complete(asyncio.sleep(0.01))
+never_awaited = read()
+threading.Thread(target=lambda: (time.sleep(0.3), absl_logging.error("late worker"))).start()
+cli.fail("no checkpoint can be restored")
+"""
+
+
+def test_fail_is_the_last_line_even_with_work_left_behind():
+  result = subprocess.run(
+    [sys.executable, "-c", LEFT_BEHIND], cwd=ROOT, capture_output=True, text=True, timeout=60
+  )
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr
+  assert lines == ["error: no checkpoint can be restored"], result.stderr
