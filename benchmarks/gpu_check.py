@@ -1,0 +1,385 @@
+"""Helpers of benchmarks/gpu_check.sh: wheel selection, the AutoAugment timing, the summary.
+
+    python benchmarks/gpu_check.py missing-wheels DIR
+    python benchmarks/gpu_check.py env --out FILE
+    python benchmarks/gpu_check.py autoaugment --batch B --steps N --out FILE
+    python benchmarks/gpu_check.py summary DIR [--mode smoke|full]
+
+`missing-wheels` and `summary` use the standard library only, so they work
+whatever the machine lacks; `autoaugment` needs jax and lkca_jax.augment (not
+ml_collections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+
+RECIPE_STEPS = 117_100  # the full CIFAR-10 recipe at batch 128
+RECIPE_BATCH = 128
+GOAL_MINUTES = 10.0  # lkca_t: the goal; about 5 ms/step
+STRETCH_MINUTES = 5.0
+RUNS_GOAL = 4.0  # K runs in one process: at least 4x one run's images/s
+PROJECTED = ("lkca_t", "lkca_b")
+# The order the driver runs its parts in (the summary lists them in this order).
+PARTS = (
+  "env",
+  "step_b128_lkca",
+  "mixers",
+  "runs",
+  "autoaugment",
+  "step_b128_vit",
+  "step_b1024_lkca",
+  "step_b1024_vit",
+)
+
+
+def missing_wheels(folder: str) -> list[str]:
+  """The .whl files in `folder` whose distribution is not installed."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+
+  missing = []
+  for path in sorted(glob.glob(os.path.join(folder, "*.whl"))):
+    name = os.path.basename(path).split("-")[0]
+    try:
+      metadata.version(name)
+    except metadata.PackageNotFoundError:
+      missing.append(path)
+  return missing
+
+
+# What the parts import beyond jax/flax/optax/orbax/numpy (see gpu_check.sh's header).
+NEEDED = ("ml_collections", "clu", "tensorboard", "wrapt", "etils", "absl")
+
+
+def environment() -> dict:
+  """Python, jax, the devices, and which of NEEDED import."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+
+  env = {"python": sys.version.split()[0], "executable": sys.executable}
+  env["platform"] = platform.platform()
+  env["imports"] = {}
+  for name in NEEDED:
+    try:
+      module = importlib.import_module(name)
+      env["imports"][name] = getattr(module, "__version__", "ok")
+    except Exception as e:  # noqa: BLE001 - any failure means the part that needs it fails
+      env["imports"][name] = f"MISSING: {type(e).__name__}: {e}"
+  import jax  # pylint: disable=import-outside-toplevel
+
+  env["jax"] = jax.__version__
+  env["backend"] = jax.default_backend()
+  env["devices"] = [str(d) for d in jax.devices()]
+  return env
+
+
+def time_autoaugment(batch: int, steps: int, policy: str = "cifar10") -> dict:
+  """ms per batch of the two forms `transforms._autoaugment_batch` picks between by backend.
+
+  "batched_select": vmap of `apply_policy` (its lax.switch becomes a select over all
+  ops; what runs on GPU/TPU); "per_image_loop": lax.map of it (each image runs only
+  its own op; what runs on CPU). Both are timed here on whatever backend this is.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax.augment import autoaugment  # pylint: disable=import-outside-toplevel
+
+  one = lambda key, image: autoaugment.apply_policy(key, image, policy)
+  forms = {
+    "batched_select": jax.jit(jax.vmap(one)),
+    "per_image_loop": jax.jit(lambda keys, images: jax.lax.map(lambda a: one(*a), (keys, images))),
+  }
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8))
+  keys = lambda i: jax.random.split(jax.random.key(i), batch)
+  compile_s, times = {}, {name: [] for name in forms}
+  for name, fn in forms.items():
+    start = time.perf_counter()
+    jax.block_until_ready(fn(keys(0), images))  # compile and warm up: not timed
+    compile_s[name] = time.perf_counter() - start
+  for i in range(steps):  # interleaved, so load from elsewhere hits both alike
+    for name, fn in forms.items() if i % 2 == 0 else reversed(forms.items()):
+      k = keys(i + 1)
+      jax.block_until_ready(k)
+      start = time.perf_counter()
+      jax.block_until_ready(fn(k, images))
+      times[name].append(time.perf_counter() - start)
+  results = {}
+  for name in forms:
+    ms = 1e3 * statistics.median(times[name])
+    results[name] = {
+      "median_ms": ms,
+      "min_ms": 1e3 * min(times[name]),
+      "images_per_second": batch / (ms / 1e3),
+      "compile_seconds": compile_s[name],
+    }
+  return {
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "batch": batch,
+    "steps": steps,
+    "policy": policy,
+    "forms": results,
+    "faster": min(results, key=lambda name: results[name]["median_ms"]),
+    "note": "both forms exist in lkca_jax.augment.transforms._autoaugment_batch "
+    "(vmap on GPU/TPU, lax.map on CPU)",
+  }
+
+
+# --- the summary ---------------------------------------------------------------
+
+
+def read_json(path: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def last_line(path: str) -> str:
+  """The last non-empty line of a log: where a failed part says why."""
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return ""
+  return lines[-1][:300] if lines else ""
+
+
+def read_parts(folder: str) -> dict:
+  """name -> status record, from the driver's parts.tsv (name, rc, seconds, log, json)."""
+  parts = {}
+  try:
+    with open(os.path.join(folder, "parts.tsv"), encoding="utf-8") as f:
+      rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  except OSError:
+    rows = []
+  for name, rc, seconds, log, out in rows:
+    rc = int(rc)
+    status = "ok" if rc == 0 else "timeout" if rc in (124, 137) else "failed"
+    part = {"status": status, "rc": rc, "seconds": float(seconds), "log": log}
+    if out:
+      part["json"] = out
+    if rc != 0:
+      part["error"] = last_line(log)
+    parts[name] = part
+  for name in PARTS:  # a part the driver never reached (the whole run was cut short)
+    parts.setdefault(name, {"status": "not run"})
+  return parts
+
+
+def step_rows(part: str, results: dict) -> list[dict]:
+  batch = results["config"]["batch_size"]
+  rows = []
+  for r in results["results"]:
+    rows.append(
+      {
+        "part": part,
+        "model": r["model"],
+        "dtype": r["dtype"],
+        "batch": batch,
+        "fixed_ms": r["fixed"]["median_ms"],
+        "fixed_images_per_second": r["fixed"]["images_per_second"],
+        "pipeline_ms": r["pipeline"]["median_ms"],
+        "pipeline_images_per_second": r["pipeline"]["images_per_second"],
+      }
+    )
+  return rows
+
+
+def projection(rows: list[dict]) -> dict:
+  """Minutes for RECIPE_STEPS steps per model and dtype, from the pipeline column's median."""
+  out = {}
+  for model in PROJECTED:
+    by_dtype = {}
+    for r in rows:
+      # The recipe's batch; a smoke run has only its tiny batch, projected all the same.
+      if r["model"] == model and r["part"].startswith("step_b128"):
+        ms = r["pipeline_ms"]
+        by_dtype[r["dtype"]] = {
+          "ms_per_step": ms,
+          "batch": r["batch"],
+          "minutes": ms * RECIPE_STEPS / 1e3 / 60,
+        }
+    if not by_dtype:
+      continue
+    best = min(by_dtype, key=lambda d: by_dtype[d]["minutes"])
+    minutes = by_dtype[best]["minutes"]
+    out[model] = {
+      "by_dtype": by_dtype,
+      "best_dtype": best,
+      "best_minutes": minutes,
+      "meets_goal": minutes <= GOAL_MINUTES,
+      "meets_stretch": minutes <= STRETCH_MINUTES,
+    }
+  return {
+    "steps": RECIPE_STEPS,
+    "recipe_batch": RECIPE_BATCH,
+    "goal_minutes": GOAL_MINUTES,
+    "stretch_minutes": STRETCH_MINUTES,
+    "column": "pipeline (augmentation included)",
+    "models": out,
+  }
+
+
+def runs_summary(results: dict) -> list[dict]:
+  rows = []
+  for r in results["results"]:
+    # K runs together give K x batch images per together_ms; one run gives batch per
+    # (separate_ms / K): the multiple of one run's images/s is separate_ms / together_ms.
+    multiple = r["separate_ms"] / r["together_ms"]
+    rows.append(
+      {
+        "model": r["model"],
+        "dtype": r["dtype"],
+        "runs": r["runs"],
+        "together_ms": r["together_ms"],
+        "one_run_ms": r["separate_ms"] / r["runs"],
+        "throughput_vs_one_run": multiple,
+        "meets_goal": multiple >= RUNS_GOAL,
+      }
+    )
+  return rows
+
+
+def mixers_summary(results: dict) -> dict:
+  """Per shape: the faster LKCA view (module cases) against the one `auto` picks."""
+  out = {}
+  for row in results["rows"]:
+    view = row["case"].removeprefix("lkca-")
+    if row["case"].startswith("lkca-") and view in ("attention", "conv"):
+      name = f"{row['grid'][0]}x{row['grid'][1]}"
+      out.setdefault(name, {"ms": {}})["ms"][view] = row["median_ms"]
+  for name, shape in out.items():
+    shape["faster"] = min(shape["ms"], key=shape["ms"].get)
+    shape["auto_picks"] = results.get("auto_view", {}).get(name)
+    shape["auto_agrees"] = shape["auto_picks"] == shape["faster"]
+  return out
+
+
+def summarize(folder: str, mode: str) -> dict:
+  parts = read_parts(folder)
+  rows, runs, mixers, augment = [], [], {}, None
+  for name, part in parts.items():
+    data = read_json(part["json"]) if part.get("status") == "ok" and "json" in part else None
+    if part.get("status") == "ok" and "json" in part and data is None:
+      part.update(status="failed", error=f"no JSON results at {part['json']}")
+    if data is None:
+      continue
+    if name.startswith("step_"):
+      found = step_rows(name, data)
+      part["images_per_second"] = {
+        f"{r['model']}/{r['dtype']}/b{r['batch']}": r["pipeline_images_per_second"] for r in found
+      }
+      rows += found
+    elif name == "runs":
+      runs = runs_summary(data)
+      part["throughput_vs_one_run"] = {
+        f"{r['model']}/{r['dtype']}": r["throughput_vs_one_run"] for r in runs
+      }
+    elif name == "mixers":
+      mixers = mixers_summary(data)
+      part["faster_view"] = {k: v["faster"] for k, v in mixers.items()}
+    elif name == "autoaugment":
+      augment = data
+      part["ms"] = {k: v["median_ms"] for k, v in data["forms"].items()}
+    elif name == "env":
+      part["env"] = data
+  return {
+    "mode": mode,
+    "parts": parts,
+    "failed": sorted(n for n, p in parts.items() if p["status"] != "ok"),
+    "step": rows,
+    "projection": projection(rows),
+    "runs": runs,
+    "mixers": mixers,
+    "autoaugment": augment,
+  }
+
+
+def format_summary(s: dict) -> str:
+  lines = [f"== gpu_check summary ({s['mode']}) =="]
+  for name, p in s["parts"].items():
+    extra = f"  {p['error']}" if p.get("error") else ""
+    secs = f"{p['seconds']:6.1f}s" if "seconds" in p else "      -"
+    lines.append(f"  {name:<16}{p['status']:<8}{secs}{extra}")
+  if s["step"]:
+    lines.append(f"  {'model':<8}{'dtype':<10}{'batch':>6}{'fixed img/s':>13}{'pipe img/s':>12}")
+    for r in s["step"]:
+      lines.append(
+        f"  {r['model']:<8}{r['dtype']:<10}{r['batch']:>6}"
+        f"{r['fixed_images_per_second']:>13.0f}{r['pipeline_images_per_second']:>12.0f}"
+      )
+  p = s["projection"]
+  for model, m in p["models"].items():
+    lines.append(
+      f"  projected {model}: {m['best_minutes']:.1f} min for {p['steps']:,} steps "
+      f"({m['best_dtype']}, {m['by_dtype'][m['best_dtype']]['ms_per_step']:.2f} ms/step); "
+      f"goal {p['goal_minutes']:g} min {'met' if m['meets_goal'] else 'MISSED'}, "
+      f"stretch {p['stretch_minutes']:g} min {'met' if m['meets_stretch'] else 'missed'}"
+    )
+  for r in s["runs"]:
+    lines.append(
+      f"  {r['runs']} runs together ({r['model']} {r['dtype']}): "
+      f"{r['throughput_vs_one_run']:.2f}x one run's images/s (goal {RUNS_GOAL:g}x)"
+    )
+  for shape, m in s["mixers"].items():
+    ms = ", ".join(f"{k} {v:.2f} ms" for k, v in m["ms"].items())
+    lines.append(f"  LKCA views {shape}: {ms}; faster {m['faster']}, auto picks {m['auto_picks']}")
+  if s["autoaugment"]:
+    a = s["autoaugment"]
+    ms = ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in a["forms"].items())
+    lines.append(f"  AutoAugment b{a['batch']} on {a['backend']}: {ms}; faster {a['faster']}")
+  lines.append(f"  failed parts: {', '.join(s['failed']) or 'none'}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("missing-wheels")
+  p.add_argument("folder")
+  p = sub.add_parser("env")
+  p.add_argument("--out", required=True)
+  p = sub.add_parser("autoaugment")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--out", required=True)
+  p = sub.add_parser("summary")
+  p.add_argument("folder")
+  p.add_argument("--mode", default="full")
+  args = parser.parse_args(argv)
+  if args.command == "missing-wheels":
+    print("\n".join(missing_wheels(args.folder)))
+  elif args.command == "env":
+    env = environment()
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(env, f, indent=2)
+    print(json.dumps(env, indent=1))
+  elif args.command == "autoaugment":
+    results = time_autoaugment(args.batch, args.steps)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+    print(json.dumps(results["forms"], indent=1))
+  else:
+    summary = summarize(args.folder, args.mode)
+    path = os.path.join(args.folder, "summary.json")
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    print(format_summary(summary))
+    print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  # Run as a script from the repository root: lkca_jax must import from here.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.exit(main())
