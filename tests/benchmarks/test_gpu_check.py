@@ -1,0 +1,154 @@
+"""benchmarks/gpu_check.sh --smoke end to end: every part's status, numbers and projection.
+
+One run, with the two ViT parts given an unknown model: they must be recorded as
+failed while every other part (including one after them) still runs and reports.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OK_PARTS = ("env", "step_b128_lkca", "mixers", "runs", "autoaugment", "step_b1024_lkca")
+BROKEN_PARTS = ("step_b128_vit", "step_b1024_vit")
+RECIPE_STEPS = 117_100
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("gpu_check")
+  env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+  env["GPU_CHECK_VIT_MODELS"] = "no_such_model"
+  result = subprocess.run(
+    ["bash", "benchmarks/gpu_check.sh", "--smoke"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  summary = json.loads((out / "summary.json").read_text())
+  return out, summary, result.stdout
+
+
+def load(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def test_statuses_failed_parts_contained(smoke):
+  out, summary, stdout = smoke
+  parts = summary["parts"]
+  assert summary["mode"] == "smoke"
+  assert list(parts) == [
+    "env",
+    "step_b128_lkca",
+    "mixers",
+    "runs",
+    "autoaugment",
+    "step_b128_vit",
+    "step_b1024_lkca",  # after a failed part: still ran
+    "step_b1024_vit",
+  ]
+  for name in OK_PARTS:
+    assert parts[name]["status"] == "ok", (name, parts[name])
+    assert parts[name]["rc"] == 0 and parts[name]["seconds"] > 0
+    assert os.path.isfile(parts[name]["json"]), name
+  for name in BROKEN_PARTS:
+    assert parts[name]["status"] == "failed" and parts[name]["rc"] != 0
+    # bench_step's own message, the last line of the part's log.
+    assert "unknown model 'no_such_model'" in parts[name]["error"]
+    assert not os.path.exists(out / f"{name}.json")
+  assert summary["failed"] == sorted(BROKEN_PARTS)
+  assert "failed parts: step_b1024_vit, step_b128_vit" in stdout
+
+
+def test_images_per_second_match_bench_step_json(smoke):
+  _, summary, _ = smoke
+  expected = {
+    "step_b128_lkca": {("lkca_t", "float32"), ("lkca_b", "float32")},
+    "step_b1024_lkca": {("lkca_b", "float32")},
+  }
+  for part, cases in expected.items():
+    results = load(summary["parts"][part]["json"])
+    batch = results["config"]["batch_size"]
+    assert batch == 16  # bench_step --smoke
+    rows = {(r["model"], r["dtype"]): r for r in summary["step"] if r["part"] == part}
+    assert set(rows) == cases
+    for r in results["results"]:
+      row = rows[(r["model"], r["dtype"])]
+      for column in ("fixed", "pipeline"):
+        ips = r[column]["images_per_second"]
+        assert ips > 0
+        assert row[f"{column}_images_per_second"] == ips
+        assert ips == pytest.approx(batch / (r[column]["median_ms"] / 1e3))
+      key = f"{r['model']}/{r['dtype']}/b{batch}"
+      assert summary["parts"][part]["images_per_second"][key] == r["pipeline"]["images_per_second"]
+  assert {r["part"] for r in summary["step"]} == set(expected)
+
+
+def test_projection_from_bench_step_ms(smoke):
+  _, summary, _ = smoke
+  results = load(summary["parts"]["step_b128_lkca"]["json"])
+  projection = summary["projection"]
+  assert projection["steps"] == RECIPE_STEPS
+  assert set(projection["models"]) == {"lkca_t", "lkca_b"}
+  for r in results["results"]:
+    ms = r["pipeline"]["median_ms"]  # augmentation included
+    model = projection["models"][r["model"]]
+    entry = model["by_dtype"][r["dtype"]]
+    assert entry["ms_per_step"] == ms
+    assert entry["minutes"] == pytest.approx(ms * RECIPE_STEPS / 60_000)
+    assert model["best_dtype"] == "float32"  # the only dtype that ran
+    assert model["best_minutes"] == entry["minutes"]
+    assert model["meets_goal"] == (entry["minutes"] <= 10)
+    assert model["meets_stretch"] == (entry["minutes"] <= 5)
+
+
+def test_runs_mixers_autoaugment_env(smoke):
+  _, summary, _ = smoke
+  parts = summary["parts"]
+  (run,) = load(parts["runs"]["json"])["results"]
+  (row,) = summary["runs"]
+  assert (row["model"], row["dtype"], row["runs"]) == ("lkca_t", "float32", 2)
+  assert row["throughput_vs_one_run"] == pytest.approx(run["separate_ms"] / run["together_ms"])
+  assert row["throughput_vs_one_run"] > 0 and row["meets_goal"] == (
+    row["throughput_vs_one_run"] >= 4
+  )
+
+  mixers = load(parts["mixers"]["json"])
+  ms = {r["case"]: r["median_ms"] for r in mixers["rows"]}
+  assert set(ms) == {"lkca-attention", "lkca-conv"} and min(ms.values()) > 0
+  view = summary["mixers"]["8x8"]
+  assert view["ms"] == {"attention": ms["lkca-attention"], "conv": ms["lkca-conv"]}
+  assert view["faster"] == min(("attention", "conv"), key=lambda v: ms[f"lkca-{v}"])
+  assert view["auto_picks"] == mixers["auto_view"]["8x8"]
+
+  augment = summary["autoaugment"]
+  assert augment["backend"] == "cpu" and augment["batch"] == 4
+  assert set(augment["forms"]) == {"batched_select", "per_image_loop"}
+  for form in augment["forms"].values():
+    assert form["median_ms"] > 0 and form["images_per_second"] > 0
+  assert parts["autoaugment"]["ms"]["batched_select"] > 0
+
+  env = parts["env"]["env"]
+  assert env["backend"] == "cpu" and env["devices"] and env["jax"]
+  assert not env["imports"]["ml_collections"].startswith("MISSING")
+
+
+def test_missing_wheels_lists_only_uninstalled(tmp_path):
+  for name in ("numpy-1.0-py3-none-any.whl", "no_such_dist-1.0-py3-none-any.whl"):
+    (tmp_path / name).write_bytes(b"")
+  result = subprocess.run(
+    [sys.executable, "benchmarks/gpu_check.py", "missing-wheels", str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [str(tmp_path / "no_such_dist-1.0-py3-none-any.whl")]
