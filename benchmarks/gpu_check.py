@@ -1,7 +1,7 @@
 """Helpers of benchmarks/gpu_check.sh: wheel selection, the AutoAugment timing, the summary.
 
     python benchmarks/gpu_check.py missing-wheels DIR
-    python benchmarks/gpu_check.py env --out FILE
+    python benchmarks/gpu_check.py env [--wheels DIR] --out FILE
     python benchmarks/gpu_check.py autoaugment --batch B --steps N --out FILE
     python benchmarks/gpu_check.py summary DIR [--mode smoke|full]
 
@@ -57,8 +57,8 @@ def missing_wheels(folder: str) -> list[str]:
 NEEDED = ("ml_collections", "clu", "tensorboard", "wrapt", "etils", "absl")
 
 
-def environment() -> dict:
-  """Python, jax, the devices, and which of NEEDED import."""
+def environment(wheels: str | None = None) -> dict:
+  """Python, jax, the devices, which of NEEDED import, and the wheels' installed versions."""
   import importlib  # pylint: disable=import-outside-toplevel
   import platform  # pylint: disable=import-outside-toplevel
 
@@ -71,6 +71,15 @@ def environment() -> dict:
       env["imports"][name] = getattr(module, "__version__", "ok")
     except Exception as e:  # noqa: BLE001 - any failure means the part that needs it fails
       env["imports"][name] = f"MISSING: {type(e).__name__}: {e}"
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+
+  env["wheels"] = {}
+  for path in sorted(glob.glob(os.path.join(wheels, "*.whl"))) if wheels else []:
+    name = os.path.basename(path).split("-")[0]
+    try:
+      env["wheels"][name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      env["wheels"][name] = "MISSING"
   import jax  # pylint: disable=import-outside-toplevel
 
   env["jax"] = jax.__version__
@@ -348,6 +357,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("missing-wheels")
   p.add_argument("folder")
   p = sub.add_parser("env")
+  p.add_argument("--wheels")
   p.add_argument("--out", required=True)
   p = sub.add_parser("autoaugment")
   p.add_argument("--batch", type=int, default=128)
@@ -360,7 +370,7 @@ def main(argv=None) -> int:
   if args.command == "missing-wheels":
     print("\n".join(missing_wheels(args.folder)))
   elif args.command == "env":
-    env = environment()
+    env = environment(args.wheels)
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(env, f, indent=2)
     print(json.dumps(env, indent=1))

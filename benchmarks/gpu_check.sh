@@ -11,6 +11,7 @@
 #
 # Environment:
 #   PYTHON                the interpreter (default: python, else python3)
+#   GPU_CHECK_WHEELS      the offline wheels folder (default benchmarks/wheels)
 #   GPU_CHECK_VIT_MODELS  the models of the two ViT parts (default vit_1m,vit; --smoke
 #                         vit_1m); the test passes an unknown one to check that failing
 #                         parts are recorded and the others still run
@@ -52,6 +53,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 PY="${PYTHON:-$(command -v python || command -v python3)}"
+WHEELS="${GPU_CHECK_WHEELS:-benchmarks/wheels}"
 VITS="${GPU_CHECK_VIT_MODELS:-$([ "$SMOKE" = 1 ] && echo vit_1m || echo vit_1m,vit)}"
 mkdir -p "$OUT_DIR/logs" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
@@ -60,7 +62,8 @@ export TF_CPP_MIN_LOG_LEVEL=2
 # One compilation cache for all parts, outside $OUT (it need not come back): the K-runs
 # part compiles K identical single-run steps, and the parts share programs.
 JAX_CACHE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_jax_cache.XXXXXX")"
-trap 'rm -rf "$JAX_CACHE"' EXIT
+SITE=""
+trap 'rm -rf "$JAX_CACHE" ${SITE:+"$SITE"}' EXIT
 export JAX_COMPILATION_CACHE_DIR="$JAX_CACHE" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
@@ -84,24 +87,24 @@ part() {
 
 env_part() {
   nvidia-smi -L 2>&1 || echo "no nvidia-smi"
-  "$PY" benchmarks/gpu_check.py env --out "$OUT_DIR/env.json"
+  "$PY" benchmarks/gpu_check.py env --wheels "$WHEELS" --out "$OUT_DIR/env.json"
 }
 export -f env_part
-export PY OUT_DIR
+export PY OUT_DIR WHEELS
 
 # Offline wheels, before anything imports them.
-if ls benchmarks/wheels/*.whl > /dev/null 2>&1; then
-  SITE="$OUT_DIR/../.gpu_check_site"
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+  SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
   install_wheels() {
     local missing
-    missing=$("$PY" benchmarks/gpu_check.py missing-wheels benchmarks/wheels) || return 1
+    missing=$("$PY" benchmarks/gpu_check.py missing-wheels "$WHEELS") || return 1
     echo "missing: ${missing:-none}"
     [ -z "$missing" ] && return 0
     # shellcheck disable=SC2086 # one wheel path a word
     "$PY" -m pip install --no-index --no-deps --target "$SITE" $missing
   }
   export -f install_wheels
-  export PY SITE
+  export PY SITE WHEELS
   part wheels 30 "" install_wheels
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -15,6 +16,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OK_PARTS = ("env", "step_b128_lkca", "mixers", "runs", "autoaugment", "step_b1024_lkca")
 BROKEN_PARTS = ("step_b128_vit", "step_b1024_vit")
 RECIPE_STEPS = 117_100
+PROBE = "gpu_check_probe"  # a wheel no environment has: the offline install must add it
+
+
+def write_wheel(folder) -> None:
+  """A minimal pure-Python wheel: one module and its dist-info."""
+  info = f"{PROBE}-1.0.dist-info"
+  files = {
+    f"{PROBE}.py": "VALUE = 42\n",
+    f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PROBE}\nVersion: 1.0\n",
+    f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+  }
+  files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+  with zipfile.ZipFile(folder / f"{PROBE}-1.0-py3-none-any.whl", "w") as whl:
+    for name, text in files.items():
+      whl.writestr(name, text)
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +38,9 @@ def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("gpu_check")
   env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
   env["GPU_CHECK_VIT_MODELS"] = "no_such_model"
+  wheels = tmp_path_factory.mktemp("wheels")
+  write_wheel(wheels)
+  env["GPU_CHECK_WHEELS"] = str(wheels)
   result = subprocess.run(
     ["bash", "benchmarks/gpu_check.sh", "--smoke"],
     cwd=ROOT,
@@ -45,6 +64,7 @@ def test_statuses_failed_parts_contained(smoke):
   parts = summary["parts"]
   assert summary["mode"] == "smoke"
   assert list(parts) == [
+    "wheels",
     "env",
     "step_b128_lkca",
     "mixers",
@@ -54,10 +74,10 @@ def test_statuses_failed_parts_contained(smoke):
     "step_b1024_lkca",  # after a failed part: still ran
     "step_b1024_vit",
   ]
-  for name in OK_PARTS:
+  for name in ("wheels", *OK_PARTS):
     assert parts[name]["status"] == "ok", (name, parts[name])
     assert parts[name]["rc"] == 0 and parts[name]["seconds"] > 0
-    assert os.path.isfile(parts[name]["json"]), name
+    assert name == "wheels" or os.path.isfile(parts[name]["json"]), name
   for name in BROKEN_PARTS:
     assert parts[name]["status"] == "failed" and parts[name]["rc"] != 0
     # bench_step's own message, the last line of the part's log.
@@ -138,6 +158,8 @@ def test_runs_mixers_autoaugment_env(smoke):
   env = parts["env"]["env"]
   assert env["backend"] == "cpu" and env["devices"] and env["jax"]
   assert not env["imports"]["ml_collections"].startswith("MISSING")
+  # Installed offline (pip --no-index --no-deps --target) and on the parts' PYTHONPATH.
+  assert env["wheels"] == {PROBE: "1.0"}
 
 
 def test_missing_wheels_lists_only_uninstalled(tmp_path):
