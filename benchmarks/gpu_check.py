@@ -29,7 +29,8 @@ PROJECTED = ("lkca_t", "lkca_b")
 # The order the driver runs its parts in (the summary lists them in this order).
 PARTS = (
   "env",
-  "step_b128_lkca",
+  "step_b128_lkca_t",
+  "step_b128_lkca_b",
   "mixers",
   "runs",
   "autoaugment",
@@ -172,6 +173,9 @@ def read_parts(folder: str) -> dict:
   except OSError:
     rows = []
   for name, rc, seconds, log, out in rows:
+    if rc == "skipped":  # the overall budget was spent before this part
+      parts[name] = {"status": "skipped", "log": log, "error": last_line(log)}
+      continue
     rc = int(rc)
     status = "ok" if rc == 0 else "timeout" if rc in (124, 137) else "failed"
     part = {"status": status, "rc": rc, "seconds": float(seconds), "log": log}
@@ -317,17 +321,23 @@ def summarize(folder: str, mode: str) -> dict:
 def format_summary(s: dict) -> str:
   lines = [f"== gpu_check summary ({s['mode']}) =="]
   for name, p in s["parts"].items():
-    extra = f"  {p['error']}" if p.get("error") else ""
+    extra = f"  {p['error'][:100]}" if p.get("error") else ""
     secs = f"{p['seconds']:6.1f}s" if "seconds" in p else "      -"
-    lines.append(f"  {name:<16}{p['status']:<8}{secs}{extra}")
+    lines.append(f"  {name:<18}{p['status']:<9}{secs}{extra}")
   if s["step"]:
-    lines.append(f"  {'model':<8}{'dtype':<10}{'batch':>6}{'fixed img/s':>13}{'pipe img/s':>12}")
+    lines.append(
+      f"  {'part':<18}{'model':<8}{'dtype':<10}{'batch':>6}{'fixed img/s':>13}{'pipe img/s':>12}"
+    )
     for r in s["step"]:
       lines.append(
-        f"  {r['model']:<8}{r['dtype']:<10}{r['batch']:>6}"
+        f"  {r['part']:<18}{r['model']:<8}{r['dtype']:<10}{r['batch']:>6}"
         f"{r['fixed_images_per_second']:>13.0f}{r['pipeline_images_per_second']:>12.0f}"
       )
   p = s["projection"]
+  if s["mode"] == "smoke" and p["models"]:
+    lines.append(
+      "  (smoke: tiny models at batch 16; the projection below only checks the arithmetic)"
+    )
   for model, m in p["models"].items():
     lines.append(
       f"  projected {model}: {m['best_minutes']:.1f} min for {p['steps']:,} steps "

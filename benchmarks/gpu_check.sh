@@ -6,11 +6,15 @@
 #
 # Results (one JSON per part, logs/, parts.tsv, summary.json) go to DIR, else $OUT, else
 # bench_results/gpu_check. Every part runs under its own `timeout`; a part that fails or
-# times out is recorded as such in summary.json and the rest still run. The full run's
-# timeouts add up to 7 min 50 s (7 min 20 s without wheels to install). --smoke: every part with tiny settings, on the CPU too.
+# times out is recorded as such in summary.json and the rest still run. The whole run
+# stays within GPU_CHECK_BUDGET_S (default 450 s, then the summary, well inside 8 min):
+# each part gets at most what is left, and parts with under 10 s left are recorded as
+# skipped. The most wanted parts run first. --smoke: every part with tiny settings
+# (about a minute on 2 CPU cores).
 #
 # Environment:
 #   PYTHON                the interpreter (default: python, else python3)
+#   GPU_CHECK_BUDGET_S    the whole run's limit in seconds (default 450; --smoke 240)
 #   GPU_CHECK_WHEELS      the offline wheels folder (default benchmarks/wheels)
 #   GPU_CHECK_VIT_MODELS  the models of the two ViT parts (default vit_1m,vit; --smoke
 #                         vit_1m); the test passes an unknown one to check that failing
@@ -59,6 +63,9 @@ mkdir -p "$OUT_DIR/logs" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 : > "$OUT_DIR/parts.tsv"
 export TF_CPP_MIN_LOG_LEVEL=2
+BEGIN=$(date +%s)
+# The whole run's limit; the parts' own timeouts add up to more.
+BUDGET="${GPU_CHECK_BUDGET_S:-$([ "$SMOKE" = 1 ] && echo 240 || echo 450)}"
 # One compilation cache for all parts, outside $OUT (it need not come back): the K-runs
 # part compiles K identical single-run steps, and the parts share programs.
 JAX_CACHE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_jax_cache.XXXXXX")"
@@ -72,7 +79,16 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 part() {
   local name="$1" limit="$2" json="$3"
   shift 3
-  local log="$OUT_DIR/logs/$name.log" start ms rc
+  local log="$OUT_DIR/logs/$name.log" start ms rc left
+  # Never past the overall budget: a part gets what is left of it, or is skipped.
+  left=$((BUDGET - $(date +%s) + BEGIN))
+  if [ "$left" -lt 10 ]; then
+    echo "skipped: ${BUDGET}s budget spent" > "$log"
+    printf '%s\tskipped\t0\t%s\t%s\n' "$name" "$log" "$json" >> "$OUT_DIR/parts.tsv"
+    echo "--- $name: skipped, budget spent"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "--- $name (timeout ${limit}s): $*"
   start=$(date +%s%N)
   # bash -c: so the shell functions below (exported) run under timeout too.
@@ -114,9 +130,13 @@ MIXERS="$PY -m lkca_jax.tools.bench_mixers"
 O="$OUT_DIR"
 part env 30 "$O/env.json" env_part
 if [ "$SMOKE" = 1 ]; then
-  # Tiny: bench_step's --smoke (width 32, depth 1, batch 16, 2 steps), one dtype a part.
-  part step_b128_lkca 90 "$O/step_b128_lkca.json" $STEP --smoke --models lkca_t,lkca_b \
-    --dtype float32 --out "$O/step_b128_lkca.json"
+  # Tiny: bench_step's --smoke (width 32, depth 1, batch 16 whatever --batch says, 2
+  # steps), one dtype a part. Repeated cases hit the compilation cache (smoke lkca_t and
+  # lkca_b are one program), so the whole run takes about a minute on 2 cores.
+  part step_b128_lkca_t 90 "$O/step_b128_lkca_t.json" $STEP --smoke --models lkca_t \
+    --dtype float32 --out "$O/step_b128_lkca_t.json"
+  part step_b128_lkca_b 60 "$O/step_b128_lkca_b.json" $STEP --smoke --models lkca_b \
+    --dtype float32 --out "$O/step_b128_lkca_b.json"
   part mixers 60 "$O/mixers.json" $MIXERS --cases lkca-attention,lkca-conv --shapes 8x8 \
     --repeats 2 --max_seconds 0.05 --out "$O/mixers.json"
   part runs 90 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
@@ -125,31 +145,33 @@ if [ "$SMOKE" = 1 ]; then
     --batch 4 --steps 2 --out "$O/autoaugment.json"
   part step_b128_vit 60 "$O/step_b128_vit.json" $STEP --smoke --models "$VITS" \
     --dtype bfloat16 --out "$O/step_b128_vit.json"
-  # --smoke's batch is 16 whatever --batch says: these repeat cases compiled above, which
-  # the compilation cache makes cheap (smoke lkca_t and lkca_b are one program).
-  part step_b1024_lkca 60 "$O/step_b1024_lkca.json" $STEP --smoke --models lkca_b \
+  part step_b1024_lkca 60 "$O/step_b1024_lkca.json" $STEP --smoke --models lkca_t,lkca_b \
     --dtype float32 --out "$O/step_b1024_lkca.json"
   part step_b1024_vit 60 "$O/step_b1024_vit.json" $STEP --smoke --models "$VITS" \
     --dtype bfloat16 --out "$O/step_b1024_vit.json"
 else
-  # Most wanted first: lkca_t/lkca_b at the recipe's batch (the projection), the view
-  # choice, K runs, AutoAugment; the ViTs and batch 1024 last.
+  # Most wanted first: lkca_t, then lkca_b, at the recipe's batch (the projection; one
+  # process each, so a slow compile of one cannot lose the other), the view choice, K
+  # runs, AutoAugment; the ViTs and batch 1024 last, cut short by the overall budget.
   DT=float32,bfloat16
-  part step_b128_lkca 90 "$O/step_b128_lkca.json" $STEP --models lkca_t,lkca_b --batch 128 \
-    --dtype $DT --steps 20 --out "$O/step_b128_lkca.json"
-  part mixers 40 "$O/mixers.json" $MIXERS \
+  part step_b128_lkca_t 120 "$O/step_b128_lkca_t.json" $STEP --models lkca_t --batch 128 \
+    --dtype $DT --steps 20 --out "$O/step_b128_lkca_t.json"
+  part step_b128_lkca_b 90 "$O/step_b128_lkca_b.json" $STEP --models lkca_b --batch 128 \
+    --dtype $DT --steps 20 --out "$O/step_b128_lkca_b.json"
+  part mixers 45 "$O/mixers.json" $MIXERS \
     --cases mhsa,lkca-attention,lkca-conv,mix-attention,mix-conv --shapes 8x8,16x16 \
     --repeats 15 --max_seconds 1 --out "$O/mixers.json"
-  # The recipe's dtype (configs/default.py: float32): 9 compiled steps already.
-  part runs 80 "$O/runs.json" $STEP --models lkca_t --batch 128 --runs 8 \
+  # The recipe's dtype (configs/default.py: float32); the 8 single runs are one program,
+  # compiled once (and already by step_b128_lkca_t) thanks to the cache.
+  part runs 90 "$O/runs.json" $STEP --models lkca_t --batch 128 --runs 8 \
     --dtype float32 --steps 10 --out "$O/runs.json"
   part autoaugment 30 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 128 --steps 20 --out "$O/autoaugment.json"
-  part step_b128_vit 60 "$O/step_b128_vit.json" $STEP --models "$VITS" --batch 128 \
+  part step_b128_vit 75 "$O/step_b128_vit.json" $STEP --models "$VITS" --batch 128 \
     --dtype $DT --steps 20 --out "$O/step_b128_vit.json"
-  part step_b1024_lkca 60 "$O/step_b1024_lkca.json" $STEP --models lkca_t,lkca_b \
+  part step_b1024_lkca 75 "$O/step_b1024_lkca.json" $STEP --models lkca_t,lkca_b \
     --batch 1024 --dtype $DT --steps 10 --out "$O/step_b1024_lkca.json"
-  part step_b1024_vit 50 "$O/step_b1024_vit.json" $STEP --models "$VITS" --batch 1024 \
+  part step_b1024_vit 60 "$O/step_b1024_vit.json" $STEP --models "$VITS" --batch 1024 \
     --dtype $DT --steps 10 --out "$O/step_b1024_vit.json"
 fi
 

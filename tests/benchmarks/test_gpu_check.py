@@ -8,12 +8,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OK_PARTS = ("env", "step_b128_lkca", "mixers", "runs", "autoaugment", "step_b1024_lkca")
+OK_PARTS = (
+  "env",
+  "step_b128_lkca_t",
+  "step_b128_lkca_b",
+  "mixers",
+  "runs",
+  "autoaugment",
+  "step_b1024_lkca",
+)
 BROKEN_PARTS = ("step_b128_vit", "step_b1024_vit")
 RECIPE_STEPS = 117_100
 PROBE = "gpu_check_probe"  # a wheel no environment has: the offline install must add it
@@ -66,7 +75,8 @@ def test_statuses_failed_parts_contained(smoke):
   assert list(parts) == [
     "wheels",
     "env",
-    "step_b128_lkca",
+    "step_b128_lkca_t",
+    "step_b128_lkca_b",
     "mixers",
     "runs",
     "autoaugment",
@@ -90,8 +100,9 @@ def test_statuses_failed_parts_contained(smoke):
 def test_images_per_second_match_bench_step_json(smoke):
   _, summary, _ = smoke
   expected = {
-    "step_b128_lkca": {("lkca_t", "float32"), ("lkca_b", "float32")},
-    "step_b1024_lkca": {("lkca_b", "float32")},
+    "step_b128_lkca_t": {("lkca_t", "float32")},
+    "step_b128_lkca_b": {("lkca_b", "float32")},
+    "step_b1024_lkca": {("lkca_t", "float32"), ("lkca_b", "float32")},
   }
   for part, cases in expected.items():
     results = load(summary["parts"][part]["json"])
@@ -113,13 +124,13 @@ def test_images_per_second_match_bench_step_json(smoke):
 
 def test_projection_from_bench_step_ms(smoke):
   _, summary, _ = smoke
-  results = load(summary["parts"]["step_b128_lkca"]["json"])
   projection = summary["projection"]
   assert projection["steps"] == RECIPE_STEPS
   assert set(projection["models"]) == {"lkca_t", "lkca_b"}
-  for r in results["results"]:
+  for name in ("lkca_t", "lkca_b"):
+    (r,) = load(summary["parts"][f"step_b128_{name}"]["json"])["results"]
     ms = r["pipeline"]["median_ms"]  # augmentation included
-    model = projection["models"][r["model"]]
+    model = projection["models"][name]
     entry = model["by_dtype"][r["dtype"]]
     assert entry["ms_per_step"] == ms
     assert entry["minutes"] == pytest.approx(ms * RECIPE_STEPS / 60_000)
@@ -174,3 +185,30 @@ def test_missing_wheels_lists_only_uninstalled(tmp_path):
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == [str(tmp_path / "no_such_dist-1.0-py3-none-any.whl")]
+
+
+def test_budget_cuts_the_run_short(tmp_path):
+  # 12 s: enough for the env part, never for all eight bench processes.
+  env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+  env["GPU_CHECK_BUDGET_S"] = "12"
+  start = time.perf_counter()
+  result = subprocess.run(
+    ["bash", "benchmarks/gpu_check.sh", "--smoke"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  seconds = time.perf_counter() - start
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  parts = load(tmp_path / "summary.json")["parts"]
+  assert parts["env"]["status"] == "ok"
+  assert parts["step_b1024_vit"] == {
+    "status": "skipped",
+    "log": str(tmp_path / "logs" / "step_b1024_vit.log"),
+    "error": "skipped: 12s budget spent",
+  }
+  assert {p["status"] for p in parts.values()} <= {"ok", "timeout", "skipped"}
+  assert sum(p.get("seconds", 0) for p in parts.values()) <= 12 + 5  # + timeout's kill grace
+  assert seconds < 40  # the budget, then the summary
