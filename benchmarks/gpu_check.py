@@ -383,7 +383,8 @@ def main(argv=None) -> int:
     env = environment(args.wheels)
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(env, f, indent=2)
-    print(json.dumps(env, indent=1))
+    for key, value in env.items():  # one line each: the driver shows the log's tail
+      print(f"{key}: {json.dumps(value)}")
   elif args.command == "autoaugment":
     results = time_autoaugment(args.batch, args.steps)
     with open(args.out, "w", encoding="utf-8") as f:
