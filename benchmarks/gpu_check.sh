@@ -68,10 +68,17 @@ BEGIN=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET_S:-$([ "$SMOKE" = 1 ] && echo 240 || echo 450)}"
 # One compilation cache for all parts, outside $OUT (it need not come back): the K-runs
 # part compiles K identical single-run steps, and the parts share programs.
-JAX_CACHE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_jax_cache.XXXXXX")"
+# A cache the caller names (the test suite's) is used and kept.
 SITE=""
-trap 'rm -rf "$JAX_CACHE" ${SITE:+"$SITE"}' EXIT
-export JAX_COMPILATION_CACHE_DIR="$JAX_CACHE" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+if [ -n "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  JAX_CACHE=""
+  trap 'rm -rf ${SITE:+"$SITE"}' EXIT
+else
+  JAX_CACHE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_jax_cache.XXXXXX")"
+  trap 'rm -rf "$JAX_CACHE" ${SITE:+"$SITE"}' EXIT
+  export JAX_COMPILATION_CACHE_DIR="$JAX_CACHE"
+fi
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
 # part NAME TIMEOUT_S JSON_OUT COMMAND...: runs it, logs it, records rc and seconds; never

@@ -115,22 +115,25 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
   assert f"top1 {summary['best_top1']:.4f}" in result.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_run_resumes_to_identical_parameters(uninterrupted, tmp_path, sig):
+def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterrupted, tmp_path):
+  """One lineage, both signals: stopped by SIGTERM after step 50, resumed, killed after
+  step 100, resumed to the end; the parameters end where the uninterrupted run's did."""
   workdir = str(tmp_path)
-  proc = subprocess.Popen(
-    main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  wait_for_checkpoint(proc, workdir, 50)
-  proc.send_signal(sig)
-  out, err = proc.communicate(timeout=120)
-  stopped_at, _ = final_params(workdir)
-  assert stopped_at < STEPS, "the run finished before the signal: nothing was interrupted"
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, err[-3000:]
-    assert f"stopped by SIGTERM at step {stopped_at}" in out
-  else:
-    assert proc.returncode == -signal.SIGKILL
+  for sig, checkpoint in [(signal.SIGTERM, 50), (signal.SIGKILL, 100)]:
+    proc = subprocess.Popen(
+      main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_checkpoint(proc, workdir, checkpoint)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    stopped_at, _ = final_params(workdir)
+    assert stopped_at < STEPS, "the run finished before the signal: nothing was interrupted"
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, err[-3000:]
+      assert f"stopped by SIGTERM at step {stopped_at}" in out
+    else:
+      assert proc.returncode == -signal.SIGKILL
+      assert "resumed from" in err
   resumed = run_main(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
@@ -163,24 +166,27 @@ def test_three_runs_write_per_run_summary_and_eval_mode_evaluates_each(uninterru
     assert f"run {r['run']} (seed {r['seed']}): top1 {r['final_top1']:.4f}" in evaluated.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_three_runs_resume_after_a_signal_to_identical_parameters(
-  uninterrupted_runs, tmp_path, sig
+def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(
+  uninterrupted_runs, tmp_path
 ):
+  """One lineage, both signals: stopped by SIGTERM after step 25, resumed, killed after
+  step 50, resumed to the end; the stacked state ends where the uninterrupted runs did."""
   workdir = str(tmp_path)
-  proc = subprocess.Popen(
-    main_cmd(workdir, *RUNS), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  wait_for_checkpoint(proc, workdir, 25)
-  proc.send_signal(sig)
-  out, err = proc.communicate(timeout=120)
-  stopped_at, _ = final_params(workdir)
-  assert stopped_at < 75, "the runs finished before the signal: nothing was interrupted"
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, err[-3000:]
-    assert f"stopped by SIGTERM at step {stopped_at}" in out
-  else:
-    assert proc.returncode == -signal.SIGKILL
+  for sig, checkpoint in [(signal.SIGTERM, 25), (signal.SIGKILL, 50)]:
+    proc = subprocess.Popen(
+      main_cmd(workdir, *RUNS), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_checkpoint(proc, workdir, checkpoint)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    stopped_at, _ = final_params(workdir)
+    assert stopped_at < 75, "the runs finished before the signal: nothing was interrupted"
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, err[-3000:]
+      assert f"stopped by SIGTERM at step {stopped_at}" in out
+    else:
+      assert proc.returncode == -signal.SIGKILL
+      assert "resumed from" in err
   resumed = run_main(workdir, *RUNS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
