@@ -1,7 +1,7 @@
 """lkca_jax's train step against the plain PyTorch port, alternated A B B A on one machine.
 
     python benchmarks/compare_torch.py [--models lkca_b,vit,lkca_t,vit_1m] [--batch 128]
-        [--steps 20] [--repeats 1] [--torch_python /work/torchvenv/bin/python]
+        [--steps 20] [--repeats 1] [--fast_cpu] [--torch_python /work/torchvenv/bin/python]
         [--torch_script ../shared/bench/torch_reference_step.py]
         [--out bench_results/compare_torch.json]
 
@@ -34,8 +34,9 @@ def load() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def run_jax(models, batch, steps) -> dict:
+def run_jax(models, batch, steps, *, fast_cpu: bool = False) -> dict:
   """{model: images/s} of one bench_step run (float32, fixed batch)."""
+  env = dict(os.environ, LKCA_JAX_FAST_CPU="1" if fast_cpu else "0")
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench_step.json")
     subprocess.run(
@@ -52,6 +53,7 @@ def run_jax(models, batch, steps) -> dict:
       cwd=ROOT,
       check=True,
       stdout=subprocess.DEVNULL,
+      env=env,
     )
     with open(out) as f:
       results = json.load(f)["results"]
@@ -90,14 +92,22 @@ def main():
     default=os.path.join(os.path.dirname(ROOT), "shared", "bench", "torch_reference_step.py"),
   )
   parser.add_argument("--out", default="bench_results/compare_torch.json")
+  parser.add_argument(
+    "--fast_cpu",
+    action="store_true",
+    help="also time lkca_jax with LKCA_JAX_FAST_CPU=1 (lkca_jax/xla_flags.py): A C B B C A",
+  )
   args = parser.parse_args()
   models = args.models.split(",")
+  sides = ("jax", "jax_fast_cpu", "torch", "torch", "jax_fast_cpu", "jax")
+  if not args.fast_cpu:
+    sides = ("jax", "torch", "torch", "jax")
   runs = []
   for _ in range(args.repeats):
-    for side in ("jax", "torch", "torch", "jax"):
+    for side in sides:
       before, start = load(), time.time()
-      if side == "jax":
-        ips = run_jax(models, args.batch, args.steps)
+      if side.startswith("jax"):
+        ips = run_jax(models, args.batch, args.steps, fast_cpu=side == "jax_fast_cpu")
       else:
         ips = run_torch(args.torch_python, args.torch_script, models, args.batch, args.steps)
       runs.append(
@@ -110,18 +120,30 @@ def main():
         }
       )
       print(
-        f"{side:<6} load {before:5.2f} -> {runs[-1]['load_after']:5.2f}  "
+        f"{side:<13} load {before:5.2f} -> {runs[-1]['load_after']:5.2f}  "
         + "  ".join(f"{m} {ips[m]:.1f}" for m in models),
         flush=True,
       )
   summary = {}
+  jax_sides = [side for side in dict.fromkeys(sides) if side != "torch"]
   print(f"\nmedian images/s over runs, batch {args.batch}, float32 (ratio > 1: JAX faster)")
-  print(f"{'model':<10}{'jax':>10}{'torch':>10}{'ratio':>8}")
+  print(f"{'model':<10}{'torch':>10}" + "".join(f"{side:>14}{'ratio':>8}" for side in jax_sides))
   for m in models:
-    jax_ips = statistics.median(r["images_per_second"][m] for r in runs if r["side"] == "jax")
-    torch_ips = statistics.median(r["images_per_second"][m] for r in runs if r["side"] == "torch")
-    summary[m] = {"jax": jax_ips, "torch": torch_ips, "ratio": jax_ips / torch_ips}
-    print(f"{m:<10}{jax_ips:>10.1f}{torch_ips:>10.1f}{jax_ips / torch_ips:>8.2f}")
+
+    def median(side, m=m):
+      return statistics.median(r["images_per_second"][m] for r in runs if r["side"] == side)
+
+    torch_ips = median("torch")
+    summary[m] = {"torch": torch_ips}
+    row = f"{m:<10}{torch_ips:>10.1f}"
+    for side in jax_sides:
+      ips = median(side)
+      summary[m][side] = ips
+      summary[m]["ratio" if side == "jax" else f"ratio_{side.removeprefix('jax_')}"] = (
+        ips / torch_ips
+      )
+      row += f"{ips:>14.1f}{ips / torch_ips:>8.2f}"
+    print(row)
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
