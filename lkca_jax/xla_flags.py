@@ -3,7 +3,7 @@
 LKCA_JAX_FAST_CPU=1 adds `--xla_cpu_experimental_ynn_fusion_type=dot`, which
 hands XLA:CPU's matrix products, with the element-wise work around them, to
 the YNNPACK library. On the 2-core x86 development CPU it makes the whole
-float32 train step 10-20 % faster (README, "Speed"). It is off by default
+float32 train step 11-14 % faster (README, "Speed"). It is off by default
 because it breaks a guarantee: with it, a run trained among several
 (`num_runs`, `sweep`) is no longer the single run of its seed to 1e-5 (the
 vmapped products are fused differently from the single run's; after the short

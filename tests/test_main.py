@@ -115,29 +115,34 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
   assert f"top1 {summary['best_top1']:.4f}" in result.stdout
 
 
-def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterrupted, tmp_path):
-  """One lineage, both signals: stopped by SIGTERM after step 50, resumed, killed after
-  step 100, resumed to the end; the parameters end where the uninterrupted run's did."""
-  workdir = str(tmp_path)
-  for sig, checkpoint in [(signal.SIGTERM, 50), (signal.SIGKILL, 100)]:
+def interrupt_twice_then_finish(workdir, extra, checkpoints, total_steps):
+  """SIGTERM once checkpoint `checkpoints[0]` exists, resume, SIGKILL once `checkpoints[1]`
+  exists, then resume to the end; returns (final step, final parameters)."""
+  for sig, checkpoint in zip([signal.SIGTERM, signal.SIGKILL], checkpoints, strict=True):
     proc = subprocess.Popen(
-      main_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      main_cmd(workdir, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     wait_for_checkpoint(proc, workdir, checkpoint)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     stopped_at, _ = final_params(workdir)
-    assert stopped_at < STEPS, "the run finished before the signal: nothing was interrupted"
+    assert stopped_at < total_steps, "the run finished before the signal: nothing was interrupted"
     if sig == signal.SIGTERM:
       assert proc.returncode == 0, err[-3000:]
       assert f"stopped by SIGTERM at step {stopped_at}" in out
     else:
       assert proc.returncode == -signal.SIGKILL
       assert "resumed from" in err
-  resumed = run_main(workdir)
+  resumed = run_main(workdir, *extra)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
-  step, params = final_params(workdir)
+  return final_params(workdir)
+
+
+def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterrupted, tmp_path):
+  """One lineage, both signals: stopped by SIGTERM after step 50, resumed, killed after
+  step 100, resumed to the end; the parameters end where the uninterrupted run's did."""
+  step, params = interrupt_twice_then_finish(str(tmp_path), [], (50, 100), STEPS)
   full_step, full_params = final_params(uninterrupted[0])
   assert step == full_step == STEPS
   assert_same_params(params, full_params)
@@ -171,26 +176,7 @@ def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(
 ):
   """One lineage, both signals: stopped by SIGTERM after step 25, resumed, killed after
   step 50, resumed to the end; the stacked state ends where the uninterrupted runs did."""
-  workdir = str(tmp_path)
-  for sig, checkpoint in [(signal.SIGTERM, 25), (signal.SIGKILL, 50)]:
-    proc = subprocess.Popen(
-      main_cmd(workdir, *RUNS), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    wait_for_checkpoint(proc, workdir, checkpoint)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    stopped_at, _ = final_params(workdir)
-    assert stopped_at < 75, "the runs finished before the signal: nothing was interrupted"
-    if sig == signal.SIGTERM:
-      assert proc.returncode == 0, err[-3000:]
-      assert f"stopped by SIGTERM at step {stopped_at}" in out
-    else:
-      assert proc.returncode == -signal.SIGKILL
-      assert "resumed from" in err
-  resumed = run_main(workdir, *RUNS)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from" in resumed.stderr
-  step, params = final_params(workdir)
+  step, params = interrupt_twice_then_finish(str(tmp_path), RUNS, (25, 50), 75)
   full_step, full_params = final_params(uninterrupted_runs[0])
   assert step == full_step == 75
   assert all(x.shape[0] == 3 for x in jax_leaves(params))  # the run axis
