@@ -188,9 +188,9 @@ def test_missing_wheels_lists_only_uninstalled(tmp_path):
 
 
 def test_budget_cuts_the_run_short(tmp_path):
-  # 12 s: enough for the env part, never for all eight bench processes.
+  # 20 s: enough for the env part even on a loaded machine, never for all eight bench processes.
   env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-  env["GPU_CHECK_BUDGET_S"] = "12"
+  env["GPU_CHECK_BUDGET_S"] = "20"
   start = time.perf_counter()
   result = subprocess.run(
     ["bash", "benchmarks/gpu_check.sh", "--smoke"],
@@ -207,8 +207,8 @@ def test_budget_cuts_the_run_short(tmp_path):
   assert parts["step_b1024_vit"] == {
     "status": "skipped",
     "log": str(tmp_path / "logs" / "step_b1024_vit.log"),
-    "error": "skipped: 12s budget spent",
+    "error": "skipped: 20s budget spent",
   }
   assert {p["status"] for p in parts.values()} <= {"ok", "timeout", "skipped"}
-  assert sum(p.get("seconds", 0) for p in parts.values()) <= 12 + 5  # + timeout's kill grace
-  assert seconds < 40  # the budget, then the summary
+  assert sum(p.get("seconds", 0) for p in parts.values()) <= 20 + 5  # + timeout's kill grace
+  assert seconds < 60  # the budget, then the summary

@@ -358,7 +358,7 @@ def test_prepare_command_unreachable_download_is_one_line_exit_2(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: dataset cifar10 cannot be downloaded")
   assert_offline_hint(lines[0], "cifar10")
-  assert seconds < 20  # interpreter and TFDS start included
+  assert seconds < 30  # interpreter and TFDS start included, on a loaded machine too
 
 
 def test_prepare_command_offline_from_the_manual_dir(tmp_path):
