@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,9 +48,48 @@ class MHSA(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, _ = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * self.head_dim**-0.5
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
-    return self.out_proj(out.reshape(b, n, -1))
+    h, d = self.num_heads, self.head_dim
+    # (B, N, 3, H, d) → (3, B·H, N, d): one batch axis for the core's products.
+    qkv = self.qkv(x).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4).reshape(3, b * h, n, d)
+    out = attend(qkv[0], qkv[1], qkv[2], d**-0.5)
+    return self.out_proj(out.reshape(b, h, n, d).transpose(0, 2, 1, 3).reshape(b, n, h * d))
+
+
+def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0,), (0,))))
+
+
+def _attend_forward(q, k, v, scale):
+  logits = _batched_dot(q, k, 2, 2) * jnp.asarray(scale, q.dtype)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return _batched_dot(weights, v, 2, 1), (q, k, v, weights)
+
+
+def _attend_backward(scale, residuals, d_out):
+  q, k, v, weights = residuals
+  d_weights = _batched_dot(d_out, v, 2, 2).astype(jnp.float32)
+  w = weights.astype(jnp.float32)
+  d_logits = w * (d_weights - jnp.sum(d_weights * w, axis=-1, keepdims=True))
+  d_logits = (d_logits * scale).astype(q.dtype)
+  # XLA:CPU folds a transposed operand into the product and then runs it as a slow
+  # strided loop; the barriers keep the small (N, d) transposes as copies, so all
+  # four products are plain row-major ones (vit step, 2-core CPU: about −35 % in the core).
+  barrier = jax.lax.optimization_barrier
+  d_q = _batched_dot(d_logits, k, 2, 1)
+  d_k = barrier(_batched_dot(barrier(jnp.swapaxes(q, 1, 2)), d_logits, 2, 1))
+  d_v = barrier(_batched_dot(barrier(jnp.swapaxes(d_out, 1, 2)), weights, 2, 1))
+  return d_q, jnp.swapaxes(d_k, 1, 2), jnp.swapaxes(d_v, 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """softmax(q·kᵀ·scale)·v over (B, N, d) arrays, the softmax in float32.
+
+  Its gradient is written out by hand (`_attend_backward`) only to choose how
+  XLA lays out the products; it is the gradient autodiff gives, to round-off
+  (tests/layers/test_mhsa.py).
+  """
+  return _attend_forward(q, k, v, scale)[0]
+
+
+attend.defvjp(_attend_forward, _attend_backward)
