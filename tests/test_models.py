@@ -159,6 +159,32 @@ def test_layer_norm_epsilon_is_1e_minus_5_numerically():
   assert abs(out[0, 0] - a / np.sqrt(a * a + 1e-6)) > 0.1  # eps 1e-6 would give 0.707
 
 
+def test_layer_norm_matches_float64_even_far_from_zero():
+  """Two-pass statistics: a large common offset costs no precision (E[x²] − E[x]² would)."""
+  rng = np.random.default_rng(0)
+  norm = layer_norm(48, rngs=nnx.Rngs(0))
+  norm.scale[...] = jnp.asarray(rng.normal(size=48), jnp.float32)
+  norm.bias[...] = jnp.asarray(rng.normal(size=48), jnp.float32)
+  for offset in (0.0, 300.0):
+    x = (offset + rng.normal(size=(4, 5, 48))).astype(np.float32)
+    x64 = x.astype(np.float64)
+    normalised = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    expected = normalised * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+    out = np.asarray(norm(jnp.asarray(x)))
+    assert out.dtype == np.float32 and out.shape == x.shape
+    np.testing.assert_allclose(out, expected, atol=2e-4 if offset else 1e-5)
+
+
+def test_layer_norm_in_bfloat16_returns_bfloat16():
+  norm = layer_norm(16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 16)), jnp.bfloat16)
+  out = norm(x)
+  assert out.dtype == jnp.bfloat16 and norm.scale[...].dtype == jnp.float32
+  x32 = np.asarray(x, np.float32)
+  expected = (x32 - x32.mean(-1, keepdims=True)) / np.sqrt(x32.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2)
+
+
 # --- stochastic depth -------------------------------------------------------------------
 
 

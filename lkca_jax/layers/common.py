@@ -30,8 +30,29 @@ def linear(
   )
 
 
-def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=dtype, rngs=rngs)
+class LayerNorm(nnx.LayerNorm):
+  """`nnx.LayerNorm` over the last axis, its parameters and init unchanged, its arithmetic
+  written out: mean, then the variance of the centred values (two passes, as PyTorch).
+
+  Flax's version computes E[x²] − E[x]² and clips it at zero; its gradient is a longer
+  chain that XLA:CPU fuses less well (lkca_b train step, 2-core CPU: about 4 % faster
+  this way). Statistics are in float32 at least, the output in the module's dtype.
+  """
+
+  def __call__(self, x: jax.Array, *, mask=None) -> jax.Array:
+    if mask is not None:
+      raise ValueError("lkca_jax's LayerNorm takes no mask; normalise every token")
+    out_dtype = self.dtype or x.dtype
+    stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    centered = stats - jnp.mean(stats, axis=-1, keepdims=True)
+    variance = jnp.mean(centered * centered, axis=-1, keepdims=True)
+    y = centered * jax.lax.rsqrt(variance + self.epsilon)
+    y = y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
+    return y.astype(out_dtype)
+
+
+def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> LayerNorm:
+  return LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=dtype, rngs=rngs)
 
 
 class DropPath(nnx.Dropout):
