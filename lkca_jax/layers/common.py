@@ -7,6 +7,8 @@ truncated) weights and zero biases, and uses LayerNorm with epsilon 1e-5
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,23 +34,69 @@ def linear(
 
 class LayerNorm(nnx.LayerNorm):
   """`nnx.LayerNorm` over the last axis, its parameters and init unchanged, its arithmetic
-  written out: mean, then the variance of the centred values (two passes, as PyTorch).
-
-  Flax's version computes E[x²] − E[x]² and clips it at zero; its gradient is a longer
-  chain that XLA:CPU fuses less well (lkca_b train step, 2-core CPU: about 4 % faster
-  this way). Statistics are in float32 at least, the output in the module's dtype.
-  """
+  and gradient written out in `normalize` (statistics in float32 at least, the output in
+  the module's dtype)."""
 
   def __call__(self, x: jax.Array, *, mask=None) -> jax.Array:
     if mask is not None:
       raise ValueError("lkca_jax's LayerNorm takes no mask; normalise every token")
-    out_dtype = self.dtype or x.dtype
-    stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    centered = stats - jnp.mean(stats, axis=-1, keepdims=True)
-    variance = jnp.mean(centered * centered, axis=-1, keepdims=True)
-    y = centered * jax.lax.rsqrt(variance + self.epsilon)
-    y = y * self.scale[...].astype(y.dtype) + self.bias[...].astype(y.dtype)
-    return y.astype(out_dtype)
+    y = normalize(
+      x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+      self.scale[...],
+      self.bias[...],
+      self.epsilon,
+    )
+    return y.astype(self.dtype or x.dtype)
+
+
+def row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Sums over the last axis of same-shaped arrays, all in one reduction.
+
+  One multi-operand `lax.reduce` reads each row once, and XLA:CPU runs it as its own
+  loop; a plain sum per statistic is handed to a library kernel that needs every
+  broadcast operand written out in full first.
+  """
+  zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+  add = lambda acc, value: tuple(p + q for p, q in zip(acc, value))
+  return jax.lax.reduce(arrays, zeros, add, (arrays[0].ndim - 1,))
+
+
+def _normalize_forward(x, scale, bias, epsilon):
+  n = x.shape[-1]
+  # Shifting each row by its own first value keeps E[s²] − E[s]² exact far from zero.
+  shifted = x - x[..., :1]
+  total, squares = row_sums(shifted, shifted * shifted)
+  mean = total / n
+  inv_std = jax.lax.rsqrt(jnp.maximum(squares / n - mean * mean, 0.0) + epsilon)[..., None]
+  normed = (shifted - mean[..., None]) * inv_std
+  return normed * scale.astype(x.dtype) + bias.astype(x.dtype), (normed, inv_std, scale)
+
+
+def _normalize_backward(epsilon, residuals, d_y):
+  del epsilon
+  normed, inv_std, scale = residuals
+  n = normed.shape[-1]
+  d_normed = d_y * scale.astype(d_y.dtype)
+  total, projected = row_sums(d_normed, d_normed * normed)
+  d_x = inv_std * (d_normed - (total / n)[..., None] - normed * (projected / n)[..., None])
+  rows = tuple(range(d_y.ndim - 1))
+  d_scale = jnp.sum(d_y * normed, axis=rows).astype(scale.dtype)
+  return d_x, d_scale, jnp.sum(d_y, axis=rows).astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x − mean) / sqrt(var + epsilon) · scale + bias over the last axis of float x.
+
+  Both statistics come from one pass over each row, forward and backward (`row_sums`),
+  which on the 2-core CPU makes the whole train step 6–11 % faster than flax's
+  LayerNorm (lkca_t, lkca_b, vit). The gradient is the usual LayerNorm one, checked
+  against autodiff in tests/layers/test_common.py.
+  """
+  return _normalize_forward(x, scale, bias, epsilon)[0]
+
+
+normalize.defvjp(_normalize_forward, _normalize_backward)
 
 
 def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> LayerNorm:
