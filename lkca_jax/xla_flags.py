@@ -1,14 +1,16 @@
 """The XLA flags lkca_jax can set: this file is the one place, applied when the package is imported.
 
 LKCA_JAX_FAST_CPU=1 adds `--xla_cpu_experimental_ynn_fusion_type=dot`, which
-hands XLA:CPU's matrix products, with the element-wise work around them, to
-the YNNPACK library. On the 2-core x86 development CPU it makes the whole
-float32 train step 11-14 % faster (README, "Speed"). It is off by default
-because it breaks a guarantee: with it, a run trained among several
-(`num_runs`, `sweep`) is no longer the single run of its seed to 1e-5 (the
-vmapped products are fused differently from the single run's; after the short
-sweep test one weight of 1,024 differed by 1.8e-5). It changes nothing off
-the CPU.
+narrows what XLA:CPU (jaxlib 0.10) hands to the YNNPACK library to matrix
+products: by default it also takes reductions, and a YNNPACK reduction needs
+every broadcast operand written out in full first. Since LayerNorm computes its
+statistics with one multi-operand reduction that stays with XLA
+(layers/common.py), most of that cost is gone without the flag; what is left
+is measured in the README, "Speed". It is off by default because it breaks a
+guarantee: with it, a run trained among several (`num_runs`, `sweep`) is no
+longer reliably the single run of its seed to 1e-5: after the short sweep
+test the largest weight difference was 1.8e-5 once and 1.0e-5 with today's
+code, against 5e-6 without the flag. It changes nothing off the CPU.
 
 XLA aborts the process on a flag it does not know, and experimental flags get
 renamed, so the flags are added only for the jaxlib versions they were checked
