@@ -57,7 +57,7 @@ def row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   broadcast operand written out in full first.
   """
   zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
-  add = lambda acc, value: tuple(p + q for p, q in zip(acc, value))
+  add = lambda acc, value: tuple(p + q for p, q in zip(acc, value, strict=True))
   return jax.lax.reduce(arrays, zeros, add, (arrays[0].ndim - 1,))
 
 

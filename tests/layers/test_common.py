@@ -35,7 +35,7 @@ def test_normalize_value_and_gradient_are_autodiffs(shape):
   np.testing.assert_allclose(
     np.asarray(out), np.asarray(expected_out), atol=1e-5 * float(np.abs(expected_out).max())
   )
-  for got, expected in zip(vjp(cotangent), expected_vjp(cotangent)):
+  for got, expected in zip(vjp(cotangent), expected_vjp(cotangent), strict=True):
     assert got.shape == expected.shape and got.dtype == jnp.float32
     np.testing.assert_allclose(
       np.asarray(got), np.asarray(expected), atol=1e-5 * float(np.abs(expected).max())
@@ -69,10 +69,12 @@ def test_row_sums_sums_each_array_over_the_last_axis():
 def test_normalize_gradient_under_vmap_is_each_slices():
   x, scale, bias, _ = random_inputs((3, 5, 16), seed=2)
   loss = lambda x, s, b: jnp.sum(normalize(x, s, b, 1e-5) ** 3)
-  stacked = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(x, jnp.stack([scale] * 3), jnp.stack([bias] * 3))
+  stacked = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(
+    x, jnp.stack([scale] * 3), jnp.stack([bias] * 3)
+  )
   for run in range(3):
     alone = jax.grad(loss, argnums=(0, 1, 2))(x[run], scale, bias)
-    for got, expected in zip(stacked, alone):
+    for got, expected in zip(stacked, alone, strict=True):
       np.testing.assert_allclose(np.asarray(got[run]), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 

@@ -104,7 +104,7 @@ def test_attend_gradient_is_autodiffs(shape):
   out, vjp = jax.vjp(lambda *a: attend(*a, scale), q, k, v)
   expected_out, expected_vjp = jax.vjp(lambda *a: plain_attention(*a, scale), q, k, v)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected_out), rtol=1e-5, atol=1e-5)
-  for got, expected in zip(vjp(cotangent), expected_vjp(cotangent)):
+  for got, expected in zip(vjp(cotangent), expected_vjp(cotangent), strict=True):
     assert got.shape == shape
     # Softmax gradients shrink where one weight dominates; compare on the gradient's own scale.
     np.testing.assert_allclose(
@@ -119,7 +119,7 @@ def test_attend_gradient_under_vmap_is_each_slices():
   stacked = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   for run in range(3):
     alone = jax.grad(loss, argnums=(0, 1, 2))(q[run], k[run], v[run])
-    for got, expected in zip(stacked, alone):
+    for got, expected in zip(stacked, alone, strict=True):
       np.testing.assert_allclose(np.asarray(got[run]), np.asarray(expected), rtol=1e-6, atol=1e-6)
 
 
@@ -128,7 +128,7 @@ def test_attend_gradient_in_bfloat16_stays_bfloat16_and_close():
   loss = lambda *a: jnp.sum(attend(*a, 8**-0.5) ** 2)
   grads32 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
   grads16 = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
-  for g16, g32 in zip(grads16, grads32):
+  for g16, g32 in zip(grads16, grads32, strict=True):
     assert g16.dtype == jnp.bfloat16
     err = np.abs(np.asarray(g16, np.float32) - np.asarray(g32)).max() / np.abs(g32).max()
     assert err < 5e-2  # bf16 inputs and products (8-bit mantissa)
