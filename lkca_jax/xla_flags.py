@@ -6,11 +6,12 @@ products: by default it also takes reductions, and a YNNPACK reduction needs
 every broadcast operand written out in full first. Since LayerNorm computes its
 statistics with one multi-operand reduction that stays with XLA
 (layers/common.py), most of that cost is gone without the flag; what is left
-is measured in the README, "Speed". It is off by default because it breaks a
-guarantee: with it, a run trained among several (`num_runs`, `sweep`) is no
-longer reliably the single run of its seed to 1e-5: after the short sweep
-test the largest weight difference was 1.8e-5 once and 1.0e-5 with today's
-code, against 5e-6 without the flag. It changes nothing off the CPU.
+is measured in the README, "Speed" (nothing measurable on the 2-core CPU since
+then). It is off by default: it no longer helps, and before that change it
+loosened a guarantee, a run trained among several (`num_runs`, `sweep`) equal
+to the single run of its seed to 1e-5 (the short sweep test's largest weight
+difference was 1.8e-5 once; it is 1.9e-6 now with the flag, 2.3e-6 without).
+It changes nothing off the CPU.
 
 XLA aborts the process on a flag it does not know, and experimental flags get
 renamed, so the flags are added only for the jaxlib versions they were checked
