@@ -20,8 +20,8 @@ LAYER_NORM_EPSILON = 1e-5
 
 def linear(
   in_features: int, out_features: int, *, use_bias: bool = True, dtype=None, rngs: nnx.Rngs
-) -> nnx.Linear:
-  return nnx.Linear(
+) -> Linear:
+  return Linear(
     in_features,
     out_features,
     use_bias=use_bias,
@@ -30,6 +30,49 @@ def linear(
     dtype=dtype,
     rngs=rngs,
   )
+
+
+class Linear(nnx.Linear):
+  """`nnx.Linear` over the last axis, its parameters and init unchanged, its product and
+  gradient written out in `dense`."""
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is not None or self.preferred_element_type is not None:
+      return super().__call__(inputs, out_sharding)
+    bias = self.bias[...] if self.bias is not None else None
+    x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    y = dense(x.reshape(-1, x.shape[-1]), kernel, bias, self.precision)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _dense_forward(x, kernel, bias, precision):
+  y = jnp.dot(x, kernel, precision=precision)
+  if bias is not None:
+    y = y + bias
+  return y, (x, kernel, bias)  # bias only says whether there is one: None is static
+
+
+def _dense_backward(precision, residuals, d_y):
+  x, kernel, bias = residuals
+  d_x = jax.lax.dot_general(d_y, kernel, (((1,), (1,)), ((), ())), precision=precision)
+  # The weight gradient contracts over the rows of both operands, so one of them is
+  # copied transposed first. d_y is (nearly always) an array already written out, while
+  # XLA:CPU would recompute x's producer (a LayerNorm, a GELU) inside a strided
+  # transpose; copying d_y is what the profile favours (README, "Speed").
+  d_kernel = jnp.dot(d_y.T, x, precision=precision).T
+  d_bias = None if bias is None else jnp.sum(d_y, axis=0)
+  return d_x, d_kernel, d_bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None) -> jax.Array:
+  """x · kernel + bias for a (M, K) x, the gradient written out by hand only to choose
+  which operand of the weight gradient XLA copies transposed; it is the gradient
+  autodiff gives, to round-off (tests/layers/test_common.py)."""
+  return _dense_forward(x, kernel, bias, precision)[0]
+
+
+dense.defvjp(_dense_forward, _dense_backward)
 
 
 class LayerNorm(nnx.LayerNorm):
