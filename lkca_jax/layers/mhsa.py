@@ -47,49 +47,68 @@ class MHSA(nnx.Module):
     self.out_proj = linear(inner, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, _ = x.shape
-    h, d = self.num_heads, self.head_dim
-    # (B, N, 3, H, d) → (3, B·H, N, d): one batch axis for the core's products.
-    qkv = self.qkv(x).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4).reshape(3, b * h, n, d)
-    out = attend(qkv[0], qkv[1], qkv[2], d**-0.5)
-    return self.out_proj(out.reshape(b, h, n, d).transpose(0, 2, 1, 3).reshape(b, n, h * d))
+    return self.out_proj(attention(self.qkv(x), self.num_heads, self.head_dim**-0.5))
 
 
 def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -> jax.Array:
   return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0,), (0,))))
 
 
-def _attend_forward(q, k, v, scale):
-  logits = _batched_dot(q, k, 2, 2) * jnp.asarray(scale, q.dtype)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return _batched_dot(weights, v, 2, 1), (q, k, v, weights)
+def _heads(qkv: jax.Array, num_heads: int) -> jax.Array:
+  """(B, N, 3·H·d) → (3, B·H, N, d), in one copy."""
+  b, n, width = qkv.shape
+  d = width // (3 * num_heads)
+  return qkv.reshape(b, n, 3, num_heads, d).transpose(2, 0, 3, 1, 4).reshape(3, b * num_heads, n, d)
 
 
-def _attend_backward(scale, residuals, d_out):
-  q, k, v, weights = residuals
-  d_weights = _batched_dot(d_out, v, 2, 2).astype(jnp.float32)
-  w = weights.astype(jnp.float32)
-  d_logits = w * (d_weights - jnp.sum(d_weights * w, axis=-1, keepdims=True))
-  d_logits = (d_logits * scale).astype(q.dtype)
-  # XLA:CPU folds a transposed operand into the product and then runs it as a slow
-  # strided loop; the barriers keep the small (N, d) transposes as copies, so all
-  # four products are plain row-major ones (vit step, 2-core CPU: about −35 % in the core).
+def _attention_forward(qkv, num_heads, scale):
+  b, n, width = qkv.shape
+  q, k, v = _heads(qkv, num_heads)
+  # Scaling q rather than the logits: a scalar times the (N, N) logits reaches XLA:CPU's
+  # matrix-product fusion as a constant broadcast to their full size, written out anew.
+  q = q * jnp.asarray(scale, q.dtype)
+  weights = jax.nn.softmax(_batched_dot(q, k, 2, 2).astype(jnp.float32), axis=-1)
+  out = _batched_dot(weights.astype(v.dtype), v, 2, 1)
+  residuals = (q, k, v, weights.astype(v.dtype), out)
+  return out.reshape(b, num_heads, n, -1).transpose(0, 2, 1, 3).reshape(b, n, width // 3), residuals
+
+
+def _attention_backward(num_heads, scale, residuals, d_out):
+  q, k, v, weights, out = residuals
+  b, n, inner = d_out.shape
+  d = inner // num_heads
   barrier = jax.lax.optimization_barrier
-  d_q = _batched_dot(d_logits, k, 2, 1)
-  d_k = barrier(_batched_dot(barrier(jnp.swapaxes(q, 1, 2)), d_logits, 2, 1))
-  d_v = barrier(_batched_dot(barrier(jnp.swapaxes(d_out, 1, 2)), weights, 2, 1))
-  return d_q, jnp.swapaxes(d_k, 1, 2), jnp.swapaxes(d_v, 1, 2)
+  # d_out in the two layouts its products need: (B·H, N, d) and (B·H, d, N).
+  d_out = d_out.reshape(b, n, num_heads, d)
+  d_o = d_out.transpose(0, 2, 1, 3).reshape(b * num_heads, n, d)
+  d_o_t = barrier(d_out.transpose(0, 2, 3, 1).reshape(b * num_heads, d, n))
+  # The softmax gradient's row term Σ_m dW·W equals Σ_d dO·O: a sum over d, not over N.
+  row = jnp.sum(d_o.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_weights = _batched_dot(d_o, v, 2, 2).astype(jnp.float32)
+  d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(q.dtype)
+  # XLA:CPU folds a transposed operand into a product and then runs it as a slow strided
+  # loop; with the (N, d) operands copied transposed behind barriers, every product is a
+  # plain row-major one, and d_k, d_v come out transposed, (B·H, d, N).
+  d_q = _batched_dot(d_logits, k, 2, 1) * jnp.asarray(scale, q.dtype)
+  d_k_t = barrier(_batched_dot(barrier(jnp.swapaxes(q, 1, 2)), d_logits, 2, 1))
+  d_v_t = barrier(_batched_dot(d_o_t, weights, 2, 1))
+  # One pass writes all three back into qkv's (B, N, 3, H, d) layout.
+  d_q = d_q.reshape(b, num_heads, n, d).transpose(0, 2, 1, 3)
+  d_k = d_k_t.reshape(b, num_heads, d, n).transpose(0, 3, 1, 2)
+  d_v = d_v_t.reshape(b, num_heads, d, n).transpose(0, 3, 1, 2)
+  return (jnp.stack([d_q, d_k, d_v], axis=2).reshape(b, n, 3 * inner),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-  """softmax(q·kᵀ·scale)·v over (B, N, d) arrays, the softmax in float32.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
+  """softmax((scale·q)·kᵀ)·v per head for qkv (B, N, 3·H·d) laid out as (3, H, d) in its
+  last axis; returns (B, N, H·d), heads concatenated. The softmax is in float32.
 
-  Its gradient is written out by hand (`_attend_backward`) only to choose how
-  XLA lays out the products; it is the gradient autodiff gives, to round-off
-  (tests/layers/test_mhsa.py).
+  Its gradient is written out by hand (`_attention_backward`) only to choose how XLA
+  lays out the products and the head transposes; it is the gradient autodiff gives,
+  to round-off (tests/layers/test_mhsa.py).
   """
-  return _attend_forward(q, k, v, scale)[0]
+  return _attention_forward(qkv, num_heads, scale)[0]
 
 
-attend.defvjp(_attend_forward, _attend_backward)
+attention.defvjp(_attention_forward, _attention_backward)

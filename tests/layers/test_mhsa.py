@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from lkca_jax.layers import MHSA
-from lkca_jax.layers.mhsa import attend
+from lkca_jax.layers.mhsa import attention
 from lkca_jax.models import count_params
 
 
@@ -85,50 +85,51 @@ def test_bfloat16_module_returns_bfloat16_close_to_float32():
   assert err < 2e-2  # a few bf16 roundings (8-bit mantissa); measured 0.4%
 
 
-def plain_attention(q, k, v, scale):
-  """softmax(q·kᵀ·scale)·v written with einsum, differentiated by JAX itself."""
-  weights = jax.nn.softmax(jnp.einsum("bnd,bmd->bnm", q, k) * scale, axis=-1)
-  return jnp.einsum("bnm,bmd->bnd", weights, v)
+def plain_attention(qkv, num_heads, scale):
+  """softmax(q·kᵀ·scale)·v per head written with einsum, differentiated by JAX itself."""
+  b, n, width = qkv.shape
+  q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads)), 2, 0)
+  weights = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k) * scale, axis=-1)
+  return jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, width // 3)
 
 
 def random_qkv(shape, seed, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.key(seed), 3)
-  return tuple(2 * jax.random.normal(key, shape, dtype) for key in keys)
+  return (2 * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
 
 
-@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 65, 16), (4, 1, 3)])
-def test_attend_gradient_is_autodiffs(shape):
-  q, k, v = random_qkv(shape, seed=shape[1])
-  scale = shape[2] ** -0.5
-  cotangent = jax.random.normal(jax.random.key(9), shape)
-  out, vjp = jax.vjp(lambda *a: attend(*a, scale), q, k, v)
-  expected_out, expected_vjp = jax.vjp(lambda *a: plain_attention(*a, scale), q, k, v)
+# (batch, tokens, heads, head dim): odd sizes, vit's layer (65 tokens, 12 heads of 16),
+# vit_1m's head dim 17 (a scale that is no power of two), a single token.
+@pytest.mark.parametrize("b, n, h, d", [(3, 7, 2, 5), (2, 65, 12, 16), (2, 9, 8, 17), (4, 1, 1, 3)])
+def test_attention_value_and_gradient_are_autodiffs(b, n, h, d):
+  qkv = random_qkv((b, n, 3 * h * d), seed=n)
+  scale = d**-0.5
+  cotangent = jax.random.normal(jax.random.key(9), (b, n, h * d))
+  out, vjp = jax.vjp(lambda x: attention(x, h, scale), qkv)
+  expected_out, expected_vjp = jax.vjp(lambda x: plain_attention(x, h, scale), qkv)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected_out), rtol=1e-5, atol=1e-5)
-  for got, expected in zip(vjp(cotangent), expected_vjp(cotangent), strict=True):
-    assert got.shape == shape
-    # Softmax gradients shrink where one weight dominates; compare on the gradient's own scale.
-    np.testing.assert_allclose(
-      np.asarray(got), np.asarray(expected), atol=1e-5 * float(np.abs(expected).max())
-    )
+  (got,), (expected,) = vjp(cotangent), expected_vjp(cotangent)
+  assert got.shape == qkv.shape
+  # Softmax gradients shrink where one weight dominates; compare on the gradient's own scale.
+  np.testing.assert_allclose(
+    np.asarray(got), np.asarray(expected), atol=1e-5 * float(np.abs(expected).max())
+  )
 
 
-def test_attend_gradient_under_vmap_is_each_slices():
+def test_attention_gradient_under_vmap_is_each_slices():
   """Several runs side by side (num_runs) vmap the hand-written gradient: slice k's is run k's."""
-  q, k, v = random_qkv((3, 2, 9, 4), seed=4)
-  loss = lambda q, k, v: jnp.sum(attend(q, k, v, 0.5) ** 2)
-  stacked = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  qkv = random_qkv((3, 2, 9, 3 * 2 * 4), seed=4)
+  loss = lambda x: jnp.sum(attention(x, 2, 0.5) ** 2)
+  stacked = jax.vmap(jax.grad(loss))(qkv)
   for run in range(3):
-    alone = jax.grad(loss, argnums=(0, 1, 2))(q[run], k[run], v[run])
-    for got, expected in zip(stacked, alone, strict=True):
-      np.testing.assert_allclose(np.asarray(got[run]), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    alone = jax.grad(loss)(qkv[run])
+    np.testing.assert_allclose(np.asarray(stacked[run]), np.asarray(alone), rtol=1e-6, atol=1e-6)
 
 
-def test_attend_gradient_in_bfloat16_stays_bfloat16_and_close():
-  q, k, v = random_qkv((2, 10, 8), seed=5)
-  loss = lambda *a: jnp.sum(attend(*a, 8**-0.5) ** 2)
-  grads32 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  grads16 = jax.grad(loss, argnums=(0, 1, 2))(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
-  for g16, g32 in zip(grads16, grads32, strict=True):
-    assert g16.dtype == jnp.bfloat16
-    err = np.abs(np.asarray(g16, np.float32) - np.asarray(g32)).max() / np.abs(g32).max()
-    assert err < 5e-2  # bf16 inputs and products (8-bit mantissa)
+def test_attention_gradient_in_bfloat16_stays_bfloat16_and_close():
+  qkv = random_qkv((2, 10, 3 * 2 * 8), seed=5)
+  loss = lambda x: jnp.sum(attention(x, 2, 8**-0.5) ** 2)
+  grad32 = jax.grad(loss)(qkv)
+  grad16 = jax.grad(loss)(qkv.astype(jnp.bfloat16))
+  assert grad16.dtype == jnp.bfloat16
+  err = np.abs(np.asarray(grad16, np.float32) - np.asarray(grad32)).max() / np.abs(grad32).max()
+  assert err < 5e-2  # bf16 inputs and products (8-bit mantissa)
