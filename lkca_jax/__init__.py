@@ -1,8 +1,10 @@
 """lkca_jax: Large Kernel Convolutional Attention (arXiv 2401.05738) in JAX / Flax NNX."""
 
-from lkca_jax import xla_flags
+from lkca_jax import host_memory, xla_flags
 
-xla_flags.apply()  # before anything below can start a jax backend
+# Both before anything below can start a jax backend and its threads.
+xla_flags.apply()
+host_memory.apply()
 
 
 from lkca_jax.layers import LKCA, MHSA, MIXERS  # noqa: E402
