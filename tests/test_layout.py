@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lkca_jax"
 LAYERS = {
   "files": 0,
   "xla_flags": 0,
+  "host_memory": 0,
   "layers": 0,
   "augment": 0,
   "mixing": 0,
