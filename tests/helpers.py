@@ -1,6 +1,9 @@
 """Helpers shared by several test modules."""
 
 import io
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -8,6 +11,23 @@ import numpy as np
 from PIL import Image
 
 FIXTURE_ZIP = Path(__file__).parent / "data" / "tiny-imagenet-200-fixture.zip"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, *, unset=(), **env) -> str:
+  """Runs `code` in a fresh interpreter at the repository root, with the environment
+  variables in `unset` removed and `env` added; asserts it succeeded and returns stdout."""
+  environ = {k: v for k, v in os.environ.items() if k not in unset}
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    env=dict(environ, **env),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
 
 
 def with_overrides(config, overrides):

@@ -6,16 +6,13 @@ With malloc as glibc sets it up, each run maps the block anew and faults all of 
 the package's settings the block stays mapped.
 """
 
-import os
 import platform
-import subprocess
-import sys
 
 import pytest
 
 from lkca_jax import host_memory
+from tests.helpers import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK_PAGES = 8192 * 2048 * 4 // 4096  # the (8192, 2048) float32 temporary below: 16,384 pages
 
 # numpy and jax are imported first, as a user's script would; lkca_jax before any computation.
@@ -42,18 +39,9 @@ glibc_only = pytest.mark.skipif(
 def fewest_faults_in_a_run(**env) -> int:
   """The fewest over 7 runs. Without the settings every run maps the block anew; with them
   a run now and then still maps one, when it starts before the last run's block is freed."""
-  environ = {k: v for k, v in os.environ.items() if k != host_memory.ENV}
-  result = subprocess.run(
-    [sys.executable, "-c", PROBE],
-    cwd=ROOT,
-    env=dict(environ, **env),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  faults = [int(line.split(":")[1]) for line in result.stdout.splitlines() if "faults:" in line]
-  assert len(faults) == 7, result.stdout
+  stdout = run_python(PROBE, unset=(host_memory.ENV,), **env)
+  faults = [int(line.split(":")[1]) for line in stdout.splitlines() if "faults:" in line]
+  assert len(faults) == 7, stdout
   return min(faults)
 
 

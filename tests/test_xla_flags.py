@@ -1,12 +1,8 @@
 """The package's XLA flags: set on import when asked, the user's own kept, and seen by XLA."""
 
-import os
-import subprocess
-import sys
-
 from lkca_jax import xla_flags
+from tests.helpers import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 # Prints $XLA_FLAGS after `import lkca_jax`, then how many computations of a small compiled
@@ -23,17 +19,8 @@ print("fusions:", sum(1 for c in computations if " dot(" in c and " tanh(" in c)
 
 
 def probe(**env):
-  environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LKCA_JAX_FAST_CPU")}
-  result = subprocess.run(
-    [sys.executable, "-c", PROBE],
-    cwd=ROOT,
-    env=dict(environ, **env),
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+  stdout = run_python(PROBE, unset=("XLA_FLAGS", "LKCA_JAX_FAST_CPU"), **env)
+  lines = dict(line.split(":", 1) for line in stdout.splitlines() if ":" in line)
   return lines["flags"].strip(), int(lines["fusions"])
 
 
