@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -50,15 +49,6 @@ def final_params(workdir):
   steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
   restored = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[-1]), "state"))
   return steps[-1], restored["params"]
-
-
-def wait_for_checkpoint(proc, workdir, step, timeout=240):
-  path = os.path.join(workdir, "checkpoints", str(step))
-  deadline = time.time() + timeout
-  while not os.path.isdir(os.path.join(path, "state")):
-    assert proc.poll() is None, proc.stderr.read()
-    assert time.time() < deadline, "no checkpoint appeared"
-    time.sleep(0.02)
 
 
 def assert_same_params(a, b):
@@ -115,24 +105,43 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
   assert f"top1 {summary['best_top1']:.4f}" in result.stdout
 
 
+def start_and_hold(workdir, extra, hold):
+  """Starts main.py held at `hold` (train._StopSignal.hold_for_tests) and returns the
+  process once it says it is held, with the stderr it wrote until then."""
+  proc = subprocess.Popen(
+    main_cmd(workdir, *extra),
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, LKCA_TEST_HOLD=hold),
+  )
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if line.startswith(f"holding at {hold}"):
+      return proc, "".join(seen)
+  pytest.fail("the run never reached the hold:\n" + "".join(seen[-40:]))
+
+
 def interrupt_twice_then_finish(workdir, extra, checkpoints, total_steps):
-  """SIGTERM once checkpoint `checkpoints[0]` exists, resume, SIGKILL once `checkpoints[1]`
-  exists, then resume to the end; returns (final step, final parameters)."""
-  for sig, checkpoint in zip([signal.SIGTERM, signal.SIGKILL], checkpoints, strict=True):
-    proc = subprocess.Popen(
-      main_cmd(workdir, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    wait_for_checkpoint(proc, workdir, checkpoint)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    stopped_at, _ = final_params(workdir)
-    assert stopped_at < total_steps, "the run finished before the signal: nothing was interrupted"
-    if sig == signal.SIGTERM:
-      assert proc.returncode == 0, err[-3000:]
-      assert f"stopped by SIGTERM at step {stopped_at}" in out
-    else:
-      assert proc.returncode == -signal.SIGKILL
-      assert "resumed from" in err
+  """SIGTERM while the save of step `checkpoints[0]` is in flight, resume, SIGKILL while
+  the save of step `checkpoints[1]` is in flight, then resume to the end; returns
+  (final step, final parameters). The holds make both signals land at those steps however
+  fast the machine runs (waiting for a checkpoint to appear raced with the training)."""
+  first, second = checkpoints
+  proc, _ = start_and_hold(workdir, extra, f"save:{first}")
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert f"stopped by SIGTERM at step {first + 1}" in out
+  assert final_params(workdir)[0] == first + 1
+  proc, before_hold = start_and_hold(workdir, extra, f"save:{second}")
+  assert re.search(rf"resumed from \S+/{first + 1}\n", before_hold), before_hold[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=120)
+  assert proc.returncode == -signal.SIGKILL
+  assert final_params(workdir)[0] < second  # the save of `second` was cut mid-write
   resumed = run_main(workdir, *extra)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
@@ -140,8 +149,8 @@ def interrupt_twice_then_finish(workdir, extra, checkpoints, total_steps):
 
 
 def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterrupted, tmp_path):
-  """One lineage, both signals: stopped by SIGTERM after step 50, resumed, killed after
-  step 100, resumed to the end; the parameters end where the uninterrupted run's did."""
+  """One lineage, both signals: stopped by SIGTERM at step 50, resumed, killed at step 100,
+  resumed to the end; the parameters end where the uninterrupted run's did."""
   step, params = interrupt_twice_then_finish(str(tmp_path), [], (50, 100), STEPS)
   full_step, full_params = final_params(uninterrupted[0])
   assert step == full_step == STEPS
@@ -174,8 +183,8 @@ def test_three_runs_write_per_run_summary_and_eval_mode_evaluates_each(uninterru
 def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(
   uninterrupted_runs, tmp_path
 ):
-  """One lineage, both signals: stopped by SIGTERM after step 25, resumed, killed after
-  step 50, resumed to the end; the stacked state ends where the uninterrupted runs did."""
+  """One lineage, both signals: stopped by SIGTERM at step 25, resumed, killed at step 50,
+  resumed to the end; the stacked state ends where the uninterrupted runs did."""
   step, params = interrupt_twice_then_finish(str(tmp_path), RUNS, (25, 50), 75)
   full_step, full_params = final_params(uninterrupted_runs[0])
   assert step == full_step == 75
@@ -200,21 +209,7 @@ def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(
   uninterrupted, tmp_path, hold, sig
 ):
   workdir, checkpoints = str(tmp_path), str(tmp_path / "checkpoints")
-  proc = subprocess.Popen(
-    main_cmd(workdir),
-    cwd=ROOT,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-    env=dict(os.environ, LKCA_TEST_HOLD=hold),
-  )
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if line.startswith(f"holding at {hold}"):
-      break
-  else:
-    pytest.fail("the run never reached the hold:\n" + "".join(seen[-40:]))
+  proc, _ = start_and_hold(workdir, [], hold)
   unfinished = [n for n in os.listdir(checkpoints) if n.startswith("50.orbax-checkpoint-tmp")]
   if hold.startswith("save"):
     assert unfinished and "50" not in os.listdir(checkpoints), "the write is not in flight"
