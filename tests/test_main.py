@@ -124,7 +124,7 @@ def start_and_hold(workdir, extra, hold):
   pytest.fail("the run never reached the hold:\n" + "".join(seen[-40:]))
 
 
-def interrupt_twice_then_finish(workdir, extra, checkpoints, total_steps):
+def interrupt_twice_then_finish(workdir, extra, checkpoints):
   """SIGTERM while the save of step `checkpoints[0]` is in flight, resume, SIGKILL while
   the save of step `checkpoints[1]` is in flight, then resume to the end; returns
   (final step, final parameters). The holds make both signals land at those steps however
@@ -151,7 +151,7 @@ def interrupt_twice_then_finish(workdir, extra, checkpoints, total_steps):
 def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterrupted, tmp_path):
   """One lineage, both signals: stopped by SIGTERM at step 50, resumed, killed at step 100,
   resumed to the end; the parameters end where the uninterrupted run's did."""
-  step, params = interrupt_twice_then_finish(str(tmp_path), [], (50, 100), STEPS)
+  step, params = interrupt_twice_then_finish(str(tmp_path), [], (50, 100))
   full_step, full_params = final_params(uninterrupted[0])
   assert step == full_step == STEPS
   assert_same_params(params, full_params)
@@ -185,7 +185,7 @@ def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(
 ):
   """One lineage, both signals: stopped by SIGTERM at step 25, resumed, killed at step 50,
   resumed to the end; the stacked state ends where the uninterrupted runs did."""
-  step, params = interrupt_twice_then_finish(str(tmp_path), RUNS, (25, 50), 75)
+  step, params = interrupt_twice_then_finish(str(tmp_path), RUNS, (25, 50))
   full_step, full_params = final_params(uninterrupted_runs[0])
   assert step == full_step == 75
   assert all(x.shape[0] == 3 for x in jax_leaves(params))  # the run axis
