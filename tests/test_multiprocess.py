@@ -73,6 +73,22 @@ def finish(proc, timeout=300):
   return proc.returncode, out
 
 
+def last_lines(output, count=15):
+  """The last `count` lines of each process and of the launcher, native stack frames left out.
+
+  A process that fails takes the others down with it, and their stack dumps would
+  otherwise bury its own error.
+  """
+  lines = output.splitlines(keepends=True) if isinstance(output, str) else output
+  by_source = {}
+  for line in lines:
+    if line.lstrip("[p0123] ").startswith("@ "):
+      continue
+    source = line[: line.index("]") + 1] if line.startswith("[p") else "launch"
+    by_source.setdefault(source, []).append(line)
+  return "".join(line for group in by_source.values() for line in group[-count:])
+
+
 def train_losses(workdir) -> np.ndarray:
   """train_loss of every step, from the run's TensorBoard events."""
   from tensorboard.backend.event_processing import event_file_loader
@@ -113,7 +129,7 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   two = start(two_process_cmd(root / "2x4"))
   rc, out = finish(two)
-  assert rc == 0, out[-4000:]
+  assert rc == 0, last_lines(out)
   singles = {
     name: start(one_process_cmd(root / name, *flags), env=env(devices))
     for name, devices, flags in (("1x8", 8, []), ("1x1", 1, ["--config.num_devices=1"]))
@@ -121,7 +137,7 @@ def runs(tmp_path_factory):
   result = {"2x4": (str(root / "2x4"), out)}
   for name, proc in singles.items():
     rc, out = finish(proc)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, last_lines(out)
     result[name] = (str(root / name), out)
   return result
 
@@ -150,7 +166,7 @@ def test_many_runs_train_across_processes(tmp_path):
   one = start(one_process_cmd(tmp_path / "1x8", "--config.num_runs=2"), env=env(8))
   for proc in (two, one):
     rc, out = finish(proc)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, last_lines(out)
   step, params = final_params(tmp_path / "2x4")
   other_step, other_params = final_params(tmp_path / "1x8")
   assert step == other_step == STEPS
@@ -190,14 +206,17 @@ def test_outputs_and_logs_come_once(runs):
 
 
 def launcher_children(proc):
+  """The launcher's two processes by JAX_PROCESS_ID, which it sets in their environment."""
   import psutil
 
   deadline = time.time() + 60
-  while len(children := psutil.Process(proc.pid).children()) < 2:
+  while True:
     assert time.time() < deadline and proc.poll() is None
+    # A child still has the launcher's environment until it has exec'd.
+    children = {c.environ().get("JAX_PROCESS_ID"): c for c in psutil.Process(proc.pid).children()}
+    if sorted(children, key=str) == ["0", "1"]:
+      return {int(k): c for k, c in children.items()}
     time.sleep(0.1)
-  # Index by JAX_PROCESS_ID, which the launcher sets in each one's environment.
-  return {int(c.environ()["JAX_PROCESS_ID"]): c for c in children}
 
 
 def wait_for_line(proc, text, seen):
@@ -205,7 +224,7 @@ def wait_for_line(proc, text, seen):
     seen.append(line)
     if text in line:
       return
-  pytest.fail(f"never saw {text!r}:\n" + "".join(seen[-40:]))
+  pytest.fail(f"never saw {text!r}:\n" + last_lines(seen))
 
 
 def test_sigterm_to_the_job_stops_every_process_at_one_step_and_resumes_exactly(runs, tmp_path):
@@ -217,11 +236,11 @@ def test_sigterm_to_the_job_stops_every_process_at_one_step_and_resumes_exactly(
   proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both
   rc, out = finish(proc)
   out = "".join(seen) + out
-  assert rc == 0, out[-4000:]
-  assert out.count("stopped by SIGTERM at step 8") == 1, out[-4000:]
+  assert rc == 0, last_lines(out)
+  assert out.count("stopped by SIGTERM at step 8") == 1, last_lines(out)
   assert final_params(str(tmp_path))[0] == 8
   rc, out = finish(start(two_process_cmd(tmp_path)))
-  assert rc == 0, out[-4000:]
+  assert rc == 0, last_lines(out)
   assert "resumed from" in out
   step, params = final_params(str(tmp_path))
   assert step == STEPS
@@ -238,17 +257,17 @@ def test_sigkill_of_one_process_ends_the_job_and_it_resumes(runs, tmp_path):
   proc = start(cmd)
   children = launcher_children(proc)
   while not os.path.isdir(tmp_path / "checkpoints" / "4"):
-    assert proc.poll() is None, proc.stdout.read()[-4000:]
+    assert proc.poll() is None, last_lines(proc.stdout.read())
     time.sleep(0.02)
   children[1].kill()
   killed = time.time()
   rc, out = finish(proc, timeout=120)
-  assert rc != 0 and time.time() - killed < 45, out[-4000:]
+  assert rc != 0 and time.time() - killed < 45, last_lines(out)
   assert "launch: process 1 of 2 failed (signal SIGKILL); stopped the others" in out
-  assert "stopped sending heartbeats" in out, out[-4000:]
+  assert "stopped sending heartbeats" in out, last_lines(out)
   rc, out = finish(start(two_process_cmd(tmp_path)))
-  assert rc == 0, out[-4000:]
-  assert "resumed from" in out, out[-4000:]
+  assert rc == 0, last_lines(out)
+  assert "resumed from" in out, last_lines(out)
   step, params = final_params(str(tmp_path))
   assert step == STEPS
   assert_same_params(params, final_params(runs["2x4"][0])[1])
@@ -273,9 +292,9 @@ def test_processes_with_different_configs_fail_with_one_line(tmp_path):
     f"--workdir={tmp_path}",
   ]
   rc, out = finish(start(cmd), timeout=120)
-  assert rc == 2, out[-4000:]
+  assert rc == 2, last_lines(out)
   errors = [line for line in out.splitlines() if "error:" in line]
   assert errors and all(
     "the config of process 1 differs from process 0's" in line for line in errors
-  ), out[-4000:]
+  ), last_lines(out)
   assert not (tmp_path / "checkpoints").exists()
