@@ -10,6 +10,7 @@ gather those decisions so that every process acts on the same answer.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import signal
 import sys
@@ -26,9 +27,14 @@ HEARTBEAT_TIMEOUT_S = 15
 # How long a process waits for all the others to join at start-up, and at the end.
 INITIALIZATION_TIMEOUT_S = 120
 SHUTDOWN_TIMEOUT_S = 60
+# How long the first process to finish compiling the steps waits for the last one.
+COMPILE_TIMEOUT_S = 1800
 # Signals are combined across processes every this many steps (a collective that
 # waits for the step before it, so not every step).
 STOP_VOTE_EVERY = 4
+
+
+_barriers = itertools.count()
 
 
 class MismatchError(ValueError):
@@ -124,6 +130,40 @@ def check_same_everywhere(config_json: str, workdir: str) -> None:
       f"the processes see different numbers of local devices {counts}; give "
       "every process the same number"
     )
+
+
+def wait_for_everyone(name: str, timeout_s: float) -> None:
+  """Returns once every process has called this with `name` (no collective, no device).
+
+  A barrier of jax's coordination service, for points that processes reach
+  far apart in time: a collective there could give up first (gloo waits 30 s
+  for a peer to join a new group of devices, and jax offers no setting).
+  """
+  if jax.process_count() == 1:
+    return
+  # The coordination client that jax.distributed.initialize made (orbax takes it the same way).
+  from jax._src import distributed as jax_distributed
+
+  # A fresh id each time (every process counts the same calls): a barrier's id is used once.
+  barrier = f"lkca_jax/{name}/{next(_barriers)}"
+  jax_distributed.global_state.client.wait_at_barrier(barrier, int(timeout_s * 1000))
+
+
+def compile_everywhere(name: str, *calls) -> None:
+  """Compiles each (jitted, args) of `calls`, then waits until every process has compiled.
+
+  Only process 0 writes jax's persistent compilation cache, so on a rerun it
+  loads its programs at once while the others compile theirs. Its first call
+  would then wait in a collective for as long as they compile, and gloo
+  (processes of CPU devices) gives up on a peer after 30 s. Here the wait is
+  at a barrier instead, and the first calls start together. jit keeps what is
+  compiled here for its first call with the same arguments.
+  """
+  if jax.process_count() == 1:
+    return
+  for jitted, args in calls:
+    jitted.lower(*args).compile()
+  wait_for_everyone(f"{name} compiled", COMPILE_TIMEOUT_S)
 
 
 def in_order(tree):

@@ -550,15 +550,27 @@ class Training:
     """The augmented training batch of global step `step` (of every run)."""
     return self.pipeline.train_batch(self.epoch_order(step // self.pipeline.steps_per_epoch), step)
 
+  def step_args(self, state: TrainState, step: int) -> tuple:
+    """The arguments of `compiled_step` at global step `step`."""
+    args = (state, self.batch(step), self.train_key, self.hparams)
+    return (*args, self.alive) if self.many else args
+
   def step(self, state: TrainState, step: int):
     """One training step at global step `step`: its batch, then the jitted update."""
-    if not self.many:
-      return self.train_step(state, self.batch(step), self.train_key)
-    state, metrics = self.compiled_step(
-      state, self.batch(step), self.train_key, self.hparams, self.alive
-    )
-    self.alive = metrics["alive"]
+    state, metrics = self.compiled_step(*self.step_args(state, step))
+    if self.many:
+      self.alive = metrics["alive"]
     return state, metrics
+
+  def compile_everywhere(self, state: TrainState, step: int) -> None:
+    """With several processes: both steps compiled in every process before the first runs."""
+    if jax.process_count() == 1:
+      return  # the eval batch below is not built for nothing
+    distributed.compile_everywhere(
+      "steps",
+      (self.compiled_step, self.step_args(state, step)),
+      (self.eval_step, (state.params, state.rest, next(iter(self.pipeline.eval_batches())))),
+    )
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -748,6 +760,7 @@ def train_and_evaluate(
       jnp.asarray([r["died_at_step"] is None for r in records]), NamedSharding(run.mesh, P())
     )
   step = int(np.asarray(state.step).reshape(-1)[0])
+  t.compile_everywhere(state, step)
   if jax.process_index() == 0:
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
 
@@ -991,12 +1004,16 @@ def evaluate(
   checkpoints.close()
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = make_eval_step(eval_graphdef)
+  eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None)) if many else eval_step)
+  if jax.process_count() > 1:
+    first_batch = next(iter(pipeline.eval_batches()))
+    distributed.compile_everywhere(
+      "eval step", (eval_step, (state["params"], state["rest"], first_batch))
+    )
   if not many:
-    metrics = _run_eval(jax.jit(eval_step), state["params"], state["rest"], pipeline)
+    metrics = _run_eval(eval_step, state["params"], state["rest"], pipeline)
     return {"step": step, "checkpoint": f"{directory}/{step}", **metrics}
-  results = _run_eval(
-    jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None))), state["params"], state["rest"], pipeline
-  )
+  results = _run_eval(eval_step, state["params"], state["rest"], pipeline)
   runs = [
     {"run": spec.index, "seed": spec.seed, "values": spec.values, **res}
     for spec, res in zip(specs, results, strict=True)
