@@ -20,22 +20,3 @@ os.environ.setdefault(
   os.path.join(tempfile.gettempdir(), f"lkca_jax_tests_jax_cache_{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-
-# `make test` gives each xdist worker whole files (--dist loadfile), so a module fixture
-# (a trained workdir, a prepared dataset) is built once, not once per worker. The files
-# that take longest (they start many real processes) are handed out first, in this
-# order, so that the other files fill in and both workers finish together.
-SLOW_FILES_FIRST = (
-  "tests/test_multiprocess.py",
-  "tests/test_main.py",
-  "tests/test_many_runs.py",
-  "tests/benchmarks/test_gpu_check.py",
-  "tests/test_checkpoint.py",
-  "tests/tools/test_analyze.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {path: i for i, path in enumerate(SLOW_FILES_FIRST)}
-  root = str(config.rootpath)
-  items.sort(key=lambda item: rank.get(os.path.relpath(item.path, root), len(rank)))
