@@ -1,7 +1,10 @@
 """Helpers shared by several test modules."""
 
+import fcntl
 import io
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,6 +31,29 @@ def run_python(code: str, *, unset=(), **env) -> str:
   )
   assert result.returncode == 0, result.stderr[-2000:]
   return result.stdout
+
+
+def built_once(tmp_path_factory, name: str, build):
+  """`build(directory)`'s result, built once in the test session however many workers run.
+
+  pytest-xdist builds a module fixture in every worker that runs one of its
+  tests, and with `-n 2` a module's tests often land on both. Here the first
+  worker builds into a folder of the session's that the workers share and
+  pickles the result; the others wait for it, then read it. Only for fixtures
+  whose tests read what was built and change nothing.
+  """
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  directory, result_file = shared / name, shared / f"{name}.pickle"
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if result_file.exists():
+      return pickle.loads(result_file.read_bytes())
+    shutil.rmtree(directory, ignore_errors=True)  # what a failed build left
+    directory.mkdir()
+    result = build(directory)
+    result_file.write_bytes(pickle.dumps(result))
+    return result
 
 
 def with_overrides(config, overrides):

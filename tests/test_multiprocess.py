@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import built_once
 from tests.test_main import ROOT, assert_same_params
 
 pytestmark = pytest.mark.multiprocess
@@ -127,7 +128,10 @@ def final_params(workdir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Workdirs and outputs of the same run as 2 x 4, 1 x 8 and 1 x 1 devices."""
-  root = tmp_path_factory.mktemp("runs")
+  return built_once(tmp_path_factory, "multiprocess_runs", train_three_ways)
+
+
+def train_three_ways(root):
   two = start(two_process_cmd(root / "2x4"))
   rc, out = finish(two)
   assert rc == 0, last_lines(out)

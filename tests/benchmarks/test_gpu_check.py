@@ -13,6 +13,8 @@ import zipfile
 
 import pytest
 
+from tests.helpers import built_once
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OK_PARTS = (
   "env",
@@ -44,10 +46,14 @@ def write_wheel(folder) -> None:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-  out = tmp_path_factory.mktemp("gpu_check")
+  return built_once(tmp_path_factory, "gpu_check_smoke", run_smoke)
+
+
+def run_smoke(directory):
+  out, wheels = directory / "out", directory / "wheels"
+  wheels.mkdir()
   env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
   env["GPU_CHECK_VIT_MODELS"] = "no_such_model"
-  wheels = tmp_path_factory.mktemp("wheels")
   write_wheel(wheels)
   env["GPU_CHECK_WHEELS"] = str(wheels)
   result = subprocess.run(

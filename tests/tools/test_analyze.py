@@ -21,6 +21,7 @@ from matplotlib import image as mpimg
 
 from lkca_jax import analysis, models
 from lkca_jax.tools import analyze
+from tests.helpers import built_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -62,7 +63,10 @@ def finish(proc, timeout=600):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """{"lkca": workdir, "vit": workdir}: depth-2 lkca_t and depth-3 vit_1m, 10 steps each."""
-  tmp = tmp_path_factory.mktemp("analyze")
+  return built_once(tmp_path_factory, "analyze_trained", train_both)
+
+
+def train_both(tmp):
   workdirs = {"lkca": tmp / "lkca", "vit": tmp / "vit"}
   procs = [
     start(["main.py", *flags, f"--workdir={workdirs[name]}"])
@@ -75,8 +79,12 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def analysed(trained):
+def analysed(tmp_path_factory, trained):
   """The command on the LKCA workdir with the ViT one to compare: (stdout, {name: JSON})."""
+  return built_once(tmp_path_factory, "analyze_analysed", lambda _: analyse(trained))
+
+
+def analyse(trained):
   code, out, err = finish(
     start(
       [

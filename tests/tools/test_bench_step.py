@@ -13,6 +13,7 @@ import pytest
 from lkca_jax import config_checks, data, train
 from lkca_jax.data import synthetic
 from lkca_jax.tools import bench_step
+from tests.helpers import built_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ("lkca_t", "vit")
@@ -21,7 +22,11 @@ DTYPES = ("float32", "bfloat16")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench") / "bench_step.json"
+  return built_once(tmp_path_factory, "bench_step_smoke", run_smoke)
+
+
+def run_smoke(directory):
+  out = directory / "bench_step.json"
   result = subprocess.run(
     [
       sys.executable,
