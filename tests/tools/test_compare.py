@@ -15,6 +15,7 @@ from flax import nnx
 from configs import digits
 from lkca_jax import models
 from lkca_jax.tools import compare
+from tests.helpers import built_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -263,7 +264,10 @@ def run_compare(workdir, *extra, timeout=300):
 
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("compare")
+  return built_once(tmp_path_factory, "compare", compare_mixers)
+
+
+def compare_mixers(workdir):
   out = workdir / "table.md"
   result = run_compare(
     str(workdir),

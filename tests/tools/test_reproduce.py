@@ -11,6 +11,7 @@ import pytest
 
 from lkca_jax import models
 from lkca_jax.tools import reproduce
+from tests.helpers import built_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -101,7 +102,10 @@ def run_reproduce(out, *extra, timeout=600):
 
 @pytest.fixture(scope="module")
 def reproduction(tmp_path_factory):
-  out = tmp_path_factory.mktemp("reproduce")
+  return built_once(tmp_path_factory, "reproduce", reproduce_rows)
+
+
+def reproduce_rows(out):
   result = run_reproduce(
     out, f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}", *TINY
   )
