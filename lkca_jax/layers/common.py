@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lkca_jax.layers.backend import by_backend
+
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 LAYER_NORM_EPSILON = 1e-5
 
@@ -33,63 +35,74 @@ def linear(
 
 
 class Linear(nnx.Linear):
-  """`nnx.Linear` over the last axis, its parameters and init unchanged, its product and
-  gradient written out in `dense`."""
+  """`nnx.Linear` over the last axis, its parameters and init unchanged; on the CPU its
+  product runs as `dense_cpu` (backend.by_backend), elsewhere as nnx.Linear's."""
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     if out_sharding is not None or self.preferred_element_type is not None:
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    y = dense(x.reshape(-1, x.shape[-1]), kernel, bias, self.precision)
-    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+    dense_on_cpu = lambda x, kernel, bias: dense_cpu(
+      x.reshape(-1, x.shape[-1]), kernel, bias, self.precision
+    ).reshape(*x.shape[:-1], kernel.shape[-1])
+    dense_plain = lambda x, kernel, bias: dense(x, kernel, bias, self.precision)
+    return by_backend(dense_on_cpu, dense_plain, x, kernel, bias)
 
 
-def _dense_forward(x, kernel, bias, precision):
-  y = jnp.dot(x, kernel, precision=precision)
-  if bias is not None:
-    y = y + bias
-  return y, (x, kernel, bias)  # bias only says whether there is one: None is static
-
-
-def _dense_backward(precision, residuals, d_y):
-  x, kernel, bias = residuals
-  d_x = jax.lax.dot_general(d_y, kernel, (((1,), (1,)), ((), ())), precision=precision)
-  # The weight gradient contracts over the rows of both operands, so one of them is
-  # copied transposed first. d_y is (nearly always) an array already written out, while
-  # XLA:CPU would recompute x's producer (a LayerNorm, a GELU) inside a strided
-  # transpose; copying d_y is what the profile favours (README, "Speed").
-  d_kernel = jnp.dot(d_y.T, x, precision=precision).T
-  d_bias = None if bias is None else jnp.sum(d_y, axis=0)
-  return d_x, d_kernel, d_bias
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None) -> jax.Array:
-  """x · kernel + bias for a (M, K) x, the gradient written out by hand only to choose
-  which operand of the weight gradient XLA copies transposed; it is the gradient
-  autodiff gives, to round-off (tests/layers/test_common.py)."""
-  return _dense_forward(x, kernel, bias, precision)[0]
+  """x · kernel + bias over the last axis of x: nnx.Linear's arithmetic."""
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return y if bias is None else y + bias
 
 
-dense.defvjp(_dense_forward, _dense_backward)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def dense_cpu(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
+  """`dense` for a (M, K) x, with a tangent rule whose transpose, the weight gradient,
+  copies d_y transposed rather than x: XLA:CPU otherwise often copies x, recomputing its
+  producer (a LayerNorm, a GELU) inside a strided transpose (docs/benchmarks.md)."""
+  return dense(x, kernel, bias, precision)
+
+
+@dense_cpu.defjvp
+def _dense_cpu_jvp(precision, primals, tangents):
+  x, kernel, bias = primals
+  d_x, d_kernel, d_bias = tangents
+  # x·dW written as (dWᵀ·xᵀ)ᵀ: transposed for reverse mode it is (d_yᵀ·x)ᵀ.
+  rows = (((1,), (1,)), ((), ()))
+  d_y = (
+    jnp.dot(d_x, kernel, precision=precision)
+    + jax.lax.dot_general(d_kernel.T, x, rows, precision=precision).T
+  )
+  if bias is not None:
+    d_y = d_y + d_bias
+  return dense(x, kernel, bias, precision), d_y
 
 
 class LayerNorm(nnx.LayerNorm):
-  """`nnx.LayerNorm` over the last axis, its parameters and init unchanged, its arithmetic
-  and gradient written out in `normalize` (statistics in float32 at least, the output in
-  the module's dtype)."""
+  """`nnx.LayerNorm` over the last axis, its parameters and init unchanged, with exact
+  statistics in float32 at least and the output in the module's dtype. On the CPU it runs
+  as `normalize_cpu` (backend.by_backend), elsewhere as `normalize`."""
 
   def __call__(self, x: jax.Array, *, mask=None) -> jax.Array:
     if mask is not None:
       raise ValueError("lkca_jax's LayerNorm takes no mask; normalise every token")
-    y = normalize(
+    y = by_backend(
+      lambda x, scale, bias: normalize_cpu(x, scale, bias, self.epsilon),
+      lambda x, scale, bias: normalize(x, scale, bias, self.epsilon),
       x.astype(jnp.promote_types(x.dtype, jnp.float32)),
       self.scale[...],
       self.bias[...],
-      self.epsilon,
     )
     return y.astype(self.dtype or x.dtype)
+
+
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x − mean) / sqrt(var + epsilon) · scale + bias over the last axis of float x, the
+  variance from the centred values (exact far from zero)."""
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+  return centred * jax.lax.rsqrt(var + epsilon) * scale.astype(x.dtype) + bias.astype(x.dtype)
 
 
 def row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -104,43 +117,39 @@ def row_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   return jax.lax.reduce(arrays, zeros, add, (arrays[0].ndim - 1,))
 
 
-def _normalize_forward(x, scale, bias, epsilon):
+def _normed_one_pass(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """((x − mean)·inv_std, inv_std) with both statistics from one pass (`row_sums`).
+
+  Shifting each row by its own first value keeps E[s²] − E[s]² exact far from zero."""
   n = x.shape[-1]
-  # Shifting each row by its own first value keeps E[s²] − E[s]² exact far from zero.
   shifted = x - x[..., :1]
   total, squares = row_sums(shifted, shifted * shifted)
   mean = total / n
   inv_std = jax.lax.rsqrt(jnp.maximum(squares / n - mean * mean, 0.0) + epsilon)[..., None]
-  normed = (shifted - mean[..., None]) * inv_std
-  return normed * scale.astype(x.dtype) + bias.astype(x.dtype), (normed, inv_std, scale)
+  return (shifted - mean[..., None]) * inv_std, inv_std
 
 
-def _normalize_backward(epsilon, residuals, d_y):
-  del epsilon
-  normed, inv_std, scale = residuals
-  n = normed.shape[-1]
-  d_normed = d_y * scale.astype(d_y.dtype)
-  total, projected = row_sums(d_normed, d_normed * normed)
-  d_x = inv_std * (d_normed - (total / n)[..., None] - normed * (projected / n)[..., None])
-  rows = tuple(range(d_y.ndim - 1))
-  d_scale = jnp.sum(d_y * normed, axis=rows).astype(scale.dtype)
-  return d_x, d_scale, jnp.sum(d_y, axis=rows).astype(scale.dtype)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def normalize_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """`normalize` with both statistics from one pass over each row, which on the 2-core CPU
+  makes the train step faster than one reduction per statistic (docs/benchmarks.md).
+
+  A multi-operand reduction has no transpose in JAX, so the derivative is given as a
+  tangent rule in plain sums, which JAX linearises and transposes."""
+  normed, _ = _normed_one_pass(x, epsilon)
+  return normed * scale.astype(x.dtype) + bias.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-  """(x − mean) / sqrt(var + epsilon) · scale + bias over the last axis of float x.
-
-  Both statistics come from one pass over each row, forward and backward (`row_sums`),
-  which on the 2-core CPU makes the whole train step 6–11 % faster (lkca_t, lkca_b,
-  vit) than the same LayerNorm written with one reduction per statistic and left to
-  autodiff (README, "Speed"). The gradient is the usual LayerNorm one, checked
-  against autodiff in tests/layers/test_common.py.
-  """
-  return _normalize_forward(x, scale, bias, epsilon)[0]
-
-
-normalize.defvjp(_normalize_forward, _normalize_backward)
+@normalize_cpu.defjvp
+def _normalize_cpu_jvp(epsilon, primals, tangents):
+  x, scale, bias = primals
+  d_x, d_scale, d_bias = tangents
+  normed, inv_std = _normed_one_pass(x, epsilon)
+  mean = lambda a: jnp.mean(a, axis=-1, keepdims=True)
+  d_normed = inv_std * (d_x - mean(d_x) - normed * mean(normed * d_x))
+  y = normed * scale.astype(x.dtype) + bias.astype(x.dtype)
+  d_y = d_normed * scale.astype(x.dtype) + normed * d_scale.astype(x.dtype)
+  return y, d_y + d_bias.astype(x.dtype)
 
 
 def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> LayerNorm:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lkca_jax.layers.backend import by_backend
 from lkca_jax.layers.common import check_cost_sizes, linear
 
 
@@ -50,6 +51,25 @@ class MHSA(nnx.Module):
     return self.out_proj(attention(self.qkv(x), self.num_heads, self.head_dim**-0.5))
 
 
+def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
+  """softmax((scale·q)·kᵀ)·v per head for qkv (B, N, 3·H·d) laid out as (3, H, d) in its
+  last axis; returns (B, N, H·d), heads concatenated. The softmax is in float32.
+
+  `jax.nn.dot_product_attention` (XLA's or cuDNN's, as JAX picks) off the CPU,
+  `attention_cpu` on it (backend.by_backend)."""
+  return by_backend(
+    lambda qkv: attention_cpu(qkv, num_heads, scale),
+    lambda qkv: attention_plain(qkv, num_heads, scale),
+    qkv,
+  )
+
+
+def attention_plain(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
+  b, n, width = qkv.shape
+  q, k, v = jnp.unstack(qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads)), axis=2)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale).reshape(b, n, width // 3)
+
+
 def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -> jax.Array:
   return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0,), (0,))))
 
@@ -61,54 +81,44 @@ def _heads(qkv: jax.Array, num_heads: int) -> jax.Array:
   return qkv.reshape(b, n, 3, num_heads, d).transpose(2, 0, 3, 1, 4).reshape(3, b * num_heads, n, d)
 
 
-def _attention_forward(qkv, num_heads, scale):
-  b, n, width = qkv.shape
+def _merge_heads(out: jax.Array, batch: int, num_heads: int) -> jax.Array:
+  """(B·H, N, d) → (B, N, H·d)."""
+  _, n, d = out.shape
+  return out.reshape(batch, num_heads, n, d).transpose(0, 2, 1, 3).reshape(batch, n, num_heads * d)
+
+
+def _attention_primal(qkv, num_heads, scale):
   q, k, v = _heads(qkv, num_heads)
   # Scaling q rather than the logits: a scalar times the (N, N) logits reaches XLA:CPU's
   # matrix-product fusion as a constant broadcast to their full size, written out anew.
   q = q * jnp.asarray(scale, q.dtype)
   weights = jax.nn.softmax(_batched_dot(q, k, 2, 2).astype(jnp.float32), axis=-1)
   out = _batched_dot(weights.astype(v.dtype), v, 2, 1)
-  residuals = (q, k, v, weights.astype(v.dtype), out)
-  return out.reshape(b, num_heads, n, -1).transpose(0, 2, 1, 3).reshape(b, n, width // 3), residuals
+  return out, (q, k, v, weights)
 
 
-def _attention_backward(num_heads, scale, residuals, d_out):
-  q, k, v, weights, out = residuals
-  b, n, inner = d_out.shape
-  d = inner // num_heads
-  barrier = jax.lax.optimization_barrier
-  # d_out in the two layouts its products need: (B·H, N, d) and (B·H, d, N).
-  d_out = d_out.reshape(b, n, num_heads, d)
-  d_o = d_out.transpose(0, 2, 1, 3).reshape(b * num_heads, n, d)
-  d_o_t = barrier(d_out.transpose(0, 2, 3, 1).reshape(b * num_heads, d, n))
-  # The softmax gradient's row term Σ_m dW·W equals Σ_d dO·O: a sum over d, not over N.
-  row = jnp.sum(d_o.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_weights = _batched_dot(d_o, v, 2, 2).astype(jnp.float32)
-  d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(q.dtype)
-  # XLA:CPU folds a transposed operand into a product and then runs it as a slow strided
-  # loop; with the (N, d) operands copied transposed behind barriers, every product is a
-  # plain row-major one, and d_k, d_v come out transposed, (B·H, d, N).
-  d_q = _batched_dot(d_logits, k, 2, 1) * jnp.asarray(scale, q.dtype)
-  d_k_t = barrier(_batched_dot(barrier(jnp.swapaxes(q, 1, 2)), d_logits, 2, 1))
-  d_v_t = barrier(_batched_dot(d_o_t, weights, 2, 1))
-  # One pass writes all three back into qkv's (B, N, 3, H, d) layout.
-  d_q = d_q.reshape(b, num_heads, n, d).transpose(0, 2, 1, 3)
-  d_k = d_k_t.reshape(b, num_heads, d, n).transpose(0, 3, 1, 2)
-  d_v = d_v_t.reshape(b, num_heads, d, n).transpose(0, 3, 1, 2)
-  return (jnp.stack([d_q, d_k, d_v], axis=2).reshape(b, n, 3 * inner),)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def attention_cpu(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
+  """`attention` as batched products over (B·H, N, d) heads, its derivative given as a
+  tangent rule whose transpose computes the softmax gradient's row term Σ_m dW·W as the
+  equal Σ_d dO·O: a sum over d, not over N (docs/benchmarks.md)."""
+  return _merge_heads(_attention_primal(qkv, num_heads, scale)[0], qkv.shape[0], num_heads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
-  """softmax((scale·q)·kᵀ)·v per head for qkv (B, N, 3·H·d) laid out as (3, H, d) in its
-  last axis; returns (B, N, H·d), heads concatenated. The softmax is in float32.
-
-  Its gradient is written out by hand (`_attention_backward`) only to choose how XLA
-  lays out the products and the head transposes; it is the gradient autodiff gives,
-  to round-off (tests/layers/test_mhsa.py).
-  """
-  return _attention_forward(qkv, num_heads, scale)[0]
-
-
-attention.defvjp(_attention_forward, _attention_backward)
+@attention_cpu.defjvp
+def _attention_cpu_jvp(num_heads, scale, primals, tangents):
+  (qkv,), (d_qkv,) = primals, tangents
+  out, (q, k, v, weights) = _attention_primal(qkv, num_heads, scale)
+  d_q, d_k, d_v = _heads(d_qkv, num_heads)
+  d_q = d_q * jnp.asarray(scale, q.dtype)
+  d_logits = (_batched_dot(d_q, k, 2, 2) + _batched_dot(q, d_k, 2, 2)).astype(jnp.float32)
+  # The softmax tangent W∘(dL − Σ_m W∘dL) times v, with (W∘(Σ_m W∘dL))·v = (Σ_m W∘dL)·O.
+  weighted = weights * d_logits
+  row = jnp.sum(weighted, axis=-1, keepdims=True).astype(out.dtype)
+  d_out = (
+    _batched_dot(weighted.astype(v.dtype), v, 2, 1)
+    - row * out
+    + _batched_dot(weights.astype(v.dtype), d_v, 2, 1)
+  )
+  batch = qkv.shape[0]
+  return _merge_heads(out, batch, num_heads), _merge_heads(d_out, batch, num_heads)
