@@ -1,17 +1,18 @@
 """lkca_jax's train step against the plain PyTorch port, alternated A B B A on one machine.
 
     python benchmarks/compare_torch.py [--models lkca_b,vit,lkca_t,vit_1m] [--batch 128]
-        [--steps 20] [--repeats 1] [--fast_cpu] [--torch_python /work/torchvenv/bin/python]
+        [--steps 20] [--repeats 1] [--forms auto] [--torch_python /work/torchvenv/bin/python]
         [--torch_script ../shared/bench/torch_reference_step.py]
         [--out bench_results/compare_torch.json]
 
 Each repeat runs, in separate processes, A = `python -m lkca_jax.tools.bench_step
---dtype float32` (the "fixed" column: model, loss, AdamW, no per-image
-augmentation, as the port times it), then B = the port, B again, A again, so a
-drift in machine load hits both alike. Per model it prints the median images/s of
-each side over its runs, the JAX / PyTorch ratio (above 1: JAX is faster), and the
-load average before and after every run. PyTorch is a timing anchor only: nothing
-in lkca_jax imports it.
+--dtype float32 --columns fixed` (model, loss, AdamW, no per-image augmentation,
+as the port times it), then B = the port, B again, A again, so a drift in machine
+load hits both alike. `--forms cpu,plain` times both layer forms in each A run
+(interleaved in one process), so both ratios come from one alternation. Per model
+it prints the median images/s of each side over its runs, the JAX / PyTorch ratio
+(above 1: JAX is faster), and the load average before and after every run.
+PyTorch is a timing anchor only: nothing in lkca_jax imports it.
 """
 
 from __future__ import annotations
@@ -30,13 +31,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_LINE = re.compile(r"^torch (\S+) .*: ([\d.]+) ms/step, ([\d.]+) img/s")
 
 
+def cpu_model() -> str:
+  """The CPU's model name and the flags that decide its fast paths (AVX-512, AMX)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = dict(
+        line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line
+      )
+  except OSError:
+    return "unknown"
+  info = {k.strip(): v.strip() for k, v in info.items()}
+  wanted = [
+    f for f in info.get("flags", "").split() if f.startswith(("avx512f", "amx", "avx512_bf16"))
+  ]
+  return f"{info.get('model name', 'unknown')} ({' '.join(wanted) or 'no AVX-512/AMX'})"
+
+
 def load() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def run_jax(models, batch, steps, *, fast_cpu: bool = False) -> dict:
-  """{model: images/s} of one bench_step run (float32, fixed batch)."""
-  env = dict(os.environ, LKCA_JAX_FAST_CPU="1" if fast_cpu else "0")
+def run_jax(models, batch, steps, forms) -> dict:
+  """{"jax_<forms>": {model: images/s}} of one bench_step run (float32, fixed batch)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench_step.json")
     subprocess.run(
@@ -47,17 +63,21 @@ def run_jax(models, batch, steps, *, fast_cpu: bool = False) -> dict:
         f"--models={','.join(models)}",
         f"--batch={batch}",
         "--dtype=float32",
+        "--columns=fixed",
+        f"--forms={','.join(forms)}",
         f"--steps={steps}",
         f"--out={out}",
       ],
       cwd=ROOT,
       check=True,
       stdout=subprocess.DEVNULL,
-      env=env,
     )
     with open(out) as f:
       results = json.load(f)["results"]
-  return {r["model"]: r["fixed"]["images_per_second"] for r in results}
+  by_side = {f"jax_{form}": {} for form in forms}
+  for r in results:
+    by_side[f"jax_{r['forms']}"][r["model"]] = r["fixed"]["images_per_second"]
+  return by_side
 
 
 def run_torch(python, script, models, batch, steps) -> dict:
@@ -93,39 +113,41 @@ def main():
   )
   parser.add_argument("--out", default="bench_results/compare_torch.json")
   parser.add_argument(
-    "--fast_cpu",
-    action="store_true",
-    help="also time lkca_jax with LKCA_JAX_FAST_CPU=1 (lkca_jax/xla_flags.py): A C B B C A",
+    "--forms",
+    default="auto",
+    help="layer forms lkca_jax times, each its own column: auto, cpu, plain (layers/backend.py)",
   )
   args = parser.parse_args()
   models = args.models.split(",")
-  sides = ("jax", "jax_fast_cpu", "torch", "torch", "jax_fast_cpu", "jax")
-  if not args.fast_cpu:
-    sides = ("jax", "torch", "torch", "jax")
+  forms = args.forms.split(",")
   runs = []
   for _ in range(args.repeats):
-    for side in sides:
+    for side in ("jax", "torch", "torch", "jax"):
       before, start = load(), time.time()
-      if side.startswith("jax"):
-        ips = run_jax(models, args.batch, args.steps, fast_cpu=side == "jax_fast_cpu")
+      if side == "jax":
+        by_side = run_jax(models, args.batch, args.steps, forms)
       else:
-        ips = run_torch(args.torch_python, args.torch_script, models, args.batch, args.steps)
-      runs.append(
-        {
-          "side": side,
-          "images_per_second": ips,
-          "load_before": before,
-          "load_after": load(),
-          "seconds": round(time.time() - start, 1),
+        by_side = {
+          "torch": run_torch(args.torch_python, args.torch_script, models, args.batch, args.steps)
         }
-      )
-      print(
-        f"{side:<13} load {before:5.2f} -> {runs[-1]['load_after']:5.2f}  "
-        + "  ".join(f"{m} {ips[m]:.1f}" for m in models),
-        flush=True,
-      )
+      after, seconds = load(), round(time.time() - start, 1)
+      for name, ips in by_side.items():
+        runs.append(
+          {
+            "side": name,
+            "images_per_second": ips,
+            "load_before": before,
+            "load_after": after,
+            "seconds": seconds,
+          }
+        )
+        print(
+          f"{name:<13} load {before:5.2f} -> {after:5.2f}  "
+          + "  ".join(f"{m} {ips[m]:.1f}" for m in models),
+          flush=True,
+        )
   summary = {}
-  jax_sides = [side for side in dict.fromkeys(sides) if side != "torch"]
+  jax_sides = [f"jax_{form}" for form in forms]
   print(f"\nmedian images/s over runs, batch {args.batch}, float32 (ratio > 1: JAX faster)")
   print(f"{'model':<10}{'torch':>10}" + "".join(f"{side:>14}{'ratio':>8}" for side in jax_sides))
   for m in models:
@@ -139,15 +161,13 @@ def main():
     for side in jax_sides:
       ips = median(side)
       summary[m][side] = ips
-      summary[m]["ratio" if side == "jax" else f"ratio_{side.removeprefix('jax_')}"] = (
-        ips / torch_ips
-      )
+      summary[m][f"ratio_{side.removeprefix('jax_')}"] = ips / torch_ips
       row += f"{ips:>14.1f}{ips / torch_ips:>8.2f}"
     print(row)
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
-    f"{os.cpu_count()} CPUs"
+    f"{os.cpu_count()} CPUs, {cpu_model()}"
   )
   os.makedirs(os.path.dirname(os.path.join(ROOT, args.out)), exist_ok=True)
   with open(os.path.join(ROOT, args.out), "w") as f:
@@ -157,7 +177,9 @@ def main():
         "summary": summary,
         "batch": args.batch,
         "steps": args.steps,
+        "forms": forms,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
       },
       f,
       indent=2,

@@ -2,7 +2,7 @@
 
     python -m lkca_jax.tools.bench_step [--models lkca_t,lkca_b,vit_1m,vit] [--batch 128]
         [--dtype float32,bfloat16] [--steps 20] [--out bench_results/bench_step.json] [--smoke]
-        [--runs K]
+        [--runs K] [--forms auto,cpu,plain] [--columns fixed,pipeline]
 
 Flags:
   --models  comma-separated presets of `lkca_jax.models.PRESETS`.
@@ -19,6 +19,10 @@ Flags:
             interleaved as below. Reported: median ms of the K-run step and the sum of
             the K single runs' medians, their ratio (below 1: the K-run step is
             cheaper), and bytes per run from each compiled step's memory analysis.
+  --forms   comma-separated layer forms (`lkca_jax.layers.backend.forms`): auto (the
+            backend's own), cpu (the CPU-tuned forms) or plain (the GPU/TPU forms), each
+            a case of its own, so both can be timed on any backend.
+  --columns which of the two columns below to time.
 
 Every case is the trainer's step as `train.build_training` builds it (CutMix/Mixup,
 the model with stochastic depth, label-smoothed loss, AdamW, state donated) on
@@ -38,6 +42,7 @@ them alike. Reported per case: median and min ms/step and images/s
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -241,39 +246,44 @@ def run_benchmark(
   batch: int,
   steps: int,
   overrides: dict | None = None,
+  forms: tuple[str, ...] = ("auto",),
+  columns: tuple[str, ...] = COLUMNS,
   log=print,
 ) -> dict:
-  """Builds every (model, dtype), times both columns interleaved; returns the results."""
+  """Builds every (model, dtype, forms), times the columns interleaved; returns the results."""
+  from lkca_jax.layers import backend  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
   cases = {}
   compile_seconds = {}
-  for model in models:
-    for dtype in dtypes:
-      start = time.perf_counter()
+  for model, dtype, form in itertools.product(models, dtypes, forms):
+    start = time.perf_counter()
+    with backend.forms(form):  # read when the step is traced: at its first call, below
       case = Case(step_config(model, batch=batch, dtype=dtype, overrides=overrides))
-      for column in COLUMNS:  # compile, then one warm step: excluded from the timings
+      for column in columns:  # compile, then one warm step: excluded from the timings
         case.step(column)
         case.step(column)
-      compile_seconds[f"{model}/{dtype}"] = time.perf_counter() - start
-      log(
-        f"compiled {model} ({case.run.num_params:,} params) {dtype} in "
-        f"{compile_seconds[f'{model}/{dtype}']:.1f}s"
-      )
-      cases[(model, dtype)] = case
-  order = [(key, column) for key in cases for column in COLUMNS]
+    name = f"{model}/{dtype}/{form}"
+    compile_seconds[name] = time.perf_counter() - start
+    log(f"compiled {name} ({case.run.num_params:,} params) in {compile_seconds[name]:.1f}s")
+    cases[(model, dtype, form)] = case
+  order = [(key, column) for key in cases for column in columns]
   times = {item: [] for item in order}
   for round_ in range(steps):
     for key, column in order if round_ % 2 == 0 else order[::-1]:
       times[(key, column)].append(cases[key].step(column))
   results = []
-  for (model, dtype), case in cases.items():
+  for key, case in cases.items():
+    model, dtype, form = key
     results.append(
       {
         "model": model,
         "dtype": dtype,
+        "forms": form,
         "params": case.run.num_params,
-        **{column: column_stats(times[((model, dtype), column)], batch) for column in COLUMNS},
+        **{
+          column: column_stats(times[((model, dtype, form), column)], batch) for column in columns
+        },
         "state_dtypes": {
           "params": float_dtypes(case.state.params),
           "opt_state": float_dtypes(case.state.opt_state),
@@ -284,6 +294,8 @@ def run_benchmark(
     "config": {
       "models": models,
       "dtypes": dtypes,
+      "forms": list(forms),
+      "columns": list(columns),
       "batch_size": batch,
       "steps": steps,
       "dataset": DATASET,
@@ -307,15 +319,17 @@ def format_table(results: dict) -> str:
   lines = [
     f"train step, batch {c['batch_size']}, {c['dataset']} 32x32x3, median of "
     f"{c['steps']} interleaved steps per case",
-    f"{'model':<10}{'dtype':<10}{'fixed ms':>10}{'min':>8}{'img/s':>8}"
-    f"{'pipeline ms':>13}{'min':>8}{'img/s':>8}",
+    f"{'model':<10}{'dtype':<10}{'forms':<7}"
+    + "".join(f"{column + ' ms':>13}{'min':>8}{'img/s':>8}" for column in c["columns"]),
   ]
   for r in results["results"]:
-    f, p = r["fixed"], r["pipeline"]
     lines.append(
-      f"{r['model']:<10}{r['dtype']:<10}{f['median_ms']:>10.1f}{f['min_ms']:>8.1f}"
-      f"{f['images_per_second']:>8.1f}{p['median_ms']:>13.1f}{p['min_ms']:>8.1f}"
-      f"{p['images_per_second']:>8.1f}"
+      f"{r['model']:<10}{r['dtype']:<10}{r['forms']:<7}"
+      + "".join(
+        f"{r[column]['median_ms']:>13.1f}{r[column]['min_ms']:>8.1f}"
+        f"{r[column]['images_per_second']:>8.1f}"
+        for column in c["columns"]
+      )
     )
   m = results["machine"]
   start, end = results["load_average_start"], results["load_average_end"]
@@ -337,6 +351,8 @@ def _define_flags():
   flags.DEFINE_string("out", "bench_results/bench_step.json", "Where the JSON results go.")
   flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 steps (for tests).")
   flags.DEFINE_integer("runs", 1, "K > 1: time K runs in one process against K single runs.")
+  flags.DEFINE_list("forms", ["auto"], "Layer forms: auto, cpu, plain (layers/backend.py).")
+  flags.DEFINE_list("columns", list(COLUMNS), "Columns to time: fixed, pipeline.")
 
 
 def main(argv):
@@ -344,6 +360,7 @@ def main(argv):
 
   from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax.layers import backend  # pylint: disable=import-outside-toplevel
 
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -363,6 +380,10 @@ def main(argv):
     cli.fail(f"--batch and --steps must be at least 1, got {batch} and {steps}")
   if FLAGS.runs < 1:
     cli.fail(f"--runs must be at least 1, got {FLAGS.runs}")
+  if not FLAGS.forms or set(FLAGS.forms) - set(backend.FORMS):
+    cli.fail(f"--forms must list {list(backend.FORMS)}, got {FLAGS.forms}")
+  if not FLAGS.columns or set(FLAGS.columns) - set(COLUMNS):
+    cli.fail(f"--columns must list {list(COLUMNS)}, got {FLAGS.columns}")
   logging.set_verbosity(logging.WARNING)
   try:
     if FLAGS.runs > 1:
@@ -371,7 +392,13 @@ def main(argv):
       )
     else:
       results = run_benchmark(
-        FLAGS.models, FLAGS.dtype, batch=batch, steps=steps, overrides=overrides
+        FLAGS.models,
+        FLAGS.dtype,
+        batch=batch,
+        steps=steps,
+        overrides=overrides,
+        forms=tuple(FLAGS.forms),
+        columns=tuple(FLAGS.columns),
       )
   except train.ConfigError as e:
     cli.fail(str(e))
@@ -380,7 +407,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
-  app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_step"))
+  cli.run(main, "python -m lkca_jax.tools.bench_step")
