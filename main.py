@@ -15,10 +15,11 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools.cli import fail  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -169,4 +170,4 @@ def print_runs(config, summary, workdir) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parser_for("main.py"))
+  cli.run(main, "main.py")

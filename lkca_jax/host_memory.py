@@ -1,5 +1,7 @@
-"""How lkca_jax has glibc's malloc keep freed memory: this file is the one place, applied when
-the package is imported.
+"""How lkca_jax's commands have glibc's malloc keep freed memory: this file is the one place,
+applied by the entry points that own their process (main.py and every command, through
+`lkca_jax.tools.cli.run`), never on import: a library import must leave malloc as the
+program that imports it set it up.
 
 XLA:CPU gives each run of a compiled step its temporaries as one block (about 1 GB for an
 lkca_b train step at batch 128) and frees it when the step ends. glibc serves a block that
@@ -13,11 +15,12 @@ the main heap and stay mapped for the next step:
 - no `mmap` for large requests (`M_MMAP_MAX` 0);
 - no trimming of the heap's free top (`M_TRIM_THRESHOLD` -1).
 
-The price is that the process keeps its peak heap mapped, as a training process does anyway.
-They act only on glibc (Linux); elsewhere, or with LKCA_JAX_KEEP_HOST_MEMORY=0 in the
-environment, malloc is left as it is. They must be set before jax starts its CPU threads,
-which is why the package applies them on import: importing lkca_jax after a jax computation
-has run leaves those threads on their own arenas, and the faults stay.
+The price is that the process keeps its peak heap mapped, as a training process does anyway,
+and that all its threads share one arena: right for a process that trains, not for one that
+merely imports the layers (a data loader, a server). They act only on glibc (Linux);
+elsewhere, or with LKCA_JAX_KEEP_HOST_MEMORY=0 in the environment, malloc is left as it is.
+They must be set before jax starts its CPU threads (threads started earlier keep their own
+arenas, and the faults stay); a script of your own that trains can call `apply()` first.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lkca_jax"
 # Lower numbers sit lower: a module may import its own layer's package and anything below it.
 LAYERS = {
   "files": 0,
-  "xla_flags": 0,
   "host_memory": 0,
   "layers": 0,
   "augment": 0,

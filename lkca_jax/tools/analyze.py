@@ -48,7 +48,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from lkca_jax.tools import cli  # noqa: E402
-from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools.cli import fail  # noqa: E402
 
 DPI = 150
 MAX_CHANNELS_SHOWN = 16
@@ -857,7 +857,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.analyze"))
+  cli.run(main, "python -m lkca_jax.tools.analyze")

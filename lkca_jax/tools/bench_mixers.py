@@ -264,7 +264,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
-  app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_mixers"))
+  cli.run(main, "python -m lkca_jax.tools.bench_mixers")

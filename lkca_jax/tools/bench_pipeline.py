@@ -347,7 +347,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
-  app.run(main, flags_parser=cli.parser_for("python -m lkca_jax.tools.bench_pipeline"))
+  cli.run(main, "python -m lkca_jax.tools.bench_pipeline")

@@ -1,6 +1,7 @@
-"""What every command shares: flag parsing, one way to fail, machine info, output files.
+"""What every command shares: the process it owns, flag parsing, one way to fail, machine
+info, output files.
 
-Used by main.py and the `python -m lkca_jax.tools.*` commands. A bad input is
+Used by main.py and the `python -m lkca_jax.tools.*` commands, each started by `run`. A bad input is
 one `error:` line on stderr and exit code 2, before any work; every output
 file is written whole through `lkca_jax.files.write_atomic`.
 """
@@ -12,6 +13,7 @@ import os
 import platform
 import sys
 
+from lkca_jax import host_memory
 from lkca_jax.files import write_atomic, write_json
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
   "machine_info",
   "parse_flags",
   "parser_for",
+  "run",
   "save_figure",
   "write_atomic",
   "write_json",
@@ -93,6 +96,16 @@ def parse_flags(argv, *, program: str = "main.py"):
 def parser_for(program: str):
   """A `flags_parser` for absl's app.run naming `program` in its hints."""
   return lambda argv: parse_flags(argv, program=program)
+
+
+def run(main, program: str) -> None:
+  """Runs a command's absl `main` as the owner of its process: the host-memory settings
+  (`lkca_jax.host_memory`) first, before jax starts its threads, then the flags, parsed by
+  `parse_flags` with `program` named in its hints."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  host_memory.apply()
+  app.run(main, flags_parser=parser_for(program))
 
 
 def machine_info() -> dict:

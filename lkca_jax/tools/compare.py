@@ -51,11 +51,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lkca_jax.layers import MIXERS  # noqa: E402
-from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools.cli import fail  # noqa: E402
 
 # {size: {mixer: preset}}, from each registered mixer's own `size_presets`.
 SIZE_PRESETS = {
@@ -448,4 +449,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.compare"))
+  cli.run(main, "python -m lkca_jax.tools.compare")

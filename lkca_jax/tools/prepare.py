@@ -22,10 +22,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from lkca_jax.data.sources import DATASETS, DatasetUnavailableError, prepare  # noqa: E402
-from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools.cli import fail  # noqa: E402
 
 PROGRAM = "python -m lkca_jax.tools.prepare"
 TFDS_DATASETS = sorted(name for name, spec in DATASETS.items() if spec.tfds_name)
@@ -67,4 +68,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=parser_for(PROGRAM))
+  cli.run(main, PROGRAM)

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from lkca_jax.tools import cli  # noqa: E402
-from lkca_jax.tools.cli import fail, parser_for  # noqa: E402
+from lkca_jax.tools.cli import fail  # noqa: E402
 
 TILE_TARGET = 128  # upscale tiles to about this many pixels...
 MAX_SCALE = 8  # ...but at most 8x (8 px digits become 64 px)
@@ -293,7 +293,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.preview"))
+  cli.run(main, "python -m lkca_jax.tools.preview")

@@ -43,10 +43,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lkca_jax.tools.cli import fail, machine_info, parser_for, write_atomic, write_json  # noqa: E402
+from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools.cli import fail, machine_info, write_atomic, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -452,4 +453,4 @@ if __name__ == "__main__":
   if table_in_argv(sys.argv) is None and not any(a.startswith(("--help", "-?")) for a in sys.argv):
     fail(f"--table is required: one of {','.join(TABLES)}")
   define_flags(table_in_argv(sys.argv))
-  app.run(main, flags_parser=parser_for("python -m lkca_jax.tools.reproduce"))
+  cli.run(main, "python -m lkca_jax.tools.reproduce")
