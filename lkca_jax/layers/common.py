@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from lkca_jax.layers.backend import by_backend
 
@@ -64,19 +65,23 @@ def dense_cpu(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision
   return dense(x, kernel, bias, precision)
 
 
-@dense_cpu.defjvp
 def _dense_cpu_jvp(precision, primals, tangents):
   x, kernel, bias = primals
   d_x, d_kernel, d_bias = tangents
-  # x·dW written as (dWᵀ·xᵀ)ᵀ: transposed for reverse mode it is (d_yᵀ·x)ᵀ.
-  rows = (((1,), (1,)), ((), ()))
-  d_y = (
-    jnp.dot(d_x, kernel, precision=precision)
-    + jax.lax.dot_general(d_kernel.T, x, rows, precision=precision).T
-  )
-  if bias is not None:
-    d_y = d_y + d_bias
-  return dense(x, kernel, bias, precision), d_y
+  y = dense(x, kernel, bias, precision)
+  terms = []  # a tangent that is a symbolic zero contributes no product
+  if not isinstance(d_x, SymbolicZero):
+    terms.append(jnp.dot(d_x, kernel, precision=precision))
+  if not isinstance(d_kernel, SymbolicZero):
+    # x·dW written as (dWᵀ·xᵀ)ᵀ: transposed for reverse mode it is (d_yᵀ·x)ᵀ.
+    rows = (((1,), (1,)), ((), ()))
+    terms.append(jax.lax.dot_general(d_kernel.T, x, rows, precision=precision).T)
+  if bias is not None and not isinstance(d_bias, SymbolicZero):
+    terms.append(jnp.broadcast_to(d_bias, y.shape))
+  return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+dense_cpu.defjvp(_dense_cpu_jvp, symbolic_zeros=True)
 
 
 class LayerNorm(nnx.LayerNorm):

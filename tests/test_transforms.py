@@ -1,0 +1,173 @@
+"""Every preset under every JAX transform: grad, jvp, jacfwd, hessian, linearize, a
+forward-over-reverse Hessian-vector product, vmap and jit, in float32 and bfloat16.
+
+Tolerances are float32 round-off bounds. An inner product of float32 values that each
+went through reductions of L terms in all (summed along the longest path of the network)
+is off by at most about L·u of the summed magnitudes, u = 2⁻²⁴; two evaluations that sum
+in different orders, twice that. `chain_terms` is L for a model; bfloat16 results are
+compared with a bound of one 2⁻⁸ rounding per layer output instead.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkca_jax.layers import backend
+from lkca_jax.models import PRESETS, create_model
+
+U32, U16 = 2.0**-24, 2.0**-8
+IMAGE = 8  # 8×8 images, patch 1 or 2: grids of 8×8 or 4×4 tokens
+
+
+def model_of(name, *, depth=1, dtype=None, patch=1, **overrides):
+  """The preset in eval mode: the function itself, no stochastic depth."""
+  model = create_model(
+    name,
+    num_classes=5,
+    image_size=IMAGE,
+    channels=3,
+    patch_size=patch,
+    depth=depth,
+    dtype=dtype,
+    rngs=nnx.Rngs(0),
+    **overrides,
+  )
+  model.eval()
+  return model
+
+
+def chain_terms(model, patch) -> int:
+  """Reduction terms along the longest path: patch embedding, per block the mixer's and the
+  MLP's products and LayerNorms, the final norm and head (each width counted once per use)."""
+  dim = model.head.kernel.shape[0]
+  tokens = (IMAGE // patch) ** 2 + 1
+  return 3 * patch**2 + len(model.blocks) * (8 * dim + 2 * tokens) + 2 * dim
+
+
+def images(seed, dtype=jnp.float32, batch=2):
+  return jax.random.normal(jax.random.key(seed), (batch, IMAGE, IMAGE, 3)).astype(dtype)
+
+
+def adjoint_gap(fn, x, tangent, cotangent):
+  """(|<J·t, c> − <t, Jᵀ·c>|, Σ|t|·|Jᵀc| + |<J·t, c>|): jvp and vjp of `fn` must agree."""
+  _, jvp = jax.jvp(fn, (x,), (tangent,))
+  _, vjp = jax.vjp(fn, x)
+  (pullback,) = vjp(cotangent.astype(jvp.dtype))
+  forward = jnp.vdot(jvp.astype(jnp.float32), cotangent)
+  backward = jnp.vdot(tangent.astype(jnp.float32), pullback.astype(jnp.float32))
+  scale = jnp.vdot(jnp.abs(tangent), jnp.abs(pullback).astype(jnp.float32)) + jnp.abs(forward)
+  return jnp.abs(forward - backward), scale, jvp
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_has_forward_and_reverse_derivatives_that_agree(name):
+  """jvp is the adjoint of vjp, in each layer form, and the two forms' jvps agree."""
+  model = model_of(name)
+  x, t = images(1), images(2)
+  c = jax.random.normal(jax.random.key(3), (2, 5))
+  terms = chain_terms(model, 1)
+  jvps = {}
+  for form in ("cpu", "plain"):
+    with backend.forms(form):
+      gap, scale, jvps[form] = jax.jit(lambda x, t, c: adjoint_gap(model, x, t, c))(x, t, c)
+    assert float(gap) <= 2 * terms * U32 * float(scale), (form, gap, scale)
+  bound = 2 * terms * U32 * float(jnp.abs(jvps["plain"]).max())
+  assert float(jnp.abs(jvps["cpu"] - jvps["plain"]).max()) <= bound
+
+
+@pytest.mark.parametrize("mixer_preset", ["lkca_t", "vit_1m", "acmix_t", "flatten_t"])
+def test_bfloat16_models_differentiate_forward_and_back_in_bfloat16(mixer_preset):
+  x, t = images(1), images(2)
+  model32, model16 = model_of(mixer_preset), model_of(mixer_preset, dtype=jnp.bfloat16)
+  _, jvp32 = jax.jvp(model32, (x,), (t,))
+  _, jvp16 = jax.jvp(model16, (x.astype(jnp.bfloat16),), (t.astype(jnp.bfloat16),))
+  grads = nnx.grad(lambda m, x: jnp.sum(m(x).astype(jnp.float32) ** 2))(model16, x)
+  assert jvp16.dtype == jnp.bfloat16
+  assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+  # One bf16 rounding per layer output: ~10 of them in a one-block model, each ≤ 2⁻⁸.
+  roundings = 10
+  error = float(jnp.abs(jvp16.astype(jnp.float32) - jvp32).max())
+  assert error <= roundings * U16 * float(jnp.abs(jvp32).max()) * 4
+
+
+TINY = dict(dim=8, num_heads=2)
+
+
+@pytest.mark.parametrize("name", ["lkca_t", "vit_1m", "acmix_t", "flatten_t"])
+def test_hessian_jacfwd_linearize_and_hvp_on_a_tiny_model(name):
+  patch = 2
+  model = model_of(name, patch=patch, **TINY)
+  terms = chain_terms(model, patch)
+  x = images(4, batch=1)
+  labels = jnp.array([3])
+
+  def loss(x):
+    return jnp.mean(-jax.nn.log_softmax(model(x))[jnp.arange(1), labels])
+
+  jac_fwd = jax.jit(jax.jacfwd(model))(x)
+  jac_rev = jax.jit(jax.jacrev(model))(x)
+  bound = 2 * terms * U32 * float(jnp.abs(jac_rev).max())
+  assert float(jnp.abs(jac_fwd - jac_rev).max()) <= bound
+
+  hessian = jax.jit(jax.hessian(loss))(x).reshape(x.size, x.size)
+  h_scale = float(jnp.abs(hessian).max())
+  assert h_scale > 0
+  assert float(jnp.abs(hessian - hessian.T).max()) <= 4 * terms * U32 * h_scale  # symmetric
+
+  v = images(5, batch=1)
+  forward_over_reverse = jax.jit(lambda x, v: jax.jvp(jax.grad(loss), (x,), (v,))[1])(x, v)
+  reverse_over_reverse = jax.jit(jax.grad(lambda x, v: jnp.vdot(jax.grad(loss)(x), v)))(x, v)
+  by_matrix = (hessian @ v.reshape(-1)).reshape(x.shape)
+  hvp_bound = 4 * terms * U32 * h_scale * float(jnp.abs(v).sum())
+  for hvp in (forward_over_reverse, reverse_over_reverse):
+    assert float(jnp.abs(hvp - by_matrix).max()) <= hvp_bound
+
+  out, linear_fn = jax.linearize(model, x)
+  _, jvp = jax.jvp(model, (x,), (v,))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(model(x)))
+  assert float(jnp.abs(linear_fn(v) - jvp).max()) <= bound * float(jnp.abs(v).max())
+
+
+def test_vmapped_per_example_gradients_are_each_examples():
+  model = model_of("lkca_t", patch=2, **TINY)
+  params = nnx.state(model, nnx.Param)
+  graphdef, rest = nnx.split(model, nnx.Param, ...)[0], nnx.split(model, nnx.Param, ...)[2]
+  x = images(6, batch=3)
+
+  def loss(params, x):
+    return jnp.sum(nnx.merge(graphdef, params, rest)(x[None]) ** 2)
+
+  per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, x)
+  terms = chain_terms(model, 2)
+  for i in range(3):
+    alone = jax.grad(loss)(params, x[i])
+    for a, b in zip(jax.tree.leaves(per_example), jax.tree.leaves(alone), strict=True):
+      bound = 2 * terms * U32 * max(float(jnp.abs(b).max()), 1e-30)
+      assert float(jnp.abs(a[i] - b).max()) <= bound
+
+
+@pytest.mark.parametrize("name", ["lkca_05m", "vit_05m", "acmix_t", "flatten_t"])
+def test_parameter_tangents_are_the_adjoint_of_parameter_gradients(name):
+  """jvp and vjp with respect to every parameter, in one jit, in both layer forms."""
+  model = model_of(name)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(params))))
+  tangent = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape, p.dtype), params)
+  x, c = images(1), jax.random.normal(jax.random.key(3), (2, 5))
+  apply = lambda p: nnx.merge(graphdef, p, rest)(x)
+
+  def gap(params, tangent, c):
+    _, jvp = jax.jvp(apply, (params,), (tangent,))
+    (grads,) = jax.vjp(apply, params)[1](c)
+    pairs = list(zip(jax.tree.leaves(tangent), jax.tree.leaves(grads), strict=True))
+    backward = sum(jnp.vdot(t, g) for t, g in pairs)
+    scale = sum(jnp.vdot(jnp.abs(t), jnp.abs(g)) for t, g in pairs)
+    return jnp.abs(jnp.vdot(jvp, c) - backward), scale
+
+  terms = chain_terms(model, 1)
+  for form in ("cpu", "plain"):
+    with backend.forms(form):
+      difference, scale = jax.jit(lambda p, t, c: gap(p, t, c))(params, tangent, c)
+    assert float(difference) <= 2 * terms * U32 * float(scale), (form, difference, scale)
