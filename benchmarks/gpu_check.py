@@ -31,6 +31,7 @@ PARTS = (
   "env",
   "step_b128_lkca_t",
   "step_b128_lkca_b",
+  "forms",
   "mixers",
   "runs",
   "autoaugment",
@@ -263,6 +264,17 @@ def runs_summary(results: dict) -> list[dict]:
   return rows
 
 
+def forms_summary(results: dict) -> list[dict]:
+  """Per model and dtype: the train step in the plain and the CPU-tuned layer forms."""
+  rows = {}
+  for r in results["results"]:
+    row = rows.setdefault((r["model"], r["dtype"]), {"model": r["model"], "dtype": r["dtype"]})
+    row.setdefault("ms", {})[r["forms"]] = r["fixed"]["median_ms"]
+  for row in rows.values():
+    row["faster"] = min(row["ms"], key=row["ms"].get)
+  return list(rows.values())
+
+
 def mixers_summary(results: dict) -> dict:
   """Per shape: the faster LKCA view (module cases) against the one `auto` picks."""
   out = {}
@@ -280,7 +292,7 @@ def mixers_summary(results: dict) -> dict:
 
 def summarize(folder: str, mode: str) -> dict:
   parts = read_parts(folder)
-  rows, runs, mixers, augment = [], [], {}, None
+  rows, runs, forms, mixers, augment = [], [], [], {}, None
   for name, part in parts.items():
     data = read_json(part["json"]) if part.get("status") == "ok" and "json" in part else None
     if part.get("status") == "ok" and "json" in part and data is None:
@@ -298,6 +310,9 @@ def summarize(folder: str, mode: str) -> dict:
       part["throughput_vs_one_run"] = {
         f"{r['model']}/{r['dtype']}": r["throughput_vs_one_run"] for r in runs
       }
+    elif name == "forms":
+      forms = forms_summary(data)
+      part["faster_forms"] = {f"{r['model']}/{r['dtype']}": r["faster"] for r in forms}
     elif name == "mixers":
       mixers = mixers_summary(data)
       part["faster_view"] = {k: v["faster"] for k, v in mixers.items()}
@@ -313,6 +328,7 @@ def summarize(folder: str, mode: str) -> dict:
     "step": rows,
     "projection": projection(rows),
     "runs": runs,
+    "forms": forms,
     "mixers": mixers,
     "autoaugment": augment,
   }
@@ -350,6 +366,9 @@ def format_summary(s: dict) -> str:
       f"  {r['runs']} runs together ({r['model']} {r['dtype']}): "
       f"{r['throughput_vs_one_run']:.2f}x one run's images/s (goal {RUNS_GOAL:g}x)"
     )
+  for r in s["forms"]:
+    ms = ", ".join(f"{k} {v:.2f} ms" for k, v in r["ms"].items())
+    lines.append(f"  layer forms ({r['model']} {r['dtype']}): {ms}; faster {r['faster']}")
   for shape, m in s["mixers"].items():
     ms = ", ".join(f"{k} {v:.2f} ms" for k, v in m["ms"].items())
     lines.append(f"  LKCA views {shape}: {ms}; faster {m['faster']}, auto picks {m['auto_picks']}")

@@ -144,6 +144,8 @@ if [ "$SMOKE" = 1 ]; then
     --dtype float32 --out "$O/step_b128_lkca_t.json"
   part step_b128_lkca_b 60 "$O/step_b128_lkca_b.json" $STEP --smoke --models lkca_b \
     --dtype float32 --out "$O/step_b128_lkca_b.json"
+  part forms 60 "$O/forms.json" $STEP --smoke --models lkca_t --dtype float32 \
+    --forms plain,cpu --columns fixed --out "$O/forms.json"
   part mixers 60 "$O/mixers.json" $MIXERS --cases lkca-attention,lkca-conv --shapes 8x8 \
     --repeats 2 --max_seconds 0.05 --out "$O/mixers.json"
   part runs 90 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
@@ -165,6 +167,10 @@ else
     --dtype $DT --steps 20 --out "$O/step_b128_lkca_t.json"
   part step_b128_lkca_b 90 "$O/step_b128_lkca_b.json" $STEP --models lkca_b --batch 128 \
     --dtype $DT --steps 20 --out "$O/step_b128_lkca_b.json"
+  # The layer forms on this backend: the plain ones it runs against the CPU-tuned ones
+  # (lkca_jax/layers/backend.py), so the per-backend choice is measured here too.
+  part forms 90 "$O/forms.json" $STEP --models lkca_t,vit --batch 128 --dtype $DT \
+    --forms plain,cpu --columns fixed --steps 20 --out "$O/forms.json"
   # The module cases only (the mixing-only ones would explain, not decide): six compiles.
   part mixers 45 "$O/mixers.json" $MIXERS --cases mhsa,lkca-attention,lkca-conv \
     --shapes 8x8,16x16 --repeats 15 --max_seconds 0.5 --out "$O/mixers.json"

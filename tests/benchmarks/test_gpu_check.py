@@ -20,6 +20,7 @@ OK_PARTS = (
   "env",
   "step_b128_lkca_t",
   "step_b128_lkca_b",
+  "forms",
   "mixers",
   "runs",
   "autoaugment",
@@ -83,6 +84,7 @@ def test_statuses_failed_parts_contained(smoke):
     "env",
     "step_b128_lkca_t",
     "step_b128_lkca_b",
+    "forms",
     "mixers",
     "runs",
     "autoaugment",
@@ -146,7 +148,7 @@ def test_projection_from_bench_step_ms(smoke):
     assert model["meets_stretch"] == (entry["minutes"] <= 5)
 
 
-def test_runs_mixers_autoaugment_env(smoke):
+def test_runs_forms_mixers_autoaugment_env(smoke):
   _, summary, _ = smoke
   parts = summary["parts"]
   (run,) = load(parts["runs"]["json"])["results"]
@@ -156,6 +158,12 @@ def test_runs_mixers_autoaugment_env(smoke):
   assert row["throughput_vs_one_run"] > 0 and row["meets_goal"] == (
     row["throughput_vs_one_run"] >= 4
   )
+
+  forms = load(parts["forms"]["json"])["results"]
+  ms = {r["forms"]: r["fixed"]["median_ms"] for r in forms}
+  ((row),) = summary["forms"]
+  assert set(ms) == {"plain", "cpu"} and (row["model"], row["dtype"]) == ("lkca_t", "float32")
+  assert row["ms"] == ms and row["faster"] == min(ms, key=ms.get)
 
   mixers = load(parts["mixers"]["json"])
   ms = {r["case"]: r["median_ms"] for r in mixers["rows"]}
