@@ -86,10 +86,13 @@ def test_bfloat16_models_differentiate_forward_and_back_in_bfloat16(mixer_preset
   grads = nnx.grad(lambda m, x: jnp.sum(m(x).astype(jnp.float32) ** 2))(model16, x)
   assert jvp16.dtype == jnp.bfloat16
   assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
-  # One bf16 rounding per layer output: ~10 of them in a one-block model, each ≤ 2⁻⁸.
-  roundings = 10
+  # A one-block model rounds ~14 layer outputs to bf16 (patch embedding, position add,
+  # norm, mixer in and out, residual, norm, MLP in, GELU, MLP out, residual, final norm,
+  # head), once in the primal and once in the tangent: 28 roundings of at most 2⁻⁸ each,
+  # carried at unit gain (the layers roughly keep their inputs' scale).
+  roundings = 2 * 14
   error = float(jnp.abs(jvp16.astype(jnp.float32) - jvp32).max())
-  assert error <= roundings * U16 * float(jnp.abs(jvp32).max()) * 4
+  assert error <= roundings * U16 * float(jnp.abs(jvp32).max())
 
 
 TINY = dict(dim=8, num_heads=2)
@@ -132,8 +135,7 @@ def test_hessian_jacfwd_linearize_and_hvp_on_a_tiny_model(name):
 
 def test_vmapped_per_example_gradients_are_each_examples():
   model = model_of("lkca_t", patch=2, **TINY)
-  params = nnx.state(model, nnx.Param)
-  graphdef, rest = nnx.split(model, nnx.Param, ...)[0], nnx.split(model, nnx.Param, ...)[2]
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = images(6, batch=3)
 
   def loss(params, x):
