@@ -384,6 +384,8 @@ def main(argv):
     cli.fail(f"--forms must list {list(backend.FORMS)}, got {FLAGS.forms}")
   if not FLAGS.columns or set(FLAGS.columns) - set(COLUMNS):
     cli.fail(f"--columns must list {list(COLUMNS)}, got {FLAGS.columns}")
+  if FLAGS.runs > 1 and (FLAGS.forms != ["auto"] or FLAGS.columns != list(COLUMNS)):
+    cli.fail("--runs times the pipeline step in the backend's own forms; drop --forms, --columns")
   logging.set_verbosity(logging.WARNING)
   try:
     if FLAGS.runs > 1:

@@ -140,3 +140,24 @@ def test_runs_mode_times_k_runs_together_and_apart_with_memory_per_run():
   assert r["single_bytes"] < r["together_bytes"] == 2 * r["together_bytes_per_run"]
   table = bench_step.format_runs_table(results)
   assert "2 runs in one process vs 2 single runs" in table and "lkca_t" in table
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--forms=gpu"], "--forms must list ['auto', 'cpu', 'plain']"),
+    (["--columns=fixed,warm"], "--columns must list ['fixed', 'pipeline']"),
+    (["--runs=2", "--forms=plain"], "--runs times the pipeline step in the backend's own forms"),
+  ],
+)
+def test_bad_forms_and_columns_are_one_error_line(flags, message, tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "lkca_jax.tools.bench_step", *flags, f"--out={tmp_path / 'b.json'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1]
+  assert "Traceback" not in result.stderr and not (tmp_path / "b.json").exists()
