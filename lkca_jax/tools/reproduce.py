@@ -4,8 +4,8 @@
         [--rows vit_1m,lkca_t] [--steps N] [--runs K] [--out DIR] \
         [--config FILE] [--config.KEY=VALUE ...]
 
-Every row of the table (docs/method.md#paper-results, encoded once in
-`PAPER_RESULTS`) is a preset; --rows picks some (default: all of the table).
+Every row of the table (`lkca_jax.paper`, the paper's numbers kept once) is a
+preset; --rows picks some (default: all of the table).
 A row is K runs (--runs, default 1) with seeds config.seed .. config.seed + K − 1,
 trained side by side in one process (`config.num_runs`: one vmapped step, one
 `train.train_and_evaluate`), all with the table's dataset config
@@ -46,42 +46,13 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from lkca_jax import paper  # noqa: E402
 from lkca_jax.tools import cli  # noqa: E402
 from lkca_jax.tools.cli import fail, machine_info, write_atomic, write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-# The paper's tables (docs/method.md#paper-results): top-1 in %, trained from scratch;
-# None where the paper reports no value. Column order: TABLES.
-TABLES = ("cifar10", "cifar100", "tinyimagenet", "svhn")
-TABLE_NAMES = {
-  "cifar10": "CIFAR-10",
-  "cifar100": "CIFAR-100",
-  "tinyimagenet": "Tiny-ImageNet",
-  "svhn": "SVHN",
-}
-TABLE_DATASETS = {
-  "cifar10": "cifar10",
-  "cifar100": "cifar100",  # dataset.name of each config
-  "tinyimagenet": "tiny_imagenet",
-  "svhn": "svhn",
-}
-PAPER_RESULTS = (
-  # preset, paper name, CIFAR-10, CIFAR-100, Tiny-ImageNet, SVHN
-  ("vit_05m", "ViT/0.5M", 87.83, 64.68, 46.53, None),
-  ("lkca_05m", "ViT/0.5M-LKCA", 90.94, 69.35, 50.59, None),
-  ("vit_1m", "ViT/1M (ViT-Lite)", 91.16, 70.86, 53.46, 97.53),
-  ("lkca_t", "ViT/1M-LKCA (LKCA-T)", 92.49, 73.40, 57.29, 97.15),
-  ("vit_2m", "ViT/2M", 92.32, 71.17, 54.58, None),
-  ("lkca_2m", "ViT/2M-LKCA", 93.55, 75.94, 60.70, None),
-  ("vit", "ViT (ViT-Small)", 93.36, 72.65, 55.74, 97.90),
-  ("lkca_b", "ViT-LKCA (LKCA-B)", 94.11, 76.50, 60.95, 97.68),
-  ("vit_4m", "ViT/4M", 93.64, 72.82, 56.16, None),
-  ("lkca_4m", "ViT/4M-LKCA", 94.71, 76.95, 62.30, None),
-  ("vit_8m", "ViT/8M", 94.46, 73.39, 57.39, None),
-  ("lkca_8m", "ViT/8M-LKCA", 94.88, 78.57, 63.38, None),
-  ("lkca_l", "LKCA-L", None, None, 63.43, None),
-)
+TABLES = tuple(paper.TABLES)
 ROW_FILE = "row.json"  # a finished row's values; its presence marks the row done
 
 
@@ -94,8 +65,7 @@ class PaperRow:
 
 def paper_rows(table: str) -> list[PaperRow]:
   """The rows the paper reports for `table`, in the paper's order."""
-  column = 2 + TABLES.index(table)
-  return [PaperRow(row[0], row[1], row[column]) for row in PAPER_RESULTS if row[column] is not None]
+  return [PaperRow(m.preset, m.name, m.top1[table]) for m in paper.models(table)]
 
 
 def config_path(table: str) -> str:
@@ -280,11 +250,11 @@ def _machine(row: dict) -> str:
 def format_table(report: dict) -> str:
   s = report["settings"]
   done = [row for row in report["rows"] if row.get("top1_mean") is not None]
-  lines = [f"## {TABLE_NAMES[s['table']]}: the paper's top-1 against lkca_jax", ""]
+  lines = [f"## {paper.TABLES[s['table']]}: the paper's top-1 against lkca_jax", ""]
   if s["dataset"] != s["table_dataset"]:
     lines += [
       f"**Not the paper's dataset**: config `{s['config_file']}` trains on "
-      f"{s['dataset']}, while the paper's numbers are for {TABLE_NAMES[s['table']]}; "
+      f"{s['dataset']}, while the paper's numbers are for {paper.TABLES[s['table']]}; "
       "the differences below compare unlike things.",
       "",
     ]
@@ -402,7 +372,7 @@ def main(argv):
     "settings": {
       "argv": sys.argv,
       "table": table,
-      "table_dataset": TABLE_DATASETS[table],
+      "table_dataset": paper.DATASETS[table],
       "config_file": config_flags.get_config_filename(FLAGS["config"]),
       "dataset": base.dataset.name,
       "rows": [row.preset for row in rows],
