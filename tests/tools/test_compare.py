@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import digits
-from lkca_jax import models
+from lkca_jax import models, paper
 from lkca_jax.tools import compare
 from tests.helpers import built_once
 
@@ -44,15 +44,10 @@ def token_mixing_macs(name, tokens):
   return preset.depth * tokens**2 * preset.dim
 
 
-# The paper's FLOPs (multiply-adds, in millions; docs/method.md) on CIFAR (32×32, patch 4,
-# 10 classes) and Tiny-ImageNet (64×64, patch 8, 200 classes); 8×8 = 64 tokens each.
-PAPER = [
-  ("vit", 10, 32, 174.25),
-  ("lkca_b", 10, 32, 170.81),
-  ("lkca_t", 200, 64, 66.10),
-  ("lkca_b", 200, 64, 172.78),
-  ("lkca_l", 200, 64, 802.99),
-]
+# The paper's FLOPs (lkca_jax.paper) on CIFAR (32×32, patch 4, 10 classes) and Tiny-ImageNet
+# (64×64, patch 8, 200 classes); 8×8 = 64 tokens each.
+SHAPES = {"cifar": (10, 32), "tinyimagenet": (200, 64)}
+PAPER = [(f.preset, *SHAPES[f.input], f.millions) for f in paper.FLOPS]
 
 
 @pytest.mark.parametrize("name, classes, size, paper_millions", PAPER)
