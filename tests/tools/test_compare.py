@@ -14,6 +14,7 @@ from flax import nnx
 
 from configs import digits
 from lkca_jax import models, paper
+from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import compare
 from tests.helpers import built_once
 
@@ -124,30 +125,31 @@ def test_count_is_the_bulk_of_xla_flops(name):
   ],
 )
 def test_check_mixers_rejects_with_the_fix(mixers, size, same_preset, message):
-  with pytest.raises(compare.UsageError, match=message):
+  with pytest.raises(experiment.UsageError, match=message):
     compare.check_mixers(mixers, size, same_preset)
 
 
 def test_run_config_picks_size_matched_or_same_preset_and_leaves_the_base_alone():
   base = digits.get_config()
+  base.seed = 5
   base.model_overrides.mixer_options.lkca.view = "conv"
-  sized = compare.run_config(base, "acmix", seed=2, size="b", same_preset=False, steps=7)
-  assert (sized.model, sized.model_overrides.mixer, sized.seed, sized.num_train_steps) == (
+  sized = compare.run_config(base, "acmix", seeds=2, size="b", same_preset=False, steps=7)
+  assert (sized.model, sized.model_overrides.mixer, sized.num_train_steps) == (
     "acmix_b",
     "acmix",
-    2,
     7,
   )
+  assert (sized.seed, sized.num_runs) == (0, 2)  # seeds 0 and 1, whatever config.seed says
   assert sized.model_overrides.mixer_options.lkca.view is None  # not for acmix layers
-  same = compare.run_config(base, "mhsa", seed=1, size="t", same_preset=True, steps=None)
+  same = compare.run_config(base, "mhsa", seeds=1, size="t", same_preset=True, steps=None)
   assert (same.model, same.model_overrides.mixer, same.num_train_steps) == (
     "lkca_t",
     "mhsa",
     base.num_train_steps,
   )
-  lkca = compare.run_config(base, "lkca", seed=0, size="t", same_preset=False, steps=None)
+  lkca = compare.run_config(base, "lkca", seeds=1, size="t", same_preset=False, steps=None)
   assert lkca.model == "lkca_t" and lkca.model_overrides.mixer_options.lkca.view == "conv"
-  assert base.seed == 0 and base.model_overrides.mixer is None
+  assert (base.seed, base.num_runs, base.model_overrides.mixer) == (5, 1, None)
 
 
 def test_run_dirs_refused_unless_overwrite_and_only_run_dirs_deleted(tmp_path):
@@ -155,37 +157,28 @@ def test_run_dirs_refused_unless_overwrite_and_only_run_dirs_deleted(tmp_path):
   run.mkdir(parents=True)
   (run / "config.json").write_text("{}")
   fresh = str(tmp_path / "lkca" / "seed1")
-  with pytest.raises(compare.UsageError, match="already exists.*--overwrite"):
-    compare.clear_run_dirs([str(run), fresh], overwrite=False)
-  compare.clear_run_dirs([str(run), fresh], overwrite=True)
+  with pytest.raises(experiment.UsageError, match="already exists.*--overwrite.*--workdir"):
+    experiment.clear_run_dirs([str(run), fresh], overwrite=False, flag="--workdir")
+  experiment.clear_run_dirs([str(run), fresh], overwrite=True, flag="--workdir")
   assert not run.exists()
   stranger = tmp_path / "mhsa" / "seed0"
   stranger.mkdir(parents=True)
   (stranger / "notes.txt").write_text("mine")
-  with pytest.raises(compare.UsageError, match="not a training run directory"):
-    compare.clear_run_dirs([str(stranger)], overwrite=True)
+  with pytest.raises(experiment.UsageError, match="not a training run directory"):
+    experiment.clear_run_dirs([str(stranger)], overwrite=True, flag="--workdir")
   assert (stranger / "notes.txt").exists()
 
 
-# Per-seed values with their mean and sample std (ddof 1) worked out by hand:
-# [0.5, 0.6, 0.7]: mean 0.6, squared deviations 0.01 + 0 + 0.01, / 2 → std 0.1.
-# [0.81, 0.84, 0.90]: mean 0.85, 0.0016 + 0.0001 + 0.0025 = 0.0042, / 2 → std √0.0021 ≈ 0.0458258.
-@pytest.mark.parametrize(
-  "values, mean, std",
-  [([0.5, 0.6, 0.7], 0.6, 0.1), ([0.81, 0.84, 0.90], 0.85, 0.0458258), ([0.5], 0.5, None)],
-)
-def test_mean_std_is_the_sample_std(values, mean, std):
-  got_mean, got_std = compare.mean_std(values)
-  assert got_mean == pytest.approx(mean)
-  assert got_std == (pytest.approx(std, rel=1e-6) if std is not None else None)
-
-
 def test_table_cells_for_known_per_seed_values():
+  # Mean and sample std (ddof 1) by hand: finals [0.5, 0.6, 0.7]: mean 0.6, squared
+  # deviations 0.01 + 0 + 0.01, / 2 → std 0.1; bests [0.81, 0.84, 0.90]: mean 0.85,
+  # 0.0016 + 0.0001 + 0.0025 = 0.0042, / 2 → std √0.0021 ≈ 0.0458.
   def run(seed, final, best, speed):
     return {"seed": seed, "final_top1": final, "best_top1": best, "train_images_per_second": speed}
 
   rows = [
     {
+      "name": "lkca",
       "mixer": "lkca",
       "preset": "lkca_t",
       "params": 1_234,
@@ -193,11 +186,16 @@ def test_table_cells_for_known_per_seed_values():
       "runs": [run(0, 0.5, 0.81, 100.0), run(1, 0.6, 0.84, 200.0), run(2, 0.7, 0.90, 300.0)],
     },
     {
+      "name": "mhsa",
       "mixer": "mhsa",
       "preset": "vit_1m",
       "params": 56_789,
       "macs": 12_345_678,
-      "runs": [run(0, 0.5, 0.55, 50.0), {"seed": 1, "error": "loss is nan at step 3"}],
+      "runs": [
+        run(0, 0.5, 0.55, 50.0),
+        {"seed": 1, "error": "loss is nan at step 3"},
+        {"seed": 2, "error": "loss is nan at step 5"},
+      ],
     },
   ]
   report = {
@@ -217,13 +215,14 @@ def test_table_cells_for_known_per_seed_values():
       "devices": 1,
       "platform": "cpu",
     },
-    "rows": [compare.summarize_row(row) for row in rows],
+    "rows": [{**row, **experiment.statistics(row["runs"])} for row in rows],
   }
   table = compare.format_table(report)
   assert "| lkca | lkca_t | 60.00 ± 10.00 | 85.00 ± 4.58 | 1,234 | 5.68M | 200 | 3/3 |" in table
-  # One finished seed: a mean and no std; the failed seed is counted and listed.
-  assert "| mhsa | vit_1m | 50.00 | 55.00 | 56,789 | 12.35M | 50 | 1/2 |" in table
+  # One finished seed: a mean and no std; the failed seeds are counted and listed.
+  assert "| mhsa | vit_1m | 50.00 | 55.00 | 56,789 | 12.35M | 50 | 1/3 |" in table
   assert "- failed: mhsa seed 1: loss is nan at step 3" in table
+  assert "- failed: mhsa seed 2: loss is nan at step 5" in table
 
 
 # --- the command, end to end -------------------------------------------------------

@@ -8,20 +8,17 @@ import sys
 import numpy as np
 import pytest
 
-from lkca_jax import models
+from lkca_jax import paper
+from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import reproduce
 from tests.helpers import built_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_every_row_is_a_preset_and_every_table_has_its_config():
+def test_every_table_has_its_config():
   for table in reproduce.TABLES:
-    rows = reproduce.paper_rows(table)
-    assert all(row.preset in models.PRESETS for row in rows)
     assert os.path.exists(reproduce.config_path(table))
-  # ViT / LKCA pairs, in the paper's order.
-  assert [r.preset for r in reproduce.paper_rows("svhn")] == ["vit_1m", "lkca_t", "vit", "lkca_b"]
 
 
 def test_select_rows():
@@ -29,9 +26,10 @@ def test_select_rows():
     "lkca_t",
     "vit_1m",
   ]
-  with pytest.raises(reproduce.UsageError, match="no row 'lkca_l'"):
+  assert reproduce.select_rows("svhn", None) == paper.models("svhn")
+  with pytest.raises(experiment.UsageError, match="no row 'lkca_l'"):
     reproduce.select_rows("cifar10", ["lkca_l"])
-  with pytest.raises(reproduce.UsageError, match="twice"):
+  with pytest.raises(experiment.UsageError, match="twice"):
     reproduce.select_rows("cifar10", ["lkca_t", "lkca_t"])
 
 
@@ -87,11 +85,12 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
   table = (out / "table.md").read_text()
   assert table in result.stdout
   report = json.loads((out / "table.json").read_text())
-  paper = {row.preset: row for row in reproduce.paper_rows("cifar10")}
+  published = {model.preset: model for model in paper.models("cifar10")}
   assert [row["preset"] for row in report["rows"]] == ROWS
   for row in report["rows"]:
-    assert row["paper_top1"] == paper[row["preset"]].paper_top1
-    assert row["paper_name"] == paper[row["preset"]].paper_name
+    model = published[row["preset"]]
+    assert row["paper_top1"] == pytest.approx(model.top1["cifar10"] / 100)
+    assert row["paper_name"] == model.name
     finals, bests = [], []
     # The row's runs trained side by side in one process: one summary.json, a record per run.
     summary = json.loads((out / row["preset"] / "summary.json").read_text())
@@ -100,21 +99,24 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
     assert row["params"] == summary["params"]
     for k, (run, recorded) in enumerate(zip(row["runs"], summary["runs"], strict=True)):
       assert run["seed"] == recorded["seed"] == k
-      assert run["final_top1"] == 100 * recorded["final_top1"]
+      assert run["final_top1"] == recorded["final_top1"]
+      seed_summary = json.loads((out / row["preset"] / f"seed{k}" / "summary.json").read_text())
+      assert seed_summary["final_top1"] == recorded["final_top1"]
+      assert (seed_summary["config"]["seed"], seed_summary["num_runs"]) == (k, 1)
       finals.append(100 * recorded["final_top1"])
       bests.append(100 * recorded["best_top1"])
     assert len(finals) == RUNS
-    assert row["top1_mean"] == pytest.approx(np.mean(finals))
-    assert row["top1_std"] == pytest.approx(np.std(finals, ddof=1))
-    assert row["best_top1_mean"] == pytest.approx(np.mean(bests))
-    assert row["difference"] == pytest.approx(np.mean(finals) - row["paper_top1"])
-    assert row["steps"] == STEPS and row["proxy"] and row["recipe_steps"] == 9 * (3 * 1437 // 32)
+    assert 100 * row["final_top1_mean"] == pytest.approx(np.mean(finals))
+    assert 100 * row["final_top1_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert 100 * row["best_top1_mean"] == pytest.approx(np.mean(bests))
+    assert row["steps"] == STEPS and row["recipe_steps"] == 9 * (3 * 1437 // 32)
     assert row["machine"]["backend"] == "cpu"
     line = next(line for line in table.splitlines() if f"`{row['preset']}`" in line)
+    paper_top1 = model.top1["cifar10"]
     assert (
-      f"| {row['paper_name']} | `{row['preset']}` | {row['paper_top1']:.2f} "
+      f"| {model.name} | `{row['preset']}` | {paper_top1:.2f} "
       f"| {np.mean(finals):.2f} ± {np.std(finals, ddof=1):.2f} "
-      f"| {np.mean(finals) - row['paper_top1']:+.2f} | {np.mean(bests):.2f} "
+      f"| {np.mean(finals) - paper_top1:+.2f} | {np.mean(bests):.2f} "
       f"| {row['params']:,} | {STEPS} |"
     ) in line
     assert line.endswith("| 1× cpu (cpu) |")  # --config.num_devices=1
@@ -124,7 +126,7 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
 
 def test_a_second_invocation_skips_finished_rows(reproduction):
   out, _ = reproduction
-  marker = [out / preset / reproduce.ROW_FILE for preset in ROWS]
+  marker = [out / preset / experiment.ROW_FILE for preset in ROWS]
   before = [os.path.getmtime(path) for path in marker]
   summaries = [os.path.getmtime(out / preset / "summary.json") for preset in ROWS]
   table_before = json.loads((out / "table.json").read_text())["rows"]
@@ -171,21 +173,6 @@ def test_the_table_is_required():
     timeout=300,
   )
   assert result.returncode == 2
-  assert result.stderr.strip() == (
-    "error: --table is required: one of cifar10,cifar100,tinyimagenet,svhn"
-  )
-
-
-def test_finished_runs_of_an_unfinished_row_are_read_back(tmp_path):
-  # A summary.json that reached its last step counts; a stopped one does not.
-  done = tmp_path / "done"
-  done.mkdir()
-  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5, "stopped_by": None}))
-  stopped = tmp_path / "stopped"
-  stopped.mkdir()
-  (stopped / "summary.json").write_text(
-    json.dumps({"step": 3, "total_steps": 5, "stopped_by": "SIGTERM"})
-  )
-  assert reproduce.finished_summary(str(done))["step"] == 5
-  assert reproduce.finished_summary(str(stopped)) is None
-  assert reproduce.finished_summary(str(tmp_path / "missing")) is None
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ")
+  assert "--table is required: one of cifar10,cifar100,tinyimagenet,svhn" in lines[0]

@@ -1,0 +1,156 @@
+"""The experiment runner behind compare and reproduce: per-seed values, statistics, resuming.
+
+The commands' end-to-end tests (test_compare.py, test_reproduce.py) train through it; these
+check its parts on summaries and directories written here.
+"""
+
+import json
+
+import pytest
+
+from configs import digits
+from lkca_jax.tools import _experiment as experiment
+
+
+def summary_of(runs, *, speed=300.0, wall=60.0, **extra):
+  """A summary.json as train_and_evaluate writes it, for these per-run records."""
+  return {
+    "model": "lkca_t",
+    "step": 20,
+    "total_steps": 20,
+    "stopped_by": None,
+    "final_top1": 0.5,
+    "train_images_per_second": speed,
+    "wall_seconds": wall,
+    "config": {"seed": 0, "num_runs": len(runs), "model": "lkca_t"},
+    "num_runs": len(runs),
+    "runs": runs,
+    "groups": [],
+    **extra,
+  }
+
+
+def record(seed, final, best, died=None):
+  return {
+    "run": seed,
+    "seed": seed,
+    "values": {},
+    "final_top1": final,
+    "best_top1": best,
+    "best_step": 20,
+    "died_at_step": died,
+  }
+
+
+def test_statistics_are_mean_and_sample_std_of_the_finished_seeds():
+  # finals [0.5, 0.6, 0.7]: mean 0.6, squared deviations 0.01 + 0 + 0.01, / 2 → std 0.1;
+  # bests [0.81, 0.84, 0.90]: mean 0.85, 0.0016 + 0.0001 + 0.0025 = 0.0042, / 2 → √0.0021.
+  records = [
+    {"seed": k, "final_top1": f, "best_top1": b, "train_images_per_second": v}
+    for k, f, b, v in [(0, 0.5, 0.81, 90.0), (1, 0.6, 0.84, 100.0), (2, 0.7, 0.90, 110.0)]
+  ]
+  records.append({"seed": 3, "error": "loss became non-finite at step 4"})
+  stats = experiment.statistics(records)
+  assert stats["finished_seeds"] == [0, 1, 2]
+  assert stats["final_top1_mean"] == pytest.approx(0.6)
+  assert stats["final_top1_std"] == pytest.approx(0.1)
+  assert stats["best_top1_mean"] == pytest.approx(0.85)
+  assert stats["best_top1_std"] == pytest.approx(0.0021**0.5)
+  assert stats["train_images_per_second_mean"] == pytest.approx(100.0)
+  one = experiment.statistics(records[:1])
+  assert (one["final_top1_mean"], one["final_top1_std"]) == (0.5, None)  # no std of one value
+  none = experiment.statistics([])
+  assert (none["final_top1_mean"], none["finished_seeds"]) == (None, [])
+
+
+def test_seed_records_share_the_process_and_name_the_dead():
+  summary = summary_of([record(0, 0.5, 0.6), record(1, None, None, died=7)], speed=300, wall=60)
+  alive, dead = experiment.seed_records(summary)
+  # Two runs trained in one process: each gets half its images/s and wall time.
+  assert alive == {
+    "seed": 0,
+    "final_top1": 0.5,
+    "best_top1": 0.6,
+    "best_step": 20,
+    "train_images_per_second": 150.0,
+    "wall_seconds": 30.0,
+  }
+  assert dead == {"seed": 1, "error": "loss became non-finite at step 7"}
+
+
+def test_a_seed_summary_is_shaped_as_that_seeds_own_run(tmp_path):
+  summary = summary_of([record(0, 0.5, 0.6), record(1, 0.7, 0.8)])
+  second = experiment.seed_records(summary)[1]
+  experiment.write_seed_summary(str(tmp_path), summary, second)
+  written = json.loads((tmp_path / "seed1" / "summary.json").read_text())
+  assert (written["final_top1"], written["best_top1"], written["num_runs"]) == (0.7, 0.8, 1)
+  assert written["config"] == {"seed": 1, "num_runs": 1, "model": "lkca_t"}
+  assert "runs" not in written and "groups" not in written
+  assert summary["config"]["seed"] == 0  # the row's own summary is left as it was
+
+
+def resumable(tmp_path, config):
+  row = experiment.Row("lkca_t", config)
+  return row, experiment.Experiment(
+    directory=str(tmp_path),
+    table=str(tmp_path / "table.md"),
+    flag="--out",
+    settings={},
+    rows=[row],
+    render=lambda report: "",
+    resume=True,
+  )
+
+
+def test_a_finished_row_is_read_back_only_with_the_same_config(tmp_path):
+  config = experiment.configure(digits.get_config(), seed=0, seeds=2, steps=6)
+  row, exp = resumable(tmp_path, config)
+  (tmp_path / "lkca_t").mkdir()
+  values = {"name": "lkca_t", "final_top1_mean": 0.4, "settings": experiment.fingerprint(config)}
+  (tmp_path / "lkca_t" / experiment.ROW_FILE).write_text(json.dumps(values))
+  experiment.read_back(exp, row)
+  assert row.done and row.values == values
+  other, exp = resumable(tmp_path, experiment.configure(config, seed=0, seeds=3, steps=6))
+  with pytest.raises(experiment.UsageError, match="finished row with other settings.*--out"):
+    experiment.read_back(exp, other)
+  assert not other.done
+
+
+def test_a_finished_training_of_another_config_is_refused(tmp_path):
+  config = experiment.configure(digits.get_config(), seed=0, seeds=1, steps=6)
+  (tmp_path / "lkca_t").mkdir()
+  stale = summary_of([record(0, 0.5, 0.6)], config={"seed": 0, "num_runs": 1})
+  (tmp_path / "lkca_t" / "summary.json").write_text(json.dumps(stale))
+  row, exp = resumable(tmp_path, config)
+  with pytest.raises(experiment.UsageError, match="finished training with other settings"):
+    experiment.read_back(exp, row)
+
+
+def test_only_a_summary_that_reached_its_last_step_counts_as_finished(tmp_path):
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5, "stopped_by": None}))
+  stopped = tmp_path / "stopped"
+  stopped.mkdir()
+  (stopped / "summary.json").write_text(
+    json.dumps({"step": 3, "total_steps": 5, "stopped_by": "SIGTERM"})
+  )
+  assert experiment.finished_summary(str(done))["step"] == 5
+  assert experiment.finished_summary(str(stopped)) is None
+  assert experiment.finished_summary(str(tmp_path / "missing")) is None
+
+
+def test_the_table_and_its_values_are_written_whole_next_to_each_other(tmp_path):
+  row = experiment.Row("lkca_t", None, {"name": "lkca_t", "runs": []})
+  exp = experiment.Experiment(
+    directory=str(tmp_path),
+    table=str(tmp_path / "tables" / "compare.md"),
+    flag="--workdir",
+    settings={"dataset": "digits"},
+    rows=[row],
+    render=lambda report: f"{len(report['rows'])} row on {report['settings']['dataset']}\n",
+  )
+  exp.write()
+  assert (tmp_path / "tables" / "compare.md").read_text() == "1 row on digits\n"
+  assert json.loads((tmp_path / "tables" / "compare.json").read_text()) == exp.report()
+  assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["compare.json", "compare.md"]
