@@ -104,13 +104,15 @@ def _main():
     if FLAGS.mode == "eval":
       result = train.evaluate(config, workdir, FLAGS.checkpoint)
       if lead:
-        for r in result.get("runs", []):  # several runs: each, then their mean
+        many = len(result["runs"]) > 1
+        for r in result["runs"] if many else []:  # each, then their mean
           print(
-            f"eval {result['checkpoint']} run {r['run']} ({run_name(r)}): "
+            f"eval {result['checkpoint']} run {r['run']} "
+            f"({train.run_name(r['seed'], r['values'])}): "
             f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}"
           )
         print(
-          f"eval {result['checkpoint']}{' mean' if 'runs' in result else ''}: "
+          f"eval {result['checkpoint']}{' mean' if many else ''}: "
           f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
         )
       return
@@ -140,11 +142,6 @@ def _main():
   )
 
 
-def run_name(run: dict) -> str:
-  """ "seed 1, label_smoothing=0.1" for a run of summary.json's or evaluate's "runs"."""
-  return ", ".join([f"seed {run['seed']}", *(f"{k}={v:g}" for k, v in run["values"].items())])
-
-
 def print_runs(config, summary, workdir) -> None:
   """One line per swept combination (mean ± sample std over its seeds), one per dead run."""
   from lkca_jax import train
@@ -158,14 +155,15 @@ def print_runs(config, summary, workdir) -> None:
     f"{summary['params']:,} params each, {summary['wall_seconds']:.0f}s"
   )
   for group in summary["groups"]:
-    values = train.describe_values(group) or "all runs"
+    values = train.describe_values(group["values"]) or "all runs"
     print(
       f"  {values}: final top1 {cell(group, 'final_top1')}, best top1 "
       f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}"
     )
   for r in summary["runs"]:
     if r["died_at_step"] is not None:
-      print(f"  run {r['run']} ({run_name(r)}) died: loss non-finite at step {r['died_at_step']}")
+      name = train.run_name(r["seed"], r["values"])
+      print(f"  run {r['run']} ({name}) died: loss non-finite at step {r['died_at_step']}")
   print(f"summary in {workdir}/summary.json")
 
 

@@ -11,10 +11,9 @@ import copy
 import dataclasses
 import itertools
 import json
-import os
 import signal
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -111,27 +110,21 @@ def create_optimizer(config, schedule, weight_decay=None) -> optax.GradientTrans
   return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=weight_decay)
 
 
-# --- many runs: seeds x sweep --------------------------------------------------
-# Swept config key → the name of its per-run value in the step's `hparams`.
-HPARAMS = {
-  "optimizer.learning_rate": "learning_rate",
-  "optimizer.weight_decay": "weight_decay",
-  "model_overrides.drop_path_rate": "drop_path_rate",
-  "label_smoothing": "label_smoothing",
-  "mixing.prob": "mixing_prob",
-  "mixing.cutmix_prob": "cutmix_prob",
-}
-assert set(HPARAMS) == set(config_checks.SWEEPABLE)
-
-
+# --- runs: seeds x sweep ---------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One run of a many-run process: its seed, swept values, and its own single-run config."""
+  """One run of a process: its seed, swept values, and its own single-run config."""
 
   index: int
   seed: int
   values: dict  # {swept config key: value}
   config: ml_collections.ConfigDict  # num_runs=1, no sweep: trains this run alone
+
+
+def _get_key(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
 
 
 def _set_key(config, key: str, value) -> None:
@@ -157,25 +150,36 @@ def run_specs(config) -> list[RunSpec]:
   return specs
 
 
+def describe_values(values: dict) -> str:
+  """ "label_smoothing=0.1, mixing.prob=0": swept values as logs and reports show them."""
+  return ", ".join(f"{k}={v:g}" for k, v in values.items())
+
+
+def run_name(seed: int, values: dict) -> str:
+  """ "seed 3, label_smoothing=0.1": how a run is named in logs and reports."""
+  return ", ".join([f"seed {seed}", *([describe_values(values)] if values else [])])
+
+
 def hparams(config) -> dict[str, float]:
-  """The step's per-run scalars of a single-run config."""
-  rate = config.model_overrides.drop_path_rate
-  if rate is None:
-    rate = models.PRESETS[config.model].drop_path_rate
-  return {
-    "learning_rate": config.optimizer.learning_rate,
-    "weight_decay": config.optimizer.weight_decay,
-    "drop_path_rate": rate,
-    "label_smoothing": config.label_smoothing,
-    "mixing_prob": config.mixing.prob,
-    "cutmix_prob": config.mixing.cutmix_prob,
-  }
+  """The step's per-run scalars of a single-run config: the value of each sweepable key."""
+  values = {key: _get_key(config, key) for key in config_checks.SWEEPABLE}
+  if values["model_overrides.drop_path_rate"] is None:
+    values["model_overrides.drop_path_rate"] = models.PRESETS[config.model].drop_path_rate
+  return values
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
   return config.num_epochs * steps_per_epoch
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+  """Mean and sample standard deviation (ddof 1; None for fewer than two values)."""
+  values = [float(v) for v in values]
+  if not values:
+    return None, None
+  return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
 # --- steps -------------------------------------------------------------------
@@ -193,16 +197,16 @@ def top_k_correct(logits, labels, k: int):
 def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: int):
   """Returns the pure step `train_step(state, batch, rng, hp) -> (state, metrics)`.
 
-  `hp` holds the scalars of `hparams`, as traced values, so that one program
-  trains any of them (and, vmapped, a different one in each run).
+  `hp` holds the scalars of `hparams` (one a sweepable key), as traced values, so that
+  one program trains any of them (and, vmapped, a different one in each run).
   """
   alphas = {"cutmix_alpha": config.mixing.cutmix_alpha, "mixup_alpha": config.mixing.mixup_alpha}
 
   def train_step(state: TrainState, batch, rng, hp):
     schedule = learning_rate_schedule(
-      config, steps_per_epoch, total_steps, peak=hp["learning_rate"]
+      config, steps_per_epoch, total_steps, peak=hp["optimizer.learning_rate"]
     )
-    tx = create_optimizer(config, schedule, weight_decay=hp["weight_decay"])
+    tx = create_optimizer(config, schedule, weight_decay=hp["optimizer.weight_decay"])
     smoothing = hp["label_smoothing"]
     step_key = jax.random.fold_in(rng, state.step)
     mix_key, drop_key = jax.random.split(step_key)
@@ -210,14 +214,16 @@ def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: i
       mix_key,
       batch["image"],
       batch["label"],
-      prob=hp["mixing_prob"],
-      cutmix_prob=hp["cutmix_prob"],
+      prob=hp["mixing.prob"],
+      cutmix_prob=hp["mixing.cutmix_prob"],
       **alphas,
     )
 
     def loss_fn(params):
       model = nnx.merge(train_graphdef, params, state.rest)
-      logits = model(images, rngs=nnx.Rngs(dropout=drop_key), drop_path_rate=hp["drop_path_rate"])
+      logits = model(
+        images, rngs=nnx.Rngs(dropout=drop_key), drop_path_rate=hp["model_overrides.drop_path_rate"]
+      )
       loss = lam * cross_entropy(logits, labels_a, smoothing) + (1.0 - lam) * cross_entropy(
         logits, labels_b, smoothing
       )
@@ -242,14 +248,17 @@ def _all_finite(tree):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_runs_step(train_step):
-  """`train_step` vmapped over a leading run axis, with a per-run `alive` mask.
+def make_runs_step(train_step, num_runs: int):
+  """`train_step` over `num_runs` runs, with a per-run `alive` mask.
 
-  A run whose loss or new parameters are non-finite dies: from that step on
-  its parameters and optimizer state stay those before the step, so it never
-  feeds NaN to the others (they share nothing but the program). Returns
-  `runs_step(state, batch, rng, hp, alive) -> (state, metrics)`, metrics with
-  the new `alive`.
+  Returns `runs_step(state, batch, rng, hp, alive) -> (state, metrics)`. `hp`,
+  `alive` and the metrics (with the new `alive`) have a leading run axis. A run
+  whose loss or new parameters are non-finite dies: from that step on its
+  parameters and optimizer state stay those before the step, so it never feeds
+  NaN to the others (they share nothing but the program). Several runs: state,
+  batch and rng carry the run axis too, and the step is vmapped over it. One
+  run: they are a single run's, as saved and as the model's own, and the step
+  is the plain one (a vmap over one run would still change the program).
   """
 
   def one_run(state, batch, rng, hp, alive):
@@ -262,10 +271,19 @@ def make_runs_step(train_step):
     )
     return new, {**metrics, "alive": ok}
 
-  return jax.vmap(one_run)
+  if num_runs > 1:
+    return jax.vmap(one_run)
+
+  def single_run(state, batch, rng, hp, alive):
+    state, metrics = one_run(state, batch, rng, _first(hp), alive[0])
+    return state, _with_run_axis(metrics)
+
+  return single_run
 
 
-def make_eval_step(eval_graphdef):
+def make_eval_step(eval_graphdef, num_runs: int):
+  """`eval_step(params, rest, batch) -> sums` with a leading run axis (as `make_runs_step`)."""
+
   def eval_step(params, rest, batch):
     model = nnx.merge(eval_graphdef, params, rest)
     logits = model(batch["image"])
@@ -277,7 +295,17 @@ def make_eval_step(eval_graphdef):
       "count": jnp.sum(mask),
     }
 
-  return eval_step
+  if num_runs > 1:
+    return jax.vmap(eval_step, in_axes=(0, 0, None))
+  return lambda params, rest, batch: _with_run_axis(eval_step(params, rest, batch))
+
+
+def _first(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def _with_run_axis(tree):
+  return jax.tree.map(lambda x: x[None], tree)
 
 
 # --- the run -----------------------------------------------------------------
@@ -350,8 +378,8 @@ class Run:
     return pipeline
 
 
-class _StopSignal:
-  """Turns SIGTERM/SIGINT into a flag checked between steps."""
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag (`received`, the signal's name) checked between steps."""
 
   def __init__(self):
     self.received = None
@@ -364,22 +392,6 @@ class _StopSignal:
 
   def _handle(self, signum, frame):
     self.received = signal.Signals(signum).name
-
-  def hold_for_tests(self, point: str, step: int) -> None:
-    """Test-only: LKCA_TEST_HOLD=<point>:<step> holds the run there until a signal.
-
-    Announces itself on stderr, then spins holding the GIL (a long switch
-    interval), so a checkpoint write just started stays unfinished: orbax
-    finalizes it from Python threads. Gives up after a minute.
-    """
-    if os.environ.get("LKCA_TEST_HOLD") != f"{point}:{step}":
-      return
-    print(f"holding at {point}:{step}", file=sys.stderr, flush=True)
-    interval, deadline = sys.getswitchinterval(), time.monotonic() + 60
-    sys.setswitchinterval(60.0)
-    while self.received is None and time.monotonic() < deadline:
-      pass
-    sys.setswitchinterval(interval)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -437,40 +449,17 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _run_eval(eval_fn, params, rest, pipeline) -> dict | list[dict]:
-  """Test loss, top-1 and top-5 of one run; of stacked parameters, a list with one a run."""
+def _run_eval(eval_fn, params, rest, pipeline) -> list[dict]:
+  """Test loss, top-1 and top-5 of each run (an `eval_fn` of `make_eval_step`)."""
   totals = None
   for batch in pipeline.eval_batches():
     sums = distributed.in_order(eval_fn(params, rest, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-
-  def rates(t):
-    count = float(t["count"])
-    return {
-      "loss": float(t["loss"]) / count,
-      "top1": float(t["top1"]) / count,
-      "top5": float(t["top5"]) / count,
-    }
-
-  if np.ndim(totals["count"]) == 0:
-    return rates(totals)
-  return [rates({k: v[r] for k, v in totals.items()}) for r in range(len(totals["count"]))]
-
-
-def _first_nonfinite(metrics_window, first_step: int) -> int | None:
-  """Number (1-based, as checkpoints count) of the first step with a non-finite loss."""
-  losses = np.asarray([m["loss"] for m in metrics_window])
-  bad = np.flatnonzero(~np.isfinite(losses))
-  return first_step + int(bad[0]) + 1 if bad.size else None
-
-
-def mean_std(values) -> tuple[float | None, float | None]:
-  """Mean and sample standard deviation (ddof 1; None for fewer than two values)."""
-  values = [float(v) for v in values]
-  if not values:
-    return None, None
-  return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+  return [
+    {key: float(totals[key][r]) / float(totals["count"][r]) for key in ("loss", "top1", "top5")}
+    for r in range(len(totals["count"]))
+  ]
 
 
 # --- device memory ---------------------------------------------------------------
@@ -514,31 +503,39 @@ def step_memory_bytes(compiled) -> int:
 # --- the training ----------------------------------------------------------------
 @dataclasses.dataclass
 class Training:
-  """The compiled pieces of a run (or of runs side by side): data, state, the two steps.
+  """The compiled pieces of `num_runs` runs side by side: data, state, the two steps.
 
-  With one run the state is as a single run's; with several every leaf has a
-  leading run axis, and `alive` marks the runs whose loss is still finite.
+  With one run the state, batches and keys are a single run's; with several,
+  every leaf has a leading run axis. The steps' per-run values (`hparams`,
+  `alive`, metrics) always have one.
   """
 
   pipeline: pipeline_lib.Pipeline
   state: TrainState
-  compiled_step: Any  # jit(step(state, batch, rng, hp[, alive])), state donated
-  eval_step: Any  # jit(eval_step(params, rest, batch)) -> sums
+  compiled_step: Any  # jit(runs_step(state, batch, rng, hp, alive)), state donated
+  eval_step: Any  # jit(eval_step(params, rest, batch)) -> per-run sums
   schedule: optax.Schedule
   total_steps: int
   train_key: jax.Array
-  hparams: dict  # the step's per-run scalars (run axis first with several runs)
+  hparams: dict  # {sweepable key: (runs,) float32}
   specs: list  # RunSpec of each run
-  alive: jax.Array | None = None  # with several runs: (runs,) bool
+  all_alive: jax.Array  # (runs,) True: the mask of a fresh start
   _order: tuple = dataclasses.field(default=(-1, None), repr=False)  # (epoch, its order)
 
   @property
-  def many(self) -> bool:
-    return len(self.specs) > 1
+  def num_runs(self) -> int:
+    return len(self.specs)
 
-  def train_step(self, state: TrainState, batch, rng):
-    """The jitted update of one run on `batch` (state donated)."""
-    return self.compiled_step(state, batch, rng, self.hparams)
+  @property
+  def many(self) -> bool:
+    return self.num_runs > 1
+
+  def train_step(self, state: TrainState, batch, rng, alive=None):
+    """The jitted update on `batch` (state donated); every run alive unless `alive` says."""
+    return self.compiled_step(state, batch, rng, self.hparams, self._alive(alive))
+
+  def _alive(self, alive):
+    return self.all_alive if alive is None else alive
 
   def epoch_order(self, epoch: int) -> jax.Array:
     """The epoch's example order, drawn once and kept until the next epoch."""
@@ -550,17 +547,13 @@ class Training:
     """The augmented training batch of global step `step` (of every run)."""
     return self.pipeline.train_batch(self.epoch_order(step // self.pipeline.steps_per_epoch), step)
 
-  def step_args(self, state: TrainState, step: int) -> tuple:
+  def step_args(self, state: TrainState, step: int, alive=None) -> tuple:
     """The arguments of `compiled_step` at global step `step`."""
-    args = (state, self.batch(step), self.train_key, self.hparams)
-    return (*args, self.alive) if self.many else args
+    return (state, self.batch(step), self.train_key, self.hparams, self._alive(alive))
 
-  def step(self, state: TrainState, step: int):
+  def step(self, state: TrainState, step: int, alive=None):
     """One training step at global step `step`: its batch, then the jitted update."""
-    state, metrics = self.compiled_step(*self.step_args(state, step))
-    if self.many:
-      self.alive = metrics["alive"]
-    return state, metrics
+    return self.compiled_step(*self.step_args(state, step, alive))
 
   def compile_everywhere(self, state: TrainState, step: int) -> None:
     """With several processes: both steps compiled in every process before the first runs."""
@@ -579,8 +572,16 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return data_key, train_key
 
 
-def _initial_states(run: Run, specs, tx):
-  """Per run (params, rest, opt_state) from its own seed, as its single run would build them."""
+def _keys(specs) -> tuple[jax.Array, jax.Array]:
+  """(data key, train key): a single run's, or stacked along the run axis."""
+  keys = [run_keys(spec.seed) for spec in specs]
+  if len(specs) == 1:
+    return keys[0]
+  return tuple(jnp.stack([k[i] for k in keys]) for i in (0, 1))
+
+
+def _initial_state(run: Run, specs, tx) -> TrainState:
+  """Each run's state from its own seed, as its single run builds it (stacked if several)."""
   by_seed = {}
   for spec in specs:
     if spec.seed not in by_seed:
@@ -591,7 +592,27 @@ def _initial_states(run: Run, specs, tx):
       )
       _, _, params, rest = _split_model(model)
       by_seed[spec.seed] = (params, rest, tx.init(params))
-  return [by_seed[spec.seed] for spec in specs]
+  parts = [by_seed[spec.seed] for spec in specs]
+  params, rest, opt_state = (
+    _stack(part) if len(specs) > 1 else part[0] for part in zip(*parts, strict=True)
+  )
+  step = jnp.zeros((len(specs),) if len(specs) > 1 else (), jnp.int32)
+  return TrainState(step=step, params=params, opt_state=opt_state, rest=rest)
+
+
+def _check_fit(t: Training, memory_limit: int | None) -> None:
+  """With several runs on a device that states its memory: ConfigError if they do not fit."""
+  limit = memory_limit or device_memory_limit()  # this process's first device
+  if not (t.many and limit):
+    return
+  lowered = t.compiled_step.lower(*t.step_args(t.state, 0))  # compiled once more, ahead of time
+  dataset = sum(
+    x.nbytes
+    for split in (t.pipeline.train, t.pipeline.test)
+    if split.on_device
+    for x in (split.images, split.labels)
+  )
+  check_runs_fit(t.num_runs, step_memory_bytes(lowered.compile()), limit, dataset)
 
 
 def build_training(run: Run, config, *, memory_limit: int | None = None) -> Training:
@@ -601,94 +622,286 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
   bytes), raises ConfigError before training when they do not fit.
   """
   specs = run_specs(config)
-  many = len(specs) > 1
-  if many:
-    keys = [run_keys(spec.seed) for spec in specs]
-    data_key, train_key = (jnp.stack([k[i] for k in keys]) for i in (0, 1))
-  else:
-    data_key, train_key = run_keys(config.seed)
+  data_key, train_key = _keys(specs)
   pipeline = run.load_data(data_key)
   total_steps = total_train_steps(config, pipeline.steps_per_epoch)
   schedule = learning_rate_schedule(config, pipeline.steps_per_epoch, total_steps)
-  tx = create_optimizer(config, schedule)
   train_graphdef, eval_graphdef, _, _ = _split_model(run.model)
-  params, rest, opt_state = (
-    _stack(parts) if many else parts[0]
-    for parts in zip(*_initial_states(run, specs, tx), strict=True)
-  )
-  step0 = jnp.zeros((len(specs),) if many else (), jnp.int32)
   per_run = [hparams(spec.config) for spec in specs]
-  hp = {
-    name: jnp.asarray([h[name] for h in per_run] if many else per_run[0][name], jnp.float32)
-    for name in per_run[0]
-  }
+  hp = {key: jnp.asarray([h[key] for h in per_run], jnp.float32) for key in per_run[0]}
   replicated = NamedSharding(run.mesh, P())
-  state = TrainState(step=step0, params=params, opt_state=opt_state, rest=rest)
-  state, hp = pipeline_lib.put_tree((state, hp), replicated)  # onto every process's devices
+  state = _initial_state(run, specs, create_optimizer(config, schedule))
+  state, hp, alive = pipeline_lib.put_tree(  # onto every process's devices
+    (state, hp, jnp.ones(len(specs), bool)), replicated
+  )
   state_sharding = jax.tree.map(lambda _: replicated, state)
   train_step = make_train_step(train_graphdef, config, pipeline.steps_per_epoch, total_steps)
-  eval_step = make_eval_step(eval_graphdef)
-  alive = None
-  if many:
-    compiled = jax.jit(
-      make_runs_step(train_step),
-      in_shardings=(state_sharding, pipeline.train_sharding, replicated, replicated, replicated),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=0,
-    )
-    eval_step = jax.vmap(eval_step, in_axes=(0, 0, None))
-    alive = jax.device_put(jnp.ones(len(specs), bool), replicated)
-  else:
-    compiled = jax.jit(
-      train_step,
-      in_shardings=(state_sharding, pipeline.batch_sharding, replicated, replicated),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=0,
-    )
-  t = Training(
-    pipeline,
-    state,
-    compiled,
-    jax.jit(eval_step, out_shardings=replicated),
-    schedule,
-    total_steps,
-    train_key,
-    hp,
-    specs,
-    alive,
+  compiled = jax.jit(
+    make_runs_step(train_step, len(specs)),
+    in_shardings=(state_sharding, pipeline.train_sharding, *[replicated] * 3),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=0,
   )
-  limit = memory_limit or device_memory_limit()  # this process's first device
-  if many and limit:  # compiled once more here, ahead of time, for its memory analysis
-    lowered = compiled.lower(state, t.batch(0), train_key, hp, alive)
-    dataset = sum(
-      x.nbytes
-      for split in (pipeline.train, pipeline.test)
-      if split.on_device
-      for x in (split.images, split.labels)
-    )
-    check_runs_fit(len(specs), step_memory_bytes(lowered.compile()), limit, dataset)
+  eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)), out_shardings=replicated)
+  t = Training(
+    pipeline, state, compiled, eval_step, schedule, total_steps, train_key, hp, specs, alive
+  )
+  _check_fit(t, memory_limit)
   return t
 
 
-def describe_values(run: dict) -> str:
-  """ "label_smoothing=0.1, mixing.prob=0": the swept values of a run or group (its "values")."""
-  return ", ".join(f"{k}={v:g}" for k, v in run["values"].items())
+# --- the loop --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """What a run's checkpoints remember about it: test results so far, its best, its death."""
+
+  best_top1: float = -1.0
+  best_step: int = 0
+  history: tuple = ()  # {"step", "loss", "top1", "top5"} at each evaluation
+  died_at_step: int | None = None
+
+  def evaluated(self, step: int, result: dict) -> RunRecord:
+    better = self.died_at_step is None and result["top1"] > self.best_top1
+    return dataclasses.replace(
+      self,
+      history=(*self.history, {"step": step, **result}),
+      best_top1=result["top1"] if better else self.best_top1,
+      best_step=step if better else self.best_step,
+    )
 
 
-def describe(spec: RunSpec) -> str:
-  """ "seed 3, label_smoothing=0.1": how a run is named in logs."""
-  return ", ".join([f"seed {spec.seed}", *(f"{k}={v:g}" for k, v in spec.values.items())])
+def checkpoint_meta(records) -> dict:
+  """The metadata saved with every checkpoint: one record a run."""
+  return {"runs": [dataclasses.asdict(r) | {"history": list(r.history)} for r in records]}
 
 
-def _fresh_record() -> dict:
-  return {"best_top1": -1.0, "best_step": 0, "history": [], "died_at_step": None}
+def records_from_meta(meta: dict, num_runs: int) -> tuple[RunRecord, ...]:
+  """The runs' records from a checkpoint's metadata (also the single-run layout before 0.1)."""
+  runs = meta.get("runs")
+  if runs is None and {"best_top1", "best_step", "history"} <= meta.keys():
+    runs = [meta]  # one run's fields at the top: how single runs were saved before
+  if runs is None or len(runs) != num_runs:
+    raise checkpoint_lib.CheckpointError(
+      f"the checkpoint's metadata holds {'no' if runs is None else len(runs)} run records, "
+      f"this config trains {num_runs}; resume with the config it was trained with"
+    )
+  return tuple(
+    RunRecord(r["best_top1"], r["best_step"], tuple(r["history"]), r.get("died_at_step"))
+    for r in runs
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """The training loop's state between two pieces of work, passed from one to the next."""
+
+  state: TrainState
+  alive: jax.Array  # (runs,) bool: which runs' losses are still finite
+  step: int
+  records: tuple  # RunRecord of each run
+  window: tuple = ()  # per-step metrics not yet fetched from the devices
+  window_start: int = 0  # the step before the window's first
+  stopped_by: str | None = None  # the signal that stopped training
+
+
+def resume(t: Training, checkpoints: checkpoint_lib.Checkpoints, mesh) -> Loop:
+  """The loop at the latest good checkpoint, or at step 0. Damaged ones: a warning each."""
+  restored = checkpoints.restore_latest(t.state)
+  if restored is None:
+    return Loop(t.state, t.all_alive, 0, tuple(RunRecord() for _ in t.specs))
+  step, state, meta = restored
+  logging.info("resumed from %s/%d", checkpoints.directory, step)
+  records = records_from_meta(meta, t.num_runs)
+  alive = jax.device_put(
+    jnp.asarray([r.died_at_step is None for r in records]), NamedSharding(mesh, P())
+  )
+  return Loop(state, alive, step, records, window_start=step)
+
+
+def train_one_step(t: Training, loop: Loop) -> tuple[Loop, dict]:
+  state, metrics = t.step(loop.state, loop.step, loop.alive)
+  loop = dataclasses.replace(
+    loop, state=state, alive=metrics["alive"], step=loop.step + 1, window=(*loop.window, metrics)
+  )
+  return loop, metrics
+
+
+def run_scalars(per_run: list[dict | None], prefix: str) -> dict[str, float]:
+  """Scalars to log: one run's as `<prefix>KEY`; several runs' as run<k>/<prefix>KEY, with
+  their mean/ and std/ over the runs given (None: a dead run, left out)."""
+  if len(per_run) == 1:
+    return {f"{prefix}{key}": value for key, value in (per_run[0] or {}).items()}
+  scalars = {}
+  keys = next((r for r in per_run if r is not None), {})
+  for key in keys:
+    values = {k: r[key] for k, r in enumerate(per_run) if r is not None}
+    scalars.update({f"run{k}/{prefix}{key}": v for k, v in values.items()})
+    mean, std = mean_std(values.values())
+    scalars.update(
+      {f"mean/{prefix}{key}": mean, **({f"std/{prefix}{key}": std} if std is not None else {})}
+    )
+  return scalars
+
+
+def _record_deaths(records, alive: np.ndarray, first_step: int, specs) -> tuple:
+  """Records with the step (1-based) of each run's first non-finite step in `alive`
+  (steps, runs), if it died there."""
+  new = []
+  for k, record in enumerate(records):
+    if record.died_at_step is None and not alive[:, k].all():
+      record = dataclasses.replace(
+        record, died_at_step=first_step + int(np.argmin(alive[:, k])) + 1
+      )
+      if len(records) > 1:
+        logging.warning(
+          "run %d (%s) stopped: loss became non-finite at step %d; its parameters stay "
+          "those before that step, the other runs go on",
+          k,
+          run_name(specs[k].seed, specs[k].values),
+          record.died_at_step,
+        )
+    new.append(record)
+  return tuple(new)
+
+
+def _all_died(records, checkpoints) -> NonFiniteLossError:
+  checkpoints.wait()
+  latest = checkpoints.latest_step()
+  where = (
+    f"at step {records[0].died_at_step}"
+    if len(records) == 1
+    else f"in every run (at steps {', '.join(str(r.died_at_step) for r in records)})"
+  )
+  kept = (
+    "No checkpoint was saved before it"
+    if latest is None
+    else f"The last checkpoint ({checkpoints.directory}/{latest}) is kept"
+  )
+  return NonFiniteLossError(
+    f"loss became non-finite {where}; training stopped. {kept}: lower the learning rate "
+    "or use float32."
+  )
+
+
+def flush(loop: Loop, t: Training, writer, checkpoints) -> Loop:
+  """Fetches the window's metrics: records deaths, writes the train scalars, empties it.
+  Raises NonFiniteLossError when every run has died."""
+  if not loop.window:
+    return loop
+  fetched = jax.device_get(list(loop.window))
+  alive = np.stack([m["alive"] for m in fetched])  # (steps, runs)
+  records = _record_deaths(loop.records, alive, loop.window_start, t.specs)
+  if all(r.died_at_step is not None for r in records):
+    raise _all_died(records, checkpoints)
+  per_run = []
+  for k in range(t.num_runs):
+    live = np.flatnonzero(alive[:, k])  # its steps before it died
+    keys = [key for key in fetched[0] if key != "alive"]
+    per_run.append(
+      {key: float(np.mean([fetched[i][key][k] for i in live])) for key in keys}
+      if live.size
+      else None
+    )
+  end = loop.window_start + len(fetched)
+  writer.write_scalars(end, run_scalars(per_run, "train_"))
+  return dataclasses.replace(loop, records=records, window=(), window_start=end)
+
+
+def _log_eval(step: int, living: list[dict | None]) -> None:
+  if len(living) == 1:
+    r = living[0]
+    logging.info(
+      "step %d: test top1 %.4f top5 %.4f loss %.4f", step, r["top1"], r["top5"], r["loss"]
+    )
+    return
+  top1 = [r["top1"] for r in living if r is not None]
+  mean, std = mean_std(top1)
+  logging.info(
+    "step %d: test top1 %.4f ± %.4f over %d live runs (%s)",
+    step,
+    mean,
+    std or 0.0,
+    len(top1),
+    " ".join(f"{x:.4f}" for x in top1),
+  )
+
+
+def evaluate_runs(loop: Loop, t: Training, writer) -> tuple[Loop, float]:
+  """Tests every run; returns the loop with their records and the mean top-1 of the living."""
+  results = _run_eval(t.eval_step, loop.state.params, loop.state.rest, t.pipeline)
+  records = tuple(r.evaluated(loop.step, res) for r, res in zip(loop.records, results, strict=True))
+  living = [
+    res if r.died_at_step is None else None for r, res in zip(records, results, strict=True)
+  ]
+  writer.write_scalars(loop.step, run_scalars(living, "test_"))
+  _log_eval(loop.step, living)
+  mean = mean_std(res["top1"] for res in living if res is not None)[0]
+  return dataclasses.replace(loop, records=records), mean
+
+
+def save(loop: Loop, checkpoints, top1: float | None) -> None:
+  """Starts writing the loop's checkpoint (after a flush: never a non-finite step's)."""
+  metrics = {"top1": top1} if top1 is not None else None
+  checkpoints.save(loop.step, loop.state, checkpoint_meta(loop.records), metrics)
+
+
+def _due(config, step: int, total_steps: int, eval_every: int) -> tuple[bool, bool, bool]:
+  """(evaluate, save, log) after global step `step`."""
+  evaluate = step % eval_every == 0 or step == total_steps
+  save = evaluate or step % config.checkpoint_every_steps == 0
+  return evaluate, save, save or step % config.log_every_steps == 0
+
+
+# Called as on_event(point, step, stop) at "eval" (before evaluating) and "save" (after a
+# checkpoint write starts): a hook for instrumentation and tests.
+EventHook = Callable[[str, int, StopSignal], None]
+
+
+def _no_event(point: str, step: int, stop: StopSignal) -> None:
+  pass
+
+
+@dataclasses.dataclass
+class _Outputs:
+  """Where a loop's work goes: checkpoints, metric writer, progress report, clock."""
+
+  checkpoints: checkpoint_lib.Checkpoints
+  writer: Any
+  progress: Any
+  clock: _TrainClock
+
+
+def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> Loop:
+  """Trains from `loop` to the last step or to a stop signal; returns the loop at the end."""
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else None
+  eval_every = eval_every or t.pipeline.steps_per_epoch
+  while loop.step < t.total_steps:
+    loop, metrics = train_one_step(t, loop)
+    out.clock.step(metrics)
+    out.progress(loop.step)
+    evaluate, save_now, log = _due(config, loop.step, t.total_steps, eval_every)
+    stopping = distributed.agree_on_stop(stop.received, loop.step, metrics)  # one answer for all
+    if log or stopping:
+      out.clock.stop(metrics)  # evaluation and checkpoints are not training time
+      loop = flush(loop, t, out.writer, out.checkpoints)
+    top1 = None
+    if evaluate:
+      on_event("eval", loop.step, stop)
+      loop, top1 = evaluate_runs(loop, t, out.writer)
+    if save_now or stopping:
+      save(loop, out.checkpoints, top1)
+      on_event("save", loop.step, stop)  # the write is in flight
+    out.clock.resume()
+    if stopping:
+      return dataclasses.replace(loop, stopped_by=stopping)
+  return flush(loop, t, out.writer, out.checkpoints)
 
 
 def run_summaries(specs, records) -> list[dict]:
   """Per run: seed, swept values, final and best test top-1, best step, death if any."""
   runs = []
   for spec, rec in zip(specs, records, strict=True):
-    final = rec["history"][-1] if rec["history"] else None
+    final = rec.history[-1] if rec.history else None
     runs.append(
       {
         "run": spec.index,
@@ -696,9 +909,9 @@ def run_summaries(specs, records) -> list[dict]:
         "values": spec.values,
         "final_top1": final["top1"] if final else None,
         "final_top5": final["top5"] if final else None,
-        "best_top1": rec["best_top1"] if final else None,
-        "best_step": rec["best_step"],
-        "died_at_step": rec.get("died_at_step"),
+        "best_top1": rec.best_top1 if final else None,
+        "best_step": rec.best_step,
+        "died_at_step": rec.died_at_step,
       }
     )
   return runs
@@ -711,11 +924,12 @@ def group_summaries(runs: list[dict]) -> list[dict]:
   """
   groups = {}
   for r in runs:
-    key = tuple(r["values"].items())
-    groups.setdefault(key, {"values": r["values"], "seeds": [], "finished_seeds": []})
-    groups[key]["seeds"].append(r["seed"])
+    group = groups.setdefault(
+      tuple(r["values"].items()), {"values": r["values"], "seeds": [], "finished_seeds": []}
+    )
+    group["seeds"].append(r["seed"])
     if r["died_at_step"] is None and r["final_top1"] is not None:
-      groups[key]["finished_seeds"].append(r["seed"])
+      group["finished_seeds"].append(r["seed"])
   for key, group in groups.items():
     done = [
       r for r in runs if tuple(r["values"].items()) == key and r["seed"] in group["finished_seeds"]
@@ -725,8 +939,61 @@ def group_summaries(runs: list[dict]) -> list[dict]:
   return list(groups.values())
 
 
+def summarize(config, run: Run, t: Training, loop: Loop, clock: _TrainClock, wall: float) -> dict:
+  """summary.json: the headline numbers (means over the runs that finished alive), each run,
+  each swept combination, and the run's shape and speed."""
+  runs = run_summaries(t.specs, loop.records)
+  done = [r for r in runs if r["died_at_step"] is None and r["final_top1"] is not None]
+  headline = {
+    key: mean_std(r[key] for r in done)[0] for key in ("final_top1", "final_top5", "best_top1")
+  }
+  return {
+    "model": config.model,
+    "dataset": config.dataset.name,
+    "params": run.num_params,
+    "devices": run.mesh.devices.size,
+    "step": loop.step,
+    "total_steps": t.total_steps,
+    "stopped_by": loop.stopped_by,
+    **headline,
+    "best_step": runs[0]["best_step"] if len(runs) == 1 else None,
+    "steps_per_epoch": t.pipeline.steps_per_epoch,
+    "train_images": t.pipeline.train.size,
+    "test_images": t.pipeline.test.size,
+    "train_images_per_second": clock.images_per_second(),
+    "wall_seconds": wall,
+    "config": json.loads(config.to_json_best_effort()),
+    "num_runs": len(runs),
+    "runs": runs,
+    "groups": group_summaries(runs),
+  }
+
+
+def _start_logging(workdir, config, run: Run, t: Training, step: int):
+  """The metric writer (hparams on a fresh start) and the opening log line."""
+  writer = metric_writer.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  shape = {"params": run.num_params, "devices": run.mesh.devices.size, "runs": t.num_runs}
+  if step == 0:
+    writer.write_hparams({"model": config.model, "dataset": config.dataset.name, **shape})
+  logging.info(
+    "%s on %s: %d params, %d steps (%d a epoch), %d devices, %d run(s) side by side",
+    config.model,
+    config.dataset.name,
+    run.num_params,
+    t.total_steps,
+    t.pipeline.steps_per_epoch,
+    run.mesh.devices.size,
+    t.num_runs,
+  )
+  return writer
+
+
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, run: Run | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  run: Run | None = None,
+  on_event: EventHook = _no_event,
 ) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the summary.
 
@@ -739,227 +1006,28 @@ def train_and_evaluate(
   workdir = epath.Path(workdir)  # local paths and gs:// alike
   workdir.mkdir(parents=True, exist_ok=True)
   t = build_training(run, config)
-  pipeline, state, total_steps, specs, many = t.pipeline, t.state, t.total_steps, t.specs, t.many
-  eval_step = t.eval_step
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else pipeline.steps_per_epoch
-
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-  # One run: today's layout. Several: one record each (best, history, death) under "runs".
-  meta = (
-    {"runs": [_fresh_record() for _ in specs]}
-    if many
-    else {"best_top1": -1.0, "best_step": 0, "history": []}
-  )
-  restored = checkpoints.restore_latest(state)  # damaged ones: a warning each, set aside
-  if restored is not None:
-    start, state, meta = restored
-    logging.info("resumed from %s/%d", checkpoints.directory, start)
-  records = meta["runs"] if many else [meta]
-  if many:
-    t.alive = jax.device_put(
-      jnp.asarray([r["died_at_step"] is None for r in records]), NamedSharding(run.mesh, P())
-    )
-  step = int(np.asarray(state.step).reshape(-1)[0])
-  t.compile_everywhere(state, step)
+  loop = resume(t, checkpoints, run.mesh)
+  t.compile_everywhere(loop.state, loop.step)
   if jax.process_index() == 0:
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
-
-  writer = metric_writer.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-  if step == 0:
-    writer.write_hparams(
-      {
-        "model": config.model,
-        "dataset": config.dataset.name,
-        "params": run.num_params,
-        "devices": run.mesh.devices.size,
-        **({"runs": len(specs)} if many else {}),
-      }
-    )
-  progress = periodic_actions.ReportProgress(
-    num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
+  writer = _start_logging(workdir, config, run, t, loop.step)
+  out = _Outputs(
+    checkpoints,
+    writer,
+    periodic_actions.ReportProgress(
+      num_train_steps=t.total_steps,
+      writer=writer,
+      every_steps=config.log_every_steps,
+      every_secs=None,
+    ),
+    _TrainClock(config.batch_size * t.num_runs),
   )
-  logging.info(
-    "%s on %s: %d params, %d steps (%d a epoch), %d devices%s",
-    config.model,
-    config.dataset.name,
-    run.num_params,
-    total_steps,
-    pipeline.steps_per_epoch,
-    run.mesh.devices.size,
-    f", {len(specs)} runs side by side" if many else "",
-  )
-
-  def save(at_step, eval_top1=None):
-    if window:  # never let a non-finite step into a checkpoint
-      flush()
-    checkpoints.save(at_step, state, meta, {"top1": eval_top1} if eval_top1 is not None else None)
-
-  def with_spread(scalars: dict, per_run: list[dict], name: str) -> None:
-    """Adds each run's `name` values as run<k>/..., and their mean/ and std/ over runs."""
-    for key in per_run[0] if per_run else ():
-      values = []
-      for k, values_k in enumerate(per_run):
-        if values_k is not None:
-          scalars[f"run{k}/{name}{key}"] = values_k[key]
-          values.append(values_k[key])
-      mean, std = mean_std(values)
-      if mean is not None:
-        scalars[f"mean/{name}{key}"] = mean
-      if std is not None:
-        scalars[f"std/{name}{key}"] = std
-
-  window, window_start = [], step  # per-step metrics not yet fetched from the devices
-
-  def flush():
-    nonlocal window, window_start
-    fetched = jax.device_get(window)
-    if not many:
-      bad = _first_nonfinite(fetched, window_start)
-      if bad is not None:
-        checkpoints.wait()
-        keep = checkpoints.latest_step()
-        raise NonFiniteLossError(
-          f"loss became non-finite at step {bad}; training stopped. The last good checkpoint "
-          f"({checkpoints.directory}/{keep}) is kept: lower the learning rate or use float32."
-        )
-      summary = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    else:
-      alive = np.stack([m["alive"] for m in fetched])  # (steps, runs)
-      for k, rec in enumerate(records):
-        if rec["died_at_step"] is None and not alive[:, k].all():
-          rec["died_at_step"] = window_start + int(np.argmin(alive[:, k])) + 1
-          logging.warning(
-            "run %d (%s) stopped: loss became non-finite at step %d; its "
-            "parameters stay those before that step, the other runs go on",
-            k,
-            describe(specs[k]),
-            rec["died_at_step"],
-          )
-      if all(rec["died_at_step"] is not None for rec in records):
-        checkpoints.wait()
-        raise NonFiniteLossError(
-          "loss became non-finite in every run (at steps "
-          f"{', '.join(str(r['died_at_step']) for r in records)}); training stopped. The last "
-          f"checkpoint ({checkpoints.directory}/{checkpoints.latest_step()}) is kept: lower "
-          "the learning rate or use float32."
-        )
-      keys = [key for key in fetched[0] if key != "alive"]
-      per_run = []
-      for k in range(len(specs)):
-        live = np.flatnonzero(alive[:, k])  # its steps before it died
-        per_run.append(
-          {key: float(np.mean([fetched[i][key][k] for i in live])) for key in keys}
-          if live.size
-          else None
-        )
-      summary = {}
-      with_spread(summary, per_run, "train_")
-    writer.write_scalars(window_start + len(fetched), summary)
-    window, window_start = [], window_start + len(fetched)
-
-  def evaluate_now():
-    results = _run_eval(eval_step, state.params, state.rest, pipeline)
-    results = results if many else [results]
-    for rec, res in zip(records, results, strict=True):
-      rec["history"].append({"step": step, **res})
-      if rec.get("died_at_step") is None and res["top1"] > rec["best_top1"]:
-        rec["best_top1"], rec["best_step"] = res["top1"], step
-    if not many:
-      res = results[0]
-      writer.write_scalars(step, {f"test_{k}": v for k, v in res.items()})
-      logging.info(
-        "step %d: test top1 %.4f top5 %.4f loss %.4f", step, res["top1"], res["top5"], res["loss"]
-      )
-      return res["top1"]
-    living = [
-      res if rec["died_at_step"] is None else None
-      for rec, res in zip(records, results, strict=True)
-    ]
-    scalars = {}
-    with_spread(scalars, living, "test_")
-    writer.write_scalars(step, scalars)
-    top1 = [res["top1"] for res in living if res is not None]
-    mean, std = mean_std(top1)
-    logging.info(
-      "step %d: test top1 %.4f ± %.4f over %d live runs (%s)",
-      step,
-      mean,
-      std or 0.0,
-      len(top1),
-      " ".join(f"{x:.4f}" for x in top1),
-    )
-    return mean
-
-  clock = _TrainClock(config.batch_size * len(specs))
-  stopped_by = None
   wall_start = time.time()
-  with _StopSignal() as stop:
-    while step < total_steps:
-      state, metrics = t.step(state, step)
-      window.append(metrics)
-      step += 1
-      clock.step(metrics)
-      progress(step)
-      eval_now = step % eval_every == 0 or step == total_steps
-      stopping = distributed.agree_on_stop(stop.received, step, metrics)  # one answer for all
-      save_now = eval_now or step % config.checkpoint_every_steps == 0 or stopping is not None
-      if step % config.log_every_steps == 0 or save_now:
-        clock.stop(metrics)  # evaluation and checkpoints are not training time
-        flush()
-      eval_top1 = None
-      if eval_now:
-        stop.hold_for_tests("eval", step)
-        eval_top1 = evaluate_now()
-      if save_now:
-        save(step, eval_top1)
-        stop.hold_for_tests("save", step)  # the write is in flight
-      clock.resume()
-      if stopping:
-        stopped_by = stopping
-        break
-    if window:
-      flush()
+  with StopSignal() as stop:
+    loop = run_loop(loop, t, config, out, stop, on_event)
   checkpoints.close()
-  wall = time.time() - wall_start
-
-  runs = run_summaries(specs, records)
-  groups = group_summaries(runs)
-  if many:  # the headline numbers: means over the runs that finished alive
-    done = [r for r in runs if r["died_at_step"] is None and r["final_top1"] is not None]
-    final = (
-      {
-        "top1": mean_std(r["final_top1"] for r in done)[0],
-        "top5": mean_std(r["final_top5"] for r in done)[0],
-      }
-      if done
-      else None
-    )
-    best_top1, best_step = (mean_std(r["best_top1"] for r in done)[0] if done else None), None
-  else:
-    final = meta["history"][-1] if meta["history"] else None
-    best_top1, best_step = (meta["best_top1"] if final else None), meta["best_step"]
-  summary = {
-    "model": config.model,
-    "dataset": config.dataset.name,
-    "params": run.num_params,
-    "devices": run.mesh.devices.size,
-    "step": step,
-    "total_steps": total_steps,
-    "stopped_by": stopped_by,
-    "final_top1": final["top1"] if final else None,
-    "final_top5": final["top5"] if final else None,
-    "best_top1": best_top1,
-    "best_step": best_step,
-    "steps_per_epoch": pipeline.steps_per_epoch,
-    "train_images": pipeline.train.size,
-    "test_images": pipeline.test.size,
-    "train_images_per_second": clock.images_per_second(),
-    "wall_seconds": wall,
-    "config": json.loads(config.to_json_best_effort()),
-    "num_runs": len(specs),
-    "runs": runs,
-    "groups": groups,
-  }
+  summary = summarize(config, run, t, loop, out.clock, time.time() - wall_start)
   if jax.process_index() == 0:
     files.write_json(workdir / "summary.json", summary)
   writer.flush()
@@ -972,7 +1040,8 @@ def evaluate(
 ) -> dict:
   """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir.
 
-  With several runs, every run: their results are under "runs", their means at the top.
+  Returns the step, the checkpoint, the means over the runs at the top level and each
+  run's results under "runs".
   """
   run = Run.prepare(config)
   if checkpoint:
@@ -984,12 +1053,11 @@ def evaluate(
         f"no checkpoint in {directory}; train first or pass --checkpoint PATH"
       )
   specs = run_specs(config)
-  many = len(specs) > 1
   _, eval_graphdef, params, rest = _split_model(run.model)
   # Only what evaluation needs is read: no optimizer state is built or restored.
   like = {"params": params, "rest": rest}
   like = pipeline_lib.put_tree(
-    _stack([like] * len(specs)) if many else like, NamedSharding(run.mesh, P())
+    _stack([like] * len(specs)) if len(specs) > 1 else like, NamedSharding(run.mesh, P())
   )  # onto every process's devices
   checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
   if step is None:  # the newest that restores; damaged ones are skipped with a warning
@@ -1003,16 +1071,12 @@ def evaluate(
     state, _ = checkpoints.restore(step, like, partial=True)
   checkpoints.close()
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
-  eval_step = make_eval_step(eval_graphdef)
-  eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None)) if many else eval_step)
+  eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)))
   if jax.process_count() > 1:
     first_batch = next(iter(pipeline.eval_batches()))
     distributed.compile_everywhere(
       "eval step", (eval_step, (state["params"], state["rest"], first_batch))
     )
-  if not many:
-    metrics = _run_eval(eval_step, state["params"], state["rest"], pipeline)
-    return {"step": step, "checkpoint": f"{directory}/{step}", **metrics}
   results = _run_eval(eval_step, state["params"], state["rest"], pipeline)
   runs = [
     {"run": spec.index, "seed": spec.seed, "values": spec.values, **res}

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = os.path.join(ROOT, "tests", "hold.py")  # main.py held at one moment until a signal
 STEPS = 150
 # A small model that still learns visibly in 150 steps (no mixing, higher learning rate).
 TINY = [
@@ -106,15 +107,15 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
 
 
 def start_and_hold(workdir, extra, hold):
-  """Starts main.py held at `hold` (train._StopSignal.hold_for_tests) and returns the
-  process once it says it is held, with the stderr it wrote until then."""
+  """Starts main.py held at `hold` (through tests/hold.py) and returns the process once
+  it says it is held, with the stderr it wrote until then."""
+  cmd = main_cmd(workdir, *extra)
   proc = subprocess.Popen(
-    main_cmd(workdir, *extra),
+    [cmd[0], HOLD, hold, *cmd[1:]],
     cwd=ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
-    env=dict(os.environ, LKCA_TEST_HOLD=hold),
   )
   seen = []
   for line in proc.stderr:
@@ -192,7 +193,7 @@ def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(
   assert_same_params(params, full_params)
 
 
-# (LKCA_TEST_HOLD point, signal): the run is held there (train._StopSignal.hold_for_tests)
+# (hold point, signal): the run is held there (tests/hold.py)
 # until the signal lands. After starting the asynchronous save of step 50, the hold keeps
 # that write unfinished.
 AWKWARD_MOMENTS = [

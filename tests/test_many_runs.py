@@ -103,29 +103,32 @@ def adamw_round_off(config, before, after, lr: float, terms: int) -> dict:
 
 
 def assert_each_step_is_the_single_runs(many, single, k, config, steps=STEPS):
-  """From one shared state per step, run k of `many` and `single` take the same step."""
+  """From one shared state per step, run k of `many` and `single` take the same step.
+  Returns the runs' `alive` mask at the end."""
   terms = chain_terms(config)
-  many_state, single_state = many.state, single.state
+  many_state, single_state, alive = many.state, single.state, many.all_alive
   for step in range(steps):
     forced = jax.tree.map(lambda m, s: m.at[k].set(s), many_state, single_state)
     before = jax.device_get(single_state.replace(rest=None))  # rest holds PRNG keys
-    many_state, many_metrics = many.step(forced, step)
+    many_state, many_metrics = many.step(forced, step, alive)
+    alive = many_metrics["alive"]
     single_state, single_metrics = single.step(single_state, step)
-    loss_k, loss = float(many_metrics["loss"][k]), float(single_metrics["loss"])
+    loss_k, loss = float(many_metrics["loss"][k]), float(single_metrics["loss"][0])
     assert abs(loss_k - loss) <= 2 * terms * U * abs(loss), (step, loss_k, loss)
     after = jax.device_get(single_state.replace(rest=None))
     run_k = jax.tree.map(lambda a: np.asarray(a)[k], jax.device_get(many_state.params))
-    lr = float(single_metrics["learning_rate"])
+    lr = float(single_metrics["learning_rate"][0])
     assert float(many_metrics["learning_rate"][k]) == lr
     bounds = adamw_round_off(config, before, after, lr, terms)
     got, expected = leaves_by_path(run_k), leaves_by_path(after.params)
     for path, bound in bounds.items():
       excess = np.abs(got[path] - expected[path]) - bound
       assert excess.max() <= 0, (step, path, float(excess.max()))
+  return alive
 
 
 def train_steps(config, steps=STEPS):
-  """(losses (steps,) or (steps, runs), final params) of `config`'s runs, step by step."""
+  """(losses (steps, runs), final params) of `config`'s runs, step by step."""
   t = train.build_training(train.Run.prepare(config), config)
   state, losses = t.state, []
   for step in range(steps):
@@ -273,8 +276,8 @@ def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state.params))
   # Step by step, before and after run 1 dies, run 0 is its single run.
   many, survivor = build(config), train.run_specs(config)[0].config
-  assert_each_step_is_the_single_runs(many, build(survivor), 0, survivor)
-  assert not bool(many.alive[1])
+  alive = assert_each_step_is_the_single_runs(many, build(survivor), 0, survivor)
+  assert not bool(alive[1])
   # The statistics leave the dead run out.
   groups = {g["values"]["optimizer.learning_rate"]: g for g in summary["groups"]}
   assert groups[1e30]["finished_seeds"] == [] and groups[1e30]["final_top1_mean"] is None
@@ -336,7 +339,5 @@ def test_the_memory_check_says_how_many_runs_fit():
 def _one_run_share(config) -> int:
   """Bytes for a bit more than one of the config's runs: the compiled step's third, plus 40%."""
   many = train.build_training(train.Run.prepare(config), config)
-  lowered = many.compiled_step.lower(
-    many.state, many.batch(0), many.train_key, many.hparams, many.alive
-  )
+  lowered = many.compiled_step.lower(*many.step_args(many.state, 0))
   return int(train.step_memory_bytes(lowered.compile()) / 3 * 1.4)

@@ -262,7 +262,10 @@ def wait_for_line(proc, text, seen):
 def test_sigterm_to_the_job_stops_every_process_at_one_step_and_resumes_exactly(runs, tmp_path):
   # Both processes hold after starting the save of step 4 until the signal lands; the
   # stop is agreed at the next vote (step 8), whichever process saw the signal first.
-  proc = start(two_process_cmd(tmp_path), env=env(LKCA_TEST_HOLD="save:4"))
+  cmd = two_process_cmd(tmp_path)
+  proc = start(
+    [*cmd[: cmd.index("main.py")], "tests/hold.py", "save:4", *cmd[cmd.index("main.py") :]]
+  )
   seen = []
   wait_for_line(proc, "holding at save:4", seen)
   proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both

@@ -74,7 +74,7 @@ def _losses(num_devices, steps=5):
     batch = t.pipeline.train_batch(order, step)
     assert batch["image"].sharding.spec[0] == "data"
     state, metrics = t.train_step(state, batch, t.train_key)
-    losses.append(float(metrics["loss"]))
+    losses.append(float(metrics["loss"][0]))
   params = jax.device_get(state.params)
   return np.asarray(losses), params
 
@@ -99,7 +99,7 @@ def _full_size_training(model: str, **overrides):
 @pytest.mark.parametrize("model", ["lkca_b", "vit"])
 def test_the_train_step_exports_for_gpu_and_tpu_with_no_cpu_forms(model):
   t = _full_size_training(model)
-  args = (t.state, t.batch(0), t.train_key, t.hparams)
+  args = t.step_args(t.state, 0)
   lowered = {
     platform: jax.export.export(t.compiled_step, platforms=[platform])(*args).mlir_module()
     for platform in ("cuda", "tpu", "cpu")

@@ -121,8 +121,7 @@ def step_bytes(case) -> int:
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   t = case.training
-  args = (case.state, case.fixed_batch, t.train_key, t.hparams)
-  lowered = t.compiled_step.lower(*args, t.alive) if t.many else t.compiled_step.lower(*args)
+  lowered = t.compiled_step.lower(case.state, case.fixed_batch, t.train_key, t.hparams, t.all_alive)
   return train.step_memory_bytes(lowered.compile())
 
 

@@ -1,0 +1,41 @@
+"""Runs a program (main.py) held at one point of its training until a signal lands.
+
+  python tests/hold.py POINT:STEP main.py [ARGS...]
+
+Installs the trainer's `on_event` hook: at POINT ("eval": before evaluating, "save":
+after a checkpoint write has started) of STEP it says "holding at POINT:STEP" on
+stderr, then spins holding the GIL (a long switch interval), so a write just started
+stays unfinished (orbax finalizes it from Python threads), until the run receives a
+signal. Gives up after a minute. The tests use it to make a signal land at one moment
+however fast the machine runs.
+"""
+
+import functools
+import os
+import runpy
+import sys
+import time
+
+from lkca_jax import train
+
+
+def hold_at(target: str):
+  def on_event(point: str, step: int, stop: train.StopSignal) -> None:
+    if f"{point}:{step}" != target:
+      return
+    print(f"holding at {target}", file=sys.stderr, flush=True)
+    interval, deadline = sys.getswitchinterval(), time.monotonic() + 60
+    sys.setswitchinterval(60.0)
+    while stop.received is None and time.monotonic() < deadline:
+      pass
+    sys.setswitchinterval(interval)
+
+  return on_event
+
+
+if __name__ == "__main__":
+  target, program, *args = sys.argv[1:]
+  train.train_and_evaluate = functools.partial(train.train_and_evaluate, on_event=hold_at(target))
+  sys.argv = [program, *args]
+  sys.path[0] = os.path.dirname(os.path.abspath(program))  # as `python program` would
+  runpy.run_path(program, run_name="__main__")
