@@ -10,13 +10,15 @@ metadata, a write cut short) is damaged: `restore_latest` warns, moves it to
 `<directory>_damaged/<step>-<reason>`, where orbax neither lists nor deletes it,
 and falls back to the newest one that restores. A checkpoint of another model
 or config is not damage but a `CheckpointError`.
+
+`read_checkpoint` reads part of a run's state (the parameters, to evaluate or
+analyse) read-only, from a given checkpoint or the newest one that restores.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import sys
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +27,14 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from lkca_jax import adapters
+
 BEST_METRIC = "top1"
-# Orbax writes `<step>` under this name first and renames it when complete.
-TMP_MARKER = ".orbax-checkpoint-tmp"
-# Read errors that say nothing about the files (permissions, network, memory).
-_NOT_DAMAGE = (
-  "PERMISSION_DENIED",
-  "UNAUTHENTICATED",
-  "UNAVAILABLE",
-  "DEADLINE_EXCEEDED",
-  "RESOURCE_EXHAUSTED",
+# TensorStore statuses that say nothing about the files (access, network, memory).
+_NOT_DAMAGE = frozenset(
+  {"PERMISSION_DENIED", "UNAUTHENTICATED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 )
+_DAMAGE_KIND = {"NOT_FOUND": "missing", "OUT_OF_RANGE": "truncated"}
 
 
 class CheckpointError(ValueError):
@@ -61,55 +60,26 @@ def _abstract(tree):
 
 
 def _detail(error: BaseException) -> str:
-  """One short line for `error`; of a TensorStore error, its status and innermost cause."""
-  lines = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
-  text = lines[0] if lines else ""
-  status = re.match(r"[A-Z_]+: ", text)
-  if status and ": " in text[status.end() :]:
-    text = status.group() + text.rsplit(": ", 1)[1]
+  """One short line for `error`."""
+  lines = str(error).strip().splitlines()
+  text = adapters.tensorstore_summary(error) or (lines[0] if lines else "")
   text = f"{type(error).__name__}: {text}"
   return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _without_closed_loop_noise(hook):
-  """`hook` (a sys.unraisablehook) minus the "Event loop is closed" tracebacks.
-
-  When one array read of a restore fails, orbax abandons the others; their
-  completion callbacks then reach a closed event loop and each prints such a
-  traceback (up to one per array, some after the restore has returned), which
-  says nothing the one warning does not.
-  """
-
-  def quiet(unraisable):
-    if "Event loop is closed" not in str(unraisable.exc_value):
-      hook(unraisable)
-
-  return quiet
-
-
 def _damage(path, part: str, error: Exception) -> DamagedCheckpointError:
-  """Classifies an error reading `part` ("data" or "meta") of checkpoint `path`.
+  """Classifies an error reading `part` ("data", "metadata" or "meta") of checkpoint `path`.
 
   Raises CheckpointError for errors that are not the files' fault, so that a
   checkpoint is never set aside for, say, a network outage.
   """
-  text = str(error)
-  if isinstance(error, (PermissionError, TimeoutError, ConnectionError)) or any(
-    code in text for code in _NOT_DAMAGE
-  ):
+  status = adapters.tensorstore_status(error)
+  if isinstance(error, (PermissionError, TimeoutError, ConnectionError)) or status in _NOT_DAMAGE:
     raise CheckpointError(
       f"cannot read checkpoint {path} ({_detail(error)}); not damage to "
       "its files: fix the cause (access, network, memory) and retry"
     ) from None
-  lower = text.lower()
-  if isinstance(error, FileNotFoundError) or any(
-    m in lower for m in ("not_found", "not found", "no such file")
-  ):
-    kind = "missing"
-  elif "out_of_range" in lower or "byte range" in lower or "truncat" in lower:
-    kind = "truncated"
-  else:
-    kind = "corrupt"
+  kind = "missing" if isinstance(error, FileNotFoundError) else _DAMAGE_KIND.get(status, "corrupt")
   return DamagedCheckpointError(path, f"{part}-{kind}", _detail(error))
 
 
@@ -123,38 +93,7 @@ def _warn(damage: DamagedCheckpointError, outcome: str) -> None:
   )
 
 
-def _saved_shapes(state_dir: epath.Path) -> dict[str, tuple | None] | None:
-  """{array name: shape or None} from orbax's tree metadata file, without touching array data.
-
-  Returns None if the file's layout is not the one known here (another orbax
-  version), so that only the restore itself judges such a checkpoint.
-  Raises DamagedCheckpointError if the file is missing or not JSON.
-  """
-  path = state_dir / "_METADATA"
-  try:
-    tree = json.loads(path.read_text())["tree_metadata"]
-  except FileNotFoundError as e:
-    raise DamagedCheckpointError(state_dir.parent, "metadata-missing", _detail(e)) from None
-  except (ValueError, UnicodeDecodeError) as e:
-    raise DamagedCheckpointError(state_dir.parent, "metadata-corrupt", _detail(e)) from None
-  except (KeyError, TypeError):
-    return None
-  try:
-    shapes = {}
-    for entry in tree.values():
-      if entry["value_metadata"].get("skip_deserialize"):  # an empty node, such as optax's
-        continue
-      name = ".".join(str(k["key"]) for k in entry["key_metadata"])
-      shape = entry["value_metadata"].get("write_shape")
-      shapes[name] = None if shape is None else tuple(shape)
-  except (KeyError, TypeError, AttributeError):
-    return None
-  return shapes
-
-
-def _shape_mismatch(
-  saved: dict[str, tuple | None], like_state, partial: bool = False
-) -> str | None:
+def _shape_mismatch(saved: dict[str, tuple], like_state, partial: bool = False) -> str | None:
   """How the saved state's array names and shapes differ from `like_state`'s, if they do.
 
   With `partial`, arrays on disk that `like_state` leaves out are fine.
@@ -164,9 +103,6 @@ def _shape_mismatch(
     shape = tuple(leaf.shape)
     if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # saved as raw key data
       shape = jax.eval_shape(jax.random.key_data, leaf).shape
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is not None and len(sharding.device_set) > 1:
-      shape = None  # orbax records the shape one device wrote (replicas split the writes)
     wanted[".".join(ocp.tree.str_keypath(keypath))] = shape
   if saved.keys() != wanted.keys() and not (partial and wanted.keys() <= saved.keys()):
     parts = [
@@ -179,7 +115,7 @@ def _shape_mismatch(
     ]
     return "; ".join(parts)
   for name, shape in wanted.items():
-    if None not in (shape, saved[name]) and saved[name] != shape:
+    if saved[name] is not None and saved[name] != shape:
       return f"{name} is {saved[name]} on disk, {shape} in this model"
   return None
 
@@ -188,7 +124,8 @@ class Checkpoints:
   """Wraps an orbax CheckpointManager over `directory`.
 
   With `read_only` (evaluation) nothing in `directory` is written, deleted or
-  moved, so it is safe next to a run that is training there.
+  moved, so it is safe next to a run that is training there; only read-only
+  instances restore part of a state (`partial`).
   """
 
   def __init__(
@@ -213,8 +150,13 @@ class Checkpoints:
       create=not read_only,
       cleanup_tmp_directories=not read_only,
     )
+    # The standard handler writes (and checks) plain array trees; the PyTree one it
+    # wraps, reading the same files, also restores part of a tree.
+    state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
     self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "meta")
+      self.directory,
+      options=options,
+      item_handlers={"state": state_handler, "meta": ocp.JsonCheckpointHandler()},
     )
 
   def latest_step(self) -> int | None:
@@ -228,37 +170,56 @@ class Checkpoints:
       force=True,
     )
 
+  def saved_shapes(self, step: int) -> dict[str, tuple | None]:
+    """{array name: global shape} of the state saved at `step`, from orbax's metadata.
+
+    Raises DamagedCheckpointError if the metadata, or the arrays' own, cannot be read.
+    """
+    path = self.directory / str(step)
+    with adapters.abandoned_reads_quiet():
+      try:
+        tree = self.manager.metadata(step).item_metadata["state"]
+      except Exception as e:  # noqa: BLE001 - classified: damage or not
+        # TensorStore errors come from the array files; the others from the tree's.
+        raise _damage(path, "data" if adapters.tensorstore_status(e) else "metadata", e) from None
+    if tree is None:  # what orbax answers when the tree metadata file is missing
+      raise DamagedCheckpointError(path, "metadata-missing", "state/ has no tree metadata")
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+      ".".join(ocp.tree.str_keypath(keypath)): getattr(leaf, "shape", None)
+      for keypath, leaf in leaves
+    }
+
   def restore(self, step: int, like_state, *, partial: bool = False):
     """Restores `step` with the shapes, dtypes and shardings of `like_state`.
 
-    With `partial`, `like_state` is a dict of some of the state's fields (say
-    {"params": ..., "rest": ...} to evaluate), and only those are read.
-    Raises DamagedCheckpointError if its files cannot be read back, and
+    With `partial` (read-only instances), `like_state` is a dict of some of the
+    state's fields (say {"params": ..., "rest": ...} to evaluate), and only those
+    are read. Raises DamagedCheckpointError if its files cannot be read back, and
     CheckpointError if it holds another model or config.
     """
+    if partial and not self.read_only:
+      raise ValueError("partial restores need Checkpoints(..., read_only=True)")
     path = self.directory / str(step)
-    saved = _saved_shapes(path / "state")
-    mismatch = saved is not None and _shape_mismatch(saved, like_state, partial)
+    mismatch = _shape_mismatch(self.saved_shapes(step), like_state, partial)
     if mismatch:
       raise CheckpointError(
         f"checkpoint {path} does not match this model/config ({mismatch}); "
         "resume with the config it was trained with, or start a fresh --workdir"
       )
-    hook = sys.unraisablehook
-    sys.unraisablehook = _without_closed_loop_noise(hook)
-    try:
-      if partial:
-        state_args = ocp.args.PyTreeRestore(
-          item=_abstract(like_state),
-          partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(like_state),
-        )
-      else:
-        state_args = ocp.args.StandardRestore(_abstract(like_state))
-      state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
-    except Exception as e:  # noqa: BLE001 - the metadata matched: the data is at fault
-      raise _damage(path, "data", e) from None  # and the abandoned reads stay quiet
-    sys.unraisablehook = hook
+    if self.read_only:
+      state_args = ocp.args.PyTreeRestore(
+        item=_abstract(like_state),
+        partial_restore=partial,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(like_state),
+      )
+    else:
+      state_args = ocp.args.StandardRestore(_abstract(like_state))
+    with adapters.abandoned_reads_quiet():
+      try:
+        state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
+      except Exception as e:  # noqa: BLE001 - the metadata matched: the data is at fault
+        raise _damage(path, "data", e) from None
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         "meta"
@@ -312,7 +273,7 @@ class Checkpoints:
 
   def _move_aside(self, damage: DamagedCheckpointError) -> epath.Path:
     """Moves a damaged checkpoint out of orbax's sight, never deleting it; returns where to."""
-    step = damage.path.name.split(TMP_MARKER)[0]
+    step = ocp.path.step.step_from_checkpoint_name(damage.path.name)
     target, n = self.damaged_directory / f"{step}-{damage.reason}", 1
     while target.exists():  # the same step may be damaged again after a re-save
       n += 1
@@ -322,15 +283,17 @@ class Checkpoints:
     return target
 
   def _set_aside_unfinished_writes(self) -> None:
-    """Moves `<step>.orbax-checkpoint-tmp…` folders aside (process 0), then all go on."""
+    """Moves checkpoints orbax never finalized aside (process 0), then all go on."""
     if jax.process_index() == 0 and self.directory.is_dir():
-      for path in sorted(self.directory.iterdir()):
-        step = path.name.split(TMP_MARKER)[0]
-        if TMP_MARKER in path.name and step.isdigit():
-          damage = DamagedCheckpointError(
-            path, "unfinished-write", "the write stopped before orbax finalized it"
-          )
-          _warn(damage, f"set aside as {self._move_aside(damage)}")
+      for name in sorted(ocp.path.step.tmp_checkpoints(self.directory)):
+        try:
+          ocp.path.step.step_from_checkpoint_name(name)
+        except ValueError:
+          continue  # not a step's
+        damage = DamagedCheckpointError(
+          self.directory / name, "unfinished-write", "the write stopped before orbax finalized it"
+        )
+        _warn(damage, f"set aside as {self._move_aside(damage)}")
     if jax.process_count() > 1:
       ocp.multihost.sync_global_processes("lkca_unfinished_writes_set_aside")
 
@@ -351,3 +314,45 @@ def resolve(path) -> tuple[epath.Path, int]:
       "<workdir>/checkpoints/<step> with a state/ folder)"
     )
   return path.parent, int(path.name)
+
+
+class Restored(NamedTuple):
+  path: epath.Path  # the checkpoint read: <checkpoints directory>/<step>
+  step: int
+  state: dict  # the fields asked for, as `like` has them
+  meta: dict  # what was saved with it (best top-1, evaluation history)
+
+
+def read_checkpoint(like: Mapping[str, Any], source) -> Restored:
+  """Reads some fields of a run's state, read-only, from a checkpoint or the newest good one.
+
+  `like` holds the fields wanted (say {"params": ..., "rest": ...}) with their
+  shapes, dtypes and shardings; nothing else (no optimizer state) is read.
+  `source` is a checkpoint, `<workdir>/checkpoints/<step>`, or a checkpoints
+  directory, whose newest checkpoint that restores is read: damaged ones are
+  skipped with a warning each. Nothing in the directory is written, moved or
+  deleted, so a run may be training there.
+  Raises CheckpointError if there is no checkpoint or it holds another model or
+  config, DamagedCheckpointError if the checkpoint named is damaged.
+  """
+  source = absolute(source)
+  if source.name.isdigit():
+    directory, step = resolve(source)
+  else:
+    directory, step = source, None
+  missing = CheckpointError(f"no checkpoint in {directory}; train first or pass --checkpoint PATH")
+  if not directory.is_dir():
+    raise missing
+  like = dict(like)
+  checkpoints = Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    if step is None:
+      restored = checkpoints.restore_latest(like, partial=True)
+      if restored is None:
+        raise missing
+      step, state, meta = restored
+    else:
+      state, meta = checkpoints.restore(step, like, partial=True)
+  finally:
+    checkpoints.close()
+  return Restored(directory / str(step), step, state, meta)

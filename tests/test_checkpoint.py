@@ -1,16 +1,25 @@
-"""Damaged checkpoints, end to end: main.py warns, sets the damage aside and resumes.
+"""Damaged checkpoints: each kind is told apart, then, end to end, main.py resumes past it.
 
-One real short training on digits writes checkpoints 4, 8 and 12; each test
-damages a copy of it on disk the way a full disk, a crash or a bad copy would,
-and runs main.py on it again in a subprocess.
+The first tests save a small state with `Checkpoints` and damage copies of it.
+Then one real short training on digits writes checkpoints 4, 8 and 12; each
+end-to-end test damages a copy of it on disk the way a full disk, a crash or a
+bad copy would, and runs main.py on it again in a subprocess.
 """
 
 import os
 import re
 import shutil
+import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from lkca_jax import checkpoint
 from tests.test_main import assert_same_params, final_params, run_main
 
 STEPS = 12
@@ -72,6 +81,196 @@ DAMAGE = [
 ]
 
 
+def delete_tree_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+def delete_meta_json(step_dir):
+  (step_dir / "meta" / "metadata").unlink()
+
+
+# --- Checkpoints on a small state --------------------------------------------------------
+def small_state(scale=1.0):
+  params = {"w": jnp.full((4, 5), scale), "b": jnp.arange(5, dtype=jnp.bfloat16)}
+  return {
+    "step": jnp.int32(3),
+    "params": params,
+    "opt": optax.adam(1e-3).init(params),  # holds an empty node
+    "key": jax.random.key(7),
+  }
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  """A checkpoints directory with steps 1 and 2 of `small_state` (scales 1 and 2)."""
+  directory = tmp_path_factory.mktemp("small") / "checkpoints"
+  checkpoints = checkpoint.Checkpoints(directory, asynchronous=False)
+  for step in (1, 2):
+    checkpoints.save(step, small_state(step), {"best_top1": step / 10})
+  checkpoints.close()
+  return directory
+
+
+def small_copy(small, tmp_path, damage=None, step=2):
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(small, directory)
+  if damage:
+    damage(directory / str(step))
+  return directory
+
+
+SMALL_DAMAGE = [
+  (truncate_data, "data-truncated"),
+  (delete_data, "data-missing"),
+  (corrupt_tree_metadata, "metadata-corrupt"),
+  (delete_tree_metadata, "metadata-missing"),
+  (corrupt_meta_json, "meta-corrupt"),
+  (delete_meta_json, "meta-missing"),
+]
+
+
+@pytest.mark.parametrize("damage, reason", SMALL_DAMAGE, ids=[r for _, r in SMALL_DAMAGE])
+def test_each_damage_is_named_from_orbax_errors(small, tmp_path, damage, reason):
+  directory = small_copy(small, tmp_path, damage)
+  checkpoints = checkpoint.Checkpoints(directory, asynchronous=False, read_only=True)
+  with pytest.raises(checkpoint.DamagedCheckpointError) as info:
+    checkpoints.restore(2, small_state())
+  assert info.value.reason == reason, info.value
+  assert info.value.path == directory / "2"
+  assert "\n" not in str(info.value) and "tensorstore_spec" not in str(info.value)
+  # The newest that restores is step 1, with its own values.
+  step, state, meta = checkpoints.restore_latest(small_state())
+  checkpoints.close()
+  assert (step, meta) == (1, {"best_top1": 0.1})
+  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 5), 1.0))
+  assert (
+    jax.random.key_data(state["key"]).tolist() == jax.random.key_data(small_state()["key"]).tolist()
+  )
+
+
+def test_the_unraisable_hook_is_the_callers_after_a_failing_restore(small, tmp_path):
+  directory = small_copy(small, tmp_path, truncate_data)
+  checkpoints = checkpoint.Checkpoints(directory, asynchronous=False, read_only=True)
+  seen = []
+  original = sys.unraisablehook
+  sys.unraisablehook = seen.append
+  try:
+    with pytest.raises(checkpoint.DamagedCheckpointError):
+      checkpoints.restore(2, small_state())
+    assert sys.unraisablehook == seen.append
+    checkpoints.restore(1, small_state())
+    assert sys.unraisablehook == seen.append
+  finally:
+    sys.unraisablehook = original
+    checkpoints.close()
+  assert not seen  # the abandoned reads' noise stayed inside the restore
+
+
+def test_writable_checkpoints_resume_and_set_damage_aside(small, tmp_path):
+  directory = small_copy(small, tmp_path, truncate_data)
+  checkpoints = checkpoint.Checkpoints(directory, asynchronous=False)
+  step, state, _ = checkpoints.restore_latest(small_state())
+  assert step == 1 and int(state["step"]) == 3
+  assert sorted(os.listdir(directory)) == ["1"]
+  assert os.listdir(tmp_path / "checkpoints_damaged") == ["2-data-truncated"]
+  with pytest.raises(ValueError, match="read_only"):
+    checkpoints.restore(1, {"params": small_state()["params"]}, partial=True)
+  checkpoints.close()
+
+
+def test_another_model_is_a_mismatch_not_damage(small, tmp_path):
+  directory = small_copy(small, tmp_path)
+  other = small_state()
+  other["params"]["w"] = jnp.zeros((4, 6))
+  checkpoints = checkpoint.Checkpoints(directory, asynchronous=False, read_only=True)
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"params\.w is \(4, 5\) on disk, \(4, 6\)"
+  ) as info:
+    checkpoints.restore_latest(other)
+  assert not isinstance(info.value, checkpoint.DamagedCheckpointError)
+  other["params"]["extra"] = jnp.zeros(2)
+  with pytest.raises(
+    checkpoint.CheckpointError, match="1 arrays only in this model, e.g. params.extra"
+  ):
+    checkpoints.restore(2, other)
+  checkpoints.close()
+
+
+def test_saved_shapes_are_the_global_shapes_of_sharded_arrays(tmp_path):
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+  rows = 2 * len(jax.devices())
+  sharded = jax.device_put(jnp.ones((rows, 3)), NamedSharding(mesh, P("d")))
+  replicated = jax.device_put(jnp.ones((5, 3)), NamedSharding(mesh, P()))
+  checkpoints = checkpoint.Checkpoints(tmp_path / "checkpoints", asynchronous=False)
+  checkpoints.save(1, {"sharded": sharded, "replicated": replicated, "key": jax.random.key(0)}, {})
+  assert checkpoints.saved_shapes(1) == {"sharded": (rows, 3), "replicated": (5, 3), "key": (2,)}
+  like = {"sharded": sharded, "replicated": replicated, "key": jax.random.key(1)}
+  state, _ = checkpoints.restore(1, like)
+  assert state["sharded"].sharding == sharded.sharding
+  with pytest.raises(checkpoint.CheckpointError, match="does not match"):
+    bad = jax.device_put(jnp.ones((rows + len(jax.devices()), 3)), NamedSharding(mesh, P("d")))
+    checkpoints.restore(1, {**like, "sharded": bad})
+  checkpoints.close()
+
+
+def test_an_unfinished_write_is_set_aside_on_start(small, tmp_path):
+  directory = small_copy(small, tmp_path)
+  unfinished_write(directory / "2")
+  checkpoint.Checkpoints(directory, asynchronous=False).close()
+  assert sorted(os.listdir(directory)) == ["1"]
+  assert os.listdir(tmp_path / "checkpoints_damaged") == ["2-unfinished-write"]
+
+
+# --- read_checkpoint: the one way to read part of a run's state ---------------------------
+def test_read_checkpoint_reads_the_newest_good_one_read_only(small, tmp_path, caplog):
+  directory = small_copy(small, tmp_path, truncate_data)
+  like = {"params": small_state()["params"]}
+  restored = checkpoint.read_checkpoint(like, directory)
+  assert (restored.path, restored.step, restored.meta) == (directory / "1", 1, {"best_top1": 0.1})
+  assert sorted(restored.state) == ["params"]
+  np.testing.assert_array_equal(restored.state["params"]["w"], np.full((4, 5), 1.0))
+  assert any(
+    "checkpoints/2 cannot be restored (data-truncated" in r.getMessage() for r in caplog.records
+  )
+  # Read-only: the damage is where it was, nothing was set aside.
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  assert not (tmp_path / "checkpoints_damaged").exists()
+
+
+def test_read_checkpoint_of_a_named_checkpoint(small, tmp_path):
+  directory = small_copy(small, tmp_path, truncate_data)
+  like = {"params": small_state()["params"]}
+  restored = checkpoint.read_checkpoint(like, str(directory / "1"))
+  assert (restored.path, restored.step) == (directory / "1", 1)
+  with pytest.raises(checkpoint.DamagedCheckpointError, match="data-truncated"):
+    checkpoint.read_checkpoint(like, directory / "2")
+  with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint step directory"):
+    checkpoint.read_checkpoint(like, directory / "7")
+
+
+def test_read_checkpoint_without_checkpoints(tmp_path):
+  like = {"params": small_state()["params"]}
+  for directory in (tmp_path / "missing", tmp_path):
+    with pytest.raises(
+      checkpoint.CheckpointError, match=f"no checkpoint in {directory}; train first"
+    ):
+      checkpoint.read_checkpoint(like, directory)
+
+
+def test_errors_that_are_not_the_files_fault_set_nothing_aside(tmp_path):
+  path = tmp_path / "checkpoints" / "4"
+  for error in (
+    PermissionError(13, "Permission denied"),
+    ValueError("UNAVAILABLE: Error reading gs://bucket/x: connection reset"),
+  ):
+    with pytest.raises(checkpoint.CheckpointError, match="not damage to its files") as info:
+      checkpoint._damage(path, "data", error)
+    assert not isinstance(info.value, checkpoint.DamagedCheckpointError)
+  damage = checkpoint._damage(path, "data", ValueError("DATA_LOSS: Error reading x: bad crc"))
+  assert (damage.reason, damage.detail) == ("data-corrupt", "ValueError: DATA_LOSS: bad crc")
+
+
+# --- end to end ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("trained")

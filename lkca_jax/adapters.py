@@ -1,0 +1,163 @@
+"""Every place the project relies on a dependency's behaviour that its public API does not give.
+
+Each workaround below was written against the versions in `PINNED` (requirements.txt);
+tests/test_adapters.py checks what each one assumes and fails, naming the version and
+this module, when an upgrade changes it. Nothing here imports a dependency at module
+level: importing this module stays cheap and TensorFlow-free.
+
+- TensorStore (orbax-checkpoint's array storage) raises plain `ValueError`s whose
+  message starts with an absl status code ("NOT_FOUND: ..."); it has no typed
+  errors, so the code is read from the message.
+- orbax-checkpoint abandons the other array reads when one fails; their callbacks
+  then reach a closed event loop and each prints an "Event loop is closed"
+  traceback that says nothing new.
+- clu's `clu.metric_writers` package imports its TensorFlow summary writer on
+  import (and with it TensorFlow), although its other writers and
+  `clu.periodic_actions` never use it.
+- TensorFlow Datasets retries a failing HTTP download 10 times with backoff (minutes),
+  with no option for it in `DownloadConfig`; its checksum error and its cache file
+  names are not exported either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+import sys
+import time
+import types
+
+PINNED = {
+  "orbax-checkpoint": "0.12.8",
+  "tensorstore": "0.1.86",
+  "clu": "0.0.12",
+  "tensorflow-datasets": "4.9.10",
+}
+
+# --- TensorStore errors ----------------------------------------------------------------
+_STATUS = re.compile(r"([A-Z][A-Z_]+): ")
+
+
+def tensorstore_status(error: BaseException) -> str | None:
+  """The absl status code ("NOT_FOUND", "OUT_OF_RANGE", ...) of a TensorStore error, else None."""
+  if not isinstance(error, ValueError):
+    return None
+  match = _STATUS.match(str(error))
+  return match.group(1) if match else None
+
+
+def tensorstore_summary(error: BaseException) -> str | None:
+  """A TensorStore error in one line: its status and innermost cause, without its JSON spec.
+
+  None if `error` is not a TensorStore error.
+  """
+  status = tensorstore_status(error)
+  if status is None:
+    return None
+  lines = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
+  causes = lines[0][len(status) + 2 :] if lines else ""
+  return f"{status}: {causes.rsplit(': ', 1)[-1]}"
+
+
+# --- orbax-checkpoint's abandoned reads ---------------------------------------------------
+# After a failed read, the abandoned ones finish within milliseconds; this leaves them time
+# to report while their tracebacks are still filtered out.
+ABANDONED_READS_GRACE_S = 0.2
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def abandoned_reads_quiet():
+  """Within: "Event loop is closed" tracebacks of abandoned orbax reads are not printed.
+
+  `sys.unraisablehook` is the caller's again on the way out, also after an error.
+  """
+  hook = sys.unraisablehook
+
+  def quiet(unraisable):
+    if not _is_closed_loop_noise(unraisable):
+      hook(unraisable)
+
+  sys.unraisablehook = quiet
+  try:
+    yield
+  except BaseException:
+    time.sleep(ABANDONED_READS_GRACE_S)
+    raise
+  finally:
+    sys.unraisablehook = hook
+
+
+# --- clu without TensorFlow -------------------------------------------------------------
+CLU_TF_WRITER = "clu.metric_writers.summary_writer"
+
+
+def clu_metric_writers() -> types.ModuleType:
+  """`clu.metric_writers`, imported without TensorFlow (so also `clu.periodic_actions` after it).
+
+  While clu's package imports, a stand-in takes the place of its TensorFlow writer
+  module; `SummaryWriter` then imports the real one (and TensorFlow) only if one is
+  ever created. The stand-in leaves `sys.modules` once clu has imported.
+  """
+  if "clu.metric_writers" in sys.modules:
+    return sys.modules["clu.metric_writers"]
+
+  class SummaryWriter:  # pylint: disable=too-few-public-methods
+    """clu's TensorFlow SummaryWriter, imported (with TensorFlow) when first created."""
+
+    def __new__(cls, *args, **kwargs):
+      real = importlib.import_module("clu.metric_writers.tf.summary_writer")
+      return real.SummaryWriter(*args, **kwargs)
+
+  stand_in = types.ModuleType(CLU_TF_WRITER, SummaryWriter.__doc__)
+  stand_in.SummaryWriter = SummaryWriter
+  planted = CLU_TF_WRITER not in sys.modules
+  if planted:
+    sys.modules[CLU_TF_WRITER] = stand_in
+  try:
+    return importlib.import_module("clu.metric_writers")
+  finally:
+    if planted and sys.modules.get(CLU_TF_WRITER) is stand_in:
+      del sys.modules[CLU_TF_WRITER]
+
+
+# --- TensorFlow Datasets downloads --------------------------------------------------------
+@contextlib.contextmanager
+def tfds_http_retries(limit: int):
+  """Within: TFDS retries a failing HTTP download at most `limit` times."""
+  from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
+
+  saved = downloader.MAX_RETRIES
+  downloader.MAX_RETRIES = min(saved, limit)
+  try:
+    yield
+  finally:
+    downloader.MAX_RETRIES = saved
+
+
+def tfds_checksum_error() -> type[Exception]:
+  """The exception TFDS raises when a download does not have its registered checksum."""
+  from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
+
+  return download_manager.NonMatchingChecksumError
+
+
+def tfds_checksum_error_url(error: Exception) -> str | None:
+  """The URL a TFDS checksum error names ("Artifact URL, downloaded to ..."), else None."""
+  words = str(error).split()
+  return words[1].rstrip(",") if len(words) > 1 and words[0] == "Artifact" else None
+
+
+def tfds_cached_names(url: str, checksum: str | None = None) -> list[str]:
+  """The file names TFDS's download cache gives `url`: by the URL, and by its checksum if known."""
+  from tensorflow_datasets.core.download import resource  # pylint: disable=import-outside-toplevel
+
+  names = [resource.get_dl_fname(url)]
+  if checksum:
+    names.append(resource.get_dl_fname(url, checksum))
+  return names

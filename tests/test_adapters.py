@@ -1,0 +1,266 @@
+"""What lkca_jax/adapters.py assumes of its dependencies still holds, on the real libraries.
+
+Each failure names the version the adapter was written against and says what to
+update: an upgrade that changes one of these assumptions fails here first, not
+as a silent change of behaviour in training.
+"""
+
+import hashlib
+import http.server
+import os
+import shutil
+import sys
+import threading
+import tomllib
+
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from lkca_jax import adapters, checkpoint
+from tests.helpers import ROOT, run_python
+
+PINNED = adapters.PINNED
+UPDATE = "update lkca_jax/adapters.py"
+
+
+def changed(package: str, what: str) -> str:
+  return f"{package} {PINNED[package]} changed: {what}; {UPDATE}"
+
+
+def test_pins_are_the_project_pins():
+  deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+  pins = dict(dep.split("==") for dep in deps)
+  for package, version in PINNED.items():
+    assert pins.get(package) == version, (
+      f"pyproject.toml pins {package} {pins.get(package)}, the adapters were checked with "
+      f"{version}: run this file's tests with the new version, then {UPDATE} (PINNED)"
+    )
+
+
+# --- TensorStore errors, as orbax-checkpoint raises them ------------------------------------
+def small_state():
+  return {
+    "step": jnp.int32(3),
+    "params": {f"w{i}": jnp.full((4, 5), float(i)) for i in range(8)},
+    "opt": optax.adam(1e-3).init({"w": jnp.ones((4, 5))}),
+  }
+
+
+def data_files(step_dir):
+  return [
+    os.path.join(root, name)
+    for root, _, names in os.walk(step_dir / "state")
+    if os.path.basename(root) == "d"
+    for name in names
+  ]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("adapters") / "checkpoints"
+  checkpoints = checkpoint.Checkpoints(directory, asynchronous=False)
+  checkpoints.save(1, small_state(), {"best_top1": 0.5})
+  checkpoints.close()
+  return directory
+
+
+def read_error(saved, tmp_path, damage):
+  """The error orbax raises reading the metadata of a damaged copy of `saved`."""
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(saved, directory)
+  for path in data_files(directory / "1"):
+    damage(path)
+  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  with adapters.abandoned_reads_quiet(), pytest.raises(Exception) as info:
+    manager.metadata(1).item_metadata["state"]
+  manager.close()
+  return info.value
+
+
+@pytest.mark.parametrize(
+  "damage, status",
+  [
+    (lambda path: os.truncate(path, os.path.getsize(path) // 2), "OUT_OF_RANGE"),
+    (os.remove, "NOT_FOUND"),
+  ],
+  ids=["truncated", "deleted"],
+)
+def test_tensorstore_errors_carry_their_status_first(saved, tmp_path, damage, status):
+  error = read_error(saved, tmp_path, damage)
+  what = "TensorStore's read errors (a ValueError starting with the absl status code)"
+  assert isinstance(error, ValueError), changed("tensorstore", what)
+  assert adapters.tensorstore_status(error) == status, changed("tensorstore", what)
+  summary = adapters.tensorstore_summary(error)
+  assert summary.startswith(f"{status}: ") and "\n" not in summary, changed("tensorstore", what)
+  assert "tensorstore_spec" not in summary and len(summary) < 200, changed("tensorstore", what)
+
+
+def test_errors_of_other_kinds_have_no_tensorstore_status():
+  assert adapters.tensorstore_status(FileNotFoundError("NOT_FOUND: x")) is None
+  assert adapters.tensorstore_status(ValueError("pytree structure error")) is None
+  assert adapters.tensorstore_summary(ValueError("Expecting value: line 1")) is None
+
+
+# --- orbax-checkpoint's abandoned reads ---------------------------------------------------
+class _FailsOnDelete:
+  def __init__(self, message):
+    self.message = message
+
+  def __del__(self):
+    raise RuntimeError(self.message)
+
+
+def report_unraisable(message):
+  """Python hands the error of a __del__ to sys.unraisablehook, as with orbax's callbacks."""
+  _FailsOnDelete(message)  # deleted at once
+
+
+def test_abandoned_reads_quiet_drops_only_closed_loop_noise_and_restores_the_hook():
+  seen = []
+  original = sys.unraisablehook
+  sys.unraisablehook = seen.append
+  try:
+    with adapters.abandoned_reads_quiet():
+      report_unraisable("Event loop is closed")
+      report_unraisable("something else")
+    assert [str(u.exc_value) for u in seen] == ["something else"]
+    assert sys.unraisablehook == seen.append
+    with pytest.raises(KeyError), adapters.abandoned_reads_quiet():
+      raise KeyError("a failed read")
+    assert sys.unraisablehook == seen.append
+  finally:
+    sys.unraisablehook = original
+
+
+def test_a_failed_orbax_read_leaves_no_closed_loop_traceback_behind(saved, tmp_path):
+  """orbax abandons the other reads when one fails; their noise must stay inside the quiet."""
+  seen = []
+  original = sys.unraisablehook
+  sys.unraisablehook = seen.append
+  try:
+    read_error(saved, tmp_path, os.remove)
+    threading.Event().wait(1.0)  # well past the grace the adapter gives them
+    assert sys.unraisablehook == seen.append
+  finally:
+    sys.unraisablehook = original
+  late = [str(u.exc_value) for u in seen]
+  assert not late, changed(
+    "orbax-checkpoint",
+    f"abandoned reads still report {len(late)} times after the grace "
+    f"(ABANDONED_READS_GRACE_S = {adapters.ABANDONED_READS_GRACE_S}): {late[:2]}",
+  )
+
+
+# --- clu without TensorFlow -------------------------------------------------------------
+def test_clu_writers_and_periodic_actions_import_without_tensorflow(tmp_path):
+  code = f"""
+import sys
+from lkca_jax import adapters
+writers = adapters.clu_metric_writers()
+from clu import periodic_actions
+print("tf after import:", "tensorflow" in sys.modules)
+print("stand-in left:", adapters.CLU_TF_WRITER in sys.modules)
+print("writers:", writers.LoggingWriter.__name__, writers.AsyncMultiWriter.__name__)
+writer = writers.SummaryWriter({str(tmp_path)!r})
+writer.write_scalars(1, {{"loss": 1.0}})
+writer.close()
+print("created:", type(writer).__module__, "tensorflow" in sys.modules)
+"""
+  out = run_python(code)
+  assert out.splitlines() == [
+    "tf after import: False",
+    "stand-in left: False",
+    "writers: LoggingWriter AsyncMultiWriter",
+    "created: clu.metric_writers.tf.summary_writer True",
+  ], changed("clu", f"how clu.metric_writers imports its TensorFlow writer:\n{out}")
+  assert [name for name in os.listdir(tmp_path) if name.startswith("events.out.tfevents")]
+
+
+def test_clu_still_imports_tensorflow_on_its_own():
+  out = run_python("import sys, clu.metric_writers; print('tensorflow' in sys.modules)")
+  assert out.split() == ["True"], changed(
+    "clu", "`import clu.metric_writers` no longer imports TensorFlow: clu_metric_writers can go"
+  )
+
+
+# --- TensorFlow Datasets downloads --------------------------------------------------------
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+BODY = b"the file's bytes"
+
+
+@pytest.fixture
+def server(monkeypatch):
+  """start(status) -> base URL of a local server answering every GET; .hits counts them."""
+  for name in PROXY_VARS:
+    monkeypatch.delenv(name, raising=False)
+  servers, hits = [], []
+
+  class Answer(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (the name http.server calls)
+      hits.append(self.path)
+      body = BODY if self.status == 200 else b""
+      self.send_response(self.status)
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *args):
+      pass
+
+  def start(status):
+    handler = type("Handler", (Answer,), {"status": status})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    servers.append(httpd)
+    return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+  start.hits = hits
+  yield start
+  for httpd in servers:
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_tfds_retries_are_capped_and_the_cap_is_undone(tmp_path, server):
+  import requests
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download import downloader
+
+  url = server(503) + "/file.bin"
+  before = downloader.MAX_RETRIES
+  with adapters.tfds_http_retries(2), pytest.raises(requests.RequestException):
+    tfds.download.DownloadManager(download_dir=tmp_path).download(url)
+  assert len(server.hits) == 3, changed(
+    "tensorflow-datasets", f"downloader.MAX_RETRIES no longer caps retries ({server.hits})"
+  )
+  assert downloader.MAX_RETRIES == before == 10
+
+
+def test_tfds_checksum_error_and_cache_names(tmp_path, server):
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download import checksums
+
+  url = server(200) + "/data.bin"
+  sha = hashlib.sha256(BODY).hexdigest()
+  by_url, by_checksum = adapters.tfds_cached_names(url, sha)
+  # Unregistered: cached under the URL's name; registered: under the checksum's.
+  path = tfds.download.DownloadManager(download_dir=tmp_path / "a").download(url)
+  assert os.path.basename(path) == by_url, changed("tensorflow-datasets", "cache file names")
+  infos = {url: checksums.UrlInfo(size=len(BODY), checksum=sha, filename="data.bin")}
+  path = tfds.download.DownloadManager(download_dir=tmp_path / "b", url_infos=infos).download(url)
+  assert os.path.basename(path) == by_checksum, changed("tensorflow-datasets", "cache file names")
+
+  wrong = {url: checksums.UrlInfo(size=len(BODY), checksum="0" * 64, filename="data.bin")}
+  manager = tfds.download.DownloadManager(download_dir=tmp_path / "c", url_infos=wrong)
+  with pytest.raises(Exception) as info:
+    manager.download(url)
+  assert isinstance(info.value, adapters.tfds_checksum_error()), changed(
+    "tensorflow-datasets", f"the wrong-checksum error is a {type(info.value).__name__}"
+  )
+  assert adapters.tfds_checksum_error_url(info.value) == url, changed(
+    "tensorflow-datasets", f"the checksum error's message: {str(info.value)[:200]!r}"
+  )
