@@ -1,10 +1,9 @@
 """TensorBoard event files and console logs for the trainer, without TensorFlow.
 
 clu's default writer writes through `tf.summary`, and `import clu.metric_writers`
-(so also `clu.periodic_actions`) imports that TF writer on the spot. Importing
-this module first puts a stand-in for clu's TF `SummaryWriter` in its place,
-which imports the real one only if one is ever created; clu's logging, multi,
-async writers and periodic actions then load with TensorFlow left out.
+(so also `clu.periodic_actions`) imports that TF writer on the spot. This module
+imports clu's writers through `adapters.clu_metric_writers`, which leaves
+TensorFlow out; `clu.periodic_actions` imported after it is TF-free too.
 
 `EventFileWriter` writes the summaries `tf.summary` would (the same plugin
 metadata and tensors, so TensorBoard shows them alike) with TensorBoard's own
@@ -18,40 +17,17 @@ from __future__ import annotations
 import io
 import os
 import socket
-import sys
 import threading
 import time
-import types
 from collections.abc import Mapping
 from typing import Any
 
+from lkca_jax import adapters
 
-def _defer_clu_tf_writer() -> None:
-  """Keeps `import clu.metric_writers` from importing TensorFlow (see the module doc)."""
-  name = "clu.metric_writers.summary_writer"
-  if "clu.metric_writers" in sys.modules or name in sys.modules:
-    return  # already imported: nothing left to defer
+clu_writers = adapters.clu_metric_writers()  # first: clu's package imports TF-free
 
-  class SummaryWriter:  # pylint: disable=too-few-public-methods
-    """clu's TF SummaryWriter, imported (with TensorFlow) when first created."""
-
-    def __new__(cls, *args, **kwargs):
-      from clu.metric_writers.tf import summary_writer  # pylint: disable=import-outside-toplevel
-
-      return summary_writer.SummaryWriter(*args, **kwargs)
-
-  module = types.ModuleType(name, SummaryWriter.__doc__)
-  module.SummaryWriter = SummaryWriter
-  sys.modules[name] = module
-
-
-_defer_clu_tf_writer()
-
-# The imports below come after the stand-in is in place.
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
-from clu import metric_writers as clu_writers  # noqa: E402
-from clu.internal import utils as clu_utils  # noqa: E402
 from etils import epath  # noqa: E402
 from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: E402
 from tensorboard.plugins.histogram import summary_v2 as histogram_summary  # noqa: E402
@@ -61,6 +37,20 @@ from tensorboard.plugins.scalar import summary_v2 as scalar_summary  # noqa: E40
 from tensorboard.plugins.text import summary_v2 as text_summary  # noqa: E402
 from tensorboard.summary.writer.record_writer import RecordWriter  # noqa: E402
 from tensorboard.util import tensor_util  # noqa: E402
+
+
+def flat_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested hyperparameters as {"a.b": value}; None as "", as TensorBoard takes no None."""
+  flat = {}
+  for key, value in hparams.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (list, tuple)):
+      value = {str(i): v for i, v in enumerate(value)}
+    if isinstance(value, Mapping) or hasattr(value, "items"):  # ConfigDicts too
+      flat.update(flat_hparams(value, f"{name}."))
+    else:
+      flat[name] = "" if value is None else value
+  return flat
 
 
 class EventFileWriter(clu_writers.MetricWriter):
@@ -159,7 +149,7 @@ class EventFileWriter(clu_writers.MetricWriter):
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     # TensorBoard's HParams dashboard reads this; clu's TF writer writes the same summary.
-    self._write_summary(0, hparams_summary.hparams_pb(dict(clu_utils.flatten_dict(hparams))))
+    self._write_summary(0, hparams_summary.hparams_pb(flat_hparams(hparams)))
 
   def flush(self):
     with self._lock:

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
 from lkca_jax import metric_writer
@@ -49,6 +51,25 @@ def test_scalars_read_back_with_their_steps_and_values(tmp_path):
   assert plugin("train_loss") == "scalars" and plugin("note") == "text"
   assert plugin("_hparams_/session_start_info") == "hparams"
   assert values(events, "note")[0][1].item() == b"hello"
+  # Nested hyperparameters arrive flat, under dotted names.
+  start = hparams_metadata.parse_session_start_info_plugin_data(
+    events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+  )
+  hparams = {name: value for name, value in start.hparams.items()}
+  assert sorted(hparams) == ["model", "optimizer.lr", "params"]
+  assert hparams["model"].string_value == "lkca_t" and hparams["params"].number_value == 21513
+  assert hparams["optimizer.lr"].number_value == pytest.approx(1e-3)
+
+
+def test_flat_hparams_as_tensorboard_takes_them():
+  nested = {"a": {"b": 1, "c": [2, None]}, "d": None, "e": "x"}
+  assert metric_writer.flat_hparams(nested) == {
+    "a.b": 1,
+    "a.c.0": 2,
+    "a.c.1": "",
+    "d": "",
+    "e": "x",
+  }
 
 
 def test_images_histograms_and_raw_tensors(tmp_path):
