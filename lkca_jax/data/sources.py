@@ -20,7 +20,6 @@ decoded with tf.data.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import os
@@ -31,6 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lkca_jax import adapters
 from lkca_jax.data import digits, records, synthetic
 
 REACH_TIMEOUT_S = 5.0  # per host: DNS lookup plus TCP connect
@@ -232,8 +232,7 @@ def _check_manual_dir(spec: DatasetSpec, manual_dir) -> None:
 def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) -> None:
   """builder.download_and_prepare, with every download failure one DatasetUnavailableError."""
   import requests  # pylint: disable=import-outside-toplevel
-  from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
-  from tensorflow_datasets.core.download import util as download_util  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
   for url in _pending_downloads(spec, builder):
     problem = unreachable(url)
@@ -242,16 +241,15 @@ def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) 
         f"dataset {spec.name} cannot be downloaded: {problem}; {_offline_hint(spec)}"
       )
   try:
-    with _bounded_retries():
+    with adapters.tfds_http_retries(DOWNLOAD_RETRIES):
       builder.download_and_prepare(download_config=config, file_format=file_format)
-  except download_manager.NonMatchingChecksumError as e:
-    # TFDS's message spans lines; its first names the URL ("Artifact URL, downloaded to ...").
-    url = str(e).split()[1].rstrip(",") if str(e).startswith("Artifact ") else "a file"
+  except adapters.tfds_checksum_error() as e:
+    url = adapters.tfds_checksum_error_url(e) or "a file"
     raise DatasetUnavailableError(
       f"dataset {spec.name}: the download of {url} has the wrong checksum (not the official "
       f"file: a proxy or login page may have answered instead); {_offline_hint(spec)}"
     ) from None
-  except (requests.RequestException, download_util.DownloadError) as e:
+  except (requests.RequestException, tfds.download.DownloadError) as e:
     reason = " ".join(str(e).split())[:300]
     raise DatasetUnavailableError(
       f"dataset {spec.name} download failed: {reason}; {_offline_hint(spec)}"
@@ -260,8 +258,6 @@ def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) 
 
 def _pending_downloads(spec: DatasetSpec, builder) -> list[str]:
   """The URLs preparing will fetch: all the builder's, less those TFDS already has locally."""
-  from tensorflow_datasets.core.download import resource  # pylint: disable=import-outside-toplevel
-
   url_infos = type(builder).url_infos or {}
   urls = list(url_infos) or list(
     getattr(importlib.import_module(spec.tfds_module), "URLS", ()) if spec.tfds_module else ()
@@ -270,9 +266,7 @@ def _pending_downloads(spec: DatasetSpec, builder) -> list[str]:
   pending = []
   for url in urls:
     info = url_infos.get(url)
-    names = [resource.get_dl_fname(url)]
-    if info:
-      names.append(resource.get_dl_fname(url, info.checksum))
+    names = adapters.tfds_cached_names(url, info.checksum if info else None)
     # Where TFDS's download manager looks: its cache (per dataset, or flat) and downloads/manual.
     candidates = [
       os.path.join(download_dir, folder, name) for folder in (builder.name, "") for name in names
@@ -327,19 +321,6 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
   if isinstance(error, OSError):
     return f"{target}: cannot connect to {host}:{port} ({error.strerror or error})"
   raise error
-
-
-@contextlib.contextmanager
-def _bounded_retries():
-  """Caps TFDS's HTTP retries (10, with backoff: minutes) while we download."""
-  from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
-
-  saved = downloader.MAX_RETRIES
-  downloader.MAX_RETRIES = min(saved, DOWNLOAD_RETRIES)
-  try:
-    yield
-  finally:
-    downloader.MAX_RETRIES = saved
 
 
 def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
