@@ -95,30 +95,10 @@ def restore_params(model, workdir: str, checkpoint: str | None) -> tuple[object,
 
   from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
 
-  if checkpoint:
-    directory, step = checkpoint_lib.resolve(checkpoint)
-  else:
-    directory, step = checkpoint_lib.absolute(epath.Path(workdir) / "checkpoints"), None
-  missing = checkpoint_lib.CheckpointError(
-    f"no checkpoint in {directory}; train first (main.py --workdir {workdir}) or pass "
-    "--checkpoint PATH"
-  )
-  if not directory.is_dir():
-    raise missing
-  like = {"params": nnx.state(model, nnx.Param)}
-  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
-  try:
-    if step is None:
-      restored = checkpoints.restore_latest(like, partial=True)
-      if restored is None:
-        raise missing
-      step, state, _ = restored
-    else:
-      state, _ = checkpoints.restore(step, like, partial=True)
-  finally:
-    checkpoints.close()
-  nnx.update(model, state["params"])
-  return directory, step
+  source = checkpoint or epath.Path(workdir) / "checkpoints"
+  restored = checkpoint_lib.read_checkpoint({"params": nnx.state(model, nnx.Param)}, source)
+  nnx.update(model, restored.state["params"])
+  return restored.path.parent, restored.step
 
 
 def load_test_images(run, config, count: int) -> np.ndarray:
@@ -325,107 +305,126 @@ def kernel_mosaic(stack: np.ndarray) -> tuple[np.ndarray, int]:
   return mosaic, cols
 
 
+KERNEL_AXES = ("Δ column (patches)", "Δ row (patches)")
+
+
 def plot_kernels(subject: Subject, results: Results, path) -> None:
   """Per layer: its kernel (layer sharing), a row of heads, or 16 channels and mean |K|."""
-  from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
-
   plt = _pyplot()
   layers = sorted(results.kernels)
-  grid = subject.grid
   sharing = results.sharing[layers[0]]  # one option for every LKCA layer of a model
-  xlabel, ylabel = "Δ column (patches)", "Δ row (patches)"
-  title = (
+  draw = {"layer": _layer_kernels, "head": _head_kernels}.get(sharing, _channel_kernels)
+  fig = draw(plt, [(i, results.kernels[i]) for i in layers], subject.grid)
+  fig.suptitle(
     f"{subject.label}: LKCA kernels at step {subject.step}, indexed by the key's "
     "offset from the query (box: zero offset)"
   )
-  if sharing == "layer":
-    cols = math.ceil(math.sqrt(len(layers)))
-    rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(
-      rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, layout="constrained"
-    )
-    for ax in axes.flat[len(layers) :]:
-      ax.axis("off")
-    for ax, i in zip(axes.flat, layers, strict=False):  # spare panels are off
-      kernel = results.kernels[i]
-      image = _kernel_panel(ax, kernel, grid, _symmetric_limit(kernel))
-      fig.colorbar(image, ax=ax, shrink=0.85)
-      ax.set_title(f"layer {i + 1}")
-      ax.set_xlabel(xlabel)
-      ax.set_ylabel(ylabel)
-  elif sharing == "head":  # a row of heads per layer, one colour scale per layer
-    heads = results.kernels[layers[0]].shape[0]
-    fig, axes = plt.subplots(
-      len(layers),
-      heads,
-      figsize=(1.5 * heads + 1.0, 1.45 * len(layers)),
-      squeeze=False,
-      layout="constrained",
-    )
-    for row, i in enumerate(layers):
-      limit = _symmetric_limit(results.kernels[i])
-      for col, kernel in enumerate(results.kernels[i]):
-        ax = axes[row, col]
-        image = _kernel_panel(ax, kernel, grid, limit)
-        ax.set_title(f"layer {i + 1}, head {col + 1}", fontsize=6)
-        ax.tick_params(labelsize=5)
-        if col == 0:
-          ax.set_ylabel(ylabel, fontsize=6)
-        if row == len(layers) - 1:
-          ax.set_xlabel(xlabel, fontsize=6)
-      fig.colorbar(image, ax=list(axes[row]), shrink=0.9, pad=0.01)
-  else:  # channel: per layer a mosaic of the first channels and the mean |K| of all
-    per_row = min(3, len(layers))
-    rows = math.ceil(len(layers) / per_row)
-    fig, axes = plt.subplots(
-      rows,
-      2 * per_row,
-      figsize=(5.4 * per_row, 2.7 * rows),
-      squeeze=False,
-      layout="constrained",
-      gridspec_kw={"width_ratios": [1.6, 1] * per_row},
-    )
-    for ax in axes.flat[2 * len(layers) :]:
-      ax.axis("off")
-    a, b = 2 * grid[0] - 1, 2 * grid[1] - 1
-    for k, i in enumerate(layers):
-      stack = results.kernels[i]
-      shown = stack[:MAX_CHANNELS_SHOWN]
-      mosaic, cols = kernel_mosaic(shown)
-      limit = _symmetric_limit(shown)
-      ax = axes[k // per_row, 2 * (k % per_row)]
-      cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")  # the gaps between tiles
-      image = ax.imshow(mosaic, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
-      for t in range(shown.shape[0]):
-        r, c = divmod(t, cols)
-        ax.add_patch(
-          Rectangle(
-            (c * (b + 1) + grid[1] - 1.5, r * (a + 1) + grid[0] - 1.5),
-            1,
-            1,
-            fill=False,
-            edgecolor="black",
-            linewidth=0.5,
-          )
-        )
-      ax.set_xticks([])
-      ax.set_yticks([])
-      ax.set_title(
-        f"layer {i + 1}: channels 1–{shown.shape[0]} of {stack.shape[0]} (row-major tiles)",
-        fontsize=7,
-      )
-      fig.colorbar(image, ax=ax, shrink=0.85)
-      ax = axes[k // per_row, 2 * (k % per_row) + 1]
-      mean_abs = np.abs(stack).mean(axis=0)
-      image = _kernel_panel(ax, mean_abs, grid, _symmetric_limit(mean_abs), cmap="magma")
-      ax.set_title(f"layer {i + 1}: mean |K|, all {stack.shape[0]}", fontsize=7)
-      ax.set_xlabel(xlabel, fontsize=6)
-      ax.set_ylabel(ylabel, fontsize=6)
-      ax.tick_params(labelsize=5)
-      fig.colorbar(image, ax=ax, shrink=0.85)
-  fig.suptitle(title)
   save_figure(fig, path)
   plt.close(fig)
+
+
+def _layer_kernels(plt, kernels, grid):
+  """One panel per layer, each with its own colour scale."""
+  cols = math.ceil(math.sqrt(len(kernels)))
+  rows = math.ceil(len(kernels) / cols)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, layout="constrained"
+  )
+  for ax in axes.flat[len(kernels) :]:
+    ax.axis("off")
+  for ax, (i, kernel) in zip(axes.flat, kernels, strict=False):  # spare panels are off
+    image = _kernel_panel(ax, kernel, grid, _symmetric_limit(kernel))
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    ax.set_title(f"layer {i + 1}")
+    ax.set_xlabel(KERNEL_AXES[0])
+    ax.set_ylabel(KERNEL_AXES[1])
+  return fig
+
+
+def _head_kernels(plt, kernels, grid):
+  """A row of heads per layer, one colour scale per layer."""
+  heads = kernels[0][1].shape[0]
+  fig, axes = plt.subplots(
+    len(kernels),
+    heads,
+    figsize=(1.5 * heads + 1.0, 1.45 * len(kernels)),
+    squeeze=False,
+    layout="constrained",
+  )
+  for row, (i, stack) in enumerate(kernels):
+    limit = _symmetric_limit(stack)
+    for col, kernel in enumerate(stack):
+      ax = axes[row, col]
+      image = _kernel_panel(ax, kernel, grid, limit)
+      ax.set_title(f"layer {i + 1}, head {col + 1}", fontsize=6)
+      ax.tick_params(labelsize=5)
+      if col == 0:
+        ax.set_ylabel(KERNEL_AXES[1], fontsize=6)
+      if row == len(kernels) - 1:
+        ax.set_xlabel(KERNEL_AXES[0], fontsize=6)
+    fig.colorbar(image, ax=list(axes[row]), shrink=0.9, pad=0.01)
+  return fig
+
+
+def _channel_kernels(plt, kernels, grid):
+  """Per layer: a mosaic of the first channels' kernels, and the mean |K| of all of them."""
+  per_row = min(3, len(kernels))
+  rows = math.ceil(len(kernels) / per_row)
+  fig, axes = plt.subplots(
+    rows,
+    2 * per_row,
+    figsize=(5.4 * per_row, 2.7 * rows),
+    squeeze=False,
+    layout="constrained",
+    gridspec_kw={"width_ratios": [1.6, 1] * per_row},
+  )
+  for ax in axes.flat[2 * len(kernels) :]:
+    ax.axis("off")
+  for k, (i, stack) in enumerate(kernels):
+    mosaic_ax, mean_ax = (
+      axes[k // per_row, 2 * (k % per_row)],
+      axes[k // per_row, 2 * (k % per_row) + 1],
+    )
+    _channel_mosaic_panel(plt, fig, mosaic_ax, i, stack, grid)
+    mean_abs = np.abs(stack).mean(axis=0)
+    image = _kernel_panel(mean_ax, mean_abs, grid, _symmetric_limit(mean_abs), cmap="magma")
+    mean_ax.set_title(f"layer {i + 1}: mean |K|, all {stack.shape[0]}", fontsize=7)
+    mean_ax.set_xlabel(KERNEL_AXES[0], fontsize=6)
+    mean_ax.set_ylabel(KERNEL_AXES[1], fontsize=6)
+    mean_ax.tick_params(labelsize=5)
+    fig.colorbar(image, ax=mean_ax, shrink=0.85)
+  return fig
+
+
+def _channel_mosaic_panel(plt, fig, ax, layer, stack, grid) -> None:
+  """The first MAX_CHANNELS_SHOWN channels' kernels as row-major tiles, zero offsets boxed."""
+  from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
+
+  a, b = 2 * grid[0] - 1, 2 * grid[1] - 1
+  shown = stack[:MAX_CHANNELS_SHOWN]
+  mosaic, cols = kernel_mosaic(shown)
+  limit = _symmetric_limit(shown)
+  cmap = plt.get_cmap("RdBu_r").with_extremes(bad="white")  # the gaps between tiles
+  image = ax.imshow(mosaic, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+  for t in range(shown.shape[0]):
+    r, c = divmod(t, cols)
+    ax.add_patch(
+      Rectangle(
+        (c * (b + 1) + grid[1] - 1.5, r * (a + 1) + grid[0] - 1.5),
+        1,
+        1,
+        fill=False,
+        edgecolor="black",
+        linewidth=0.5,
+      )
+    )
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(
+    f"layer {layer + 1}: channels 1–{shown.shape[0]} of {stack.shape[0]} (row-major tiles)",
+    fontsize=7,
+  )
+  fig.colorbar(image, ax=ax, shrink=0.85)
 
 
 def plot_attention(subjects, results, layers, path) -> None:
