@@ -1,12 +1,16 @@
 """The trainer in-process: schedule, devices, config validation, the step on other backends."""
 
+import dataclasses
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from configs import cifar10, default, digits, tinyimagenet
+from configs import cifar10, digits
 from lkca_jax import train
 from lkca_jax.layers import backend
 from tests.helpers import with_overrides
@@ -22,20 +26,44 @@ def tiny_digits(**overrides):
   return with_overrides(config, overrides)
 
 
-def test_default_config_is_the_reference_recipe():
-  c = default.get_config()
-  assert (
-    c.optimizer.learning_rate,
-    c.optimizer.b1,
-    c.optimizer.b2,
-    c.optimizer.eps,
-    c.optimizer.weight_decay,
-  ) == (1e-3, 0.9, 0.999, 1e-8, 0.05)
-  assert (c.batch_size, c.num_epochs, c.repeats, c.optimizer.warmup_epochs) == (128, 100, 3, 10)
-  assert (c.label_smoothing, c.mixing.prob, c.mixing.cutmix_prob) == (0.1, 0.5, 0.5)
-  assert (c.augment.random_erasing, c.augment.crop_padding, c.seed) == (0.25, 4, 0)
-  assert tinyimagenet.get_config().augment.autoaugment == "imagenet"
-  assert tinyimagenet.get_config().dataset.mean == (0.4802, 0.4481, 0.3975)
+def test_one_runs_scalars_keep_their_names_and_several_add_mean_and_std_of_the_living():
+  assert train.run_scalars([{"loss": 2.5}], "train_") == {"train_loss": 2.5}
+  scalars = train.run_scalars([{"top1": 0.5}, None, {"top1": 0.75}], "test_")
+  assert scalars["run0/test_top1"] == 0.5 and scalars["run2/test_top1"] == 0.75
+  assert not any(key.startswith("run1/") for key in scalars)  # dead: left out
+  assert scalars["mean/test_top1"] == 0.625
+  assert scalars["std/test_top1"] == pytest.approx(0.25 / np.sqrt(2))  # ddof 1, two values
+
+
+def test_a_record_keeps_its_best_and_a_dead_run_gains_none():
+  result = lambda top1: {"loss": 1.0, "top1": top1, "top5": 1.0}  # noqa: E731
+  record = train.RunRecord().evaluated(5, result(0.4)).evaluated(10, result(0.3))
+  assert (record.best_top1, record.best_step) == (0.4, 5)
+  assert [h["step"] for h in record.history] == [5, 10]
+  dead = dataclasses.replace(record, died_at_step=7).evaluated(15, result(0.9))
+  assert (dead.best_top1, dead.best_step, len(dead.history)) == (0.4, 5, 3)
+
+
+def _checkpoint_meta(workdir, step) -> pathlib.Path:
+  return pathlib.Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata"
+
+
+def test_a_checkpoint_in_the_earlier_single_run_layout_resumes(tmp_path):
+  every = {"eval_every_steps": 2, "checkpoint_every_steps": 2}
+  train.train_and_evaluate(tiny_digits(num_train_steps=2, **every), str(tmp_path))
+  meta = _checkpoint_meta(tmp_path, 2)
+  record = json.loads(meta.read_text())["runs"][0]
+  earlier = {key: record[key] for key in ("best_top1", "best_step", "history")}
+  meta.write_text(json.dumps(earlier))  # one run's fields at the top, no "runs"
+  summary = train.train_and_evaluate(tiny_digits(num_train_steps=4, **every), str(tmp_path))
+  assert summary["step"] == 4
+  history = json.loads(_checkpoint_meta(tmp_path, 4).read_text())["runs"][0]["history"]
+  assert [h["step"] for h in history] == [2, 4] and history[0] == earlier["history"][0]
+  # A record count that is not the config's: one line that says so.
+  meta = _checkpoint_meta(tmp_path, 4)
+  meta.write_text(json.dumps({"runs": [record, record]}))
+  with pytest.raises(train.checkpoint_lib.CheckpointError, match="holds 2 run records"):
+    train.train_and_evaluate(tiny_digits(num_train_steps=6, **every), str(tmp_path))
 
 
 @pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
