@@ -1044,32 +1044,14 @@ def evaluate(
   run's results under "runs".
   """
   run = Run.prepare(config)
-  if checkpoint:
-    directory, step = checkpoint_lib.resolve(checkpoint)
-  else:
-    directory, step = epath.Path(workdir) / "checkpoints", None
-    if not directory.is_dir():
-      raise checkpoint_lib.CheckpointError(
-        f"no checkpoint in {directory}; train first or pass --checkpoint PATH"
-      )
   specs = run_specs(config)
   _, eval_graphdef, params, rest = _split_model(run.model)
-  # Only what evaluation needs is read: no optimizer state is built or restored.
-  like = {"params": params, "rest": rest}
+  like = {"params": params, "rest": rest}  # no optimizer state is built or read
   like = pipeline_lib.put_tree(
     _stack([like] * len(specs)) if len(specs) > 1 else like, NamedSharding(run.mesh, P())
   )  # onto every process's devices
-  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
-  if step is None:  # the newest that restores; damaged ones are skipped with a warning
-    restored = checkpoints.restore_latest(like, partial=True)
-    if restored is None:
-      raise checkpoint_lib.CheckpointError(
-        f"no checkpoint in {directory}; train first or pass --checkpoint PATH"
-      )
-    step, state, _ = restored
-  else:
-    state, _ = checkpoints.restore(step, like, partial=True)
-  checkpoints.close()
+  restored = checkpoint_lib.read_checkpoint(like, checkpoint or epath.Path(workdir) / "checkpoints")
+  state = restored.state
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)))
   if jax.process_count() > 1:
@@ -1083,4 +1065,4 @@ def evaluate(
     for spec, res in zip(specs, results, strict=True)
   ]
   means = {key: mean_std(r[key] for r in results)[0] for key in ("loss", "top1", "top5")}
-  return {"step": step, "checkpoint": f"{directory}/{step}", **means, "runs": runs}
+  return {"step": restored.step, "checkpoint": str(restored.path), **means, "runs": runs}
