@@ -90,6 +90,7 @@ def _main():
 
   from lkca_jax import checkpoint as checkpoint_lib
   from lkca_jax import distributed, train
+  from lkca_jax import workdir as workdir_lib
 
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir()
@@ -118,7 +119,12 @@ def _main():
       return
     run = train.Run.prepare(config)
     summary = train.train_and_evaluate(config, workdir, run=run)
-  except (train.ConfigError, checkpoint_lib.CheckpointError, distributed.MismatchError) as e:
+  except (
+    train.ConfigError,
+    checkpoint_lib.CheckpointError,
+    distributed.MismatchError,
+    workdir_lib.WorkdirError,
+  ) as e:
     fail(str(e))
   except train.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)

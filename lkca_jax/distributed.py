@@ -178,6 +178,13 @@ def in_order(tree):
   return jax.block_until_ready(tree) if jax.process_count() > 1 else tree
 
 
+def process_zero_says(flag: bool) -> bool:
+  """Process 0's `flag`, in every process (a decision only process 0 can make)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def agree_on_stop(received: str | None, step: int, after=None) -> str | None:
   """The signal name every process stops for at `step`, or None to go on.
 

@@ -7,6 +7,7 @@ all-reduce (the `jit` successor of `pmap` data parallelism).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -31,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from lkca_jax import checkpoint as checkpoint_lib
 from lkca_jax import config_checks, distributed, files, metric_writer, models
 from lkca_jax import data as data_lib
+from lkca_jax import workdir as workdir_lib
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.mixing import mix_batch
 
@@ -998,13 +1000,37 @@ def train_and_evaluate(
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the summary.
 
   With `num_runs` > 1 or a `sweep`, trains all runs side by side in one
-  program (README, "Many runs in one process").
+  program (README, "Many runs in one process"). Raises WorkdirError if `workdir` cannot
+  be used or another run holds it.
   """
+  run = run or Run.prepare(config)
+  workdir = workdir_lib.prepare(workdir)  # local paths and gs:// alike
+  with held_by_this_job(workdir):
+    return _train_in(workdir, config, run, on_event)
+
+
+@contextlib.contextmanager
+def held_by_this_job(workdir):
+  """The workdir's lock, held by process 0 for the whole job; every process fails if it
+  cannot be had (WorkdirBusyError)."""
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.hold(workdir))
+      except workdir_lib.WorkdirBusyError as e:
+        busy = e
+    if not distributed.process_zero_says(busy is None):
+      raise busy or workdir_lib.WorkdirBusyError(
+        f"--workdir={workdir} is in use by a run still going (process 0 names it); "
+        "wait for it to end, stop it, or pass another --workdir"
+      )
+    yield
+
+
+def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dict:
   from clu import periodic_actions  # TF-free: lkca_jax.metric_writer is imported first
 
-  run = run or Run.prepare(config)
-  workdir = epath.Path(workdir)  # local paths and gs:// alike
-  workdir.mkdir(parents=True, exist_ok=True)
   t = build_training(run, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
   loop = resume(t, checkpoints, run.mesh)

@@ -13,11 +13,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lkca_jax"
 
 # Lower numbers sit lower: a module may import its own layer's package and anything below it.
 LAYERS = {
+  "adapters": 0,
   "files": 0,
   "host_memory": 0,
   "layers": 0,
   "augment": 0,
   "mixing": 0,
+  "paper": 0,
+  "workdir": 0,
   "models": 1,
   "data": 1,
   "analysis": 2,

@@ -229,7 +229,10 @@ def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(
   assert re.search(rf"resumed from \S+/checkpoints/{resume_from}\n", resumed.stderr), (
     resumed.stderr[-3000:]
   )
-  if sig == signal.SIGKILL:  # the unfinished write is kept aside, not deleted
+  if sig == signal.SIGKILL:  # the dead run's lock is taken over; its unfinished write kept
+    assert re.search(
+      rf"took over the lock of a run that is gone \(.*process {proc.pid},", resumed.stderr
+    )
     assert re.search(
       r"checkpoints/50\.orbax-checkpoint-tmp\S* cannot be restored "
       r"\(unfinished-write",
@@ -277,6 +280,37 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(tmp_path):
     assert lines[-1].startswith("error: ") and message in lines[-1], (flags, err[-2000:])
   # Nothing was trained or checkpointed.
   assert not any((tmp_path / str(i) / "checkpoints").exists() for i in range(len(BAD_INPUTS)))
+
+
+@pytest.mark.parametrize("kind", ["a file", "no directory can be made"])
+def test_an_unusable_workdir_is_one_line_and_exit_2(tmp_path, kind):
+  if kind == "a file":
+    workdir = tmp_path / "results.txt"
+    workdir.write_text("kept")
+  else:
+    workdir = "/proc/lkca-run"
+  result = run_main(workdir)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines[-1].startswith(f"error: --workdir={workdir} ") and "pass a directory" in lines[-1]
+  assert "Traceback" not in result.stderr
+  if kind == "a file":
+    assert workdir.read_text() == "kept"
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(tmp_path):
+  first, _ = start_and_hold(str(tmp_path), [], "eval:50")
+  try:
+    second = run_main(str(tmp_path))
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert lines[-1].startswith(f"error: --workdir={tmp_path} is in use by a run still going")
+    assert f"process {first.pid}, started 20" in lines[-1] and os.uname().nodename in lines[-1]
+  finally:
+    first.send_signal(signal.SIGTERM)
+  out, err = first.communicate(timeout=120)
+  assert first.returncode == 0 and "stopped by SIGTERM at step 51" in out, err[-2000:]
+  assert {"25", "50", "51"} <= set(os.listdir(tmp_path / "checkpoints"))  # its work is all there
 
 
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
