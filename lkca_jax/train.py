@@ -661,6 +661,7 @@ class RunRecord:
   best_step: int = 0
   history: tuple = ()  # {"step", "loss", "top1", "top5"} at each evaluation
   died_at_step: int | None = None
+  died_with_loss: str | None = None  # its loss at that step ("nan", "inf"), as JSON keeps it
 
   def evaluated(self, step: int, result: dict) -> RunRecord:
     better = self.died_at_step is None and result["top1"] > self.best_top1
@@ -688,7 +689,13 @@ def records_from_meta(meta: dict, num_runs: int) -> tuple[RunRecord, ...]:
       f"this config trains {num_runs}; resume with the config it was trained with"
     )
   return tuple(
-    RunRecord(r["best_top1"], r["best_step"], tuple(r["history"]), r.get("died_at_step"))
+    RunRecord(
+      r["best_top1"],
+      r["best_step"],
+      tuple(r["history"]),
+      r.get("died_at_step"),
+      r.get("died_with_loss"),
+    )
     for r in runs
   )
 
@@ -703,7 +710,11 @@ class Loop:
   records: tuple  # RunRecord of each run
   window: tuple = ()  # per-step metrics not yet fetched from the devices
   window_start: int = 0  # the step before the window's first
-  stopped_by: str | None = None  # the signal that stopped training
+  stopped_by: str | None = None  # the signal that stopped training, or "non-finite loss"
+
+  @property
+  def all_died(self) -> bool:
+    return all(r.died_at_step is not None for r in self.records)
 
 
 def resume(t: Training, checkpoints: checkpoint_lib.Checkpoints, mesh) -> Loop:
@@ -745,14 +756,15 @@ def run_scalars(per_run: list[dict | None], prefix: str) -> dict[str, float]:
   return scalars
 
 
-def _record_deaths(records, alive: np.ndarray, first_step: int, specs) -> tuple:
-  """Records with the step (1-based) of each run's first non-finite step in `alive`
-  (steps, runs), if it died there."""
+def _record_deaths(records, alive: np.ndarray, losses: np.ndarray, first_step: int, specs):
+  """Records with the step (1-based) and loss of each run's first non-finite step in
+  `alive` (steps, runs), if it died there."""
   new = []
   for k, record in enumerate(records):
     if record.died_at_step is None and not alive[:, k].all():
+      at = int(np.argmin(alive[:, k]))
       record = dataclasses.replace(
-        record, died_at_step=first_step + int(np.argmin(alive[:, k])) + 1
+        record, died_at_step=first_step + at + 1, died_with_loss=str(float(losses[at, k]))
       )
       if len(records) > 1:
         logging.warning(
@@ -766,9 +778,7 @@ def _record_deaths(records, alive: np.ndarray, first_step: int, specs) -> tuple:
   return tuple(new)
 
 
-def _all_died(records, checkpoints) -> NonFiniteLossError:
-  checkpoints.wait()
-  latest = checkpoints.latest_step()
+def _all_died(records, latest: int | None, directory) -> NonFiniteLossError:
   where = (
     f"at step {records[0].died_at_step}"
     if len(records) == 1
@@ -777,7 +787,7 @@ def _all_died(records, checkpoints) -> NonFiniteLossError:
   kept = (
     "No checkpoint was saved before it"
     if latest is None
-    else f"The last checkpoint ({checkpoints.directory}/{latest}) is kept"
+    else f"The last checkpoint ({directory}/{latest}) is kept"
   )
   return NonFiniteLossError(
     f"loss became non-finite {where}; training stopped. {kept}: lower the learning rate "
@@ -785,16 +795,14 @@ def _all_died(records, checkpoints) -> NonFiniteLossError:
   )
 
 
-def flush(loop: Loop, t: Training, writer, checkpoints) -> Loop:
-  """Fetches the window's metrics: records deaths, writes the train scalars, empties it.
-  Raises NonFiniteLossError when every run has died."""
+def flush(loop: Loop, t: Training, writer) -> Loop:
+  """Fetches the window's metrics: records deaths, writes the train scalars, empties it."""
   if not loop.window:
     return loop
   fetched = jax.device_get(list(loop.window))
   alive = np.stack([m["alive"] for m in fetched])  # (steps, runs)
-  records = _record_deaths(loop.records, alive, loop.window_start, t.specs)
-  if all(r.died_at_step is not None for r in records):
-    raise _all_died(records, checkpoints)
+  losses = np.stack([m["loss"] for m in fetched])
+  records = _record_deaths(loop.records, alive, losses, loop.window_start, t.specs)
   per_run = []
   for k in range(t.num_runs):
     live = np.flatnonzero(alive[:, k])  # its steps before it died
@@ -885,7 +893,9 @@ def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> 
     stopping = distributed.agree_on_stop(stop.received, loop.step, metrics)  # one answer for all
     if log or stopping:
       out.clock.stop(metrics)  # evaluation and checkpoints are not training time
-      loop = flush(loop, t, out.writer, out.checkpoints)
+      loop = flush(loop, t, out.writer)
+      if loop.all_died:  # nothing of the last steps is evaluated or saved
+        return dataclasses.replace(loop, stopped_by="non-finite loss")
     top1 = None
     if evaluate:
       on_event("eval", loop.step, stop)
@@ -896,7 +906,7 @@ def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> 
     out.clock.resume()
     if stopping:
       return dataclasses.replace(loop, stopped_by=stopping)
-  return flush(loop, t, out.writer, out.checkpoints)
+  return flush(loop, t, out.writer)
 
 
 def run_summaries(specs, records) -> list[dict]:
@@ -914,6 +924,7 @@ def run_summaries(specs, records) -> list[dict]:
         "best_top1": rec.best_top1 if final else None,
         "best_step": rec.best_step,
         "died_at_step": rec.died_at_step,
+        "died_with_loss": rec.died_with_loss,
       }
     )
   return runs
@@ -1052,12 +1063,15 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   wall_start = time.time()
   with StopSignal() as stop:
     loop = run_loop(loop, t, config, out, stop, on_event)
+  latest = checkpoints.latest_step()
   checkpoints.close()
   summary = summarize(config, run, t, loop, out.clock, time.time() - wall_start)
   if jax.process_index() == 0:
     files.write_json(workdir / "summary.json", summary)
   writer.flush()
   writer.close()
+  if loop.all_died:
+    raise _all_died(loop.records, latest, checkpoints.directory)
   return summary
 
 

@@ -329,3 +329,20 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
   kept, params = final_params(str(tmp_path))
   assert kept < bad_step
   assert all(np.all(np.isfinite(x)) for x in jax_leaves(params))
+  summary = json.load(open(tmp_path / "summary.json"))  # written, saying where and what
+  assert summary["stopped_by"] == "non-finite loss" and summary["step"] == bad_step
+  (run,) = summary["runs"]
+  assert run["died_at_step"] == bad_step and run["died_with_loss"] in ("nan", "inf", "-inf")
+
+
+def test_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
+  result = run_main(
+    str(tmp_path),
+    "--config.optimizer.learning_rate=1e30",
+    "--config.optimizer.warmup_epochs=0",
+    "--config.log_every_steps=1",
+  )
+  assert result.returncode == 1
+  line = result.stderr.strip().splitlines()[-1]
+  assert "loss became non-finite at step" in line and "No checkpoint was saved before it" in line
+  assert "None" not in line and not os.listdir(tmp_path / "checkpoints")
