@@ -1,9 +1,41 @@
 """What every command shares: the process it owns, flag parsing, one way to fail, machine
 info, output files.
 
-Used by main.py and the `python -m lkca_jax.tools.*` commands, each started by `run`. A bad input is
-one `error:` line on stderr and exit code 2, before any work; every output
-file is written whole through `lkca_jax.files.write_atomic`.
+A command (main.py, `python -m lkca_jax.tools.NAME`, `python benchmarks/NAME.py`) is one
+file with its flags and a `main`:
+
+    '''What it does, and how it is run:
+
+        python -m lkca_jax.tools.NAME [--steps 10]
+    '''
+
+    from absl import flags
+
+    from lkca_jax.tools import cli
+
+    FLAGS = flags.FLAGS
+
+
+    def define_flags() -> None:
+      flags.DEFINE_integer("steps", 10, "Steps to take.", lower_bound=1)
+
+
+    def main(argv) -> None:
+      from lkca_jax import train  # the heavy imports here, once the flags are good
+      ...
+      cli.fail("what is wrong, and the fix")  # bad input found by main
+
+
+    if __name__ == "__main__":
+      cli.run(main, define_flags=define_flags)
+
+Flags are defined in `define_flags`, which `run` calls, so that importing the module (as
+the tests do, several in one process) registers none. `run` owns the process: the
+host-memory settings (`lkca_jax.host_memory`) first, then the flags. `--help` and
+`--helpfull` print the help and exit 0. Every bad input (an unknown flag, a bad value, a
+positional argument, a --config that cannot load, whatever `main` passes to `fail`) is one
+`error:` line on stderr, as its last line, and exit code 2. Every output file is written
+whole through `lkca_jax.files.write_atomic`.
 """
 
 from __future__ import annotations
@@ -12,16 +44,19 @@ import io
 import os
 import platform
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from lkca_jax import host_memory
 from lkca_jax.files import write_atomic, write_json
 
 __all__ = [
   "USAGE_ERROR",
+  "UsageExit",
   "fail",
   "machine_info",
   "parse_flags",
-  "parser_for",
+  "program_name",
   "run",
   "save_figure",
   "write_atomic",
@@ -31,40 +66,78 @@ __all__ = [
 USAGE_ERROR = 2
 
 
-def fail(message: str) -> None:
-  """Prints `error: message` on stderr, as its last line, and exits with the usage-error code."""
+class UsageExit(SystemExit):
+  """Raised by `fail` once its `error:` line is out; `run` ends the process on it."""
+
+  def __init__(self):
+    super().__init__(USAGE_ERROR)
+
+
+def fail(message: str) -> NoReturn:
+  """Prints `error: message` on stderr and raises UsageExit (exit code 2).
+
+  Under `run` nothing prints after that line: `run` ends the process at once. Elsewhere (a
+  test calling a command's function) it is an ordinary SystemExit.
+  """
   sys.stdout.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
-  _silence_shutdown()
-  sys.exit(USAGE_ERROR)
+  raise UsageExit()
 
 
-def _silence_shutdown() -> None:
-  """Keeps the interpreter's shutdown from printing after the error line.
+def run(
+  main: Callable,
+  program: str | None = None,
+  *,
+  define_flags: Callable[[], None] | None = None,
+  arguments: bool = False,
+) -> None:
+  """Runs a command's absl `main` as the owner of its process.
 
-  A failed checkpoint read leaves orbax's other reads abandoned; when they are
-  collected at exit they report themselves (an unretrieved task's exception,
-  a never-awaited coroutine, a log line from a worker thread), restating the
-  error already printed, and would bury it. Some of those are written by the
-  interpreter's finalization, past any Python-level filter, so the stderr file
-  descriptor itself is pointed at /dev/null.
+  The host-memory settings first, before jax starts its threads; then `define_flags`;
+  then the flags, parsed by `parse_flags` (`program`, default `program_name()`, is named in
+  its hints; `arguments`: the command takes positional arguments, else they are an error).
   """
-  sys.stderr.flush()
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  host_memory.apply()
+  if define_flags is not None:
+    define_flags()
+  program = program or program_name()
   try:
-    fd = sys.stderr.fileno()
-  except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr is not a file
-    return
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, fd)
-  os.close(devnull)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, program, arguments=arguments))
+  except UsageExit:
+    _end_now(USAGE_ERROR)
 
 
-def parse_flags(argv, *, program: str = "main.py"):
+def _end_now(code: int) -> NoReturn:
+  """Ends the process with `code` at once, its output flushed: the error line stays last.
+
+  After a failed checkpoint read, orbax's abandoned reads leave tasks, coroutines and
+  worker threads behind that report themselves at interpreter shutdown, restating the
+  error at length. `os._exit` skips that shutdown (atexit handlers, finalizers, the join of
+  non-daemon threads), none of which a usage error needs: every output file is written
+  whole through `write_atomic` or not at all, and what is left running is abandoned work.
+  It is what `lkca_jax.distributed.exit_on_failure` does for a failed process of a job.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def program_name() -> str:
+  """How this process was started: `python -m PACKAGE.MODULE` or `python FILE`."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name and spec.name != "__main__":
+    return f"python -m {spec.name}"
+  return f"python {sys.argv[0]}"
+
+
+def parse_flags(argv, program: str = "main.py", *, arguments: bool = False):
   """absl flag parsing whose every failure is one `error:` line and exit 2.
 
-  Covers unknown flags, bad values, unknown `--config.KEY` overrides, a config
-  file that is missing or fails to load, and a missing `--config` (for commands
-  that define one).
+  Covers unknown flags, bad values, positional arguments (unless `arguments`), unknown
+  `--config.KEY` overrides, a config file that is missing or fails to load, and a missing
+  `--config` (for commands that define one). Returns argv less the flags.
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
@@ -72,7 +145,7 @@ def parse_flags(argv, *, program: str = "main.py"):
   takes_config = "config" in flags.FLAGS
   config = None
   try:
-    rest = flags.FLAGS(argv)
+    rest = _parse_or_help(argv)
     if takes_config:
       config = flags.FLAGS.config
     if config is not None and not isinstance(config, ml_collections.ConfigDict):
@@ -81,7 +154,8 @@ def parse_flags(argv, *, program: str = "main.py"):
     reason = str(e).strip().splitlines()[-1].strip()
     fail(f"could not load the --config file ({reason}); pass a config such as configs/digits.py")
   except flags.Error as e:  # unknown flag, bad value
-    fail(f"{e}. See `{program} --helpfull` and the keys in configs/default.py.")
+    keys = " and the keys in configs/default.py" if takes_config else ""
+    fail(f"{str(e).rstrip('.')}. See `{program} --helpfull`{keys}.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
     key = str(e).strip("\"'")
     fail(
@@ -90,22 +164,20 @@ def parse_flags(argv, *, program: str = "main.py"):
     )
   if takes_config and config is None:
     fail("--config is required, e.g. --config configs/digits.py")
+  if len(rest) > 1 and not arguments:
+    settings = "--flag=VALUE" + (" or --config.KEY=VALUE" if takes_config else "")
+    fail(f"unexpected arguments {rest[1:]}; pass settings as {settings}")
   return rest
 
 
-def parser_for(program: str):
-  """A `flags_parser` for absl's app.run naming `program` in its hints."""
-  return lambda argv: parse_flags(argv, program=program)
+def _parse_or_help(argv):
+  from absl import flags  # pylint: disable=import-outside-toplevel
 
-
-def run(main, program: str) -> None:
-  """Runs a command's absl `main` as the owner of its process: the host-memory settings
-  (`lkca_jax.host_memory`) first, before jax starts its threads, then the flags, parsed by
-  `parse_flags` with `program` named in its hints."""
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  host_memory.apply()
-  app.run(main, flags_parser=parser_for(program))
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:  # absl's --help and --helpfull print the help, then exit 1
+    sys.stdout.flush()
+    raise SystemExit(0) from None  # asking for help is no failure
 
 
 def machine_info() -> dict:

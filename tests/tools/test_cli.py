@@ -1,4 +1,8 @@
-"""Every command shares one bad-input contract: one `error:` line, exit 2, no traceback."""
+"""Every command shares one bad-input contract: one `error:` line, exit 2, no traceback.
+
+Here the --config cases of the commands that take one, and `fail` with work left behind;
+test_commands.py checks --help and an unknown flag for every command.
+"""
 
 import os
 import subprocess
@@ -18,7 +22,6 @@ CASES = [
   (["--config", "configs/nope.py"], "could not load the --config file"),
   (["--config", "configs/digits.py", "--config.no_such_key=1"], "no_such_key is not a key"),
   (["--config", "configs/digits.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
-  (["--config", "configs/digits.py", "--no_such_flag"], "no_such_flag"),
   ([], "--config is required"),
 ]
 
@@ -42,19 +45,23 @@ def test_bad_flags_are_one_line_and_exit_2(command):
 # What orbax's abandoned reads leave for the interpreter's shutdown after a failed restore:
 # a failed task nobody awaited, a coroutine never awaited, a log line from a worker thread.
 LEFT_BEHIND = """
-import asyncio, gc, logging, threading, time
+import asyncio, threading, time
 from absl import logging as absl_logging
 from lkca_jax.tools import cli
 
 async def read():
   raise ValueError("OUT_OF_RANGE: byte range not valid")
 
-loop = asyncio.new_event_loop()
-task = loop.create_task(read())
-loop.run_until_complete(asyncio.sleep(0.01))
-never_awaited = read()
-threading.Thread(target=lambda: (time.sleep(0.3), absl_logging.error("late worker"))).start()
-cli.fail("no checkpoint can be restored")
+def main(argv):
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(read())
+  loop.run_until_complete(asyncio.sleep(0.01))
+  never_awaited = read()
+  threading.Thread(target=lambda: (time.sleep(0.3), absl_logging.error("late worker"))).start()
+  print("restoring", flush=True)
+  cli.fail("no checkpoint can be restored")
+
+cli.run(main)
 """
 
 
@@ -65,3 +72,13 @@ def test_fail_is_the_last_line_even_with_work_left_behind():
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert result.returncode == 2, result.stderr
   assert lines == ["error: no checkpoint can be restored"], result.stderr
+  assert result.stdout == "restoring\n"  # what the command printed before is kept
+
+
+def test_fail_outside_run_is_an_ordinary_exit_with_the_line(capsys):
+  from lkca_jax.tools import cli
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.fail("--steps must be at least 1")
+  assert exit_info.value.code == cli.USAGE_ERROR
+  assert capsys.readouterr().err == "error: --steps must be at least 1\n"
