@@ -24,10 +24,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from lkca_jax.layers import LKCA, MHSA, lkca
 from lkca_jax.tools import cli
+
+FLAGS = flags.FLAGS
 
 DIM = 192
 MHSA_HEADS = 12
@@ -233,9 +236,7 @@ def parse_list(text: str, valid, what: str) -> list[str]:
   return names
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
+def define_flags() -> None:
   flags.DEFINE_string("out", "bench_results/bench_mixers.json", "JSON results file.")
   flags.DEFINE_integer("repeats", 15, "Timed runs per case (at most).")
   flags.DEFINE_float(
@@ -246,23 +247,18 @@ def _define_flags():
 
 
 def main(argv) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  args = flags.FLAGS
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}; see --helpfull")
-  if args.repeats < 1 or args.max_seconds <= 0:
+  del argv  # no positional arguments: cli.run refuses them
+  if FLAGS.repeats < 1 or FLAGS.max_seconds <= 0:
     cli.fail(
-      f"--repeats must be at least 1 and --max_seconds above 0, got {args.repeats} and "
-      f"{args.max_seconds}"
+      f"--repeats must be at least 1 and --max_seconds above 0, got {FLAGS.repeats} and "
+      f"{FLAGS.max_seconds}"
     )
-  cases = parse_list(args.cases, CASES, "case")
-  shapes = parse_list(args.shapes, SHAPES, "shape")
-  results = run(cases, shapes, args.repeats, args.max_seconds)
+  cases = parse_list(FLAGS.cases, CASES, "case")
+  shapes = parse_list(FLAGS.shapes, SHAPES, "shape")
+  results = run(cases, shapes, FLAGS.repeats, FLAGS.max_seconds)
   print(markdown(results))
-  print(f"wrote {cli.write_json(args.out, results)}")
+  print(f"wrote {cli.write_json(FLAGS.out, results)}")
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, "python -m lkca_jax.tools.bench_mixers")
+  cli.run(main, define_flags=define_flags)

@@ -31,9 +31,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools import cli
+
+FLAGS = flags.FLAGS
 
 # The input pipeline's goal: training with augmentation at least 85% as fast as without.
 TARGET_RATIO = 0.85
@@ -310,8 +312,7 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file(
@@ -324,28 +325,24 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  del argv  # no positional arguments: cli.run refuses them
+  from absl import logging  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
-  fail = cli.fail
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
   if FLAGS.steps < 1 or FLAGS.block < 1:
-    fail(f"--steps and --block must be at least 1, got {FLAGS.steps} and {FLAGS.block}")
+    cli.fail(f"--steps and --block must be at least 1, got {FLAGS.steps} and {FLAGS.block}")
   logging.set_verbosity(logging.WARNING)
   try:
     results = run_benchmark(
       FLAGS.config, steps=FLAGS.steps, block=FLAGS.block, breakdown=FLAGS.breakdown
     )
   except (train.ConfigError, data_lib.DatasetUnavailableError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   print(format_table(results))
   print(f"wrote {cli.write_json(FLAGS.out, results)}")
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, "python -m lkca_jax.tools.bench_pipeline")
+  cli.run(main, define_flags=define_flags)

@@ -47,9 +47,11 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from lkca_jax.tools import cli  # noqa: E402
+from lkca_jax.tools import cli
+
+FLAGS = flags.FLAGS
 
 COLUMNS = ("fixed", "pipeline")
 DATASET = "synthetic_cifar"
@@ -340,9 +342,7 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
+def define_flags() -> None:
   flags.DEFINE_list("models", ["lkca_t", "lkca_b", "vit_1m", "vit"], "Model presets.")
   flags.DEFINE_integer("batch", 128, "Global batch size.")
   flags.DEFINE_list("dtype", ["float32", "bfloat16"], "Compute dtypes: float32, bfloat16.")
@@ -355,15 +355,13 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  del argv  # no positional arguments: cli.run refuses them
+  from absl import logging  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
   from lkca_jax.layers import backend  # pylint: disable=import-outside-toplevel
 
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}")
   unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
   if not FLAGS.models or unknown:
     cli.fail(
@@ -408,5 +406,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, "python -m lkca_jax.tools.bench_step")
+  cli.run(main, define_flags=define_flags)

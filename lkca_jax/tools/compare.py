@@ -43,7 +43,6 @@ run directory) is one line on stderr and exit code 2 before any training.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -51,7 +50,6 @@ from ml_collections import config_flags
 from lkca_jax.layers import MIXERS
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import cli
-from lkca_jax.tools.cli import fail
 
 # {size: {mixer: preset}}, from each registered mixer's own `size_presets`.
 SIZE_PRESETS = {
@@ -267,8 +265,7 @@ def describe_models(comparison: experiment.Experiment) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --flag=VALUE or --config.KEY=VALUE")
+  del argv  # no positional arguments: cli.run refuses them
   base, mixers, size = FLAGS.config, FLAGS.mixers, FLAGS.size
   same_preset = FLAGS["same-preset"].value
   workdir = FLAGS.workdir or os.path.join("workdirs", f"compare_{config_stem()}")
@@ -299,11 +296,10 @@ def main(argv):
     experiment.quiet_trainer_log()
     experiment.prepare(comparison)
   except experiment.UsageError as e:
-    fail(str(e))
+    cli.fail(str(e))
   describe_models(comparison)
-  sys.exit(experiment.run(comparison))
+  return experiment.run(comparison)
 
 
 if __name__ == "__main__":
-  define_flags()
-  cli.run(main, "python -m lkca_jax.tools.compare")
+  cli.run(main, define_flags=define_flags)

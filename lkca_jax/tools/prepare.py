@@ -17,22 +17,18 @@ line and exit code 2.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import flags  # noqa: E402
+from lkca_jax.data.sources import DATASETS, DatasetUnavailableError, prepare
+from lkca_jax.tools import cli
 
-from lkca_jax.data.sources import DATASETS, DatasetUnavailableError, prepare  # noqa: E402
-from lkca_jax.tools import cli  # noqa: E402
-from lkca_jax.tools.cli import fail  # noqa: E402
-
-PROGRAM = "python -m lkca_jax.tools.prepare"
+FLAGS = flags.FLAGS
 TFDS_DATASETS = sorted(name for name, spec in DATASETS.items() if spec.tfds_name)
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   flags.DEFINE_enum("dataset", None, TFDS_DATASETS, "The dataset to prepare.")
   flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's own).")
   flags.DEFINE_string("manual_dir", None, "Dir holding the official files downloaded by hand.")
@@ -45,27 +41,27 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  args = flags.FLAGS
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; see `{PROGRAM} --helpfull`")
-  if args.dataset is None:
-    fail(f"--dataset is required: one of {', '.join(TFDS_DATASETS)}")
-  if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
-    fail(f"--manual_dir={args.manual_dir} is not a directory")
+  del argv  # no positional arguments: cli.run refuses them
+  if FLAGS.dataset is None:
+    cli.fail(f"--dataset is required: one of {', '.join(TFDS_DATASETS)}")
+  if FLAGS.manual_dir is not None and not os.path.isdir(FLAGS.manual_dir):
+    cli.fail(f"--manual_dir={FLAGS.manual_dir} is not a directory")
   start = time.perf_counter()
   try:
     sizes = prepare(
-      args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, file_format=args.file_format
+      FLAGS.dataset,
+      data_dir=FLAGS.data_dir,
+      manual_dir=FLAGS.manual_dir,
+      file_format=FLAGS.file_format,
     )
   except DatasetUnavailableError as e:
-    fail(str(e))
+    cli.fail(str(e))
   print(
-    f"prepared {args.dataset} ({args.file_format}) in {time.perf_counter() - start:.1f} s: "
-    + ", ".join(f"{split} {size:,}" for split, size in sorted(sizes.items()))
+    f"prepared {FLAGS.dataset} ({FLAGS.file_format}) in {time.perf_counter() - start:.1f} s: "
+    + ", ".join(f"{split} {size:,}" for split, size in sorted(sizes.items())),
+    flush=True,
   )
-  sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, PROGRAM)
+  cli.run(main, define_flags=define_flags)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
-import os
 import zipfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from absl import flags
 
-import numpy as np  # noqa: E402
+from lkca_jax.tools import cli
 
-from lkca_jax.tools import cli  # noqa: E402
-from lkca_jax.tools.cli import fail  # noqa: E402
+FLAGS = flags.FLAGS
 
 TILE_TARGET = 128  # upscale tiles to about this many pixels...
 MAX_SCALE = 8  # ...but at most 8x (8 px digits become 64 px)
@@ -249,8 +248,7 @@ def write_preview(config, out: str, *, rows: int, cols: int, step: int, run=None
 
 
 # --- command line ------------------------------------------------------------
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file(
@@ -263,17 +261,13 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+  del argv  # no positional arguments: cli.run refuses them
   if FLAGS.rows < 1 or FLAGS.cols < 1:
-    fail(f"--rows and --cols must be at least 1, got {FLAGS.rows} x {FLAGS.cols}")
+    cli.fail(f"--rows and --cols must be at least 1, got {FLAGS.rows} x {FLAGS.cols}")
   if FLAGS.step < 0:
-    fail(f"--step must be >= 0, got {FLAGS.step}")
+    cli.fail(f"--step must be >= 0, got {FLAGS.step}")
   if not FLAGS.out.lower().endswith(".png"):
-    fail(f"--out must name a .png file, got {FLAGS.out!r}")
+    cli.fail(f"--out must name a .png file, got {FLAGS.out!r}")
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
@@ -282,9 +276,9 @@ def main(argv):
       FLAGS.config, FLAGS.out, rows=FLAGS.rows, cols=FLAGS.cols, step=FLAGS.step
     )
   except (train.ConfigError, data_lib.DatasetUnavailableError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   except OSError as e:
-    fail(f"could not write {FLAGS.out}: {e.strerror or e}")
+    cli.fail(f"could not write {FLAGS.out}: {e.strerror or e}")
   width, height = shown["size"]
   print(
     f"wrote {shown['out']} ({width}x{height} px, {FLAGS.rows}x{FLAGS.cols} tiles of "
@@ -293,5 +287,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, "python -m lkca_jax.tools.preview")
+  cli.run(main, define_flags=define_flags)

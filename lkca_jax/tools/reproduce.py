@@ -44,7 +44,6 @@ from ml_collections import config_flags
 from lkca_jax import paper
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import cli
-from lkca_jax.tools.cli import fail
 
 FLAGS = flags.FLAGS
 TABLES = tuple(paper.TABLES)
@@ -188,8 +187,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --flag=VALUE or --config.KEY=VALUE")
+  del argv  # no positional arguments: cli.run refuses them
   table, runs, base = FLAGS.table, FLAGS.runs, FLAGS.config
   out = FLAGS.out or os.path.join("workdirs", f"reproduce_{table}")
   # Everything that can fail on input fails here, before the first step.
@@ -218,10 +216,9 @@ def main(argv):
     experiment.quiet_trainer_log()
     experiment.prepare(reproduction)
   except experiment.UsageError as e:
-    fail(str(e))
-  sys.exit(experiment.run(reproduction))
+    cli.fail(str(e))
+  return experiment.run(reproduction)
 
 
 if __name__ == "__main__":
-  define_flags()
-  cli.run(main, "python -m lkca_jax.tools.reproduce")
+  cli.run(main, define_flags=define_flags)
