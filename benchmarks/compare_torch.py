@@ -17,7 +17,6 @@ PyTorch is a timing anchor only: nothing in lkca_jax imports it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,6 +26,11 @@ import sys
 import tempfile
 import time
 
+from absl import flags
+
+from lkca_jax.tools import cli
+
+FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_LINE = re.compile(r"^torch (\S+) .*: ([\d.]+) ms/step, ([\d.]+) img/s")
 
@@ -100,35 +104,38 @@ def run_torch(python, script, models, batch, steps) -> dict:
   return found
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", default="lkca_b,vit,lkca_t,vit_1m")
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--repeats", type=int, default=1, help="A B B A rounds")
-  parser.add_argument("--torch_python", default="/work/torchvenv/bin/python")
-  parser.add_argument(
-    "--torch_script",
-    default=os.path.join(os.path.dirname(ROOT), "shared", "bench", "torch_reference_step.py"),
+def define_flags() -> None:
+  flags.DEFINE_list("models", ["lkca_b", "vit", "lkca_t", "vit_1m"], "Model presets.")
+  flags.DEFINE_integer("batch", 128, "Batch size of both sides.", lower_bound=1)
+  flags.DEFINE_integer("steps", 20, "Timed steps per model and run.", lower_bound=1)
+  flags.DEFINE_integer("repeats", 1, "A B B A rounds.", lower_bound=1)
+  flags.DEFINE_string("torch_python", "/work/torchvenv/bin/python", "The PyTorch interpreter.")
+  flags.DEFINE_string(
+    "torch_script",
+    os.path.join(os.path.dirname(ROOT), "shared", "bench", "torch_reference_step.py"),
+    "The PyTorch port's step timing script.",
   )
-  parser.add_argument("--out", default="bench_results/compare_torch.json")
-  parser.add_argument(
-    "--forms",
-    default="auto",
-    help="layer forms lkca_jax times, each its own column: auto, cpu, plain (layers/backend.py)",
+  flags.DEFINE_string("out", "bench_results/compare_torch.json", "Where the JSON results go.")
+  flags.DEFINE_list(
+    "forms",
+    ["auto"],
+    "Layer forms lkca_jax times, each its own column: auto, cpu, plain (layers/backend.py).",
   )
-  args = parser.parse_args()
-  models = args.models.split(",")
-  forms = args.forms.split(",")
+
+
+def alternate(models, forms) -> list[dict]:
+  """The A B B A rounds: one record per side and run, with the load around it."""
   runs = []
-  for _ in range(args.repeats):
+  for _ in range(FLAGS.repeats):
     for side in ("jax", "torch", "torch", "jax"):
       before, start = load(), time.time()
       if side == "jax":
-        by_side = run_jax(models, args.batch, args.steps, forms)
+        by_side = run_jax(models, FLAGS.batch, FLAGS.steps, forms)
       else:
         by_side = {
-          "torch": run_torch(args.torch_python, args.torch_script, models, args.batch, args.steps)
+          "torch": run_torch(
+            FLAGS.torch_python, FLAGS.torch_script, models, FLAGS.batch, FLAGS.steps
+          )
         }
       after, seconds = load(), round(time.time() - start, 1)
       for name, ips in by_side.items():
@@ -146,9 +153,14 @@ def main():
           + "  ".join(f"{m} {ips[m]:.1f}" for m in models),
           flush=True,
         )
+  return runs
+
+
+def summarize(runs, models, forms) -> dict:
+  """Per model: the median images/s of each side and JAX / PyTorch per form; printed too."""
   summary = {}
   jax_sides = [f"jax_{form}" for form in forms]
-  print(f"\nmedian images/s over runs, batch {args.batch}, float32 (ratio > 1: JAX faster)")
+  print(f"\nmedian images/s over runs, batch {FLAGS.batch}, float32 (ratio > 1: JAX faster)")
   print(f"{'model':<10}{'torch':>10}" + "".join(f"{side:>14}{'ratio':>8}" for side in jax_sides))
   for m in models:
 
@@ -164,28 +176,31 @@ def main():
       summary[m][f"ratio_{side.removeprefix('jax_')}"] = ips / torch_ips
       row += f"{ips:>14.1f}{ips / torch_ips:>8.2f}"
     print(row)
+  return summary
+
+
+def main(argv) -> None:
+  del argv  # no positional arguments: cli.run refuses them
+  models, forms = FLAGS.models, FLAGS.forms
+  runs = alternate(models, forms)
+  summary = summarize(runs, models, forms)
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
     f"{os.cpu_count()} CPUs, {cpu_model()}"
   )
-  os.makedirs(os.path.dirname(os.path.join(ROOT, args.out)), exist_ok=True)
-  with open(os.path.join(ROOT, args.out), "w") as f:
-    json.dump(
-      {
-        "runs": runs,
-        "summary": summary,
-        "batch": args.batch,
-        "steps": args.steps,
-        "forms": forms,
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-      },
-      f,
-      indent=2,
-    )
-  print(f"wrote {args.out}")
+  results = {
+    "runs": runs,
+    "summary": summary,
+    "batch": FLAGS.batch,
+    "steps": FLAGS.steps,
+    "forms": forms,
+    "cpu_count": os.cpu_count(),
+    "cpu_model": cpu_model(),
+  }
+  cli.write_json(os.path.join(ROOT, FLAGS.out), results)
+  print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags=define_flags)

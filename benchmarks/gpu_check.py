@@ -7,7 +7,10 @@
 
 `missing-wheels` and `summary` use the standard library only, so they work
 whatever the machine lacks; `autoaugment` needs jax and lkca_jax.augment (not
-ml_collections).
+ml_collections). For that reason this helper parses its arguments with argparse,
+not absl through `lkca_jax.tools.cli` like the other commands (absl may be one of
+the wheels `missing-wheels` is asked about), but keeps their contract: `--help`
+exits 0, and a bad argument is one `error:` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -380,9 +383,19 @@ def format_summary(s: dict) -> str:
   return "\n".join(lines)
 
 
+class Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one `error:` line (its subcommands' too) and exit 2."""
+
+  def error(self, message):
+    sys.stdout.flush()
+    print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = Parser(description=__doc__.splitlines()[0])
+  # Not required=True: argparse would report a missing command before an unknown flag.
+  sub = parser.add_subparsers(dest="command")
   p = sub.add_parser("missing-wheels")
   p.add_argument("folder")
   p = sub.add_parser("env")
@@ -396,6 +409,8 @@ def main(argv=None) -> int:
   p.add_argument("folder")
   p.add_argument("--mode", default="full")
   args = parser.parse_args(argv)
+  if args.command is None:
+    parser.error(f"a command is required: one of {', '.join(sub.choices)}")
   if args.command == "missing-wheels":
     print("\n".join(missing_wheels(args.folder)))
   elif args.command == "env":
