@@ -51,8 +51,8 @@ PRESETS: dict[str, Preset] = {
   # same depth (9 / 10) and MLP ratio 2, width shrunk to match. ACmix keeps
   # 8 heads (as lkca_t / vit_1m); FLatten uses a few wide heads (d 38 / 44),
   # as FLatten-DeiT-T does (3 × 64). CIFAR-10 params vs 1,027,611 / 2,691,310:
-  "acmix_t": Preset("acmix", 112, 9, 8),  # 1,028,076 (+0.05%)
-  "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,190 (−0.34%)
+  "acmix_t": Preset("acmix", 112, 9, 8),  # 1,028,157 (+0.05%)
+  "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,280 (−0.34%)
   "flatten_t": Preset("flatten", 114, 9, 3),  # 1,033,762 (+0.60%)
   "flatten_b": Preset("flatten", 176, 10, 4),  # 2,640,010 (−1.91%)
 }

@@ -26,6 +26,14 @@ PUBLISHED_PARAM_COUNTS = {
   "lkca_l": (12_528_190, 12_560_680, 12_648_620),
 }
 DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tiny_imagenet": (200, 64)}
+# `docs/method.md` ("Peer presets"), typed in from the table; not published counts, but the ones
+# the docs state, each derived term by term in `peer_param_count` below.
+PEER_PARAM_COUNTS = {
+  "acmix_t": (1_028_157, 1_038_327, 1_065_755),
+  "acmix_b": (2_682_280, 2_698_210, 2_741_254),
+  "flatten_t": (1_033_762, 1_044_112, 1_072_028),
+  "flatten_b": (2_640_010, 2_655_940, 2_698_984),
+}
 
 # A small model for behaviour tests: the lkca_05m preset at width 16, depth 2.
 SMALL = dict(dim=16, depth=2)
@@ -79,6 +87,36 @@ def test_preset_parameter_counts_match_the_published_ones(name):
     )
     assert model.grid == (8, 8)  # patch 4 at 32×32, patch 8 at 64×64
     assert count_params(model) == expected, (name, num_classes, size)
+
+
+def peer_param_count(name, num_classes, image_size) -> int:
+  """A peer preset's count from the closed forms of `docs/method.md` ("Presets", "Peer mixers"):
+  patch p²·3·D + D, position N·D, head LayerNorm 2D and Linear D·C + C; per block two
+  LayerNorms 4D, the MLP 2·r·D² + r·D + D and the mixer."""
+  preset = PRESETS[name]
+  dim, heads, r = preset.dim, preset.num_heads, int(preset.mlp_ratio)
+  patch, n, (h, w) = image_size // 8, 64, (8, 8)
+  mixer = {
+    # Linear(D, 3D) + Linear(D, D), bias table, fc 3H → 9 with 9 biases, 3×3 conv, two rates.
+    "acmix": 4 * dim**2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 9 + 2,
+    # q, k, v, out Linear(D, D) (out with bias), P, s, the 5×5 depthwise conv of d channels.
+    "flatten": 4 * dim**2 + (n + 2) * dim + 26 * (dim // heads),
+  }[preset.mixer]
+  block = 4 * dim + (2 * r * dim**2 + r * dim + dim) + mixer
+  shared = patch * patch * 3 * dim + dim + n * dim + 2 * dim + dim * num_classes + num_classes
+  return shared + preset.depth * block
+
+
+@pytest.mark.parametrize("name", sorted(PEER_PARAM_COUNTS))
+def test_peer_preset_parameter_counts_match_the_derived_ones(name):
+  for (num_classes, size), expected in zip(DATASETS.values(), PEER_PARAM_COUNTS[name], strict=True):
+    model = nnx.eval_shape(
+      lambda num_classes=num_classes, size=size: create_model(
+        name, num_classes=num_classes, image_size=size, rngs=nnx.Rngs(0)
+      )
+    )
+    assert model.grid == (8, 8) and model.pool == "mean"  # no class token
+    assert count_params(model) == peer_param_count(name, num_classes, size) == expected
 
 
 def test_vit_worked_check_per_component():

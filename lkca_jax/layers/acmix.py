@@ -1,23 +1,29 @@
 """ACmix (Pan et al., CVPR 2022): self-attention and convolution on one shared q/k/v.
 
+Follows the authors' Swin version (`WindowAttention_acmix`, Swin-Transformer/models/
+swin_transformer_acmix.py in LeapLabTHU/ACmix), with global attention over the grid.
 One Linear(D, 3D) with bias gives q, k, v (channel s·D + head·d + c, s = q/k/v,
-as the authors' Swin version reshapes it). Two branches reuse them:
+as that code reshapes it). Two branches reuse them:
 
 - attention: global multi-head self-attention over the h×w grid with q scaled
   by d^−½ and a learned Swin-style relative position bias, then its own
   output Linear(D, D).
 - convolution: the 3H head maps (q heads, then k heads, then v heads) are
-  mixed by one 3H → 9 map (no bias) that is the same for every channel index
+  mixed by one 3H → 9 map with 9 biases (the authors' 1×1 `fc` conv, bias on
+  as nn.Conv2d has it by default) that is the same for every channel index
   c < d, giving 9 maps per c; those are laid out as channel c·9 + i and go
   through a grouped 3×3 convolution (d groups, 9 inputs and H outputs per
-  group, zero padding 1, no bias), so output channel c·H + o comes from the
-  9 maps of channel index c (PyTorch group order, as the authors' code).
+  group, zero padding 1, no bias: the authors' `reset_parameters` sets the
+  conv's bias to None), so output channel c·H + o comes from the 9 maps of
+  channel index c (PyTorch group order, as the authors' code).
   The kernel starts as one-hot shifts (input i is 1 at tap (i // 3, i % 3)),
   so at init the branch is a 3×3 convolution of the q/k/v maps whose tap
-  (a, b) weights are the 3H → 9 map's column 3a + b.
+  (a, b) weights are the 3H → 9 map's column 3a + b, plus that column's
+  bias wherever the tap falls inside the grid (the zero padding comes after
+  the bias).
 
 output = attention_rate · attention + conv_rate · convolution (both init 0.5).
-Parameters: 4D² + 85D + ((2h−1)(2w−1) + 27)·H + 2.
+Parameters: 4D² + 85D + ((2h−1)(2w−1) + 27)·H + 11.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ import numpy as np
 from flax import nnx
 
 from lkca_jax.layers.common import (
+  Linear,
   as_grid,
   check_cost_sizes,
   check_tokens,
   head_dim,
   linear,
   promote_param,
+  xavier_normal,
 )
 from lkca_jax.layers.mhsa import MHSA
 
@@ -43,6 +51,18 @@ CONV_SIZE = 3
 CONV_TAPS = CONV_SIZE * CONV_SIZE  # k² = 9 shifted maps per head-channel index
 # Swin and the authors' ACmix-Swin initialise the bias table with trunc_normal_(std=.02).
 relative_bias_init = jax.nn.initializers.truncated_normal(0.02)
+
+
+def conv_default_init(fan_in: int):
+  """PyTorch's Conv2d default init of the bias, uniform in ±1/√fan_in. The authors' `fc`
+  keeps it: Swin's `_init_weights` re-initialises only Linear and LayerNorm layers, and
+  ACmix's `reset_parameters` only the rates and the grouped conv."""
+  bound = fan_in**-0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 @functools.cache
@@ -119,7 +139,15 @@ class ACmix(nnx.Module):
       relative_bias_init(rngs.params(), ((2 * h - 1) * (2 * w - 1), num_heads))
     )
     self.out_proj = linear(dim, dim, dtype=dtype, rngs=rngs)
-    self.fc = linear(3 * num_heads, CONV_TAPS, use_bias=False, dtype=dtype, rngs=rngs)
+    # The authors' fc is a 1×1 nn.Conv2d(3H, 9) with its default bias (fan_in 3H).
+    self.fc = Linear(
+      3 * num_heads,
+      CONV_TAPS,
+      kernel_init=xavier_normal,
+      bias_init=conv_default_init(3 * num_heads),
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.conv_kernel = nnx.Param(jnp.asarray(one_hot_shift_kernel(dim)))
     self.attention_rate = nnx.Param(jnp.asarray(0.5, jnp.float32))
     self.conv_rate = nnx.Param(jnp.asarray(0.5, jnp.float32))

@@ -1,4 +1,5 @@
-"""ACmix: parameter count, the conv branch at init, a float64 reference of the whole mixer."""
+"""ACmix: parameter count, the conv branch at init and with its fc bias, a float64 reference of
+the whole mixer written after the authors' torch code."""
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ def acmix_params(dim, grid, heads) -> int:
   qkv = 3 * dim * dim + 3 * dim  # Linear(D, 3D) with bias
   relative_bias = (2 * h - 1) * (2 * w - 1) * heads  # one table column per head
   out_proj = dim * dim + dim  # Linear(D, D) with bias, attention branch only
-  fc = 3 * heads * 9  # 3H → 9, no bias, shared over the d channel indices
+  fc = 3 * heads * 9 + 9  # 3H → 9 with bias (a 1×1 nn.Conv2d), shared over the d indices
   conv = dim * 9 * 3 * 3  # D outputs, 9 inputs per group, 3×3 taps, no bias
   rates = 2
   return qkv + relative_bias + out_proj + fc + conv + rates
@@ -38,14 +39,19 @@ def test_parameter_count_formula(dim, grid, heads):
   # The same in the compact form quoted in the module docstring.
   h, w = grid
   assert acmix_params(dim, grid, heads) == (
-    4 * dim**2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 2
+    4 * dim**2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 11
   )
 
 
 def test_initial_values():
   module = ACmix(16, (4, 6), num_heads=4, rngs=nnx.Rngs(0))
   assert float(module.attention_rate[...]) == 0.5 and float(module.conv_rate[...]) == 0.5
-  assert module.qkv.bias is not None and module.fc.bias is None
+  assert module.qkv.bias is not None and module.fc.bias is not None
+  # The fc bias starts as PyTorch's Conv2d default, U(±1/√fan_in) with fan_in = 3H = 12: inside
+  # the range, not zero (the Linear rule), and not a constant.
+  fc_bias = np.asarray(module.fc.bias[...])
+  assert fc_bias.shape == (9,) and np.abs(fc_bias).max() <= 12**-0.5
+  assert fc_bias.std() > 0.05 * 12**-0.5
   kernel = np.asarray(module.conv_kernel[...])
   assert kernel.shape == (3, 3, 9, 16)  # HWIO: taps, 9 inputs per group, D outputs
   for i in range(9):
@@ -59,9 +65,10 @@ def test_initial_values():
   assert np.abs(table).max() <= 0.04 and 0.01 < table.std() < 0.025
 
 
-def conv_of_qkv_maps(qkv, fc, grid, heads):
+def conv_of_qkv_maps(qkv, fc, fc_bias, grid, heads):
   """float64 3×3 cross-correlation (zero padding 1) of the 3H head maps,
-  kernel[a, b, j] = fc[j, 3a + b].
+  kernel[a, b, j] = fc[j, 3a + b], plus fc_bias[3a + b] wherever tap (a, b) lands inside the grid
+  (the bias is added to the 9 maps before the conv's zero padding).
 
   qkv: (B, N, 3D) with channel s·D + head·d + c; returns (B, N, D) with
   channel c·H + o, the same value for every o (one-hot kernel at init).
@@ -71,9 +78,11 @@ def conv_of_qkv_maps(qkv, fc, grid, heads):
   d = dim3 // 3 // heads
   maps = qkv.reshape(b, h, w, 3 * heads, d)
   padded = np.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+  inside = np.pad(np.ones((h, w)), 1)[..., None]  # 1 on the grid, 0 on the padding
   out = np.zeros((b, h, w, d))
   for a in range(3):
     for bb in range(3):
+      out += fc_bias[3 * a + bb] * inside[a : a + h, bb : bb + w]
       for j in range(3 * heads):
         out += fc[j, 3 * a + bb] * padded[:, a : a + h, bb : bb + w, j, :]
   return np.repeat(out[..., None], heads, axis=-1).reshape(b, n, d * heads)
@@ -85,17 +94,46 @@ def test_conv_branch_at_init_is_3x3_conv_of_qkv_maps():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 15, dim)), jnp.float32)
   qkv = module.qkv(x)
   _, conv = module.branches(x)
-  expected = conv_of_qkv_maps(
-    np.asarray(qkv, np.float64), np.asarray(module.fc.kernel[...], np.float64), grid, heads
-  )
+  fc, fc_bias = (np.asarray(module.fc.kernel[...], np.float64), np.asarray(module.fc.bias[...]))
+  expected = conv_of_qkv_maps(np.asarray(qkv, np.float64), fc, fc_bias, grid, heads)
   assert max_rel_err(conv, expected) < 1e-5
   # The result is a real spatial mix: dropping the shifts (centre tap only) changes it.
   centre_only = np.asarray(qkv, np.float64).reshape(BATCH, 15, 3 * heads, dim // heads)
-  centre_tap = np.asarray(module.fc.kernel[...])[:, 4]
   centre_only = np.repeat(
-    np.einsum("bnjc,j->bnc", centre_only, centre_tap)[..., None], heads, axis=-1
+    (np.einsum("bnjc,j->bnc", centre_only, fc[:, 4]) + fc_bias.sum())[..., None], heads, axis=-1
   ).reshape(BATCH, 15, dim)
   assert max_rel_err(conv, centre_only) > 0.1
+
+
+def test_conv_branch_fc_bias_within_float32_rounding_of_float64():
+  """The conv branch with random fc weights, fc bias and conv kernel against the float64 torch-
+  order reference, within a rigorous bound: each output is the fc sum (3H products and the bias,
+  each term rounded at most 3H + 1 times) fed through the 81-term grouped conv (each term
+  rounded at most 81 times), so |error| ≤ γ_(3H+82) · (the branch on absolute values), with
+  γ_n = n·u / (1 − n·u), u = 2^−24. Dropping the bias misses by far more than that bound."""
+  grid, heads, dim = (3, 5), 3, 12
+  h, w = grid
+  module = ACmix(dim, grid, num_heads=heads, rngs=nnx.Rngs(5))
+  rng = np.random.default_rng(6)
+  fc = rng.normal(size=(3 * heads, 9)).astype(np.float32)
+  fc_bias = rng.normal(size=9).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 9, dim)).astype(np.float32)
+  qkv = rng.normal(size=(BATCH, h * w, 3 * dim)).astype(np.float32)
+  module.fc.kernel[...], module.fc.bias[...] = jnp.asarray(fc), jnp.asarray(fc_bias)
+  module.conv_kernel[...] = jnp.asarray(kernel)
+  with jax.default_matmul_precision("highest"):  # float32 products on any backend
+    out = np.asarray(module.convolution_branch(jnp.asarray(qkv)), np.float64)
+
+  f64 = lambda a: np.asarray(a, np.float64)
+  branch = lambda qkv, fc, fc_bias, kernel: reference_conv_branch(
+    f64(qkv), f64(fc), f64(fc_bias), f64(kernel), grid, heads
+  )
+  exact = branch(qkv, fc, fc_bias, kernel)
+  n, u = 3 * heads + 82, 2.0**-24
+  bound = n * u / (1 - n * u) * branch(np.abs(qkv), np.abs(fc), np.abs(fc_bias), np.abs(kernel))
+  assert np.all(np.abs(out - exact) <= bound)
+  without_bias = branch(qkv, fc, np.zeros(9), kernel)
+  assert np.abs(out - without_bias).max() > 100 * bound.max()
 
 
 def test_grouped_conv_matches_lax_grouped_conv_with_gradients():
@@ -157,13 +195,30 @@ def reference_acmix(module, x, grid):
   attention = (weights @ split(v)).transpose(0, 2, 1, 3).reshape(b, n, dim)
   attention = attention @ p(module.out_proj.kernel) + p(module.out_proj.bias)
 
-  # Convolution branch, as torch: cat the q/k/v views (B, H, d, hw) on dim 1, 1×1 fc
-  # conv 3H → 9, permute to (B, d, 9, hw), view as 9d channels, grouped conv (groups d).
+  conv = reference_conv_branch(
+    qkv, p(module.fc.kernel), p(module.fc.bias), p(module.conv_kernel), grid, heads
+  )
+  return p(module.attention_rate) * attention + p(module.conv_rate) * conv
+
+
+def reference_conv_branch(qkv, fc, fc_bias, conv_kernel, grid, heads):
+  """float64 convolution branch as the authors' torch code runs it: cat the q/k/v views
+  (B, H, d, hw) on dim 1, 1×1 fc conv 3H → 9 with bias, permute to (B, d, 9, hw), view as 9d
+  channels, grouped conv (groups d, zero padding 1, no bias).
+
+  qkv: (B, N, 3D); fc: (3H, 9) and conv_kernel: (3, 3, 9, D) in our layouts. Linear in qkv for
+  fixed weights, so on absolute values it gives the magnitudes a rounding bound scales with.
+  """
+  h, w = grid
+  b, n, dim3 = qkv.shape
+  dim = dim3 // 3
+  d = dim // heads
   nchw = lambda t: t.transpose(0, 2, 1).reshape(b, heads, d, n)
-  f_all = np.concatenate([nchw(q), nchw(k), nchw(v)], axis=1)  # (B, 3H, d, N)
-  fc_torch = p(module.fc.kernel).T  # (9, 3H)
-  f_conv = np.einsum("ij,bjcn->bicn", fc_torch, f_all).transpose(0, 2, 1, 3).reshape(b, 9 * d, h, w)
-  conv_torch = p(module.conv_kernel).transpose(3, 2, 0, 1)  # (D out, 9 in per group, 3, 3)
+  f_all = np.concatenate([nchw(qkv[..., s * dim : (s + 1) * dim]) for s in range(3)], axis=1)
+  fc_torch = fc.T  # (9, 3H): the 1×1 conv's weight
+  f_conv = np.einsum("ij,bjcn->bicn", fc_torch, f_all) + fc_bias[None, :, None, None]
+  f_conv = f_conv.transpose(0, 2, 1, 3).reshape(b, 9 * d, h, w)  # (B, 9, d, N) → 9d channels
+  conv_torch = conv_kernel.transpose(3, 2, 0, 1)  # (D out, 9 in per group, 3, 3)
   padded = np.pad(f_conv, ((0, 0), (0, 0), (1, 1), (1, 1)))
   conv = np.zeros((b, dim, h, w))
   outputs_per_group = dim // d
@@ -173,8 +228,7 @@ def reference_acmix(module, x, grid):
       for a in range(3):
         for bb in range(3):
           conv[:, o] += conv_torch[o, i, a, bb] * padded[:, group * 9 + i, a : a + h, bb : bb + w]
-  conv = conv.reshape(b, dim, n).transpose(0, 2, 1)
-  return p(module.attention_rate) * attention + p(module.conv_rate) * conv
+  return conv.reshape(b, dim, n).transpose(0, 2, 1)
 
 
 @pytest.mark.parametrize("grid", [(3, 5), (4, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
@@ -189,6 +243,7 @@ def test_full_forward_matches_float64_reference(grid):
     rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)), jnp.float32
   )
   module.qkv.bias[...] = jnp.asarray(rng.normal(size=3 * dim), jnp.float32)
+  module.fc.bias[...] = jnp.asarray(rng.normal(size=9), jnp.float32)
   module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
   module.attention_rate[...] = jnp.asarray(0.7, jnp.float32)
   module.conv_rate[...] = jnp.asarray(-0.3, jnp.float32)
