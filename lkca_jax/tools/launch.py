@@ -5,16 +5,16 @@
 
 Starts the command once per process with JAX_COORDINATOR_ADDRESS (a free port
 on 127.0.0.1), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, and each process on
-`--devices_per_process` virtual CPU devices. Output lines are prefixed with
-`[pN]`. SIGTERM/SIGINT are forwarded to every process (a second one kills
-them). If a process fails,
-the others are stopped (SIGTERM, then SIGKILL after a grace period) and the
+`--devices_per_process` virtual CPU devices. The command is what follows `--`
+(or the first argument that is not a flag: its own flags are not the
+launcher's). Output lines are prefixed with `[pN]`. SIGTERM/SIGINT are
+forwarded to every process (a second one kills them). If a process fails, the
+others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the
 launcher exits non-zero, with one line naming the process that failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -24,6 +24,11 @@ import sys
 import threading
 import time
 
+from absl import flags
+
+from lkca_jax.tools import cli
+
+FLAGS = flags.FLAGS
 # After a process fails, how long the others get to stop on SIGTERM before SIGKILL
 # (one blocked in a collective with the dead one never reads its SIGTERM).
 GRACE_S = 10.0
@@ -139,39 +144,32 @@ def launch(
   return code if code > 0 else 1
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m lkca_jax.tools.launch",
-    description="Run a command as N local processes of one jax.distributed job.",
+def define_flags() -> None:
+  flags.DEFINE_integer("processes", 2, "Processes of the job.", lower_bound=1)
+  flags.DEFINE_integer(
+    "devices_per_process",
+    0,
+    "Virtual CPU devices per process (0: the platform's own devices).",
+    lower_bound=0,
   )
-  parser.add_argument("--processes", type=int, default=2)
-  parser.add_argument(
-    "--devices_per_process",
-    type=int,
-    default=0,
-    help="virtual CPU devices per process (0: the platform's own devices)",
+  flags.DEFINE_float(
+    "grace", GRACE_S, "Seconds the others get to stop after one fails.", lower_bound=0
   )
-  parser.add_argument(
-    "--grace", type=float, default=GRACE_S, help="seconds the others get to stop after one fails"
-  )
-  parser.add_argument(
-    "command",
-    nargs=argparse.REMAINDER,
-    help="after --: the command, e.g. main.py --multihost --config ...",
-  )
-  args = parser.parse_args(argv)
-  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+  # The first positional argument starts the command: its flags are its own, not ours.
+  FLAGS.set_gnu_getopt(False)
+
+
+def main(argv) -> int:
+  command = argv[1:]  # after --, or from the first argument that is not a flag
   if not command:
-    parser.error("no command; pass it after --, e.g. -- main.py --multihost --config ...")
-  if args.processes < 1:
-    parser.error("--processes must be at least 1")
+    cli.fail("no command; pass it after --, e.g. -- main.py --multihost --config ...")
   return launch(
     command,
-    processes=args.processes,
-    devices_per_process=args.devices_per_process,
-    grace=args.grace,
+    processes=FLAGS.processes,
+    devices_per_process=FLAGS.devices_per_process,
+    grace=FLAGS.grace,
   )
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags=define_flags, arguments=True)
