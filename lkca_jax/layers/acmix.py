@@ -10,7 +10,8 @@ as that code reshapes it). Two branches reuse them:
   output Linear(D, D).
 - convolution: the 3H head maps (q heads, then k heads, then v heads) are
   mixed by one 3H → 9 map with 9 biases (the authors' 1×1 `fc` conv, bias on
-  as nn.Conv2d has it by default) that is the same for every channel index
+  as nn.Conv2d has it by default, weight and bias initialised as PyTorch's Conv2d,
+  U(±1/√(3H))) that is the same for every channel index
   c < d, giving 9 maps per c; those are laid out as channel c·9 + i and go
   through a grouped 3×3 convolution (d groups, 9 inputs and H outputs per
   group, zero padding 1, no bias: the authors' `reset_parameters` sets the
@@ -43,7 +44,6 @@ from lkca_jax.layers.common import (
   head_dim,
   linear,
   promote_param,
-  xavier_normal,
 )
 from lkca_jax.layers.mhsa import MHSA
 
@@ -54,9 +54,10 @@ relative_bias_init = jax.nn.initializers.truncated_normal(0.02)
 
 
 def conv_default_init(fan_in: int):
-  """PyTorch's Conv2d default init of the bias, uniform in ±1/√fan_in. The authors' `fc`
-  keeps it: Swin's `_init_weights` re-initialises only Linear and LayerNorm layers, and
-  ACmix's `reset_parameters` only the rates and the grouped conv."""
+  """PyTorch's Conv2d default init, for the weight (kaiming_uniform with a = √5) and the bias
+  alike: uniform in ±1/√fan_in. The authors' `fc` keeps it: Swin's `_init_weights`
+  re-initialises only Linear and LayerNorm layers, and ACmix's `reset_parameters` only the
+  rates and the grouped conv. (FLatten's depthwise conv is kept at this default the same way.)"""
   bound = fan_in**-0.5
 
   def init(key, shape, dtype=jnp.float32):
@@ -139,11 +140,12 @@ class ACmix(nnx.Module):
       relative_bias_init(rngs.params(), ((2 * h - 1) * (2 * w - 1), num_heads))
     )
     self.out_proj = linear(dim, dim, dtype=dtype, rngs=rngs)
-    # The authors' fc is a 1×1 nn.Conv2d(3H, 9) with its default bias (fan_in 3H).
+    # The authors' fc is a 1×1 nn.Conv2d(3H, 9) with its default bias and init (fan_in 3H), not
+    # a Linear, so the recipe's xavier-normal Linear init does not apply to it.
     self.fc = Linear(
       3 * num_heads,
       CONV_TAPS,
-      kernel_init=xavier_normal,
+      kernel_init=conv_default_init(3 * num_heads),
       bias_init=conv_default_init(3 * num_heads),
       dtype=dtype,
       rngs=rngs,

@@ -65,6 +65,17 @@ def test_initial_values():
   assert np.abs(table).max() <= 0.04 and 0.01 < table.std() < 0.025
 
 
+def test_fc_weight_starts_as_pytorch_conv2d_default():
+  """U(±1/√(3H)), std 1/√(3·3H); not the recipe's xavier normal (std √(2/(3H + 9)), 2.4× more
+  at H = 64, and unbounded). 3H·9 = 1,728 samples: the sample std of a uniform spreads by
+  √((9/5 − 1)/n)/2 ≈ 1.1% (its kurtosis is 9/5); allowed 5 of those."""
+  heads = 64
+  kernel = np.asarray(ACmix(heads, (2, 2), num_heads=heads, rngs=nnx.Rngs(0)).fc.kernel[...])
+  n, bound = kernel.size, (3 * heads) ** -0.5
+  assert kernel.shape == (3 * heads, 9) and np.abs(kernel).max() <= bound
+  assert abs(kernel.std() / (bound / np.sqrt(3)) - 1) < 5 * np.sqrt(0.8 / n) / 2
+
+
 def conv_of_qkv_maps(qkv, fc, fc_bias, grid, heads):
   """float64 3×3 cross-correlation (zero padding 1) of the 3H head maps,
   kernel[a, b, j] = fc[j, 3a + b], plus fc_bias[3a + b] wherever tap (a, b) lands inside the grid
