@@ -31,8 +31,8 @@ DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "tiny_imagenet": (200, 6
 PEER_PARAM_COUNTS = {
   "acmix_t": (1_028_157, 1_038_327, 1_065_755),
   "acmix_b": (2_682_280, 2_698_210, 2_741_254),
-  "flatten_t": (1_033_762, 1_044_112, 1_072_028),
-  "flatten_b": (2_640_010, 2_655_940, 2_698_984),
+  "flatten_t": (1_036_840, 1_047_190, 1_075_106),
+  "flatten_b": (2_645_290, 2_661_220, 2_704_264),
 }
 
 # A small model for behaviour tests: the lkca_05m preset at width 16, depth 2.
@@ -99,8 +99,8 @@ def peer_param_count(name, num_classes, image_size) -> int:
   mixer = {
     # Linear(D, 3D) + Linear(D, D), bias table, fc 3H → 9 with 9 biases, 3×3 conv, two rates.
     "acmix": 4 * dim**2 + 85 * dim + ((2 * h - 1) * (2 * w - 1) + 27) * heads + 9 + 2,
-    # q, k, v, out Linear(D, D) (out with bias), P, s, the 5×5 depthwise conv of d channels.
-    "flatten": 4 * dim**2 + (n + 2) * dim + 26 * (dim // heads),
+    # q, k, v, out Linear(D, D), all four with bias, P, s, the 5×5 depthwise conv of d channels.
+    "flatten": 4 * dim**2 + 4 * dim + (n + 1) * dim + 26 * (dim // heads),
   }[preset.mixer]
   block = 4 * dim + (2 * r * dim**2 + r * dim + dim) + mixer
   shared = patch * patch * 3 * dim + dim + n * dim + 2 * dim + dim * num_classes + num_classes

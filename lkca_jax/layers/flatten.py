@@ -1,7 +1,10 @@
 """Focused linear attention (FLatten, Han et al., ICCV 2023), `docs/method.md` "Peer mixers".
 
-q, k, v = x W_q, x W_k, x W_v (no bias by default: `docs/method.md` writes x W, as
-for LKCA's bias-free W_v; `qkv_bias=True` gives the authors' Swin variant), then
+Follows the authors' `FocusedLinearAttention` (models/flatten_swin.py of
+LeapLabTHU/FLatten-Transformer, after its May 2024 numerical-stability fix).
+q, k, v = x W_q + b_q, x W_k + b_k, x W_v + b_v: biases on by default, as every model the
+authors register has them (their Swin config's QKV_BIAS = True; qkv_bias=True in their PVT,
+PVTv2 and CSWin models); `qkv_bias=False` drops them. Then
   1. k += P, a learned (N, D) position table, init 0;
   2. q, k = ReLU(q) + 1e-6, ReLU(k) + 1e-6;
   3. q, k /= softplus(s), s a learned (D,) vector, init 0;
@@ -11,8 +14,12 @@ for LKCA's bias-free W_v; `qkv_bias=True` gives the authors' Swin variant), then
      kernel and d biases, the same for every head, zero padding 2;
   7. out = out W_o + b_o.
 Steps 1–5 run in float32 (matmuls at full float32 precision) whatever the
-activation dtype, then cast back: the authors' fix for NaNs in float16.
-Parameters: 4D² + (N + 2)·D + 26·d (+ 3D with qkv_bias).
+activation dtype, then cast back. That cast is this code's own guard for bfloat16
+activations, not the authors': their code casts nothing (under its AMP option PyTorch's
+autocast picks each op's dtype, the matmuls float16). Their fix for NaNs in float16 (the
+May 2024 one) is the rescaling in step 5: kv from k/√N and v/√N, and z from the mean of
+k over N, where their earlier code formed kᵀv and z from plain sums over the N tokens.
+Parameters: 4D² + (N + 5)·D + 26·d (3D fewer with qkv_bias=False).
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ def focus(x: jax.Array, power: int = FOCUSING_POWER) -> jax.Array:
   """φ(x) = x^p · ‖x‖ / ‖x^p‖ over the last axis, for x > 0.
 
   Computed on x / max(x): the ratio is scale-free, so this is the same
-  function without x^p overflowing for large x (the authors' code switches
-  to this form for p > 6).
+  function without x^p overflowing for large x (the authors' code used this
+  form for p > 6 before their May 2024 fix; it now computes x^p as it is).
   """
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
   powered = (x / jnp.max(x, axis=-1, keepdims=True)) ** power
@@ -70,7 +77,8 @@ class FocusedLinearAttention(nnx.Module):
     dim: token width D (divisible by num_heads).
     grid: (h, w) patch grid; tokens row-major, N = h·w. Non-square grids work.
     num_heads: H; head dim d = D / H is the depthwise conv's channel count.
-    qkv_bias: biases on W_q, W_k, W_v (default False, see module docstring).
+    qkv_bias: biases on W_q, W_k, W_v (default True, as the authors' models; see the module
+      docstring).
   """
 
   needs_grid = True  # the position table and the depthwise conv read grid positions
@@ -79,7 +87,7 @@ class FocusedLinearAttention(nnx.Module):
   config_options = {"qkv_bias": bool}
 
   @staticmethod
-  def macs(num_tokens: int, dim: int, num_heads: int, *, qkv_bias: bool = False) -> int:
+  def macs(num_tokens: int, dim: int, num_heads: int, *, qkv_bias: bool = True) -> int:
     """q, k, v, out projections (4·N·D²); kᵀv and q·kv (N·d² per head each, 2·N·D·d);
     q·mean_N(k) (N·D); the 5×5 depthwise conv of v (25·N·D). The only count that
     depends on the head dim d = D / H."""
@@ -94,7 +102,7 @@ class FocusedLinearAttention(nnx.Module):
     grid=(8, 8),
     *,
     num_heads: int = 8,
-    qkv_bias: bool = False,
+    qkv_bias: bool = True,
     dtype=None,
     rngs: nnx.Rngs,
   ):

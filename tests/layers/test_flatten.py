@@ -19,11 +19,11 @@ def max_rel_err(actual, expected) -> float:
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
+def flatten_params(dim, grid, heads, qkv_bias=True) -> int:
   """Closed form from `docs/method.md` ("Peer mixers"), term by term."""
   h, w = grid
   d = dim // heads
-  qkv = 3 * dim * dim + (3 * dim if qkv_bias else 0)  # three Linear(D, D)
+  qkv = 3 * dim * dim + (3 * dim if qkv_bias else 0)  # three Linear(D, D), biases by default
   position = h * w * dim  # P: (N, D)
   scale = dim  # s: (D,)
   dwc = 5 * 5 * d + d  # one 5×5 kernel per head channel + bias, shared by the heads
@@ -33,7 +33,7 @@ def flatten_params(dim, grid, heads, qkv_bias=False) -> int:
 
 @pytest.mark.parametrize(
   "dim, grid, heads, qkv_bias",
-  [(12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, False), (176, (8, 8), 4, False)],
+  [(12, (3, 5), 3, False), (12, (3, 5), 3, True), (114, (8, 8), 3, True), (176, (8, 8), 4, True)],
 )
 def test_parameter_count_formula(dim, grid, heads, qkv_bias):
   module = nnx.eval_shape(
@@ -41,15 +41,22 @@ def test_parameter_count_formula(dim, grid, heads, qkv_bias):
   )
   assert count_params(module) == flatten_params(dim, grid, heads, qkv_bias)
   n, d = grid[0] * grid[1], dim // heads
+  # The compact forms of the module docstring: with the biases, and 3D fewer without.
   assert flatten_params(dim, grid, heads, qkv_bias) == (
-    4 * dim**2 + (n + 2) * dim + 26 * d + (3 * dim if qkv_bias else 0)
+    4 * dim**2 + (n + 5) * dim + 26 * d - (0 if qkv_bias else 3 * dim)
   )
 
 
 def test_initial_values():
   module = FocusedLinearAttention(16, (4, 6), num_heads=2, rngs=nnx.Rngs(0))
-  assert module.q_proj.bias is None and module.k_proj.bias is None and module.v_proj.bias is None
-  assert module.out_proj.bias is not None
+  # q/k/v biases by default, as in the authors' registered models; zero at init (the Linear rule,
+  # and the authors' _init_weights too).
+  for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+    assert proj.bias is not None and proj.bias[...].shape == (16,)
+    assert not np.asarray(proj.bias[...]).any()
+  no_bias = FocusedLinearAttention(16, (4, 6), num_heads=2, qkv_bias=False, rngs=nnx.Rngs(0))
+  assert no_bias.q_proj.bias is None and no_bias.k_proj.bias is None and no_bias.v_proj.bias is None
+  assert no_bias.out_proj.bias is not None
   assert module.position[...].shape == (24, 16) and not np.asarray(module.position[...]).any()
   assert module.scale[...].shape == (16,) and not np.asarray(module.scale[...]).any()
   kernel, bias = np.asarray(module.dwc_kernel[...]), np.asarray(module.dwc_bias[...])
@@ -122,8 +129,8 @@ def randomise(module, rng):
 
 @pytest.mark.parametrize(
   "grid, qkv_bias",
-  [((3, 5), False), ((3, 5), True), ((8, 8), False)],
-  ids=["3x5", "3x5-qkv_bias", "8x8"],
+  [((3, 5), True), ((3, 5), False), ((8, 8), True)],
+  ids=["3x5", "3x5-no_qkv_bias", "8x8"],
 )
 def test_matches_float64_reference_step_by_step(grid, qkv_bias):
   h, w = grid
