@@ -35,7 +35,8 @@ host-memory settings (`lkca_jax.host_memory`) first, then the flags. `--help` an
 `--helpfull` print the help and exit 0. Every bad input (an unknown flag, a bad value, a
 positional argument, a --config that cannot load, whatever `main` passes to `fail`) is one
 `error:` line on stderr, as its last line, and exit code 2. Every output file is written
-whole through `lkca_jax.files.write_atomic`.
+whole through `lkca_jax.files.write_atomic`. (benchmarks/gpu_check.py, which must run on
+the standard library alone, keeps the same contract with argparse.)
 """
 
 from __future__ import annotations
