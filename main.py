@@ -11,54 +11,57 @@ one line with exit code 2 before anything is compiled.
 
 import logging as std_logging
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jaxlib and TensorFlow load
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lkca_jax.tools import cli  # noqa: E402
-from lkca_jax.tools.cli import fail  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", None, "Path to an ml_collections config file.", lock_config=True
-)
-flags.DEFINE_string(
-  "workdir", None, "Where checkpoints, logs and summary.json go (default: workdirs/<config name>)."
-)
-flags.DEFINE_enum(
-  "mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint."
-)
-flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
-flags.DEFINE_bool(
-  "multihost",
-  False,
-  "Call jax.distributed.initialize() first: one process per "
-  "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).",
-)
-flags.DEFINE_string(
-  "coordinator",
-  None,
-  "With --multihost: HOST:PORT of process 0 (default: "
-  "$JAX_COORDINATOR_ADDRESS, else detected from the cluster).",
-)
-flags.DEFINE_integer(
-  "num_processes",
-  None,
-  "With --multihost: the number of processes (default: $JAX_NUM_PROCESSES, else detected).",
-)
-flags.DEFINE_integer(
-  "process_id",
-  None,
-  "With --multihost: this process's rank (default: $JAX_PROCESS_ID, else detected).",
-)
-flags.DEFINE_bool(
-  "log_all_processes",
-  False,
-  "With --multihost: every process logs, not only process 0 (warnings and errors always show).",
-)
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Where checkpoints, logs and summary.json go (default: workdirs/<config name>).",
+  )
+  flags.DEFINE_enum(
+    "mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint."
+  )
+  flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
+  flags.DEFINE_bool(
+    "multihost",
+    False,
+    "Call jax.distributed.initialize() first: one process per "
+    "host (TPU pod slices, multi-node GPU under SLURM/MPI/Kubernetes).",
+  )
+  flags.DEFINE_string(
+    "coordinator",
+    None,
+    "With --multihost: HOST:PORT of process 0 (default: "
+    "$JAX_COORDINATOR_ADDRESS, else detected from the cluster).",
+  )
+  flags.DEFINE_integer(
+    "num_processes",
+    None,
+    "With --multihost: the number of processes (default: $JAX_NUM_PROCESSES, else detected).",
+  )
+  flags.DEFINE_integer(
+    "process_id",
+    None,
+    "With --multihost: this process's rank (default: $JAX_PROCESS_ID, else detected).",
+  )
+  flags.DEFINE_bool(
+    "log_all_processes",
+    False,
+    "With --multihost: every process logs, not only process 0 (warnings and errors always show).",
+  )
 
 
 def default_workdir() -> str:
@@ -74,8 +77,7 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
+  del argv  # cli.run refuses positional arguments
   from lkca_jax import distributed
 
   if FLAGS.multihost:
@@ -125,10 +127,9 @@ def _main():
     distributed.MismatchError,
     workdir_lib.WorkdirError,
   ) as e:
-    fail(str(e))
-  except train.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e))
+  except (train.NonFiniteLossError, train.WriteFailedError) as e:  # the run failed, not its input
+    cli.fail(str(e), code=1)
   if not lead:  # one report for the job
     return
   if summary["stopped_by"]:
@@ -174,4 +175,4 @@ def print_runs(config, summary, workdir) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, "main.py")
+  cli.run(main, "main.py", define_flags=define_flags)

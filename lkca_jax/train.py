@@ -43,6 +43,10 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class WriteFailedError(RuntimeError):
+  """A checkpoint or the summary could not be written (a full disk, a file-size limit)."""
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -852,7 +856,35 @@ def evaluate_runs(loop: Loop, t: Training, writer) -> tuple[Loop, float]:
 def save(loop: Loop, checkpoints, top1: float | None) -> None:
   """Starts writing the loop's checkpoint (after a flush: never a non-finite step's)."""
   metrics = {"top1": top1} if top1 is not None else None
-  checkpoints.save(loop.step, loop.state, checkpoint_meta(loop.records), metrics)
+  with writing("a checkpoint", checkpoints):  # the previous one's failure shows here
+    checkpoints.save(loop.step, loop.state, checkpoint_meta(loop.records), metrics)
+
+
+@contextlib.contextmanager
+def writing(what: str, checkpoints):
+  """Turns a failed write into WriteFailedError: what failed, why, what is intact, the fix.
+
+  orbax reports a failed checkpoint write (asynchronous: at the next save or at close) as
+  tensorstore's ValueError, a file write is an OSError. The unfinished checkpoint stays
+  in its temporary folder, which the next start sets aside.
+  """
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    try:
+      latest = checkpoints.latest_step()
+    except Exception:  # noqa: BLE001 - the manager may be broken by the failure itself
+      latest = None
+    kept = (
+      f"the last complete checkpoint, {checkpoints.directory}/{latest}, is intact"
+      if latest is not None
+      else "no checkpoint was complete before it"
+    )
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise WriteFailedError(
+      f"writing {what} in {checkpoints.directory.parent} failed ({reason}); {kept}: free "
+      "space (or raise the file-size limit), then run the same command to resume"
+    ) from None
 
 
 def _due(config, step: int, total_steps: int, eval_every: int) -> tuple[bool, bool, bool]:
@@ -883,8 +915,8 @@ class _Outputs:
 
 def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> Loop:
   """Trains from `loop` to the last step or to a stop signal; returns the loop at the end."""
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else None
-  eval_every = eval_every or t.pipeline.steps_per_epoch
+  every = config.eval_every_steps
+  eval_every = every if every > 0 else t.pipeline.steps_per_epoch
   while loop.step < t.total_steps:
     loop, metrics = train_one_step(t, loop)
     out.clock.step(metrics)
@@ -895,7 +927,7 @@ def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> 
       out.clock.stop(metrics)  # evaluation and checkpoints are not training time
       loop = flush(loop, t, out.writer)
       if loop.all_died:  # nothing of the last steps is evaluated or saved
-        return dataclasses.replace(loop, stopped_by="non-finite loss")
+        return _died(loop)
     top1 = None
     if evaluate:
       on_event("eval", loop.step, stop)
@@ -906,7 +938,12 @@ def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> 
     out.clock.resume()
     if stopping:
       return dataclasses.replace(loop, stopped_by=stopping)
-  return flush(loop, t, out.writer)
+  loop = flush(loop, t, out.writer)
+  return _died(loop) if loop.all_died else loop
+
+
+def _died(loop: Loop) -> Loop:
+  return dataclasses.replace(loop, stopped_by="non-finite loss")
 
 
 def run_summaries(specs, records) -> list[dict]:
@@ -1063,11 +1100,14 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   wall_start = time.time()
   with StopSignal() as stop:
     loop = run_loop(loop, t, config, out, stop, on_event)
+  with writing("a checkpoint", checkpoints):
+    checkpoints.wait()
   latest = checkpoints.latest_step()
   checkpoints.close()
   summary = summarize(config, run, t, loop, out.clock, time.time() - wall_start)
   if jax.process_index() == 0:
-    files.write_json(workdir / "summary.json", summary)
+    with writing("summary.json", checkpoints):
+      files.write_json(workdir / "summary.json", summary)
   writer.flush()
   writer.close()
   if loop.all_died:

@@ -6,13 +6,15 @@ Installs the trainer's `on_event` hook: at POINT ("eval": before evaluating, "sa
 after a checkpoint write has started) of STEP it says "holding at POINT:STEP" on
 stderr, then spins holding the GIL (a long switch interval), so a write just started
 stays unfinished (orbax finalizes it from Python threads), until the run receives a
-signal. Gives up after a minute. The tests use it to make a signal land at one moment
+signal: SIGTERM or SIGINT (which the run then handles) or SIGUSR1 (which just releases
+the hold). Gives up after a minute. The tests use it to make a signal land at one moment
 however fast the machine runs.
 """
 
 import functools
 import os
 import runpy
+import signal
 import sys
 import time
 
@@ -23,12 +25,15 @@ def hold_at(target: str):
   def on_event(point: str, step: int, stop: train.StopSignal) -> None:
     if f"{point}:{step}" != target:
       return
+    released = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: released.append(True))
     print(f"holding at {target}", file=sys.stderr, flush=True)
     interval, deadline = sys.getswitchinterval(), time.monotonic() + 60
     sys.setswitchinterval(60.0)
-    while stop.received is None and time.monotonic() < deadline:
+    while stop.received is None and not released and time.monotonic() < deadline:
       pass
     sys.setswitchinterval(interval)
+    signal.signal(signal.SIGUSR1, previous)
 
   return on_event
 

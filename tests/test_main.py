@@ -3,7 +3,9 @@ evaluation and mid-checkpoint-write), eval, bad input."""
 
 import json
 import os
+import pathlib
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -243,6 +245,38 @@ def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(
   full_step, full_params = final_params(uninterrupted[0])
   assert step == full_step == STEPS
   assert_same_params(params, full_params)
+
+
+def test_a_full_disk_stops_with_one_line_and_a_rerun_resumes_exactly(uninterrupted, tmp_path):
+  """No file over 100 kB may be written once checkpoint 25 is complete (a real file-size
+  limit, RLIMIT_FSIZE, set on the running process): checkpoint 50's arrays cannot be."""
+  checkpoints = tmp_path / "checkpoints"
+  proc, _ = start_and_hold(str(tmp_path), [], "eval:50")
+  before = {
+    p.relative_to(checkpoints / "25"): p.read_bytes() for p in files_under(checkpoints / "25")
+  }
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (100_000, 100_000))
+  proc.send_signal(signal.SIGUSR1)  # release the hold
+  out, err = proc.communicate(timeout=120)
+  last = err.strip().splitlines()[-1]
+  assert proc.returncode == 1, err[-3000:]
+  assert last.startswith(f"error: writing a checkpoint in {tmp_path} failed ("), last
+  assert f"the last complete checkpoint, {checkpoints}/25, is intact" in last
+  after = {
+    p.relative_to(checkpoints / "25"): p.read_bytes() for p in files_under(checkpoints / "25")
+  }
+  assert after == before and "50" not in os.listdir(checkpoints)
+  resumed = run_main(str(tmp_path))  # room again
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert re.search(r"resumed from \S+/checkpoints/25\n", resumed.stderr), resumed.stderr[-3000:]
+  step, params = final_params(str(tmp_path))
+  full_step, full_params = final_params(uninterrupted[0])
+  assert step == full_step == STEPS
+  assert_same_params(params, full_params)
+
+
+def files_under(path):
+  return sorted(p for p in pathlib.Path(path).rglob("*") if p.is_file())
 
 
 # Bad config values are tested in tests/test_config_checks.py, bad flags and

@@ -53,7 +53,7 @@ from lkca_jax.files import write_atomic, write_json
 
 __all__ = [
   "USAGE_ERROR",
-  "UsageExit",
+  "FailExit",
   "fail",
   "machine_info",
   "parse_flags",
@@ -67,22 +67,20 @@ __all__ = [
 USAGE_ERROR = 2
 
 
-class UsageExit(SystemExit):
+class FailExit(SystemExit):
   """Raised by `fail` once its `error:` line is out; `run` ends the process on it."""
 
-  def __init__(self):
-    super().__init__(USAGE_ERROR)
 
-
-def fail(message: str) -> NoReturn:
-  """Prints `error: message` on stderr and raises UsageExit (exit code 2).
+def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
+  """Prints `error: message` on stderr and raises FailExit with `code`: 2 (the default) for
+  bad input, 1 for a run that failed on its own (a diverged loss, a full disk).
 
   Under `run` nothing prints after that line: `run` ends the process at once. Elsewhere (a
   test calling a command's function) it is an ordinary SystemExit.
   """
   sys.stdout.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
-  raise UsageExit()
+  raise FailExit(code)
 
 
 def run(
@@ -106,8 +104,8 @@ def run(
   program = program or program_name()
   try:
     app.run(main, flags_parser=lambda argv: parse_flags(argv, program, arguments=arguments))
-  except UsageExit:
-    _end_now(USAGE_ERROR)
+  except FailExit as e:
+    _end_now(e.code)
 
 
 def _end_now(code: int) -> NoReturn:
