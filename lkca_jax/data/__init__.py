@@ -7,6 +7,7 @@ by `import lkca_jax.data`, which stays free of TensorFlow and TFDS.
 
 from lkca_jax.data.sources import (
   DATASETS,
+  DamagedDatasetError,
   DatasetSpec,
   DatasetUnavailableError,
   check_available,
@@ -17,6 +18,7 @@ from lkca_jax.data.sources import (
 
 __all__ = [
   "DATASETS",
+  "DamagedDatasetError",
   "DatasetSpec",
   "DatasetUnavailableError",
   "check_available",

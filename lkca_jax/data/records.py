@@ -5,6 +5,11 @@ copy of that proto, so the records parse with protobuf alone; the image bytes
 (PNG or JPEG) decode with PIL. PIL and TensorFlow decode JPEGs with the same
 libjpeg defaults (integer DCT, fancy upsampling), so the arrays equal those of
 the TensorFlow path pixel for pixel (tests/data/test_records.py).
+
+Each split file is read whole and checked against the number of examples the
+dataset's metadata lists for it; `count_records` finds a missing, cut short or
+corrupted file cheaply (array_record: its footer; tfrecord: its record headers),
+and every such problem is a `DamagedFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -12,22 +17,114 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
+import struct
 
 import numpy as np
 
 # PIL releases the GIL while it decodes, so threads overlap the decoding.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 _MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode; what TF's decode_*(channels=C) gives
+# A tfrecord record: uint64 length, uint32 CRC of the length, the data, uint32 CRC of the data.
+_TFRECORD_HEADER = 12
+_TFRECORD_FOOTER = 4
+
+
+class DamagedFileError(Exception):
+  """A prepared split file that is missing, cut short or corrupted; `reason` says which."""
+
+  def __init__(self, path, reason: str):
+    super().__init__(f"{path} {reason}")
+    self.path = os.fspath(path)
+    self.reason = reason
+
+
+def count_records(path, file_format: str) -> int:
+  """How many records the file holds, read cheaply; DamagedFileError if it cannot say."""
+  if not os.path.exists(path):
+    raise DamagedFileError(path, "is missing")
+  if file_format == "array_record":
+    reader = _array_record_reader(path)
+    try:
+      return reader.num_records()  # from the footer: nothing else is read
+    finally:
+      reader.close()
+  if file_format == "tfrecord":
+    return _count_tfrecords(path)
+  raise ValueError(f"cannot count the records of a {file_format} file")
+
+
+def read_array_record(path, expected: int) -> list[bytes]:
+  """All records of an array_record file; DamagedFileError unless it holds `expected` whole."""
+  if not os.path.exists(path):
+    raise DamagedFileError(path, "is missing")
+  reader = _array_record_reader(path)
+  try:
+    found = reader.read_all()
+  except RuntimeError as e:  # Riegeli's hash checks: a byte changed or the file was cut
+    raise DamagedFileError(path, f"is corrupted ({_one_line(e)})") from None
+  finally:
+    reader.close()
+  if len(found) != expected:
+    raise DamagedFileError(path, f"holds {len(found)} examples, not the {expected} listed for it")
+  return found
+
+
+def _array_record_reader(path):
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+
+  try:
+    reader = array_record_module.ArrayRecordReader(os.fspath(path))
+  except RuntimeError as e:
+    raise DamagedFileError(path, f"cannot be opened ({_one_line(e)})") from None
+  if not reader.ok():  # a cut file opens, but its footer is gone: reading says why
+    try:
+      reader.read_all()
+      reason = "cannot be opened"
+    except RuntimeError as e:
+      reason = f"is cut short or corrupted ({_one_line(e)})"
+    raise DamagedFileError(path, reason)
+  return reader
+
+
+def _count_tfrecords(path) -> int:
+  """Walks the record headers (no TensorFlow); the last record must end where the file ends."""
+  size = os.path.getsize(path)
+  count = offset = 0
+  with open(path, "rb") as f:
+    while offset < size:
+      header = f.read(_TFRECORD_HEADER)
+      length = struct.unpack("<Q", header[:8])[0] if len(header) == _TFRECORD_HEADER else size
+      end = offset + _TFRECORD_HEADER + length + _TFRECORD_FOOTER
+      if end > size:
+        raise DamagedFileError(
+          path,
+          f"is cut short or corrupted: record {count + 1} starts at byte {offset} "
+          f"but does not end within the file's {size} bytes",
+        )
+      offset = end
+      f.seek(offset)
+      count += 1
+  return count
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  return " ".join(str(error).split())[:limit]
 
 
 def decode_split(builder, split: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """A split of an array_record builder as (uint8 images (N, *shape), int32 labels (N,))."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  """A split of an array_record builder as (uint8 images (N, *shape), int32 labels (N,)).
+
+  Raises DamagedFileError when a file of the split is missing, cut short or corrupted.
+  """
   from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
 
   image_key, label_key = builder.info.supervised_keys
-  source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  records = source.__getitems__(range(len(source)))
+  info = builder.info.splits[split]
+  records = [
+    record
+    for path, expected in zip(info.filepaths, info.shard_lengths, strict=True)
+    for record in read_array_record(path, expected)
+  ]
   images = np.empty((len(records), *shape), np.uint8)
   labels = np.empty((len(records),), np.int32)
   mode = _MODES[shape[-1]]

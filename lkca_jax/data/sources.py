@@ -16,13 +16,22 @@ the digits path) stays fast and TF-free. A split prepared as array_record (what
 `prepare` writes by default) is read without TensorFlow (`records`): training
 from it never imports TF, which then serves only to prepare. A tfrecord split is
 decoded with tf.data.
+
+A prepared split whose file is missing, cut short or corrupted is a
+`DamagedDatasetError` naming the file and the command that prepares it again,
+found before training is built where the check is cheap (each file's record
+count against dataset_info.json) and otherwise while the split is read; no split
+is ever used with fewer examples than its metadata lists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
+import re
+import shlex
 import socket
 import threading
 import urllib.parse
@@ -114,6 +123,10 @@ class DatasetUnavailableError(ValueError):
   """The dataset is not prepared where we look, and we may not download it."""
 
 
+class DamagedDatasetError(DatasetUnavailableError):
+  """A prepared dataset's file is missing, cut short or corrupted: it must be prepared again."""
+
+
 def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}: choose one of {sorted(DATASETS)}")
@@ -126,7 +139,8 @@ def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool
   if spec.tfds_name is None:
     return
   builder = _builder(spec, data_dir)
-  if _is_prepared(builder):
+  if _is_prepared(spec, builder):
+    _check_files(spec, builder, (spec.train_split, spec.eval_split))
     return
   if not download:
     raise DatasetUnavailableError(_unavailable_message(spec, builder))
@@ -144,22 +158,31 @@ def load_split(
   if spec.tfds_name is None:
     return spec.loader(split)
   builder = _builder(spec, data_dir)
-  if not _is_prepared(builder):
+  if not _is_prepared(spec, builder):
     if not download:
       raise DatasetUnavailableError(_unavailable_message(spec, builder))
     prepare(name, data_dir=data_dir, manual_dir=manual_dir)
     builder = _builder(spec, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"{name} has no split {split!r}: choose one of {sorted(builder.info.splits)}")
+  _check_files(spec, builder, (split,))
   return _decode_split(spec, builder, split)
 
 
 def prepare(
-  name: str, *, data_dir=None, manual_dir=None, file_format: str = "array_record"
+  name: str,
+  *,
+  data_dir=None,
+  manual_dir=None,
+  file_format: str = "array_record",
+  force: bool = False,
 ) -> dict[str, int]:
   """Prepares a TFDS dataset in data_dir from manual_dir, or by downloading; returns {split: size}.
 
-  Raises DatasetUnavailableError, within seconds, when a needed download cannot happen.
+  A dataset already prepared there is kept (and its files checked) unless `force`: then
+  its version's folder is deleted first and prepared anew.
+  Raises DatasetUnavailableError, within seconds, when a needed download cannot happen,
+  and DamagedDatasetError when a prepared file is missing, cut short or corrupted.
   """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
@@ -171,13 +194,29 @@ def prepare(
   _check_manual_dir(spec, manual_dir)
   config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
   data_dir = os.fspath(data_dir) if data_dir else None
+  if force:
+    _delete_prepared(spec, data_dir)
   builder = _manual_builder(spec, manual_dir, data_dir)
   if builder is not None:  # local files: no network at all
     builder.download_and_prepare(download_config=config, file_format=file_format)
   else:  # the catalog's (or our registered) builder downloads as it always does
     builder = _builder(spec, data_dir)
     _download_and_prepare(spec, builder, config, file_format)
+  builder = _builder(spec, data_dir)  # what is on disk now, also when TFDS kept it
+  _is_prepared(spec, builder)  # raises when a kept folder lacks its dataset_info.json
+  _check_files(spec, builder, tuple(builder.info.splits))
   return {split: info.num_examples for split, info in builder.info.splits.items()}
+
+
+def _delete_prepared(spec: DatasetSpec, data_dir) -> None:
+  """Deletes the prepared folder of the dataset's version in data_dir, if there is one.
+
+  Ourselves, not TFDS's download_mode: a builder that found the folder has read its
+  dataset_info.json and then refuses to prepare another file format.
+  """
+  folder = _builder(spec, data_dir).data_path
+  if folder.exists():
+    folder.rmtree()
 
 
 def _manual_builder(spec: DatasetSpec, manual_dir, data_dir):
@@ -189,15 +228,96 @@ def _manual_builder(spec: DatasetSpec, manual_dir, data_dir):
 
 def _builder(spec: DatasetSpec, data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
 
   if spec.tfds_module:
     importlib.import_module(spec.tfds_module)  # registers the builder with TFDS
-  return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir else None)
+  try:
+    return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir else None)
+  except json_format.Error as e:  # TFDS reads a prepared dataset_info.json as it builds
+    where = (
+      os.path.join(os.fspath(data_dir), spec.tfds_name)
+      if data_dir
+      else f"{spec.tfds_name} in TFDS's data dir"
+    )
+    # The JSON parser's own words, without what TFDS wraps around them.
+    reason = re.sub(r'^Failed to construct dataset "[^"]*", builder_kwargs "[^"]*": ', "", str(e))
+    raise DamagedDatasetError(
+      f"dataset {spec.name}: the dataset_info.json in its prepared folder {where} cannot be "
+      f"read ({_one_line(reason)}); delete that folder and prepare it again: "
+      f"{reprepare_command(spec, data_dir, force=False)}"
+    ) from None
 
 
-def _is_prepared(builder) -> bool:
+def _is_prepared(spec: DatasetSpec, builder) -> bool:
+  """Whether the builder's version is prepared; DamagedDatasetError if its folder lacks its info.
+
+  TFDS writes a version's folder whole and then renames it into place, so a folder without
+  dataset_info.json was damaged after (and TFDS would reuse it as it is).
+  """
   # Looking for dataset_info.json first keeps TFDS from warning about missing folders.
-  return (builder.data_path / "dataset_info.json").exists() and builder.is_prepared()
+  info_path = builder.data_path / "dataset_info.json"
+  if info_path.exists():
+    return builder.is_prepared()
+  if builder.data_path.exists():
+    raise _damaged(spec, builder, info_path, "is missing")
+  return False
+
+
+# --- damaged files --------------------------------------------------------------
+def reprepare_command(spec: DatasetSpec, data_dir, force: bool = True) -> str:
+  """The command that prepares the dataset again in data_dir, as error messages give it."""
+  where = f" --data_dir {shlex.quote(os.fspath(data_dir))}" if data_dir else ""
+  return (
+    f"python -m lkca_jax.tools.prepare --dataset {spec.name}{where}{' --force' if force else ''}"
+    f" (add --manual_dir DIR holding {spec.manual_files}{spec.manual_note} to prepare it offline)"
+  )
+
+
+def _damaged(spec: DatasetSpec, builder, path, reason: str) -> DamagedDatasetError:
+  return DamagedDatasetError(
+    f"dataset {spec.name}: the prepared file {os.fspath(path)} {reason}; prepare it again: "
+    f"{reprepare_command(spec, builder.data_dir_root)}"
+  )
+
+
+@contextlib.contextmanager
+def _naming_the_fix(spec: DatasetSpec, builder):
+  """Within: a damaged file (records.DamagedFileError) is a DamagedDatasetError with the fix."""
+  try:
+    yield
+  except records.DamagedFileError as e:
+    raise _damaged(spec, builder, e.path, e.reason) from None
+
+
+def _file_format(builder) -> str:
+  return builder.info.file_format.value if builder.info.file_format else "tfrecord"
+
+
+def _check_files(spec: DatasetSpec, builder, splits) -> None:
+  """Each file of the splits is there and holds the examples dataset_info.json lists for it.
+
+  Cheap (array_record: each file's footer; tfrecord: its record headers), so it runs before
+  anything is compiled; a file changed inside is found while it is read (`_decode_split`).
+  """
+  file_format = _file_format(builder)
+  if file_format not in ("array_record", "tfrecord"):
+    return  # _decode_split refuses it
+  with _naming_the_fix(spec, builder):
+    for split in splits:
+      info = builder.info.splits[split]
+      for path, expected in zip(info.filepaths, info.shard_lengths, strict=True):
+        if "://" in os.fspath(path):
+          continue  # a remote file: too costly to walk, read by TensorFlow (which checks)
+        count = records.count_records(path, file_format)
+        if count != expected:
+          raise records.DamagedFileError(
+            path, f"holds {count} examples, not the {expected} dataset_info.json lists for it"
+          )
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  return " ".join(str(error).split())[:limit]
 
 
 def _unavailable_message(spec: DatasetSpec, builder) -> str:
@@ -325,58 +445,78 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
 
 def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """array_record: decoded without TensorFlow; tfrecord: with tf.data."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-    images, labels = records.decode_split(builder, split, (*spec.image_size, spec.channels))
+  file_format = _file_format(builder)
+  if file_format == "array_record":
+    with _naming_the_fix(spec, builder):
+      images, labels = records.decode_split(builder, split, (*spec.image_size, spec.channels))
     _check_count(spec, builder, split, len(labels))
     return images, labels
+  if file_format != "tfrecord":
+    raise DatasetUnavailableError(
+      f"dataset {spec.name} is stored as {file_format}, and only array_record and tfrecord "
+      f"are read; prepare it again: {reprepare_command(spec, builder.data_dir_root)}"
+    )
   return _decode_split_tf(spec, builder, split)
 
 
 def _check_count(spec: DatasetSpec, builder, split: str, count: int) -> None:
+  """The whole split was read: never train on part of it."""
   expected = builder.info.splits[split].num_examples
   if count != expected:
-    raise ValueError(
-      f"{spec.name}/{split}: read {count} examples but the dataset info says "
-      f"{expected}; prepare it again in a fresh --config.dataset.data_dir"
+    raise DamagedDatasetError(
+      f"dataset {spec.name}: read {count} examples of its {split} split, not the {expected} "
+      f"dataset_info.json in {builder.data_path} lists; prepare it again: "
+      f"{reprepare_command(spec, builder.data_dir_root)}"
     )
 
 
 def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes with tf.data in parallel into preallocated arrays (no second copy)."""
+  """Decodes with tf.data in parallel, file by file, into preallocated arrays (no second copy).
+
+  A file TensorFlow finds missing, cut short or corrupted (its CRCs) is a DamagedDatasetError.
+  """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
+  info = builder.info.splits[split]
+  shape = (*spec.image_size, spec.channels)
+  images = np.empty((info.num_examples, *shape), np.uint8)
+  labels = np.empty((info.num_examples,), np.int32)
+  start = 0
+  for path, expected in zip(info.filepaths, info.shard_lengths, strict=True):
+    try:
+      with _naming_the_fix(spec, builder):
+        batches = _tf_batches(spec, builder, path, expected)
+      for image_batch, label_batch in tfds.as_numpy(batches):
+        stop = start + len(label_batch)
+        if stop > len(labels):
+          raise _damaged(spec, builder, path, "holds more examples than dataset_info.json lists")
+        images[start:stop], labels[start:stop] = image_batch, label_batch
+        start = stop
+    except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+      raise _damaged(spec, builder, path, f"is cut short or corrupted ({_tf_reason(e)})") from None
+  _check_count(spec, builder, split, start)
+  return images, labels
+
+
+def _tf_batches(spec: DatasetSpec, builder, path, expected: int):
+  """Batches of (image, label) of one split file, as a tf.data pipeline."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   info = builder.info
   image_key, label_key = info.supervised_keys
-  decoders = {image_key: tfds.decode.SkipDecoding()}
-  if info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-    # as_dataset cannot read array_record: take the raw records, parse them in tf.data.
-    source = builder.as_data_source(
-      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
-    )
-    records = source.__getitems__(range(len(source)))
-    # tf.constant first (from_tensor_slices on a list of 100k bytes takes seconds), then
-    # parse whole batches: TFDS stores the image as bytes and the label as int64.
-    keys = {
-      image_key: tf.io.FixedLenFeature([], tf.string),
-      label_key: tf.io.FixedLenFeature([], tf.int64),
-    }
-    examples = (
-      tf.data.Dataset.from_tensor_slices(tf.constant(records))
-      .batch(1024)
-      .map(lambda batch: tf.io.parse_example(batch, keys))
-      .unbatch()
+  if _file_format(builder) == "array_record":  # tf.data cannot read it: take the raw records
+    # tf.constant first: from_tensor_slices on a list of 100k bytes takes seconds.
+    examples = tf.data.Dataset.from_tensor_slices(
+      tf.constant(records.read_array_record(path, expected))
     )
   else:
-    examples = builder.as_dataset(
-      split,
-      decoders=decoders,
-      shuffle_files=False,
-      read_config=tfds.ReadConfig(try_autocache=False),
-    )
-
+    examples = tf.data.TFRecordDataset(os.fspath(path))
+  # TFDS stores the image as bytes and the label as int64: parse whole batches.
+  keys = {
+    image_key: tf.io.FixedLenFeature([], tf.string),
+    label_key: tf.io.FixedLenFeature([], tf.int64),
+  }
   shape = (*spec.image_size, spec.channels)
   decode = _image_decoder(info.features[image_key].encoding_format, spec.channels)
 
@@ -384,17 +524,20 @@ def _decode_split_tf(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray
     image = tf.ensure_shape(decode(example[image_key]), shape)
     return image, tf.cast(example[label_key], tf.int32)
 
-  batches = examples.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE).batch(2048).prefetch(2)
-  count = info.splits[split].num_examples
-  images = np.empty((count, *shape), np.uint8)
-  labels = np.empty((count,), np.int32)
-  start = 0
-  for image_batch, label_batch in tfds.as_numpy(batches):
-    images[start : start + len(label_batch)] = image_batch
-    labels[start : start + len(label_batch)] = label_batch
-    start += len(label_batch)
-  _check_count(spec, builder, split, start)
-  return images, labels
+  return (
+    examples.batch(1024)
+    .map(lambda batch: tf.io.parse_example(batch, keys))
+    .unbatch()
+    .map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
+    .batch(2048)
+    .prefetch(2)
+  )
+
+
+def _tf_reason(error) -> str:
+  """TensorFlow's message without its op and function names."""
+  message = re.sub(r"\{\{.*?\}\}", "", error.message)
+  return _one_line(re.sub(r"\[Op:.*", "", message)) or type(error).__name__
 
 
 def _image_decoder(encoding_format: str | None, channels: int):

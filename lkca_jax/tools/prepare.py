@@ -9,9 +9,12 @@ cifar-100-python.tar.gz; svhn: train_32x32.mat and test_32x32.mat (plus
 extra_32x32.mat for the extra split); tiny_imagenet: tiny-imagenet-200.zip (or
 set $LKCA_TINY_IMAGENET_ZIP). Without it, TFDS downloads them. The examples are
 stored as array_record (--file_format, default), which training reads without
-TensorFlow; tfrecord copies are read through TensorFlow. Every failure
-(a bad flag, missing files, a download that cannot happen) is one `error:`
-line and exit code 2.
+TensorFlow; tfrecord copies are read through TensorFlow. A dataset already
+prepared in --data_dir is kept and its files checked; --force deletes that
+version's prepared folder first and prepares it again (the way to repair a
+file that is missing, cut short or corrupted). Every failure (a bad flag,
+missing files, a download that cannot happen, a damaged prepared file) is one
+`error:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def define_flags() -> None:
     ["array_record", "tfrecord"],
     "How TFDS stores the prepared examples; training reads array_record without TensorFlow.",
   )
+  flags.DEFINE_bool(
+    "force",
+    False,
+    "Delete the dataset's prepared folder (this version, in --data_dir) and prepare it again.",
+  )
 
 
 def main(argv) -> None:
@@ -53,6 +61,7 @@ def main(argv) -> None:
       data_dir=FLAGS.data_dir,
       manual_dir=FLAGS.manual_dir,
       file_format=FLAGS.file_format,
+      force=FLAGS.force,
     )
   except DatasetUnavailableError as e:
     cli.fail(str(e))
