@@ -14,6 +14,8 @@ level: importing this module stays cheap and TensorFlow-free.
 - clu's `clu.metric_writers` package imports its TensorFlow summary writer on
   import (and with it TensorFlow), although its other writers and
   `clu.periodic_actions` never use it.
+- jax has no public barrier for processes that arrive far apart in time; its
+  coordination service has one, reached through `jax._src.distributed`.
 - TensorFlow Datasets retries a failing HTTP download 10 times with backoff (minutes),
   with no option for it in `DownloadConfig`; its checksum error and its cache file
   names are not exported either.
@@ -29,6 +31,7 @@ import time
 import types
 
 PINNED = {
+  "jax": "0.10.2",
   "orbax-checkpoint": "0.12.8",
   "tensorstore": "0.1.86",
   "clu": "0.0.12",
@@ -161,3 +164,12 @@ def tfds_cached_names(url: str, checksum: str | None = None) -> list[str]:
   if checksum:
     names.append(resource.get_dl_fname(url, checksum))
   return names
+
+
+# --- jax's coordination service -----------------------------------------------------------
+def coordination_barrier(barrier_id: str, timeout_s: float) -> None:
+  """Waits until every process reaches the barrier `barrier_id` (used once) of the client
+  `jax.distributed.initialize` made (orbax takes the same client the same way)."""
+  from jax._src import distributed as jax_distributed  # no public API for it
+
+  jax_distributed.global_state.client.wait_at_barrier(barrier_id, int(timeout_s * 1000))

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lkca_jax import adapters
+
 # A process that sends no heartbeat for this long is dead to the others, which then
 # stop instead of waiting in a collective that cannot complete (jax's default is 100 s).
 HEARTBEAT_TIMEOUT_S = 15
@@ -141,12 +143,8 @@ def wait_for_everyone(name: str, timeout_s: float) -> None:
   """
   if jax.process_count() == 1:
     return
-  # The coordination client that jax.distributed.initialize made (orbax takes it the same way).
-  from jax._src import distributed as jax_distributed
-
   # A fresh id each time (every process counts the same calls): a barrier's id is used once.
-  barrier = f"lkca_jax/{name}/{next(_barriers)}"
-  jax_distributed.global_state.client.wait_at_barrier(barrier, int(timeout_s * 1000))
+  adapters.coordination_barrier(f"lkca_jax/{name}/{next(_barriers)}", timeout_s)
 
 
 def compile_everywhere(name: str, *calls) -> None:

@@ -29,8 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lkca_jax import adapters, config_checks, distributed, files, metric_writer, models
 from lkca_jax import checkpoint as checkpoint_lib
-from lkca_jax import config_checks, distributed, files, metric_writer, models
 from lkca_jax import data as data_lib
 from lkca_jax import workdir as workdir_lib
 from lkca_jax.data import pipeline as pipeline_lib
@@ -880,7 +880,7 @@ def writing(what: str, checkpoints):
       if latest is not None
       else "no checkpoint was complete before it"
     )
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = adapters.tensorstore_summary(e) or (str(e).strip().splitlines() or [repr(e)])[0]
     raise WriteFailedError(
       f"writing {what} in {checkpoints.directory.parent} failed ({reason}); {kept}: free "
       "space (or raise the file-size limit), then run the same command to resume"

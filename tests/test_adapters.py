@@ -264,3 +264,16 @@ def test_tfds_checksum_error_and_cache_names(tmp_path, server):
   assert adapters.tfds_checksum_error_url(info.value) == url, changed(
     "tensorflow-datasets", f"the checksum error's message: {str(info.value)[:200]!r}"
   )
+
+
+# --- jax's coordination service ------------------------------------------------------------
+def test_jax_keeps_its_coordination_client_where_the_barrier_reaches_it():
+  """The two-process tests (tests/test_multiprocess.py) use the barrier itself; here, what it
+  reaches for, without a job: the state object, its client slot, the client's barrier."""
+  from jax._src import distributed
+  from jax._src.lib import _jax
+
+  assert hasattr(distributed.global_state, "client"), changed("jax", "global_state.client")
+  assert hasattr(_jax.DistributedRuntimeClient, "wait_at_barrier"), changed(
+    "jax", "DistributedRuntimeClient.wait_at_barrier"
+  )
