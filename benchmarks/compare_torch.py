@@ -35,22 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_LINE = re.compile(r"^torch (\S+) .*: ([\d.]+) ms/step, ([\d.]+) img/s")
 
 
-def cpu_model() -> str:
-  """The CPU's model name and the flags that decide its fast paths (AVX-512, AMX)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = dict(
-        line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line
-      )
-  except OSError:
-    return "unknown"
-  info = {k.strip(): v.strip() for k, v in info.items()}
-  wanted = [
-    f for f in info.get("flags", "").split() if f.startswith(("avx512f", "amx", "avx512_bf16"))
-  ]
-  return f"{info.get('model name', 'unknown')} ({' '.join(wanted) or 'no AVX-512/AMX'})"
-
-
 def load() -> float:
   return round(os.getloadavg()[0], 2)
 
@@ -115,7 +99,9 @@ def define_flags() -> None:
     os.path.join(os.path.dirname(ROOT), "shared", "bench", "torch_reference_step.py"),
     "The PyTorch port's step timing script.",
   )
-  flags.DEFINE_string("out", "bench_results/compare_torch.json", "Where the JSON results go.")
+  cli.define_output_file(
+    "out", "bench_results/compare_torch.json", "Where the JSON results go (from the repository)."
+  )
   flags.DEFINE_list(
     "forms",
     ["auto"],
@@ -181,13 +167,14 @@ def summarize(runs, models, forms) -> dict:
 
 def main(argv) -> None:
   del argv  # no positional arguments: cli.run refuses them
+  out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   models, forms = FLAGS.models, FLAGS.forms
   runs = alternate(models, forms)
   summary = summarize(runs, models, forms)
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
-    f"{os.cpu_count()} CPUs, {cpu_model()}"
+    f"{os.cpu_count()} CPUs, {cli.cpu_model()}"
   )
   results = {
     "runs": runs,
@@ -196,9 +183,9 @@ def main(argv) -> None:
     "steps": FLAGS.steps,
     "forms": forms,
     "cpu_count": os.cpu_count(),
-    "cpu_model": cpu_model(),
+    "cpu_model": cli.cpu_model(),
   }
-  cli.write_json(os.path.join(ROOT, FLAGS.out), results)
+  cli.write_json(out, results)
   print(f"wrote {FLAGS.out}")
 
 

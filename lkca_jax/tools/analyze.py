@@ -32,8 +32,8 @@ distance figures, e.g. vit_1m next to lkca_t: the config its run saved there
 (config.json, laid over --config for keys it lacks) and its latest checkpoint.
 
 Bad input (no checkpoint, a checkpoint of another model, a --compare directory
-that is no training workdir, --images < 1, a --layers entry out of range) is
-one line on stderr and exit code 2.
+that is no training workdir, --images < 1, a --layers entry out of range, a
+--workdir that cannot be written) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ import json
 import math
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-import numpy as np  # noqa: E402
+from lkca_jax.tools import cli
 
-from lkca_jax.tools import cli  # noqa: E402
-from lkca_jax.tools.cli import fail  # noqa: E402
-
+FLAGS = flags.FLAGS
 DPI = 150
 MAX_CHANNELS_SHOWN = 16
 ERF_DECADES = 4  # the log colour scale spans max / 10^4 .. max
@@ -769,14 +769,11 @@ def write_analysis(subjects, out_dir, layers: list[int] | None) -> list[str]:
 
 
 # --- command line ----------------------------------------------------------------------
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
+def define_flags() -> None:
   config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True
   )
-  flags.DEFINE_string(
+  cli.define_output_dir(
     "workdir",
     None,
     "The training workdir (default: workdirs/<config name>); "
@@ -802,31 +799,23 @@ def _define_flags():
   )
 
 
-def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
+def default_workdir() -> str:
+  """workdirs/<config name>, as main.py trains there."""
+  path = config_flags.get_config_filename(FLAGS["config"])
+  return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
 
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; pass settings as --config.KEY=VALUE")
-  if FLAGS.images < 1:
-    fail(f"--images must be at least 1, got {FLAGS.images}")
+
+def load_subjects(workdir: str, other, layers: list[int] | None) -> list[Subject]:
+  """The model of `workdir` (and of --compare's config `other`), or one error line."""
   from absl import logging  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   logging.set_verbosity(logging.WARNING)  # orbax reports every restore at INFO
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join(
-    "workdirs",
-    os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0],
-  )
   try:
-    layers = parse_layers(FLAGS.layers)
-    other = workdir_config(FLAGS.compare, config) if FLAGS.compare else None
-    subjects = [load_subject(config, workdir, FLAGS.checkpoint, FLAGS.images)]
+    subjects = [load_subject(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.images)]
     if other is not None:
       subjects.append(load_subject(other, FLAGS.compare, None, FLAGS.images))
     for subject in subjects:
@@ -838,7 +827,7 @@ def main(argv):
     FileNotFoundError,
     ValueError,
   ) as e:
-    fail(str(e))
+    cli.fail(str(e))
   if len(subjects) == 2 and subjects[0].label == subjects[1].label:
     for subject in subjects:  # the same preset twice: tell them apart by workdir
       subject.label = f"{subject.label} ({os.path.basename(os.path.normpath(subject.workdir))})"
@@ -848,13 +837,28 @@ def main(argv):
         f"note: {subject.label}'s test split has only {len(subject.images)} images; "
         "using all of them"
       )
+  return subjects
+
+
+def main(argv):
+  del argv  # no positional arguments: cli.run refuses them
+  if FLAGS.images < 1:
+    cli.fail(f"--images must be at least 1, got {FLAGS.images}")
+  workdir = FLAGS.workdir or default_workdir()
+  try:
+    layers = parse_layers(FLAGS.layers)
+    other = workdir_config(FLAGS.compare, FLAGS.config) if FLAGS.compare else None
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  # The workdir itself, not its analysis/: a checkpoint found missing below leaves nothing.
+  cli.output_dir(workdir, "--workdir")
+  subjects = load_subjects(workdir, other, layers)
   try:
     written = write_analysis(subjects, os.path.join(workdir, "analysis"), layers)
   except OSError as e:
-    fail(f"could not write the analysis: {e.strerror or e}")
+    cli.fail(f"could not write the analysis: {e.strerror or e}")
   print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":
-  _define_flags()
-  cli.run(main, "python -m lkca_jax.tools.analyze")
+  cli.run(main, define_flags=define_flags)

@@ -237,7 +237,7 @@ def parse_list(text: str, valid, what: str) -> list[str]:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("out", "bench_results/bench_mixers.json", "JSON results file.")
+  cli.define_output_file("out", "bench_results/bench_mixers.json", "JSON results file.")
   flags.DEFINE_integer("repeats", 15, "Timed runs per case (at most).")
   flags.DEFINE_float(
     "max_seconds", 3.0, f"Stop timing a case after this long (at least {MIN_TIMED_RUNS} runs)."
@@ -255,9 +255,10 @@ def main(argv) -> None:
     )
   cases = parse_list(FLAGS.cases, CASES, "case")
   shapes = parse_list(FLAGS.shapes, SHAPES, "shape")
+  out = cli.output_file(FLAGS.out, "--out")
   results = run(cases, shapes, FLAGS.repeats, FLAGS.max_seconds)
   print(markdown(results))
-  print(f"wrote {cli.write_json(FLAGS.out, results)}")
+  print(f"wrote {cli.write_json(out, results)}")
 
 
 if __name__ == "__main__":

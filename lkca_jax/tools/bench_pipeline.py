@@ -320,19 +320,20 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("steps", 20, "Timed steps per mode.")
   flags.DEFINE_integer("block", 1, "Steps per block; the modes alternate block by block.")
-  flags.DEFINE_string("out", "bench_results/pipeline.json", "Where the JSON results go.")
+  cli.define_output_file("out", "bench_results/pipeline.json", "Where the JSON results go.")
   flags.DEFINE_bool("breakdown", True, "Also time each augmentation stage alone.")
 
 
 def main(argv):
   del argv  # no positional arguments: cli.run refuses them
+  if FLAGS.steps < 1 or FLAGS.block < 1:
+    cli.fail(f"--steps and --block must be at least 1, got {FLAGS.steps} and {FLAGS.block}")
+  out = cli.output_file(FLAGS.out, "--out")
   from absl import logging  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
-  if FLAGS.steps < 1 or FLAGS.block < 1:
-    cli.fail(f"--steps and --block must be at least 1, got {FLAGS.steps} and {FLAGS.block}")
   logging.set_verbosity(logging.WARNING)
   try:
     results = run_benchmark(
@@ -341,7 +342,7 @@ def main(argv):
   except (train.ConfigError, data_lib.DatasetUnavailableError) as e:
     cli.fail(str(e))
   print(format_table(results))
-  print(f"wrote {cli.write_json(FLAGS.out, results)}")
+  print(f"wrote {cli.write_json(out, results)}")
 
 
 if __name__ == "__main__":

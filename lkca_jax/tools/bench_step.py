@@ -347,7 +347,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch", 128, "Global batch size.")
   flags.DEFINE_list("dtype", ["float32", "bfloat16"], "Compute dtypes: float32, bfloat16.")
   flags.DEFINE_integer("steps", 20, "Timed steps per model, dtype and column.")
-  flags.DEFINE_string("out", "bench_results/bench_step.json", "Where the JSON results go.")
+  cli.define_output_file("out", "bench_results/bench_step.json", "Where the JSON results go.")
   flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 steps (for tests).")
   flags.DEFINE_integer("runs", 1, "K > 1: time K runs in one process against K single runs.")
   flags.DEFINE_list("forms", ["auto"], "Layer forms: auto, cpu, plain (layers/backend.py).")
@@ -383,6 +383,7 @@ def main(argv):
     cli.fail(f"--columns must list {list(COLUMNS)}, got {FLAGS.columns}")
   if FLAGS.runs > 1 and (FLAGS.forms != ["auto"] or FLAGS.columns != list(COLUMNS)):
     cli.fail("--runs times the pipeline step in the backend's own forms; drop --forms, --columns")
+  out = cli.output_file(FLAGS.out, "--out")
   logging.set_verbosity(logging.WARNING)
   try:
     if FLAGS.runs > 1:
@@ -402,7 +403,7 @@ def main(argv):
   except train.ConfigError as e:
     cli.fail(str(e))
   print(format_runs_table(results) if FLAGS.runs > 1 else format_table(results))
-  print(f"wrote {cli.write_json(FLAGS.out, results)}")
+  print(f"wrote {cli.write_json(out, results)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What every command shares: the process it owns, flag parsing, one way to fail, machine
-info, output files.
+info, where it writes and its output files.
 
 A command (main.py, `python -m lkca_jax.tools.NAME`, `python benchmarks/NAME.py`) is one
 file with its flags and a `main`:
@@ -37,6 +37,13 @@ positional argument, a --config that cannot load, whatever `main` passes to `fai
 `error:` line on stderr, as its last line, and exit code 2. Every output file is written
 whole through `lkca_jax.files.write_atomic`. (benchmarks/gpu_check.py, which must run on
 the standard library alone, keeps the same contract with argparse.)
+
+A flag that names where the command writes is defined with `define_output_dir` or
+`define_output_file` (its help says so, and `output_flags` finds it), and checked by
+`output_dir` or `output_file` in `main` once the other input is known good (bad input
+leaves nothing behind) and before any expensive work: a regular file given as a directory,
+a directory given as a file, or a place that cannot be written is one `error:` line naming
+it. The check is a real write, as for main.py's --workdir (`lkca_jax.workdir.prepare`).
 """
 
 from __future__ import annotations
@@ -48,14 +55,24 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from etils import epath
+
 from lkca_jax import host_memory
+from lkca_jax import workdir as workdir_lib
 from lkca_jax.files import write_atomic, write_json
 
 __all__ = [
+  "OUTPUT_NOTES",
   "USAGE_ERROR",
   "FailExit",
+  "cpu_model",
+  "define_output_dir",
+  "define_output_file",
   "fail",
   "machine_info",
+  "output_dir",
+  "output_file",
+  "output_flags",
   "parse_flags",
   "program_name",
   "run",
@@ -65,6 +82,11 @@ __all__ = [
 ]
 
 USAGE_ERROR = 2
+# How an output flag's help ends; `output_flags` finds the flags by it.
+OUTPUT_NOTES = {
+  "dir": "(A directory, created if missing; checked before any work.)",
+  "file": "(A file; its directory is created if missing; checked before any work.)",
+}
 
 
 class FailExit(SystemExit):
@@ -179,6 +201,68 @@ def _parse_or_help(argv):
     raise SystemExit(0) from None  # asking for help is no failure
 
 
+def define_output_dir(name: str, default: str | None, help_text: str) -> None:
+  """A string flag naming a directory the command writes; check it with `output_dir`."""
+  _define_output(name, default, help_text, "dir")
+
+
+def define_output_file(name: str, default: str | None, help_text: str) -> None:
+  """A string flag naming a file the command writes; check it with `output_file`."""
+  _define_output(name, default, help_text, "file")
+
+
+def _define_output(name: str, default: str | None, help_text: str, kind: str) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_string(name, default, f"{help_text} {OUTPUT_NOTES[kind]}")
+
+
+def output_flags() -> dict[str, str]:
+  """The defined flags that name where the command writes: name -> "dir" or "file"."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  found = {}
+  for name in flags.FLAGS:
+    help_text = flags.FLAGS[name].help or ""
+    for kind, note in OUTPUT_NOTES.items():
+      if help_text.endswith(note):
+        found[name] = kind
+  return found
+
+
+def output_dir(path, flag: str) -> epath.Path:
+  """`path` as a directory this process can write, created if missing; else `fail`s."""
+  try:
+    return workdir_lib.prepare(path, flag=flag)
+  except workdir_lib.WorkdirError as e:
+    fail(str(e))
+
+
+def output_file(path, flag: str) -> epath.Path:
+  """`path` as a file this process can write: no directory, in a directory it can write
+  (created if missing); else `fail`s. The file itself is written later, whole."""
+  path = epath.Path(path)
+  if path.is_dir():
+    fail(f"{flag}={path} is a directory; pass the path of a file to write")
+  output_dir(path.parent, f"{flag}={path}: its directory")
+  return path
+
+
+def cpu_model() -> str:
+  """The CPU's model name and the flags that decide its fast paths (AVX-512, AMX)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      first = f.read().split("\n\n")[0]  # the first processor's block
+  except OSError:
+    return "unknown"
+  info = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+  info = {k.strip(): v.strip() for k, v in info.items()}
+  wanted = [
+    f for f in info.get("flags", "").split() if f.startswith(("avx512f", "amx", "avx512_bf16"))
+  ]
+  return f"{info.get('model name', 'unknown')} ({' '.join(wanted) or 'no AVX-512/AMX'})"
+
+
 def machine_info() -> dict:
   """The machine a number was measured on, with the 1-minute load average now."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -191,6 +275,7 @@ def machine_info() -> dict:
     "device_kind": device.device_kind,
     "devices": jax.device_count(),
     "cpu_count": os.cpu_count(),
+    "cpu_model": cpu_model(),
     "python": platform.python_version(),
     "jax": jax.__version__,
     "load_average_1m": round(os.getloadavg()[0], 2),

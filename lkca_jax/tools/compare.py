@@ -203,10 +203,10 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "steps", None, "Training steps per run (default: the config's).", lower_bound=1
   )
-  flags.DEFINE_string(
+  cli.define_output_file(
     "out", None, "Markdown table path (default bench_results/compare_<config>.md)."
   )
-  flags.DEFINE_string(
+  cli.define_output_dir(
     "workdir",
     None,
     "Each mixer trains in DIR/<mixer>, its seeds' "
@@ -269,6 +269,7 @@ def main(argv):
   base, mixers, size = FLAGS.config, FLAGS.mixers, FLAGS.size
   same_preset = FLAGS["same-preset"].value
   workdir = FLAGS.workdir or os.path.join("workdirs", f"compare_{config_stem()}")
+  table = FLAGS.out or os.path.join("bench_results", f"compare_{config_stem()}.md")
   # Everything that can fail on input fails here, before the first step.
   try:
     check_mixers(mixers, size, same_preset)
@@ -284,13 +285,15 @@ def main(argv):
     ]
     comparison = experiment.Experiment(
       directory=workdir,
-      table=FLAGS.out or os.path.join("bench_results", f"compare_{config_stem()}.md"),
+      table=table,
       flag="--workdir",
       settings={**settings(base, same_preset, size), "workdir": workdir},
       rows=rows,
       render=format_table,
       overwrite=FLAGS.overwrite,
     )
+    cli.output_file(table, "--out")  # the JSON goes next to it
+    cli.output_dir(workdir, "--workdir")
     if FLAGS["compile-cache"].value:
       enable_compile_cache(os.path.join(workdir, "jax_cache"))
     experiment.quiet_trainer_log()

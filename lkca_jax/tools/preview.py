@@ -254,7 +254,7 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True
   )
-  flags.DEFINE_string("out", "preview.png", "Where the PNG goes.")
+  cli.define_output_file("out", "preview.png", "Where the PNG goes.")
   flags.DEFINE_integer("rows", 4, "Rows of tiles.")
   flags.DEFINE_integer("cols", 8, "Columns of tiles.")
   flags.DEFINE_integer("step", 0, "Global training step whose batch is shown.")
@@ -268,6 +268,7 @@ def main(argv):
     cli.fail(f"--step must be >= 0, got {FLAGS.step}")
   if not FLAGS.out.lower().endswith(".png"):
     cli.fail(f"--out must name a .png file, got {FLAGS.out!r}")
+  cli.output_file(FLAGS.out, "--out")
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 

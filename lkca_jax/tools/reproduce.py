@@ -183,7 +183,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "runs", 1, "Independent runs per row, seeds config.seed + 0..K-1.", lower_bound=1
   )
-  flags.DEFINE_string("out", None, "Output directory (default workdirs/reproduce_<table>).")
+  cli.define_output_dir("out", None, "Output directory (default workdirs/reproduce_<table>).")
 
 
 def main(argv):
@@ -213,6 +213,7 @@ def main(argv):
       render=format_table,
       resume=True,
     )
+    cli.output_dir(out, "--out")
     experiment.quiet_trainer_log()
     experiment.prepare(reproduction)
   except experiment.UsageError as e:

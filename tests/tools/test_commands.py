@@ -4,11 +4,19 @@ The commands are main.py, every public module of lkca_jax/tools (cli.py is their
 part, a leading underscore marks a helper) and every script of benchmarks/. Each runs as a
 real process: `--help` exits 0 with the command's own description on stdout; an unknown
 flag is one `error:` line naming it, the last line on stderr, and exit code 2.
+
+A command that writes names where in flags it defines with `cli.define_output_dir` or
+`cli.define_output_file`; asked for them (`cli.output_flags`), each command refuses a place
+where no directory can be made and the wrong kind of thing (a regular file for a directory,
+left as it was; a directory for a file) with the same one line, before any work.
 """
 
 import ast
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +67,116 @@ def test_help_exits_0_and_a_bad_flag_is_one_error_line_and_exit_2(path):
   assert procs["bad"].returncode == 2, err[-1500:]
   assert lines and lines[-1].startswith("error: ") and "no_such_flag" in lines[-1], err[-1500:]
   assert [line for line in lines if "error" in line.lower()] == lines[-1:], err[-1500:]
+
+
+# Asks each command which flags name where it writes (cli.output_flags) and which flags it
+# cannot run without: --config (given configs/digits.py) and enums with no default (given
+# their first value). One process for all: each command's flags are removed after it.
+DISCOVER = """
+import importlib.util, json, sys
+from absl import flags
+from lkca_jax.tools import cli
+
+found = {}
+for index, path in enumerate(sys.argv[1:]):
+  spec = importlib.util.spec_from_file_location(f"command_{index}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  before = set(flags.FLAGS)
+  getattr(module, "define_flags", lambda: None)()
+  new = sorted(set(flags.FLAGS) - before)
+  outputs = {name: kind for name, kind in cli.output_flags().items() if name in new}
+  needed = {}
+  for name in new:
+    flag = flags.FLAGS[name]
+    if flag.default is None and name == "config":
+      needed[name] = "configs/digits.py"
+    elif flag.default is None and getattr(flag.parser, "enum_values", None):
+      needed[name] = flag.parser.enum_values[0]
+  defaults = {name: flags.FLAGS[name].default for name in outputs}
+  found[path] = {"outputs": outputs, "defaults": defaults, "needed": needed}
+  for name in new:
+    delattr(flags.FLAGS, name)
+print(json.dumps(found))
+"""
+
+
+@pytest.fixture(scope="module")
+def output_flags():
+  """{command path: {"outputs": {flag: "dir" | "file"}, "defaults": ..., "needed": ...}}."""
+  result = subprocess.run(
+    [sys.executable, "-c", DISCOVER, *map(str, COMMANDS)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {ROOT / path: found for path, found in json.loads(result.stdout).items()}
+
+
+def test_the_output_flags_are_found(output_flags):
+  outputs = {path.name: found["outputs"] for path, found in output_flags.items()}
+  assert outputs["compare.py"] == {"out": "file", "workdir": "dir"}
+  assert outputs["reproduce.py"] == {"out": "dir"}
+  assert outputs["analyze.py"] == {"workdir": "dir"}
+  assert outputs["launch.py"] == {}
+
+
+def output_value(directory, name, kind, default) -> str:
+  """A path under `directory` for the flag `name`; a file keeps its default's suffix (.png)."""
+  suffix = os.path.splitext(default or "")[1] if kind == "file" else ""
+  return str(directory / f"{name}{suffix}")
+
+
+def bad_places(tmp_path, stem, name, kind, default) -> dict:
+  """What the flag refuses: a place no directory can be made, and the wrong kind of thing."""
+  places = {"proc": output_value(Path("/proc/lkca-test") / stem, name, kind, default)}
+  wrong = Path(output_value(tmp_path / "wrong", name, kind, default))
+  wrong.parent.mkdir(exist_ok=True)
+  if kind == "dir":
+    wrong.write_text("a regular file\n")  # must be left as it is
+  else:
+    wrong.mkdir()
+  places["wrong kind"] = str(wrong)
+  return places
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_an_unusable_output_place_is_one_error_line_before_any_work(path, output_flags, tmp_path):
+  found = output_flags[path]
+  if not found["outputs"]:
+    pytest.skip("defines no output flag")
+  needed = [f"--{name}={value}" for name, value in found["needed"].items()]
+  cases = {}
+  for name, kind in found["outputs"].items():
+    default = found["defaults"][name]
+    others = [  # every other output flag at a good place: only `name` is bad
+      f"--{other}={output_value(tmp_path / 'good', other, k, found['defaults'][other])}"
+      for other, k in found["outputs"].items()
+      if other != name
+    ]
+    for case, place in bad_places(tmp_path, path.stem, name, kind, default).items():
+      args = [*needed, *others, f"--{name}={place}"]
+      cases[(name, case, place)] = subprocess.Popen(
+        command_line(path) + args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+  for (name, case, place), proc in cases.items():
+    out, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    why = (name, case, err[-1500:])
+    assert proc.returncode == 2 and "Traceback" not in err, why
+    assert lines[-1].startswith("error: ") and f"--{name}={place}" in lines[-1], why
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], why
+    assert out == "", (name, case, out)  # refused before any work that reports itself
+  for name, kind in found["outputs"].items():
+    wrong = Path(output_value(tmp_path / "wrong", name, kind, found["defaults"][name]))
+    if kind == "dir":
+      assert wrong.read_text() == "a regular file\n"
+    else:
+      assert wrong.is_dir() and not any(wrong.iterdir())
