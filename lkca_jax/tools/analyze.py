@@ -309,6 +309,10 @@ KERNEL_AXES = ("Δ column (patches)", "Δ row (patches)")
 
 
 def plot_kernels(subject: Subject, results: Results, path) -> None:
+  save_figure(kernels_figure(subject, results), path)
+
+
+def kernels_figure(subject: Subject, results: Results):
   """Per layer: its kernel (layer sharing), a row of heads, or 16 channels and mean |K|."""
   plt = _pyplot()
   layers = sorted(results.kernels)
@@ -319,8 +323,7 @@ def plot_kernels(subject: Subject, results: Results, path) -> None:
     f"{subject.label}: LKCA kernels at step {subject.step}, indexed by the key's "
     "offset from the query (box: zero offset)"
   )
-  save_figure(fig, path)
-  plt.close(fig)
+  return fig
 
 
 def _layer_kernels(plt, kernels, grid):
@@ -473,10 +476,13 @@ def plot_attention(subjects, results, layers, path) -> None:
     "token dropped)"
   )
   save_figure(fig, path)
-  plt.close(fig)
 
 
 def plot_erf(subjects, results, path) -> None:
+  save_figure(erf_figure(subjects, results), path)
+
+
+def erf_figure(subjects, results):
   """Trained and initial ERF of each model, side by side, on a log colour scale."""
   from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
   from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
@@ -534,8 +540,7 @@ def plot_erf(subjects, results, path) -> None:
     f"{len(subjects[0].images)} test images\nt: sides of the smallest centred "
     f"squares holding a fraction t of it (dashed: t = {ERF_SQUARE_SHOWN:g})"
   )
-  save_figure(fig, path)
-  plt.close(fig)
+  return fig
 
 
 def plot_distances(subjects, results, path) -> None:
@@ -587,12 +592,13 @@ def plot_distances(subjects, results, path) -> None:
   ax.set_title("Mean attention distance (dots: heads / channels)")
   ax.legend(fontsize=7)
   save_figure(fig, path)
-  plt.close(fig)
 
 
 # --- files ---------------------------------------------------------------------------
 def save_figure(fig, path) -> None:
+  """Writes `fig` as a PNG, then closes it: pyplot keeps every open figure."""
   cli.save_figure(fig, path, dpi=DPI)
+  _pyplot().close(fig)
 
 
 def jsonable(value):
