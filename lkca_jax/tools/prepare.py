@@ -54,6 +54,8 @@ def main(argv) -> None:
     cli.fail(f"--dataset is required: one of {', '.join(TFDS_DATASETS)}")
   if FLAGS.manual_dir is not None and not os.path.isdir(FLAGS.manual_dir):
     cli.fail(f"--manual_dir={FLAGS.manual_dir} is not a directory")
+  if FLAGS.data_dir is not None:  # TFDS's own default is TFDS's to make
+    cli.output_dir(FLAGS.data_dir, "--data_dir")
   start = time.perf_counter()
   try:
     sizes = prepare(
