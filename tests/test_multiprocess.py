@@ -221,8 +221,10 @@ def test_outputs_and_logs_come_once(runs):
     "checkpoints",
     "config.json",
     os.path.basename(glob.glob(f"{workdir}/events*")[0]),
+    "lock",  # one, held by process 0 for the job; empty once it ended
     "summary.json",
   ]
+  assert os.path.getsize(os.path.join(workdir, "lock")) == 0
   assert out.count("final top1") == 1 and "[p0] lkca_t on digits: final top1" in out
   # The training log (train.py, the metric writer): process 0 only.
   ours = ("train.py:", "logging_writer.py:")
