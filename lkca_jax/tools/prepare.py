@@ -33,7 +33,7 @@ TFDS_DATASETS = sorted(name for name, spec in DATASETS.items() if spec.tfds_name
 
 def define_flags() -> None:
   flags.DEFINE_enum("dataset", None, TFDS_DATASETS, "The dataset to prepare.")
-  flags.DEFINE_string("data_dir", None, "TFDS data dir (default: TFDS's own).")
+  cli.define_output_dir("data_dir", None, "TFDS data dir (default: TFDS's own).")
   flags.DEFINE_string("manual_dir", None, "Dir holding the official files downloaded by hand.")
   flags.DEFINE_enum(
     "file_format",
