@@ -27,7 +27,6 @@ import contextlib
 import importlib
 import re
 import sys
-import time
 import types
 
 PINNED = {
@@ -64,21 +63,19 @@ def tensorstore_summary(error: BaseException) -> str | None:
 
 
 # --- orbax-checkpoint's abandoned reads ---------------------------------------------------
-# After a failed read, the abandoned ones finish within milliseconds; this leaves them time
-# to report while their tracebacks are still filtered out.
-ABANDONED_READS_GRACE_S = 0.2
-
-
 def _is_closed_loop_noise(unraisable) -> bool:
   error = unraisable.exc_value
   return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
-@contextlib.contextmanager
-def abandoned_reads_quiet():
-  """Within: "Event loop is closed" tracebacks of abandoned orbax reads are not printed.
+def quiet_abandoned_reads() -> None:
+  """From now on in this process, "Event loop is closed" tracebacks are not printed.
 
-  `sys.unraisablehook` is the caller's again on the way out, also after an error.
+  orbax abandons the other reads of a checkpoint when one fails, and each reports
+  itself whenever it ends, on no schedule: only a filter for the rest of the process
+  catches them all. That is a decision for the program that owns the process (the
+  commands, through `lkca_jax.tools.cli.run`), not for a library call: other
+  unraisable exceptions still reach the hook that was installed before.
   """
   hook = sys.unraisablehook
 
@@ -87,13 +84,6 @@ def abandoned_reads_quiet():
       hook(unraisable)
 
   sys.unraisablehook = quiet
-  try:
-    yield
-  except BaseException:
-    time.sleep(ABANDONED_READS_GRACE_S)
-    raise
-  finally:
-    sys.unraisablehook = hook
 
 
 # --- clu without TensorFlow -------------------------------------------------------------

@@ -176,12 +176,11 @@ class Checkpoints:
     Raises DamagedCheckpointError if the metadata, or the arrays' own, cannot be read.
     """
     path = self.directory / str(step)
-    with adapters.abandoned_reads_quiet():
-      try:
-        tree = self.manager.metadata(step).item_metadata["state"]
-      except Exception as e:  # noqa: BLE001 - classified: damage or not
-        # TensorStore errors come from the array files; the others from the tree's.
-        raise _damage(path, "data" if adapters.tensorstore_status(e) else "metadata", e) from None
+    try:
+      tree = self.manager.metadata(step).item_metadata["state"]
+    except Exception as e:  # noqa: BLE001 - classified: damage or not
+      # TensorStore errors come from the array files; the others from the tree's.
+      raise _damage(path, "data" if adapters.tensorstore_status(e) else "metadata", e) from None
     if tree is None:  # what orbax answers when the tree metadata file is missing
       raise DamagedCheckpointError(path, "metadata-missing", "state/ has no tree metadata")
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -215,11 +214,10 @@ class Checkpoints:
       )
     else:
       state_args = ocp.args.StandardRestore(_abstract(like_state))
-    with adapters.abandoned_reads_quiet():
-      try:
-        state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
-      except Exception as e:  # noqa: BLE001 - the metadata matched: the data is at fault
-        raise _damage(path, "data", e) from None
+    try:  # a failed read abandons the others: see adapters.quiet_abandoned_reads
+      state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
+    except Exception as e:  # noqa: BLE001 - the metadata matched: the data is at fault
+      raise _damage(path, "data", e) from None
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
         "meta"

@@ -148,7 +148,8 @@ def test_each_damage_is_named_from_orbax_errors(small, tmp_path, damage, reason)
   )
 
 
-def test_the_unraisable_hook_is_the_callers_after_a_failing_restore(small, tmp_path):
+def test_a_failing_restore_leaves_the_callers_unraisable_hook_in_place(small, tmp_path):
+  """The library never swaps it (the commands filter orbax's noise for their process)."""
   directory = small_copy(small, tmp_path, truncate_data)
   checkpoints = checkpoint.Checkpoints(directory, asynchronous=False, read_only=True)
   seen = []
@@ -163,7 +164,6 @@ def test_the_unraisable_hook_is_the_callers_after_a_failing_restore(small, tmp_p
   finally:
     sys.unraisablehook = original
     checkpoints.close()
-  assert not seen  # the abandoned reads' noise stayed inside the restore
 
 
 def test_writable_checkpoints_resume_and_set_damage_aside(small, tmp_path):
@@ -304,6 +304,7 @@ def error_lines(stderr):
   return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, reason", DAMAGE, ids=[r for _, r in DAMAGE])
 def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(
   trained, tmp_path, damage, reason
@@ -326,6 +327,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(
   assert_same_params(params, full_params)
 
 
+@pytest.mark.slow
 def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path):
   workdir = damaged_copy(trained, tmp_path, truncate_data, steps=(4, 8, 12))
   result = run(workdir)
@@ -343,6 +345,7 @@ def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path
   assert not (workdir / "checkpoints_damaged").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path):
   workdir = damaged_copy(trained, tmp_path, lambda _: None, steps=())
   result = run(workdir, "--config.model_overrides.depth=3")
@@ -356,6 +359,7 @@ def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path):
   assert not (workdir / "checkpoints_damaged").exists()
 
 
+@pytest.mark.slow
 def test_eval_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_an_error(
   trained, tmp_path
 ):

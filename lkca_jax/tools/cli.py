@@ -57,7 +57,7 @@ from typing import NoReturn
 
 from etils import epath
 
-from lkca_jax import host_memory
+from lkca_jax import adapters, host_memory
 from lkca_jax import workdir as workdir_lib
 from lkca_jax.files import write_atomic, write_json
 
@@ -121,6 +121,7 @@ def run(
   from absl import app  # pylint: disable=import-outside-toplevel
 
   host_memory.apply()
+  adapters.quiet_abandoned_reads()
   if define_flags is not None:
     define_flags()
   program = program or program_name()
