@@ -197,6 +197,7 @@ print("created:", type(writer).__module__, "tensorflow" in sys.modules)
   assert [name for name in os.listdir(tmp_path) if name.startswith("events.out.tfevents")]
 
 
+@pytest.mark.slow
 def test_clu_still_imports_tensorflow_on_its_own():
   out = run_python("import sys, clu.metric_writers; print('tensorflow' in sys.modules)")
   assert out.split() == ["True"], changed(

@@ -152,6 +152,7 @@ def _error_line(proc, args):
   return errors[0]
 
 
+@pytest.mark.slow
 def test_bad_values_exit_2_with_one_error_line_and_write_nothing(tmp_path):
   # The accepted case: AutoAugment switched on for digits passes every check and
   # reaches the checkpoint lookup of --mode eval, which finds none.

@@ -112,6 +112,7 @@ def fewest_faults_in_a_run(apply: bool) -> int:
 
 
 @glibc_only
+@pytest.mark.slow
 def test_the_settings_keep_a_large_temporary_mapped_between_runs():
   assert fewest_faults_in_a_run(apply=False) > 0.9 * BLOCK_PAGES
   assert fewest_faults_in_a_run(apply=True) < 0.05 * BLOCK_PAGES

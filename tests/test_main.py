@@ -14,6 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = os.path.join(ROOT, "tests", "hold.py")  # main.py held at one moment until a signal
 STEPS = 150

@@ -27,6 +27,8 @@ from lkca_jax import config_checks, train
 from lkca_jax.data import pipeline as pipeline_lib
 from tests.helpers import with_overrides
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 # Tiny, but with every random part of the recipe on: CutMix/Mixup (digits: prob 0.5),

@@ -405,6 +405,7 @@ def test_patchify_flattens_patches_as_p1_p2_c():
   np.testing.assert_array_equal(patches[0, 4], x[0, 2:4, 2:4, :].reshape(-1))  # row 1, col 1
 
 
+@pytest.mark.slow
 def test_non_square_images_in_every_view():
   x = images((BATCH, 24, 40, 3))
   outputs = {}

@@ -22,7 +22,7 @@ import pytest
 from tests.helpers import built_once
 from tests.test_main import ROOT, assert_same_params
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 12
 TINY = [

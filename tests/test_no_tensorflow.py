@@ -11,11 +11,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from lkca_jax import data
 from tests.data.test_tiny_imagenet import FIXTURE, manual_dir_with
+
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5

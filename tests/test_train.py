@@ -48,6 +48,7 @@ def _checkpoint_meta(workdir, step) -> pathlib.Path:
   return pathlib.Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_in_the_earlier_single_run_layout_resumes(tmp_path):
   every = {"eval_every_steps": 2, "checkpoint_every_steps": 2}
   train.train_and_evaluate(tiny_digits(num_train_steps=2, **every), str(tmp_path))
@@ -107,6 +108,7 @@ def _losses(num_devices, steps=5):
   return np.asarray(losses), params
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device():
   assert jax.device_count() == 8
   one, params_one = _losses(1)
@@ -124,6 +126,7 @@ def _full_size_training(model: str, **overrides):
   return train.build_training(train.Run.prepare(config), config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["lkca_b", "vit"])
 def test_the_train_step_exports_for_gpu_and_tpu_with_no_cpu_forms(model):
   t = _full_size_training(model)
@@ -138,6 +141,7 @@ def test_the_train_step_exports_for_gpu_and_tpu_with_no_cpu_forms(model):
     assert "optimization_barrier" not in lowered[platform]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["lkca_b", "vit"])
 def test_the_plain_forms_give_the_cpu_forms_gradients(model):
   """What GPU and TPU compile (the plain forms), run here, against the CPU forms: the same

@@ -78,6 +78,7 @@ def test_every_preset_has_forward_and_reverse_derivatives_that_agree(name):
   assert float(jnp.abs(jvps["cpu"] - jvps["plain"]).max()) <= bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixer_preset", ["lkca_t", "vit_1m", "acmix_t", "flatten_t"])
 def test_bfloat16_models_differentiate_forward_and_back_in_bfloat16(mixer_preset):
   x, t = images(1), images(2)
@@ -101,6 +102,7 @@ def test_bfloat16_models_differentiate_forward_and_back_in_bfloat16(mixer_preset
 TINY = dict(dim=8, num_heads=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lkca_t", "vit_1m", "acmix_t", "flatten_t"])
 def test_hessian_jacfwd_linearize_and_hvp_on_a_tiny_model(name):
   patch = 2
@@ -158,6 +160,7 @@ def test_vmapped_per_example_gradients_are_each_examples():
       assert float(jnp.abs(a[i] - b).max()) <= bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lkca_05m", "vit_05m", "acmix_t", "flatten_t"])
 def test_parameter_tangents_are_the_adjoint_of_parameter_gradients(name):
   """jvp and vjp with respect to every parameter, in one jit, in both layer forms."""

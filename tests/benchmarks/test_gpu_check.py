@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import built_once
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OK_PARTS = (
   "env",

@@ -194,6 +194,7 @@ def run(*args, timeout=300):
   )
 
 
+@pytest.mark.slow
 def test_prepare_command_refuses_a_damaged_dataset_and_force_repairs_it(prepared, tmp_path):
   data_dir = copy_of(prepared, "tfrecord", tmp_path)
   path = split_file(data_dir, "tfrecord")
@@ -221,6 +222,7 @@ MAIN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   ("file_format", "how"), MAIN_CASES, ids=[f"{f}-{h}" for f, h in MAIN_CASES]
 )

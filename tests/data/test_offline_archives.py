@@ -361,6 +361,7 @@ def test_prepare_command_unreachable_download_is_one_line_exit_2(tmp_path):
   assert seconds < 30  # interpreter and TFDS start included, on a loaded machine too
 
 
+@pytest.mark.slow
 def test_prepare_command_offline_from_the_manual_dir(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()

@@ -147,6 +147,7 @@ def test_forms_hold_under_vmap():
     assert_round_off(stacked[run], jax.grad(loss)(qkv[run]), terms=4 * 13)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["cpu", "plain"])
 def test_bfloat16_gradients_keep_their_dtypes(form):
   layer = linear(16, 24, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))

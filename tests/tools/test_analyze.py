@@ -23,6 +23,8 @@ from lkca_jax import analysis, models
 from lkca_jax.tools import analyze
 from tests.helpers import built_once
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
   "--config.num_train_steps=10",

@@ -14,6 +14,8 @@ from lkca_jax import augment, data, train
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.tools import bench_pipeline as benchmark
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "data", "tiny-imagenet-200-fixture.zip")
 

@@ -15,6 +15,8 @@ from lkca_jax.data import synthetic
 from lkca_jax.tools import bench_step
 from tests.helpers import built_once
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ("lkca_t", "vit")
 DTYPES = ("float32", "bfloat16")

@@ -22,6 +22,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # starts every command: make test, not make check
+
 TOOLS = sorted(
   path
   for path in (ROOT / "lkca_jax" / "tools").glob("*.py")

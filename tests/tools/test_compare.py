@@ -18,6 +18,8 @@ from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import compare
 from tests.helpers import built_once
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

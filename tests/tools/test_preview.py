@@ -20,6 +20,8 @@ from lkca_jax.tools import preview
 from tests.helpers import FIXTURE_ZIP as FIXTURE
 from tests.helpers import with_overrides
 
+pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHITE = np.array([255, 255, 255])
 
