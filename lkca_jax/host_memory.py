@@ -8,7 +8,7 @@ lkca_b train step at batch 128) and frees it when the step ends. glibc serves a 
 large from a fresh `mmap` in the calling thread's arena and unmaps it on `free`, so every
 step faults the whole block in again, page by page, and the kernel zeroes each page: on the
 2-core CPU that was 286k page faults and 0.6 s of kernel time in every lkca_b step, about a
-third of its wall time (README, "Speed"). Three `mallopt` settings make such blocks come from
+third of its wall time (docs/benchmarks.md). Three `mallopt` settings make such blocks come from
 the main heap and stay mapped for the next step:
 
 - one arena for every thread (`M_ARENA_MAX` 1), so XLA's worker threads use the main heap;
