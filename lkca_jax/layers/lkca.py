@@ -41,8 +41,9 @@ DECAY_LENGTH = 1.0
 # N²·D multiply-adds in one dense matmul, while the convolution form spends
 # (2h−1)(2w−1)·N·D ≈ 4·N²·D on mostly zero-padded taps of a 1-channel
 # convolution that maps poorly onto matrix units. Measured on the 2-core CPU
-# (docs/benchmarks.md, `python -m lkca_jax.tools.bench_mixers`, batch 128, 8×8, D 192): the mixing step
-# is 6–8x faster as attention than as conv, the whole mixer about 2x. Past
+# (docs/benchmarks.md, `python -m lkca_jax.tools.bench_mixers`, batch 128, 8×8,
+# D 192): the mixing step is 6–8x faster as attention than as conv, the whole
+# mixer about 2x. Past
 # this many gathered entries the matrix itself becomes the memory problem,
 # and auto falls back to the convolution.
 AUTO_MAX_MATRIX_ENTRIES = 1 << 26
