@@ -167,7 +167,6 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
@@ -180,33 +179,85 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
     "on": on,
     "off": pipeline_with_augment(on, augment_off(on.augment), jax.random.key(config.seed)),
   }
-  loop = TrainLoop(
-    {"on": training, "off": dataclasses.replace(training, pipeline=pipelines["off"])}
-  )
   log(
     f"data on {on.placement} in {load_seconds:.1f}s; compiling "
     f"{config.model} ({run.num_params:,} params) at batch {config.batch_size}"
   )
+  compile_seconds, step_times = time_train_steps(training, pipelines, steps, block)
+  images = np.asarray(on.train.images[: config.batch_size])
+  keys = lambda i: jax.random.fold_in(jax.random.key(config.seed), i)  # noqa: E731
+  batch_times, augment_times = time_pipelines(pipelines, images, keys, steps, block)
+  stages = time_stages(on.augment, images, keys, steps) if breakdown else {}
+  batch_ms = {name: median_ms(batch_times[name]) for name in MODES}
+  return {
+    "config": {
+      "model": config.model,
+      "dataset": config.dataset.name,
+      "params": run.num_params,
+      "batch_size": config.batch_size,
+      "dtype": config.dtype,
+    },
+    "augment": {
+      "on": dataclasses.asdict(on.augment),
+      "off": dataclasses.asdict(augment_off(on.augment)),
+    },
+    "note": (
+      "'off' turns only the per-image augmentation off; batch-level CutMix/Mixup "
+      "(inside the train step) are the same in both modes"
+    ),
+    "steps": steps,
+    "block": block,
+    **judged(summarize(step_times, batch_ms, config.batch_size)),
+    "pipeline_batch_ms": batch_ms,
+    "augment_batch_ms": {name: median_ms(augment_times[name]) for name in MODES},
+    "augment_stage_ms": stages,
+    "load_seconds": load_seconds,
+    "compile_seconds": compile_seconds,
+    "machine": {
+      **cli.machine_info(),
+      "load_average_start": load_start,
+      "load_average_end": os.getloadavg(),
+    },
+  }
 
+
+def judged(summary: dict) -> dict:
+  return {
+    "train": summary,
+    "target_ratio": TARGET_RATIO,
+    "meets_target": summary["ratio"] >= TARGET_RATIO,
+  }
+
+
+def time_train_steps(training, pipelines, steps: int, block: int) -> tuple[float, dict]:
+  """(seconds to compile and warm up, the whole train step's times in both modes,
+  interleaved)."""
+  loop = TrainLoop(
+    {"on": training, "off": dataclasses.replace(training, pipeline=pipelines["off"])}
+  )
   start = time.perf_counter()
   for name in MODES:  # compile, then one warm step each: excluded from the timings
     loop.step(name, 0)
     loop.step(name, 1)
   compile_seconds = time.perf_counter() - start
   base = 2  # steps already taken
-  step_times = interleaved_times(
+  return compile_seconds, interleaved_times(
     {name: (lambda i, n=name: loop.step(n, base + i)) for name in MODES}, steps, block
   )
 
-  # The pipeline alone, and the augmentation alone on a fixed batch.
+
+def time_pipelines(pipelines, images, keys, steps: int, block: int) -> tuple[dict, dict]:
+  """(the pipeline's batch alone, the augmentation alone on a fixed batch), in both modes."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+
   orders = {name: pipelines[name].epoch_order(0) for name in MODES}
-  images = np.asarray(on.train.images[: config.batch_size])
-  keys = lambda i: jax.random.fold_in(jax.random.key(config.seed), i)
   augments = {
     name: jax.jit(lambda key, x, a=pipelines[name].augment: augment_lib.augment_batch(key, x, a))
     for name in MODES
   }
-  spe = on.steps_per_epoch
+  spe = pipelines["on"].steps_per_epoch
   for name in MODES:  # compile
     jax.block_until_ready(pipelines[name].train_batch(orders[name], 0))
     jax.block_until_ready(augments[name](keys(0), images))
@@ -223,55 +274,27 @@ def run_benchmark(config, *, steps: int, block: int, breakdown: bool = True, log
     steps,
     block,
   )
+  return batch_times, augment_times
 
-  stages = {}
-  if breakdown:
-    functions = {
-      name: jax.jit(lambda key, x, a=stage: augment_lib.augment_batch(key, x, a))
-      for name, stage in augment_stages(on.augment).items()
-    }
-    for fn in functions.values():  # compile
-      jax.block_until_ready(fn(keys(0), images))
-    stage_times = interleaved_times(
-      {name: (lambda i, f=fn: timed_call(f, keys(i), images)) for name, fn in functions.items()},
-      steps,
-      1,
-    )
-    stages = {name: median_ms(t) for name, t in stage_times.items()}
 
-  batch = config.batch_size
-  batch_ms = {name: median_ms(batch_times[name]) for name in MODES}
-  summary = summarize(step_times, batch_ms, batch)
-  aug = on.augment
-  return {
-    "config": {
-      "model": config.model,
-      "dataset": config.dataset.name,
-      "params": run.num_params,
-      "batch_size": batch,
-      "dtype": config.dtype,
-    },
-    "augment": {"on": dataclasses.asdict(aug), "off": dataclasses.asdict(augment_off(aug))},
-    "note": (
-      "'off' turns only the per-image augmentation off; batch-level CutMix/Mixup "
-      "(inside the train step) are the same in both modes"
-    ),
-    "steps": steps,
-    "block": block,
-    "train": summary,
-    "target_ratio": TARGET_RATIO,
-    "meets_target": summary["ratio"] >= TARGET_RATIO,
-    "pipeline_batch_ms": batch_ms,
-    "augment_batch_ms": {name: median_ms(augment_times[name]) for name in MODES},
-    "augment_stage_ms": stages,
-    "load_seconds": load_seconds,
-    "compile_seconds": compile_seconds,
-    "machine": {
-      **cli.machine_info(),
-      "load_average_start": load_start,
-      "load_average_end": os.getloadavg(),
-    },
+def time_stages(augment, images, keys, steps: int) -> dict:
+  """Median milliseconds of each augmentation stage alone on a fixed batch."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
+
+  functions = {
+    name: jax.jit(lambda key, x, a=stage: augment_lib.augment_batch(key, x, a))
+    for name, stage in augment_stages(augment).items()
   }
+  for fn in functions.values():  # compile
+    jax.block_until_ready(fn(keys(0), images))
+  stage_times = interleaved_times(
+    {name: (lambda i, f=fn: timed_call(f, keys(i), images)) for name, fn in functions.items()},
+    steps,
+    1,
+  )
+  return {name: median_ms(t) for name, t in stage_times.items()}
 
 
 def format_table(results: dict) -> str:
