@@ -264,7 +264,8 @@ def make_runs_step(train_step, num_runs: int):
   NaN to the others (they share nothing but the program). Several runs: state,
   batch and rng carry the run axis too, and the step is vmapped over it. One
   run: they are a single run's, as saved and as the model's own, and the step
-  is the plain one (a vmap over one run would still change the program).
+  is the plain one (a vmap over one run would still change the program); it dies
+  at its first non-finite loss.
   """
 
   def one_run(state, batch, rng, hp, alive):
@@ -281,8 +282,11 @@ def make_runs_step(train_step, num_runs: int):
     return jax.vmap(one_run)
 
   def single_run(state, batch, rng, hp, alive):
-    state, metrics = one_run(state, batch, rng, _first(hp), alive[0])
-    return state, _with_run_axis(metrics)
+    # Its death ends the loop before anything is saved, so nothing needs freezing: the
+    # plain step, without the masks' extra passes over the parameters and moments.
+    state, metrics = train_step(state, batch, rng, _first(hp))
+    ok = alive[0] & jnp.isfinite(metrics["loss"])
+    return state, _with_run_axis({**metrics, "alive": ok})
 
   return single_run
 
