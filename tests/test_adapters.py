@@ -21,6 +21,7 @@ import pytest
 
 from lkca_jax import adapters, checkpoint
 from tests.helpers import ROOT, run_python
+from tests.test_checkpoint import data_files
 
 PINNED = adapters.PINNED
 UPDATE = "update lkca_jax/adapters.py"
@@ -47,15 +48,6 @@ def small_state():
     "params": {f"w{i}": jnp.full((4, 5), float(i)) for i in range(8)},
     "opt": optax.adam(1e-3).init({"w": jnp.ones((4, 5))}),
   }
-
-
-def data_files(step_dir):
-  return [
-    os.path.join(root, name)
-    for root, _, names in os.walk(step_dir / "state")
-    if os.path.basename(root) == "d"
-    for name in names
-  ]
 
 
 @pytest.fixture(scope="module")
