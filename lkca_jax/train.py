@@ -536,10 +536,6 @@ class Training:
   def num_runs(self) -> int:
     return len(self.specs)
 
-  @property
-  def many(self) -> bool:
-    return self.num_runs > 1
-
   def train_step(self, state: TrainState, batch, rng, alive=None):
     """The jitted update on `batch` (state donated); every run alive unless `alive` says."""
     return self.compiled_step(state, batch, rng, self.hparams, self._alive(alive))
@@ -613,7 +609,7 @@ def _initial_state(run: Run, specs, tx) -> TrainState:
 def _check_fit(t: Training, memory_limit: int | None) -> None:
   """With several runs on a device that states its memory: ConfigError if they do not fit."""
   limit = memory_limit or device_memory_limit()  # this process's first device
-  if not (t.many and limit):
+  if t.num_runs == 1 or not limit:
     return
   lowered = t.compiled_step.lower(*t.step_args(t.state, 0))  # compiled once more, ahead of time
   dataset = sum(
