@@ -6,6 +6,8 @@ form) differs from lkca_jax's CPU one-pass form by round-off, bounded as in
 tests/layers/test_backend.py: 4·terms·u of the largest magnitude, u = 2⁻²⁴.
 """
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from lkca_jax.layers import LKCA, MIXERS
 from lkca_jax.linen import LinenViT, linen_params_from_vit
 from lkca_jax.models import Block, ViT, count_params
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 U = 2.0**-24  # float32 unit round-off
 DIM, HEADS = 16, 2
 GRID = (3, 5)  # not square: a swapped h and w changes the kernel's shape
@@ -44,21 +47,26 @@ def check_bridged_equals_nnx(module, bridged, x):
     return nnx.merge(graphdef, state, rest)(x)
 
   linen_fn = lambda pure, x: bridged.apply({"params": pure}, x)
-  expected = jax.jit(lambda p, x: jax.jvp(nnx_fn, (p, x), (tangent, dx)))(pure, x)
-  got = jax.jit(lambda p, x: jax.jvp(linen_fn, (p, x), (tangent, dx)))(pure, x)
+
+  @jax.jit  # both in one program, compiled once; XLA may merge them only if equal
+  def both(p, x):
+    return [jax.jvp(fn, (p, x), (tangent, dx)) for fn in (linen_fn, nnx_fn)]
+
+  got, expected = both(pure, x)
   assert float(jnp.abs(expected[1]).max()) > 0  # the tangent is no symbolic zero
   for g, e in zip(got, expected, strict=True):
     np.testing.assert_array_equal(g, e)
 
 
-@pytest.mark.parametrize("view", ["conv", "attention"])
-@pytest.mark.parametrize("sharing", ["layer", "head"])
+@pytest.mark.parametrize(
+  "view, sharing", [("conv", "head"), ("attention", "layer"), ("attention", "channel")]
+)
 def test_bridged_lkca_is_the_nnx_lkca(view, sharing):
   options = dict(num_heads=HEADS, view=view, kernel_sharing=sharing, kernel_init="gaussian")
   module = LKCA(DIM, GRID, rngs=nnx.Rngs(0), **options)
   bridged = nnx.bridge.to_linen(LKCA, DIM, GRID, **options)
   x = normal((2, GRID[0] * GRID[1], DIM), 1)
-  params = bridged.init(jax.random.key(0), x)["params"]
+  params = jax.eval_shape(bridged.init, jax.random.key(0), x)["params"]
   assert params["kernel"].shape == module.kernel.shape
   check_bridged_equals_nnx(module, bridged, x)
 
@@ -90,9 +98,10 @@ def vit_pair(pool):
 MIXER_PATTERN = ("lkca", "mhsa")
 
 
+@pytest.mark.slow  # compiles a whole model
 def test_the_parameters_live_in_the_linen_tree():
   linen, vit = vit_pair("mean")
-  variables = jax.jit(lambda k: linen.init(k, jnp.zeros((2, 12, 20, 3))))(keys())
+  variables = jax.eval_shape(lambda k: linen.init(k, jnp.zeros((2, 12, 20, 3))), keys())
   assert set(variables) == {"params"}
   shapes = {
     "/".join(map(str, path)): leaf.shape
@@ -134,6 +143,7 @@ def nnx_stages(vit, linen_stages, images):
   return out
 
 
+@pytest.mark.slow  # compiles a whole model
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_linen_vit_with_moved_weights_computes_the_nnx_vit(pool):
   """Stage by stage, each fed the Linen model's previous stage: each bridged block is the
@@ -162,6 +172,7 @@ def test_linen_vit_with_moved_weights_computes_the_nnx_vit(pool):
     assert err <= 4 * n * U * float(jnp.abs(expected[name]).max()), (name, err)
 
 
+@pytest.mark.slow  # trains
 def test_a_few_jitted_optax_steps_train_it():
   linen = LinenViT(num_classes=3, patch_size=2, dim=DIM, mixers=("lkca",), drop_path_rate=0.1)
   images, labels = normal((8, 8, 8, 3), 1), jnp.arange(8) % 3
@@ -198,3 +209,12 @@ def test_bad_use_is_one_clear_error():
     linen.init(keys(), jnp.zeros((1, 8, 10, 3)))
   with pytest.raises(ValueError, match="pool must be"):
     LinenViT(num_classes=2, patch_size=4, dim=DIM, pool="max").init(keys(), images)
+
+
+def test_the_readme_snippet_runs_and_holds():
+  section = README.read_text().split("## Use LKCA in a Linen model\n")[1].split("\n## ")[0]
+  namespace = {}
+  exec(section.split("```python\n")[1].split("```")[0], namespace)
+  x = normal((2, 64, 192), 1)
+  variables = jax.eval_shape(namespace["Mixer"]().init, jax.random.key(0), x)
+  assert variables["params"]["lkca"]["kernel"].shape == (15, 15)  # as its comment says
