@@ -23,7 +23,7 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 
-from lkca_jax.layers import xavier_normal
+from lkca_jax.layers import MIXERS, xavier_normal
 from lkca_jax.layers.common import LAYER_NORM_EPSILON
 from lkca_jax.models import Block, ViT
 
@@ -61,10 +61,26 @@ class LinenViT(nn.Module):
   mixer_options: Mapping[str, Any] = FrozenDict()  # {mixer name: its constructor options}
   dtype: Any = None
 
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  def check_fields(self) -> None:
+    """ValueError for a pool, mixer or mixer_options entry that no LinenViT could use."""
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+    unknown = sorted(set(self.mixers) - set(MIXERS))
+    if unknown or not self.mixers:
+      raise ValueError(
+        f"mixers must be a non-empty sequence of registered mixers {sorted(MIXERS)}, "
+        f"got {self.mixers!r}"
+      )
+    unused = sorted(set(self.mixer_options) - set(self.mixers))
+    if unused:
+      raise ValueError(
+        f"mixer_options for {unused[0]!r}, which no layer uses (mixers: "
+        f"{sorted(set(self.mixers))}); key mixer_options by mixer name"
+      )
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    self.check_fields()
     if self.is_initializing() and not self.has_rng("dropout"):
       raise ValueError(
         "LinenViT.init needs a dropout key: init({'params': key, 'dropout': key}, images)"

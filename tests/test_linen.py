@@ -207,8 +207,15 @@ def test_bad_use_is_one_clear_error():
     linen.init(jax.random.key(0), images)
   with pytest.raises(ValueError, match="not divisible by patch size 4"):
     linen.init(keys(), jnp.zeros((1, 8, 10, 3)))
-  with pytest.raises(ValueError, match="pool must be"):
-    LinenViT(num_classes=2, patch_size=4, dim=DIM, pool="max").init(keys(), images)
+  bad_fields = [
+    (dict(pool="max"), "pool must be"),
+    (dict(mixers=("lkca", "conv")), "registered mixers"),
+    (dict(mixers="lkca"), "registered mixers"),  # a string, not a sequence of names
+    (dict(mixer_options={"mhsa": {}}), "mixer_options for 'mhsa', which no layer uses"),
+  ]
+  for fields, message in bad_fields:
+    with pytest.raises(ValueError, match=message):
+      LinenViT(num_classes=2, patch_size=4, dim=DIM, **fields).init(keys(), images)
 
 
 def test_the_readme_snippet_runs_and_holds():
