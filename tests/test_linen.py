@@ -224,4 +224,4 @@ def test_the_readme_snippet_runs_and_holds():
   exec(section.split("```python\n")[1].split("```")[0], namespace)
   x = normal((2, 64, 192), 1)
   variables = jax.eval_shape(namespace["Mixer"]().init, jax.random.key(0), x)
-  assert variables["params"]["lkca"]["kernel"].shape == (15, 15)  # as its comment says
+  assert variables["params"]["lkca"]["kernel"].shape == (15, 15)  # as the text says
