@@ -27,6 +27,7 @@ LAYERS = {
   "checkpoint": 2,
   "config_checks": 2,
   "distributed": 2,
+  "linen": 2,
   "metric_writer": 2,
   "train": 3,
   "tools": 4,
