@@ -3,15 +3,25 @@
 The split is fixed: a stratified 80/20 `train_test_split(random_state=0)`, so
 train has 1,437 images and test 360. Pixel values 0..16 become uint8 by
 round(v * 255 / 16), so 16 maps to 255.
+
+The split is kept in a cache file after its first load: importing scikit-learn
+takes longer than a short run's training, and every run would pay it again.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import io
+import os
+import zipfile
 
 import numpy as np
 
+from lkca_jax.files import write_atomic
+
 SPLITS = ("train", "test")
+CACHE_ENV = "LKCA_JAX_CACHE_DIR"  # where the split is kept; default ~/.cache/lkca_jax
 
 
 def load(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -22,8 +32,37 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
   return images.copy(), labels.copy()
 
 
+def cache_file() -> str:
+  """The split's cache file, named by the scikit-learn version that made it."""
+  root = os.environ.get(CACHE_ENV) or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lkca_jax"
+  )
+  version = importlib.metadata.version("scikit-learn")
+  return os.path.join(root, f"digits-split-sklearn-{version}.npz")
+
+
 @functools.cache
 def _splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  path = cache_file()
+  try:
+    with np.load(path) as kept:
+      return {s: (kept[f"{s}_images"], kept[f"{s}_labels"]) for s in SPLITS}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    pass  # no cache yet, or an unreadable one: made again below and written over it
+  splits = _split_with_sklearn()
+  buffer = io.BytesIO()
+  arrays = {}
+  for s in SPLITS:
+    arrays[f"{s}_images"], arrays[f"{s}_labels"] = splits[s]
+  np.savez(buffer, **arrays)
+  try:
+    write_atomic(path, buffer.getvalue())
+  except OSError:
+    pass  # a read-only home: the split is right, it is only made again next time
+  return splits
+
+
+def _split_with_sklearn() -> dict[str, tuple[np.ndarray, np.ndarray]]:
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
   from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
 
