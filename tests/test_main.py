@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -253,6 +254,12 @@ def test_a_full_disk_stops_with_one_line_and_a_rerun_resumes_exactly(uninterrupt
   limit, RLIMIT_FSIZE, set on the running process): checkpoint 50's arrays cannot be."""
   checkpoints = tmp_path / "checkpoints"
   proc, _ = start_and_hold(str(tmp_path), [], "eval:50")
+  # The save of 25 may still be in flight at the hold on a loaded machine; orbax renames
+  # it into place once it is complete.
+  deadline = time.monotonic() + 120
+  while not (checkpoints / "25").is_dir():
+    assert time.monotonic() < deadline, os.listdir(checkpoints)
+    time.sleep(0.05)
   before = {
     p.relative_to(checkpoints / "25"): p.read_bytes() for p in files_under(checkpoints / "25")
   }

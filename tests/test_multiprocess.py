@@ -245,9 +245,17 @@ def launcher_children(proc):
 
   deadline = time.time() + 60
   while True:
-    assert time.time() < deadline and proc.poll() is None
-    # A child still has the launcher's environment until it has exec'd.
-    children = {c.environ().get("JAX_PROCESS_ID"): c for c in psutil.Process(proc.pid).children()}
+    assert time.time() < deadline, "the launcher did not start both processes in 60 s"
+    if proc.poll() is not None:
+      pytest.fail(f"the job ended before both processes ran:\n{last_lines(proc.stdout.read())}")
+    # A child still has the launcher's environment until it has exec'd; one that is already
+    # gone (a zombie not yet reaped) is not counted.
+    children = {}
+    for child in psutil.Process(proc.pid).children():
+      try:
+        children[child.environ().get("JAX_PROCESS_ID")] = child
+      except psutil.Error:
+        continue
     if sorted(children, key=str) == ["0", "1"]:
       return {int(k): c for k, c in children.items()}
     time.sleep(0.1)
