@@ -43,13 +43,17 @@ DECAY_LENGTH = 1.0
 # What "auto" picks (`resolve_view`), per backend, by the number of tokens N = h·w: the
 # gathered matrix (N²·D multiply-adds in one dense matmul) up to a crossover, the FFT view
 # (O(N log N · D)) from there on. The conv view spends (2h−1)(2w−1)·N·D ≈ 4·N²·D on
-# mostly zero-padded taps and lost to both at every grid measured, so auto never picks it.
-# CPU: from `python -m lkca_jax.tools.bench_views` (docs/benchmarks.md, "LKCA views over
-# grid sizes"), forward+backward of the bare mixing step, D 192, one shared kernel.
-# Other backends ("default", as in `backend.by_backend`): NOT measured yet; the guess is
-# that dense matmuls on tensor cores / the MXU stay ahead to larger N than on the CPU.
-# benchmarks/gpu_check.sh's "views" part measures it.
-AUTO_FFT_MIN_TOKENS = {"cpu": 256, "default": 1024}
+# mostly zero-padded taps and was never the fastest (forward+backward) at any grid
+# measured, so auto never picks it.
+# CPU: `python -m lkca_jax.tools.bench_views` (docs/benchmarks.md, 2026-12-03b, a
+# PRELIMINARY run on a loaded 2-core AMD EPYC), forward+backward per image, D 192, one
+# shared kernel: at 16×16 attention won clearly (mixing step 1.6 vs 9.2 ms, whole mixer
+# 16 vs 19 ms); at 32×32 the mixing step tied (88 vs 93 ms) and the whole mixer went to
+# fft (322 vs 187 ms); from 48×48 on fft won every level. So fft from 32×32 = 1024 tokens.
+# Other backends ("default", as in `backend.by_backend`): NOT measured; a guess, 48×48:
+# dense matmuls on tensor cores / the MXU should stay ahead of the memory-bound FFTs to
+# larger N than on the CPU. benchmarks/gpu_check.sh's "views" part measures it.
+AUTO_FFT_MIN_TOKENS = {"cpu": 1024, "default": 2304}
 # Whatever the crossover says, auto leaves the gathered form once its matrices (one per
 # kernel) would hold more entries than this (depthwise sharing on a large grid): the
 # matrix itself becomes the memory problem.

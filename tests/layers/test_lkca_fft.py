@@ -238,31 +238,34 @@ def test_module_in_fft_view_equals_conv_view_in_value_and_gradient():
       assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), name
 
 
-def test_auto_runs_the_view_of_the_platform_it_is_lowered_for():
-  """An auto module whose CPU and other-platform views differ holds both; the call runs
-  the one `backend.by_backend` picks (pinned here with `forms`), with the same result."""
-  limits = lkca.AUTO_FFT_MIN_TOKENS
-  grid = next(
-    (s, s)
-    for s in range(2, 64)
-    if lkca.resolve_view("auto", DIM, (s, s), 1, "layer", "cpu")
-    != lkca.resolve_view("auto", DIM, (s, s), 1, "layer", "default")
-  )
+@pytest.mark.parametrize("cpu, default", [("fft", "attention"), ("attention", "fft")])
+def test_auto_runs_the_view_of_the_platform_it_is_lowered_for(cpu, default, monkeypatch):
+  """An auto module whose CPU and other-platform views differ holds both; the call lowers
+  the one `backend.by_backend` picks (pinned here with `forms`). The crossovers are set
+  here so that the two differ on a 4×4 grid, whatever the measured ones are."""
+  grid, n = (4, 4), 16
+  crossovers = {view: n if view == "fft" else n + 1 for view in ("fft", "attention")}
+  monkeypatch.setitem(lkca.AUTO_FFT_MIN_TOKENS, "cpu", crossovers[cpu])
+  monkeypatch.setitem(lkca.AUTO_FFT_MIN_TOKENS, "default", crossovers[default])
   module = LKCA(DIM, grid, rngs=nnx.Rngs(0))
-  n = grid[0] * grid[1]
   assert module.view == "auto"
-  expected = {p: "fft" if n >= limits[p] else "attention" for p in ("cpu", "default")}
-  assert (module.cpu_view, module.default_view) == (expected["cpu"], expected["default"])
+  assert (module.cpu_view, module.default_view) == (cpu, default)
+  expected = {"cpu": cpu, "default": default}
   module.kernel[...] = jnp.asarray(
     np.random.default_rng(13).normal(size=module.kernel[...].shape), jnp.float32
   )
   x = jnp.asarray(np.random.default_rng(14).normal(size=(1, n, DIM)), jnp.float32)
   graphdef, state = nnx.split(module)
-  texts = {}
-  for form in ("cpu", "plain"):
+  texts, outputs = {}, {}
+  for form in ("cpu", "plain", "auto"):
     with forms(form):
       lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x)
     texts[form] = lowered.as_text()
+    outputs[form] = np.asarray(lowered.compile()(state, x), np.float64)
   # The FFT view lowers to stablehlo.fft, the gathered matrix to none.
   assert ("stablehlo.fft" in texts["cpu"]) == (expected["cpu"] == "fft")
   assert ("stablehlo.fft" in texts["plain"]) == (expected["default"] == "fft")
+  # Unpinned, on this CPU, the CPU view runs: bit for bit the pinned CPU program's result.
+  np.testing.assert_array_equal(outputs["auto"], outputs["cpu"])
+  scale = np.abs(outputs["cpu"]).max()
+  assert np.abs(outputs["plain"] - outputs["cpu"]).max() <= 1e-5 * scale  # the same function
