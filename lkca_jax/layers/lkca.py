@@ -321,7 +321,8 @@ class LKCA(nnx.Module):
     """W_v and W_o (2·N·D²), then the direct N×N mixing of every channel (N²·D).
 
     The direct (attention-view) cost whatever `view` and `kernel_sharing`: the
-    conv view runs the same function on (2h−1)(2w−1) mostly zero-padded taps.
+    conv view runs the same function on (2h−1)(2w−1) mostly zero-padded taps, the
+    fft view in O(N log N · D) transforms.
     """
     del view, kernel_sharing, kernel_init  # the count of the function, not of one schedule
     check_cost_sizes(num_tokens, dim, num_heads, "LKCA")
