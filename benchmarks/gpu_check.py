@@ -36,6 +36,7 @@ PARTS = (
   "step_b128_lkca_b",
   "forms",
   "mixers",
+  "views",
   "runs",
   "autoaugment",
   "step_b128_vit",
@@ -293,9 +294,15 @@ def mixers_summary(results: dict) -> dict:
   return out
 
 
+def views_summary(results: dict) -> dict:
+  """bench_views' own verdict: per level the fastest view per grid and from which token
+  count the FFT view beats the gathered matrix; and what view="auto" picks here."""
+  return {"crossover": results["crossover"], "auto": results["auto"]}
+
+
 def summarize(folder: str, mode: str) -> dict:
   parts = read_parts(folder)
-  rows, runs, forms, mixers, augment = [], [], [], {}, None
+  rows, runs, forms, mixers, views, augment = [], [], [], {}, None, None
   for name, part in parts.items():
     data = read_json(part["json"]) if part.get("status") == "ok" and "json" in part else None
     if part.get("status") == "ok" and "json" in part and data is None:
@@ -319,6 +326,11 @@ def summarize(folder: str, mode: str) -> dict:
     elif name == "mixers":
       mixers = mixers_summary(data)
       part["faster_view"] = {k: v["faster"] for k, v in mixers.items()}
+    elif name == "views":
+      views = views_summary(data)
+      part["fft_from_tokens"] = {
+        level: c["fft_beats_attention_from_tokens"] for level, c in views["crossover"].items()
+      }
     elif name == "autoaugment":
       augment = data
       part["ms"] = {k: v["median_ms"] for k, v in data["forms"].items()}
@@ -333,6 +345,7 @@ def summarize(folder: str, mode: str) -> dict:
     "runs": runs,
     "forms": forms,
     "mixers": mixers,
+    "views": views,
     "autoaugment": augment,
   }
 
@@ -375,6 +388,16 @@ def format_summary(s: dict) -> str:
   for shape, m in s["mixers"].items():
     ms = ", ".join(f"{k} {v:.2f} ms" for k, v in m["ms"].items())
     lines.append(f"  LKCA views {shape}: {ms}; faster {m['faster']}, auto picks {m['auto_picks']}")
+  if s["views"]:
+    auto = s["views"]["auto"]
+    for level, c in s["views"]["crossover"].items():
+      fastest = ", ".join(f"{g} {v}" for g, v in c["fastest"].items())
+      tokens = c["fft_beats_attention_from_tokens"]
+      lines.append(
+        f"  LKCA views over grids ({level}): fastest {fastest}; fft beats attention "
+        f"{'nowhere measured' if tokens is None else f'from {tokens} tokens'} "
+        f"(auto on {auto['platform']}: fft from {auto['fft_min_tokens']} tokens)"
+      )
   if s["autoaugment"]:
     a = s["autoaugment"]
     ms = ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in a["forms"].items())

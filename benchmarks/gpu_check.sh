@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: environment, whole-step throughput, K runs in one process, the
-# two LKCA views, the two AutoAugment forms, and the projected CIFAR-10 recipe time.
+# LKCA views (at 8x8 against MHSA, and over grid sizes up to 64x64), the two AutoAugment
+# forms, and the projected CIFAR-10 recipe time.
 #
 #   bash benchmarks/gpu_check.sh [--smoke] [--out DIR]
 #
@@ -26,7 +27,8 @@
 #     clu), etils and absl-py. NOT tensorflow nor tensorflow_datasets: the synthetic_cifar
 #     data and the TF-free metric writer never import them (TFDS is imported only to
 #     prepare or load real datasets, TF only by clu's TF writer, which is deferred).
-#   bench_mixers: ml_collections (through lkca_jax.tools.cli); not clu or tensorboard.
+#   bench_mixers, bench_views: ml_collections (through lkca_jax.tools.cli); not clu or
+#     tensorboard.
 #   autoaugment (gpu_check.py): jax and lkca_jax.augment only.
 # So ml_collections MUST be carried to a machine without it, and clu, tensorboard and
 # wrapt too for the bench_step parts. The env part reports which of them import.
@@ -134,6 +136,7 @@ fi
 
 STEP="$PY -m lkca_jax.tools.bench_step"
 MIXERS="$PY -m lkca_jax.tools.bench_mixers"
+VIEWS="$PY -m lkca_jax.tools.bench_views"
 O="$OUT_DIR"
 part env 30 "$O/env.json" env_part
 if [ "$SMOKE" = 1 ]; then
@@ -148,6 +151,8 @@ if [ "$SMOKE" = 1 ]; then
     --forms plain,cpu --columns fixed --out "$O/forms.json"
   part mixers 60 "$O/mixers.json" $MIXERS --cases lkca-attention,lkca-conv --shapes 8x8 \
     --repeats 2 --max_seconds 0.05 --out "$O/mixers.json"
+  part views 60 "$O/views.json" $VIEWS --grids 2,3 --levels mix --dim 8 --tokens 16 \
+    --repeats 2 --max_seconds 0.05 --out "$O/views.json"
   part runs 90 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
     --out "$O/runs.json"
   part autoaugment 60 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
@@ -174,6 +179,11 @@ else
   # The module cases only (the mixing-only ones would explain, not decide): six compiles.
   part mixers 45 "$O/mixers.json" $MIXERS --cases mhsa,lkca-attention,lkca-conv \
     --shapes 8x8,16x16 --repeats 15 --max_seconds 0.5 --out "$O/mixers.json"
+  # The three views over grid sizes (issue 21): the bare mixing step, which sets
+  # lkca.AUTO_FFT_MIN_TOKENS["default"], and the whole mixer; 60 compiles. The block
+  # level is left to a run of its own (`bench_views --levels block`).
+  part views 120 "$O/views.json" $VIEWS --grids 8,16,32,48,64 --levels mix,mixer \
+    --repeats 10 --max_seconds 0.5 --out "$O/views.json"
   # The recipe's dtype (configs/default.py: float32); the 8 single runs are one program,
   # compiled once (and already by step_b128_lkca_t) thanks to the cache.
   part runs 90 "$O/runs.json" $STEP --models lkca_t --batch 128 --runs 8 \

@@ -409,7 +409,7 @@ def test_patchify_flattens_patches_as_p1_p2_c():
 def test_non_square_images_in_every_view():
   x = images((BATCH, 24, 40, 3))
   outputs = {}
-  for view in ["conv", "attention", "auto"]:
+  for view in ["conv", "attention", "fft", "auto"]:
     for sharing in ["layer", "head", "channel"]:
       model = create_model(
         "lkca_05m",
@@ -423,12 +423,14 @@ def test_non_square_images_in_every_view():
       )
       assert model.grid == (3, 5)
       assert model.blocks[0].mixer.kernel[...].shape[-2:] == (5, 9)
-      assert model.blocks[0].mixer.view == ("attention" if view == "auto" else view)
+      mixer = model.blocks[0].mixer
+      assert mixer.view == view
+      assert mixer.cpu_view == mixer.default_view == ("attention" if view == "auto" else view)
       model.eval()
       randomise_lkca_kernels(model)
       outputs[view, sharing] = np.asarray(model(x))
   for sharing in ["layer", "head", "channel"]:
-    for view in ["attention", "auto"]:
+    for view in ["attention", "fft", "auto"]:
       assert rel_err(outputs[view, sharing], outputs["conv", sharing]) < 1e-5
   assert np.isfinite(outputs["conv", "layer"]).all()
 

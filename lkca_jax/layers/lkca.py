@@ -3,8 +3,10 @@
 One learnable (2h−1)×(2w−1) kernel mixes the h×w grid of value tokens. Read
 as a convolution it is a cross-correlation with zero padding (h−1, w−1);
 read as attention it is an N×N block-Toeplitz matrix A with
-A[(i,j),(p,q)] = K[h−1+p−i, w−1+q−j] applied to V. Both views are the same
-function; `view` picks which one XLA runs.
+A[(i,j),(p,q)] = K[h−1+p−i, w−1+q−j] applied to V; read in the frequency
+domain it is a product of the transforms of V and K on a periodic grid large
+enough that no two offsets meet. The three views are the same function; `view`
+picks which one XLA runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lkca_jax.layers.backend import by_backend
 from lkca_jax.layers.common import (
   as_grid,
   check_cost_sizes,
@@ -25,7 +28,7 @@ from lkca_jax.layers.common import (
   promote_param,
 )
 
-VIEWS = ("auto", "conv", "attention")
+VIEWS = ("auto", "conv", "attention", "fft")
 KERNEL_SHARING = ("layer", "head", "channel")
 # How K starts. "zeros" is the reference (docs/method.md#lkca-operator): at init the
 # mixer mixes no tokens and outputs b_o. The others are lkca_jax's extensions, each a
@@ -37,16 +40,29 @@ KERNEL_INITS = ("zeros", "delta", "gaussian", "decay")
 GAUSSIAN_INIT_STD = 0.02  # the usual ViT std for a learned table
 DECAY_LENGTH = 1.0
 
-# "auto" resolves to the gathered-matrix form on every backend: it spends
-# N²·D multiply-adds in one dense matmul, while the convolution form spends
-# (2h−1)(2w−1)·N·D ≈ 4·N²·D on mostly zero-padded taps of a 1-channel
-# convolution that maps poorly onto matrix units. Measured on the 2-core CPU
-# (docs/benchmarks.md, `python -m lkca_jax.tools.bench_mixers`, batch 128, 8×8,
-# D 192): the mixing step is 6–8x faster as attention than as conv, the whole
-# mixer about 2x. Past
-# this many gathered entries the matrix itself becomes the memory problem,
-# and auto falls back to the convolution.
+# What "auto" picks (`resolve_view`), per backend, by the number of tokens N = h·w: the
+# gathered matrix (N²·D multiply-adds in one dense matmul) up to a crossover, the FFT view
+# (O(N log N · D)) from there on. The conv view spends (2h−1)(2w−1)·N·D ≈ 4·N²·D on
+# mostly zero-padded taps and was never the fastest (forward+backward) at any grid
+# measured, so auto never picks it.
+# CPU: `python -m lkca_jax.tools.bench_views` (docs/benchmarks.md, 2026-12-03b, a
+# PRELIMINARY run on a loaded 2-core AMD EPYC), forward+backward per image, D 192, one
+# shared kernel: at 16×16 attention won clearly (mixing step 1.6 vs 9.2 ms, whole mixer
+# 16 vs 19 ms); at 32×32 the mixing step tied (88 vs 93 ms) and the whole mixer went to
+# fft (322 vs 187 ms); from 48×48 on fft won every level. So fft from 32×32 = 1024 tokens.
+# Other backends ("default", as in `backend.by_backend`): NOT measured; a guess, 48×48:
+# dense matmuls on tensor cores / the MXU should stay ahead of the memory-bound FFTs to
+# larger N than on the CPU. benchmarks/gpu_check.sh's "views" part measures it.
+AUTO_FFT_MIN_TOKENS = {"cpu": 1024, "default": 2304}
+# Whatever the crossover says, auto leaves the gathered form once its matrices (one per
+# kernel) would hold more entries than this (depthwise sharing on a large grid): the
+# matrix itself becomes the memory problem.
 AUTO_MAX_MATRIX_ENTRIES = 1 << 26
+# FFT lengths are rounded up to a product of these primes: XLA's FFTs (pocketfft on the
+# CPU, cuFFT) run such lengths with their fast radix kernels and fall back to a much
+# slower algorithm for a large prime factor (CPU, 192 maps: a 127² transform pair took
+# 2.7x the time of a 128² one, 31² 8x that of 32²).
+FFT_RADICES = (2, 3, 5, 7)
 
 
 @functools.cache
@@ -159,14 +175,116 @@ def mix_conv(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer") -> j
   return y.reshape(b, c, n, heads).transpose(0, 2, 3, 1).reshape(b, n, d)
 
 
-def resolve_view(view: str, dim: int, grid, num_heads: int, sharing: str) -> str:
+def min_fft_shape(grid) -> tuple[int, int]:
+  """(2h−1, 2w−1): the smallest periodic grid on which the offsets −(h−1) … h−1 (and
+  −(w−1) … w−1) of every pair of tokens stay distinct, so the periodic (circular)
+  correlation equals the zero-padded one (`circular_correlate`)."""
+  h, w = as_grid(grid)
+  return 2 * h - 1, 2 * w - 1
+
+
+def smooth_length(n: int) -> int:
+  """The smallest length ≥ n whose prime factors are all FFT_RADICES."""
+  length = n
+  while True:
+    rest = length
+    for p in FFT_RADICES:
+      while rest % p == 0:
+        rest //= p
+    if rest == 1:
+      return length
+    length += 1
+
+
+def fft_shape(grid) -> tuple[int, int]:
+  """The transform size `mix_fft` uses: min_fft_shape rounded up to fast FFT lengths."""
+  return tuple(smooth_length(n) for n in min_fft_shape(grid))
+
+
+def _fold(kernel: jax.Array, axis: int, length: int) -> jax.Array:
+  """Puts the taps of offsets −c … c (c = (size−1)/2, the centre tap the zero offset) of one
+  kernel axis at their index modulo `length`: offset d at d mod length, taps that meet
+  summed (they meet only when length < 2c+1)."""
+  size = kernel.shape[axis]
+  centre = (size - 1) // 2
+  periods = -(-size // length)  # ceil: the folds needed to cover every tap
+  pad = [(0, 0)] * kernel.ndim
+  pad[axis] = (0, periods * length - size)
+  stacked = jnp.pad(kernel, pad)
+  shape = (*kernel.shape[:axis], periods, length, *kernel.shape[axis + 1 :])
+  folded = stacked.reshape(shape).sum(axis=axis)  # tap a now at a mod length
+  return jnp.roll(folded, -centre, axis=axis)  # offset d = a − centre at d mod length
+
+
+def circular_correlate(maps: jax.Array, kernel: jax.Array, shape) -> jax.Array:
+  """out[..., i, j] = Σ_{p,q} K[h−1+p−i, w−1+q−j] · maps[..., p, q] on a `shape` periodic grid.
+
+  maps: (..., h, w); kernel: (..., 2h−1, 2w−1), broadcasting against maps' leading axes.
+  Circular cross-correlation by the DFT: with k̃ the kernel folded onto the periodic grid
+  (`_fold`), out = irfft2(rfft2(maps) · conj(rfft2(k̃)))[:h, :w]. It equals the zero-padded
+  correlation exactly when shape ≥ min_fft_shape (h×w maps): smaller sizes alias offsets d
+  and d ± length, which the tests show. Not checked here; `mix_fft` checks.
+  """
+  h, w = maps.shape[-2:]
+  k = _fold(_fold(kernel, kernel.ndim - 2, shape[0]), kernel.ndim - 1, shape[1])
+  spectrum = jnp.fft.rfft2(maps, s=shape) * jnp.conj(jnp.fft.rfft2(k))
+  return jnp.fft.irfft2(spectrum, s=shape)[..., :h, :w]
+
+
+def mix_fft(
+  v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer", *, shape=None
+) -> jax.Array:
+  """The same mixing as a product in the frequency domain (`circular_correlate`).
+
+  O(N log N · D) instead of O(N² · D). `shape` is the transform size: default `fft_shape`;
+  anything below min_fft_shape(grid) would wrap offsets around and is refused. The
+  transforms run in float32 at least (jnp.fft has no bfloat16); the result is cast back
+  to v's dtype, so bfloat16 inputs get the float32 result rounded once (relative error
+  ≤ 2⁻⁸ per entry on top of the float32 transforms' round-off).
+  """
+  h, w = as_grid(grid)
+  b, n, d = v.shape
+  shape = fft_shape(grid) if shape is None else tuple(shape)
+  smallest = min_fft_shape(grid)
+  if shape[0] < smallest[0] or shape[1] < smallest[1]:
+    raise ValueError(
+      f"FFT shape {shape} is too small for a {h}x{w} grid: at least {smallest} keeps the "
+      "periodic correlation from wrapping around"
+    )
+  compute = jnp.promote_types(v.dtype, jnp.float32)
+  kernel = kernel.astype(compute)
+  maps = v.astype(compute).reshape(b, h, w, d).transpose(0, 3, 1, 2)  # (B, D, h, w)
+  if sharing == "head":
+    heads = kernel.shape[0]
+    maps = maps.reshape(b, heads, d // heads, h, w)
+    kernel = kernel[:, None]  # (H, 1, 2h−1, 2w−1): one kernel per head's channels
+  out = circular_correlate(maps, kernel, shape)  # "layer": (2h−1, 2w−1); "channel": (D, …)
+  return out.reshape(b, d, n).transpose(0, 2, 1).astype(v.dtype)
+
+
+MIXES = {"conv": mix_conv, "attention": mix_attention, "fft": mix_fft}
+AUTO_PLATFORMS = tuple(AUTO_FFT_MIN_TOKENS)
+
+
+def resolve_view(
+  view: str, dim: int, grid, num_heads: int, sharing: str, platform: str = "cpu"
+) -> str:
+  """The view that runs for `view` on `platform` ("cpu", or "default": every other backend).
+
+  A concrete view is itself; "auto" is the measured choice (AUTO_FFT_MIN_TOKENS,
+  AUTO_MAX_MATRIX_ENTRIES).
+  """
   if view not in VIEWS:
     raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+  if platform not in AUTO_PLATFORMS:
+    raise ValueError(f"platform must be one of {AUTO_PLATFORMS}, got {platform!r}")
   if view != "auto":
     return view
   h, w = as_grid(grid)
   copies = int(np.prod(kernel_shape(dim, grid, num_heads, sharing)[:-2], dtype=np.int64))
-  return "attention" if copies * (h * w) ** 2 <= AUTO_MAX_MATRIX_ENTRIES else "conv"
+  if h * w >= AUTO_FFT_MIN_TOKENS[platform] or copies * (h * w) ** 2 > AUTO_MAX_MATRIX_ENTRIES:
+    return "fft"
+  return "attention"
 
 
 class LKCA(nnx.Module):
@@ -176,7 +294,10 @@ class LKCA(nnx.Module):
     dim: token width D.
     grid: (h, w) patch grid; tokens are laid out row-major, N = h·w.
     num_heads: heads for `kernel_sharing="head"` (D must divide evenly).
-    view: "conv", "attention" or "auto" (see AUTO_MAX_MATRIX_ENTRIES).
+    view: "conv", "attention", "fft" or "auto": the measured fastest per backend and grid
+      (`resolve_view`; AUTO_FFT_MIN_TOKENS). Resolved here, once for the CPU
+      (`cpu_view`) and once for every other backend (`default_view`); the call runs the
+      one of the platform it is lowered for (`backend.by_backend`).
     kernel_sharing: "layer" (the reference: one kernel for every channel),
       "head" (one per head) or "channel" (depthwise, one per channel).
     kernel_init: "zeros" (the reference), "delta", "gaussian" or "decay" (see
@@ -200,7 +321,8 @@ class LKCA(nnx.Module):
     """W_v and W_o (2·N·D²), then the direct N×N mixing of every channel (N²·D).
 
     The direct (attention-view) cost whatever `view` and `kernel_sharing`: the
-    conv view runs the same function on (2h−1)(2w−1) mostly zero-padded taps.
+    conv view runs the same function on (2h−1)(2w−1) mostly zero-padded taps, the
+    fft view in O(N log N · D) transforms.
     """
     del view, kernel_sharing, kernel_init  # the count of the function, not of one schedule
     check_cost_sizes(num_tokens, dim, num_heads, "LKCA")
@@ -222,7 +344,11 @@ class LKCA(nnx.Module):
     if kernel_sharing == "head":
       head_dim(dim, num_heads, "LKCA with kernel_sharing='head'")
     self.kernel_sharing = kernel_sharing
-    self.view = resolve_view(view, dim, self.grid, num_heads, kernel_sharing)
+    self.view = view
+    self.cpu_view, self.default_view = (
+      resolve_view(view, dim, self.grid, num_heads, kernel_sharing, platform)
+      for platform in ("cpu", "default")
+    )
     shape = kernel_shape(dim, self.grid, num_heads, kernel_sharing)
     if kernel_init not in KERNEL_INITS:
       raise ValueError(f"kernel_init must be one of {KERNEL_INITS}, got {kernel_init!r}")
@@ -238,6 +364,12 @@ class LKCA(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     check_tokens(x, self.grid, "LKCA")
     v = self.v_proj(x)
-    mix = mix_conv if self.view == "conv" else mix_attention
-    out = mix(v, promote_param(self.kernel[...], v), self.grid, self.kernel_sharing)
+    kernel = promote_param(self.kernel[...], v)
+    if self.cpu_view == self.default_view:  # one view everywhere: nothing to choose
+      out = self._mix(self.cpu_view)(v, kernel)
+    else:
+      out = by_backend(self._mix(self.cpu_view), self._mix(self.default_view), v, kernel)
     return self.out_proj(out)
+
+  def _mix(self, view: str):
+    return lambda v, kernel: MIXES[view](v, kernel, self.grid, self.kernel_sharing)

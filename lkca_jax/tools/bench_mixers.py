@@ -129,22 +129,27 @@ CASES = {
 def time_grad(apply: Callable, args: tuple, repeats: int, max_seconds: float) -> list[float]:
   """Seconds per call of the jitted grad of sum(apply(*args)) w.r.t. every argument.
 
-  Compiles ahead of time (no execution), runs one untimed warm-up call, then
-  times up to `repeats` calls, stopping once they have taken `max_seconds`
-  (after MIN_TIMED_RUNS calls, or after one when the warm-up call alone took
-  longer than the budget: the depthwise convolution on CPU takes seconds).
+  Compiles ahead of time (no execution), then `time_calls`.
   """
   loss = lambda *a: jnp.sum(apply(*a))  # noqa: E731
   grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).lower(*args).compile()
+  return time_calls(grad, args, repeats, max_seconds)
+
+
+def time_calls(fn: Callable, args: tuple, repeats: int, max_seconds: float) -> list[float]:
+  """Seconds per call of fn(*args): one untimed warm-up call, then up to `repeats` timed
+  calls, stopping once they have taken `max_seconds` (after MIN_TIMED_RUNS calls, or after
+  one when the warm-up call alone took longer than the budget: the depthwise convolution on
+  CPU takes seconds)."""
   tic = time.perf_counter()
-  jax.block_until_ready(grad(*args))
+  jax.block_until_ready(fn(*args))
   warm_up = time.perf_counter() - tic
   min_runs = MIN_TIMED_RUNS if warm_up * MIN_TIMED_RUNS <= max_seconds else 1
   times = []
   started = time.perf_counter()
   for _ in range(repeats):
     tic = time.perf_counter()
-    jax.block_until_ready(grad(*args))
+    jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - tic)
     if len(times) >= min_runs and time.perf_counter() - started > max_seconds:
       break
@@ -181,8 +186,9 @@ def run(case_names: list[str], shape_names: list[str], repeats: int, max_seconds
     for row in rows:
       if row["grid"] == list(grid) and mhsa_median is not None:
         row["ratio_vs_mhsa"] = mhsa_median / row["median_ms"]
+  platform = "cpu" if jax.default_backend() == "cpu" else "default"  # lkca.AUTO_PLATFORMS
   auto_view = {
-    name: lkca.resolve_view("auto", DIM, grid, MHSA_HEADS, "layer")
+    name: lkca.resolve_view("auto", DIM, grid, MHSA_HEADS, "layer", platform)
     for name, (_, grid) in SHAPES.items()
   }
   machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)

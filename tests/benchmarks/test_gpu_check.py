@@ -24,6 +24,7 @@ OK_PARTS = (
   "step_b128_lkca_b",
   "forms",
   "mixers",
+  "views",
   "runs",
   "autoaugment",
   "step_b1024_lkca",
@@ -88,6 +89,7 @@ def test_statuses_failed_parts_contained(smoke):
     "step_b128_lkca_b",
     "forms",
     "mixers",
+    "views",
     "runs",
     "autoaugment",
     "step_b128_vit",
@@ -183,8 +185,8 @@ def test_projection_and_runs_goals_from_known_timings():
   assert [r["one_run_ms"] for r in runs] == [10.0, 10.0]
 
 
-def test_runs_forms_mixers_autoaugment_env(smoke):
-  _, summary, _ = smoke
+def test_runs_forms_mixers_views_autoaugment_env(smoke):
+  _, summary, stdout = smoke
   parts = summary["parts"]
   (run,) = load(parts["runs"]["json"])["results"]
   (row,) = summary["runs"]
@@ -204,6 +206,16 @@ def test_runs_forms_mixers_autoaugment_env(smoke):
   assert view["ms"] == {"attention": ms["lkca-attention"], "conv": ms["lkca-conv"]}
   assert view["faster"] == min(("attention", "conv"), key=lambda v: ms[f"lkca-{v}"])
   assert view["auto_picks"] == mixers["auto_view"]["8x8"]
+
+  views = load(parts["views"]["json"])
+  assert {(r["grid_name"], r["view"]) for r in views["rows"]} == {
+    (g, v) for g in ("2x2", "3x3") for v in ("conv", "attention", "fft")
+  }
+  assert {r["level"] for r in views["rows"]} == {"mix"}
+  assert summary["views"] == {"crossover": views["crossover"], "auto": views["auto"]}
+  fft_from = views["crossover"]["mix"]["fft_beats_attention_from_tokens"]
+  assert parts["views"]["fft_from_tokens"] == {"mix": fft_from}
+  assert "LKCA views over grids (mix): fastest 2x2 " in stdout
 
   augment = summary["autoaugment"]
   assert augment["backend"] == "cpu" and augment["batch"] == 4
@@ -234,7 +246,7 @@ def test_missing_wheels_lists_only_uninstalled(tmp_path):
 
 
 def test_budget_cuts_the_run_short(tmp_path):
-  # 20 s: enough for the env part even on a loaded machine, never for all eight bench processes.
+  # 20 s: enough for the env part even on a loaded machine, never for all nine bench processes.
   env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
   env["GPU_CHECK_BUDGET_S"] = "20"
   start = time.perf_counter()

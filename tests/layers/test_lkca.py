@@ -1,5 +1,6 @@
 """LKCA: the conv and attention views, an independent float64 reference, init (the
-reference zero kernel and the kernel_init options), view choice."""
+reference zero kernel and the kernel_init options), view choice. The FFT view:
+test_lkca_fft.py."""
 
 import functools
 
@@ -139,9 +140,9 @@ def test_attention_matrix_entries_by_explicit_loops():
       np.testing.assert_array_equal(a[i * w + j], window.reshape(-1))
 
 
-@pytest.mark.parametrize("view", ["conv", "attention"])
+@pytest.mark.parametrize("view", ["conv", "attention", "fft"])
 def test_module_is_projection_mixing_projection(view):
-  """LKCA(x) = mix(x W_v) W_o + b_o, no bias on W_v, the same in both views."""
+  """LKCA(x) = mix(x W_v) W_o + b_o, no bias on W_v, the same in every view."""
   grid = (3, 5)
   module = LKCA(DIM, grid, view=view, rngs=nnx.Rngs(0))
   assert module.view == view
@@ -267,29 +268,35 @@ def test_kernel_init_reaches_the_model_through_mixer_options():
     np.testing.assert_array_equal(np.asarray(block.mixer.attention_matrix()), np.eye(64))
 
 
-def test_auto_view_resolves_to_a_concrete_view():
+def test_auto_view_resolves_per_platform_by_token_count():
   module = LKCA(DIM, (8, 8), rngs=nnx.Rngs(0))
-  assert module.view == "attention"  # 64² entries: far below the limit
-  assert lkca.resolve_view("auto", 192, (8, 8), 12, "channel") == "attention"  # 192·64²
-  assert lkca.resolve_view("conv", 192, (8, 8), 12, "layer") == "conv"
+  assert module.view == "auto"
+  assert module.cpu_view == module.default_view == "attention"  # 64 tokens: below both
+  for platform, tokens in lkca.AUTO_FFT_MIN_TOKENS.items():
+    # A one-row grid of exactly the crossover's token count, and one token fewer.
+    assert lkca.resolve_view("auto", 192, (1, tokens - 1), 12, "layer", platform) == "attention"
+    assert lkca.resolve_view("auto", 192, (1, tokens), 12, "layer", platform) == "fft"
+    for view in ("conv", "attention", "fft"):
+      assert lkca.resolve_view(view, 192, (1, tokens), 12, "layer", platform) == view
+  with pytest.raises(ValueError, match="platform must be one of"):
+    lkca.resolve_view("auto", 192, (8, 8), 12, "layer", "gpu")
 
 
-def test_auto_view_falls_back_to_conv_when_matrix_too_big():
+def test_auto_view_leaves_the_matrix_when_too_big():
   limit = lkca.AUTO_MAX_MATRIX_ENTRIES
-  # 91×91 grid: N² = 8281² ≈ 6.86e7 > 2^26 ≈ 6.71e7 for one shared kernel.
-  assert (91 * 91) ** 2 > limit >= (90 * 90) ** 2
-  assert lkca.resolve_view("auto", 4, (90, 90), 1, "layer") == "attention"
-  assert lkca.resolve_view("auto", 4, (91, 91), 1, "layer") == "conv"
-  # One matrix per channel multiplies the entries by D: 128 · 32⁴ = 2^27.
-  assert lkca.resolve_view("auto", 128, (32, 32), 1, "channel") == "conv"
-  assert lkca.resolve_view("auto", 128, (32, 32), 1, "layer") == "attention"
-  assert LKCA(4, (91, 91), rngs=nnx.Rngs(0)).view == "conv"
+  for platform, tokens in lkca.AUTO_FFT_MIN_TOKENS.items():
+    grid, n = (1, tokens - 1), tokens - 1  # below the crossover: attention by speed
+    dim = limit // n**2 + 1  # one matrix per channel: dim·N² entries, just over the limit
+    assert dim * n**2 > limit >= (dim - 1) * n**2
+    assert lkca.resolve_view("auto", dim, grid, 1, "channel", platform) == "fft"
+    assert lkca.resolve_view("auto", dim - 1, grid, 1, "channel", platform) == "attention"
+    assert lkca.resolve_view("auto", dim, grid, 1, "layer", platform) == "attention"
 
 
 @pytest.mark.parametrize(
   "kwargs, match",
   [
-    (dict(view="dense"), "view must be one of"),
+    (dict(view="dense"), r"view must be one of \('auto', 'conv', 'attention', 'fft'\)"),
     (dict(kernel_sharing="pixel"), "kernel_sharing must be one of"),
     (dict(kernel_sharing="head", num_heads=3), "divisible by num_heads"),
     (dict(kernel_init="ones"), "kernel_init must be one of"),
