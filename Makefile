@@ -22,7 +22,7 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=25 tests
 
 # The fast tier for the inner loop: lint, then every module's core tests (no `slow` ones).
 check: $(STAMP)
