@@ -263,10 +263,11 @@ class StreamPipeline(pipeline_lib.Pipeline):
     self._seeds = np.asarray(jax.random.key_data(keys)).reshape(len(keys), -1)
     runs = self.num_runs or 1
     # The batch as (runs, batch, ...) here; a single run's is put without the run axis.
-    self._train_rows = local_rows(self.train_sharding, self._train_shape(runs), self._batch_axis)
-    self._eval_rows = local_rows(self.batch_sharding, (global_batch,), 0)
+    self.train_rows = local_rows(self.train_sharding, self._train_shape(runs), self._batch_axis)
+    self.eval_rows = local_rows(self.batch_sharding, (global_batch,), 0)
     self._stream = None  # (next step, epoch, grain iterator)
     self._last = (None, None)  # (step, batch): the batch asked for twice (compile, then train)
+    self.last_read = None  # this process's record indices of the last step read (for tests)
 
   @property
   def _batch_axis(self) -> int:
@@ -286,14 +287,14 @@ class StreamPipeline(pipeline_lib.Pipeline):
     first = step - epoch * self.steps_per_epoch
     positions = (
       np.arange(first, self.steps_per_epoch)[:, None, None] * self.global_batch
-      + self._train_rows[None, None, :]
+      + self.train_rows[None, None, :]
     )  # (steps, 1, rows)
     by_run = np.take_along_axis(order[None], positions.repeat(len(order), 1), axis=2)
     reads = _Reads(
-      self.train.kept[by_run].reshape(-1).astype(np.int32), step, len(order), self._train_rows
+      self.train.kept[by_run].reshape(-1).astype(np.int32), step, len(order), self.train_rows
     )
     load = _Load(self.train.split.source(), self.train.split, self.crop, self._seeds)
-    return _batches(reads, load, len(order) * len(self._train_rows), self.workers)
+    return _batches(reads, load, len(order) * len(self.train_rows), self.workers)
 
   def _read(self, order, step: int) -> dict:
     """This process's uint8 rows of step `step`, from the open stream or a new one."""
@@ -309,16 +310,16 @@ class StreamPipeline(pipeline_lib.Pipeline):
     if self._last[0] == step:
       return self._last[1]
     local = self._read(order, step)
-    self.last_read = local["index"]  # this process's record indices of the step, for tests
+    self.last_read = local["index"]
     runs = self.num_runs or 1
-    images = local["image"].reshape(runs, len(self._train_rows), *self.image_shape)
-    labels = local["label"].reshape(runs, len(self._train_rows))
+    images = local["image"].reshape(runs, len(self.train_rows), *self.image_shape)
+    labels = local["label"].reshape(runs, len(self.train_rows))
     if self.num_runs is None:
       images, labels = images[0], labels[0]
     axis, shape = self._batch_axis, self._train_shape(runs)
     batch = self._augment(
-      put_rows(images, self._train_rows, (*shape, *self.image_shape), self.train_sharding, axis),
-      put_rows(labels, self._train_rows, shape, self.train_sharding, axis),
+      put_rows(images, self.train_rows, (*shape, *self.image_shape), self.train_sharding, axis),
+      put_rows(labels, self.train_rows, shape, self.train_sharding, axis),
       step,
     )
     self._last = (step, batch)
@@ -328,7 +329,7 @@ class StreamPipeline(pipeline_lib.Pipeline):
   def eval_batches(self):
     """The whole test split in global batches, each process reading its rows; padding rows
     (the last image again) have mask False."""
-    rows, batch = self._eval_rows, self.global_batch
+    rows, batch = self.eval_rows, self.global_batch
     idx, mask = self._eval_indices(np.arange(self.eval_steps)[:, None], self.test.size, np)
     local = idx[:, rows].reshape(-1)
     reads = _Reads(self.test.kept[local].astype(np.int32), 0, 1, rows)
