@@ -309,6 +309,9 @@ class Pipeline:
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.train.images.shape[1:])
 
+  def close(self) -> None:
+    """Ends what reads the data in the background: nothing here (see StreamPipeline)."""
+
   # --- training -------------------------------------------------------------
   def _order(self, order_key, epoch):
     key = jax.random.fold_in(order_key, epoch)  # a pure function of (key, epoch)

@@ -32,6 +32,7 @@ import math
 import jax
 import numpy as np
 
+from lkca_jax import adapters
 from lkca_jax import augment as augment_lib
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.data import records, sources
@@ -200,6 +201,7 @@ def _batches(reads: _Reads, load: _Load, per_batch: int, workers: int):
     grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(BATCHES_AHEAD, threads))
   )
   if workers:
+    adapters.grain_workers_ready()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(stream)
 
@@ -300,10 +302,17 @@ class StreamPipeline(pipeline_lib.Pipeline):
     """This process's uint8 rows of step `step`, from the open stream or a new one."""
     epoch = step // self.steps_per_epoch
     if self._stream is None or self._stream[:2] != (step, epoch):
+      self.close()
       self._stream = (step, epoch, self._open(_local_copy(order), epoch, step))
     batch = next(self._stream[2])
     self._stream = (step + 1, epoch, self._stream[2])
     return batch
+
+  def close(self) -> None:
+    """Ends the open stream (its threads, or its worker processes and their shared memory)."""
+    if self._stream is not None:
+      self._stream[2].close()
+      self._stream = None
 
   def train_batch(self, order, step: int) -> dict:
     """The augmented batch of global step `step`; the same as the whole-split pipeline's."""
@@ -335,15 +344,18 @@ class StreamPipeline(pipeline_lib.Pipeline):
     reads = _Reads(self.test.kept[local].astype(np.int32), 0, 1, rows)
     load = _Load(self.test.split.source(), self.test.split, self.crop, None)
     stream = _batches(reads, load, len(rows), self.workers)
-    for k in range(self.eval_steps):
-      part = next(stream)
-      yield {
-        "image": self._normalize(
-          put_rows(part["image"], rows, (batch, *self.image_shape), self.batch_sharding, 0)
-        ),
-        "label": put_rows(part["label"], rows, (batch,), self.batch_sharding, 0),
-        "mask": put_rows(mask[k, rows], rows, (batch,), self.batch_sharding, 0),
-      }
+    try:
+      for k in range(self.eval_steps):
+        part = next(stream)
+        yield {
+          "image": self._normalize(
+            put_rows(part["image"], rows, (batch, *self.image_shape), self.batch_sharding, 0)
+          ),
+          "label": put_rows(part["label"], rows, (batch,), self.batch_sharding, 0),
+          "mask": put_rows(mask[k, rows], rows, (batch,), self.batch_sharding, 0),
+        }
+    finally:
+      stream.close()
 
 
 def _local_copy(order) -> np.ndarray:

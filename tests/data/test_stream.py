@@ -110,6 +110,18 @@ def test_a_pipeline_opened_mid_epoch_gives_the_uninterrupted_batches(both, data_
     np.testing.assert_array_equal(b["image"], uninterrupted[step]["image"], err_msg=f"step {step}")
 
 
+@pytest.mark.slow  # starts grain's worker processes twice (one stream an epoch)
+def test_worker_processes_give_the_batches_of_threads(both, data_dir):
+  _, uninterrupted, _, _ = both
+  config = fixture_config(data_dir, **{"dataset.placement": "stream", "dataset.stream_workers": 2})
+  pipeline = build(config)
+  steps = range(STEPS_PER_EPOCH - 2, STEPS_PER_EPOCH + 2)  # across an epoch's end
+  for step, b in zip(steps, batches(pipeline, steps), strict=True):
+    np.testing.assert_array_equal(b["label"], uninterrupted[step]["label"], err_msg=f"step {step}")
+    np.testing.assert_array_equal(b["image"], uninterrupted[step]["image"], err_msg=f"step {step}")
+  pipeline.close()
+
+
 def test_each_run_of_a_stack_streams_its_own_whole_split_batches(data_dir):
   """Runs side by side (num_runs): run k's batches are those of a pipeline with key k alone."""
   keys = jax.random.split(jax.random.key(3), 2)
