@@ -6,7 +6,9 @@ then any device can gather any image without cross-device traffic, and a
 batch is a gather plus the per-image augmentations, compiled as one program.
 When the split does not fit (placement "host", or "auto" on a small device)
 images stay in host memory and only the uint8 batch crosses to the devices;
-the batches are identical either way.
+the batches are identical either way. Data larger than host memory is streamed
+from its files (placement "stream", `lkca_jax.data.stream`), with the same
+batches again; `choose_placement` is the one rule of what fits where.
 
 The pipeline's whole state is (epoch, step, key): the epoch order is drawn
 from fold_in(key, epoch) alone (`repeats` independent shuffles of the training
