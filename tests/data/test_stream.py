@@ -9,6 +9,9 @@ mid-epoch (a resumed run) gives exactly the batches from there on.
 
 import dataclasses
 import io
+import os
+import signal
+import subprocess
 import sys
 
 import jax
@@ -296,3 +299,65 @@ def test_two_processes_read_disjoint_complete_shards_and_make_the_one_process_ba
   for k, batch in enumerate(whole_eval):
     np.testing.assert_array_equal(shards[0]["eval_labels"][k], batch["label"])
     np.testing.assert_array_equal(shards[0]["eval_images"][k], batch["image"])
+
+
+# --- a streamed run stopped by a signal mid-epoch ------------------------------------------
+RUN = [
+  "--config",
+  "configs/tinyimagenet.py",
+  "--config.dataset.placement=stream",
+  "--config.dataset.download=False",
+  "--config.model=lkca_t",
+  "--config.model_overrides.dim=32",
+  "--config.model_overrides.depth=1",
+  "--config.model_overrides.num_heads=2",
+  "--config.num_devices=1",
+  f"--config.batch_size={BATCH}",
+  "--config.num_train_steps=8",  # 9 steps an epoch: the stop at step 5 is mid-epoch
+  "--config.checkpoint_every_steps=4",
+  "--config.log_every_steps=1",
+  "--config.augment.autoaugment=none",
+]
+
+
+@pytest.mark.slow  # three main.py runs
+def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameters(
+  data_dir, tmp_path
+):
+  from tests.test_main import HOLD, ROOT, assert_same_params, final_params
+  from tests.test_multiprocess import train_losses
+
+  def main(workdir, *before):
+    cmd = [sys.executable, *before, "main.py", *RUN, f"--config.dataset.data_dir={data_dir}"]
+    return subprocess.Popen(
+      [*cmd, f"--workdir={workdir}"],
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),  # tests/hold.py imports this checkout's lkca_jax
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+
+  whole = main(tmp_path / "whole")
+  held = main(tmp_path / "stopped", HOLD, "save:4")
+  seen = []
+  for line in held.stderr:
+    seen.append(line)
+    if line.startswith("holding at save:4"):
+      break
+  held.send_signal(signal.SIGTERM)
+  out, err = held.communicate(timeout=300)
+  assert held.returncode == 0, "".join(seen)[-2000:] + err[-2000:]
+  assert "stopped by SIGTERM at step 5" in out
+  out, err = whole.communicate(timeout=300)
+  assert whole.returncode == 0, err[-3000:]
+  resumed = main(tmp_path / "stopped")
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0 and "resumed from" in err, err[-3000:]
+  step, params = final_params(str(tmp_path / "stopped"))
+  assert step == 8 and final_params(str(tmp_path / "whole"))[0] == 8
+  assert_same_params(params, final_params(str(tmp_path / "whole"))[1])
+  # Steps 6-8 were trained after the resume, on the batches the uninterrupted run saw.
+  np.testing.assert_array_equal(
+    train_losses(str(tmp_path / "stopped"))[-3:], train_losses(str(tmp_path / "whole"))[-3:]
+  )
