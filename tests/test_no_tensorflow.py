@@ -3,8 +3,7 @@
 TF is needed to prepare datasets, not to train (in a GPU process it would also
 take GPU memory from JAX): a short `main.py` run on the Tiny-ImageNet fixture,
 prepared as array_record, must write its TensorBoard events and summary.json
-with no `tensorflow` module ever loaded: from splits loaded whole ("auto") and
-streamed by grain ("stream").
+with no `tensorflow` module ever loaded.
 """
 
 import json
@@ -34,8 +33,7 @@ runpy.run_path("main.py", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("placement", ["auto", "stream"])
-def test_training_from_array_record_never_imports_tensorflow(tmp_path, placement):
+def test_training_from_array_record_never_imports_tensorflow(tmp_path):
   data_dir = tmp_path / "tfds"
   data.prepare(
     "tiny_imagenet",
@@ -62,7 +60,6 @@ def test_training_from_array_record_never_imports_tensorflow(tmp_path, placement
       "--config.batch_size=16",
       f"--config.num_train_steps={STEPS}",
       "--config.log_every_steps=1",
-      f"--config.dataset.placement={placement}",
     ],
     cwd=ROOT,
     capture_output=True,
@@ -71,8 +68,6 @@ def test_training_from_array_record_never_imports_tensorflow(tmp_path, placement
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().splitlines()[-1] == "tensorflow modules: []", result.stdout
-  on = {"auto": "device", "stream": "stream"}[placement]  # CPU devices: the fixture fits
-  assert f"images of (64, 64, 3) on {on} in" in result.stderr, result.stderr[-3000:]
 
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["step"] == STEPS and summary["dataset"] == "tiny_imagenet"

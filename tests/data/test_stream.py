@@ -113,12 +113,12 @@ def test_a_pipeline_opened_mid_epoch_gives_the_uninterrupted_batches(both, data_
     np.testing.assert_array_equal(b["image"], uninterrupted[step]["image"], err_msg=f"step {step}")
 
 
-@pytest.mark.slow  # starts grain's worker processes twice (one stream an epoch)
+@pytest.mark.slow  # starts grain's worker processes
 def test_worker_processes_give_the_batches_of_threads(both, data_dir):
   _, uninterrupted, _, _ = both
   config = fixture_config(data_dir, **{"dataset.placement": "stream", "dataset.stream_workers": 2})
   pipeline = build(config)
-  steps = range(STEPS_PER_EPOCH - 2, STEPS_PER_EPOCH + 2)  # across an epoch's end
+  steps = range(STEPS_PER_EPOCH + 3, STEPS_PER_EPOCH + 7)  # opened mid-epoch
   for step, b in zip(steps, batches(pipeline, steps), strict=True):
     np.testing.assert_array_equal(b["label"], uninterrupted[step]["label"], err_msg=f"step {step}")
     np.testing.assert_array_equal(b["image"], uninterrupted[step]["image"], err_msg=f"step {step}")
@@ -324,11 +324,14 @@ RUN = [
 def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameters(
   data_dir, tmp_path
 ):
+  """Also: a streamed main.py run trains with TensorFlow never imported (its uninterrupted run
+  goes through tests/test_no_tensorflow.py's wrapper)."""
   from tests.test_main import HOLD, ROOT, assert_same_params, final_params
   from tests.test_multiprocess import train_losses
+  from tests.test_no_tensorflow import WRAPPER
 
   def main(workdir, *before):
-    cmd = [sys.executable, *before, "main.py", *RUN, f"--config.dataset.data_dir={data_dir}"]
+    cmd = [sys.executable, *before, *RUN, f"--config.dataset.data_dir={data_dir}"]
     return subprocess.Popen(
       [*cmd, f"--workdir={workdir}"],
       cwd=ROOT,
@@ -338,8 +341,10 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameter
       text=True,
     )
 
-  whole = main(tmp_path / "whole")
-  held = main(tmp_path / "stopped", HOLD, "save:4")
+  wrapper = tmp_path / "run_main.py"
+  wrapper.write_text(WRAPPER)
+  whole = main(tmp_path / "whole", str(wrapper))
+  held = main(tmp_path / "stopped", HOLD, "save:4", "main.py")
   seen = []
   for line in held.stderr:
     seen.append(line)
@@ -351,7 +356,9 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameter
   assert "stopped by SIGTERM at step 5" in out
   out, err = whole.communicate(timeout=300)
   assert whole.returncode == 0, err[-3000:]
-  resumed = main(tmp_path / "stopped")
+  assert out.strip().splitlines()[-1] == "tensorflow modules: []", out[-2000:]
+  assert "images of (64, 64, 3) on stream in" in err, err[-2000:]
+  resumed = main(tmp_path / "stopped", "main.py")
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0 and "resumed from" in err, err[-3000:]
   step, params = final_params(str(tmp_path / "stopped"))
