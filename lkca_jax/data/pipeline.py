@@ -172,7 +172,9 @@ def host_memory_bytes() -> int | None:
     return None
 
 
-def choose_placement(placement: str, nbytes: int, *, stream_only: str | None = None) -> str:
+def choose_placement(
+  placement: str, nbytes: int, *, stream_only: str | None = None, streamable: bool = True
+) -> str:
   """Where the data lives; the one rule of what fits.
 
   "auto": "device" when the decoded splits (`nbytes` of uint8) fit in
@@ -180,10 +182,19 @@ def choose_placement(placement: str, nbytes: int, *, stream_only: str | None = N
   host memory), else "host" when they fit in HOST_MEMORY_FRACTION of the host's,
   else "stream". `stream_only` says why the splits cannot be loaded whole (images
   not of the training size, a crop only the host can make): then "auto" streams and
-  "device" or "host" is a ValueError.
+  "device" or "host" is a ValueError. Splits already in memory (`streamable` False)
+  stay there: "auto" is then "device" or "host", and "stream" a ValueError.
   """
   if placement not in PLACEMENTS:
     raise ValueError(f"dataset.placement must be one of {PLACEMENTS}, got {placement!r}")
+  if not streamable:
+    if placement == "stream":
+      raise ValueError(
+        "dataset.placement='stream' reads a TFDS dataset prepared as array_record; "
+        "these splits are already in memory: use 'auto', 'device' or 'host'"
+      )
+    chosen = choose_placement(placement, nbytes)
+    return "host" if chosen == "stream" else chosen
   if stream_only and placement in ("device", "host"):
     raise ValueError(
       f"dataset.placement={placement!r} loads whole splits, but {stream_only}: "
@@ -235,12 +246,7 @@ class Pipeline:
   ):
     check_global_batch(global_batch, mesh.devices.size)
     nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
-    self.placement = choose_placement(placement, nbytes)
-    if self.placement == "stream":
-      raise ValueError(
-        "dataset.placement='stream' reads a TFDS dataset prepared as array_record; "
-        "these splits are already in memory: use 'auto', 'device' or 'host'"
-      )
+    self.placement = choose_placement(placement, nbytes, streamable=False)
     on_device = None if self.placement != "device" else NamedSharding(mesh, P())
     self.train = self._place(*train, on_device)
     self.test = self._place(*test, on_device)

@@ -231,6 +231,11 @@ def test_auto_places_by_what_fits_and_streams_what_only_the_host_can_make(monkey
     pipeline_lib.choose_placement("device", 1, stream_only="why")
   with pytest.raises(ValueError, match="must be one of"):
     pipeline_lib.choose_placement("disk", 1)
+  # Splits already in memory stay there: host memory when too large for the device.
+  assert pipeline_lib.choose_placement("auto", 501, streamable=False) == "host"
+  assert pipeline_lib.choose_placement("auto", 500, streamable=False) == "device"
+  with pytest.raises(ValueError, match="already in memory"):
+    pipeline_lib.choose_placement("stream", 1, streamable=False)
 
 
 # --- per-process shards ------------------------------------------------------------------
