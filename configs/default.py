@@ -58,7 +58,18 @@ def get_config() -> ml_collections.ConfigDict:
       "data_dir": placeholder(str),  # TFDS data_dir (prepared copies live here)
       "manual_dir": placeholder(str),  # where a manual download (tiny-imagenet-200.zip) lies
       "download": True,  # False: never touch the network, fail if not prepared
-      "placement": "auto",  # "device", "host" or "auto" (device when it fits)
+      # "device", "host", "stream" (read from array_record as batches are due, for data
+      # larger than memory) or "auto" (the first that fits: lkca_jax.data.pipeline).
+      "placement": "auto",
+      # Streaming only: the host's per-image step before the device augmentation: "resize"
+      # (shorter side to the training size, centre crop) or "random_resized" (a box of area
+      # share stream_crop_scale and aspect (w/h) stream_crop_ratio, resized: DeiT's crop).
+      "stream_crop": "resize",
+      "stream_crop_scale": (0.08, 1.0),
+      "stream_crop_ratio": (3 / 4, 4 / 3),
+      # Evaluation: shorter side to size / fraction, then the centre crop (DeiT: 0.875).
+      "eval_crop_fraction": 1.0,
+      "stream_workers": 0,  # grain worker processes decoding; 0: threads of this process
       # Subsets for quick runs: keep the first `classes` labels (0: all) and at
       # most `train_per_class` training images of each (0: all).
       "classes": 0,

@@ -19,6 +19,8 @@ level: importing this module stays cheap and TensorFlow-free.
 - TensorFlow Datasets retries a failing HTTP download 10 times with backoff (minutes),
   with no option for it in `DownloadConfig`; its checksum error and its cache file
   names are not exported either.
+- grain's `mp_prefetch` reads an absl flag of its own in the parent process, which raises
+  `UnparsedFlagAccessError` outside an absl app until the flags are parsed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PINNED = {
   "tensorstore": "0.1.86",
   "clu": "0.0.12",
   "tensorflow-datasets": "4.9.10",
+  "grain": "0.2.18",
 }
 
 # --- TensorStore errors ----------------------------------------------------------------
@@ -163,3 +166,14 @@ def coordination_barrier(barrier_id: str, timeout_s: float) -> None:
   from jax._src import distributed as jax_distributed  # no public API for it
 
   jax_distributed.global_state.client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+
+
+# --- grain's worker processes -------------------------------------------------------------
+def grain_workers_ready() -> None:
+  """Lets grain start worker processes outside an absl app (main.py is one; a script or a
+  test need not be): marks the absl flags parsed, every flag keeping its value (its default,
+  no command line being read). Called only when worker processes are asked for."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

@@ -25,7 +25,8 @@ from lkca_jax import models
 from lkca_jax.augment import POLICIES
 from lkca_jax.augment.transforms import ASPECT_SAMPLINGS, ERASING_FILLS
 from lkca_jax.data import DATASETS
-from lkca_jax.data.pipeline import EPOCH_ORDERS
+from lkca_jax.data.pipeline import EPOCH_ORDERS, PLACEMENTS
+from lkca_jax.data.stream import CROPS
 from lkca_jax.layers import MIXERS
 
 
@@ -34,8 +35,7 @@ class ConfigError(ValueError):
 
 
 # Sets that live inside a function rather than as a constant elsewhere:
-# lkca_jax.data.pipeline.choose_placement and models.ViT accept these.
-PLACEMENTS = ("auto", "device", "host")
+# models.ViT accepts these.
 POOLS = ("auto", "cls", "mean")
 NO_AUTOAUGMENT = "none"  # the string that switches AutoAugment off (unset does too)
 
@@ -239,6 +239,21 @@ def rules() -> dict[str, Rule]:
     "dataset.manual_dir": string(),
     "dataset.download": boolean(),
     "dataset.placement": choice(PLACEMENTS),
+    "dataset.stream_crop": choice(CROPS),
+    "dataset.stream_crop_scale": numbers(
+      "a pair (low, high) with 0 < low <= high <= 1",
+      lambda v: 0.0 < v[0] <= v[1] <= 1.0,
+      length=2,
+      bad=(1.0, 0.08),
+    ),
+    "dataset.stream_crop_ratio": numbers(
+      "a pair (low, high) with 0 < low <= high",
+      lambda v: 0.0 < v[0] <= v[1],
+      length=2,
+      bad=(0.0, 1.0),
+    ),
+    "dataset.eval_crop_fraction": number(0.0, 1.0, low_open=True),
+    "dataset.stream_workers": integer(0),
     # The upper bound (the dataset's class count) is checked in Run.prepare.
     "dataset.classes": Rule(
       "0 (all classes) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2), 1

@@ -1100,6 +1100,7 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   wall_start = time.time()
   with StopSignal() as stop:
     loop = run_loop(loop, t, config, out, stop, on_event)
+  t.pipeline.close()  # a streaming pipeline's reader threads or worker processes
   with writing("a checkpoint", checkpoints):
     checkpoints.wait()
   latest = checkpoints.latest_step()

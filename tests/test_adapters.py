@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import tomllib
 
@@ -289,3 +290,32 @@ def test_jax_keeps_its_coordination_client_where_the_barrier_reaches_it():
   assert hasattr(_jax.DistributedRuntimeClient, "wait_at_barrier"), changed(
     "jax", "DistributedRuntimeClient.wait_at_barrier"
   )
+
+
+# --- grain's worker processes outside an absl app -------------------------------------------
+GRAIN_WORKERS = """
+import grain
+from absl import flags
+from lkca_jax import adapters
+
+stream = grain.MapDataset.range(3).to_iter_dataset().mp_prefetch(
+  grain.MultiprocessingOptions(num_workers=1)
+)
+try:
+  next(iter(stream))
+  print("started without the adapter")
+except flags.UnparsedFlagAccessError:
+  print("unparsed flags")
+adapters.grain_workers_ready()
+print(list(stream))
+"""
+
+
+@pytest.mark.slow  # starts a worker process
+def test_grain_workers_need_parsed_absl_flags_and_start_once_marked():
+  lines = run_python(f"if __name__ == '__main__':\n{textwrap.indent(GRAIN_WORKERS, '  ')}")
+  first, result = lines.strip().splitlines()[-2:]
+  assert first == "unparsed flags", changed(
+    "grain", "mp_prefetch starts outside an absl app: grain_workers_ready is not needed"
+  )
+  assert result == "[0, 1, 2]", changed("grain", f"mp_prefetch gave {result}")

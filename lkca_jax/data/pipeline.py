@@ -6,7 +6,9 @@ then any device can gather any image without cross-device traffic, and a
 batch is a gather plus the per-image augmentations, compiled as one program.
 When the split does not fit (placement "host", or "auto" on a small device)
 images stay in host memory and only the uint8 batch crosses to the devices;
-the batches are identical either way.
+the batches are identical either way. Data larger than host memory is streamed
+from its files (placement "stream", `lkca_jax.data.stream`), with the same
+batches again; `choose_placement` is the one rule of what fits where.
 
 The pipeline's whole state is (epoch, step, key): the epoch order is drawn
 from fold_in(key, epoch) alone (`repeats` independent shuffles of the training
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +40,11 @@ from lkca_jax.data import sources
 DATA_AXIS = "data"
 # Keep the replicated dataset under this share of one device's memory.
 DEVICE_MEMORY_FRACTION = 0.25
+# Keep whole splits in host memory under this share of it; larger ones are streamed.
+HOST_MEMORY_FRACTION = 0.5
+# Where the data lives (choose_placement): every device, host memory, read as it is due, or
+# the first of these that fits.
+PLACEMENTS = ("auto", "device", "host", "stream")
 # How an epoch's `repeats` passes are ordered (docs/method.md#training-recipe):
 # "independent" (the reference) shuffles each pass on its own, so no image repeats
 # within a pass; "joint" shuffles the stacked copies at once, so an image can land
@@ -88,10 +96,30 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
   """Loads `spec`'s splits as the run config says (subsets, placement) into a Pipeline.
 
   `spec.num_classes` may be below the dataset's own (config.dataset.classes):
-  then only the first classes are kept.
+  then only the first classes are kept. A TFDS dataset is placed by its metadata
+  (`choose_placement`) before anything is decoded; streamed, it is a StreamPipeline.
   """
   data = config.dataset
   kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
+  placement = data.placement
+  if spec.tfds_name is None and placement == "stream":
+    raise ValueError(
+      f"dataset {spec.name} is not a TFDS dataset and has no files to stream: set "
+      "--config.dataset.placement to auto, device or host"
+    )
+  if spec.tfds_name is not None:
+    from lkca_jax.data import stream  # pylint: disable=import-outside-toplevel
+
+    files = {
+      s: sources.split_files(spec.name, s, **kwargs) for s in (spec.train_split, spec.eval_split)
+    }
+    placement = choose_placement(
+      placement,
+      stream.decoded_bytes(config, spec, files),
+      stream_only=stream.why_stream(config, spec, files),
+    )
+    if placement == "stream":
+      return stream.from_config(config, spec, mesh, key, files)
   train = subset(
     *sources.load_split(spec.name, spec.train_split, **kwargs),
     num_classes=spec.num_classes,
@@ -108,7 +136,7 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
     repeats=config.repeats,
     augment=augment_config(config),
     key=key,
-    placement=data.placement,
+    placement=placement,
     epoch_order=config.epoch_order,
   )
 
@@ -136,16 +164,55 @@ def put_tree(tree, sharding: NamedSharding):
   return jax.tree.map(one, tree)
 
 
-def choose_placement(placement: str, nbytes: int) -> str:
-  if placement not in ("auto", "device", "host"):
-    raise ValueError(f"dataset.placement must be 'auto', 'device' or 'host', got {placement!r}")
+def host_memory_bytes() -> int | None:
+  """This machine's physical memory, or None where the OS does not say."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def choose_placement(
+  placement: str, nbytes: int, *, stream_only: str | None = None, streamable: bool = True
+) -> str:
+  """Where the data lives; the one rule of what fits.
+
+  "auto": "device" when the decoded splits (`nbytes` of uint8) fit in
+  DEVICE_MEMORY_FRACTION of one device's memory (on CPU backends, device memory is
+  host memory), else "host" when they fit in HOST_MEMORY_FRACTION of the host's,
+  else "stream". `stream_only` says why the splits cannot be loaded whole (images
+  not of the training size, a crop only the host can make): then "auto" streams and
+  "device" or "host" is a ValueError. Splits already in memory (`streamable` False)
+  stay there: "auto" is then "device" or "host", and "stream" a ValueError.
+  """
+  if placement not in PLACEMENTS:
+    raise ValueError(f"dataset.placement must be one of {PLACEMENTS}, got {placement!r}")
+  if not streamable:
+    if placement == "stream":
+      raise ValueError(
+        "dataset.placement='stream' reads a TFDS dataset prepared as array_record; "
+        "these splits are already in memory: use 'auto', 'device' or 'host'"
+      )
+    chosen = choose_placement(placement, nbytes)
+    return "host" if chosen == "stream" else chosen
+  if stream_only and placement in ("device", "host"):
+    raise ValueError(
+      f"dataset.placement={placement!r} loads whole splits, but {stream_only}: "
+      "set --config.dataset.placement=stream (or auto)"
+    )
   if placement != "auto":
     return placement
+  if stream_only:
+    return "stream"
+  host = host_memory_bytes()
+  fits_host = host is None or nbytes <= HOST_MEMORY_FRACTION * host
   stats = jax.local_devices()[0].memory_stats() or {}  # another process's device has none
   limit = stats.get("bytes_limit")
   if limit is None:  # CPU backends: device memory is host memory
+    return "device" if fits_host else "stream"
+  if nbytes <= DEVICE_MEMORY_FRACTION * limit:
     return "device"
-  return "device" if nbytes <= DEVICE_MEMORY_FRACTION * limit else "host"
+  return "host" if fits_host else "stream"
 
 
 @dataclasses.dataclass
@@ -178,6 +245,19 @@ class Pipeline:
     epoch_order: str = "independent",
   ):
     check_global_batch(global_batch, mesh.devices.size)
+    nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
+    self.placement = choose_placement(placement, nbytes, streamable=False)
+    on_device = None if self.placement != "device" else NamedSharding(mesh, P())
+    self.train = self._place(*train, on_device)
+    self.test = self._place(*test, on_device)
+    self._setup(mesh, global_batch, repeats, augment, key, epoch_order)
+
+  def _setup(self, mesh, global_batch, repeats, augment, key, epoch_order) -> None:
+    """What every placement shares: sizes, keys, shardings, the jitted order and augmentation.
+
+    Needs `self.train` and `self.test` (their sizes).
+    """
+    check_global_batch(global_batch, mesh.devices.size)
     if epoch_order not in EPOCH_ORDERS:
       raise ValueError(f"epoch_order must be one of {EPOCH_ORDERS}, got {epoch_order!r}")
     self.order = epoch_order
@@ -195,11 +275,6 @@ class Pipeline:
     self.train_sharding = (
       self.batch_sharding if self.num_runs is None else NamedSharding(mesh, P(None, DATA_AXIS))
     )
-    nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
-    self.placement = choose_placement(placement, nbytes)
-    on_device = self.placement == "device"
-    self.train = self._place(*train, on_device)
-    self.test = self._place(*test, on_device)
     self.steps_per_epoch = (repeats * self.train.size) // global_batch
     if self.steps_per_epoch == 0:
       raise ValueError(
@@ -229,16 +304,21 @@ class Pipeline:
     self._gather_eval = jax.jit(self._gather_and_normalize, out_shardings=batch)
     self._normalize = jax.jit(self._normalize_images, out_shardings=batch)
 
-  def _place(self, images, labels, on_device: bool) -> Split:
+  @staticmethod
+  def _place(images, labels, replicated: NamedSharding | None) -> Split:
+    """On every device when given their `replicated` sharding, else in host memory."""
     images = np.asarray(images, np.uint8)
     labels = np.asarray(labels, np.int32)
-    if on_device:
-      return Split(put(images, self.replicated), put(labels, self.replicated), True)
+    if replicated is not None:
+      return Split(put(images, replicated), put(labels, replicated), True)
     return Split(images, labels, False)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.train.images.shape[1:])
+
+  def close(self) -> None:
+    """Ends what reads the data in the background: nothing here (see StreamPipeline)."""
 
   # --- training -------------------------------------------------------------
   def _order(self, order_key, epoch):

@@ -15,6 +15,7 @@ and every such problem is a `DamagedFileError` naming the file.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import io
 import os
 import struct
@@ -27,6 +28,24 @@ _MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode; what TF's decode_*(channels
 # A tfrecord record: uint64 length, uint32 CRC of the length, the data, uint32 CRC of the data.
 _TFRECORD_HEADER = 12
 _TFRECORD_FOOTER = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+  """Where one prepared split's records are, and what its examples hold (from its metadata)."""
+
+  paths: tuple[str, ...]
+  num_examples: int
+  file_format: str  # "array_record" or "tfrecord"
+  image_key: str
+  label_key: str
+  image_shape: tuple  # as stored: (H, W, C), None where the images differ
+
+  def source(self):
+    """grain's random-access reader of the records (array_record files only)."""
+    import grain  # pylint: disable=import-outside-toplevel
+
+    return grain.sources.ArrayRecordDataSource(list(self.paths))
 
 
 class DamagedFileError(Exception):

@@ -157,16 +157,56 @@ def load_split(
   spec = get_spec(name)
   if spec.tfds_name is None:
     return spec.loader(split)
+  builder = _prepared_builder(spec, split, data_dir, manual_dir, download)
+  return _decode_split(spec, builder, split)
+
+
+def split_files(
+  name: str, split: str, *, data_dir=None, manual_dir=None, download: bool = False
+) -> records.SplitFiles:
+  """Where a prepared split's files are and what they hold; reads only the metadata and
+  the files' footers (`_check_files`). Prepares the dataset first as `load_split` does."""
+  spec = get_spec(name)
+  if spec.tfds_name is None:
+    raise ValueError(f"dataset {name} is not a TFDS dataset: it has no files to stream")
+  builder = _prepared_builder(spec, split, data_dir, manual_dir, download)
+  info = builder.info
+  image_key, label_key = info.supervised_keys
+  return records.SplitFiles(
+    paths=tuple(os.fspath(path) for path in info.splits[split].filepaths),
+    num_examples=info.splits[split].num_examples,
+    file_format=_file_format(builder),
+    image_key=image_key,
+    label_key=label_key,
+    image_shape=tuple(info.features[image_key].shape),
+  )
+
+
+def stream_format_problem(spec: DatasetSpec, files: records.SplitFiles, data_dir) -> str | None:
+  """Why the split cannot be streamed (its file format), naming the fix; None if it can."""
+  if files.file_format == "array_record":
+    return None
+  return (
+    f"dataset {spec.name} is stored as {files.file_format}, and streaming reads array_record: "
+    f"prepare it again: {reprepare_command(spec, data_dir)}"
+  )
+
+
+def _prepared_builder(spec: DatasetSpec, split: str, data_dir, manual_dir, download: bool):
+  """The builder of the prepared dataset (prepared first when download=True), its split's
+  files checked."""
   builder = _builder(spec, data_dir)
   if not _is_prepared(spec, builder):
     if not download:
       raise DatasetUnavailableError(_unavailable_message(spec, builder))
-    prepare(name, data_dir=data_dir, manual_dir=manual_dir)
+    prepare(spec.name, data_dir=data_dir, manual_dir=manual_dir)
     builder = _builder(spec, data_dir)
   if split not in builder.info.splits:
-    raise ValueError(f"{name} has no split {split!r}: choose one of {sorted(builder.info.splits)}")
+    raise ValueError(
+      f"{spec.name} has no split {split!r}: choose one of {sorted(builder.info.splits)}"
+    )
   _check_files(spec, builder, (split,))
-  return _decode_split(spec, builder, split)
+  return builder
 
 
 def prepare(
