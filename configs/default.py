@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
       "manual_dir": placeholder(str),  # where a manual download (tiny-imagenet-200.zip) lies
       "download": True,  # False: never touch the network, fail if not prepared
       "placement": "auto",  # "device", "host" or "auto" (device when it fits)
+      # Square size images are used at, in pixels; unset: the dataset's own. Only datasets
+      # whose images vary in size (imagenet2012, 224 unless set) can be used at another.
+      "image_size": placeholder(int),
       # Subsets for quick runs: keep the first `classes` labels (0: all) and at
       # most `train_per_class` training images of each (0: all).
       "classes": 0,

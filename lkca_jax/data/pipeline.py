@@ -91,7 +91,12 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
   then only the first classes are kept.
   """
   data = config.dataset
-  kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
+  kwargs = dict(
+    data_dir=data.data_dir,
+    manual_dir=data.manual_dir,
+    download=data.download,
+    image_size=spec.image_size[0],  # `sources.at_size`: square sizes only
+  )
   train = subset(
     *sources.load_split(spec.name, spec.train_split, **kwargs),
     num_classes=spec.num_classes,
