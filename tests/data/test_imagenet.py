@@ -31,7 +31,8 @@ TRAIN_LABELS = {
   "n02105855": 230,
 }
 # ILSVRC2012_val_00000001 ... 00000010: sea snake, alp, Shetland sheepdog, soup bowl, cradle,
-# garter snake, porcupine, bakery, mousetrap, Angora (the devkit's ground truth).
+# garter snake, porcupine, bakery, mousetrap, Angora: the devkit's ground truth, as places
+# among the sorted wnids (the devkit numbers classes otherwise).
 VAL_LABELS = (65, 970, 230, 809, 516, 57, 334, 415, 674, 332)
 
 
