@@ -25,6 +25,7 @@ where it comes from. What this project cannot express, or does otherwise:
 - Weight decay reaches every parameter; DeiT (timm) exempts biases, norms, the position
   embedding and the class token.
 - Stochastic depth is 0.1 in every layer (the presets'); timm ramps it from 0 to 0.1 with depth.
+- The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
 - Random erasing fills with the mean colour ("zero"); DeiT's "pixel" mode fills with per-pixel
   N(0, 1) noise after normalisation, whose mean this is.
 - Mixup / CutMix pair each image with a random permutation of the batch; timm with the batch
