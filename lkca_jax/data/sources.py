@@ -152,10 +152,10 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def at_size(spec: DatasetSpec, image_size: int | None) -> DatasetSpec:
-  """The spec with its images brought to image_size x image_size (None: its own size).
+  """The spec of a run that uses the images at image_size x image_size (None: their own).
 
-  Only images of varying sizes are resized as they are decoded; asking another size of a
-  dataset of one size is a ValueError.
+  Only images of varying sizes can be brought to another size (as `load_split` decodes
+  them); asking another size of a dataset of one size is a ValueError.
   """
   if image_size is None or (image_size, image_size) == tuple(spec.image_size):
     return spec
@@ -196,9 +196,12 @@ def load_split(
   """A whole split as (uint8 images (N, H, W, C), int32 labels (N,)), decoded once.
 
   Prepares a TFDS dataset first (array_record) when it is missing and download=True.
-  Images of varying sizes are brought to image_size (None: the spec's), see `at_size`.
+  Images of varying sizes are brought to image_size x image_size (None: the spec's size)
+  by `records.centre_crop`; a dataset of one image size is decoded at it, whatever image_size.
   """
-  spec = at_size(get_spec(name), image_size)
+  spec = get_spec(name)
+  if image_size is not None and spec.varying_size:
+    spec = dataclasses.replace(spec, image_size=(image_size, image_size))
   if spec.tfds_name is None:
     return spec.loader(split)
   builder = _builder(spec, data_dir)
