@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Evaluation: shorter side to size / fraction, then the centre crop (DeiT: 0.875).
       "eval_crop_fraction": 1.0,
       "stream_workers": 0,  # grain worker processes decoding; 0: threads of this process
+      # Square size images are used at, in pixels; unset: the dataset's own. Only datasets
+      # whose images vary in size (imagenet2012, 224 unless set) can be used at another.
+      "image_size": placeholder(int),
       # Subsets for quick runs: keep the first `classes` labels (0: all) and at
       # most `train_per_class` training images of each (0: all).
       "classes": 0,

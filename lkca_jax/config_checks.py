@@ -254,6 +254,7 @@ def rules() -> dict[str, Rule]:
     ),
     "dataset.eval_crop_fraction": number(0.0, 1.0, low_open=True),
     "dataset.stream_workers": integer(0),
+    "dataset.image_size": integer(1, optional=True),  # against the dataset: Run.prepare
     # The upper bound (the dataset's class count) is checked in Run.prepare.
     "dataset.classes": Rule(
       "0 (all classes) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2), 1

@@ -30,6 +30,9 @@ class Preset:
   pool: str = "auto"  # "cls", "mean", or "auto": cls only when no layer needs the grid
   # Constructor options per mixer name, e.g. {"lkca": {"view": "conv"}}.
   mixer_options: dict = dataclasses.field(default_factory=dict)
+  # Pixels per patch side; None: image size / DEFAULT_GRID (the paper's 8×8 grid).
+  # `create_model(patch_size=...)` (config.patch_size) overrides it.
+  patch_size: int | None = None
 
 
 # `docs/method.md`, "Presets". LKCA presets' `num_heads` only matters for kernel_sharing="head".
@@ -55,6 +58,12 @@ PRESETS: dict[str, Preset] = {
   "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,280 (−0.34%)
   "flatten_t": Preset("flatten", 114, 9, 3),  # 1,036,840 (+0.90%)
   "flatten_b": Preset("flatten", 176, 10, 4),  # 2,645,290 (−1.71%)
+  # ImageNet-1k size (`docs/method.md`, "ImageNet presets"): the shape of DeiT-S / ViT-S/16,
+  # 16×16 patches (a 14×14 grid at 224×224), width 384, depth 12, 6 heads, MLP 4×.
+  # Parameters at 224×224 with 1000 classes: vit_s16 22,036,840 (DeiT-S's 22,050,664 less
+  # its 12 × 1,152 qkv biases); lkca_s16 18,505,876 (27×27 kernels, no class token).
+  "vit_s16": Preset("mhsa", 384, 12, 6, mlp_ratio=4.0, patch_size=16),
+  "lkca_s16": Preset("lkca", 384, 12, 6, mlp_ratio=4.0, patch_size=16),
 }
 
 # The input grid is 8×8 for every dataset of the paper (patch 4 at 32×32,
@@ -262,8 +271,10 @@ def create_model(
     raise ValueError(f"unknown model override {unknown[0]!r}; valid overrides: {preset_fields()}")
   preset = dataclasses.replace(PRESETS[name], **overrides)
   height, width = as_grid(image_size)
+  fields = dataclasses.asdict(preset)
+  preset_patch = fields.pop("patch_size")
   if patch_size is None:
-    patch_size = max(1, min(height, width) // DEFAULT_GRID)
+    patch_size = preset_patch or max(1, min(height, width) // DEFAULT_GRID)
   return ViT(
     num_classes=num_classes,
     image_size=(height, width),
@@ -271,7 +282,7 @@ def create_model(
     patch_size=patch_size,
     dtype=dtype,
     rngs=rngs,
-    **dataclasses.asdict(preset),
+    **fields,
   )
 
 

@@ -345,6 +345,10 @@ class Run:
           f"(or 0 for all of {spec.name})"
         )
       spec = dataclasses.replace(spec, num_classes=classes)
+    try:
+      spec = data_lib.at_size(spec, config.dataset.image_size)
+    except ValueError as e:
+      raise ConfigError(f"dataset.image_size={config.dataset.image_size}: {e}") from None
     for key in ("mean", "std"):
       if len(config.dataset[key]) != spec.channels:
         raise ConfigError(

@@ -119,6 +119,44 @@ def test_peer_preset_parameter_counts_match_the_derived_ones(name):
     assert count_params(model) == peer_param_count(name, num_classes, size) == expected
 
 
+# ImageNet-1k presets at 224×224, 1000 classes (`docs/method.md`, "ImageNet presets").
+IMAGENET_PARAM_COUNTS = {"vit_s16": 22_036_840, "lkca_s16": 18_505_876}
+
+
+def imagenet_param_count(name) -> int:
+  """Term by term for D = 384, depth 12, MLP 4×, 16×16 patches over 224×224 (a 14×14 grid)."""
+  d, depth, hidden, classes = 384, 12, 4 * 384, 1000
+  h = w = 224 // 16
+  patch_embed = 16 * 16 * 3 * d + d  # Linear(3·p², D) with bias
+  mlp = (d * hidden + hidden) + (hidden * d + d)
+  norms = 2 * (2 * d)  # two LayerNorms, scale and bias
+  if name == "vit_s16":
+    mixer = d * 3 * d + (d * d + d)  # qkv without bias, output with bias
+    tokens = h * w + 1  # the class token's position too
+    prefix = d  # the class token
+  else:
+    mixer = 2 * d * d + d + (2 * h - 1) * (2 * w - 1)  # W_v, W_o + b_o, one 27×27 kernel
+    tokens, prefix = h * w, 0
+  head = 2 * d + d * classes + classes  # LayerNorm, Linear(D, classes)
+  return patch_embed + prefix + tokens * d + depth * (norms + mixer + mlp) + head
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_PARAM_COUNTS))
+def test_imagenet_preset_parameter_counts(name):
+  model = nnx.eval_shape(
+    lambda: create_model(name, num_classes=1000, image_size=224, rngs=nnx.Rngs(0))
+  )
+  assert model.grid == (14, 14) and model.patch_size == 16  # the preset's own patch size
+  assert count_params(model) == imagenet_param_count(name) == IMAGENET_PARAM_COUNTS[name]
+
+
+def test_an_explicit_patch_size_replaces_the_presets():
+  model = nnx.eval_shape(
+    lambda: create_model("vit_s16", num_classes=10, image_size=32, patch_size=4, rngs=nnx.Rngs(0))
+  )
+  assert model.grid == (8, 8)
+
+
 def test_vit_worked_check_per_component():
   model = nnx.eval_shape(
     lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0))

@@ -121,12 +121,13 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
     if placement == "stream":
       return stream.from_config(config, spec, mesh, key, files)
   train = subset(
-    *sources.load_split(spec.name, spec.train_split, **kwargs),
+    *sources.load_split(spec.name, spec.train_split, **kwargs, image_size=spec.image_size[0]),
     num_classes=spec.num_classes,
     per_class=data.train_per_class,
   )
   test = subset(
-    *sources.load_split(spec.name, spec.eval_split, **kwargs), num_classes=spec.num_classes
+    *sources.load_split(spec.name, spec.eval_split, **kwargs, image_size=spec.image_size[0]),
+    num_classes=spec.num_classes,
   )
   return Pipeline(
     mesh,

@@ -24,6 +24,10 @@ import numpy as np
 
 # PIL releases the GIL while it decodes, so threads overlap the decoding.
 DECODE_THREADS = min(8, os.cpu_count() or 1)
+# Images of many sizes are brought to one as the ImageNet evaluation of DeiT/timm does
+# (their `eval_crop_ratio` / `crop_pct`): the shorter side scaled to size / 0.875 (256 for
+# 224), bicubic, then the centre size x size.
+CROP_FRACTION = 0.875
 _MODES = {1: "L", 3: "RGB"}  # channels -> PIL mode; what TF's decode_*(channels=C) gives
 # A tfrecord record: uint64 length, uint32 CRC of the length, the data, uint32 CRC of the data.
 _TFRECORD_HEADER = 12
@@ -130,10 +134,14 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
   return " ".join(str(error).split())[:limit]
 
 
-def decode_split(builder, split: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def decode_split(
+  builder, split: str, shape: tuple[int, int, int], *, crop: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """A split of an array_record builder as (uint8 images (N, *shape), int32 labels (N,)).
 
-  Raises DamagedFileError when a file of the split is missing, cut short or corrupted.
+  With `crop`, images of any size are brought to `shape` by `centre_crop`; without,
+  every image must have that shape. Raises DamagedFileError when a file of the split
+  is missing, cut short or corrupted.
   """
   from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
 
@@ -151,7 +159,7 @@ def decode_split(builder, split: str, shape: tuple[int, int, int]) -> tuple[np.n
   def decode_range(start: int, stop: int) -> None:
     for i in range(start, stop):
       feature = tf_example_pb2.Example.FromString(records[i]).features.feature
-      images[i] = _decode_image(feature[image_key].bytes_list.value[0], mode, shape)
+      images[i] = _decode_image(feature[image_key].bytes_list.value[0], mode, shape, crop)
       labels[i] = feature[label_key].int64_list.value[0]
 
   chunk = -(-len(records) // DECODE_THREADS) if records else 1
@@ -165,13 +173,32 @@ def decode_split(builder, split: str, shape: tuple[int, int, int]) -> tuple[np.n
   return images, labels
 
 
-def _decode_image(data: bytes, mode: str, shape: tuple[int, int, int]) -> np.ndarray:
+def _decode_image(data: bytes, mode: str, shape: tuple[int, int, int], crop: bool) -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
 
   with Image.open(io.BytesIO(data)) as image:
-    pixels = np.asarray(image if image.mode == mode else image.convert(mode))
+    image = image if image.mode == mode else image.convert(mode)
+    pixels = centre_crop(image, shape[:2]) if crop else np.asarray(image)
   if pixels.shape[:2] != shape[:2]:
     raise ValueError(
       f"an image is {pixels.shape[1]}x{pixels.shape[0]}, expected {shape[1]}x{shape[0]}"
     )
   return pixels.reshape(shape)
+
+
+def centre_crop(image, size: tuple[int, int]) -> np.ndarray:
+  """A PIL image as uint8 pixels (height, width, ...) = size: the shorter side scaled to
+  int(max(size) / CROP_FRACTION) with bicubic filtering, the other keeping the aspect, then
+  the centre cut out (torchvision's Resize and CenterCrop, which DeiT's evaluation uses)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  height, width = size
+  short = int(max(size) / CROP_FRACTION)
+  if image.width <= image.height:
+    new = (short, int(short * image.height / image.width))
+  else:
+    new = (int(short * image.width / image.height), short)
+  resized = image.resize(new, Image.Resampling.BICUBIC)
+  top = int(round((new[1] - height) / 2.0))
+  left = int(round((new[0] - width) / 2.0))
+  return np.asarray(resized.crop((left, top, left + width, top + height)))

@@ -63,6 +63,10 @@ class DatasetSpec:
   tfds_module: str | None = None
   manual_files: str = ""  # the official files to put in manual_dir, as said in errors
   manual_note: str = ""  # another way to give them, appended to manual_files in errors
+  manual_only: bool = False  # no public download: preparing needs manual_dir
+  # Images of many sizes (ImageNet): `image_size` is then the size they are brought to as a
+  # whole split is decoded (`records.centre_crop`), and a run may choose another.
+  varying_size: bool = False
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -112,6 +116,20 @@ DATASETS: dict[str, DatasetSpec] = {
     manual_files="tiny-imagenet-200.zip",
     manual_note=" (or the zip that $LKCA_TINY_IMAGENET_ZIP names)",
   ),
+  "imagenet2012": DatasetSpec(
+    "imagenet2012",
+    1000,
+    (224, 224),
+    3,
+    "train",
+    "validation",
+    "imagenet2012",
+    tfds_module="lkca_jax.data.imagenet",
+    manual_files="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar",
+    manual_note=" (from https://image-net.org/download-images, after registering)",
+    manual_only=True,
+    varying_size=True,
+  ),
   "digits": DatasetSpec("digits", 10, (8, 8), 1, "train", "test", None, loader=digits.load),
   "synthetic_cifar": DatasetSpec(
     "synthetic_cifar", 10, (32, 32), 3, "train", "test", None, loader=synthetic.load
@@ -133,6 +151,25 @@ def get_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
+def at_size(spec: DatasetSpec, image_size: int | None) -> DatasetSpec:
+  """The spec of a run that uses the images at image_size x image_size (None: their own).
+
+  Only images of varying sizes can be brought to another size (as `load_split` decodes
+  them); asking another size of a dataset of one size is a ValueError.
+  """
+  if image_size is None or (image_size, image_size) == tuple(spec.image_size):
+    return spec
+  if not spec.varying_size:
+    height, width = spec.image_size
+    varying = sorted(name for name, other in DATASETS.items() if other.varying_size)
+    raise ValueError(
+      f"dataset {spec.name} has {height}x{width} images, used at that size: image size "
+      f"{image_size} applies only to datasets whose images vary in size ({', '.join(varying)}); "
+      "leave dataset.image_size unset"
+    )
+  return dataclasses.replace(spec, image_size=(image_size, image_size))
+
+
 def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool = False) -> None:
   """Raises DatasetUnavailableError unless `load_split` can get the data; decodes nothing."""
   spec = get_spec(name)
@@ -148,13 +185,23 @@ def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool
 
 
 def load_split(
-  name: str, split: str, *, data_dir=None, manual_dir=None, download: bool = False
+  name: str,
+  split: str,
+  *,
+  data_dir=None,
+  manual_dir=None,
+  download: bool = False,
+  image_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images (N, H, W, C), int32 labels (N,)), decoded once.
 
   Prepares a TFDS dataset first (array_record) when it is missing and download=True.
+  Images of varying sizes are brought to image_size x image_size (None: the spec's size)
+  by `records.centre_crop`; a dataset of one image size is decoded at it, whatever image_size.
   """
   spec = get_spec(name)
+  if image_size is not None and spec.varying_size:
+    spec = dataclasses.replace(spec, image_size=(image_size, image_size))
   if spec.tfds_name is None:
     return spec.loader(split)
   builder = _prepared_builder(spec, split, data_dir, manual_dir, download)
@@ -361,12 +408,12 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def _unavailable_message(spec: DatasetSpec, builder) -> str:
+  otherwise = "" if spec.manual_only else "; with no files there it downloads them"
   return (
     f"dataset {spec.name} (TFDS {spec.tfds_name} {builder.version}) is not prepared in "
     f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR "
     f"where it is prepared, or --config.dataset.download=True to prepare it there (from "
-    f"--config.dataset.manual_dir=DIR holding {spec.manual_files}{spec.manual_note}; with "
-    f"no files there it downloads them)"
+    f"--config.dataset.manual_dir=DIR holding {spec.manual_files}{spec.manual_note}{otherwise})"
   )
 
 
@@ -379,8 +426,11 @@ def _offline_hint(spec: DatasetSpec) -> str:
 
 
 def _check_manual_dir(spec: DatasetSpec, manual_dir) -> None:
-  """A manual_dir that lacks the files is a mistake: say so instead of downloading."""
-  if spec.tfds_module is None or manual_dir is None:
+  """A manual_dir that lacks the files is a mistake: say so instead of downloading.
+
+  So is no manual_dir for a dataset that cannot be downloaded.
+  """
+  if spec.tfds_module is None or (manual_dir is None and not spec.manual_only):
     return
   check = getattr(importlib.import_module(spec.tfds_module), "manual_dir_problem", None)
   problem = check(manual_dir, spec.tfds_name) if check else None
@@ -487,10 +537,16 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
   """array_record: decoded without TensorFlow; tfrecord: with tf.data."""
   file_format = _file_format(builder)
   if file_format == "array_record":
+    shape = (*spec.image_size, spec.channels)
     with _naming_the_fix(spec, builder):
-      images, labels = records.decode_split(builder, split, (*spec.image_size, spec.channels))
+      images, labels = records.decode_split(builder, split, shape, crop=spec.varying_size)
     _check_count(spec, builder, split, len(labels))
     return images, labels
+  if spec.varying_size:  # only the array_record path brings images to one size
+    raise DatasetUnavailableError(
+      f"dataset {spec.name} is stored as {file_format}, and its images of many sizes are only "
+      f"read from array_record; prepare it again: {reprepare_command(spec, builder.data_dir_root)}"
+    )
   if file_format != "tfrecord":
     raise DatasetUnavailableError(
       f"dataset {spec.name} is stored as {file_format}, and only array_record and tfrecord "

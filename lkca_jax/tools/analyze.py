@@ -113,6 +113,7 @@ def load_test_images(run, config, count: int) -> np.ndarray:
     data_dir=config.dataset.data_dir,
     manual_dir=config.dataset.manual_dir,
     download=config.dataset.download,
+    image_size=spec.image_size[0],  # the run's (`sources.at_size`)
   )
   images = np.asarray(images)[np.asarray(labels) < spec.num_classes][:count]
   return np.asarray(augment_lib.normalize(images, config.dataset.mean, config.dataset.std))

@@ -7,7 +7,9 @@ by hand into DIR, with no network: cifar10: cifar-10-binary.tar.gz or
 cifar-10-python.tar.gz; cifar100: cifar-100-binary.tar.gz or
 cifar-100-python.tar.gz; svhn: train_32x32.mat and test_32x32.mat (plus
 extra_32x32.mat for the extra split); tiny_imagenet: tiny-imagenet-200.zip (or
-set $LKCA_TINY_IMAGENET_ZIP). Without it, TFDS downloads them. The examples are
+set $LKCA_TINY_IMAGENET_ZIP); imagenet2012: ILSVRC2012_img_train.tar and
+ILSVRC2012_img_val.tar (required: ImageNet has no public download). Without
+it, TFDS downloads them. The examples are
 stored as array_record (--file_format, default), which training reads without
 TensorFlow; tfrecord copies are read through TensorFlow. A dataset already
 prepared in --data_dir is kept and its files checked; --force deletes that

@@ -1,17 +1,20 @@
-"""Small archives in the byte layout of the official CIFAR-10, CIFAR-100 and SVHN downloads.
+"""Small archives in the byte layout of the official CIFAR-10, CIFAR-100, SVHN and ImageNet files.
 
-Each writer puts real 32x32 photos (crops of the Tiny-ImageNet fixture) into
-the file a user downloads by hand, with the official file and folder names,
-and returns what it wrote: {split: (images (N, 32, 32, 3) uint8, labels)}.
+Each writer puts real photos (the Tiny-ImageNet fixture's JPEGs, or 32x32
+crops of them) into the file a user downloads by hand, with the official file
+and folder names, and returns what it wrote: {split: (images (N, 32, 32, 3)
+uint8, labels)}; ImageNet's: {split: {file name: JPEG bytes}}.
 """
 
 import io
 import pickle
 import tarfile
+import zipfile
 
 import numpy as np
+from PIL import Image
 
-from tests.helpers import fixture_images
+from tests.helpers import FIXTURE_ZIP, fixture_images
 
 CIFAR10_NAMES = (
   "airplane",
@@ -296,3 +299,54 @@ def write_svhn(folder, splits=("train", "test", "extra"), count: int = 7) -> dic
     )
     out[split] = (images, digits[:, None])
   return out
+
+
+# --- ImageNet (ILSVRC 2012) --------------------------------------------------------
+# The one training image that the official train tar holds as a PNG under a .JPEG name;
+# TFDS's imagenet2012 builder re-encodes it as a JPEG.
+IMAGENET_PNG = "n02105855_2933.JPEG"
+IMAGENET_PNG_SIZE = (80, 64)  # width, height: not square, as most ImageNet photos
+IMAGENET_VAL = 10  # ILSVRC2012_val_00000001.JPEG ... _00000010.JPEG
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+  out = io.BytesIO()
+  with tarfile.open(fileobj=out, mode="w") as archive:
+    for name, data in members.items():
+      _add(archive, name, data)
+  return out.getvalue()
+
+
+def write_imagenet(folder) -> dict:
+  """ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar laid out as the official ones.
+
+  Train: one uncompressed tar per synset, n########.tar, of JPEGs n########_k.JPEG: the
+  fixture's 4 classes (12 images each, one of them greyscale) and n02105855 holding only
+  the PNG that the official tar has under a .JPEG name (an 80x64 fixture image). Val: flat
+  JPEGs ILSVRC2012_val_%08d.JPEG, numbers 1..IMAGENET_VAL as the official file begins (its
+  labels come from TFDS's own list, by sorted name), added in reverse order; the images are
+  the fixture's validation JPEGs, so their content is not their label's class.
+  """
+  with zipfile.ZipFile(FIXTURE_ZIP) as archive:
+    names = sorted(n for n in archive.namelist() if n.endswith(".JPEG"))
+    jpegs = {n: archive.read(n) for n in names}
+  synsets: dict[str, dict[str, bytes]] = {}
+  for name, data in jpegs.items():
+    parts = name.split("/")  # tiny-imagenet-200/train/<wnid>/images/<wnid>_<k>.JPEG
+    if parts[1] == "train":
+      synsets.setdefault(parts[2], {})[parts[4]] = data
+  png = io.BytesIO()
+  first = jpegs[names[0]]
+  with Image.open(io.BytesIO(first)) as image:
+    image.convert("RGB").resize(IMAGENET_PNG_SIZE, Image.Resampling.BICUBIC).save(png, "PNG")
+  synsets[IMAGENET_PNG.split("_")[0]] = {IMAGENET_PNG: png.getvalue()}
+  val_sources = [n for n in names if n.split("/")[1] == "val"][:IMAGENET_VAL]
+  val = {f"ILSVRC2012_val_{k:08d}.JPEG": jpegs[n] for k, n in enumerate(val_sources, 1)}
+  with tarfile.open(folder / "ILSVRC2012_img_train.tar", "w") as archive:
+    for wnid in sorted(synsets):
+      _add(archive, f"{wnid}.tar", _tar_bytes(synsets[wnid]))
+  with tarfile.open(folder / "ILSVRC2012_img_val.tar", "w") as archive:
+    for name in reversed(val):  # the builder must label by sorted name, not by tar order
+      _add(archive, name, val[name])
+  train = {name: data for members in synsets.values() for name, data in members.items()}
+  return {"train": train, "validation": val}

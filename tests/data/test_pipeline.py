@@ -132,6 +132,7 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
         "eval_split": "test",
         "num_classes": 10,
         "tfds_name": None,  # read by a loader: placed whole
+        "image_size": (32, 32),
       },
     )()
     pipeline_lib.from_config(config, spec, pipeline_lib.make_mesh(1), jax.random.key(0))

@@ -75,3 +75,23 @@ def test_reading_array_record_never_imports_tensorflow(prepared):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["48", "False"]
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["landscape", "portrait"])
+def test_centre_crop_keeps_the_centre_of_the_longer_side(transpose):
+  """A 200x100 photo at 32 px: the shorter side goes to int(32 / 0.875) = 36, the longer to
+  72, and columns 20..51 of 72 stay: 0.28..0.72 of the width, inside the green band 0.2..0.8
+  by more than bicubic's reach (2 output pixels = 0.03 of the width)."""
+  from PIL import Image
+
+  from lkca_jax.data import records
+
+  pixels = np.zeros((100, 200, 3), np.uint8)
+  pixels[:, :40, 0] = 255  # red | green | blue
+  pixels[:, 40:160, 1] = 255
+  pixels[:, 160:, 2] = 255
+  if transpose:
+    pixels = pixels.transpose(1, 0, 2).copy()
+  cropped = records.centre_crop(Image.fromarray(pixels), (32, 32))
+  assert cropped.shape == (32, 32, 3) and cropped.dtype == np.uint8
+  np.testing.assert_array_equal(cropped, np.broadcast_to([0, 255, 0], (32, 32, 3)))

@@ -1,0 +1,88 @@
+"""ImageNet-1k (ILSVRC 2012) at 224x224 with the DeiT recipe, on lkca_s16 (vit_s16: DeiT-S).
+
+Prepare it once from the two official tars (no public download; register at
+image-net.org), then train from the prepared copy:
+    python -m lkca_jax.tools.prepare --dataset imagenet2012 \
+        --manual_dir DIR_WITH_THE_TARS --data_dir TFDS_DIR
+    python main.py --config configs/imagenet.py --config.dataset.data_dir=TFDS_DIR \
+        --config.dataset.download=False [--config.model=vit_s16]
+
+The recipe is DeiT's for DeiT-S (Touvron et al. 2021, "Training data-efficient image
+transformers", Table 9, and the defaults of their repository's main.py); each value says
+where it comes from. What this project cannot express, or does otherwise:
+
+- Crop: DeiT trains on RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3, bicubic), the
+  streaming path's per-image host step here (`dataset.stream_crop`), which resizes
+  bilinearly; it evaluates on the centre 224 of the image resized to 256 (0.875).
+- RandAugment (DeiT: rand-m9-mstd0.5-inc1: 2 of 15 ops per image at magnitude ~N(9, 0.5)) is
+  not offered: this uses AutoAugment's ImageNet policy (Cubuk et al. 2019), the one DeiT set
+  against RandAugment in its ablation (Table 8).
+- Repeated augmentation: DeiT's RASampler shuffles once, repeats each index 3 times and deals
+  them to the GPUs in turn, so an image's 3 copies share a step, and an epoch is N samples
+  (a third of the images). Here an epoch is `repeats` whole passes (3N samples), each its own
+  shuffle: 100 epochs here are DeiT's 300 in samples, and its 5 warmup epochs are 5/3 here
+  (rounded to 2: the warmup is whole epochs).
+- Weight decay reaches every parameter; DeiT (timm) exempts biases, norms, the position
+  embedding and the class token.
+- Stochastic depth is 0.1 in every layer (the presets'); timm ramps it from 0 to 0.1 with depth.
+- The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
+- Random erasing fills with the mean colour ("zero"); DeiT's "pixel" mode fills with per-pixel
+  N(0, 1) noise after normalisation, whose mean this is.
+- Mixup / CutMix pair each image with a random permutation of the batch; timm with the batch
+  reversed. Label smoothing is applied to the loss; timm smooths the mixed targets (the same).
+- No model EMA (DeiT's repository keeps one beside the model, decay 0.99996) and no
+  distillation (DeiT-S, not DeiT-S with the distillation token).
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = "lkca_s16"  # 16x16 patches, width 384, depth 12, MLP 4x: DeiT-S's shape
+  config.dtype = "bfloat16"  # DeiT trains with mixed precision (torch AMP)
+
+  config.dataset.name = "imagenet2012"
+  # Decode, crop and resize on host workers, batches streamed: ~190 GB decoded fits nowhere.
+  config.dataset.placement = "stream"
+  config.dataset.stream_crop = "random_resized"  # DeiT: RandomResizedCrop(224)
+  config.dataset.stream_crop_scale = (0.08, 1.0)  # torchvision's default scale, DeiT's
+  config.dataset.stream_crop_ratio = (3 / 4, 4 / 3)  # torchvision's default ratio, DeiT's
+  config.dataset.eval_crop_fraction = 0.875  # DeiT --eval-crop-ratio 0.875: 256, centre 224
+  config.dataset.image_size = 224  # DeiT --input-size 224
+  # timm's IMAGENET_DEFAULT_MEAN / STD, which DeiT normalises with.
+  config.dataset.mean = (0.485, 0.456, 0.406)
+  config.dataset.std = (0.229, 0.224, 0.225)
+
+  config.augment.flip = True  # timm's hflip 0.5
+  config.augment.crop_padding = 0  # DeiT crops by RandomResizedCrop instead (see above)
+  config.augment.autoaugment = "imagenet"  # for DeiT's RandAugment m9 mstd0.5 (see above)
+  config.augment.random_erasing = 0.25  # DeiT --reprob 0.25, one box (--recount 1)
+  config.augment.erasing_area = (0.02, 1 / 3)  # timm RandomErasing min_area, max_area
+  config.augment.erasing_aspect = (0.3, 1 / 0.3)  # timm min_aspect 0.3, max 1 / 0.3
+  config.augment.erasing_aspect_sampling = "log_uniform"  # timm draws log(aspect) uniformly
+  config.augment.erasing_attempts = 10  # timm's
+  config.augment.erasing_fill = "zero"  # for DeiT --remode pixel (see above)
+
+  config.mixing.prob = 1.0  # DeiT --mixup-prob 1.0: every batch is mixed
+  config.mixing.cutmix_prob = 0.5  # DeiT --mixup-switch-prob 0.5
+  config.mixing.cutmix_alpha = 1.0  # DeiT --cutmix 1.0
+  config.mixing.mixup_alpha = 0.8  # DeiT --mixup 0.8
+  config.label_smoothing = 0.1  # DeiT --smoothing 0.1
+
+  config.batch_size = 1024  # DeiT Table 9: batch 1024
+  # DeiT: lr 5e-4 x batch / 512 (its main.py scales --lr by the global batch), AdamW with
+  # torch's betas (0.9, 0.999) and eps 1e-8 (--opt-eps), weight decay 0.05 (Table 9).
+  config.optimizer.learning_rate = 5e-4 * config.batch_size / 512
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.init_learning_rate = 1e-6  # DeiT --warmup-lr 1e-6
+  config.optimizer.end_learning_rate = 1e-5  # DeiT --min-lr 1e-5, the end of its cosine
+  config.repeats = 3  # DeiT --repeated-aug, 3 copies (see above for what an epoch is)
+  config.epoch_order = "independent"
+  config.num_epochs = 100  # DeiT's 300 epochs of N samples = 100 epochs of 3 passes here
+  config.optimizer.warmup_epochs = 2  # DeiT's 5 epochs = 5/3 here, rounded up (see above)
+  # Drop path 0.1: the presets' drop_path_rate (DeiT --drop-path 0.1, Table 9).
+  return config
