@@ -119,14 +119,10 @@ def test_config_error_is_one_class():
 # --- through main.py -----------------------------------------------------------
 DIGITS = ["--config", "configs/digits.py"]
 REJECTED = [
+  # One of each path to the error line; every rule's own message is tested in-process above.
   (["--config.batch_size=0"], "batch_size must be an integer >= 1, got 0"),
-  (["--config.repeats=0"], "repeats must be an integer >= 1, got 0"),
-  (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be a number > 0"),
-  (["--config.label_smoothing=2.0"], "label_smoothing must be a number in [0, 1)"),
-  (["--config.augment.autoaugment=bogus"], "augment.autoaugment must be one of"),
   (["--mode=eval", "--config.num_epochs=0"], "num_epochs must be an integer >= 1"),
   (["--config.model=vit_99m"], "unknown model preset 'vit_99m'"),
-  (["--config.dataset.name=imagenet21k"], "unknown dataset 'imagenet21k'"),
   # Checked in Run.prepare against the dataset and devices, still before anything runs.
   (["--config.patch_size=3"], "not divisible by patch size"),
   (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
