@@ -51,6 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_overrides = model_overrides()
   config.patch_size = placeholder(int)  # None: image size / 8, an 8x8 grid
   config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
+  # Fine-tuning at another image size (docs/usage.md, "Another image size"): start from the
+  # parameters of a workdir's newest checkpoint or of a checkpoint step directory, moved to
+  # this model's grid, with a fresh optimizer at step 0. The workdir's own checkpoint, once
+  # there is one, wins: the run resumes from it. LKCA kernels move as init_from_kernels says:
+  # "pad" (each tap keeps its offset in patches) or "resample" (its fraction of the image).
+  config.init_from = placeholder(str)
+  config.init_from_kernels = "pad"
 
   config.dataset = ml_collections.ConfigDict(
     {
@@ -59,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
       "manual_dir": placeholder(str),  # where a manual download (tiny-imagenet-200.zip) lies
       "download": True,  # False: never touch the network, fail if not prepared
       "placement": "auto",  # "device", "host" or "auto" (device when it fits)
+      # Images resized to image_size x image_size once as loaded (antialiased bilinear);
+      # None: the dataset's own size.
+      "image_size": placeholder(int),
       # Subsets for quick runs: keep the first `classes` labels (0: all) and at
       # most `train_per_class` training images of each (0: all).
       "classes": 0,

@@ -27,6 +27,7 @@ from lkca_jax.augment.transforms import ASPECT_SAMPLINGS, ERASING_FILLS
 from lkca_jax.data import DATASETS
 from lkca_jax.data.pipeline import EPOCH_ORDERS
 from lkca_jax.layers import MIXERS
+from lkca_jax.layers.lkca import KERNEL_MOVES
 
 
 class ConfigError(ValueError):
@@ -234,11 +235,14 @@ def rules() -> dict[str, Rule]:
     **mixer_option_rules(),
     "patch_size": integer(1, optional=True),  # unset: image size / 8
     "dtype": dtypes(),
+    "init_from": string(),  # the path itself is checked in Run.prepare
+    "init_from_kernels": choice(KERNEL_MOVES),
     "dataset.name": choice(DATASETS, names="dataset"),
     "dataset.data_dir": string(),
     "dataset.manual_dir": string(),
     "dataset.download": boolean(),
     "dataset.placement": choice(PLACEMENTS),
+    "dataset.image_size": integer(1, optional=True),
     # The upper bound (the dataset's class count) is checked in Run.prepare.
     "dataset.classes": Rule(
       "0 (all classes) or an integer >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2), 1

@@ -29,7 +29,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lkca_jax import adapters, config_checks, distributed, files, metric_writer, models
+from lkca_jax import (
+  adapters,
+  config_checks,
+  distributed,
+  files,
+  metric_writer,
+  models,
+  resolution,
+)
 from lkca_jax import checkpoint as checkpoint_lib
 from lkca_jax import data as data_lib
 from lkca_jax import workdir as workdir_lib
@@ -345,6 +353,8 @@ class Run:
           f"(or 0 for all of {spec.name})"
         )
       spec = dataclasses.replace(spec, num_classes=classes)
+    if config.dataset.image_size:
+      spec = dataclasses.replace(spec, image_size=(config.dataset.image_size,) * 2)
     for key in ("mean", "std"):
       if len(config.dataset[key]) != spec.channels:
         raise ConfigError(
@@ -360,6 +370,7 @@ class Run:
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    check_init_from(config, model)
     try:
       data_lib.check_available(
         spec.name,
@@ -452,6 +463,11 @@ def _split_model(model):
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   return train_graphdef, eval_graphdef, params, rest
+
+
+def _run_of(tree, k: int):
+  """Run k's part of a tree with a leading run axis."""
+  return jax.tree.map(lambda x: x[k], tree)
 
 
 def _stack(trees):
@@ -733,6 +749,91 @@ def resume(t: Training, checkpoints: checkpoint_lib.Checkpoints, mesh) -> Loop:
     jnp.asarray([r.died_at_step is None for r in records]), NamedSharding(mesh, P())
   )
   return Loop(state, alive, step, records, window_start=step)
+
+
+# --- init_from: fine-tuning from another image size's checkpoint ----------------------
+def init_from_source(path) -> tuple[epath.Path, int]:
+  """--config.init_from → (checkpoints directory, step): a workdir or its checkpoints
+  directory (the newest checkpoint), or a step directory. Raises ConfigError."""
+  where = f"init_from={path}"
+  path = checkpoint_lib.absolute(path)
+  if path.name.isdigit():
+    try:
+      return checkpoint_lib.resolve(path)
+    except checkpoint_lib.CheckpointError as e:
+      raise ConfigError(f"{where}: {e}") from None
+  directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  if not directory.is_dir():
+    raise ConfigError(
+      f"{where}: no such directory; pass a workdir, its checkpoints/ or a checkpoint step "
+      "directory <workdir>/checkpoints/<step>"
+    )
+  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    step = checkpoints.latest_step()
+  finally:
+    checkpoints.close()
+  if step is None:
+    raise ConfigError(f"{where}: no checkpoint in {directory}; train there first")
+  return directory, step
+
+
+def _saved_params(directory, step, model) -> tuple[nnx.State, int | None]:
+  """(shapes of the checkpoint's parameters as one run's nnx.State, its run count or None)."""
+  like = nnx.state(model, nnx.Param)
+  saved = checkpoint_lib.saved_like(directory, step, "params", like)
+  runs = checkpoint_lib.saved_runs(directory, step)
+  if runs is not None:
+    saved = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), saved)
+  return saved, runs
+
+
+def check_init_from(config, model) -> None:
+  """ConfigError unless `config.init_from` names a checkpoint whose parameters move to
+  `model` (shapes only: nothing is read but metadata)."""
+  if not config.init_from:
+    return
+  where = f"init_from={config.init_from}"
+  directory, step = init_from_source(config.init_from)
+  try:
+    saved, runs = _saved_params(directory, step, model)
+    jax.eval_shape(
+      lambda p: resolution.move_params(p, model, kernels=config.init_from_kernels), saved
+    )
+  except (checkpoint_lib.CheckpointError, resolution.MoveError) as e:
+    raise ConfigError(f"{where}: {e}") from None
+  num_runs = len(run_specs(config))
+  if runs not in (None, num_runs):
+    raise ConfigError(
+      f"{where}: the checkpoint holds {runs} runs, this config trains {num_runs}; train as "
+      "many runs (each starts from its own), or start from a single run's checkpoint"
+    )
+
+
+def initialised_from(config, run: Run, state: TrainState) -> TrainState:
+  """`state` with its parameters read from `config.init_from`, moved to this model's grid
+  (resolution.move_params); the optimizer state and step stay fresh."""
+  directory, step = init_from_source(config.init_from)
+  saved, runs = _saved_params(directory, step, run.model)
+  replicated = NamedSharding(run.mesh, P())
+  lead = () if runs is None else (runs,)
+  saved = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=replicated), saved
+  )
+  restored = checkpoint_lib.read_checkpoint({"params": saved}, directory / str(step))
+  params = restored.state["params"]
+  count = len(run_specs(config))
+  each = [params if runs is None else _run_of(params, k) for k in range(count)]
+  kernels = config.init_from_kernels
+  moved = [resolution.move_params(p, run.model, kernels=kernels) for p in each]
+  params = pipeline_lib.put_tree(_stack(moved) if count > 1 else moved[0], replicated)
+  logging.info(
+    "parameters from %s, moved to a %dx%d grid (kernels: %s)",
+    restored.path,
+    *run.model.grid,
+    kernels,
+  )
+  return state.replace(params=params)
 
 
 def train_one_step(t: Training, loop: Loop) -> tuple[Loop, dict]:
@@ -1082,6 +1183,8 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   t = build_training(run, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
   loop = resume(t, checkpoints, run.mesh)
+  if loop.step == 0 and config.init_from:  # no checkpoint of its own (they start at step 1)
+    loop = dataclasses.replace(loop, state=initialised_from(config, run, loop.state))
   t.compile_everywhere(loop.state, loop.step)
   if jax.process_index() == 0:
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))

@@ -28,6 +28,7 @@ LAYERS = {
   "config_checks": 2,
   "distributed": 2,
   "metric_writer": 2,
+  "resolution": 2,
   "train": 3,
   "tools": 4,
 }

@@ -36,6 +36,9 @@ KERNEL_SHARING = ("layer", "head", "channel")
 KERNEL_INITS = ("zeros", "delta", "gaussian", "decay")
 GAUSSIAN_INIT_STD = 0.02  # the usual ViT std for a learned table
 DECAY_LENGTH = 1.0
+# How a trained kernel moves to another grid (lkca_jax.resolution): "pad" keeps each tap's
+# offset in patches (zeros at new offsets), "resample" keeps it as a fraction of the image.
+KERNEL_MOVES = ("pad", "resample")
 
 # "auto" resolves to the gathered-matrix form on every backend: it spends
 # N²·D multiply-adds in one dense matmul, while the convolution form spends
