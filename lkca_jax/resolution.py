@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lkca_jax import models
@@ -83,18 +84,16 @@ def resample_kernel(kernel: jax.Array, grid) -> jax.Array:
   new = (int(grid[0]), int(grid[1]))
   if old == new:
     return kernel
-  scale = jnp.asarray([n / o for n, o in zip(new, old, strict=True)], jnp.float32)
+  scale = [n / o for n, o in zip(new, old, strict=True)]
   # Pixel centres sit at index + ½: the old centre tap (h−1) + ½ goes to the new (H−1) + ½.
-  translation = jnp.asarray(
-    [n - 0.5 - (o - 0.5) * s for n, o, s in zip(new, old, scale.tolist(), strict=True)], jnp.float32
-  )
+  translation = [n - 0.5 - (o - 0.5) * s for n, o, s in zip(new, old, scale, strict=True)]
   lead = kernel.ndim - 2
   out = jax.image.scale_and_translate(
     kernel.astype(jnp.float32),
     (*kernel.shape[:lead], 2 * new[0] - 1, 2 * new[1] - 1),
     (lead, lead + 1),
-    scale,
-    translation,
+    np.asarray(scale, np.float32),
+    np.asarray(translation, np.float32),
     KERNEL_METHOD,
   )
   return (out / (scale[0] * scale[1])).astype(kernel.dtype)

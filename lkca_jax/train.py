@@ -810,9 +810,9 @@ def check_init_from(config, model) -> None:
     )
 
 
-def initialised_from(config, run: Run, state: TrainState) -> TrainState:
-  """`state` with its parameters read from `config.init_from`, moved to this model's grid
-  (resolution.move_params); the optimizer state and step stay fresh."""
+def moved_params(config, run: Run) -> nnx.State:
+  """The parameters of `config.init_from` moved to this model's grid (resolution.move_params),
+  each run's (stacked along the run axis with several), replicated on the mesh."""
   directory, step = init_from_source(config.init_from)
   saved, runs = _saved_params(directory, step, run.model)
   replicated = NamedSharding(run.mesh, P())
@@ -826,14 +826,19 @@ def initialised_from(config, run: Run, state: TrainState) -> TrainState:
   each = [params if runs is None else _run_of(params, k) for k in range(count)]
   kernels = config.init_from_kernels
   moved = [resolution.move_params(p, run.model, kernels=kernels) for p in each]
-  params = pipeline_lib.put_tree(_stack(moved) if count > 1 else moved[0], replicated)
   logging.info(
     "parameters from %s, moved to a %dx%d grid (kernels: %s)",
     restored.path,
     *run.model.grid,
     kernels,
   )
-  return state.replace(params=params)
+  return pipeline_lib.put_tree(_stack(moved) if count > 1 else moved[0], replicated)
+
+
+def initialised_from(config, run: Run, state: TrainState) -> TrainState:
+  """`state` with the parameters of `config.init_from` (moved_params); the optimizer state
+  and step stay fresh."""
+  return state.replace(params=moved_params(config, run))
 
 
 def train_one_step(t: Training, loop: Loop) -> tuple[Loop, dict]:
@@ -1218,10 +1223,32 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   return summary
 
 
+def _read_for_eval(config, run: Run, like, source) -> checkpoint_lib.Restored:
+  """The checkpoint at `source`; without one, init_from's parameters moved (step 0)."""
+  own = checkpoint_lib.absolute(source)
+  if config.init_from and not own.name.isdigit() and not _has_checkpoint(own):
+    directory, step = init_from_source(config.init_from)
+    state = {"params": moved_params(config, run), "rest": like["rest"]}
+    return checkpoint_lib.Restored(directory / str(step), 0, state, {})
+  return checkpoint_lib.read_checkpoint(like, source)
+
+
+def _has_checkpoint(directory) -> bool:
+  if not directory.is_dir():
+    return False
+  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    return checkpoints.latest_step() is not None
+  finally:
+    checkpoints.close()
+
+
 def evaluate(
   config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None
 ) -> dict:
-  """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir.
+  """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir,
+  or else (with `config.init_from` and no checkpoint in workdir) the parameters of init_from
+  moved to this image size, untrained.
 
   Returns the step, the checkpoint, the means over the runs at the top level and each
   run's results under "runs".
@@ -1233,7 +1260,7 @@ def evaluate(
   like = pipeline_lib.put_tree(
     _stack([like] * len(specs)) if len(specs) > 1 else like, NamedSharding(run.mesh, P())
   )  # onto every process's devices
-  restored = checkpoint_lib.read_checkpoint(like, checkpoint or epath.Path(workdir) / "checkpoints")
+  restored = _read_for_eval(config, run, like, checkpoint or epath.Path(workdir) / "checkpoints")
   state = restored.state
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)))

@@ -110,7 +110,12 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
   (config.dataset.image_size) when they are of another size.
   """
   data = config.dataset
-  kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
+  kwargs = dict(
+    data_dir=data.data_dir,
+    manual_dir=data.manual_dir,
+    download=data.download,
+    classes=spec.num_classes,
+  )
   train = subset(
     *sources.load_split(spec.name, spec.train_split, **kwargs),
     num_classes=spec.num_classes,

@@ -148,15 +148,23 @@ def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool
 
 
 def load_split(
-  name: str, split: str, *, data_dir=None, manual_dir=None, download: bool = False
+  name: str,
+  split: str,
+  *,
+  data_dir=None,
+  manual_dir=None,
+  download: bool = False,
+  classes: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images (N, H, W, C), int32 labels (N,)), decoded once.
 
+  With `classes` > 0 only the examples of labels below it are returned (array_record
+  decodes only their images: 20 of Tiny-ImageNet's 200 classes load ~10x faster).
   Prepares a TFDS dataset first (array_record) when it is missing and download=True.
   """
   spec = get_spec(name)
   if spec.tfds_name is None:
-    return spec.loader(split)
+    return _of_classes(*spec.loader(split), classes)
   builder = _builder(spec, data_dir)
   if not _is_prepared(spec, builder):
     if not download:
@@ -166,7 +174,14 @@ def load_split(
   if split not in builder.info.splits:
     raise ValueError(f"{name} has no split {split!r}: choose one of {sorted(builder.info.splits)}")
   _check_files(spec, builder, (split,))
-  return _decode_split(spec, builder, split)
+  return _decode_split(spec, builder, split, classes)
+
+
+def _of_classes(images: np.ndarray, labels: np.ndarray, classes: int):
+  if not classes:
+    return images, labels
+  keep = labels < classes
+  return images[keep], labels[keep]
 
 
 def prepare(
@@ -443,20 +458,24 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
   raise error
 
 
-def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """array_record: decoded without TensorFlow; tfrecord: with tf.data."""
+def _decode_split(
+  spec: DatasetSpec, builder, split: str, classes: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """array_record: decoded without TensorFlow; tfrecord: with tf.data. With `classes`, the
+  examples of labels below it."""
   file_format = _file_format(builder)
   if file_format == "array_record":
+    shape = (*spec.image_size, spec.channels)
     with _naming_the_fix(spec, builder):
-      images, labels = records.decode_split(builder, split, (*spec.image_size, spec.channels))
-    _check_count(spec, builder, split, len(labels))
+      images, labels, count = records.decode_split(builder, split, shape, classes=classes)
+    _check_count(spec, builder, split, count)
     return images, labels
   if file_format != "tfrecord":
     raise DatasetUnavailableError(
       f"dataset {spec.name} is stored as {file_format}, and only array_record and tfrecord "
       f"are read; prepare it again: {reprepare_command(spec, builder.data_dir_root)}"
     )
-  return _decode_split_tf(spec, builder, split)
+  return _of_classes(*_decode_split_tf(spec, builder, split), classes)
 
 
 def _check_count(spec: DatasetSpec, builder, split: str, count: int) -> None:
