@@ -189,6 +189,8 @@ def main(argv):
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   base = FLAGS.config
+  cli.output_dir(FLAGS.workdir, "--workdir")
+  out = str(cli.output_file(FLAGS.out, "--out"))
   if FLAGS.seeds < 1 or FLAGS.low_steps < 1 or FLAGS.finetune_steps < 1:
     cli.fail("--seeds, --low_steps and --finetune_steps must be >= 1")
   if FLAGS.low % FLAGS.patch_size or FLAGS.high % FLAGS.patch_size:
@@ -214,7 +216,6 @@ def main(argv):
   }
   rows = [{"model": m, "kernels": k} for m in FLAGS.models for k in kernel_moves(m)]
   report = {"settings": settings, "rows": rows}
-  out = str(cli.output_file(FLAGS.out, "--out"))
   experiment.quiet_trainer_log()
   enable_compile_cache(os.path.join(FLAGS.workdir, "jax_cache"))  # the two fine-tunings: one
   for model in FLAGS.models:
