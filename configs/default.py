@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from lkca_jax.layers import MIXERS
+from lkca_jax.layers.lkca import DEFAULT_KERNEL_MOVE
 
 
 def model_overrides() -> ml_collections.ConfigDict:
@@ -57,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # there is one, wins: the run resumes from it. LKCA kernels move as init_from_kernels says:
   # "pad" (each tap keeps its offset in patches) or "resample" (its fraction of the image).
   config.init_from = placeholder(str)
-  config.init_from_kernels = "pad"
+  config.init_from_kernels = DEFAULT_KERNEL_MOVE  # "resample", by measurement
 
   config.dataset = ml_collections.ConfigDict(
     {

@@ -31,7 +31,7 @@ from flax import nnx
 
 from lkca_jax import models
 from lkca_jax.layers import LKCA, MIXERS, ACmix, FocusedLinearAttention
-from lkca_jax.layers.lkca import KERNEL_MOVES
+from lkca_jax.layers.lkca import DEFAULT_KERNEL_MOVE, KERNEL_MOVES
 
 # timm resamples position tables with bicubic interpolation, antialiased. jax.image.resize's
 # "cubic" is the Keys kernel with a = −0.5, half-pixel centres, its weights renormalised at
@@ -205,12 +205,13 @@ def source_grid(source: nnx.State, target: nnx.Module) -> tuple[int, int]:
 
 
 def move_params(
-  source: nnx.State, target: nnx.Module, *, kernels: str = "pad", old_grid=None
+  source: nnx.State, target: nnx.Module, *, kernels: str = DEFAULT_KERNEL_MOVE, old_grid=None
 ) -> nnx.State:
   """`target`'s parameters (an nnx.State like nnx.state(target, nnx.Param)) from `source`,
   the parameters of the same model built for another image size (see the module docstring).
 
-  `kernels` is how LKCA kernels move ("pad" or "resample"); `old_grid` is the source's
+  `kernels` is how LKCA kernels move ("pad" or "resample", default DEFAULT_KERNEL_MOVE);
+  `old_grid` is the source's
   patch grid (default: read off its kernels, or the square its position table holds).
   Raises MoveError for anything that cannot be moved.
   """

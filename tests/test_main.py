@@ -387,16 +387,17 @@ def test_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
 
 # --- init_from: fine-tuning at another image size --------------------------------
 def moved_by_hand(small: dict, big_grid: tuple[int, int]) -> dict:
-  """The digits model's parameters (raw orbax dict) moved from 4x4 patches to `big_grid`, as
-  the default "pad" move says: kernels centre-padded, the position table resampled."""
+  """The digits model's parameters (raw orbax dict) moved from 4x4 patches to `big_grid` by
+  the default moves: kernels as DEFAULT_KERNEL_MOVE, the position table resampled."""
   import jax.numpy as jnp
 
   from lkca_jax import resolution
+  from lkca_jax.layers.lkca import DEFAULT_KERNEL_MOVE
 
   def move(path, x):
     names = [getattr(k, "key", None) for k in path]
     if "kernel" in names and "mixer" in names and names.index("kernel") == 3:
-      return np.asarray(resolution.centre_fit(jnp.asarray(x), big_grid))
+      return np.asarray(resolution.move_kernel(jnp.asarray(x), big_grid, DEFAULT_KERNEL_MOVE))
     if names[0] == "pos_embed":
       return np.asarray(resolution.resample_pos_embed(jnp.asarray(x), (4, 4), big_grid, 0))
     return x

@@ -2,7 +2,7 @@
 
     python -m lkca_jax.tools.resolution_transfer --config configs/tinyimagenet.py \
         --config.dataset.classes=20 [--models lkca_t,vit_1m] [--seeds 3] [--low 32] \
-        [--high 64] [--patch_size 4] [--low_steps N] [--finetune_steps M] \
+        [--high 64] [--patch_size 8] [--low_steps N] [--finetune_steps M] \
         [--finetune_learning_rate LR] [--workdir DIR] [--out FILE.md] [--config.KEY=VALUE ...]
 
 For each model (a preset, all seeds side by side in one process, `config.num_runs`):
@@ -50,9 +50,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("seeds", 3, "Seeds side by side in one process (num_runs).")
   flags.DEFINE_integer("low", 32, "Training image size (pixels a side).")
   flags.DEFINE_integer("high", 64, "The image size moved to (pixels a side).")
-  flags.DEFINE_integer("patch_size", 4, "Patch size at both image sizes.")
-  flags.DEFINE_integer("low_steps", 1000, "Training steps at --low.")
-  flags.DEFINE_integer("finetune_steps", 250, "Fine-tuning steps at --high.")
+  flags.DEFINE_integer("patch_size", 8, "Patch size at both image sizes.")
+  flags.DEFINE_integer("low_steps", 300, "Training steps at --low.")
+  flags.DEFINE_integer("finetune_steps", 100, "Fine-tuning steps at --high.")
   flags.DEFINE_float("finetune_learning_rate", 5e-4, "Peak learning rate of the fine-tuning.")
   cli.define_output_dir("workdir", "workdirs/resolution_transfer", "Where every stage trains.")
   cli.define_output_file("out", "bench_results/resolution_transfer.md", "The Markdown table.")
