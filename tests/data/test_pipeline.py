@@ -126,7 +126,13 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
     spec = type(
       "Spec",
       (),
-      {"name": "cifar10", "train_split": "train", "eval_split": "test", "num_classes": 10},
+      {
+        "name": "cifar10",
+        "train_split": "train",
+        "eval_split": "test",
+        "num_classes": 10,
+        "image_size": (2, 2),
+      },
     )()
     pipeline_lib.from_config(config, spec, pipeline_lib.make_mesh(1), jax.random.key(0))
     assert captured["epoch_order"] == order
