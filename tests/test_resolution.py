@@ -191,3 +191,22 @@ def test_a_grid_shaped_parameter_without_a_move_is_refused_naming_the_mixer(monk
   monkeypatch.delitem(resolution.MOVES, (FocusedLinearAttention, "position"))
   with pytest.raises(resolution.MoveError, match="FocusedLinearAttention's position depends on"):
     resolution.move_params(nnx.state(tiny("flatten_t", 8), nnx.Param), tiny("flatten_t", 12))
+
+
+@pytest.mark.parametrize("how", ["pad", "resample"])
+def test_a_kernel_move_is_linear_and_the_same_under_jit_vmap_and_grad(how):
+  """Both moves are linear maps of the kernel: jit and vmap give the eager values (to the
+  round-off of a few float32 operations on values of order 1), and the gradient of
+  ⟨w, move(k)⟩ is the transposed map applied to w, whose inner product with k is ⟨w, move(k)⟩
+  (Euler's identity for a linear function)."""
+  kernels = jax.random.normal(jax.random.key(9), (3, 2, 2 * OLD[0] - 1, 2 * OLD[1] - 1))
+  move = lambda k: resolution.move_kernel(k, NEW, how)  # noqa: E731
+  eager = jnp.stack([move(k) for k in kernels])
+  np.testing.assert_allclose(jax.jit(move)(kernels[0]), eager[0], atol=16 * U)
+  np.testing.assert_allclose(jax.vmap(move)(kernels), eager, atol=16 * U)
+  w = jax.random.normal(jax.random.key(10), eager.shape[1:])
+  grad = jax.grad(lambda k: jnp.sum(w * move(k)))(kernels[0])
+  # Two sums of n terms, each term the product of ≤ 4 interpolation weights and values:
+  # |Δ| ≤ 8·n·u·Σ|w·move(k)|, loose but derived.
+  bound = 8 * eager[0].size * U * jnp.sum(jnp.abs(w * eager[0]))
+  assert abs(jnp.sum(grad * kernels[0]) - jnp.sum(w * eager[0])) <= bound
