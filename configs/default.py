@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from lkca_jax.layers import MIXERS
+from lkca_jax.layers.lkca import DEFAULT_KERNEL_MOVE
 
 
 def model_overrides() -> ml_collections.ConfigDict:
@@ -51,6 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_overrides = model_overrides()
   config.patch_size = placeholder(int)  # None: image size / 8, an 8x8 grid
   config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
+  # Fine-tuning at another image size (docs/usage.md, "Another image size"): start from the
+  # parameters of a workdir's newest checkpoint or of a checkpoint step directory, moved to
+  # this model's grid, with a fresh optimizer at step 0. The workdir's own checkpoint, once
+  # there is one, wins: the run resumes from it. LKCA kernels move as init_from_kernels says:
+  # "pad" (each tap keeps its offset in patches) or "resample" (its fraction of the image).
+  config.init_from = placeholder(str)
+  config.init_from_kernels = DEFAULT_KERNEL_MOVE  # "resample", by measurement
 
   config.dataset = ml_collections.ConfigDict(
     {
@@ -70,8 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
       # Evaluation: shorter side to size / fraction, then the centre crop (DeiT: 0.875).
       "eval_crop_fraction": 1.0,
       "stream_workers": 0,  # grain worker processes decoding; 0: threads of this process
-      # Square size images are used at, in pixels; unset: the dataset's own. Only datasets
-      # whose images vary in size (imagenet2012, 224 unless set) can be used at another.
+      # Square size images are used at, in pixels (None: the dataset's own). A fixed-size
+      # dataset is resized once as loaded (antialiased bilinear); one whose images vary in
+      # size (imagenet2012) is centre-cropped as evaluated whole, or streamed.
       "image_size": placeholder(int),
       # Subsets for quick runs: keep the first `classes` labels (0: all) and at
       # most `train_per_class` training images of each (0: all).

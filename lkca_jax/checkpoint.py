@@ -314,6 +314,42 @@ def resolve(path) -> tuple[epath.Path, int]:
   return path.parent, int(path.name)
 
 
+def _saved_shapes(directory, step: int) -> dict[str, tuple | None]:
+  checkpoints = Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    return checkpoints.saved_shapes(step)
+  finally:
+    checkpoints.close()
+
+
+def saved_runs(directory, step: int) -> int | None:
+  """How many runs side by side checkpoint `directory/step` holds; None: a single run's."""
+  shape = _saved_shapes(directory, step).get("step")
+  return shape[0] if shape else None
+
+
+def saved_like(directory, step: int, field: str, like):
+  """`like`, a tree of the state's field `field`, as ShapeDtypeStructs of the shapes the
+  checkpoint saved it with: for `read_checkpoint` of a state of other shapes (another
+  image size). Raises CheckpointError when the checkpoint's arrays have other names."""
+  saved = _saved_shapes(directory, step)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path({field: like})
+  names = [".".join(ocp.tree.str_keypath(keypath)) for keypath, _ in leaves]
+  missing = [name for name in names if saved.get(name) is None]
+  extra = sorted({name for name in saved if name.startswith(f"{field}.")} - set(names))
+  if missing or extra:
+    example = f"{missing[0]} is not on disk" if missing else f"{extra[0]} is only on disk"
+    raise CheckpointError(
+      f"checkpoint {absolute(directory) / str(step)} holds another model ({example}); build "
+      "the model with the checkpoint's preset and overrides, changing only the image size"
+    )
+  structs = [
+    jax.ShapeDtypeStruct(saved[name], leaf.dtype)
+    for name, (_, leaf) in zip(names, leaves, strict=True)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, structs)[field]
+
+
 class Restored(NamedTuple):
   path: epath.Path  # the checkpoint read: <checkpoints directory>/<step>
   step: int

@@ -28,6 +28,7 @@ from lkca_jax.data import DATASETS
 from lkca_jax.data.pipeline import EPOCH_ORDERS, PLACEMENTS
 from lkca_jax.data.stream import CROPS
 from lkca_jax.layers import MIXERS
+from lkca_jax.layers.lkca import KERNEL_MOVES
 
 
 class ConfigError(ValueError):
@@ -234,6 +235,8 @@ def rules() -> dict[str, Rule]:
     **mixer_option_rules(),
     "patch_size": integer(1, optional=True),  # unset: image size / 8
     "dtype": dtypes(),
+    "init_from": string(),  # the path itself is checked in Run.prepare
+    "init_from_kernels": choice(KERNEL_MOVES),
     "dataset.name": choice(DATASETS, names="dataset"),
     "dataset.data_dir": string(),
     "dataset.manual_dir": string(),

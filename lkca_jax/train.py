@@ -29,7 +29,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lkca_jax import adapters, config_checks, distributed, files, metric_writer, models
+from lkca_jax import (
+  adapters,
+  config_checks,
+  distributed,
+  files,
+  metric_writer,
+  models,
+  resolution,
+)
 from lkca_jax import checkpoint as checkpoint_lib
 from lkca_jax import data as data_lib
 from lkca_jax import workdir as workdir_lib
@@ -345,10 +353,8 @@ class Run:
           f"(or 0 for all of {spec.name})"
         )
       spec = dataclasses.replace(spec, num_classes=classes)
-    try:
-      spec = data_lib.at_size(spec, config.dataset.image_size)
-    except ValueError as e:
-      raise ConfigError(f"dataset.image_size={config.dataset.image_size}: {e}") from None
+    if config.dataset.image_size:
+      spec = dataclasses.replace(spec, image_size=(config.dataset.image_size,) * 2)
     for key in ("mean", "std"):
       if len(config.dataset[key]) != spec.channels:
         raise ConfigError(
@@ -364,6 +370,7 @@ class Run:
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    check_init_from(config, model)
     try:
       data_lib.check_available(
         spec.name,
@@ -456,6 +463,11 @@ def _split_model(model):
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   return train_graphdef, eval_graphdef, params, rest
+
+
+def _run_of(tree, k: int):
+  """Run k's part of a tree with a leading run axis."""
+  return jax.tree.map(lambda x: x[k], tree)
 
 
 def _stack(trees):
@@ -737,6 +749,96 @@ def resume(t: Training, checkpoints: checkpoint_lib.Checkpoints, mesh) -> Loop:
     jnp.asarray([r.died_at_step is None for r in records]), NamedSharding(mesh, P())
   )
   return Loop(state, alive, step, records, window_start=step)
+
+
+# --- init_from: fine-tuning from another image size's checkpoint ----------------------
+def init_from_source(path) -> tuple[epath.Path, int]:
+  """--config.init_from → (checkpoints directory, step): a workdir or its checkpoints
+  directory (the newest checkpoint), or a step directory. Raises ConfigError."""
+  where = f"init_from={path}"
+  path = checkpoint_lib.absolute(path)
+  if path.name.isdigit():
+    try:
+      return checkpoint_lib.resolve(path)
+    except checkpoint_lib.CheckpointError as e:
+      raise ConfigError(f"{where}: {e}") from None
+  directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  if not directory.is_dir():
+    raise ConfigError(
+      f"{where}: no such directory; pass a workdir, its checkpoints/ or a checkpoint step "
+      "directory <workdir>/checkpoints/<step>"
+    )
+  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    step = checkpoints.latest_step()
+  finally:
+    checkpoints.close()
+  if step is None:
+    raise ConfigError(f"{where}: no checkpoint in {directory}; train there first")
+  return directory, step
+
+
+def _saved_params(directory, step, model) -> tuple[nnx.State, int | None]:
+  """(shapes of the checkpoint's parameters as one run's nnx.State, its run count or None)."""
+  like = nnx.state(model, nnx.Param)
+  saved = checkpoint_lib.saved_like(directory, step, "params", like)
+  runs = checkpoint_lib.saved_runs(directory, step)
+  if runs is not None:
+    saved = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), saved)
+  return saved, runs
+
+
+def check_init_from(config, model) -> None:
+  """ConfigError unless `config.init_from` names a checkpoint whose parameters move to
+  `model` (shapes only: nothing is read but metadata)."""
+  if not config.init_from:
+    return
+  where = f"init_from={config.init_from}"
+  directory, step = init_from_source(config.init_from)
+  try:
+    saved, runs = _saved_params(directory, step, model)
+    jax.eval_shape(
+      lambda p: resolution.move_params(p, model, kernels=config.init_from_kernels), saved
+    )
+  except (checkpoint_lib.CheckpointError, resolution.MoveError) as e:
+    raise ConfigError(f"{where}: {e}") from None
+  num_runs = len(run_specs(config))
+  if runs not in (None, num_runs):
+    raise ConfigError(
+      f"{where}: the checkpoint holds {runs} runs, this config trains {num_runs}; train as "
+      "many runs (each starts from its own), or start from a single run's checkpoint"
+    )
+
+
+def moved_params(config, run: Run) -> nnx.State:
+  """The parameters of `config.init_from` moved to this model's grid (resolution.move_params),
+  each run's (stacked along the run axis with several), replicated on the mesh."""
+  directory, step = init_from_source(config.init_from)
+  saved, runs = _saved_params(directory, step, run.model)
+  replicated = NamedSharding(run.mesh, P())
+  lead = () if runs is None else (runs,)
+  saved = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=replicated), saved
+  )
+  restored = checkpoint_lib.read_checkpoint({"params": saved}, directory / str(step))
+  params = restored.state["params"]
+  count = len(run_specs(config))
+  each = [params if runs is None else _run_of(params, k) for k in range(count)]
+  kernels = config.init_from_kernels
+  moved = [resolution.move_params(p, run.model, kernels=kernels) for p in each]
+  logging.info(
+    "parameters from %s, moved to a %dx%d grid (kernels: %s)",
+    restored.path,
+    *run.model.grid,
+    kernels,
+  )
+  return pipeline_lib.put_tree(_stack(moved) if count > 1 else moved[0], replicated)
+
+
+def initialised_from(config, run: Run, state: TrainState) -> TrainState:
+  """`state` with the parameters of `config.init_from` (moved_params); the optimizer state
+  and step stay fresh."""
+  return state.replace(params=moved_params(config, run))
 
 
 def train_one_step(t: Training, loop: Loop) -> tuple[Loop, dict]:
@@ -1086,6 +1188,8 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   t = build_training(run, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
   loop = resume(t, checkpoints, run.mesh)
+  if loop.step == 0 and config.init_from:  # no checkpoint of its own (they start at step 1)
+    loop = dataclasses.replace(loop, state=initialised_from(config, run, loop.state))
   t.compile_everywhere(loop.state, loop.step)
   if jax.process_index() == 0:
     files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
@@ -1120,10 +1224,32 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   return summary
 
 
+def _read_for_eval(config, run: Run, like, source) -> checkpoint_lib.Restored:
+  """The checkpoint at `source`; without one, init_from's parameters moved (step 0)."""
+  own = checkpoint_lib.absolute(source)
+  if config.init_from and not own.name.isdigit() and not _has_checkpoint(own):
+    directory, step = init_from_source(config.init_from)
+    state = {"params": moved_params(config, run), "rest": like["rest"]}
+    return checkpoint_lib.Restored(directory / str(step), 0, state, {})
+  return checkpoint_lib.read_checkpoint(like, source)
+
+
+def _has_checkpoint(directory) -> bool:
+  if not directory.is_dir():
+    return False
+  checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    return checkpoints.latest_step() is not None
+  finally:
+    checkpoints.close()
+
+
 def evaluate(
   config: ml_collections.ConfigDict, workdir: str, checkpoint: str | None = None
 ) -> dict:
-  """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir.
+  """Evaluates on the test split `checkpoint`, or else the newest good checkpoint in workdir,
+  or else (with `config.init_from` and no checkpoint in workdir) the parameters of init_from
+  moved to this image size, untrained.
 
   Returns the step, the checkpoint, the means over the runs at the top level and each
   run's results under "runs".
@@ -1135,7 +1261,7 @@ def evaluate(
   like = pipeline_lib.put_tree(
     _stack([like] * len(specs)) if len(specs) > 1 else like, NamedSharding(run.mesh, P())
   )  # onto every process's devices
-  restored = checkpoint_lib.read_checkpoint(like, checkpoint or epath.Path(workdir) / "checkpoints")
+  restored = _read_for_eval(config, run, like, checkpoint or epath.Path(workdir) / "checkpoints")
   state = restored.state
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)))

@@ -29,6 +29,7 @@ LAYERS = {
   "distributed": 2,
   "linen": 2,
   "metric_writer": 2,
+  "resolution": 2,
   "train": 3,
   "tools": 4,
 }

@@ -299,6 +299,8 @@ BAD_INPUTS = [
     ],
     "--config.dataset.data_dir",
   ),
+  (["--config.init_from=/nonexistent/run"], "init_from=/nonexistent/run: no such directory"),
+  (["--config.init_from=/tmp"], "no checkpoint in /tmp"),
 ]
 
 
@@ -388,3 +390,63 @@ def test_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
   line = result.stderr.strip().splitlines()[-1]
   assert "loss became non-finite at step" in line and "No checkpoint was saved before it" in line
   assert "None" not in line and not os.listdir(tmp_path / "checkpoints")
+
+
+# --- init_from: fine-tuning at another image size --------------------------------
+def moved_by_hand(small: dict, big_grid: tuple[int, int]) -> dict:
+  """The digits model's parameters (raw orbax dict) moved from 4x4 patches to `big_grid` by
+  the default moves: kernels as DEFAULT_KERNEL_MOVE, the position table resampled."""
+  import jax.numpy as jnp
+
+  from lkca_jax import resolution
+  from lkca_jax.layers.lkca import DEFAULT_KERNEL_MOVE
+
+  def move(path, x):
+    names = [getattr(k, "key", None) for k in path]
+    if "kernel" in names and "mixer" in names and names.index("kernel") == 3:
+      return np.asarray(resolution.move_kernel(jnp.asarray(x), big_grid, DEFAULT_KERNEL_MOVE))
+    if names[0] == "pos_embed":
+      return np.asarray(resolution.resample_pos_embed(jnp.asarray(x), (4, 4), big_grid, 0))
+    return x
+
+  import jax
+
+  return jax.tree_util.tree_map_with_path(move, small)
+
+
+def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins(tmp_path):
+  """4x4 images (digits downsampled), then 8x8 from that checkpoint: after one step at a
+  learning rate of 1e-6 (no weight decay) every parameter is within 1e-6 of the moved ones,
+  since Adam's first update is lr·g/(|g| + eps), at most lr (plus float32 rounding of p);
+  and the optimizer's state is fresh: count 1, mu = (1 − b1)·g and nu = (1 − b2)·g², so
+  mu² (1 − b2) = nu (1 − b1)² to a few rounding errors."""
+  small, big = tmp_path / "small", tmp_path / "big"
+  steps = ["--config.num_train_steps=5", "--config.eval_every_steps=5"]
+  first = run_main(small, "--config.dataset.image_size=4", "--config.patch_size=1", *steps)
+  assert first.returncode == 0, first.stderr[-3000:]
+  fine_tune = [
+    "--config.patch_size=1",
+    f"--config.init_from={small}",
+    "--config.optimizer.learning_rate=1e-6",
+    "--config.optimizer.weight_decay=0",
+  ]
+  second = run_main(big, *fine_tune, "--config.num_train_steps=1")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert f"parameters from {small}/checkpoints/5" in second.stderr
+  _, small_params = final_params(str(small))
+  step, big_params = final_params(str(big))
+  assert step == 1
+  expected = jax_leaves(moved_by_hand(small_params, (8, 8)))
+  for got, want in zip(jax_leaves(big_params), expected, strict=True):
+    assert got.shape == want.shape
+    np.testing.assert_array_less(np.abs(got - want), 1e-6 * (1 + 1e-3) + 2**-23 * np.abs(want))
+  restored = ocp.StandardCheckpointer().restore(os.path.join(big, "checkpoints", "1", "state"))
+  adam = restored["opt_state"][0]
+  assert int(adam["count"]) == 1 and int(restored["step"]) == 1
+  for mu, nu in zip(jax_leaves(adam["mu"]), jax_leaves(adam["nu"]), strict=True):
+    np.testing.assert_allclose(mu**2 * (1 - 0.999), nu * (1 - 0.9) ** 2, rtol=1e-5, atol=1e-30)
+  third = run_main(big, *fine_tune, "--config.num_train_steps=2")
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f"resumed from {big}/checkpoints/1" in third.stderr
+  assert "parameters from" not in third.stderr
+  assert json.load(open(big / "summary.json"))["step"] == 2

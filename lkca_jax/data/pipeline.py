@@ -85,6 +85,24 @@ def subset(images: np.ndarray, labels: np.ndarray, *, num_classes: int, per_clas
   return images[keep], labels[keep]
 
 
+RESIZE_CHUNK = 1024  # images resized at once: bounded float32 memory on large splits
+
+
+def resize_images(images: np.ndarray, size) -> np.ndarray:
+  """uint8 (N, H, W, C) images resized to `size` = (h, w): antialiased bilinear
+  (`jax.image.resize`, as torchvision's default Resize), rounded to uint8. Images already
+  of that size are returned as they are."""
+  size = tuple(size)
+  if images.shape[1:3] == size:
+    return images
+  out = np.empty((len(images), *size, images.shape[-1]), np.uint8)
+  for start in range(0, len(images), RESIZE_CHUNK):
+    chunk = jnp.asarray(images[start : start + RESIZE_CHUNK], jnp.float32)
+    resized = jax.image.resize(chunk, (len(chunk), *size, chunk.shape[-1]), "linear")
+    out[start : start + len(chunk)] = np.clip(np.rint(np.asarray(resized)), 0, 255)
+  return out
+
+
 def augment_config(config) -> augment_lib.AugmentConfig:
   """The per-image augmentation of a run config, with its dataset's statistics."""
   return augment_lib.AugmentConfig.from_config(
@@ -96,8 +114,10 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
   """Loads `spec`'s splits as the run config says (subsets, placement) into a Pipeline.
 
   `spec.num_classes` may be below the dataset's own (config.dataset.classes):
-  then only the first classes are kept. A TFDS dataset is placed by its metadata
-  (`choose_placement`) before anything is decoded; streamed, it is a StreamPipeline.
+  then only the first classes are kept. Images are brought to `spec.image_size`
+  (config.dataset.image_size) when they are of another size. A TFDS dataset is placed by
+  its metadata (`choose_placement`) before anything is decoded; streamed, it is a
+  StreamPipeline.
   """
   data = config.dataset
   kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
@@ -116,19 +136,32 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
     placement = choose_placement(
       placement,
       stream.decoded_bytes(config, spec, files),
-      stream_only=stream.why_stream(config, spec, files),
+      stream_only=stream.why_stream(config, spec),
     )
     if placement == "stream":
       return stream.from_config(config, spec, mesh, key, files)
   train = subset(
-    *sources.load_split(spec.name, spec.train_split, **kwargs, image_size=spec.image_size[0]),
+    *sources.load_split(
+      spec.name,
+      spec.train_split,
+      **kwargs,
+      image_size=spec.image_size[0],
+      classes=spec.num_classes,
+    ),
     num_classes=spec.num_classes,
     per_class=data.train_per_class,
   )
   test = subset(
-    *sources.load_split(spec.name, spec.eval_split, **kwargs, image_size=spec.image_size[0]),
+    *sources.load_split(
+      spec.name,
+      spec.eval_split,
+      **kwargs,
+      image_size=spec.image_size[0],
+      classes=spec.num_classes,
+    ),
     num_classes=spec.num_classes,
   )
+  train, test = ((resize_images(x, spec.image_size), y) for x, y in (train, test))
   return Pipeline(
     mesh,
     train,

@@ -135,9 +135,11 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 
 def decode_split(
-  builder, split: str, shape: tuple[int, int, int], *, crop: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-  """A split of an array_record builder as (uint8 images (N, *shape), int32 labels (N,)).
+  builder, split: str, shape: tuple[int, int, int], *, crop: bool = False, classes: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """A split of an array_record builder as (uint8 images (K, *shape), int32 labels (K,), N):
+  its N examples, or with `classes` > 0 the K of labels below it (only their images are
+  decoded).
 
   With `crop`, images of any size are brought to `shape` by `centre_crop`; without,
   every image must have that shape. Raises DamagedFileError when a file of the split
@@ -152,25 +154,25 @@ def decode_split(
     for path, expected in zip(info.filepaths, info.shard_lengths, strict=True)
     for record in read_array_record(path, expected)
   ]
-  images = np.empty((len(records), *shape), np.uint8)
-  labels = np.empty((len(records),), np.int32)
+  features = [tf_example_pb2.Example.FromString(r).features.feature for r in records]
+  all_labels = np.asarray([f[label_key].int64_list.value[0] for f in features], np.int32)
+  kept = np.flatnonzero(all_labels < classes) if classes else np.arange(len(records))
+  images = np.empty((len(kept), *shape), np.uint8)
   mode = _MODES[shape[-1]]
 
   def decode_range(start: int, stop: int) -> None:
     for i in range(start, stop):
-      feature = tf_example_pb2.Example.FromString(records[i]).features.feature
-      images[i] = _decode_image(feature[image_key].bytes_list.value[0], mode, shape, crop)
-      labels[i] = feature[label_key].int64_list.value[0]
+      images[i] = _decode_image(features[kept[i]][image_key].bytes_list.value[0], mode, shape, crop)
 
-  chunk = -(-len(records) // DECODE_THREADS) if records else 1
+  chunk = -(-len(kept) // DECODE_THREADS) if len(kept) else 1
   with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
     futures = [
-      pool.submit(decode_range, start, min(start + chunk, len(records)))
-      for start in range(0, len(records), chunk)
+      pool.submit(decode_range, start, min(start + chunk, len(kept)))
+      for start in range(0, len(kept), chunk)
     ]
     for future in futures:
       future.result()  # re-raises a decoding error
-  return images, labels
+  return images, all_labels[kept], len(records)
 
 
 def _decode_image(data: bytes, mode: str, shape: tuple[int, int, int], crop: bool) -> np.ndarray:

@@ -151,25 +151,6 @@ def get_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
-def at_size(spec: DatasetSpec, image_size: int | None) -> DatasetSpec:
-  """The spec of a run that uses the images at image_size x image_size (None: their own).
-
-  Only images of varying sizes can be brought to another size (as `load_split` decodes
-  them); asking another size of a dataset of one size is a ValueError.
-  """
-  if image_size is None or (image_size, image_size) == tuple(spec.image_size):
-    return spec
-  if not spec.varying_size:
-    height, width = spec.image_size
-    varying = sorted(name for name, other in DATASETS.items() if other.varying_size)
-    raise ValueError(
-      f"dataset {spec.name} has {height}x{width} images, used at that size: image size "
-      f"{image_size} applies only to datasets whose images vary in size ({', '.join(varying)}); "
-      "leave dataset.image_size unset"
-    )
-  return dataclasses.replace(spec, image_size=(image_size, image_size))
-
-
 def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool = False) -> None:
   """Raises DatasetUnavailableError unless `load_split` can get the data; decodes nothing."""
   spec = get_spec(name)
@@ -192,9 +173,12 @@ def load_split(
   manual_dir=None,
   download: bool = False,
   image_size: int | None = None,
+  classes: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """A whole split as (uint8 images (N, H, W, C), int32 labels (N,)), decoded once.
 
+  With `classes` > 0 only the examples of labels below it are returned (array_record
+  decodes only their images: 20 of Tiny-ImageNet's 200 classes load ~10x faster).
   Prepares a TFDS dataset first (array_record) when it is missing and download=True.
   Images of varying sizes are brought to image_size x image_size (None: the spec's size)
   by `records.centre_crop`; a dataset of one image size is decoded at it, whatever image_size.
@@ -203,9 +187,9 @@ def load_split(
   if image_size is not None and spec.varying_size:
     spec = dataclasses.replace(spec, image_size=(image_size, image_size))
   if spec.tfds_name is None:
-    return spec.loader(split)
+    return _of_classes(*spec.loader(split), classes)
   builder = _prepared_builder(spec, split, data_dir, manual_dir, download)
-  return _decode_split(spec, builder, split)
+  return _decode_split(spec, builder, split, classes)
 
 
 def split_files(
@@ -254,6 +238,13 @@ def _prepared_builder(spec: DatasetSpec, split: str, data_dir, manual_dir, downl
     )
   _check_files(spec, builder, (split,))
   return builder
+
+
+def _of_classes(images: np.ndarray, labels: np.ndarray, classes: int):
+  if not classes:
+    return images, labels
+  keep = labels < classes
+  return images[keep], labels[keep]
 
 
 def prepare(
@@ -533,14 +524,19 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
   raise error
 
 
-def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """array_record: decoded without TensorFlow; tfrecord: with tf.data."""
+def _decode_split(
+  spec: DatasetSpec, builder, split: str, classes: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """array_record: decoded without TensorFlow; tfrecord: with tf.data. With `classes`, the
+  examples of labels below it."""
   file_format = _file_format(builder)
   if file_format == "array_record":
     shape = (*spec.image_size, spec.channels)
     with _naming_the_fix(spec, builder):
-      images, labels = records.decode_split(builder, split, shape, crop=spec.varying_size)
-    _check_count(spec, builder, split, len(labels))
+      images, labels, count = records.decode_split(
+        builder, split, shape, crop=spec.varying_size, classes=classes
+      )
+    _check_count(spec, builder, split, count)
     return images, labels
   if spec.varying_size:  # only the array_record path brings images to one size
     raise DatasetUnavailableError(
@@ -552,7 +548,7 @@ def _decode_split(spec: DatasetSpec, builder, split: str) -> tuple[np.ndarray, n
       f"dataset {spec.name} is stored as {file_format}, and only array_record and tfrecord "
       f"are read; prepare it again: {reprepare_command(spec, builder.data_dir_root)}"
     )
-  return _decode_split_tf(spec, builder, split)
+  return _of_classes(*_decode_split_tf(spec, builder, split), classes)
 
 
 def _check_count(spec: DatasetSpec, builder, split: str, count: int) -> None:

@@ -378,12 +378,12 @@ def host_crop(config, spec) -> HostCrop:
   )
 
 
-def why_stream(config, spec, files: dict) -> str | None:
-  """Why `spec`'s splits can only be streamed under this config, or None."""
-  shape = (*spec.image_size, spec.channels)
-  for split, info in files.items():
-    if info.image_shape != shape:
-      return f"its {split} images are stored as {info.image_shape}, not the training {shape}"
+def why_stream(config, spec) -> str | None:
+  """Why `spec`'s splits can only be streamed under this config, or None.
+
+  Images stored at another size are not a reason: whole splits are brought to the training
+  size as they load (resized, or centre-cropped when their sizes vary).
+  """
   crop = host_crop(config, spec)
   if crop.crop != "resize":
     return f"dataset.stream_crop={crop.crop!r} is made on the host as images are read"

@@ -39,6 +39,12 @@ KERNEL_SHARING = ("layer", "head", "channel")
 KERNEL_INITS = ("zeros", "delta", "gaussian", "decay")
 GAUSSIAN_INIT_STD = 0.02  # the usual ViT std for a learned table
 DECAY_LENGTH = 1.0
+# How a trained kernel moves to another grid (lkca_jax.resolution): "pad" keeps each tap's
+# offset in patches (zeros at new offsets), "resample" keeps it as a fraction of the image.
+KERNEL_MOVES = ("pad", "resample")
+# Measured (docs/results.md, "Across resolutions": Tiny-ImageNet, 32 → 64 px, 3 seeds):
+# resample was ahead of pad, or level, for every seed, untrained and fine-tuned.
+DEFAULT_KERNEL_MOVE = "resample"
 
 # What "auto" picks (`resolve_view`), per backend, by the number of tokens N = h·w: the
 # gathered matrix (N²·D multiply-adds in one dense matmul) up to a crossover, the FFT view

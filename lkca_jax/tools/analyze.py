@@ -105,6 +105,7 @@ def load_test_images(run, config, count: int) -> np.ndarray:
   """The first `count` images of the test split (classes the run keeps), normalised."""
   from lkca_jax import augment as augment_lib  # pylint: disable=import-outside-toplevel
   from lkca_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from lkca_jax.data import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
 
   spec = run.spec
   images, labels = data_lib.load_split(
@@ -113,9 +114,10 @@ def load_test_images(run, config, count: int) -> np.ndarray:
     data_dir=config.dataset.data_dir,
     manual_dir=config.dataset.manual_dir,
     download=config.dataset.download,
-    image_size=spec.image_size[0],  # the run's (`sources.at_size`)
+    image_size=spec.image_size[0],  # varying sizes: centre-cropped to the run's
   )
   images = np.asarray(images)[np.asarray(labels) < spec.num_classes][:count]
+  images = pipeline_lib.resize_images(images, spec.image_size)  # a fixed size: to the run's
   return np.asarray(augment_lib.normalize(images, config.dataset.mean, config.dataset.std))
 
 

@@ -16,7 +16,6 @@ from PIL import Image
 
 from configs import imagenet as imagenet_config
 from lkca_jax import data, train
-from lkca_jax.config_checks import ConfigError
 from lkca_jax.data import records
 from tests.data import official_archives as archives
 from tests.data.test_offline_archives import block_network
@@ -144,13 +143,6 @@ def test_a_tfrecord_copy_is_refused_with_the_command_that_prepares_it_again(prep
     data.load_split("imagenet2012", "validation", data_dir=tmp_path)
 
 
-def test_a_dataset_of_one_image_size_refuses_another():
-  with pytest.raises(ValueError, match="cifar10 has 32x32 images.*leave dataset.image_size unset"):
-    data.at_size(data.get_spec("cifar10"), 64)
-  assert data.at_size(data.get_spec("cifar10"), 32) is data.get_spec("cifar10")
-  assert data.at_size(data.get_spec("imagenet2012"), 96).image_size == (96, 96)
-
-
 def small_imagenet_run(data_dir, steps: int):
   """configs/imagenet.py (the DeiT recipe, bfloat16) on a small lkca_s16 at 32x32."""
   return with_overrides(
@@ -184,11 +176,3 @@ def test_the_imagenet_config_trains_from_the_prepared_tars(prepared, tmp_path):
   (record,) = summary["runs"]
   assert record["died_at_step"] is None  # every loss was finite
   assert round(10 * record["final_top1"], 6) in range(11)  # evaluated on the 10 val images
-
-
-def test_a_config_asking_another_size_of_a_fixed_size_dataset_is_refused(tmp_path):
-  config = with_overrides(
-    small_imagenet_run(tmp_path, steps=1), {"dataset.name": "cifar10", "dataset.image_size": 64}
-  )
-  with pytest.raises(ConfigError, match="dataset.image_size=64: dataset cifar10 has 32x32"):
-    train.Run.prepare(config)

@@ -132,7 +132,7 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
         "eval_split": "test",
         "num_classes": 10,
         "tfds_name": None,  # read by a loader: placed whole
-        "image_size": (32, 32),
+        "image_size": (2, 2),
       },
     )()
     pipeline_lib.from_config(config, spec, pipeline_lib.make_mesh(1), jax.random.key(0))
@@ -142,3 +142,16 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
 def test_unknown_order_is_refused():
   with pytest.raises(ValueError, match="epoch_order must be one of"):
     make_pipeline("shuffled")
+
+
+def test_resize_images_keeps_flat_colours_and_halves_a_checkerboard_to_its_mean():
+  """Antialiased bilinear weights are non-negative and sum to 1: a flat image stays flat, and
+  a 1-pixel checkerboard (0/200) shrunk 2x is its mean 100 away from the edges, where the
+  triangle filter covers the pattern symmetrically (the edge rows renormalise over fewer)."""
+  flat = np.full((3, 8, 6, 3), 77, np.uint8)
+  np.testing.assert_array_equal(pipeline_lib.resize_images(flat, (4, 3)), flat[:, :4, :3])
+  board = (200 * ((np.arange(16)[:, None] + np.arange(16)[None, :]) % 2)).astype(np.uint8)
+  small = pipeline_lib.resize_images(board[None, :, :, None], (8, 8))
+  assert small.shape == (1, 8, 8, 1) and small.dtype == np.uint8
+  np.testing.assert_array_equal(small[0, 1:-1, 1:-1, 0], 100)
+  assert pipeline_lib.resize_images(flat, (8, 6)) is flat

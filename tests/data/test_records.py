@@ -63,6 +63,20 @@ def test_tf_free_arrays_equal_the_tensorflow_path(prepared, split):
   np.testing.assert_array_equal(labels, tfrecord_labels)
 
 
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_a_class_subset_is_the_full_split_filtered(prepared, file_format):
+  """With `classes`, array_record decodes only those images: the same arrays as the full
+  split's examples of labels below it, in order."""
+  images, labels = data.load_split("tiny_imagenet", "train", data_dir=prepared["array_record"])
+  keep = labels < 2
+  assert 0 < keep.sum() < len(labels)
+  some_images, some_labels = data.load_split(
+    "tiny_imagenet", "train", data_dir=prepared[file_format], classes=2
+  )
+  np.testing.assert_array_equal(some_images, images[keep])
+  np.testing.assert_array_equal(some_labels, labels[keep])
+
+
 def test_reading_array_record_never_imports_tensorflow(prepared):
   data_dir = str(prepared["array_record"])
   code = (

@@ -1,0 +1,227 @@
+"""Trains at one image size, moves to another (docs/results.md, "Across resolutions").
+
+    python -m lkca_jax.tools.resolution_transfer --config configs/tinyimagenet.py \
+        --config.dataset.classes=20 [--models lkca_t,vit_1m] [--seeds 3] [--low 32] \
+        [--high 64] [--patch_size 8] [--low_steps N] [--finetune_steps M] \
+        [--finetune_learning_rate LR] [--workdir DIR] [--out FILE.md] [--config.KEY=VALUE ...]
+
+For each model (a preset, all seeds side by side in one process, `config.num_runs`):
+
+1. `low`: trained at --low × --low pixels (`dataset.image_size`) for --low_steps;
+2. its parameters moved to --high (`init_from`; LKCA kernels both ways, "pad" and
+   "resample", position tables resampled) and evaluated there untrained;
+3. `finetune_<move>`: fine-tuned at --high from those parameters for --finetune_steps
+   (fresh optimizer, peak learning rate --finetune_learning_rate, no warmup);
+4. `scratch`: trained at --high from scratch for --low_steps + --finetune_steps.
+
+The patch size stays --patch_size, so the grid grows from low/p to high/p. Each stage trains
+in DIR/<model>/<stage>; a stage whose summary.json exists is read back, not trained again
+(rerun the same command to finish an interrupted experiment). The Markdown table (top-1 in %,
+mean ± sample std over the seeds, ddof 1) and its values (JSON, same name) are written after
+every stage. Compiled programs are kept in DIR/jax_cache (as `compare` does). Bad input is
+one `error:` line and exit code 2 before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from lkca_jax.tools import _experiment as experiment
+from lkca_jax.tools import cli
+from lkca_jax.tools.compare import enable_compile_cache
+
+FLAGS = flags.FLAGS
+STAGE_TITLES = {
+  "low": "trained at low",
+  "moved": "moved to high, untrained",
+  "finetune": "fine-tuned at high",
+  "scratch": "from scratch at high",
+}
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+  flags.DEFINE_list("models", ["lkca_t", "vit_1m"], "Model presets, one row group each.")
+  flags.DEFINE_integer("seeds", 3, "Seeds side by side in one process (num_runs).")
+  flags.DEFINE_integer("low", 32, "Training image size (pixels a side).")
+  flags.DEFINE_integer("high", 64, "The image size moved to (pixels a side).")
+  flags.DEFINE_integer("patch_size", 8, "Patch size at both image sizes.")
+  flags.DEFINE_integer("low_steps", 300, "Training steps at --low.")
+  flags.DEFINE_integer("finetune_steps", 100, "Fine-tuning steps at --high.")
+  flags.DEFINE_float("finetune_learning_rate", 5e-4, "Peak learning rate of the fine-tuning.")
+  cli.define_output_dir("workdir", "workdirs/resolution_transfer", "Where every stage trains.")
+  cli.define_output_file("out", "bench_results/resolution_transfer.md", "The Markdown table.")
+
+
+def stage_config(base, model: str, size: int, steps: int, *, init_from=None, kernels="pad"):
+  config = copy.deepcopy(base)
+  config.model = model
+  config.dataset.image_size = size
+  config.patch_size = FLAGS.patch_size
+  config.num_runs = FLAGS.seeds
+  config.num_train_steps = steps
+  config.eval_every_steps = steps  # one evaluation, at the end
+  config.checkpoint_every_steps = steps
+  if init_from is not None:
+    config.init_from, config.init_from_kernels = init_from, kernels
+    config.optimizer.learning_rate = FLAGS.finetune_learning_rate
+    config.optimizer.warmup_epochs = 0
+  return config
+
+
+def kernel_moves(model: str) -> tuple[str, ...]:
+  """Both kernel moves for a model with an LKCA layer; one row ("-") for the others."""
+  from lkca_jax import models  # pylint: disable=import-outside-toplevel
+  from lkca_jax.layers.lkca import KERNEL_MOVES  # pylint: disable=import-outside-toplevel
+
+  mixer = models.PRESETS[model].mixer
+  mixers = [mixer] if isinstance(mixer, str) else list(mixer)
+  return KERNEL_MOVES if "lkca" in mixers else ("-",)
+
+
+def top1s(result: dict) -> list[float]:
+  """Each seed's final test top-1 from a summary (train) or an evaluation result."""
+  if "runs" in result and result["runs"] and "final_top1" in result["runs"][0]:
+    return [r["final_top1"] for r in result["runs"]]
+  return [r["top1"] for r in result["runs"]]
+
+
+def train_stage(config, workdir: str) -> dict:
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    if summary["step"] == summary["total_steps"]:
+      return summary
+  return train.train_and_evaluate(config, workdir)
+
+
+def evaluate_moved(config, workdir: str) -> dict:
+  """Top-1 of the moved parameters, untrained (train.evaluate with init_from, no checkpoint)."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  path = os.path.join(workdir, "eval.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = train.evaluate(config, os.path.join(workdir, "no_checkpoints_here"))
+  os.makedirs(workdir, exist_ok=True)
+  cli.write_json(path, result)
+  return result
+
+
+def cell(values: list[float] | None) -> str:
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  if not values:
+    return "…"
+  mean, std = train.mean_std(values)
+  return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def render(report: dict) -> str:
+  s = report["settings"]
+  low, high = s["low"], s["high"]
+  lines = [
+    f"{s['dataset']}, first {s['classes']} classes; patch {s['patch_size']}: "
+    f"{low}×{low} px ({low // s['patch_size']}² grid) → {high}×{high} px "
+    f"({high // s['patch_size']}² grid). Top-1 % on the validation split, mean ± std over "
+    f"{s['seeds']} seeds. Steps: {s['low_steps']} at {low}, {s['finetune_steps']} fine-tuning "
+    f"at {high}, {s['low_steps'] + s['finetune_steps']} from scratch at {high}; batch "
+    f"{s['batch_size']}.",
+    "",
+    f"| model | kernel move | at {low} | at {high}, moved, untrained | at {high}, fine-tuned "
+    f"| at {high}, from scratch |",
+    "|---|---|---|---|---|---|",
+  ]
+  for row in report["rows"]:
+    lines.append(
+      f"| {row['model']} | {row['kernels']} | {cell(row.get('low'))} | "
+      f"{cell(row.get('moved'))} | {cell(row.get('finetune'))} | {cell(row.get('scratch'))} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out: str) -> None:
+  cli.write_atomic(out, render(report))
+  cli.write_json(os.path.splitext(out)[0] + ".json", report)
+
+
+def run_model(base, model: str, report: dict, out: str) -> None:
+  """The four stages of one model, its rows of `report` filled in (and written) as they end."""
+  root = os.path.join(FLAGS.workdir, model)
+  low_dir = os.path.join(root, "low")
+  rows = [r for r in report["rows"] if r["model"] == model]
+  low = top1s(train_stage(stage_config(base, model, FLAGS.low, FLAGS.low_steps), low_dir))
+  for row in rows:
+    row["low"] = low
+  write(report, out)
+  for row in rows:
+    kernels = "pad" if row["kernels"] == "-" else row["kernels"]
+    moved = stage_config(base, model, FLAGS.high, 1, init_from=low_dir, kernels=kernels)
+    row["moved"] = top1s(evaluate_moved(moved, os.path.join(root, f"moved_{kernels}")))
+    write(report, out)
+  for row in rows:
+    kernels = "pad" if row["kernels"] == "-" else row["kernels"]
+    config = stage_config(
+      base, model, FLAGS.high, FLAGS.finetune_steps, init_from=low_dir, kernels=kernels
+    )
+    row["finetune"] = top1s(train_stage(config, os.path.join(root, f"finetune_{kernels}")))
+    write(report, out)
+  total = FLAGS.low_steps + FLAGS.finetune_steps
+  scratch = top1s(
+    train_stage(stage_config(base, model, FLAGS.high, total), os.path.join(root, "scratch"))
+  )
+  for row in rows:
+    row["scratch"] = scratch
+  write(report, out)
+
+
+def main(argv):
+  del argv
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  base = FLAGS.config
+  cli.output_dir(FLAGS.workdir, "--workdir")
+  out = str(cli.output_file(FLAGS.out, "--out"))
+  if FLAGS.seeds < 1 or FLAGS.low_steps < 1 or FLAGS.finetune_steps < 1:
+    cli.fail("--seeds, --low_steps and --finetune_steps must be >= 1")
+  if FLAGS.low % FLAGS.patch_size or FLAGS.high % FLAGS.patch_size:
+    cli.fail(f"--patch_size {FLAGS.patch_size} must divide --low and --high")
+  try:
+    for model in FLAGS.models:  # every config that can be checked before training
+      train.Run.prepare(stage_config(base, model, FLAGS.low, FLAGS.low_steps))
+      train.Run.prepare(stage_config(base, model, FLAGS.high, FLAGS.low_steps))
+  except train.ConfigError as e:
+    cli.fail(str(e))
+  settings = {
+    "dataset": base.dataset.name,
+    "classes": base.dataset.classes,
+    "seeds": FLAGS.seeds,
+    "low": FLAGS.low,
+    "high": FLAGS.high,
+    "patch_size": FLAGS.patch_size,
+    "low_steps": FLAGS.low_steps,
+    "finetune_steps": FLAGS.finetune_steps,
+    "finetune_learning_rate": FLAGS.finetune_learning_rate,
+    "batch_size": base.batch_size,
+    "machine": cli.machine_info(),
+  }
+  rows = [{"model": m, "kernels": k} for m in FLAGS.models for k in kernel_moves(m)]
+  report = {"settings": settings, "rows": rows}
+  experiment.quiet_trainer_log()
+  enable_compile_cache(os.path.join(FLAGS.workdir, "jax_cache"))  # the two fine-tunings: one
+  for model in FLAGS.models:
+    run_model(base, model, report, out)
+  print(render(report))
+
+
+if __name__ == "__main__":
+  cli.run(main, "python -m lkca_jax.tools.resolution_transfer", define_flags=define_flags)

@@ -1,0 +1,42 @@
+"""lkca_jax.tools.resolution_transfer: which rows a model gets and how the table reads.
+
+The whole experiment (seven trainings) is run by hand (docs/results.md, "Across
+resolutions"); every stage it calls is tested on its own (tests/test_main.py: init_from in
+training and evaluation; tests/test_resolution.py: the moves)."""
+
+from lkca_jax.tools import resolution_transfer as tool
+
+SETTINGS = {
+  "dataset": "tiny_imagenet",
+  "classes": 20,
+  "seeds": 3,
+  "low": 32,
+  "high": 64,
+  "patch_size": 8,
+  "low_steps": 300,
+  "finetune_steps": 100,
+  "batch_size": 64,
+}
+
+
+def test_lkca_models_get_a_row_per_kernel_move_and_others_one():
+  assert tool.kernel_moves("lkca_t") == ("pad", "resample")
+  assert tool.kernel_moves("vit_1m") == ("-",)
+
+
+def test_the_table_gives_mean_and_sample_std_in_percent_and_marks_missing_stages():
+  rows = [
+    {"model": "lkca_t", "kernels": "pad", "low": [0.17, 0.18, 0.16], "moved": [0.2, 0.2, 0.2]},
+    {"model": "vit_1m", "kernels": "-", "low": [0.25]},
+  ]
+  table = tool.render({"settings": SETTINGS, "rows": rows})
+  lines = table.splitlines()
+  assert "4² grid) → 64×64 px (8² grid)" in lines[0] and "400 from scratch at 64" in lines[0]
+  # mean 17.00, sample std (ddof 1) of 17, 18, 16 = 1.00; a single value has no std
+  assert "| lkca_t | pad | 17.00 ± 1.00 | 20.00 ± 0.00 | … | … |" in lines
+  assert "| vit_1m | - | 25.00 | … | … | … |" in lines
+
+
+def test_top1s_reads_training_summaries_and_evaluations():
+  assert tool.top1s({"runs": [{"final_top1": 0.5, "top1": 0.1}]}) == [0.5]
+  assert tool.top1s({"runs": [{"top1": 0.25}, {"top1": 0.75}]}) == [0.25, 0.75]
