@@ -51,11 +51,11 @@ DEFAULT_KERNEL_MOVE = "resample"
 # (O(N log N · D)) from there on. The conv view spends (2h−1)(2w−1)·N·D ≈ 4·N²·D on
 # mostly zero-padded taps and was never the fastest (forward+backward) at any grid
 # measured, so auto never picks it.
-# CPU: `python -m lkca_jax.tools.bench_views` (docs/benchmarks.md, 2026-12-03b, a
-# PRELIMINARY run on a loaded 2-core AMD EPYC), forward+backward per image, D 192, one
-# shared kernel: at 16×16 attention won clearly (mixing step 1.6 vs 9.2 ms, whole mixer
-# 16 vs 19 ms); at 32×32 the mixing step tied (88 vs 93 ms) and the whole mixer went to
-# fft (322 vs 187 ms); from 48×48 on fft won every level. So fft from 32×32 = 1024 tokens.
+# CPU: `python -m lkca_jax.tools.bench_views` (docs/benchmarks.md, 2026-12-03b, 2-core AMD
+# EPYC, quiet), forward+backward per image, D 192, one shared kernel: attention wins at
+# 16×16 at every level (block 4.5 vs 7.5 ms); at 32×32 the two are level within noise
+# (mixer 15.8–17.4 ms fft vs 17.6–26.5 attention, block 30–32 vs 27–31); from 48×48 fft
+# wins every level. So fft from the level point, 32×32 = 1024 tokens.
 # Other backends ("default", as in `backend.by_backend`): NOT measured; a guess, 48×48:
 # dense matmuls on tensor cores / the MXU should stay ahead of the memory-bound FFTs to
 # larger N than on the CPU. benchmarks/gpu_check.sh's "views" part measures it.
