@@ -39,6 +39,7 @@ PARTS = (
   "views",
   "runs",
   "autoaugment",
+  "stream",
   "step_b128_vit",
   "step_b1024_lkca",
   "step_b1024_vit",
@@ -300,9 +301,33 @@ def views_summary(results: dict) -> dict:
   return {"crossover": results["crossover"], "auto": results["auto"]}
 
 
+def stream_summary(results: dict, rows: list[dict]) -> dict:
+  """One host core's decode + crop rate per case (bench_stream), and per step part's
+  images/s the host cores streaming would need at each case's rate, against this host's."""
+  rates = {name: c["images_per_cpu_second"] for name, c in results["cases"].items()}
+  cores = results["machine"]["cpu_count"]
+  needs = []
+  for r in rows:
+    device = r["pipeline_images_per_second"]
+    for case, rate in rates.items():
+      needed = device / rate
+      needs.append(
+        {
+          "part": r["part"],
+          "model": r["model"],
+          "dtype": r["dtype"],
+          "device_images_per_second": device,
+          "case": case,
+          "host_cores_needed": needed,
+          "host_keeps_up": needed <= cores,
+        }
+      )
+  return {"images_per_core_second": rates, "host_cores": cores, "needs": needs}
+
+
 def summarize(folder: str, mode: str) -> dict:
   parts = read_parts(folder)
-  rows, runs, forms, mixers, views, augment = [], [], [], {}, None, None
+  rows, runs, forms, mixers, views, augment, stream = [], [], [], {}, None, None, None
   for name, part in parts.items():
     data = read_json(part["json"]) if part.get("status") == "ok" and "json" in part else None
     if part.get("status") == "ok" and "json" in part and data is None:
@@ -334,6 +359,11 @@ def summarize(folder: str, mode: str) -> dict:
     elif name == "autoaugment":
       augment = data
       part["ms"] = {k: v["median_ms"] for k, v in data["forms"].items()}
+    elif name == "stream":
+      stream = data
+      part["images_per_core_second"] = {
+        k: c["images_per_cpu_second"] for k, c in data["cases"].items()
+      }
     elif name == "env":
       part["env"] = data
   return {
@@ -347,6 +377,7 @@ def summarize(folder: str, mode: str) -> dict:
     "mixers": mixers,
     "views": views,
     "autoaugment": augment,
+    "stream": None if stream is None else stream_summary(stream, rows),
   }
 
 
@@ -402,6 +433,17 @@ def format_summary(s: dict) -> str:
     a = s["autoaugment"]
     ms = ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in a["forms"].items())
     lines.append(f"  AutoAugment b{a['batch']} on {a['backend']}: {ms}; faster {a['faster']}")
+  if s["stream"]:
+    st = s["stream"]
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in st["images_per_core_second"].items())
+    lines.append(f"  streaming host work, images per core-second: {rates}")
+    for n in st["needs"]:
+      if n["part"].startswith("step_b128"):
+        lines.append(
+          f"  streaming {n['model']} {n['dtype']} ({n['device_images_per_second']:.0f} img/s) "
+          f"at {n['case']}: {n['host_cores_needed']:.1f} of {st['host_cores']} host cores"
+          f"{'' if n['host_keeps_up'] else ' (the host cannot keep up)'}"
+        )
   lines.append(f"  failed parts: {', '.join(s['failed']) or 'none'}")
   return "\n".join(lines)
 

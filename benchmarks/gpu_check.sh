@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: environment, whole-step throughput, K runs in one process, the
 # LKCA views (at 8x8 against MHSA, and over grid sizes up to 64x64), the two AutoAugment
-# forms, and the projected CIFAR-10 recipe time.
+# forms, the streaming path's host decode + crop against the device's step, and the
+# projected CIFAR-10 recipe time.
 #
 #   bash benchmarks/gpu_check.sh [--smoke] [--out DIR]
 #
@@ -30,6 +31,9 @@
 #   bench_mixers, bench_views: ml_collections (through lkca_jax.tools.cli); not clu or
 #     tensorboard.
 #   autoaugment (gpu_check.py): jax and lkca_jax.augment only.
+#   stream (bench_stream on synthetic JPEGs): pillow, grain (its array_record), and
+#     tensorflow_datasets for its tf.train.Example proto (pure Python, with its own
+#     imports: etils, promise, tensorflow-metadata, protobuf, ...); no TensorFlow.
 # So ml_collections MUST be carried to a machine without it, and clu, tensorboard and
 # wrapt too for the bench_step parts. The env part reports which of them import.
 #
@@ -157,6 +161,8 @@ if [ "$SMOKE" = 1 ]; then
     --out "$O/runs.json"
   part autoaugment 60 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 4 --steps 2 --out "$O/autoaugment.json"
+  part stream 60 "$O/stream.json" "$PY" -m lkca_jax.tools.bench_stream --images 4 \
+    --out "$O/stream.json"
   part step_b128_vit 60 "$O/step_b128_vit.json" $STEP --smoke --models "$VITS" \
     --dtype bfloat16 --out "$O/step_b128_vit.json"
   part step_b1024_lkca 60 "$O/step_b1024_lkca.json" $STEP --smoke --models lkca_t,lkca_b \
@@ -190,6 +196,11 @@ else
     --dtype float32 --steps 10 --out "$O/runs.json"
   part autoaugment 30 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 128 --steps 20 --out "$O/autoaugment.json"
+  # Does the host keep the device busy when streaming (issue 22)? One core's decode + crop
+  # rate on synthetic JPEGs (64 px, and ImageNet-size to 224), set against the step parts'
+  # images/s in the summary.
+  part stream 45 "$O/stream.json" "$PY" -m lkca_jax.tools.bench_stream --images 500 \
+    --out "$O/stream.json"
   part step_b128_vit 75 "$O/step_b128_vit.json" $STEP --models "$VITS" --batch 128 \
     --dtype $DT --steps 20 --out "$O/step_b128_vit.json"
   part step_b1024_lkca 75 "$O/step_b1024_lkca.json" $STEP --models lkca_t,lkca_b \

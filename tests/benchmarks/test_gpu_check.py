@@ -27,6 +27,7 @@ OK_PARTS = (
   "views",
   "runs",
   "autoaugment",
+  "stream",
   "step_b1024_lkca",
 )
 BROKEN_PARTS = ("step_b128_vit", "step_b1024_vit")
@@ -92,6 +93,7 @@ def test_statuses_failed_parts_contained(smoke):
     "views",
     "runs",
     "autoaugment",
+    "stream",
     "step_b128_vit",
     "step_b1024_lkca",  # after a failed part: still ran
     "step_b1024_vit",
@@ -229,6 +231,32 @@ def test_runs_forms_mixers_views_autoaugment_env(smoke):
   assert not env["imports"]["ml_collections"].startswith("MISSING")
   # Installed offline (pip --no-index --no-deps --target) and on the parts' PYTHONPATH.
   assert env["wheels"] == {PROBE: "1.0"}
+
+
+def test_stream_part_sets_one_cores_rate_against_each_steps_images(smoke):
+  _, summary, stdout = smoke
+  results = load(summary["parts"]["stream"]["json"])
+  stream = summary["stream"]
+  rates = {name: c["images_per_cpu_second"] for name, c in results["cases"].items()}
+  assert set(rates) == {
+    "tiny_imagenet_64_resize",
+    "imagenet_size_random_resized_224",
+    "imagenet_size_eval_224",
+  }
+  assert stream["images_per_core_second"] == rates and all(r > 0 for r in rates.values())
+  assert stream["host_cores"] == results["machine"]["cpu_count"]
+  # One need per step row and case: the device's images/s over one core's.
+  assert len(stream["needs"]) == len(summary["step"]) * len(rates)
+  for need in stream["needs"]:
+    (row,) = [
+      r
+      for r in summary["step"]
+      if (r["part"], r["model"], r["dtype"]) == (need["part"], need["model"], need["dtype"])
+    ]
+    expected = row["pipeline_images_per_second"] / rates[need["case"]]
+    assert need["host_cores_needed"] == pytest.approx(expected)
+    assert need["host_keeps_up"] == (expected <= stream["host_cores"])
+  assert "streaming host work, images per core-second: tiny_imagenet_64_resize " in stdout
 
 
 def test_missing_wheels_lists_only_uninstalled(tmp_path):
