@@ -185,7 +185,7 @@ else
   # The module cases only (the mixing-only ones would explain, not decide): six compiles.
   part mixers 45 "$O/mixers.json" $MIXERS --cases mhsa,lkca-attention,lkca-conv \
     --shapes 8x8,16x16 --repeats 15 --max_seconds 0.5 --out "$O/mixers.json"
-  # The three views over grid sizes (issue 21): the bare mixing step, which sets
+  # The three views over grid sizes: the bare mixing step, which sets
   # lkca.AUTO_FFT_MIN_TOKENS["default"], and the whole mixer; 60 compiles. The block
   # level is left to a run of its own (`bench_views --levels block`).
   part views 120 "$O/views.json" $VIEWS --grids 8,16,32,48,64 --levels mix,mixer \
@@ -196,7 +196,7 @@ else
     --dtype float32 --steps 10 --out "$O/runs.json"
   part autoaugment 30 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 128 --steps 20 --out "$O/autoaugment.json"
-  # Does the host keep the device busy when streaming (issue 22)? One core's decode + crop
+  # Does the host keep the device busy when streaming? One core's decode + crop
   # rate on synthetic JPEGs (64 px, and ImageNet-size to 224), set against the step parts'
   # images/s in the summary.
   part stream 45 "$O/stream.json" "$PY" -m lkca_jax.tools.bench_stream --images 500 \

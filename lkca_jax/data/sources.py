@@ -180,7 +180,7 @@ def load_split(
   With `classes` > 0 only the examples of labels below it are returned (array_record
   decodes only their images: 20 of Tiny-ImageNet's 200 classes load ~10x faster).
   Prepares a TFDS dataset first (array_record) when it is missing and download=True.
-  Images of varying sizes are brought to image_size x image_size (None: the spec's size)
+  Images of varying sizes are brought to image_size x image_size (None: the dataset's own)
   by `records.centre_crop`; a dataset of one image size is decoded at it, whatever image_size.
   """
   spec = get_spec(name)
