@@ -172,6 +172,23 @@ def numbers(
   return Rule(allowed, check, bad)
 
 
+def share_pair(bad: tuple) -> Rule:
+  """(low, high) shares of a whole: 0 < low <= high <= 1."""
+  return numbers(
+    "a pair (low, high) with 0 < low <= high <= 1",
+    lambda v: 0.0 < v[0] <= v[1] <= 1.0,
+    length=2,
+    bad=bad,
+  )
+
+
+def positive_pair(bad: tuple) -> Rule:
+  """(low, high) with 0 < low <= high, e.g. a range of aspect ratios."""
+  return numbers(
+    "a pair (low, high) with 0 < low <= high", lambda v: 0.0 < v[0] <= v[1], length=2, bad=bad
+  )
+
+
 def mixer_pattern() -> Rule:
   """A mixer registry name, or a comma pattern of them repeated over depth ("lkca,mhsa")."""
   names = sorted(MIXERS)
@@ -215,6 +232,11 @@ def _probability() -> Rule:
 # --- the table -----------------------------------------------------------------
 def rules() -> dict[str, Rule]:
   """Every key of configs/default.py, in its order, with its rule."""
+  return {**_run_and_model_rules(), **_data_rules(), **_training_rules()}
+
+
+def _run_and_model_rules() -> dict[str, Rule]:
+  """The run, the model and its mixers."""
   return {
     "seed": integer(0),
     "num_runs": integer(1),
@@ -237,24 +259,20 @@ def rules() -> dict[str, Rule]:
     "dtype": dtypes(),
     "init_from": string(),  # the path itself is checked in Run.prepare
     "init_from_kernels": choice(KERNEL_MOVES),
+  }
+
+
+def _data_rules() -> dict[str, Rule]:
+  """The dataset and how it is read."""
+  return {
     "dataset.name": choice(DATASETS, names="dataset"),
     "dataset.data_dir": string(),
     "dataset.manual_dir": string(),
     "dataset.download": boolean(),
     "dataset.placement": choice(PLACEMENTS),
     "dataset.stream_crop": choice(CROPS),
-    "dataset.stream_crop_scale": numbers(
-      "a pair (low, high) with 0 < low <= high <= 1",
-      lambda v: 0.0 < v[0] <= v[1] <= 1.0,
-      length=2,
-      bad=(1.0, 0.08),
-    ),
-    "dataset.stream_crop_ratio": numbers(
-      "a pair (low, high) with 0 < low <= high",
-      lambda v: 0.0 < v[0] <= v[1],
-      length=2,
-      bad=(0.0, 1.0),
-    ),
+    "dataset.stream_crop_scale": share_pair(bad=(1.0, 0.08)),
+    "dataset.stream_crop_ratio": positive_pair(bad=(0.0, 1.0)),
     "dataset.eval_crop_fraction": number(0.0, 1.0, low_open=True),
     "dataset.stream_workers": integer(0),
     "dataset.image_size": integer(1, optional=True),  # against the dataset: Run.prepare
@@ -274,22 +292,18 @@ def rules() -> dict[str, Rule]:
       lambda v: all(x > 0.0 for x in v),
       bad=(0.2, 0.0, 0.2),
     ),
+  }
+
+
+def _training_rules() -> dict[str, Rule]:
+  """Augmentation, the optimizer, the schedule and the loop's cadence."""
+  return {
     "augment.flip": boolean(),
     "augment.crop_padding": integer(0),  # 0: no crop
     "augment.autoaugment": choice(POLICIES, optional=True, extra=(NO_AUTOAUGMENT,)),
     "augment.random_erasing": _probability(),
-    "augment.erasing_area": numbers(
-      "a pair (low, high) with 0 < low <= high <= 1",
-      lambda v: 0.0 < v[0] <= v[1] <= 1.0,
-      length=2,
-      bad=(0.4, 0.02),
-    ),
-    "augment.erasing_aspect": numbers(
-      "a pair (low, high) with 0 < low <= high",
-      lambda v: 0.0 < v[0] <= v[1],
-      length=2,
-      bad=(0.0, 3.3),
-    ),
+    "augment.erasing_area": share_pair(bad=(0.4, 0.02)),
+    "augment.erasing_aspect": positive_pair(bad=(0.0, 3.3)),
     "augment.erasing_aspect_sampling": choice(ASPECT_SAMPLINGS),
     "augment.erasing_attempts": integer(1),
     "augment.erasing_fill": choice(ERASING_FILLS),
