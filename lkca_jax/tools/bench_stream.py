@@ -180,9 +180,7 @@ def main(argv):
   table = format_table(results)
   print(table)
   print(f"wrote {cli.write_json(out, results)}")
-  from lkca_jax import files  # pylint: disable=import-outside-toplevel
-
-  print(f"wrote {files.write_atomic(out.with_suffix('.md'), table + chr(10))}")
+  print(f"wrote {cli.write_atomic(out.with_suffix('.md'), table + chr(10))}")
 
 
 if __name__ == "__main__":
