@@ -213,6 +213,26 @@ def test_saved_shapes_are_the_global_shapes_of_sharded_arrays(tmp_path):
   checkpoints.close()
 
 
+def test_replicated_and_sharded_arrays_on_eight_devices_restore_to_their_values(tmp_path):
+  # A replicated array is written from one of its copies; a sharded one from every shard.
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+  rows = 2 * len(jax.devices())
+  values = {
+    "sharded": jnp.arange(rows * 3.0).reshape(rows, 3),  # every shard different
+    "replicated": jnp.arange(15.0).reshape(5, 3) - 7.5,
+  }
+  specs = {"sharded": P("d"), "replicated": P()}
+  state = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in values.items()}
+  checkpoints = checkpoint.Checkpoints(tmp_path / "checkpoints", asynchronous=False)
+  checkpoints.save(1, state, {})
+  restored, _ = checkpoints.restore(1, jax.tree.map(jnp.zeros_like, state))
+  checkpoints.close()
+  for name, value in values.items():
+    assert restored[name].sharding == state[name].sharding
+    for shard in restored[name].addressable_shards:
+      np.testing.assert_array_equal(shard.data, value[shard.index])
+
+
 def test_an_unfinished_write_is_set_aside_on_start(small, tmp_path):
   directory = small_copy(small, tmp_path)
   unfinished_write(directory / "2")
