@@ -176,32 +176,39 @@ def test_hessian_jacfwd_linearize_and_hvp_on_a_tiny_model(name):
   def loss(x):
     return jnp.mean(-jax.nn.log_softmax(model(x))[jnp.arange(1), labels])
 
-  jac_fwd = jax.jit(jax.jacfwd(model))(x)
-  jac_rev = jax.jit(jax.jacrev(model))(x)
-  bound = 2 * terms * U32 * float(jnp.abs(jac_rev).max())
-  assert float(jnp.abs(jac_fwd - jac_rev).max()) <= bound
+  v = images(5, batch=1)
 
-  hessian = jax.jit(jax.hessian(loss))(x).reshape(x.size, x.size)
+  @jax.jit  # one program holds every transform: each is still its own computation in it
+  def transforms(x, v):
+    out, linear_fn = jax.linearize(model, x)
+    return dict(
+      jac_fwd=jax.jacfwd(model)(x),
+      jac_rev=jax.jacrev(model)(x),
+      hessian=jax.hessian(loss)(x),
+      forward_over_reverse=jax.jvp(jax.grad(loss), (x,), (v,))[1],
+      reverse_over_reverse=jax.grad(lambda x, v: jnp.vdot(jax.grad(loss)(x), v))(x, v),
+      out=out,
+      linear=linear_fn(v),
+      jvp=jax.jvp(model, (x,), (v,))[1],
+    )
+
+  r = transforms(x, v)
+  bound = 2 * terms * U32 * float(jnp.abs(r["jac_rev"]).max())
+  assert float(jnp.abs(r["jac_fwd"] - r["jac_rev"]).max()) <= bound
+
+  hessian = r["hessian"].reshape(x.size, x.size)
   h_scale = float(jnp.abs(hessian).max())
   assert h_scale > 0
   assert float(jnp.abs(hessian - hessian.T).max()) <= 4 * terms * U32 * h_scale  # symmetric
 
-  v = images(5, batch=1)
-  forward_over_reverse = jax.jit(lambda x, v: jax.jvp(jax.grad(loss), (x,), (v,))[1])(x, v)
-  reverse_over_reverse = jax.jit(jax.grad(lambda x, v: jnp.vdot(jax.grad(loss)(x), v)))(x, v)
   by_matrix = (hessian @ v.reshape(-1)).reshape(x.shape)
   hvp_bound = 4 * terms * U32 * h_scale * float(jnp.abs(v).sum())
-  for hvp in (forward_over_reverse, reverse_over_reverse):
+  for hvp in (r["forward_over_reverse"], r["reverse_over_reverse"]):
     assert float(jnp.abs(hvp - by_matrix).max()) <= hvp_bound
 
-  def linearized(x, v):
-    out, linear_fn = jax.linearize(model, x)
-    return out, linear_fn(v), jax.jvp(model, (x,), (v,))
-
-  out, linear, (_, jvp) = jax.jit(linearized)(x, v)
   direct = jax.jit(model)(x)  # another program: the same values to round-off
-  assert float(jnp.abs(out - direct).max()) <= 2 * terms * U32 * float(jnp.abs(direct).max())
-  assert float(jnp.abs(linear - jvp).max()) <= bound * float(jnp.abs(v).max())
+  assert float(jnp.abs(r["out"] - direct).max()) <= 2 * terms * U32 * float(jnp.abs(direct).max())
+  assert float(jnp.abs(r["linear"] - r["jvp"]).max()) <= bound * float(jnp.abs(v).max())
 
 
 def test_vmapped_per_example_gradients_are_each_examples():
