@@ -1,5 +1,7 @@
 """Every preset under every JAX transform: grad, jvp, jacfwd, hessian, linearize, a
 forward-over-reverse Hessian-vector product, vmap and jit, in float32 and bfloat16.
+The compiled checks run one preset per mixer; a trace-only test shows that every other
+preset's program is its representative's with other sizes.
 
 Tolerances are float32 round-off bounds. An inner product of float32 values that each
 went through reductions of L terms in all (summed along the longest path of the network)
