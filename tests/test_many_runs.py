@@ -265,12 +265,13 @@ def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   assert healthy["died_at_step"] is None and healthy["final_top1"] is not None
   assert f"stopped: loss became non-finite at step {dead['died_at_step']}" in caplog.text
   # Both runs' checkpointed parameters stay finite.
+  many = build(config)  # the restore's template, then the step-by-step check's
   restored = train.checkpoint_lib.Checkpoints(tmp_path / "checkpoints", read_only=True)
-  state = restored.restore_latest(build(config).state)[1]
+  state = restored.restore_latest(many.state)[1]
   restored.close()
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state.params))
   # Step by step, before and after run 1 dies, run 0 is its single run.
-  many, survivor = build(config), train.run_specs(config)[0].config
+  survivor = train.run_specs(config)[0].config
   alive, _ = assert_each_step_is_the_single_runs(many, build(survivor), 0, survivor)
   assert not bool(alive[1])
   # The statistics leave the dead run out.
