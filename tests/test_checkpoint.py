@@ -1,12 +1,15 @@
 """Damaged checkpoints: each kind is told apart, then, end to end, main.py resumes past it.
 
 The first tests save a small state with `Checkpoints` and damage copies of it.
-Then one real short training on digits writes checkpoints 4, 8 and 12; each
-end-to-end test damages a copy of it on disk the way a full disk, a crash or a
-bad copy would, and runs main.py on it again in a subprocess.
+Then the end-to-end tests take tests/test_main.py's uninterrupted training on digits
+(made once in the session; its checkpoints are the last three, 100, 125 and 150,
+and its best): each damages a copy of it on disk the way a full disk, a crash or a
+bad copy would, and runs main.py on it again in a subprocess (the same program, so
+its compilation is cached).
 """
 
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -20,19 +23,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lkca_jax import checkpoint
-from tests.test_main import assert_same_params, final_params, run_main
-
-STEPS = 12
-SHORT = [
-  f"--config.num_train_steps={STEPS}",
-  "--config.checkpoint_every_steps=4",
-  "--config.eval_every_steps=4",
-  "--config.log_every_steps=4",
-]
+from tests.test_main import STEPS, assert_same_params, final_params, run_main, uninterrupted_run
 
 
 def run(workdir, *extra):
-  return run_main(workdir, *SHORT, *extra)
+  return run_main(workdir, *extra)
 
 
 def data_files(step_dir):
@@ -293,11 +288,12 @@ def test_errors_that_are_not_the_files_fault_set_nothing_aside(tmp_path):
 # --- end to end ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("trained")
-  result = run(workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
-  return workdir, result
+  workdir, result = uninterrupted_run(tmp_path_factory)
+  return pathlib.Path(workdir), result
+
+
+def listing(workdir):
+  return sorted(os.listdir(workdir / "checkpoints"), key=int)
 
 
 def damaged_copy(trained, tmp_path, damage, steps=(STEPS,)):
@@ -329,18 +325,20 @@ def error_lines(stderr):
 def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(
   trained, tmp_path, damage, reason
 ):
-  workdir = damaged_copy(trained, tmp_path, damage)
+  steps = listing(trained[0])
+  latest, previous = steps[-1], steps[-2]
+  workdir = damaged_copy(trained, tmp_path, damage, steps=(latest,))
   result = run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   warnings = warnings_about_damage(result.stderr)
   assert len(warnings) == 1, result.stderr[-3000:]
-  assert re.search(rf"checkpoints/12\S* cannot be restored \({reason}: ", warnings[0])
-  assert warnings[0].endswith(f"set aside as {workdir}/checkpoints_damaged/12-{reason}")
-  assert re.search(r"resumed from \S+/checkpoints/8\n", result.stderr)
+  assert re.search(rf"checkpoints/{latest}\S* cannot be restored \({reason}: ", warnings[0])
+  assert warnings[0].endswith(f"set aside as {workdir}/checkpoints_damaged/{latest}-{reason}")
+  assert re.search(rf"resumed from \S+/checkpoints/{previous}\n", result.stderr)
   assert_no_traceback_through_our_code(result.stderr)
-  # Kept, out of orbax's sight; and step 12 was saved again, as if nothing had happened.
-  assert (workdir / "checkpoints_damaged" / f"12-{reason}").is_dir()
-  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
+  # Kept, out of orbax's sight; and the last step was saved again, as if nothing had happened.
+  assert (workdir / "checkpoints_damaged" / f"{latest}-{reason}").is_dir()
+  assert listing(workdir) == steps
   step, params = final_params(workdir)
   full_step, full_params = final_params(trained[0])
   assert step == full_step == STEPS
@@ -349,7 +347,8 @@ def test_damaged_latest_checkpoint_is_set_aside_and_training_resumes(
 
 @pytest.mark.slow
 def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path):
-  workdir = damaged_copy(trained, tmp_path, truncate_data, steps=(4, 8, 12))
+  steps = listing(trained[0])
+  workdir = damaged_copy(trained, tmp_path, truncate_data, steps=steps)
   result = run(workdir)
   assert result.returncode == 2, result.stderr[-3000:]
   assert error_lines(result.stderr) == [result.stderr.strip().splitlines()[-1]]
@@ -358,10 +357,10 @@ def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path
     .splitlines()[-1]
     .startswith(f"error: no checkpoint in {workdir}/checkpoints can be restored")
   )
-  assert len(warnings_about_damage(result.stderr)) == 3
+  assert len(warnings_about_damage(result.stderr)) == len(steps)
   assert_no_traceback_through_our_code(result.stderr)
   # Nothing is moved when there is nothing to fall back to: every retry says the same.
-  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
+  assert listing(workdir) == steps
   assert not (workdir / "checkpoints_damaged").exists()
 
 
@@ -372,35 +371,42 @@ def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path):
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(
-    f"error: checkpoint {workdir}/checkpoints/12 does not match this model/config"
+    f"error: checkpoint {workdir}/checkpoints/{STEPS} does not match this model/config"
   ), last
   assert not warnings_about_damage(result.stderr)
-  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["4", "8", "12"]
+  assert listing(workdir) == listing(trained[0])
   assert not (workdir / "checkpoints_damaged").exists()
 
 
 @pytest.mark.slow
-def test_eval_falls_back_past_a_damaged_checkpoint_and_an_explicit_one_is_an_error(
+def test_eval_falls_back_past_damaged_checkpoints_and_an_explicit_one_is_an_error(
   trained, tmp_path
 ):
-  workdir = damaged_copy(trained, tmp_path, truncate_data)
-  top1_at_8 = re.search(r"step 8: test top1 (\S+)", trained[1].stderr).group(1)
+  # The newest checkpoint below the last that training evaluated (and logged) is the one to
+  # fall back to; every one after it is damaged.
+  evaluated = [int(s) for s in re.findall(r"step (\d+): test top1", trained[1].stderr)]
+  fallback = max(s for s in listing(trained[0]) if s in evaluated and s < STEPS)
+  damaged = [s for s in listing(trained[0]) if s > fallback]
+  workdir = damaged_copy(trained, tmp_path, truncate_data, steps=damaged)
+  top1 = re.search(rf"step {fallback}: test top1 (\S+)", trained[1].stderr).group(1)
   result = run(workdir, "--mode=eval")
   assert result.returncode == 0, result.stderr[-3000:]
   warnings = warnings_about_damage(result.stderr)
-  assert len(warnings) == 1 and re.search(
-    r"checkpoints/12 cannot be restored \(data-truncated: .*\); skipped$", warnings[0]
-  )
-  assert f"eval {workdir}/checkpoints/8: top1 {top1_at_8} " in result.stdout
+  assert len(warnings) == len(damaged), result.stderr[-3000:]
+  for step, warning in zip(sorted(damaged, reverse=True), warnings, strict=True):
+    assert re.search(
+      rf"checkpoints/{step} cannot be restored \(data-truncated: .*\); skipped$", warning
+    ), warning
+  assert f"eval {workdir}/checkpoints/{fallback}: top1 {top1} " in result.stdout
   # Evaluation changes nothing in the workdir: a run may be training there.
-  assert (workdir / "checkpoints" / "12").is_dir()
+  assert all((workdir / "checkpoints" / str(step)).is_dir() for step in damaged)
   assert not (workdir / "checkpoints_damaged").exists()
 
-  result = run(workdir, "--mode=eval", f"--checkpoint={workdir}/checkpoints/12")
+  result = run(workdir, "--mode=eval", f"--checkpoint={workdir}/checkpoints/{STEPS}")
   assert result.returncode == 2, result.stderr[-3000:]
   assert error_lines(result.stderr) == [result.stderr.strip().splitlines()[-1]]
   assert (
     result.stderr.strip()
     .splitlines()[-1]
-    .startswith(f"error: checkpoint {workdir}/checkpoints/12 is damaged (data-truncated: ")
+    .startswith(f"error: checkpoint {workdir}/checkpoints/{STEPS} is damaged (data-truncated: ")
   )

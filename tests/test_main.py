@@ -6,6 +6,7 @@ import os
 import pathlib
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests.helpers import built_once
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -53,8 +56,13 @@ def final_params(workdir):
   """The parameters of the latest checkpoint, read back from disk with orbax."""
   directory = os.path.join(workdir, "checkpoints")
   steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[-1]), "state"))
-  return steps[-1], restored["params"]
+  return steps[-1], params_at(workdir, steps[-1])
+
+
+def params_at(workdir, step):
+  """The parameters of checkpoint `step`, read back from disk with orbax."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)["params"]
 
 
 def assert_same_params(a, b):
@@ -70,12 +78,21 @@ def jax_leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def uninterrupted_run(tmp_path_factory):
+  """(workdir, CompletedProcess) of one uninterrupted TINY run, made once in the session:
+  these tests and tests/test_checkpoint.py only read it (copies are damaged there)."""
+
+  def build(directory):
+    result = run_main(str(directory))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(directory), result
+
+  return built_once(tmp_path_factory, "main_uninterrupted", build)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("full"))
-  result = run_main(workdir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result
+  return uninterrupted_run(tmp_path_factory)
 
 
 def test_uninterrupted_run_writes_summary_logs_and_checkpoints(uninterrupted):
@@ -134,7 +151,8 @@ def interrupt_twice_then_finish(workdir, extra, checkpoints):
   """SIGTERM while the save of step `checkpoints[0]` is in flight, resume, SIGKILL while
   the save of step `checkpoints[1]` is in flight, then resume to the end; returns
   (final step, final parameters). The holds make both signals land at those steps however
-  fast the machine runs (waiting for a checkpoint to appear raced with the training)."""
+  fast the machine runs (waiting for a checkpoint to appear raced with the training).
+  The last resume must take over the killed run's lock and set its unfinished write aside."""
   first, second = checkpoints
   proc, _ = start_and_hold(workdir, extra, f"save:{first}")
   proc.send_signal(signal.SIGTERM)
@@ -144,19 +162,35 @@ def interrupt_twice_then_finish(workdir, extra, checkpoints):
   assert final_params(workdir)[0] == first + 1
   proc, before_hold = start_and_hold(workdir, extra, f"save:{second}")
   assert re.search(rf"resumed from \S+/{first + 1}\n", before_hold), before_hold[-3000:]
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  unfinished = [n for n in names if n.startswith(f"{second}.orbax-checkpoint-tmp")]
+  assert unfinished and str(second) not in names, "the write is not in flight"
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=120)
   assert proc.returncode == -signal.SIGKILL
-  assert final_params(workdir)[0] < second  # the save of `second` was cut mid-write
+  kept = final_params(workdir)[0]
+  assert kept < second  # the save of `second` was cut mid-write: only the unfinished copy
   resumed = run_main(workdir, *extra)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from" in resumed.stderr
+  assert re.search(rf"resumed from \S+/checkpoints/{kept}\n", resumed.stderr), resumed.stderr[
+    -3000:
+  ]
+  # The dead run's lock is taken over; its unfinished write is kept, out of orbax's sight.
+  assert re.search(
+    rf"took over the lock of a run that is gone \(.*process {proc.pid},", resumed.stderr
+  )
+  assert re.search(
+    rf"checkpoints/{second}\.orbax-checkpoint-tmp\S* cannot be restored \(unfinished-write",
+    resumed.stderr,
+  )
+  assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", f"{second}-unfinished-write"))
   return final_params(workdir)
 
 
 def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterrupted, tmp_path):
-  """One lineage, both signals: stopped by SIGTERM at step 50, resumed, killed at step 100,
-  resumed to the end; the parameters end where the uninterrupted run's did."""
+  """One lineage, both signals: stopped by SIGTERM while the save of step 50 is in flight,
+  resumed, killed while the save of step 100 is half written, resumed to the end; the
+  parameters end where the uninterrupted run's did."""
   step, params = interrupt_twice_then_finish(str(tmp_path), [], (50, 100))
   full_step, full_params = final_params(uninterrupted[0])
   assert step == full_step == STEPS
@@ -198,51 +232,32 @@ def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(
   assert_same_params(params, full_params)
 
 
-# (hold point, signal): the run is held there (tests/hold.py)
-# until the signal lands. After starting the asynchronous save of step 50, the hold keeps
-# that write unfinished.
-# SIGTERM while an asynchronous save is in flight is test_run_resumes_after_sigterm_then_
-# sigkill_to_identical_parameters's first signal.
-AWKWARD_MOMENTS = [
-  ("eval:50", signal.SIGTERM),
-  ("save:50", signal.SIGKILL),
-]
-
-
-@pytest.mark.parametrize("hold, sig", AWKWARD_MOMENTS, ids=["SIGTERM-in-eval", "SIGKILL-in-save"])
-def test_signal_at_an_awkward_moment_resumes_to_identical_parameters(
-  uninterrupted, tmp_path, hold, sig
+# The awkward moments: SIGTERM while an asynchronous save is in flight and SIGKILL mid-write
+# (the hold keeps the write unfinished) are the two signals of interrupt_twice_then_finish;
+# SIGTERM mid-evaluation is below.
+def test_sigterm_in_eval_resumes_to_identical_parameters_and_a_second_run_is_refused_meanwhile(
+  uninterrupted, tmp_path
 ):
-  workdir, checkpoints = str(tmp_path), str(tmp_path / "checkpoints")
-  proc, _ = start_and_hold(workdir, [], hold)
-  unfinished = [n for n in os.listdir(checkpoints) if n.startswith("50.orbax-checkpoint-tmp")]
-  if hold.startswith("save"):
-    assert unfinished and "50" not in os.listdir(checkpoints), "the write is not in flight"
-  proc.send_signal(sig)
-  out, err = proc.communicate(timeout=120)
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, err[-3000:]
-    assert "stopped by SIGTERM at step 51" in out
-    resume_from = 51
-  else:
-    assert proc.returncode == -signal.SIGKILL
-    assert "50" not in os.listdir(checkpoints)  # cut mid-write: only the unfinished copy
-    resume_from = 25
+  """Held before evaluating step 50 (tests/hold.py): a second run on the same workdir is
+  refused naming the first; then SIGTERM lands mid-evaluation, the run saves step 51 and
+  stops cleanly, and a rerun resumes from 51 to the uninterrupted run's parameters."""
+  workdir = str(tmp_path)
+  first, _ = start_and_hold(workdir, [], "eval:50")
+  try:
+    second = run_main(workdir)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert lines[-1].startswith(f"error: --workdir={tmp_path} is in use by a run still going")
+    assert f"process {first.pid}, started 20" in lines[-1] and os.uname().nodename in lines[-1]
+  finally:
+    first.send_signal(signal.SIGTERM)
+  out, err = first.communicate(timeout=120)
+  assert first.returncode == 0, err[-3000:]
+  assert "stopped by SIGTERM at step 51" in out
+  assert {"25", "50", "51"} <= set(os.listdir(tmp_path / "checkpoints"))  # its work is all there
   resumed = run_main(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert re.search(rf"resumed from \S+/checkpoints/{resume_from}\n", resumed.stderr), (
-    resumed.stderr[-3000:]
-  )
-  if sig == signal.SIGKILL:  # the dead run's lock is taken over; its unfinished write kept
-    assert re.search(
-      rf"took over the lock of a run that is gone \(.*process {proc.pid},", resumed.stderr
-    )
-    assert re.search(
-      r"checkpoints/50\.orbax-checkpoint-tmp\S* cannot be restored "
-      r"\(unfinished-write",
-      resumed.stderr,
-    )
-    assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "50-unfinished-write"))
+  assert re.search(r"resumed from \S+/checkpoints/51\n", resumed.stderr), resumed.stderr[-3000:]
   step, params = final_params(workdir)
   full_step, full_params = final_params(uninterrupted[0])
   assert step == full_step == STEPS
@@ -342,21 +357,6 @@ def test_an_unusable_workdir_is_one_line_and_exit_2(tmp_path, kind):
     assert workdir.read_text() == "kept"
 
 
-def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_first(tmp_path):
-  first, _ = start_and_hold(str(tmp_path), [], "eval:50")
-  try:
-    second = run_main(str(tmp_path))
-    lines = second.stderr.strip().splitlines()
-    assert second.returncode == 2, second.stderr[-2000:]
-    assert lines[-1].startswith(f"error: --workdir={tmp_path} is in use by a run still going")
-    assert f"process {first.pid}, started 20" in lines[-1] and os.uname().nodename in lines[-1]
-  finally:
-    first.send_signal(signal.SIGTERM)
-  out, err = first.communicate(timeout=120)
-  assert first.returncode == 0 and "stopped by SIGTERM at step 51" in out, err[-2000:]
-  assert {"25", "50", "51"} <= set(os.listdir(tmp_path / "checkpoints"))  # its work is all there
-
-
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   # A learning rate of 1e30 blows the weights up within a few steps.
   result = run_main(
@@ -430,12 +430,14 @@ def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins
     "--config.optimizer.learning_rate=1e-6",
     "--config.optimizer.weight_decay=0",
   ]
-  second = run_main(big, *fine_tune, "--config.num_train_steps=1")
+  # Two steps, a checkpoint after each: step 1 is the first update from the moved weights;
+  # the same program serves the resume below.
+  fine_tune += ["--config.num_train_steps=2", "--config.checkpoint_every_steps=1"]
+  second = run_main(big, *fine_tune)
   assert second.returncode == 0, second.stderr[-3000:]
   assert f"parameters from {small}/checkpoints/5" in second.stderr
   _, small_params = final_params(str(small))
-  step, big_params = final_params(str(big))
-  assert step == 1
+  big_params = params_at(str(big), 1)
   expected = jax_leaves(moved_by_hand(small_params, (8, 8)))
   for got, want in zip(jax_leaves(big_params), expected, strict=True):
     assert got.shape == want.shape
@@ -445,8 +447,14 @@ def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins
   assert int(adam["count"]) == 1 and int(restored["step"]) == 1
   for mu, nu in zip(jax_leaves(adam["mu"]), jax_leaves(adam["nu"]), strict=True):
     np.testing.assert_allclose(mu**2 * (1 - 0.999), nu * (1 - 0.9) ** 2, rtol=1e-5, atol=1e-30)
-  third = run_main(big, *fine_tune, "--config.num_train_steps=2")
+  # As if stopped after step 1: a rerun resumes its own checkpoint, not init_from, and
+  # takes step 2 to the same parameters.
+  step, params_2 = final_params(str(big))
+  assert step == 2
+  shutil.rmtree(big / "checkpoints" / "2")
+  third = run_main(big, *fine_tune)
   assert third.returncode == 0, third.stderr[-3000:]
   assert f"resumed from {big}/checkpoints/1" in third.stderr
   assert "parameters from" not in third.stderr
   assert json.load(open(big / "summary.json"))["step"] == 2
+  assert_same_params(final_params(str(big))[1], params_2)

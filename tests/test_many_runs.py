@@ -106,14 +106,17 @@ def adamw_round_off(config, before, after, lr: float, terms: int) -> dict:
 
 def assert_each_step_is_the_single_runs(many, single, k, config, steps=STEPS):
   """From one shared state per step, run k of `many` and `single` take the same step.
-  Returns the runs' `alive` mask at the end."""
+  Returns the runs' `alive` mask at the end and `many`'s losses (steps, runs); the other
+  runs train freely from their own states."""
   terms = chain_terms(config)
   many_state, single_state, alive = many.state, single.state, many.all_alive
+  losses = []
   for step in range(steps):
     forced = jax.tree.map(lambda m, s: m.at[k].set(s), many_state, single_state)
     before = jax.device_get(single_state.replace(rest=None))  # rest holds PRNG keys
     many_state, many_metrics = many.step(forced, step, alive)
     alive = many_metrics["alive"]
+    losses.append(np.asarray(many_metrics["loss"]))
     single_state, single_metrics = single.step(single_state, step)
     loss_k, loss = float(many_metrics["loss"][k]), float(single_metrics["loss"][0])
     assert abs(loss_k - loss) <= 2 * terms * U * abs(loss), (step, loss_k, loss)
@@ -126,17 +129,7 @@ def assert_each_step_is_the_single_runs(many, single, k, config, steps=STEPS):
     for path, bound in bounds.items():
       excess = np.abs(got[path] - expected[path]) - bound
       assert excess.max() <= 0, (step, path, float(excess.max()))
-  return alive
-
-
-def train_steps(config, steps=STEPS):
-  """(losses (steps, runs), final params) of `config`'s runs, step by step."""
-  t = train.build_training(train.Run.prepare(config), config)
-  state, losses = t.state, []
-  for step in range(steps):
-    state, metrics = t.step(state, step)
-    losses.append(np.asarray(metrics["loss"]))
-  return np.stack(losses), jax.device_get(state.params), t
+  return alive, np.stack(losses)
 
 
 @pytest.mark.parametrize("placement", ["device", "host"])
@@ -173,14 +166,14 @@ def build(config):
 
 
 def test_each_of_three_runs_reproduces_its_single_run():
-  losses, _, t = train_steps(tiny(num_runs=3, seed=5))
-  assert losses.shape == (STEPS, 3) and [s.seed for s in t.specs] == [5, 6, 7]
-  assert np.all(np.isfinite(losses))
-  assert not np.allclose(losses[:, 0], losses[:, 1])  # different seeds, different runs
   many = build(tiny(num_runs=3, seed=5))
+  assert [s.seed for s in many.specs] == [5, 6, 7]
   for k in range(3):
     single_config = tiny(seed=5 + k)
-    assert_each_step_is_the_single_runs(many, build(single_config), k, single_config)
+    _, losses = assert_each_step_is_the_single_runs(many, build(single_config), k, single_config)
+    assert losses.shape == (STEPS, 3) and np.all(np.isfinite(losses))
+    # Different seeds, different runs (run k is its single run's; the others run freely).
+    assert not np.allclose(losses[:, k], losses[:, (k + 1) % 3])
 
 
 def test_a_sweep_run_reproduces_its_single_run_for_every_sweepable_key():
@@ -272,13 +265,14 @@ def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   assert healthy["died_at_step"] is None and healthy["final_top1"] is not None
   assert f"stopped: loss became non-finite at step {dead['died_at_step']}" in caplog.text
   # Both runs' checkpointed parameters stay finite.
+  many = build(config)  # the restore's template, then the step-by-step check's
   restored = train.checkpoint_lib.Checkpoints(tmp_path / "checkpoints", read_only=True)
-  state = restored.restore_latest(build(config).state)[1]
+  state = restored.restore_latest(many.state)[1]
   restored.close()
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state.params))
   # Step by step, before and after run 1 dies, run 0 is its single run.
-  many, survivor = build(config), train.run_specs(config)[0].config
-  alive = assert_each_step_is_the_single_runs(many, build(survivor), 0, survivor)
+  survivor = train.run_specs(config)[0].config
+  alive, _ = assert_each_step_is_the_single_runs(many, build(survivor), 0, survivor)
   assert not bool(alive[1])
   # The statistics leave the dead run out.
   groups = {g["values"]["optimizer.learning_rate"]: g for g in summary["groups"]}

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -50,13 +51,16 @@ def _checkpoint_meta(workdir, step) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_a_checkpoint_in_the_earlier_single_run_layout_resumes(tmp_path):
-  every = {"eval_every_steps": 2, "checkpoint_every_steps": 2}
-  train.train_and_evaluate(tiny_digits(num_train_steps=2, **every), str(tmp_path))
+  # One config throughout (one compiled program): trained to 4, then cut back to step 2 as
+  # if stopped there, with step 2's record rewritten in the earlier layout.
+  config = lambda: tiny_digits(num_train_steps=4, eval_every_steps=2, checkpoint_every_steps=2)  # noqa: E731
+  train.train_and_evaluate(config(), str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
   meta = _checkpoint_meta(tmp_path, 2)
   record = json.loads(meta.read_text())["runs"][0]
   earlier = {key: record[key] for key in ("best_top1", "best_step", "history")}
   meta.write_text(json.dumps(earlier))  # one run's fields at the top, no "runs"
-  summary = train.train_and_evaluate(tiny_digits(num_train_steps=4, **every), str(tmp_path))
+  summary = train.train_and_evaluate(config(), str(tmp_path))
   assert summary["step"] == 4
   history = json.loads(_checkpoint_meta(tmp_path, 4).read_text())["runs"][0]["history"]
   assert [h["step"] for h in history] == [2, 4] and history[0] == earlier["history"][0]
@@ -64,7 +68,7 @@ def test_a_checkpoint_in_the_earlier_single_run_layout_resumes(tmp_path):
   meta = _checkpoint_meta(tmp_path, 4)
   meta.write_text(json.dumps({"runs": [record, record]}))
   with pytest.raises(train.checkpoint_lib.CheckpointError, match="holds 2 run records"):
-    train.train_and_evaluate(tiny_digits(num_train_steps=6, **every), str(tmp_path))
+    train.train_and_evaluate(config(), str(tmp_path))
 
 
 @pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
