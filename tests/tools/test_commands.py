@@ -6,9 +6,12 @@ real process: `--help` exits 0 with the command's own description on stdout; an 
 flag is one `error:` line naming it, the last line on stderr, and exit code 2.
 
 A command that writes names where in flags it defines with `cli.define_output_dir` or
-`cli.define_output_file`; asked for them (`cli.output_flags`), each command refuses a place
-where no directory can be made and the wrong kind of thing (a regular file for a directory,
-left as it was; a directory for a file) with the same one line, before any work.
+`cli.define_output_file`; asked for them (`cli.output_flags`), each command refuses the wrong
+kind of thing (a regular file for a directory, left as it was; a directory for a file) with
+one line naming the flag, before any work: so it checks each such flag with the check of
+its kind. That check (`cli.output_dir`, `cli.output_file`) is tested here in-process on
+every bad place, a place where no directory can be made included; a process per place and
+command would only start the same check again.
 """
 
 import ast
@@ -145,6 +148,40 @@ def bad_places(tmp_path, stem, name, kind, default) -> dict:
   return places
 
 
+def assert_left_as_it_was(tmp_path, name, kind, default):
+  wrong = Path(output_value(tmp_path / "wrong", name, kind, default))
+  if kind == "dir":
+    assert wrong.read_text() == "a regular file\n"
+  else:
+    assert wrong.is_dir() and not any(wrong.iterdir())
+
+
+def one_error_line(err, name, place):
+  lines = [line for line in err.splitlines() if line.strip()]
+  why = (name, place, err[-1500:])
+  assert "Traceback" not in err, why
+  assert lines[-1].startswith("error: ") and f"--{name}={place}" in lines[-1], why
+  assert [line for line in lines if line.startswith("error:")] == lines[-1:], why
+
+
+@pytest.mark.parametrize(
+  "kind, default", [("dir", None), ("file", "x.png")], ids=["output_dir", "output_file"]
+)
+def test_the_output_checks_refuse_every_bad_place_with_one_line(kind, default, tmp_path, capsys):
+  from lkca_jax.tools import cli
+
+  check = cli.output_dir if kind == "dir" else cli.output_file
+  for case, place in bad_places(tmp_path, "check", "out", kind, default).items():
+    with pytest.raises(SystemExit) as exit_info:
+      check(place, "--out")
+    assert exit_info.value.code == cli.USAGE_ERROR, case
+    captured = capsys.readouterr()
+    one_error_line(captured.err, "out", place)
+    assert captured.out == "", case
+  assert_left_as_it_was(tmp_path, "out", kind, default)
+  assert not Path("/proc/lkca-test").exists()
+
+
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_an_unusable_output_place_is_one_error_line_before_any_work(path, output_flags, tmp_path):
   found = output_flags[path]
@@ -159,26 +196,20 @@ def test_an_unusable_output_place_is_one_error_line_before_any_work(path, output
       for other, k in found["outputs"].items()
       if other != name
     ]
-    for case, place in bad_places(tmp_path, path.stem, name, kind, default).items():
-      args = [*needed, *others, f"--{name}={place}"]
-      cases[(name, case, place)] = subprocess.Popen(
-        command_line(path) + args,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-      )
-  for (name, case, place), proc in cases.items():
+    # The wrong kind: refused only by the check of the flag's own kind (a file flag checked
+    # as a directory would take a directory, and the other way round).
+    place = bad_places(tmp_path, path.stem, name, kind, default)["wrong kind"]
+    cases[(name, place)] = subprocess.Popen(
+      command_line(path) + [*needed, *others, f"--{name}={place}"],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+  for (name, place), proc in cases.items():
     out, err = proc.communicate(timeout=120)
-    lines = [line for line in err.splitlines() if line.strip()]
-    why = (name, case, err[-1500:])
-    assert proc.returncode == 2 and "Traceback" not in err, why
-    assert lines[-1].startswith("error: ") and f"--{name}={place}" in lines[-1], why
-    assert [line for line in lines if line.startswith("error:")] == lines[-1:], why
-    assert out == "", (name, case, out)  # refused before any work that reports itself
+    assert proc.returncode == 2, (name, err[-1500:])
+    one_error_line(err, name, place)
+    assert out == "", (name, out)  # refused before any work that reports itself
   for name, kind in found["outputs"].items():
-    wrong = Path(output_value(tmp_path / "wrong", name, kind, found["defaults"][name]))
-    if kind == "dir":
-      assert wrong.read_text() == "a regular file\n"
-    else:
-      assert wrong.is_dir() and not any(wrong.iterdir())
+    assert_left_as_it_was(tmp_path, name, kind, found["defaults"][name])
