@@ -10,7 +10,6 @@ RGB JPEG (quality 100), so they may differ from PIL's decode by 1 level.
 import io
 import os
 import shutil
-import time
 import zipfile
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 from lkca_jax import data
+from tests.helpers import built_once
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "tiny-imagenet-200-fixture.zip")
 ROOT = "tiny-imagenet-200/"
@@ -82,25 +82,38 @@ def test_builder_is_registered_and_describes_itself_offline(tmp_path):
   assert not builder.is_prepared()
 
 
-@pytest.fixture(scope="module", params=["tfrecord", "array_record"])
+FORMATS = ("array_record", "tfrecord")
+
+
+def prepared_fixture(tmp_path_factory):
+  """{file format: data_dir} of the fixture zip prepared through the real builder in both
+  formats, once in the session for every module that reads it: copy it before changing it."""
+
+  def build(directory):
+    manual = manual_dir_with(directory, FIXTURE)
+    dirs = {}
+    for file_format in FORMATS:
+      dirs[file_format] = directory / file_format
+      sizes = data.prepare(
+        "tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual, file_format=file_format
+      )
+      assert sizes == {"train": 48, "validation": 20}
+    return dirs
+
+  return built_once(tmp_path_factory, "tiny_imagenet_fixture_prepared", build)
+
+
+@pytest.fixture(scope="module", params=FORMATS)
 def fixture_dataset(request, tmp_path_factory):
-  """The fixture zip prepared through the real builder: (format, data_dir, prepare seconds)."""
-  tmp = tmp_path_factory.mktemp(request.param)
-  start = time.perf_counter()
-  sizes = data.prepare(
-    "tiny_imagenet",
-    data_dir=tmp / "tfds",
-    manual_dir=manual_dir_with(tmp, FIXTURE),
-    file_format=request.param,
-  )
-  assert sizes == {"train": 48, "validation": 20}
-  files = os.listdir(tmp / "tfds" / "tiny_imagenet" / "1.0.0")
+  """The fixture zip prepared through the real builder: (format, data_dir)."""
+  data_dir = prepared_fixture(tmp_path_factory)[request.param]
+  files = os.listdir(data_dir / "tiny_imagenet" / "1.0.0")
   assert any(f".{request.param}-" in name for name in files), files
-  return request.param, tmp / "tfds", time.perf_counter() - start
+  return request.param, data_dir
 
 
 def test_fixture_splits_shapes_and_label_counts(fixture_dataset):
-  _, data_dir, _ = fixture_dataset
+  _, data_dir = fixture_dataset
   expected_per_class = {"train": 12, "validation": 5}
   for split, per_class in expected_per_class.items():
     images, labels = data.load_split("tiny_imagenet", split, data_dir=data_dir)
@@ -111,7 +124,7 @@ def test_fixture_splits_shapes_and_label_counts(fixture_dataset):
 
 
 def test_fixture_pixels_and_labels_match_the_zip(fixture_dataset):
-  _, data_dir, _ = fixture_dataset
+  _, data_dir = fixture_dataset
   with zipfile.ZipFile(FIXTURE) as archive:
     wnids = read_wnids(archive)
     # validation: every image of val_annotations.txt, with its annotated wnid's index.
@@ -145,7 +158,7 @@ def test_fixture_pixels_and_labels_match_the_zip(fixture_dataset):
 
 def test_known_val_file_label(fixture_dataset):
   """val_1.JPEG is annotated n04067472, the 2nd line of wnids.txt: label 1."""
-  _, data_dir, _ = fixture_dataset
+  _, data_dir = fixture_dataset
   with zipfile.ZipFile(FIXTURE) as archive:
     assert dict(val_annotations(archive))["val_1.JPEG"] == "n04067472"
     assert read_wnids(archive).index("n04067472") == 1
@@ -162,7 +175,7 @@ def test_prepared_data_loads_with_no_network(fixture_dataset, monkeypatch):
 
   monkeypatch.setattr(socket.socket, "connect", refuse)
   monkeypatch.setattr(socket, "getaddrinfo", refuse)
-  _, data_dir, _ = fixture_dataset
+  _, data_dir = fixture_dataset
   data.check_available("tiny_imagenet", data_dir=data_dir, manual_dir=None, download=False)
   images, labels = data.load_split("tiny_imagenet", "validation", data_dir=data_dir, download=False)
   assert len(images) == len(labels) == 20
