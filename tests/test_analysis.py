@@ -60,14 +60,24 @@ def patch_mask(row, col):
   return mask
 
 
+@nnx.jit
+def blocks_and_forward(model, x):
+  """run_blocks (with attention), pooled_logits of its tokens, and the model's own forward pass.
+
+  One compiled program instead of two eager passes of many small ops; XLA may merge the two
+  passes only where they compute the same thing.
+  """
+  tokens, num_prefix, weights = analysis.run_blocks(model, x, attention=True)
+  return tokens, num_prefix, weights, analysis.pooled_logits(model, tokens), model(x)
+
+
 @pytest.mark.parametrize("preset", ["lkca_t", "vit_1m"])
 def test_run_blocks_then_pooling_is_the_models_forward_pass(preset):
   model = make_model(preset, depth=2)
-  x = jnp.asarray(images())
-  tokens, num_prefix, weights = analysis.run_blocks(model, x, attention=True)
+  tokens, num_prefix, weights, logits, forward = blocks_and_forward(model, jnp.asarray(images()))
   assert num_prefix == (1 if preset == "vit_1m" else 0)
   assert tokens.shape == (6, num_prefix + 35, 8)
-  np.testing.assert_allclose(analysis.pooled_logits(model, tokens), model(x), atol=1e-5)
+  np.testing.assert_allclose(logits, forward, atol=1e-5)
   assert sorted(weights) == ([0, 1] if preset == "vit_1m" else [])
 
 
@@ -178,11 +188,12 @@ def test_uniform_mhsa_attention_has_the_grids_mean_pairwise_distance():
 def test_mean_attention_is_an_average_over_images():
   model = make_model("vit_1m")
   x = images(5)
-  both = analysis.mean_mhsa_attention(model, x, batch_size=3)[0]
-  one_by_one = [analysis.mean_mhsa_attention(model, x[k : k + 1])[0] for k in range(5)]
-  np.testing.assert_allclose(both, np.mean(one_by_one, axis=0), atol=1e-6)
-  _, _, weights = analysis.run_blocks(model, jnp.asarray(x[:1]), attention=True)
-  np.testing.assert_allclose(one_by_one[0], weights[0][0, :, 1:, 1:], atol=1e-6)
+  both = analysis.mean_mhsa_attention(model, x, batch_size=3)[0]  # batches of 3 and 2
+  *_, weights, _, _ = blocks_and_forward(model, jnp.asarray(x))
+  each = np.asarray(weights[0])[:, :, 1:, 1:]  # per image, class token dropped
+  np.testing.assert_allclose(both, each.mean(axis=0), atol=1e-6)
+  one = analysis.mean_mhsa_attention(model, x[:1])[0]
+  np.testing.assert_allclose(one, each[0], atol=1e-6)
 
 
 def brute_force_square(erf, top, left, p, t):

@@ -14,7 +14,7 @@ import pytest
 
 from lkca_jax import data
 from lkca_jax.data import sources
-from tests.data.test_tiny_imagenet import FIXTURE, manual_dir_with
+from tests.data.test_tiny_imagenet import FIXTURE, manual_dir_with, prepared_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPLITS = {"train": 48, "validation": 20}
@@ -23,18 +23,7 @@ SPLITS = {"train": 48, "validation": 20}
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   """{file format: data_dir} of the fixture zip prepared in both formats."""
-  tmp = tmp_path_factory.mktemp("records")
-  manual = manual_dir_with(tmp, FIXTURE)
-  dirs = {}
-  for file_format in ("array_record", "tfrecord"):
-    dirs[file_format] = tmp / file_format
-    assert (
-      data.prepare(
-        "tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual, file_format=file_format
-      )
-      == SPLITS
-    )
-  return dirs
+  return prepared_fixture(tmp_path_factory)
 
 
 def test_prepare_writes_array_record_by_default(tmp_path):

@@ -22,24 +22,17 @@ from PIL import Image
 from configs import tinyimagenet
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.data import sources, stream
-from tests.data.test_tiny_imagenet import FIXTURE, manual_dir_with
-from tests.helpers import built_once, with_overrides
+from tests.data.test_tiny_imagenet import prepared_fixture
+from tests.helpers import with_overrides
 
 BATCH = 16
 STEPS_PER_EPOCH = 3 * 48 // BATCH
 STEPS = 2 * STEPS_PER_EPOCH  # two epochs: two different orders
 
 
-def prepare_fixture(directory):
-  manual = manual_dir_with(directory, FIXTURE)
-  sizes = sources.prepare("tiny_imagenet", data_dir=directory / "tfds", manual_dir=manual)
-  assert sizes == {"train": 48, "validation": 20}
-  return str(directory / "tfds")
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return built_once(tmp_path_factory, "stream_prepared", prepare_fixture)
+  return str(prepared_fixture(tmp_path_factory)["array_record"])
 
 
 def fixture_config(data_dir, **overrides):
@@ -307,22 +300,13 @@ def test_two_processes_read_disjoint_complete_shards_and_make_the_one_process_ba
 
 
 # --- a streamed run stopped by a signal mid-epoch ------------------------------------------
-RUN = [
-  "--config",
-  "configs/tinyimagenet.py",
-  "--config.dataset.placement=stream",
-  "--config.dataset.download=False",
-  "--config.model=lkca_t",
-  "--config.model_overrides.dim=32",
-  "--config.model_overrides.depth=1",
-  "--config.model_overrides.num_heads=2",
-  "--config.num_devices=1",
-  f"--config.batch_size={BATCH}",
-  "--config.num_train_steps=8",  # 9 steps an epoch: the stop at step 5 is mid-epoch
-  "--config.checkpoint_every_steps=4",
-  "--config.log_every_steps=1",
-  "--config.augment.autoaugment=none",
-]
+def run_flags():
+  """tests/test_no_tensorflow.py's run, streamed: 9 steps an epoch, so a stop at step 5 is
+  mid-epoch; checkpoints at steps 4 and 8."""
+  from tests.test_no_tensorflow import FIXTURE_RUN, STEPS
+
+  assert STEPS == 8 and f"--config.batch_size={BATCH}" in FIXTURE_RUN
+  return [*FIXTURE_RUN, "--config.dataset.placement=stream"]
 
 
 @pytest.mark.slow  # three main.py runs
@@ -336,7 +320,7 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameter
   from tests.test_no_tensorflow import WRAPPER
 
   def main(workdir, *before):
-    cmd = [sys.executable, *before, *RUN, f"--config.dataset.data_dir={data_dir}"]
+    cmd = [sys.executable, *before, *run_flags(), f"--config.dataset.data_dir={data_dir}"]
     return subprocess.Popen(
       [*cmd, f"--workdir={workdir}"],
       cwd=ROOT,
