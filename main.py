@@ -119,7 +119,8 @@ def _main():
           f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
         )
       return
-    summary = train.train_and_evaluate(config, workdir)
+    run = train.Run.prepare(config)
+    summary = train.train_and_evaluate(config, workdir, run=run)
   except (
     train.ConfigError,
     checkpoint_lib.CheckpointError,

@@ -1157,10 +1157,8 @@ def train_and_evaluate(
   program (README, "Many runs in one process"). Raises WorkdirError if `workdir` cannot
   be used or another run holds it.
   """
-  if run is None:  # the config's own ranges, then the workdir, then what costs (the model)
-    config_checks.validate(config)
-  workdir = workdir_lib.prepare(workdir)  # local paths and gs:// alike
   run = run or Run.prepare(config)
+  workdir = workdir_lib.prepare(workdir)  # local paths and gs:// alike
   with held_by_this_job(workdir):
     return _train_in(workdir, config, run, on_event)
 

@@ -293,7 +293,7 @@ def trained(tmp_path_factory):
 
 
 def listing(workdir):
-  return sorted(os.listdir(workdir / "checkpoints"), key=int)
+  return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
 
 
 def damaged_copy(trained, tmp_path, damage, steps=(STEPS,)):
