@@ -3,8 +3,8 @@
     pytest -m multiprocess tests/test_multiprocess.py
 
 One 2-process x 4-device run is compared with 1 process x 8 devices and 1 x 1;
-the same run is interrupted by SIGTERM, by SIGKILL of one process, and started
-with a config that differs between processes.
+the same run is interrupted by SIGKILL of one process and then by SIGTERM, and
+started with a config that differs between processes.
 """
 
 import glob
@@ -19,12 +19,13 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
 from tests.helpers import built_once
 from tests.test_main import ROOT, assert_same_params
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
-STEPS = 12
+STEPS = 20  # room for a kill after step 4, a SIGTERM stop at step 16 and a last resume
 # One block: what these tests prove does not depend on depth, and every process that
 # compiles (process 1 always does: only process 0 writes jax's persistent cache) compiles less.
 TINY = [
@@ -54,7 +55,7 @@ LAUNCH = [
 def env(devices: int | None = None, **extra) -> dict:
   result = dict(os.environ, **extra)
   if devices:
-    result["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    result["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
   return result
 
 
@@ -271,34 +272,15 @@ def wait_for_line(proc, text, seen):
   pytest.fail(f"never saw {text!r}:\n" + last_lines(seen))
 
 
-def test_sigterm_to_the_job_stops_every_process_at_one_step_and_resumes_exactly(runs, tmp_path):
-  # Both processes hold after starting the save of step 4 until the signal lands; the
-  # stop is agreed at the next vote (step 8), whichever process saw the signal first.
-  cmd = two_process_cmd(tmp_path)
-  proc = start(
-    [*cmd[: cmd.index("main.py")], "tests/hold.py", "save:4", *cmd[cmd.index("main.py") :]]
-  )
-  seen = []
-  wait_for_line(proc, "holding at save:4", seen)
-  proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both
-  rc, out = finish(proc)
-  out = "".join(seen) + out
-  assert rc == 0, last_lines(out)
-  assert out.count("stopped by SIGTERM at step 8") == 1, last_lines(out)
-  assert final_params(str(tmp_path))[0] == 8
-  rc, out = finish(start(two_process_cmd(tmp_path)))
-  assert rc == 0, last_lines(out)
-  assert "resumed from" in out
-  step, params = final_params(str(tmp_path))
-  assert step == STEPS
-  assert_same_params(params, final_params(runs["2x4"][0])[1])
-  np.testing.assert_allclose(
-    train_losses(str(tmp_path))[-4:], train_losses(runs["2x4"][0])[-4:], rtol=1e-6, atol=1e-6
-  )
+def test_sigkill_of_one_process_then_sigterm_to_the_job_and_each_resumes_exactly(runs, tmp_path):
+  """One lineage, both faults.
 
-
-def test_sigkill_of_one_process_ends_the_job_and_it_resumes(runs, tmp_path):
-  # A long grace: the survivor must end by itself (jax's missed-heartbeat timeout).
+  1. Process 1 is killed once checkpoint 4 is written: the job ends, the survivor by
+     itself (jax's missed-heartbeat timeout, well inside the launcher's long grace).
+  2. The resumed job is held after starting the save of step 12 until SIGTERM lands; every
+     process stops at the next vote (step 16), whichever saw the signal first.
+  3. A last resume ends where the uninterrupted run did.
+  """
   cmd = two_process_cmd(tmp_path)
   cmd.insert(cmd.index("--"), "--grace=60")
   proc = start(cmd)
@@ -312,12 +294,31 @@ def test_sigkill_of_one_process_ends_the_job_and_it_resumes(runs, tmp_path):
   assert rc != 0 and time.time() - killed < 45, last_lines(out)
   assert "launch: process 1 of 2 failed (signal SIGKILL); stopped the others" in out
   assert "stopped sending heartbeats" in out, last_lines(out)
+  assert final_params(str(tmp_path))[0] < 12
+
+  cmd = two_process_cmd(tmp_path)
+  proc = start(
+    [*cmd[: cmd.index("main.py")], "tests/hold.py", "save:12", *cmd[cmd.index("main.py") :]]
+  )
+  seen = []
+  wait_for_line(proc, "holding at save:12", seen)
+  proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both
+  rc, out = finish(proc)
+  out = "".join(seen) + out
+  assert rc == 0, last_lines(out)
+  assert "resumed from" in out, last_lines(out)
+  assert out.count("stopped by SIGTERM at step 16") == 1, last_lines(out)
+  assert final_params(str(tmp_path))[0] == 16
+
   rc, out = finish(start(two_process_cmd(tmp_path)))
   assert rc == 0, last_lines(out)
   assert "resumed from" in out, last_lines(out)
   step, params = final_params(str(tmp_path))
   assert step == STEPS
   assert_same_params(params, final_params(runs["2x4"][0])[1])
+  np.testing.assert_allclose(
+    train_losses(str(tmp_path))[-4:], train_losses(runs["2x4"][0])[-4:], rtol=1e-6, atol=1e-6
+  )
 
 
 def test_processes_with_different_configs_fail_with_one_line(tmp_path):
