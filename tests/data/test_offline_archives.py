@@ -11,6 +11,7 @@ requests (and so TFDS) follows: a closed local port (refused), a name under
 checksum) or 503 (server error). No real host is contacted.
 """
 
+import collections
 import http.server
 import os
 import socket
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from lkca_jax import data
+from lkca_jax.data.sources import DOWNLOAD_RETRIES
 from tests.data import official_archives as archives
 
 CATALOG = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
@@ -273,8 +275,10 @@ class _Answer(http.server.BaseHTTPRequestHandler):
   """A proxy that answers every GET with a login page, or with 503."""
 
   status = 200
+  requests: list  # every path asked for, shared with the test
 
   def do_GET(self):  # noqa: N802 (the name http.server calls)
+    self.requests.append(self.path)
     body = b"<html>please log in</html>" if self.status == 200 else b""
     self.send_response(self.status)
     self.send_header("Content-Length", str(len(body)))
@@ -287,14 +291,16 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def answering_proxy():
+  """start(status) -> (the proxy's URL, the list of paths it is asked for)."""
   servers = []
 
-  def start(status: int) -> str:
-    handler = type("Handler", (_Answer,), {"status": status})
+  def start(status: int) -> tuple[str, list]:
+    requests = []
+    handler = type("Handler", (_Answer,), {"status": status, "requests": requests})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     servers.append(server)
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    return f"http://127.0.0.1:{server.server_address[1]}", requests
 
   yield start
   for server in servers:
@@ -304,28 +310,30 @@ def answering_proxy():
 
 def test_wrong_checksum_fails_fast(tmp_path, monkeypatch, answering_proxy):
   # SVHN's URLs are plain http, so the local proxy serves them.
-  use_proxy(monkeypatch, answering_proxy(200))
-  start = time.perf_counter()
+  url, requests = answering_proxy(200)
+  use_proxy(monkeypatch, url)
   with pytest.raises(data.DatasetUnavailableError, match="has the wrong checksum") as info:
     data.prepare("svhn", data_dir=tmp_path)
-  assert time.perf_counter() - start < FAST_S
+  assert set(collections.Counter(requests).values()) == {1}, requests  # none asked again
   assert_offline_hint(str(info.value), "svhn")
   assert "http://ufldl.stanford.edu/housenumbers/" in str(info.value)
 
 
 def test_server_errors_are_not_retried_for_minutes(tmp_path, monkeypatch, answering_proxy):
-  use_proxy(monkeypatch, answering_proxy(503))
-  start = time.perf_counter()
+  url, requests = answering_proxy(503)
+  use_proxy(monkeypatch, url)
   with pytest.raises(data.DatasetUnavailableError, match="download failed.*503") as info:
     data.prepare("svhn", data_dir=tmp_path)
-  assert time.perf_counter() - start < FAST_S
+  # Each file asked for at most 1 + DOWNLOAD_RETRIES times: TFDS on its own asks 11
+  # times, over 3.5 minutes of backoff.
+  assert requests and max(collections.Counter(requests).values()) <= 1 + DOWNLOAD_RETRIES
   assert_offline_hint(str(info.value), "svhn")
 
 
 def test_tiny_imagenet_download_that_is_not_a_zip(tmp_path, monkeypatch, answering_proxy):
   """No checksum is known for the zip: a login page instead is refused, and not kept."""
   monkeypatch.delenv("LKCA_TINY_IMAGENET_ZIP", raising=False)
-  use_proxy(monkeypatch, answering_proxy(200))
+  use_proxy(monkeypatch, answering_proxy(200)[0])
   with pytest.raises(data.DatasetUnavailableError, match="is not a zip file") as info:
     data.prepare("tiny_imagenet", data_dir=tmp_path)
   assert "--config.dataset.manual_dir=DIR" in str(info.value)
