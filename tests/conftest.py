@@ -14,9 +14,10 @@ import tempfile
 # Most of the suite's CPU time is XLA compiling small programs that then run for
 # milliseconds. Two code-generation settings of XLA's CPU backend cut that compile
 # time roughly in half: LLVM's cheapest optimization level, and the elemental IR
-# emitters in place of the newer MLIR fusion emitters. Both change only how the same HLO program becomes machine code,
-# not the program; every numeric check still holds to its own error bound. A jax
-# whose XLA no longer knows a flag stops at start-up naming it.
+# emitters in place of the newer MLIR fusion emitters. Both change only how the same
+# HLO program becomes machine code, not the program; every numeric check still holds
+# to its own error bound. A jax whose XLA no longer knows a flag stops at start-up
+# naming it.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 os.environ["XLA_FLAGS"] = (
