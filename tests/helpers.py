@@ -14,7 +14,29 @@ import numpy as np
 from PIL import Image
 
 FIXTURE_ZIP = Path(__file__).parent / "data" / "tiny-imagenet-200-fixture.zip"
+FIXTURE_FORMATS = ("array_record", "tfrecord")
 ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_RUN_STEPS = 8
+# A tiny main.py run on the prepared fixture (add --workdir and --config.dataset.data_dir).
+# tests/test_no_tensorflow.py runs it, tests/data/test_stream.py streams it: the same model
+# and step, so the compilation cache serves whichever compiles second. AutoAugment is off
+# (it is slow to compile); its code is imported with the augment package either way, so
+# what the run imports does not change.
+FIXTURE_RUN = [
+  "--config",
+  "configs/tinyimagenet.py",
+  "--config.dataset.download=False",
+  "--config.model=lkca_t",
+  "--config.model_overrides.dim=32",
+  "--config.model_overrides.depth=1",
+  "--config.model_overrides.num_heads=2",
+  "--config.num_devices=1",
+  "--config.batch_size=16",
+  f"--config.num_train_steps={FIXTURE_RUN_STEPS}",
+  "--config.checkpoint_every_steps=4",
+  "--config.log_every_steps=1",
+  "--config.augment.autoaugment=none",
+]
 
 
 def run_python(code: str, *, unset=(), **env) -> str:
@@ -54,6 +76,33 @@ def built_once(tmp_path_factory, name: str, build):
     result = build(directory)
     result_file.write_bytes(pickle.dumps(result))
     return result
+
+
+def manual_dir_with(tmp_dir, zip_path=FIXTURE_ZIP) -> Path:
+  """A manual_dir under `tmp_dir` holding `zip_path` as tiny-imagenet-200.zip."""
+  manual = Path(tmp_dir) / "manual"
+  manual.mkdir()
+  os.symlink(os.path.abspath(zip_path), manual / "tiny-imagenet-200.zip")
+  return manual
+
+
+def prepared_fixture(tmp_path_factory) -> dict:
+  """{file format: data_dir} of the fixture zip prepared through the real builder in both
+  formats, once in the session for every module that reads it: copy it before changing it."""
+  from lkca_jax import data
+
+  def build(directory):
+    manual = manual_dir_with(directory)
+    dirs = {}
+    for file_format in FIXTURE_FORMATS:
+      dirs[file_format] = directory / file_format
+      sizes = data.prepare(
+        "tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual, file_format=file_format
+      )
+      assert sizes == {"train": 48, "validation": 20}
+    return dirs
+
+  return built_once(tmp_path_factory, "tiny_imagenet_fixture_prepared", build)
 
 
 def with_overrides(config, overrides):

@@ -15,31 +15,11 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from tests.data.test_tiny_imagenet import prepared_fixture
+from tests.helpers import FIXTURE_RUN, FIXTURE_RUN_STEPS, prepared_fixture
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8
-# A tiny main.py run on the prepared fixture. tests/data/test_stream.py's runs add only
-# --config.dataset.placement=stream: the same model and step, so the compilation cache
-# serves whichever compiles second. AutoAugment is off (it is slow to compile); its code is
-# imported with the augment package either way, so what is imported does not change.
-FIXTURE_RUN = [
-  "--config",
-  "configs/tinyimagenet.py",
-  "--config.dataset.download=False",
-  "--config.model=lkca_t",
-  "--config.model_overrides.dim=32",
-  "--config.model_overrides.depth=1",
-  "--config.model_overrides.num_heads=2",
-  "--config.num_devices=1",
-  "--config.batch_size=16",
-  f"--config.num_train_steps={STEPS}",
-  "--config.checkpoint_every_steps=4",
-  "--config.log_every_steps=1",
-  "--config.augment.autoaugment=none",
-]
 # Runs main.py as `python main.py` would, then reports every TensorFlow module loaded.
 WRAPPER = """\
 import atexit, os, runpy, sys
@@ -72,7 +52,7 @@ def test_training_from_array_record_never_imports_tensorflow(tmp_path_factory, t
   assert result.stdout.strip().splitlines()[-1] == "tensorflow modules: []", result.stdout
 
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["step"] == STEPS and summary["dataset"] == "tiny_imagenet"
+  assert summary["step"] == FIXTURE_RUN_STEPS and summary["dataset"] == "tiny_imagenet"
   assert (summary["train_images"], summary["test_images"]) == (48, 20)
   (events_file,) = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
   events = event_accumulator.EventAccumulator(
@@ -83,7 +63,7 @@ def test_training_from_array_record_never_imports_tensorflow(tmp_path_factory, t
   def scalars(tag):
     return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in events.Tensors(tag)]
 
-  assert [step for step, _ in scalars("train_loss")] == list(range(1, STEPS + 1))
+  assert [step for step, _ in scalars("train_loss")] == list(range(1, FIXTURE_RUN_STEPS + 1))
   ((step, top1),) = scalars("test_top1")
-  assert step == STEPS and abs(top1 - summary["final_top1"]) < 1e-6
+  assert step == FIXTURE_RUN_STEPS and abs(top1 - summary["final_top1"]) < 1e-6
   assert "_hparams_/session_start_info" in events.Tags()["tensors"]

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from lkca_jax import data
-from tests.data.test_tiny_imagenet import FIXTURE, FORMATS, manual_dir_with, prepared_fixture
-from tests.helpers import ROOT
+from tests.helpers import FIXTURE_FORMATS, ROOT, manual_dir_with, prepared_fixture
 
 DAMAGES = ("cut", "flip", "delete", "short")
 SPLITS = {"train": 48, "validation": 20}
@@ -91,7 +90,7 @@ def assert_names_file_and_fix(message: str, path, data_dir) -> None:
   assert FIX.format(data_dir) in message, message
 
 
-CASES = list(itertools.product(FORMATS, DAMAGES))
+CASES = list(itertools.product(FIXTURE_FORMATS, DAMAGES))
 
 
 @pytest.mark.parametrize(("file_format", "how"), CASES, ids=[f"{f}-{h}" for f, h in CASES])
@@ -163,7 +162,7 @@ def test_prepare_checks_what_it_keeps_and_force_prepares_again(prepared, tmp_pat
   want_images, want_labels = data.load_split("tiny_imagenet", "train", data_dir=data_dir)
   path = split_file(data_dir, "array_record")
   damage(path, "cut", "array_record")
-  manual = manual_dir_with(tmp_path, FIXTURE)
+  manual = manual_dir_with(tmp_path)
   with pytest.raises(data.DamagedDatasetError) as info:  # TFDS alone would keep the cut file
     data.prepare("tiny_imagenet", data_dir=data_dir, manual_dir=manual)
   assert_names_file_and_fix(str(info.value), path, data_dir)
@@ -185,7 +184,7 @@ def test_prepare_command_refuses_a_damaged_dataset_and_force_repairs_it(prepared
   data_dir = copy_of(prepared, "tfrecord", tmp_path)
   path = split_file(data_dir, "tfrecord")
   damage(path, "cut", "tfrecord")
-  manual = manual_dir_with(tmp_path, FIXTURE)
+  manual = manual_dir_with(tmp_path)
   command = ["-m", "lkca_jax.tools.prepare", "--dataset", "tiny_imagenet"]
   command += ["--data_dir", str(data_dir), "--manual_dir", str(manual)]
   result = run(*command)

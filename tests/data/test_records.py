@@ -14,7 +14,7 @@ import pytest
 
 from lkca_jax import data
 from lkca_jax.data import sources
-from tests.data.test_tiny_imagenet import FIXTURE, manual_dir_with, prepared_fixture
+from tests.helpers import manual_dir_with, prepared_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPLITS = {"train": 48, "validation": 20}
@@ -27,7 +27,7 @@ def prepared(tmp_path_factory):
 
 
 def test_prepare_writes_array_record_by_default(tmp_path):
-  manual = manual_dir_with(tmp_path, FIXTURE)
+  manual = manual_dir_with(tmp_path)
   data.prepare("tiny_imagenet", data_dir=tmp_path / "tfds", manual_dir=manual)
   files = sorted(p.name for p in (tmp_path / "tfds" / "tiny_imagenet" / "1.0.0").iterdir())
   assert any(".array_record-" in name for name in files), files

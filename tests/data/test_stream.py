@@ -22,8 +22,7 @@ from PIL import Image
 from configs import tinyimagenet
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.data import sources, stream
-from tests.data.test_tiny_imagenet import prepared_fixture
-from tests.helpers import with_overrides
+from tests.helpers import FIXTURE_RUN, FIXTURE_RUN_STEPS, prepared_fixture, with_overrides
 
 BATCH = 16
 STEPS_PER_EPOCH = 3 * 48 // BATCH
@@ -301,11 +300,9 @@ def test_two_processes_read_disjoint_complete_shards_and_make_the_one_process_ba
 
 # --- a streamed run stopped by a signal mid-epoch ------------------------------------------
 def run_flags():
-  """tests/test_no_tensorflow.py's run, streamed: 9 steps an epoch, so a stop at step 5 is
-  mid-epoch; checkpoints at steps 4 and 8."""
-  from tests.test_no_tensorflow import FIXTURE_RUN, STEPS
-
-  assert STEPS == 8 and f"--config.batch_size={BATCH}" in FIXTURE_RUN
+  """The shared fixture run, streamed: 9 steps an epoch, so a stop at step 5 is mid-epoch;
+  checkpoints at steps 4 and 8."""
+  assert FIXTURE_RUN_STEPS == 8 and f"--config.batch_size={BATCH}" in FIXTURE_RUN
   return [*FIXTURE_RUN, "--config.dataset.placement=stream"]
 
 

@@ -17,9 +17,8 @@ import pytest
 from PIL import Image
 
 from lkca_jax import data
-from tests.helpers import built_once
+from tests.helpers import FIXTURE_FORMATS, FIXTURE_ZIP, manual_dir_with, prepared_fixture
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "tiny-imagenet-200-fixture.zip")
 ROOT = "tiny-imagenet-200/"
 GRAY_TOLERANCE = 1  # max |level| difference after re-encoding a grayscale JPEG as RGB
 
@@ -52,17 +51,10 @@ def find_row(images, reference, tolerance):
   return rows[0]
 
 
-def manual_dir_with(tmp_dir, zip_path):
-  manual = tmp_dir / "manual"
-  manual.mkdir()
-  os.symlink(os.path.abspath(zip_path), manual / "tiny-imagenet-200.zip")
-  return manual
-
-
 def test_embedded_wnids_equal_the_official_file():
   from lkca_jax.data import tiny_imagenet
 
-  with zipfile.ZipFile(FIXTURE) as archive:  # the fixture keeps the full wnids.txt
+  with zipfile.ZipFile(FIXTURE_ZIP) as archive:  # the fixture keeps the full wnids.txt
     assert list(tiny_imagenet.WNIDS) == read_wnids(archive)
   assert len(set(tiny_imagenet.WNIDS)) == 200
 
@@ -82,28 +74,7 @@ def test_builder_is_registered_and_describes_itself_offline(tmp_path):
   assert not builder.is_prepared()
 
 
-FORMATS = ("array_record", "tfrecord")
-
-
-def prepared_fixture(tmp_path_factory):
-  """{file format: data_dir} of the fixture zip prepared through the real builder in both
-  formats, once in the session for every module that reads it: copy it before changing it."""
-
-  def build(directory):
-    manual = manual_dir_with(directory, FIXTURE)
-    dirs = {}
-    for file_format in FORMATS:
-      dirs[file_format] = directory / file_format
-      sizes = data.prepare(
-        "tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual, file_format=file_format
-      )
-      assert sizes == {"train": 48, "validation": 20}
-    return dirs
-
-  return built_once(tmp_path_factory, "tiny_imagenet_fixture_prepared", build)
-
-
-@pytest.fixture(scope="module", params=FORMATS)
+@pytest.fixture(scope="module", params=FIXTURE_FORMATS)
 def fixture_dataset(request, tmp_path_factory):
   """The fixture zip prepared through the real builder: (format, data_dir)."""
   data_dir = prepared_fixture(tmp_path_factory)[request.param]
@@ -125,7 +96,7 @@ def test_fixture_splits_shapes_and_label_counts(fixture_dataset):
 
 def test_fixture_pixels_and_labels_match_the_zip(fixture_dataset):
   _, data_dir = fixture_dataset
-  with zipfile.ZipFile(FIXTURE) as archive:
+  with zipfile.ZipFile(FIXTURE_ZIP) as archive:
     wnids = read_wnids(archive)
     # validation: every image of val_annotations.txt, with its annotated wnid's index.
     images, labels = data.load_split("tiny_imagenet", "validation", data_dir=data_dir)
@@ -159,7 +130,7 @@ def test_fixture_pixels_and_labels_match_the_zip(fixture_dataset):
 def test_known_val_file_label(fixture_dataset):
   """val_1.JPEG is annotated n04067472, the 2nd line of wnids.txt: label 1."""
   _, data_dir = fixture_dataset
-  with zipfile.ZipFile(FIXTURE) as archive:
+  with zipfile.ZipFile(FIXTURE_ZIP) as archive:
     assert dict(val_annotations(archive))["val_1.JPEG"] == "n04067472"
     assert read_wnids(archive).index("n04067472") == 1
     _, reference = pil_decode(archive, ROOT + "val/images/val_1.JPEG")
@@ -185,7 +156,7 @@ def test_prepared_data_loads_with_no_network(fixture_dataset, monkeypatch):
 
 def test_download_true_prepares_from_the_manual_dir(tmp_path, monkeypatch):
   monkeypatch.delenv("LKCA_TINY_IMAGENET_ZIP", raising=False)
-  manual = manual_dir_with(tmp_path, FIXTURE)
+  manual = manual_dir_with(tmp_path)
   with pytest.raises(data.DatasetUnavailableError):
     data.load_split("tiny_imagenet", "validation", data_dir=tmp_path / "tfds", manual_dir=manual)
   images, labels = data.load_split(

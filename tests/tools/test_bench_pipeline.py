@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from configs import digits, tinyimagenet
-from lkca_jax import augment, data, train
+from lkca_jax import augment, train
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.tools import bench_pipeline as benchmark
+from tests.helpers import prepared_fixture
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE = os.path.join(ROOT, "tests", "data", "tiny-imagenet-200-fixture.zip")
 
 
 @pytest.mark.parametrize(
@@ -92,14 +92,8 @@ def test_breakdown_turns_on_one_enabled_stage_at_a_time():
   assert list(crop_only) == ["crop", "normalize"] and crop_only["crop"].crop_padding == 1
 
 
-def test_benchmark_on_the_fixture_writes_both_modes(tmp_path):
-  manual = tmp_path / "manual"
-  manual.mkdir()
-  os.symlink(FIXTURE, manual / "tiny-imagenet-200.zip")
-  assert data.prepare("tiny_imagenet", data_dir=tmp_path / "tfds", manual_dir=manual) == {
-    "train": 48,
-    "validation": 20,
-  }
+def test_benchmark_on_the_fixture_writes_both_modes(tmp_path, tmp_path_factory):
+  data_dir = prepared_fixture(tmp_path_factory)["array_record"]
   out = tmp_path / "bench" / "pipeline.json"
   steps = 2
   result = subprocess.run(
@@ -109,7 +103,7 @@ def test_benchmark_on_the_fixture_writes_both_modes(tmp_path):
       "lkca_jax.tools.bench_pipeline",
       "--config",
       "configs/tinyimagenet.py",
-      f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+      f"--config.dataset.data_dir={data_dir}",
       "--config.dataset.download=False",
       "--config.model_overrides.dim=32",
       "--config.model_overrides.depth=1",
