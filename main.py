@@ -119,8 +119,7 @@ def _main():
           f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
         )
       return
-    run = train.Run.prepare(config)
-    summary = train.train_and_evaluate(config, workdir, run=run)
+    summary = train.train_and_evaluate(config, workdir)
   except (
     train.ConfigError,
     checkpoint_lib.CheckpointError,
