@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 FIXTURE_ZIP = Path(__file__).parent / "data" / "tiny-imagenet-200-fixture.zip"
@@ -86,23 +87,31 @@ def manual_dir_with(tmp_dir, zip_path=FIXTURE_ZIP) -> Path:
   return manual
 
 
-def prepared_fixture(tmp_path_factory) -> dict:
-  """{file format: data_dir} of the fixture zip prepared through the real builder in both
-  formats, once in the session for every module that reads it: copy it before changing it."""
+def prepared_fixture(tmp_path_factory, file_format: str) -> Path:
+  """The data_dir of the fixture zip prepared through the real builder in `file_format`,
+  once in the session for every module that reads it: copy it before changing it."""
   from lkca_jax import data
 
   def build(directory):
-    manual = manual_dir_with(directory)
-    dirs = {}
-    for file_format in FIXTURE_FORMATS:
-      dirs[file_format] = directory / file_format
-      sizes = data.prepare(
-        "tiny_imagenet", data_dir=dirs[file_format], manual_dir=manual, file_format=file_format
-      )
-      assert sizes == {"train": 48, "validation": 20}
-    return dirs
+    data_dir = directory / file_format
+    sizes = data.prepare(
+      "tiny_imagenet",
+      data_dir=data_dir,
+      manual_dir=manual_dir_with(directory),
+      file_format=file_format,
+    )
+    assert sizes == {"train": 48, "validation": 20}
+    return data_dir
 
-  return built_once(tmp_path_factory, "tiny_imagenet_fixture_prepared", build)
+  return built_once(tmp_path_factory, f"tiny_imagenet_fixture_{file_format}", build)
+
+
+def format_param(file_format: str, *values: str):
+  """A pytest param for a case in `file_format`, marked slow for tfrecord: writing and reading
+  tfrecord files imports TensorFlow, seconds in each process, so the fast tier
+  (`-m "not slow"`) checks array_record, the default, and the full suite both."""
+  marks = [pytest.mark.slow] if file_format == "tfrecord" else []
+  return pytest.param(file_format, *values, marks=marks, id="-".join((file_format, *values)))
 
 
 def with_overrides(config, overrides):

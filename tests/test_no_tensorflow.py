@@ -32,7 +32,7 @@ runpy.run_path("main.py", run_name="__main__")
 
 
 def test_training_from_array_record_never_imports_tensorflow(tmp_path_factory, tmp_path):
-  data_dir = prepared_fixture(tmp_path_factory)["array_record"]
+  data_dir = prepared_fixture(tmp_path_factory, "array_record")
   wrapper, workdir = tmp_path / "run_main.py", tmp_path / "workdir"
   wrapper.write_text(WRAPPER)
   result = subprocess.run(

@@ -1,7 +1,7 @@
 """A prepared dataset whose file is missing, cut short or corrupted: one error that names the
 file and the command that prepares it again, and never training on part of a split.
 
-The Tiny-ImageNet fixture zip is prepared once in both file formats; each case copies
+The Tiny-ImageNet fixture zip is prepared once in each file format; each case copies
 that and damages a real file of the copy: cuts it in half, inverts bytes inside an image,
 deletes it, or rewrites it whole but with half its examples (a valid file TFDS would read
 without complaint). Missing, cut and short files are found by the cheap check that runs
@@ -9,6 +9,7 @@ before the model is compiled (`check_available`); a changed byte only when the f
 (Riegeli's hashes, TFRecord's CRCs), which is still before compiling.
 """
 
+import functools
 import itertools
 import os
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from lkca_jax import data
-from tests.helpers import FIXTURE_FORMATS, ROOT, manual_dir_with, prepared_fixture
+from tests.helpers import FIXTURE_FORMATS, ROOT, format_param, manual_dir_with, prepared_fixture
 
 DAMAGES = ("cut", "flip", "delete", "short")
 SPLITS = {"train": 48, "validation": 20}
@@ -29,13 +30,13 @@ FIX = "python -m lkca_jax.tools.prepare --dataset tiny_imagenet --data_dir {} --
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-  """{file format: data_dir} of the fixture zip prepared in both formats; copy before damaging."""
-  return prepared_fixture(tmp_path_factory)
+  """The fixture zip's data_dir prepared in a given file format; copy it before damaging."""
+  return functools.partial(prepared_fixture, tmp_path_factory)
 
 
 def copy_of(prepared, file_format, tmp_path):
   data_dir = tmp_path / file_format
-  shutil.copytree(prepared[file_format], data_dir)
+  shutil.copytree(prepared(file_format), data_dir)
   return data_dir
 
 
@@ -90,10 +91,10 @@ def assert_names_file_and_fix(message: str, path, data_dir) -> None:
   assert FIX.format(data_dir) in message, message
 
 
-CASES = list(itertools.product(FIXTURE_FORMATS, DAMAGES))
+CASES = [format_param(*case) for case in itertools.product(FIXTURE_FORMATS, DAMAGES)]
 
 
-@pytest.mark.parametrize(("file_format", "how"), CASES, ids=[f"{f}-{h}" for f, h in CASES])
+@pytest.mark.parametrize(("file_format", "how"), CASES)
 def test_a_damaged_split_file_is_named_with_the_fix(prepared, tmp_path, file_format, how):
   data_dir = copy_of(prepared, file_format, tmp_path)
   path = split_file(data_dir, file_format)

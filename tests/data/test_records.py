@@ -5,6 +5,7 @@ copy is read by `records` (no TensorFlow) and by the tf.data path, the tfrecord
 copy by tf.data, and all three must agree pixel for pixel, label for label.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from lkca_jax import data
 from lkca_jax.data import sources
-from tests.helpers import manual_dir_with, prepared_fixture
+from tests.helpers import FIXTURE_FORMATS, format_param, manual_dir_with, prepared_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPLITS = {"train": 48, "validation": 20}
@@ -22,8 +23,8 @@ SPLITS = {"train": 48, "validation": 20}
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-  """{file format: data_dir} of the fixture zip prepared in both formats."""
-  return prepared_fixture(tmp_path_factory)
+  """The fixture zip's data_dir prepared in a given file format."""
+  return functools.partial(prepared_fixture, tmp_path_factory)
 
 
 def test_prepare_writes_array_record_by_default(tmp_path):
@@ -33,41 +34,42 @@ def test_prepare_writes_array_record_by_default(tmp_path):
   assert any(".array_record-" in name for name in files), files
 
 
+@pytest.mark.slow  # reads through TensorFlow (see `format_param`)
 @pytest.mark.parametrize("split", sorted(SPLITS))
 def test_tf_free_arrays_equal_the_tensorflow_path(prepared, split):
   spec = data.get_spec("tiny_imagenet")
-  images, labels = data.load_split("tiny_imagenet", split, data_dir=prepared["array_record"])
+  images, labels = data.load_split("tiny_imagenet", split, data_dir=prepared("array_record"))
   assert images.shape == (SPLITS[split], 64, 64, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32
   # pylint: disable=protected-access
-  builder = sources._builder(spec, prepared["array_record"])
+  builder = sources._builder(spec, prepared("array_record"))
   tf_images, tf_labels = sources._decode_split_tf(spec, builder, split)
   np.testing.assert_array_equal(images, tf_images)
   np.testing.assert_array_equal(labels, tf_labels)
   # The tfrecord copy (read through tf.data) holds the same examples in the same order.
   tfrecord_images, tfrecord_labels = data.load_split(
-    "tiny_imagenet", split, data_dir=prepared["tfrecord"]
+    "tiny_imagenet", split, data_dir=prepared("tfrecord")
   )
   np.testing.assert_array_equal(images, tfrecord_images)
   np.testing.assert_array_equal(labels, tfrecord_labels)
 
 
-@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+@pytest.mark.parametrize("file_format", [format_param(f) for f in FIXTURE_FORMATS])
 def test_a_class_subset_is_the_full_split_filtered(prepared, file_format):
   """With `classes`, array_record decodes only those images: the same arrays as the full
   split's examples of labels below it, in order."""
-  images, labels = data.load_split("tiny_imagenet", "train", data_dir=prepared["array_record"])
+  images, labels = data.load_split("tiny_imagenet", "train", data_dir=prepared("array_record"))
   keep = labels < 2
   assert 0 < keep.sum() < len(labels)
   some_images, some_labels = data.load_split(
-    "tiny_imagenet", "train", data_dir=prepared[file_format], classes=2
+    "tiny_imagenet", "train", data_dir=prepared(file_format), classes=2
   )
   np.testing.assert_array_equal(some_images, images[keep])
   np.testing.assert_array_equal(some_labels, labels[keep])
 
 
 def test_reading_array_record_never_imports_tensorflow(prepared):
-  data_dir = str(prepared["array_record"])
+  data_dir = str(prepared("array_record"))
   code = (
     "import sys; from lkca_jax import data; "
     f"x, y = data.load_split('tiny_imagenet', 'train', data_dir={data_dir!r}); "

@@ -31,7 +31,7 @@ STEPS = 2 * STEPS_PER_EPOCH  # two epochs: two different orders
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return str(prepared_fixture(tmp_path_factory)["array_record"])
+  return str(prepared_fixture(tmp_path_factory, "array_record"))
 
 
 def fixture_config(data_dir, **overrides):

@@ -17,7 +17,13 @@ import pytest
 from PIL import Image
 
 from lkca_jax import data
-from tests.helpers import FIXTURE_FORMATS, FIXTURE_ZIP, manual_dir_with, prepared_fixture
+from tests.helpers import (
+  FIXTURE_FORMATS,
+  FIXTURE_ZIP,
+  format_param,
+  manual_dir_with,
+  prepared_fixture,
+)
 
 ROOT = "tiny-imagenet-200/"
 GRAY_TOLERANCE = 1  # max |level| difference after re-encoding a grayscale JPEG as RGB
@@ -74,10 +80,10 @@ def test_builder_is_registered_and_describes_itself_offline(tmp_path):
   assert not builder.is_prepared()
 
 
-@pytest.fixture(scope="module", params=FIXTURE_FORMATS)
+@pytest.fixture(scope="module", params=[format_param(f) for f in FIXTURE_FORMATS])
 def fixture_dataset(request, tmp_path_factory):
   """The fixture zip prepared through the real builder: (format, data_dir)."""
-  data_dir = prepared_fixture(tmp_path_factory)[request.param]
+  data_dir = prepared_fixture(tmp_path_factory, request.param)
   files = os.listdir(data_dir / "tiny_imagenet" / "1.0.0")
   assert any(f".{request.param}-" in name for name in files), files
   return request.param, data_dir
@@ -185,6 +191,7 @@ def stored_examples(data_dir, split):
   return out
 
 
+@pytest.mark.slow  # every image of the real zip: half a minute
 @pytest.mark.skipif(
   not FULL_ZIP or not os.path.isfile(FULL_ZIP),
   reason="set LKCA_TINY_IMAGENET_ZIP to the real tiny-imagenet-200.zip",

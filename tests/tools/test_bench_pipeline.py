@@ -93,7 +93,7 @@ def test_breakdown_turns_on_one_enabled_stage_at_a_time():
 
 
 def test_benchmark_on_the_fixture_writes_both_modes(tmp_path, tmp_path_factory):
-  data_dir = prepared_fixture(tmp_path_factory)["array_record"]
+  data_dir = prepared_fixture(tmp_path_factory, "array_record")
   out = tmp_path / "bench" / "pipeline.json"
   steps = 2
   result = subprocess.run(
