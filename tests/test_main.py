@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.conftest import FAST_COMPILE, FAST_STEPS
 from tests.helpers import built_once
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
@@ -46,9 +47,20 @@ def main_cmd(workdir, *extra):
   return [sys.executable, "main.py", *TINY, f"--workdir={workdir}", *extra]
 
 
+def main_env() -> dict:
+  """The environment of these runs: XLA's -O1, not the suite's -O0 (tests/conftest.py). They
+  take hundreds of steps of the one program the first of them compiled."""
+  return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(FAST_COMPILE, FAST_STEPS))
+
+
 def run_main(workdir, *extra, timeout=300):
   return subprocess.run(
-    main_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    main_cmd(workdir, *extra),
+    cwd=ROOT,
+    env=main_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
 
 
@@ -129,6 +141,7 @@ def start_and_hold(workdir, extra, hold):
   proc = subprocess.Popen(
     [cmd[0], HOLD, hold, *cmd[1:]],
     cwd=ROOT,
+    env=main_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -321,6 +334,7 @@ def test_bad_input_fails_fast_with_one_line_and_exit_2(tmp_path):
       subprocess.Popen(
         main_cmd(workdir, *flags, f"--config.dataset.data_dir={tmp_path / 'empty'}"),
         cwd=ROOT,
+        env=main_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
