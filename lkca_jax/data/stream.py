@@ -75,10 +75,21 @@ class HostCrop:
 # --- one image --------------------------------------------------------------------
 def parse_example(record: bytes, image_key: str, label_key: str) -> tuple[bytes, int]:
   """(encoded image, label) of a TFDS-serialized tf.train.Example, without TensorFlow."""
+  feature = example_proto().FromString(record).features.feature
+  return feature[image_key].bytes_list.value[0], int(feature[label_key].int64_list.value[0])
+
+
+def example_proto(*_):
+  """TFDS's tf.train.Example message class; importing it imports all of TFDS.
+
+  `_batches` calls it before any reading thread starts, in this process and (as grain's
+  worker_init_fn) in each worker: on Python 3.11, threads that import TFDS for the first
+  time together can deadlock (etils' lazy modules hold a cached_property lock while they
+  import), and a worker process once hung so.
+  """
   from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=import-outside-toplevel
 
-  feature = tf_example_pb2.Example.FromString(record).features.feature
-  return feature[image_key].bytes_list.value[0], int(feature[label_key].int64_list.value[0])
+  return tf_example_pb2.Example
 
 
 def decode(data: bytes, channels: int):
@@ -194,6 +205,7 @@ def _batches(reads: _Reads, load: _Load, per_batch: int, workers: int):
   """grain's iterator over the batches of `reads` (threads here, or `workers` processes)."""
   import grain  # pylint: disable=import-outside-toplevel
 
+  example_proto()
   threads = max(DEFAULT_THREADS if workers == 0 else 2, 1)
   dataset = grain.MapDataset.source(reads).map(load).batch(per_batch, drop_remainder=True)
   # Whole batches are the elements, so workers and threads each make whole batches, in order.
@@ -202,7 +214,8 @@ def _batches(reads: _Reads, load: _Load, per_batch: int, workers: int):
   )
   if workers:
     adapters.grain_workers_ready()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    options = grain.MultiprocessingOptions(num_workers=workers)
+    stream = stream.mp_prefetch(options, worker_init_fn=example_proto)
   return iter(stream)
 
 
