@@ -47,17 +47,17 @@ def main_cmd(workdir, *extra):
   return [sys.executable, "main.py", *TINY, f"--workdir={workdir}", *extra]
 
 
-def main_env() -> dict:
-  """The environment of these runs: XLA's -O1, not the suite's -O0 (tests/conftest.py). They
-  take hundreds of steps of the one program the first of them compiled."""
-  return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(FAST_COMPILE, FAST_STEPS))
+def main_env(codegen=FAST_STEPS) -> dict:
+  """The environment of these runs: by default XLA's -O1, not the suite's -O0
+  (tests/conftest.py), for the runs that take hundreds of steps of one program."""
+  return dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(FAST_COMPILE, codegen))
 
 
-def run_main(workdir, *extra, timeout=300):
+def run_main(workdir, *extra, timeout=300, codegen=FAST_STEPS):
   return subprocess.run(
     main_cmd(workdir, *extra),
     cwd=ROOT,
-    env=main_env(),
+    env=main_env(codegen),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -373,6 +373,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
     "--config.optimizer.warmup_epochs=0",
     "--config.checkpoint_every_steps=1",
     "--config.log_every_steps=1",
+    codegen=FAST_COMPILE,  # a few steps of a program of its own
   )
   assert result.returncode == 1
   line = result.stderr.strip().splitlines()[-1]
@@ -393,6 +394,7 @@ def test_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
     "--config.optimizer.learning_rate=1e30",
     "--config.optimizer.warmup_epochs=0",
     "--config.log_every_steps=1",
+    codegen=FAST_COMPILE,  # a few steps of a program of its own
   )
   assert result.returncode == 1
   line = result.stderr.strip().splitlines()[-1]
@@ -430,7 +432,9 @@ def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins
   mu² (1 − b2) = nu (1 − b1)² to a few rounding errors."""
   small, big = tmp_path / "small", tmp_path / "big"
   steps = ["--config.num_train_steps=5", "--config.eval_every_steps=5"]
-  first = run_main(small, "--config.dataset.image_size=4", "--config.patch_size=1", *steps)
+  first = run_main(
+    small, "--config.dataset.image_size=4", "--config.patch_size=1", *steps, codegen=FAST_COMPILE
+  )
   assert first.returncode == 0, first.stderr[-3000:]
   fine_tune = [
     "--config.patch_size=1",
@@ -441,7 +445,7 @@ def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins
   # Two steps, a checkpoint after each: step 1 is the first update from the moved weights;
   # the same program serves the resume below.
   fine_tune += ["--config.num_train_steps=2", "--config.checkpoint_every_steps=1"]
-  second = run_main(big, *fine_tune)
+  second = run_main(big, *fine_tune, codegen=FAST_COMPILE)
   assert second.returncode == 0, second.stderr[-3000:]
   assert f"parameters from {small}/checkpoints/5" in second.stderr
   _, small_params = final_params(str(small))
@@ -459,7 +463,7 @@ def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins
   step, params_2 = final_params(str(big))
   assert step == 2
   shutil.rmtree(big / "checkpoints" / "2")
-  third = run_main(big, *fine_tune)
+  third = run_main(big, *fine_tune, codegen=FAST_COMPILE)
   assert third.returncode == 0, third.stderr[-3000:]
   assert f"resumed from {big}/checkpoints/1" in third.stderr
   assert "parameters from" not in third.stderr
