@@ -205,7 +205,15 @@ def test_run_resumes_after_sigterm_then_sigkill_to_identical_parameters(uninterr
 
 
 # --- several runs side by side: one process, a stacked state -------------------------
-RUNS = ["--config.num_runs=3", "--config.num_train_steps=75"]
+# The smallest model (these tests check the run axis and resuming, not learning): every
+# launch of the lineage below trains three runs side by side.
+RUNS = [
+  "--config.num_runs=3",
+  "--config.num_train_steps=75",
+  "--config.model_overrides.dim=32",
+  "--config.model_overrides.depth=1",
+  "--config.model_overrides.num_heads=2",
+]
 
 
 @pytest.fixture(scope="module")
