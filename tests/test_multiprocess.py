@@ -2,9 +2,10 @@
 
     pytest -m multiprocess tests/test_multiprocess.py
 
-One 2-process x 4-device run is compared with 1 process x 8 devices (tests/test_train.py
-compares 8 devices with 1); the same run is interrupted by SIGKILL of one process and then
-by SIGTERM, and started with a config that differs between processes.
+One 2-process x 4-device job of two runs side by side, with one process late to its first
+step, is compared with the same in 1 process x 8 devices (tests/test_train.py compares 8
+devices with 1, and one run with K); the same job is interrupted by SIGKILL of one process
+and then by SIGTERM, and started with a config that differs between processes.
 """
 
 import glob
@@ -41,6 +42,7 @@ TINY = [
   "--config.log_every_steps=1",
   "--config.optimizer.warmup_epochs=0",
   "--config.mixing.prob=0",
+  "--config.num_runs=2",  # stacked state and per-run metrics cross the processes too
 ]
 LAUNCH = [
   sys.executable,
@@ -95,7 +97,7 @@ def last_lines(output, count=15):
 
 
 def train_losses(workdir) -> np.ndarray:
-  """train_loss of every step, from the run's TensorBoard events."""
+  """(steps, runs): each run's train_loss at every step, from the job's TensorBoard events."""
   from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.util import tensor_util
 
@@ -103,9 +105,10 @@ def train_losses(workdir) -> np.ndarray:
   for path in glob.glob(os.path.join(workdir, "events.out.tfevents*")):
     for event in event_file_loader.EventFileLoader(path).Load():
       for value in event.summary.value:
-        if value.tag == "train_loss":
-          losses[event.step] = float(tensor_util.make_ndarray(value.tensor))
-  return np.asarray([losses[step] for step in sorted(losses)])
+        if value.tag.endswith("/train_loss") and value.tag.startswith("run"):
+          run = int(value.tag[len("run") : value.tag.index("/")])
+          losses.setdefault(event.step, {})[run] = float(tensor_util.make_ndarray(value.tensor))
+  return np.asarray([[losses[step][k] for k in sorted(losses[step])] for step in sorted(losses)])
 
 
 def final_params(workdir):
@@ -126,37 +129,6 @@ def final_params(workdir):
     checkpointer.metadata(path).item_metadata,
   )
   return step, checkpointer.restore(path, target)["params"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Workdirs and outputs of the same run as 2 x 4 and 1 x 8 devices."""
-  return built_once(tmp_path_factory, "multiprocess_runs", train_two_ways)
-
-
-def train_two_ways(root):
-  two = start(two_process_cmd(root / "2x4"))
-  rc, out = finish(two)
-  assert rc == 0, last_lines(out)
-  rc, one = finish(start(one_process_cmd(root / "1x8"), env=env(8)))
-  assert rc == 0, last_lines(one)
-  return {"2x4": (str(root / "2x4"), out), "1x8": (str(root / "1x8"), one)}
-
-
-def test_two_processes_train_as_one(runs):
-  losses = {name: train_losses(workdir) for name, (workdir, _) in runs.items()}
-  assert len(losses["2x4"]) == STEPS and np.all(np.isfinite(losses["2x4"]))
-  np.testing.assert_allclose(losses["2x4"], losses["1x8"], rtol=1e-5, atol=1e-5)
-  step, params = final_params(runs["2x4"][0])
-  assert step == STEPS
-  other_step, other_params = final_params(runs["1x8"][0])
-  assert other_step == STEPS
-  assert_same_params(params, other_params)
-  summary = json.load(open(os.path.join(runs["2x4"][0], "summary.json")))
-  assert summary["devices"] == 8
-  # The test split is gathered whole from both processes.
-  expected = json.load(open(os.path.join(runs["1x8"][0], "summary.json")))
-  assert summary["final_top1"] == pytest.approx(expected["final_top1"], abs=1e-6)
 
 
 # Process 1 reaches its first step this much later than process 0: longer than gloo waits
@@ -180,21 +152,35 @@ LATE_PROCESS_1 = textwrap.dedent(
 )
 
 
-def test_many_runs_train_across_processes_with_one_process_late(tmp_path):
-  """num_runs=2 over 2 processes x 4 devices equals it in 1 process x 8 devices.
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Workdirs and outputs of the same job as 2 x 4 devices (process 1 LATE_S late to its
+  first step) and 1 x 8 devices, and the seconds both took (trained side by side)."""
+  return built_once(tmp_path_factory, "multiprocess_runs", train_two_ways)
 
-  Process 1 comes LATE_S late to its first step (the 1 x 8 run trains meanwhile).
-  """
+
+def train_two_ways(root):
   began = time.time()
   late = [*LAUNCH, sys.executable, "-c", LATE_PROCESS_1, "main.py", "--multihost", *TINY]
-  two = start([*late, f"--workdir={tmp_path / '2x4'}", "--config.num_runs=2"])
-  one = start(one_process_cmd(tmp_path / "1x8", "--config.num_runs=2"), env=env(8))
-  for proc in (two, one):
+  procs = {
+    "2x4": start([*late, f"--workdir={root / '2x4'}"]),
+    "1x8": start(one_process_cmd(root / "1x8"), env=env(8)),
+  }
+  result = {}
+  for name, proc in procs.items():
     rc, out = finish(proc)
     assert rc == 0, last_lines(out)
-  assert time.time() - began > LATE_S
-  step, params = final_params(tmp_path / "2x4")
-  other_step, other_params = final_params(tmp_path / "1x8")
+    result[name] = (str(root / name), out)
+  return {**result, "seconds": time.time() - began}
+
+
+def test_two_processes_train_as_one_with_one_process_late(runs):
+  assert runs["seconds"] > LATE_S
+  losses = {name: train_losses(runs[name][0]) for name in ("2x4", "1x8")}
+  assert losses["2x4"].shape == (STEPS, 2) and np.all(np.isfinite(losses["2x4"]))
+  np.testing.assert_allclose(losses["2x4"], losses["1x8"], rtol=1e-5, atol=1e-5)
+  step, params = final_params(runs["2x4"][0])
+  other_step, other_params = final_params(runs["1x8"][0])
   assert step == other_step == STEPS
   assert_same_params(params, other_params)
   import jax
@@ -202,8 +188,10 @@ def test_many_runs_train_across_processes_with_one_process_late(tmp_path):
   leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
   assert all(leaf.shape[0] == 2 for leaf in leaves)  # stacked: one slice a run
   assert any(not np.allclose(leaf[0], leaf[1]) for leaf in leaves)  # two different runs
-  summaries = [json.load(open(tmp_path / name / "summary.json")) for name in ("2x4", "1x8")]
+  summaries = [json.load(open(os.path.join(runs[n][0], "summary.json"))) for n in ("2x4", "1x8")]
+  assert summaries[0]["devices"] == 8
   assert [r["seed"] for r in summaries[0]["runs"]] == [0, 1]
+  # The test split is gathered whole from both processes.
   for mine, theirs in zip(summaries[0]["runs"], summaries[1]["runs"], strict=True):
     assert mine["final_top1"] == pytest.approx(theirs["final_top1"], abs=1e-6)
 
@@ -219,7 +207,7 @@ def test_outputs_and_logs_come_once(runs):
     "summary.json",
   ]
   assert os.path.getsize(os.path.join(workdir, "lock")) == 0
-  assert out.count("final top1") == 1 and "[p0] lkca_t on digits: final top1" in out
+  assert out.count("final top1") == 1 and "[p0] lkca_t on digits: 2 runs" in out
   # The training log (train.py, the metric writer): process 0 only.
   ours = ("train.py:", "logging_writer.py:")
   lines = {
