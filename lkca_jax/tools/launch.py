@@ -10,12 +10,13 @@ on 127.0.0.1), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, and each process on
 launcher's). Output lines are prefixed with `[pN]`. SIGTERM/SIGINT are
 forwarded to every process (a second one kills them). If a process fails, the
 others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the
-launcher exits non-zero, with one line naming the process that failed.
+launcher exits non-zero, with one line naming the process that failed first.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
@@ -70,6 +71,37 @@ def _describe(code: int) -> str:
   return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
+def _wait_for_all(children, grace: float) -> tuple[int, int] | None:
+  """Waits for every child; returns (index, exit code) of the first to fail, or None.
+
+  First by the order the processes ended, not by index: once one dies, its peers abort
+  within milliseconds (a broken collective), often inside one polling interval. A thread
+  per child blocks in wait(), so each exit is seen as it happens. After the first
+  failure the others get SIGTERM, then SIGKILL once `grace` seconds have passed.
+  """
+  exits = queue.Queue()
+  for index, child in enumerate(children):
+    threading.Thread(target=lambda i=index, c=child: exits.put((i, c.wait())), daemon=True).start()
+  failed, deadline = None, None
+  for _ in children:
+    while True:
+      try:
+        index, code = exits.get(timeout=0.1)  # short: signal handlers run in between
+        break
+      except queue.Empty:
+        if deadline is not None and time.monotonic() > deadline:
+          for child in children:
+            if child.poll() is None:
+              child.kill()
+    if code != 0 and failed is None:  # the others cannot finish without it
+      failed = (index, code)
+      for child in children:
+        if child.poll() is None:
+          child.terminate()
+      deadline = time.monotonic() + grace
+  return failed
+
+
 def launch(
   command: list[str], *, processes: int, devices_per_process: int = 0, grace: float = GRACE_S
 ) -> int:
@@ -110,30 +142,13 @@ def launch(
         child.send_signal(signum) if len(signals) == 1 else child.kill()
 
   previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-  failed, deadline = None, None
   try:
-    while [child.poll() for child in children].count(None):  # polls every child
-      if failed is None:
-        failed = next(
-          ((i, c.returncode) for i, c in enumerate(children) if c.returncode not in (None, 0)), None
-        )
-        if failed is not None:  # the others cannot finish without it
-          for child in children:
-            if child.poll() is None:
-              child.terminate()
-          deadline = time.monotonic() + grace
-      elif time.monotonic() > deadline:
-        for child in children:
-          if child.poll() is None:
-            child.kill()
-      time.sleep(0.1)
+    failed = _wait_for_all(children, grace)
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   for thread in threads:
     thread.join(timeout=5)
-  if failed is None:
-    failed = next(((i, c.returncode) for i, c in enumerate(children) if c.returncode), None)
   if failed is None:
     return 0
   index, code = failed

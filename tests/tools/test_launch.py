@@ -1,0 +1,65 @@
+"""The launcher's bookkeeping with real child processes: which failure it names, and
+that a process that ignores SIGTERM is killed once the grace period is over."""
+
+import sys
+import textwrap
+import time
+
+from lkca_jax.tools import launch
+
+# Process 1 fails at once; process 0 fails right after it, once process 1 has exited (a
+# zombie in /proc): as a peer does whose collective broke. The launcher must name process 1.
+FIRST_FAILS_THEN_ITS_PEER = textwrap.dedent(
+  """
+  import os, sys, time
+  marker = sys.argv[1]
+  if os.environ["JAX_PROCESS_ID"] == "1":
+    with open(marker + ".tmp", "w") as f:
+      f.write(str(os.getpid()))
+    os.rename(marker + ".tmp", marker)
+    os._exit(3)
+  while not os.path.exists(marker):
+    time.sleep(0.001)
+  pid = int(open(marker).read())
+  def state():
+    try:
+      return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+      return "reaped"
+  while state() not in ("Z", "reaped"):
+    time.sleep(0.001)
+  time.sleep(0.02)
+  os._exit(4)
+  """
+)
+
+# Process 1 fails; process 0 ignores SIGTERM and would sleep for a minute.
+PEER_IGNORES_SIGTERM = textwrap.dedent(
+  """
+  import os, signal, time
+  if os.environ["JAX_PROCESS_ID"] == "1":
+    time.sleep(0.5)
+    os._exit(5)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  time.sleep(60)
+  """
+)
+
+
+def test_the_process_that_failed_first_is_named_though_its_peer_fails_at_once(tmp_path, capsys):
+  marker = tmp_path / "pid_of_process_1"
+  for _ in range(3):  # each time: a polling launcher often saw both dead at once
+    marker.unlink(missing_ok=True)
+    command = [sys.executable, "-c", FIRST_FAILS_THEN_ITS_PEER, str(marker)]
+    assert launch.launch(command, processes=2, grace=5) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "launch: process 1 of 2 failed (exit code 3); stopped the others"
+
+
+def test_a_peer_that_ignores_sigterm_is_killed_after_the_grace_period(capsys):
+  began = time.monotonic()
+  command = [sys.executable, "-c", PEER_IGNORES_SIGTERM]
+  assert launch.launch(command, processes=2, grace=1) == 5
+  assert time.monotonic() - began < 30  # not the 60 s process 0 would have slept
+  err = capsys.readouterr().err
+  assert err.splitlines()[-1] == "launch: process 1 of 2 failed (exit code 5); stopped the others"
