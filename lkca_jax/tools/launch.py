@@ -74,10 +74,10 @@ def _describe(code: int) -> str:
 def _wait_for_all(children, grace: float) -> tuple[int, int] | None:
   """Waits for every child; returns (index, exit code) of the first to fail, or None.
 
-  First by the order the processes ended, not by index: once one dies, its peers abort
-  within milliseconds (a broken collective), often inside one polling interval. A thread
-  per child blocks in wait(), so each exit is seen as it happens. After the first
-  failure the others get SIGTERM, then SIGKILL once `grace` seconds have passed.
+  First by the order the processes ended, not by the lowest index found dead at one
+  look: a peer that fails because of it (a broken collective) can end moments later. A
+  thread per child blocks in wait(), so each exit is queued as it happens. After the
+  first failure the others get SIGTERM, then SIGKILL once `grace` seconds have passed.
   """
   exits = queue.Queue()
   for index, child in enumerate(children):
