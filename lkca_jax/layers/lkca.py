@@ -42,8 +42,9 @@ DECAY_LENGTH = 1.0
 # How a trained kernel moves to another grid (lkca_jax.resolution): "pad" keeps each tap's
 # offset in patches (zeros at new offsets), "resample" keeps it as a fraction of the image.
 KERNEL_MOVES = ("pad", "resample")
-# Measured (docs/results.md, "Across resolutions": Tiny-ImageNet, 32 → 64 px, 3 seeds):
-# resample was ahead of pad, or level, for every seed, untrained and fine-tuned.
+# Measured (docs/results.md, "across resolutions": Tiny-ImageNet, 32 → 64 px, 3 seeds, two
+# shapes): resample was ahead of pad, or level, for every seed evaluated untrained; after
+# fine-tuning the two shapes disagree (mean difference 0.1 point), so resample stays.
 DEFAULT_KERNEL_MOVE = "resample"
 
 # What "auto" picks (`resolve_view`), per backend, by the number of tokens N = h·w: the
