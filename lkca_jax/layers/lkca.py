@@ -44,7 +44,7 @@ DECAY_LENGTH = 1.0
 KERNEL_MOVES = ("pad", "resample")
 # Measured (docs/results.md, "across resolutions": Tiny-ImageNet, 32 → 64 px, 3 seeds, two
 # shapes): resample was ahead of pad, or level, for every seed evaluated untrained; after
-# fine-tuning the two shapes disagree (mean difference 0.1 point), so resample stays.
+# fine-tuning the two shapes disagree (mean difference 0.1 point), so untrained decides.
 DEFAULT_KERNEL_MOVE = "resample"
 
 # What "auto" picks (`resolve_view`), per backend, by the number of tokens N = h·w: the
