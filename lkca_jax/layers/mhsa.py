@@ -81,6 +81,16 @@ def _heads(qkv: jax.Array, num_heads: int) -> jax.Array:
   return qkv.reshape(b, n, 3, num_heads, d).transpose(2, 0, 3, 1, 4).reshape(3, b * num_heads, n, d)
 
 
+def _tangent_heads(d_qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(B, N, 3·H·d) → d_q (B·H, N, d) and d_kᵀ, d_vᵀ (B·H, d, N)."""
+  b, n, width = d_qkv.shape
+  d = width // (3 * num_heads)
+  x = d_qkv.reshape(b, n, 3, num_heads, d)
+  d_q = x[:, :, 0].transpose(0, 2, 1, 3).reshape(b * num_heads, n, d)
+  d_kt, d_vt = x[:, :, 1:].transpose(2, 0, 3, 4, 1).reshape(2, b * num_heads, d, n)
+  return d_q, d_kt, d_vt
+
+
 def _merge_heads(out: jax.Array, batch: int, num_heads: int) -> jax.Array:
   """(B·H, N, d) → (B, N, H·d)."""
   _, n, d = out.shape
@@ -109,16 +119,19 @@ def attention_cpu(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
 def _attention_cpu_jvp(num_heads, scale, primals, tangents):
   (qkv,), (d_qkv,) = primals, tangents
   out, (q, k, v, weights) = _attention_primal(qkv, num_heads, scale)
-  d_q, d_k, d_v = _heads(d_qkv, num_heads)
+  # Keys and values enter transposed: reverse mode then forms their gradients as (d, N)
+  # by (N, N) products with the (N, N) operand on the right in its own layout, which
+  # XLA:CPU runs faster than that operand transposed on the left (docs/benchmarks.md).
+  d_q, d_kt, d_vt = _tangent_heads(d_qkv, num_heads)
   d_q = d_q * jnp.asarray(scale, q.dtype)
-  d_logits = (_batched_dot(d_q, k, 2, 2) + _batched_dot(q, d_k, 2, 2)).astype(jnp.float32)
+  d_logits = (_batched_dot(d_q, k, 2, 2) + _batched_dot(q, d_kt, 2, 1)).astype(jnp.float32)
   # The softmax tangent W∘(dL − Σ_m W∘dL) times v, with (W∘(Σ_m W∘dL))·v = (Σ_m W∘dL)·O.
   weighted = weights * d_logits
   row = jnp.sum(weighted, axis=-1, keepdims=True).astype(out.dtype)
   d_out = (
     _batched_dot(weighted.astype(v.dtype), v, 2, 1)
     - row * out
-    + _batched_dot(weights.astype(v.dtype), d_v, 2, 1)
+    + _batched_dot(weights.astype(v.dtype), d_vt, 2, 2)
   )
   batch = qkv.shape[0]
   return _merge_heads(out, batch, num_heads), _merge_heads(d_out, batch, num_heads)
