@@ -66,7 +66,7 @@ def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
 
 def attention_plain(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   b, n, width = qkv.shape
-  q, k, v = jnp.unstack(qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads)), axis=2)
+  q, k, v = jnp.unstack(_split(qkv, num_heads), axis=2)
   return jax.nn.dot_product_attention(q, k, v, scale=scale).reshape(b, n, width // 3)
 
 
@@ -74,20 +74,25 @@ def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -
   return jax.lax.dot_general(a, b, (((a_contract,), (b_contract,)), ((0,), (0,))))
 
 
+def _split(qkv: jax.Array, num_heads: int) -> jax.Array:
+  """(B, N, 3·H·d) → (B, N, 3, H, d), a view."""
+  b, n, width = qkv.shape
+  return qkv.reshape(b, n, 3, num_heads, width // (3 * num_heads))
+
+
 def _heads(qkv: jax.Array, num_heads: int) -> jax.Array:
   """(B, N, 3·H·d) → (3, B·H, N, d), in one copy."""
-  b, n, width = qkv.shape
-  d = width // (3 * num_heads)
-  return qkv.reshape(b, n, 3, num_heads, d).transpose(2, 0, 3, 1, 4).reshape(3, b * num_heads, n, d)
+  x = _split(qkv, num_heads)
+  b, n, _, h, d = x.shape
+  return x.transpose(2, 0, 3, 1, 4).reshape(3, b * h, n, d)
 
 
 def _tangent_heads(d_qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(B, N, 3·H·d) → d_q (B·H, N, d) and d_kᵀ, d_vᵀ (B·H, d, N)."""
-  b, n, width = d_qkv.shape
-  d = width // (3 * num_heads)
-  x = d_qkv.reshape(b, n, 3, num_heads, d)
-  d_q = x[:, :, 0].transpose(0, 2, 1, 3).reshape(b * num_heads, n, d)
-  d_kt, d_vt = x[:, :, 1:].transpose(2, 0, 3, 4, 1).reshape(2, b * num_heads, d, n)
+  x = _split(d_qkv, num_heads)
+  b, n, _, h, d = x.shape
+  d_q = x[:, :, 0].transpose(0, 2, 1, 3).reshape(b * h, n, d)
+  d_kt, d_vt = x[:, :, 1:].transpose(2, 0, 3, 4, 1).reshape(2, b * h, d, n)
   return d_q, d_kt, d_vt
 
 
