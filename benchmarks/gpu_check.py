@@ -1,6 +1,7 @@
 """Helpers of benchmarks/gpu_check.sh: wheel selection, the AutoAugment timing, the summary.
 
     python benchmarks/gpu_check.py missing-wheels DIR
+    python benchmarks/gpu_check.py check-parts NAME,NAME,...
     python benchmarks/gpu_check.py env [--wheels DIR] --out FILE
     python benchmarks/gpu_check.py autoaugment --batch B --steps N --out FILE
     python benchmarks/gpu_check.py summary DIR [--mode smoke|full]
@@ -32,12 +33,13 @@ PROJECTED = ("lkca_t", "lkca_b")
 # The order the driver runs its parts in (the summary lists them in this order).
 PARTS = (
   "env",
+  "train",
   "step_b128_lkca_t",
-  "step_b128_lkca_b",
   "forms",
-  "mixers",
   "views",
   "runs",
+  "step_b128_lkca_b",
+  "mixers",
   "autoaugment",
   "stream",
   "step_b128_vit",
@@ -179,6 +181,9 @@ def read_parts(folder: str) -> dict:
   except OSError:
     rows = []
   for name, rc, seconds, log, out in rows:
+    if rc == "unselected":  # GPU_CHECK_PARTS left it out
+      parts[name] = {"status": "not selected"}
+      continue
     if rc == "skipped":  # the overall budget was spent before this part
       parts[name] = {"status": "skipped", "log": log, "error": last_line(log)}
       continue
@@ -246,6 +251,30 @@ def projection(rows: list[dict]) -> dict:
     "stretch_minutes": STRETCH_MINUTES,
     "column": "pipeline (augmentation included)",
     "models": out,
+  }
+
+
+def train_summary(results: dict) -> dict:
+  """main.py's summary.json: what it reached, and the recipe's time at its training rate
+  (compilation, evaluation and checkpoints left out) and at its wall-clock rate (all in)."""
+  steps, batch = results["step"], results["config"]["batch_size"]
+  rate = results["train_images_per_second"]
+  wall_ms = results["wall_seconds"] / steps * 1e3
+  return {
+    "model": results["model"],
+    "dataset": results["dataset"],
+    "classes": results["config"]["dataset"]["classes"],
+    "dtype": results["config"]["dtype"],
+    "steps": steps,
+    "batch": batch,
+    "final_top1": results["final_top1"],
+    "best_top1": results["best_top1"],
+    "train_images_per_second": rate,
+    "train_ms_per_step": batch / rate * 1e3,
+    "wall_seconds": results["wall_seconds"],
+    "wall_ms_per_step": wall_ms,
+    "recipe_minutes_at_train_rate": RECIPE_STEPS * RECIPE_BATCH / rate / 60,
+    "recipe_minutes_at_wall_rate": wall_ms * RECIPE_STEPS / 1e3 / 60,
   }
 
 
@@ -328,6 +357,7 @@ def stream_summary(results: dict, rows: list[dict]) -> dict:
 def summarize(folder: str, mode: str) -> dict:
   parts = read_parts(folder)
   rows, runs, forms, mixers, views, augment, stream = [], [], [], {}, None, None, None
+  train = None
   for name, part in parts.items():
     data = read_json(part["json"]) if part.get("status") == "ok" and "json" in part else None
     if part.get("status") == "ok" and "json" in part and data is None:
@@ -340,6 +370,9 @@ def summarize(folder: str, mode: str) -> dict:
         f"{r['model']}/{r['dtype']}/b{r['batch']}": r["pipeline_images_per_second"] for r in found
       }
       rows += found
+    elif name == "train":
+      train = train_summary(data)
+      part["final_top1"] = train["final_top1"]
     elif name == "runs":
       runs = runs_summary(data)
       part["throughput_vs_one_run"] = {
@@ -369,7 +402,8 @@ def summarize(folder: str, mode: str) -> dict:
   return {
     "mode": mode,
     "parts": parts,
-    "failed": sorted(n for n, p in parts.items() if p["status"] != "ok"),
+    "failed": sorted(n for n, p in parts.items() if p["status"] not in ("ok", "not selected")),
+    "train": train,
     "step": rows,
     "projection": projection(rows),
     "runs": runs,
@@ -387,6 +421,15 @@ def format_summary(s: dict) -> str:
     extra = f"  {p['error'][:100]}" if p.get("error") else ""
     secs = f"{p['seconds']:6.1f}s" if "seconds" in p else "      -"
     lines.append(f"  {name:<18}{p['status']:<9}{secs}{extra}")
+  t = s.get("train")
+  if t:
+    lines.append(
+      f"  main.py {t['model']} on {t['dataset']} ({t['classes'] or 'all'} classes, {t['dtype']}): "
+      f"{t['steps']} steps in {t['wall_seconds']:.0f} s, top-1 {t['final_top1']} "
+      f"(best {t['best_top1']}); {t['train_images_per_second']:.0f} img/s training "
+      f"({t['train_ms_per_step']:.2f} ms/step); recipe {t['recipe_minutes_at_train_rate']:.1f} "
+      f"min at that rate, {t['recipe_minutes_at_wall_rate']:.1f} min at the wall rate"
+    )
   if s["step"]:
     lines.append(
       f"  {'part':<18}{'model':<8}{'dtype':<10}{'batch':>6}{'fixed img/s':>13}{'pipe img/s':>12}"
@@ -463,6 +506,8 @@ def main(argv=None) -> int:
   sub = parser.add_subparsers(dest="command")
   p = sub.add_parser("missing-wheels")
   p.add_argument("folder")
+  p = sub.add_parser("check-parts")
+  p.add_argument("names")
   p = sub.add_parser("env")
   p.add_argument("--wheels")
   p.add_argument("--out", required=True)
@@ -478,6 +523,13 @@ def main(argv=None) -> int:
     parser.error(f"a command is required: one of {', '.join(sub.choices)}")
   if args.command == "missing-wheels":
     print("\n".join(missing_wheels(args.folder)))
+  elif args.command == "check-parts":
+    unknown = [n for n in args.names.split(",") if n not in PARTS]
+    if unknown or not args.names:
+      names = ", ".join(unknown) or "(none given)"
+      parser.error(
+        f"GPU_CHECK_PARTS={args.names}: unknown part(s) {names}; choose from {','.join(PARTS)}"
+      )
   elif args.command == "env":
     env = environment(args.wheels)
     with open(args.out, "w", encoding="utf-8") as f:

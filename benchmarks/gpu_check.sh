@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# One prepared GPU check: environment, whole-step throughput, K runs in one process, the
-# LKCA views (at 8x8 against MHSA, and over grid sizes up to 64x64), the two AutoAugment
-# forms, the streaming path's host decode + crop against the device's step, and the
-# projected CIFAR-10 recipe time.
+# One prepared GPU check: environment, a real training run through main.py, whole-step
+# throughput, K runs in one process, the LKCA views (at 8x8 against MHSA, and over grid
+# sizes up to 64x64), the two AutoAugment forms, the streaming path's host decode + crop
+# against the device's step, and the projected CIFAR-10 recipe time.
 #
-#   bash benchmarks/gpu_check.sh [--smoke] [--out DIR]
+#   bash benchmarks/gpu_check.sh [--smoke] [--out DIR] [--train_data DIR]
+#
+# --train_data: a TFDS data_dir with Tiny-ImageNet prepared from the 20-class subset zip
+# (small enough to travel with the call):
+#   python benchmarks/tiny_imagenet_subset.py --zip tiny-imagenet-200.zip --classes 20 \
+#     --out SUB/tiny-imagenet-200.zip
+#   python -m lkca_jax.tools.prepare --dataset tiny_imagenet --manual_dir SUB --data_dir DIR
+# The `train` part then runs `main.py` for GPU_CHECK_TRAIN_STEPS steps (default 2,000) of
+# lkca_t on it, the whole recipe shortened to those steps (evaluations and the checkpoint
+# included); --smoke runs it on the embedded digits for a few steps of a tiny model.
+# A device machine that sends back only a few files wants the results folder packed:
+#   bash benchmarks/gpu_check.sh --out /tmp/gc; tar czf "$OUT/gpu_check.tgz" -C /tmp gc
 #
 # Results (one JSON per part, logs/, parts.tsv, summary.json) go to DIR, else $OUT, else
 # bench_results/gpu_check. Every part runs under its own `timeout`; a part that fails or
 # times out is recorded as such in summary.json and the rest still run. The whole run
-# stays within GPU_CHECK_BUDGET_S (default 450 s, then the summary, well inside 8 min):
-# each part gets at most what is left, and parts with under 10 s left are recorded as
-# skipped. The most wanted parts run first. --smoke: every part with tiny settings
-# (about a minute on 2 CPU cores).
+# stays within GPU_CHECK_BUDGET_S (default 540 s, then the summary, inside 10 min): each
+# part gets at most what is left, and parts with under 10 s left are recorded as skipped.
+# The most wanted parts run first. On an H200 (jax 0.11.2) each program compiles in 35 to
+# 120 s, so one call covers three or four parts: GPU_CHECK_PARTS picks them, and a
+# compilation cache named by JAX_COMPILATION_CACHE_DIR (kept, and carried to the next
+# call) spares the compiles a part repeats. --smoke: every part with tiny settings (about
+# two minutes on 2 CPU cores).
 #
 # Environment:
 #   PYTHON                the interpreter (default: python, else python3)
-#   GPU_CHECK_BUDGET_S    the whole run's limit in seconds (default 450; --smoke 240)
+#   GPU_CHECK_BUDGET_S    the whole run's limit in seconds (default 540; --smoke 240)
+#   GPU_CHECK_PARTS       the parts to run, comma-separated (default: all); the others are
+#                         recorded as not selected
+#   GPU_CHECK_TRAIN_STEPS the steps of the `train` part (default 2000)
 #   GPU_CHECK_WHEELS      the offline wheels folder (default benchmarks/wheels)
 #   GPU_CHECK_VIT_MODELS  the models of the two ViT parts (default vit_1m,vit; --smoke
 #                         vit_1m); the test passes an unknown one to check that failing
@@ -31,47 +48,66 @@
 #   bench_mixers, bench_views: ml_collections (through lkca_jax.tools.cli); not clu or
 #     tensorboard.
 #   autoaugment (gpu_check.py): jax and lkca_jax.augment only.
-#   stream (bench_stream on synthetic JPEGs): pillow, grain (its array_record), and
-#     tensorflow_datasets for its tf.train.Example proto (pure Python, with its own
-#     imports: etils, promise, tensorflow-metadata, protobuf, ...); no TensorFlow.
-# So ml_collections MUST be carried to a machine without it, and clu, tensorboard and
-# wrapt too for the bench_step parts. The env part reports which of them import.
+#   train (main.py on the prepared subset) and stream: tensorflow_datasets for its
+#     builders and its tf.train.Example proto (pure Python; no TensorFlow) with
+#     array_record, tensorflow-metadata, promise, googleapis-common-protos,
+#     immutabledict, toml, dm-tree, simple_parsing, docstring_parser and termcolor;
+#     stream also grain.
+# The H200 image of 2026-12-04 (Python 3.12, jax 0.11.2, flax 0.12.10) had tensorboard,
+# wrapt, etils, absl-py and protobuf, and none of the others. The env part reports which
+# of NEEDED import.
 #
 # Offline wheels: if benchmarks/wheels/ (git-ignored) holds .whl files, those whose
 # distribution is not installed are installed with --no-deps into a folder put on
 # PYTHONPATH (no write access to site-packages needed, no registry). Fill it on a machine
-# with the package registry, for the GPU machine's Python (printed by the env part):
-#   pip download --no-deps -d benchmarks/wheels ml_collections==1.1.0 clu==0.0.12 \
-#     tensorboard==2.21.0                                   # pure Python: any version
-#   pip download --no-deps -d benchmarks/wheels --only-binary=:all: \
-#     --platform manylinux2014_x86_64 --python-version 3.12 wrapt==2.5.2   # compiled
-# (versions as in requirements.txt; wrapt needs the GPU machine's Python version), and
-# carry it to the run: carry=["benchmarks/wheels"].
+# with the package registry, for the GPU machine's Python (printed by the env part),
+# with the versions of requirements.txt:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     -d benchmarks/wheels ml_collections==1.1.0 clu==0.0.12 tensorflow-datasets==4.9.10 \
+#     tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 immutabledict==4.3.1 \
+#     toml==0.10.2 array_record==0.8.6 dm-tree==0.1.10 simple_parsing==0.1.9 \
+#     docstring_parser==0.18.0 termcolor==3.3.0
+#   pip wheel --no-deps -w benchmarks/wheels promise==2.3       # published as sdist only
+# (about 10 MB), and carry it to the run: carry=["benchmarks/wheels"].
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
 SMOKE=0
 OUT_DIR="${OUT:-bench_results/gpu_check}"
+TRAIN_DATA=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --out) OUT_DIR="$2"; shift ;;
     --out=*) OUT_DIR="${1#--out=}" ;;
-    *) echo "unknown argument $1; use [--smoke] [--out DIR]" >&2; exit 2 ;;
+    --train_data) TRAIN_DATA="$2"; shift ;;
+    --train_data=*) TRAIN_DATA="${1#--train_data=}" ;;
+    *) echo "error: unknown argument $1; use [--smoke] [--out DIR] [--train_data DIR]" >&2
+       exit 2 ;;
   esac
   shift
 done
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 WHEELS="${GPU_CHECK_WHEELS:-benchmarks/wheels}"
 VITS="${GPU_CHECK_VIT_MODELS:-$([ "$SMOKE" = 1 ] && echo vit_1m || echo vit_1m,vit)}"
+if [ -n "$TRAIN_DATA" ] && [ ! -d "$TRAIN_DATA/tiny_imagenet" ]; then
+  echo "error: --train_data=$TRAIN_DATA holds no prepared tiny_imagenet; prepare the subset" \
+    "as this script's header says" >&2
+  exit 2
+fi
+if [ -n "${GPU_CHECK_PARTS:-}" ]; then
+  "$PY" benchmarks/gpu_check.py check-parts "$GPU_CHECK_PARTS" || exit 2
+fi
 mkdir -p "$OUT_DIR/logs" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 : > "$OUT_DIR/parts.tsv"
 export TF_CPP_MIN_LOG_LEVEL=2
 BEGIN=$(date +%s)
 # The whole run's limit; the parts' own timeouts add up to more.
-BUDGET="${GPU_CHECK_BUDGET_S:-$([ "$SMOKE" = 1 ] && echo 240 || echo 450)}"
+BUDGET="${GPU_CHECK_BUDGET_S:-$([ "$SMOKE" = 1 ] && echo 240 || echo 540)}"
+SELECTED="${GPU_CHECK_PARTS:-}"
 # One compilation cache for all parts, outside $OUT (it need not come back): the K-runs
 # part compiles K identical single-run steps, and the parts share programs.
 # A cache the caller names (the test suite's) is used and kept.
@@ -93,6 +129,12 @@ part() {
   local name="$1" limit="$2" json="$3"
   shift 3
   local log="$OUT_DIR/logs/$name.log" start ms rc left
+  # The offline wheels and the environment always run: every part needs them, or reads them.
+  if [ -n "$SELECTED" ] && [ "$name" != wheels ] && [ "$name" != env ] \
+    && [[ ",$SELECTED," != *",$name,"* ]]; then
+    printf '%s\tunselected\t0\t\t%s\n' "$name" "$json" >> "$OUT_DIR/parts.tsv"
+    return
+  fi
   # Never past the overall budget: a part gets what is left of it, or is skipped.
   left=$((BUDGET - $(date +%s) + BEGIN))
   if [ "$left" -lt 10 ]; then
@@ -121,6 +163,28 @@ env_part() {
 export -f env_part
 export PY OUT_DIR WHEELS
 
+# main.py as a user runs it, from a fresh workdir; its summary.json is the part's JSON.
+train_part() {
+  rm -rf "$OUT_DIR/train_workdir"
+  if [ "$SMOKE" = 1 ]; then
+    "$PY" main.py --config configs/digits.py --workdir "$OUT_DIR/train_workdir" \
+      --config.model_overrides.dim=32 --config.model_overrides.depth=1 \
+      --config.model_overrides.num_heads=2 --config.num_train_steps=4 \
+      --config.eval_every_steps=2 --config.log_every_steps=2
+  elif [ -z "$TRAIN_DATA" ]; then
+    echo "error: no --train_data: prepare the Tiny-ImageNet subset as gpu_check.sh says"
+    return 2
+  else
+    "$PY" main.py --config configs/tinyimagenet.py --workdir "$OUT_DIR/train_workdir" \
+      --config.model=lkca_t --config.dataset.data_dir="$TRAIN_DATA" \
+      --config.dataset.download=False --config.dataset.classes=20 \
+      --config.num_train_steps="${GPU_CHECK_TRAIN_STEPS:-2000}" \
+      --config.optimizer.warmup_epochs=1 --config.log_every_steps=200
+  fi
+}
+export -f train_part
+export SMOKE TRAIN_DATA
+
 # Offline wheels, before anything imports them.
 if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
   SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
@@ -143,22 +207,25 @@ MIXERS="$PY -m lkca_jax.tools.bench_mixers"
 VIEWS="$PY -m lkca_jax.tools.bench_views"
 O="$OUT_DIR"
 part env 30 "$O/env.json" env_part
+# On the H200: 184 s for 2,000 steps, 120 of them compiling the train and eval steps.
+part train "$([ "$SMOKE" = 1 ] && echo 90 || echo 240)" "$O/train_workdir/summary.json" \
+  train_part
 if [ "$SMOKE" = 1 ]; then
   # Tiny: bench_step's --smoke (width 32, depth 1, batch 16 whatever --batch says, 2
   # steps), one dtype a part. Repeated cases hit the compilation cache (smoke lkca_t and
   # lkca_b are one program), so the whole run takes about a minute on 2 cores.
   part step_b128_lkca_t 90 "$O/step_b128_lkca_t.json" $STEP --smoke --models lkca_t \
     --dtype float32 --out "$O/step_b128_lkca_t.json"
-  part step_b128_lkca_b 60 "$O/step_b128_lkca_b.json" $STEP --smoke --models lkca_b \
-    --dtype float32 --out "$O/step_b128_lkca_b.json"
   part forms 60 "$O/forms.json" $STEP --smoke --models lkca_t --dtype float32 \
     --forms plain,cpu --columns fixed --out "$O/forms.json"
-  part mixers 60 "$O/mixers.json" $MIXERS --cases lkca-attention,lkca-conv --shapes 8x8 \
-    --repeats 2 --max_seconds 0.05 --out "$O/mixers.json"
   part views 60 "$O/views.json" $VIEWS --grids 2,3 --levels mix --dim 8 --tokens 16 \
     --repeats 2 --max_seconds 0.05 --out "$O/views.json"
-  part runs 90 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
+  part runs 240 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
     --out "$O/runs.json"
+  part step_b128_lkca_b 60 "$O/step_b128_lkca_b.json" $STEP --smoke --models lkca_b \
+    --dtype float32 --out "$O/step_b128_lkca_b.json"
+  part mixers 60 "$O/mixers.json" $MIXERS --cases lkca-attention,lkca-conv --shapes 8x8 \
+    --repeats 2 --max_seconds 0.05 --out "$O/mixers.json"
   part autoaugment 60 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 4 --steps 2 --out "$O/autoaugment.json"
   part stream 60 "$O/stream.json" "$PY" -m lkca_jax.tools.bench_stream --images 4 \
@@ -170,30 +237,31 @@ if [ "$SMOKE" = 1 ]; then
   part step_b1024_vit 60 "$O/step_b1024_vit.json" $STEP --smoke --models "$VITS" \
     --dtype bfloat16 --out "$O/step_b1024_vit.json"
 else
-  # Most wanted first: lkca_t, then lkca_b, at the recipe's batch (the projection; one
-  # process each, so a slow compile of one cannot lose the other), the view choice, K
-  # runs, AutoAugment; the ViTs and batch 1024 last, cut short by the overall budget.
+  # Most wanted first: the real run (above), lkca_t at the recipe's batch (the
+  # projection), the layer forms (the per-backend choice), the LKCA views over grids (the
+  # `auto` crossover), K runs, then lkca_b; the rest last, cut short by the budget.
   DT=float32,bfloat16
-  part step_b128_lkca_t 120 "$O/step_b128_lkca_t.json" $STEP --models lkca_t --batch 128 \
+  part step_b128_lkca_t 240 "$O/step_b128_lkca_t.json" $STEP --models lkca_t --batch 128 \
     --dtype $DT --steps 20 --out "$O/step_b128_lkca_t.json"
-  part step_b128_lkca_b 90 "$O/step_b128_lkca_b.json" $STEP --models lkca_b --batch 128 \
-    --dtype $DT --steps 20 --out "$O/step_b128_lkca_b.json"
   # The layer forms on this backend: the plain ones it runs against the CPU-tuned ones
-  # (lkca_jax/layers/backend.py), so the per-backend choice is measured here too.
-  part forms 90 "$O/forms.json" $STEP --models lkca_t,vit --batch 128 --dtype $DT \
+  # (lkca_jax/layers/backend.py), so the per-backend choice is measured here too; the
+  # recipe's dtype only: four programs, 35 to 60 s each to compile on the H200.
+  part forms 300 "$O/forms.json" $STEP --models lkca_t,vit --batch 128 --dtype float32 \
     --forms plain,cpu --columns fixed --steps 20 --out "$O/forms.json"
-  # The module cases only (the mixing-only ones would explain, not decide): six compiles.
-  part mixers 45 "$O/mixers.json" $MIXERS --cases mhsa,lkca-attention,lkca-conv \
-    --shapes 8x8,16x16 --repeats 15 --max_seconds 0.5 --out "$O/mixers.json"
   # The three views over grid sizes: the bare mixing step, which sets
   # lkca.AUTO_FFT_MIN_TOKENS["default"], and the whole mixer; 60 compiles. The block
   # level is left to a run of its own (`bench_views --levels block`).
-  part views 120 "$O/views.json" $VIEWS --grids 8,16,32,48,64 --levels mix,mixer \
+  part views 300 "$O/views.json" $VIEWS --grids 8,16,32,48,64 --levels mix,mixer \
     --repeats 10 --max_seconds 0.5 --out "$O/views.json"
   # The recipe's dtype (configs/default.py: float32); the 8 single runs are one program,
   # compiled once (and already by step_b128_lkca_t) thanks to the cache.
-  part runs 90 "$O/runs.json" $STEP --models lkca_t --batch 128 --runs 8 \
+  part runs 240 "$O/runs.json" $STEP --models lkca_t --batch 128 --runs 8 \
     --dtype float32 --steps 10 --out "$O/runs.json"
+  part step_b128_lkca_b 240 "$O/step_b128_lkca_b.json" $STEP --models lkca_b --batch 128 \
+    --dtype $DT --steps 20 --out "$O/step_b128_lkca_b.json"
+  # The module cases only (the mixing-only ones would explain, not decide): six compiles.
+  part mixers 45 "$O/mixers.json" $MIXERS --cases mhsa,lkca-attention,lkca-conv \
+    --shapes 8x8,16x16 --repeats 15 --max_seconds 0.5 --out "$O/mixers.json"
   part autoaugment 30 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 128 --steps 20 --out "$O/autoaugment.json"
   # Does the host keep the device busy when streaming? One core's decode + crop

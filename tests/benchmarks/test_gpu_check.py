@@ -20,12 +20,13 @@ pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OK_PARTS = (
   "env",
+  "train",
   "step_b128_lkca_t",
-  "step_b128_lkca_b",
   "forms",
-  "mixers",
   "views",
   "runs",
+  "step_b128_lkca_b",
+  "mixers",
   "autoaugment",
   "stream",
   "step_b1024_lkca",
@@ -86,12 +87,13 @@ def test_statuses_failed_parts_contained(smoke):
   assert list(parts) == [
     "wheels",
     "env",
+    "train",
     "step_b128_lkca_t",
-    "step_b128_lkca_b",
     "forms",
-    "mixers",
     "views",
     "runs",
+    "step_b128_lkca_b",
+    "mixers",
     "autoaugment",
     "stream",
     "step_b128_vit",
@@ -109,6 +111,48 @@ def test_statuses_failed_parts_contained(smoke):
     assert not os.path.exists(out / f"{name}.json")
   assert summary["failed"] == sorted(BROKEN_PARTS)
   assert "failed parts: step_b1024_vit, step_b128_vit" in stdout
+
+
+def test_train_part_is_main_py_and_its_summary(smoke):
+  out, summary, stdout = smoke
+  # main.py's own summary.json in the part's workdir, a real run of the digits config.
+  run = load(out / "train_workdir" / "summary.json")
+  assert summary["parts"]["train"]["json"] == str(out / "train_workdir" / "summary.json")
+  assert (run["model"], run["dataset"], run["step"], run["total_steps"]) == (
+    "lkca_t",
+    "digits",
+    4,
+    4,
+  )
+  assert os.path.isdir(out / "train_workdir" / "checkpoints")
+  train = summary["train"]
+  assert (train["steps"], train["batch"], train["final_top1"]) == (4, 64, run["final_top1"])
+  assert train["train_images_per_second"] == run["train_images_per_second"] > 0
+  assert summary["parts"]["train"]["final_top1"] == run["final_top1"]
+  assert "main.py lkca_t on digits (all classes, float32): 4 steps in " in stdout
+
+
+def test_train_projection_from_known_numbers():
+  from benchmarks import gpu_check
+
+  # 8,000 img/s at batch 128 is 16 ms a step: 117,100 steps take 31.2 minutes; a 2,000-step
+  # run of 180 s wall is 90 ms a step all in: 175.65 minutes.
+  results = {
+    "model": "lkca_t",
+    "dataset": "tiny_imagenet",
+    "step": 2000,
+    "final_top1": 0.5,
+    "best_top1": 0.55,
+    "train_images_per_second": 8000.0,
+    "wall_seconds": 180.0,
+    "config": {"batch_size": 128, "dtype": "float32", "dataset": {"classes": 20}},
+  }
+  train = gpu_check.train_summary(results)
+  assert train["train_ms_per_step"] == pytest.approx(16.0)
+  assert train["recipe_minutes_at_train_rate"] == pytest.approx(31.2267, abs=1e-3)
+  assert train["wall_ms_per_step"] == pytest.approx(90.0)
+  assert train["recipe_minutes_at_wall_rate"] == pytest.approx(175.65, abs=1e-3)
+  assert (train["classes"], train["best_top1"]) == (20, 0.55)
 
 
 def test_images_per_second_match_bench_step_json(smoke):
@@ -273,19 +317,60 @@ def test_missing_wheels_lists_only_uninstalled(tmp_path):
   assert result.stdout.split() == [str(tmp_path / "no_such_dist-1.0-py3-none-any.whl")]
 
 
-def test_budget_cuts_the_run_short(tmp_path):
-  # Only env and the summary run for real; every other part's interpreter sleeps past any
-  # limit, so the budget alone (not how fast a part happens to be) must end it: the first
-  # part gets what is left of 12 s (the env part takes about 1 s), then the rest are
-  # skipped.
+def sleeping_python(tmp_path):
+  """An interpreter that runs gpu_check.py for real and sleeps for every other command."""
   stub = tmp_path / "python"
   stub.write_text(
     f'#!/bin/sh\ncase "$1" in benchmarks/gpu_check.py) exec "{sys.executable}" "$@" ;; esac\n'
     "exec sleep 600\n"
   )
   stub.chmod(0o755)
+  return stub
+
+
+def test_parts_selection_runs_only_the_named_parts(tmp_path):
   out = tmp_path / "out"
-  env = {**os.environ, "OUT": str(out), "PYTHON": str(stub)}
+  env = {**os.environ, "OUT": str(out), "PYTHON": str(sleeping_python(tmp_path))}
+  env.update(GPU_CHECK_BUDGET_S="16", GPU_CHECK_WHEELS=str(tmp_path / "none"))
+  env["GPU_CHECK_PARTS"] = "mixers"
+  result = subprocess.run(
+    ["bash", "benchmarks/gpu_check.sh", "--smoke"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  summary = load(out / "summary.json")
+  statuses = {name: p["status"] for name, p in summary["parts"].items()}
+  # env always runs; the one selected part ran (into the sleeping stub's timeout).
+  assert statuses.pop("env") == "ok" and statuses.pop("mixers") == "timeout"
+  assert set(statuses.values()) == {"not selected"}
+  assert summary["failed"] == ["mixers"]
+
+  env["GPU_CHECK_PARTS"] = "mixers,no_such_part"
+  result = subprocess.run(
+    ["bash", "benchmarks/gpu_check.sh", "--smoke", "--out", str(tmp_path / "second")],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: GPU_CHECK_PARTS=mixers,no_such_part: unknown part(s) no_such_")
+  assert not (tmp_path / "second").exists()  # refused before anything ran
+
+
+def test_budget_cuts_the_run_short(tmp_path):
+  # Only env and the summary run for real; every other part's interpreter sleeps past any
+  # limit, so the budget alone (not how fast a part happens to be) must end it: the first
+  # part gets what is left of 12 s (the env part takes about 1 s), then the rest are
+  # skipped.
+  out = tmp_path / "out"
+  env = {**os.environ, "OUT": str(out), "PYTHON": str(sleeping_python(tmp_path))}
   env["GPU_CHECK_BUDGET_S"] = "12"
   env["GPU_CHECK_WHEELS"] = str(tmp_path / "no_wheels")
   start = time.perf_counter()
