@@ -105,7 +105,7 @@ def define_flags() -> None:
   flags.DEFINE_list(
     "forms",
     ["auto"],
-    "Layer forms lkca_jax times, each its own column: auto, cpu, plain (layers/backend.py).",
+    "Layer forms lkca_jax times, each its own column: auto, cpu, plain (lkca_jax/backend.py).",
   )
 
 

@@ -244,7 +244,7 @@ else
   part step_b128_lkca_t 240 "$O/step_b128_lkca_t.json" $STEP --models lkca_t --batch 128 \
     --dtype $DT --steps 20 --out "$O/step_b128_lkca_t.json"
   # The layer forms on this backend: the plain ones it runs against the CPU-tuned ones
-  # (lkca_jax/layers/backend.py), so the per-backend choice is measured here too; the
+  # (lkca_jax/backend.py), so the per-backend choice is measured here too; the
   # recipe's dtype only: four programs, 35 to 60 s each to compile on the H200.
   part forms 300 "$O/forms.json" $STEP --models lkca_t,vit --batch 128 --dtype float32 \
     --forms plain,cpu --columns fixed --steps 20 --out "$O/forms.json"

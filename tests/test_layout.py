@@ -14,32 +14,33 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lkca_jax"
 # Lower numbers sit lower: a module may import its own layer's package and anything below it.
 LAYERS = {
   "adapters": 0,
+  "backend": 0,
   "files": 0,
   "host_memory": 0,
-  "layers": 0,
-  "augment": 0,
   "mixing": 0,
   "paper": 0,
   "workdir": 0,
-  "models": 1,
-  "data": 1,
-  "analysis": 2,
-  "checkpoint": 2,
-  "config_checks": 2,
-  "distributed": 2,
-  "linen": 2,
-  "metric_writer": 2,
-  "resolution": 2,
-  "train": 3,
-  "tools": 4,
+  "layers": 1,
+  "augment": 1,
+  "models": 2,
+  "data": 2,
+  "analysis": 3,
+  "checkpoint": 3,
+  "config_checks": 3,
+  "distributed": 3,
+  "linen": 3,
+  "metric_writer": 3,
+  "resolution": 3,
+  "train": 4,
+  "tools": 5,
 }
 
 
 def layer_of(module: str) -> int:
-  """`lkca_jax.data.pipeline` → the layer of `data`; the package root is a facade (5)."""
+  """`lkca_jax.data.pipeline` → the layer of `data`; the package root is a facade (6)."""
   parts = module.split(".")
   if len(parts) == 1:
-    return 5
+    return 6
   return LAYERS[parts[1]]
 
 

@@ -12,8 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar10, digits
-from lkca_jax import train
-from lkca_jax.layers import backend
+from lkca_jax import backend, train
 from tests.helpers import with_overrides
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from lkca_jax.layers import backend
+from lkca_jax import backend
 from lkca_jax.models import PRESETS, create_model
 
 U32, U16 = 2.0**-24, 2.0**-8

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from lkca_jax.augment import autoaugment as autoaugment_lib
+from lkca_jax.backend import by_backend
 
 # Random erasing as the reference trainer does it (docs/method.md#training-recipe):
 # aspect ratio (height / width) uniform in [0.3, 1/0.3], up to 100 attempts to fit a box,
@@ -266,14 +267,19 @@ def _autoaugment(key, image, cfg):
 
 
 def _autoaugment_batch(keys, images, cfg):
-  if jax.default_backend() == "cpu":
-    # vmap would turn apply_op's lax.switch into a select that computes all 14
-    # ops for every image (twice); in a loop each image runs only its own op.
+  """AutoAugment over a batch in the form of the platform it is lowered for (by_backend)."""
+
+  def per_image_loop(keys, images):
+    # On the CPU: vmap would turn apply_op's lax.switch into a select that computes all
+    # 14 ops for every image (twice); in a loop each image runs only its own op.
     return lax.map(lambda args: _autoaugment(*args, cfg), (keys, images))
-  # A loop of B small kernels is launch-bound on GPUs/TPUs; the batched select
-  # does 28x the arithmetic but in a few large kernels (not yet measured on an
-  # accelerator here).
-  return jax.vmap(lambda key, image: _autoaugment(key, image, cfg))(keys, images)
+
+  def batched_select(keys, images):
+    # Elsewhere: a loop of B small kernels is launch-bound on GPUs and TPUs; the select
+    # does 28x the arithmetic in a few large kernels (not yet timed on one).
+    return jax.vmap(lambda key, image: _autoaugment(key, image, cfg))(keys, images)
+
+  return by_backend(per_image_loop, batched_select, keys, images)
 
 
 def _normalize(key, images, cfg):
@@ -401,11 +407,11 @@ def augment_batch(rng, images, cfg: AugmentConfig):
   Runs STAGES as augment_image does, each over the whole batch: normalisation
   at once, the other stages vmapped, except AutoAugment, whose lax.switch over
   the 14 ops vmap turns into a select that computes every op for every image
-  (twice, once per sub-policy op). So on CPU AutoAugment runs under lax.map,
-  each image running only the op it drew, and the result equals augment_image
-  with the same keys bit for bit (tested). On GPUs and TPUs it is vmapped (a
-  loop of small kernels is launch-bound there); the ops avoid FMA-dependent
-  rounding, so that path should agree too, but it is not tested here.
+  (twice, once per sub-policy op). So where it is lowered for the CPU AutoAugment
+  runs under lax.map, each image running only the op it drew; for GPUs and TPUs it
+  is vmapped (a loop of small kernels is launch-bound there), chosen by
+  `lkca_jax.backend.by_backend`. Both forms equal augment_image with the same keys
+  bit for bit on the CPU (tested, the vmapped one under `backend.forms("plain")`).
   """
   images = jnp.asarray(images)
   if images.ndim != 4:

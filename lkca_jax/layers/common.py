@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from lkca_jax.layers.backend import by_backend
+from lkca_jax.backend import by_backend
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 LAYER_NORM_EPSILON = 1e-5

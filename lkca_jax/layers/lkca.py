@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.layers.backend import by_backend
+from lkca_jax.backend import by_backend
 from lkca_jax.layers.common import (
   as_grid,
   check_cost_sizes,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lkca_jax.layers.backend import by_backend
+from lkca_jax.backend import by_backend
 from lkca_jax.layers.common import check_cost_sizes, linear
 
 

@@ -19,7 +19,7 @@ Flags:
             interleaved as below. Reported: median ms of the K-run step and the sum of
             the K single runs' medians, their ratio (below 1: the K-run step is
             cheaper), and bytes per run from each compiled step's memory analysis.
-  --forms   comma-separated layer forms (`lkca_jax.layers.backend.forms`): auto (the
+  --forms   comma-separated layer forms (`lkca_jax.backend.forms`): auto (the
             backend's own), cpu (the CPU-tuned forms) or plain (the GPU/TPU forms), each
             a case of its own, so both can be timed on any backend.
   --columns which of the two columns below to time.
@@ -252,7 +252,7 @@ def run_benchmark(
   log=print,
 ) -> dict:
   """Builds every (model, dtype, forms), times the columns interleaved; returns the results."""
-  from lkca_jax.layers import backend  # pylint: disable=import-outside-toplevel
+  from lkca_jax import backend  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
   cases = {}
@@ -350,7 +350,7 @@ def define_flags() -> None:
   cli.define_output_file("out", "bench_results/bench_step.json", "Where the JSON results go.")
   flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 steps (for tests).")
   flags.DEFINE_integer("runs", 1, "K > 1: time K runs in one process against K single runs.")
-  flags.DEFINE_list("forms", ["auto"], "Layer forms: auto, cpu, plain (layers/backend.py).")
+  flags.DEFINE_list("forms", ["auto"], "Layer forms: auto, cpu, plain (lkca_jax/backend.py).")
   flags.DEFINE_list("columns", list(COLUMNS), "Columns to time: fixed, pipeline.")
 
 
@@ -358,9 +358,8 @@ def main(argv):
   del argv  # no positional arguments: cli.run refuses them
   from absl import logging  # pylint: disable=import-outside-toplevel
 
+  from lkca_jax import backend, train  # pylint: disable=import-outside-toplevel
   from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
-  from lkca_jax.layers import backend  # pylint: disable=import-outside-toplevel
 
   unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
   if not FLAGS.models or unknown:

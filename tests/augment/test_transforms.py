@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lkca_jax import augment
+from lkca_jax import augment, backend
 from lkca_jax.augment import autoaugment
 from tests.helpers import fixture_images
 
@@ -63,13 +63,29 @@ def test_eager_jit_and_vmap_agree_exactly(augment_one, augment_many):
   eager = np.stack([augment.augment_image(k, im, FULL) for k, im in zip(keys, IMAGES, strict=True)])
   jitted = np.stack([augment_one(k, im, cfg=FULL) for k, im in zip(keys, IMAGES, strict=True)])
   batched = np.asarray(augment_many(rng, IMAGES, cfg=FULL))
+  with backend.forms("plain"):  # AutoAugment as GPUs and TPUs run it: one vmapped select
+    selected = np.asarray(jax.jit(augment.augment_batch, static_argnames="cfg")(rng, IMAGES, FULL))
   assert eager.shape == batched.shape == (8, 32, 32, 3)
   assert eager.dtype == batched.dtype == np.float32
   np.testing.assert_array_equal(eager, jitted)
   np.testing.assert_array_equal(eager, batched)
+  np.testing.assert_array_equal(eager, selected)
   clean = np.asarray(augment.normalize(IMAGES, FULL.mean, FULL.std))
   assert all(not np.array_equal(a, c) for a, c in zip(eager, clean, strict=True))  # all augmented
   assert len({a.tobytes() for a in eager}) == 8  # per-image keys differ
+
+
+def test_each_platform_lowers_only_its_own_autoaugment_form():
+  # The per-image loop where the batch is lowered for the CPU, the vmapped select for
+  # GPUs and TPUs: the CPU form's name scope is in the first module only.
+  def lowered(platform):
+    fn = jax.jit(lambda rng, images: augment.augment_batch(rng, images, FULL))
+    exported = jax.export.export(fn, platforms=[platform])
+    return exported(jax.random.key(0), IMAGES).mlir_module()
+
+  assert backend.CPU_SCOPE in lowered("cpu")
+  for platform in ("cuda", "tpu"):
+    assert backend.CPU_SCOPE not in lowered(platform)
 
 
 def test_grey_images_go_through_the_same_steps(augment_one):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lkca_jax.layers import FocusedLinearAttention, backend, flatten
+from lkca_jax import backend
+from lkca_jax.layers import FocusedLinearAttention, flatten
 from lkca_jax.models import count_params
 
 BATCH = 2

@@ -11,8 +11,8 @@ import pytest
 import scipy.signal
 from flax import nnx
 
+from lkca_jax.backend import forms
 from lkca_jax.layers import LKCA, lkca
-from lkca_jax.layers.backend import forms
 from tests.layers.test_lkca import (
   BATCH,
   DIM,

@@ -1,4 +1,4 @@
-"""MHSA, in both forms (layers/backend.py), against an independent float64 numpy
+"""MHSA, in both forms (lkca_jax/backend.py), against an independent float64 numpy
 softmax(q kᵀ / sqrt(d)) v."""
 
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lkca_jax.layers import MHSA, backend
+from lkca_jax import backend
+from lkca_jax.layers import MHSA
 from lkca_jax.models import count_params
 
 

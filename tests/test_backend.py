@@ -1,4 +1,4 @@
-"""layers/backend.py: one model, the CPU forms lowered for the CPU and the plain ones elsewhere;
+"""lkca_jax/backend.py: one model, the CPU forms lowered for the CPU and the plain ones elsewhere;
 both forms equal, under every transform.
 
 Tolerances are float32 round-off bounds: two orders of summing n products differ by at
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lkca_jax.layers import MHSA, backend, layer_norm, linear
+from lkca_jax import backend
+from lkca_jax.layers import MHSA, layer_norm, linear
 from lkca_jax.layers.common import dense, dense_cpu, normalize, normalize_cpu
 from lkca_jax.layers.mhsa import attention_cpu, attention_plain
 
