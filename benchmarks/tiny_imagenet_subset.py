@@ -60,19 +60,47 @@ def write_subset(source: str, out: str, classes: int) -> int:
   return len(members) - 1
 
 
+class Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one `error:` line on stderr and exit code 2."""
+
+  def error(self, message):
+    sys.stdout.flush()
+    print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def output_problem(out: str) -> str | None:
+  """Why the subset zip cannot be written at `out`, before any work; None if it can."""
+  folder = os.path.dirname(os.path.abspath(out))
+  if os.path.isdir(out):
+    return f"--out={out} is a directory: name the zip file to write"
+  if not os.path.isdir(folder):
+    return f"--out={out}: the folder {folder} does not exist; create it first"
+  if not os.access(folder, os.W_OK):
+    return f"--out={out}: the folder {folder} is not writable; choose another"
+  return None
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--zip", required=True, help="the official tiny-imagenet-200.zip")
+  parser = Parser(description=__doc__.splitlines()[0])
+  # Not required=True: argparse would report a missing flag before an unknown one.
+  parser.add_argument("--zip", help="the official tiny-imagenet-200.zip (required)")
   parser.add_argument("--classes", type=int, default=20, help="keep the first K wnids")
-  parser.add_argument("--out", required=True, help="the subset zip to write")
+  parser.add_argument("--out", help="the subset zip to write (required)")
   args = parser.parse_args(argv)
-  if not zipfile.is_zipfile(args.zip):
-    print(f"error: --zip={args.zip} is not a zip file: give the official tiny-imagenet-200.zip")
-    return 2
-  try:
-    count = write_subset(args.zip, args.out, args.classes)
-  except ValueError as e:
-    print(f"error: {e}")
+  missing = [f"--{name}" for name in ("zip", "out") if getattr(args, name) is None]
+  if missing:
+    parser.error(f"{' and '.join(missing)} required")
+  problem = output_problem(args.out)
+  if problem is None and not zipfile.is_zipfile(args.zip):
+    problem = f"--zip={args.zip} is not a zip file: give the official tiny-imagenet-200.zip"
+  if problem is None:
+    try:
+      count = write_subset(args.zip, args.out, args.classes)
+    except ValueError as e:
+      problem = str(e)
+  if problem is not None:
+    print(f"error: {problem}", file=sys.stderr)
     return 2
   print(f"{args.out}: {count} images of the first {args.classes} classes")
   return 0

@@ -55,9 +55,11 @@ def test_bad_inputs_are_one_error_line(tmp_path):
     (("--zip", str(not_zip), "--out", out), "is not a zip file"),
     (("--zip", FIXTURE_ZIP, "--classes", "0", "--out", out), "--classes=0: choose 1..200"),
     (("--zip", FIXTURE_ZIP, "--classes", "201", "--out", out), "--classes=201: choose 1..200"),
+    (("--zip", FIXTURE_ZIP, "--out", str(tmp_path)), "is a directory"),
+    (("--zip", FIXTURE_ZIP, "--out", str(tmp_path / "no" / "out.zip")), "does not exist"),
   ):
     result = run(*args)
-    assert result.returncode == 2
-    assert result.stdout.startswith("error: ") and says in result.stdout, result.stdout
-    assert len(result.stdout.strip().splitlines()) == 1
-  assert not (tmp_path / "out.zip").exists() and not (tmp_path / "out.zip.partial").exists()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and says in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # nothing written
