@@ -18,7 +18,9 @@ level: importing this module stays cheap and TensorFlow-free.
   coordination service has one, reached through `jax._src.distributed`.
 - TensorFlow Datasets retries a failing HTTP download 10 times with backoff (minutes),
   with no option for it in `DownloadConfig`; its checksum error and its cache file
-  names are not exported either.
+  names are not exported either. Building a builder of a dataset not yet prepared
+  makes a temporary folder for metadata from its GCS bucket before it checks that GCS
+  is off (its default), and never removes it: one empty folder in /tmp per builder.
 - grain's `mp_prefetch` reads an absl flag of its own in the parent process, which raises
   `UnparsedFlagAccessError` outside an absl app until the flags are parsed.
 """
@@ -134,6 +136,25 @@ def tfds_http_retries(limit: int):
     yield
   finally:
     downloader.MAX_RETRIES = saved
+
+
+@contextlib.contextmanager
+def tfds_without_bucket_metadata():
+  """Within: building a TFDS builder of an unprepared dataset leaves no empty temporary
+  folder behind. TFDS's `DatasetInfo.initialize_from_bucket` does nothing else while GCS
+  is off, so it is skipped then; with GCS on it runs as TFDS has it."""
+  from tensorflow_datasets.core import dataset_info  # pylint: disable=import-outside-toplevel
+  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=import-outside-toplevel
+
+  if not gcs_utils._is_gcs_disabled:  # pylint: disable=protected-access
+    yield
+    return
+  saved = dataset_info.DatasetInfo.initialize_from_bucket
+  dataset_info.DatasetInfo.initialize_from_bucket = lambda self: None
+  try:
+    yield
+  finally:
+    dataset_info.DatasetInfo.initialize_from_bucket = saved
 
 
 def tfds_checksum_error() -> type[Exception]:

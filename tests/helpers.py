@@ -136,3 +136,14 @@ def fixture_images():
         grey.append(np.asarray(image))
       rgb.append(np.asarray(image.convert("RGB")))
   return rgb, grey
+
+
+def tfds_builder(name: str, data_dir):
+  """`tfds.builder`, leaving no empty temporary folder behind for data not prepared there
+  (`adapters.tfds_without_bucket_metadata`, as the project's own builders)."""
+  import tensorflow_datasets as tfds
+
+  from lkca_jax import adapters
+
+  with adapters.tfds_without_bucket_metadata():
+    return tfds.builder(name, data_dir=data_dir)

@@ -253,6 +253,34 @@ def test_tfds_retries_are_capped_and_the_cap_is_undone(tmp_path, server):
   assert downloader.MAX_RETRIES == before == 10
 
 
+def test_tfds_builders_of_unprepared_data_leave_no_temporary_folder(tmp_path, monkeypatch):
+  import tempfile
+
+  import tensorflow_datasets as tfds
+
+  from lkca_jax import data
+
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where mkdtemp writes, this test only
+  empty = tmp_path / "tfds"  # a data_dir where nothing is prepared
+  tfds.builder("mnist", data_dir=empty)
+  assert [p.name.endswith("tfds") for p in temp.iterdir()] == [True], changed(
+    "tensorflow-datasets",
+    "a builder of unprepared data no longer leaves a temporary folder: "
+    "tfds_without_bucket_metadata may go",
+  )
+  shutil.rmtree(next(temp.iterdir()))
+  with adapters.tfds_without_bucket_metadata():
+    builder = tfds.builder("mnist", data_dir=empty)
+  assert list(temp.iterdir()) == []
+  assert builder.info.features["label"].num_classes == 10  # its metadata still from the code
+  # Through the project's own path: asking for an unprepared dataset leaves nothing either.
+  with pytest.raises(data.DatasetUnavailableError):
+    data.load_split("tiny_imagenet", "train", data_dir=empty)
+  assert list(temp.iterdir()) == []
+
+
 def test_tfds_checksum_error_and_cache_names(tmp_path, server):
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core.download import checksums

@@ -301,7 +301,10 @@ def _manual_builder(spec: DatasetSpec, manual_dir, data_dir):
   if spec.tfds_module is None:
     return None
   make = getattr(importlib.import_module(spec.tfds_module), "manual_builder", None)
-  return make(spec.tfds_name, manual_dir, data_dir) if make else None
+  if make is None:
+    return None
+  with adapters.tfds_without_bucket_metadata():
+    return make(spec.tfds_name, manual_dir, data_dir)
 
 
 def _builder(spec: DatasetSpec, data_dir):
@@ -311,7 +314,8 @@ def _builder(spec: DatasetSpec, data_dir):
   if spec.tfds_module:
     importlib.import_module(spec.tfds_module)  # registers the builder with TFDS
   try:
-    return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir else None)
+    with adapters.tfds_without_bucket_metadata():
+      return tfds.builder(spec.tfds_name, data_dir=os.fspath(data_dir) if data_dir else None)
   except json_format.Error as e:  # TFDS reads a prepared dataset_info.json as it builds
     where = (
       os.path.join(os.fspath(data_dir), spec.tfds_name)

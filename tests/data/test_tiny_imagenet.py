@@ -23,6 +23,7 @@ from tests.helpers import (
   format_param,
   manual_dir_with,
   prepared_fixture,
+  tfds_builder,
 )
 
 ROOT = "tiny-imagenet-200/"
@@ -66,11 +67,9 @@ def test_embedded_wnids_equal_the_official_file():
 
 
 def test_builder_is_registered_and_describes_itself_offline(tmp_path):
-  import tensorflow_datasets as tfds
-
   from lkca_jax.data import tiny_imagenet
 
-  builder = tfds.builder("tiny_imagenet", data_dir=tmp_path)
+  builder = tfds_builder("tiny_imagenet", data_dir=tmp_path)
   assert isinstance(builder, tiny_imagenet.TinyImagenet)
   assert str(builder.version) == "1.0.0"
   features = builder.info.features
@@ -176,12 +175,11 @@ FULL_ZIP = os.environ.get("LKCA_TINY_IMAGENET_ZIP")
 
 def stored_examples(data_dir, split):
   """(file name, label, image bytes) of every record of a prepared split, in record order."""
-  import tensorflow_datasets as tfds
   from tensorflow_datasets.proto import tf_example_pb2
 
   from lkca_jax.data import records
 
-  info = tfds.builder("tiny_imagenet", data_dir=data_dir).info.splits[split]
+  info = tfds_builder("tiny_imagenet", data_dir=data_dir).info.splits[split]
   out = []
   for path, count in zip(info.filepaths, info.shard_lengths, strict=True):
     for record in records.read_array_record(path, count):
