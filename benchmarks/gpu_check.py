@@ -359,11 +359,16 @@ def summarize(folder: str, mode: str) -> dict:
   rows, runs, forms, mixers, views, augment, stream = [], [], [], {}, None, None, None
   train = None
   for name, part in parts.items():
-    data = read_json(part["json"]) if part.get("status") == "ok" and "json" in part else None
+    # A part stopped by its time limit may have written what it finished (bench_step
+    # writes after every group, main.py its summary when stopped): used, marked partial.
+    usable = part.get("status") in ("ok", "timeout") and "json" in part
+    data = read_json(part["json"]) if usable else None
     if part.get("status") == "ok" and "json" in part and data is None:
       part.update(status="failed", error=f"no JSON results at {part['json']}")
     if data is None:
       continue
+    if part["status"] == "timeout":
+      part["partial"] = True
     if name.startswith("step_"):
       found = step_rows(name, data)
       part["images_per_second"] = {
@@ -419,6 +424,7 @@ def format_summary(s: dict) -> str:
   lines = [f"== gpu_check summary ({s['mode']}) =="]
   for name, p in s["parts"].items():
     extra = f"  {p['error'][:100]}" if p.get("error") else ""
+    extra = "  (partial results kept)" + extra if p.get("partial") else extra
     secs = f"{p['seconds']:6.1f}s" if "seconds" in p else "      -"
     lines.append(f"  {name:<18}{p['status']:<9}{secs}{extra}")
   t = s.get("train")

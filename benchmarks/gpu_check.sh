@@ -145,6 +145,7 @@ part() {
   fi
   [ "$left" -lt "$limit" ] && limit=$left
   echo "--- $name (timeout ${limit}s): $*"
+  [ -n "$json" ] && rm -f "$json"  # never an earlier call's results read as this one's
   start=$(date +%s%N)
   # bash -c: so the shell functions below (exported) run under timeout too.
   timeout --kill-after=5 "$limit" bash -c '"$@"' _ "$@" > "$log" 2>&1

@@ -34,10 +34,12 @@ TFDS needed), under `configs/default.py`'s recipe otherwise. Two columns:
   pipeline  `Training.step`: the pipeline's batch with the full CIFAR-10 per-image
             augmentation (flip, crop, AutoAugment, erasing), then the same step.
 
-All (model, dtype, column) cases run interleaved, one step each in turn, the
-order reversed every other round (A B B A), so load from other processes hits
-them alike. Reported per case: median and min ms/step and images/s
-(batch / median), plus the load average at start and end.
+Group by group, one (model, dtype) each: its layer forms are built, then its
+(form, column) cases run interleaved, one step each in turn, the order reversed
+every other round (A B B A), so load from other processes hits them alike. The JSON
+is written after every group ("complete": false until the last), so a run stopped
+by a time limit keeps what it finished. Reported per case: median and min ms/step
+and images/s (batch / median), plus the load average at start and end.
 """
 
 from __future__ import annotations
@@ -250,69 +252,77 @@ def run_benchmark(
   forms: tuple[str, ...] = ("auto",),
   columns: tuple[str, ...] = COLUMNS,
   log=print,
+  on_group=None,
 ) -> dict:
-  """Builds every (model, dtype, forms), times the columns interleaved; returns the results."""
+  """Times the train step per (model, dtype) group: builds the group's layer forms, then
+  times them and the columns interleaved. After each group `on_group(results so far)`
+  (marked "complete": False), so a run cut short keeps every group it finished."""
   from lkca_jax import backend  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
-  cases = {}
-  compile_seconds = {}
-  for model, dtype, form in itertools.product(models, dtypes, forms):
-    start = time.perf_counter()
-    with backend.forms(form):  # read when the step is traced: at its first call, below
-      case = Case(step_config(model, batch=batch, dtype=dtype, overrides=overrides))
-      for column in columns:  # compile, then one warm step: excluded from the timings
-        case.step(column)
-        case.step(column)
-    name = f"{model}/{dtype}/{form}"
-    compile_seconds[name] = time.perf_counter() - start
-    log(f"compiled {name} ({case.run.num_params:,} params) in {compile_seconds[name]:.1f}s")
-    cases[(model, dtype, form)] = case
-  order = [(key, column) for key in cases for column in columns]
-  times = {item: [] for item in order}
-  for round_ in range(steps):
-    for key, column in order if round_ % 2 == 0 else order[::-1]:
-      times[(key, column)].append(cases[key].step(column))
-  results = []
-  for key, case in cases.items():
-    model, dtype, form = key
-    results.append(
-      {
-        "model": model,
-        "dtype": dtype,
-        "forms": form,
-        "params": case.run.num_params,
-        **{
-          column: column_stats(times[((model, dtype, form), column)], batch) for column in columns
-        },
-        "state_dtypes": {
-          "params": float_dtypes(case.state.params),
-          "opt_state": float_dtypes(case.state.opt_state),
-        },
-      }
-    )
-  return {
-    "config": {
-      "models": models,
-      "dtypes": dtypes,
-      "forms": list(forms),
-      "columns": list(columns),
-      "batch_size": batch,
-      "steps": steps,
-      "dataset": DATASET,
-      "image_shape": [32, 32, 3],
-      "num_classes": 10,
-      "patch_size": 4,
-      "model_overrides": overrides or {},
-    },
-    "columns": {
-      "fixed": "train_step on one fixed, normalised batch (no per-image augmentation)",
-      "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, then train_step",
-    },
-    "results": results,
-    "compile_seconds": compile_seconds,
-    **provenance(load_start),
-  }
+  results, compile_seconds = [], {}
+
+  def report(complete: bool) -> dict:
+    return {
+      "config": {
+        "models": models,
+        "dtypes": dtypes,
+        "forms": list(forms),
+        "columns": list(columns),
+        "batch_size": batch,
+        "steps": steps,
+        "dataset": DATASET,
+        "image_shape": [32, 32, 3],
+        "num_classes": 10,
+        "patch_size": 4,
+        "model_overrides": overrides or {},
+      },
+      "columns": {
+        "fixed": "train_step on one fixed, normalised batch (no per-image augmentation)",
+        "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, then train_step",
+      },
+      "complete": complete,
+      "results": list(results),
+      "compile_seconds": dict(compile_seconds),
+      **provenance(load_start),
+    }
+
+  for model, dtype in itertools.product(models, dtypes):
+    cases = {}
+    for form in forms:
+      start = time.perf_counter()
+      with backend.forms(form):  # read when the step is traced: at its first call, below
+        case = Case(step_config(model, batch=batch, dtype=dtype, overrides=overrides))
+        for column in columns:  # compile, then one warm step: excluded from the timings
+          case.step(column)
+          case.step(column)
+      name = f"{model}/{dtype}/{form}"
+      compile_seconds[name] = time.perf_counter() - start
+      log(f"compiled {name} ({case.run.num_params:,} params) in {compile_seconds[name]:.1f}s")
+      cases[form] = case
+    order = [(form, column) for form in cases for column in columns]
+    times = {item: [] for item in order}
+    for round_ in range(steps):
+      for form, column in order if round_ % 2 == 0 else order[::-1]:
+        times[(form, column)].append(cases[form].step(column))
+    for form, case in cases.items():
+      results.append(
+        {
+          "model": model,
+          "dtype": dtype,
+          "forms": form,
+          "params": case.run.num_params,
+          **{column: column_stats(times[(form, column)], batch) for column in columns},
+          "state_dtypes": {
+            "params": float_dtypes(case.state.params),
+            "opt_state": float_dtypes(case.state.opt_state),
+          },
+        }
+      )
+    del cases  # the next group's programs and states in their place
+    if on_group is not None:
+      on_group(report(complete=False))
+  return report(complete=True)
 
 
 def format_table(results: dict) -> str:
@@ -398,6 +408,8 @@ def main(argv):
         overrides=overrides,
         forms=tuple(FLAGS.forms),
         columns=tuple(FLAGS.columns),
+        # Each finished group on disk at once: a run stopped by a time limit keeps them.
+        on_group=lambda partial: cli.write_json(out, partial),
       )
   except train.ConfigError as e:
     cli.fail(str(e))

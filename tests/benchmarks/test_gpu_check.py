@@ -396,3 +396,36 @@ def test_budget_cuts_the_run_short(tmp_path):
   assert set(rest) <= {"timeout", "skipped"} and rest.count("timeout") <= 1
   assert sum(p.get("seconds", 0) for p in parts.values()) <= 12 + 5  # + timeout's kill grace
   assert seconds < 60  # the budget, then the summary
+
+
+def test_a_timed_out_part_keeps_the_results_it_wrote(tmp_path):
+  from benchmarks import gpu_check
+
+  # forms stopped by its limit after its first group (bench_step writes after each);
+  # views stopped before writing anything.
+  forms = {
+    "complete": False,
+    "results": [
+      {"model": "lkca_t", "dtype": "float32", "forms": f, "fixed": {"median_ms": ms}}
+      for f, ms in (("plain", 4.0), ("cpu", 5.0))
+    ],
+  }
+  (tmp_path / "forms.json").write_text(json.dumps(forms))
+  (tmp_path / "logs").mkdir()
+  for name in ("forms", "views"):
+    (tmp_path / "logs" / f"{name}.log").write_text("compiled something\n")
+  rows = [
+    ("forms", "124", "300.1", tmp_path / "logs" / "forms.log", tmp_path / "forms.json"),
+    ("views", "124", "300.0", tmp_path / "logs" / "views.log", tmp_path / "views.json"),
+  ]
+  (tmp_path / "parts.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+  summary = gpu_check.summarize(str(tmp_path), "full")
+  assert summary["parts"]["forms"]["status"] == "timeout"
+  assert summary["parts"]["forms"]["partial"] is True
+  assert summary["forms"] == [
+    {"model": "lkca_t", "dtype": "float32", "ms": {"plain": 4.0, "cpu": 5.0}, "faster": "plain"}
+  ]
+  assert "partial" not in summary["parts"]["views"] and summary["views"] is None
+  assert summary["failed"][:2] == ["autoaugment", "env"]  # not run, or timed out: all listed
+  assert {"forms", "views"} <= set(summary["failed"])
+  assert "(partial results kept)" in gpu_check.format_summary(summary)
