@@ -56,6 +56,10 @@ from lkca_jax.tools import cli
 FLAGS = flags.FLAGS
 
 COLUMNS = ("fixed", "pipeline")
+COLUMN_NOTES = {
+  "fixed": "train_step on one fixed, normalised batch (no per-image augmentation)",
+  "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, then train_step",
+}
 DATASET = "synthetic_cifar"
 SMOKE = {"batch": 16, "steps": 2, "overrides": {"dim": 32, "depth": 1, "num_heads": 2}}
 
@@ -242,6 +246,23 @@ def column_stats(seconds: list[float], batch: int) -> dict:
   }
 
 
+def bench_config(models, dtypes, forms, columns, batch, steps, overrides) -> dict:
+  """What a `run_benchmark` result was measured with."""
+  return {
+    "models": models,
+    "dtypes": dtypes,
+    "forms": list(forms),
+    "columns": list(columns),
+    "batch_size": batch,
+    "steps": steps,
+    "dataset": DATASET,
+    "image_shape": [32, 32, 3],
+    "num_classes": 10,
+    "patch_size": 4,
+    "model_overrides": overrides or {},
+  }
+
+
 def run_benchmark(
   models: list[str],
   dtypes: list[str],
@@ -264,23 +285,8 @@ def run_benchmark(
 
   def report(complete: bool) -> dict:
     return {
-      "config": {
-        "models": models,
-        "dtypes": dtypes,
-        "forms": list(forms),
-        "columns": list(columns),
-        "batch_size": batch,
-        "steps": steps,
-        "dataset": DATASET,
-        "image_shape": [32, 32, 3],
-        "num_classes": 10,
-        "patch_size": 4,
-        "model_overrides": overrides or {},
-      },
-      "columns": {
-        "fixed": "train_step on one fixed, normalised batch (no per-image augmentation)",
-        "pipeline": "Training.step: pipeline batch with the CIFAR-10 augmentation, then train_step",
-      },
+      "config": bench_config(models, dtypes, forms, columns, batch, steps, overrides),
+      "columns": COLUMN_NOTES,
       "complete": complete,
       "results": list(results),
       "compile_seconds": dict(compile_seconds),
