@@ -55,6 +55,18 @@ def smoke(tmp_path_factory):
   return built_once(tmp_path_factory, "gpu_check_smoke", run_smoke)
 
 
+def run_check(env, *args, timeout):
+  """benchmarks/gpu_check.sh ARGS from the repository root, under `env`."""
+  return subprocess.run(
+    ["bash", "benchmarks/gpu_check.sh", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
 def run_smoke(directory):
   out, wheels = directory / "out", directory / "wheels"
   wheels.mkdir()
@@ -62,14 +74,7 @@ def run_smoke(directory):
   env["GPU_CHECK_VIT_MODELS"] = "no_such_model"
   write_wheel(wheels)
   env["GPU_CHECK_WHEELS"] = str(wheels)
-  result = subprocess.run(
-    ["bash", "benchmarks/gpu_check.sh", "--smoke"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  result = run_check(env, "--smoke", timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   summary = json.loads((out / "summary.json").read_text())
   return out, summary, result.stdout
@@ -333,14 +338,7 @@ def test_parts_selection_runs_only_the_named_parts(tmp_path):
   env = {**os.environ, "OUT": str(out), "PYTHON": str(sleeping_python(tmp_path))}
   env.update(GPU_CHECK_BUDGET_S="16", GPU_CHECK_WHEELS=str(tmp_path / "none"))
   env["GPU_CHECK_PARTS"] = "mixers"
-  result = subprocess.run(
-    ["bash", "benchmarks/gpu_check.sh", "--smoke"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  result = run_check(env, "--smoke", timeout=120)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   summary = load(out / "summary.json")
   statuses = {name: p["status"] for name, p in summary["parts"].items()}
@@ -350,14 +348,7 @@ def test_parts_selection_runs_only_the_named_parts(tmp_path):
   assert summary["failed"] == ["mixers"]
 
   env["GPU_CHECK_PARTS"] = "mixers,no_such_part"
-  result = subprocess.run(
-    ["bash", "benchmarks/gpu_check.sh", "--smoke", "--out", str(tmp_path / "second")],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=60,
-  )
+  result = run_check(env, "--smoke", "--out", str(tmp_path / "second"), timeout=60)
   assert result.returncode == 2
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith("error: GPU_CHECK_PARTS=mixers,no_such_part: unknown part(s) no_such_")
@@ -374,14 +365,7 @@ def test_budget_cuts_the_run_short(tmp_path):
   env["GPU_CHECK_BUDGET_S"] = "12"
   env["GPU_CHECK_WHEELS"] = str(tmp_path / "no_wheels")
   start = time.perf_counter()
-  result = subprocess.run(
-    ["bash", "benchmarks/gpu_check.sh", "--smoke"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  result = run_check(env, "--smoke", timeout=120)
   seconds = time.perf_counter() - start
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   parts = load(out / "summary.json")["parts"]
