@@ -6,13 +6,10 @@
 #
 #   bash benchmarks/gpu_check.sh [--smoke] [--out DIR] [--train_data DIR]
 #
-# --train_data: a TFDS data_dir with Tiny-ImageNet prepared from the 20-class subset zip
-# (small enough to travel with the call):
-#   python benchmarks/tiny_imagenet_subset.py --zip tiny-imagenet-200.zip --classes 20 \
-#     --out SUB/tiny-imagenet-200.zip
-#   python -m lkca_jax.tools.prepare --dataset tiny_imagenet --manual_dir SUB --data_dir DIR
-# The `train` part then runs `main.py` for GPU_CHECK_TRAIN_STEPS steps (default 2,000) of
-# lkca_t on it, the whole recipe shortened to those steps (evaluations and the checkpoint
+# --train_data: a TFDS data_dir with Tiny-ImageNet prepared from its first 20 classes
+# (small enough to travel with the call; benchmarks/gpu_prepare.sh makes it). The `train`
+# part then runs `main.py` for GPU_CHECK_TRAIN_STEPS steps (default 2,000) of lkca_t on
+# it, the whole recipe shortened to those steps (evaluations and the checkpoint
 # included); --smoke runs it on the embedded digits for a few steps of a tiny model.
 # A device machine that sends back only a few files wants the results folder packed:
 #   bash benchmarks/gpu_check.sh --out /tmp/gc; tar czf "$OUT/gpu_check.tgz" -C /tmp gc
@@ -59,17 +56,10 @@
 #
 # Offline wheels: if benchmarks/wheels/ (git-ignored) holds .whl files, those whose
 # distribution is not installed are installed with --no-deps into a folder put on
-# PYTHONPATH (no write access to site-packages needed, no registry). Fill it on a machine
-# with the package registry, for the GPU machine's Python (printed by the env part),
-# with the versions of requirements.txt:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#     -d benchmarks/wheels ml_collections==1.1.0 clu==0.0.12 tensorflow-datasets==4.9.10 \
-#     tensorflow-metadata==1.21.0 googleapis-common-protos==1.76.0 immutabledict==4.3.1 \
-#     toml==0.10.2 array_record==0.8.6 dm-tree==0.1.10 simple_parsing==0.1.9 \
-#     docstring_parser==0.18.0 termcolor==3.3.0
-#   pip wheel --no-deps -w benchmarks/wheels promise==2.3       # published as sdist only
-# (about 10 MB), and carry it to the run: carry=["benchmarks/wheels"].
+# PYTHONPATH (no write access to site-packages needed, no registry).
+# `bash benchmarks/gpu_prepare.sh --zip tiny-imagenet-200.zip`, run where the package
+# registry is, fills it (benchmarks/gpu_wheels.txt, about 10 MB) and writes the `train`
+# part's data to benchmarks/gpu_data; carry both to the run.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
