@@ -83,8 +83,8 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 WHEELS="${GPU_CHECK_WHEELS:-benchmarks/wheels}"
 VITS="${GPU_CHECK_VIT_MODELS:-$([ "$SMOKE" = 1 ] && echo vit_1m || echo vit_1m,vit)}"
 if [ -n "$TRAIN_DATA" ] && [ ! -d "$TRAIN_DATA/tiny_imagenet" ]; then
-  echo "error: --train_data=$TRAIN_DATA holds no prepared tiny_imagenet; prepare the subset" \
-    "as this script's header says" >&2
+  echo "error: --train_data=$TRAIN_DATA holds no prepared tiny_imagenet; make it with" \
+    "bash benchmarks/gpu_prepare.sh --zip tiny-imagenet-200.zip" >&2
   exit 2
 fi
 if [ -n "${GPU_CHECK_PARTS:-}" ]; then
@@ -163,7 +163,8 @@ train_part() {
       --config.model_overrides.num_heads=2 --config.num_train_steps=4 \
       --config.eval_every_steps=2 --config.log_every_steps=2
   elif [ -z "$TRAIN_DATA" ]; then
-    echo "error: no --train_data: prepare the Tiny-ImageNet subset as gpu_check.sh says"
+    echo "error: no --train_data: make it with benchmarks/gpu_prepare.sh, then pass" \
+      "--train_data benchmarks/gpu_data"
     return 2
   else
     "$PY" main.py --config configs/tinyimagenet.py --workdir "$OUT_DIR/train_workdir" \
@@ -198,7 +199,7 @@ MIXERS="$PY -m lkca_jax.tools.bench_mixers"
 VIEWS="$PY -m lkca_jax.tools.bench_views"
 O="$OUT_DIR"
 part env 30 "$O/env.json" env_part
-# On the H200: 184 s for 2,000 steps, 120 of them compiling the train and eval steps.
+# On the H200: 184 s for 2,000 steps, about 145 of them compiling the train and eval steps.
 part train "$([ "$SMOKE" = 1 ] && echo 90 || echo 240)" "$O/train_workdir/summary.json" \
   train_part
 if [ "$SMOKE" = 1 ]; then
@@ -211,7 +212,7 @@ if [ "$SMOKE" = 1 ]; then
     --forms plain,cpu --columns fixed --out "$O/forms.json"
   part views 60 "$O/views.json" $VIEWS --grids 2,3 --levels mix --dim 8 --tokens 16 \
     --repeats 2 --max_seconds 0.05 --out "$O/views.json"
-  part runs 240 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
+  part runs 90 "$O/runs.json" $STEP --smoke --models lkca_t --dtype float32 --runs 2 \
     --out "$O/runs.json"
   part step_b128_lkca_b 60 "$O/step_b128_lkca_b.json" $STEP --smoke --models lkca_b \
     --dtype float32 --out "$O/step_b128_lkca_b.json"

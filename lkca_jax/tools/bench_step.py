@@ -34,11 +34,11 @@ TFDS needed), under `configs/default.py`'s recipe otherwise. Two columns:
   pipeline  `Training.step`: the pipeline's batch with the full CIFAR-10 per-image
             augmentation (flip, crop, AutoAugment, erasing), then the same step.
 
-Group by group, one (model, dtype) each: its layer forms are built, then its
-(form, column) cases run interleaved, one step each in turn, the order reversed
-every other round (A B B A), so load from other processes hits them alike. The JSON
-is written after every group ("complete": false until the last), so a run stopped
-by a time limit keeps what it finished. Reported per case: median and min ms/step
+Model by model: its (dtype, form) steps are built, then its (dtype, form, column)
+cases run interleaved, one step each in turn, the order reversed every other round
+(A B B A), so load from other processes hits them alike. The JSON is written after
+every model ("complete": false until the last), so a run stopped by a time limit
+keeps what it finished. Reported per case: median and min ms/step
 and images/s (batch / median), plus the load average at start and end.
 """
 
@@ -273,11 +273,11 @@ def run_benchmark(
   forms: tuple[str, ...] = ("auto",),
   columns: tuple[str, ...] = COLUMNS,
   log=print,
-  on_group=None,
+  on_model=None,
 ) -> dict:
-  """Times the train step per (model, dtype) group: builds the group's layer forms, then
-  times them and the columns interleaved. After each group `on_group(results so far)`
-  (marked "complete": False), so a run cut short keeps every group it finished."""
+  """Times the train step model by model: builds its (dtype, form) steps, then times them
+  and the columns interleaved. After each model `on_model(results so far)` (marked
+  "complete": False), so a run cut short keeps every model it finished."""
   from lkca_jax import backend  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
@@ -293,9 +293,9 @@ def run_benchmark(
       **provenance(load_start),
     }
 
-  for model, dtype in itertools.product(models, dtypes):
+  for model in models:
     cases = {}
-    for form in forms:
+    for dtype, form in itertools.product(dtypes, forms):
       start = time.perf_counter()
       with backend.forms(form):  # read when the step is traced: at its first call, below
         case = Case(step_config(model, batch=batch, dtype=dtype, overrides=overrides))
@@ -305,29 +305,29 @@ def run_benchmark(
       name = f"{model}/{dtype}/{form}"
       compile_seconds[name] = time.perf_counter() - start
       log(f"compiled {name} ({case.run.num_params:,} params) in {compile_seconds[name]:.1f}s")
-      cases[form] = case
-    order = [(form, column) for form in cases for column in columns]
+      cases[(dtype, form)] = case
+    order = [(key, column) for key in cases for column in columns]
     times = {item: [] for item in order}
     for round_ in range(steps):
-      for form, column in order if round_ % 2 == 0 else order[::-1]:
-        times[(form, column)].append(cases[form].step(column))
-    for form, case in cases.items():
+      for key, column in order if round_ % 2 == 0 else order[::-1]:
+        times[(key, column)].append(cases[key].step(column))
+    for (dtype, form), case in cases.items():
       results.append(
         {
           "model": model,
           "dtype": dtype,
           "forms": form,
           "params": case.run.num_params,
-          **{column: column_stats(times[(form, column)], batch) for column in columns},
+          **{column: column_stats(times[((dtype, form), column)], batch) for column in columns},
           "state_dtypes": {
             "params": float_dtypes(case.state.params),
             "opt_state": float_dtypes(case.state.opt_state),
           },
         }
       )
-    del cases  # the next group's programs and states in their place
-    if on_group is not None:
-      on_group(report(complete=False))
+    del cases  # the next model's programs and states in their place
+    if on_model is not None:
+      on_model(report(complete=False))
   return report(complete=True)
 
 
@@ -414,8 +414,8 @@ def main(argv):
         overrides=overrides,
         forms=tuple(FLAGS.forms),
         columns=tuple(FLAGS.columns),
-        # Each finished group on disk at once: a run stopped by a time limit keeps them.
-        on_group=lambda partial: cli.write_json(out, partial),
+        # Each finished model on disk at once: a run stopped by a time limit keeps them.
+        on_model=lambda partial: cli.write_json(out, partial),
       )
   except train.ConfigError as e:
     cli.fail(str(e))

@@ -182,26 +182,29 @@ def test_bad_forms_and_columns_are_one_error_line(flags, message, tmp_path):
   assert "Traceback" not in result.stderr and not (tmp_path / "b.json").exists()
 
 
-def test_each_group_is_reported_as_it_finishes():
+def test_each_model_is_reported_as_it_finishes():
   snapshots = []
   final = bench_step.run_benchmark(
     ["lkca_t", "vit_1m"],
-    ["float32"],
+    ["float32", "bfloat16"],
     batch=bench_step.SMOKE["batch"],
     steps=2,
     overrides=bench_step.SMOKE["overrides"],
-    forms=("plain", "cpu"),
+    forms=("plain",),
     columns=("fixed",),
     log=lambda line: None,
-    on_group=snapshots.append,
+    on_model=snapshots.append,
   )
-  # One snapshot per (model, dtype) group, each holding the groups done so far.
+  # One snapshot per model, each holding the models done so far, all their dtypes.
   assert [s["complete"] for s in snapshots] == [False, False] and final["complete"]
-  assert [(r["model"], r["forms"]) for r in snapshots[0]["results"]] == [
-    ("lkca_t", "plain"),
-    ("lkca_t", "cpu"),
+  assert [(r["model"], r["dtype"]) for r in snapshots[0]["results"]] == [
+    ("lkca_t", "float32"),
+    ("lkca_t", "bfloat16"),
   ]
   assert snapshots[1]["results"] == final["results"]
   assert [r["model"] for r in final["results"]] == ["lkca_t", "lkca_t", "vit_1m", "vit_1m"]
-  assert list(snapshots[0]["compile_seconds"]) == ["lkca_t/float32/plain", "lkca_t/float32/cpu"]
+  assert list(snapshots[0]["compile_seconds"]) == [
+    "lkca_t/float32/plain",
+    "lkca_t/bfloat16/plain",
+  ]
   assert all(r["fixed"]["median_ms"] > 0 for r in final["results"])
