@@ -360,7 +360,8 @@ def summarize(folder: str, mode: str) -> dict:
   train = None
   for name, part in parts.items():
     # A part stopped by its time limit may have written what it finished (bench_step
-    # writes after every model, main.py its summary when stopped): used, marked partial.
+    # writes after every model, bench_views after every grid, main.py its summary when
+    # stopped): used, marked partial.
     usable = part.get("status") in ("ok", "timeout") and "json" in part
     data = read_json(part["json"]) if usable else None
     if part.get("status") == "ok" and "json" in part and data is None:

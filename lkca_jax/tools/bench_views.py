@@ -23,7 +23,9 @@ assignment, the same on every backend; the inputs are not counted).
 
 Prints a Markdown table and the crossover it implies (from which grid the FFT view beats
 the gathered matrix, per level), and writes the JSON to --out and the table beside it
-(same name, .md). lkca_jax/layers/lkca.py's AUTO_FFT_MIN_TOKENS comes from such a run.
+(same name, .md). The JSON is also written after every level and grid ("complete": false
+until the last), so a run stopped by a time limit keeps what it finished.
+lkca_jax/layers/lkca.py's AUTO_FFT_MIN_TOKENS comes from such a run.
 """
 
 from __future__ import annotations
@@ -161,6 +163,51 @@ def crossover(rows: list[dict], views: list[str]) -> dict:
   return out
 
 
+def report(rows: list[dict], settings: dict, machine: dict, complete: bool) -> dict:
+  """The JSON results of the rows measured so far; "complete" once every one is in."""
+  grids = [tuple(g) for g in settings["grids"]]
+  platform = platform_key()
+  dim = settings["dim"]
+  auto = {f"{g[0]}x{g[1]}": lkca.resolve_view("auto", dim, g, 1, "layer", platform) for g in grids}
+  machine = machine | {"load_average_1m_at_end": round(os.getloadavg()[0], 2)}
+  return {
+    "machine": machine,
+    "settings": settings,
+    "complete": complete,
+    "auto": {
+      "platform": platform,
+      "fft_min_tokens": lkca.AUTO_FFT_MIN_TOKENS[platform],
+      "picks": auto,
+    },
+    "crossover": crossover(rows, settings["views"]),
+    "rows": list(rows),  # a snapshot: the caller's list grows on
+  }
+
+
+def measure_row(level: str, view: str, grid, tokens_per_batch, repeats, max_seconds, dim) -> dict:
+  """One level × grid × view: its settings and its measure()."""
+  tokens = grid[0] * grid[1]
+  batch = max(1, tokens_per_batch // tokens)
+  program = build(level, view, grid, batch, dim)
+  row = {
+    "level": level,
+    "grid": list(grid),
+    "grid_name": f"{grid[0]}x{grid[1]}",
+    "tokens": tokens,
+    "view": view,
+    "batch": batch,
+    "dim": BLOCK.dim if level == "block" else dim,
+    **measure(program, repeats, max_seconds),
+  }
+  print(
+    f"  {level:<6} {row['grid_name']:>6} B{batch:<3} {view:<10}"
+    f" fwd {row['forward']['ms_per_image']:9.3f}"
+    f"  fwd+bwd {row['forward_backward']['ms_per_image']:9.3f} ms/image",
+    flush=True,
+  )
+  return row
+
+
 def run(
   grids: list[tuple[int, int]],
   levels: list[str],
@@ -169,57 +216,34 @@ def run(
   repeats: int,
   max_seconds: float,
   dim: int = DIM,
+  on_grid: Callable[[dict], None] | None = None,
 ) -> dict:
+  """Every level × grid × view. After each level and grid (all its views),
+  `on_grid(results so far)`, marked "complete": False, so a run stopped by a time limit
+  keeps every grid it finished."""
   machine = cli.machine_info()
   machine["load_average_1m_at_start"] = machine.pop("load_average_1m")
+  settings = {
+    "grids": [list(g) for g in grids],
+    "levels": levels,
+    "views": views,
+    "tokens_per_batch": tokens_per_batch,
+    "repeats": repeats,
+    "max_seconds": max_seconds,
+    "dim": dim,
+    "block": dataclasses.asdict(BLOCK) | {"drop_path_rate": 0.0},
+    "dtype": "float32",
+  }
   rows = []
   for level in levels:
     for grid in grids:
-      tokens = grid[0] * grid[1]
-      batch = max(1, tokens_per_batch // tokens)
-      for view in views:
-        program = build(level, view, grid, batch, dim)
-        row = {
-          "level": level,
-          "grid": list(grid),
-          "grid_name": f"{grid[0]}x{grid[1]}",
-          "tokens": tokens,
-          "view": view,
-          "batch": batch,
-          "dim": BLOCK.dim if level == "block" else dim,
-          **measure(program, repeats, max_seconds),
-        }
-        rows.append(row)
-        print(
-          f"  {level:<6} {row['grid_name']:>6} B{batch:<3} {view:<10}"
-          f" fwd {row['forward']['ms_per_image']:9.3f}"
-          f"  fwd+bwd {row['forward_backward']['ms_per_image']:9.3f} ms/image",
-          flush=True,
-        )
-  platform = platform_key()
-  auto = {f"{g[0]}x{g[1]}": lkca.resolve_view("auto", dim, g, 1, "layer", platform) for g in grids}
-  machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-  return {
-    "machine": machine,
-    "settings": {
-      "grids": [list(g) for g in grids],
-      "levels": levels,
-      "views": views,
-      "tokens_per_batch": tokens_per_batch,
-      "repeats": repeats,
-      "max_seconds": max_seconds,
-      "dim": dim,
-      "block": dataclasses.asdict(BLOCK) | {"drop_path_rate": 0.0},
-      "dtype": "float32",
-    },
-    "auto": {
-      "platform": platform,
-      "fft_min_tokens": lkca.AUTO_FFT_MIN_TOKENS[platform],
-      "picks": auto,
-    },
-    "crossover": crossover(rows, views),
-    "rows": rows,
-  }
+      rows += [
+        measure_row(level, view, grid, tokens_per_batch, repeats, max_seconds, dim)
+        for view in views
+      ]
+      if on_grid is not None:
+        on_grid(report(rows, settings, machine, complete=False))
+  return report(rows, settings, machine, complete=True)
 
 
 def markdown(results: dict) -> str:
@@ -285,7 +309,16 @@ def main(argv) -> None:
   levels = parse_list(FLAGS.levels, LEVELS, "level")
   views = parse_list(FLAGS.views, VIEWS, "view")
   out = cli.output_file(FLAGS.out, "--out")
-  results = run(grids, levels, views, FLAGS.tokens, FLAGS.repeats, FLAGS.max_seconds, FLAGS.dim)
+  results = run(
+    grids,
+    levels,
+    views,
+    FLAGS.tokens,
+    FLAGS.repeats,
+    FLAGS.max_seconds,
+    FLAGS.dim,
+    on_grid=lambda partial: cli.write_json(out, partial),
+  )
   table = markdown(results)
   print(table)
   print(f"wrote {cli.write_json(out, results)}")

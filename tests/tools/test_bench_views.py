@@ -113,3 +113,19 @@ def test_bad_grids_are_one_error_line(text, capsys):
 
 def test_grids_parse_sides_and_rectangles():
   assert bench_views.parse_grids("8, 16,12x20") == [(8, 8), (16, 16), (12, 20)]
+
+
+def test_results_are_handed_over_after_every_grid_so_a_stopped_run_keeps_them():
+  seen = []
+  final = bench_views.run(
+    [(2, 2), (3, 4)], ["mix"], ["attention", "fft"], TOKENS, 1, 0.0, DIM, on_grid=seen.append
+  )
+  assert [s["complete"] for s in seen] == [False, False] and final["complete"] is True
+  # The first hand-over holds the first grid's views only, with its own crossover.
+  assert [(r["grid_name"], r["view"]) for r in seen[0]["rows"]] == [
+    ("2x2", "attention"),
+    ("2x2", "fft"),
+  ]
+  assert set(seen[0]["crossover"]["mix"]["fastest"]) == {"2x2"}
+  assert seen[1]["rows"] == final["rows"] and len(final["rows"]) == 4
+  json.dumps(seen[0])  # what cli.write_json saves
