@@ -57,10 +57,13 @@ DEFAULT_KERNEL_MOVE = "resample"
 # 16×16 at every level (block 4.5 vs 7.5 ms); at 32×32 the two are level within noise
 # (mixer 15.8–17.4 ms fft vs 17.6–26.5 attention, block 30–32 vs 27–31); from 48×48 fft
 # wins every level. So fft from the level point, 32×32 = 1024 tokens.
-# Other backends ("default", as in `backend.by_backend`): NOT measured; a guess, 48×48:
-# dense matmuls on tensor cores / the MXU should stay ahead of the memory-bound FFTs to
-# larger N than on the CPU. benchmarks/gpu_check.sh's "views" part measures it.
-AUTO_FFT_MIN_TOKENS = {"cpu": 1024, "default": 2304}
+# Other backends ("default", as in `backend.by_backend`): one NVIDIA H200 (docs/benchmarks.md,
+# 2026-12-04c, jax 0.11.2), same benchmark: attention wins through 48×48 at both levels
+# measured (mixer 0.35 vs 0.62 ms fft, mixing step 0.18 vs 0.40), fft at 64×64 (mixer
+# 0.43 vs 0.71 ms, and 40 MB against 108). So fft from 64×64 = 4096 tokens. Batch 1 at
+# those grids leaves the GPU mostly idle, so the step between them is coarse; no TPU has
+# been measured (it shares this value).
+AUTO_FFT_MIN_TOKENS = {"cpu": 1024, "default": 4096}
 # Whatever the crossover says, auto leaves the gathered form once its matrices (one per
 # kernel) would hold more entries than this (depthwise sharing on a large grid): the
 # matrix itself becomes the memory problem.
