@@ -75,8 +75,9 @@ def test_help_exits_0_and_a_bad_flag_is_one_error_line_and_exit_2(path):
 
 
 # Asks each command which flags name where it writes (cli.output_flags) and which flags it
-# cannot run without: --config (given configs/digits.py) and enums with no default (given
-# their first value). One process for all: each command's flags are removed after it.
+# cannot run without: --config (given configs/digits.py), --zip (the Tiny-ImageNet archive
+# benchmarks/tiny_imagenet_subset.py reads; given the fixture) and enums with no default
+# (given their first value). One process for all: each command's flags are removed after it.
 DISCOVER = """
 import importlib.util, json, sys
 from absl import flags
@@ -97,6 +98,8 @@ for index, path in enumerate(sys.argv[1:]):
     flag = flags.FLAGS[name]
     if flag.default is None and name == "config":
       needed[name] = "configs/digits.py"
+    elif flag.default is None and name == "zip":
+      needed[name] = "tests/data/tiny-imagenet-200-fixture.zip"
     elif flag.default is None and getattr(flag.parser, "enum_values", None):
       needed[name] = flag.parser.enum_values[0]
   defaults = {name: flags.FLAGS[name].default for name in outputs}
@@ -127,6 +130,7 @@ def test_the_output_flags_are_found(output_flags):
   assert outputs["reproduce.py"] == {"out": "dir"}
   assert outputs["analyze.py"] == {"workdir": "dir"}
   assert outputs["launch.py"] == {}
+  assert outputs["tiny_imagenet_subset.py"] == {"out": "file"}
 
 
 def output_value(directory, name, kind, default) -> str:
