@@ -147,3 +147,22 @@ def tfds_builder(name: str, data_dir):
 
   with adapters.tfds_without_bucket_metadata():
     return tfds.builder(name, data_dir=data_dir)
+
+
+def product_fusions(fn, *args) -> dict[str, set[str]]:
+  """{fusion: the ops it holds} for every fusion with a matrix product in the program
+  XLA:CPU compiles for `fn(*args)`, plus "unfused" for products standing alone;
+  skips when this jaxlib hands no products to YNNPACK (the CPU forms' fusions are moot)."""
+  import re
+
+  import jax
+  import pytest
+
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  if "__ynn_fusion" not in text:
+    pytest.skip(f"jaxlib {jax.__version__} on this CPU hands no products to YNNPACK")
+  bodies = re.findall(r"\n%(\S+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S)
+  fusions = {name: set(re.findall(r"= \S+ (\w+)\(", body)) for name, body in bodies}
+  fusions = {name: ops for name, ops in fusions.items() if "dot" in ops}
+  unfused = re.findall(r"= \S+ dot\(", text.split("ENTRY")[1])
+  return {**fusions, **({"unfused": {"dot"}} if unfused else {})}

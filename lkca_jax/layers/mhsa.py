@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.backend import by_backend
-from lkca_jax.layers.common import check_cost_sizes, linear
+from lkca_jax.layers.common import check_cost_sizes, linear, threaded
 
 
 class MHSA(nnx.Module):
@@ -118,29 +118,20 @@ def _merge_heads_transposed(out_t: jax.Array, batch: int, num_heads: int) -> jax
   )
 
 
-def _threaded(y: jax.Array) -> jax.Array:
-  """y, value for value (y + 0·Σ_rows y), for XLA:CPU: a batched product of small
-  matrices runs on one thread there, unless its fusion also reduces over rows, which
-  YNNPACK schedules over all threads. Applied to a product's result, it fuses that row
-  sum with the product; applied to a tangent, with the product that transposes it in
-  reverse mode (docs/benchmarks.md, 2026-12-04d)."""
-  return y + 0 * jnp.sum(y, axis=-1, keepdims=True)
-
-
 def _attention_primal(qkv, num_heads, scale):
   q, k, v = _heads(qkv, num_heads)
   # Scaling q rather than the logits: a scalar times the (N, N) logits reaches XLA:CPU's
   # matrix-product fusion as a constant broadcast to their full size, written out anew.
   q = q * jnp.asarray(scale, q.dtype)
   weights = jax.nn.softmax(_batched_dot(q, k, 2, 2).astype(jnp.float32), axis=-1)
-  out = _threaded(_batched_dot(weights.astype(v.dtype), v, 2, 1))
+  out = threaded(_batched_dot(weights.astype(v.dtype), v, 2, 1))
   return out, (q, k, v, weights)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def attention_cpu(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   """`attention` as batched products over (B·H, N, d) heads, each fused with a row sum
-  (`_threaded`) so that it runs on every thread, its derivative given as a tangent rule
+  (`threaded`) so that it runs on every thread, its derivative given as a tangent rule
   whose transpose computes the softmax gradient's row term Σ_m dW·W as the equal
   Σ_d dO·O: a sum over d, not over N (docs/benchmarks.md)."""
   return _merge_heads(_attention_primal(qkv, num_heads, scale)[0], qkv.shape[0], num_heads)
@@ -153,16 +144,16 @@ def _attention_cpu_jvp(num_heads, scale, primals, tangents):
   # Every product is laid out so that the one reverse mode makes of it has its (N, N)
   # operand on the right in its own layout: keys and values enter transposed, q·d_kᵀ is
   # formed from qᵀ and W·d_v as (d_vᵀ·Wᵀ)ᵀ, so that dkᵀ = qᵀ·dL and dvᵀ = dOᵀ·W. Each
-  # tangent a product takes is `_threaded`, so those products use every thread.
+  # tangent a product takes is `threaded`, so those products use every thread.
   d_q, d_kt, d_vt = _tangent_heads(d_qkv, num_heads)
-  d_q = _threaded(d_q * jnp.asarray(scale, q.dtype))
+  d_q = threaded(d_q * jnp.asarray(scale, q.dtype))
   q_t = _scaled_q_transposed(qkv, num_heads, scale)
-  d_logits = _batched_dot(d_q, k, 2, 2) + _batched_dot(q_t, _threaded(d_kt), 1, 1)
+  d_logits = _batched_dot(d_q, k, 2, 2) + _batched_dot(q_t, threaded(d_kt), 1, 1)
   # The softmax tangent W∘(dL − Σ_m W∘dL) times v, with (W∘(Σ_m W∘dL))·v = (Σ_m W∘dL)·O.
   weighted = weights * d_logits.astype(jnp.float32)
   row = jnp.sum(weighted, axis=-1, keepdims=True).astype(out.dtype)
-  d_out = _batched_dot(_threaded(weighted.astype(v.dtype)), v, 2, 1) - row * out
-  d_out_from_v = _batched_dot(_threaded(d_vt), weights.astype(v.dtype), 2, 2)  # (B·H, d, N)
+  d_out = _batched_dot(threaded(weighted.astype(v.dtype)), v, 2, 1) - row * out
+  d_out_from_v = _batched_dot(threaded(d_vt), weights.astype(v.dtype), 2, 2)  # (B·H, d, N)
   batch = qkv.shape[0]
   return _merge_heads(out, batch, num_heads), _merge_heads(
     d_out, batch, num_heads

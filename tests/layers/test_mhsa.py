@@ -1,6 +1,7 @@
 """MHSA, in both forms (lkca_jax/backend.py), against an independent float64 numpy
 softmax(q kᵀ / sqrt(d)) v."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ from flax import nnx
 
 from lkca_jax import backend
 from lkca_jax.layers import MHSA
+from lkca_jax.layers.mhsa import attention_cpu
 from lkca_jax.models import count_params
+from tests.helpers import product_fusions
 
 
 def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
@@ -91,22 +94,10 @@ def test_cpu_form_fuses_every_product_with_a_row_sum_on_the_cpu():
   """The CPU form's speed rests on XLA:CPU fusing each batched product of the attention
   core, forward and backward, with a reduction over rows (YNNPACK then runs it on every
   thread; alone it runs on one). A jaxlib that fuses otherwise fails here, by name."""
-  import re
-
-  import jax
-
-  from lkca_jax.layers.mhsa import attention_cpu
-
   qkv = jnp.zeros((32, 65, 3 * 8 * 17), jnp.float32)  # vit_1m's layer at batch 32
   cotangent = jnp.zeros((32, 65, 8 * 17), jnp.float32)
   loss = lambda x, c: jnp.sum(attention_cpu(x, 8, 17**-0.5) * c)
-  text = jax.jit(jax.value_and_grad(loss)).lower(qkv, cotangent).compile().as_text()
-  if "__ynn_fusion" not in text:
-    pytest.skip(f"jaxlib {jax.__version__} on this CPU hands no products to YNNPACK")
-  bodies = re.findall(r"\n%(\S+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S)
-  with_dot = {name: set(re.findall(r"= \S+ (\w+)\(", body)) for name, body in bodies}
-  with_dot = {name: ops for name, ops in with_dot.items() if "dot" in ops}
-  unfused = re.findall(r"= \S+ dot\(", text.split("ENTRY")[1])
+  fusions = product_fusions(jax.value_and_grad(loss), qkv, cotangent)
   # Two products forward (q·kᵀ, W·v), four backward (dq, dk, dv, dO·vᵀ).
-  assert len(with_dot) == 6 and not unfused, (sorted(with_dot), unfused)
-  assert all("reduce" in ops for ops in with_dot.values()), with_dot
+  assert len(fusions) == 6 and "unfused" not in fusions, sorted(fusions)
+  assert all("reduce" in ops for ops in fusions.values()), fusions
