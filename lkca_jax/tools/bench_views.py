@@ -41,6 +41,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
+from lkca_jax.backend import by_backend
 from lkca_jax.layers import LKCA, lkca
 from lkca_jax.models import PRESETS, Block
 from lkca_jax.tools import cli
@@ -70,8 +71,11 @@ def build(level: str, view: str, grid: tuple[int, int], batch: int, dim: int) ->
   tokens = grid[0] * grid[1]
   if level == "mix":
     kernel = random_array(rng, lkca.kernel_shape(dim, grid, 1, "layer"), 0.05)
-    mix = lkca.MIXES[view]
-    apply = lambda kernel, v: mix(v, kernel, grid, "layer")  # noqa: E731
+    forms = [
+      lambda kernel, v, mix=mix: mix(v, kernel, grid, "layer")
+      for mix in (lkca.CPU_MIXES[view], lkca.MIXES[view])
+    ]
+    apply = lambda kernel, v: by_backend(*forms, kernel, v)  # noqa: E731  the backend's own form
     return Program(apply, (kernel, random_array(rng, (batch, tokens, dim))), batch)
   if level == "mixer":
     module = LKCA(dim, grid, view=view, rngs=nnx.Rngs(0))

@@ -13,6 +13,7 @@ from flax import nnx
 
 from lkca_jax.layers import LKCA, lkca
 from lkca_jax.models import count_params
+from tests.helpers import product_fusions
 
 GRIDS = [(8, 8), (4, 4), (3, 5), (16, 16)]
 SHARINGS = ["layer", "head", "channel"]
@@ -104,6 +105,26 @@ def test_conv_and_attention_views_agree_with_scipy_reference(grid, sharing):
     assert max_rel_err(c, a) < 1e-5, f"{name}: conv vs attention"
     assert max_rel_err(c, ref) < 1e-5, f"{name}: conv vs float64 scipy"
     assert max_rel_err(a, ref) < 1e-5, f"{name}: attention vs float64 scipy"
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_cpu_attention_mixing_is_the_attention_mixing_value_for_value(sharing):
+  """Its row sum adds zeros: output and both gradients equal bit for bit."""
+  grid = (8, 8)
+  v, kernel, r = random_inputs(grid, sharing)
+  cpu = output_and_grads(lkca.mix_attention_cpu, v, kernel, r, grid, sharing)
+  plain = output_and_grads(lkca.mix_attention, v, kernel, r, grid, sharing)
+  for got, expected in zip(cpu, plain, strict=True):
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_cpu_attention_mixing_fuses_its_product_with_a_row_sum_on_the_cpu():
+  """One (N, N) matrix times each image's values runs on every thread of XLA:CPU only
+  when fused with a row sum (docs/benchmarks.md, 2026-12-04d); lkca_t's width, batch 128."""
+  kernel = jnp.zeros((15, 15), jnp.float32)
+  v = jnp.zeros((128, 64, 136), jnp.float32)
+  fusions = product_fusions(lambda v, k: lkca.mix_attention_cpu(v, k, (8, 8)), v, kernel)
+  assert len(fusions) == 1 and "reduce" in next(iter(fusions.values())), fusions
 
 
 def test_true_convolution_matches_only_with_flipped_kernel():
