@@ -4,12 +4,14 @@ import fcntl
 import io
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -153,11 +155,6 @@ def product_fusions(fn, *args) -> dict[str, set[str]]:
   """{fusion: the ops it holds} for every fusion with a matrix product in the program
   XLA:CPU compiles for `fn(*args)`, plus "unfused" for products standing alone;
   skips when this jaxlib hands no products to YNNPACK (the CPU forms' fusions are moot)."""
-  import re
-
-  import jax
-  import pytest
-
   text = jax.jit(fn).lower(*args).compile().as_text()
   if "__ynn_fusion" not in text:
     pytest.skip(f"jaxlib {jax.__version__} on this CPU hands no products to YNNPACK")

@@ -158,11 +158,12 @@ def _normalize_cpu_jvp(epsilon, primals, tangents):
 
 
 def threaded(y: jax.Array) -> jax.Array:
-  """y, value for value (y + 0·Σ_rows y, y finite), for XLA:CPU: there a batched product
-  of small matrices runs on one thread unless its fusion also reduces over rows, which
-  YNNPACK schedules over every thread. Applied to a product's result, it fuses that row sum
-  with the product; applied to a tangent, with the product that transposes it in reverse
-  mode (docs/benchmarks.md, 2026-12-04d). For CPU forms only (backend.by_backend)."""
+  """y, value for value (y + 0·Σ_rows y; a row holding ±inf turns NaN), for XLA:CPU: there
+  a batched product of small matrices runs on one thread unless its fusion also reduces
+  over rows, which YNNPACK schedules over every thread. Applied to a product's result, it
+  fuses that row sum with the product; applied to a tangent, with the product that
+  transposes it in reverse mode (docs/benchmarks.md, 2026-12-04d). For CPU forms only
+  (backend.by_backend)."""
   return y + 0 * jnp.sum(y, axis=-1, keepdims=True)
 
 

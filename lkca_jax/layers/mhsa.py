@@ -155,6 +155,7 @@ def _attention_cpu_jvp(num_heads, scale, primals, tangents):
   d_out = _batched_dot(threaded(weighted.astype(v.dtype)), v, 2, 1) - row * out
   d_out_from_v = _batched_dot(threaded(d_vt), weights.astype(v.dtype), 2, 2)  # (B·H, d, N)
   batch = qkv.shape[0]
-  return _merge_heads(out, batch, num_heads), _merge_heads(
-    d_out, batch, num_heads
-  ) + _merge_heads_transposed(d_out_from_v, batch, num_heads)
+  d_out = _merge_heads(d_out, batch, num_heads) + _merge_heads_transposed(
+    d_out_from_v, batch, num_heads
+  )
+  return _merge_heads(out, batch, num_heads), d_out

@@ -71,11 +71,13 @@ def build(level: str, view: str, grid: tuple[int, int], batch: int, dim: int) ->
   tokens = grid[0] * grid[1]
   if level == "mix":
     kernel = random_array(rng, lkca.kernel_shape(dim, grid, 1, "layer"), 0.05)
-    forms = [
-      lambda kernel, v, mix=mix: mix(v, kernel, grid, "layer")
-      for mix in (lkca.CPU_MIXES[view], lkca.MIXES[view])
-    ]
-    apply = lambda kernel, v: by_backend(*forms, kernel, v)  # noqa: E731  the backend's own form
+    cpu_mix, plain_mix = lkca.CPU_MIXES[view], lkca.MIXES[view]
+    apply = lambda kernel, v: by_backend(  # noqa: E731  the backend's own form
+      lambda k, v: cpu_mix(v, k, grid, "layer"),
+      lambda k, v: plain_mix(v, k, grid, "layer"),
+      kernel,
+      v,
+    )
     return Program(apply, (kernel, random_array(rng, (batch, tokens, dim))), batch)
   if level == "mixer":
     module = LKCA(dim, grid, view=view, rngs=nnx.Rngs(0))
