@@ -57,18 +57,30 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=Non
   return y if bias is None else y + bias
 
 
+def dense_wide(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
+  """`dense` with the product returned in float32 at least and then rounded to x's dtype,
+  as `dense` rounds it: the same values, but XLA:CPU runs a bfloat16 product with a
+  float32 result on AMX, where it widens one with a bfloat16 result to a float32 product
+  (docs/benchmarks.md, 2026-12-04e)."""
+  wide = jnp.promote_types(x.dtype, jnp.float32)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  y = jax.lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=wide)
+  y = y.astype(x.dtype)
+  return y if bias is None else y + bias
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def dense_cpu(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
-  """`dense` for a (M, K) x, with a tangent rule whose transpose, the weight gradient,
+  """`dense_wide` for a (M, K) x, with a tangent rule whose transpose, the weight gradient,
   copies d_y transposed rather than x: XLA:CPU otherwise often copies x, recomputing its
   producer (a LayerNorm, a GELU) inside a strided transpose (docs/benchmarks.md)."""
-  return dense(x, kernel, bias, precision)
+  return dense_wide(x, kernel, bias, precision)
 
 
 def _dense_cpu_jvp(precision, primals, tangents):
   x, kernel, bias = primals
   d_x, d_kernel, d_bias = tangents
-  y = dense(x, kernel, bias, precision)
+  y = dense_wide(x, kernel, bias, precision)
   terms = []  # a tangent that is a symbolic zero contributes no product
   if not isinstance(d_x, SymbolicZero):
     terms.append(jnp.dot(d_x, kernel, precision=precision))
@@ -77,7 +89,11 @@ def _dense_cpu_jvp(precision, primals, tangents):
     rows = (((1,), (1,)), ((), ()))
     terms.append(jax.lax.dot_general(d_kernel.T, x, rows, precision=precision).T)
   if bias is not None and not isinstance(d_bias, SymbolicZero):
-    terms.append(jnp.broadcast_to(d_bias, y.shape))
+    # Broadcast in float32 at least: reverse mode sums it over the rows, which XLA:CPU
+    # does for bfloat16 as a tree of strided windows with rounded partial sums, several
+    # times slower and off by a percent at 4,096 rows.
+    wide = jnp.promote_types(y.dtype, jnp.float32)
+    terms.append(jnp.broadcast_to(d_bias.astype(wide), y.shape).astype(y.dtype))
   return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 

@@ -1,5 +1,7 @@
 """Faster forms of the same functions: exact GELU via erf, LKCA mixing as a batched matmul."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +64,39 @@ def test_layer_mixing_equals_the_plain_einsum_with_gradients(grid):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   bf16 = lkca.mix_attention(v.astype(jnp.bfloat16), kernel, grid, "layer")
   assert bf16.dtype == jnp.bfloat16 and bf16.shape == v.shape
+
+
+def integers(shape, seed, high=8):
+  return jnp.asarray(np.random.default_rng(seed).integers(-high, high, shape), jnp.bfloat16)
+
+
+def test_bfloat16_cpu_dense_takes_bfloat16_operands_into_one_float32_product():
+  # Small integers: every product and partial sum is exact in float32, so the one rounding
+  # to bfloat16 at the end is the only one, and the result is known exactly.
+  x, kernel, bias = integers((64, 48), 0), integers((48, 40), 1), integers((40,), 2)
+  exact = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+  expected = (exact.astype(jnp.bfloat16) + np.asarray(bias)).astype(jnp.bfloat16)
+  y = common.dense_cpu(x, kernel, bias)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(expected, np.float64))
+  # The product itself multiplies the bfloat16 operands into float32, which XLA:CPU can run
+  # on AMX; a bfloat16 result would make it widen both operands to a float32 product.
+  lowered = jax.jit(common.dense_cpu).lower(x, kernel, bias).as_text()
+  products = re.findall(r"dot_general .*?: \((.*?)\) -> (\S+)", lowered)
+  assert products == [("tensor<64x48xbf16>, tensor<48x40xbf16>", "tensor<64x40xf32>")], products
+
+
+def test_bfloat16_cpu_dense_sums_its_bias_gradient_over_rows_in_float32():
+  # 4,096 rows: XLA:CPU would sum a bfloat16 column in a tree of strided windows, several
+  # times slower than the float32 sum it hands to its reduction kernel.
+  x, kernel, bias = integers((4096, 24), 3), integers((24, 16), 4), integers((16,), 5)
+  cotangent = integers((4096, 16), 6, high=4)
+  bias_gradient = jax.jit(
+    lambda b: jax.vjp(lambda b: common.dense_cpu(x, kernel, b), b)[1](cotangent)[0]
+  )
+  exact = np.asarray(cotangent, np.float64).sum(0)  # integers below 2¹⁴: exact in float32
+  np.testing.assert_array_equal(
+    np.asarray(bias_gradient(bias), np.float64),
+    np.asarray(exact.astype(jnp.bfloat16), np.float64),
+  )
+  assert "reduce-window" not in bias_gradient.lower(bias).compile().as_text()
