@@ -101,3 +101,13 @@ def test_cpu_form_fuses_every_product_with_a_row_sum_on_the_cpu():
   # Two products forward (q·kᵀ, W·v), four backward (dq, dk, dv, dO·vᵀ).
   assert len(fusions) == 6 and "unfused" not in fusions, sorted(fusions)
   assert all("reduce" in ops for ops in fusions.values()), fusions
+
+
+def test_cpu_form_adds_no_row_sums_in_bfloat16():
+  """In bfloat16 XLA:CPU widens the core's products to float32 ones outside any fusion,
+  so a row sum there would not thread them; alone it runs as a slow tree of windows."""
+  qkv = jnp.zeros((32, 65, 3 * 8 * 17), jnp.bfloat16)
+  cotangent = jnp.zeros((32, 65, 8 * 17), jnp.bfloat16)
+  loss = lambda x, c: jnp.sum((attention_cpu(x, 8, 17**-0.5) * c).astype(jnp.float32))
+  text = jax.jit(jax.value_and_grad(loss)).lower(qkv, cotangent).compile().as_text()
+  assert "reduce-window" not in text
