@@ -58,10 +58,10 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=Non
 
 
 def dense_wide(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
-  """`dense` with the product returned in float32 at least and then rounded to x's dtype,
-  as `dense` rounds it: the same values, but XLA:CPU runs a bfloat16 product with a
-  float32 result on AMX, where it widens one with a bfloat16 result to a float32 product
-  (docs/benchmarks.md, 2026-12-04e)."""
+  """`dense` with the product returned in float32 at least, then rounded to x's dtype where
+  `dense` rounds it too (the same values up to the order of summation). XLA:CPU runs a
+  bfloat16 product with a float32 result on AMX where the CPU has it, but widens one with
+  a bfloat16 result to a float32 product (docs/benchmarks.md, 2026-12-04e)."""
   wide = jnp.promote_types(x.dtype, jnp.float32)
   dims = (((x.ndim - 1,), (0,)), ((), ()))
   y = jax.lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=wide)
