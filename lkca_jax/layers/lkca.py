@@ -276,9 +276,13 @@ def mix_fft(
 def mix_attention_cpu(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer") -> jax.Array:
   """`mix_attention` for XLA:CPU: with one kernel per layer, its batched product (one
   (N, N) matrix times each image's (N, D) values) is fused with a row sum (`threaded`),
-  which puts it on every thread (lkca_t and lkca_b train steps, 2-core CPU: 1.01–1.03×)."""
-  out = mix_attention(v, kernel, grid, sharing)
-  return threaded(out) if sharing == "layer" else out
+  which puts it on every thread (lkca_t and lkca_b train steps, 2-core CPU: 1.01–1.03×).
+  Below float32 the product runs in float32, as XLA:CPU would widen it anyway, so that the
+  kernel gradient's sum over the batch adds unrounded products."""
+  if sharing != "layer":
+    return mix_attention(v, kernel, grid, sharing)
+  wide = jnp.promote_types(v.dtype, jnp.float32)
+  return threaded(mix_attention(v.astype(wide), kernel, grid, sharing)).astype(v.dtype)
 
 
 MIXES = {"conv": mix_conv, "attention": mix_attention, "fft": mix_fft}

@@ -100,3 +100,24 @@ def test_bfloat16_cpu_dense_sums_its_bias_gradient_over_rows_in_float32():
     np.asarray(exact.astype(jnp.bfloat16), np.float64),
   )
   assert "reduce-window" not in bias_gradient.lower(bias).compile().as_text()
+
+
+def test_bfloat16_cpu_mixing_sums_its_kernel_gradient_over_unrounded_products():
+  # Small integers: each image's (N, N) product and their sum over the batch are exact in
+  # float32, so the kernel gradient is known exactly; a bfloat16 product per image would
+  # round before the sum.
+  grid, batch, dim = 8, 128, 32
+  v, cotangent = (
+    integers((batch, grid * grid, dim), 7, 4),
+    integers((batch, grid * grid, dim), 8, 4),
+  )
+  kernel = jnp.asarray(integers((2 * grid - 1, 2 * grid - 1), 9, 4), jnp.float32)
+  mix = lambda k: lkca.mix_attention_cpu(v, k, grid, "layer")
+  out, pullback = jax.vjp(mix, kernel)
+  assert out.dtype == jnp.bfloat16
+  d_matrix = np.einsum(
+    "bnd,bmd->nm", np.asarray(cotangent, np.float64), np.asarray(v, np.float64)
+  )  # at most 2¹⁶ in magnitude, and the kernel taps sum at most 64 of them: exact in float32
+  _, matrix_pullback = jax.vjp(lambda k: lkca.attention_matrix(k, grid), kernel)
+  (expected,) = matrix_pullback(jnp.asarray(d_matrix, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(pullback(cotangent)[0]), np.asarray(expected))
