@@ -44,11 +44,17 @@ class Linear(nnx.Linear):
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else None
     x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
-    dense_on_cpu = lambda x, kernel, bias: dense_cpu(
-      x.reshape(-1, x.shape[-1]), kernel, bias, self.precision
-    ).reshape(*x.shape[:-1], kernel.shape[-1])
-    dense_plain = lambda x, kernel, bias: dense(x, kernel, bias, self.precision)
-    return by_backend(dense_on_cpu, dense_plain, x, kernel, bias)
+    return project(x, kernel, bias, self.precision)
+
+
+def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
+  """x · kernel + bias over the last axis of x, as `Linear` runs it: `dense_cpu` where the
+  computation is lowered for the CPU, `dense` elsewhere (backend.by_backend)."""
+  dense_on_cpu = lambda x, kernel, bias: dense_cpu(
+    x.reshape(-1, x.shape[-1]), kernel, bias, precision
+  ).reshape(*x.shape[:-1], kernel.shape[-1])
+  dense_plain = lambda x, kernel, bias: dense(x, kernel, bias, precision)
+  return by_backend(dense_on_cpu, dense_plain, x, kernel, bias)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None) -> jax.Array:

@@ -25,6 +25,7 @@ from lkca_jax.layers.common import (
   check_tokens,
   head_dim,
   linear,
+  project,
   promote_param,
   threaded,
 )
@@ -312,7 +313,8 @@ def resolve_view(
 
 
 class LKCA(nnx.Module):
-  """LKCA token mixer: v = x W_v (no bias) → large-kernel mixing → W_o (bias).
+  """LKCA token mixer: v = x W_v (no bias) → large-kernel mixing → W_o (bias). With one
+  kernel for every channel (layer sharing, the reference) it runs as mix(x (W_v W_o)) + b_o.
 
   Args:
     dim: token width D.
@@ -387,14 +389,30 @@ class LKCA(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_tokens(x, self.grid, "LKCA")
-    v = self.v_proj(x)
+    dim = x.shape[-1]
+    if self.kernel_sharing == "layer" and x.size // dim > dim:
+      return self._merged(x)
+    return self.out_proj(self._mixed(self.v_proj(x)))
+
+  def _merged(self, x: jax.Array) -> jax.Array:
+    """mix(x W_v) W_o + b_o computed as mix(x (W_v W_o)) + b_o. One kernel mixes every
+    channel alike, so the mixing commutes with W_o: each of the T tokens then takes one
+    D×D product instead of two, forward and in both gradients, for one D×D×D product of
+    the weights; fewer multiply-adds when T > D, as in any training batch
+    (docs/benchmarks.md, 2026-12-04f). The same function up to round-off, and the same
+    parameters."""
+    out_proj = self.out_proj
+    merged = jnp.dot(self.v_proj.kernel[...], out_proj.kernel[...], precision=out_proj.precision)
+    x, merged, bias = out_proj.promote_dtype((x, merged, out_proj.bias[...]), dtype=out_proj.dtype)
+    return self._mixed(project(x, merged, None, out_proj.precision)) + bias
+
+  def _mixed(self, v: jax.Array) -> jax.Array:
+    """The kernel's mixing of the tokens v (B, N, D), in the view of the lowering backend."""
     kernel = promote_param(self.kernel[...], v)
     cpu_mix, default_mix = CPU_MIXES[self.cpu_view], MIXES[self.default_view]
     if cpu_mix is default_mix:  # one function everywhere: nothing to choose
-      out = self._mix(cpu_mix)(v, kernel)
-    else:
-      out = by_backend(self._mix(cpu_mix), self._mix(default_mix), v, kernel)
-    return self.out_proj(out)
+      return self._mix(cpu_mix)(v, kernel)
+    return by_backend(self._mix(cpu_mix), self._mix(default_mix), v, kernel)
 
   def _mix(self, mix):
     return lambda v, kernel: mix(v, kernel, self.grid, self.kernel_sharing)

@@ -11,6 +11,7 @@ import pytest
 import scipy.signal
 from flax import nnx
 
+from lkca_jax import backend
 from lkca_jax.layers import LKCA, lkca
 from lkca_jax.models import count_params
 from tests.helpers import product_fusions
@@ -161,30 +162,126 @@ def test_attention_matrix_entries_by_explicit_loops():
       np.testing.assert_array_equal(a[i * w + j], window.reshape(-1))
 
 
+# (batch, width) on a 3×5 grid: 30 tokens above the width 8, where the layer-shared module
+# merges its projections, and 15 tokens below the width 16, where it runs them one by one.
+TOKENS_AND_WIDTH = [(2, 8), (1, 16)]
+
+
+@pytest.mark.parametrize("batch, dim", TOKENS_AND_WIDTH)
 @pytest.mark.parametrize("view", ["conv", "attention", "fft"])
-def test_module_is_projection_mixing_projection(view):
+def test_module_is_projection_mixing_projection(view, batch, dim):
   """LKCA(x) = mix(x W_v) W_o + b_o, no bias on W_v, the same in every view."""
   grid = (3, 5)
-  module = LKCA(DIM, grid, view=view, rngs=nnx.Rngs(0))
+  module = LKCA(dim, grid, view=view, rngs=nnx.Rngs(0))
   assert module.view == view
   assert module.v_proj.bias is None
   rng = np.random.default_rng(2)
   module.kernel[...] = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
-  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=DIM), jnp.float32)
-  x = rng.normal(size=(BATCH, 15, DIM)).astype(np.float32)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  x = rng.normal(size=(batch, 15, dim)).astype(np.float32)
   wv = np.asarray(module.v_proj.kernel[...], np.float64)
   wo = np.asarray(module.out_proj.kernel[...], np.float64)
   bo = np.asarray(module.out_proj.bias[...], np.float64)
   v = x.astype(np.float64) @ wv
   mixed = np.zeros_like(v)
   kernel = np.asarray(module.kernel[...], np.float64)
-  for b in range(BATCH):
-    for c in range(DIM):
+  for b in range(batch):
+    for c in range(dim):
       mixed[b, :, c] = scipy.signal.correlate2d(
         v[b, :, c].reshape(grid), kernel, mode="same"
       ).reshape(-1)
   expected = mixed @ wo + bo
   assert max_rel_err(module(jnp.asarray(x)), expected) < 1e-5
+
+
+def literal_lkca(params, x, grid):
+  """mix(x W_v) W_o + b_o as written, from a parameter dict (attention view)."""
+  v = x @ params["v"]
+  mixed = jnp.einsum("nm,bmd->bnd", lkca.attention_matrix(params["kernel"], grid), v)
+  return mixed @ params["o"] + params["b"]
+
+
+def module_params(module) -> dict:
+  return {
+    "v": module.v_proj.kernel[...],
+    "o": module.out_proj.kernel[...],
+    "b": module.out_proj.bias[...],
+    "kernel": module.kernel[...],
+  }
+
+
+def module_with(params, dim, grid):
+  module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
+  module.v_proj.kernel[...], module.out_proj.kernel[...] = params["v"], params["o"]
+  module.out_proj.bias[...], module.kernel[...] = params["b"], params["kernel"]
+  return module
+
+
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+@pytest.mark.parametrize("batch, dim", TOKENS_AND_WIDTH)
+def test_module_gradients_and_tangents_are_those_of_the_literal_form(batch, dim, form):
+  """Every parameter's gradient, and the jvp along every parameter at once, equal those of
+  mix(x W_v) W_o + b_o as written, whichever way the module schedules its products.
+
+  Bound: each entry is a sum of products along paths of at most L = T + 2·D + N terms (the
+  tokens of a weight gradient, two widths, the mixing), so two orders of summation differ
+  by at most 2·L·u times the same sum over absolute values, which the literal form on
+  absolute parameters, input and cotangent gives (no cancellation there)."""
+  grid = (3, 5)
+  rng = np.random.default_rng(6)
+  module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
+  params = module_params(module)
+  params = {
+    **params,
+    "b": jnp.asarray(rng.normal(size=dim), jnp.float32),
+    "kernel": jnp.asarray(rng.normal(size=(5, 9)), jnp.float32),
+  }
+  x = jnp.asarray(rng.normal(size=(batch, 15, dim)), jnp.float32)
+  r = jnp.asarray(rng.normal(size=(batch, 15, dim)), jnp.float32)
+  tangent = {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in params.items()}
+  loss = lambda f: lambda p, x, r: jnp.sum(f(p, x) * r)
+  by_module = lambda p, x: module_with(p, dim, grid)(x)
+  by_literal = lambda p, x: literal_lkca(p, x, grid)
+
+  with backend.forms(form):
+    grads = jax.jit(jax.grad(loss(by_module)))(params, x, r)
+    _, jvp = jax.jit(lambda p, t: jax.jvp(lambda p: by_module(p, x), (p,), (t,)))(params, tangent)
+  expected_grads = jax.jit(jax.grad(loss(by_literal)))(params, x, r)
+  _, expected_jvp = jax.jvp(lambda p: by_literal(p, x), (params,), (tangent,))
+
+  absolute = lambda tree: jax.tree.map(jnp.abs, tree)
+  grad_scale = jax.grad(loss(by_literal))(absolute(params), jnp.abs(x), jnp.abs(r))
+  _, jvp_scale = jax.jvp(
+    lambda p: by_literal(p, jnp.abs(x)), (absolute(params),), (absolute(tangent),)
+  )
+  u, terms = 2.0**-24, batch * 15 + 2 * dim + 15
+  for key in params:
+    error = np.abs(np.asarray(grads[key]) - np.asarray(expected_grads[key]))
+    assert np.all(error <= 2 * terms * u * np.asarray(grad_scale[key])), key
+  error = np.abs(np.asarray(jvp) - np.asarray(expected_jvp))
+  assert np.all(error <= 2 * terms * u * np.asarray(jvp_scale))
+
+
+@pytest.mark.parametrize("batch, dim", TOKENS_AND_WIDTH)
+def test_layer_shared_module_spends_one_width_squared_product_per_token_when_it_pays(batch, dim):
+  """XLA's flop count of the lowered module against the literal form's: with more tokens T
+  than width D, one T·D·D product fewer for one D·D·D product of the weights; with fewer
+  tokens, the literal schedule itself."""
+  grid = (3, 5)
+  module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
+  params = module_params(module)
+  x = jax.ShapeDtypeStruct((batch, 15, dim), jnp.float32)
+
+  def flops(fn):
+    with backend.forms("plain"):
+      cost = jax.jit(fn).lower(params, x).cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  saved = flops(lambda p, x: literal_lkca(p, x, grid)) - flops(
+    lambda p, x: module_with(p, dim, grid)(x)
+  )
+  tokens = batch * 15
+  assert saved == (2 * tokens * dim**2 - 2 * dim**3 if tokens > dim else 0)
 
 
 def test_parameter_count_formula():
