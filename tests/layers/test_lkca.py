@@ -223,10 +223,11 @@ def test_module_gradients_and_tangents_are_those_of_the_literal_form(batch, dim,
   """Every parameter's gradient, and the jvp along every parameter at once, equal those of
   mix(x W_v) W_o + b_o as written, whichever way the module schedules its products.
 
-  Bound: each entry is a sum of products along paths of at most L = T + 2·D + N terms (the
-  tokens of a weight gradient, two widths, the mixing), so two orders of summation differ
-  by at most 2·L·u times the same sum over absolute values, which the literal form on
-  absolute parameters, input and cotangent gives (no cancellation there)."""
+  Bound: each entry is a sum of products along chains of at most L = T·D + 2·D + N
+  additions (the kernel gradient sums over every token and channel; then two widths and
+  the mixing), so each schedule is within L·u of the same sum over absolute values, which
+  the literal form on absolute parameters, input and cotangent gives (no cancellation
+  there), and the two within twice that."""
   grid = (3, 5)
   rng = np.random.default_rng(6)
   module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
@@ -254,7 +255,7 @@ def test_module_gradients_and_tangents_are_those_of_the_literal_form(batch, dim,
   _, jvp_scale = jax.jvp(
     lambda p: by_literal(p, jnp.abs(x)), (absolute(params),), (absolute(tangent),)
   )
-  u, terms = 2.0**-24, batch * 15 + 2 * dim + 15
+  u, terms = 2.0**-24, batch * 15 * dim + 2 * dim + 15
   for key in params:
     error = np.abs(np.asarray(grads[key]) - np.asarray(expected_grads[key]))
     assert np.all(error <= 2 * terms * u * np.asarray(grad_scale[key])), key
