@@ -312,6 +312,13 @@ def resolve_view(
   return "attention"
 
 
+def least_tokens(x: jax.Array) -> int:
+  """The fewest tokens x (…, D) can hold: a symbolic dimension (`jax.export` shape
+  polymorphism) counts as 1, its least value, so the choice it feeds is one decision for
+  every size."""
+  return int(np.prod([d if isinstance(d, int) else 1 for d in x.shape[:-1]], dtype=np.int64))
+
+
 class LKCA(nnx.Module):
   """LKCA token mixer: v = x W_v (no bias) → large-kernel mixing → W_o (bias). With one
   kernel for every channel (layer sharing, the reference) it runs as mix(x (W_v W_o)) + b_o.
@@ -389,8 +396,7 @@ class LKCA(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_tokens(x, self.grid, "LKCA")
-    dim = x.shape[-1]
-    if self.kernel_sharing == "layer" and x.size // dim > dim:
+    if self.kernel_sharing == "layer" and least_tokens(x) > x.shape[-1]:
       return self._merged(x)
     return self.out_proj(self._mixed(self.v_proj(x)))
 

@@ -179,19 +179,41 @@ def test_module_is_projection_mixing_projection(view, batch, dim):
   module.kernel[...] = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
   module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
   x = rng.normal(size=(batch, 15, dim)).astype(np.float32)
+  assert max_rel_err(module(jnp.asarray(x)), float64_lkca(module, x, grid)) < 1e-5
+
+
+def float64_lkca(module, x, grid) -> np.ndarray:
+  """mix(x W_v) W_o + b_o of a layer-shared module in float64, the mixing by scipy."""
   wv = np.asarray(module.v_proj.kernel[...], np.float64)
   wo = np.asarray(module.out_proj.kernel[...], np.float64)
   bo = np.asarray(module.out_proj.bias[...], np.float64)
-  v = x.astype(np.float64) @ wv
+  v = np.asarray(x, np.float64) @ wv
   mixed = np.zeros_like(v)
   kernel = np.asarray(module.kernel[...], np.float64)
-  for b in range(batch):
-    for c in range(dim):
+  for b in range(v.shape[0]):
+    for c in range(v.shape[-1]):
       mixed[b, :, c] = scipy.signal.correlate2d(
         v[b, :, c].reshape(grid), kernel, mode="same"
       ).reshape(-1)
-  expected = mixed @ wo + bo
-  assert max_rel_err(module(jnp.asarray(x)), expected) < 1e-5
+  return mixed @ wo + bo
+
+
+def test_module_exports_with_a_symbolic_batch():
+  """`jax.export` with the batch left symbolic: the choice of schedule must not compare a
+  symbolic size (it counts the batch as 1), and the export computes the same function."""
+  grid, dim = (3, 5), 16  # 15 tokens an image, below the width: one image runs as written
+  module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(8)
+  module.kernel[...] = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  graphdef, state = nnx.split(module)
+  (batch,) = jax.export.symbolic_shape("b")
+  exported = jax.export.export(jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)))(
+    state, jax.ShapeDtypeStruct((batch, 15, dim), jnp.float32)
+  )
+  assert str(exported.in_avals[-1]) == "float32[b,15,16]"
+  x = rng.normal(size=(4, 15, dim)).astype(np.float32)
+  assert max_rel_err(exported.call(state, jnp.asarray(x)), float64_lkca(module, x, grid)) < 1e-5
 
 
 def literal_lkca(params, x, grid):
