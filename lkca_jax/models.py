@@ -119,16 +119,29 @@ class Block(nnx.Module):
     self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)
     self.drop_path2 = DropPath(drop_path_rate, rngs=rngs)
 
-  def __call__(self, x, *, num_prefix: int = 0, rngs=None, drop_path_rate=None):
-    y = self.norm1(x)
+  def __call__(
+    self, x, *, num_prefix: int = 0, rngs=None, drop_path_rate=None, only_first: int | None = None
+  ):
+    """x (B, T, D) → (B, T, D); with `only_first`, just the first `only_first` tokens'
+    outputs (B, only_first, D), computing no other token's mixer output or MLP."""
+    mixed = self._mixed(self.norm1(x), num_prefix, only_first)
+    if only_first is not None:
+      x = x[:, :only_first]
+    x = x + self.drop_path1(mixed, rngs=rngs, rate=drop_path_rate)
+    return x + self.drop_path2(self.mlp(self.norm2(x)), rngs=rngs, rate=drop_path_rate)
+
+  def _mixed(self, y, num_prefix: int, only_first: int | None):
+    """The mixer branch before the residual add, for every token or the first `only_first`."""
+    count = y.shape[1] if only_first is None else only_first
     if num_prefix and self.mixer.needs_grid:
       # A grid mixer sees the patch tokens only; prefix tokens skip this branch.
-      mixed = self.mixer(y[:, num_prefix:])
-      y = jnp.concatenate([jnp.zeros_like(y[:, :num_prefix]), mixed], axis=1)
-    else:
-      y = self.mixer(y)
-    x = x + self.drop_path1(y, rngs=rngs, rate=drop_path_rate)
-    return x + self.drop_path2(self.mlp(self.norm2(x)), rngs=rngs, rate=drop_path_rate)
+      zeros = jnp.zeros_like(y[:, : min(num_prefix, count)])
+      if count <= num_prefix:
+        return zeros
+      return jnp.concatenate([zeros, self.mixer(y[:, num_prefix:])[:, : count - num_prefix]], 1)
+    if only_first is not None and hasattr(self.mixer, "mix_first"):
+      return self.mixer.mix_first(y, only_first)
+    return self.mixer(y)[:, :count]
 
 
 def _expand_pattern(mixer, depth: int) -> list[str]:
@@ -242,8 +255,14 @@ class ViT(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)
       num_prefix = 1
     x = x + self.pos_embed[...].astype(x.dtype)
-    for block in self.blocks:
-      x = block(x, num_prefix=num_prefix, rngs=rngs, drop_path_rate=drop_path_rate)
+    for i, block in enumerate(self.blocks):
+      # With class-token pooling only the class token of the last block reaches the head,
+      # so that block computes just its row: the same logits for about 1/depth less work.
+      last_cls = self.pool == "cls" and i == len(self.blocks) - 1
+      only_first = num_prefix if last_cls else None
+      x = block(
+        x, num_prefix=num_prefix, rngs=rngs, drop_path_rate=drop_path_rate, only_first=only_first
+      )
     pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
     return self.head(self.head_norm(pooled))
 

@@ -165,3 +165,12 @@ def product_fusions(fn, *args) -> dict[str, set[str]]:
     pytest.skip(f"jaxlib {jax.__version__} on this CPU hands no products to YNNPACK")
   unfused = re.findall(r"= \S+ dot\(", text.split("ENTRY")[1])
   return {**fusions, **({"unfused": {"dot"}} if unfused else {})}
+
+
+def chain_terms(model) -> int:
+  """Reduction terms along a ViT's longest path (tests/test_transforms.py): the patch
+  embedding, per block the mixer's and the MLP's products and LayerNorms (~8·D) and the
+  tokens twice, the final norm and the head. Bounds on float32 round-off scale with it."""
+  dim = model.head.kernel.shape[0]
+  tokens = model.grid[0] * model.grid[1] + 1
+  return model.patch_embed.in_features + len(model.blocks) * (8 * dim + 2 * tokens) + 2 * dim

@@ -8,6 +8,7 @@ from flax import nnx
 
 from lkca_jax.layers import LKCA, MHSA, MIXERS, DropPath, layer_norm, linear
 from lkca_jax.models import PRESETS, count_params, create_model
+from tests.helpers import chain_terms
 
 # `docs/method.md` ("Presets"), typed in from the table: (CIFAR-10, CIFAR-100, Tiny-ImageNet).
 PUBLISHED_PARAM_COUNTS = {
@@ -312,15 +313,16 @@ def test_stochastic_depth_train_and_eval():
 # --- pooling, patterns, prefix tokens ----------------------------------------------------
 
 
-def manual_forward_tokens(model, x):
-  """The token sequence before pooling, built from the model's own pieces (eval mode)."""
+def manual_forward_tokens(model, x, rngs=None):
+  """The token sequence before pooling, built from the model's own pieces, every block on
+  every token."""
   tokens = model.patch_embed(model.patchify(x))
   if model.pool == "cls":
     cls = jnp.broadcast_to(model.cls_token[...], (x.shape[0], 1, tokens.shape[-1]))
     tokens = jnp.concatenate([cls, tokens], axis=1)
   tokens = tokens + model.pos_embed[...]
   for block in model.blocks:
-    tokens = block(tokens, num_prefix=int(model.pool == "cls"))
+    tokens = block(tokens, num_prefix=int(model.pool == "cls"), rngs=rngs)
   return tokens
 
 
@@ -374,6 +376,51 @@ def test_grid_mixer_skips_the_class_token():
   )
   logits = model(images((BATCH, 16, 16, 3)))
   assert logits.shape == (BATCH, 5) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("name, overrides", [("vit_05m", {}), ("lkca_05m", {"pool": "cls"})])
+def test_a_class_token_model_computes_only_the_class_token_in_its_last_block(name, overrides):
+  """Only the last block's class token reaches the head. Computing just that row gives the
+  every-token pass's logits and parameter gradients, stochastic depth included (the same
+  per-sample draws), and skips at least the other rows' MLP products."""
+  model = small_model(name, drop_path_rate=0.5, **overrides)
+  randomise_lkca_kernels(model)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x, c = images((BATCH, 16, 16, 3)), images((BATCH, 5), seed=1)
+
+  def every_token(model, x, rngs=None):
+    return model.head(model.head_norm(manual_forward_tokens(model, x, rngs)[:, 0]))
+
+  def loss(forward):
+    rngs = lambda: nnx.Rngs(dropout=7)  # the same stream for both passes
+    return lambda p, x: jnp.vdot(forward(nnx.merge(graphdef, p, rest), x, rngs=rngs()), c)
+
+  by_model = lambda model, x, rngs: model(x, rngs=rngs)
+  (value, grads), (expected, expected_grads) = (
+    jax.jit(jax.value_and_grad(loss(f)))(params, x) for f in (by_model, every_token)
+  )
+  # Two evaluations of the same sums in other orders: 2·L·u of the magnitudes (L the chain's
+  # reduction terms, and the loss's sum over the batch's logits).
+  bound = 2 * (chain_terms(model) + c.size) * 2.0**-24
+  assert abs(float(value - expected)) <= bound * float(jnp.vdot(jnp.abs(c), jnp.abs(c)) + 1)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+    assert float(jnp.abs(got - want).max()) <= bound * max(float(jnp.abs(want).max()), 1e-30)
+
+  model.eval()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  assert float(jax.jit(loss(by_model))(params, x)) != float(value)  # branches were dropped
+  x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  def flops(forward):
+    fn = lambda p, x: forward(nnx.merge(graphdef, p, rest), x)
+    cost = jax.jit(fn).lower(params, x_shape).cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  dim, hidden = model.head.kernel.shape[0], model.blocks[-1].mlp.fc1.out_features
+  other_rows = BATCH * model.grid[0] * model.grid[1]
+  skipped = flops(every_token) - flops(lambda model, x: model(x))
+  assert skipped >= 2 * other_rows * 2 * dim * hidden  # the MLP's two products on those rows
 
 
 # --- inputs: batch, dtype, channels, shape ------------------------------------------------

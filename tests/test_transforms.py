@@ -20,13 +20,15 @@ from flax import nnx
 
 from lkca_jax import backend
 from lkca_jax.models import PRESETS, create_model
+from tests.helpers import chain_terms
 
 U32, U16 = 2.0**-24, 2.0**-8
 IMAGE = 8  # 8×8 images, patch 1 or 2: grids of 8×8 or 4×4 tokens
 
 
-def model_of(name, *, depth=1, dtype=None, patch=1, **overrides):
-  """The preset in eval mode: the function itself, no stochastic depth."""
+def model_of(name, *, depth=2, dtype=None, patch=1, **overrides):
+  """The preset in eval mode: the function itself, no stochastic depth. Two blocks: the last
+  block of a class-token model computes only the class token, the first every token."""
   model = create_model(
     name,
     num_classes=5,
@@ -40,14 +42,6 @@ def model_of(name, *, depth=1, dtype=None, patch=1, **overrides):
   )
   model.eval()
   return model
-
-
-def chain_terms(model, patch) -> int:
-  """Reduction terms along the longest path: patch embedding, per block the mixer's and the
-  MLP's products and LayerNorms, the final norm and head (each width counted once per use)."""
-  dim = model.head.kernel.shape[0]
-  tokens = (IMAGE // patch) ** 2 + 1
-  return 3 * patch**2 + len(model.blocks) * (8 * dim + 2 * tokens) + 2 * dim
 
 
 def images(seed, dtype=jnp.float32, batch=2):
@@ -91,7 +85,7 @@ SIZE_TEXT = (
 
 
 def programs_without_sizes(name, batch):
-  """{layer form: the printed jaxpr of `adjoint_gap` on the depth-1 preset, sizes replaced
+  """{layer form: the printed jaxpr of `adjoint_gap` on the two-block preset, sizes replaced
   by '#'}. Abstract throughout: nothing is initialised or compiled."""
   step, state = adjoint_gap_of(nnx.eval_shape(lambda: model_of(name)))
   x = jax.ShapeDtypeStruct((batch, IMAGE, IMAGE, 3), jnp.float32)
@@ -136,7 +130,7 @@ def test_every_preset_has_forward_and_reverse_derivatives_that_agree(name):
   step, state = adjoint_gap_of(model)
   x, t = images(1), images(2)
   c = jax.random.normal(jax.random.key(3), (2, 5))
-  terms = chain_terms(model, 1)
+  terms = chain_terms(model)
   jvps = {}
   for form in FORMS:
     with backend.forms(form):
@@ -159,11 +153,11 @@ def test_bfloat16_models_differentiate_forward_and_back_in_bfloat16(mixer_preset
   grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x).astype(jnp.float32) ** 2)))(model16, x)
   assert jvp16.dtype == jnp.bfloat16
   assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
-  # A one-block model rounds ~14 layer outputs to bf16 (patch embedding, position add,
-  # norm, mixer in and out, residual, norm, MLP in, GELU, MLP out, residual, final norm,
-  # head), once in the primal and once in the tangent: 28 roundings of at most 2⁻⁸ each,
+  # The model rounds its layer outputs to bf16: the patch embedding and position add, per
+  # block 9 (norm, mixer in and out, residual, norm, MLP in, GELU, MLP out, residual), the
+  # final norm and head; once in the primal and once in the tangent, each by at most 2⁻⁸,
   # carried at unit gain (the layers roughly keep their inputs' scale).
-  roundings = 2 * 14
+  roundings = 2 * (4 + 9 * len(model16.blocks))
   error = float(jnp.abs(jvp16.astype(jnp.float32) - jvp32).max())
   assert error <= roundings * U16 * float(jnp.abs(jvp32).max())
 
@@ -176,7 +170,7 @@ TINY = dict(dim=8, num_heads=2)
 def test_hessian_jacfwd_linearize_and_hvp_on_a_tiny_model(name):
   patch = 2
   model = model_of(name, patch=patch, **TINY)
-  terms = chain_terms(model, patch)
+  terms = chain_terms(model)
   x = images(4, batch=1)
   labels = jnp.array([3])
 
@@ -227,7 +221,7 @@ def test_vmapped_per_example_gradients_are_each_examples():
     return jnp.sum(nnx.merge(graphdef, params, rest)(x[None]) ** 2)
 
   per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, x)
-  terms = chain_terms(model, 2)
+  terms = chain_terms(model)
   one_example = jax.jit(jax.grad(loss))
   for i in range(3):
     alone = one_example(params, x[i])
@@ -263,7 +257,7 @@ def test_parameter_tangents_are_the_adjoint_of_parameter_gradients(name):
         by_form[form] = gap(params, tangent, c)
     return by_form
 
-  terms = chain_terms(model, 1)
+  terms = chain_terms(model)
   sums = terms + sum(p.size for p in jax.tree.leaves(params))  # and the sum over parameters
   for form, (difference, scale) in gaps(params, tangent, c).items():
     assert float(difference) <= 2 * sums * U32 * float(scale), (form, difference, scale)

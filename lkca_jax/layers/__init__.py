@@ -23,6 +23,10 @@ describes it:
   options that `configs/default.py` exposes as
   `--config.model_overrides.mixer_options.<mixer>.<option>` and
   `config_checks` validates.
+- optional, for a mixer that mixes every token (`needs_grid` False):
+  `mix_first(x, count)`, equal to `self(x)[:, :count]` but computing only those
+  rows. The last block of a class-token model calls it (`models.Block`); without
+  it that block runs the mixer on every token and keeps the first rows.
 
 `tests/layers/test_mixer_contract.py` checks all of it for every entry.
 """

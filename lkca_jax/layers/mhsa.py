@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.backend import by_backend
-from lkca_jax.layers.common import check_cost_sizes, linear, threaded
+from lkca_jax.layers.common import check_cost_sizes, linear, project, threaded
 
 
 class MHSA(nnx.Module):
@@ -50,6 +50,16 @@ class MHSA(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.out_proj(attention(self.qkv(x), self.num_heads, self.head_dim**-0.5))
 
+  def mix_first(self, x: jax.Array, count: int) -> jax.Array:
+    """`self(x)[:, :count]`, computed for those tokens only: their queries against the keys
+    and values of every token of x (a class-token model's last layer needs only its row)."""
+    inner = self.num_heads * self.head_dim
+    qkv = self.qkv
+    x, kernel = qkv.promote_dtype((x, qkv.kernel[...]), dtype=qkv.dtype)
+    q = project(x[:, :count], kernel[:, :inner], None, qkv.precision)
+    kv = project(x, kernel[:, inner:], None, qkv.precision)
+    return self.out_proj(attention_of_queries(q, kv, self.num_heads, self.head_dim**-0.5))
+
 
 def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   """softmax((scale·q)·kᵀ)·v per head for qkv (B, N, 3·H·d) laid out as (3, H, d) in its
@@ -68,6 +78,15 @@ def attention_plain(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   b, n, width = qkv.shape
   q, k, v = jnp.unstack(_split(qkv, num_heads), axis=2)
   return jax.nn.dot_product_attention(q, k, v, scale=scale).reshape(b, n, width // 3)
+
+
+def attention_of_queries(q: jax.Array, kv: jax.Array, num_heads: int, scale: float):
+  """`attention` for queries q (B, M, H·d) against kv (B, N, 2·H·d) laid out as (2, H, d),
+  on every backend as `jax.nn.dot_product_attention` (its softmax in float32)."""
+  b, m, inner = q.shape
+  k, v = jnp.unstack(kv.reshape(b, kv.shape[1], 2, num_heads, inner // num_heads), axis=2)
+  q = q.reshape(b, m, num_heads, inner // num_heads)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale).reshape(b, m, inner)
 
 
 def _batched_dot(a: jax.Array, b: jax.Array, a_contract: int, b_contract: int) -> jax.Array:

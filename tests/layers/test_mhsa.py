@@ -60,6 +60,34 @@ def test_matches_numpy_reference(dim, num_heads, head_dim, tokens, form):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+@pytest.mark.parametrize("count", [1, 4])
+def test_mix_first_is_the_first_tokens_rows_of_the_reference(count, form):
+  """Queries of the first `count` tokens against every token's keys and values: the float64
+  reference's first rows, with head_dim decoupled from dim / heads."""
+  module = MHSA(16, num_heads=2, head_dim=5, rngs=nnx.Rngs(2))
+  rng = np.random.default_rng(4)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=16), jnp.float32)
+  x = rng.normal(size=(3, 9, 16)).astype(np.float32)
+  weights = (module.qkv.kernel, module.out_proj.kernel, module.out_proj.bias)
+  args = (np.asarray(a[...], np.float64) for a in weights)
+  expected = numpy_mhsa(x.astype(np.float64), *args, 2, 5)[:, :count]
+  with backend.forms(form):
+    out = np.asarray(module.mix_first(jnp.asarray(x), count))
+  assert out.dtype == np.float32 and out.shape == (3, count, 16)
+  # Each float32 sum along the chain (the qkv product over D = 16, the keys N = 9, the output
+  # product over H·d = 10) is within L·u of the same sum of absolute values; an error e in a
+  # logit moves the weights by up to 2·e relatively. Twice that, for two summation orders.
+  w_qkv, w_out, b_out = (np.abs(np.asarray(a[...], np.float64)) for a in weights)
+  q = (np.abs(x[:, :count]) @ w_qkv)[..., :10]
+  k, v = np.split((np.abs(x) @ w_qkv)[..., 10:], 2, axis=-1)
+  logits = np.einsum("bnd,bmd->bnm", q, k).max(-1, keepdims=True) / np.sqrt(5)  # every head's
+  # The weights sum to 1, so the weighted values are at most the largest value.
+  scale = v.max(axis=1, keepdims=True) @ w_out * (1 + 2 * logits) + b_out
+  bound = 2 * (16 + 9 + 10) * 2.0**-24 * scale
+  assert (np.abs(out - expected) <= bound).all(), np.abs(out - expected).max()
+
+
 def test_structure_and_parameter_count():
   module = MHSA(192, num_heads=12, rngs=nnx.Rngs(0))
   assert module.head_dim == 16
