@@ -62,7 +62,9 @@ FLAGS = flags.FLAGS
 
 # --- multiply-adds --------------------------------------------------------------
 def model_macs_breakdown(model) -> dict[str, int]:
-  """Multiply-adds of one forward pass of one image through a `models.ViT`, by part.
+  """Multiply-adds of one forward pass of one image through a `models.ViT`, by part: the
+  architecture's count, every token of every block, as the paper's tables count (a
+  class-token ViT's own call computes only the class token in its last block).
 
   With N patch tokens, T = N (+1 with a class token), width D, MLP hidden D_h,
   patch p, C channels and K classes:
