@@ -157,6 +157,33 @@ def test_gradients_are_finite_and_nonzero_for_input_and_every_parameter(name):
     assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if hasattr(MIXERS[n], "mix_first")])
+def test_mix_first_is_the_first_rows_of_the_output_in_value_and_gradient(name):
+  """The optional `mix_first(x, count)` (a class-token model's last block calls it) is
+  `mixer(x)[:, :count]`, and so are the gradients of every parameter and of x."""
+  assert not MIXERS[name].needs_grid  # the block gives grid mixers' prefix tokens zeros
+  module = randomise(build(name))
+  x, count = tokens(name), 2
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, count, DIM)), jnp.float32)
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def loss(first_rows):
+    return lambda params, x: jnp.vdot(first_rows(nnx.merge(graphdef, params, rest), x), cotangent)
+
+  by_rows, sliced = lambda m, x: m.mix_first(x, count), lambda m, x: m(x)[:, :count]
+  rows, want_rows = (jax.jit(f)(module, x) for f in (by_rows, sliced))
+  grads, want_grads = (
+    jax.jit(jax.grad(loss(f), argnums=(0, 1)))(params, x) for f in (by_rows, sliced)
+  )
+  # The same sums in other orders: twice L·u of the magnitudes, L the products over the width
+  # and the inner width, the sum over tokens and, for the gradients, over the cotangent.
+  bound = 2 * (2 * DIM + x.shape[1] + cotangent.size) * 2.0**-24
+  assert rows.shape == (BATCH, count, DIM)
+  assert float(jnp.abs(rows - want_rows).max()) <= bound * float(jnp.abs(want_rows).max())
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+    assert float(jnp.abs(g - w).max()) <= bound * float(jnp.abs(w).max())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_activations_stay_bfloat16_and_close_to_float32(name):
   module = randomise(build(name, dtype=jnp.bfloat16))
