@@ -113,9 +113,9 @@ class LinenViT(nn.Module):
       )
       # A fresh stream per step, drawn by Linen (which says so if no key was given).
       rngs = nnx.Rngs(dropout=self.make_rng("dropout")) if drop_path > 0 else None
-      # The last block of a class-token model computes only the class token, as `ViT` does.
-      last_cls = num_prefix and i == len(self.mixers) - 1
-      x = block(x, num_prefix=num_prefix, rngs=rngs, only_first=num_prefix if last_cls else None)
+      # The last block computes only the pooled token, as `ViT`'s does.
+      pool = self.pool if i == len(self.mixers) - 1 else None
+      x = block(x, num_prefix=num_prefix, rngs=rngs, pool=pool)
     pooled = x[:, 0] if num_prefix else x.mean(axis=1)
     # Two-pass variance, as lkca_jax's LayerNorm: exact when the mean is large.
     norm = nn.LayerNorm(

@@ -136,10 +136,8 @@ def nnx_stages(vit, linen_stages, images):
     x = jnp.concatenate([cls, x], axis=1)
   x = x + vit.pos_embed[...]
   for i, block in enumerate(vit.blocks):
-    last_cls = num_prefix and i == len(vit.blocks) - 1  # it computes the class token only
-    out[f"blocks_{i}"] = block(
-      x, num_prefix=num_prefix, only_first=num_prefix if last_cls else None
-    )
+    pool = vit.pool if i == len(vit.blocks) - 1 else None  # the last computes the pooled token
+    out[f"blocks_{i}"] = block(x, num_prefix=num_prefix, pool=pool)
     x = linen_stages[f"blocks_{i}"]
   out["head_norm"] = vit.head_norm(x[:, 0] if num_prefix else x.mean(axis=1))
   out["head"] = vit.head(linen_stages["head_norm"])

@@ -378,11 +378,14 @@ def test_grid_mixer_skips_the_class_token():
   assert logits.shape == (BATCH, 5) and np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize("name, overrides", [("vit_05m", {}), ("lkca_05m", {"pool": "cls"})])
-def test_a_class_token_model_computes_only_the_class_token_in_its_last_block(name, overrides):
-  """Only the last block's class token reaches the head. Computing just that row gives the
-  every-token pass's logits and parameter gradients, stochastic depth included (the same
-  per-sample draws), and skips at least the other rows' MLP products."""
+@pytest.mark.parametrize(
+  "name, overrides", [("vit_05m", {}), ("lkca_05m", {"pool": "cls"}), ("lkca_05m", {})]
+)
+def test_the_last_block_computes_only_the_pooled_token(name, overrides):
+  """Only the last block's pooled token reaches the head. Computing just that (the class
+  token's row; or the mean, with the MLP's last product taken once) gives the every-token
+  pass's logits and parameter gradients, stochastic depth included (the same per-sample
+  draws), and skips at least the MLP products it leaves out."""
   model = small_model(name, drop_path_rate=0.5, **overrides)
   randomise_lkca_kernels(model)
   model.train()
@@ -390,7 +393,9 @@ def test_a_class_token_model_computes_only_the_class_token_in_its_last_block(nam
   x, c = images((BATCH, 16, 16, 3)), images((BATCH, 5), seed=1)
 
   def every_token(model, x, rngs=None):
-    return model.head(model.head_norm(manual_forward_tokens(model, x, rngs)[:, 0]))
+    tokens = manual_forward_tokens(model, x, rngs)
+    pooled = tokens[:, 0] if model.pool == "cls" else tokens.mean(axis=1)
+    return model.head(model.head_norm(pooled))
 
   def apply(forward):  # the same dropout stream for both passes
     return lambda p, x: forward(nnx.merge(graphdef, p, rest), x, rngs=nnx.Rngs(dropout=7))
@@ -420,9 +425,12 @@ def test_a_class_token_model_computes_only_the_class_token_in_its_last_block(nam
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
   dim, hidden = model.head.kernel.shape[0], model.blocks[-1].mlp.fc1.out_features
-  other_rows = BATCH * model.grid[0] * model.grid[1]
+  tokens = model.pos_embed[...].shape[0]
   skipped = flops(every_token) - flops(lambda model, x: model(x))
-  assert skipped >= 2 * other_rows * 2 * dim * hidden  # the MLP's two products on those rows
+  # The class token's row: both MLP products on the other rows; the mean: the second one,
+  # for one sum over the tokens of its inputs.
+  products = 2 if model.pool == "cls" else 1
+  assert skipped >= 2 * BATCH * (tokens - 1) * products * dim * hidden - BATCH * tokens * hidden
 
 
 # --- inputs: batch, dtype, channels, shape ------------------------------------------------

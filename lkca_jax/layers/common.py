@@ -232,6 +232,11 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(gelu_exact(self.fc1(x)))
 
+  def mean_output(self, x: jax.Array) -> jax.Array:
+    """`self(x).mean(axis=-2, keepdims=True)`: fc2 is affine, so it maps the mean of its
+    inputs once instead of every token's."""
+    return self.fc2(gelu_exact(self.fc1(x)).mean(axis=-2, keepdims=True))
+
 
 def gelu_exact(x: jax.Array) -> jax.Array:
   """The exact GELU x·Φ(x) = ½·x·(1 + erf(x/√2)), PyTorch's `nn.GELU()` formula.
