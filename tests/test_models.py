@@ -433,6 +433,12 @@ def test_the_last_block_computes_only_the_pooled_token(name, overrides):
   assert skipped >= 2 * BATCH * (tokens - 1) * products * dim * hidden - BATCH * tokens * hidden
 
 
+def test_a_block_refuses_a_pooling_it_does_not_know():
+  block = small_model().blocks[0]
+  with pytest.raises(ValueError, match=r"pool must be None, 'cls' or 'mean', got 'max'"):
+    block(images((BATCH, 64, 16)), pool="max")
+
+
 # --- inputs: batch, dtype, channels, shape ------------------------------------------------
 
 
