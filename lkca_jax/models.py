@@ -126,7 +126,7 @@ class Block(nnx.Module):
     the mean of its inputs."""
     if pool not in (None, "cls", "mean"):
       raise ValueError(f"pool must be None, 'cls' or 'mean', got {pool!r}")
-    mixed = self._mixed(self.norm1(x), num_prefix, 1 if pool == "cls" else None)
+    mixed = self._mixed(self.norm1(x), num_prefix, first_only=pool == "cls")
     if pool == "cls":
       x = x[:, :1]
     x = x + self.drop_path1(mixed, rngs=rngs, rate=drop_path_rate)
@@ -137,18 +137,18 @@ class Block(nnx.Module):
       branch = self.mlp(self.norm2(x))
     return x + self.drop_path2(branch, rngs=rngs, rate=drop_path_rate)
 
-  def _mixed(self, y, num_prefix: int, only_first: int | None):
-    """The mixer branch before the residual add, for every token or the first `only_first`."""
-    count = y.shape[1] if only_first is None else only_first
+  def _mixed(self, y, num_prefix: int, *, first_only: bool):
+    """The mixer branch before the residual add, for every token or the first alone."""
     if num_prefix and self.mixer.needs_grid:
       # A grid mixer sees the patch tokens only; prefix tokens skip this branch.
-      zeros = jnp.zeros_like(y[:, : min(num_prefix, count)])
-      if count <= num_prefix:
-        return zeros
-      return jnp.concatenate([zeros, self.mixer(y[:, num_prefix:])[:, : count - num_prefix]], 1)
-    if only_first is not None and hasattr(self.mixer, "mix_first"):
-      return self.mixer.mix_first(y, only_first)
-    return self.mixer(y)[:, :count]
+      if first_only:
+        return jnp.zeros_like(y[:, :1])
+      return jnp.concatenate([jnp.zeros_like(y[:, :num_prefix]), self.mixer(y[:, num_prefix:])], 1)
+    if not first_only:
+      return self.mixer(y)
+    if hasattr(self.mixer, "mix_first"):
+      return self.mixer.mix_first(y, 1)
+    return self.mixer(y)[:, :1]
 
 
 def _expand_pattern(mixer, depth: int) -> list[str]:

@@ -75,9 +75,8 @@ def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
 
 
 def attention_plain(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
-  b, n, width = qkv.shape
-  q, k, v = jnp.unstack(_split(qkv, num_heads), axis=2)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale).reshape(b, n, width // 3)
+  inner = qkv.shape[-1] // 3
+  return attention_of_queries(qkv[..., :inner], qkv[..., inner:], num_heads, scale)
 
 
 def attention_of_queries(q: jax.Array, kv: jax.Array, num_heads: int, scale: float):
