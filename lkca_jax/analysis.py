@@ -74,28 +74,15 @@ def run_blocks(model: models.ViT, images: jax.Array, *, attention: bool = False)
 
   Returns (tokens (B, T, D), number of prefix tokens before the h·w patch
   tokens, {MHSA layer: softmax weights (B, H, T, T)} if `attention` else {}).
-  `pooled_logits` finishes the forward pass (tests check the two agree).
+  `model.classify` finishes the forward pass (tests check the two agree).
   """
-  if model.dtype is not None:
-    images = images.astype(model.dtype)
-  x = model.patch_embed(model.patchify(images))
-  num_prefix = 0
-  if model.pool == "cls":
-    cls = jnp.broadcast_to(model.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1)
-    num_prefix = 1
-  x = x + model.pos_embed[...].astype(x.dtype)
+  x, num_prefix = model.embed(images)
   weights = {}
   for i, block in enumerate(model.blocks):
     if attention and isinstance(block.mixer, MHSA):
       weights[i] = mhsa_weights(block.mixer, block.norm1(x))
     x = block(x, num_prefix=num_prefix)
   return x, num_prefix, weights
-
-
-def pooled_logits(model: models.ViT, tokens: jax.Array) -> jax.Array:
-  pooled = tokens[:, 0] if model.pool == "cls" else tokens.mean(axis=1)
-  return model.head(model.head_norm(pooled))
 
 
 def _batches(images, batch_size: int):

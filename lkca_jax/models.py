@@ -249,10 +249,9 @@ class ViT(nnx.Module):
     x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, self.grid[0] * self.grid[1], p * p * c)
 
-  def __call__(
-    self, images: jax.Array, *, rngs: nnx.Rngs | None = None, drop_path_rate=None
-  ) -> jax.Array:
-    """`drop_path_rate`, if given (a traced scalar), replaces the blocks' own rate."""
+  def embed(self, images: jax.Array) -> tuple[jax.Array, int]:
+    """The tokens the first block takes, (B, T, D), and how many of them (the class token)
+    come before the h·w patch tokens."""
     if self.dtype is not None:
       images = images.astype(self.dtype)
     x = self.patch_embed(self.patchify(images))
@@ -261,15 +260,25 @@ class ViT(nnx.Module):
       cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
       x = jnp.concatenate([cls, x], axis=1)
       num_prefix = 1
-    x = x + self.pos_embed[...].astype(x.dtype)
+    return x + self.pos_embed[...].astype(x.dtype), num_prefix
+
+  def classify(self, tokens: jax.Array) -> jax.Array:
+    """Logits from the last block's tokens: every token, or only the pooled one."""
+    pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(axis=1)
+    return self.head(self.head_norm(pooled))
+
+  def __call__(
+    self, images: jax.Array, *, rngs: nnx.Rngs | None = None, drop_path_rate=None
+  ) -> jax.Array:
+    """`drop_path_rate`, if given (a traced scalar), replaces the blocks' own rate."""
+    x, num_prefix = self.embed(images)
     for i, block in enumerate(self.blocks):
       # Only the pooled token of the last block reaches the head, so that block computes
       # just it: the same logits for less work (a tenth of a ViT's products with a class
       # token, less with the mean).
       pool = self.pool if i == len(self.blocks) - 1 else None
       x = block(x, num_prefix=num_prefix, rngs=rngs, drop_path_rate=drop_path_rate, pool=pool)
-    pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-    return self.head(self.head_norm(pooled))
+    return self.classify(x)
 
 
 def preset_fields() -> list[str]:

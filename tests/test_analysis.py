@@ -62,13 +62,13 @@ def patch_mask(row, col):
 
 @nnx.jit
 def blocks_and_forward(model, x):
-  """run_blocks (with attention), pooled_logits of its tokens, and the model's own forward pass.
+  """run_blocks (with attention), ViT.classify of its tokens, and the model's own forward pass.
 
   One compiled program instead of two eager passes of many small ops; XLA may merge the two
   passes only where they compute the same thing.
   """
   tokens, num_prefix, weights = analysis.run_blocks(model, x, attention=True)
-  return tokens, num_prefix, weights, analysis.pooled_logits(model, tokens), model(x)
+  return tokens, num_prefix, weights, model.classify(tokens), model(x)
 
 
 @pytest.mark.parametrize("preset", ["lkca_t", "vit_1m"])
