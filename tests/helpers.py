@@ -174,3 +174,17 @@ def chain_terms(model) -> int:
   dim = model.head.kernel.shape[0]
   tokens = model.grid[0] * model.grid[1] + 1
   return model.patch_embed.in_features + len(model.blocks) * (8 * dim + 2 * tokens) + 2 * dim
+
+
+U = 2.0**-24  # float32 unit round-off
+
+
+def assert_reordered(got, expected, terms: int) -> None:
+  """`got` and `expected` compute the same sums of at most `terms` terms in other orders (a
+  batch split another way, a pooled row taken alone): each is within terms·u of the exact
+  value at the scale of the summed magnitudes, so they differ by at most 2·terms·u of
+  that scale, taken here as the largest |expected|."""
+  got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+  bound = 2 * terms * U * max(float(np.abs(expected).max()), 1e-30)
+  err = float(np.abs(got - expected).max())
+  assert err <= bound, f"off by {err:.3g}, over the round-off bound {bound:.3g}"
