@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -188,3 +189,53 @@ def assert_reordered(got, expected, terms: int) -> None:
   bound = 2 * terms * U * max(float(np.abs(expected).max()), 1e-30)
   err = float(np.abs(got - expected).max())
   assert err <= bound, f"off by {err:.3g}, over the round-off bound {bound:.3g}"
+
+
+def step_chain_terms(config) -> int:
+  """Reduction terms along the longest path of one train step (`chain_terms`, a digits grid): per
+  block ~8·D in products and norms and the tokens twice, the head, and the weight gradients'
+  sums over batch × tokens."""
+  dim, depth = config.model_overrides.dim, config.model_overrides.depth
+  tokens = 8 * 8 + 1
+  return depth * (8 * dim + 2 * tokens) + 2 * dim + config.batch_size * tokens
+
+
+def leaves_by_path(tree) -> dict:
+  return {
+    jax.tree_util.keystr(path): np.asarray(leaf, np.float64)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+  return state
+
+
+def adamw_round_off(config, before, after, lr: float, terms: int) -> dict:
+  """Per parameter, the most one AdamW step can move it when its gradient is off by the
+  round-off of `terms`-term sums (2·terms·u of the leaf's largest gradient, the scale of
+  its summed magnitudes): the gradient's interval carried through mu, nu, the bias
+  corrections and mu/(√nu + eps), plus the rounding of applying the update."""
+  opt = config.optimizer
+  b1, b2, eps = opt.b1, opt.b2, opt.eps
+  adam_before, adam_after = adam_state(before.opt_state), adam_state(after.opt_state)
+  count = float(adam_after.count)  # the step's bias corrections use the incremented count
+  mu0, mu1, nu1, params = (
+    leaves_by_path(tree) for tree in (adam_before.mu, adam_after.mu, adam_after.nu, before.params)
+  )
+  assert mu0.keys() == mu1.keys() == nu1.keys() == params.keys()
+  bounds = {}
+  for path, theta in params.items():
+    m0, m1, n1 = mu0[path], mu1[path], nu1[path]
+    g = (m1 - b1 * m0) / (1 - b1)
+    dg = 2 * terms * U * np.abs(g).max()
+    c1, c2 = 1 - b1**count, 1 - b2**count
+    m_hat, dm = np.abs(m1) / c1, (1 - b1) * dg / c1
+    v_hat, dv = n1 / c2, (1 - b2) * (2 * np.abs(g) * dg + dg * dg) / c2
+    s_lo = np.sqrt(np.maximum(v_hat - dv, 0.0)) + eps
+    s_hi = np.sqrt(v_hat + dv) + eps
+    width = (m_hat + dm) / s_lo - np.maximum(m_hat - dm, 0.0) / s_hi
+    bounds[path] = lr * width + 8 * U * (np.abs(theta) + lr * (m_hat + dm) / s_lo)
+  return bounds

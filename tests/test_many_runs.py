@@ -7,7 +7,7 @@ round-off without limit where a gradient is near zero; a tolerance on free-runni
 trajectories would only restate one machine's margin. So each step is checked from the
 same state: run k's slot of the K-run state is set to the single run's, one step of each
 program is taken, and they must agree to the round-off of that one step, propagated
-through AdamW by interval arithmetic (`adamw_round_off`). That checks, at every step,
+through AdamW by interval arithmetic (`tests.helpers.adamw_round_off`). That checks, at every step,
 the data order, the augmentation and dropout keys, the schedule and every swept value.
 """
 
@@ -19,13 +19,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import digits
 from lkca_jax import config_checks, train
 from lkca_jax.data import pipeline as pipeline_lib
-from tests.helpers import with_overrides
+from tests.helpers import U, adamw_round_off, leaves_by_path, step_chain_terms, with_overrides
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -51,64 +50,11 @@ def tiny(**overrides):
   return with_overrides(digits.get_config(), {**TINY, **overrides})
 
 
-U = 2.0**-24  # float32 unit round-off
-
-
-def chain_terms(config) -> int:
-  """Reduction terms along the longest path of one step (see tests/test_transforms.py): per
-  block ~8·D in products and norms and the tokens twice, the head, and the weight gradients'
-  sums over batch × tokens."""
-  dim, depth = config.model_overrides.dim, config.model_overrides.depth
-  tokens = 8 * 8 + 1
-  return depth * (8 * dim + 2 * tokens) + 2 * dim + config.batch_size * tokens
-
-
-def leaves_by_path(tree) -> dict:
-  return {
-    jax.tree_util.keystr(path): np.asarray(leaf, np.float64)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-  }
-
-
-def adam_state(opt_state) -> optax.ScaleByAdamState:
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
-  return state
-
-
-def adamw_round_off(config, before, after, lr: float, terms: int) -> dict:
-  """Per parameter, the most one AdamW step can move it when its gradient is off by the
-  round-off of `terms`-term sums (2·terms·u of the leaf's largest gradient, the scale of
-  its summed magnitudes): the gradient's interval carried through mu, nu, the bias
-  corrections and mu/(√nu + eps), plus the rounding of applying the update."""
-  opt = config.optimizer
-  b1, b2, eps = opt.b1, opt.b2, opt.eps
-  adam_before, adam_after = adam_state(before.opt_state), adam_state(after.opt_state)
-  count = float(adam_after.count)  # the step's bias corrections use the incremented count
-  mu0, mu1, nu1, params = (
-    leaves_by_path(tree) for tree in (adam_before.mu, adam_after.mu, adam_after.nu, before.params)
-  )
-  assert mu0.keys() == mu1.keys() == nu1.keys() == params.keys()
-  bounds = {}
-  for path, theta in params.items():
-    m0, m1, n1 = mu0[path], mu1[path], nu1[path]
-    g = (m1 - b1 * m0) / (1 - b1)
-    dg = 2 * terms * U * np.abs(g).max()
-    c1, c2 = 1 - b1**count, 1 - b2**count
-    m_hat, dm = np.abs(m1) / c1, (1 - b1) * dg / c1
-    v_hat, dv = n1 / c2, (1 - b2) * (2 * np.abs(g) * dg + dg * dg) / c2
-    s_lo = np.sqrt(np.maximum(v_hat - dv, 0.0)) + eps
-    s_hi = np.sqrt(v_hat + dv) + eps
-    width = (m_hat + dm) / s_lo - np.maximum(m_hat - dm, 0.0) / s_hi
-    bounds[path] = lr * width + 8 * U * (np.abs(theta) + lr * (m_hat + dm) / s_lo)
-  return bounds
-
-
 def assert_each_step_is_the_single_runs(many, single, k, config, steps=STEPS):
   """From one shared state per step, run k of `many` and `single` take the same step.
   Returns the runs' `alive` mask at the end and `many`'s losses (steps, runs); the other
   runs train freely from their own states."""
-  terms = chain_terms(config)
+  terms = step_chain_terms(config)
   many_state, single_state, alive = many.state, single.state, many.all_alive
   losses = []
   for step in range(steps):
