@@ -20,22 +20,22 @@ import time
 import numpy as np
 import pytest
 
+from configs import digits
 from tests.conftest import FAST_COMPILE
-from tests.helpers import built_once
-from tests.test_main import ROOT, assert_same_params
+from tests.helpers import U, built_once, step_chain_terms, with_overrides
+from tests.test_main import ROOT, assert_same_params, jax_leaves
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 STEPS = 20  # room for a kill after step 4, a SIGTERM stop at step 16 and a last resume
 # One block: what these tests prove does not depend on depth, and every process that
 # compiles (process 1 always does: only process 0 writes jax's persistent cache) compiles less.
+SIZES = {"model_overrides.dim": 32, "model_overrides.depth": 1, "batch_size": 32}
 TINY = [
   "--config",
   "configs/digits.py",
-  "--config.model_overrides.dim=32",
-  "--config.model_overrides.depth=1",
+  *(f"--config.{key}={value}" for key, value in SIZES.items()),
   "--config.model_overrides.num_heads=2",
-  "--config.batch_size=32",
   f"--config.num_train_steps={STEPS}",
   "--config.checkpoint_every_steps=4",
   "--config.eval_every_steps=6",
@@ -183,11 +183,23 @@ def test_two_processes_train_as_one_with_one_process_late(runs):
   assert runs["seconds"] > LATE_S
   losses = {name: train_losses(runs[name][0]) for name in ("2x4", "1x8")}
   assert losses["2x4"].shape == (STEPS, 2) and np.all(np.isfinite(losses["2x4"]))
-  np.testing.assert_allclose(losses["2x4"], losses["1x8"], rtol=1e-5, atol=1e-5)
+  # The first step starts from the same parameters on the same batch; the jobs differ only
+  # in the order of the cross-device sums: 2·L·u (L the step's reduction terms).
+  terms = step_chain_terms(with_overrides(digits.get_config(), SIZES))
+  first = np.abs(losses["2x4"][0] - losses["1x8"][0])
+  assert (first <= 2 * terms * U * np.abs(losses["1x8"][0])).all(), first
+  # Later steps run free, and AdamW can amplify round-off where a gradient is near zero, so
+  # no round-off bound holds for them (tests/test_many_runs.py). What is checked is that the
+  # jobs train as one: the two runs of a job (two seeds) differ by their parameters' own
+  # scale; a fault (a process training alone on its shards, another data order) moves the
+  # parameters by the learning rate every step, round-off by far less than a thousandth
+  # of that scale.
   step, params = final_params(runs["2x4"][0])
   other_step, other_params = final_params(runs["1x8"][0])
   assert step == other_step == STEPS
-  assert_same_params(params, other_params)
+  for mine, theirs in zip(jax_leaves(params), jax_leaves(other_params), strict=True):
+    between_seeds = np.abs(theirs[0] - theirs[1]).max()
+    assert np.abs(mine - theirs).max() <= 1e-3 * between_seeds
   import jax
 
   leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
