@@ -239,3 +239,13 @@ def adamw_round_off(config, before, after, lr: float, terms: int) -> dict:
     width = (m_hat + dm) / s_lo - np.maximum(m_hat - dm, 0.0) / s_hi
     bounds[path] = lr * width + 8 * U * (np.abs(theta) + lr * (m_hat + dm) / s_lo)
   return bounds
+
+
+def assert_one_step_apart(config, before, after, params, lr: float, terms: int, step: int):
+  """`params` (another program's step from the state `before`) is `after`'s parameters to
+  within that one step's round-off carried through AdamW (`adamw_round_off`)."""
+  bounds = adamw_round_off(config, before, after, lr, terms)
+  got, expected = leaves_by_path(params), leaves_by_path(after.params)
+  for path, bound in bounds.items():
+    excess = np.abs(got[path] - expected[path]) - bound
+    assert excess.max() <= 0, (step, path, float(excess.max()))

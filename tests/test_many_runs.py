@@ -24,7 +24,7 @@ import pytest
 from configs import digits
 from lkca_jax import config_checks, train
 from lkca_jax.data import pipeline as pipeline_lib
-from tests.helpers import U, adamw_round_off, leaves_by_path, step_chain_terms, with_overrides
+from tests.helpers import U, assert_one_step_apart, step_chain_terms, with_overrides
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -70,11 +70,7 @@ def assert_each_step_is_the_single_runs(many, single, k, config, steps=STEPS):
     run_k = jax.tree.map(lambda a: np.asarray(a)[k], jax.device_get(many_state.params))
     lr = float(single_metrics["learning_rate"][0])
     assert float(many_metrics["learning_rate"][k]) == lr
-    bounds = adamw_round_off(config, before, after, lr, terms)
-    got, expected = leaves_by_path(run_k), leaves_by_path(after.params)
-    for path, bound in bounds.items():
-      excess = np.abs(got[path] - expected[path]) - bound
-      assert excess.max() <= 0, (step, path, float(excess.max()))
+    assert_one_step_apart(config, before, after, run_k, lr, terms, step)
   return alive, np.stack(losses)
 
 
