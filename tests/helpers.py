@@ -192,11 +192,14 @@ def assert_reordered(got, expected, terms: int) -> None:
 
 
 def step_chain_terms(config) -> int:
-  """Reduction terms along the longest path of one train step (`chain_terms`, a digits grid): per
-  block ~8·D in products and norms and the tokens twice, the head, and the weight gradients'
-  sums over batch × tokens."""
+  """Reduction terms along the longest path of one train step of `config` (as `chain_terms`):
+  per block ~8·D in products and norms and the tokens twice, the head, and the weight
+  gradients' sums over batch × tokens (the patch grid and a class token)."""
+  from lkca_jax.data import sources
+
+  height, width = sources.DATASETS[config.dataset.name].image_size
+  tokens = (height // config.patch_size) * (width // config.patch_size) + 1
   dim, depth = config.model_overrides.dim, config.model_overrides.depth
-  tokens = 8 * 8 + 1
   return depth * (8 * dim + 2 * tokens) + 2 * dim + config.batch_size * tokens
 
 
