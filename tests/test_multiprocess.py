@@ -126,7 +126,8 @@ def final_params(workdir, step=None):
   import orbax.checkpoint as ocp
 
   directory = os.path.join(workdir, "checkpoints")
-  step = step or max(int(s) for s in os.listdir(directory) if s.isdigit())
+  if step is None:
+    step = max(int(s) for s in os.listdir(directory) if s.isdigit())
   path = os.path.join(directory, str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -14,14 +14,11 @@ from flax import nnx
 from lkca_jax import backend
 from lkca_jax.layers import LKCA, lkca
 from lkca_jax.models import count_params
-from tests.helpers import product_fusions
+from tests.helpers import U, product_fusions
 
 GRIDS = [(8, 8), (4, 4), (3, 5), (16, 16)]
 SHARINGS = ["layer", "head", "channel"]
 BATCH, DIM, HEADS = 2, 8, 2
-
-
-U = 2.0**-24  # float32 unit round-off
 
 
 def assert_within_round_off(actual, expected, magnitude, terms: int, sides: int = 1) -> None:

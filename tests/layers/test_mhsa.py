@@ -11,7 +11,7 @@ from lkca_jax import backend
 from lkca_jax.layers import MHSA
 from lkca_jax.layers.mhsa import attention_cpu
 from lkca_jax.models import count_params
-from tests.helpers import assert_reordered, product_fusions
+from tests.helpers import U, assert_reordered, product_fusions
 
 
 def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
@@ -84,7 +84,7 @@ def test_mix_first_is_the_first_tokens_rows_of_the_reference(count, form):
   logits = np.einsum("bnd,bmd->bnm", q, k).max(-1, keepdims=True) / np.sqrt(5)  # every head's
   # The weights sum to 1, so the weighted values are at most the largest value.
   scale = v.max(axis=1, keepdims=True) @ w_out * (1 + 2 * logits) + b_out
-  bound = 2 * (16 + 9 + 10) * 2.0**-24 * scale
+  bound = 2 * (16 + 9 + 10) * U * scale
   assert (np.abs(out - expected) <= bound).all(), np.abs(out - expected).max()
 
 
