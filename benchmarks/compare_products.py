@@ -27,7 +27,7 @@ import json
 import os
 import statistics
 import subprocess
-import time
+import timeit
 
 from absl import flags
 
@@ -124,13 +124,8 @@ def time_jax(shapes, repeats) -> dict:
 
 
 def median_seconds(call, repeats) -> float:
-  call()  # compiles, and warms the caches as the step's earlier calls would
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  call()  # warms the caches, as the step's earlier calls would
+  return statistics.median(timeit.repeat(call, number=1, repeat=repeats))
 
 
 def time_torch(shapes, repeats) -> dict:

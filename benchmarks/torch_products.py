@@ -10,19 +10,14 @@ the median of REPEATS calls after one untimed call.
 import json
 import statistics
 import sys
-import time
+import timeit
 
 import torch
 
 
 def median_seconds(call, repeats):
   call()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(timeit.repeat(call, number=1, repeat=repeats))
 
 
 def products(x, w, g):
