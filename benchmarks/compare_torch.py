@@ -165,8 +165,30 @@ def summarize(runs, models, forms) -> dict:
   return summary
 
 
+def check_input() -> None:
+  """Bad flags are one `error:` line before either side runs (a JAX run takes minutes)."""
+  from lkca_jax import backend  # pylint: disable=import-outside-toplevel
+  from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
+  if not FLAGS.models or unknown:
+    cli.fail(
+      f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models_lib.PRESETS)}"
+    )
+  if not FLAGS.forms or set(FLAGS.forms) - set(backend.FORMS):
+    cli.fail(f"--forms must list {list(backend.FORMS)}, got {FLAGS.forms}")
+  if not os.access(FLAGS.torch_python, os.X_OK):
+    cli.fail(
+      f"--torch_python={FLAGS.torch_python} is not an executable; give a Python that has "
+      "torch (pip install torch in a separate venv)"
+    )
+  if not os.path.isfile(FLAGS.torch_script):
+    cli.fail(f"--torch_script={FLAGS.torch_script} is not a file; give the port's step script")
+
+
 def main(argv) -> None:
   del argv  # no positional arguments: cli.run refuses them
+  check_input()
   out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   models, forms = FLAGS.models, FLAGS.forms
   runs = alternate(models, forms)

@@ -1,0 +1,39 @@
+"""benchmarks/compare_torch.py refuses bad input with one `error:` line before either side
+runs and writes nothing. (Its timing needs torch, which is never installed here.)"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "compare_torch.py")
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--models=vit_9m"], "unknown model 'vit_9m'"),
+    (["--forms=cpu,gpu"], "--forms must list"),
+    (["--torch_python=/nonexistent/python"], "--torch_python=/nonexistent/python is not an"),
+    (
+      [f"--torch_python={sys.executable}", "--torch_script=/nonexistent/step.py"],
+      "--torch_script=/nonexistent/step.py is not a file",
+    ),
+  ],
+)
+def test_bad_input_is_one_error_line_before_any_run(tmp_path, args, message):
+  out = tmp_path / "compare.json"
+  result = subprocess.run(
+    [sys.executable, SCRIPT, *args, f"--out={out}"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
+  assert result.returncode == 2, result.stdout + result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, result.stderr
+  assert result.stdout == ""  # neither side ran: each prints a line per run
+  assert not out.exists()
