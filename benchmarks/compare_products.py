@@ -10,7 +10,7 @@ g·Wᵀ ("NT") and the weight gradient xᵀ·g ("TN", transposed on the left). T
 finds every forward product of a preset, (rows, in, out), by tracing its CPU forms
 (lkca_jax/backend.py) on CIFAR-shaped images, then times the three products of each
 distinct shape alone: in JAX as `lax.dot_general`s under `jit` (so XLA:CPU picks its
-kernel as it does in the step), and in PyTorch as `torch.mm` (`benchmarks/torch_products.py`,
+kernel as it does in the step), and in PyTorch as `torch.mm` (`benchmarks/_torch_products.py`,
 run by `--torch_python`). Rounds alternate JAX, PyTorch, PyTorch, JAX in one process and
 one subprocess, so a drift in the machine's speed hits both alike.
 
@@ -35,7 +35,7 @@ from lkca_jax.tools import cli
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_SCRIPT = os.path.join(ROOT, "benchmarks", "torch_products.py")
+TORCH_SCRIPT = os.path.join(ROOT, "benchmarks", "_torch_products.py")
 FORMS = ("NN", "NT", "TN")
 SIDES = ("jax", "torch")
 IMAGE_SIZE, NUM_CLASSES = 32, 10  # CIFAR-shaped, as compare_torch.py and the port time it

@@ -1,7 +1,8 @@
 """Every command, found from its folder, answers --help and refuses a bad flag the same way.
 
 The commands are main.py, every public module of lkca_jax/tools (cli.py is their shared
-part, a leading underscore marks a helper) and every script of benchmarks/. Each runs as a
+part) and every script of benchmarks/; in both folders a leading underscore marks a helper,
+not a command (benchmarks/_torch_products.py runs under PyTorch's interpreter). Each runs as a
 real process: `--help` exits 0 with the command's own description on stdout; an unknown
 flag is one `error:` line naming it, the last line on stderr, and exit code 2.
 
@@ -32,7 +33,10 @@ TOOLS = sorted(
   for path in (ROOT / "lkca_jax" / "tools").glob("*.py")
   if not path.name.startswith("_") and path.name != "cli.py"
 )
-COMMANDS = [ROOT / "main.py", *TOOLS, *sorted((ROOT / "benchmarks").glob("*.py"))]
+BENCHMARKS = sorted(
+  path for path in (ROOT / "benchmarks").glob("*.py") if not path.name.startswith("_")
+)
+COMMANDS = [ROOT / "main.py", *TOOLS, *BENCHMARKS]
 
 
 def command_line(path) -> list[str]:
@@ -48,7 +52,7 @@ def first_line_of_docstring(path) -> str:
 def test_the_commands_are_found():
   names = {path.name for path in COMMANDS}
   assert {"main.py", "compare.py", "reproduce.py", "launch.py", "compare_torch.py"} <= names
-  assert not names & {"cli.py", "__init__.py", "_experiment.py"}
+  assert not names & {"cli.py", "__init__.py", "_experiment.py", "_torch_products.py"}
 
 
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda path: str(path.relative_to(ROOT)))
@@ -76,8 +80,10 @@ def test_help_exits_0_and_a_bad_flag_is_one_error_line_and_exit_2(path):
 
 # Asks each command which flags name where it writes (cli.output_flags) and which flags it
 # cannot run without: --config (given configs/digits.py), --zip (the Tiny-ImageNet archive
-# benchmarks/tiny_imagenet_subset.py reads; given the fixture) and enums with no default
-# (given their first value). One process for all: each command's flags are removed after it.
+# benchmarks/tiny_imagenet_subset.py reads; given the fixture), the PyTorch side of the
+# benchmarks/compare_*.py (--torch_python and --torch_script, checked only to exist: given
+# this interpreter and the command's own file) and enums with no default (given their
+# first value). One process for all: each command's flags are removed after it.
 DISCOVER = """
 import importlib.util, json, sys
 from absl import flags
@@ -100,6 +106,10 @@ for index, path in enumerate(sys.argv[1:]):
       needed[name] = "configs/digits.py"
     elif flag.default is None and name == "zip":
       needed[name] = "tests/data/tiny-imagenet-200-fixture.zip"
+    elif name == "torch_python":
+      needed[name] = sys.executable
+    elif name == "torch_script":
+      needed[name] = path
     elif flag.default is None and getattr(flag.parser, "enum_values", None):
       needed[name] = flag.parser.enum_values[0]
   defaults = {name: flags.FLAGS[name].default for name in outputs}

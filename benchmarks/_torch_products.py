@@ -1,6 +1,6 @@
 """PyTorch's side of compare_products.py: x·W, g·Wᵀ and xᵀ·g for each (M, K, N) given.
 
-    python benchmarks/torch_products.py '[[8320, 192, 576], ...]' REPEATS
+    python benchmarks/_torch_products.py '[[8320, 192, 576], ...]' REPEATS
 
 Run by an interpreter with torch; imports nothing of lkca_jax. Prints one JSON line:
 {"seconds": {"MxKxN": {"NN": s, "NT": s, "TN": s}}, "threads": T, "torch": version}, each
