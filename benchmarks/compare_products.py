@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import timeit
 
 from absl import flags
@@ -137,7 +138,12 @@ def time_torch(shapes, repeats) -> dict:
     check=False,
   )
   if result.returncode != 0:
-    cli.fail(f"the PyTorch side failed ({FLAGS.torch_python}):\n{result.stderr.strip()}", 1)
+    sys.stderr.write(result.stderr)
+    cli.fail(
+      f"the PyTorch side exited with {result.returncode} (its output is above); check that "
+      f"--torch_python={FLAGS.torch_python} has torch",
+      1,
+    )
   return json.loads(result.stdout.splitlines()[-1])["seconds"]
 
 

@@ -75,3 +75,19 @@ def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, args, message
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, result.stderr
   assert not out.exists()
+
+
+@pytest.mark.slow  # runs the JAX side first, as the rounds do
+def test_a_pytorch_side_that_fails_ends_the_run_with_one_error_line(tmp_path):
+  out = tmp_path / "products.json"
+  result = run(
+    "--models=vit_1m", "--batch=2", "--repeats=1", "--torch_python=/bin/false", f"--out={out}"
+  )
+  assert result.returncode == 1, result.stdout + result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: the PyTorch side exited with 1"), result.stderr
+  assert "--torch_python=/bin/false" in last
+  assert result.stdout.splitlines()[0].startswith(
+    "jax "
+  )  # JAX had run: the failure is the torch side's
+  assert not out.exists()
