@@ -43,7 +43,7 @@ def run_jax(models, batch, steps, forms) -> dict:
   """{"jax_<forms>": {model: images/s}} of one bench_step run (float32, fixed batch)."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench_step.json")
-    subprocess.run(
+    result = subprocess.run(
       [
         sys.executable,
         "-m",
@@ -57,9 +57,11 @@ def run_jax(models, batch, steps, forms) -> dict:
         f"--out={out}",
       ],
       cwd=ROOT,
-      check=True,
+      check=False,
       stdout=subprocess.DEVNULL,
-    )
+    )  # its stderr is this process's: a failure's own lines come before ours
+    if result.returncode != 0:
+      cli.fail(f"the JAX side (lkca_jax.tools.bench_step) exited with {result.returncode}", 1)
     with open(out) as f:
       results = json.load(f)["results"]
   by_side = {f"jax_{form}": {} for form in forms}
@@ -70,13 +72,21 @@ def run_jax(models, batch, steps, forms) -> dict:
 
 def run_torch(python, script, models, batch, steps) -> dict:
   """{model: images/s} parsed from the port's output lines."""
-  text = subprocess.run(
+  result = subprocess.run(
     [python, script, *models, f"--batch={batch}", f"--steps={steps}"],
     cwd=ROOT,
-    check=True,
+    check=False,
     capture_output=True,
     text=True,
-  ).stdout
+  )
+  text = result.stdout
+  if result.returncode != 0:
+    sys.stderr.write(result.stderr)
+    cli.fail(
+      f"the PyTorch port exited with {result.returncode} (its output is above); check that "
+      f"--torch_python={python} has torch",
+      1,
+    )
   found = {}
   for line in text.splitlines():
     match = TORCH_LINE.match(line.strip())
@@ -84,7 +94,8 @@ def run_torch(python, script, models, batch, steps) -> dict:
       found[match.group(1)] = batch / (float(match.group(2)) / 1e3)
   missing = sorted(set(models) - set(found))
   if missing:
-    raise SystemExit(f"error: no timing for {missing} in the PyTorch output:\n{text}")
+    sys.stderr.write(text)
+    cli.fail(f"no timing for {missing} in the PyTorch port's output (above)", 1)
   return found
 
 

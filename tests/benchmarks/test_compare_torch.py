@@ -37,3 +37,29 @@ def test_bad_input_is_one_error_line_before_any_run(tmp_path, args, message):
   assert last.startswith("error: ") and message in last, result.stderr
   assert result.stdout == ""  # neither side ran: each prints a line per run
   assert not out.exists()
+
+
+@pytest.mark.slow  # runs the JAX side first, as the rounds do
+@pytest.mark.parametrize(
+  "interpreter, message",
+  [
+    ("/bin/false", "error: the PyTorch port exited with 1"),
+    ("/bin/true", "error: no timing for ['vit_1m'] in the PyTorch port's output"),
+  ],
+)
+def test_a_port_that_fails_or_prints_no_timing_ends_the_run_with_one_error_line(
+  tmp_path, interpreter, message
+):
+  out = tmp_path / "compare.json"
+  args = ["--models=vit_1m", "--batch=8", "--steps=1", f"--torch_python={interpreter}"]
+  result = subprocess.run(
+    [sys.executable, SCRIPT, *args, f"--torch_script={SCRIPT}", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert result.returncode == 1, result.stdout + result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+  assert result.stdout.startswith("jax_auto")  # JAX had run: the failure is the port's
+  assert not out.exists()
