@@ -1,5 +1,7 @@
 """benchmarks/compare_torch.py refuses bad input with one `error:` line before either side
-runs and writes nothing. (Its timing needs torch, which is never installed here.)"""
+runs, and ends a run whose port fails or prints no timing with one; it writes nothing then.
+(Its timing needs torch, which is never installed here: /bin/false and /bin/true stand in
+for a broken interpreter.)"""
 
 import os
 import subprocess
