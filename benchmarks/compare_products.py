@@ -90,8 +90,9 @@ def forward_products(preset: str, batch: int) -> list[tuple[int, int, int]]:
   return found
 
 
-def jax_products():
-  """{form: jitted (a, b) -> product} for operands x (M, K), W (K, N), g (M, N)."""
+def compile_jax_products(shapes) -> dict:
+  """{"MxKxN": {form: a call of XLA:CPU's compiled product on its operands}}, compiled once
+  for every run and called as such: the call costs microseconds, not the jit's lookup."""
   import jax  # pylint: disable=import-outside-toplevel
 
   dims = {
@@ -99,29 +100,27 @@ def jax_products():
     "NT": (((1,), (1,)), ((), ())),  # g·Wᵀ
     "TN": (((0,), (0,)), ((), ())),  # xᵀ·g
   }
-  return {form: jax.jit(lambda a, b, d=d: jax.lax.dot_general(a, b, d)) for form, d in dims.items()}
-
-
-def time_jax(shapes, repeats) -> dict:
-  """{"MxKxN": {form: median seconds}} of XLA:CPU's products, each alone."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  products = jax_products()
-  seconds = {}
+  calls = {}
   for m, k, n in shapes:
     keys = jax.random.split(jax.random.key(0), 3)
     x, w, g = (
       jax.random.normal(key, s) for key, s in zip(keys, ((m, k), (k, n), (m, n)), strict=True)
     )
     operands = {"NN": (x, w), "NT": (g, w), "TN": (x, g)}
-    seconds[shape_key((m, k, n))] = {}
+    mine = calls[shape_key((m, k, n))] = {}
     for form in FORMS:
-      # Compiled once and called as such: the call costs microseconds, not the jit's lookup.
-      call = products[form].lower(*operands[form]).compile()
-      seconds[shape_key((m, k, n))][form] = median_seconds(
-        lambda call=call, a=operands[form]: call(*a).block_until_ready(), repeats
-      )
-  return seconds
+      product = jax.jit(lambda a, b, d=dims[form]: jax.lax.dot_general(a, b, d))
+      compiled = product.lower(*operands[form]).compile()
+      mine[form] = lambda c=compiled, o=operands[form]: c(*o).block_until_ready()
+  return calls
+
+
+def time_jax(calls, repeats) -> dict:
+  """{"MxKxN": {form: median seconds}} of XLA:CPU's products, each alone."""
+  return {
+    key: {form: median_seconds(call, repeats) for form, call in forms.items()}
+    for key, forms in calls.items()
+  }
 
 
 def median_seconds(call, repeats) -> float:
@@ -151,15 +150,15 @@ def shape_key(shape) -> str:
   return "x".join(str(s) for s in shape)
 
 
-def alternate(shapes, sides) -> list[dict]:
-  """The A B B A rounds: one record per side and run, with the load around it."""
-  order = [s for s in ("jax", "torch", "torch", "jax") if s in sides]
+def alternate(timers) -> list[dict]:
+  """The A B B A rounds of `timers` ({side: a call giving its seconds}): one record per side
+  and run, with the load around it."""
+  order = [s for s in ("jax", "torch", "torch", "jax") if s in timers]
   runs = []
   for _ in range(FLAGS.rounds):
     for side in order:
       before = round(os.getloadavg()[0], 2)
-      timer = time_jax if side == "jax" else time_torch
-      seconds = timer(shapes, FLAGS.repeats)
+      seconds = timers[side]()
       after = round(os.getloadavg()[0], 2)
       runs.append({"side": side, "seconds": seconds, "load_before": before, "load_after": after})
       print(f"{side:<6} load {before:5.2f} -> {after:5.2f}", flush=True)
@@ -179,17 +178,16 @@ def summarize(products, runs, sides) -> dict:
   median = {side: median_seconds_over_runs(runs, side) for side in sides}
   summary = {}
   for model, shapes in products.items():
-    counts = collections.Counter(shape_key(s) for s in shapes)
     rows = {}
-    for key, count in counts.items():
-      m, k, n = (int(v) for v in key.split("x"))
-      flop = 2 * m * k * n
+    for (m, k, n), count in collections.Counter(shapes).items():
+      key, flop = shape_key((m, k, n)), 2 * m * k * n
       rows[key] = {"count": count}
       for side in sides:
         rows[key][side] = {form: flop / median[side][key][form] / 1e9 for form in FORMS}
     step_ms = {
       side: {
-        form: 1e3 * sum(c * median[side][key][form] for key, c in counts.items()) for form in FORMS
+        form: 1e3 * sum(row["count"] * median[side][key][form] for key, row in rows.items())
+        for form in FORMS
       }
       for side in sides
     }
@@ -215,13 +213,7 @@ def print_model(model, rows, step_ms, sides) -> None:
 
 def main(argv) -> None:
   del argv  # no positional arguments: cli.run refuses them
-  from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
-
-  unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
-  if not FLAGS.models or unknown:
-    cli.fail(
-      f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models_lib.PRESETS)}"
-    )
+  cli.check_presets(FLAGS.models)
   if not FLAGS.sides or set(FLAGS.sides) - set(SIDES):
     cli.fail(f"--sides must list {list(SIDES)}, got {FLAGS.sides}")
   if "torch" in FLAGS.sides and not os.access(FLAGS.torch_python, os.X_OK):
@@ -232,7 +224,13 @@ def main(argv) -> None:
   out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   products = {m: forward_products(m, FLAGS.batch) for m in FLAGS.models}
   shapes = sorted({s for found in products.values() for s in found})
-  runs = alternate(shapes, FLAGS.sides)
+  timers = {}
+  if "jax" in FLAGS.sides:
+    calls = compile_jax_products(shapes)
+    timers["jax"] = lambda: time_jax(calls, FLAGS.repeats)
+  if "torch" in FLAGS.sides:
+    timers["torch"] = lambda: time_torch(shapes, FLAGS.repeats)
+  runs = alternate(timers)
   summary = summarize(products, runs, FLAGS.sides)
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(

@@ -179,13 +179,8 @@ def summarize(runs, models, forms) -> dict:
 def check_input() -> None:
   """Bad flags are one `error:` line before either side runs (a JAX run takes minutes)."""
   from lkca_jax import backend  # pylint: disable=import-outside-toplevel
-  from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
 
-  unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
-  if not FLAGS.models or unknown:
-    cli.fail(
-      f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models_lib.PRESETS)}"
-    )
+  cli.check_presets(FLAGS.models)
   if not FLAGS.forms or set(FLAGS.forms) - set(backend.FORMS):
     cli.fail(f"--forms must list {list(backend.FORMS)}, got {FLAGS.forms}")
   if not os.access(FLAGS.torch_python, os.X_OK):

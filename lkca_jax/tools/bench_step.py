@@ -377,11 +377,7 @@ def main(argv):
   from lkca_jax import backend, train  # pylint: disable=import-outside-toplevel
   from lkca_jax import models as models_lib  # pylint: disable=import-outside-toplevel
 
-  unknown = [m for m in FLAGS.models if m not in models_lib.PRESETS]
-  if not FLAGS.models or unknown:
-    cli.fail(
-      f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models_lib.PRESETS)}"
-    )
+  cli.check_presets(FLAGS.models)
   bad = [d for d in FLAGS.dtype if d not in models_lib.DTYPES]
   if not FLAGS.dtype or bad:
     cli.fail(f"--dtype must list {sorted(models_lib.DTYPES)}, got {FLAGS.dtype}")

@@ -249,6 +249,15 @@ def output_file(path, flag: str) -> epath.Path:
   return path
 
 
+def check_presets(names: list[str]) -> None:
+  """`fail`s unless `names` (a --models list) is non-empty and every name is a preset."""
+  from lkca_jax import models  # pylint: disable=import-outside-toplevel
+
+  unknown = [name for name in names if name not in models.PRESETS]
+  if not names or unknown:
+    fail(f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models.PRESETS)}")
+
+
 def cpu_model() -> str:
   """The CPU's model name and the flags that decide its fast paths (AVX-512, AMX)."""
   try:

@@ -87,7 +87,6 @@ def test_a_pytorch_side_that_fails_ends_the_run_with_one_error_line(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: the PyTorch side exited with 1"), result.stderr
   assert "--torch_python=/bin/false" in last
-  assert result.stdout.splitlines()[0].startswith(
-    "jax "
-  )  # JAX had run: the failure is the torch side's
+  # JAX had run: the failure is the PyTorch side's.
+  assert result.stdout.splitlines()[0].startswith("jax ")
   assert not out.exists()
