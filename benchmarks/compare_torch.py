@@ -3,7 +3,7 @@
     python benchmarks/compare_torch.py [--models lkca_b,vit,lkca_t,vit_1m] [--batch 128]
         [--steps 20] [--repeats 1] [--forms auto] [--torch_python /work/torchvenv/bin/python]
         [--torch_script ../shared/bench/torch_reference_step.py]
-        [--out bench_results/compare_torch.json]
+        [--cpus 0] [--out bench_results/compare_torch.json]
 
 Each repeat runs, in separate processes, A = `python -m lkca_jax.tools.bench_step
 --dtype float32 --columns fixed` (model, loss, AdamW, no per-image augmentation,
@@ -12,6 +12,8 @@ load hits both alike. `--forms cpu,plain` times both layer forms in each A run
 (interleaved in one process), so both ratios come from one alternation. Per model
 it prints the median images/s of each side over its runs, the JAX / PyTorch ratio
 (above 1: JAX is faster), and the load average before and after every run.
+`--cpus` pins both sides to the CPUs listed (each side sizes its thread pool to
+them): `--cpus=0` compares the kernels on one core, without either side's threading.
 PyTorch is a timing anchor only: nothing in lkca_jax imports it.
 """
 
@@ -39,8 +41,9 @@ def load() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def run_jax(models, batch, steps, forms) -> dict:
-  """{"jax_<forms>": {model: images/s}} of one bench_step run (float32, fixed batch)."""
+def run_jax(models, batch, steps, forms) -> tuple[dict, int]:
+  """{"jax_<forms>": {model: images/s}} of one bench_step run (float32, fixed batch), and
+  the number of CPUs that run could use."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench_step.json")
     result = subprocess.run(
@@ -63,11 +66,11 @@ def run_jax(models, batch, steps, forms) -> dict:
     if result.returncode != 0:
       cli.fail(f"the JAX side (lkca_jax.tools.bench_step) exited with {result.returncode}", 1)
     with open(out) as f:
-      results = json.load(f)["results"]
+      report = json.load(f)
   by_side = {f"jax_{form}": {} for form in forms}
-  for r in results:
+  for r in report["results"]:
     by_side[f"jax_{r['forms']}"][r["model"]] = r["fixed"]["images_per_second"]
-  return by_side
+  return by_side, report["machine"]["cpus_usable"]
 
 
 def run_torch(python, script, models, batch, steps) -> dict:
@@ -114,6 +117,12 @@ def define_flags() -> None:
     "out", "bench_results/compare_torch.json", "Where the JSON results go (from the repository)."
   )
   flags.DEFINE_list(
+    "cpus",
+    [],
+    "CPU ids both sides run on (pinned, inherited by their processes); empty: every CPU "
+    "this process may use. --cpus=0 times one core.",
+  )
+  flags.DEFINE_list(
     "forms",
     ["auto"],
     "Layer forms lkca_jax times, each its own column: auto, cpu, plain (lkca_jax/backend.py).",
@@ -127,13 +136,14 @@ def alternate(models, forms) -> list[dict]:
     for side in ("jax", "torch", "torch", "jax"):
       before, start = load(), time.time()
       if side == "jax":
-        by_side = run_jax(models, FLAGS.batch, FLAGS.steps, forms)
+        by_side, cpus_usable = run_jax(models, FLAGS.batch, FLAGS.steps, forms)
       else:
         by_side = {
           "torch": run_torch(
             FLAGS.torch_python, FLAGS.torch_script, models, FLAGS.batch, FLAGS.steps
           )
         }
+        cpus_usable = None  # the port reports nothing; it inherits the same pinning
       after, seconds = load(), round(time.time() - start, 1)
       for name, ips in by_side.items():
         runs.append(
@@ -143,6 +153,7 @@ def alternate(models, forms) -> list[dict]:
             "load_before": before,
             "load_after": after,
             "seconds": seconds,
+            **({"cpus_usable": cpus_usable} if cpus_usable is not None else {}),
           }
         )
         print(
@@ -176,13 +187,31 @@ def summarize(runs, models, forms) -> dict:
   return summary
 
 
-def check_input() -> None:
+def requested_cpus() -> set[int]:
+  """--cpus as CPU ids this process may run on (all of them when the flag is empty)."""
+  usable = os.sched_getaffinity(0)
+  if not FLAGS.cpus:
+    return usable
+  try:
+    cpus = {int(c) for c in FLAGS.cpus}
+  except ValueError:
+    cli.fail(f"--cpus must list CPU ids (integers), got {','.join(FLAGS.cpus)}")
+  if not cpus <= usable:
+    cli.fail(
+      f"--cpus={','.join(FLAGS.cpus)}: CPU {min(cpus - usable)} is not one this process may "
+      f"run on; choose from {','.join(map(str, sorted(usable)))}"
+    )
+  return cpus
+
+
+def check_input() -> set[int]:
   """Bad flags are one `error:` line before either side runs (a JAX run takes minutes)."""
   from lkca_jax import backend  # pylint: disable=import-outside-toplevel
 
   cli.check_presets(FLAGS.models)
   if not FLAGS.forms or set(FLAGS.forms) - set(backend.FORMS):
     cli.fail(f"--forms must list {list(backend.FORMS)}, got {FLAGS.forms}")
+  cpus = requested_cpus()
   if not os.access(FLAGS.torch_python, os.X_OK):
     cli.fail(
       f"--torch_python={FLAGS.torch_python} is not an executable; give a Python that has "
@@ -190,19 +219,21 @@ def check_input() -> None:
     )
   if not os.path.isfile(FLAGS.torch_script):
     cli.fail(f"--torch_script={FLAGS.torch_script} is not a file; give the port's step script")
+  return cpus
 
 
 def main(argv) -> None:
   del argv  # no positional arguments: cli.run refuses them
-  check_input()
+  cpus = check_input()
   out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   models, forms = FLAGS.models, FLAGS.forms
+  os.sched_setaffinity(0, cpus)  # both sides' processes inherit it
   runs = alternate(models, forms)
   summary = summarize(runs, models, forms)
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
-    f"{os.cpu_count()} CPUs, {cli.cpu_model()}"
+    f"on CPUs {','.join(map(str, sorted(cpus)))} of {os.cpu_count()}, {cli.cpu_model()}"
   )
   results = {
     "runs": runs,
@@ -211,6 +242,7 @@ def main(argv) -> None:
     "steps": FLAGS.steps,
     "forms": forms,
     "cpu_count": os.cpu_count(),
+    "cpus": sorted(cpus),
     "cpu_model": cli.cpu_model(),
   }
   cli.write_json(out, results)

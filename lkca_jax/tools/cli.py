@@ -285,6 +285,7 @@ def machine_info() -> dict:
     "device_kind": device.device_kind,
     "devices": jax.device_count(),
     "cpu_count": os.cpu_count(),
+    "cpus_usable": len(os.sched_getaffinity(0)),  # fewer than cpu_count when pinned
     "cpu_model": cpu_model(),
     "python": platform.python_version(),
     "jax": jax.__version__,

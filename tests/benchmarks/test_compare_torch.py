@@ -1,14 +1,17 @@
 """benchmarks/compare_torch.py refuses bad input with one `error:` line before either side
 runs, and ends a run whose port fails or prints no timing with one; it writes nothing then.
-(Its timing needs torch, which is never installed here: /bin/false and /bin/true stand in
-for a broken interpreter.)"""
+`--cpus` pins both sides. (Its timing needs torch, which is never installed here: /bin/false
+and /bin/true stand in for a broken interpreter, and a script that reports the CPUs it may
+use for the port.)"""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+USABLE = sorted(os.sched_getaffinity(0))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compare_torch.py")
 
@@ -23,6 +26,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "compare_torch.py")
       [f"--torch_python={sys.executable}", "--torch_script=/nonexistent/step.py"],
       "--torch_script=/nonexistent/step.py is not a file",
     ),
+    (["--cpus=first"], "--cpus must list CPU ids (integers), got first"),
+    ([f"--cpus={USABLE[-1] + 1}"], f"CPU {USABLE[-1] + 1} is not one this process may run on"),
   ],
 )
 def test_bad_input_is_one_error_line_before_any_run(tmp_path, args, message):
@@ -65,3 +70,34 @@ def test_a_port_that_fails_or_prints_no_timing_ends_the_run_with_one_error_line(
   assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
   assert result.stdout.startswith("jax_auto")  # JAX had run: the failure is the port's
   assert not out.exists()
+
+
+# The port's output line, its ms/step the number of CPUs it may use times 1,000.
+PORT_SEEING_ITS_CPUS = """import os, sys
+cpus = len(os.sched_getaffinity(0))
+for model in (a for a in sys.argv[1:] if not a.startswith("--")):
+  print(f"torch {model} float32 batch 8: {1000.0 * cpus} ms/step, 0 img/s")
+"""
+
+
+@pytest.mark.slow  # two JAX runs
+@pytest.mark.skipif(len(USABLE) < 2, reason="pinning to one CPU is only visible with two")
+def test_cpus_pins_both_sides_to_the_cpus_listed(tmp_path):
+  out, port = tmp_path / "compare.json", tmp_path / "port.py"
+  port.write_text(PORT_SEEING_ITS_CPUS)
+  args = ["--models=vit_1m", "--batch=8", "--steps=1", f"--cpus={USABLE[-1]}", f"--out={out}"]
+  result = subprocess.run(
+    [sys.executable, SCRIPT, *args, f"--torch_python={sys.executable}", f"--torch_script={port}"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  results = json.loads(out.read_text())
+  assert results["cpus"] == [USABLE[-1]]
+  jax_runs = [r for r in results["runs"] if r["side"] == "jax_auto"]
+  torch_runs = [r for r in results["runs"] if r["side"] == "torch"]
+  assert [r["cpus_usable"] for r in jax_runs] == [1, 1]
+  # 8 images in 1,000 ms: the port saw one CPU (two would be 2,000 ms, 4 images/s)
+  assert [r["images_per_second"]["vit_1m"] for r in torch_runs] == [8.0, 8.0]
