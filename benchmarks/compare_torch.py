@@ -143,7 +143,7 @@ def alternate(models, forms) -> list[dict]:
             FLAGS.torch_python, FLAGS.torch_script, models, FLAGS.batch, FLAGS.steps
           )
         }
-        cpus_usable = None  # the port reports nothing; it inherits the same pinning
+        cpus_usable = None  # the port reports none; it inherits the same pinning
       after, seconds = load(), round(time.time() - start, 1)
       for name, ips in by_side.items():
         runs.append(
@@ -153,7 +153,7 @@ def alternate(models, forms) -> list[dict]:
             "load_before": before,
             "load_after": after,
             "seconds": seconds,
-            **({"cpus_usable": cpus_usable} if cpus_usable is not None else {}),
+            "cpus_usable": cpus_usable,
           }
         )
         print(
