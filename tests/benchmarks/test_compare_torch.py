@@ -16,6 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "benchmarks", "compare_torch.py")
 
 
+def compare_torch(*args: str, timeout: int) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+  )
+
+
 @pytest.mark.parametrize(
   "args, message",
   [
@@ -32,13 +38,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "compare_torch.py")
 )
 def test_bad_input_is_one_error_line_before_any_run(tmp_path, args, message):
   out = tmp_path / "compare.json"
-  result = subprocess.run(
-    [sys.executable, SCRIPT, *args, f"--out={out}"],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    cwd=ROOT,
-  )
+  result = compare_torch(*args, f"--out={out}", timeout=120)
   assert result.returncode == 2, result.stdout + result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and message in last, result.stderr
@@ -59,13 +59,7 @@ def test_a_port_that_fails_or_prints_no_timing_ends_the_run_with_one_error_line(
 ):
   out = tmp_path / "compare.json"
   args = ["--models=vit_1m", "--batch=8", "--steps=1", f"--torch_python={interpreter}"]
-  result = subprocess.run(
-    [sys.executable, SCRIPT, *args, f"--torch_script={SCRIPT}", f"--out={out}"],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=ROOT,
-  )
+  result = compare_torch(*args, f"--torch_script={SCRIPT}", f"--out={out}", timeout=300)
   assert result.returncode == 1, result.stdout + result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
   assert result.stdout.startswith("jax_auto")  # JAX had run: the failure is the port's
@@ -86,12 +80,8 @@ def test_cpus_pins_both_sides_to_the_cpus_listed(tmp_path):
   out, port = tmp_path / "compare.json", tmp_path / "port.py"
   port.write_text(PORT_SEEING_ITS_CPUS)
   args = ["--models=vit_1m", "--batch=8", "--steps=1", f"--cpus={USABLE[-1]}", f"--out={out}"]
-  result = subprocess.run(
-    [sys.executable, SCRIPT, *args, f"--torch_python={sys.executable}", f"--torch_script={port}"],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
+  result = compare_torch(
+    *args, f"--torch_python={sys.executable}", f"--torch_script={port}", timeout=600
   )
   assert result.returncode == 0, result.stdout + result.stderr
   results = json.loads(out.read_text())
