@@ -17,7 +17,9 @@ one subprocess, so a drift in the machine's speed hits both alike.
 Per model and form it prints GFLOP/s of each side and the milliseconds a step spends in
 those products at those rates (a count over every Linear; the patch embedding's input
 gradient, which the step skips, is under 0.5 % of it). The mixers' own products (attention,
-LKCA's mixing) are not Linears and are left out. `--sides jax` times JAX alone.
+LKCA's mixing) are not Linears and are left out. `--sides jax` times JAX alone. Under
+`taskset -c 0` both sides run on one core (each sizes its threads to the CPUs it may use;
+the JSON records them).
 """
 
 from __future__ import annotations
@@ -235,7 +237,7 @@ def main(argv) -> None:
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"\nload average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
-    f"{os.cpu_count()} CPUs, {cli.cpu_model()}"
+    f"on {cli.cpus_in_use()}, {cli.cpu_model()}"
   )
   cli.write_json(
     out,
@@ -245,6 +247,7 @@ def main(argv) -> None:
       "batch": FLAGS.batch,
       "repeats": FLAGS.repeats,
       "cpu_count": os.cpu_count(),
+      "cpus": sorted(os.sched_getaffinity(0)),
       "cpu_model": cli.cpu_model(),
     },
   )

@@ -233,7 +233,7 @@ def main(argv) -> None:
   loads = [r["load_before"] for r in runs] + [r["load_after"] for r in runs]
   print(
     f"load average (1 min) during the runs: {min(loads):.2f} .. {max(loads):.2f}; "
-    f"on CPUs {','.join(map(str, sorted(cpus)))} of {os.cpu_count()}, {cli.cpu_model()}"
+    f"on {cli.cpus_in_use()}, {cli.cpu_model()}"
   )
   results = {
     "runs": runs,

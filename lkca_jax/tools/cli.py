@@ -273,6 +273,11 @@ def cpu_model() -> str:
   return f"{info.get('model name', 'unknown')} ({' '.join(wanted) or 'no AVX-512/AMX'})"
 
 
+def cpus_in_use() -> str:
+  """ "CPUs 0,1 of 2": the CPUs this process may run on (fewer when pinned), of all."""
+  return f"CPUs {','.join(map(str, sorted(os.sched_getaffinity(0))))} of {os.cpu_count()}"
+
+
 def machine_info() -> dict:
   """The machine a number was measured on, with the 1-minute load average now."""
   import jax  # pylint: disable=import-outside-toplevel
