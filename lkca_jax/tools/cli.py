@@ -274,7 +274,7 @@ def cpu_model() -> str:
 
 
 def cpus_in_use() -> str:
-  """ "CPUs 0,1 of 2": the CPUs this process may run on (fewer when pinned), of all."""
+  """The CPUs this process may run on (fewer when pinned), of all: "CPUs 0,1 of 2"."""
   return f"CPUs {','.join(map(str, sorted(os.sched_getaffinity(0))))} of {os.cpu_count()}"
 
 
