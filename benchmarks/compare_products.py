@@ -19,7 +19,7 @@ those products at those rates (a count over every Linear; the patch embedding's 
 gradient, which the step skips, is under 0.5 % of it). The mixers' own products (attention,
 LKCA's mixing) are not Linears and are left out. `--sides jax` times JAX alone. Under
 `taskset -c 0` both sides run on one core (each sizes its threads to the CPUs it may use;
-the JSON records them).
+the JSON records the CPUs, and the threads each PyTorch run used).
 """
 
 from __future__ import annotations
@@ -118,10 +118,12 @@ def compile_jax_products(shapes) -> dict:
 
 
 def time_jax(calls, repeats) -> dict:
-  """{"MxKxN": {form: median seconds}} of XLA:CPU's products, each alone."""
+  """{"seconds": {"MxKxN": {form: median seconds}}} of XLA:CPU's products, each alone."""
   return {
-    key: {form: median_seconds(call, repeats) for form, call in forms.items()}
-    for key, forms in calls.items()
+    "seconds": {
+      key: {form: median_seconds(call, repeats) for form, call in forms.items()}
+      for key, forms in calls.items()
+    }
   }
 
 
@@ -131,7 +133,7 @@ def median_seconds(call, repeats) -> float:
 
 
 def time_torch(shapes, repeats) -> dict:
-  """The same as `time_jax`, from PyTorch in its own process."""
+  """The same as `time_jax`, from PyTorch in its own process, with the threads it used."""
   result = subprocess.run(
     [FLAGS.torch_python, TORCH_SCRIPT, json.dumps(shapes), str(repeats)],
     capture_output=True,
@@ -145,7 +147,8 @@ def time_torch(shapes, repeats) -> dict:
       f"--torch_python={FLAGS.torch_python} has torch",
       1,
     )
-  return json.loads(result.stdout.splitlines()[-1])["seconds"]
+  report = json.loads(result.stdout.splitlines()[-1])
+  return {"seconds": report["seconds"], "threads": report["threads"]}
 
 
 def shape_key(shape) -> str:
@@ -153,16 +156,16 @@ def shape_key(shape) -> str:
 
 
 def alternate(timers) -> list[dict]:
-  """The A B B A rounds of `timers` ({side: a call giving its seconds}): one record per side
-  and run, with the load around it."""
+  """The A B B A rounds of `timers` ({side: a call giving {"seconds": ...}}): one record per
+  side and run, with the load around it."""
   order = [s for s in ("jax", "torch", "torch", "jax") if s in timers]
   runs = []
   for _ in range(FLAGS.rounds):
     for side in order:
       before = round(os.getloadavg()[0], 2)
-      seconds = timers[side]()
+      timed = timers[side]()
       after = round(os.getloadavg()[0], 2)
-      runs.append({"side": side, "seconds": seconds, "load_before": before, "load_after": after})
+      runs.append({"side": side, **timed, "load_before": before, "load_after": after})
       print(f"{side:<6} load {before:5.2f} -> {after:5.2f}", flush=True)
   return runs
 
