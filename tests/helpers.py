@@ -178,6 +178,7 @@ def chain_terms(model) -> int:
 
 
 U = 2.0**-24  # float32 unit round-off
+U_BF16 = 2.0**-8  # bfloat16 unit round-off (8-bit significand)
 
 
 def assert_reordered(got, expected, terms: int) -> None:

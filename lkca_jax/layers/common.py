@@ -245,8 +245,14 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   into an exp plus a rational approximation with selects; erf is one cheaper
   polynomial (8192×420 float32, 2-core CPU: forward + backward 6.3 → 4.3 ms).
   The two agree to float32 round-off of x (|Δ| ≤ ~1e-7·|x|).
+
+  Below float32 it is computed in float32 and rounded once, as for LayerNorm: rounding
+  after each of its six operations costs accuracy, and on the CPU, where XLA keeps every
+  such rounding, time (docs/benchmarks.md, 2026-12-05e).
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  y = 0.5 * wide * (1.0 + jax.lax.erf(wide * np.asarray(1 / np.sqrt(2), wide.dtype)))
+  return y.astype(x.dtype)
 
 
 def as_grid(grid) -> tuple[int, int]:

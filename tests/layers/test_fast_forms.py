@@ -9,7 +9,7 @@ import pytest
 import scipy.special
 
 from lkca_jax.layers import common, lkca
-from tests.helpers import assert_reordered
+from tests.helpers import U_BF16, assert_reordered
 
 
 def test_gelu_exact_is_the_erf_gelu_to_float32_round_off():
@@ -30,15 +30,27 @@ def test_gelu_exact_is_the_erf_gelu_to_float32_round_off():
   assert np.max(np.abs(grad - reference_grad)) < 1e-6
 
 
-def test_gelu_exact_keeps_bfloat16():
-  x = jnp.linspace(-4, 4, 64, dtype=jnp.bfloat16)
-  out = common.gelu_exact(x)
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(
-    np.asarray(out, np.float32),
-    np.asarray(jax.nn.gelu(x.astype(jnp.float32), approximate=False)),
-    atol=3e-2,
+def test_gelu_exact_rounds_once_in_bfloat16():
+  """Below float32 the GELU and its gradient are computed in float32 and rounded once:
+  each value is within one bfloat16 rounding (2⁻⁸ relative) of the exact one, plus the
+  float32 computation's own error (checked above: under 2e-7·max(1, |x|))."""
+  x = jnp.asarray(np.linspace(-6, 6, 2001), jnp.bfloat16)
+  cotangent = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2, 2001), jnp.bfloat16)
+  out, vjp = jax.vjp(common.gelu_exact, x)
+  (grad,) = vjp(cotangent)
+  assert out.dtype == grad.dtype == jnp.bfloat16
+  x64, c64 = np.asarray(x, np.float64), np.asarray(cotangent, np.float64)
+  reference = 0.5 * x64 * (1 + scipy.special.erf(x64 / np.sqrt(2)))
+  reference_grad = c64 * (
+    0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2)))
+    + x64 * np.exp(-(x64**2) / 2) / np.sqrt(2 * np.pi)
   )
+  float32_error = 1e-6 * np.maximum(1, np.abs(x64)) * np.maximum(1, c64)
+  for got, want in ((out, reference), (grad, reference_grad)):
+    error = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(error <= U_BF16 * np.abs(want) + float32_error), np.max(
+      error / (np.abs(want) + float32_error)
+    )
 
 
 @pytest.mark.parametrize("grid", [(8, 8), (3, 5)])
