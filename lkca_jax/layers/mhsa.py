@@ -146,16 +146,26 @@ def _attention_primal(qkv, num_heads, scale):
   return out, (q, k, v, weights)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def attention_cpu(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   """`attention` as batched products over (B·H, N, d) heads, each fused with a row sum
   (`threaded`) so that it runs on every thread, its derivative given as a tangent rule
   whose transpose computes the softmax gradient's row term Σ_m dW·W as the equal
-  Σ_d dO·O: a sum over d, not over N (docs/benchmarks.md)."""
+  Σ_d dO·O: a sum over d, not over N (docs/benchmarks.md).
+
+  Below float32 it runs in float32 and rounds its output once, as `mix_attention_cpu`
+  does: XLA:CPU widens such products anyway, and reverse mode then assembles the gradient
+  into qkv's layout in float32 and rounds it once, where in bfloat16 it rounded at every
+  step (the `vit` bfloat16 step 1.29× faster, docs/benchmarks.md, 2026-12-05e)."""
+  wide = jnp.promote_types(qkv.dtype, jnp.float32)
+  return _attention_cpu_wide(qkv.astype(wide), num_heads, scale).astype(qkv.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _attention_cpu_wide(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   return _merge_heads(_attention_primal(qkv, num_heads, scale)[0], qkv.shape[0], num_heads)
 
 
-@attention_cpu.defjvp
+@_attention_cpu_wide.defjvp
 def _attention_cpu_jvp(num_heads, scale, primals, tangents):
   (qkv,), (d_qkv,) = primals, tangents
   out, (q, k, v, weights) = _attention_primal(qkv, num_heads, scale)

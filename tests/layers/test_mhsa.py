@@ -11,7 +11,7 @@ from lkca_jax import backend
 from lkca_jax.layers import MHSA
 from lkca_jax.layers.mhsa import attention_cpu
 from lkca_jax.models import count_params
-from tests.helpers import U, assert_reordered, product_fusions
+from tests.helpers import U_BF16, U, assert_reordered, product_fusions
 
 
 def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
@@ -118,24 +118,34 @@ def test_bfloat16_module_returns_bfloat16_close_to_float32():
   assert err < 2e-2  # a few bf16 roundings (8-bit mantissa); measured 0.4%
 
 
-def test_cpu_form_fuses_every_product_with_a_row_sum_on_the_cpu():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_form_fuses_every_product_with_a_row_sum_on_the_cpu(dtype):
   """The CPU form's speed rests on XLA:CPU fusing each batched product of the attention
   core, forward and backward, with a reduction over rows (YNNPACK then runs it on every
-  thread; alone it runs on one). A jaxlib that fuses otherwise fails here, by name."""
-  qkv = jnp.zeros((32, 65, 3 * 8 * 17), jnp.float32)  # vit_1m's layer at batch 32
-  cotangent = jnp.zeros((32, 65, 8 * 17), jnp.float32)
-  loss = lambda x, c: jnp.sum(attention_cpu(x, 8, 17**-0.5) * c)
+  thread; alone it runs on one). Below float32 the core runs in float32, so the same
+  holds there. A jaxlib that fuses otherwise fails here, by name."""
+  qkv = jnp.zeros((32, 65, 3 * 8 * 17), dtype)  # vit_1m's layer at batch 32
+  cotangent = jnp.zeros((32, 65, 8 * 17), dtype)
+  loss = lambda x, c: jnp.sum((attention_cpu(x, 8, 17**-0.5) * c).astype(jnp.float32))
   fusions = product_fusions(jax.value_and_grad(loss), qkv, cotangent)
   # Two products forward (q·kᵀ, W·v), four backward (dq, dk, dv, dO·vᵀ).
   assert len(fusions) == 6 and "unfused" not in fusions, sorted(fusions)
   assert all("reduce" in ops for ops in fusions.values()), fusions
 
 
-def test_cpu_form_adds_no_row_sums_in_bfloat16():
-  """In bfloat16 XLA:CPU widens the core's products to float32 ones outside any fusion,
-  so a row sum there would not thread them; alone it runs as a slow tree of windows."""
-  qkv = jnp.zeros((32, 65, 3 * 8 * 17), jnp.bfloat16)
-  cotangent = jnp.zeros((32, 65, 8 * 17), jnp.bfloat16)
-  loss = lambda x, c: jnp.sum((attention_cpu(x, 8, 17**-0.5) * c).astype(jnp.float32))
-  text = jax.jit(jax.value_and_grad(loss)).lower(qkv, cotangent).compile().as_text()
-  assert "reduce-window" not in text
+def test_cpu_form_rounds_once_in_bfloat16():
+  """In bfloat16 the CPU form's output and its gradient are the float32 computation on the
+  same values, rounded once: within 2⁻⁸ (one bfloat16 rounding) of it, plus 2⁻¹⁶ of the
+  largest entry for the float32 round-off of both (sums of under 256 terms)."""
+  rng = np.random.default_rng(4)
+  qkv = jnp.asarray(rng.standard_normal((4, 65, 3 * 8 * 17)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.standard_normal((4, 65, 8 * 17)), jnp.bfloat16)
+  core = lambda x: attention_cpu(x, 8, 17**-0.5)
+  out16, vjp16 = jax.vjp(core, qkv)
+  out32, vjp32 = jax.vjp(core, qkv.astype(jnp.float32))
+  (grad16,), (grad32,) = vjp16(cotangent), vjp32(cotangent.astype(jnp.float32))
+  assert out16.dtype == grad16.dtype == jnp.bfloat16
+  for got, want in ((out16, out32), (grad16, grad32)):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    bound = U_BF16 * np.abs(want) + 2.0**-16 * np.abs(want).max()
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
