@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.layers import MIXERS, MLP, DropPath, layer_norm, linear, option_names
-from lkca_jax.layers.common import as_grid
+from lkca_jax.layers.common import add_wide, as_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,10 +257,11 @@ class ViT(nnx.Module):
     x = self.patch_embed(self.patchify(images))
     num_prefix = 0
     if self.pool == "cls":
-      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      # Broadcast, then cast: its gradient sums over the batch in the parameter's float32.
+      cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
       x = jnp.concatenate([cls, x], axis=1)
       num_prefix = 1
-    return x + self.pos_embed[...].astype(x.dtype), num_prefix
+    return add_wide(x, self.pos_embed[...]), num_prefix
 
   def classify(self, tokens: jax.Array) -> jax.Array:
     """Logits from the last block's tokens: every token, or only the pooled one."""

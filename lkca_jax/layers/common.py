@@ -75,6 +75,16 @@ def dense_wide(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precisio
   return y if bias is None else y + bias
 
 
+def add_wide(y: jax.Array, addend: jax.Array) -> jax.Array:
+  """y + addend (a bias, an embedding: broadcast over y's leading axes) added in float32 at
+  least and rounded to y's dtype once: the same values as adding in y's dtype. Reverse mode
+  then sums the addend's gradient over the broadcast axes in float32; in bfloat16 XLA:CPU
+  summed it as a tree of rounded partial sums, 3 % off and 8× slower on 8,192 rows
+  (docs/benchmarks.md, 2026-12-05e)."""
+  wide = jnp.promote_types(y.dtype, jnp.float32)
+  return (y.astype(wide) + addend.astype(wide)).astype(y.dtype)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def dense_cpu(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
   """`dense_wide` for a (M, K) x, with a tangent rule whose transpose, the weight gradient,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.layers.common import (
+  add_wide,
   as_grid,
   check_cost_sizes,
   check_tokens,
@@ -134,7 +135,7 @@ class FocusedLinearAttention(nnx.Module):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=dim,
     )
-    return y.reshape(b, n, dim) + bias
+    return add_wide(y.reshape(b, n, dim), bias)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_tokens(x, self.grid, "FLatten")

@@ -20,6 +20,7 @@ from flax import nnx
 
 from lkca_jax.backend import by_backend
 from lkca_jax.layers.common import (
+  add_wide,
   as_grid,
   check_cost_sizes,
   check_tokens,
@@ -410,7 +411,7 @@ class LKCA(nnx.Module):
     out_proj = self.out_proj
     merged = jnp.dot(self.v_proj.kernel[...], out_proj.kernel[...], precision=out_proj.precision)
     x, merged, bias = out_proj.promote_dtype((x, merged, out_proj.bias[...]), dtype=out_proj.dtype)
-    return self._mixed(project(x, merged, None, out_proj.precision)) + bias
+    return add_wide(self._mixed(project(x, merged, None, out_proj.precision)), bias)
 
   def _mixed(self, v: jax.Array) -> jax.Array:
     """The kernel's mixing of the tokens v (B, N, D), in the view of the lowering backend."""

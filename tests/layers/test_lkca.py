@@ -14,7 +14,7 @@ from flax import nnx
 from lkca_jax import backend
 from lkca_jax.layers import LKCA, lkca
 from lkca_jax.models import count_params
-from tests.helpers import U, product_fusions
+from tests.helpers import U_BF16, U, product_fusions
 
 GRIDS = [(8, 8), (4, 4), (3, 5), (16, 16)]
 SHARINGS = ["layer", "head", "channel"]
@@ -518,3 +518,19 @@ def test_bfloat16_activations_stay_bfloat16():
   assert module.kernel[...].dtype == jnp.float32  # parameters stay float32
   # bf16 has an 8-bit mantissa (~0.4% per rounding); a few roundings per output: measured 0.4%.
   assert max_rel_err(out.astype(jnp.float32), reference(x)) < 2e-2
+
+
+def test_bfloat16_bias_gradient_is_the_float32_sum_rounded_once():
+  """The output bias's gradient sums the cotangent over every token of the batch: in
+  bfloat16 that sum is taken in float32 and rounded once (2⁻⁸ relative), where partial sums
+  rounded to bfloat16 drift by percents over 8,192 rows. Small integers keep the float32
+  sum exact, so the bound is the one rounding."""
+  module = LKCA(16, (8, 8), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # 64 tokens > 16: merged
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(128, 64, 16)), jnp.bfloat16)
+  cotangent = jnp.asarray(rng.integers(-3, 4, size=(128, 64, 16)), jnp.bfloat16)
+  graphdef, params = nnx.split(module)
+  loss = lambda params: jnp.sum((nnx.merge(graphdef, params)(x) * cotangent).astype(jnp.float32))
+  grad = np.asarray(jax.grad(loss)(params)["out_proj"]["bias"][...], np.float64)
+  exact = np.asarray(cotangent, np.float64).sum(axis=(0, 1))
+  assert np.all(np.abs(grad - exact) <= U_BF16 * np.abs(exact)), np.c_[grad, exact]
