@@ -1,17 +1,20 @@
 """lkca_jax's train step against the plain PyTorch port, alternated A B B A on one machine.
 
     python benchmarks/compare_torch.py [--models lkca_b,vit,lkca_t,vit_1m] [--batch 128]
-        [--steps 20] [--repeats 1] [--forms auto] [--torch_python /work/torchvenv/bin/python]
+        [--steps 20] [--repeats 1] [--dtype float32] [--forms auto]
+        [--torch_python /work/torchvenv/bin/python]
         [--torch_script ../shared/bench/torch_reference_step.py]
         [--cpus 0] [--out bench_results/compare_torch.json]
 
 Each repeat runs, in separate processes, A = `python -m lkca_jax.tools.bench_step
---dtype float32 --columns fixed` (model, loss, AdamW, no per-image augmentation,
-as the port times it), then B = the port, B again, A again, so a drift in machine
-load hits both alike. `--forms cpu,plain` times both layer forms in each A run
-(interleaved in one process), so both ratios come from one alternation. Per model
-it prints the median images/s of each side over its runs, the JAX / PyTorch ratio
-(above 1: JAX is faster), and the load average before and after every run.
+--columns fixed` (model, loss, AdamW, no per-image augmentation, as the port times it),
+then B = the port, B again, A again, so a drift in machine load hits both alike.
+`--dtype bfloat16` times lkca_jax's bfloat16 compute against the port under CPU autocast
+(its products in bfloat16), each side's own way to train in bfloat16 on a CPU.
+`--forms cpu,plain` times both layer forms in each A run (interleaved in one process),
+so both ratios come from one alternation. Per model it prints the median images/s of
+each side over its runs, the JAX / PyTorch ratio (above 1: JAX is faster), and the load
+average before and after every run.
 `--cpus` pins both sides to the CPUs listed (each side sizes its thread pool to
 them): `--cpus=0` compares the kernels on one core, without either side's threading.
 PyTorch is a timing anchor only: nothing in lkca_jax imports it.
@@ -41,9 +44,9 @@ def load() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def run_jax(models, batch, steps, forms) -> tuple[dict, int]:
-  """{"jax_<forms>": {model: images/s}} of one bench_step run (float32, fixed batch), and
-  the number of CPUs that run could use."""
+def run_jax(models, batch, steps, forms, dtype) -> tuple[dict, int]:
+  """{"jax_<forms>": {model: images/s}} of one bench_step run (fixed batch), and the number
+  of CPUs that run could use."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "bench_step.json")
     result = subprocess.run(
@@ -53,7 +56,7 @@ def run_jax(models, batch, steps, forms) -> tuple[dict, int]:
         "lkca_jax.tools.bench_step",
         f"--models={','.join(models)}",
         f"--batch={batch}",
-        "--dtype=float32",
+        f"--dtype={dtype}",
         "--columns=fixed",
         f"--forms={','.join(forms)}",
         f"--steps={steps}",
@@ -73,10 +76,10 @@ def run_jax(models, batch, steps, forms) -> tuple[dict, int]:
   return by_side, report["machine"]["cpus_usable"]
 
 
-def run_torch(python, script, models, batch, steps) -> dict:
+def run_torch(python, script, models, batch, steps, dtype) -> dict:
   """{model: images/s} parsed from the port's output lines."""
   result = subprocess.run(
-    [python, script, *models, f"--batch={batch}", f"--steps={steps}"],
+    [python, script, *models, f"--batch={batch}", f"--steps={steps}", f"--dtype={dtype}"],
     cwd=ROOT,
     check=False,
     capture_output=True,
@@ -107,6 +110,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch", 128, "Batch size of both sides.", lower_bound=1)
   flags.DEFINE_integer("steps", 20, "Timed steps per model and run.", lower_bound=1)
   flags.DEFINE_integer("repeats", 1, "A B B A rounds.", lower_bound=1)
+  flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Compute dtype of both sides: lkca_jax's --config.dtype, the port's CPU autocast.",
+  )
   flags.DEFINE_string("torch_python", "/work/torchvenv/bin/python", "The PyTorch interpreter.")
   flags.DEFINE_string(
     "torch_script",
@@ -136,11 +145,11 @@ def alternate(models, forms) -> list[dict]:
     for side in ("jax", "torch", "torch", "jax"):
       before, start = load(), time.time()
       if side == "jax":
-        by_side, cpus_usable = run_jax(models, FLAGS.batch, FLAGS.steps, forms)
+        by_side, cpus_usable = run_jax(models, FLAGS.batch, FLAGS.steps, forms, FLAGS.dtype)
       else:
         by_side = {
           "torch": run_torch(
-            FLAGS.torch_python, FLAGS.torch_script, models, FLAGS.batch, FLAGS.steps
+            FLAGS.torch_python, FLAGS.torch_script, models, FLAGS.batch, FLAGS.steps, FLAGS.dtype
           )
         }
         cpus_usable = None  # the port reports none; it inherits the same pinning
@@ -168,7 +177,7 @@ def summarize(runs, models, forms) -> dict:
   """Per model: the median images/s of each side and JAX / PyTorch per form; printed too."""
   summary = {}
   jax_sides = [f"jax_{form}" for form in forms]
-  print(f"\nmedian images/s over runs, batch {FLAGS.batch}, float32 (ratio > 1: JAX faster)")
+  print(f"\nmedian images/s over runs, batch {FLAGS.batch}, {FLAGS.dtype} (ratio > 1: JAX faster)")
   print(f"{'model':<10}{'torch':>10}" + "".join(f"{side:>14}{'ratio':>8}" for side in jax_sides))
   for m in models:
 
@@ -240,6 +249,7 @@ def main(argv) -> None:
     "summary": summary,
     "batch": FLAGS.batch,
     "steps": FLAGS.steps,
+    "dtype": FLAGS.dtype,
     "forms": forms,
     "cpu_count": os.cpu_count(),
     "cpus": sorted(cpus),

@@ -1,8 +1,8 @@
 """benchmarks/compare_torch.py refuses bad input with one `error:` line before either side
 runs, and ends a run whose port fails or prints no timing with one; it writes nothing then.
-`--cpus` pins both sides. (Its timing needs torch, which is never installed here: /bin/false
-and /bin/true stand in for a broken interpreter, and a script that reports the CPUs it may
-use for the port.)"""
+`--cpus` pins both sides and `--dtype` reaches both. (Its timing needs torch, which is
+never installed here: /bin/false and /bin/true stand in for a broken interpreter, and a
+script that reports the CPUs it may use for the port.)"""
 
 import json
 import os
@@ -33,6 +33,7 @@ def compare_torch(*args: str, timeout: int) -> subprocess.CompletedProcess:
       "--torch_script=/nonexistent/step.py is not a file",
     ),
     (["--cpus=first"], "--cpus must list CPU ids (integers), got first"),
+    (["--dtype=float16"], "--dtype"),
     ([f"--cpus={USABLE[-1] + 1}"], f"CPU {USABLE[-1] + 1} is not one this process may run on"),
   ],
 )
@@ -66,9 +67,12 @@ def test_a_port_that_fails_or_prints_no_timing_ends_the_run_with_one_error_line(
   assert not out.exists()
 
 
-# The port's output line, its ms/step the number of CPUs it may use times 1,000.
-PORT_SEEING_ITS_CPUS = """import os, sys
+# The port's output line, its ms/step the number of CPUs it may use times 1,000; it
+# keeps its flags beside itself.
+PORT_SEEING_ITS_CPUS = """import json, os, sys
 cpus = len(os.sched_getaffinity(0))
+with open(os.path.join(os.path.dirname(__file__), "flags.json"), "w") as f:
+  json.dump([a for a in sys.argv[1:] if a.startswith("--")], f)
 for model in (a for a in sys.argv[1:] if not a.startswith("--")):
   print(f"torch {model} float32 batch 8: {1000.0 * cpus} ms/step, 0 img/s")
 """
@@ -76,10 +80,11 @@ for model in (a for a in sys.argv[1:] if not a.startswith("--")):
 
 @pytest.mark.slow  # two JAX runs
 @pytest.mark.skipif(len(USABLE) < 2, reason="pinning to one CPU is only visible with two")
-def test_cpus_pins_both_sides_to_the_cpus_listed(tmp_path):
+def test_cpus_pins_both_sides_to_the_cpus_listed_and_dtype_reaches_the_port(tmp_path):
   out, port = tmp_path / "compare.json", tmp_path / "port.py"
   port.write_text(PORT_SEEING_ITS_CPUS)
   args = ["--models=vit_1m", "--batch=8", "--steps=1", f"--cpus={USABLE[-1]}", f"--out={out}"]
+  args += ["--dtype=bfloat16"]
   result = compare_torch(
     *args, f"--torch_python={sys.executable}", f"--torch_script={port}", timeout=600
   )
@@ -91,3 +96,6 @@ def test_cpus_pins_both_sides_to_the_cpus_listed(tmp_path):
   assert [r["cpus_usable"] for r in jax_runs] == [1, 1]
   # 8 images in 1,000 ms: the port saw one CPU (two would be 2,000 ms, 4 images/s)
   assert [r["images_per_second"]["vit_1m"] for r in torch_runs] == [8.0, 8.0]
+  assert results["dtype"] == "bfloat16"
+  assert "--dtype=bfloat16" in json.loads((tmp_path / "flags.json").read_text())
+  assert "batch 8, bfloat16" in result.stdout  # the summary names what was timed
