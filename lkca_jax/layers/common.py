@@ -195,10 +195,8 @@ def threaded(y: jax.Array) -> jax.Array:
   over rows, which YNNPACK schedules over every thread. Applied to a product's result, it
   fuses that row sum with the product; applied to a tangent, with the product that
   transposes it in reverse mode (docs/benchmarks.md, 2026-12-04d). For CPU forms only
-  (backend.by_backend). Below float32 it returns y: XLA:CPU widens a bfloat16 product
-  outside any such fusion, and the row sum alone runs as a slow tree of windows."""
-  if jnp.finfo(y.dtype).bits < 32:
-    return y
+  (backend.by_backend), which run their products in float32 at least: XLA:CPU widens a
+  bfloat16 product outside any such fusion."""
   return y + 0 * jnp.sum(y, axis=-1, keepdims=True)
 
 
