@@ -77,10 +77,11 @@ def dense_wide(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precisio
 
 def add_wide(y: jax.Array, addend: jax.Array) -> jax.Array:
   """y + addend (a bias, an embedding: broadcast over y's leading axes) added in float32 at
-  least and rounded to y's dtype once: the same values as adding in y's dtype. Reverse mode
-  then sums the addend's gradient over the broadcast axes in float32; in bfloat16 XLA:CPU
-  summed it as a tree of rounded partial sums, 3 % off and 8× slower on 8,192 rows
-  (docs/benchmarks.md, 2026-12-05e)."""
+  least and rounded to y's dtype once: the same values as adding in y's dtype where the
+  addend has it too (two bfloat16 numbers sum exactly in float32), one rounding fewer where
+  it is wider. Reverse mode then sums the addend's gradient over the broadcast axes in
+  float32; in bfloat16 XLA:CPU summed it as a tree of rounded partial sums, 3 % off and 7×
+  slower on 8,192 rows (docs/benchmarks.md, 2026-12-05e)."""
   wide = jnp.promote_types(y.dtype, jnp.float32)
   return (y.astype(wide) + addend.astype(wide)).astype(y.dtype)
 
@@ -254,9 +255,9 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   polynomial (8192×420 float32, 2-core CPU: forward + backward 6.3 → 4.3 ms).
   The two agree to float32 round-off of x (|Δ| ≤ ~1e-7·|x|).
 
-  Below float32 it is computed in float32 and rounded once, as for LayerNorm: rounding
-  after each of its six operations costs accuracy, and on the CPU, where XLA keeps every
-  such rounding, time (docs/benchmarks.md, 2026-12-05e).
+  Below float32 it is computed in float32 and rounded once, as LayerNorm is: rounding after
+  each of its operations costs accuracy, and on the CPU, where XLA keeps every such
+  rounding, time (docs/benchmarks.md, 2026-12-05e).
   """
   wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   y = 0.5 * wide * (1.0 + jax.lax.erf(wide * np.asarray(1 / np.sqrt(2), wide.dtype)))
