@@ -106,12 +106,16 @@ def _heads(qkv: jax.Array, num_heads: int) -> jax.Array:
 
 
 def _tangent_heads(d_qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(B, N, 3·H·d) → d_q (B·H, N, d) and d_kᵀ, d_vᵀ (B·H, d, N)."""
+  """(B, N, 3·H·d) → d_q (B·H, N, d) and d_kᵀ, d_vᵀ (B·H, d, N), taken apart by `lax.split`
+  rather than indexing: reverse mode then assembles qkv's gradient as one concatenation,
+  where indexing's transpose pads each part to full size and adds the three (the `vit` and
+  `vit_1m` float32 steps 1.03–1.07× faster, docs/benchmarks.md, 2026-12-05e)."""
   x = _split(d_qkv, num_heads)
   b, n, _, h, d = x.shape
-  d_q = x[:, :, 0].transpose(0, 2, 1, 3).reshape(b * h, n, d)
-  d_kt, d_vt = x[:, :, 1:].transpose(2, 0, 3, 4, 1).reshape(2, b * h, d, n)
-  return d_q, d_kt, d_vt
+  q, kv = jax.lax.split(x, (1, 2), axis=2)
+  d_q = q.reshape(b, n, h, d).transpose(0, 2, 1, 3).reshape(b * h, n, d)
+  d_kt, d_vt = jax.lax.split(kv.transpose(2, 0, 3, 4, 1), (1, 1), axis=0)
+  return d_q, d_kt.reshape(b * h, d, n), d_vt.reshape(b * h, d, n)
 
 
 def _scaled_q_transposed(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
