@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.layers.common import layer_norm, linear, row_sums
+from lkca_jax.layers.common import layer_norm, linear, normalize_cpu, row_sums
 from tests.helpers import assert_reordered
 
 
@@ -16,6 +16,24 @@ def test_row_sums_sums_each_array_over_the_last_axis():
   total, squares = row_sums(a, a * a)
   np.testing.assert_array_equal(np.asarray(total), [6.0, 22.0, 38.0])
   np.testing.assert_array_equal(np.asarray(squares), [14.0, 126.0, 366.0])
+
+
+def test_cpu_layer_norm_gradient_takes_its_row_terms_as_products_with_scale():
+  """Reverse mode computes the cotangent's two row terms, Σ_d scale·ct and
+  Σ_d scale·normed·ct, as matrix-vector products with scale. As row sums over a product
+  with scale they went to XLA:CPU's library kernel, which first writes scale and inv_std
+  out at the full (rows, D) size. The one full-width reduction left is the forward
+  statistics' single pass."""
+  x, cotangent = jnp.zeros((4, 65, 192)), jnp.zeros((4, 65, 192))
+  scale, bias = jnp.ones(192), jnp.zeros(192)
+  loss = lambda x, c: jnp.sum(normalize_cpu(x, scale, bias, 1e-5) * c)
+  lines = jax.jit(jax.grad(loss)).lower(x, cotangent).as_text().splitlines()
+  full_width_sums = [line for line in lines if "stablehlo.reduce(" in line and "4x65x192" in line]
+  products = [line for line in lines if "stablehlo.dot_general" in line]
+  assert (
+    len(full_width_sums) == 1 and "-> (tensor<4x65xf32>, tensor<4x65xf32>)" in full_width_sums[0]
+  )
+  assert len(products) == 2 and all("tensor<1x192xf32>" in line for line in products)
 
 
 def test_bfloat16_layer_norm_gradients_keep_their_dtypes():
