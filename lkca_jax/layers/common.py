@@ -173,7 +173,7 @@ def normalize_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: floa
   makes the train step faster than one reduction per statistic (docs/benchmarks.md).
 
   A multi-operand reduction has no transpose in JAX, so the derivative is given as a
-  tangent rule in plain sums, which JAX linearises and transposes."""
+  tangent rule in plain sums and products, which JAX linearises and transposes."""
   normed, _ = _normed_one_pass(x, epsilon)
   return normed * scale.astype(x.dtype) + bias.astype(x.dtype)
 
@@ -195,9 +195,9 @@ def _normalize_cpu_jvp(epsilon, primals, tangents):
   # Σ_d scale·normed·ct as matrix-vector products with scale; as sums, XLA:CPU hands them
   # to a library kernel that needs scale and inv_std written out at full size first
   # (every preset's float32 step 1.02–1.05× faster, docs/benchmarks.md, 2026-12-05f).
-  row_mean = jnp.sum(d_x, axis=-1, keepdims=True) * (-inv_std / n)
-  row_proj = jnp.sum(normed * d_x, axis=-1, keepdims=True) * (-inv_std / n)
-  d_y = (inv_std * d_x) * scale + _outer(row_mean, scale) + normed * _outer(row_proj, scale)
+  mean_term = jnp.sum(d_x, axis=-1, keepdims=True) * (-inv_std / n)
+  normed_term = jnp.sum(normed * d_x, axis=-1, keepdims=True) * (-inv_std / n)
+  d_y = (inv_std * d_x) * scale + _outer(mean_term, scale) + normed * _outer(normed_term, scale)
   y = normed * scale + bias.astype(x.dtype)
   return y, d_y + normed * d_scale.astype(x.dtype) + d_bias.astype(x.dtype)
 
