@@ -57,6 +57,11 @@ def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=N
   return by_backend(dense_on_cpu, dense_plain, x, kernel, bias)
 
 
+def wide(dtype) -> jnp.dtype:
+  """The dtype that computation below float32 runs in: float32 at least."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None) -> jax.Array:
   """x · kernel + bias over the last axis of x: nnx.Linear's arithmetic."""
   y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
@@ -68,9 +73,10 @@ def dense_wide(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precisio
   `dense` rounds it too (the same values up to the order of summation). XLA:CPU runs a
   bfloat16 product with a float32 result on AMX where the CPU has it, but widens one with
   a bfloat16 result to a float32 product (docs/benchmarks.md, 2026-12-04e)."""
-  wide = jnp.promote_types(x.dtype, jnp.float32)
   dims = (((x.ndim - 1,), (0,)), ((), ()))
-  y = jax.lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=wide)
+  y = jax.lax.dot_general(
+    x, kernel, dims, precision=precision, preferred_element_type=wide(x.dtype)
+  )
   y = y.astype(x.dtype)
   return y if bias is None else y + bias
 
@@ -82,8 +88,8 @@ def add_wide(y: jax.Array, addend: jax.Array) -> jax.Array:
   it is wider. Reverse mode then sums the addend's gradient over the broadcast axes in
   float32; in bfloat16 XLA:CPU summed it as a tree of rounded partial sums, 3 % off and 7×
   slower on 8,192 rows (docs/benchmarks.md, 2026-12-05e)."""
-  wide = jnp.promote_types(y.dtype, jnp.float32)
-  return (y.astype(wide) + addend.astype(wide)).astype(y.dtype)
+  compute = wide(y.dtype)
+  return (y.astype(compute) + addend.astype(compute)).astype(y.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -109,8 +115,7 @@ def _dense_cpu_jvp(precision, primals, tangents):
     # Broadcast in float32 at least: reverse mode sums it over the rows, which XLA:CPU
     # does for bfloat16 as a tree of strided windows with rounded partial sums, several
     # times slower and off by a percent at 4,096 rows.
-    wide = jnp.promote_types(y.dtype, jnp.float32)
-    terms.append(jnp.broadcast_to(d_bias.astype(wide), y.shape).astype(y.dtype))
+    terms.append(jnp.broadcast_to(d_bias.astype(wide(y.dtype)), y.shape).astype(y.dtype))
   return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
@@ -128,7 +133,7 @@ class LayerNorm(nnx.LayerNorm):
     y = by_backend(
       lambda x, scale, bias: normalize_cpu(x, scale, bias, self.epsilon),
       lambda x, scale, bias: normalize(x, scale, bias, self.epsilon),
-      x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+      x.astype(wide(x.dtype)),
       self.scale[...],
       self.bias[...],
     )
@@ -271,8 +276,8 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   each of its operations costs accuracy, and on the CPU, where XLA keeps every such
   rounding, time (docs/benchmarks.md, 2026-12-05e).
   """
-  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  y = 0.5 * wide * (1.0 + jax.lax.erf(wide * np.asarray(1 / np.sqrt(2), wide.dtype)))
+  x_wide = x.astype(wide(x.dtype))
+  y = 0.5 * x_wide * (1.0 + jax.lax.erf(x_wide * np.asarray(1 / np.sqrt(2), x_wide.dtype)))
   return y.astype(x.dtype)
 
 

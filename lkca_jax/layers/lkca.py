@@ -29,6 +29,7 @@ from lkca_jax.layers.common import (
   project,
   promote_param,
   threaded,
+  wide,
 )
 
 VIEWS = ("auto", "conv", "attention", "fft")
@@ -264,7 +265,7 @@ def mix_fft(
       f"FFT shape {shape} is too small for a {h}x{w} grid: at least {smallest} keeps the "
       "periodic correlation from wrapping around"
     )
-  compute = jnp.promote_types(v.dtype, jnp.float32)
+  compute = wide(v.dtype)
   kernel = kernel.astype(compute)
   maps = v.astype(compute).reshape(b, h, w, d).transpose(0, 3, 1, 2)  # (B, D, h, w)
   if sharing == "head":
@@ -283,8 +284,7 @@ def mix_attention_cpu(v: jax.Array, kernel: jax.Array, grid, sharing: str = "lay
   kernel gradient's sum over the batch adds unrounded products."""
   if sharing != "layer":
     return mix_attention(v, kernel, grid, sharing)
-  wide = jnp.promote_types(v.dtype, jnp.float32)
-  return threaded(mix_attention(v.astype(wide), kernel, grid, sharing)).astype(v.dtype)
+  return threaded(mix_attention(v.astype(wide(v.dtype)), kernel, grid, sharing)).astype(v.dtype)
 
 
 MIXES = {"conv": mix_conv, "attention": mix_attention, "fft": mix_fft}

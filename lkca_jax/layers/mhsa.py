@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.backend import by_backend
-from lkca_jax.layers.common import check_cost_sizes, linear, project, threaded
+from lkca_jax.layers.common import check_cost_sizes, linear, project, threaded, wide
 
 
 class MHSA(nnx.Module):
@@ -160,8 +160,7 @@ def attention_cpu(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   does: XLA:CPU widens such products anyway, and reverse mode then assembles the gradient
   into qkv's layout in float32 and rounds it once, where in bfloat16 it rounded at every
   step (the `vit` bfloat16 step 1.29× faster, docs/benchmarks.md, 2026-12-05e)."""
-  wide = jnp.promote_types(qkv.dtype, jnp.float32)
-  return _attention_cpu_wide(qkv.astype(wide), num_heads, scale).astype(qkv.dtype)
+  return _attention_cpu_wide(qkv.astype(wide(qkv.dtype)), num_heads, scale).astype(qkv.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
