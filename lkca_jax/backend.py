@@ -16,6 +16,11 @@ tangent rules JAX linearises and transposes), so every transform (`grad`, `jvp`,
 `forms("plain")` or `forms("cpu")` pins one form on every backend while a function
 is traced, for benchmarks and tests that compare them; the choice is read at
 trace time, so jit a fresh function under it.
+
+`reverse_mode_only()` marks a trace that only reverse mode differentiates (the
+trainer's gradient). There a CPU form may use a hand-written backward pass
+(`jax.custom_vjp`), which `jvp`, `jacfwd` and `hessian` cannot differentiate;
+outside it every form stays a `custom_jvp` or plain JAX.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import jax
 FORMS = ("auto", "cpu", "plain")
 CPU_SCOPE = "lkca_cpu_form"
 _pinned: contextvars.ContextVar[str] = contextvars.ContextVar("lkca_jax_forms", default="auto")
+_reverse_only: contextvars.ContextVar[bool] = contextvars.ContextVar(
+  "lkca_jax_reverse_mode_only", default=False
+)
 
 
 @contextlib.contextmanager
@@ -41,6 +49,21 @@ def forms(name: str) -> Iterator[None]:
     yield
   finally:
     _pinned.reset(token)
+
+
+@contextlib.contextmanager
+def reverse_mode_only() -> Iterator[None]:
+  """Traces a function that only reverse mode will differentiate (`grad`, `vjp`)."""
+  token = _reverse_only.set(True)
+  try:
+    yield
+  finally:
+    _reverse_only.reset(token)
+
+
+def in_reverse_mode_only() -> bool:
+  """Whether the current trace is under `reverse_mode_only()`."""
+  return _reverse_only.get()
 
 
 def by_backend(cpu: Callable, plain: Callable, *args):

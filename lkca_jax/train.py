@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from lkca_jax import (
   adapters,
+  backend,
   config_checks,
   distributed,
   files,
@@ -243,7 +244,8 @@ def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: i
       )
       return loss.mean(), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    with backend.reverse_mode_only():
+      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -132,6 +132,20 @@ def test_each_platform_lowers_only_its_own_form(make):
     assert backend.CPU_SCOPE in lowered_text(grad, x, platforms=["cuda"])
 
 
+def test_reverse_mode_only_leaves_float32_programs_as_they_are():
+  """Only products below float32 take a hand-written backward pass in a reverse-only trace;
+  the mark holds inside its `with` block only."""
+  layer = linear(8, 12, rngs=nnx.Rngs(0))
+  x = normal((2, 5, 8), 0)
+  grad = jax.grad(lambda x: jnp.sum(jnp.sin(layer(x))))
+  module = lambda: jax.jit(lambda x: grad(x)).lower(x).as_text()  # traced afresh; no locations
+  outside = module()
+  with backend.reverse_mode_only():
+    assert backend.in_reverse_mode_only()
+    assert module() == outside
+  assert not backend.in_reverse_mode_only()
+
+
 def test_unknown_forms_are_refused():
   with pytest.raises(ValueError, match="forms must be one of"):
     with backend.forms("gpu"):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -148,6 +149,25 @@ def test_the_train_step_exports_for_gpu_and_tpu_with_no_cpu_forms(model):
   for platform in ("cuda", "tpu"):
     assert backend.CPU_SCOPE not in lowered[platform]
     assert "optimization_barrier" not in lowered[platform]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lkca_b", "vit"])
+def test_the_bfloat16_train_step_takes_no_linear_product_with_a_bfloat16_result(model):
+  """The trainer's gradient is reverse mode only, so on the CPU its bfloat16 Linears run
+  their backward products on the bfloat16 cotangent with a float32 result (AMX where the
+  CPU has it). Through the custom_jvp form they would take bfloat16 results, which XLA:CPU
+  computes as float32 products of widened operands."""
+  t = _full_size_training(model, dtype="bfloat16", **{"model_overrides.depth": 2})
+  args = t.step_args(t.state, 0)
+  text = t.compiled_step.lower(*args).as_text()
+  products = re.findall(
+    r"dot_general .*?: \((tensor<\d+x\d+xbf16>, tensor<\d+x\d+xbf16>)\) -> (\S+)", text
+  )
+  results = [result.rsplit("x", 1)[1] for _, result in products]
+  assert results and set(results) == {"f32>"}, results
+  _, metrics = t.train_step(t.state, t.batch(0), t.train_key)  # XLA:CPU compiles and runs it
+  assert np.isfinite(float(metrics["loss"][0])) and float(metrics["grad_norm"][0]) > 0
 
 
 @pytest.mark.slow

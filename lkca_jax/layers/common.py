@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from lkca_jax.backend import by_backend
+from lkca_jax.backend import by_backend, in_reverse_mode_only
 
 xavier_normal = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 LAYER_NORM_EPSILON = 1e-5
@@ -49,10 +49,15 @@ class Linear(nnx.Linear):
 
 def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
   """x · kernel + bias over the last axis of x, as `Linear` runs it: `dense_cpu` where the
-  computation is lowered for the CPU, `dense` elsewhere (backend.by_backend)."""
-  dense_on_cpu = lambda x, kernel, bias: dense_cpu(
-    x.reshape(-1, x.shape[-1]), kernel, bias, precision
-  ).reshape(*x.shape[:-1], kernel.shape[-1])
+  computation is lowered for the CPU (`dense_cpu_reverse` below float32 in a reverse-only
+  trace, backend.reverse_mode_only), `dense` elsewhere (backend.by_backend)."""
+
+  def dense_on_cpu(x, kernel, bias):
+    if in_reverse_mode_only() and wide(x.dtype) != x.dtype:
+      return dense_cpu_reverse(x, kernel, bias, precision)
+    rows = x.reshape(-1, x.shape[-1])
+    return dense_cpu(rows, kernel, bias, precision).reshape(*x.shape[:-1], kernel.shape[-1])
+
   dense_plain = lambda x, kernel, bias: dense(x, kernel, bias, precision)
   return by_backend(dense_on_cpu, dense_plain, x, kernel, bias)
 
@@ -120,6 +125,49 @@ def _dense_cpu_jvp(precision, primals, tangents):
 
 
 dense_cpu.defjvp(_dense_cpu_jvp, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense_cpu_reverse(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None):
+  """`dense_wide` below float32 with its own backward pass, for traces that only reverse
+  mode differentiates (backend.reverse_mode_only: the trainer's gradient). Both backward
+  products take the bfloat16 cotangent with a float32 result, which XLA:CPU runs on AMX
+  where the CPU has it; the transpose of `dense_cpu`'s tangent rule gives them the
+  float32 cotangent, which XLA:CPU widens to float32 products (docs/benchmarks.md,
+  2026-12-05g). A `custom_vjp`: `jvp`, `jacfwd` and `hessian` cannot go through it."""
+  return dense_wide(x, kernel, bias, precision)
+
+
+def _dense_cpu_reverse_forward(x, kernel, bias, precision):
+  return dense_wide(x, kernel, bias, precision), (x, kernel, bias)
+
+
+def _dense_cpu_reverse_backward(precision, residuals, d_y):
+  x, kernel, bias = residuals
+  rows = d_y.ndim - 1
+  compute = wide(d_y.dtype)
+  d_x = jax.lax.dot_general(
+    d_y, kernel, (((rows,), (1,)), ((), ())), precision=precision, preferred_element_type=compute
+  )
+  d_kernel = jax.lax.dot_general(
+    features_first(x),
+    d_y.reshape(-1, d_y.shape[-1]),
+    (((1,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=compute,
+  )
+  d_bias = None if bias is None else d_y.astype(compute).sum(tuple(range(rows))).astype(bias.dtype)
+  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype), d_bias
+
+
+dense_cpu_reverse.defvjp(_dense_cpu_reverse_forward, _dense_cpu_reverse_backward)
+
+
+def features_first(x: jax.Array) -> jax.Array:
+  """x (..., K) as (K, rows), written out in that layout where x has two leading axes or
+  more: XLA:CPU folds a two-axis transpose into the product that reads it, which then
+  contracts its operands' leading axes, a form it runs 3-4× slower in bfloat16."""
+  return jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
 
 
 class LayerNorm(nnx.LayerNorm):

@@ -1,5 +1,6 @@
 """Faster forms of the same functions: exact GELU via erf, LKCA mixing as a batched matmul."""
 
+import functools
 import re
 
 import jax
@@ -115,6 +116,74 @@ def test_bfloat16_cpu_dense_sums_its_bias_gradient_over_rows_in_float32():
     np.asarray(exact.astype(jnp.bfloat16), np.float64),
   )
   assert "reduce-window" not in bias_gradient.lower(bias).compile().as_text()
+
+
+def exact_dense_gradients(x, kernel, cotangent):
+  """d_x, d_kernel, d_bias of x·kernel + bias in float64, each rounded once to bfloat16."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  rows = np.asarray(cotangent, np.float64).reshape(-1, kernel.shape[1])
+  exact = (
+    (rows @ kernel.T).reshape(x.shape),
+    x.reshape(-1, kernel.shape[0]).T @ rows,
+    rows.sum(0),
+  )
+  return [np.asarray(e.astype(jnp.bfloat16), np.float64) for e in exact]
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 24), (64, 24), (2, 3, 5, 24), (1, 16, 24), (16, 1, 24)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_bfloat16_reverse_only_dense_has_the_exact_gradients(shape, use_bias):
+  # Small integers: every product and sum is exact in float32, so each gradient is its exact
+  # value rounded once to bfloat16, as the custom_jvp form's is too.
+  x, kernel = integers(shape, 7), integers((24, 20), 8)
+  bias = integers((20,), 9) if use_bias else None
+  cotangent = integers((*shape[:-1], 20), 10, high=4)
+  expected = exact_dense_gradients(x, kernel, cotangent)
+  for dense in (common.dense_cpu_reverse, common.dense_cpu):
+    rows = x.reshape(-1, 24) if dense is common.dense_cpu else x
+    y, vjp = jax.vjp(functools.partial(dense, precision=None), rows, kernel, bias)
+    assert y.dtype == jnp.bfloat16
+    grads = jax.jit(vjp)(cotangent.reshape(y.shape))
+    assert [g.dtype for g in grads[:2]] == [jnp.bfloat16] * 2
+    got = [np.asarray(g, np.float64) for g in grads if g is not None]
+    for g, e in zip(got, expected, strict=False):
+      np.testing.assert_array_equal(g.reshape(e.shape), e)
+    assert len(got) == 2 + use_bias
+
+
+def test_bfloat16_reverse_only_dense_holds_under_vmap():
+  """Many runs side by side vmap the step: run k's gradients are those of run k alone."""
+  runs, shape = 3, (2, 16, 24)
+  x, kernel = integers((runs, *shape), 11), integers((runs, 24, 20), 12)
+  bias, cotangent = integers((runs, 20), 13), integers((runs, *shape[:-1], 20), 14, high=4)
+
+  def gradients(x, kernel, bias, cotangent):
+    return jax.vjp(common.dense_cpu_reverse, x, kernel, bias)[1](cotangent)
+
+  stacked = jax.jit(jax.vmap(gradients))(x, kernel, bias, cotangent)
+  for run in range(runs):
+    expected = exact_dense_gradients(x[run], kernel[run], cotangent[run])
+    for got, e in zip(stacked, expected, strict=True):
+      np.testing.assert_array_equal(np.asarray(got[run], np.float64), e)
+
+
+def test_bfloat16_reverse_only_dense_takes_the_bfloat16_cotangent_into_float32_products():
+  # XLA:CPU runs a product of bfloat16 operands with a float32 result on AMX; JAX's transpose
+  # of the custom_jvp form's tangent gives its backward products the cotangent widened to
+  # float32, and XLA:CPU widens the other operand to match.
+  x, kernel, bias = integers((8, 16, 24), 15), integers((24, 20), 16), integers((20,), 17)
+
+  def loss(dense):
+    return lambda x, k, b: jnp.sum(jnp.sin(dense(x, k, b).astype(jnp.float32)))
+
+  def products(dense):
+    lowered = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2))).lower(x, kernel, bias)
+    return re.findall(r"dot_general .*?: \((.*?)\) -> (\S+)", lowered.as_text())
+
+  bf16_into_f32 = lambda found: sum("xf32" not in a and b.endswith("xf32>") for a, b in found)
+  assert bf16_into_f32(products(common.dense_cpu_reverse)) == 3
+  rows = lambda x, k, b: common.dense_cpu(x.reshape(-1, 24), k, b)
+  assert bf16_into_f32(products(rows)) == 1  # the forward product only
 
 
 def test_bfloat16_cpu_mixing_sums_its_kernel_gradient_over_unrounded_products():
