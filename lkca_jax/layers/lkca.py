@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.backend import by_backend
+from lkca_jax.backend import by_backend, in_reverse_mode_only
 from lkca_jax.layers.common import (
   add_wide,
   as_grid,
@@ -281,10 +281,41 @@ def mix_attention_cpu(v: jax.Array, kernel: jax.Array, grid, sharing: str = "lay
   (N, N) matrix times each image's (N, D) values) is fused with a row sum (`threaded`),
   which puts it on every thread (lkca_t and lkca_b train steps, 2-core CPU: 1.01–1.03×).
   Below float32 the product runs in float32, as XLA:CPU would widen it anyway, so that the
-  kernel gradient's sum over the batch adds unrounded products."""
+  kernel gradient's sum over the batch adds unrounded products. In a reverse-only trace
+  below float32 it is `mix_layer_reverse` (backend.reverse_mode_only)."""
   if sharing != "layer":
     return mix_attention(v, kernel, grid, sharing)
+  if in_reverse_mode_only() and wide(v.dtype) != v.dtype:
+    return mix_layer_reverse(v, attention_matrix(kernel.astype(wide(v.dtype)), grid))
   return threaded(mix_attention(v.astype(wide(v.dtype)), kernel, grid, sharing)).astype(v.dtype)
+
+
+@jax.custom_vjp
+def mix_layer_reverse(v: jax.Array, matrix: jax.Array) -> jax.Array:
+  """matrix · v_b for every image b, v (B, N, D) below float32 and the (N, N) matrix in
+  float32, for traces that only reverse mode differentiates. Every product, forward and
+  backward, takes bfloat16 operands (the matrix rounded once) with a float32 result, which
+  XLA:CPU runs on AMX where the CPU has it; the output and v's gradient are rounded once,
+  the matrix's gradient is the float32 sum over the batch (docs/benchmarks.md,
+  2026-12-05g). A `custom_vjp`: `jvp` cannot go through it."""
+  return _mix_layer_reverse_forward(v, matrix)[0]
+
+
+def _mix_layer_reverse_forward(v, matrix):
+  compute = matrix.dtype
+  out = jnp.einsum("nm,bmd->bnd", matrix.astype(v.dtype), v, preferred_element_type=compute)
+  return out.astype(v.dtype), (v, matrix)
+
+
+def _mix_layer_reverse_backward(residuals, d_out):
+  v, matrix = residuals
+  compute = matrix.dtype
+  d_v = jnp.einsum("nm,bnd->bmd", matrix.astype(v.dtype), d_out, preferred_element_type=compute)
+  d_matrix = jnp.einsum("bnd,bmd->nm", d_out, v, preferred_element_type=compute)
+  return d_v.astype(v.dtype), d_matrix
+
+
+mix_layer_reverse.defvjp(_mix_layer_reverse_forward, _mix_layer_reverse_backward)
 
 
 MIXES = {"conv": mix_conv, "attention": mix_attention, "fft": mix_fft}

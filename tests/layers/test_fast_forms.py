@@ -1,6 +1,7 @@
 """Faster forms of the same functions: exact GELU via erf, LKCA mixing as a batched matmul,
 the CPU Linear in bfloat16 (its float32 products, its reverse-only backward)."""
 
+import contextlib
 import functools
 import re
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.special
 
+from lkca_jax import backend
 from lkca_jax.layers import common, lkca
 from tests.helpers import U_BF16, assert_reordered
 
@@ -187,22 +189,37 @@ def test_bfloat16_reverse_only_dense_takes_the_bfloat16_cotangent_into_float32_p
   assert bf16_into_f32(products(rows)) == 1  # the forward product only
 
 
-def test_bfloat16_cpu_mixing_sums_its_kernel_gradient_over_unrounded_products():
+@pytest.mark.parametrize("reverse_only", [False, True])
+def test_bfloat16_cpu_mixing_is_exact_and_sums_its_kernel_gradient_unrounded(reverse_only):
   # Small integers: each image's (N, N) product and their sum over the batch are exact in
-  # float32, so the kernel gradient is known exactly; a bfloat16 product per image would
-  # round before the sum.
+  # float32, so the output, v's gradient (each rounded once) and the kernel gradient are
+  # known exactly; a bfloat16 product per image would round before the sum. In a
+  # reverse-only trace the form is `mix_layer_reverse`, with the same values.
   grid, batch, dim = 8, 128, 32
   v, cotangent = (
     integers((batch, grid * grid, dim), 7, 4),
     integers((batch, grid * grid, dim), 8, 4),
   )
   kernel = jnp.asarray(integers((2 * grid - 1, 2 * grid - 1), 9, 4), jnp.float32)
-  mix = lambda k: lkca.mix_attention_cpu(v, k, grid, "layer")
-  out, pullback = jax.vjp(mix, kernel)
+  mix = lambda v, k: lkca.mix_attention_cpu(v, k, grid, "layer")
+  with backend.reverse_mode_only() if reverse_only else contextlib.nullcontext():
+    out, pullback = jax.vjp(mix, v, kernel)
+    value_and_pullback = lambda v, k: (lambda y, f: (y, f(cotangent)))(*jax.vjp(mix, v, k))
+    lowered = jax.jit(value_and_pullback).lower(v, kernel).as_text()
   assert out.dtype == jnp.bfloat16
-  d_matrix = np.einsum(
-    "bnd,bmd->nm", np.asarray(cotangent, np.float64), np.asarray(v, np.float64)
-  )  # at most 2¹⁶ in magnitude, and the kernel taps sum at most 64 of them: exact in float32
+  matrix = np.asarray(lkca.attention_matrix(kernel, grid), np.float64)
+  v64, cotangent64 = np.asarray(v, np.float64), np.asarray(cotangent, np.float64)
+  rounded = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_array_equal(np.asarray(out, np.float64), rounded(matrix @ v64))
+  d_v, d_kernel = pullback(cotangent)
+  np.testing.assert_array_equal(
+    np.asarray(d_v, np.float64), rounded(np.einsum("nm,bnd->bmd", matrix, cotangent64))
+  )
+  d_matrix = np.einsum("bnd,bmd->nm", cotangent64, v64)
+  # d_matrix is at most 2¹⁶ in magnitude, and a kernel tap sums at most 64 of them: exact
   _, matrix_pullback = jax.vjp(lambda k: lkca.attention_matrix(k, grid), kernel)
   (expected,) = matrix_pullback(jnp.asarray(d_matrix, jnp.float32))
-  np.testing.assert_array_equal(np.asarray(pullback(cotangent)[0]), np.asarray(expected))
+  np.testing.assert_array_equal(np.asarray(d_kernel), np.asarray(expected))
+  products = re.findall(r"dot_general .*?: \((.*?)\) -> (\S+)", lowered)
+  bf16_into_f32 = [a for a, b in products if "xf32" not in a and b.endswith("xf32>")]
+  assert len(bf16_into_f32) == (3 if reverse_only else 0), products
