@@ -146,6 +146,21 @@ def test_reverse_mode_only_leaves_float32_programs_as_they_are():
   assert not backend.in_reverse_mode_only()
 
 
+def test_reverse_mode_only_is_for_reverse_mode_in_bfloat16_and_jvp_works_outside_it():
+  """Below float32 the mark gives the CPU Linear a `custom_vjp`: reverse mode gives the same
+  gradient (exact here: small integers), forward mode refuses it, and works again after."""
+  layer = linear(8, 12, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).integers(-4, 4, (2, 5, 8)), jnp.bfloat16)
+  layer.kernel[...] = jnp.asarray(np.random.default_rng(1).integers(-4, 4, (8, 12)), jnp.float32)
+  loss = lambda x: jnp.sum(layer(x).astype(jnp.float32) ** 2)
+  outside = jax.grad(loss)(x)
+  with backend.reverse_mode_only():
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss)(x)), np.asarray(outside))
+    with pytest.raises(TypeError, match="custom_vjp"):
+      jax.jvp(layer, (x,), (x,))
+  assert jax.jvp(layer, (x,), (x,))[1].dtype == jnp.bfloat16
+
+
 def test_unknown_forms_are_refused():
   with pytest.raises(ValueError, match="forms must be one of"):
     with backend.forms("gpu"):
