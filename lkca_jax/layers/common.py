@@ -53,7 +53,7 @@ def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=N
   trace, backend.reverse_mode_only), `dense` elsewhere (backend.by_backend)."""
 
   def dense_on_cpu(x, kernel, bias):
-    if in_reverse_mode_only() and wide(x.dtype) != x.dtype:
+    if backward_by_hand(x.dtype):
       return dense_cpu_reverse(x, kernel, bias, precision)
     rows = x.reshape(-1, x.shape[-1])
     return dense_cpu(rows, kernel, bias, precision).reshape(*x.shape[:-1], kernel.shape[-1])
@@ -65,6 +65,13 @@ def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=N
 def wide(dtype) -> jnp.dtype:
   """The dtype that computation below float32 runs in: float32 at least."""
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def backward_by_hand(dtype) -> bool:
+  """Whether a CPU form computing in `dtype` takes its hand-written backward pass (a
+  `custom_vjp`): below float32, in a trace that only reverse mode differentiates
+  (backend.reverse_mode_only)."""
+  return in_reverse_mode_only() and wide(dtype) != dtype
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision=None) -> jax.Array:

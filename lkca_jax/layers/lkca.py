@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lkca_jax.backend import by_backend, in_reverse_mode_only
+from lkca_jax.backend import by_backend
 from lkca_jax.layers.common import (
   add_wide,
   as_grid,
+  backward_by_hand,
   check_cost_sizes,
   check_tokens,
   head_dim,
@@ -285,7 +286,7 @@ def mix_attention_cpu(v: jax.Array, kernel: jax.Array, grid, sharing: str = "lay
   below float32 it is `mix_layer_reverse` (backend.reverse_mode_only)."""
   if sharing != "layer":
     return mix_attention(v, kernel, grid, sharing)
-  if in_reverse_mode_only() and wide(v.dtype) != v.dtype:
+  if backward_by_hand(v.dtype):
     return mix_layer_reverse(v, attention_matrix(kernel.astype(wide(v.dtype)), grid))
   return threaded(mix_attention(v.astype(wide(v.dtype)), kernel, grid, sharing)).astype(v.dtype)
 
