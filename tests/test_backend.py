@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from lkca_jax import backend
-from lkca_jax.layers import MHSA, layer_norm, linear
+from lkca_jax.layers import LKCA, MHSA, layer_norm, linear
 from lkca_jax.layers.common import dense, dense_cpu, normalize, normalize_cpu
 from lkca_jax.layers.mhsa import attention_cpu, attention_plain
 
@@ -159,6 +159,29 @@ def test_reverse_mode_only_is_for_reverse_mode_in_bfloat16_and_jvp_works_outside
     with pytest.raises(TypeError, match="custom_vjp"):
       jax.jvp(layer, (x,), (x,))
   assert jax.jvp(layer, (x,), (x,))[1].dtype == jnp.bfloat16
+
+
+def test_reverse_mode_only_changes_no_plain_form():
+  """GPU and TPU run the plain forms: under the mark they keep forward mode, in bfloat16,
+  for the Linear, LKCA's mixing and MHSA alike."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 8)), jnp.bfloat16)
+  modules = [
+    linear(8, 12, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+    LKCA(
+      8, grid=(4, 4), view="attention", kernel_init="gaussian", dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    ),
+    MHSA(8, num_heads=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+  ]
+  for module in modules:
+    with backend.forms("plain"):
+      expected = jax.jvp(module, (x,), (x,))
+      with backend.reverse_mode_only():
+        marked = jax.jvp(module, (x,), (x,))
+    for got, want in zip(marked, expected, strict=True):
+      assert got.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with backend.reverse_mode_only(), backend.forms("cpu"), pytest.raises(TypeError):
+      jax.jvp(module, (x,), (x,))
 
 
 def test_unknown_forms_are_refused():
