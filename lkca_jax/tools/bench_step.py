@@ -2,7 +2,7 @@
 
     python -m lkca_jax.tools.bench_step [--models lkca_t,lkca_b,vit_1m,vit] [--batch 128]
         [--dtype float32,bfloat16] [--steps 20] [--out bench_results/bench_step.json] [--smoke]
-        [--runs K] [--forms auto,cpu,plain] [--columns fixed,pipeline]
+        [--runs K] [--forms auto,cpu,plain] [--columns fixed,pipeline] [--trace_dir DIR]
 
 Flags:
   --models  comma-separated presets of `lkca_jax.models.PRESETS`.
@@ -23,6 +23,11 @@ Flags:
             backend's own), cpu (the CPU-tuned forms) or plain (the GPU/TPU forms), each
             a case of its own, so both can be timed on any backend.
   --columns which of the two columns below to time.
+  --trace_dir  also record `jax.profiler` traces of TRACE_STEPS more steps of every case
+            and column, one folder each (DIR/<model>-<dtype>-<forms>-<column>, for
+            TensorBoard's profiler or Perfetto), and report what they show
+            (`trace_summary`): ops a step, the time their lanes were busy, and the
+            busiest ops.
 
 Every case is the trainer's step as `train.build_training` builds it (CutMix/Mixup,
 the model with stochastic depth, label-smoothed loss, AdamW, state donated) on
@@ -44,7 +49,10 @@ and images/s (batch / median), plus the load average at start and end.
 
 from __future__ import annotations
 
+import glob
+import gzip
 import itertools
+import json
 import os
 import statistics
 import time
@@ -62,6 +70,7 @@ COLUMN_NOTES = {
 }
 DATASET = "synthetic_cifar"
 SMOKE = {"batch": 16, "steps": 2, "overrides": {"dim": 32, "depth": 1, "num_heads": 2}}
+TRACE_STEPS = 3  # steps of each case and column that --trace_dir records
 
 
 def step_config(model: str, *, batch: int, dtype: str, overrides: dict | None = None):
@@ -131,6 +140,135 @@ def step_bytes(case) -> int:
   t = case.training
   lowered = t.compiled_step.lower(case.state, case.fixed_batch, t.train_key, t.hparams, t.all_alive)
   return train.step_memory_bytes(lowered.compile())
+
+
+def trace_case(case, column: str, directory: str, steps: int = TRACE_STEPS) -> dict:
+  """Records `steps` steps of `column` with `jax.profiler` into `directory`; returns their
+  `trace_summary`."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  with jax.profiler.trace(directory):
+    for _ in range(steps):
+      case.step(column)
+  return trace_summary(directory, steps)
+
+
+def op_lanes(processes: dict, threads: dict, keys: set) -> tuple[str, set]:
+  """What the lanes that ops run on are, and their (pid, tid) among `keys`: a device's
+  kernel streams (threads named "Stream ..." of /device:GPU:N or /device:TPU:N), every lane
+  of the devices if none is named so, and without a device XLA:CPU's threads (tf_XLA...)."""
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+  on_devices = {key for key in keys if key[0] in devices}
+  streams = {key for key in on_devices if threads.get(key, "").startswith("Stream")}
+  if streams:
+    return "device streams", streams
+  if on_devices:
+    return "device lanes", on_devices
+  return "XLA:CPU threads", {key for key in keys if threads.get(key, "").startswith("tf_XLA")}
+
+
+def is_op(event: dict, lanes: str) -> bool:
+  """Whether a trace event on `op_lanes`' lanes is an op: every event on a device's lanes
+  (kernels, copies); on XLA:CPU's threads those naming the HLO op they run (its other
+  events are its executor's and thread pools' own)."""
+  return lanes != "XLA:CPU threads" or "hlo_op" in (event.get("args") or {})
+
+
+def busy_time(intervals) -> float:
+  """The length of the union of (start, end) intervals."""
+  total, reached = 0.0, float("-inf")
+  for start, end in sorted(intervals):
+    if end > reached:
+      total += end - max(start, reached)
+      reached = end
+  return total
+
+
+def read_trace(directory: str) -> tuple[list[dict], dict, dict]:
+  """The events of the newest *.trace.json.gz under `directory`, with its process names
+  {pid: name} and thread names {(pid, tid): name}; FileNotFoundError if there is none."""
+  found = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True))
+  if not found:
+    raise FileNotFoundError(f"no *.trace.json.gz under {directory}")
+  with gzip.open(found[-1], "rt", encoding="utf-8") as f:
+    events = json.load(f)["traceEvents"]
+  processes, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      processes[e["pid"]] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  return events, processes, threads
+
+
+def trace_summary(directory: str, steps: int, top: int = 10) -> dict:
+  """What a `jax.profiler` trace of `steps` steps says of the ops that ran them (the events
+  on the lanes `op_lanes` picks that `is_op`; a loop or call and the ops of its body each
+  count): per step, the ops, the time at least one lane was busy, and the span
+  from the first op's start to the last op's end (the gaps between steps included); the
+  same per lane; the `top` ops by time. Lanes busy for much less than the span are
+  waiting: on kernel launches, on the host, or on each other."""
+  try:
+    events, processes, threads = read_trace(directory)
+  except FileNotFoundError as e:
+    return {"dir": directory, "error": str(e)}
+  ops = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  kind, lanes = op_lanes(processes, threads, {(e["pid"], e.get("tid")) for e in ops})
+  ops = [e for e in ops if (e["pid"], e.get("tid")) in lanes and is_op(e, kind)]
+  if not ops:
+    return {"dir": directory, "lanes": kind, "error": f"no op events on {kind}"}
+  per_op, per_lane = {}, {}
+  for e in ops:
+    total, calls = per_op.get(e["name"], (0.0, 0))
+    per_op[e["name"]] = (total + e["dur"], calls + 1)
+    lane = threads.get((e["pid"], e.get("tid")), f"{e['pid']}/{e.get('tid')}")
+    per_lane.setdefault(lane, []).append((e["ts"], e["ts"] + e["dur"]))
+  spans = [span for lane in per_lane.values() for span in lane]
+  span = max(end for _, end in spans) - min(start for start, _ in spans)
+  busy = busy_time(spans)
+  per_step_ms = lambda microseconds: microseconds / 1e3 / steps  # noqa: E731
+  busiest = sorted(per_op.items(), key=lambda item: -item[1][0])[:top]
+  return {
+    "dir": directory,
+    "steps": steps,
+    "lanes": kind,
+    "ops_per_step": len(ops) / steps,
+    "busy_ms_per_step": per_step_ms(busy),
+    "span_ms_per_step": per_step_ms(span),
+    "busy_fraction": busy / span if span else None,
+    "per_lane": {
+      lane: {"ops_per_step": len(s) / steps, "busy_ms_per_step": per_step_ms(busy_time(s))}
+      for lane, s in sorted(per_lane.items())
+    },
+    "top_ops": [
+      {"name": name, "ms_per_step": per_step_ms(total), "calls_per_step": calls / steps}
+      for name, (total, calls) in busiest
+    ],
+  }
+
+
+def format_trace(name: str, summary: dict) -> str:
+  if "error" in summary:
+    return f"trace {name}: {summary['error']}"
+  s, first = summary, summary["top_ops"][0]
+  return (
+    f"trace {name}: {s['ops_per_step']:.0f} ops a step on {s['lanes']}, busy "
+    f"{s['busy_ms_per_step']:.1f} of {s['span_ms_per_step']:.1f} ms "
+    f"({100 * s['busy_fraction']:.0f} %); most time: {first['name']} "
+    f"({first['ms_per_step']:.2f} ms a step)"
+  )
+
+
+def trace_cases(model: str, cases: dict, columns, trace_dir: str, log=print) -> dict:
+  """`trace_case` of every (dtype, form) case and column of `model`, each into its own
+  folder of `trace_dir`: {(dtype, form): {column: summary}}."""
+  traced = {}
+  for (dtype, form), case in cases.items():
+    for column in columns:
+      directory = os.path.join(trace_dir, f"{model}-{dtype}-{form}-{column}")
+      traced.setdefault((dtype, form), {})[column] = summary = trace_case(case, column, directory)
+      log(format_trace(f"{model}/{dtype}/{form}/{column}", summary))
+  return traced
 
 
 def run_runs_benchmark(
@@ -274,10 +412,12 @@ def run_benchmark(
   columns: tuple[str, ...] = COLUMNS,
   log=print,
   on_model=None,
+  trace_dir: str | None = None,
 ) -> dict:
   """Times the train step model by model: builds its (dtype, form) steps, then times them
-  and the columns interleaved. After each model `on_model(results so far)` (marked
-  "complete": False), so a run cut short keeps every model it finished."""
+  and the columns interleaved, then traces them if `trace_dir` is given (`trace_cases`).
+  After each model `on_model(results so far)` (marked "complete": False), so a run cut
+  short keeps every model it finished."""
   from lkca_jax import backend  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
@@ -285,7 +425,11 @@ def run_benchmark(
 
   def report(complete: bool) -> dict:
     return {
-      "config": bench_config(models, dtypes, forms, columns, batch, steps, overrides),
+      "config": {
+        **bench_config(models, dtypes, forms, columns, batch, steps, overrides),
+        "trace_dir": trace_dir,
+        "trace_steps": TRACE_STEPS if trace_dir else 0,
+      },
       "columns": COLUMN_NOTES,
       "complete": complete,
       "results": list(results),
@@ -311,6 +455,7 @@ def run_benchmark(
     for round_ in range(steps):
       for key, column in order if round_ % 2 == 0 else order[::-1]:
         times[(key, column)].append(cases[key].step(column))
+    traced = trace_cases(model, cases, columns, trace_dir, log) if trace_dir else {}
     for (dtype, form), case in cases.items():
       results.append(
         {
@@ -323,6 +468,7 @@ def run_benchmark(
             "params": float_dtypes(case.state.params),
             "opt_state": float_dtypes(case.state.opt_state),
           },
+          **({"trace": traced[(dtype, form)]} if trace_dir else {}),
         }
       )
     del cases  # the next model's programs and states in their place
@@ -368,6 +514,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("runs", 1, "K > 1: time K runs in one process against K single runs.")
   flags.DEFINE_list("forms", ["auto"], "Layer forms: auto, cpu, plain (lkca_jax/backend.py).")
   flags.DEFINE_list("columns", list(COLUMNS), "Columns to time: fixed, pipeline.")
+  cli.define_output_dir(
+    "trace_dir", None, "Also record jax.profiler traces of every case and column here."
+  )
 
 
 def main(argv):
@@ -394,7 +543,12 @@ def main(argv):
     cli.fail(f"--columns must list {list(COLUMNS)}, got {FLAGS.columns}")
   if FLAGS.runs > 1 and (FLAGS.forms != ["auto"] or FLAGS.columns != list(COLUMNS)):
     cli.fail("--runs times the pipeline step in the backend's own forms; drop --forms, --columns")
+  if FLAGS.runs > 1 and FLAGS.trace_dir is not None:
+    cli.fail("--trace_dir traces the cases of the per-model benchmark; drop --runs or --trace_dir")
   out = cli.output_file(FLAGS.out, "--out")
+  trace_dir = (
+    None if FLAGS.trace_dir is None else str(cli.output_dir(FLAGS.trace_dir, "--trace_dir"))
+  )
   logging.set_verbosity(logging.WARNING)
   try:
     if FLAGS.runs > 1:
@@ -412,6 +566,7 @@ def main(argv):
         columns=tuple(FLAGS.columns),
         # Each finished model on disk at once: a run stopped by a time limit keeps them.
         on_model=lambda partial: cli.write_json(out, partial),
+        trace_dir=trace_dir,
       )
   except train.ConfigError as e:
     cli.fail(str(e))

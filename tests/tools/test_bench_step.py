@@ -43,6 +43,7 @@ def run_smoke(directory):
       f"--models={','.join(MODELS)}",
       f"--dtype={','.join(DTYPES)}",
       f"--out={out}",
+      f"--trace_dir={directory / 'traces'}",
     ],
     cwd=ROOT,
     capture_output=True,
@@ -88,6 +89,91 @@ def test_smoke_run_records_machine_and_load(smoke):
   # A compile time per case, named as its results are.
   cases = {f"{r['model']}/{r['dtype']}/{r['forms']}" for r in results["results"]}
   assert set(results["compile_seconds"]) == cases
+
+
+def test_smoke_run_traces_every_case_and_column_and_reports_its_ops(smoke):
+  _, results = smoke
+  assert results["config"]["trace_steps"] == bench_step.TRACE_STEPS
+  for r in results["results"]:
+    assert set(r["trace"]) == set(bench_step.COLUMNS)
+    for column, trace in r["trace"].items():
+      folder = trace["dir"]
+      assert folder.endswith(f"{r['model']}-{r['dtype']}-{r['forms']}-{column}")
+      written = [name for _, _, names in os.walk(folder) for name in names]
+      assert any(name.endswith(".trace.json.gz") for name in written), written
+      # On this CPU the ops run on XLA:CPU's own threads, at least one op a step.
+      assert trace["lanes"] == "XLA:CPU threads" and trace["ops_per_step"] >= 1
+      assert 0 < trace["busy_ms_per_step"] <= trace["span_ms_per_step"]
+      lanes = trace["per_lane"].values()
+      assert sum(lane["ops_per_step"] for lane in lanes) == pytest.approx(trace["ops_per_step"])
+
+
+def dot_instructions(hlo: str) -> set[str]:
+  """Names of the instructions a compiled program runs (its entry computation's) that are a
+  product or a fusion holding one."""
+  computations = {}  # name -> its lines, the header "[ENTRY ]%name (...) -> ... {" first
+  for line in hlo.splitlines():
+    if line.rstrip().endswith("{") and not line.startswith(" "):
+      name = line.removeprefix("ENTRY ").split(" ", 1)[0].lstrip("%")
+      computations[name] = lines = [line]
+    elif line.startswith(" ") and computations:
+      lines.append(line)
+  with_dot = {name for name, lines in computations.items() if any(" dot(" in x for x in lines)}
+  (entry,) = [lines for lines in computations.values() if lines[0].startswith("ENTRY ")]
+  names = set()
+  for line in entry[1:]:
+    line = line.strip().removeprefix("ROOT ")
+    if not line.startswith("%") or " = " not in line:
+      continue
+    name = line[1:].split(" = ", 1)[0]
+    called = line.split("calls=%", 1)[1].split(",", 1)[0] if "calls=%" in line else None
+    if " dot(" in line or called in with_dot:
+      names.add(name)
+  return names
+
+
+def test_trace_summary_finds_a_programs_products_as_its_busiest_ops(tmp_path):
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((768, 768)), jnp.float32)
+  compiled = jax.jit(lambda a: jnp.tanh(a @ a) @ a).lower(a).compile()
+  jax.block_until_ready(compiled(a))
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(3):
+      jax.block_until_ready(compiled(a))
+  summary = bench_step.trace_summary(str(tmp_path), 3)
+  assert summary["lanes"] == "XLA:CPU threads"
+  # Two 768³ products against one element-wise pass: they are the two busiest ops, each
+  # one call a step, named as the compiled program names them.
+  busiest = summary["top_ops"][:2]
+  products = dot_instructions(compiled.as_text())
+  assert len(products) == 2 and {op["name"] for op in busiest} == products
+  assert [op["calls_per_step"] for op in busiest] == [1, 1]
+  assert 0 < summary["busy_ms_per_step"] <= summary["span_ms_per_step"]
+  assert sum(op["ms_per_step"] for op in busiest) <= summary["busy_ms_per_step"] * 1.001
+
+
+def test_busy_time_is_the_length_of_the_intervals_union():
+  assert bench_step.busy_time([(5, 6), (0, 2), (1, 3), (5.2, 5.5)]) == 4
+  assert bench_step.busy_time([]) == 0
+
+
+def test_op_lanes_are_a_devices_streams_where_the_trace_has_a_device():
+  # Named as jax.profiler's traces name them: /host:CPU with XLA:CPU's tf_XLA threads;
+  # a GPU as /device:GPU:0 with "Stream #N(...)" lanes beside lanes it derives from them.
+  processes = {1: "/host:CPU", 2: "/device:GPU:0"}
+  threads = {
+    (1, 10): "tf_XLAEigen/1",
+    (1, 11): "python",
+    (2, 20): "Stream #13(Compute)",
+    (2, 21): "XLA Ops",
+  }
+  keys = set(threads)
+  assert bench_step.op_lanes(processes, threads, keys) == ("device streams", {(2, 20)})
+  del threads[(2, 20)]
+  assert bench_step.op_lanes(processes, threads, keys - {(2, 20)}) == ("device lanes", {(2, 21)})
+  assert bench_step.op_lanes({1: "/host:CPU"}, threads, {(1, 10), (1, 11)}) == (
+    "XLA:CPU threads",
+    {(1, 10)},
+  )
 
 
 def test_bfloat16_keeps_parameters_and_optimizer_state_float32(smoke):
@@ -167,6 +253,7 @@ def test_runs_mode_times_k_runs_together_and_apart_with_memory_per_run():
     (["--forms=gpu"], "--forms must list ['auto', 'cpu', 'plain']"),
     (["--columns=fixed,warm"], "--columns must list ['fixed', 'pipeline']"),
     (["--runs=2", "--forms=plain"], "--runs times the pipeline step in the backend's own forms"),
+    (["--runs=2", "--trace_dir=/tmp"], "--trace_dir traces the cases of the per-model benchmark"),
   ],
 )
 def test_bad_forms_and_columns_are_one_error_line(flags, message, tmp_path):
