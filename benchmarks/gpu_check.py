@@ -219,6 +219,22 @@ def step_rows(part: str, results: dict) -> list[dict]:
   return rows
 
 
+def trace_rows(results: dict) -> dict:
+  """{model/dtype/column: what bench_step --trace_dir found in its traces}: ops a step, the
+  time their lanes (a GPU's streams) were busy, the span of the step's ops, the busiest op."""
+  out = {}
+  for r in results["results"]:
+    for column, t in r.get("trace", {}).items():
+      key = f"{r['model']}/{r['dtype']}/{column}"
+      if "error" in t:
+        out[key] = {"error": t["error"]}
+        continue
+      fields = ("lanes", "ops_per_step", "busy_ms_per_step", "span_ms_per_step", "busy_fraction")
+      out[key] = {field: t[field] for field in fields}
+      out[key]["top_op"] = t["top_ops"][0]["name"]
+  return out
+
+
 def projection(rows: list[dict]) -> dict:
   """Minutes for RECIPE_STEPS steps per model and dtype, from the pipeline column's median."""
   out = {}
@@ -376,6 +392,9 @@ def summarize(folder: str, mode: str) -> dict:
         f"{r['model']}/{r['dtype']}/b{r['batch']}": r["pipeline_images_per_second"] for r in found
       }
       rows += found
+      traces = trace_rows(data)
+      if traces:
+        part["traces"] = traces
     elif name == "train":
       train = train_summary(data)
       part["final_top1"] = train["final_top1"]
@@ -421,6 +440,19 @@ def summarize(folder: str, mode: str) -> dict:
   }
 
 
+def trace_lines(parts: dict) -> list[str]:
+  lines = []
+  for name, part in parts.items():
+    for key, t in part.get("traces", {}).items():
+      lines.append(
+        f"  trace {name} {key}: {t['error']}"
+        if "error" in t
+        else f"  trace {name} {key}: {t['ops_per_step']:.0f} ops a step on {t['lanes']}, busy "
+        f"{t['busy_ms_per_step']:.2f} of {t['span_ms_per_step']:.2f} ms; most time {t['top_op']}"
+      )
+  return lines
+
+
 def format_summary(s: dict) -> str:
   lines = [f"== gpu_check summary ({s['mode']}) =="]
   for name, p in s["parts"].items():
@@ -446,6 +478,7 @@ def format_summary(s: dict) -> str:
         f"  {r['part']:<18}{r['model']:<8}{r['dtype']:<10}{r['batch']:>6}"
         f"{r['fixed_images_per_second']:>13.0f}{r['pipeline_images_per_second']:>12.0f}"
       )
+  lines += trace_lines(s["parts"])
   p = s["projection"]
   if s["mode"] == "smoke" and p["models"]:
     lines.append(

@@ -207,7 +207,7 @@ if [ "$SMOKE" = 1 ]; then
   # steps), one dtype a part. Repeated cases hit the compilation cache (smoke lkca_t and
   # lkca_b are one program), so the whole run takes about a minute on 2 cores.
   part step_b128_lkca_t 90 "$O/step_b128_lkca_t.json" $STEP --smoke --models lkca_t \
-    --dtype float32 --out "$O/step_b128_lkca_t.json"
+    --dtype float32 --trace_dir "$O/traces" --out "$O/step_b128_lkca_t.json"
   part forms 60 "$O/forms.json" $STEP --smoke --models lkca_t --dtype float32 \
     --forms plain,cpu --columns fixed --out "$O/forms.json"
   part views 60 "$O/views.json" $VIEWS --grids 2,3 --levels mix --dim 8 --tokens 16 \
@@ -233,8 +233,10 @@ else
   # projection), the layer forms (the per-backend choice), the LKCA views over grids (the
   # `auto` crossover), K runs, then lkca_b; the rest last, cut short by the budget.
   DT=float32,bfloat16
+  # With profiler traces of 3 more steps of each case: the ops a step and how much of it
+  # the GPU's streams are busy (launch-bound or not), the traces themselves in traces/.
   part step_b128_lkca_t 240 "$O/step_b128_lkca_t.json" $STEP --models lkca_t --batch 128 \
-    --dtype $DT --steps 20 --out "$O/step_b128_lkca_t.json"
+    --dtype $DT --steps 20 --trace_dir "$O/traces" --out "$O/step_b128_lkca_t.json"
   # The layer forms on this backend: the plain ones it runs against the CPU-tuned ones
   # (lkca_jax/backend.py), so the per-backend choice is measured here too; the
   # recipe's dtype only: four programs, 35 to 60 s each to compile on the H200.

@@ -184,6 +184,20 @@ def test_images_per_second_match_bench_step_json(smoke):
   assert {r["part"] for r in summary["step"]} == set(expected)
 
 
+def test_the_lkca_t_step_part_traces_its_cases_and_the_summary_reports_them(smoke):
+  out, summary, stdout = smoke
+  part = summary["parts"]["step_b128_lkca_t"]
+  (r,) = load(part["json"])["results"]
+  assert set(part["traces"]) == {f"lkca_t/float32/{c}" for c in ("fixed", "pipeline")}
+  for column, traced in r["trace"].items():
+    row = part["traces"][f"lkca_t/float32/{column}"]
+    assert row["ops_per_step"] == traced["ops_per_step"] >= 1
+    assert row["top_op"] == traced["top_ops"][0]["name"]
+    assert traced["dir"].startswith(str(out / "traces"))  # inside what comes back
+    assert f"trace step_b128_lkca_t lkca_t/float32/{column}: " in stdout
+  assert all("traces" not in summary["parts"][name] for name in ("forms", "step_b128_lkca_b"))
+
+
 def test_projection_takes_the_recipe_batch_parts_pipeline_ms(smoke):
   _, summary, _ = smoke
   projection = summary["projection"]
