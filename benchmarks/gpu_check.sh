@@ -11,8 +11,10 @@
 # part then runs `main.py` for GPU_CHECK_TRAIN_STEPS steps (default 2,000) of lkca_t on
 # it, the whole recipe shortened to those steps (evaluations and the checkpoint
 # included); --smoke runs it on the embedded digits for a few steps of a tiny model.
-# A device machine that sends back only a few files wants the results folder packed:
-#   bash benchmarks/gpu_check.sh --out /tmp/gc; tar czf "$OUT/gpu_check.tgz" -C /tmp gc
+# A device machine that sends back only a few files wants the results folder packed, the
+# profiler's XPlane files (several MB a trace; the summary reads the .trace.json.gz) left out:
+#   bash benchmarks/gpu_check.sh --out /tmp/gc
+#   tar czf "$OUT/gpu_check.tgz" --exclude='*.xplane.pb' -C /tmp gc
 #
 # Results (one JSON per part, logs/, parts.tsv, summary.json) go to DIR, else $OUT, else
 # bench_results/gpu_check. Every part runs under its own `timeout`; a part that fails or
