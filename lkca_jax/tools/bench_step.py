@@ -144,12 +144,15 @@ def step_bytes(case) -> int:
 
 def trace_case(case, column: str, directory: str, steps: int = TRACE_STEPS) -> dict:
   """Records `steps` steps of `column` with `jax.profiler` into `directory`; returns their
-  `trace_summary`."""
+  `trace_summary`, or the profiler's error: the timings do not depend on it."""
   import jax  # pylint: disable=import-outside-toplevel
 
-  with jax.profiler.trace(directory):
-    for _ in range(steps):
-      case.step(column)
+  try:
+    with jax.profiler.trace(directory):
+      for _ in range(steps):
+        case.step(column)
+  except RuntimeError as e:  # the profiler could not start or write (no CUPTI, say)
+    return {"dir": directory, "error": f"jax.profiler: {e}"}
   return trace_summary(directory, steps)
 
 

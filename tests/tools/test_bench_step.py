@@ -151,6 +151,25 @@ def test_trace_summary_finds_a_programs_products_as_its_busiest_ops(tmp_path):
   assert sum(op["ms_per_step"] for op in busiest) <= summary["busy_ms_per_step"] * 1.001
 
 
+class ProductSteps:
+  """A stand-in for a `bench_step.Case`: each step one jitted product."""
+
+  def __init__(self):
+    self.a, self.steps = jnp.ones((64, 64)), 0
+    self.product = jax.jit(lambda a: a @ a)
+
+  def step(self, column):
+    self.steps += 1
+    return jax.block_until_ready(self.product(self.a))
+
+
+def test_a_trace_the_profiler_cannot_write_is_an_error_in_the_results_not_a_crash():
+  case = ProductSteps()
+  summary = bench_step.trace_case(case, "fixed", "/proc/lkca-no-trace")
+  assert summary["error"].startswith("jax.profiler: ") and "/proc/lkca-no-trace" in summary["error"]
+  assert case.steps == bench_step.TRACE_STEPS  # the steps ran; only the trace is missing
+
+
 def test_busy_time_is_the_length_of_the_intervals_union():
   assert bench_step.busy_time([(5, 6), (0, 2), (1, 3), (5.2, 5.5)]) == 4
   assert bench_step.busy_time([]) == 0
