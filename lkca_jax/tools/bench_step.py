@@ -419,8 +419,8 @@ def run_benchmark(
 ) -> dict:
   """Times the train step model by model: builds its (dtype, form) steps, then times them
   and the columns interleaved, then traces them if `trace_dir` is given (`trace_cases`).
-  After each model `on_model(results so far)` (marked "complete": False), so a run cut
-  short keeps every model it finished."""
+  After each model's timings, and again after its traces, `on_model(results so far)`
+  (marked "complete": False), so a run cut short keeps every model it timed."""
   from lkca_jax import backend  # pylint: disable=import-outside-toplevel
 
   load_start = os.getloadavg()
@@ -458,26 +458,34 @@ def run_benchmark(
     for round_ in range(steps):
       for key, column in order if round_ % 2 == 0 else order[::-1]:
         times[(key, column)].append(cases[key].step(column))
-    traced = trace_cases(model, cases, columns, trace_dir, log) if trace_dir else {}
-    for (dtype, form), case in cases.items():
-      results.append(
-        {
-          "model": model,
-          "dtype": dtype,
-          "forms": form,
-          "params": case.run.num_params,
-          **{column: column_stats(times[((dtype, form), column)], batch) for column in columns},
-          "state_dtypes": {
-            "params": float_dtypes(case.state.params),
-            "opt_state": float_dtypes(case.state.opt_state),
-          },
-          **({"trace": traced[(dtype, form)]} if trace_dir else {}),
-        }
-      )
-    del cases  # the next model's programs and states in their place
-    if on_model is not None:
+    done = [case_result(model, key, case, times, columns, batch) for key, case in cases.items()]
+    results.extend(done)
+    if on_model is not None:  # the timings on disk before any trace is taken
       on_model(report(complete=False))
+    if trace_dir:
+      traced = trace_cases(model, cases, columns, trace_dir, log)
+      for r in done:
+        r["trace"] = traced[(r["dtype"], r["forms"])]
+      if on_model is not None:
+        on_model(report(complete=False))
+    del cases  # the next model's programs and states in their place
   return report(complete=True)
+
+
+def case_result(model: str, key: tuple, case, times: dict, columns, batch: int) -> dict:
+  """One (dtype, form) case's timings per column, as `run_benchmark` reports them."""
+  dtype, form = key
+  return {
+    "model": model,
+    "dtype": dtype,
+    "forms": form,
+    "params": case.run.num_params,
+    **{column: column_stats(times[(key, column)], batch) for column in columns},
+    "state_dtypes": {
+      "params": float_dtypes(case.state.params),
+      "opt_state": float_dtypes(case.state.opt_state),
+    },
+  }
 
 
 def format_table(results: dict) -> str:

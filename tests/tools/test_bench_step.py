@@ -151,6 +151,26 @@ def test_trace_summary_finds_a_programs_products_as_its_busiest_ops(tmp_path):
   assert sum(op["ms_per_step"] for op in busiest) <= summary["busy_ms_per_step"] * 1.001
 
 
+def test_a_models_timings_are_reported_before_its_traces_are_taken(tmp_path):
+  snapshots = []  # as on disk: main's on_model writes each one out as it comes
+  final = bench_step.run_benchmark(
+    ["lkca_t"],
+    ["float32"],
+    batch=bench_step.SMOKE["batch"],
+    steps=2,
+    overrides=bench_step.SMOKE["overrides"],
+    columns=("fixed",),
+    log=lambda line: None,
+    on_model=lambda partial: snapshots.append(json.loads(json.dumps(partial))),
+    trace_dir=str(tmp_path),
+  )
+  timed, traced = snapshots  # a limit reached while tracing still leaves the first
+  assert "trace" not in timed["results"][0]
+  assert timed["results"][0]["fixed"] == traced["results"][0]["fixed"]
+  assert traced["results"][0]["trace"]["fixed"]["ops_per_step"] >= 1
+  assert json.loads(json.dumps(final["results"])) == traced["results"] and final["complete"]
+
+
 class ProductSteps:
   """A stand-in for a `bench_step.Case`: each step one jitted product."""
 
