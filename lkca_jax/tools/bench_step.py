@@ -71,6 +71,7 @@ COLUMN_NOTES = {
 DATASET = "synthetic_cifar"
 SMOKE = {"batch": 16, "steps": 2, "overrides": {"dim": 32, "depth": 1, "num_heads": 2}}
 TRACE_STEPS = 3  # steps of each case and column that --trace_dir records
+CPU_LANES = "XLA:CPU threads"  # what `op_lanes` calls the lanes of a trace without a device
 
 
 def step_config(model: str, *, batch: int, dtype: str, overrides: dict | None = None):
@@ -167,14 +168,14 @@ def op_lanes(processes: dict, threads: dict, keys: set) -> tuple[str, set]:
     return "device streams", streams
   if on_devices:
     return "device lanes", on_devices
-  return "XLA:CPU threads", {key for key in keys if threads.get(key, "").startswith("tf_XLA")}
+  return CPU_LANES, {key for key in keys if threads.get(key, "").startswith("tf_XLA")}
 
 
 def is_op(event: dict, lanes: str) -> bool:
   """Whether a trace event on `op_lanes`' lanes is an op: every event on a device's lanes
   (kernels, copies); on XLA:CPU's threads those naming the HLO op they run (its other
   events are its executor's and thread pools' own)."""
-  return lanes != "XLA:CPU threads" or "hlo_op" in (event.get("args") or {})
+  return lanes != CPU_LANES or "hlo_op" in (event.get("args") or {})
 
 
 def busy_time(intervals) -> float:

@@ -102,7 +102,7 @@ def test_smoke_run_traces_every_case_and_column_and_reports_its_ops(smoke):
       written = [name for _, _, names in os.walk(folder) for name in names]
       assert any(name.endswith(".trace.json.gz") for name in written), written
       # On this CPU the ops run on XLA:CPU's own threads, at least one op a step.
-      assert trace["lanes"] == "XLA:CPU threads" and trace["ops_per_step"] >= 1
+      assert trace["lanes"] == bench_step.CPU_LANES and trace["ops_per_step"] >= 1
       assert 0 < trace["busy_ms_per_step"] <= trace["span_ms_per_step"]
       lanes = trace["per_lane"].values()
       assert sum(lane["ops_per_step"] for lane in lanes) == pytest.approx(trace["ops_per_step"])
@@ -140,7 +140,7 @@ def test_trace_summary_finds_a_programs_products_as_its_busiest_ops(tmp_path):
     for _ in range(3):
       jax.block_until_ready(compiled(a))
   summary = bench_step.trace_summary(str(tmp_path), 3)
-  assert summary["lanes"] == "XLA:CPU threads"
+  assert summary["lanes"] == bench_step.CPU_LANES
   # Two 768³ products against one element-wise pass: they are the two busiest ops, each
   # one call a step, named as the compiled program names them.
   busiest = summary["top_ops"][:2]
@@ -210,7 +210,7 @@ def test_op_lanes_are_a_devices_streams_where_the_trace_has_a_device():
   del threads[(2, 20)]
   assert bench_step.op_lanes(processes, threads, keys - {(2, 20)}) == ("device lanes", {(2, 21)})
   assert bench_step.op_lanes({1: "/host:CPU"}, threads, {(1, 10), (1, 11)}) == (
-    "XLA:CPU threads",
+    bench_step.CPU_LANES,
     {(1, 10)},
   )
 
