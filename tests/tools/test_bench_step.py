@@ -133,7 +133,9 @@ def dot_instructions(hlo: str) -> set[str]:
 
 
 def test_trace_summary_finds_a_programs_products_as_its_busiest_ops(tmp_path):
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((768, 768)), jnp.float32)
+  # Products of 1536³ (7 GFLOP, tens of ms each) against an element-wise pass of 1536² (about
+  # a millisecond): a busy machine descheduling the test for a few ms cannot swap their order.
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((1536, 1536)), jnp.float32)
   compiled = jax.jit(lambda a: jnp.tanh(a @ a) @ a).lower(a).compile()
   jax.block_until_ready(compiled(a))
   with jax.profiler.trace(str(tmp_path)):
@@ -141,8 +143,8 @@ def test_trace_summary_finds_a_programs_products_as_its_busiest_ops(tmp_path):
       jax.block_until_ready(compiled(a))
   summary = bench_step.trace_summary(str(tmp_path), 3)
   assert summary["lanes"] == bench_step.CPU_LANES
-  # Two 768³ products against one element-wise pass: they are the two busiest ops, each
-  # one call a step, named as the compiled program names them.
+  # The two products are the two busiest ops, each one call a step, named as the compiled
+  # program names them.
   busiest = summary["top_ops"][:2]
   products = dot_instructions(compiled.as_text())
   assert len(products) == 2 and {op["name"] for op in busiest} == products
