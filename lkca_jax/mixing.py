@@ -8,8 +8,48 @@ of each image is a random permutation of the batch. The loss is then
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+# Candidates each Gamma draw of `beta` tries at once. Marsaglia and Tsang's test accepts a
+# candidate with probability above 0.95 at every shape >= 1 (smaller shapes are boosted to
+# one above), so all of them fail with probability below 0.05**16 < 2e-21.
+GAMMA_CANDIDATES = 16
+
+
+def log_gamma(key, alpha: float):
+  """log of a Gamma(alpha, 1) draw (alpha > 0, a Python float), with no data-dependent loop.
+
+  Marsaglia and Tsang's method with its rejection loop unrolled into GAMMA_CANDIDATES
+  candidates drawn at once: the first accepted one is distributed exactly as the loop's
+  result. `jax.random.gamma` loops until it accepts, and a GPU runs each trip of such a
+  loop as a round trip to the host. Should every candidate fail (probability below 2e-21),
+  the draw is the proposal's centre. Shapes below 1 use G(a) = G(a + 1)·U^(1/a), in logs
+  so that a small U cannot underflow.
+  """
+  shape = alpha + 1.0 if alpha < 1.0 else alpha
+  d = shape - 1.0 / 3.0
+  c = 1.0 / math.sqrt(9.0 * d)
+  k_x, k_u, k_boost = jax.random.split(key, 3)
+  x = jax.random.normal(k_x, (GAMMA_CANDIDATES,))
+  u = 1.0 - jax.random.uniform(k_u, (GAMMA_CANDIDATES,))  # in (0, 1]: its log is finite
+  v = (1.0 + c * x) ** 3
+  positive = v > 0
+  log_v = jnp.log(jnp.where(positive, v, 1.0))
+  accept = positive & (jnp.log(u) < 0.5 * x * x + d - d * jnp.exp(log_v) + d * log_v)
+  log_v = jnp.where(jnp.any(accept), log_v[jnp.argmax(accept)], 0.0)
+  log_g = math.log(d) + log_v
+  if alpha < 1.0:
+    log_g = log_g + jnp.log(1.0 - jax.random.uniform(k_boost)) / alpha
+  return log_g
+
+
+def beta(key, a: float, b: float):
+  """A Beta(a, b) draw as X / (X + Y) of two Gamma draws (`log_gamma`): no loop either."""
+  k_a, k_b = jax.random.split(key)
+  return jax.nn.sigmoid(log_gamma(k_a, a) - log_gamma(k_b, b))
 
 
 def cutmix_box(key, height: int, width: int, lam):
@@ -36,7 +76,7 @@ def mix_batch(
   partner = jax.random.permutation(k_perm, images.shape[0])
   other, labels_b = images[partner], labels[partner]
 
-  lam_cut = jax.random.beta(k_cut_lam, cutmix_alpha, cutmix_alpha)
+  lam_cut = beta(k_cut_lam, cutmix_alpha, cutmix_alpha)
   y0, y1, x0, x1 = cutmix_box(k_box, height, width, lam_cut)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
@@ -44,7 +84,7 @@ def mix_batch(
   cutmixed = jnp.where(inside[None, :, :, None], other, images)
   lam_cut = 1.0 - ((y1 - y0) * (x1 - x0)) / (height * width)
 
-  lam_mix = jax.random.beta(k_mix_lam, mixup_alpha, mixup_alpha)
+  lam_mix = beta(k_mix_lam, mixup_alpha, mixup_alpha)
   mixed_up = lam_mix * images + (1.0 - lam_mix) * other
 
   do_mix = jax.random.uniform(k_mix) < prob
