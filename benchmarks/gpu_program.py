@@ -1,0 +1,168 @@
+"""What a GPU would run for the train step, compiled here without one (XLA's deviceless AOT).
+
+    python benchmarks/gpu_program.py [--models lkca_t,vit] [--batch 128] [--dtype float32]
+        [--runs 1] [--target_config benchmarks/gpu_target_h100.txtpb]
+        [--out bench_results/gpu_program.json]
+
+Exports the trainer's jitted step (`Training.compiled_step`) and its batch's on-device
+augmentation for `cuda` (`jax.export`), then compiles both for the GPU that
+`--target_config` describes (an H100 by default; an XLA `GpuTargetConfigProto` in text form)
+through `jax.experimental.topologies`, with no GPU present. Per program it reports what
+the compiled entry computation launches (fusions, cuBLAS and cuDNN calls, copies) and its
+while loops: a loop whose trip count XLA does not know reads its condition back to the host on
+every trip, a round trip that stalls the stream. These are counts, not times: the time
+of a step needs the GPU (`benchmarks/gpu_check.sh`).
+
+Needs JAX's CUDA plugin, which is never a dependency: in a separate venv,
+`pip install -r requirements.txt "jax[cuda13]==<this jax's version>"`. It compiles with that
+plugin's XLA, which may differ from the one a GPU machine runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import sys
+
+from absl import flags
+
+from lkca_jax.tools import cli
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Entry instructions that launch nothing: they name, split or join buffers.
+NO_LAUNCH = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("models", ["lkca_t", "vit"], "Model presets.")
+  flags.DEFINE_integer("batch", 128, "Images per step.", lower_bound=1)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_integer("runs", 1, "Runs in one process (config.num_runs).", lower_bound=1)
+  flags.DEFINE_string(
+    "target_config", "benchmarks/gpu_target_h100.txtpb", "The GPU, as XLA describes it."
+  )
+  cli.define_output_file(
+    "out", "bench_results/gpu_program.json", "Where the JSON results go (from the repository)."
+  )
+
+
+def _entry(text: str) -> str:
+  start = text.index("\nENTRY ")
+  return text[start : text.index("\n}\n", start)]
+
+
+def program_kernels(hlo_text: str) -> dict:
+  """Launches of a compiled module's entry computation by instruction (a fusion's by its
+  kind), and its while loops anywhere in the module, those of unknown trip count apart."""
+  launches, by_kind = collections.Counter(), collections.Counter()
+  for line in _entry(hlo_text).splitlines()[1:]:
+    op = re.search(r" = (?:\([^=]*?\)|\S+) ([a-z][\w-]*)\(", line)
+    if not op or op.group(1) in NO_LAUNCH:
+      continue
+    launches[op.group(1)] += 1
+    kind = re.search(r'kind=(\w+)|custom_call_target="([^"]+)"', line)
+    by_kind[f"{op.group(1)} {next(g for g in kind.groups() if g)}" if kind else op.group(1)] += 1
+  loops = [line for line in hlo_text.splitlines() if re.search(r" while\(", line)]
+  return {
+    "launches": sum(launches.values()),
+    "by_instruction": dict(launches.most_common()),
+    "by_kind": dict(by_kind.most_common()),
+    "while_loops": len(loops),
+    "while_loops_unknown_trips": sum("known_trip_count" not in line for line in loops),
+  }
+
+
+def gpu_sharding(target_config: str):
+  """A replicated sharding on one compile-only GPU described by `target_config`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+  try:
+    topology = topologies.get_topology_desc(
+      platform="cuda", target_config=target_config, topology="1x1x1"
+    )
+  except (NotImplementedError, RuntimeError) as e:
+    cli.fail(
+      f"cannot compile for a GPU here ({str(e).splitlines()[0]}): install JAX's CUDA plugin "
+      f'in a separate venv, pip install "jax[cuda13]=={jax.__version__}"'
+    )
+  mesh = topologies.make_mesh(topology, (1,), ("gpu",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def compile_for_gpu(fn, args, sharding) -> tuple[str, int]:
+  """(compiled HLO text, StableHLO ops) of jitted `fn` at `args`, compiled for `sharding`'s GPU."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  exported = jax.export.export(fn, platforms=["cuda"])(*args)
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in exported.in_avals]
+
+  def call(*flat):
+    args, kwargs = jax.tree.unflatten(exported.in_tree, flat)
+    return exported.call(*args, **kwargs)
+
+  # With no GPU XLA cannot autotune, and its untuned Triton tiling fails on some products
+  # (vit's 8320×192 by 192×192, jaxlib 0.10.2): cuBLAS takes every product here.
+  options = {"xla_gpu_enable_triton_gemm": False}
+  text = jax.jit(call).lower(*specs).compile(compiler_options=options).as_text()
+  return text, exported.mlir_module().count("stablehlo.")
+
+
+def model_programs(model: str, sharding) -> dict:
+  """Both programs of one training step of `model`: the update and the batch's augmentation."""
+  from lkca_jax.tools import bench_step  # pylint: disable=import-outside-toplevel
+
+  config = bench_step.step_config(model, batch=FLAGS.batch, dtype=FLAGS.dtype)
+  config.num_runs = FLAGS.runs
+  t = bench_step.Case(config).training
+  p = t.pipeline
+  programs = {
+    "train_step": (t.compiled_step, t.step_args(t.state, 0)),
+    # The jitted gather + augmentation that `Pipeline.train_batch` calls for data on the device.
+    "augment": (p._gather_augment, (p.train.images, p.train.labels, t.epoch_order(0), 0, 0)),  # noqa: SLF001
+  }
+  found = {}
+  for name, (fn, args) in programs.items():
+    text, stablehlo_ops = compile_for_gpu(fn, args, sharding)
+    found[name] = {"stablehlo_ops": stablehlo_ops, **program_kernels(text)}
+  return found
+
+
+def main(argv) -> None:
+  del argv  # no positional arguments: cli.run refuses them
+  import jax  # pylint: disable=import-outside-toplevel
+
+  cli.check_presets(FLAGS.models)
+  path = os.path.join(ROOT, FLAGS.target_config)
+  if not os.path.isfile(path):
+    cli.fail(f"--target_config={FLAGS.target_config} is not a file: give a GpuTargetConfigProto")
+  out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
+  # The model and its data stay on the CPU; the GPU is only compiled for, never opened (nor
+  # its runtime libraries checked, which a machine without one may lack).
+  jax.config.update("jax_platforms", "cpu")
+  if jax.device_count() != 1:
+    cli.fail(
+      f"this process has {jax.device_count()} CPU devices (XLA_FLAGS?); the step is compiled "
+      "for one GPU, so run it with one: leave out --xla_force_host_platform_device_count"
+    )
+  with open(path, encoding="utf-8") as f:
+    sharding = gpu_sharding(f.read())
+  results = {}
+  print(f"{'model':<10}{'program':<12}{'launches':>10}{'loops':>7}{'unknown trips':>15}")
+  for model in FLAGS.models:
+    results[model] = model_programs(model, sharding)
+    for name, r in results[model].items():
+      print(
+        f"{model:<10}{name:<12}{r['launches']:>10}{r['while_loops']:>7}"
+        f"{r['while_loops_unknown_trips']:>15}"
+      )
+  settings = {k: getattr(FLAGS, k) for k in ("batch", "dtype", "runs", "target_config")}
+  cli.write_json(out, {"results": results, **settings})
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)  # run as a script: the recipe's configs/ import from the repository
+  cli.run(main, define_flags=define_flags)

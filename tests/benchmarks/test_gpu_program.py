@@ -1,0 +1,86 @@
+"""benchmarks/gpu_program.py: what it counts in a compiled program, its one error line where
+JAX's CUDA plugin is missing (as in CI), and, where the plugin is installed, the train step
+compiled for an H100 with no loop that a GPU would run trip by trip."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_program.py")
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and (
+  importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+)
+
+
+@pytest.fixture(scope="module")
+def gpu_program():
+  spec = importlib.util.spec_from_file_location("gpu_program", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run(*args, env=None):
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+    env={**os.environ, "XLA_FLAGS": "", **(env or {})},  # one CPU device: the suite forces 8
+  )
+
+
+def test_it_counts_a_programs_loops_and_which_of_them_know_their_trips(gpu_program):
+  def loops(x):
+    fixed = jax.lax.fori_loop(0, 5, lambda i, c: c * 2 + jnp.sin(c), x)  # 5 trips, known
+    until = jax.lax.while_loop(lambda c: c.sum() < 100, lambda c: c * 2 + 1, x)  # data decides
+    return fixed, until
+
+  x = jnp.ones(4)
+  found = gpu_program.program_kernels(jax.jit(loops).lower(x).compile().as_text())
+  assert (found["while_loops"], found["while_loops_unknown_trips"]) == (2, 1)
+  plain = gpu_program.program_kernels(
+    jax.jit(lambda x: jnp.sin(x) @ x).lower(x).compile().as_text()
+  )
+  assert (plain["while_loops"], plain["while_loops_unknown_trips"]) == (0, 0)
+  assert plain["launches"] >= 1 and plain["launches"] == sum(plain["by_instruction"].values())
+  assert not {"parameter", "get-tuple-element", "tuple"} & set(plain["by_instruction"])
+
+
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is installed here")
+def test_without_the_cuda_plugin_it_is_one_error_line_naming_the_install(tmp_path):
+  out = tmp_path / "gpu.json"
+  result = run("--models", "lkca_t", "--out", str(out))
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines[-1].startswith("error: ") and f"jax[cuda13]=={jax.__version__}" in lines[-1]
+  assert not out.exists()
+
+
+def test_with_several_cpu_devices_it_is_one_error_line_before_any_work(tmp_path):
+  out = tmp_path / "gpu.json"
+  result = run("--out", str(out), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines[-1].startswith("error: ") and "xla_force_host_platform_device_count" in lines[-1]
+  assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin (never a dependency)")
+def test_the_train_step_compiled_for_an_h100_reads_nothing_back_to_the_host(tmp_path):
+  out = tmp_path / "gpu.json"
+  result = run("--models", "lkca_t", "--out", str(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads(out.read_text())["results"]["lkca_t"]
+  assert found["train_step"]["while_loops_unknown_trips"] == 0
+  assert found["train_step"]["launches"] > 100  # a whole step: forward, backward, optimizer
+  assert found["augment"]["while_loops_unknown_trips"] == 0
