@@ -92,12 +92,15 @@ def gpu_sharding(target_config: str):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def compile_for_gpu(fn, args, sharding) -> tuple[str, int]:
-  """(compiled HLO text, StableHLO ops) of jitted `fn` at `args`, compiled for `sharding`'s GPU."""
+def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, int]:
+  """(compiled HLO text, StableHLO ops) of jitted `fn` at `args`, compiled for `sharding`'s GPU,
+  its first `donated` arguments donated as the trainer donates them (an export drops that)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   exported = jax.export.export(fn, platforms=["cuda"])(*args)
   specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in exported.in_avals]
+  # Without donation, every output that passes an input through unchanged is a copy kernel.
+  donate = tuple(range(len(jax.tree.leaves(args[:donated]))))
 
   def call(*flat):
     args, kwargs = jax.tree.unflatten(exported.in_tree, flat)
@@ -106,7 +109,8 @@ def compile_for_gpu(fn, args, sharding) -> tuple[str, int]:
   # With no GPU XLA cannot autotune, and its untuned Triton tiling fails on some products
   # (vit's 8320×192 by 192×192, jaxlib 0.10.2): cuBLAS takes every product here.
   options = {"xla_gpu_enable_triton_gemm": False}
-  text = jax.jit(call).lower(*specs).compile(compiler_options=options).as_text()
+  text = jax.jit(call, donate_argnums=donate).lower(*specs).compile(compiler_options=options)
+  text = text.as_text()
   return text, exported.mlir_module().count("stablehlo.")
 
 
@@ -118,14 +122,18 @@ def model_programs(model: str, sharding) -> dict:
   config.num_runs = FLAGS.runs
   t = bench_step.Case(config).training
   p = t.pipeline
-  programs = {
-    "train_step": (t.compiled_step, t.step_args(t.state, 0)),
+  programs = {  # name: (jitted function, its arguments, how many of them are donated)
+    "train_step": (t.compiled_step, t.step_args(t.state, 0), 1),
     # The jitted gather + augmentation that `Pipeline.train_batch` calls for data on the device.
-    "augment": (p._gather_augment, (p.train.images, p.train.labels, t.epoch_order(0), 0, 0)),  # noqa: SLF001
+    "augment": (
+      p._gather_augment,  # noqa: SLF001
+      (p.train.images, p.train.labels, t.epoch_order(0), 0, 0),
+      0,
+    ),
   }
   found = {}
-  for name, (fn, args) in programs.items():
-    text, stablehlo_ops = compile_for_gpu(fn, args, sharding)
+  for name, (fn, args, donated) in programs.items():
+    text, stablehlo_ops = compile_for_gpu(fn, args, sharding, donated)
     found[name] = {"stablehlo_ops": stablehlo_ops, **program_kernels(text)}
   return found
 
