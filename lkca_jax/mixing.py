@@ -37,8 +37,9 @@ def log_gamma(key, alpha: float):
   u = 1.0 - jax.random.uniform(k_u, (GAMMA_CANDIDATES,))  # in (0, 1]: its log is finite
   v = (1.0 + c * x) ** 3
   positive = v > 0
-  log_v = jnp.log(jnp.where(positive, v, 1.0))
-  accept = positive & (jnp.log(u) < 0.5 * x * x + d - d * jnp.exp(log_v) + d * log_v)
+  v = jnp.where(positive, v, 1.0)  # a candidate with v <= 0 is rejected: its log is not needed
+  log_v = jnp.log(v)
+  accept = positive & (jnp.log(u) < 0.5 * x * x + d - d * v + d * log_v)
   log_v = jnp.where(jnp.any(accept), log_v[jnp.argmax(accept)], 0.0)
   log_g = math.log(d) + log_v
   if alpha < 1.0:
