@@ -9,6 +9,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -84,6 +85,23 @@ def test_schedule_warms_up_linearly_then_cosine_decays(steps_per_epoch, total):
   assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-3)
   lrs = np.asarray([float(schedule(s)) for s in range(warmup, total, 997)])
   assert np.all(np.diff(lrs) <= 0)
+
+
+def test_the_gradient_norm_is_every_leafs_norm_together_in_one_reduction():
+  """Small integers, so every float32 sum of their squares is exact and the norm is the
+  correctly rounded square root: equal bit for bit to the float64 norm rounded once."""
+  tree = {
+    "w": jnp.arange(-6, 6, dtype=jnp.float32).reshape(3, 4),
+    "b": jnp.arange(5, dtype=jnp.bfloat16),  # a bfloat16 leaf is widened, not rounded to
+    "s": jnp.float32(7),
+  }
+  exact = np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values()))
+  assert float(jax.jit(train.global_norm)(tree)) == np.float32(exact)
+  runs = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree)  # as the runs step vmaps it
+  np.testing.assert_array_equal(jax.vmap(train.global_norm)(runs), np.float32([exact, 2 * exact]))
+  # One reduction for the whole tree, where a sum per leaf is a kernel per leaf on a GPU.
+  assert jax.jit(train.global_norm).lower(tree).as_text().count("stablehlo.reduce") == 1
+  assert jax.jit(optax.global_norm).lower(tree).as_text().count("stablehlo.reduce") == 3
 
 
 def test_model_overrides_reach_the_model():
