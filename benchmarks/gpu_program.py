@@ -116,11 +116,12 @@ def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, int]:
 
 def model_programs(model: str, sharding) -> dict:
   """Both programs of one training step of `model`: the update and the batch's augmentation."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
   from lkca_jax.tools import bench_step  # pylint: disable=import-outside-toplevel
 
   config = bench_step.step_config(model, batch=FLAGS.batch, dtype=FLAGS.dtype)
   config.num_runs = FLAGS.runs
-  t = bench_step.Case(config).training
+  t = train.build_training(train.Run.prepare(config), config)  # nothing timed: no Case
   p = t.pipeline
   programs = {  # name: (jitted function, its arguments, how many of them are donated)
     "train_step": (t.compiled_step, t.step_args(t.state, 0), 1),
