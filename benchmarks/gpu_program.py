@@ -7,11 +7,12 @@
 Exports the trainer's jitted step (`Training.compiled_step`) and its batch's on-device
 augmentation for `cuda` (`jax.export`), then compiles both for the GPU that
 `--target_config` describes (an H100 by default; an XLA `GpuTargetConfigProto` in text form)
-through `jax.experimental.topologies`, with no GPU present. Per program it reports what
-the compiled entry computation launches (fusions, cuBLAS and cuDNN calls, copies) and its
-while loops: a loop whose trip count XLA does not know reads its condition back to the host on
-every trip, a round trip that stalls the stream. These are counts, not times: the time
-of a step needs the GPU (`benchmarks/gpu_check.sh`).
+through `jax.experimental.topologies`, with no GPU present. Per program it reports the
+kernels of its compiled entry computation (fusions, cuBLAS and cuDNN calls, copies), its while
+loops (a loop whose trip count XLA does not know reads its condition back on every trip), and
+what the host issues for one run: XLA records runs of kernels into CUDA graphs ("command
+buffers"), so a step may reach the GPU as a few graph launches and the loops between them.
+These are counts, not times: the time of a step needs the GPU (`benchmarks/gpu_check.sh`).
 
 Needs JAX's CUDA plugin, which is never a dependency: in a separate venv,
 `pip install -r requirements.txt "jax[cuda13]==<this jax's version>"`. It compiles with that
@@ -21,9 +22,11 @@ plugin's XLA, which may differ from the one a GPU machine runs.
 from __future__ import annotations
 
 import collections
+import glob
 import os
 import re
 import sys
+import tempfile
 
 from absl import flags
 
@@ -33,6 +36,8 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Entry instructions that launch nothing: they name, split or join buffers.
 NO_LAUNCH = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+# A thunk in XLA's dump of a GPU program's thunk sequence: its indent nests it in the one above.
+THUNK = re.compile(r"^( *)\d+: (k\w+)")
 
 
 def define_flags() -> None:
@@ -54,23 +59,49 @@ def _entry(text: str) -> str:
 
 
 def program_kernels(hlo_text: str) -> dict:
-  """Launches of a compiled module's entry computation by instruction (a fusion's by its
+  """Kernels of a compiled module's entry computation by instruction (a fusion's by its
   kind), and its while loops anywhere in the module, those of unknown trip count apart."""
-  launches, by_kind = collections.Counter(), collections.Counter()
+  kernels, by_kind = collections.Counter(), collections.Counter()
   for line in _entry(hlo_text).splitlines()[1:]:
     op = re.search(r" = (?:\([^=]*?\)|\S+) ([a-z][\w-]*)\(", line)
     if not op or op.group(1) in NO_LAUNCH:
       continue
-    launches[op.group(1)] += 1
+    kernels[op.group(1)] += 1
     kind = re.search(r'kind=(\w+)|custom_call_target="([^"]+)"', line)
     by_kind[f"{op.group(1)} {next(g for g in kind.groups() if g)}" if kind else op.group(1)] += 1
   loops = [line for line in hlo_text.splitlines() if re.search(r" while\(", line)]
   return {
-    "launches": sum(launches.values()),
-    "by_instruction": dict(launches.most_common()),
+    "kernels": sum(kernels.values()),
+    "by_instruction": dict(kernels.most_common()),
     "by_kind": dict(by_kind.most_common()),
     "while_loops": len(loops),
     "while_loops_unknown_trips": sum("known_trip_count" not in line for line in loops),
+  }
+
+
+def host_thunks(thunk_text: str) -> dict:
+  """What the host issues for one run of a GPU program, from XLA's dump of its thunk sequence
+  after the thunk passes: the top-level thunks by kind (a `kCommandBuffer` is one CUDA graph
+  launch), and the while loops the host drives, those outside every command buffer."""
+  top, host_loops, stack = collections.Counter(), 0, []  # stack: (indent, kind) of the parents
+  for line in thunk_text.splitlines():
+    thunk = THUNK.match(line)
+    if not thunk:
+      continue  # a loop's "condition:" and "body:" labels
+    indent, kind = len(thunk.group(1)), thunk.group(2)
+    while stack and stack[-1][0] >= indent:
+      stack.pop()
+    if not stack:
+      top[kind] += 1
+    host_loops += kind == "kWhile" and all(k != "kCommandBuffer" for _, k in stack)
+    stack.append((indent, kind))
+  if not top:
+    raise ValueError("no thunk found: the format of XLA's thunk-sequence dump has changed")
+  return {
+    "host_thunks": sum(top.values()),
+    "by_thunk": dict(top.most_common()),
+    "command_buffers": top["kCommandBuffer"],
+    "host_loops": host_loops,
   }
 
 
@@ -84,6 +115,9 @@ def gpu_sharding(target_config: str):
       platform="cuda", target_config=target_config, topology="1x1x1"
     )
   except (NotImplementedError, RuntimeError) as e:
+    if "GpuTargetConfigProto" in str(e):
+      first = str(e).splitlines()[0]
+      cli.fail(f"--target_config={FLAGS.target_config} is not a GpuTargetConfigProto ({first})")
     cli.fail(
       f"cannot compile for a GPU here ({str(e).splitlines()[0]}): install JAX's CUDA plugin "
       f'in a separate venv, pip install "jax[cuda13]=={jax.__version__}"'
@@ -92,9 +126,10 @@ def gpu_sharding(target_config: str):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, int]:
-  """(compiled HLO text, StableHLO ops) of jitted `fn` at `args`, compiled for `sharding`'s GPU,
-  its first `donated` arguments donated as the trainer donates them (an export drops that)."""
+def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, str, int]:
+  """(compiled HLO text, thunk sequence, StableHLO ops) of jitted `fn` at `args`, compiled for
+  `sharding`'s GPU, its first `donated` arguments donated as the trainer donates them (an
+  export drops that)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   exported = jax.export.export(fn, platforms=["cuda"])(*args)
@@ -109,9 +144,15 @@ def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, int]:
   # With no GPU XLA cannot autotune, and its untuned Triton tiling fails on some products
   # (vit's 8320×192 by 192×192, jaxlib 0.10.2): cuBLAS takes every product here.
   options = {"xla_gpu_enable_triton_gemm": False}
-  text = jax.jit(call, donate_argnums=donate).lower(*specs).compile(compiler_options=options)
-  text = text.as_text()
-  return text, exported.mlir_module().count("stablehlo.")
+  with tempfile.TemporaryDirectory() as dump:  # the thunk sequence is only in XLA's dump
+    lowered = jax.jit(call, donate_argnums=donate).lower(*specs)
+    text = lowered.compile(compiler_options={**options, "xla_dump_to": dump}).as_text()
+    found = glob.glob(os.path.join(dump, "*.thunk_sequence_after_thunk_passes.txt"))
+    if len(found) != 1:
+      raise RuntimeError(f"XLA's dump holds {len(found)} thunk sequences, not 1: has it changed?")
+    with open(found[0], encoding="utf-8") as f:
+      thunks = f.read()
+  return text, thunks, exported.mlir_module().count("stablehlo.")
 
 
 def model_programs(model: str, sharding) -> dict:
@@ -134,8 +175,8 @@ def model_programs(model: str, sharding) -> dict:
   }
   found = {}
   for name, (fn, args, donated) in programs.items():
-    text, stablehlo_ops = compile_for_gpu(fn, args, sharding, donated)
-    found[name] = {"stablehlo_ops": stablehlo_ops, **program_kernels(text)}
+    text, thunks, stablehlo_ops = compile_for_gpu(fn, args, sharding, donated)
+    found[name] = {"stablehlo_ops": stablehlo_ops, **program_kernels(text), **host_thunks(thunks)}
   return found
 
 
@@ -159,13 +200,17 @@ def main(argv) -> None:
   with open(path, encoding="utf-8") as f:
     sharding = gpu_sharding(f.read())
   results = {}
-  print(f"{'model':<10}{'program':<12}{'launches':>10}{'loops':>7}{'unknown trips':>15}")
+  print(
+    f"{'model':<10}{'program':<12}{'kernels':>9}{'loops':>7}{'unknown trips':>15}"
+    f"{'host thunks':>13}{'graphs':>8}{'host loops':>12}"
+  )
   for model in FLAGS.models:
     results[model] = model_programs(model, sharding)
     for name, r in results[model].items():
       print(
-        f"{model:<10}{name:<12}{r['launches']:>10}{r['while_loops']:>7}"
-        f"{r['while_loops_unknown_trips']:>15}"
+        f"{model:<10}{name:<12}{r['kernels']:>9}{r['while_loops']:>7}"
+        f"{r['while_loops_unknown_trips']:>15}{r['host_thunks']:>13}{r['command_buffers']:>8}"
+        f"{r['host_loops']:>12}"
       )
   settings = {k: getattr(FLAGS, k) for k in ("batch", "dtype", "runs", "target_config")}
   cli.write_json(out, {"results": results, **settings})

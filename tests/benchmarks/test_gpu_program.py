@@ -1,6 +1,7 @@
-"""benchmarks/gpu_program.py: what it counts in a compiled program, its one error line where
-JAX's CUDA plugin is missing (as in CI), and, where the plugin is installed, the train step
-compiled for an H100 with no loop that a GPU would run trip by trip."""
+"""benchmarks/gpu_program.py: what it counts in a compiled program and in XLA's thunk sequence,
+its one error line where JAX's CUDA plugin is missing (as in CI), and, where the plugin is
+installed, the train step compiled for an H100 as one CUDA graph with no loop that the host
+drives."""
 
 import importlib.util
 import json
@@ -14,6 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_program.py")
+# Cut from XLA's dump for the train step before λ's Beta draws lost their loops (41c4ae1).
+THUNKS = os.path.join(ROOT, "tests", "data", "gpu_thunk_sequence_fixture.txt")
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and (
   importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
 )
@@ -51,8 +54,18 @@ def test_it_counts_a_programs_loops_and_which_of_them_know_their_trips(gpu_progr
     jax.jit(lambda x: jnp.sin(x) @ x).lower(x).compile().as_text()
   )
   assert (plain["while_loops"], plain["while_loops_unknown_trips"]) == (0, 0)
-  assert plain["launches"] >= 1 and plain["launches"] == sum(plain["by_instruction"].values())
+  assert plain["kernels"] >= 1 and plain["kernels"] == sum(plain["by_instruction"].values())
   assert not {"parameter", "get-tuple-element", "tuple"} & set(plain["by_instruction"])
+
+
+def test_it_reads_the_graphs_and_the_loops_the_host_drives_from_xlas_thunk_sequence(gpu_program):
+  with open(THUNKS, encoding="utf-8") as f:
+    found = gpu_program.host_thunks(f.read())
+  # Three graphs with four loops between them, each loop's body a graph and a loop of its own.
+  assert found["by_thunk"] == {"kWhile": 4, "kCommandBuffer": 3}
+  assert (found["host_thunks"], found["command_buffers"], found["host_loops"]) == (7, 3, 8)
+  with pytest.raises(ValueError, match="format"):
+    gpu_program.host_thunks("condition:\n  body:\n")
 
 
 @pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is installed here")
@@ -76,11 +89,24 @@ def test_with_several_cpu_devices_it_is_one_error_line_before_any_work(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin (never a dependency)")
-def test_the_train_step_compiled_for_an_h100_reads_nothing_back_to_the_host(tmp_path):
+def test_the_train_step_compiled_for_an_h100_is_one_cuda_graph(tmp_path):
   out = tmp_path / "gpu.json"
   result = run("--models", "lkca_t", "--out", str(out))
   assert result.returncode == 0, result.stderr[-3000:]
   found = json.loads(out.read_text())["results"]["lkca_t"]
-  assert found["train_step"]["while_loops_unknown_trips"] == 0
-  assert found["train_step"]["launches"] > 100  # a whole step: forward, backward, optimizer
+  step = found["train_step"]
+  assert step["while_loops_unknown_trips"] == 0
+  assert step["kernels"] > 100  # a whole step: forward, backward, optimizer
+  assert (step["host_thunks"], step["command_buffers"], step["host_loops"]) == (1, 1, 0)
   assert found["augment"]["while_loops_unknown_trips"] == 0
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs JAX's CUDA plugin (never a dependency)")
+def test_a_target_config_xla_cannot_read_is_one_error_line_naming_it(tmp_path):
+  target, out = tmp_path / "gpu.txtpb", tmp_path / "gpu.json"
+  target.write_text("gpu_device_info { core_count: many }\n")
+  result = run("--target_config", str(target), "--out", str(out))
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines[-1].startswith(f"error: --target_config={target} is not a GpuTargetConfigProto")
+  assert not out.exists()
