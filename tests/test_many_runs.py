@@ -209,7 +209,7 @@ def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   # Both runs' checkpointed parameters stay finite.
   many = build(config)  # the restore's template, then the step-by-step check's
   restored = train.checkpoint_lib.Checkpoints(tmp_path / "checkpoints", read_only=True)
-  state = restored.restore_latest(many.state)[1]
+  state = restored.restore_latest(many.saved_form(many.state))[1]
   restored.close()
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state.params))
   # Step by step, before and after run 1 dies, run 0 is its single run.

@@ -72,6 +72,39 @@ def test_a_checkpoint_in_the_earlier_single_run_layout_resumes(tmp_path):
     train.train_and_evaluate(config(), str(tmp_path))
 
 
+def _paths(tree) -> list[str]:
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_the_step_takes_arrays_and_a_checkpoint_of_the_models_variables_resumes(tmp_path):
+  # Checkpoints were written from a state holding the model's nnx Variables; the step now
+  # takes their arrays. Such a checkpoint, built here as before, must resume value for value.
+  config = tiny_digits()
+  run = train.Run.prepare(config)
+  t = train.build_training(run, config)
+  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  assert not [x for x in jax.tree.leaves(t.state, is_leaf=is_variable) if is_variable(x)]
+  _, params, rest = nnx.split(run.model, nnx.Param, ...)
+  params = jax.tree.map(lambda x: x * 2 + 1, params)  # values no fresh state holds
+  tx = train.create_optimizer(config, t.schedule)
+  old = train.TrainState(step=jnp.asarray(3), params=params, opt_state=tx.init(params), rest=rest)
+  assert _paths(t.saved_form(t.state)) == _paths(old)  # ...kernel.value, as on disk before
+  written = train.checkpoint_lib.Checkpoints(tmp_path, asynchronous=False)
+  written.save(3, old, train.checkpoint_meta((train.RunRecord(),)))
+  written.close()
+  checkpoints = train.checkpoint_lib.Checkpoints(tmp_path)
+  loop = train.resume(t, checkpoints, run.mesh)
+  checkpoints.close()
+  assert loop.step == 3 and int(loop.state.step) == 3
+  assert not [x for x in jax.tree.leaves(loop.state, is_leaf=is_variable) if is_variable(x)]
+  assert _paths(loop.state.params) == [p.removesuffix(".value") for p in _paths(params)]
+  for got, want in zip(jax.tree.leaves(loop.state.params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # And the step runs on what was restored.
+  state, metrics = t.step(loop.state, loop.step)
+  assert int(state.step) == 4 and np.isfinite(float(metrics["loss"][0]))
+
+
 @pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
 def test_schedule_warms_up_linearly_then_cosine_decays(steps_per_epoch, total):
   config = cifar10.get_config()
