@@ -1303,7 +1303,7 @@ def evaluate(
     _stack([like] * len(specs)) if len(specs) > 1 else like, NamedSharding(run.mesh, P())
   )  # onto every process's devices
   restored = _read_for_eval(config, run, like, checkpoint or epath.Path(workdir) / "checkpoints")
-  state = restored.state
+  state = variable_values(restored.state)  # arrays: cheaper to pass at every batch
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)))
   if jax.process_count() > 1:
