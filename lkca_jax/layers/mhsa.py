@@ -65,8 +65,8 @@ def attention(qkv: jax.Array, num_heads: int, scale: float) -> jax.Array:
   """softmax((scale·q)·kᵀ)·v per head for qkv (B, N, 3·H·d) laid out as (3, H, d) in its
   last axis; returns (B, N, H·d), heads concatenated. The softmax is in float32.
 
-  `jax.nn.dot_product_attention` (XLA's or cuDNN's, as JAX picks) off the CPU,
-  `attention_cpu` on it (backend.by_backend)."""
+  `jax.nn.dot_product_attention` off the CPU (the implementation JAX picks: XLA's, through
+  jax 0.10), `attention_cpu` on it (backend.by_backend)."""
   return by_backend(
     lambda qkv: attention_cpu(qkv, num_heads, scale),
     lambda qkv: attention_plain(qkv, num_heads, scale),
