@@ -41,6 +41,12 @@ def run(*args, env=None):
   )
 
 
+def error_line(result) -> str:
+  """The last line a refused run printed, after checking that it exited with code 2."""
+  assert result.returncode == 2, result.stderr[-2000:]
+  return [line for line in result.stderr.splitlines() if line.strip()][-1]
+
+
 def test_it_counts_a_programs_loops_and_which_of_them_know_their_trips(gpu_program):
   def loops(x):
     fixed = jax.lax.fori_loop(0, 5, lambda i, c: c * 2 + jnp.sin(c), x)  # 5 trips, known
@@ -72,18 +78,16 @@ def test_it_reads_the_graphs_and_the_loops_the_host_drives_from_xlas_thunk_seque
 def test_without_the_cuda_plugin_it_is_one_error_line_naming_the_install(tmp_path):
   out = tmp_path / "gpu.json"
   result = run("--models", "lkca_t", "--out", str(out))
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert lines[-1].startswith("error: ") and f"jax[cuda13]=={jax.__version__}" in lines[-1]
+  line = error_line(result)
+  assert line.startswith("error: ") and f"jax[cuda13]=={jax.__version__}" in line
   assert not out.exists()
 
 
 def test_with_several_cpu_devices_it_is_one_error_line_before_any_work(tmp_path):
   out = tmp_path / "gpu.json"
   result = run("--out", str(out), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert lines[-1].startswith("error: ") and "xla_force_host_platform_device_count" in lines[-1]
+  line = error_line(result)
+  assert line.startswith("error: ") and "xla_force_host_platform_device_count" in line
   assert not out.exists()
 
 
@@ -106,7 +110,7 @@ def test_a_target_config_xla_cannot_read_is_one_error_line_naming_it(tmp_path):
   target, out = tmp_path / "gpu.txtpb", tmp_path / "gpu.json"
   target.write_text("gpu_device_info { core_count: many }\n")
   result = run("--target_config", str(target), "--out", str(out))
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert lines[-1].startswith(f"error: --target_config={target} is not a GpuTargetConfigProto")
+  assert error_line(result).startswith(
+    f"error: --target_config={target} is not a GpuTargetConfigProto"
+  )
   assert not out.exists()
