@@ -474,8 +474,8 @@ def variable_values(tree):
   """`tree` with each nnx.Variable replaced by its array: the same leaves in the same order.
 
   A jitted call flattens and rebuilds every Variable among its arguments and results in
-  Python, one by one (1.3 ms a call for `lkca_t`'s train state of 384 on the 2-core Intel
-  Xeon); arrays it passes in C++. `nnx.merge` takes either.
+  Python, one by one; arrays it passes in C++ (docs/benchmarks.md, 2026-12-05j).
+  `nnx.merge` takes either.
   """
   is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
