@@ -509,7 +509,7 @@ def format_table(results: dict) -> str:
   m = results["machine"]
   start, end = results["load_average_start"], results["load_average_end"]
   lines.append(
-    f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
+    f"machine: {m['cpu_model']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
     f"{m['cpu_count']} CPUs, jax {results['jax']}, load average {start[0]:.2f} -> "
     f"{end[0]:.2f}"
   )

@@ -82,9 +82,12 @@ def cpu_model_name() -> str:
 
 
 def test_smoke_run_records_machine_and_load(smoke):
-  _, results = smoke
+  stdout, results = smoke
   assert results["jax"] == jax.__version__
   assert results["machine"]["cpu_model"].startswith(f"{cpu_model_name()} (")
+  # The printed summary names the CPU too, so a pasted table says which machine it is.
+  machine_line = [line for line in stdout.splitlines() if line.startswith("machine: ")]
+  assert machine_line and machine_line[-1].startswith(f"machine: {cpu_model_name()} (")
   assert len(results["load_average_start"]) == len(results["load_average_end"]) == 3
   # A compile time per case, named as its results are.
   cases = {f"{r['model']}/{r['dtype']}/{r['forms']}" for r in results["results"]}
