@@ -43,6 +43,13 @@ FIXTURE_RUN = [
 ]
 
 
+def cpu_model_name() -> str:
+  """This machine's CPU model, as /proc/cpuinfo names it."""
+  with open("/proc/cpuinfo") as f:
+    names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+  return names[0] if names else "unknown"
+
+
 def run_python(code: str, *, unset=(), **env) -> str:
   """Runs `code` in a fresh interpreter at the repository root, with the environment
   variables in `unset` removed and `env` added; asserts it succeeded and returns stdout."""

@@ -327,11 +327,7 @@ def format_table(results: dict) -> str:
     "augment); augment: jit(augment_batch) alone"
   )
   lines.append(results["note"])
-  lines.append(
-    f"machine: {m['platform']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
-    f"{m['cpu_count']} CPUs, jax {m['jax']}, load average "
-    f"{m['load_average_start'][0]:.2f} -> {m['load_average_end'][0]:.2f}"
-  )
+  lines.append(cli.machine_line(m, m["load_average_start"][0], m["load_average_end"][0]))
   return "\n".join(lines)
 
 

@@ -506,13 +506,8 @@ def format_table(results: dict) -> str:
         for column in c["columns"]
       )
     )
-  m = results["machine"]
   start, end = results["load_average_start"], results["load_average_end"]
-  lines.append(
-    f"machine: {m['cpu_model']}, {m['backend']} {m['device_kind']} x{m['devices']}, "
-    f"{m['cpu_count']} CPUs, jax {results['jax']}, load average {start[0]:.2f} -> "
-    f"{end[0]:.2f}"
-  )
+  lines.append(cli.machine_line(results["machine"], start[0], end[0]))
   return "\n".join(lines)
 
 

@@ -278,6 +278,15 @@ def cpus_in_use() -> str:
   return f"CPUs {','.join(map(str, sorted(os.sched_getaffinity(0))))} of {os.cpu_count()}"
 
 
+def machine_line(machine: dict, load_start: float, load_end: float) -> str:
+  """The last line of a printed summary: the machine (`machine_info`) and the load."""
+  return (
+    f"machine: {machine['cpu_model']}, {machine['backend']} {machine['device_kind']} "
+    f"x{machine['devices']}, {machine['cpu_count']} CPUs, jax {machine['jax']}, "
+    f"load average {load_start:.2f} -> {load_end:.2f}"
+  )
+
+
 def machine_info() -> dict:
   """The machine a number was measured on, with the 1-minute load average now."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -13,7 +13,7 @@ from configs import digits, tinyimagenet
 from lkca_jax import augment, train
 from lkca_jax.data import pipeline as pipeline_lib
 from lkca_jax.tools import bench_pipeline as benchmark
-from tests.helpers import prepared_fixture
+from tests.helpers import cpu_model_name, prepared_fixture
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -136,6 +136,8 @@ def test_benchmark_on_the_fixture_writes_both_modes(tmp_path, tmp_path_factory):
   assert results["augment_stage_ms"] == {}  # --nobreakdown
   assert results["config"]["batch_size"] == 16 and results["config"]["params"] > 0
   assert results["machine"]["cpu_count"] == os.cpu_count()
+  machine_line = [line for line in result.stdout.splitlines() if line.startswith("machine: ")]
+  assert machine_line and machine_line[-1].startswith(f"machine: {cpu_model_name()} (")
 
 
 def test_summary_of_known_step_times():

@@ -14,7 +14,7 @@ from flax import nnx
 from lkca_jax import config_checks, data, train
 from lkca_jax.data import synthetic
 from lkca_jax.tools import bench_step
-from tests.helpers import built_once
+from tests.helpers import built_once, cpu_model_name
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -72,13 +72,6 @@ def test_smoke_run_times_every_model_dtype_and_column(smoke):
       assert stats["images_per_second"] == pytest.approx(batch / (stats["median_ms"] / 1e3))
     assert f"{r['model']:<10}{r['dtype']:<10}" in stdout
   assert set(results["columns"]) == set(bench_step.COLUMNS)
-
-
-def cpu_model_name() -> str:
-  """This machine's CPU model, as /proc/cpuinfo names it."""
-  with open("/proc/cpuinfo") as f:
-    names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-  return names[0] if names else "unknown"
 
 
 def test_smoke_run_records_machine_and_load(smoke):
