@@ -122,6 +122,43 @@ def test_every_preset_traces_to_its_representatives_program():
       assert programs_without_sizes(name, batch) == programs[preset.mixer], (name, batch)
 
 
+def cpu_form_programs(name, dtype):
+  """(the forward's printed jaxpr, jvp's tangent, the forward's jaxpr under
+  `reverse_mode_only`), all in the CPU forms, traced abstractly for a two-block preset."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_of(name, dtype=dtype)))
+  x = jax.ShapeDtypeStruct((2, IMAGE, IMAGE, 3), dtype)
+
+  def apply(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  def tangent(state, x):
+    return jax.jvp(lambda x: apply(state, x), (x,), (x,))[1]
+
+  def program():  # traced afresh each call: JAX caches traces by function, not by the mark
+    return str(jax.make_jaxpr(lambda state, x: apply(state, x))(state, x))
+
+  with backend.forms("cpu"):
+    plain = program()
+    jvp = jax.eval_shape(tangent, state, x)
+    with backend.reverse_mode_only():
+      marked = program()
+  return plain, jvp, marked
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_every_preset_takes_jvp_and_only_the_trainers_gradient_reaches_a_custom_vjp(dtype):
+  """Forward mode through every preset in the CPU forms, the only ones with hand-written
+  reverse passes (`custom_vjp`): outside `backend.reverse_mode_only()` the program holds
+  none, and jvp traces with the model's dtype. Under the mark, which only the trainer's
+  gradient enters, bfloat16 programs do hold them (float32 ones do not), so a leak of the
+  mark's forms into the default path would fail the first assertion."""
+  for name in PRESETS:
+    plain, jvp, marked = cpu_form_programs(name, dtype)
+    assert "custom_vjp" not in plain, name
+    assert jvp.dtype == dtype, name
+    assert ("custom_vjp" in marked) == (dtype == jnp.bfloat16), name
+
+
 @pytest.mark.parametrize("name", sorted(REPRESENTATIVES.values()))
 def test_every_preset_has_forward_and_reverse_derivatives_that_agree(name):
   """jvp is the adjoint of vjp, in each layer form, and the two forms' jvps agree. One
