@@ -20,7 +20,9 @@ trace time, so jit a fresh function under it.
 `reverse_mode_only()` marks a trace that only reverse mode differentiates (the
 trainer's gradient). There a CPU form may use a hand-written backward pass
 (`jax.custom_vjp`), which `jvp`, `jacfwd` and `hessian` cannot differentiate;
-outside it every form stays a `custom_jvp` or plain JAX.
+outside it every form stays a `custom_jvp` or plain JAX. Like `forms`, the mark is read at
+trace time and JAX reuses a function's trace whatever the mark: trace a fresh function under
+it (the trainer's loss is a closure made anew in each trace of its step).
 """
 
 from __future__ import annotations
