@@ -1,6 +1,6 @@
 """The one place lkca_jax picks code per backend: `by_backend`.
 
-Code with a CPU-tuned form (Linear, LayerNorm, the MHSA core, the LKCA view, and
+Code with a CPU-tuned form (Linear, LayerNorm, GELU, the MHSA core, the LKCA view, and
 AutoAugment over a batch) hands both forms to `by_backend`, which stages them
 with `jax.lax.platform_dependent`: the choice is made when the computation is
 lowered, so one model (and one jitted or exported function) runs the CPU form on

@@ -16,22 +16,68 @@ from lkca_jax.layers import common, lkca
 from tests.helpers import U_BF16, assert_reordered
 
 
-def test_gelu_exact_is_the_erf_gelu_to_float32_round_off():
+def gelu_in(form: str):
+  """`common.gelu_exact` traced anew in `form` (the forms are read when tracing)."""
+
+  def gelu(x):
+    with backend.forms(form):
+      return jax.jit(lambda x: common.gelu_exact(x))(x)
+
+  return gelu
+
+
+def normal_density(x64):
+  return np.exp(-(x64**2) / 2) / np.sqrt(2 * np.pi)
+
+
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+def test_gelu_exact_is_the_erf_gelu_to_float32_round_off(form):
   x64 = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(0).standard_normal(4096)])
   x = jnp.asarray(x64, jnp.float32)
   x64 = np.asarray(x, np.float64)  # compare on the float32 inputs themselves
   reference = 0.5 * x64 * (1 + scipy.special.erf(x64 / np.sqrt(2)))
-  out = np.asarray(common.gelu_exact(x), np.float64)
+  gelu = gelu_in(form)
+  out = np.asarray(gelu(x), np.float64)
   # Absolute error at the scale of x: erf's round-off near ±1 times |x|.
   assert np.max(np.abs(out - reference) / np.maximum(1, np.abs(x64))) < 2e-7
   np.testing.assert_allclose(
     out, np.asarray(jax.nn.gelu(x, approximate=False)), atol=1e-6, rtol=1e-6
   )
-  grad = np.asarray(jax.vmap(jax.grad(common.gelu_exact))(x), np.float64)
-  reference_grad = 0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2))) + x64 * np.exp(
-    -(x64**2) / 2
-  ) / np.sqrt(2 * np.pi)
+  grad = np.asarray(jax.vmap(jax.grad(gelu))(x), np.float64)
+  reference_grad = 0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2))) + x64 * normal_density(x64)
   assert np.max(np.abs(grad - reference_grad)) < 1e-6
+
+
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+def test_gelu_exact_takes_forward_mode_and_second_derivatives(form):
+  """jvp's tangent is Φ(x) + x·φ(x) times the input's; forward over reverse gives the
+  second derivative (x·Φ(x))'' = φ(x)·(2 − x²), through the CPU form's recomputation too.
+  Each is a few float32 operations on O(1) values: within 1e-6 absolute."""
+  x64 = np.linspace(-6, 6, 601)
+  x = jnp.asarray(x64, jnp.float32)
+  x64 = np.asarray(x, np.float64)
+  tangent = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, x64.size), jnp.float32)
+  gelu = gelu_in(form)
+  _, out_tangent = jax.jvp(gelu, (x,), (tangent,))
+  first = 0.5 * (1 + scipy.special.erf(x64 / np.sqrt(2))) + x64 * normal_density(x64)
+  np.testing.assert_allclose(out_tangent, first * np.asarray(tangent, np.float64), atol=1e-6)
+  second = jax.vmap(jax.grad(jax.grad(gelu)))(x)
+  np.testing.assert_allclose(second, normal_density(x64) * (2 - x64**2), atol=1e-6)
+
+
+def test_gelu_exact_keeps_only_its_input_for_reverse_mode_on_the_cpu():
+  """The CPU form recomputes erf in the backward pass: what reverse mode keeps from the
+  forward pass is x itself. The plain form keeps its intermediates (XLA fuses them on a
+  GPU or TPU)."""
+  x = jnp.asarray(np.linspace(-3, 3, 4 * 96).reshape(4, 96), jnp.float32)
+  kept = {}
+  for form in ("cpu", "plain"):
+    with backend.forms(form):
+      _, backward = jax.vjp(common.gelu_exact, x)
+    kept[form] = [a for a in jax.tree.leaves(backward) if np.size(a) > 1]
+  assert len(kept["cpu"]) == 1
+  np.testing.assert_array_equal(kept["cpu"][0], x)
+  assert sum(np.size(a) for a in kept["plain"]) > x.size
 
 
 def test_gelu_exact_rounds_once_in_bfloat16():
