@@ -333,8 +333,8 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
   On the CPU (backend.by_backend) reverse mode keeps only x and recomputes erf in the
   backward pass (`jax.checkpoint`), where XLA:CPU wrote erf out in a pass of its own and
-  read it back twice: the compiled `vit` step needs 10 % less memory, and where glibc's
-  malloc is left as it is (host_memory), every preset's step is 1.02–1.06× faster
+  read it back twice: every preset's compiled step needs 10–21 % less memory, and on an AMD
+  EPYC, where glibc's malloc is left as it is (host_memory), runs 1.02–1.06× faster
   (docs/benchmarks.md, 2026-12-05l). GPU and TPU compilers fuse either way.
   """
   return by_backend(_gelu_recomputed, _gelu, x)
