@@ -8,8 +8,12 @@ way). It lives under the system temp dir, one per user, and is kept between
 sessions: its keys cover the program, the jax version and the flags.
 """
 
+import faulthandler
 import os
+import sys
 import tempfile
+
+import pytest
 
 # Most of the suite's CPU time is XLA compiling small programs that then run for
 # milliseconds. Two code-generation settings of XLA's CPU backend cut that compile
@@ -35,3 +39,21 @@ os.environ.setdefault(
 # Every program, however quick to compile: a process that finds them all cached starts
 # training about a second sooner than one that recompiles the small ones.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own faulthandler set-up, which dumps all threads
+def pytest_configure(config):
+  """A crash (SIGSEGV, SIGABRT) reports the stack of the thread that crashed, alone.
+
+  pytest dumps every Python thread, the main thread last, and CI shows only the tail of
+  the output: a worker crash there named the main thread's frames whichever thread had
+  crashed. The thread that crashed is the one to read; a native thread of XLA's shows as
+  "<no Python frame>"."""
+  faulthandler.enable(file=os.dup(_stderr_fileno()), all_threads=False)
+
+
+def _stderr_fileno() -> int:
+  try:
+    return sys.stderr.fileno()
+  except (AttributeError, ValueError):  # an xdist worker's sys.stderr is no file
+    return sys.__stderr__.fileno()
