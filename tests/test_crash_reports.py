@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 CRASHES_IN_A_THREAD = """
@@ -22,6 +24,7 @@ def test_a_thread_crashes():
 """
 
 
+@pytest.mark.slow  # starts pytest in a process of its own
 def test_a_crashed_worker_reports_the_crashing_threads_frames_and_not_the_main_threads(tmp_path):
   (tmp_path / "test_crash.py").write_text(CRASHES_IN_A_THREAD)
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
