@@ -224,6 +224,17 @@ def test_the_bfloat16_train_step_takes_no_linear_product_with_a_bfloat16_result(
   assert results and set(results) == {"f32>"}, results
   _, metrics = t.train_step(t.state, t.batch(0), t.train_key)  # XLA:CPU compiles and runs it
   assert np.isfinite(float(metrics["loss"][0])) and float(metrics["grad_norm"][0]) > 0
+  # jaxlib 0.10.2's YNNPACK fusions can crash from rank 7 on (docs/usage.md, "Training").
+  compiled = t.compiled_step.lower(*args).compile().as_text()
+  assert "__ynn_fusion" in compiled and max(ynn_fusion_ranks(compiled)) < 7
+
+
+def ynn_fusion_ranks(hlo: str) -> list[int]:
+  """The largest array rank in each of the compiled program's YNNPACK fusions."""
+  bodies = dict(re.findall(r"\n%(\S+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S))
+  called = re.findall(r"calls=%([\w.\-]+),[^\n]*__ynn_fusion", hlo)
+  shapes = [re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", bodies[name]) for name in called]
+  return [max(len(dims.split(",")) if dims else 0 for dims in found) for found in shapes]
 
 
 @pytest.mark.slow
