@@ -159,17 +159,32 @@ def tfds_builder(name: str, data_dir):
     return tfds.builder(name, data_dir=data_dir)
 
 
+def bodies(hlo: str) -> dict[str, str]:
+  """{computation name: its body} of a compiled program's HLO text."""
+  return dict(re.findall(r"\n%(\S+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S))
+
+
+def ynn_fusions(hlo: str) -> list[str]:
+  """The computations that a compiled program's YNNPACK fusions call."""
+  return re.findall(r"calls=%([\w.\-]+),[^\n]*__ynn_fusion", hlo)
+
+
+def ynn_fusion_ranks(hlo: str) -> list[int]:
+  """The largest array rank in each of a compiled program's YNNPACK fusions."""
+  computations = bodies(hlo)
+  shapes = [re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", computations[n]) for n in ynn_fusions(hlo)]
+  return [max(len(dims.split(",")) if dims else 0 for dims in found) for found in shapes]
+
+
 def product_fusions(fn, *args) -> dict[str, set[str]]:
   """{fusion: the ops it holds} for every fusion with a matrix product in the program
   XLA:CPU compiles for `fn(*args)`, plus "unfused" for products standing alone; skips
   when this jaxlib on this CPU hands none of those products to YNNPACK (the CPU forms'
   steer of YNNPACK's threads is then moot)."""
   text = jax.jit(fn).lower(*args).compile().as_text()
-  bodies = re.findall(r"\n%(\S+) [^\n]*\{\n(.*?)\n\}", text, flags=re.S)
-  fusions = {name: set(re.findall(r"= \S+ (\w+)\(", body)) for name, body in bodies}
+  fusions = {name: set(re.findall(r"= \S+ (\w+)\(", body)) for name, body in bodies(text).items()}
   fusions = {name: ops for name, ops in fusions.items() if "dot" in ops}
-  ynn = set(re.findall(r"calls=%([\w.\-]+),[^\n]*__ynn_fusion", text))
-  if not ynn & set(fusions):
+  if not set(ynn_fusions(text)) & set(fusions):
     pytest.skip(f"jaxlib {jax.__version__} on this CPU hands no products to YNNPACK")
   unfused = re.findall(r"= \S+ dot\(", text.split("ENTRY")[1])
   return {**fusions, **({"unfused": {"dot"}} if unfused else {})}

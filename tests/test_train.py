@@ -15,7 +15,13 @@ from flax import nnx
 
 from configs import cifar10, digits
 from lkca_jax import backend, train
-from tests.helpers import U, assert_one_step_apart, step_chain_terms, with_overrides
+from tests.helpers import (
+  U,
+  assert_one_step_apart,
+  step_chain_terms,
+  with_overrides,
+  ynn_fusion_ranks,
+)
 
 
 def tiny_digits(**overrides):
@@ -216,7 +222,8 @@ def test_the_bfloat16_train_step_takes_no_linear_product_with_a_bfloat16_result(
   computes as float32 products of widened operands."""
   t = _full_size_training(model, dtype="bfloat16", **{"model_overrides.depth": 2})
   args = t.step_args(t.state, 0)
-  text = t.compiled_step.lower(*args).as_text()
+  lowered = t.compiled_step.lower(*args)
+  text = lowered.as_text()
   products = re.findall(
     r"dot_general .*?: \((tensor<\d+x\d+xbf16>, tensor<\d+x\d+xbf16>)\) -> (\S+)", text
   )
@@ -225,16 +232,8 @@ def test_the_bfloat16_train_step_takes_no_linear_product_with_a_bfloat16_result(
   _, metrics = t.train_step(t.state, t.batch(0), t.train_key)  # XLA:CPU compiles and runs it
   assert np.isfinite(float(metrics["loss"][0])) and float(metrics["grad_norm"][0]) > 0
   # jaxlib 0.10.2's YNNPACK fusions can crash from rank 7 on (docs/usage.md, "Training").
-  compiled = t.compiled_step.lower(*args).compile().as_text()
-  assert "__ynn_fusion" in compiled and max(ynn_fusion_ranks(compiled)) < 7
-
-
-def ynn_fusion_ranks(hlo: str) -> list[int]:
-  """The largest array rank in each of the compiled program's YNNPACK fusions."""
-  bodies = dict(re.findall(r"\n%(\S+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S))
-  called = re.findall(r"calls=%([\w.\-]+),[^\n]*__ynn_fusion", hlo)
-  shapes = [re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", bodies[name]) for name in called]
-  return [max(len(dims.split(",")) if dims else 0 for dims in found) for found in shapes]
+  ranks = ynn_fusion_ranks(lowered.compile().as_text())
+  assert ranks and max(ranks) < 7
 
 
 @pytest.mark.slow
