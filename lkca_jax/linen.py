@@ -131,7 +131,7 @@ def linen_params_from_vit(vit: ViT) -> dict:
   The LinenViT must have the ViT's patch size, width, mixers, heads, MLP ratio, pool and
   mixer options; its `init` tree then has exactly these paths and shapes.
   """
-  state = nnx.state(vit, nnx.Param).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(vit, nnx.Param))
   params = {
     "patch_embed": state["patch_embed"],
     "pos_embed": state["pos_embed"],

@@ -233,7 +233,7 @@ def move_params(
     if value.shape != like.shape:
       raise MoveError(_mismatch(path, have[path].shape, like.shape, owner, move is not None))
     moved[path] = jnp.asarray(value, like.dtype)
-  return nnx.State.from_flat_path(
+  return nnx.from_flat_state(
     {path: leaf.replace(moved[path]) for path, leaf in nnx.to_flat_state(wanted)}
   )
 

@@ -207,7 +207,7 @@ def cross_entropy(logits, labels, smoothing: float = 0.0):
 
 
 def global_norm(tree) -> jax.Array:
-  """The L2 norm of all of a pytree's leaves together (`optax.global_norm`'s value), taken
+  """The L2 norm of all of a pytree's leaves together (`optax.tree.norm`'s value), taken
   over the leaves concatenated: one reduction, where a sum per leaf is a kernel per leaf on
   a GPU (117 for `lkca_t`'s gradients)."""
   flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])

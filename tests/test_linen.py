@@ -37,7 +37,7 @@ def check_bridged_equals_nnx(module, bridged, x):
   """Values and forward-mode tangents (in the parameters and the input) of the bridged
   module, given the NNX module's weights, equal the NNX module's exactly."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  pure = params.to_pure_dict()
+  pure = nnx.to_pure_dict(params)
   tangent = jax.tree.map(lambda p: normal(p.shape, p.size), pure)
   dx = normal(x.shape, 7)
 

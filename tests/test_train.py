@@ -140,7 +140,7 @@ def test_the_gradient_norm_is_every_leafs_norm_together_in_one_reduction():
   np.testing.assert_array_equal(jax.vmap(train.global_norm)(runs), np.float32([exact, 2 * exact]))
   # One reduction for the whole tree, where a sum per leaf is a kernel per leaf on a GPU.
   assert jax.jit(train.global_norm).lower(tree).as_text().count("stablehlo.reduce") == 1
-  assert jax.jit(optax.global_norm).lower(tree).as_text().count("stablehlo.reduce") == 3
+  assert jax.jit(optax.tree.norm).lower(tree).as_text().count("stablehlo.reduce") == 3
 
 
 def test_model_overrides_reach_the_model():
