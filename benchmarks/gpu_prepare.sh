@@ -12,11 +12,13 @@
 # both folders:
 #   bash benchmarks/gpu_check.sh --out /tmp/gc --train_data benchmarks/gpu_data
 #   tar czf "$OUT/gc.tgz" -C /tmp gc
+# It runs with the repository's .venv (`make install`) unless PYTHON names another Python.
 # Every failure is one `error:` line and exit code 2.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+# The repository's environment (`make install`) unless PYTHON names another.
+PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || command -v python || command -v python3)}"
 ZIP="" CLASSES=20 PYVER=3.12 WHEELS=1
 fail() { echo "error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -31,6 +33,9 @@ while [ $# -gt 0 ]; do
 done
 [ -z "$ZIP" ] || [ -f "$ZIP" ] || fail "--zip=$ZIP is not a file: give the official tiny-imagenet-200.zip"
 [ "$WHEELS" = 1 ] || [ -n "$ZIP" ] || fail "nothing to prepare: give --zip, or drop --no_wheels"
+# Cutting and preparing the data runs the package: check for it before any download.
+[ -z "$ZIP" ] || "$PY" -c "import absl, lkca_jax" 2> /dev/null \
+  || fail "$PY cannot import lkca_jax: run make install (it makes .venv), or set PYTHON to a Python with requirements.txt installed"
 
 if [ "$WHEELS" = 1 ]; then
   mkdir -p benchmarks/wheels || fail "cannot make benchmarks/wheels"

@@ -79,3 +79,49 @@ def test_bad_input_is_one_error_line(copy, args, says):
     "gpu_wheels.txt",
     "tiny_imagenet_subset.py",
   ]
+
+
+@pytest.fixture
+def bare_python(tmp_path_factory):
+  """A real Python with nothing installed: a fresh venv without pip."""
+  venv = tmp_path_factory.mktemp("bare")
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+  return venv / "bin" / "python"
+
+
+def test_a_python_without_the_package_is_refused_before_any_download(copy, bare_python):
+  env = {**os.environ, "PYTHON": str(bare_python)}
+  env.pop("PYTHONPATH", None)
+  result = subprocess.run(
+    ["bash", str(copy / "benchmarks" / "gpu_prepare.sh"), "--zip", str(FIXTURE_ZIP)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and "cannot import lkca_jax: run make install" in line
+  assert not (copy / "benchmarks" / "wheels").exists()  # refused before downloading
+  assert not (copy / "benchmarks" / "gpu_data").exists()
+
+
+def test_the_repository_environment_is_the_default_python(copy, bare_python):
+  # The repository's .venv runs the script, not a `python` without the package that comes
+  # first on PATH (a newcomer's shell without the venv activated).
+  venv_bin = copy / ".venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  (venv_bin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (venv_bin / "python").chmod(0o755)
+  env = {**os.environ, "PYTHONPATH": REPO, "PATH": f"{bare_python.parent}:{os.environ['PATH']}"}
+  env.pop("PYTHON", None)
+  result = subprocess.run(
+    ["bash", str(copy / "benchmarks" / "gpu_prepare.sh"), "--zip", str(FIXTURE_ZIP)]
+    + ["--classes", "2", "--no_wheels"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "train 24, validation 10" in result.stdout
