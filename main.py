@@ -90,9 +90,7 @@ def main(argv):
 def _main():
   import jax
 
-  from lkca_jax import checkpoint as checkpoint_lib
   from lkca_jax import distributed, train
-  from lkca_jax import workdir as workdir_lib
 
   config = FLAGS.config
   workdir = FLAGS.workdir or default_workdir()
@@ -120,14 +118,9 @@ def _main():
         )
       return
     summary = train.train_and_evaluate(config, workdir)
-  except (
-    train.ConfigError,
-    checkpoint_lib.CheckpointError,
-    distributed.MismatchError,
-    workdir_lib.WorkdirError,
-  ) as e:
+  except train.INPUT_ERRORS as e:
     cli.fail(str(e))
-  except (train.NonFiniteLossError, train.WriteFailedError) as e:  # the run failed, not its input
+  except train.RUN_FAILURES as e:  # the run failed, not its input
     cli.fail(str(e), code=1)
   if not lead:  # one report for the job
     return

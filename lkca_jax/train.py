@@ -56,6 +56,18 @@ class WriteFailedError(RuntimeError):
   """A checkpoint or the summary could not be written (a full disk, a file-size limit)."""
 
 
+# What every command reports as one `error:` line rather than a traceback. INPUT_ERRORS exit
+# 2: the config, or the data, checkpoint or workdir it names, is wrong or in use.
+# RUN_FAILURES exit 1: the run failed on its own (every seed diverged, a write failed).
+INPUT_ERRORS = (
+  ConfigError,
+  checkpoint_lib.CheckpointError,
+  distributed.MismatchError,
+  workdir_lib.WorkdirError,
+)
+RUN_FAILURES = (NonFiniteLossError, WriteFailedError)
+
+
 @flax.struct.dataclass
 class TrainState:
   """What the train step updates. Its nnx.States hold arrays where the model holds

@@ -195,6 +195,8 @@ def finished_summary(path: str) -> dict | None:
 # --- training ------------------------------------------------------------------------
 def run(experiment: Experiment) -> int:
   """Trains every row not done, rewriting the table after each; returns the exit code."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   experiment.settings.update(argv=sys.argv, std_ddof=1, started=time.strftime("%F %T"))
   for index, row in enumerate(experiment.rows, start=1):
     if row.done:
@@ -206,6 +208,9 @@ def run(experiment: Experiment) -> int:
       experiment.write()
       print(str(e), file=sys.stderr)
       return 1
+    except train.INPUT_ERRORS + train.RUN_FAILURES as e:  # the rows done so far are kept
+      experiment.write()
+      cli.fail(str(e), code=1 if isinstance(e, train.RUN_FAILURES) else cli.USAGE_ERROR)
     if experiment.resume and row.values["finished_seeds"]:  # a row that failed is retried
       cli.write_json(os.path.join(experiment.path(row), ROW_FILE), row.values)
     experiment.write()

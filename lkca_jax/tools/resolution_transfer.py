@@ -189,6 +189,7 @@ def main(argv):
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   base = FLAGS.config
+  experiment.quiet_trainer_log()  # before the configs' checks start jax
   cli.output_dir(FLAGS.workdir, "--workdir")
   out = str(cli.output_file(FLAGS.out, "--out"))
   if FLAGS.seeds < 1 or FLAGS.low_steps < 1 or FLAGS.finetune_steps < 1:
@@ -216,10 +217,14 @@ def main(argv):
   }
   rows = [{"model": m, "kernels": k} for m in FLAGS.models for k in kernel_moves(m)]
   report = {"settings": settings, "rows": rows}
-  experiment.quiet_trainer_log()
   enable_compile_cache(os.path.join(FLAGS.workdir, "jax_cache"))  # the two fine-tunings: one
-  for model in FLAGS.models:
-    run_model(base, model, report, out)
+  try:
+    for model in FLAGS.models:
+      run_model(base, model, report, out)
+  except train.INPUT_ERRORS as e:  # the data or a workdir, found when a stage starts
+    cli.fail(str(e))
+  except train.RUN_FAILURES as e:
+    cli.fail(str(e), code=1)
   print(render(report))
 
 

@@ -166,6 +166,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   assert not os.path.exists(tmp_path / "out")  # nothing trained
 
 
+def test_a_row_workdir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+  # Found when the row starts training, after the flags and configs were checked.
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "vit_05m").write_text("not a directory")
+  result = run_reproduce(out, "--rows=vit_05m", "--runs=1", "--steps=2", *TINY)
+  assert result.returncode == 2, result.stderr[-3000:]
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and f"{out / 'vit_05m'} is a file, not a directory" in line
+
+
 def test_the_table_is_required():
   result = subprocess.run(
     [sys.executable, "-m", "lkca_jax.tools.reproduce", "--rows=lkca_t"],

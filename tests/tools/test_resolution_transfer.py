@@ -4,7 +4,13 @@ The whole experiment (seven trainings) is run by hand (docs/results.md, "Across
 resolutions"); every stage it calls is tested on its own (tests/test_main.py: init_from in
 training and evaluation; tests/test_resolution.py: the moves)."""
 
+import os
+import subprocess
+import sys
+
 from lkca_jax.tools import resolution_transfer as tool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SETTINGS = {
   "dataset": "tiny_imagenet",
@@ -40,3 +46,30 @@ def test_the_table_gives_mean_and_sample_std_in_percent_and_marks_missing_stages
 def test_top1s_reads_training_summaries_and_evaluations():
   assert tool.top1s({"runs": [{"final_top1": 0.5, "top1": 0.1}]}) == [0.5]
   assert tool.top1s({"runs": [{"top1": 0.25}, {"top1": 0.75}]}) == [0.25, 0.75]
+
+
+def test_a_stage_workdir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
+  # Found when the first stage starts training, after the flags and configs were checked.
+  stage = tmp_path / "workdir" / "vit_1m" / "low"
+  stage.parent.mkdir(parents=True)
+  stage.write_text("not a directory")
+  command = [
+    sys.executable,
+    "-m",
+    "lkca_jax.tools.resolution_transfer",
+    "--config=configs/digits.py",
+    "--low=8",
+    "--high=16",
+    "--patch_size=2",
+    "--models=vit_1m",
+    "--seeds=1",
+    "--low_steps=1",
+    "--finetune_steps=1",
+    f"--workdir={tmp_path / 'workdir'}",
+    f"--out={tmp_path / 'transfer.md'}",
+  ]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: ") and f"{stage} is a file, not a directory" in line
+  assert not (tmp_path / "transfer.md").exists()
