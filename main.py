@@ -9,7 +9,6 @@ dataset or config key, impossible shapes, unprepared data) is reported in
 one line with exit code 2 before anything is compiled.
 """
 
-import logging as std_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jaxlib and TensorFlow load
@@ -69,13 +68,6 @@ def default_workdir() -> str:
   return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   del argv  # cli.run refuses positional arguments
   from lkca_jax import distributed
@@ -96,7 +88,6 @@ def _main():
   workdir = FLAGS.workdir or default_workdir()
   lead = jax.process_index() == 0
   logging.set_verbosity(logging.INFO if lead or FLAGS.log_all_processes else logging.WARNING)
-  logging.get_absl_logger().addFilter(_QuietLibraries())  # every absl.logging call passes here
   try:
     if FLAGS.multihost:  # before anything is built: a mismatch would deadlock later
       distributed.check_same_everywhere(

@@ -49,6 +49,7 @@ it. The check is a real write, as for main.py's --workdir (`lkca_jax.workdir.pre
 from __future__ import annotations
 
 import io
+import logging
 import os
 import platform
 import sys
@@ -65,6 +66,7 @@ __all__ = [
   "OUTPUT_NOTES",
   "USAGE_ERROR",
   "FailExit",
+  "QuietLibraries",
   "cpu_model",
   "define_output_dir",
   "define_output_file",
@@ -87,6 +89,17 @@ OUTPUT_NOTES = {
   "dir": "(A directory, created if missing; checked before any work.)",
   "file": "(A file; its directory is created if missing; checked before any work.)",
 }
+
+
+class QuietLibraries(logging.Filter):
+  """Keeps libraries' INFO chatter out of a command's log (their warnings still show):
+  orbax's lines at every save and restore, and jax's probe of the backends a machine lacks
+  ("Unable to initialize backend 'tpu'"), which reads like an error."""
+
+  def filter(self, record):
+    path = record.pathname.replace(os.sep, "/")
+    chatter = "/orbax/" in path or path.endswith("/jax/_src/xla_bridge.py")
+    return record.levelno >= logging.WARNING or not chatter
 
 
 class FailExit(SystemExit):
@@ -119,9 +132,12 @@ def run(
   its hints; `arguments`: the command takes positional arguments, else they are an error).
   """
   from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
   host_memory.apply()
   adapters.quiet_abandoned_reads()
+  # On absl's handler, which both absl's and Python's loggers reach, before jax starts.
+  absl_logging.get_absl_handler().addFilter(QuietLibraries())
   if define_flags is not None:
     define_flags()
   program = program or program_name()
