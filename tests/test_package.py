@@ -29,3 +29,15 @@ def test_every_public_name_is_its_module_object():
 def test_an_unknown_name_is_an_attribute_error():
   with pytest.raises(AttributeError, match="no_such_name"):
     lkca_jax.no_such_name  # noqa: B018
+
+
+def test_the_readmes_example_runs_and_prints_the_count_its_comment_gives(capsys):
+  import re
+  from pathlib import Path
+
+  readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = readme.split("## Use LKCA in your own model\n")[1].split("\n## ")[0]
+  code = section.split("```python\n")[1].split("```")[0]
+  (stated,) = re.findall(r"print\(count_params\(model\)\)  # (\d+)", code)
+  exec(code, {})  # noqa: S102  (its own asserts run too)
+  assert capsys.readouterr().out.split() == [stated]
