@@ -28,9 +28,9 @@ def test_each_wheel_is_pinned_at_the_version_the_suite_runs(name, version):
   assert metadata.version(name) == version
 
 
-def prepare(tmp_path, *args):
+def prepare(tmp_path, *args, env=None):
   # A copy of the repository's benchmarks and package, so the data lands in tmp_path.
-  env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": REPO}
+  env = env or {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": REPO}
   return subprocess.run(
     ["bash", os.path.join(tmp_path, "benchmarks", "gpu_prepare.sh"), *args],
     env=env,
@@ -92,13 +92,7 @@ def bare_python(tmp_path_factory):
 def test_a_python_without_the_package_is_refused_before_any_download(copy, bare_python):
   env = {**os.environ, "PYTHON": str(bare_python)}
   env.pop("PYTHONPATH", None)
-  result = subprocess.run(
-    ["bash", str(copy / "benchmarks" / "gpu_prepare.sh"), "--zip", str(FIXTURE_ZIP)],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  result = prepare(copy, "--zip", str(FIXTURE_ZIP), env=env)
   assert result.returncode == 2
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and "cannot import lkca_jax: run make install" in line
@@ -115,13 +109,6 @@ def test_the_repository_environment_is_the_default_python(copy, bare_python):
   (venv_bin / "python").chmod(0o755)
   env = {**os.environ, "PYTHONPATH": REPO, "PATH": f"{bare_python.parent}:{os.environ['PATH']}"}
   env.pop("PYTHON", None)
-  result = subprocess.run(
-    ["bash", str(copy / "benchmarks" / "gpu_prepare.sh"), "--zip", str(FIXTURE_ZIP)]
-    + ["--classes", "2", "--no_wheels"],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  result = prepare(copy, "--zip", str(FIXTURE_ZIP), "--classes", "2", "--no_wheels", env=env)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "train 24, validation 10" in result.stdout
