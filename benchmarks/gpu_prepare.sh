@@ -17,7 +17,6 @@
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
-# The repository's environment (`make install`) unless PYTHON names another.
 PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || command -v python || command -v python3)}"
 ZIP="" CLASSES=20 PYVER=3.12 WHEELS=1
 fail() { echo "error: $*" >&2; exit 2; }

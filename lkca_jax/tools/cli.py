@@ -66,7 +66,6 @@ __all__ = [
   "OUTPUT_NOTES",
   "USAGE_ERROR",
   "FailExit",
-  "QuietLibraries",
   "cpu_model",
   "define_output_dir",
   "define_output_file",
@@ -91,7 +90,7 @@ OUTPUT_NOTES = {
 }
 
 
-class QuietLibraries(logging.Filter):
+class _QuietLibraries(logging.Filter):
   """Keeps libraries' INFO chatter out of a command's log (their warnings still show):
   orbax's lines at every save and restore, and jax's probe of the backends a machine lacks
   ("Unable to initialize backend 'tpu'"), which reads like an error."""
@@ -137,7 +136,7 @@ def run(
   host_memory.apply()
   adapters.quiet_abandoned_reads()
   # On absl's handler, which both absl's and Python's loggers reach, before jax starts.
-  absl_logging.get_absl_handler().addFilter(QuietLibraries())
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   if define_flags is not None:
     define_flags()
   program = program or program_name()
