@@ -1,5 +1,8 @@
 """The package's top level: its public names, loaded on first use."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 import lkca_jax
@@ -32,9 +35,6 @@ def test_an_unknown_name_is_an_attribute_error():
 
 
 def test_the_readmes_example_runs_and_prints_the_count_its_comment_gives(capsys):
-  import re
-  from pathlib import Path
-
   readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
   section = readme.split("## Use LKCA in your own model\n")[1].split("\n## ")[0]
   code = section.split("```python\n")[1].split("```")[0]
