@@ -109,10 +109,8 @@ def _main():
         )
       return
     summary = train.train_and_evaluate(config, workdir)
-  except train.INPUT_ERRORS as e:
-    cli.fail(str(e))
-  except train.RUN_FAILURES as e:  # the run failed, not its input
-    cli.fail(str(e), code=1)
+  except train.REPORTED_ERRORS as e:
+    cli.fail_training(e)
   if not lead:  # one report for the job
     return
   if summary["stopped_by"]:

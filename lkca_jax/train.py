@@ -56,9 +56,10 @@ class WriteFailedError(RuntimeError):
   """A checkpoint or the summary could not be written (a full disk, a file-size limit)."""
 
 
-# What every command reports as one `error:` line rather than a traceback. INPUT_ERRORS exit
-# 2: the config, or the data, checkpoint or workdir it names, is wrong or in use.
-# RUN_FAILURES exit 1: the run failed on its own (every seed diverged, a write failed).
+# What every command reports as one `error:` line rather than a traceback
+# (`tools.cli.fail_training` gives the exit code). INPUT_ERRORS: the config, or the data,
+# checkpoint or workdir it names, is wrong or in use. RUN_FAILURES: the run failed on its
+# own (every seed diverged, a write failed).
 INPUT_ERRORS = (
   ConfigError,
   checkpoint_lib.CheckpointError,
@@ -66,6 +67,7 @@ INPUT_ERRORS = (
   workdir_lib.WorkdirError,
 )
 RUN_FAILURES = (NonFiniteLossError, WriteFailedError)
+REPORTED_ERRORS = INPUT_ERRORS + RUN_FAILURES
 
 
 @flax.struct.dataclass

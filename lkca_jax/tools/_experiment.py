@@ -208,9 +208,9 @@ def run(experiment: Experiment) -> int:
       experiment.write()
       print(str(e), file=sys.stderr)
       return 1
-    except train.INPUT_ERRORS + train.RUN_FAILURES as e:  # the rows done so far are kept
+    except train.REPORTED_ERRORS as e:  # the rows done so far are kept
       experiment.write()
-      cli.fail(str(e), code=1 if isinstance(e, train.RUN_FAILURES) else cli.USAGE_ERROR)
+      cli.fail_training(e)
     if experiment.resume and row.values["finished_seeds"]:  # a row that failed is retried
       cli.write_json(os.path.join(experiment.path(row), ROW_FILE), row.values)
     experiment.write()

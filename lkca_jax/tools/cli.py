@@ -70,6 +70,7 @@ __all__ = [
   "define_output_dir",
   "define_output_file",
   "fail",
+  "fail_training",
   "machine_info",
   "output_dir",
   "output_file",
@@ -115,6 +116,14 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
   sys.stdout.flush()
   print(f"error: {message}", file=sys.stderr, flush=True)
   raise FailExit(code)
+
+
+def fail_training(error: Exception) -> NoReturn:
+  """`fail` for one of `lkca_jax.train.REPORTED_ERRORS`: exit 1 where the run failed on its
+  own, 2 where its input (the config, data, checkpoint or workdir) is wrong or in use."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  fail(str(error), code=1 if isinstance(error, train.RUN_FAILURES) else USAGE_ERROR)
 
 
 def run(

@@ -221,10 +221,8 @@ def main(argv):
   try:
     for model in FLAGS.models:
       run_model(base, model, report, out)
-  except train.INPUT_ERRORS as e:  # the data or a workdir, found when a stage starts
-    cli.fail(str(e))
-  except train.RUN_FAILURES as e:
-    cli.fail(str(e), code=1)
+  except train.REPORTED_ERRORS as e:  # the data or a workdir, found when a stage starts
+    cli.fail_training(e)
   print(render(report))
 
 

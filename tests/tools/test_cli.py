@@ -1,8 +1,9 @@
 """Every command shares one bad-input contract: one `error:` line, exit 2, no traceback.
 
 Here the --config cases, through main.py (every command that takes --config parses it with
-the same `cli.parse_flags`), and `fail` with work left behind; test_commands.py checks
---help, an unknown flag and unusable outputs for every command.
+the same `cli.parse_flags`), `fail` with work left behind, and the exit code
+`fail_training` gives each error the trainer reports (1 where the run itself failed);
+test_commands.py checks --help, an unknown flag and unusable outputs for every command.
 """
 
 import os
@@ -76,3 +77,23 @@ def test_fail_outside_run_is_an_ordinary_exit_with_the_line(capsys):
     cli.fail("--steps must be at least 1")
   assert exit_info.value.code == cli.USAGE_ERROR
   assert capsys.readouterr().err == "error: --steps must be at least 1\n"
+
+
+def test_fail_training_exits_1_for_a_failed_run_and_2_for_bad_input(capsys):
+  from lkca_jax import checkpoint, config_checks, distributed, train, workdir
+  from lkca_jax.tools import cli
+
+  expected = {
+    config_checks.ConfigError: 2,
+    checkpoint.CheckpointError: 2,
+    distributed.MismatchError: 2,
+    workdir.WorkdirError: 2,
+    train.NonFiniteLossError: 1,  # every seed diverged
+    train.WriteFailedError: 1,  # a full disk
+  }
+  assert set(expected) == set(train.REPORTED_ERRORS)  # a new error class gets its code here
+  for error_class, code in expected.items():
+    with pytest.raises(SystemExit) as exit_info:
+      cli.fail_training(error_class(f"{error_class.__name__} named"))
+    assert exit_info.value.code == code, error_class
+    assert capsys.readouterr().err == f"error: {error_class.__name__} named\n"
