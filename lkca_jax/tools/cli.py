@@ -48,6 +48,7 @@ it. The check is a real write, as for main.py's --workdir (`lkca_jax.workdir.pre
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import os
@@ -203,17 +204,63 @@ def parse_flags(argv, program: str = "main.py", *, arguments: bool = False):
     keys = " and the keys in configs/default.py" if takes_config else ""
     fail(f"{str(e).rstrip('.')}. See `{program} --helpfull`{keys}.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
-    key = str(e).strip("\"'")
-    fail(
-      f"bad --config override: {key} is not a key of this config or has the wrong type; "
-      "the keys are in configs/default.py"
-    )
+    reason = _bad_override(argv) if takes_config else None
+    reason = reason or f"--config override: {str(e).strip().splitlines()[0]}"
+    fail(f"bad {reason}; the keys are in configs/default.py")
   if takes_config and config is None:
     fail("--config is required, e.g. --config configs/digits.py")
   if len(rest) > 1 and not arguments:
     settings = "--flag=VALUE" + (" or --config.KEY=VALUE" if takes_config else "")
     fail(f"unexpected arguments {rest[1:]}; pass settings as {settings}")
   return rest
+
+
+def _config_file(argv) -> str | None:
+  """The file the last `--config` of argv names."""
+  found = None
+  for arg, following in zip(argv, [*argv[1:], None], strict=True):
+    if arg == "--config":
+      found = following
+    elif arg.startswith("--config="):
+      found = arg.removeprefix("--config=")
+  return found
+
+
+def _bad_override(argv) -> str | None:
+  """Which `--config.KEY=VALUE` of argv names no key of the --config file's config, said
+  with the nearest key; None when every one does (the library's message is then all
+  there is). The file is loaded again, alone, by a flag of its own."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_file = _config_file(argv)
+  if config_file is None:
+    return None
+  alone, only_the_file = flags.FlagValues(), ["", f"--config={config_file}"]
+  config_flags.DEFINE_config_file("config", flag_values=alone, sys_argv=only_the_file)
+  try:
+    alone(only_the_file)
+    config = alone.config
+  except Exception:  # noqa: BLE001 -- the library's message stands
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg.removeprefix("--").split("=", 1)[0]
+    node, walked = config, "config"
+    for key in path.split(".")[1:]:
+      if not isinstance(node, ml_collections.ConfigDict):
+        return (
+          f"override --{path}: --{walked} is a {type(node).__name__} ({node!r}), not a "
+          f"group of keys: set it as --{walked}=VALUE"
+        )
+      if key not in node:
+        near = difflib.get_close_matches(key, list(node.keys()), n=1)
+        hint = f"did you mean --{walked}.{near[0]}?" if near else f"it has {', '.join(node)}"
+        return f"override --{path}: --{walked} has no key {key} ({hint})"
+      node, walked = node[key], f"{walked}.{key}"
+  return None
 
 
 def _parse_or_help(argv):

@@ -16,7 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MAIN = [sys.executable, "main.py"]
 CASES = [
   (["--config", "configs/nope.py"], "could not load the --config file"),
-  (["--config", "configs/digits.py", "--config.no_such_key=1"], "no_such_key is not a key"),
+  (["--config", "configs/digits.py", "--config.no_such_key=1"], "--config has no key no_such_key"),
+  (
+    ["--config=configs/digits.py", "--config.train_steps=1"],
+    "--config has no key train_steps (did you mean --config.num_train_steps?)",
+  ),
+  (
+    ["--config", "configs/digits.py", "--config.model.name=vit"],
+    "--config.model is a str ('lkca_t'), not a group of keys: set it as --config.model=VALUE",
+  ),
   (["--config", "configs/digits.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
   ([], "--config is required"),
 ]
