@@ -1081,7 +1081,6 @@ def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> 
   while loop.step < t.total_steps:
     loop, metrics = train_one_step(t, loop)
     out.clock.step(metrics)
-    out.progress(loop.step)
     evaluate, save_now, log = _due(config, loop.step, t.total_steps, eval_every)
     stopping = distributed.agree_on_stop(stop.received, loop.step, metrics)  # one answer for all
     if log or stopping:
@@ -1089,6 +1088,9 @@ def run_loop(loop: Loop, t: Training, config, out: _Outputs, stop, on_event) -> 
       loop = flush(loop, t, out.writer)
       if loop.all_died:  # nothing of the last steps is evaluated or saved
         return _died(loop)
+    # On the clock's training time, which is exact at every step the report can fall on (the
+    # log steps): the rate of steps done, where wall time at dispatch gives steps queued.
+    out.progress(loop.step, out.clock.seconds)
     top1 = None
     if evaluate:
       on_event("eval", loop.step, stop)

@@ -264,3 +264,32 @@ def test_the_plain_forms_give_the_cpu_forms_gradients(model):
   for got, expected in pairs:
     bound = 4 * terms * 2.0**-24 * max(float(jnp.abs(expected).max()), 1e-30)
     assert float(jnp.abs(got - expected).max()) <= bound
+
+
+def _scalar_events(workdir, tag) -> dict[int, float]:
+  from tensorboard.backend.event_processing import event_file_loader
+  from tensorboard.util import tensor_util
+
+  found = {}
+  for path in pathlib.Path(workdir).glob("events.out.tfevents*"):
+    for event in event_file_loader.EventFileLoader(str(path)).Load():
+      for value in event.summary.value:
+        if value.tag == tag:
+          found[event.step] = float(tensor_util.make_ndarray(value.tensor))
+  return found
+
+
+@pytest.mark.slow
+def test_the_logged_steps_per_second_are_of_training_time_alone(tmp_path):
+  # The progress report's rates, summed back to seconds, are the clock's training time: no
+  # evaluation in them, and no interval timed at dispatch (steps queued, not done).
+  config = tiny_digits(num_train_steps=8, log_every_steps=2, eval_every_steps=4)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  rates = _scalar_events(tmp_path, "steps_per_sec")
+  assert sorted(rates) == [2, 4, 6, 8]
+  seconds = sum(
+    (step - previous) / rates[step] for previous, step in [(1, 2), (2, 4), (4, 6), (6, 8)]
+  )
+  timed_images = (8 - 1) * config.batch_size  # the first step compiles and is not timed
+  # Each rate is stored in float32, within 2⁻²⁴ of it relatively; so is their sum.
+  assert seconds == pytest.approx(timed_images / summary["train_images_per_second"], rel=2**-23)
