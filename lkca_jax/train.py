@@ -806,6 +806,77 @@ def resume(t: Training, checkpoints: checkpoint_lib.Checkpoints, mesh) -> Loop:
   return Loop(state, alive, step, records, window_start=step)
 
 
+# Config keys a resumed run may change: where its data and outputs live, how often it logs,
+# evaluates and saves, and how many devices share it (a step on any count is the same step
+# to round-off). init_from seeds only a run's start. Any other change would train the rest
+# of a run as another run under the first one's name.
+RESUME_MAY_CHANGE = frozenset(
+  {
+    "checkpoint_every_steps",
+    "dataset.data_dir",
+    "dataset.download",
+    "dataset.manual_dir",
+    "dataset.placement",
+    "dataset.stream_workers",
+    "eval_every_steps",
+    "init_from",
+    "init_from_kernels",
+    "keep_checkpoints",
+    "log_every_steps",
+    "num_devices",
+  }
+)
+CONFIG_FILE = "config.json"
+
+
+def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
+  """Raises WorkdirError if `workdir` holds checkpoints of a run whose config (its
+  config.json) differs from `config` outside RESUME_MAY_CHANGE. Keys only one of them has
+  (a config of another version of this code) are not compared. Process 0 decides."""
+  changes = _config_changes(workdir, config) if jax.process_index() == 0 else []
+  if distributed.process_zero_says(not changes):
+    return
+  shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+  raise workdir_lib.WorkdirError(
+    f"--workdir={workdir} holds checkpoints of a run with another config "
+    f"({shown or 'process 0 names them'}): resuming would train the rest of it as another "
+    f"run. Resume with its config ({workdir / CONFIG_FILE}), or train in a fresh --workdir"
+  )
+
+
+def _config_changes(workdir: epath.Path, config) -> list[str]:
+  """'key: A there, B here' for each key the run's config.json holds otherwise."""
+  checkpoints = workdir / "checkpoints"
+  saved_file = workdir / CONFIG_FILE
+  if not saved_file.exists() or not any(p.name.isdigit() for p in _children(checkpoints)):
+    return []
+  try:
+    saved = _flat(json.loads(saved_file.read_text()))
+  except (OSError, ValueError) as e:  # written atomically: not expected, and not worth a stop
+    logging.warning("%s cannot be read (%s); resuming without comparing configs", saved_file, e)
+    return []
+  here = _flat(json.loads(config.to_json_best_effort()))
+  return [
+    f"{key}: {saved[key]!r} there, {here[key]!r} here"
+    for key in sorted(saved.keys() & here.keys())
+    if saved[key] != here[key] and key not in RESUME_MAY_CHANGE
+  ]
+
+
+def _children(directory: epath.Path) -> list[epath.Path]:
+  return list(directory.iterdir()) if directory.is_dir() else []
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 # --- init_from: fine-tuning from another image size's checkpoint ----------------------
 def init_from_source(path) -> tuple[epath.Path, int]:
   """--config.init_from → (checkpoints directory, step): a workdir or its checkpoints
@@ -1217,6 +1288,7 @@ def train_and_evaluate(
   run = run or Run.prepare(config)
   workdir = workdir_lib.prepare(workdir)  # local paths and gs:// alike
   with held_by_this_job(workdir):
+    check_resumes_its_own_run(workdir, config)
     return _train_in(workdir, config, run, on_event)
 
 
@@ -1249,7 +1321,7 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
     loop = dataclasses.replace(loop, state=initialised_from(config, run, loop.state))
   t.compile_everywhere(loop.state, loop.step)
   if jax.process_index() == 0:
-    files.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
+    files.write_atomic(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
   writer = _start_logging(workdir, config, run, t, loop.step)
   out = _Outputs(
     checkpoints,

@@ -365,14 +365,21 @@ def test_no_restorable_checkpoint_is_one_error_line_and_exit_2(trained, tmp_path
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path):
+@pytest.mark.parametrize("record", ["config.json", "no config.json"])
+def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path, record):
   workdir = damaged_copy(trained, tmp_path, lambda _: None, steps=())
+  if record == "no config.json":  # checkpoints alone: the restore finds the mismatch
+    (workdir / "config.json").unlink()
   result = run(workdir, "--config.model_overrides.depth=3")
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith(
-    f"error: checkpoint {workdir}/checkpoints/{STEPS} does not match this model/config"
-  ), last
+  if record == "config.json":  # found before anything is built, named key by key
+    assert last.startswith(f"error: --workdir={workdir} holds checkpoints of a run with"), last
+    assert "(model_overrides.depth: 2 there, 3 here)" in last
+  else:
+    assert last.startswith(
+      f"error: checkpoint {workdir}/checkpoints/{STEPS} does not match this model/config"
+    ), last
   assert not warnings_about_damage(result.stderr)
   assert listing(workdir) == listing(trained[0])
   assert not (workdir / "checkpoints_damaged").exists()

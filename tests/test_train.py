@@ -293,3 +293,32 @@ def test_the_logged_steps_per_second_are_of_training_time_alone(tmp_path):
   timed_images = (8 - 1) * config.batch_size  # the first step compiles and is not timed
   # Each rate is stored in float32, within 2⁻²⁴ of it relatively; so is their sum.
   assert seconds == pytest.approx(timed_images / summary["train_images_per_second"], rel=2**-23)
+
+
+@pytest.mark.slow
+def test_a_workdir_resumes_only_its_own_runs_config(tmp_path):
+  first = tiny_digits(num_train_steps=2, eval_every_steps=2)
+  train.train_and_evaluate(first, str(tmp_path))
+  written = (tmp_path / "config.json").read_text()
+  steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  # Another learning rate and length would train the rest of it as another run.
+  other = tiny_digits(num_train_steps=4, eval_every_steps=2, **{"optimizer.learning_rate": 5e-4})
+  with pytest.raises(train.workdir_lib.WorkdirError) as info:
+    train.train_and_evaluate(other, str(tmp_path))
+  message = str(info.value)
+  assert "num_train_steps: 2 there, 4 here" in message
+  assert "optimizer.learning_rate: 0.001 there, 0.0005 here" in message
+  assert f"{tmp_path}/config.json" in message and "fresh --workdir" in message
+  assert (tmp_path / "config.json").read_text() == written  # the run's record stands
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps
+  # Where its outputs go and how often: the same run, resumed (it is at its last step).
+  cadence = tiny_digits(num_train_steps=2, eval_every_steps=3, log_every_steps=7)
+  assert train.train_and_evaluate(cadence, str(tmp_path))["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_config_json_without_a_checkpoint_is_no_run_to_resume(tmp_path):
+  (tmp_path / "config.json").write_text('{"num_train_steps": 9, "seed": 5}')
+  summary = train.train_and_evaluate(tiny_digits(num_train_steps=1), str(tmp_path))
+  assert summary["step"] == 1
+  assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 1
