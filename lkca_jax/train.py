@@ -833,7 +833,7 @@ def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
   """Raises WorkdirError if `workdir` holds checkpoints of a run whose config (its
   config.json) differs from `config` outside RESUME_MAY_CHANGE. Keys only one of them has
   (a config of another version of this code) are not compared. Process 0 decides."""
-  changes = _config_changes(workdir, config) if jax.process_index() == 0 else []
+  changes = config_changes(workdir, config) if jax.process_index() == 0 else []
   if distributed.process_zero_says(not changes):
     return
   shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
@@ -844,8 +844,9 @@ def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
   )
 
 
-def _config_changes(workdir: epath.Path, config) -> list[str]:
-  """'key: A there, B here' for each key the run's config.json holds otherwise."""
+def config_changes(workdir: epath.Path, config) -> list[str]:
+  """'key: A there, B here' for each key outside RESUME_MAY_CHANGE that the config.json of
+  the run checkpointed in `workdir` holds otherwise; [] where it holds no checkpoint."""
   checkpoints = workdir / "checkpoints"
   saved_file = workdir / CONFIG_FILE
   if not saved_file.exists() or not any(p.name.isdigit() for p in _children(checkpoints)):

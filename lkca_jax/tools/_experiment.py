@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from etils import epath
+
 from lkca_jax.tools import cli
 
 ROW_FILE = "row.json"  # resume: a finished row's values; its presence marks the row done
@@ -152,6 +154,16 @@ def read_back(experiment: Experiment, row: Row) -> None:
     )
   if values is not None:
     row.values, row.done = values, True
+    return
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  changes = train.config_changes(epath.Path(experiment.path(row)), row.config)
+  if changes:  # found now, not when the rows before it have trained
+    raise UsageError(
+      f"{experiment.path(row)} holds checkpoints of a run with other settings "
+      f"({'; '.join(changes[:3])}); rerun with the settings it started with, or pass "
+      f"another {experiment.flag}"
+    )
 
 
 def clear_run_dirs(paths: list[str], *, overwrite: bool, flag: str) -> None:

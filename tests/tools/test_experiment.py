@@ -126,6 +126,21 @@ def test_a_finished_training_of_another_config_is_refused(tmp_path):
     experiment.read_back(exp, row)
 
 
+def test_an_unfinished_row_of_another_config_is_refused_before_any_row_trains(tmp_path):
+  # What train_and_evaluate leaves of a stopped row: its config.json and a checkpoint.
+  config = experiment.configure(digits.get_config(), seed=0, seeds=1, steps=6)
+  (tmp_path / "lkca_t" / "checkpoints" / "3").mkdir(parents=True)
+  (tmp_path / "lkca_t" / "config.json").write_text(config.to_json_best_effort(indent=2))
+  row, exp = resumable(tmp_path, config)
+  experiment.read_back(exp, row)  # its own settings: it resumes
+  assert not row.done
+  longer, exp = resumable(tmp_path, experiment.configure(config, seed=0, seeds=1, steps=12))
+  with pytest.raises(experiment.UsageError) as info:
+    experiment.read_back(exp, longer)
+  assert "num_train_steps: 6 there, 12 here" in str(info.value)
+  assert str(info.value).endswith("or pass another --out")
+
+
 def test_only_a_summary_that_reached_its_last_step_counts_as_finished(tmp_path):
   done = tmp_path / "done"
   done.mkdir()
