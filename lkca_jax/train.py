@@ -827,6 +827,7 @@ RESUME_MAY_CHANGE = frozenset(
   }
 )
 CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
 
 
 def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
@@ -852,16 +853,43 @@ def config_changes(workdir: epath.Path, config) -> list[str]:
   if not saved_file.exists() or not any(p.name.isdigit() for p in _children(checkpoints)):
     return []
   try:
-    saved = _flat(json.loads(saved_file.read_text()))
+    saved = json.loads(saved_file.read_text())
   except (OSError, ValueError) as e:  # written atomically: not expected, and not worth a stop
     logging.warning("%s cannot be read (%s); resuming without comparing configs", saved_file, e)
     return []
-  here = _flat(json.loads(config.to_json_best_effort()))
+  return _differences(saved, config)
+
+
+def _differences(saved: dict, config) -> list[str]:
+  """'key: A there, B here' for each key outside RESUME_MAY_CHANGE where the config saved
+  as JSON and `config` differ; keys only one of them has are not compared."""
+  saved, here = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
   return [
     f"{key}: {saved[key]!r} there, {here[key]!r} here"
     for key in sorted(saved.keys() & here.keys())
     if saved[key] != here[key] and key not in RESUME_MAY_CHANGE
   ]
+
+
+def finished_summary(workdir) -> dict | None:
+  """The summary.json in `workdir` of a training that reached its last step, else None."""
+  try:
+    summary = json.loads((epath.Path(workdir) / SUMMARY_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  if not summary or summary.get("stopped_by") or summary.get("step") != summary.get("total_steps"):
+    return None
+  return summary
+
+
+def _summary_of_this_run(workdir: epath.Path, config, step: int) -> dict | None:
+  """The finished summary in `workdir` of this config's run at `step`: what a command run
+  again after the run finished reports (its train images/s and wall time are the ones
+  measured while it trained, where this process measured none)."""
+  summary = finished_summary(workdir)
+  if summary is None or summary["step"] != step:
+    return None
+  return None if _differences(summary.get("config", {}), config) else summary
 
 
 def _children(directory: epath.Path) -> list[epath.Path]:
@@ -1318,6 +1346,7 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   t = build_training(run, config)
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
   loop = resume(t, checkpoints, run.mesh)
+  resumed_at = loop.step
   if loop.step == 0 and config.init_from:  # no checkpoint of its own (they start at step 1)
     loop = dataclasses.replace(loop, state=initialised_from(config, run, loop.state))
   t.compile_everywhere(loop.state, loop.step)
@@ -1343,10 +1372,12 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
     checkpoints.wait()
   latest = checkpoints.latest_step()
   checkpoints.close()
-  summary = summarize(config, run, t, loop, out.clock, time.time() - wall_start)
-  if jax.process_index() == 0:
-    with writing("summary.json", checkpoints):
-      files.write_json(workdir / "summary.json", summary)
+  # Nothing trained (the run had finished): its summary keeps the numbers measured then.
+  kept = _summary_of_this_run(workdir, config, loop.step) if loop.step == resumed_at else None
+  summary = kept or summarize(config, run, t, loop, out.clock, time.time() - wall_start)
+  if kept is None and jax.process_index() == 0:
+    with writing(SUMMARY_FILE, checkpoints):
+      files.write_json(workdir / SUMMARY_FILE, summary)
   writer.flush()
   writer.close()
   if loop.all_died:

@@ -311,9 +311,13 @@ def test_a_workdir_resumes_only_its_own_runs_config(tmp_path):
   assert f"{tmp_path}/config.json" in message and "fresh --workdir" in message
   assert (tmp_path / "config.json").read_text() == written  # the run's record stands
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps
-  # Where its outputs go and how often: the same run, resumed (it is at its last step).
+  # Where its outputs go and how often: the same run. It reached its last step, so nothing
+  # trains, and its summary, train images/s and wall time included, stands as written.
+  summary = (tmp_path / "summary.json").read_text()
   cadence = tiny_digits(num_train_steps=2, eval_every_steps=3, log_every_steps=7)
-  assert train.train_and_evaluate(cadence, str(tmp_path))["step"] == 2
+  assert train.train_and_evaluate(cadence, str(tmp_path)) == json.loads(summary)
+  assert (tmp_path / "summary.json").read_text() == summary
+  assert json.loads(summary)["train_images_per_second"] > 0
 
 
 @pytest.mark.slow
@@ -322,3 +326,17 @@ def test_a_config_json_without_a_checkpoint_is_no_run_to_resume(tmp_path):
   summary = train.train_and_evaluate(tiny_digits(num_train_steps=1), str(tmp_path))
   assert summary["step"] == 1
   assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 1
+
+
+def test_only_a_summary_that_reached_its_last_step_counts_as_finished(tmp_path):
+  done = tmp_path / "done"
+  done.mkdir()
+  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5, "stopped_by": None}))
+  stopped = tmp_path / "stopped"
+  stopped.mkdir()
+  (stopped / "summary.json").write_text(
+    json.dumps({"step": 3, "total_steps": 5, "stopped_by": "SIGTERM"})
+  )
+  assert train.finished_summary(str(done))["step"] == 5
+  assert train.finished_summary(str(stopped)) is None
+  assert train.finished_summary(str(tmp_path / "missing")) is None

@@ -139,6 +139,8 @@ def prepare(experiment: Experiment) -> None:
 
 def read_back(experiment: Experiment, row: Row) -> None:
   """Resume: takes `row`'s values from its row.json, if an earlier invocation finished it."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
   path = os.path.join(experiment.path(row), ROW_FILE)
   values = read_json(path)
   if values is not None and values.get("settings") != fingerprint(row.config):
@@ -146,7 +148,7 @@ def read_back(experiment: Experiment, row: Row) -> None:
       f"{path} is a finished row with other settings (config, steps or seeds); "
       f"pass another {experiment.flag}"
     )
-  summary = finished_summary(experiment.path(row))
+  summary = train.finished_summary(experiment.path(row))
   if summary is not None and summary["config"] != fingerprint(row.config)["config"]:
     raise UsageError(
       f"{experiment.path(row)} holds a finished training with other settings (config, "
@@ -155,8 +157,6 @@ def read_back(experiment: Experiment, row: Row) -> None:
   if values is not None:
     row.values, row.done = values, True
     return
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
-
   changes = train.config_changes(epath.Path(experiment.path(row)), row.config)
   if changes:  # found now, not when the rows before it have trained
     raise UsageError(
@@ -196,14 +196,6 @@ def read_json(path: str) -> dict | None:
     return None
 
 
-def finished_summary(path: str) -> dict | None:
-  """The summary.json in `path` of a training that reached its last step, else None."""
-  summary = read_json(os.path.join(path, "summary.json"))
-  if not summary or summary.get("stopped_by") or summary.get("step") != summary.get("total_steps"):
-    return None
-  return summary
-
-
 # --- training ------------------------------------------------------------------------
 def run(experiment: Experiment) -> int:
   """Trains every row not done, rewriting the table after each; returns the exit code."""
@@ -239,7 +231,7 @@ def train_row(experiment: Experiment, row: Row) -> dict:
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   path = experiment.path(row)
-  summary = finished_summary(path) if experiment.resume else None
+  summary = train.finished_summary(path) if experiment.resume else None
   if summary is None:
     try:
       summary = train.train_and_evaluate(row.config, path, run=row.run)

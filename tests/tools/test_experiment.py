@@ -141,20 +141,6 @@ def test_an_unfinished_row_of_another_config_is_refused_before_any_row_trains(tm
   assert str(info.value).endswith("or pass another --out")
 
 
-def test_only_a_summary_that_reached_its_last_step_counts_as_finished(tmp_path):
-  done = tmp_path / "done"
-  done.mkdir()
-  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5, "stopped_by": None}))
-  stopped = tmp_path / "stopped"
-  stopped.mkdir()
-  (stopped / "summary.json").write_text(
-    json.dumps({"step": 3, "total_steps": 5, "stopped_by": "SIGTERM"})
-  )
-  assert experiment.finished_summary(str(done))["step"] == 5
-  assert experiment.finished_summary(str(stopped)) is None
-  assert experiment.finished_summary(str(tmp_path / "missing")) is None
-
-
 def test_the_table_and_its_values_are_written_whole_next_to_each_other(tmp_path):
   row = experiment.Row("lkca_t", None, {"name": "lkca_t", "runs": []})
   exp = experiment.Experiment(
