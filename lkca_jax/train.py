@@ -848,9 +848,10 @@ def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
 def config_changes(workdir: epath.Path, config) -> list[str]:
   """'key: A there, B here' for each key outside RESUME_MAY_CHANGE that the config.json of
   the run checkpointed in `workdir` holds otherwise; [] where it holds no checkpoint."""
-  checkpoints = workdir / "checkpoints"
-  saved_file = workdir / CONFIG_FILE
-  if not saved_file.exists() or not any(p.name.isdigit() for p in _children(checkpoints)):
+  checkpoints, saved_file = workdir / "checkpoints", workdir / CONFIG_FILE
+  if not checkpoints.is_dir() or not saved_file.exists():
+    return []
+  if not any(p.name.isdigit() for p in checkpoints.iterdir()):
     return []
   try:
     saved = json.loads(saved_file.read_text())
@@ -890,10 +891,6 @@ def _summary_of_this_run(workdir: epath.Path, config, step: int) -> dict | None:
   if summary is None or summary["step"] != step:
     return None
   return None if _differences(summary.get("config", {}), config) else summary
-
-
-def _children(directory: epath.Path) -> list[epath.Path]:
-  return list(directory.iterdir()) if directory.is_dir() else []
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
