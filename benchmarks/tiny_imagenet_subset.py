@@ -1,6 +1,6 @@
 """Writes a Tiny-ImageNet zip that holds only the first K classes, in the official layout.
 
-  python benchmarks/tiny_imagenet_subset.py --zip tiny-imagenet-200.zip --classes 20 \
+  python benchmarks/tiny_imagenet_subset.py --zip tiny-imagenet-200.zip --classes 20 \\
       --out DIR/tiny-imagenet-200.zip
 
 The result is read by the same TFDS builder as the official zip (`lkca_jax.tools.prepare

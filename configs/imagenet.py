@@ -2,9 +2,9 @@
 
 Prepare it once from the two official tars (no public download; register at
 image-net.org), then train from the prepared copy:
-    python -m lkca_jax.tools.prepare --dataset imagenet2012 \
+    python -m lkca_jax.tools.prepare --dataset imagenet2012 \\
         --manual_dir DIR_WITH_THE_TARS --data_dir TFDS_DIR
-    python main.py --config configs/imagenet.py --config.dataset.data_dir=TFDS_DIR \
+    python main.py --config configs/imagenet.py --config.dataset.data_dir=TFDS_DIR \\
         --config.dataset.download=False [--config.model=vit_s16]
 
 The recipe is DeiT's for DeiT-S (Touvron et al. 2021, "Training data-efficient image

@@ -2,7 +2,7 @@
 
 Online, TFDS downloads the official zip. Offline, point at the folder that
 holds tiny-imagenet-200.zip:
-    python main.py --config configs/tinyimagenet.py \
+    python main.py --config configs/tinyimagenet.py \\
         --config.dataset.manual_dir=/path/to/folder/with/zip
 """
 

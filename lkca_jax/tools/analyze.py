@@ -1,7 +1,7 @@
 """Pictures of what a trained model learned: LKCA kernels, attention views, ERFs, distances.
 
-    python -m lkca_jax.tools.analyze --config configs/digits.py [--workdir DIR] \
-        [--checkpoint DIR/checkpoints/STEP] [--images 50] [--layers 1,5,9] \
+    python -m lkca_jax.tools.analyze --config configs/digits.py [--workdir DIR] \\
+        [--checkpoint DIR/checkpoints/STEP] [--images 50] [--layers 1,5,9] \\
         [--compare OTHER_WORKDIR] [--config.KEY=VALUE ...]
 
 The model is the one `main.py` trains for the config (`train.Run.prepare`),

@@ -1,7 +1,7 @@
 """Training throughput with the per-image augmentation on and off, interleaved in one process.
 
-    python -m lkca_jax.tools.bench_pipeline --config configs/tinyimagenet.py \
-        [--config.model=lkca_b] [--steps 20] [--block 1] [--out bench_results/pipeline.json] \
+    python -m lkca_jax.tools.bench_pipeline --config configs/tinyimagenet.py \\
+        [--config.model=lkca_b] [--steps 20] [--block 1] [--out bench_results/pipeline.json] \\
         [--config.KEY=VALUE ...]
 
 A timed step is what the trainer does per step: `pipeline.train_batch` (gather

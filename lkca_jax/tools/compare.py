@@ -1,7 +1,7 @@
 """Trains several token mixers with one recipe and one step budget; writes a Markdown table.
 
-    python -m lkca_jax.tools.compare --config configs/digits.py --mixers mhsa,lkca,acmix,flatten \
-        --seeds 3 [--size t|b | --same-preset] [--steps N] [--out FILE.md] [--workdir DIR] \
+    python -m lkca_jax.tools.compare --config configs/digits.py --mixers mhsa,lkca,acmix,flatten \\
+        --seeds 3 [--size t|b | --same-preset] [--steps N] [--out FILE.md] [--workdir DIR] \\
         [--overwrite] [--config.KEY=VALUE ...]
 
 A row of the table is a mixer, trained by the experiment runner

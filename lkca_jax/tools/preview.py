@@ -1,6 +1,6 @@
 """A PNG grid of augmented training images, exactly as the trainer gets them at a step.
 
-    python -m lkca_jax.tools.preview --config configs/tinyimagenet.py --out preview.png \
+    python -m lkca_jax.tools.preview --config configs/tinyimagenet.py --out preview.png \\
         [--rows 4 --cols 8] [--step 0] [--config.KEY=VALUE ...]
 
 The batch is `pipeline.train_batch(order, step)` of the pipeline that

@@ -1,7 +1,7 @@
 """Trains the paper's ViT / ViT-LKCA pairs of one results table and sets ours beside theirs.
 
-    python -m lkca_jax.tools.reproduce --table cifar10|cifar100|svhn|tinyimagenet \
-        [--rows vit_1m,lkca_t] [--steps N] [--runs K] [--out DIR] \
+    python -m lkca_jax.tools.reproduce --table cifar10|cifar100|svhn|tinyimagenet \\
+        [--rows vit_1m,lkca_t] [--steps N] [--runs K] [--out DIR] \\
         [--config FILE] [--config.KEY=VALUE ...]
 
 Every row of the table (`lkca_jax.paper`, the paper's numbers kept once) is a

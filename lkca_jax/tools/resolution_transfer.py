@@ -1,8 +1,8 @@
 """Trains at one image size, moves to another (docs/results.md, "Across resolutions").
 
-    python -m lkca_jax.tools.resolution_transfer --config configs/tinyimagenet.py \
-        --config.dataset.classes=20 [--models lkca_t,vit_1m] [--seeds 3] [--low 32] \
-        [--high 64] [--patch_size 8] [--low_steps N] [--finetune_steps M] \
+    python -m lkca_jax.tools.resolution_transfer --config configs/tinyimagenet.py \\
+        --config.dataset.classes=20 [--models lkca_t,vit_1m] [--seeds 3] [--low 32] \\
+        [--high 64] [--patch_size 8] [--low_steps N] [--finetune_steps M] \\
         [--finetune_learning_rate LR] [--workdir DIR] [--out FILE.md] [--config.KEY=VALUE ...]
 
 For each model (a preset, all seeds side by side in one process, `config.num_runs`):

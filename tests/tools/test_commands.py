@@ -49,6 +49,13 @@ def first_line_of_docstring(path) -> str:
   return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))).splitlines()[0]
 
 
+def docstring_lines_as_written(path) -> list[str]:
+  """The docstring's lines as the file shows them; a line's final `\\` is a shell's."""
+  source = path.read_text(encoding="utf-8")
+  written = ast.get_source_segment(source, ast.parse(source).body[0]).strip('"')
+  return [line.strip().replace("\\\\", "\\") for line in written.splitlines() if line.strip()]
+
+
 def test_the_commands_are_found():
   names = {path.name for path in COMMANDS}
   assert {"main.py", "compare.py", "reproduce.py", "launch.py", "compare_torch.py"} <= names
@@ -71,6 +78,11 @@ def test_help_exits_0_and_a_bad_flag_is_one_error_line_and_exit_2(path):
   assert procs["help"].returncode == 0, err[-1500:]
   # absl prints the main module's docstring, argparse its description.
   assert first_line_of_docstring(path) in " ".join(out.split()), out[:1500]
+  if path.name != "gpu_check.py":  # argparse's description: the first line alone
+    # A backslash ending a docstring's line would join the usage lines into one.
+    shown = {line.strip() for line in out.splitlines()}
+    missing = [line for line in docstring_lines_as_written(path) if line not in shown]
+    assert not missing, missing[:3]
   out, err = procs["bad"].communicate(timeout=120)
   lines = [line for line in err.splitlines() if line.strip()]
   assert procs["bad"].returncode == 2, err[-1500:]
