@@ -57,6 +57,11 @@ TINY = [
 ]
 
 
+def cpu_model_name() -> str:
+  with open("/proc/cpuinfo") as f:
+    return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
+
+
 def run_reproduce(out, *extra, timeout=600):
   command = [
     sys.executable,
@@ -121,7 +126,8 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
       f"| {np.mean(finals) - paper_top1:+.2f} | {np.mean(bests):.2f} "
       f"| {row['params']:,} | {STEPS} |"
     ) in line
-    assert line.endswith("| 1× cpu (cpu) |")  # --config.num_devices=1
+    # --config.num_devices=1 of 8; the CPU's model as /proc/cpuinfo names it
+    assert line.endswith(" CPUs |") and f"| 1× cpu: {cpu_model_name()} (" in line, line
   assert "**Shortened proxy** (6 steps per run instead of the recipe's 1,206)" in table
   assert "**Not the paper's dataset**" in table and "CIFAR-10" in table
 
