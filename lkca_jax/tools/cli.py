@@ -94,12 +94,15 @@ OUTPUT_NOTES = {
 
 class _QuietLibraries(logging.Filter):
   """Keeps libraries' INFO chatter out of a command's log (their warnings still show):
-  orbax's lines at every save and restore, and jax's probe of the backends a machine lacks
-  ("Unable to initialize backend 'tpu'"), which reads like an error."""
+  orbax's lines at every save and restore, TFDS's "Load dataset info" at every split it
+  opens, and jax's probe of the backends a machine lacks ("Unable to initialize backend
+  'tpu'"), which reads like an error. TFDS's lines while preparing a dataset stay."""
 
   def filter(self, record):
     path = record.pathname.replace(os.sep, "/")
-    chatter = "/orbax/" in path or path.endswith("/jax/_src/xla_bridge.py")
+    chatter = "/orbax/" in path or path.endswith(
+      ("/jax/_src/xla_bridge.py", "/tensorflow_datasets/core/dataset_info.py")
+    )
     return record.levelno >= logging.WARNING or not chatter
 
 

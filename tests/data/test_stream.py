@@ -347,6 +347,7 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameter
   resumed = main(tmp_path / "stopped", "main.py")
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0 and "resumed from" in err, err[-3000:]
+  assert "Load dataset info" not in err  # TFDS's INFO line, once per split read
   step, params = final_params(str(tmp_path / "stopped"))
   assert step == 8 and final_params(str(tmp_path / "whole"))[0] == 8
   assert_same_params(params, final_params(str(tmp_path / "whole"))[1])
