@@ -1286,7 +1286,7 @@ def _start_logging(workdir, config, run: Run, t: Training, step: int):
   if step == 0:
     writer.write_hparams({"model": config.model, "dataset": config.dataset.name, **shape})
   logging.info(
-    "%s on %s: %d params, %d steps (%d a epoch), %d devices, %d run(s) side by side",
+    "%s on %s: %d params, %d steps (%d an epoch), %d device(s), %d run(s) side by side",
     config.model,
     config.dataset.name,
     run.num_params,
