@@ -41,6 +41,17 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used with this run; the message names the fix."""
 
 
+class OtherShapesError(CheckpointError):
+  """A checkpoint whose arrays have other names or shapes than the model's: another config."""
+
+  def __init__(self, path, mismatch: str):
+    super().__init__(
+      f"checkpoint {path} does not match this model/config ({mismatch}); "
+      "use the config it was trained with, or train in a fresh --workdir"
+    )
+    self.path, self.mismatch = path, mismatch
+
+
 class DamagedCheckpointError(CheckpointError):
   """A checkpoint whose files cannot be read back."""
 
@@ -221,10 +232,7 @@ class Checkpoints:
     path = self.directory / str(step)
     mismatch = _shape_mismatch(self.saved_shapes(step), like_state, partial)
     if mismatch:
-      raise CheckpointError(
-        f"checkpoint {path} does not match this model/config ({mismatch}); "
-        "resume with the config it was trained with, or start a fresh --workdir"
-      )
+      raise OtherShapesError(path, mismatch)
     if self.read_only:
       state_args = ocp.args.PyTreeRestore(
         item=_abstract(like_state),

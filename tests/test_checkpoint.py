@@ -386,6 +386,31 @@ def test_checkpoint_of_another_config_is_an_error_not_damage(trained, tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("record", ["config.json", "no config.json"])
+def test_evaluating_a_checkpoint_of_another_config_names_what_its_run_had(
+  trained, tmp_path, record
+):
+  workdir = damaged_copy(trained, tmp_path, lambda _: None, steps=())
+  if record == "no config.json":  # a checkpoint kept alone: only the shapes can be named
+    (workdir / "config.json").unlink()
+  result = run(workdir, "--mode=eval", "--config.model_overrides.depth=3", "--config.seed=5")
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+    f"error: checkpoint {workdir}/checkpoints/{STEPS} does not match this model/config "
+    "(16 arrays only in this model, e.g. params.blocks.2."
+  ), last
+  if record == "config.json":  # the keys that shape the model; the seed does not
+    assert last.endswith(
+      f"its run ({workdir}/config.json) differs in model_overrides.depth: 2 there, 3 here: "
+      "use that run's config"
+    ), last
+  else:
+    assert last.endswith("use the config it was trained with, or train in a fresh --workdir")
+  assert listing(workdir) == listing(trained[0])
+
+
+@pytest.mark.slow
 def test_eval_falls_back_past_damaged_checkpoints_and_an_explicit_one_is_an_error(
   trained, tmp_path
 ):

@@ -82,7 +82,7 @@ class Subject:
     return len(self.trained.blocks)
 
 
-def restore_params(model, workdir: str, checkpoint: str | None) -> tuple[object, int]:
+def restore_params(config, model, workdir: str, checkpoint: str | None) -> tuple[object, int]:
   """Loads into `model` the parameters of `checkpoint`, else of the newest good one in workdir.
 
   Reads the parameters only (no optimizer state), read-only: nothing in the
@@ -93,10 +93,10 @@ def restore_params(model, workdir: str, checkpoint: str | None) -> tuple[object,
   from etils import epath  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from lkca_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   source = checkpoint or epath.Path(workdir) / "checkpoints"
-  restored = checkpoint_lib.read_checkpoint({"params": nnx.state(model, nnx.Param)}, source)
+  restored = train.read_trained(config, {"params": nnx.state(model, nnx.Param)}, source)
   nnx.update(model, restored.state["params"])
   return restored.path.parent, restored.step
 
@@ -128,7 +128,7 @@ def load_subject(config, workdir: str, checkpoint: str | None, images: int) -> S
 
   run = train.Run.prepare(config)
   init = nnx.clone(run.model)
-  directory, step = restore_params(run.model, workdir, checkpoint)
+  directory, step = restore_params(config, run.model, workdir, checkpoint)
   return Subject(
     label=config.model,
     config=config,
