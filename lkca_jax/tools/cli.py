@@ -361,6 +361,14 @@ def machine_line(machine: dict, load_start: float, load_end: float) -> str:
   )
 
 
+def hardware(machine: dict, devices: int) -> str:
+  """What a table's runs used, from `machine_info`: the devices and, on the CPU, which CPU
+  (its speed depends on the kind)."""
+  if machine["backend"] == "cpu":
+    return f"{devices}× cpu: {machine['cpu_model']}, {machine['cpus_usable']} CPUs"
+  return f"{devices}× {machine['device_kind']} ({machine['backend']})"
+
+
 def machine_info() -> dict:
   """The machine a number was measured on, with the 1-minute load average now."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -157,8 +157,8 @@ def format_table(report: dict) -> str:
     "",
     f"Config `{s['config_file']}`, {how}"
     + (f", overrides {overrides}" if overrides else "")
-    + f"; {subset}seeds {', '.join(map(str, s['seeds']))}; {s['devices']} {s['platform']} "
-    "device(s). Top-1 on the full evaluation split"
+    + f"; {subset}seeds {', '.join(map(str, s['seeds']))}; {s['hardware']}. "
+    "Top-1 on the full evaluation split"
     + (" of those classes" if s["subset_classes"] else "")
     + ", in %, mean ± sample std (ddof 1) over seeds.",
     "",
@@ -262,7 +262,7 @@ def describe_models(comparison: experiment.Experiment) -> None:
   comparison.settings.update(
     classes=first.spec.num_classes,
     devices=int(first.mesh.devices.size),
-    platform=first.mesh.devices.flat[0].platform,
+    hardware=cli.hardware(cli.machine_info(), int(first.mesh.devices.size)),
   )
 
 

@@ -81,11 +81,7 @@ def row(base, model: paper.Model, table: str, *, runs: int, steps: int | None):
 
 # --- the table -----------------------------------------------------------------
 def _machine(row: dict) -> str:
-  """The devices a run used, of the machine's; on the CPU, which CPU (wall times vary by kind)."""
-  machine = row["machine"]
-  if machine["backend"] == "cpu":
-    return f"{row['devices']}× cpu: {machine['cpu_model']}, {machine['cpus_usable']} CPUs"
-  return f"{row['devices']}× {machine['device_kind']} ({machine['backend']})"
+  return cli.hardware(row["machine"], row["devices"])
 
 
 def _preamble(s: dict, done: list[dict]) -> list[str]:

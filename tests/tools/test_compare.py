@@ -16,7 +16,7 @@ from configs import digits
 from lkca_jax import analysis, models, paper
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import compare
-from tests.helpers import built_once
+from tests.helpers import built_once, cpu_model_name
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -221,7 +221,7 @@ def test_table_cells_for_known_per_seed_values():
       "config_file": "configs/digits.py",
       "seeds": [0, 1, 2],
       "devices": 1,
-      "platform": "cpu",
+      "hardware": "1× cpu: a CPU (avx512f), 2 CPUs",
     },
     "rows": [{**row, **experiment.statistics(row["runs"])} for row in rows],
   }
@@ -288,6 +288,7 @@ def test_table_has_one_row_per_mixer_with_mean_and_std_over_the_seeds(comparison
   workdir, out, result = comparison
   table = out.read_text()
   assert table in result.stdout  # printed as well
+  assert f"seeds 0, 1; 1× cpu: {cpu_model_name()} (" in table  # images/s depend on the CPU
   report = json.loads(out.with_suffix(".json").read_text())
   rows = [line for line in table.splitlines() if re.match(r"\| (lkca|mhsa) \|", line)]
   assert [r["mixer"] for r in report["rows"]] == ["lkca", "mhsa"] and len(rows) == 2

@@ -11,7 +11,7 @@ import pytest
 from lkca_jax import paper
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import reproduce
-from tests.helpers import built_once
+from tests.helpers import built_once, cpu_model_name
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -55,11 +55,6 @@ TINY = [
   "--config.log_every_steps=3",
   "--config.eval_every_steps=3",
 ]
-
-
-def cpu_model_name() -> str:
-  with open("/proc/cpuinfo") as f:
-    return next(line for line in f if line.startswith("model name")).split(":", 1)[1].strip()
 
 
 def run_reproduce(out, *extra, timeout=600):
