@@ -231,7 +231,9 @@ def move_params(
     if move is not None and old != new:
       value = move(value, old, new, owner, kernels)
     if value.shape != like.shape:
-      raise MoveError(_mismatch(path, have[path].shape, like.shape, owner, move is not None))
+      raise MoveError(
+        _mismatch(path, have[path].shape, like.shape, owner, move is not None, target.channels)
+      )
     moved[path] = jnp.asarray(value, like.dtype)
   return nnx.from_flat_state(
     {path: leaf.replace(moved[path]) for path, leaf in nnx.to_flat_state(wanted)}
@@ -253,7 +255,23 @@ def _check_same_names(have: dict, want: dict) -> None:
     )
 
 
-def _mismatch(path: tuple, old_shape, new_shape, owner: nnx.Module, has_move: bool) -> str:
+def _patch_fix(old_inputs: int, new_inputs: int, channels: int) -> str:
+  """What to change when the patch embeddings take other inputs (patch² × channels)."""
+  old_patch, new_patch = (math.isqrt(n // channels) for n in (old_inputs, new_inputs))
+  if old_patch**2 * channels != old_inputs:  # another channel count, too
+    return (
+      f"its patches hold {old_inputs} values (patch² × channels), this model's {new_inputs}: "
+      "use the checkpoint's patch size and channels; only the patch grid may change"
+    )
+  return (
+    f"the checkpoint's patches are {old_patch}x{old_patch}, this model's {new_patch}x{new_patch}: "
+    f"build it with patch_size={old_patch} (--config.patch_size); only the patch grid may change"
+  )
+
+
+def _mismatch(
+  path: tuple, old_shape, new_shape, owner: nnx.Module, has_move: bool, channels: int
+) -> str:
   name = _name(path)
   if has_move:
     return f"{name}: moved to {new_shape} failed from {tuple(old_shape)}; a bug, please report"
@@ -263,7 +281,7 @@ def _mismatch(path: tuple, old_shape, new_shape, owner: nnx.Module, has_move: bo
       "for it (resolution.MOVES); train this mixer at the new size from scratch"
     )
   elif path == ("patch_embed", "kernel"):
-    fix = "use the checkpoint's patch size (and channels): only the patch grid may change"
+    fix = _patch_fix(old_shape[0], new_shape[0], channels)
   elif path[0] == "head":
     fix = "use the checkpoint's class count (dataset.classes)"
   else:

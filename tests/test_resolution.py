@@ -179,8 +179,23 @@ def test_another_patch_size_or_move_is_refused_naming_the_fix():
     dim=16,
     num_heads=4,
   )
-  with pytest.raises(resolution.MoveError, match="use the checkpoint's patch size"):
+  with pytest.raises(
+    resolution.MoveError, match=r"the checkpoint's patches are 2x2, this model's 3x3: .*=2 "
+  ):
     resolution.move_params(source, other_patch)
+  other_channels = models.create_model(  # 2·2·3 inputs a patch: 4 is no square times 3
+    "lkca_t",
+    num_classes=3,
+    image_size=12,
+    patch_size=2,
+    channels=3,
+    rngs=nnx.Rngs(0),
+    depth=1,
+    dim=16,
+    num_heads=4,
+  )
+  with pytest.raises(resolution.MoveError, match=r"its patches hold 4 values .*, this model's 12"):
+    resolution.move_params(source, other_channels)
   with pytest.raises(resolution.MoveError, match="kernels must be one of"):
     resolution.move_params(source, tiny("lkca_t", 12), kernels="stretch")
 
