@@ -872,6 +872,39 @@ def _differences(saved: dict, config) -> list[str]:
   ]
 
 
+# The config keys that decide the parameters' names and shapes (prefixes).
+SHAPE_KEYS = (
+  "model",
+  "patch_size",
+  "dataset.name",
+  "dataset.classes",
+  "dataset.image_size",
+  "num_runs",
+  "sweep",
+)
+
+
+def read_trained(config, like, source) -> checkpoint_lib.Restored:
+  """`checkpoint_lib.read_checkpoint`, read-only; a checkpoint of other shapes than `config`'s
+  model is a CheckpointError that names the keys of SHAPE_KEYS its run's config.json holds
+  otherwise (where that file is beside its checkpoints)."""
+  try:
+    return checkpoint_lib.read_checkpoint(like, source)
+  except checkpoint_lib.OtherShapesError as e:
+    saved_file = e.path.parent.parent / CONFIG_FILE
+    try:
+      saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):  # a checkpoint kept without its run's files
+      saved = {}
+    changes = [c for c in _differences(saved, config) if c.startswith(SHAPE_KEYS)]
+    if not changes:
+      raise
+    raise checkpoint_lib.CheckpointError(
+      f"checkpoint {e.path} does not match this model/config ({e.mismatch}); its run "
+      f"({saved_file}) differs in {'; '.join(changes)}: use that run's config"
+    ) from None
+
+
 def finished_summary(workdir) -> dict | None:
   """The summary.json in `workdir` of a training that reached its last step, else None."""
   try:
@@ -1390,39 +1423,6 @@ def _read_for_eval(config, run: Run, like, source) -> checkpoint_lib.Restored:
     state = {"params": moved_params(config, run), "rest": like["rest"]}
     return checkpoint_lib.Restored(directory / str(step), 0, state, {})
   return read_trained(config, like, source)
-
-
-# The config keys that decide the parameters' names and shapes (prefixes).
-SHAPE_KEYS = (
-  "model",
-  "patch_size",
-  "dataset.name",
-  "dataset.classes",
-  "dataset.image_size",
-  "num_runs",
-  "sweep",
-)
-
-
-def read_trained(config, like, source) -> checkpoint_lib.Restored:
-  """`checkpoint_lib.read_checkpoint`, read-only; a checkpoint of other shapes than `config`'s
-  model is a CheckpointError that names the keys of SHAPE_KEYS its run's config.json holds
-  otherwise."""
-  try:
-    return checkpoint_lib.read_checkpoint(like, source)
-  except checkpoint_lib.OtherShapesError as e:
-    saved_file = e.path.parent.parent / CONFIG_FILE
-    try:
-      saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError):  # a checkpoint kept without its run's files
-      raise e from None
-    changes = [c for c in _differences(saved, config) if c.startswith(SHAPE_KEYS)]
-    if not changes:
-      raise
-    raise checkpoint_lib.CheckpointError(
-      f"checkpoint {e.path} does not match this model/config ({e.mismatch}); its run "
-      f"({saved_file}) differs in {'; '.join(changes)}: use that run's config"
-    ) from None
 
 
 def _has_checkpoint(directory) -> bool:
