@@ -17,6 +17,7 @@ this, still before anything is loaded or compiled.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -52,6 +53,7 @@ class Rule:
     optional: None (an unset placeholder) is allowed and means "the default".
     names: what a registry's entries are called ("model preset"): the message then
       says "unknown model preset 'x'".
+    choices: the allowed strings, where they are few: a near miss is named.
   """
 
   allowed: str
@@ -59,6 +61,7 @@ class Rule:
   bad: Any
   optional: bool = False
   names: str | None = None
+  choices: tuple[str, ...] = ()
 
   def error(self, key: str, value) -> str | None:
     """The one-line complaint about `value` at `key`, or None when it is allowed."""
@@ -69,9 +72,11 @@ class Rule:
         return None
     except (TypeError, ValueError):  # a value of the wrong kind altogether
       pass
+    near = difflib.get_close_matches(value, self.choices, n=1) if isinstance(value, str) else []
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
     if self.names and isinstance(value, str):
-      return f"{key}: unknown {self.names} {value!r}; {key} must be {self.allowed}"
-    return f"{key} must be {self.allowed}, got {value!r}"
+      return f"{key}: unknown {self.names} {value!r}{hint}; {key} must be {self.allowed}"
+    return f"{key} must be {self.allowed}, got {value!r}{hint}"
 
 
 # --- rule builders -------------------------------------------------------------
@@ -143,6 +148,7 @@ def choice(
     "bogus",
     optional,
     names,
+    (*values, *extra),
   )
 
 

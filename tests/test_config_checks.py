@@ -47,6 +47,24 @@ def test_each_rule_rejects_its_bad_value_in_one_line_naming_the_key(key):
   assert "\n" not in message
 
 
+CHOICE_KEYS = [key for key, rule in RULES.items() if rule.choices]
+
+
+def test_the_keys_with_named_choices_are_found():
+  assert {"model", "dataset.name", "dataset.placement", "augment.autoaugment"} <= set(CHOICE_KEYS)
+
+
+@pytest.mark.parametrize("key", CHOICE_KEYS)
+def test_a_near_miss_of_a_choice_is_named_and_a_far_one_is_not(key):
+  meant = RULES[key].choices[-1]
+  for typo, hint in ((meant + "x", f"(did you mean {meant!r}?)"), ("qqqqqqqq", None)):
+    with pytest.raises(train.ConfigError) as error:
+      config_checks.validate(set_key(load("default"), key, typo))
+    message = str(error.value)
+    assert repr(typo) in message, message
+    assert (hint in message) if hint else "did you mean" not in message, message
+
+
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_the_table_covers_every_key_of_every_config(name):
   keys = set(config_checks.flatten(load(name)))

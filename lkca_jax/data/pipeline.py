@@ -58,7 +58,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(
-        f"num_devices={num_devices} but only {len(devices)} devices are "
+        f"num_devices={num_devices} but only {len(devices)} device(s) are "
         "visible; lower --config.num_devices"
       )
     devices = devices[:num_devices]
