@@ -1,12 +1,14 @@
 """The mixer contract, checked for every entry of `MIXERS`: registering a mixer is enough for
 it to get every test here (as timm's tests run over its model registry).
 
-Shapes, gradients, bfloat16, grids, option names, size-matched presets, and `macs` against
-XLA's own count. Values particular to one mixer (float64 references, parameter counts) live
-in that mixer's test file; the published cost table is checked at the end.
+Shapes, gradients, bfloat16, grids, option names, size-matched presets, and `macs`: equal to
+the products of the lowered forward, and its width-squared terms to XLA's own flop count.
+Values particular to one mixer (float64 references, parameter counts) live in that mixer's
+test file; the published cost table is checked at the end.
 """
 
 import inspect
+import math
 import re
 
 import jax
@@ -290,16 +292,87 @@ def xla_flops(name, dim, grid, heads) -> float:
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
+# StableHLO as jax prints it: one op a line, ending in its operand and result types. The
+# products are dot_general and convolution; `call @f` runs a private function's ops again.
+FUNCTION = re.compile(r"^\s*func\.func (?:public |private )?@([\w.$-]+)\(")
+CALL = re.compile(r"\bcall @([\w.$-]+)\(")
+SHAPE = re.compile(r"tensor<((?:\d+x)*)(?:[a-z]+\d*|complex<[a-z0-9]+>)>")
+
+
+def _shapes(line: str) -> list[list[int]]:
+  return [[int(d) for d in dims.split("x") if d] for dims in SHAPE.findall(line.split(" : ")[-1])]
+
+
+def product_macs(line: str) -> int:
+  """The multiply-adds of one dot_general or convolution line (0 for any other op)."""
+  if "stablehlo.dot_general" in line:
+    lhs, _, out = _shapes(line)
+    contracted = re.search(r"contracting_dims = \[([\d, ]*)\] x", line).group(1)
+    return math.prod(out) * math.prod(lhs[int(i)] for i in contracted.split(",") if i.strip())
+  if "stablehlo.convolution" in line:
+    _, kernel, out = _shapes(line)
+    kernel_dims = re.search(r"x\[([\w, ]+)\]->", line).group(1).split(", ")
+    # Each output element takes every tap of its group's kernel: all kernel dims but `o`.
+    return math.prod(out) * math.prod(
+      d for d, k in zip(kernel, kernel_dims, strict=True) if k != "o"
+    )
+  return 0
+
+
+def lowered_macs(text: str) -> int:
+  """The multiply-adds of the products of a lowered module, from `main`, calls followed."""
+  own, calls, function = {}, {}, None
+  for line in text.splitlines():
+    if match := FUNCTION.match(line):
+      function = match.group(1)
+      own[function], calls[function] = 0, []
+    elif function is not None:
+      own[function] += product_macs(line)
+      calls[function] += CALL.findall(line)
+
+  def total(name):
+    return own[name] + sum(total(callee) for callee in calls[name])
+
+  return total("main")
+
+
+def lowered_forward(name, dim, grid, heads) -> str:
+  """The jitted forward on one image as lowered (the program as written), as text."""
+  module = nnx.eval_shape(lambda: build(name, dim=dim, grid=grid, heads=heads))
+  graphdef, state = nnx.split(module)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  x = jax.ShapeDtypeStruct((1, num_tokens(name, grid), dim), jnp.float32)
+  return forward.lower(state, x).as_text()
+
+
+def test_the_lowered_products_are_counted():
+  # A 2x3 by 3x4 product, then two calls of f: a 1-channel 3x3 convolution onto 5x5 outputs.
+  text = "\n".join(
+    [
+      "func.func public @main(%arg0: tensor<2x3xf32>) -> tensor<2x4xf32> {",
+      "  %0 = stablehlo.dot_general %arg0, %arg1, contracting_dims = [1] x [0], precision = "
+      "[DEFAULT, DEFAULT] : (tensor<2x3xf32>, tensor<3x4xf32>) -> tensor<2x4xf32>",
+      "  %1 = call @f(%0) : (tensor<2x4xf32>) -> tensor<2x4xf32>",
+      "  %2 = call @f(%1) : (tensor<2x4xf32>) -> tensor<2x4xf32>",
+      "}",
+      "func.func private @f(%arg0: tensor<2x4xf32>) -> tensor<2x4xf32> {",
+      "  %0 = stablehlo.convolution(%a, %b) dim_numbers = [b, 0, 1, f]x[0, 1, i, o]->"
+      "[b, 0, 1, f], window = {stride = [1, 1]} {feature_group_count = 1 : i64} : "
+      "(tensor<1x5x5x1xf32>, tensor<3x3x1x1xf32>) -> tensor<1x5x5x1xf32>",
+      "}",
+    ]
+  )
+  assert lowered_macs(text) == 2 * 3 * 4 + 2 * 25 * 9
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_macs_are_the_bulk_of_xla_flops(name):
-  # XLA counts 2 flops a multiply-add, plus the element-wise work `macs` leaves out: O(N·D)
-  # flops per element-wise op and softmax's O(H·N²), against ≥ 4·N·D² from the projections,
-  # so at D = 128 they add 0.2–1.3% (measured: MHSA, LKCA, FLatten, ACmix). A missing N·D-
-  # or N²·D-term (ACmix's conv branch, FLatten's 5×5 conv, LKCA's or MHSA's N×N mixing) is
-  # 4–17% here and lands outside; an over-count lands below 1.
-  n = num_tokens(name)
-  ratio = xla_flops(name, 128, GRID, HEADS) / 2 / MIXERS[name].macs(n, 128, HEADS)
-  assert 1.0 <= ratio < 1.03
+@pytest.mark.parametrize("dim, grid", [(16, GRID), (128, GRID), (32, (4, 4))])
+def test_macs_equal_the_products_of_the_lowered_forward(name, dim, grid):
+  # `macs` counts every product of a Linear, matmul or convolution and nothing else: exactly
+  # the dot_general and convolution ops of the program as written. (XLA:CPU's rewrites change
+  # the compiled program's count; element-wise work is left out by definition.)
+  n = num_tokens(name, grid)
+  assert lowered_macs(lowered_forward(name, dim, grid, HEADS)) == MIXERS[name].macs(n, dim, HEADS)
 
 
 @pytest.mark.parametrize("name", NAMES)
