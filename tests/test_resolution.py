@@ -115,14 +115,14 @@ def test_a_resampled_position_table_keeps_its_prefix_and_a_constant_grid():
   )
 
 
-def tiny(name, image_size, seed=0, **overrides):
+def tiny(name, image_size, seed=0, *, patch_size=2, channels=1, **overrides):
   options = dict(depth=1, dim=16, num_heads=4) | overrides
   return models.create_model(
     name,
     num_classes=3,
     image_size=image_size,
-    patch_size=2,
-    channels=1,
+    patch_size=patch_size,
+    channels=channels,
     rngs=nnx.Rngs(seed),
     **options,
   )
@@ -168,32 +168,12 @@ def test_another_model_is_refused_in_one_line(target, expected):
 
 def test_another_patch_size_or_move_is_refused_naming_the_fix():
   source = nnx.state(tiny("lkca_t", 8), nnx.Param)
-  other_patch = models.create_model(
-    "lkca_t",
-    num_classes=3,
-    image_size=12,
-    patch_size=3,
-    channels=1,
-    rngs=nnx.Rngs(0),
-    depth=1,
-    dim=16,
-    num_heads=4,
-  )
+  other_patch = tiny("lkca_t", 12, patch_size=3)
   with pytest.raises(
     resolution.MoveError, match=r"the checkpoint's patches are 2x2, this model's 3x3: .*=2 "
   ):
     resolution.move_params(source, other_patch)
-  other_channels = models.create_model(  # 2·2·3 inputs a patch: 4 is no square times 3
-    "lkca_t",
-    num_classes=3,
-    image_size=12,
-    patch_size=2,
-    channels=3,
-    rngs=nnx.Rngs(0),
-    depth=1,
-    dim=16,
-    num_heads=4,
-  )
+  other_channels = tiny("lkca_t", 12, channels=3)  # 2·2·3 inputs a patch: 4 is no 3·p²
   with pytest.raises(resolution.MoveError, match=r"its patches hold 4 values .*, this model's 12"):
     resolution.move_params(source, other_channels)
   with pytest.raises(resolution.MoveError, match="kernels must be one of"):
