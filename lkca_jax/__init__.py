@@ -17,6 +17,7 @@ _EXPORTS = {
   "PRESETS": "lkca_jax.models",
   "count_params": "lkca_jax.models",
   "create_model": "lkca_jax.models",
+  "load_trained": "lkca_jax.train",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -98,6 +98,25 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
   return overrides
 
 
+def dataset_spec(config) -> data_lib.DatasetSpec:
+  """The dataset's spec as the config trains it: its class subset and image size applied."""
+  try:
+    spec = data_lib.get_spec(config.dataset.name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  classes = config.dataset.classes
+  if classes:
+    if not 2 <= classes <= spec.num_classes:
+      raise ConfigError(
+        f"dataset.classes={classes} must be between 2 and {spec.num_classes} "
+        f"(or 0 for all of {spec.name})"
+      )
+    spec = dataclasses.replace(spec, num_classes=classes)
+  if config.dataset.image_size:
+    spec = dataclasses.replace(spec, image_size=(config.dataset.image_size,) * 2)
+  return spec
+
+
 def build_model(config, spec, rngs: nnx.Rngs) -> models.ViT:
   return models.create_model(
     config.model,
@@ -368,20 +387,7 @@ class Run:
   def prepare(cls, config) -> Run:
     """Validates the config, dataset and devices; builds the model. Raises ConfigError."""
     config_checks.validate(config)  # every key's own range first, before anything is built
-    try:
-      spec = data_lib.get_spec(config.dataset.name)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    classes = config.dataset.classes
-    if classes:
-      if not 2 <= classes <= spec.num_classes:
-        raise ConfigError(
-          f"dataset.classes={classes} must be between 2 and {spec.num_classes} "
-          f"(or 0 for all of {spec.name})"
-        )
-      spec = dataclasses.replace(spec, num_classes=classes)
-    if config.dataset.image_size:
-      spec = dataclasses.replace(spec, image_size=(config.dataset.image_size,) * 2)
+    spec = dataset_spec(config)
     for key in ("mean", "std"):
       if len(config.dataset[key]) != spec.channels:
         raise ConfigError(
@@ -1468,3 +1474,34 @@ def evaluate(
   ]
   means = {key: mean_std(r[key] for r in results)[0] for key in ("loss", "top1", "top5")}
   return {"step": restored.step, "checkpoint": str(restored.path), **means, "runs": runs}
+
+
+def load_trained(workdir, *, checkpoint=None, run: int = 0) -> models.ViT:
+  """The model a `main.py` run trained in `workdir`, in eval mode, for use from code.
+
+  Built from the workdir's config.json, with the parameters of `checkpoint` (a step
+  directory <workdir>/checkpoints/<step>), else of the newest checkpoint there that
+  restores; of run `run` (0 … K−1) where the run trained several side by side (num_runs,
+  sweep). Read-only: a run may be training there. Raises CheckpointError (a ValueError)
+  naming what is missing or does not fit.
+  """
+  config_file = epath.Path(workdir) / CONFIG_FILE
+  try:
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  except (OSError, ValueError) as e:
+    raise checkpoint_lib.CheckpointError(
+      f"{config_file} cannot be read ({e}); pass the workdir of a main.py run"
+    ) from None
+  count = len(run_specs(config))
+  if not 0 <= run < count:
+    raise checkpoint_lib.CheckpointError(
+      f"run={run}: {workdir} trained {count} run(s); pass run=0 … {count - 1}"
+    )
+  model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
+  params = nnx.state(model, nnx.Param)
+  like = {"params": _stack([params] * count) if count > 1 else params}
+  source = checkpoint or epath.Path(workdir) / "checkpoints"
+  restored = read_trained(config, like, source).state["params"]
+  nnx.update(model, _run_of(restored, run) if count > 1 else restored)
+  model.eval()
+  return model

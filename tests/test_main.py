@@ -67,9 +67,14 @@ def run_main(workdir, *extra, timeout=300, codegen=FAST_STEPS):
 def final_params(workdir):
   """The parameters of the latest checkpoint, read back from disk with orbax."""
   directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-  restored = ocp.StandardCheckpointer().restore(os.path.join(directory, str(steps[-1]), "state"))
-  return steps[-1], restored["params"]
+  step = max(int(s) for s in os.listdir(directory) if s.isdigit())
+  return step, checkpoint_params(workdir, step)
+
+
+def checkpoint_params(workdir, step: int):
+  """The parameters of one checkpoint, read back from disk with orbax."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)["params"]
 
 
 def assert_same_params(a, b):
@@ -125,6 +130,50 @@ def test_uninterrupted_run_writes_summary_logs_and_checkpoints(uninterrupted):
   # latest 3 plus the best evaluated one; the final step always among them
   assert steps[-3:] == [100, 125, 150] and len(steps) <= 4
   assert summary["best_step"] in steps
+
+
+def params_by_name(tree) -> dict:
+  """{'blocks/0/mixer/kernel': array} of a parameter tree, as saved (…/value) or as nnx's."""
+  import jax
+
+  return {
+    "/".join(str(key.key) for key in path if key.key != "value"): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def assert_same_named_params(model, saved):
+  from flax import nnx
+
+  loaded, saved = (
+    params_by_name(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+    params_by_name(saved),
+  )
+  assert loaded.keys() == saved.keys() and len(saved) > 0
+  for name, value in saved.items():
+    np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+
+def test_load_trained_gives_the_runs_model_with_its_checkpoints_parameters(uninterrupted):
+  import jax.numpy as jnp
+
+  from configs import digits
+  from lkca_jax import augment, data, load_trained
+
+  workdir, _ = uninterrupted
+  step, saved = final_params(workdir)
+  model = load_trained(workdir)
+  assert_same_named_params(model, saved)
+  images, labels = data.load_split("digits", "test")
+  config = digits.get_config()
+  x = augment.normalize(jnp.asarray(images), config.dataset.mean, config.dataset.std)
+  logits = model(x)
+  np.testing.assert_array_equal(logits, model(x))  # eval mode: no stochastic depth
+  # 10 classes, 360 test images: chance is 10% ± 1.6%; this run reaches ~38%.
+  assert float(np.mean(np.argmax(logits, -1) == labels)) > 0.25
+  earlier = min(s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  model = load_trained(workdir, checkpoint=os.path.join(workdir, "checkpoints", earlier))
+  assert_same_named_params(model, checkpoint_params(workdir, int(earlier)))
 
 
 def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
@@ -238,6 +287,20 @@ def test_three_runs_write_per_run_summary_and_eval_mode_evaluates_each(uninterru
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   for r in summary["runs"]:
     assert f"run {r['run']} (seed {r['seed']}): top1 {r['final_top1']:.4f}" in evaluated.stdout
+
+
+def test_load_trained_gives_each_run_of_several(uninterrupted_runs):
+  import jax
+
+  from lkca_jax import load_trained
+
+  workdir, _ = uninterrupted_runs
+  _, saved = final_params(workdir)
+  for k in range(3):
+    run_k = jax.tree.map(lambda x, k=k: x[k], saved)
+    assert_same_named_params(load_trained(workdir, run=k), run_k)
+  with pytest.raises(ValueError, match=r"run=3: .* trained 3 run\(s\); pass run=0 … 2"):
+    load_trained(workdir, run=3)
 
 
 def test_three_runs_resume_after_sigterm_then_sigkill_to_identical_parameters(

@@ -18,10 +18,10 @@ def test_importing_the_package_or_a_command_loads_no_jax():
 
 
 def test_every_public_name_is_its_module_object():
-  from lkca_jax import layers, models
+  from lkca_jax import layers, models, train
 
   for name in lkca_jax.__all__:
-    home = layers if hasattr(layers, name) else models
+    home = next(module for module in (layers, models, train) if hasattr(module, name))
     assert getattr(lkca_jax, name) is getattr(home, name), name
   assert set(lkca_jax.__all__) <= set(dir(lkca_jax))
   names = {}
