@@ -2,9 +2,10 @@
 
     python main.py --config configs/tinyimagenet.py [--workdir DIR] [--config.KEY=VALUE ...]
     python main.py --config configs/digits.py --mode eval [--checkpoint DIR/checkpoints/STEP]
+    python main.py --config configs/workdir.py:DIR --mode eval    # DIR's run, its own config
 
-The workdir defaults to workdirs/<config name>; running the same command
-again resumes from the latest checkpoint there. Bad input (unknown preset,
+The workdir defaults to workdirs/<config name> (DIR for configs/workdir.py:DIR); running
+the same command again resumes from the latest checkpoint there. Bad input (unknown preset,
 dataset or config key, impossible shapes, unprepared data) is reported in
 one line with exit code 2 before anything is compiled.
 """
@@ -28,7 +29,8 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "workdir",
     None,
-    "Where checkpoints, logs and summary.json go (default: workdirs/<config name>).",
+    "Where checkpoints, logs and summary.json go (default: workdirs/<config name>, or DIR "
+    "for configs/workdir.py:DIR).",
   )
   flags.DEFINE_enum(
     "mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint."
@@ -63,11 +65,6 @@ def define_flags() -> None:
   )
 
 
-def default_workdir() -> str:
-  path = config_flags.get_config_filename(FLAGS["config"])
-  return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
-
-
 def main(argv):
   del argv  # cli.run refuses positional arguments
   from lkca_jax import distributed
@@ -85,7 +82,7 @@ def _main():
   from lkca_jax import distributed, train
 
   config = FLAGS.config
-  workdir = FLAGS.workdir or default_workdir()
+  workdir = FLAGS.workdir or cli.default_workdir()
   lead = jax.process_index() == 0
   logging.set_verbosity(logging.INFO if lead or FLAGS.log_all_processes else logging.WARNING)
   try:

@@ -847,7 +847,8 @@ def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
   raise workdir_lib.WorkdirError(
     f"--workdir={workdir} holds checkpoints of a run with another config "
     f"({shown or 'process 0 names them'}): resuming would train the rest of it as another "
-    f"run. Resume with its config ({workdir / CONFIG_FILE}), or train in a fresh --workdir"
+    f"run. Resume with its config (--config {workdir_lib.READ_BACK_CONFIG}:{workdir}), or "
+    "train in a fresh --workdir"
   )
 
 
@@ -907,7 +908,8 @@ def read_trained(config, like, source) -> checkpoint_lib.Restored:
       raise
     raise checkpoint_lib.CheckpointError(
       f"checkpoint {e.path} does not match this model/config ({e.mismatch}); its run "
-      f"({saved_file}) differs in {'; '.join(changes)}: use that run's config"
+      f"({saved_file}) differs in {'; '.join(changes)}: use that run's config "
+      f"(--config {workdir_lib.READ_BACK_CONFIG}:{e.path.parent.parent})"
     ) from None
 
 
@@ -1474,6 +1476,52 @@ def evaluate(
   ]
   means = {key: mean_std(r[key] for r in results)[0] for key in ("loss", "top1", "top5")}
   return {"step": restored.step, "checkpoint": str(restored.path), **means, "runs": runs}
+
+
+def saved_config(workdir, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config a `main.py` run saved in `workdir` (its config.json), laid over a copy of
+  `base`: each saved value typed as `base` types it (an unset one keeps its type, so it can
+  still be overridden); keys the file lacks keep `base`'s values. Raises ConfigError for a
+  missing or unreadable file, a value that does not fit, or a key `base` lacks (a run of
+  another version of lkca_jax, whose settings could not all be applied)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not epath.Path(workdir).is_dir():
+    raise ConfigError(f"{workdir} is not a directory")
+  try:
+    saved = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ConfigError(f"{workdir} is not a training workdir (no {CONFIG_FILE})") from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} cannot be read ({e})") from None
+  config = copy.deepcopy(base)
+  unknown = _lay_over(config, saved, path)
+  if unknown:
+    raise ConfigError(
+      f"{path} holds keys this version's config lacks ({', '.join(unknown)}): a run of "
+      "another version of lkca_jax"
+    )
+  return config
+
+
+def _lay_over(config, saved: dict, path, prefix: str = "") -> list[str]:
+  """Sets each saved value on `config`, key by key; returns the keys `config` lacks."""
+  unknown = []
+  for key, value in saved.items():
+    if key not in config:
+      unknown.append(prefix + key)
+    elif isinstance(value, dict) and isinstance(config[key], ml_collections.ConfigDict):
+      unknown += _lay_over(config[key], value, path, f"{prefix}{key}.")
+    elif value is None:
+      if config[key] is not None:
+        config[key] = ml_collections.config_dict.placeholder(type(config[key]))
+    else:
+      try:
+        config[key] = tuple(value) if isinstance(value, list) else value  # JSON has no tuples
+      except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(
+          f"{path}: {prefix}{key}={value!r} does not fit this config ({e})"
+        ) from None
+  return unknown
 
 
 def load_trained(workdir, *, checkpoint=None, run: int = 0) -> models.ViT:

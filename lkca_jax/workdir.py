@@ -28,6 +28,10 @@ from etils import epath
 LOCK_FILE = "lock"
 
 
+# The config file that reads a run's config back from its workdir (--config FILE:WORKDIR).
+READ_BACK_CONFIG = "configs/workdir.py"
+
+
 class WorkdirError(ValueError):
   """The workdir cannot be used; the message names it and the fix."""
 

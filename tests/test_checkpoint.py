@@ -403,7 +403,7 @@ def test_evaluating_a_checkpoint_of_another_config_names_what_its_run_had(
   if record == "config.json":  # the keys that shape the model; the seed does not
     assert last.endswith(
       f"its run ({workdir}/config.json) differs in model_overrides.depth: 2 there, 3 here: "
-      "use that run's config"
+      f"use that run's config (--config configs/workdir.py:{workdir})"
     ), last
   else:
     assert last.endswith("use the config it was trained with, or train in a fresh --workdir")

@@ -132,6 +132,22 @@ def test_uninterrupted_run_writes_summary_logs_and_checkpoints(uninterrupted):
   assert summary["best_step"] in steps
 
 
+def test_a_runs_config_read_back_evaluates_it_without_its_overrides(uninterrupted):
+  """configs/workdir.py:W gives the run's own config (TINY's overrides, none retyped) and
+  W as the workdir; an override still applies on top."""
+  workdir, _ = uninterrupted
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  read_back = [sys.executable, "main.py", f"--config=configs/workdir.py:{workdir}", "--mode=eval"]
+  result = subprocess.run(read_back, cwd=ROOT, env=main_env(), capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"eval {workdir}/checkpoints/{STEPS}: top1 {summary['final_top1']:.4f}" in result.stdout
+  deeper = subprocess.run(
+    [*read_back, "--config.model_overrides.depth=3"], cwd=ROOT, capture_output=True, text=True
+  )
+  assert deeper.returncode == 2
+  assert "differs in model_overrides.depth: 2 there, 3 here" in deeper.stderr.splitlines()[-1]
+
+
 def params_by_name(tree) -> dict:
   """{'blocks/0/mixer/kernel': array} of a parameter tree, as saved (…/value) or as nnx's."""
   import jax

@@ -308,7 +308,7 @@ def test_a_workdir_resumes_only_its_own_runs_config(tmp_path):
   message = str(info.value)
   assert "num_train_steps: 2 there, 4 here" in message
   assert "optimizer.learning_rate: 0.001 there, 0.0005 here" in message
-  assert f"{tmp_path}/config.json" in message and "fresh --workdir" in message
+  assert f"(--config configs/workdir.py:{tmp_path})" in message and "fresh --workdir" in message
   assert (tmp_path / "config.json").read_text() == written  # the run's record stands
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps
   # Where its outputs go and how often: the same run. It reached its last step, so nothing
@@ -340,3 +340,40 @@ def test_only_a_summary_that_reached_its_last_step_counts_as_finished(tmp_path):
   assert train.finished_summary(str(done))["step"] == 5
   assert train.finished_summary(str(stopped)) is None
   assert train.finished_summary(str(tmp_path / "missing")) is None
+
+
+# --- a run's config read back (configs/workdir.py) ----------------------------------------
+def test_a_saved_config_is_laid_over_the_defaults_with_their_types(tmp_path):
+  from configs import default, digits
+
+  trained = digits.get_config()
+  trained.model_overrides.depth = 3
+  (tmp_path / "config.json").write_text(trained.to_json_best_effort())
+  config = train.saved_config(tmp_path, default.get_config())
+  assert json.loads(config.to_json_best_effort()) == json.loads(trained.to_json_best_effort())
+  # Unset there (digits has no AutoAugment): unset here, and still a str to override.
+  assert config.augment.autoaugment is None and default.get_config().augment.autoaugment
+  config.augment.autoaugment = "svhn"
+  with pytest.raises(TypeError):
+    config.augment.autoaugment = 3
+  assert config.dataset.mean == (0.3054,)  # JSON's list, a tuple again
+
+
+@pytest.mark.parametrize(
+  "saved, message",
+  [
+    (
+      {"model": "vit", "no_such_key": 1, "dataset": {"old_key": 2}},
+      r"lacks \(no_such_key, dataset.old_key\)",
+    ),
+    ({"batch_size": "many"}, r"batch_size='many' does not fit this config"),
+    (None, r"is not a training workdir \(no config.json\)"),
+  ],
+)
+def test_a_saved_config_that_cannot_be_laid_over_is_one_error(tmp_path, saved, message):
+  from configs import default
+
+  if saved is not None:
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(train.ConfigError, match=message):
+    train.saved_config(tmp_path, default.get_config())

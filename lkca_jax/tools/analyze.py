@@ -142,42 +142,13 @@ def load_subject(config, workdir: str, checkpoint: str | None, images: int) -> S
 
 
 def workdir_config(workdir: str, base):
-  """The config a training run saved in `workdir` (config.json), laid over `base`.
+  """The config a training run saved in `workdir` (config.json), laid over `base`."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
-  Keys the file lacks (added to the configs since that run) keep `base`'s
-  values; keys `base` does not know are ignored.
-  """
-  import copy  # pylint: disable=import-outside-toplevel
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"--compare {workdir} is not a directory")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--compare {workdir} is not a training workdir (no config.json)")
   try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise FileNotFoundError(f"--compare {workdir}: cannot read config.json ({e})") from None
-  config = copy.deepcopy(base)
-  _overlay(config, saved, path)
-  return config
-
-
-def _overlay(config, values: dict, path: str, prefix: str = "") -> None:
-  for key, value in values.items():
-    if key not in config:
-      continue
-    current = config[key]
-    if isinstance(value, dict) and hasattr(current, "keys"):
-      _overlay(current, value, path, f"{prefix}{key}.")
-      continue
-    if isinstance(value, list):
-      value = tuple(value)  # JSON has no tuples
-    try:
-      config[key] = value
-    except (TypeError, ValueError, AttributeError) as e:
-      raise ValueError(f"{path}: {prefix}{key}={value!r} does not fit this config ({e})") from None
+    return train.saved_config(workdir, base)
+  except train.ConfigError as e:
+    raise ValueError(f"--compare {e}") from None
 
 
 # --- what to show ----------------------------------------------------------------
@@ -785,7 +756,8 @@ def define_flags() -> None:
   cli.define_output_dir(
     "workdir",
     None,
-    "The training workdir (default: workdirs/<config name>); "
+    "The training workdir (default: workdirs/<config name>, or DIR for "
+    "configs/workdir.py:DIR); "
     "the figures go to <workdir>/analysis/.",
   )
   flags.DEFINE_string(
@@ -806,12 +778,6 @@ def define_flags() -> None:
     "Another training workdir whose latest checkpoint is "
     "drawn next to this one (its config.json is used).",
   )
-
-
-def default_workdir() -> str:
-  """workdirs/<config name>, as main.py trains there."""
-  path = config_flags.get_config_filename(FLAGS["config"])
-  return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
 
 
 def load_subjects(workdir: str, other, layers: list[int] | None) -> list[Subject]:
@@ -853,7 +819,7 @@ def main(argv):
   del argv  # no positional arguments: cli.run refuses them
   if FLAGS.images < 1:
     cli.fail(f"--images must be at least 1, got {FLAGS.images}")
-  workdir = FLAGS.workdir or default_workdir()
+  workdir = FLAGS.workdir or cli.default_workdir()
   try:
     layers = parse_layers(FLAGS.layers)
     other = workdir_config(FLAGS.compare, FLAGS.config) if FLAGS.compare else None

@@ -53,6 +53,7 @@ import io
 import logging
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -204,8 +205,12 @@ def parse_flags(argv, program: str = "main.py", *, arguments: bool = False):
     reason = str(e).strip().splitlines()[-1].strip()
     fail(f"could not load the --config file ({reason}); pass a config such as configs/digits.py")
   except flags.Error as e:  # unknown flag, bad value
+    message = str(e).strip()
+    if "Traceback (most recent call last)" in message:  # the config file's get_config raised
+      raised = re.sub(r"^[\w.]+: ", "", message.splitlines()[-1].strip())  # less its class
+      fail(f"could not load the --config file ({raised})")
     keys = " and the keys in configs/default.py" if takes_config else ""
-    fail(f"{str(e).rstrip('.')}. See `{program} --helpfull`{keys}.")
+    fail(f"{message.rstrip('.')}. See `{program} --helpfull`{keys}.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
     reason = _bad_override(argv) if takes_config else None
     reason = reason or f"--config override: {str(e).strip().splitlines()[0]}"
@@ -274,6 +279,18 @@ def _parse_or_help(argv):
   except SystemExit:  # absl's --help and --helpfull print the help, then exit 1
     sys.stdout.flush()
     raise SystemExit(0) from None  # asking for help is no failure
+
+
+def default_workdir() -> str:
+  """Where main.py trains for the --config given: workdirs/<config name>, or DIR itself
+  for configs/workdir.py:DIR, the config read back from that run."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  path, _, argument = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")
+  if os.path.basename(path) == os.path.basename(workdir_lib.READ_BACK_CONFIG) and argument:
+    return argument
+  return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
 
 
 def define_output_dir(name: str, default: str | None, help_text: str) -> None:

@@ -27,6 +27,16 @@ CASES = [
   ),
   (["--config", "configs/digits.py", "--config.batch_size=abc"], "--config.batch_size=abc"),
   ([], "--config is required"),
+  # A config file whose get_config raises: its message, less the traceback and class.
+  (
+    ["--config", "configs/workdir.py"],
+    "could not load the --config file (configs/workdir.py reads a run's config: pass "
+    "configs/workdir.py:WORKDIR)",
+  ),
+  (
+    ["--config", "configs/workdir.py:configs"],
+    "could not load the --config file (configs is not a training workdir (no config.json))",
+  ),
 ]
 
 
