@@ -1540,16 +1540,24 @@ def load_trained(workdir, *, checkpoint=None, run: int = 0) -> models.ViT:
     raise checkpoint_lib.CheckpointError(
       f"{config_file} cannot be read ({e}); pass the workdir of a main.py run"
     ) from None
+  model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
+  source = checkpoint or epath.Path(workdir) / "checkpoints"
+  nnx.update(model, read_run_params(config, model, source, run)[0])
+  model.eval()
+  return model
+
+
+def read_run_params(config, model, source, run: int = 0):
+  """(run `run`'s parameters for `model`, the Restored they came from): read-only, from the
+  checkpoint `source` or the newest one there that restores, which holds the parameters of
+  `config`'s runs (num_runs × sweep) stacked when there are several."""
   count = len(run_specs(config))
   if not 0 <= run < count:
     raise checkpoint_lib.CheckpointError(
-      f"run={run}: {workdir} trained {count} run(s); pass run=0 … {count - 1}"
+      f"run={run}: the run in {source} trained {count} run(s); pass run 0 … {count - 1}"
     )
-  model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
   params = nnx.state(model, nnx.Param)
   like = {"params": _stack([params] * count) if count > 1 else params}
-  source = checkpoint or epath.Path(workdir) / "checkpoints"
-  restored = read_trained(config, like, source).state["params"]
-  nnx.update(model, _run_of(restored, run) if count > 1 else restored)
-  model.eval()
-  return model
+  restored = read_trained(config, like, source)
+  params = restored.state["params"]
+  return (_run_of(params, run) if count > 1 else params), restored

@@ -315,7 +315,7 @@ def test_load_trained_gives_each_run_of_several(uninterrupted_runs):
   for k in range(3):
     run_k = jax.tree.map(lambda x, k=k: x[k], saved)
     assert_same_named_params(load_trained(workdir, run=k), run_k)
-  with pytest.raises(ValueError, match=r"run=3: .* trained 3 run\(s\); pass run=0 … 2"):
+  with pytest.raises(ValueError, match=r"run=3: .* trained 3 run\(s\); pass run 0 … 2"):
     load_trained(workdir, run=3)
 
 

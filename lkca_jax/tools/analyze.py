@@ -2,14 +2,16 @@
 
     python -m lkca_jax.tools.analyze --config configs/digits.py [--workdir DIR] \\
         [--checkpoint DIR/checkpoints/STEP] [--images 50] [--layers 1,5,9] \\
-        [--compare OTHER_WORKDIR] [--config.KEY=VALUE ...]
+        [--compare OTHER_WORKDIR] [--run K] [--config.KEY=VALUE ...]
+    python -m lkca_jax.tools.analyze --config configs/workdir.py:DIR   # DIR's run, as trained
 
 The model is the one `main.py` trains for the config (`train.Run.prepare`),
 with the parameters of the workdir's latest checkpoint (or of --checkpoint);
 the same model before restoring is the one training started from, its
-"initialisation". Test images are the first --images of the test split,
-normalised as for evaluation. Written to <workdir>/analysis/, a PNG (150 dpi)
-and a JSON each:
+"initialisation". Of a workdir that trained several runs (num_runs, sweep),
+run --run's (default 0). Test images are the first --images of the test split,
+normalised as for evaluation. Written to <workdir>/analysis/ (analysis/run<K>/
+for a run of several), a PNG (150 dpi) and a JSON each:
 
 - kernels: every LKCA layer's (2h−1)×(2w−1) kernel, indexed by the key's
   offset from the query in patches (zero offset boxed), on a diverging scale
@@ -29,11 +31,13 @@ and a JSON each:
 
 --compare OTHER_WORKDIR adds a second trained model to the attention, erf and
 distance figures, e.g. vit_1m next to lkca_t: the config its run saved there
-(config.json, laid over --config for keys it lacks) and its latest checkpoint.
+(config.json, laid over --config for keys it lacks) and its latest checkpoint (its
+run 0 if it trained several).
 
 Bad input (no checkpoint, a checkpoint of another model, a --compare directory
-that is no training workdir, --images < 1, a --layers entry out of range, a
---workdir that cannot be written) is one line on stderr and exit code 2.
+that is no training workdir, --images < 1, a --layers entry out of range, a --run
+the workdir did not train, a --workdir that cannot be written) is one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Subject:
   trained: object  # models.ViT with the checkpoint's parameters
   init: object  # the same model as training started
   images: np.ndarray  # normalised test images (B, H, W, C)
+  run: int | None = None  # which run, of a workdir that trained several
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -82,13 +87,15 @@ class Subject:
     return len(self.trained.blocks)
 
 
-def restore_params(config, model, workdir: str, checkpoint: str | None) -> tuple[object, int]:
+def restore_params(
+  config, model, workdir: str, checkpoint: str | None, run: int = 0
+) -> tuple[object, int]:
   """Loads into `model` the parameters of `checkpoint`, else of the newest good one in workdir.
 
   Reads the parameters only (no optimizer state), read-only: nothing in the
   workdir is moved or cleaned up, so a run may be training there. Damaged
-  checkpoints are skipped with a warning, as `main.py --mode eval` does.
-  Returns (checkpoints directory, step).
+  checkpoints are skipped with a warning, as `main.py --mode eval` does. Of a
+  workdir that trained several runs, run `run`'s. Returns (checkpoints directory, step).
   """
   from etils import epath  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -96,8 +103,8 @@ def restore_params(config, model, workdir: str, checkpoint: str | None) -> tuple
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   source = checkpoint or epath.Path(workdir) / "checkpoints"
-  restored = train.read_trained(config, {"params": nnx.state(model, nnx.Param)}, source)
-  nnx.update(model, restored.state["params"])
+  params, restored = train.read_run_params(config, model, source, run)
+  nnx.update(model, params)
   return restored.path.parent, restored.step
 
 
@@ -121,16 +128,20 @@ def load_test_images(run, config, count: int) -> np.ndarray:
   return np.asarray(augment_lib.normalize(images, config.dataset.mean, config.dataset.std))
 
 
-def load_subject(config, workdir: str, checkpoint: str | None, images: int) -> Subject:
+def load_subject(
+  config, workdir: str, checkpoint: str | None, images: int, run_index: int = 0
+) -> Subject:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   run = train.Run.prepare(config)
   init = nnx.clone(run.model)
-  directory, step = restore_params(config, run.model, workdir, checkpoint)
+  directory, step = restore_params(config, run.model, workdir, checkpoint, run_index)
+  several = len(train.run_specs(config)) > 1
   return Subject(
-    label=config.model,
+    label=f"{config.model} run {run_index}" if several else config.model,
+    run=run_index if several else None,
     config=config,
     workdir=str(workdir),
     checkpoint=f"{directory}/{step}",
@@ -766,6 +777,9 @@ def define_flags() -> None:
     "A checkpoint step directory (default: the latest in <workdir>/checkpoints).",
   )
   flags.DEFINE_integer("images", 50, "Test images for the ERF and MHSA attention.")
+  flags.DEFINE_integer(
+    "run", 0, "Of a workdir that trained several runs (num_runs, sweep): which (from 0)."
+  )
   flags.DEFINE_string(
     "layers",
     None,
@@ -790,7 +804,7 @@ def load_subjects(workdir: str, other, layers: list[int] | None) -> list[Subject
 
   logging.set_verbosity(logging.WARNING)  # orbax reports every restore at INFO
   try:
-    subjects = [load_subject(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.images)]
+    subjects = [load_subject(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.images, FLAGS.run)]
     if other is not None:
       subjects.append(load_subject(other, FLAGS.compare, None, FLAGS.images))
     for subject in subjects:
@@ -815,6 +829,11 @@ def load_subjects(workdir: str, other, layers: list[int] | None) -> list[Subject
   return subjects
 
 
+def analysis_dir(workdir: str, subject: Subject) -> str:
+  """<workdir>/analysis, or <workdir>/analysis/run<k> for run k of several."""
+  return os.path.join(workdir, "analysis", *([] if subject.run is None else [f"run{subject.run}"]))
+
+
 def main(argv):
   del argv  # no positional arguments: cli.run refuses them
   if FLAGS.images < 1:
@@ -829,7 +848,7 @@ def main(argv):
   cli.output_dir(workdir, "--workdir")
   subjects = load_subjects(workdir, other, layers)
   try:
-    written = write_analysis(subjects, os.path.join(workdir, "analysis"), layers)
+    written = write_analysis(subjects, analysis_dir(workdir, subjects[0]), layers)
   except OSError as e:
     cli.fail(f"could not write the analysis: {e.strerror or e}")
   print("wrote " + ", ".join(written))

@@ -327,3 +327,24 @@ def test_bad_input_exits_2_with_one_line(trained, tmp_path):
     assert code == 2, (flags, err[-2000:])
     assert lines[-1].startswith("error: ") and message in lines[-1], (flags, err[-2000:])
   assert not (empty / "analysis").exists()
+
+
+def test_a_workdir_of_two_runs_is_analysed_run_by_run_from_its_own_config(tmp_path):
+  """configs/workdir.py reads the run's overrides back; --run picks a run of the stack."""
+  workdir = tmp_path / "two"
+  code, _, err = finish(start(["main.py", *LKCA, "--config.num_runs=2", f"--workdir={workdir}"]))
+  assert code == 0, err[-3000:]
+  own = ["-m", "lkca_jax.tools.analyze", f"--config=configs/workdir.py:{workdir}"]
+  code, out, err = finish(start([*own, "--run=1", f"--images={IMAGES}"]))
+  assert code == 0, err[-3000:]
+  assert "lkca_t run 1 (" in out
+  result = json.loads((workdir / "analysis" / "run1" / "kernels.json").read_text())
+  step, stacked = checkpoint_kernels(workdir)
+  assert result["step"] == step and not (workdir / "analysis" / "kernels.json").exists()
+  for layer, kernels in zip(result["layers"], stacked, strict=True):
+    assert kernels.shape == (2, 15, 15)  # the run axis
+    np.testing.assert_allclose(layer["kernel"], kernels[1], rtol=1e-6)
+    assert not np.allclose(kernels[0], kernels[1])  # seeds 0 and 1 trained apart
+  code, _, err = finish(start([*own, "--run=2"]))
+  last = err.strip().splitlines()[-1]
+  assert code == 2 and last.startswith("error: run=2: ") and "trained 2 run(s)" in last, last
