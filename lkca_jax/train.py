@@ -879,9 +879,17 @@ def _differences(saved: dict, config) -> list[str]:
   ]
 
 
-# The config keys that decide the parameters' names and shapes (prefixes).
+# The config keys (and groups of keys) that decide the parameters' names and shapes; the
+# other model_overrides (drop_path_rate) and the recipe do not.
 SHAPE_KEYS = (
   "model",
+  "model_overrides.mixer",
+  "model_overrides.dim",
+  "model_overrides.depth",
+  "model_overrides.num_heads",
+  "model_overrides.mlp_ratio",
+  "model_overrides.pool",
+  "model_overrides.mixer_options",
   "patch_size",
   "dataset.name",
   "dataset.classes",
@@ -889,6 +897,12 @@ SHAPE_KEYS = (
   "num_runs",
   "sweep",
 )
+
+
+def _shapes_params(change: str) -> bool:
+  """Whether a 'key: A there, B here' of `_differences` is of a key in SHAPE_KEYS."""
+  key = change.split(":", 1)[0]
+  return any(key == shaping or key.startswith(f"{shaping}.") for shaping in SHAPE_KEYS)
 
 
 def read_trained(config, like, source) -> checkpoint_lib.Restored:
@@ -903,7 +917,7 @@ def read_trained(config, like, source) -> checkpoint_lib.Restored:
       saved = json.loads(saved_file.read_text())
     except (OSError, ValueError):  # a checkpoint kept without its run's files
       saved = {}
-    changes = [c for c in _differences(saved, config) if c.startswith(SHAPE_KEYS)]
+    changes = [c for c in _differences(saved, config) if _shapes_params(c)]
     if not changes:
       raise
     raise checkpoint_lib.CheckpointError(
@@ -1485,22 +1499,27 @@ def saved_config(workdir, base: ml_collections.ConfigDict) -> ml_collections.Con
   missing or unreadable file, a value that does not fit, or a key `base` lacks (a run of
   another version of lkca_jax, whose settings could not all be applied)."""
   path = epath.Path(workdir) / CONFIG_FILE
-  if not epath.Path(workdir).is_dir():
-    raise ConfigError(f"{workdir} is not a directory")
-  try:
-    saved = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise ConfigError(f"{workdir} is not a training workdir (no {CONFIG_FILE})") from None
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} cannot be read ({e})") from None
   config = copy.deepcopy(base)
-  unknown = _lay_over(config, saved, path)
+  unknown = _lay_over(config, _saved_json(workdir), path)
   if unknown:
     raise ConfigError(
       f"{path} holds keys this version's config lacks ({', '.join(unknown)}): a run of "
       "another version of lkca_jax"
     )
   return config
+
+
+def _saved_json(workdir) -> dict:
+  """The config.json a `main.py` run wrote in `workdir`; ConfigError if there is none."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not epath.Path(workdir).is_dir():
+    raise ConfigError(f"{workdir} is not a directory")
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ConfigError(f"{workdir} is not a training workdir (no {CONFIG_FILE})") from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} cannot be read ({e})") from None
 
 
 def _lay_over(config, saved: dict, path, prefix: str = "") -> list[str]:
@@ -1530,16 +1549,10 @@ def load_trained(workdir, *, checkpoint=None, run: int = 0) -> models.ViT:
   Built from the workdir's config.json, with the parameters of `checkpoint` (a step
   directory <workdir>/checkpoints/<step>), else of the newest checkpoint there that
   restores; of run `run` (0 … K−1) where the run trained several side by side (num_runs,
-  sweep). Read-only: a run may be training there. Raises CheckpointError (a ValueError)
-  naming what is missing or does not fit.
+  sweep). Read-only: a run may be training there. Raises ConfigError or CheckpointError
+  (ValueErrors) naming what is missing or does not fit.
   """
-  config_file = epath.Path(workdir) / CONFIG_FILE
-  try:
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  except (OSError, ValueError) as e:
-    raise checkpoint_lib.CheckpointError(
-      f"{config_file} cannot be read ({e}); pass the workdir of a main.py run"
-    ) from None
+  config = ml_collections.ConfigDict(_saved_json(workdir))
   model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
   source = checkpoint or epath.Path(workdir) / "checkpoints"
   nnx.update(model, read_run_params(config, model, source, run)[0])

@@ -393,14 +393,21 @@ def test_evaluating_a_checkpoint_of_another_config_names_what_its_run_had(
   workdir = damaged_copy(trained, tmp_path, lambda _: None, steps=())
   if record == "no config.json":  # a checkpoint kept alone: only the shapes can be named
     (workdir / "config.json").unlink()
-  result = run(workdir, "--mode=eval", "--config.model_overrides.depth=3", "--config.seed=5")
+  # The seed and the drop-path rate differ too, and shape no parameter.
+  result = run(
+    workdir,
+    "--mode=eval",
+    "--config.model_overrides.depth=3",
+    "--config.seed=5",
+    "--config.model_overrides.drop_path_rate=0.3",
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(
     f"error: checkpoint {workdir}/checkpoints/{STEPS} does not match this model/config "
     "(16 arrays only in this model, e.g. params.blocks.2."
   ), last
-  if record == "config.json":  # the keys that shape the model; the seed does not
+  if record == "config.json":  # the keys that shape the model, those alone
     assert last.endswith(
       f"its run ({workdir}/config.json) differs in model_overrides.depth: 2 there, 3 here: "
       f"use that run's config (--config configs/workdir.py:{workdir})"

@@ -26,9 +26,9 @@ CONFIG_NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 def load(name):
   module = importlib.import_module(f"configs.{name}")
   if name == "workdir":  # a run's config read back: digits', as a run saves it
-    directory = pathlib.Path(tempfile.mkdtemp())
-    (directory / "config.json").write_text(load("digits").to_json_best_effort())
-    return module.get_config(str(directory))
+    with tempfile.TemporaryDirectory() as directory:
+      (pathlib.Path(directory) / "config.json").write_text(load("digits").to_json_best_effort())
+      return module.get_config(directory)
   return module.get_config()
 
 
