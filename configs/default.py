@@ -135,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   )
 
   config.batch_size = 128  # global, split over all devices
+  # The batch computed as M slices, one after another, their gradients averaged: the same
+  # step in about 1/M of the activation memory (stochastic depth draws per slice).
+  config.microbatches = 1
   config.num_epochs = 100
   config.repeats = 3  # repeated augmentation: one epoch = 3 augmented passes
   # How an epoch's passes are ordered: "independent" (the reference: `repeats` independent

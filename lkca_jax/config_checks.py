@@ -327,6 +327,7 @@ def _training_rules() -> dict[str, Rule]:
     "optimizer.init_learning_rate": number(0.0),
     "optimizer.end_learning_rate": number(0.0),
     "batch_size": integer(1),
+    "microbatches": integer(1),
     "num_epochs": integer(1),
     "repeats": integer(1),
     "epoch_order": choice(EPOCH_ORDERS),

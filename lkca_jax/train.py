@@ -266,7 +266,6 @@ def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: i
       config, steps_per_epoch, total_steps, peak=hp["optimizer.learning_rate"]
     )
     tx = create_optimizer(config, schedule, weight_decay=hp["optimizer.weight_decay"])
-    smoothing = hp["label_smoothing"]
     step_key = jax.random.fold_in(rng, state.step)
     mix_key, drop_key = jax.random.split(step_key)
     images, labels_a, labels_b, lam = mix_batch(
@@ -277,31 +276,69 @@ def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: i
       cutmix_prob=hp["mixing.cutmix_prob"],
       **alphas,
     )
+    mixed = {"image": images, "label_a": labels_a, "label_b": labels_b}
 
-    def loss_fn(params):
+    def loss_fn(params, mixed, drop_key):
       model = nnx.merge(train_graphdef, params, state.rest)
       logits = model(
-        images, rngs=nnx.Rngs(dropout=drop_key), drop_path_rate=hp["model_overrides.drop_path_rate"]
+        mixed["image"],
+        rngs=nnx.Rngs(dropout=drop_key),
+        drop_path_rate=hp["model_overrides.drop_path_rate"],
       )
-      loss = lam * cross_entropy(logits, labels_a, smoothing) + (1.0 - lam) * cross_entropy(
-        logits, labels_b, smoothing
+      smoothing = hp["label_smoothing"]
+      loss = lam * cross_entropy(logits, mixed["label_a"], smoothing) + (1.0 - lam) * cross_entropy(
+        logits, mixed["label_b"], smoothing
       )
-      return loss.mean(), logits
+      accuracy = {
+        "top1": top_k_correct(logits, mixed["label_a"], 1).mean(),
+        "top5": top_k_correct(logits, mixed["label_a"], 5).mean(),
+      }
+      return loss.mean(), accuracy
 
     with backend.reverse_mode_only():
-      (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      if config.microbatches == 1:
+        (loss, accuracy), grads = grad_fn(state.params, mixed, drop_key)
+      else:
+        (loss, accuracy), grads = _averaged_over_slices(
+          grad_fn, state.params, mixed, drop_key, config.microbatches
+        )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
       "loss": loss,
-      "top1": top_k_correct(logits, labels_a, 1).mean(),
-      "top5": top_k_correct(logits, labels_a, 5).mean(),
+      **accuracy,
       "learning_rate": schedule(state.step),
       "grad_norm": global_norm(grads),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def _averaged_over_slices(grad_fn, params, batch, key, count: int):
+  """`grad_fn(params, batch, key) -> ((loss, aux), grads)` of the mean over the batch, taken
+  over `count` equal slices one after another (a scan, so only one slice's activations are
+  live at a time) and averaged: the whole batch's value, summed in another order. Slice m is
+  rows m, m + count, … : on a batch sharded over devices by rows, each device keeps its own
+  rows of every slice. Slice m draws with `fold_in(key, m)`."""
+
+  def as_slices(x):  # (B, ...) -> (count, B / count, ...), slice m = rows m::count
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+  slices = jax.tree.map(as_slices, batch)
+  keys = jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(count))
+
+  def add_slice(total, slice_and_key):
+    value, grads = grad_fn(params, *slice_and_key)
+    return jax.tree.map(jnp.add, total, (value, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], (slices, keys))
+  zeros = jax.tree.map(
+    lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grad_fn, params, *first)
+  )
+  total, _ = jax.lax.scan(add_slice, zeros, (slices, keys))
+  return jax.tree.map(lambda x: x / count, total)
 
 
 def _all_finite(tree):
@@ -399,7 +436,7 @@ class Run:
     try:
       pipeline_lib.augment_config(config)
       mesh = pipeline_lib.make_mesh(config.num_devices)
-      pipeline_lib.check_global_batch(config.batch_size, mesh.devices.size)
+      pipeline_lib.check_global_batch(config.batch_size, mesh.devices.size, config.microbatches)
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     except ValueError as e:
       raise ConfigError(str(e)) from None
@@ -557,7 +594,8 @@ def check_runs_fit(
     raise ConfigError(
       f"num_runs: {num_runs} runs need about {step_bytes / gib:.2f} GiB of device memory "
       f"({per_run / gib:.2f} GiB each) but {free / gib:.2f} GiB are free: at most {fit} "
-      "fit; lower --config.num_runs or the sweep"
+      "fit; lower --config.num_runs or the sweep, or raise --config.microbatches (a batch in "
+      "slices, one slice's activations at a time)"
     )
   return fit
 
@@ -829,6 +867,7 @@ RESUME_MAY_CHANGE = frozenset(
     "init_from_kernels",
     "keep_checkpoints",
     "log_every_steps",
+    "microbatches",
     "num_devices",
   }
 )

@@ -151,6 +151,7 @@ REJECTED = [
   # Checked in Run.prepare against the dataset and devices, still before anything runs.
   (["--config.patch_size=3"], "not divisible by patch size"),
   (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
+  (["--config.batch_size=64", "--config.microbatches=3"], "microbatches=3 does not divide"),
 ]
 
 

@@ -187,6 +187,49 @@ def test_eight_devices_take_one_devices_steps():
   assert np.all(np.isfinite(losses)) and losses[0] > losses[-1] - 5  # real, finite losses
 
 
+@pytest.mark.slow
+def test_microbatches_take_the_whole_batchs_step_in_less_memory():
+  """A batch computed in slices sums each gradient in another order, so the steps agree to
+  float32 round-off (as 8 devices do with 1, from one shared state each step). Without
+  stochastic depth nothing else differs: slice m's own draws are its drop-path masks. On 8
+  devices each device keeps its rows of every slice: the program's collectives are those of
+  the whole batch's."""
+  whole, sliced = (
+    tiny_digits(num_devices=n, microbatches=m, **{"model_overrides.drop_path_rate": 0.0})
+    for n, m in ((1, 1), (8, 2))
+  )
+  one, eight = (train.build_training(train.Run.prepare(c), c) for c in (whole, sliced))
+  replicated = jax.sharding.NamedSharding(eight.pipeline.mesh, jax.sharding.PartitionSpec())
+  terms, state = step_chain_terms(whole), one.state
+  for step in range(whole.num_train_steps):
+    before = jax.device_get(state.replace(rest=None))
+    shared = jax.device_put(jax.tree.map(jnp.copy, state), replicated)  # both steps donate
+    state, metrics = one.train_step(state, one.batch(step), one.train_key)
+    eight_state, eight_metrics = eight.train_step(shared, eight.batch(step), eight.train_key)
+    loss, sliced_loss = float(metrics["loss"][0]), float(eight_metrics["loss"][0])
+    assert abs(sliced_loss - loss) <= 2 * terms * U * abs(loss), (step, sliced_loss, loss)
+    for key in ("top1", "top5"):  # counts over 32 images: exact in either order
+      assert float(eight_metrics[key][0]) == float(metrics[key][0]), (step, key)
+    after = jax.device_get(state.replace(rest=None))
+    lr = float(metrics["learning_rate"][0])
+    assert_one_step_apart(whole, before, after, eight_state.params, lr, terms, step)
+
+  def compiled(config):
+    t = train.build_training(train.Run.prepare(config), config)
+    return t.compiled_step.lower(*t.step_args(t.state, 0)).compile()
+
+  collectives = ("all-gather(", "all-reduce(", "all-to-all(", "collective-permute(")
+  eight_whole = compiled(tiny_digits(num_devices=8)).as_text()
+  assert [eight_whole.count(c) for c in collectives] == [
+    compiled(sliced).as_text().count(c) for c in collectives
+  ]
+  # Only one slice's activations are live at a time: the step's peak falls with the slices.
+  peaks = [
+    train.step_memory_bytes(compiled(tiny_digits(num_devices=1, microbatches=m))) for m in (1, 2, 4)
+  ]
+  assert peaks[0] > peaks[1] > peaks[2], peaks
+
+
 def _full_size_training(model: str, **overrides):
   """The trainer's step for a paper preset at full width on digits (an 8×8 grid, as CIFAR's)."""
   config = with_overrides(digits.get_config(), {"model": model, "batch_size": 8, **overrides})
@@ -311,10 +354,11 @@ def test_a_workdir_resumes_only_its_own_runs_config(tmp_path):
   assert f"(--config configs/workdir.py:{tmp_path})" in message and "fresh --workdir" in message
   assert (tmp_path / "config.json").read_text() == written  # the run's record stands
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps
-  # Where its outputs go and how often: the same run. It reached its last step, so nothing
-  # trains, and its summary, train images/s and wall time included, stands as written.
+  # Where its outputs go, how often, in how many slices a batch is computed: the same run.
+  # It reached its last step, so nothing trains, and its summary, train images/s and wall
+  # time included, stands as written.
   summary = (tmp_path / "summary.json").read_text()
-  cadence = tiny_digits(num_train_steps=2, eval_every_steps=3, log_every_steps=7)
+  cadence = tiny_digits(num_train_steps=2, eval_every_steps=3, log_every_steps=7, microbatches=2)
   assert train.train_and_evaluate(cadence, str(tmp_path)) == json.loads(summary)
   assert (tmp_path / "summary.json").read_text() == summary
   assert json.loads(summary)["train_images_per_second"] > 0

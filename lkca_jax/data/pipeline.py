@@ -65,11 +65,20 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def check_global_batch(global_batch: int, num_devices: int) -> None:
+def check_global_batch(global_batch: int, num_devices: int, microbatches: int = 1) -> None:
+  """ValueError unless the batch splits evenly over the devices, and each device's share
+  evenly into `microbatches` slices."""
   if global_batch % num_devices:
     raise ValueError(
       f"global batch {global_batch} is not divisible by {num_devices} devices; "
       "set --config.batch_size to a multiple of the device count"
+    )
+  per_device = global_batch // num_devices
+  if per_device % microbatches:
+    raise ValueError(
+      f"microbatches={microbatches} does not divide each device's {per_device} images of "
+      f"the global batch {global_batch} ({num_devices} device(s)); set --config.microbatches "
+      f"to a divisor of {per_device}"
     )
 
 
