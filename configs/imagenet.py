@@ -71,11 +71,11 @@ def get_config():
   config.label_smoothing = 0.1  # DeiT --smoothing 0.1
 
   config.batch_size = 1024  # DeiT Table 9: batch 1024
-  # Where the devices cannot hold it: --config.microbatches=M, the same batch in M slices
-  # (a --config.batch_size given on the command line leaves the learning rate below as is).
+  # Where the devices cannot hold it: --config.microbatches=M, the same batch in M slices.
   # DeiT: lr 5e-4 x batch / 512 (its main.py scales --lr by the global batch), AdamW with
-  # torch's betas (0.9, 0.999) and eps 1e-8 (--opt-eps), weight decay 0.05 (Table 9).
-  config.optimizer.learning_rate = 5e-4 * config.batch_size / 512
+  # torch's betas (0.9, 0.999) and eps 1e-8 (--opt-eps), weight decay 0.05 (Table 9). A
+  # reference, so that the rate follows a --config.batch_size given on the command line.
+  config.optimizer.learning_rate = config.get_ref("batch_size").to_float() * (5e-4 / 512)
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8

@@ -185,3 +185,28 @@ def test_bad_values_exit_2_with_one_error_line_and_write_nothing(tmp_path):
     line = _error_line(proc, args)
     assert message in line, (args, line)
     assert not (tmp_path / str(i)).exists(), (args, os.listdir(tmp_path / str(i)))
+
+
+# ml_collections loads a config file with the loader's load_module, deprecated in Python 3.11.
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_the_imagenet_learning_rate_follows_the_batch_size_given_as_a_flag():
+  """DeiT scales its rate by the global batch (5e-4 per 512); a batch set on the command line
+  must carry its rate along, and a rate set there wins."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  def parsed(*overrides):
+    argv = ["main.py", f"--config={ROOT}/configs/imagenet.py", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+  assert parsed().optimizer.learning_rate == 1e-3  # batch 1024
+  smaller = parsed("--config.batch_size=256")
+  assert smaller.optimizer.learning_rate == 2.5e-4
+  assert '"learning_rate": 0.00025' in smaller.to_json_best_effort()  # as config.json saves it
+  config_checks.validate(smaller)
+  assert parsed("--config.batch_size=256", "--config.optimizer.learning_rate=3e-4").optimizer[
+    "learning_rate"
+  ] == pytest.approx(3e-4, rel=0)
