@@ -556,6 +556,12 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def _as_runs(trees):
+  """The runs' trees as the step and the checkpoints hold them: stacked along a leading run
+  axis when there are several, a single run's tree as it is."""
+  return _stack(trees) if len(trees) > 1 else trees[0]
+
+
 def _run_eval(eval_fn, params, rest, pipeline) -> list[dict]:
   """Test loss, top-1 and top-5 of each run (an `eval_fn` of `make_eval_step`)."""
   totals = None
@@ -702,9 +708,7 @@ def _initial_state(run: Run, specs, tx) -> TrainState:
       _, _, params, rest = _split_model(model)
       by_seed[spec.seed] = (params, rest, tx.init(params))
   parts = [by_seed[spec.seed] for spec in specs]
-  params, rest, opt_state = (
-    _stack(part) if len(specs) > 1 else part[0] for part in zip(*parts, strict=True)
-  )
+  params, rest, opt_state = (_as_runs(part) for part in zip(*parts, strict=True))
   step = jnp.zeros((len(specs),) if len(specs) > 1 else (), jnp.int32)
   return TrainState(step=step, params=params, opt_state=opt_state, rest=rest)
 
@@ -1078,7 +1082,7 @@ def moved_params(config, run: Run) -> nnx.State:
     *run.model.grid,
     kernels,
   )
-  return pipeline_lib.put_tree(_stack(moved) if count > 1 else moved[0], replicated)
+  return pipeline_lib.put_tree(_as_runs(moved), replicated)
 
 
 def initialised_from(config, run: Run, state: TrainState) -> TrainState:
@@ -1510,9 +1514,8 @@ def evaluate(
   specs = run_specs(config)
   _, eval_graphdef, params, rest = _split_model(run.model)
   like = {"params": params, "rest": rest}  # no optimizer state is built or read
-  like = pipeline_lib.put_tree(
-    _stack([like] * len(specs)) if len(specs) > 1 else like, NamedSharding(run.mesh, P())
-  )  # onto every process's devices
+  on_every_device = NamedSharding(run.mesh, P())  # every process's devices
+  like = pipeline_lib.put_tree(_as_runs([like] * len(specs)), on_every_device)
   restored = _read_for_eval(config, run, like, checkpoint or epath.Path(workdir) / "checkpoints")
   state = variable_values(restored.state)  # arrays: cheaper to pass at every batch
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
@@ -1609,7 +1612,7 @@ def read_run_params(config, model, source, run: int = 0):
       f"run={run}: the run in {source} trained {count} run(s); pass run 0 … {count - 1}"
     )
   params = nnx.state(model, nnx.Param)
-  like = {"params": _stack([params] * count) if count > 1 else params}
+  like = {"params": _as_runs([params] * count)}
   restored = read_trained(config, like, source)
   params = restored.state["params"]
   return (_run_of(params, run) if count > 1 else params), restored
