@@ -52,13 +52,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_overrides = model_overrides()
   config.patch_size = placeholder(int)  # None: image size / 8, an 8x8 grid
   config.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision
-  # Fine-tuning at another image size (docs/usage.md, "Another image size"): start from the
-  # parameters of a workdir's newest checkpoint or of a checkpoint step directory, moved to
-  # this model's grid, with a fresh optimizer at step 0. The workdir's own checkpoint, once
-  # there is one, wins: the run resumes from it. LKCA kernels move as init_from_kernels says:
-  # "pad" (each tap keeps its offset in patches) or "resample" (its fraction of the image).
+  # Fine-tuning at another image size or on other classes (docs/usage.md, "Another image
+  # size or dataset"): start from the parameters of a workdir's newest checkpoint or of a
+  # checkpoint step directory, moved to this model's grid, with a fresh optimizer at step 0.
+  # The workdir's own checkpoint, once there is one, wins: the run resumes from it. LKCA
+  # kernels move as init_from_kernels says: "pad" (each tap keeps its offset in patches) or
+  # "resample" (its fraction of the image).
   config.init_from = placeholder(str)
   config.init_from_kernels = DEFAULT_KERNEL_MOVE  # "resample", by measurement
+  # The classifier: "keep" the checkpoint's (the same classes) or "new" (this dataset's
+  # classes, initialised as a fresh run's): pre-trained on one dataset, fine-tuned on another.
+  config.init_from_head = "keep"
 
   config.dataset = ml_collections.ConfigDict(
     {

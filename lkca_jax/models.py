@@ -73,6 +73,11 @@ DEFAULT_GRID = 8
 # Compute dtypes by config name; parameters and optimizer state stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# How a model started from another's parameters (resolution.move_params) takes its
+# classifier `head`: "keep" the source's (the same classes), or a "new" one as the model
+# initialises it (another dataset's classes; timm does the same for another class count).
+HEAD_STARTS = ("keep", "new")
+
 
 def check_mixer_options(mixer: str, options) -> None:
   """ValueError unless every option name is one that mixer's constructor takes.

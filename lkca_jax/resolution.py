@@ -13,10 +13,12 @@
   as timm's `resample_abs_pos_embed`: prefix (class) tokens kept, the grid part resized.
 - ACmix's relative position bias table is resampled as timm's
   `resample_relative_position_bias_table` (the whole table resized).
-- Every other parameter is copied and must have the same shape in both models.
+- Every other parameter is copied and must have the same shape in both models, except
+  the classifier `head` with `head="new"`: the target's own, as it was initialised (for
+  another class count: fine-tuning on another dataset).
 
-Any other difference (another patch size, width, depth, class count, a grid-shaped
-parameter without a move) raises `MoveError` naming the parameter and the fix.
+Any other difference (another patch size, width, depth, class count without a new head, a
+grid-shaped parameter without a move) raises `MoveError` naming the parameter and the fix.
 """
 
 from __future__ import annotations
@@ -205,18 +207,25 @@ def source_grid(source: nnx.State, target: nnx.Module) -> tuple[int, int]:
 
 
 def move_params(
-  source: nnx.State, target: nnx.Module, *, kernels: str = DEFAULT_KERNEL_MOVE, old_grid=None
+  source: nnx.State,
+  target: nnx.Module,
+  *,
+  kernels: str = DEFAULT_KERNEL_MOVE,
+  head: str = "keep",
+  old_grid=None,
 ) -> nnx.State:
   """`target`'s parameters (an nnx.State like nnx.state(target, nnx.Param)) from `source`,
   the parameters of the same model built for another image size (see the module docstring).
 
   `kernels` is how LKCA kernels move ("pad" or "resample", default DEFAULT_KERNEL_MOVE);
-  `old_grid` is the source's
-  patch grid (default: read off its kernels, or the square its position table holds).
-  Raises MoveError for anything that cannot be moved.
+  `head` is "keep" (the source's classifier) or "new" (`target`'s own, for other classes);
+  `old_grid` is the source's patch grid (default: read off its kernels, or the square its
+  position table holds). Raises MoveError for anything that cannot be moved.
   """
   if kernels not in KERNEL_MOVES:
     raise MoveError(f"kernels must be one of {KERNEL_MOVES}, got {kernels!r}")
+  if head not in models.HEAD_STARTS:
+    raise MoveError(f"head must be one of {models.HEAD_STARTS}, got {head!r}")
   wanted = nnx.state(target, nnx.Param)
   have, want = _flat(source), _flat(wanted)
   _check_same_names(have, want)
@@ -226,6 +235,9 @@ def move_params(
   moved = {}
   for path, like in want.items():
     owner = owners[path[:-1]]
+    if head == "new" and path[0] == "head":
+      moved[path] = like
+      continue
     move = MOVES.get((type(owner), path[-1]))
     value = have[path]
     if move is not None and old != new:
@@ -283,7 +295,10 @@ def _mismatch(
   elif path == ("patch_embed", "kernel"):
     fix = _patch_fix(old_shape[0], new_shape[0], channels)
   elif path[0] == "head":
-    fix = "use the checkpoint's class count (dataset.classes)"
+    fix = (
+      "use the checkpoint's class count (dataset.classes), or start a new classifier for "
+      "these classes (head='new'; --config.init_from_head=new)"
+    )
   else:
     fix = "only the image size may change; keep the checkpoint's width, heads and options"
   return (

@@ -868,6 +868,7 @@ RESUME_MAY_CHANGE = frozenset(
     "dataset.stream_workers",
     "eval_every_steps",
     "init_from",
+    "init_from_head",
     "init_from_kernels",
     "keep_checkpoints",
     "log_every_steps",
@@ -1047,9 +1048,7 @@ def check_init_from(config, model) -> None:
   directory, step = init_from_source(config.init_from)
   try:
     saved, runs = _saved_params(directory, step, model)
-    jax.eval_shape(
-      lambda p: resolution.move_params(p, model, kernels=config.init_from_kernels), saved
-    )
+    jax.eval_shape(lambda p: _moved(config, p, model), saved)
   except (checkpoint_lib.CheckpointError, resolution.MoveError) as e:
     raise ConfigError(f"{where}: {e}") from None
   num_runs = len(run_specs(config))
@@ -1074,21 +1073,33 @@ def moved_params(config, run: Run) -> nnx.State:
   params = restored.state["params"]
   count = len(run_specs(config))
   each = [params if runs is None else _run_of(params, k) for k in range(count)]
-  kernels = config.init_from_kernels
-  moved = [resolution.move_params(p, run.model, kernels=kernels) for p in each]
+  moved = [_moved(config, p, run.model) for p in each]
   logging.info(
-    "parameters from %s, moved to a %dx%d grid (kernels: %s)",
+    "parameters from %s, moved to a %dx%d grid (kernels: %s; head: %s)",
     restored.path,
     *run.model.grid,
-    kernels,
+    config.init_from_kernels,
+    config.init_from_head,
   )
   return pipeline_lib.put_tree(_as_runs(moved), replicated)
 
 
+def _moved(config, params, model) -> nnx.State:
+  return resolution.move_params(
+    params, model, kernels=config.init_from_kernels, head=config.init_from_head
+  )
+
+
 def initialised_from(config, run: Run, state: TrainState) -> TrainState:
   """`state` with the parameters of `config.init_from` (moved_params); the optimizer state
-  and step stay fresh."""
-  return state.replace(params=variable_values(moved_params(config, run)))
+  and step stay fresh, and so does a new classifier (init_from_head="new"): each run's
+  own, as its seed drew it."""
+  params = variable_values(moved_params(config, run))
+  if config.init_from_head == "new":
+    params = jax.tree_util.tree_map_with_path(
+      lambda path, moved, own: own if path[0].key == "head" else moved, params, state.params
+    )
+  return state.replace(params=params)
 
 
 def train_one_step(t: Training, loop: Loop) -> tuple[Loop, dict]:

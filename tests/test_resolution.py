@@ -115,11 +115,11 @@ def test_a_resampled_position_table_keeps_its_prefix_and_a_constant_grid():
   )
 
 
-def tiny(name, image_size, seed=0, *, patch_size=2, channels=1, **overrides):
+def tiny(name, image_size, seed=0, *, patch_size=2, channels=1, num_classes=3, **overrides):
   options = dict(depth=1, dim=16, num_heads=4) | overrides
   return models.create_model(
     name,
-    num_classes=3,
+    num_classes=num_classes,
     image_size=image_size,
     patch_size=patch_size,
     channels=channels,
@@ -178,6 +178,27 @@ def test_another_patch_size_or_move_is_refused_naming_the_fix():
     resolution.move_params(source, other_channels)
   with pytest.raises(resolution.MoveError, match="kernels must be one of"):
     resolution.move_params(source, tiny("lkca_t", 12), kernels="stretch")
+
+
+@pytest.mark.parametrize("name", ["lkca_t", "vit_1m"])
+def test_a_new_head_is_the_new_models_own_and_the_rest_moves_as_with_the_old_head(name):
+  """Another class count: the classifier cannot move; head="new" keeps the target's own (as
+  initialised) and moves every other parameter as a target with the old classes gets it."""
+  source = nnx.state(tiny(name, 8, seed=0), nnx.Param)
+  target = tiny(name, 12, seed=1, num_classes=5)
+  with pytest.raises(resolution.MoveError, match=r"head\.\w+ is .*init_from_head=new") as caught:
+    resolution.move_params(source, target)
+  assert "\n" not in str(caught.value)
+  moved = dict(nnx.to_flat_state(resolution.move_params(source, target, head="new")))
+  kept = dict(nnx.to_flat_state(resolution.move_params(source, tiny(name, 12, seed=1))))
+  own = dict(nnx.to_flat_state(nnx.state(target, nnx.Param)))
+  assert moved.keys() == kept.keys() == own.keys()
+  for path, leaf in moved.items():
+    expected = own[path] if path[0] == "head" else kept[path]
+    np.testing.assert_array_equal(leaf[...], expected[...], err_msg=str(path))
+  assert moved[("head", "kernel")].shape == (16, 5)
+  with pytest.raises(resolution.MoveError, match="head must be one of"):
+    resolution.move_params(source, target, head="random")
 
 
 def test_a_grid_shaped_parameter_without_a_move_is_refused_naming_the_mixer(monkeypatch):

@@ -18,6 +18,7 @@ from lkca_jax import backend, train
 from tests.helpers import (
   U,
   assert_one_step_apart,
+  leaves_by_path,
   step_chain_terms,
   with_overrides,
   ynn_fusion_ranks,
@@ -421,3 +422,31 @@ def test_a_saved_config_that_cannot_be_laid_over_is_one_error(tmp_path, saved, m
     (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(train.ConfigError, match=message):
     train.saved_config(tmp_path, default.get_config())
+
+
+@pytest.mark.slow
+def test_a_new_head_fine_tunes_on_other_classes_each_run_with_its_own_classifier(tmp_path):
+  """Pre-trained on the 10 digits, fine-tuned on the first 5: with init_from_head="new",
+  every parameter but the classifier is the checkpoint's, and each of two runs keeps the
+  classifier its own seed drew; with the checkpoint's head the classes do not fit, which
+  Run.prepare says before anything loads."""
+  pre = tiny_digits(num_train_steps=2, eval_every_steps=2)
+  train.train_and_evaluate(pre, str(tmp_path / "pre"))
+  model = train.Run.prepare(pre).model
+  saved, _ = train.read_run_params(pre, model, tmp_path / "pre" / "checkpoints")
+  other_classes = {"dataset.classes": 5, "init_from": str(tmp_path / "pre")}
+  with pytest.raises(train.ConfigError, match=r"head\.\w+ is .*--config\.init_from_head=new"):
+    train.Run.prepare(tiny_digits(**other_classes))
+  config = tiny_digits(num_runs=2, init_from_head="new", **other_classes)
+  run = train.Run.prepare(config)
+  fresh = train.build_training(run, config).state
+  state = train.initialised_from(config, run, fresh)
+  by_name = lambda tree: dict(leaves_by_path(train.variable_values(tree)))  # noqa: E731
+  saved, own, got = by_name(saved), by_name(fresh.params), by_name(state.params)
+  assert got.keys() == own.keys() == saved.keys()
+  for name, value in got.items():
+    for k in range(2):
+      expected = own[name][k] if name.startswith("['head']") else saved[name]
+      np.testing.assert_array_equal(value[k], expected, err_msg=f"run {k} {name}")
+  head = got["['head']['kernel']"]
+  assert head.shape == (2, 32, 5) and not np.array_equal(head[0], head[1])
