@@ -421,8 +421,12 @@ class Run:
   num_params: int
 
   @classmethod
-  def prepare(cls, config) -> Run:
-    """Validates the config, dataset and devices; builds the model. Raises ConfigError."""
+  def prepare(cls, config, *, checkpoints=None) -> Run:
+    """Validates the config, dataset and devices; builds the model. Raises ConfigError.
+
+    `checkpoints` is where the run resumes or is evaluated from (a checkpoints directory or
+    one step directory): where it holds a checkpoint, `init_from` is not checked, since
+    nothing reads it (a fine-tuned run resumes, and is evaluated, without its source)."""
     config_checks.validate(config)  # every key's own range first, before anything is built
     spec = dataset_spec(config)
     for key in ("mean", "std"):
@@ -440,7 +444,8 @@ class Run:
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    check_init_from(config, model)
+    if not (checkpoints and holds_checkpoint(checkpoints)):
+      check_init_from(config, model)
     try:
       data_lib.check_available(
         spec.name,
@@ -1420,7 +1425,7 @@ def train_and_evaluate(
   program (README, "Many runs in one process"). Raises WorkdirError if `workdir` cannot
   be used or another run holds it.
   """
-  run = run or Run.prepare(config)
+  run = run or Run.prepare(config, checkpoints=epath.Path(workdir) / "checkpoints")
   workdir = workdir_lib.prepare(workdir)  # local paths and gs:// alike
   with held_by_this_job(workdir):
     check_resumes_its_own_run(workdir, config)
@@ -1454,6 +1459,7 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   loop = resume(t, checkpoints, run.mesh)
   resumed_at = loop.step
   if loop.step == 0 and config.init_from:  # no checkpoint of its own (they start at step 1)
+    check_init_from(config, run.model)  # unchecked where only damaged checkpoints were
     loop = dataclasses.replace(loop, state=initialised_from(config, run, loop.state))
   t.compile_everywhere(loop.state, loop.step)
   if jax.process_index() == 0:
@@ -1493,15 +1499,18 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
 
 def _read_for_eval(config, run: Run, like, source) -> checkpoint_lib.Restored:
   """The checkpoint at `source`; without one, init_from's parameters moved (step 0)."""
-  own = checkpoint_lib.absolute(source)
-  if config.init_from and not own.name.isdigit() and not _has_checkpoint(own):
+  if config.init_from and not holds_checkpoint(source):
     directory, step = init_from_source(config.init_from)
     state = {"params": moved_params(config, run), "rest": like["rest"]}
     return checkpoint_lib.Restored(directory / str(step), 0, state, {})
   return read_trained(config, like, source)
 
 
-def _has_checkpoint(directory) -> bool:
+def holds_checkpoint(source) -> bool:
+  """Whether `source` is a checkpoint step directory, or a checkpoints directory holding one."""
+  directory = checkpoint_lib.absolute(source)
+  if directory.name.isdigit():
+    return True  # named as one: reading it says what is wrong with it
   if not directory.is_dir():
     return False
   checkpoints = checkpoint_lib.Checkpoints(directory, asynchronous=False, read_only=True)
@@ -1521,13 +1530,14 @@ def evaluate(
   Returns the step, the checkpoint, the means over the runs at the top level and each
   run's results under "runs".
   """
-  run = Run.prepare(config)
+  source = checkpoint or epath.Path(workdir) / "checkpoints"
+  run = Run.prepare(config, checkpoints=source)
   specs = run_specs(config)
   _, eval_graphdef, params, rest = _split_model(run.model)
   like = {"params": params, "rest": rest}  # no optimizer state is built or read
   on_every_device = NamedSharding(run.mesh, P())  # every process's devices
   like = pipeline_lib.put_tree(_as_runs([like] * len(specs)), on_every_device)
-  restored = _read_for_eval(config, run, like, checkpoint or epath.Path(workdir) / "checkpoints")
+  restored = _read_for_eval(config, run, like, source)
   state = variable_values(restored.state)  # arrays: cheaper to pass at every batch
   pipeline = run.load_data(run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = jax.jit(make_eval_step(eval_graphdef, len(specs)))

@@ -450,3 +450,19 @@ def test_a_new_head_fine_tunes_on_other_classes_each_run_with_its_own_classifier
       np.testing.assert_array_equal(value[k], expected, err_msg=f"run {k} {name}")
   head = got["['head']['kernel']"]
   assert head.shape == (2, 32, 5) and not np.array_equal(head[0], head[1])
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_run_resumes_and_evaluates_without_its_source(tmp_path):
+  """Once the workdir holds a checkpoint of its own, init_from is never read: its source may
+  be gone (deleted, or left on another machine), and the run still resumes and evaluates."""
+  source, tuned = tmp_path / "source", tmp_path / "tuned"
+  train.train_and_evaluate(tiny_digits(num_train_steps=1, eval_every_steps=1), str(source))
+  config = tiny_digits(num_train_steps=2, eval_every_steps=2, init_from=str(source))
+  finished = train.train_and_evaluate(config, str(tuned))
+  shutil.rmtree(source)
+  with pytest.raises(train.ConfigError, match="init_from=.*no such directory"):
+    train.train_and_evaluate(config, str(tmp_path / "fresh"))  # nothing of its own: needed
+  assert train.train_and_evaluate(config, str(tuned)) == finished  # resumed at its last step
+  result = train.evaluate(config, str(tuned))
+  assert result["step"] == 2 and result["top1"] == finished["final_top1"]

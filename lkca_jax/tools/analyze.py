@@ -135,7 +135,7 @@ def load_subject(
 
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
-  run = train.Run.prepare(config)
+  run = train.Run.prepare(config, checkpoints=checkpoint or os.path.join(workdir, "checkpoints"))
   init = nnx.clone(run.model)
   directory, step = restore_params(config, run.model, workdir, checkpoint, run_index)
   several = len(train.run_specs(config)) > 1
