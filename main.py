@@ -36,6 +36,14 @@ def define_flags() -> None:
     "mode", "train", ["train", "eval"], "Train (and resume), or evaluate a checkpoint."
   )
   flags.DEFINE_string("checkpoint", None, "With --mode eval: a checkpoint step directory.")
+  cli.define_output_dir(
+    "compilation_cache",
+    None,
+    "JAX's persistent compilation cache: a rerun or resume of the same model, batch and "
+    "dtype loads its compiled steps (minutes of compiling on a GPU). Default: "
+    f"$JAX_COMPILATION_CACHE_DIR, else {cli.COMPILATION_CACHE} in $LKCA_JAX_CACHE_DIR or "
+    "~/.cache/lkca_jax; '' turns it off.",
+  )
   flags.DEFINE_bool(
     "multihost",
     False,
@@ -68,6 +76,8 @@ def define_flags() -> None:
 def main(argv):
   del argv  # cli.run refuses positional arguments
   from lkca_jax import distributed
+
+  cli.use_compilation_cache(FLAGS.compilation_cache)  # before anything compiles
 
   if FLAGS.multihost:
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

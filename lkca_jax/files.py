@@ -37,3 +37,14 @@ def write_atomic(path, data: str | bytes) -> epath.Path:
 
 def write_json(path, value) -> epath.Path:
   return write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+CACHE_ENV = "LKCA_JAX_CACHE_DIR"
+
+
+def cache_dir() -> str:
+  """lkca_jax's cache folder: $LKCA_JAX_CACHE_DIR, else lkca_jax under $XDG_CACHE_HOME or
+  ~/.cache. What is kept there can be made again (the digits split, compiled programs)."""
+  return os.environ.get(CACHE_ENV) or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lkca_jax"
+  )

@@ -560,3 +560,37 @@ def test_init_from_fine_tunes_at_another_size_from_moved_weights_and_resume_wins
   assert "parameters from" not in third.stderr
   assert json.load(open(big / "summary.json"))["step"] == 2
   assert_same_params(final_params(str(big))[1], params_2)
+
+
+# --- the compilation cache --------------------------------------------------------
+@pytest.mark.slow
+def test_main_keeps_its_compiled_programs_in_a_cache_that_a_rerun_loads(tmp_path):
+  """By default main.py keeps JAX's persistent compilation cache in $LKCA_JAX_CACHE_DIR/xla:
+  a first run writes its programs there, and a second run of the same config in another
+  workdir writes none, since a program compiled again would be written under its own key.
+  `--compilation_cache=` writes none at all; $JAX_COMPILATION_CACHE_DIR takes the default's
+  place. (The suite's own runs share one cache through that variable, unset here.)"""
+  base = {k: v for k, v in main_env(FAST_COMPILE).items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+  def run(workdir, cache, *flags, **env):
+    result = subprocess.run(
+      main_cmd(tmp_path / workdir, "--config.num_train_steps=2", *flags),
+      cwd=ROOT,
+      env={**base, "LKCA_JAX_CACHE_DIR": str(tmp_path / cache), **env},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+  programs = tmp_path / "default" / "xla"
+  run("first", "default")
+  written = sorted(os.listdir(programs))
+  assert any("single_run" in name for name in written), written  # the train step
+  run("second", "default")
+  assert sorted(os.listdir(programs)) == written
+  run("off", "off", "--compilation_cache=")
+  assert (tmp_path / "off").is_dir() and not (tmp_path / "off" / "xla").exists()
+  run("env", "by_env", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "env_cache"))
+  assert any("single_run" in name for name in os.listdir(tmp_path / "env_cache"))
+  assert not (tmp_path / "by_env" / "xla").exists()

@@ -18,10 +18,9 @@ import zipfile
 
 import numpy as np
 
-from lkca_jax.files import write_atomic
+from lkca_jax.files import cache_dir, write_atomic
 
 SPLITS = ("train", "test")
-CACHE_ENV = "LKCA_JAX_CACHE_DIR"  # where the split is kept; default ~/.cache/lkca_jax
 
 
 def load(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -33,12 +32,10 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cache_file() -> str:
-  """The split's cache file, named by the scikit-learn version that made it."""
-  root = os.environ.get(CACHE_ENV) or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lkca_jax"
-  )
+  """The split's cache file in `files.cache_dir()`, named by the scikit-learn version that
+  made it."""
   version = importlib.metadata.version("scikit-learn")
-  return os.path.join(root, f"digits-split-sklearn-{version}.npz")
+  return os.path.join(cache_dir(), f"digits-split-sklearn-{version}.npz")
 
 
 @functools.cache

@@ -62,7 +62,7 @@ from etils import epath
 
 from lkca_jax import adapters, host_memory
 from lkca_jax import workdir as workdir_lib
-from lkca_jax.files import write_atomic, write_json
+from lkca_jax.files import cache_dir, write_atomic, write_json
 
 __all__ = [
   "OUTPUT_NOTES",
@@ -293,6 +293,39 @@ def default_workdir() -> str:
   return os.path.join("workdirs", os.path.splitext(os.path.basename(path))[0])
 
 
+# JAX's persistent compilation cache, as main.py keeps it by default: under cache_dir().
+COMPILATION_CACHE = "xla"
+
+
+def use_compilation_cache(directory: str | None, flag: str = "--compilation_cache") -> str | None:
+  """Turns on JAX's persistent compilation cache for this process, before it compiles: a
+  rerun or a resume of the same programs loads them instead of compiling them again.
+
+  `directory` is a place checked as an output directory (`output_dir`), or "" to turn the
+  cache off, or None: then $JAX_COMPILATION_CACHE_DIR where it is set (JAX reads it
+  itself), else COMPILATION_CACHE under `cache_dir()` (left out, with a warning, where it
+  cannot be made). Returns the directory in use, or None.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if directory == "":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  if directory is not None:
+    directory = str(output_dir(directory, flag))
+  elif os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  else:
+    directory = os.path.join(cache_dir(), COMPILATION_CACHE)
+    try:
+      workdir_lib.prepare(directory, flag=flag)
+    except workdir_lib.WorkdirError as e:
+      logging.getLogger(__name__).warning("no compilation cache: %s", e)
+      return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
 def define_output_dir(name: str, default: str | None, help_text: str) -> None:
   """A string flag naming a directory the command writes; check it with `output_dir`."""
   _define_output(name, default, help_text, "dir")
@@ -306,7 +339,12 @@ def define_output_file(name: str, default: str | None, help_text: str) -> None:
 def _define_output(name: str, default: str | None, help_text: str, kind: str) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
 
-  flags.DEFINE_string(name, default, f"{help_text} {OUTPUT_NOTES[kind]}")
+  # Defined for the command that asked (two calls up), so that its --help lists the flag:
+  # absl's --help shows only the flags of the module that defined them, and names the
+  # program's own module by its path (sys.argv[0]), as absl does.
+  command = sys._getframe(2).f_globals["__name__"]  # noqa: SLF001
+  command = sys.argv[0] if command == "__main__" else command
+  flags.DEFINE_string(name, default, f"{help_text} {OUTPUT_NOTES[kind]}", module_name=command)
 
 
 def output_flags() -> dict[str, str]:
