@@ -131,7 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
       "b1": 0.9,
       "b2": 0.999,
       "eps": 1e-8,
-      "weight_decay": 0.05,  # on all parameters
+      "weight_decay": 0.05,
+      # "all" parameters (the reference), or only the "weights": not biases, norms, scalars,
+      # position tables or the class token (timm's rule, as DeiT trains).
+      "weight_decay_on": "all",
       "warmup_epochs": 10,
       "init_learning_rate": 1e-6,
       "end_learning_rate": 1e-6,

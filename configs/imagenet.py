@@ -22,8 +22,6 @@ where it comes from. What this project cannot express, or does otherwise:
   (a third of the images). Here an epoch is `repeats` whole passes (3N samples), each its own
   shuffle: 100 epochs here are DeiT's 300 in samples, and its 5 warmup epochs are 5/3 here
   (rounded to 2: the warmup is whole epochs).
-- Weight decay reaches every parameter; DeiT (timm) exempts biases, norms, the position
-  embedding and the class token.
 - Stochastic depth is 0.1 in every layer (the presets'); timm ramps it from 0 to 0.1 with depth.
 - The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
 - Random erasing fills with the mean colour ("zero"); DeiT's "pixel" mode fills with per-pixel
@@ -80,6 +78,9 @@ def get_config():
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.05
+  # timm's optimizer factory, as DeiT calls it: no decay on biases, norms, the position
+  # embedding and the class token.
+  config.optimizer.weight_decay_on = "weights"
   config.optimizer.init_learning_rate = 1e-6  # DeiT --warmup-lr 1e-6
   config.optimizer.end_learning_rate = 1e-5  # DeiT --min-lr 1e-5, the end of its cosine
   config.repeats = 3  # DeiT --repeated-aug, 3 copies (see above for what an epoch is)

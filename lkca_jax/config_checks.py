@@ -325,6 +325,7 @@ def _training_rules() -> dict[str, Rule]:
     "optimizer.eps": number(0.0, low_open=True),
     "optimizer.weight_decay": number(0.0),
     "optimizer.warmup_epochs": integer(0),
+    "optimizer.weight_decay_on": choice(models.WEIGHT_DECAY_ON),
     "optimizer.init_learning_rate": number(0.0),
     "optimizer.end_learning_rate": number(0.0),
     "batch_size": integer(1),

@@ -73,10 +73,21 @@ DEFAULT_GRID = 8
 # Compute dtypes by config name; parameters and optimizer state stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# Which parameters AdamW's weight decay reaches (optimizer.weight_decay_on): "all" (the
+# reference recipe) or the "weights" (`decays`: timm's rule, which DeiT's recipe uses).
+WEIGHT_DECAY_ON = ("all", "weights")
+
 # How a model started from another's parameters (resolution.move_params) takes its
 # classifier `head`: "keep" the source's (the same classes), or a "new" one as the model
 # initialises it (another dataset's classes; timm does the same for another class count).
 HEAD_STARTS = ("keep", "new")
+
+
+def decays(owner: nnx.Module, name: str, value) -> bool:
+  """Whether the "weights" weight decay reaches the parameter `name` of the module `owner`:
+  matrices and kernels (two or more axes) do; biases, norms' scales, scalars and the
+  position tables and tokens a module class names in its `no_weight_decay` do not."""
+  return value.ndim >= 2 and name not in getattr(type(owner), "no_weight_decay", ())
 
 
 def check_mixer_options(mixer: str, options) -> None:
@@ -173,6 +184,8 @@ class ViT(nnx.Module):
   Pooling is the class token ("cls", the MHSA baseline) or the mean of the
   patch tokens ("mean", the LKCA models).
   """
+
+  no_weight_decay = ("pos_embed", "cls_token")  # models.decays
 
   def __init__(
     self,

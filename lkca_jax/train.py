@@ -154,11 +154,31 @@ def learning_rate_schedule(
   return schedule
 
 
-def create_optimizer(config, schedule, weight_decay=None) -> optax.GradientTransformation:
-  """AdamW; `weight_decay` (default: the config's) may be traced: the state is the same."""
+def create_optimizer(
+  config, schedule, weight_decay=None, decay_mask=None
+) -> optax.GradientTransformation:
+  """AdamW; `weight_decay` (default: the config's) may be traced: the state is the same.
+  `decay_mask` (`weight_decay_mask`) limits the decay to its True leaves; None: every
+  parameter."""
   opt = config.optimizer
   weight_decay = opt.weight_decay if weight_decay is None else weight_decay
-  return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=weight_decay)
+  return optax.adamw(
+    schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=weight_decay, mask=decay_mask
+  )
+
+
+def weight_decay_mask(config, model):
+  """Where `config.optimizer.weight_decay_on` puts AdamW's weight decay on `model`'s
+  parameters: None for "all", else a tree of bools shaped as the train state's parameters
+  (`models.decays` of each)."""
+  if config.optimizer.weight_decay_on == "all":
+    return None
+  owners = dict(nnx.iter_modules(model))
+  params = variable_values(nnx.state(model, nnx.Param))
+  return jax.tree_util.tree_map_with_path(
+    lambda path, value: models.decays(owners[tuple(k.key for k in path[:-1])], path[-1].key, value),
+    params,
+  )
 
 
 # --- runs: seeds x sweep ---------------------------------------------------------
@@ -253,11 +273,14 @@ def top_k_correct(logits, labels, k: int):
   return jnp.any(top == labels[:, None], axis=-1)
 
 
-def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: int):
+def make_train_step(
+  train_graphdef, config, steps_per_epoch: int, total_steps: int, decay_mask=None
+):
   """Returns the pure step `train_step(state, batch, rng, hp) -> (state, metrics)`.
 
   `hp` holds the scalars of `hparams` (one a sweepable key), as traced values, so that
-  one program trains any of them (and, vmapped, a different one in each run).
+  one program trains any of them (and, vmapped, a different one in each run). `decay_mask`
+  is `weight_decay_mask`'s.
   """
   alphas = {"cutmix_alpha": config.mixing.cutmix_alpha, "mixup_alpha": config.mixing.mixup_alpha}
 
@@ -265,7 +288,7 @@ def make_train_step(train_graphdef, config, steps_per_epoch: int, total_steps: i
     schedule = learning_rate_schedule(
       config, steps_per_epoch, total_steps, peak=hp["optimizer.learning_rate"]
     )
-    tx = create_optimizer(config, schedule, weight_decay=hp["optimizer.weight_decay"])
+    tx = create_optimizer(config, schedule, hp["optimizer.weight_decay"], decay_mask)
     step_key = jax.random.fold_in(rng, state.step)
     mix_key, drop_key = jax.random.split(step_key)
     images, labels_a, labels_b, lam = mix_batch(
@@ -748,13 +771,16 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
   per_run = [hparams(spec.config) for spec in specs]
   hp = {key: jnp.asarray([h[key] for h in per_run], jnp.float32) for key in per_run[0]}
   replicated = NamedSharding(run.mesh, P())
-  state = _initial_state(run, specs, create_optimizer(config, schedule))
+  decay_mask = weight_decay_mask(config, run.model)
+  state = _initial_state(run, specs, create_optimizer(config, schedule, decay_mask=decay_mask))
   saved_layout, state = jax.tree.structure(state), variable_values(state)
   state, hp, alive = pipeline_lib.put_tree(  # onto every process's devices
     (state, hp, jnp.ones(len(specs), bool)), replicated
   )
   state_sharding = jax.tree.map(lambda _: replicated, state)
-  train_step = make_train_step(train_graphdef, config, pipeline.steps_per_epoch, total_steps)
+  train_step = make_train_step(
+    train_graphdef, config, pipeline.steps_per_epoch, total_steps, decay_mask
+  )
   compiled = jax.jit(
     make_runs_step(train_step, len(specs)),
     in_shardings=(state_sharding, pipeline.train_sharding, *[replicated] * 3),

@@ -466,3 +466,58 @@ def test_a_fine_tuned_run_resumes_and_evaluates_without_its_source(tmp_path):
   assert train.train_and_evaluate(config, str(tuned)) == finished  # resumed at its last step
   result = train.evaluate(config, str(tuned))
   assert result["step"] == 2 and result["top1"] == finished["final_top1"]
+
+
+@pytest.mark.parametrize("name", ["vit_1m", "lkca_t", "acmix_t", "flatten_t"])
+def test_weight_decay_on_the_weights_spares_vectors_tokens_and_position_tables(name):
+  """With a zero gradient Adam's step is exactly 0 (its moments stay 0), so AdamW's update is
+  the decay alone, −lr·wd·p: on every matrix and kernel with "weights"; never on biases,
+  norms, scalars, the class token or a position table (timm's rule, DeiT's recipe); on
+  every parameter with "all", the reference."""
+  from lkca_jax.models import create_model
+
+  model = create_model(
+    name,
+    num_classes=3,
+    image_size=8,
+    patch_size=2,
+    channels=1,
+    depth=1,
+    dim=16,
+    num_heads=4,
+    rngs=nnx.Rngs(0),
+    # LKCA's kernel starts at zero, whose decay is zero too: a start that shows it.
+    **({"mixer_options": {"lkca": {"kernel_init": "gaussian"}}} if name == "lkca_t" else {}),
+  )
+  params = train.variable_values(nnx.state(model, nnx.Param))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  lr = 0.5  # a power of 2: −lr·(wd·p) is exact after the product's one rounding
+
+  def updates(weight_decay_on):
+    config = tiny_digits(**{"optimizer.weight_decay_on": weight_decay_on})
+    mask = train.weight_decay_mask(config, model)
+    tx = train.create_optimizer(config, lambda step: lr, decay_mask=mask)
+    wd = np.float32(config.optimizer.weight_decay)
+    return leaves_by_path(tx.update(zeros, tx.init(params), params)[0]), wd
+
+  by_name, wd = updates("weights")
+  decayed = {path for path, u in by_name.items() if np.any(u)}
+  for path, p in leaves_by_path(params).items():
+    if path in decayed:
+      np.testing.assert_array_equal(by_name[path], -lr * (wd * p.astype(np.float32)), path)
+      assert p.ndim >= 2, path
+  spared = set(by_name) - decayed
+  assert "['head']['kernel']" in decayed and "['blocks'][0]['mlp']['fc1']['kernel']" in decayed
+  # A matrix spared by name: the position table; vectors by their shape.
+  assert {"['pos_embed']", "['head']['bias']", "['blocks'][0]['norm1']['scale']"} <= spared
+  own_table = {
+    "vit_1m": "['cls_token']",
+    "acmix_t": "['blocks'][0]['mixer']['relative_bias']",
+    "flatten_t": "['blocks'][0]['mixer']['position']",
+    "lkca_t": None,
+  }[name]
+  assert own_table is None or own_table in spared, spared
+  if name == "lkca_t":
+    assert "['blocks'][0]['mixer']['kernel']" in decayed  # the learned kernel is a weight
+  every, _ = updates("all")
+  assert all(np.any(every[path]) for path, p in leaves_by_path(params).items() if np.any(p))

@@ -120,6 +120,7 @@ class ACmix(nnx.Module):
   # Same depth and MLP ratio as lkca_t / lkca_b, width shrunk to their parameter count.
   size_presets = {"t": "acmix_t", "b": "acmix_b"}
   config_options = {}
+  no_weight_decay = ("relative_bias",)  # a position table (models.decays)
 
   @staticmethod
   def macs(num_tokens: int, dim: int, num_heads: int) -> int:

@@ -86,6 +86,7 @@ class FocusedLinearAttention(nnx.Module):
   # Same depth and MLP ratio as lkca_t / lkca_b, width shrunk to their parameter count.
   size_presets = {"t": "flatten_t", "b": "flatten_b"}
   config_options = {"qkv_bias": bool}
+  no_weight_decay = ("position",)  # a position table (models.decays)
 
   @staticmethod
   def macs(num_tokens: int, dim: int, num_heads: int, *, qkv_bias: bool = True) -> int:
