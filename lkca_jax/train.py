@@ -174,11 +174,12 @@ def weight_decay_mask(config, model):
   if config.optimizer.weight_decay_on == "all":
     return None
   owners = dict(nnx.iter_modules(model))
-  params = variable_values(nnx.state(model, nnx.Param))
-  return jax.tree_util.tree_map_with_path(
-    lambda path, value: models.decays(owners[tuple(k.key for k in path[:-1])], path[-1].key, value),
-    params,
-  )
+
+  def decays(path, value) -> bool:
+    names = tuple(k.key for k in path)
+    return models.decays(owners[names[:-1]], names[-1], value)
+
+  return jax.tree_util.tree_map_with_path(decays, variable_values(nnx.state(model, nnx.Param)))
 
 
 # --- runs: seeds x sweep ---------------------------------------------------------

@@ -49,6 +49,7 @@ it. The check is a real write, as for main.py's --workdir (`lkca_jax.workdir.pre
 from __future__ import annotations
 
 import difflib
+import inspect
 import io
 import logging
 import os
@@ -342,7 +343,7 @@ def _define_output(name: str, default: str | None, help_text: str, kind: str) ->
   # Defined for the command that asked (two calls up), so that its --help lists the flag:
   # absl's --help shows only the flags of the module that defined them, and names the
   # program's own module by its path (sys.argv[0]), as absl does.
-  command = sys._getframe(2).f_globals["__name__"]  # noqa: SLF001
+  command = inspect.currentframe().f_back.f_back.f_globals["__name__"]
   command = sys.argv[0] if command == "__main__" else command
   flags.DEFINE_string(name, default, f"{help_text} {OUTPUT_NOTES[kind]}", module_name=command)
 
