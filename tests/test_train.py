@@ -441,7 +441,7 @@ def test_a_new_head_fine_tunes_on_other_classes_each_run_with_its_own_classifier
   run = train.Run.prepare(config)
   fresh = train.build_training(run, config).state
   state = train.initialised_from(config, run, fresh)
-  by_name = lambda tree: dict(leaves_by_path(train.variable_values(tree)))  # noqa: E731
+  by_name = lambda tree: leaves_by_path(train.variable_values(tree))  # noqa: E731
   saved, own, got = by_name(saved), by_name(fresh.params), by_name(state.params)
   assert got.keys() == own.keys() == saved.keys()
   for name, value in got.items():
