@@ -8,9 +8,11 @@ level: importing this module stays cheap and TensorFlow-free.
 - TensorStore (orbax-checkpoint's array storage) raises plain `ValueError`s whose
   message starts with an absl status code ("NOT_FOUND: ..."); it has no typed
   errors, so the code is read from the message.
-- orbax-checkpoint abandons the other array reads when one fails; their callbacks
-  then reach a closed event loop and each prints an "Event loop is closed"
-  traceback that says nothing new.
+- orbax-checkpoint abandons the other array reads when one fails. Their callbacks then
+  reach a closed event loop ("Event loop is closed"), their failed coroutines and tasks
+  report their own errors when collected ("Exception ignored in", asyncio's "Task
+  exception was never retrieved"), and those never started warn that they were never
+  awaited: thousands of lines for a damaged checkpoint of a model, saying nothing new.
 - clu's `clu.metric_writers` package imports its TensorFlow summary writer on
   import (and with it TensorFlow), although its other writers and
   `clu.periodic_actions` never use it.
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import re
 import sys
 import types
+import warnings
 
 PINNED = {
   "jax": "0.10.2",
@@ -54,6 +58,19 @@ def tensorstore_status(error: BaseException) -> str | None:
   return match.group(1) if match else None
 
 
+def tensorstore_error(error: BaseException) -> BaseException | None:
+  """`error` if it is a TensorStore error, else the first of its causes that is one (orbax
+  raises a plain Exception "Encountered error while reading array index" from the
+  TensorStore error of a failed array read), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if tensorstore_status(error):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def tensorstore_summary(error: BaseException) -> str | None:
   """A TensorStore error in one line: its status and innermost cause, without its JSON spec.
 
@@ -68,27 +85,73 @@ def tensorstore_summary(error: BaseException) -> str | None:
 
 
 # --- orbax-checkpoint's abandoned reads ---------------------------------------------------
-def _is_closed_loop_noise(unraisable) -> bool:
+_ORBAX_CHECKPOINT = "orbax/checkpoint/"  # in the path of each of its source files
+_UNRETRIEVED = re.compile(r"\w+ exception was never retrieved")
+ORBAX_READS = "orbax.checkpoint._src.serialization.serialization"  # its array reads
+
+
+def _is_abandoned_read_noise(unraisable) -> bool:
+  """An abandoned orbax read's report: its callback finding the event loop closed, or the
+  error of one of orbax's own coroutines, collected unfinished."""
   error = unraisable.exc_value
-  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+  return code is not None and _ORBAX_CHECKPOINT in code.co_filename.replace("\\", "/")
+
+
+def _is_abandoned_task_log(record) -> bool:
+  """asyncio's log line for one of orbax's tasks or futures (a gather of its reads, a
+  TensorStore read's), failed and collected unretrieved."""
+  message = record.getMessage()
+  if not _UNRETRIEVED.match(message):  # "Task exception ...", "_GatheringFuture exception ..."
+    return False
+  error = record.exc_info[1] if record.exc_info else None
+  return _ORBAX_CHECKPOINT in message or (
+    error is not None and tensorstore_error(error) is not None
+  )
+
+
+def orbax_read_coroutines() -> list[str]:
+  """The names of the coroutine functions of orbax's array reads ([] where that module is
+  gone: a filter of noise must not stop a read)."""
+  import inspect  # pylint: disable=import-outside-toplevel
+
+  try:
+    module = importlib.import_module(ORBAX_READS)
+  except ImportError:
+    return []
+  return [name for name, f in vars(module).items() if inspect.iscoroutinefunction(f)]
 
 
 def quiet_abandoned_reads() -> None:
-  """From now on in this process, "Event loop is closed" tracebacks are not printed.
+  """From now on in this process, the reports of abandoned orbax reads are not shown.
 
   orbax abandons the other reads of a checkpoint when one fails, and each reports
-  itself whenever it ends, on no schedule: only a filter for the rest of the process
-  catches them all. That is a decision for the program that owns the process (the
-  commands, through `lkca_jax.tools.cli.run`), not for a library call: other
-  unraisable exceptions still reach the hook that was installed before.
+  itself whenever it ends or is collected, on no schedule: only filters for the rest of
+  the process catch them all. The commands install them when they start
+  (`lkca_jax.tools.cli.run`), and the library before it reads a checkpoint, so that
+  reading past a damaged one (`lkca_jax.load_trained`, say) shows its one warning, not
+  thousands of lines. Each filter drops those reports alone: every other unraisable
+  exception reaches the hook installed before, every other log line and warning shows.
   """
   hook = sys.unraisablehook
+  if not getattr(hook, "quiets_abandoned_reads", False):
 
-  def quiet(unraisable):
-    if not _is_closed_loop_noise(unraisable):
-      hook(unraisable)
+    def quiet(unraisable):
+      if not _is_abandoned_read_noise(unraisable):
+        hook(unraisable)
 
-  sys.unraisablehook = quiet
+    quiet.quiets_abandoned_reads = True
+    sys.unraisablehook = quiet
+  if not _QUIETED_LOGS:
+    _QUIETED_LOGS.append(True)
+    logging.getLogger("asyncio").addFilter(lambda record: not _is_abandoned_task_log(record))
+    names = "|".join(orbax_read_coroutines())
+    warnings.filterwarnings("ignore", rf"coroutine '({names})' was never awaited", RuntimeWarning)
+
+
+_QUIETED_LOGS: list[bool] = []  # the log and warning filters are added once a process
 
 
 # --- clu without TensorFlow -------------------------------------------------------------

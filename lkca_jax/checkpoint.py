@@ -71,7 +71,8 @@ def _abstract(tree):
 
 
 def _detail(error: BaseException) -> str:
-  """One short line for `error`."""
+  """One short line for `error`: its TensorStore cause's, where it has one."""
+  error = adapters.tensorstore_error(error) or error
   lines = str(error).strip().splitlines()
   text = adapters.tensorstore_summary(error) or (lines[0] if lines else "")
   text = f"{type(error).__name__}: {text}"
@@ -84,7 +85,8 @@ def _damage(path, part: str, error: Exception) -> DamagedCheckpointError:
   Raises CheckpointError for errors that are not the files' fault, so that a
   checkpoint is never set aside for, say, a network outage.
   """
-  status = adapters.tensorstore_status(error)
+  cause = adapters.tensorstore_error(error)  # orbax wraps a failed array read's
+  status = adapters.tensorstore_status(cause) if cause is not None else None
   if isinstance(error, (PermissionError, TimeoutError, ConnectionError)) or status in _NOT_DAMAGE:
     raise CheckpointError(
       f"cannot read checkpoint {path} ({_detail(error)}); not damage to "
@@ -207,10 +209,11 @@ class Checkpoints:
     """
     path = self.directory / str(step)
     try:
+      adapters.quiet_abandoned_reads()  # a failed read abandons the others
       tree = self.manager.metadata(step).item_metadata["state"]
     except Exception as e:  # noqa: BLE001 - classified: damage or not
       # TensorStore errors come from the array files; the others from the tree's.
-      raise _damage(path, "data" if adapters.tensorstore_status(e) else "metadata", e) from None
+      raise _damage(path, "data" if adapters.tensorstore_error(e) else "metadata", e) from None
     if tree is None:  # what orbax answers when the tree metadata file is missing
       raise DamagedCheckpointError(path, "metadata-missing", "state/ has no tree metadata")
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -241,14 +244,13 @@ class Checkpoints:
       )
     else:
       state_args = ocp.args.StandardRestore(_abstract(like_state))
-    try:  # a failed read abandons the others: see adapters.quiet_abandoned_reads
+    try:
       state = self.manager.restore(step, args=ocp.args.Composite(state=state_args))["state"]
     except Exception as e:  # noqa: BLE001 - the metadata matched: the data is at fault
       raise _damage(path, "data", e) from None
     try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-        "meta"
-      ]
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
     except Exception as e:  # noqa: BLE001
       raise _damage(path, "meta", e) from None
     if not isinstance(meta, dict):

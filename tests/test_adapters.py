@@ -67,6 +67,7 @@ def read_error(saved, tmp_path, damage):
   for path in data_files(directory / "1"):
     damage(path)
   manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  adapters.quiet_abandoned_reads()  # as the library does before it reads
   with pytest.raises(Exception) as info:
     manager.metadata(1).item_metadata["state"]
   manager.close()
@@ -162,6 +163,70 @@ def test_a_command_prints_no_closed_loop_noise_after_a_failed_orbax_read(saved, 
   assert result.returncode == 0 and "the read failed" in result.stdout, result.stderr[-2000:]
   assert "Event loop is closed" not in result.stderr, changed(
     "orbax-checkpoint", "its abandoned reads report something other than a closed loop"
+  )
+
+
+# A library caller (no command, no hook of its own) reads past a damaged checkpoint whose
+# array data is cut (tests/test_checkpoint.py's random_state and cut_array_data).
+LIBRARY_READ = """
+import gc, sys
+from lkca_jax import checkpoint
+from tests.test_checkpoint import cut_array_data, random_state
+
+directory = checkpoint.absolute(sys.argv[1])
+saving = checkpoint.Checkpoints(directory, asynchronous=False)
+for step in (1, 2):
+  saving.save(step, random_state(step), {})
+saving.close()
+cut_array_data(directory / "2")
+restored = checkpoint.read_checkpoint(random_state(), directory)
+print("read step", restored.step, flush=True)
+gc.collect()  # the abandoned reads' coroutines and tasks, collected here if not before
+"""
+
+
+def test_a_library_read_past_damage_shows_one_warning_of_all_orbaxs_reports(tmp_path):
+  """orbax's abandoned reads report in three ways (unraisable errors, asyncio's log, never
+  awaited warnings); in a plain Python process the read shows the damage's warning alone."""
+  result = subprocess.run(
+    [sys.executable, "-c", LIBRARY_READ, str(tmp_path / "checkpoints")],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0 and "read step 1" in result.stdout, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "cannot be restored (data-truncated" in lines[0], changed(
+    "orbax-checkpoint", f"its abandoned reads report otherwise:\n{result.stderr[-3000:]}"
+  )
+
+
+def test_orbaxs_array_reads_are_where_the_never_awaited_filter_looks():
+  assert "_read_array_index_and_device_put" in adapters.orbax_read_coroutines(), changed(
+    "orbax-checkpoint", f"its array reads moved from {adapters.ORBAX_READS}"
+  )
+
+
+def test_orbax_raises_a_failed_array_read_around_its_tensorstore_error(tmp_path):
+  from tests.test_checkpoint import cut_array_data, random_state
+
+  directory = tmp_path / "checkpoints"
+  saving = checkpoint.Checkpoints(directory, asynchronous=False)
+  saving.save(1, random_state(), {})
+  saving.close()
+  cut_array_data(directory / "1")
+  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  like = random_state()
+  restore_args = ocp.checkpoint_utils.construct_restore_args(like)
+  restore = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=like, restore_args=restore_args))
+  adapters.quiet_abandoned_reads()  # as the library does before it reads
+  with pytest.raises(Exception) as info:  # noqa: PT011 - what orbax raises is the question
+    manager.restore(1, args=restore)
+  manager.close()
+  cause = adapters.tensorstore_error(info.value)
+  assert cause is not None and adapters.tensorstore_status(cause) == "OUT_OF_RANGE", changed(
+    "orbax-checkpoint", f"a failed array read raises {info.value!r:.300}, with no TensorStore cause"
   )
 
 
