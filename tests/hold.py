@@ -4,11 +4,12 @@
 
 Installs the trainer's `on_event` hook: at POINT ("eval": before evaluating, "save":
 after a checkpoint write has started) of STEP it says "holding at POINT:STEP" on
-stderr, then spins holding the GIL (a long switch interval), so a write just started
-stays unfinished (orbax finalizes it from Python threads), until the run receives a
-signal: SIGTERM or SIGINT (which the run then handles) or SIGUSR1 (which just releases
-the hold). Gives up after a minute. The tests use it to make a signal land at one moment
-however fast the machine runs.
+stderr, then waits until the run receives a signal: SIGTERM or SIGINT (which the run then
+handles) or SIGUSR1 (which just releases the hold). At "save" it spins holding the GIL (a
+long switch interval), so the write just started stays unfinished (orbax finalizes it
+from Python threads); at "eval" it sleeps, so that earlier writes still in flight finish.
+Gives up after a minute. The tests use it to make a signal land at one moment however
+fast the machine runs.
 """
 
 import functools
@@ -29,11 +30,17 @@ def hold_at(target: str):
     previous = signal.signal(signal.SIGUSR1, lambda *_: released.append(True))
     print(f"holding at {target}", file=sys.stderr, flush=True)
     interval, deadline = sys.getswitchinterval(), time.monotonic() + 60
-    sys.setswitchinterval(60.0)
+    hold_the_gil = point == "save"
+    if hold_the_gil:
+      sys.setswitchinterval(60.0)
     while stop.received is None and not released and time.monotonic() < deadline:
-      pass
+      if not hold_the_gil:
+        time.sleep(0.01)
     sys.setswitchinterval(interval)
-    signal.signal(signal.SIGUSR1, previous)
+    if stop.received is None and not released:
+      print(f"gave up holding at {target} after a minute", file=sys.stderr, flush=True)
+    # A release that comes late must not end the run (SIGUSR1's default action).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN if previous == signal.SIG_DFL else previous)
 
   return on_event
 
