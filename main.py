@@ -89,7 +89,7 @@ def main(argv):
 def _main():
   import jax
 
-  from lkca_jax import distributed, train
+  from lkca_jax import distributed, runs, train
 
   config = FLAGS.config
   workdir = FLAGS.workdir or cli.default_workdir()
@@ -107,7 +107,7 @@ def _main():
         for r in result["runs"] if many else []:  # each, then their mean
           print(
             f"eval {result['checkpoint']} run {r['run']} "
-            f"({train.run_name(r['seed'], r['values'])}): "
+            f"({runs.run_name(r['seed'], r['values'])}): "
             f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}"
           )
         print(
@@ -139,7 +139,7 @@ def _main():
 
 def print_runs(config, summary, workdir) -> None:
   """One line per swept combination (mean ± sample std over its seeds), one per dead run."""
-  from lkca_jax import train
+  from lkca_jax import runs
 
   def cell(group, key):
     mean, std = group[f"{key}_mean"], group[f"{key}_std"]
@@ -150,14 +150,14 @@ def print_runs(config, summary, workdir) -> None:
     f"{summary['params']:,} params each, {summary['wall_seconds']:.0f}s"
   )
   for group in summary["groups"]:
-    values = train.describe_values(group["values"]) or "all runs"
+    values = runs.describe_values(group["values"]) or "all runs"
     print(
       f"  {values}: final top1 {cell(group, 'final_top1')}, best top1 "
       f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}"
     )
   for r in summary["runs"]:
     if r["died_at_step"] is not None:
-      name = train.run_name(r["seed"], r["values"])
+      name = runs.run_name(r["seed"], r["values"])
       print(f"  run {r['run']} ({name}) died: loss non-finite at step {r['died_at_step']}")
   print(f"summary in {workdir}/summary.json")
 

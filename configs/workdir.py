@@ -12,10 +12,10 @@ data path on another machine, say). The workdir defaults to WORKDIR itself
 import ml_collections
 
 from configs import default
-from lkca_jax import train
+from lkca_jax import run_files
 
 
 def get_config(workdir: str | None = None) -> ml_collections.ConfigDict:
   if not workdir:
     raise ValueError("configs/workdir.py reads a run's config: pass configs/workdir.py:WORKDIR")
-  return train.saved_config(workdir, default.get_config())
+  return run_files.saved_config(workdir, default.get_config())

@@ -332,6 +332,20 @@ class Checkpoints:
     self.manager.close()
 
 
+def holds_checkpoint(source) -> bool:
+  """Whether `source` is a checkpoint step directory, or a checkpoints directory holding one."""
+  directory = absolute(source)
+  if directory.name.isdigit():
+    return True  # named as one: reading it says what is wrong with it
+  if not directory.is_dir():
+    return False
+  checkpoints = Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    return checkpoints.latest_step() is not None
+  finally:
+    checkpoints.close()
+
+
 def resolve(path) -> tuple[epath.Path, int]:
   """`.../checkpoints/<step>` → (checkpoints directory, step), with a clear error."""
   path = absolute(path)

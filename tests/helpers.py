@@ -135,6 +135,19 @@ def with_overrides(config, overrides):
   return config
 
 
+def tiny_digits(**overrides):
+  """The digits config at a size that trains in a second: width 32, depth 2, 5 steps."""
+  from configs import digits  # pylint: disable=import-outside-toplevel
+
+  config = digits.get_config()
+  config.model_overrides.dim = 32
+  config.model_overrides.depth = 2
+  config.model_overrides.num_heads = 4
+  config.batch_size = 32
+  config.num_train_steps = 5
+  return with_overrides(config, overrides)
+
+
 def fixture_images():
   """Every JPEG of the fixture zip, in name order: (all as RGB arrays, the grey ones as 2-D)."""
   rgb, grey = [], []

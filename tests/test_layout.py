@@ -31,16 +31,20 @@ LAYERS = {
   "linen": 3,
   "metric_writer": 3,
   "resolution": 3,
-  "train": 4,
-  "tools": 5,
+  "run_files": 4,
+  "runs": 4,
+  "steps": 4,
+  "finetune": 5,
+  "train": 6,
+  "tools": 7,
 }
 
 
 def layer_of(module: str) -> int:
-  """`lkca_jax.data.pipeline` → the layer of `data`; the package root is a facade (6)."""
+  """`lkca_jax.data.pipeline` → the layer of `data`; the package root is a facade (8)."""
   parts = module.split(".")
   if len(parts) == 1:
-    return 6
+    return 8
   return LAYERS[parts[1]]
 
 

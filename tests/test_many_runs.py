@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from lkca_jax import config_checks, train
+from lkca_jax import config_checks, runs, train
 from lkca_jax.data import pipeline as pipeline_lib
 from tests.helpers import U, assert_one_step_apart, step_chain_terms, with_overrides
 
@@ -86,7 +86,7 @@ def test_stacked_pipeline_gives_each_run_its_own_order_and_augmentation(placemen
     },
   )
   run = train.Run.prepare(config)
-  keys = [train.run_keys(seed)[0] for seed in (3, 4)]
+  keys = [runs.run_keys(seed)[0] for seed in (3, 4)]
   many = pipeline_lib.from_config(config, run.spec, run.mesh, jnp.stack(keys))
   order = many.epoch_order(1)
   batch = many.train_batch(order, 70)
@@ -134,7 +134,7 @@ def test_a_sweep_run_reproduces_its_single_run_for_every_sweepable_key():
 
 
 def test_runs_are_every_combination_times_the_seeds():
-  specs = train.run_specs(
+  specs = runs.run_specs(
     tiny(num_runs=2, seed=1, sweep="label_smoothing=0.0,0.1;optimizer.learning_rate=1e-3")
   )
   assert [(s.seed, s.values["label_smoothing"]) for s in specs] == [
@@ -213,7 +213,7 @@ def test_a_non_finite_run_dies_alone_and_is_named(tmp_path, caplog):
   restored.close()
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(state.params))
   # Step by step, before and after run 1 dies, run 0 is its single run.
-  survivor = train.run_specs(config)[0].config
+  survivor = runs.run_specs(config)[0].config
   alive, _ = assert_each_step_is_the_single_runs(many, build(survivor), 0, survivor)
   assert not bool(alive[1])
   # The statistics leave the dead run out.
@@ -233,25 +233,25 @@ def test_summary_lists_every_run_with_mean_and_std_over_seeds(tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path))
   on_disk = json.load(open(tmp_path / "summary.json"))
   assert on_disk["runs"] == summary["runs"] and summary["num_runs"] == 4
-  runs = summary["runs"]
-  assert [(r["seed"], r["values"]["label_smoothing"]) for r in runs] == [
+  listed = summary["runs"]
+  assert [(r["seed"], r["values"]["label_smoothing"]) for r in listed] == [
     (3, 0.0),
     (4, 0.0),
     (3, 0.1),
     (4, 0.1),
   ]
-  for r in runs:
+  for r in listed:
     assert 0.0 <= r["final_top1"] <= r["best_top1"] <= 1.0 and r["died_at_step"] is None
     assert r["best_step"] in (5, 10)
   assert len(summary["groups"]) == 2
-  for group, pair in zip(summary["groups"], (runs[:2], runs[2:]), strict=True):
+  for group, pair in zip(summary["groups"], (listed[:2], listed[2:]), strict=True):
     assert group["seeds"] == group["finished_seeds"] == [3, 4]
     for key in ("final_top1", "best_top1"):
       values = [r[key] for r in pair]
       assert group[f"{key}_mean"] == pytest.approx(sum(values) / 2, abs=1e-12)
       sample_std = abs(values[0] - values[1]) / np.sqrt(2)  # ddof 1, by hand for two values
       assert group[f"{key}_std"] == pytest.approx(sample_std, abs=1e-12)
-  finals = [r["final_top1"] for r in runs]
+  finals = [r["final_top1"] for r in listed]
   assert summary["final_top1"] == pytest.approx(np.mean(finals))
   # Per-run and mean/std scalars reach TensorBoard.
   events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]

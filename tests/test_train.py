@@ -1,6 +1,5 @@
-"""The trainer in-process: schedule, devices, config validation, the step on other backends."""
+"""The trainer in-process: devices, microbatches, resume, the step on other backends."""
 
-import dataclasses
 import json
 import pathlib
 import re
@@ -9,48 +8,19 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from configs import cifar10, digits
-from lkca_jax import backend, train
+from configs import digits
+from lkca_jax import backend, runs, steps, train
 from tests.helpers import (
   U,
   assert_one_step_apart,
-  leaves_by_path,
   step_chain_terms,
+  tiny_digits,
   with_overrides,
   ynn_fusion_ranks,
 )
-
-
-def tiny_digits(**overrides):
-  config = digits.get_config()
-  config.model_overrides.dim = 32
-  config.model_overrides.depth = 2
-  config.model_overrides.num_heads = 4
-  config.batch_size = 32
-  config.num_train_steps = 5
-  return with_overrides(config, overrides)
-
-
-def test_one_runs_scalars_keep_their_names_and_several_add_mean_and_std_of_the_living():
-  assert train.run_scalars([{"loss": 2.5}], "train_") == {"train_loss": 2.5}
-  scalars = train.run_scalars([{"top1": 0.5}, None, {"top1": 0.75}], "test_")
-  assert scalars["run0/test_top1"] == 0.5 and scalars["run2/test_top1"] == 0.75
-  assert not any(key.startswith("run1/") for key in scalars)  # dead: left out
-  assert scalars["mean/test_top1"] == 0.625
-  assert scalars["std/test_top1"] == pytest.approx(0.25 / np.sqrt(2))  # ddof 1, two values
-
-
-def test_a_record_keeps_its_best_and_a_dead_run_gains_none():
-  result = lambda top1: {"loss": 1.0, "top1": top1, "top5": 1.0}  # noqa: E731
-  record = train.RunRecord().evaluated(5, result(0.4)).evaluated(10, result(0.3))
-  assert (record.best_top1, record.best_step) == (0.4, 5)
-  assert [h["step"] for h in record.history] == [5, 10]
-  dead = dataclasses.replace(record, died_at_step=7).evaluated(15, result(0.9))
-  assert (dead.best_top1, dead.best_step, len(dead.history)) == (0.4, 5, 3)
 
 
 def _checkpoint_meta(workdir, step) -> pathlib.Path:
@@ -93,11 +63,11 @@ def test_the_step_takes_arrays_and_a_checkpoint_of_the_models_variables_resumes(
   assert not [x for x in jax.tree.leaves(t.state, is_leaf=is_variable) if is_variable(x)]
   _, params, rest = nnx.split(run.model, nnx.Param, ...)
   params = jax.tree.map(lambda x: x * 2 + 1, params)  # values no fresh state holds
-  tx = train.create_optimizer(config, t.schedule)
-  old = train.TrainState(step=jnp.asarray(3), params=params, opt_state=tx.init(params), rest=rest)
+  tx = steps.create_optimizer(config, t.schedule)
+  old = steps.TrainState(step=jnp.asarray(3), params=params, opt_state=tx.init(params), rest=rest)
   assert _paths(t.saved_form(t.state)) == _paths(old)  # ...kernel.value, as on disk before
   written = train.checkpoint_lib.Checkpoints(tmp_path, asynchronous=False)
-  written.save(3, old, train.checkpoint_meta((train.RunRecord(),)))
+  written.save(3, old, runs.checkpoint_meta((runs.RunRecord(),)))
   written.close()
   checkpoints = train.checkpoint_lib.Checkpoints(tmp_path)
   loop = train.resume(t, checkpoints, run.mesh)
@@ -110,38 +80,6 @@ def test_the_step_takes_arrays_and_a_checkpoint_of_the_models_variables_resumes(
   # And the step runs on what was restored.
   state, metrics = t.step(loop.state, loop.step)
   assert int(state.step) == 4 and np.isfinite(float(metrics["loss"][0]))
-
-
-@pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
-def test_schedule_warms_up_linearly_then_cosine_decays(steps_per_epoch, total):
-  config = cifar10.get_config()
-  schedule = train.learning_rate_schedule(config, steps_per_epoch, total)
-  warmup = 10 * steps_per_epoch
-  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)  # the first step uses 1e-6
-  assert float(schedule(warmup // 2)) == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-3)
-  assert float(schedule(warmup)) == pytest.approx(1e-3, rel=1e-6)
-  mid = warmup + (total - warmup) // 2
-  assert float(schedule(mid)) == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-3)
-  assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-3)
-  lrs = np.asarray([float(schedule(s)) for s in range(warmup, total, 997)])
-  assert np.all(np.diff(lrs) <= 0)
-
-
-def test_the_gradient_norm_is_every_leafs_norm_together_in_one_reduction():
-  """Small integers, so every float32 sum of their squares is exact and the norm is the
-  correctly rounded square root: equal bit for bit to the float64 norm rounded once."""
-  tree = {
-    "w": jnp.arange(-6, 6, dtype=jnp.float32).reshape(3, 4),
-    "b": jnp.arange(5, dtype=jnp.bfloat16),  # a bfloat16 leaf is widened, not rounded to
-    "s": jnp.float32(7),
-  }
-  exact = np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values()))
-  assert float(jax.jit(train.global_norm)(tree)) == np.float32(exact)
-  runs = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree)  # as the runs step vmaps it
-  np.testing.assert_array_equal(jax.vmap(train.global_norm)(runs), np.float32([exact, 2 * exact]))
-  # One reduction for the whole tree, where a sum per leaf is a kernel per leaf on a GPU.
-  assert jax.jit(train.global_norm).lower(tree).as_text().count("stablehlo.reduce") == 1
-  assert jax.jit(optax.tree.norm).lower(tree).as_text().count("stablehlo.reduce") == 3
 
 
 def test_model_overrides_reach_the_model():
@@ -344,7 +282,7 @@ def test_a_workdir_resumes_only_its_own_runs_config(tmp_path):
   first = tiny_digits(num_train_steps=2, eval_every_steps=2)
   train.train_and_evaluate(first, str(tmp_path))
   written = (tmp_path / "config.json").read_text()
-  steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  saved_steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   # Another learning rate and length would train the rest of it as another run.
   other = tiny_digits(num_train_steps=4, eval_every_steps=2, **{"optimizer.learning_rate": 5e-4})
   with pytest.raises(train.workdir_lib.WorkdirError) as info:
@@ -354,7 +292,7 @@ def test_a_workdir_resumes_only_its_own_runs_config(tmp_path):
   assert "optimizer.learning_rate: 0.001 there, 0.0005 here" in message
   assert f"(--config configs/workdir.py:{tmp_path})" in message and "fresh --workdir" in message
   assert (tmp_path / "config.json").read_text() == written  # the run's record stands
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved_steps
   # Where its outputs go, how often, in how many slices a batch is computed: the same run.
   # It reached its last step, so nothing trains, and its summary, train images/s and wall
   # time included, stands as written.
@@ -371,153 +309,3 @@ def test_a_config_json_without_a_checkpoint_is_no_run_to_resume(tmp_path):
   summary = train.train_and_evaluate(tiny_digits(num_train_steps=1), str(tmp_path))
   assert summary["step"] == 1
   assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 1
-
-
-def test_only_a_summary_that_reached_its_last_step_counts_as_finished(tmp_path):
-  done = tmp_path / "done"
-  done.mkdir()
-  (done / "summary.json").write_text(json.dumps({"step": 5, "total_steps": 5, "stopped_by": None}))
-  stopped = tmp_path / "stopped"
-  stopped.mkdir()
-  (stopped / "summary.json").write_text(
-    json.dumps({"step": 3, "total_steps": 5, "stopped_by": "SIGTERM"})
-  )
-  assert train.finished_summary(str(done))["step"] == 5
-  assert train.finished_summary(str(stopped)) is None
-  assert train.finished_summary(str(tmp_path / "missing")) is None
-
-
-# --- a run's config read back (configs/workdir.py) ----------------------------------------
-def test_a_saved_config_is_laid_over_the_defaults_with_their_types(tmp_path):
-  from configs import default, digits
-
-  trained = digits.get_config()
-  trained.model_overrides.depth = 3
-  (tmp_path / "config.json").write_text(trained.to_json_best_effort())
-  config = train.saved_config(tmp_path, default.get_config())
-  assert json.loads(config.to_json_best_effort()) == json.loads(trained.to_json_best_effort())
-  # Unset there (digits has no AutoAugment): unset here, and still a str to override.
-  assert config.augment.autoaugment is None and default.get_config().augment.autoaugment
-  config.augment.autoaugment = "svhn"
-  with pytest.raises(TypeError):
-    config.augment.autoaugment = 3
-  assert config.dataset.mean == (0.3054,)  # JSON's list, a tuple again
-
-
-@pytest.mark.parametrize(
-  "saved, message",
-  [
-    (
-      {"model": "vit", "no_such_key": 1, "dataset": {"old_key": 2}},
-      r"lacks \(no_such_key, dataset.old_key\)",
-    ),
-    ({"batch_size": "many"}, r"batch_size='many' does not fit this config"),
-    (None, r"is not a training workdir \(no config.json\)"),
-  ],
-)
-def test_a_saved_config_that_cannot_be_laid_over_is_one_error(tmp_path, saved, message):
-  from configs import default
-
-  if saved is not None:
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-  with pytest.raises(train.ConfigError, match=message):
-    train.saved_config(tmp_path, default.get_config())
-
-
-@pytest.mark.slow
-def test_a_new_head_fine_tunes_on_other_classes_each_run_with_its_own_classifier(tmp_path):
-  """Pre-trained on the 10 digits, fine-tuned on the first 5: with init_from_head="new",
-  every parameter but the classifier is the checkpoint's, and each of two runs keeps the
-  classifier its own seed drew; with the checkpoint's head the classes do not fit, which
-  Run.prepare says before anything loads."""
-  pre = tiny_digits(num_train_steps=2, eval_every_steps=2)
-  train.train_and_evaluate(pre, str(tmp_path / "pre"))
-  model = train.Run.prepare(pre).model
-  saved, _ = train.read_run_params(pre, model, tmp_path / "pre" / "checkpoints")
-  other_classes = {"dataset.classes": 5, "init_from": str(tmp_path / "pre")}
-  with pytest.raises(train.ConfigError, match=r"head\.\w+ is .*--config\.init_from_head=new"):
-    train.Run.prepare(tiny_digits(**other_classes))
-  config = tiny_digits(num_runs=2, init_from_head="new", **other_classes)
-  run = train.Run.prepare(config)
-  fresh = train.build_training(run, config).state
-  state = train.initialised_from(config, run, fresh)
-  by_name = lambda tree: leaves_by_path(train.variable_values(tree))  # noqa: E731
-  saved, own, got = by_name(saved), by_name(fresh.params), by_name(state.params)
-  assert got.keys() == own.keys() == saved.keys()
-  for name, value in got.items():
-    for k in range(2):
-      expected = own[name][k] if name.startswith("['head']") else saved[name]
-      np.testing.assert_array_equal(value[k], expected, err_msg=f"run {k} {name}")
-  head = got["['head']['kernel']"]
-  assert head.shape == (2, 32, 5) and not np.array_equal(head[0], head[1])
-
-
-@pytest.mark.slow
-def test_a_fine_tuned_run_resumes_and_evaluates_without_its_source(tmp_path):
-  """Once the workdir holds a checkpoint of its own, init_from is never read: its source may
-  be gone (deleted, or left on another machine), and the run still resumes and evaluates."""
-  source, tuned = tmp_path / "source", tmp_path / "tuned"
-  train.train_and_evaluate(tiny_digits(num_train_steps=1, eval_every_steps=1), str(source))
-  config = tiny_digits(num_train_steps=2, eval_every_steps=2, init_from=str(source))
-  finished = train.train_and_evaluate(config, str(tuned))
-  shutil.rmtree(source)
-  with pytest.raises(train.ConfigError, match="init_from=.*no such directory"):
-    train.train_and_evaluate(config, str(tmp_path / "fresh"))  # nothing of its own: needed
-  assert train.train_and_evaluate(config, str(tuned)) == finished  # resumed at its last step
-  result = train.evaluate(config, str(tuned))
-  assert result["step"] == 2 and result["top1"] == finished["final_top1"]
-
-
-@pytest.mark.parametrize("name", ["vit_1m", "lkca_t", "acmix_t", "flatten_t"])
-def test_weight_decay_on_the_weights_spares_vectors_tokens_and_position_tables(name):
-  """With a zero gradient Adam's step is exactly 0 (its moments stay 0), so AdamW's update is
-  the decay alone, −lr·wd·p: on every matrix and kernel with "weights"; never on biases,
-  norms, scalars, the class token or a position table (timm's rule, DeiT's recipe); on
-  every parameter with "all", the reference."""
-  from lkca_jax.models import create_model
-
-  model = create_model(
-    name,
-    num_classes=3,
-    image_size=8,
-    patch_size=2,
-    channels=1,
-    depth=1,
-    dim=16,
-    num_heads=4,
-    rngs=nnx.Rngs(0),
-    # LKCA's kernel starts at zero, whose decay is zero too: a start that shows it.
-    **({"mixer_options": {"lkca": {"kernel_init": "gaussian"}}} if name == "lkca_t" else {}),
-  )
-  params = train.variable_values(nnx.state(model, nnx.Param))
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  lr = 0.5  # a power of 2: −lr·(wd·p) is exact after the product's one rounding
-
-  def updates(weight_decay_on):
-    config = tiny_digits(**{"optimizer.weight_decay_on": weight_decay_on})
-    mask = train.weight_decay_mask(config, model)
-    tx = train.create_optimizer(config, lambda step: lr, decay_mask=mask)
-    wd = np.float32(config.optimizer.weight_decay)
-    return leaves_by_path(tx.update(zeros, tx.init(params), params)[0]), wd
-
-  by_name, wd = updates("weights")
-  decayed = {path for path, u in by_name.items() if np.any(u)}
-  for path, p in leaves_by_path(params).items():
-    if path in decayed:
-      np.testing.assert_array_equal(by_name[path], -lr * (wd * p.astype(np.float32)), path)
-      assert p.ndim >= 2, path
-  spared = set(by_name) - decayed
-  assert "['head']['kernel']" in decayed and "['blocks'][0]['mlp']['fc1']['kernel']" in decayed
-  # A matrix spared by name: the position table; vectors by their shape.
-  assert {"['pos_embed']", "['head']['bias']", "['blocks'][0]['norm1']['scale']"} <= spared
-  own_table = {
-    "vit_1m": "['cls_token']",
-    "acmix_t": "['blocks'][0]['mixer']['relative_bias']",
-    "flatten_t": "['blocks'][0]['mixer']['position']",
-    "lkca_t": None,
-  }[name]
-  assert own_table is None or own_table in spared, spared
-  if name == "lkca_t":
-    assert "['blocks'][0]['mixer']['kernel']" in decayed  # the learned kernel is a weight
-  every, _ = updates("all")
-  assert all(np.any(every[path]) for path, p in leaves_by_path(params).items() if np.any(p))

@@ -18,7 +18,7 @@ config, data and model (`train.Run.prepare`), and its directory, by one of two p
 After every row the command's Markdown table and the values behind it (JSON, same name)
 are rewritten atomically, so an interrupted experiment keeps its finished rows. In the JSON
 every top-1 is a fraction, as in summary.json; a row's statistics are over its seeds that
-finished: the mean and the sample standard deviation (`train.mean_std`, ddof 1). A seed
+finished: the mean and the sample standard deviation (`runs.mean_std`, ddof 1). A seed
 whose loss became non-finite is listed with its error; the command then exits 1.
 """
 
@@ -139,7 +139,7 @@ def prepare(experiment: Experiment) -> None:
 
 def read_back(experiment: Experiment, row: Row) -> None:
   """Resume: takes `row`'s values from its row.json, if an earlier invocation finished it."""
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
 
   path = os.path.join(experiment.path(row), ROW_FILE)
   values = read_json(path)
@@ -148,7 +148,7 @@ def read_back(experiment: Experiment, row: Row) -> None:
       f"{path} is a finished row with other settings (config, steps or seeds); "
       f"pass another {experiment.flag}"
     )
-  summary = train.finished_summary(experiment.path(row))
+  summary = run_files.finished_summary(experiment.path(row))
   if summary is not None and summary["config"] != fingerprint(row.config)["config"]:
     raise UsageError(
       f"{experiment.path(row)} holds a finished training with other settings (config, "
@@ -157,7 +157,7 @@ def read_back(experiment: Experiment, row: Row) -> None:
   if values is not None:
     row.values, row.done = values, True
     return
-  changes = train.config_changes(epath.Path(experiment.path(row)), row.config)
+  changes = run_files.config_changes(epath.Path(experiment.path(row)), row.config)
   if changes:  # found now, not when the rows before it have trained
     raise UsageError(
       f"{experiment.path(row)} holds checkpoints of a run with other settings "
@@ -228,10 +228,10 @@ def run(experiment: Experiment) -> int:
 
 def train_row(experiment: Experiment, row: Row) -> dict:
   """Trains `row`'s seeds (or reads back a training that finished); returns its values."""
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax import run_files, train  # pylint: disable=import-outside-toplevel
 
   path = experiment.path(row)
-  summary = train.finished_summary(path) if experiment.resume else None
+  summary = run_files.finished_summary(path) if experiment.resume else None
   if summary is None:
     try:
       summary = train.train_and_evaluate(row.config, path, run=row.run)
@@ -299,7 +299,7 @@ def row_values(config, summary: dict, path: str) -> dict:
 
 def statistics(records: list[dict]) -> dict:
   """Mean and sample std (ddof 1) of the finished seeds' top-1 values; their mean speed."""
-  from lkca_jax.train import mean_std  # pylint: disable=import-outside-toplevel
+  from lkca_jax.runs import mean_std  # pylint: disable=import-outside-toplevel
 
   done = [r for r in records if "error" not in r]
   values = {"finished_seeds": [r["seed"] for r in done]}

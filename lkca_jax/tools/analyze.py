@@ -133,12 +133,12 @@ def load_subject(
 ) -> Subject:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax import runs, train  # pylint: disable=import-outside-toplevel
 
   run = train.Run.prepare(config, checkpoints=checkpoint or os.path.join(workdir, "checkpoints"))
   init = nnx.clone(run.model)
   directory, step = restore_params(config, run.model, workdir, checkpoint, run_index)
-  several = len(train.run_specs(config)) > 1
+  several = len(runs.run_specs(config)) > 1
   return Subject(
     label=f"{config.model} run {run_index}" if several else config.model,
     run=run_index if several else None,
@@ -154,11 +154,12 @@ def load_subject(
 
 def workdir_config(workdir: str, base):
   """The config a training run saved in `workdir` (config.json), laid over `base`."""
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
+  from lkca_jax.config_checks import ConfigError  # pylint: disable=import-outside-toplevel
 
   try:
-    return train.saved_config(workdir, base)
-  except train.ConfigError as e:
+    return run_files.saved_config(workdir, base)
+  except ConfigError as e:
     raise ValueError(f"--compare {e}") from None
 
 

@@ -205,9 +205,9 @@ def describe_augmentation(augment) -> str:
 # --- the batch ---------------------------------------------------------------
 def preview_batch(run, config, step: int):
   """(the trainer's pipeline, its augmented batch at global `step` as numpy)."""
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax import runs  # pylint: disable=import-outside-toplevel
 
-  pipeline = run.load_data(train.run_keys(config.seed)[0])  # the data only: no model state
+  pipeline = run.load_data(runs.run_keys(config.seed)[0])  # the data only: no model state
   order = pipeline.epoch_order(step // pipeline.steps_per_epoch)
   batch = pipeline.train_batch(order, step)
   return pipeline, {key: np.asarray(value) for key, value in batch.items()}

@@ -118,11 +118,11 @@ def evaluate_moved(config, workdir: str) -> dict:
 
 
 def cell(values: list[float] | None) -> str:
-  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+  from lkca_jax import runs  # pylint: disable=import-outside-toplevel
 
   if not values:
     return "…"
-  mean, std = train.mean_std(values)
+  mean, std = runs.mean_std(values)
   return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 

@@ -1,0 +1,53 @@
+"""init_from: a new head on other classes, and a fine-tuned run without its source."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from lkca_jax import finetune, steps, train
+from tests.helpers import leaves_by_path, tiny_digits
+
+
+@pytest.mark.slow
+def test_a_new_head_fine_tunes_on_other_classes_each_run_with_its_own_classifier(tmp_path):
+  """Pre-trained on the 10 digits, fine-tuned on the first 5: with init_from_head="new",
+  every parameter but the classifier is the checkpoint's, and each of two runs keeps the
+  classifier its own seed drew; with the checkpoint's head the classes do not fit, which
+  Run.prepare says before anything loads."""
+  pre = tiny_digits(num_train_steps=2, eval_every_steps=2)
+  train.train_and_evaluate(pre, str(tmp_path / "pre"))
+  model = train.Run.prepare(pre).model
+  saved, _ = train.read_run_params(pre, model, tmp_path / "pre" / "checkpoints")
+  other_classes = {"dataset.classes": 5, "init_from": str(tmp_path / "pre")}
+  with pytest.raises(train.ConfigError, match=r"head\.\w+ is .*--config\.init_from_head=new"):
+    train.Run.prepare(tiny_digits(**other_classes))
+  config = tiny_digits(num_runs=2, init_from_head="new", **other_classes)
+  run = train.Run.prepare(config)
+  fresh = train.build_training(run, config).state
+  state = finetune.initialised_from(config, run.model, run.mesh, fresh)
+  by_name = lambda tree: leaves_by_path(steps.variable_values(tree))  # noqa: E731
+  saved, own, got = by_name(saved), by_name(fresh.params), by_name(state.params)
+  assert got.keys() == own.keys() == saved.keys()
+  for name, value in got.items():
+    for k in range(2):
+      expected = own[name][k] if name.startswith("['head']") else saved[name]
+      np.testing.assert_array_equal(value[k], expected, err_msg=f"run {k} {name}")
+  head = got["['head']['kernel']"]
+  assert head.shape == (2, 32, 5) and not np.array_equal(head[0], head[1])
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_run_resumes_and_evaluates_without_its_source(tmp_path):
+  """Once the workdir holds a checkpoint of its own, init_from is never read: its source may
+  be gone (deleted, or left on another machine), and the run still resumes and evaluates."""
+  source, tuned = tmp_path / "source", tmp_path / "tuned"
+  train.train_and_evaluate(tiny_digits(num_train_steps=1, eval_every_steps=1), str(source))
+  config = tiny_digits(num_train_steps=2, eval_every_steps=2, init_from=str(source))
+  finished = train.train_and_evaluate(config, str(tuned))
+  shutil.rmtree(source)
+  with pytest.raises(train.ConfigError, match="init_from=.*no such directory"):
+    train.train_and_evaluate(config, str(tmp_path / "fresh"))  # nothing of its own: needed
+  assert train.train_and_evaluate(config, str(tuned)) == finished  # resumed at its last step
+  result = train.evaluate(config, str(tuned))
+  assert result["step"] == 2 and result["top1"] == finished["final_top1"]

@@ -1,0 +1,99 @@
+"""The pure step's pieces: the learning-rate schedule, the gradient norm, weight decay."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import cifar10
+from lkca_jax import steps
+from tests.helpers import leaves_by_path, tiny_digits
+
+
+@pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
+def test_schedule_warms_up_linearly_then_cosine_decays(steps_per_epoch, total):
+  config = cifar10.get_config()
+  schedule = steps.learning_rate_schedule(config, steps_per_epoch, total)
+  warmup = 10 * steps_per_epoch
+  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)  # the first step uses 1e-6
+  assert float(schedule(warmup // 2)) == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-3)
+  assert float(schedule(warmup)) == pytest.approx(1e-3, rel=1e-6)
+  mid = warmup + (total - warmup) // 2
+  assert float(schedule(mid)) == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-3)
+  assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-3)
+  lrs = np.asarray([float(schedule(s)) for s in range(warmup, total, 997)])
+  assert np.all(np.diff(lrs) <= 0)
+
+
+def test_the_gradient_norm_is_every_leafs_norm_together_in_one_reduction():
+  """Small integers, so every float32 sum of their squares is exact and the norm is the
+  correctly rounded square root: equal bit for bit to the float64 norm rounded once."""
+  tree = {
+    "w": jnp.arange(-6, 6, dtype=jnp.float32).reshape(3, 4),
+    "b": jnp.arange(5, dtype=jnp.bfloat16),  # a bfloat16 leaf is widened, not rounded to
+    "s": jnp.float32(7),
+  }
+  exact = np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values()))
+  assert float(jax.jit(steps.global_norm)(tree)) == np.float32(exact)
+  runs = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree)  # as the runs step vmaps it
+  np.testing.assert_array_equal(jax.vmap(steps.global_norm)(runs), np.float32([exact, 2 * exact]))
+  # One reduction for the whole tree, where a sum per leaf is a kernel per leaf on a GPU.
+  assert jax.jit(steps.global_norm).lower(tree).as_text().count("stablehlo.reduce") == 1
+  assert jax.jit(optax.tree.norm).lower(tree).as_text().count("stablehlo.reduce") == 3
+
+
+@pytest.mark.parametrize("name", ["vit_1m", "lkca_t", "acmix_t", "flatten_t"])
+def test_weight_decay_on_the_weights_spares_vectors_tokens_and_position_tables(name):
+  """With a zero gradient Adam's step is exactly 0 (its moments stay 0), so AdamW's update is
+  the decay alone, −lr·wd·p: on every matrix and kernel with "weights"; never on biases,
+  norms, scalars, the class token or a position table (timm's rule, DeiT's recipe); on
+  every parameter with "all", the reference."""
+  from lkca_jax.models import create_model
+
+  model = create_model(
+    name,
+    num_classes=3,
+    image_size=8,
+    patch_size=2,
+    channels=1,
+    depth=1,
+    dim=16,
+    num_heads=4,
+    rngs=nnx.Rngs(0),
+    # LKCA's kernel starts at zero, whose decay is zero too: a start that shows it.
+    **({"mixer_options": {"lkca": {"kernel_init": "gaussian"}}} if name == "lkca_t" else {}),
+  )
+  params = steps.variable_values(nnx.state(model, nnx.Param))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  lr = 0.5  # a power of 2: −lr·(wd·p) is exact after the product's one rounding
+
+  def updates(weight_decay_on):
+    config = tiny_digits(**{"optimizer.weight_decay_on": weight_decay_on})
+    mask = steps.weight_decay_mask(config, model)
+    tx = steps.create_optimizer(config, lambda step: lr, decay_mask=mask)
+    wd = np.float32(config.optimizer.weight_decay)
+    return leaves_by_path(tx.update(zeros, tx.init(params), params)[0]), wd
+
+  by_name, wd = updates("weights")
+  decayed = {path for path, u in by_name.items() if np.any(u)}
+  for path, p in leaves_by_path(params).items():
+    if path in decayed:
+      np.testing.assert_array_equal(by_name[path], -lr * (wd * p.astype(np.float32)), path)
+      assert p.ndim >= 2, path
+  spared = set(by_name) - decayed
+  assert "['head']['kernel']" in decayed and "['blocks'][0]['mlp']['fc1']['kernel']" in decayed
+  # A matrix spared by name: the position table; vectors by their shape.
+  assert {"['pos_embed']", "['head']['bias']", "['blocks'][0]['norm1']['scale']"} <= spared
+  own_table = {
+    "vit_1m": "['cls_token']",
+    "acmix_t": "['blocks'][0]['mixer']['relative_bias']",
+    "flatten_t": "['blocks'][0]['mixer']['position']",
+    "lkca_t": None,
+  }[name]
+  assert own_table is None or own_table in spared, spared
+  if name == "lkca_t":
+    assert "['blocks'][0]['mixer']['kernel']" in decayed  # the learned kernel is a weight
+  every, _ = updates("all")
+  assert all(np.any(every[path]) for path, p in leaves_by_path(params).items() if np.any(p))
