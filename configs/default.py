@@ -21,6 +21,7 @@ def model_overrides() -> ml_collections.ConfigDict:
       "num_heads": placeholder(int),
       "mlp_ratio": placeholder(float),
       "drop_path_rate": placeholder(float),
+      "drop_path_schedule": placeholder(str),  # "uniform" (every block) or "linear" (0 → rate)
       "pool": placeholder(str),
       # Constructor options per mixer name, one for each option a registered mixer lists in
       # its `config_options` (e.g. mixer_options.lkca.view: "auto", "conv" or "attention";

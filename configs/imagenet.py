@@ -22,7 +22,6 @@ where it comes from. What this project cannot express, or does otherwise:
   (a third of the images). Here an epoch is `repeats` whole passes (3N samples), each its own
   shuffle: 100 epochs here are DeiT's 300 in samples, and its 5 warmup epochs are 5/3 here
   (rounded to 2: the warmup is whole epochs).
-- Stochastic depth is 0.1 in every layer (the presets'); timm ramps it from 0 to 0.1 with depth.
 - The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
 - Random erasing fills with the mean colour ("zero"); DeiT's "pixel" mode fills with per-pixel
   N(0, 1) noise after normalisation, whose mean this is.
@@ -87,5 +86,7 @@ def get_config():
   config.epoch_order = "independent"
   config.num_epochs = 100  # DeiT's 300 epochs of N samples = 100 epochs of 3 passes here
   config.optimizer.warmup_epochs = 2  # DeiT's 5 epochs = 5/3 here, rounded up (see above)
-  # Drop path 0.1: the presets' drop_path_rate (DeiT --drop-path 0.1, Table 9).
+  # Drop path 0.1 (the presets' drop_path_rate; DeiT --drop-path 0.1, Table 9), ramped as timm
+  # does from 0 in the first block to 0.1 in the last.
+  config.model_overrides.drop_path_schedule = "linear"
   return config

@@ -25,7 +25,7 @@ from flax.core import FrozenDict
 
 from lkca_jax.layers import MIXERS, xavier_normal
 from lkca_jax.layers.common import LAYER_NORM_EPSILON
-from lkca_jax.models import Block, ViT
+from lkca_jax.models import Block, ViT, drop_path_scales
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -57,6 +57,7 @@ class LinenViT(nn.Module):
   num_heads: int = 1
   mlp_ratio: float = 2.0
   drop_path_rate: float = 0.1
+  drop_path_schedule: str = "uniform"  # or "linear": models.drop_path_scales
   pool: str = "mean"
   mixer_options: Mapping[str, Any] = FrozenDict()  # {mixer name: its constructor options}
   dtype: Any = None
@@ -97,8 +98,10 @@ class LinenViT(nn.Module):
       cls = self.param("cls_token", normal, (1, 1, self.dim)).astype(x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), x], axis=1)
     x = x + self.param("pos_embed", normal, (x.shape[1], self.dim)).astype(x.dtype)
-    drop_path = self.drop_path_rate if train else 0.0  # rate 0: DropPath is the identity
+    scales = drop_path_scales(self.drop_path_schedule, len(self.mixers))
     for i, mixer in enumerate(self.mixers):
+      # Rate 0 (evaluation, or a block the schedule spares): DropPath is the identity.
+      drop_path = self.drop_path_rate * scales[i] if train else 0.0
       block = nnx.bridge.to_linen(
         Block,
         self.dim,

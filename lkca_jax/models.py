@@ -27,6 +27,7 @@ class Preset:
   num_heads: int
   mlp_ratio: float = 2.0
   drop_path_rate: float = 0.1
+  drop_path_schedule: str = "uniform"  # DROP_PATH_SCHEDULES
   pool: str = "auto"  # "cls", "mean", or "auto": cls only when no layer needs the grid
   # Constructor options per mixer name, e.g. {"lkca": {"view": "conv"}}.
   mixer_options: dict = dataclasses.field(default_factory=dict)
@@ -76,6 +77,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Which parameters AdamW's weight decay reaches (optimizer.weight_decay_on): "all" (the
 # reference recipe) or the "weights" (`decays`: timm's rule, which DeiT's recipe uses).
 WEIGHT_DECAY_ON = ("all", "weights")
+
+# How the drop-path rate is spread over the blocks (`drop_path_scales`): "uniform", the same
+# rate in every block (the reference recipe), or "linear", from 0 in the first block to the
+# rate in the last (timm's spacing, which DeiT's recipe uses).
+DROP_PATH_SCHEDULES = ("uniform", "linear")
+
+
+def drop_path_scales(schedule: str, depth: int) -> tuple[float, ...]:
+  """Each block's share of the model's drop-path rate under `schedule`."""
+  if schedule == "uniform":
+    return (1.0,) * depth
+  if schedule == "linear":  # block i of L: i / (L - 1); one block alone: 0, as timm's linspace
+    return tuple(i / (depth - 1) if depth > 1 else 0.0 for i in range(depth))
+  raise ValueError(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}, got {schedule!r}")
+
 
 # How a model started from another's parameters (resolution.move_params) takes its
 # classifier `head`: "keep" the source's (the same classes), or a "new" one as the model
@@ -200,6 +216,7 @@ class ViT(nnx.Module):
     mixer: Any = "lkca",
     mlp_ratio: float = 2.0,
     drop_path_rate: float = 0.1,
+    drop_path_schedule: str = "uniform",
     pool: str = "auto",
     mixer_options: dict | None = None,
     dtype=None,
@@ -236,6 +253,7 @@ class ViT(nnx.Module):
       self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, dim)))
       num_tokens += 1
     self.pos_embed = nnx.Param(normal(rngs.params(), (num_tokens, dim)))
+    self.drop_path_scales = drop_path_scales(drop_path_schedule, depth)
     self.blocks = nnx.List(
       [
         Block(
@@ -244,12 +262,12 @@ class ViT(nnx.Module):
           mixer=m,
           num_heads=num_heads,
           mlp_ratio=mlp_ratio,
-          drop_path_rate=drop_path_rate,
+          drop_path_rate=drop_path_rate * scale,
           mixer_options=mixer_options,
           dtype=dtype,
           rngs=rngs,
         )
-        for m in self.mixers
+        for m, scale in zip(self.mixers, self.drop_path_scales, strict=True)
       ]
     )
     self.head_norm = layer_norm(dim, dtype=dtype, rngs=rngs)
@@ -289,14 +307,16 @@ class ViT(nnx.Module):
   def __call__(
     self, images: jax.Array, *, rngs: nnx.Rngs | None = None, drop_path_rate=None
   ) -> jax.Array:
-    """`drop_path_rate`, if given (a traced scalar), replaces the blocks' own rate."""
+    """`drop_path_rate`, if given (a traced scalar), replaces the model's rate: each block
+    takes its share of it (`drop_path_scales`)."""
     x, num_prefix = self.embed(images)
-    for i, block in enumerate(self.blocks):
+    for i, (block, scale) in enumerate(zip(self.blocks, self.drop_path_scales, strict=True)):
       # Only the pooled token of the last block reaches the head, so that block computes
       # just it: the same logits for less work (a tenth of a ViT's products with a class
       # token, less with the mean).
       pool = self.pool if i == len(self.blocks) - 1 else None
-      x = block(x, num_prefix=num_prefix, rngs=rngs, drop_path_rate=drop_path_rate, pool=pool)
+      rate = drop_path_rate if drop_path_rate is None or scale == 1.0 else drop_path_rate * scale
+      x = block(x, num_prefix=num_prefix, rngs=rngs, drop_path_rate=rate, pool=pool)
     return self.classify(x)
 
 

@@ -90,7 +90,7 @@ def _differences(saved: dict, config) -> list[str]:
 
 
 # The config keys (and groups of keys) that decide the parameters' names and shapes; the
-# other model_overrides (drop_path_rate) and the recipe do not.
+# other model_overrides (drop_path_rate, drop_path_schedule) and the recipe do not.
 SHAPE_KEYS = (
   "model",
   "model_overrides.mixer",

@@ -201,6 +201,36 @@ def test_a_few_jitted_optax_steps_train_it():
   assert np.all(np.abs(trained["blocks_0"]["mixer"]["kernel"]) > 0)
 
 
+@pytest.mark.parametrize("schedule, first_block_drops", [("uniform", True), ("linear", False)])
+def test_the_drop_path_schedule_spares_the_first_block_when_linear(schedule, first_block_drops):
+  """Linear (timm's spacing): the first of two blocks drops nothing, its training output is
+  its evaluation output exactly; the last drops at the full rate. Uniform: both drop."""
+  linen = LinenViT(
+    num_classes=3,
+    patch_size=2,
+    dim=DIM,
+    mixers=("lkca", "lkca"),
+    drop_path_rate=0.5,
+    drop_path_schedule=schedule,
+  )
+  images = normal((64, 4, 4, 3), 1)
+  params = linen.init(keys(), images)["params"]
+
+  def blocks(train):
+    _, captured = linen.apply(
+      {"params": params},
+      images,
+      train=train,
+      rngs={"dropout": jax.random.key(5)},
+      capture_intermediates=True,
+    )
+    return [np.asarray(captured["intermediates"][f"blocks_{i}"]["__call__"][0]) for i in (0, 1)]
+
+  (train0, train1), (eval0, eval1) = blocks(True), blocks(False)
+  assert (not np.array_equal(train0, eval0)) == first_block_drops
+  assert not np.array_equal(train1, eval1)  # the last block drops at 0.5 either way
+
+
 def test_bad_use_is_one_clear_error():
   linen = LinenViT(num_classes=2, patch_size=4, dim=DIM)
   images = jnp.zeros((1, 8, 8, 3))
@@ -213,6 +243,7 @@ def test_bad_use_is_one_clear_error():
     (dict(mixers=("lkca", "conv")), "registered mixers"),
     (dict(mixers="lkca"), "registered mixers"),  # a string, not a sequence of names
     (dict(mixer_options={"mhsa": {}}), "mixer_options for 'mhsa', which no layer uses"),
+    (dict(drop_path_schedule="ramp"), "drop_path_schedule must be one of"),
   ]
   for fields, message in bad_fields:
     with pytest.raises(ValueError, match=message):

@@ -287,6 +287,43 @@ def test_presets_use_rate_0_1_in_every_layer():
   assert rates == [(0.1, 0.1)] * 9  # no linear ramp
 
 
+@pytest.mark.parametrize(
+  "schedule, rates", [("uniform", [0.5, 0.5, 0.5]), ("linear", [0.0, 0.25, 0.5])]
+)
+def test_each_block_drops_samples_at_its_share_of_the_rate(schedule, rates):
+  """ "linear" spaces the rates as timm does for DeiT (torch.linspace(0, rate, depth)): at
+  depth 3 and rate 0.5, 0, 0.25 and 0.5; the first block then drops nothing at all."""
+  model = small_model(depth=3, drop_path_rate=0.5, drop_path_schedule=schedule)
+  x = jnp.ones((8000, 3, 4))
+  for i, (block, rate) in enumerate(zip(model.blocks, rates, strict=True)):
+    for drop in (block.drop_path1, block.drop_path2):
+      out = np.asarray(drop(x, rngs=nnx.Rngs(dropout=i)))
+      dropped = np.all(out == 0, axis=(1, 2)).mean()
+      assert abs(dropped - rate) < 0.02, (i, dropped)  # binomial std <= 0.0056
+      if rate == 0:
+        np.testing.assert_array_equal(out, np.asarray(x))
+
+
+def test_a_rate_given_at_the_call_is_shared_out_by_the_schedule(monkeypatch):
+  """The train step passes its (traced) rate to the model's call: each block takes its
+  share, as the blocks' own rates are shared out when the model is built."""
+  seen = []
+  call = DropPath.__call__
+
+  def recording(self, inputs, *, rngs=None, rate=None):
+    seen.append(rate)
+    return call(self, inputs, rngs=rngs, rate=rate)
+
+  monkeypatch.setattr(DropPath, "__call__", recording)
+  model = small_model(depth=3, drop_path_schedule="linear")
+  model(images((4, 16, 16, 3)), rngs=nnx.Rngs(dropout=0), drop_path_rate=jnp.float32(0.5))
+  assert [float(r) for r in seen] == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5]
+  with pytest.raises(
+    ValueError, match=r"drop_path_schedule must be one of \('uniform', 'linear'\)"
+  ):
+    small_model(drop_path_schedule="ramp")
+
+
 def test_stochastic_depth_train_and_eval():
   x = images((BATCH, 16, 16, 3))
   model = small_model(drop_path_rate=0.5)

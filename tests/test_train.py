@@ -86,11 +86,13 @@ def test_model_overrides_reach_the_model():
   config = tiny_digits()
   config.model_overrides.mixer = "lkca,mhsa"
   config.model_overrides.mixer_options.lkca.view = "conv"
+  config.model_overrides.drop_path_schedule = "linear"
   run = train.Run.prepare(config)
   assert run.model.mixers == ["lkca", "mhsa"]
   assert run.model.blocks[0].mixer.view == "conv"
   assert run.model.pool == "mean"
   assert run.model.blocks[0].mixer.kernel.shape == (15, 15)
+  assert [b.drop_path1.rate for b in run.model.blocks] == [0.0, 0.1]  # digits' 0.1, ramped
 
 
 @pytest.mark.slow
