@@ -1,11 +1,13 @@
-"""The 14 AutoAugment image operations on uint8 (H, W, C) images, as PIL does them.
+"""The 14 AutoAugment image operations on uint8 (H, W, C) images, as PIL does them, and the
+bicubic rotate and translate and the solarize-add that timm's RandAugment adds.
 
 Every op takes and returns uint8 (C = 3 or 1) and rounds where PIL rounds, so
 the colour ops reproduce PIL's ImageOps / ImageEnhance and the geometric ops
 PIL's Image.transform(AFFINE) inverse mapping: output pixel (x, y) reads the
 input at (a(x+½) + b(y+½) + c, d(x+½) + e(y+½) + f), or the fill outside it.
 Shears are bicubic (PIL's a = -1 kernel, edge taps clamped, result truncated);
-translate and rotate are nearest, as in the reference, which passes no filter.
+AutoAugment's translate and rotate are nearest, as in the reference, which passes
+no filter; RandAugment's are bicubic, as DeiT passes them.
 
 The table OPS lists each op once (name, magnitude range, random sign or not,
 function); the op names, apply_op's argument table and its switch branches
@@ -15,7 +17,7 @@ Each op is jitted (compiled once per image shape, inlined under an outer jit
 or vmap; `fill` is static). No inexact product feeds an add: XLA fuses
 a*b + c into one FMA inside a compiled program but not across programs, and
 an FMA rounds differently. Factors are split into two 12-bit halves
-(`_split`), so every product is exact and eager, jit and vmap agree bit for
+(`split`), so every product is exact and eager, jit and vmap agree bit for
 bit (on CPU this is tested; PIL itself rounds without FMA).
 """
 
@@ -44,7 +46,7 @@ def _check_image(image) -> jax.Array:
   return image
 
 
-def _split(x):
+def split(x):
   """x = hi + lo exactly, each with at most 12 significant bits.
 
   A 12-bit half times anything of at most 12 bits (pixel values, differences,
@@ -60,7 +62,7 @@ def _sum_of_products(pairs, start):
   """start + sum(a * b) for float32 factors a and small exact b, FMA-proof."""
   total = start
   for a, b in pairs:
-    hi, lo = _split(a)
+    hi, lo = split(a)
     total = total + hi * b
     total = total + lo * b
   return total
@@ -119,22 +121,33 @@ def translate_y(image, pixels, fill=FILL):
   return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill)
 
 
-@functools.partial(jax.jit, static_argnames="fill")
-def rotate(image, cos, sin, fill=FILL):
-  """PIL image.rotate (counter-clockwise, nearest) by the angle with this cos and sin.
-
-  The trig is the caller's (apply_op's table does it in float64, as PIL):
-  u = cx + cos (x+½-cx) - sin (y+½-cy), v = cy + sin (x+½-cx) + cos (y+½-cy)
-  about the centre (cx, cy) = (W/2, H/2), else `fill`.
-  """
-  image = _check_image(image)
-  height, width, _ = image.shape
+def _rotated_points(height: int, width: int, cos, sin):
+  """PIL rotate's input points (u, v) (H, W) for output pixel centres, about the centre
+  (cx, cy) = (W/2, H/2): u = cx + cos (x+½-cx) - sin (y+½-cy), v = cy + sin (x+½-cx) +
+  cos (y+½-cy)."""
   cx, cy = width / 2, height / 2
   xs = (_centres(width) - cx)[None, :]  # exact: half-integers
   ys = (_centres(height) - cy)[:, None]
   u = _sum_of_products(((cos, xs), (-sin, ys)), jnp.float32(cx))
   v = _sum_of_products(((sin, xs), (cos, ys)), jnp.float32(cy))
-  return _sample_nearest(image, u, v, fill)
+  return u, v
+
+
+@functools.partial(jax.jit, static_argnames="fill")
+def rotate(image, cos, sin, fill=FILL):
+  """PIL image.rotate (counter-clockwise, nearest) by the angle with this cos and sin,
+  else `fill`. The trig is the caller's (apply_op's table does it in float64, as PIL)."""
+  image = _check_image(image)
+  height, width, _ = image.shape
+  return _sample_nearest(image, *_rotated_points(height, width, cos, sin), fill)
+
+
+@functools.partial(jax.jit, static_argnames="fill")
+def rotate_bicubic(image, cos, sin, fill=FILL):
+  """PIL image.rotate(resample=BICUBIC, fillcolor=fill), as `rotate` otherwise."""
+  image = _check_image(image)
+  height, width, _ = image.shape
+  return _sample_bicubic(image, *_rotated_points(height, width, cos, sin), fill)
 
 
 # PIL's bicubic transform filter (Geometry.c BICUBIC, a = -1) as weights of
@@ -169,36 +182,76 @@ def _cubic_weights(fraction):
   return (weights + slopes_hi * rest) + slopes_lo * rest
 
 
+def _cubic_along_x(image, rows, whole, fraction):
+  """PIL's bicubic along x of rows `rows` at columns whole + fraction (edge-clamped taps),
+  float32 (..., C): the centre tap plus each weight times its tap's difference to it, exact
+  where the taps are equal, as in PIL's Horner form. The differences are small integers and
+  the weights are cut into 12-bit halves, so every product is exact; fixed summation order."""
+  width = image.shape[1]
+  taps = [
+    image[rows, jnp.clip(whole + offset, 0, width - 1)].astype(jnp.float32)
+    for offset in (-1, 0, 1, 2)
+  ]
+  w_hi, w_lo = split(_cubic_weights(fraction)[..., None, :])
+  total = taps[1]
+  for tap in (0, 2, 3):
+    difference = taps[tap] - taps[1]
+    total = total + (w_hi[..., tap] * difference + w_lo[..., tap] * difference)
+  return total
+
+
+def _cubic_along_y(values, fraction):
+  """PIL's bicubic over four row results `values` (float32 (..., C) each) at `fraction`, as
+  `_cubic_along_x`; the differences are cut into 12-bit halves too, so that every product is
+  exact and no FMA can change the sum."""
+  w_hi, w_lo = split(_cubic_weights(fraction)[..., None, :])
+  total = values[1]
+  for tap in (0, 2, 3):
+    d_hi, d_lo = split(values[tap] - values[1])
+    w = (w_hi[..., tap], w_lo[..., tap])
+    total = total + ((w[0] * d_hi + w[0] * d_lo) + (w[1] * d_hi + w[1] * d_lo))
+  return total
+
+
+def _rows_bicubic(image, shift, fill):
+  """Each row y sampled at its pixel centres moved by shift[y] along x, with PIL's BICUBIC
+  filter (rows are sampled at their centres, so along x only), else `fill`."""
+  height, width, channels = image.shape
+  whole = jnp.floor(shift)
+  fraction = shift - whole  # exact
+  base = jnp.arange(width)[None, :] + whole.astype(jnp.int32)[:, None]
+  rows = jnp.arange(height)[:, None]
+  total = _cubic_along_x(image, rows, base, fraction[:, None])
+  position = _centres(width)[None, :] + shift[:, None]
+  inside = (position >= 0) & (position < width)
+  return jnp.where(inside[..., None], _to_uint8(total), _fill_value(fill, channels))
+
+
+def _sample_bicubic(image, u, v, fill):
+  """PIL's BICUBIC filter (Geometry.c) at input points (u, v), each (H, W): 4 x 4
+  edge-clamped taps, rows then the column, clipped and truncated; outside [0, W) x [0, H),
+  `fill`."""
+  height, width, channels = image.shape
+  x, y = u - 0.5, v - 0.5
+  x0, y0 = jnp.floor(x), jnp.floor(y)
+  whole = x0.astype(jnp.int32)
+  rows = [jnp.clip(y0.astype(jnp.int32) + offset, 0, height - 1) for offset in (-1, 0, 1, 2)]
+  values = [_cubic_along_x(image, row, whole, x - x0) for row in rows]  # (H, W, C) each
+  total = _cubic_along_y(values, y - y0)
+  inside = (u >= 0) & (u < width) & (v >= 0) & (v < height)
+  return jnp.where(inside[..., None], _to_uint8(total), _fill_value(fill, channels))
+
+
 @functools.partial(jax.jit, static_argnames="fill")
 def shear_x(image, factor, fill=FILL):
   """PIL transform(AFFINE, (1, factor, 0, 0, 1, 0), BICUBIC, fillcolor=fill).
 
-  Row y shifts by s = factor (y+½) (rows are sampled at their centres, so the
-  interpolation is along x only, with the same fraction for the whole row).
+  Row y shifts by s = factor (y+½), one rounding of the exact product.
   """
   image = _check_image(image)
-  height, width, channels = image.shape
-  hi, lo = _split(factor)
-  ys = _centres(height)
-  shift = hi * ys + lo * ys  # one rounding of the exact product
-  whole = jnp.floor(shift)
-  fraction = shift - whole  # exact
-  w_hi, w_lo = _split(_cubic_weights(fraction))  # (H, 4) each
-  base = jnp.arange(width)[None, :] + whole.astype(jnp.int32)[:, None]
-  rows = jnp.arange(height)[:, None]
-  taps = [
-    image[rows, jnp.clip(base + offset, 0, width - 1)].astype(jnp.float32)
-    for offset in (-1, 0, 1, 2)
-  ]
-  # centre + sum of w * (tap - centre): exact where the taps are equal, as in
-  # PIL's Horner form, and every product is exact; fixed summation order.
-  total = taps[1]
-  for tap in (0, 2, 3):
-    difference = taps[tap] - taps[1]
-    total = total + (w_hi[:, None, tap, None] * difference + w_lo[:, None, tap, None] * difference)
-  position = _centres(width)[None, :] + shift[:, None]
-  inside = (position >= 0) & (position < width)
-  return jnp.where(inside[..., None], _to_uint8(total), _fill_value(fill, channels))
+  hi, lo = split(factor)
+  ys = _centres(image.shape[0])
+  return _rows_bicubic(image, hi * ys + lo * ys, fill)
 
 
 @functools.partial(jax.jit, static_argnames="fill")
@@ -206,6 +259,22 @@ def shear_y(image, factor, fill=FILL):
   """PIL transform(AFFINE, (1, 0, 0, factor, 1, 0), BICUBIC, fillcolor=fill)."""
   image = _check_image(image)
   return jnp.swapaxes(shear_x(jnp.swapaxes(image, 0, 1), factor, fill), 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames="fill")
+def translate_x_bicubic(image, pixels, fill=FILL):
+  """PIL transform(AFFINE, (1, 0, pixels, 0, 1, 0), BICUBIC, fillcolor=fill): content
+  moves left by `pixels`, a fraction of a pixel interpolated."""
+  image = _check_image(image)
+  shift = jnp.broadcast_to(jnp.asarray(pixels, jnp.float32), image.shape[:1])
+  return _rows_bicubic(image, shift, fill)
+
+
+@functools.partial(jax.jit, static_argnames="fill")
+def translate_y_bicubic(image, pixels, fill=FILL):
+  """PIL transform(AFFINE, (1, 0, 0, 0, 1, pixels), BICUBIC, fillcolor=fill)."""
+  image = _check_image(image)
+  return jnp.swapaxes(translate_x_bicubic(jnp.swapaxes(image, 0, 1), pixels, fill), 0, 1)
 
 
 # --- colour ops --------------------------------------------------------------
@@ -226,7 +295,7 @@ def _blend(degenerate, image, factor):
   """PIL Image.blend(degenerate, image, factor): float32, then clip, truncate."""
   degenerate = degenerate.astype(jnp.float32)
   difference = image.astype(jnp.float32) - degenerate
-  hi, lo = _split(factor)
+  hi, lo = split(factor)
   product = hi * difference + lo * difference  # = fl(factor * difference)
   return _to_uint8(degenerate + product)
 
@@ -295,6 +364,16 @@ def solarize(image, threshold):
   image = _check_image(image)
   below = image.astype(jnp.float32) < jnp.asarray(threshold, jnp.float32)
   return jnp.where(below, image, 255 - image)
+
+
+@functools.partial(jax.jit, static_argnames="threshold")
+def solarize_add(image, addition, threshold=128):
+  """timm's solarize_add: `addition` added to every value below `threshold`, capped at 255
+  (a PIL point table)."""
+  image = _check_image(image)
+  values = image.astype(jnp.int32)
+  added = jnp.minimum(values + jnp.asarray(addition, jnp.int32), 255)
+  return jnp.where(values < threshold, added, values).astype(jnp.uint8)
 
 
 @jax.jit

@@ -169,11 +169,11 @@ def _cubic(v1, v2, v3, v4, d):
   return v2 + d * (p2 + d * (p3 + d * p4))
 
 
-def reference_bicubic(image, matrix, fill=128):
-  """PIL AFFINE + BICUBIC in float64: sample point as above, out of
-  [0, W) x [0, H) -> fill; else 4x4 taps around it, edge-clamped, rows then
-  the column, clipped to [0, 255] and truncated."""
-  height, width, channels = image.shape
+def bicubic_values(image, matrix):
+  """PIL AFFINE + BICUBIC in float64 before clipping and truncation, (H, W, C), and which
+  sample points lie inside [0, W) x [0, H): the point as above, 4x4 taps around it,
+  edge-clamped, rows then the column."""
+  height, width, _ = image.shape
   a, b, c, d, e, f = matrix
   y, x = np.mgrid[0:height, 0:width] + 0.5
   xin, yin = a * x + b * y + c, d * x + e * y + f
@@ -186,18 +186,45 @@ def reference_bicubic(image, matrix, fill=128):
     return src[np.clip(y0 + row_offset, 0, height - 1), np.clip(x0 + col_offset, 0, width - 1)]
 
   rows = [_cubic(*(tap(r, k) for k in (-1, 0, 1, 2)), dx) for r in (-1, 0, 1, 2)]
-  value = _cubic(*rows, dy)
+  return _cubic(*rows, dy), inside
+
+
+def reference_bicubic(image, matrix, fill=128):
+  """PIL AFFINE + BICUBIC in float64 (`bicubic_values`): out of [0, W) x [0, H) -> fill;
+  else the value clipped to [0, 255] and truncated."""
+  value, inside = bicubic_values(image, matrix)
   value = np.where(value < 0, 0, np.where(value >= 255, 255, np.trunc(np.clip(value, 0, 255))))
-  return np.where(inside[..., None], value, fill).astype(np.uint8).reshape(height, width, channels)
+  return np.where(inside[..., None], value, fill).astype(np.uint8).reshape(image.shape)
 
 
-def on_edge(shape, matrix):
-  """Output pixels whose sample point is within 1e-5 px of the input's edge."""
+# How far float32 may move a bicubic sample from PIL's float64 one, derived: the sample point
+# by <= 2e-5 px (a few roundings of coordinates below 128, float32 trig), which moves the
+# value by <= 2e-5 x 2 x 255 (the cubic's slope is at most 2 per unit of tap difference); the
+# weights by 2e-7 each (ops._cubic_weights) over differences up to 255; the sums by a few
+# half-ulps of 512. Under 0.011 in all, so only a value that close to a whole number can
+# truncate to the next one.
+POINT_ERROR, VALUE_ERROR = 2e-5, 0.011
+
+
+def assert_bicubic_matches(ours, pil, image, matrix):
+  """`ours` equals PIL's bicubic `pil` except by 1 where PIL's float64 value is within
+  VALUE_ERROR of a whole number, and where the sample point is within POINT_ERROR of the
+  image's edge (inside versus fill)."""
+  value, _ = bicubic_values(image, matrix)
+  diff = np.abs(ours.astype(int) - pil.astype(int))
+  edge = np.broadcast_to(on_edge(image.shape, matrix, POINT_ERROR)[..., None], diff.shape)
+  near_whole = np.abs(value - np.round(value)) <= VALUE_ERROR
+  assert np.all((diff == 0) | edge | ((diff == 1) & near_whole))
+  assert np.mean(edge) < 0.01  # few pixels left out
+
+
+def on_edge(shape, matrix, distance=1e-5):
+  """Output pixels whose sample point is within `distance` px of the input's edge."""
   height, width = shape[:2]
   a, b, c, d, e, f = matrix
   y, x = np.mgrid[0:height, 0:width] + 0.5
   xin, yin = a * x + b * y + c, d * x + e * y + f
-  near = lambda v, edge: np.abs(v - edge) < 1e-5
+  near = lambda v, edge: np.abs(v - edge) < distance
   return near(xin, 0) | near(xin, width) | near(yin, 0) | near(yin, height)
 
 
@@ -306,6 +333,50 @@ def test_rotate_is_counter_clockwise():
   out = np.asarray(_rotate(image, 90.0))[..., 0]
   assert out[1, 4] == 255 and out.sum() == 255  # now above the centre
   assert np.asarray(_rotate(image, 45.0))[0, 0, 0] == 128  # outside: fill
+
+
+MEAN_FILL = (124, 116, 104)  # timm's fill for ImageNet's mean, which RandAugment uses
+
+
+@pytest.mark.parametrize("degrees", [27.0, -13.5, 10 / 3])
+def test_bicubic_rotate_matches_pil(degrees):
+  radians = np.deg2rad(degrees)
+  cos, sin = np.float32(np.cos(radians)), np.float32(np.sin(radians))
+  matrix = pil_rotation_matrix(degrees, 64, 48)
+  for image in WIDE:
+    ours = np.asarray(ops.rotate_bicubic(image, cos, sin, MEAN_FILL))
+    pil = Image.fromarray(image).rotate(degrees, resample=Image.BICUBIC, fillcolor=MEAN_FILL)
+    np.testing.assert_array_equal(np.asarray(pil), reference_bicubic(image, matrix, MEAN_FILL))
+    assert_bicubic_matches(ours, np.asarray(pil), image, matrix)
+    assert np.mean(np.all(ours == MEAN_FILL, axis=-1)) < 0.3  # not just fill
+
+
+@pytest.mark.parametrize("fraction", [150 / 331, -0.3, 0.1])
+def test_bicubic_translate_matches_pil(fraction):
+  for image in WIDE:
+    height, width = image.shape[:2]
+    for op, matrix, shift in (
+      (ops.translate_x_bicubic, (1, 0, fraction * width, 0, 1, 0), fraction * width),
+      (ops.translate_y_bicubic, (1, 0, 0, 0, 1, fraction * height), fraction * height),
+    ):
+      pil = Image.fromarray(image).transform(
+        (width, height), Image.AFFINE, matrix, Image.BICUBIC, fillcolor=MEAN_FILL
+      )
+      assert_bicubic_matches(
+        np.asarray(op(image, shift, MEAN_FILL)), np.asarray(pil), image, matrix
+      )
+
+
+@pytest.mark.parametrize("addition", [0, 37, 99, 110])
+def test_solarize_add_matches_a_pil_point_table(addition):
+  table = [min(255, i + addition) if i < 128 else i for i in range(256)]
+  _assert_equal(
+    _ours(lambda image: ops.solarize_add(image, addition)),
+    _pil_rgb(lambda im: im.point(table * 3)),
+  )
+  grey = GREY[0][..., None]
+  pil = np.asarray(Image.fromarray(GREY[0]).point(table))
+  np.testing.assert_array_equal(np.asarray(ops.solarize_add(grey, addition))[..., 0], pil)
 
 
 def test_geometric_ops_on_grey_images():
