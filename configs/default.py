@@ -101,7 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     {
       "flip": True,
       "crop_padding": 4,
-      "autoaugment": "cifar10",  # "cifar10", "svhn" or "imagenet"; "none" or unset: off
+      # An AutoAugment policy ("cifar10", "svhn", "imagenet"), a RandAugment in timm's form
+      # ("rand-m9-mstd0.5-inc1"), or "none" / unset: off.
+      "autoaugment": "cifar10",
       "random_erasing": 0.25,
       "erasing_area": (0.02, 0.4),
       "erasing_aspect": (0.3, 1 / 0.3),  # height / width

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from lkca_jax import models
-from lkca_jax.augment import POLICIES
+from lkca_jax.augment import POLICIES, randaugment
 from lkca_jax.augment.transforms import ASPECT_SAMPLINGS, ERASING_FILLS
 from lkca_jax.data import DATASETS
 from lkca_jax.data.pipeline import EPOCH_ORDERS, PLACEMENTS
@@ -227,6 +227,19 @@ def mixer_option_rules() -> dict[str, Rule]:
   return rules
 
 
+def augment_policy() -> Rule:
+  """An AutoAugment policy, a RandAugment in timm's form, "none", or unset."""
+  values = sorted(POLICIES)
+
+  def check(v):
+    if randaugment.is_spec(v):
+      return randaugment.parse(v) is not None  # a bad one raises: the rule's message
+    return isinstance(v, str) and (v in values or v.lower() == NO_AUTOAUGMENT)
+
+  allowed = f"an AutoAugment policy {values}, a RandAugment {randaugment.SPEC_FORM}, or 'none'"
+  return Rule(_unset(allowed, True), check, "rand-m9", True, None, (*values, NO_AUTOAUGMENT))
+
+
 def dtypes() -> Rule:
   return choice(models.DTYPES)
 
@@ -308,7 +321,7 @@ def _training_rules() -> dict[str, Rule]:
   return {
     "augment.flip": boolean(),
     "augment.crop_padding": integer(0),  # 0: no crop
-    "augment.autoaugment": choice(POLICIES, optional=True, extra=(NO_AUTOAUGMENT,)),
+    "augment.autoaugment": augment_policy(),
     "augment.random_erasing": _probability(),
     "augment.erasing_area": share_pair(bad=(0.4, 0.02)),
     "augment.erasing_aspect": positive_pair(bad=(0.0, 3.3)),

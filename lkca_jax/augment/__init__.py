@@ -5,7 +5,7 @@ batch = augment_batch(key, images_uint8, cfg)   # float32 (B, H, W, C)
 test = normalize(images_uint8, cfg.mean, cfg.std)
 """
 
-from lkca_jax.augment import autoaugment, ops
+from lkca_jax.augment import autoaugment, ops, randaugment
 from lkca_jax.augment.autoaugment import POLICIES
 from lkca_jax.augment.transforms import (
   STAGES,
@@ -39,5 +39,6 @@ __all__ = [
   "random_crop",
   "random_erasing",
   "random_flip",
+  "randaugment",
   "stages_off",
 ]

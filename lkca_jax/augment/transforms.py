@@ -1,8 +1,8 @@
 """The per-image training augmentation, and eval normalisation.
 
 The steps run in the order of STAGES (docs/method.md, "Training recipe"):
-horizontal flip (p 0.5) -> random crop after zero padding -> AutoAugment ->
-scale to [0, 1] and normalise -> random erasing. Everything is keyed by one
+horizontal flip (p 0.5) -> random crop after zero padding -> AutoAugment (or
+RandAugment) -> scale to [0, 1] and normalise -> random erasing. Everything is keyed by one
 jax PRNG key per image, so augment_image works eagerly, under jit and under
 vmap, and augment_batch gives each image what augment_image gives it for the
 same key (bit for bit on CPU; see augment_batch). The benchmark and the
@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from lkca_jax.augment import autoaugment as autoaugment_lib
+from lkca_jax.augment import randaugment as randaugment_lib
 from lkca_jax.backend import by_backend
 
 # Random erasing as the reference trainer does it (docs/method.md#training-recipe):
@@ -56,7 +57,9 @@ class AugmentConfig:
   std: tuple[float, ...]
   flip: bool = False
   crop_padding: int = 0  # 0: no crop
-  autoaugment: str | None = None  # "cifar10", "svhn", "imagenet" or None
+  # An AutoAugment policy ("cifar10", "svhn", "imagenet"), a RandAugment in timm's form
+  # ("rand-m9-mstd0.5-inc1", randaugment.SPEC_FORM), or None.
+  autoaugment: str | None = None
   random_erasing: float = 0.0  # probability; 0: off
   erasing_area: tuple[float, float] = (0.02, 0.4)  # fraction of the image
   erasing_aspect: tuple[float, float] = ERASING_ASPECT  # height / width
@@ -80,10 +83,12 @@ class AugmentConfig:
     set_("crop_padding", int(self.crop_padding))
     if isinstance(self.autoaugment, str) and self.autoaugment.lower() == "none":
       set_("autoaugment", None)
-    if self.autoaugment is not None and self.autoaugment not in autoaugment_lib.POLICIES:
+    if randaugment_lib.is_spec(self.autoaugment):
+      randaugment_lib.parse(self.autoaugment)  # ValueError naming the form
+    elif self.autoaugment is not None and self.autoaugment not in autoaugment_lib.POLICIES:
       raise ValueError(
-        f"autoaugment must be one of {sorted(autoaugment_lib.POLICIES)} "
-        f"or None, got {self.autoaugment!r}"
+        f"autoaugment must be one of {sorted(autoaugment_lib.POLICIES)}, a RandAugment "
+        f"{randaugment_lib.SPEC_FORM}, or None, got {self.autoaugment!r}"
       )
     set_("random_erasing", float(self.random_erasing))
     if not 0.0 <= self.random_erasing <= 1.0:
@@ -107,6 +112,11 @@ class AugmentConfig:
     set_("erasing_attempts", int(attempts))
     if self.erasing_fill not in ERASING_FILLS:
       raise ValueError(f"erasing_fill must be one of {ERASING_FILLS}, got {self.erasing_fill!r}")
+
+  @property
+  def policy_name(self) -> str:
+    """What `autoaugment` names: "RandAugment" or "AutoAugment"."""
+    return "RandAugment" if randaugment_lib.is_spec(self.autoaugment) else "AutoAugment"
 
   @classmethod
   def from_config(cls, config, **overrides) -> AugmentConfig:
@@ -263,6 +273,9 @@ def _crop(key, image, cfg):
 
 
 def _autoaugment(key, image, cfg):
+  if randaugment_lib.is_spec(cfg.autoaugment):
+    augment = randaugment_lib.parse(cfg.autoaugment)
+    return randaugment_lib.apply(key, image, augment, randaugment_lib.mean_fill(cfg.mean))
   return autoaugment_lib.apply_policy(key, image, cfg.autoaugment)
 
 
@@ -354,7 +367,7 @@ STAGES = (
     switch="autoaugment",
     off=None,
     apply_batch=_autoaugment_batch,
-    description="AutoAugment ({cfg.autoaugment})",
+    description="{cfg.policy_name} ({cfg.autoaugment})",
   ),
   Stage("normalize", _normalize, keyed=False, apply_batch=_normalize, description="normalise"),
   Stage(

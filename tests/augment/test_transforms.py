@@ -40,6 +40,8 @@ IMAGES, GREY = _load(8)
 FULL = augment.AugmentConfig(
   mean=(0.45,), std=(0.25,), flip=True, crop_padding=4, autoaugment="cifar10", random_erasing=0.25
 )
+# The same with DeiT's RandAugment in AutoAugment's place.
+FULL_RAND = dataclasses.replace(FULL, autoaugment="rand-m9-mstd0.5-inc1")
 
 
 def _within_5_sigma(count, total, probability):
@@ -57,29 +59,31 @@ def augment_many():
   return jax.jit(augment.augment_batch, static_argnames="cfg")
 
 
-def test_eager_jit_and_vmap_agree_exactly(augment_one, augment_many):
+@pytest.mark.parametrize("cfg", [FULL, FULL_RAND], ids=["autoaugment", "randaugment"])
+def test_eager_jit_and_vmap_agree_exactly(augment_one, augment_many, cfg):
   rng = jax.random.key(2024)
   keys = jax.random.split(rng, len(IMAGES))
-  eager = np.stack([augment.augment_image(k, im, FULL) for k, im in zip(keys, IMAGES, strict=True)])
-  jitted = np.stack([augment_one(k, im, cfg=FULL) for k, im in zip(keys, IMAGES, strict=True)])
-  batched = np.asarray(augment_many(rng, IMAGES, cfg=FULL))
+  eager = np.stack([augment.augment_image(k, im, cfg) for k, im in zip(keys, IMAGES, strict=True)])
+  jitted = np.stack([augment_one(k, im, cfg=cfg) for k, im in zip(keys, IMAGES, strict=True)])
+  batched = np.asarray(augment_many(rng, IMAGES, cfg=cfg))
   with backend.forms("plain"):  # AutoAugment as GPUs and TPUs run it: one vmapped select
-    selected = np.asarray(jax.jit(augment.augment_batch, static_argnames="cfg")(rng, IMAGES, FULL))
+    selected = np.asarray(jax.jit(augment.augment_batch, static_argnames="cfg")(rng, IMAGES, cfg))
   assert eager.shape == batched.shape == (8, 32, 32, 3)
   assert eager.dtype == batched.dtype == np.float32
   np.testing.assert_array_equal(eager, jitted)
   np.testing.assert_array_equal(eager, batched)
   np.testing.assert_array_equal(eager, selected)
-  clean = np.asarray(augment.normalize(IMAGES, FULL.mean, FULL.std))
+  clean = np.asarray(augment.normalize(IMAGES, cfg.mean, cfg.std))
   assert all(not np.array_equal(a, c) for a, c in zip(eager, clean, strict=True))  # all augmented
   assert len({a.tobytes() for a in eager}) == 8  # per-image keys differ
 
 
-def test_each_platform_lowers_only_its_own_autoaugment_form():
+@pytest.mark.parametrize("cfg", [FULL, FULL_RAND], ids=["autoaugment", "randaugment"])
+def test_each_platform_lowers_only_its_own_autoaugment_form(cfg):
   # The per-image loop where the batch is lowered for the CPU, the vmapped select for
   # GPUs and TPUs: the CPU form's name scope is in the first module only.
   def lowered(platform):
-    fn = jax.jit(lambda rng, images: augment.augment_batch(rng, images, FULL))
+    fn = jax.jit(lambda rng, images: augment.augment_batch(rng, images, cfg))
     exported = jax.export.export(fn, platforms=[platform])
     return exported(jax.random.key(0), IMAGES).mlir_module()
 
@@ -88,15 +92,16 @@ def test_each_platform_lowers_only_its_own_autoaugment_form():
     assert backend.CPU_SCOPE not in lowered(platform)
 
 
-def test_grey_images_go_through_the_same_steps(augment_one):
+@pytest.mark.parametrize("cfg", [FULL, FULL_RAND], ids=["autoaugment", "randaugment"])
+def test_grey_images_go_through_the_same_steps(augment_one, cfg):
   # Every step commutes with copying one channel to three (Color is then the
   # identity, Contrast's grey level the value itself), so channel 0 of the
   # RGB result must equal the grey result for the same key.
   for index, key in enumerate(jax.random.split(jax.random.key(9), 6)):
     grey = GREY[index % len(GREY)][..., None]
-    out = np.asarray(augment_one(key, grey, cfg=FULL))
+    out = np.asarray(augment_one(key, grey, cfg=cfg))
     assert out.shape == (32, 32, 1) and out.dtype == np.float32
-    rgb = np.asarray(augment_one(key, np.repeat(grey, 3, axis=-1), cfg=FULL))
+    rgb = np.asarray(augment_one(key, np.repeat(grey, 3, axis=-1), cfg=cfg))
     np.testing.assert_array_equal(out[..., 0], rgb[..., 0])
     np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
 
