@@ -12,8 +12,9 @@ transformers", Table 9, and the defaults of their repository's main.py); each va
 where it comes from. What this project cannot express, or does otherwise:
 
 - Crop: DeiT trains on RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3, bicubic), the
-  streaming path's per-image host step here (`dataset.stream_crop`), which resizes
-  bilinearly; it evaluates on the centre 224 of the image resized to 256 (0.875).
+  streaming path's per-image host step here (`dataset.stream_crop`, PIL's bicubic resize of
+  the box). It evaluates on the centre 224 of the image resized to 256 (0.875); here the
+  centre box of 0.875 of the shorter side is resized straight to 224 (one resampling).
 - Repeated augmentation: DeiT's RASampler shuffles once, repeats each index 3 times and deals
   them to the GPUs in turn, so an image's 3 copies share a step, and an epoch is N samples
   (a third of the images). Here an epoch is `repeats` whole passes (3N samples), each its own
