@@ -112,7 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
       "erasing_aspect_sampling": "uniform",
       "erasing_attempts": 100,  # tries to fit a box before leaving the image (torchvision: 10)
       # What fills the box: "mean" (the reference: the dataset mean values written into the
-      # normalised image, a lighter grey) or "zero" (0 after normalisation, the mean colour).
+      # normalised image, a lighter grey), "zero" (0 after normalisation, the mean colour)
+      # or "pixel" (timm's, DeiT's: N(0, 1) noise for each pixel and channel).
       "erasing_fill": "mean",
     }
   )

@@ -21,8 +21,6 @@ where it comes from. What this project cannot express, or does otherwise:
   shuffle: 100 epochs here are DeiT's 300 in samples, and its 5 warmup epochs are 5/3 here
   (rounded to 2: the warmup is whole epochs).
 - The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
-- Random erasing fills with the mean colour ("zero"); DeiT's "pixel" mode fills with per-pixel
-  N(0, 1) noise after normalisation, whose mean this is.
 - Mixup / CutMix pair each image with a random permutation of the batch; timm with the batch
   reversed. Label smoothing is applied to the loss; timm smooths the mixed targets (the same).
 - No model EMA (DeiT's repository keeps one beside the model, decay 0.99996) and no
@@ -59,7 +57,7 @@ def get_config():
   config.augment.erasing_aspect = (0.3, 1 / 0.3)  # timm min_aspect 0.3, max 1 / 0.3
   config.augment.erasing_aspect_sampling = "log_uniform"  # timm draws log(aspect) uniformly
   config.augment.erasing_attempts = 10  # timm's
-  config.augment.erasing_fill = "zero"  # for DeiT --remode pixel (see above)
+  config.augment.erasing_fill = "pixel"  # DeiT --remode pixel: N(0, 1) noise per value
 
   config.mixing.prob = 1.0  # DeiT --mixup-prob 1.0: every batch is mixed
   config.mixing.cutmix_prob = 0.5  # DeiT --mixup-switch-prob 0.5

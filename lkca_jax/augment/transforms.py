@@ -28,11 +28,12 @@ from lkca_jax.backend import by_backend
 # Random erasing as the reference trainer does it (docs/method.md#training-recipe):
 # aspect ratio (height / width) uniform in [0.3, 1/0.3], up to 100 attempts to fit a box,
 # the box filled with the dataset mean written into the normalised image. The other values
-# are torchvision RandomErasing's (log-uniform aspect, 10 attempts) and a zero fill.
+# are torchvision RandomErasing's (log-uniform aspect, 10 attempts) and a zero fill, and
+# timm's "pixel" mode (DeiT's): N(0, 1) noise drawn for each pixel and channel.
 ERASING_ATTEMPTS = 100
 ERASING_ASPECT = (0.3, 1 / 0.3)
 ASPECT_SAMPLINGS = ("uniform", "log_uniform")
-ERASING_FILLS = ("mean", "zero")
+ERASING_FILLS = ("mean", "zero", "pixel")
 
 
 def _floats(name, values, length=None) -> tuple[float, ...]:
@@ -65,7 +66,7 @@ class AugmentConfig:
   erasing_aspect: tuple[float, float] = ERASING_ASPECT  # height / width
   erasing_aspect_sampling: str = "uniform"  # or "log_uniform" (torchvision)
   erasing_attempts: int = ERASING_ATTEMPTS  # tries to fit a box, then leave the image
-  erasing_fill: str = "mean"  # the dataset mean, in the normalised image; or "zero"
+  erasing_fill: str = "mean"  # the dataset mean, in the normalised image; "zero"; "pixel"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -242,8 +243,9 @@ def random_erasing(
 ):
   """Fills a random box of a normalised float (H, W, C) image with `fill`, with probability p.
 
-  `fill` is one value or one per channel. The reference writes the dataset mean
-  (the values of [0, 1] images) into the normalised image (AugmentConfig's
+  `fill` is one value or one per channel, or "pixel": N(0, 1) noise per pixel and channel
+  (timm's mode="pixel", drawn with `fold_in(rng, 1)`). The reference writes the dataset
+  mean (the values of [0, 1] images) into the normalised image (AugmentConfig's
   erasing_fill="mean"); 0 there is the mean colour, a different augmentation
   (docs/method.md#training-recipe).
   """
@@ -256,8 +258,11 @@ def random_erasing(
   inside = (
     (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width) & erase
   )
-  values = np.broadcast_to(np.asarray(fill, np.float32), (channels,))
-  return jnp.where(inside[..., None], jnp.asarray(values, image.dtype), image)
+  if isinstance(fill, str) and fill == "pixel":
+    values = jax.random.normal(jax.random.fold_in(rng, 1), image.shape, image.dtype)
+  else:
+    values = jnp.asarray(np.broadcast_to(np.asarray(fill, np.float32), (channels,)), image.dtype)
+  return jnp.where(inside[..., None], values, image)
 
 
 # --- the stages, in order -------------------------------------------------------
@@ -301,7 +306,7 @@ def _normalize(key, images, cfg):
 
 
 def _erase(key, image, cfg):
-  fill = cfg.mean if cfg.erasing_fill == "mean" else 0.0
+  fill = {"mean": cfg.mean, "zero": 0.0, "pixel": "pixel"}[cfg.erasing_fill]
   return random_erasing(
     key,
     image,

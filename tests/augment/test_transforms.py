@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy import stats
 
 from lkca_jax import augment, backend
 from lkca_jax.augment import autoaugment
@@ -397,6 +398,28 @@ def test_erasing_fill_writes_the_dataset_mean_into_the_normalised_image(fill):
     expected = np.float32(CIFAR_MEAN) if fill == "mean" else np.zeros(3, np.float32)
     np.testing.assert_array_equal(out[box], np.broadcast_to(expected, (box.sum(), 3)))
     np.testing.assert_array_equal(out[~box], clean[~box])
+
+
+def test_pixel_erasing_fills_its_box_with_standard_normal_noise():
+  """timm's mode="pixel" (DeiT's): every value in the box drawn from N(0, 1) on its own, in
+  the normalised image; outside the box the image is untouched."""
+  cfg = augment.stages_off(augment.AugmentConfig(mean=CIFAR_MEAN, std=CIFAR_STD))
+  cfg = dataclasses.replace(cfg, random_erasing=1.0, erasing_fill="pixel", erasing_area=(0.3, 0.4))
+  image = IMAGES[5]
+  clean = np.asarray(augment.normalize(image, CIFAR_MEAN, CIFAR_STD))
+  noise = []
+  for key in jax.random.split(jax.random.key(22), 8):
+    out = np.asarray(augment.augment_image(key, image, cfg))
+    erase_key = jax.random.split(key, augment.transforms.NUM_KEYS)[-1]
+    _, top, left, h, w = map(int, augment.erasing_box(erase_key, 32, 32, 1.0, (0.3, 0.4)))
+    box = np.zeros((32, 32), bool)
+    box[top : top + h, left : left + w] = True
+    np.testing.assert_array_equal(out[~box], clean[~box])
+    noise.append(out[box].ravel())
+  noise = np.concatenate(noise)
+  # A value for each: float32 normals from 23 random bits repeat in ~n^2 / 2^24 pairs (~4).
+  assert noise.size > 7000 and len(np.unique(noise)) > 0.99 * noise.size
+  assert stats.kstest(noise, "norm").pvalue > 1e-4
 
 
 def test_config_from_the_project_config():
