@@ -83,6 +83,10 @@ def parse(spec: str) -> RandAugment:
     raise ValueError(f"RandAugment {spec!r}: m, n and mmax are integers ({SPEC_FORM})") from None
   if augment.num_ops < 1 or augment.magnitude_max <= 0:
     raise ValueError(f"RandAugment {spec!r}: needs n >= 1 and mmax > 0")
+  if augment.magnitude_std > 100:  # timm then draws m uniformly from [0, M]
+    raise ValueError(
+      f"RandAugment {spec!r}: timm's uniform magnitudes (mstd > 100) are not offered"
+    )
   return augment
 
 
@@ -160,6 +164,8 @@ def _pixels_y(m, negative, height, width):
 
 @dataclasses.dataclass(frozen=True)
 class Op:
+  """One of timm's ops: its name, the `ops` function that does it, and its level."""
+
   name: str
   fn: Callable[..., jax.Array]  # fn(image, *level, [fill])
   level: Callable[..., tuple]  # level(m, negative, height, width)

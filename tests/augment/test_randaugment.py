@@ -175,6 +175,7 @@ def test_deits_string_is_timms_setting():
     ("rand-w0-m9-inc1", "bad section 'w0'"),  # timm's op weights: not offered
     ("rand-m9-m8-inc1", "bad section 'm8'"),
     ("rand-m9-n0-inc1", "needs n >= 1"),
+    ("rand-m9-mstd101-inc1", "uniform magnitudes"),
     ("augmix-m9", "a RandAugment is rand-m<M>"),
   ],
 )
