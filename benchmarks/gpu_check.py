@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py missing-wheels DIR
     python benchmarks/gpu_check.py check-parts NAME,NAME,...
     python benchmarks/gpu_check.py env [--wheels DIR] --out FILE
-    python benchmarks/gpu_check.py autoaugment --batch B --steps N --out FILE
+    python benchmarks/gpu_check.py autoaugment --batch B --steps N [--policy P] --out FILE
     python benchmarks/gpu_check.py summary DIR [--mode smoke|full]
 
 `missing-wheels` and `summary` use the standard library only, so they work
@@ -41,6 +41,7 @@ PARTS = (
   "step_b128_lkca_b",
   "mixers",
   "autoaugment",
+  "randaugment",
   "stream",
   "step_b128_vit",
   "step_b1024_lkca",
@@ -100,16 +101,21 @@ def environment(wheels: str | None = None) -> dict:
 def time_autoaugment(batch: int, steps: int, policy: str = "cifar10") -> dict:
   """ms per batch of the two forms `transforms._autoaugment_batch` picks between by backend.
 
-  "batched_select": vmap of `apply_policy` (its lax.switch becomes a select over all
-  ops; what runs on GPU/TPU); "per_image_loop": lax.map of it (each image runs only
-  its own op; what runs on CPU). Both are timed here on whatever backend this is.
+  "batched_select": vmap of the policy (its lax.switch becomes a select over all ops;
+  what runs on GPU/TPU); "per_image_loop": lax.map of it (each image runs only its own
+  ops; what runs on CPU). Both are timed here on whatever backend this is. `policy`: an
+  AutoAugment policy, or a RandAugment string (DeiT's "rand-m9-mstd0.5-inc1").
   """
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from lkca_jax.augment import autoaugment  # pylint: disable=import-outside-toplevel
+  from lkca_jax.augment import autoaugment, randaugment  # pylint: disable=import-outside-toplevel
 
-  one = lambda key, image: autoaugment.apply_policy(key, image, policy)
+  if randaugment.is_spec(policy):
+    augment, fill = randaugment.parse(policy), randaugment.mean_fill((0.485, 0.456, 0.406))
+    one = lambda key, image: randaugment.apply(key, image, augment, fill)
+  else:
+    one = lambda key, image: autoaugment.apply_policy(key, image, policy)
   forms = {
     "batched_select": jax.jit(jax.vmap(one)),
     "per_image_loop": jax.jit(lambda keys, images: jax.lax.map(lambda a: one(*a), (keys, images))),
@@ -372,7 +378,7 @@ def stream_summary(results: dict, rows: list[dict]) -> dict:
 
 def summarize(folder: str, mode: str) -> dict:
   parts = read_parts(folder)
-  rows, runs, forms, mixers, views, augment, stream = [], [], [], {}, None, None, None
+  rows, runs, forms, mixers, views, augments, stream = [], [], [], {}, None, {}, None
   train = None
   for name, part in parts.items():
     # A part stopped by its time limit may have written what it finished (bench_step
@@ -414,8 +420,8 @@ def summarize(folder: str, mode: str) -> dict:
       part["fft_from_tokens"] = {
         level: c["fft_beats_attention_from_tokens"] for level, c in views["crossover"].items()
       }
-    elif name == "autoaugment":
-      augment = data
+    elif name in ("autoaugment", "randaugment"):
+      augments[name] = data
       part["ms"] = {k: v["median_ms"] for k, v in data["forms"].items()}
     elif name == "stream":
       stream = data
@@ -435,7 +441,8 @@ def summarize(folder: str, mode: str) -> dict:
     "forms": forms,
     "mixers": mixers,
     "views": views,
-    "autoaugment": augment,
+    "autoaugment": augments.get("autoaugment"),
+    "randaugment": augments.get("randaugment"),
     "stream": None if stream is None else stream_summary(stream, rows),
   }
 
@@ -512,10 +519,11 @@ def format_summary(s: dict) -> str:
         f"{'nowhere measured' if tokens is None else f'from {tokens} tokens'} "
         f"(auto on {auto['platform']}: fft from {auto['fft_min_tokens']} tokens)"
       )
-  if s["autoaugment"]:
-    a = s["autoaugment"]
-    ms = ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in a["forms"].items())
-    lines.append(f"  AutoAugment b{a['batch']} on {a['backend']}: {ms}; faster {a['faster']}")
+  for name in ("autoaugment", "randaugment"):
+    if s.get(name):
+      a = s[name]
+      ms = ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in a["forms"].items())
+      lines.append(f"  {a['policy']} b{a['batch']} on {a['backend']}: {ms}; faster {a['faster']}")
   if s["stream"]:
     st = s["stream"]
     rates = ", ".join(f"{k} {v:.0f}" for k, v in st["images_per_core_second"].items())
@@ -554,6 +562,7 @@ def main(argv=None) -> int:
   p = sub.add_parser("autoaugment")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--policy", default="cifar10")
   p.add_argument("--out", required=True)
   p = sub.add_parser("summary")
   p.add_argument("folder")
@@ -577,7 +586,7 @@ def main(argv=None) -> int:
     for key, value in env.items():  # one line each: the driver shows the log's tail
       print(f"{key}: {json.dumps(value)}")
   elif args.command == "autoaugment":
-    results = time_autoaugment(args.batch, args.steps)
+    results = time_autoaugment(args.batch, args.steps, args.policy)
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2)
     print(json.dumps(results["forms"], indent=1))

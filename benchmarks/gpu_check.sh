@@ -46,7 +46,7 @@
 #     prepare or load real datasets, TF only by clu's TF writer, which is deferred).
 #   bench_mixers, bench_views: ml_collections (through lkca_jax.tools.cli); not clu or
 #     tensorboard.
-#   autoaugment (gpu_check.py): jax and lkca_jax.augment only.
+#   autoaugment, randaugment (gpu_check.py): jax and lkca_jax.augment only.
 #   train (main.py on the prepared subset) and stream: tensorflow_datasets for its
 #     builders and its tf.train.Example proto (pure Python; no TensorFlow) with
 #     array_record, tensorflow-metadata, promise, googleapis-common-protos,
@@ -222,6 +222,8 @@ if [ "$SMOKE" = 1 ]; then
     --repeats 2 --max_seconds 0.05 --out "$O/mixers.json"
   part autoaugment 60 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 4 --steps 2 --out "$O/autoaugment.json"
+  part randaugment 60 "$O/randaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
+    --policy rand-m9-mstd0.5-inc1 --batch 4 --steps 2 --out "$O/randaugment.json"
   part stream 60 "$O/stream.json" "$PY" -m lkca_jax.tools.bench_stream --images 4 \
     --out "$O/stream.json"
   part step_b128_vit 60 "$O/step_b128_vit.json" $STEP --smoke --models "$VITS" \
@@ -261,6 +263,9 @@ else
     --shapes 8x8,16x16 --repeats 15 --max_seconds 0.5 --out "$O/mixers.json"
   part autoaugment 30 "$O/autoaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
     --batch 128 --steps 20 --out "$O/autoaugment.json"
+  # DeiT's RandAugment (configs/imagenet.py) in the same two forms: 15 ops in the select.
+  part randaugment 30 "$O/randaugment.json" "$PY" benchmarks/gpu_check.py autoaugment \
+    --policy rand-m9-mstd0.5-inc1 --batch 128 --steps 20 --out "$O/randaugment.json"
   # Does the host keep the device busy when streaming? One core's decode + crop
   # rate on synthetic JPEGs (64 px, and ImageNet-size to 224), set against the step parts'
   # images/s in the summary.

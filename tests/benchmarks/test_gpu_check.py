@@ -28,6 +28,7 @@ OK_PARTS = (
   "step_b128_lkca_b",
   "mixers",
   "autoaugment",
+  "randaugment",
   "stream",
   "step_b1024_lkca",
 )
@@ -100,6 +101,7 @@ def test_statuses_failed_parts_contained(smoke):
     "step_b128_lkca_b",
     "mixers",
     "autoaugment",
+    "randaugment",
     "stream",
     "step_b128_vit",
     "step_b1024_lkca",  # after a failed part: still ran
@@ -282,12 +284,14 @@ def test_runs_forms_mixers_views_autoaugment_env(smoke):
   assert parts["views"]["fft_from_tokens"] == {"mix": fft_from}
   assert "LKCA views over grids (mix): fastest 2x2 " in stdout
 
-  augment = summary["autoaugment"]
-  assert augment["backend"] == "cpu" and augment["batch"] == 4
-  assert set(augment["forms"]) == {"batched_select", "per_image_loop"}
-  for form in augment["forms"].values():
-    assert form["median_ms"] > 0 and form["images_per_second"] > 0
-  assert parts["autoaugment"]["ms"]["batched_select"] > 0
+  for name, policy in (("autoaugment", "cifar10"), ("randaugment", "rand-m9-mstd0.5-inc1")):
+    augment = summary[name]
+    assert augment["backend"] == "cpu" and augment["batch"] == 4
+    assert augment["policy"] == policy and f"  {policy} b4 on cpu: " in stdout
+    assert set(augment["forms"]) == {"batched_select", "per_image_loop"}
+    for form in augment["forms"].values():
+      assert form["median_ms"] > 0 and form["images_per_second"] > 0
+    assert parts[name]["ms"]["batched_select"] > 0
 
   env = parts["env"]["env"]
   assert env["backend"] == "cpu" and env["devices"] and env["jax"]
