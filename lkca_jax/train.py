@@ -692,6 +692,7 @@ def _died(loop: Loop) -> Loop:
   return dataclasses.replace(loop, stopped_by="non-finite loss")
 
 
+# --- a training in its workdir --------------------------------------------------------
 def summarize(config, run: Run, t: Training, loop: Loop, clock: _TrainClock, wall: float) -> dict:
   """summary.json: the headline numbers (means over the runs that finished alive), each run,
   each swept combination, and the run's shape and speed."""
@@ -829,6 +830,7 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   return summary
 
 
+# --- evaluation, and a trained model for use from code --------------------------------
 def _read_for_eval(config, run: Run, like, source) -> checkpoint_lib.Restored:
   """The checkpoint at `source`; without one, init_from's parameters moved (step 0)."""
   if config.init_from and not checkpoint_lib.holds_checkpoint(source):
