@@ -152,8 +152,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 100
   config.repeats = 3  # repeated augmentation: one epoch = 3 augmented passes
   # How an epoch's passes are ordered: "independent" (the reference: `repeats` independent
-  # shuffles back to back, no image twice in a pass) or "joint" (one shuffle of `repeats`
-  # stacked copies: an image can appear twice in one batch).
+  # shuffles back to back, no image twice in a pass), "joint" (one shuffle of `repeats`
+  # stacked copies: an image can appear twice in one batch) or "adjacent" (one shuffle, each
+  # image's copies side by side, so in one step: DeiT's repeated augmentation).
   config.epoch_order = "independent"
   config.num_train_steps = -1  # -1: num_epochs * steps per epoch
   config.num_devices = 0  # 0: every device of every host

@@ -15,11 +15,11 @@ where it comes from. What this project cannot express, or does otherwise:
   streaming path's per-image host step here (`dataset.stream_crop`, PIL's bicubic resize of
   the box). It evaluates on the centre 224 of the image resized to 256 (0.875); here the
   centre box of 0.875 of the shorter side is resized straight to 224 (one resampling).
-- Repeated augmentation: DeiT's RASampler shuffles once, repeats each index 3 times and deals
-  them to the GPUs in turn, so an image's 3 copies share a step, and an epoch is N samples
-  (a third of the images). Here an epoch is `repeats` whole passes (3N samples), each its own
-  shuffle: 100 epochs here are DeiT's 300 in samples, and its 5 warmup epochs are 5/3 here
-  (rounded to 2: the warmup is whole epochs).
+- Repeated augmentation: DeiT's RASampler shuffles once and repeats each index 3 times side
+  by side, so an image's 3 copies share a step (the "adjacent" epoch order here, on one
+  device or dealt over several), but its epoch is the first N of those 3N samples (a third
+  of the images). Here an epoch is all 3N: 100 epochs here are DeiT's 300 in samples, and
+  its 5 warmup epochs are 5/3 here (rounded to 2: the warmup is whole epochs).
 - The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
 - Mixup / CutMix pair each image with a random permutation of the batch; timm with the batch
   reversed. Label smoothing is applied to the loss; timm smooths the mixed targets (the same).
@@ -81,7 +81,7 @@ def get_config():
   config.optimizer.init_learning_rate = 1e-6  # DeiT --warmup-lr 1e-6
   config.optimizer.end_learning_rate = 1e-5  # DeiT --min-lr 1e-5, the end of its cosine
   config.repeats = 3  # DeiT --repeated-aug, 3 copies (see above for what an epoch is)
-  config.epoch_order = "independent"
+  config.epoch_order = "adjacent"  # the copies in one step, as DeiT's RASampler
   config.num_epochs = 100  # DeiT's 300 epochs of N samples = 100 epochs of 3 passes here
   config.optimizer.warmup_epochs = 2  # DeiT's 5 epochs = 5/3 here, rounded up (see above)
   # Drop path 0.1 (the presets' drop_path_rate; DeiT --drop-path 0.1, Table 9), ramped as timm

@@ -48,8 +48,10 @@ PLACEMENTS = ("auto", "device", "host", "stream")
 # How an epoch's `repeats` passes are ordered (docs/method.md#training-recipe):
 # "independent" (the reference) shuffles each pass on its own, so no image repeats
 # within a pass; "joint" shuffles the stacked copies at once, so an image can land
-# twice in one batch.
-EPOCH_ORDERS = ("independent", "joint")
+# twice in one batch; "adjacent" shuffles the images once and puts each one's `repeats`
+# copies next to each other, so they share a step (DeiT's RASampler: repeated
+# augmentation as Hoffer et al. 2020 meant it, several augmentations of an image in a batch).
+EPOCH_ORDERS = ("independent", "joint", "adjacent")
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -369,6 +371,9 @@ class Pipeline:
     if self.order == "joint":
       copies = jnp.tile(jnp.arange(self.train.size, dtype=jnp.int32), self.repeats)
       return jax.random.permutation(key, copies)
+    if self.order == "adjacent":
+      shuffled = jax.random.permutation(key, self.train.size).astype(jnp.int32)
+      return jnp.repeat(shuffled, self.repeats)
     passes = jax.vmap(lambda k: jax.random.permutation(k, self.train.size))(
       jax.random.split(key, self.repeats)
     )

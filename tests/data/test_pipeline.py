@@ -2,8 +2,9 @@
 
 The reference epoch is `repeats` independent shuffles of the training set back
 to back, cut into batches ("independent", the default); "joint" (one shuffle of
-the stacked copies) is kept as an option. Either order is a pure function of
-(key, epoch), which exact resume relies on.
+the stacked copies) and "adjacent" (DeiT's: one shuffle, each image's copies side by
+side) are options. Every order is a pure function of (key, epoch), which exact resume
+relies on.
 """
 
 import jax
@@ -38,7 +39,7 @@ def make_pipeline(order=None, key=0, size=SIZE, batch=BATCH):
 def test_the_reference_order_is_the_default_of_the_pipeline_and_of_the_config():
   assert make_pipeline().order == "independent"
   assert default.get_config().epoch_order == "independent"
-  assert pipeline_lib.EPOCH_ORDERS == ("independent", "joint")
+  assert pipeline_lib.EPOCH_ORDERS == ("independent", "joint", "adjacent")
 
 
 @pytest.mark.parametrize("epoch", [0, 1, 7])
@@ -68,6 +69,21 @@ def test_joint_order_tiles_the_copies_and_can_repeat_an_image_in_a_batch():
   # so among 60 batches many hold an image twice.
   repeats = sum(len(set(batch.tolist())) < BATCH for batch in order.reshape(-1, BATCH))
   assert repeats >= 5
+
+
+@pytest.mark.parametrize("epoch", [0, 4])
+def test_adjacent_order_puts_each_images_copies_in_one_step(epoch):
+  """DeiT's RASampler: one shuffle, each index repeated `repeats` times side by side; with a
+  batch that holds whole groups of copies, every copy of an image is in the same step."""
+  p = make_pipeline("adjacent", batch=REPEATS * 10)
+  order = np.asarray(p.epoch_order(epoch))
+  assert order.shape == (REPEATS * SIZE,) and order.dtype == np.int32
+  groups = order.reshape(SIZE, REPEATS)
+  assert np.all(groups == groups[:, :1])  # copies side by side
+  np.testing.assert_array_equal(np.sort(groups[:, 0]), np.arange(SIZE))  # every image once
+  assert not np.array_equal(groups[:, 0], np.arange(SIZE))  # shuffled
+  for batch in order[: p.steps_per_epoch * p.global_batch].reshape(p.steps_per_epoch, -1):
+    np.testing.assert_array_equal(np.bincount(batch)[np.unique(batch)], REPEATS)
 
 
 def test_the_old_joint_order_is_unchanged():
