@@ -251,12 +251,17 @@ def _split_model(model):
 
 
 def _run_eval(eval_fn, params, rest, pipeline) -> list[dict]:
-  """Test loss, top-1 and top-5 of each run (an `eval_fn` of `steps.make_eval_step`)."""
+  """Test loss, top-1 and top-5 of each run (an `eval_fn` of `steps.make_eval_step`).
+
+  Each batch's sums come to the host before the next batch's step is dispatched, and are
+  added there (the same float32 additions): eager device adds, one program per leaf, put
+  between collective programs in flight once left XLA:CPU's in-process all-gather waiting
+  for a participant that never came (a worker of the suite aborted, or with a longer
+  timeout hung; docs/benchmarks.md 2026-12-06e)."""
   totals = None
   for batch in pipeline.eval_batches():
-    sums = distributed.in_order(eval_fn(params, rest, batch))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+    sums = jax.device_get(distributed.in_order(eval_fn(params, rest, batch)))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   return [
     {key: float(totals[key][r]) / float(totals["count"][r]) for key in ("loss", "top1", "top5")}
     for r in range(len(totals["count"]))

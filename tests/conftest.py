@@ -28,22 +28,8 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 # there than -O0 (and than XLA's default level, which compiles slower still).
 FAST_STEPS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
 
-# XLA:CPU aborts a process whose collective has not seen all its participants within 40 s
-# (LOG(FATAL) in xla::internal::AwaitAndLogIfStuck). Here 8 virtual devices' participants
-# share 2 cores with another worker, and while a program compiles (a cold compilation
-# cache: a fresh CI machine) one was seen to wait longer: a worker aborted in an all-gather
-# of tests/test_train.py's step (a core dump's backtrace; 1 run in 5 of that file with a
-# cold cache). Ten minutes still ends a real deadlock; the warning waits as long, so a
-# slow start prints nothing into the stderr that tests read.
-PATIENT_COLLECTIVES = (
-  "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-  "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
-)
-
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8 "
-  + f"{FAST_COMPILE} {PATIENT_COLLECTIVES}"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault(

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from tests.conftest import FAST_COMPILE, PATIENT_COLLECTIVES
+from tests.conftest import FAST_COMPILE
 from tests.helpers import U, built_once, step_chain_terms, with_overrides
 from tests.test_main import ROOT, assert_same_params, jax_leaves
 
@@ -57,9 +57,7 @@ LAUNCH = [
 def env(devices: int | None = None, **extra) -> dict:
   result = dict(os.environ, **extra)
   if devices:
-    result["XLA_FLAGS"] = (
-      f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE} {PATIENT_COLLECTIVES}"
-    )
+    result["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
   return result
 
 
