@@ -285,16 +285,19 @@ def _autoaugment(key, image, cfg):
 
 
 def _autoaugment_batch(keys, images, cfg):
-  """AutoAugment over a batch in the form of the platform it is lowered for (by_backend)."""
+  """AutoAugment or RandAugment over a batch in the form of the platform it is lowered for
+  (by_backend)."""
 
   def per_image_loop(keys, images):
-    # On the CPU: vmap would turn apply_op's lax.switch into a select that computes all
-    # 14 ops for every image (twice); in a loop each image runs only its own op.
+    # On the CPU: vmap would turn the policy's lax.switch into a select that computes all
+    # its ops (14, or RandAugment's 15) for every image, twice; in a loop each image runs
+    # only the ops it drew.
     return lax.map(lambda args: _autoaugment(*args, cfg), (keys, images))
 
   def batched_select(keys, images):
     # Elsewhere: a loop of B small kernels is launch-bound on GPUs and TPUs; the select
-    # does 28x the arithmetic in a few large kernels (not yet timed on one).
+    # does 28x (RandAugment: 30x) the arithmetic in a few large kernels (not yet timed on
+    # one: benchmarks/gpu_check.sh's autoaugment and randaugment parts).
     return jax.vmap(lambda key, image: _autoaugment(key, image, cfg))(keys, images)
 
   return by_backend(per_image_loop, batched_select, keys, images)
@@ -423,10 +426,10 @@ def augment_batch(rng, images, cfg: AugmentConfig):
   """uint8 (B, H, W, C) -> float32; image i uses key i of split(rng, B).
 
   Runs STAGES as augment_image does, each over the whole batch: normalisation
-  at once, the other stages vmapped, except AutoAugment, whose lax.switch over
-  the 14 ops vmap turns into a select that computes every op for every image
-  (twice, once per sub-policy op). So where it is lowered for the CPU AutoAugment
-  runs under lax.map, each image running only the op it drew; for GPUs and TPUs it
+  at once, the other stages vmapped, except AutoAugment (or RandAugment), whose
+  lax.switch over its 14 (15) ops vmap turns into a select that computes every op for
+  every image (twice, once per op drawn). So where it is lowered for the CPU it runs
+  under lax.map, each image running only the ops it drew; for GPUs and TPUs it
   is vmapped (a loop of small kernels is launch-bound there), chosen by
   `lkca_jax.backend.by_backend`. Both forms equal augment_image with the same keys
   bit for bit on the CPU (tested, the vmapped one under `backend.forms("plain")`).
