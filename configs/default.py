@@ -125,6 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
       "cutmix_prob": 0.5,  # chance that a mixed batch uses CutMix rather than Mixup
       "cutmix_alpha": 1.0,
       "mixup_alpha": 1.0,
+      # Each image's partner: its image in a random "permutation" of the batch (the
+      # reference's) or in the batch "reversed" (timm's Mixup, DeiT's).
+      "partner": "permutation",
     }
   )
   config.label_smoothing = 0.1

@@ -21,8 +21,9 @@ where it comes from. What this project cannot express, or does otherwise:
   of the images). Here an epoch is all 3N: 100 epochs here are DeiT's 300 in samples, and
   its 5 warmup epochs are 5/3 here (rounded to 2: the warmup is whole epochs).
 - The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
-- Mixup / CutMix pair each image with a random permutation of the batch; timm with the batch
-  reversed. Label smoothing is applied to the loss; timm smooths the mixed targets (the same).
+- Mixup / CutMix pair image i with image B - 1 - i of the global batch, as timm does with
+  each process's batch. Label smoothing is applied to the loss; timm smooths the mixed
+  targets (the same).
 - No model EMA (DeiT's repository keeps one beside the model, decay 0.99996) and no
   distillation (DeiT-S, not DeiT-S with the distillation token).
 """
@@ -63,6 +64,7 @@ def get_config():
   config.mixing.cutmix_prob = 0.5  # DeiT --mixup-switch-prob 0.5
   config.mixing.cutmix_alpha = 1.0  # DeiT --cutmix 1.0
   config.mixing.mixup_alpha = 0.8  # DeiT --mixup 0.8
+  config.mixing.partner = "reversed"  # timm's Mixup pairs the batch with itself reversed
   config.label_smoothing = 0.1  # DeiT --smoothing 0.1
 
   config.batch_size = 1024  # DeiT Table 9: batch 1024

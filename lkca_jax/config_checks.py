@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lkca_jax import models
+from lkca_jax import mixing, models
 from lkca_jax.augment import POLICIES, randaugment
 from lkca_jax.augment.transforms import ASPECT_SAMPLINGS, ERASING_FILLS
 from lkca_jax.data import DATASETS
@@ -332,6 +332,7 @@ def _training_rules() -> dict[str, Rule]:
     "mixing.cutmix_prob": _probability(),
     "mixing.cutmix_alpha": number(0.0, low_open=True),  # Beta(alpha, alpha) needs alpha > 0
     "mixing.mixup_alpha": number(0.0, low_open=True),
+    "mixing.partner": choice(mixing.PARTNERS),
     "label_smoothing": number(0.0, 1.0, high_open=True),  # 1 would erase the labels
     "optimizer.learning_rate": number(0.0, low_open=True),
     "optimizer.b1": number(0.0, 1.0, high_open=True),

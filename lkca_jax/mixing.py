@@ -1,9 +1,11 @@
 """Batch-level CutMix / Mixup as the reference trainer applies them.
 
 Per batch: with probability `prob` the batch is mixed, else left clean; a
-mixed batch is CutMix or Mixup with equal chance (by default). The partner
-of each image is a random permutation of the batch. The loss is then
-λ·CE(y_a) + (1 − λ)·CE(y_b); for CutMix λ is recomputed from the clipped box.
+mixed batch is CutMix or Mixup with equal chance (by default). Each image's
+partner is its image in a random permutation of the batch (the reference's)
+or in the batch reversed (timm's `Mixup`, as DeiT trains): `PARTNERS`. The
+loss is then λ·CE(y_a) + (1 − λ)·CE(y_b); for CutMix λ is recomputed from the
+clipped box.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import jax.numpy as jnp
 # candidate with probability above 0.95 at every shape >= 1 (smaller shapes are boosted to
 # one above), so all of them fail with probability below 0.05**16 < 2e-21.
 GAMMA_CANDIDATES = 16
+
+# How each image's partner is chosen: image permutation[i], or image B - 1 - i.
+PARTNERS = ("permutation", "reversed")
 
 
 def log_gamma(key, alpha: float):
@@ -68,14 +73,33 @@ def cutmix_box(key, height: int, width: int, lam):
   return y0, y1, x0, x1
 
 
+def partner_indices(key, size: int, partner: str = "permutation") -> jax.Array:
+  """Index of each of a batch's `size` images' partner, chosen as `partner` (`PARTNERS`)
+  says; `key` draws the permutation."""
+  if partner == "permutation":
+    return jax.random.permutation(key, size)
+  if partner == "reversed":
+    return jnp.arange(size - 1, -1, -1)
+  raise ValueError(f"partner={partner!r}; choose one of {', '.join(PARTNERS)}")
+
+
 def mix_batch(
-  key, images, labels, *, prob: float, cutmix_prob: float, cutmix_alpha: float, mixup_alpha: float
+  key,
+  images,
+  labels,
+  *,
+  prob: float,
+  cutmix_prob: float,
+  cutmix_alpha: float,
+  mixup_alpha: float,
+  partner: str = "permutation",
 ):
-  """Returns (images, labels_a, labels_b, lam); lam is 1 for a clean batch."""
+  """Returns (images, labels_a, labels_b, lam); lam is 1 for a clean batch. `partner`
+  chooses each image's partner (`PARTNERS`); the other draws do not depend on it."""
   k_mix, k_kind, k_perm, k_cut_lam, k_mix_lam, k_box = jax.random.split(key, 6)
   _, height, width, _ = images.shape
-  partner = jax.random.permutation(k_perm, images.shape[0])
-  other, labels_b = images[partner], labels[partner]
+  partners = partner_indices(k_perm, images.shape[0], partner)
+  other, labels_b = images[partners], labels[partners]
 
   lam_cut = beta(k_cut_lam, cutmix_alpha, cutmix_alpha)
   y0, y1, x0, x1 = cutmix_box(k_box, height, width, lam_cut)

@@ -127,7 +127,11 @@ def make_train_step(
   one program trains any of them (and, vmapped, a different one in each run). `decay_mask`
   is `weight_decay_mask`'s.
   """
-  alphas = {"cutmix_alpha": config.mixing.cutmix_alpha, "mixup_alpha": config.mixing.mixup_alpha}
+  mix_options = {
+    "cutmix_alpha": config.mixing.cutmix_alpha,
+    "mixup_alpha": config.mixing.mixup_alpha,
+    "partner": config.mixing.partner,
+  }
 
   def train_step(state: TrainState, batch, rng, hp):
     schedule = learning_rate_schedule(
@@ -142,7 +146,7 @@ def make_train_step(
       batch["label"],
       prob=hp["mixing.prob"],
       cutmix_prob=hp["mixing.cutmix_prob"],
-      **alphas,
+      **mix_options,
     )
     mixed = {"image": images, "label_a": labels_a, "label_b": labels_b}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from lkca_jax.mixing import beta, cutmix_box, mix_batch
+from lkca_jax.mixing import PARTNERS, beta, cutmix_box, mix_batch
 
 ALWAYS = dict(prob=1.0, cutmix_alpha=1.0, mixup_alpha=1.0)
 
@@ -42,6 +42,48 @@ def test_mixup_is_the_convex_combination():
   expected = lam * np.asarray(ya, np.float32) + (1 - lam) * np.asarray(yb, np.float32)
   np.testing.assert_allclose(np.asarray(out)[:, 0, 0, 0], expected, rtol=1e-6)
   assert 0.0 < float(lam) < 1.0
+
+
+def test_reversed_partners_are_the_batch_backwards():
+  """timm's Mixup pairs image i with image B - 1 - i, for CutMix and Mixup alike; the
+  middle image of an odd batch is its own partner."""
+  images, labels = _batch(15)
+  for cutmix_prob in (0.0, 1.0):
+    out, ya, yb, lam = mix_batch(
+      jax.random.key(1), images, labels, cutmix_prob=cutmix_prob, partner="reversed", **ALWAYS
+    )
+    np.testing.assert_array_equal(yb, np.arange(15)[::-1])
+    # Exact for CutMix; Mixup's λ·x + (1 − λ)·x is x within its four float32 roundings
+    # (of 1 − λ, the two products and the sum): at most 3·2⁻²⁴·x in all.
+    np.testing.assert_allclose(np.asarray(out)[7], np.asarray(images)[7], rtol=4 * 2.0**-24)
+    assert float(lam) < 1.0
+
+
+def test_the_partner_rule_changes_only_the_partners():
+  """The same key gives the same decisions, λ and box under either rule, so switching the
+  rule compares pairings alone."""
+  images, labels = _batch()
+  for seed in range(8):
+    key = jax.random.key(seed)
+    by_rule = {
+      p: mix_batch(
+        key, images, labels, prob=0.5, cutmix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=0.8, partner=p
+      )
+      for p in PARTNERS
+    }
+    (out_p, _, yb_p, lam_p), (out_r, _, yb_r, lam_r) = by_rule.values()
+    assert float(lam_p) == float(lam_r)
+    mixed_p, mixed_r = np.asarray(out_p) != np.asarray(images), np.asarray(out_r) != images
+    moved_p, moved_r = np.asarray(yb_p) != labels, np.asarray(yb_r) != labels
+    # Where an image's partner differs from itself, the mixed pixels are the same pixels.
+    both = moved_p & moved_r
+    np.testing.assert_array_equal(mixed_p[both], mixed_r[both])
+
+
+def test_an_unknown_partner_rule_is_refused():
+  images, labels = _batch()
+  with pytest.raises(ValueError, match="permutation, reversed"):
+    mix_batch(jax.random.key(0), images, labels, cutmix_prob=0.5, partner="flip", **ALWAYS)
 
 
 def test_clean_batches_are_untouched():

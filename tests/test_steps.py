@@ -1,4 +1,5 @@
-"""The pure step's pieces: the learning-rate schedule, the gradient norm, weight decay."""
+"""The pure step's pieces: the learning-rate schedule, the gradient norm, weight decay,
+the batch mixing's options."""
 
 import jax
 import jax.numpy as jnp
@@ -97,3 +98,17 @@ def test_weight_decay_on_the_weights_spares_vectors_tokens_and_position_tables(n
     assert "['blocks'][0]['mixer']['kernel']" in decayed  # the learned kernel is a weight
   every, _ = updates("all")
   assert all(np.any(every[path]) for path, p in leaves_by_path(params).items() if np.any(p))
+
+
+def test_the_step_pairs_images_as_the_config_says():
+  """`mixing.partner` reaches the step: from the same state, key and batch, every batch
+  mixed, the two pairing rules give different losses (and each the same on a rerun)."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  losses = {}
+  for partner in ("permutation", "reversed", "permutation"):
+    config = tiny_digits(**{"mixing.prob": 1.0, "mixing.partner": partner})
+    t = train.build_training(train.Run.prepare(config), config)
+    _, metrics = t.step(t.state, 0)
+    losses.setdefault(partner, set()).add(float(metrics["loss"][0]))
+  assert len(losses["permutation"]) == 1 and losses["permutation"] != losses["reversed"]
