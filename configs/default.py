@@ -142,7 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
       # "all" parameters (the reference), or only the "weights": not biases, norms, scalars,
       # position tables or the class token (timm's rule, as DeiT trains).
       "weight_decay_on": "all",
-      "warmup_epochs": 10,
+      "warmup_epochs": 10.0,  # a fraction of an epoch too: rounded to whole steps
       "init_learning_rate": 1e-6,
       "end_learning_rate": 1e-6,
     }

@@ -19,7 +19,7 @@ where it comes from. What this project cannot express, or does otherwise:
   by side, so an image's 3 copies share a step (the "adjacent" epoch order here, on one
   device or dealt over several), but its epoch is the first N of those 3N samples (a third
   of the images). Here an epoch is all 3N: 100 epochs here are DeiT's 300 in samples, and
-  its 5 warmup epochs are 5/3 here (rounded to 2: the warmup is whole epochs).
+  its 5 warmup epochs are 5/3 here.
 - The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
 - Mixup / CutMix pair image i with image B - 1 - i of the global batch, as timm does with
   each process's batch. Label smoothing is applied to the loss; timm smooths the mixed
@@ -85,7 +85,7 @@ def get_config():
   config.repeats = 3  # DeiT --repeated-aug, 3 copies (see above for what an epoch is)
   config.epoch_order = "adjacent"  # the copies in one step, as DeiT's RASampler
   config.num_epochs = 100  # DeiT's 300 epochs of N samples = 100 epochs of 3 passes here
-  config.optimizer.warmup_epochs = 2  # DeiT's 5 epochs = 5/3 here, rounded up (see above)
+  config.optimizer.warmup_epochs = 5 / 3  # DeiT's 5 epochs of N samples, in epochs of 3N
   # Drop path 0.1 (the presets' drop_path_rate; DeiT --drop-path 0.1, Table 9), ramped as timm
   # does from 0 in the first block to 0.1 in the last.
   config.model_overrides.drop_path_schedule = "linear"

@@ -36,12 +36,13 @@ def learning_rate_schedule(
   """Per step: linear warmup from init to peak, then one cosine decay to end.
 
   optax's warmup_cosine_decay_schedule, written so that `peak` (default: the
-  config's learning rate) may be a traced value, one run's of many.
+  config's learning rate) may be a traced value, one run's of many. The warmup's
+  `optimizer.warmup_epochs` (a fraction too) is rounded to the nearest step.
   """
   opt = config.optimizer
   peak = opt.learning_rate if peak is None else peak
   init, end = opt.init_learning_rate, opt.end_learning_rate
-  warmup = min(opt.warmup_epochs * steps_per_epoch, max(total_steps - 1, 0))
+  warmup = min(round(opt.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   decay = max(total_steps, warmup + 1) - warmup
 
   def schedule(count):
