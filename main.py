@@ -108,11 +108,12 @@ def _main():
           print(
             f"eval {result['checkpoint']} run {r['run']} "
             f"({runs.run_name(r['seed'], r['values'])}): "
-            f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}"
+            f"top1 {r['top1']:.4f} top5 {r['top5']:.4f} loss {r['loss']:.4f}{averaged(r)}"
           )
         print(
           f"eval {result['checkpoint']}{' mean' if many else ''}: "
           f"top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f}"
+          f"{averaged(result)}"
         )
       return
     summary = train.train_and_evaluate(config, workdir)
@@ -129,11 +130,27 @@ def _main():
   if summary["num_runs"] > 1:
     print_runs(config, summary, workdir)
     return
+  average = (
+    f"moving average final top1 {summary['final_ema_top1']:.4f}, "
+    f"best {summary['best_ema_top1']:.4f}, "
+    if "final_ema_top1" in summary
+    else ""
+  )
   print(
     f"{config.model} on {config.dataset.name}: final top1 {summary['final_top1']:.4f}, "
-    f"best top1 {summary['best_top1']:.4f} (step {summary['best_step']}), "
+    f"best top1 {summary['best_top1']:.4f} (step {summary['best_step']}), {average}"
     f"{summary['params']:,} params, {summary['wall_seconds']:.0f}s; "
     f"summary in {workdir}/summary.json"
+  )
+
+
+def averaged(result: dict) -> str:
+  """The evaluation of the parameters' moving average (ema_decay > 0), where there is one."""
+  if "ema_top1" not in result:
+    return ""
+  return (
+    f"; moving average top1 {result['ema_top1']:.4f} top5 {result['ema_top5']:.4f} "
+    f"loss {result['ema_loss']:.4f}"
   )
 
 
@@ -151,9 +168,14 @@ def print_runs(config, summary, workdir) -> None:
   )
   for group in summary["groups"]:
     values = runs.describe_values(group["values"]) or "all runs"
+    average = (
+      f", moving average final top1 {cell(group, 'final_ema_top1')}"
+      if "final_ema_top1_mean" in group
+      else ""
+    )
     print(
       f"  {values}: final top1 {cell(group, 'final_top1')}, best top1 "
-      f"{cell(group, 'best_top1')} over seeds {group['finished_seeds']}"
+      f"{cell(group, 'best_top1')}{average} over seeds {group['finished_seeds']}"
     )
   for r in summary["runs"]:
     if r["died_at_step"] is not None:

@@ -148,6 +148,9 @@ def get_config() -> ml_collections.ConfigDict:
     }
   )
 
+  # > 0: also keep an exponential moving average of the parameters with this decay a step,
+  # evaluated beside them (test_ema_top1 ...); 0: none.
+  config.ema_decay = 0.0
   config.batch_size = 128  # global, split over all devices
   # The batch computed as M slices, one after another, their gradients averaged: the same
   # step in about 1/M of the activation memory (stochastic depth draws per slice).

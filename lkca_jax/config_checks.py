@@ -343,6 +343,7 @@ def _training_rules() -> dict[str, Rule]:
     "optimizer.weight_decay_on": choice(models.WEIGHT_DECAY_ON),
     "optimizer.init_learning_rate": number(0.0),
     "optimizer.end_learning_rate": number(0.0),
+    "ema_decay": number(0.0, 1.0, high_open=True),  # 0: no moving average
     "batch_size": integer(1),
     "microbatches": integer(1),
     "num_epochs": integer(1),

@@ -150,8 +150,12 @@ def run_scalars(per_run: list[dict | None], prefix: str) -> dict[str, float]:
   return scalars
 
 
+AVERAGE_METRICS = ("final_ema_top1", "best_ema_top1")  # of a run with ema_decay > 0
+
+
 def run_summaries(specs, records) -> list[dict]:
-  """Per run: seed, swept values, final and best test top-1, best step, death if any."""
+  """Per run: seed, swept values, final and best test top-1, best step, death if any; with
+  a moving average of the parameters (ema_decay), its final and best top-1 too."""
   runs = []
   for spec, rec in zip(specs, records, strict=True):
     final = rec.history[-1] if rec.history else None
@@ -166,9 +170,18 @@ def run_summaries(specs, records) -> list[dict]:
         "best_step": rec.best_step,
         "died_at_step": rec.died_at_step,
         "died_with_loss": rec.died_with_loss,
+        **_average_summary(rec),
       }
     )
   return runs
+
+
+def _average_summary(rec: RunRecord) -> dict:
+  """Final and best test top-1 of the parameters' moving average, where it was evaluated."""
+  averaged = [h["ema_top1"] for h in rec.history if "ema_top1" in h]
+  if not averaged:
+    return {}
+  return dict(zip(AVERAGE_METRICS, (averaged[-1], max(averaged)), strict=True))
 
 
 def group_summaries(runs: list[dict]) -> list[dict]:
@@ -188,6 +201,7 @@ def group_summaries(runs: list[dict]) -> list[dict]:
     done = [
       r for r in runs if tuple(r["values"].items()) == key and r["seed"] in group["finished_seeds"]
     ]
-    for metric in ("final_top1", "best_top1"):
-      group[f"{metric}_mean"], group[f"{metric}_std"] = mean_std(r[metric] for r in done)
+    for metric in ("final_top1", "best_top1", *AVERAGE_METRICS):
+      if all(metric in r for r in done):
+        group[f"{metric}_mean"], group[f"{metric}_std"] = mean_std(r[metric] for r in done)
   return list(groups.values())

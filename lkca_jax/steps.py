@@ -7,7 +7,7 @@ jits over the mesh with the state donated.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -66,12 +66,45 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
   """AdamW; `weight_decay` (default: the config's) may be traced: the state is the same.
   `decay_mask` (`weight_decay_mask`) limits the decay to its True leaves; None: every
-  parameter."""
+  parameter. With `ema_decay` > 0 its state also keeps the parameters' moving average
+  (`params_average`, read with `average_of`)."""
   opt = config.optimizer
   weight_decay = opt.weight_decay if weight_decay is None else weight_decay
-  return optax.adamw(
+  adamw = optax.adamw(
     schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=weight_decay, mask=decay_mask
   )
+  return optax.chain(adamw, params_average(config.ema_decay)) if config.ema_decay else adamw
+
+
+class ParamsAverage(NamedTuple):
+  """The state of `params_average`."""
+
+  average: Any  # shaped as the parameters
+
+
+def params_average(decay: float) -> optax.GradientTransformation:
+  """Passes the updates through unchanged and keeps the exponential moving average of the
+  parameters they make: average ← decay·average + (1 − decay)·(params + updates), from the
+  initial parameters on (timm's ModelEma, which DeiT keeps). Last in a chain, it sees the
+  parameters `optax.apply_updates` makes; it changes nothing of the training."""
+
+  def init(params):
+    return ParamsAverage(jax.tree.map(jnp.copy, params))  # its own buffers: the state is donated
+
+  def update(updates, state, params):
+    new = optax.apply_updates(params, updates)
+    average = jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, state.average, new)
+    return updates, ParamsAverage(average)
+
+  return optax.GradientTransformation(init, update)
+
+
+def average_of(opt_state):
+  """The parameters' moving average that a `create_optimizer` state keeps, else None."""
+  if isinstance(opt_state, tuple) and len(opt_state) == 2:
+    if isinstance(opt_state[1], ParamsAverage):
+      return opt_state[1].average
+  return None
 
 
 def weight_decay_mask(config, model):

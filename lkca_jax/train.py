@@ -268,6 +268,20 @@ def _run_eval(eval_fn, params, rest, pipeline) -> list[dict]:
   ]
 
 
+def _run_evals(eval_fn, params, rest, opt_state, pipeline) -> list[dict]:
+  """`_run_eval` of the parameters and, where the optimizer state keeps their moving
+  average (`ema_decay`), of it too, as ema_loss, ema_top1 and ema_top5."""
+  results = _run_eval(eval_fn, params, rest, pipeline)
+  average = steps.average_of(opt_state)
+  if average is None:
+    return results
+  averaged = _run_eval(eval_fn, average, rest, pipeline)
+  return [
+    {**r, **{f"ema_{key}": value for key, value in a.items()}}
+    for r, a in zip(results, averaged, strict=True)
+  ]
+
+
 # --- device memory ---------------------------------------------------------------
 def device_memory_limit(device=None) -> int | None:
   """Bytes the device may allocate, or None where the backend does not say (CPU)."""
@@ -573,7 +587,12 @@ def _log_eval(step: int, living: list[dict | None]) -> None:
   if len(living) == 1:
     r = living[0]
     logging.info(
-      "step %d: test top1 %.4f top5 %.4f loss %.4f", step, r["top1"], r["top5"], r["loss"]
+      "step %d: test top1 %.4f top5 %.4f loss %.4f%s",
+      step,
+      r["top1"],
+      r["top5"],
+      r["loss"],
+      f"; moving average top1 {r['ema_top1']:.4f}" if "ema_top1" in r else "",
     )
     return
   top1 = [r["top1"] for r in living if r is not None]
@@ -590,7 +609,8 @@ def _log_eval(step: int, living: list[dict | None]) -> None:
 
 def evaluate_runs(loop: Loop, t: Training, writer) -> tuple[Loop, float]:
   """Tests every run; returns the loop with their records and the mean top-1 of the living."""
-  results = _run_eval(t.eval_step, loop.state.params, loop.state.rest, t.pipeline)
+  state = loop.state
+  results = _run_evals(t.eval_step, state.params, state.rest, state.opt_state, t.pipeline)
   records = tuple(r.evaluated(loop.step, res) for r, res in zip(loop.records, results, strict=True))
   living = [
     res if r.died_at_step is None else None for r, res in zip(records, results, strict=True)
@@ -703,8 +723,9 @@ def summarize(config, run: Run, t: Training, loop: Loop, clock: _TrainClock, wal
   each swept combination, and the run's shape and speed."""
   per_run = runs.run_summaries(t.specs, loop.records)
   done = [r for r in per_run if r["died_at_step"] is None and r["final_top1"] is not None]
+  metrics = ("final_top1", "final_top5", "best_top1", *runs.AVERAGE_METRICS)
   headline = {
-    key: runs.mean_std(r[key] for r in done)[0] for key in ("final_top1", "final_top5", "best_top1")
+    key: runs.mean_std(r[key] for r in done)[0] for key in metrics if all(key in r for r in per_run)
   }
   return {
     "model": config.model,
@@ -859,7 +880,8 @@ def evaluate(
   run = Run.prepare(config, checkpoints=source)
   specs = runs.run_specs(config)
   _, eval_graphdef, params, rest = _split_model(run.model)
-  like = {"params": params, "rest": rest}  # no optimizer state is built or read
+  # The optimizer state is read only for the moving average it keeps (ema_decay).
+  like = {"params": params, "rest": rest, **_average_like(config, run.model, params)}
   on_every_device = NamedSharding(run.mesh, P())  # every process's devices
   like = pipeline_lib.put_tree(steps.as_runs([like] * len(specs)), on_every_device)
   restored = _read_for_eval(config, run, like, source)
@@ -871,43 +893,64 @@ def evaluate(
     distributed.compile_everywhere(
       "eval step", (eval_step, (state["params"], state["rest"], first_batch))
     )
-  results = _run_eval(eval_step, state["params"], state["rest"], pipeline)
+  results = _run_evals(eval_step, state["params"], state["rest"], state.get("opt_state"), pipeline)
   per_run = [
     {"run": spec.index, "seed": spec.seed, "values": spec.values, **res}
     for spec, res in zip(specs, results, strict=True)
   ]
-  means = {key: runs.mean_std(r[key] for r in results)[0] for key in ("loss", "top1", "top5")}
+  means = {key: runs.mean_std(r[key] for r in results)[0] for key in results[0]}
   return {"step": restored.step, "checkpoint": str(restored.path), **means, "runs": per_run}
 
 
-def load_trained(workdir, *, checkpoint=None, run: int = 0) -> models.ViT:
+def _average_like(config, model, params) -> dict:
+  """{"opt_state": a fresh optimizer state} to read a checkpoint's into where `config`
+  keeps the parameters' moving average (ema_decay > 0), else {}."""
+  if not config.ema_decay:
+    return {}
+  decay_mask = steps.weight_decay_mask(config, model)
+  tx = steps.create_optimizer(config, optax.constant_schedule(0.0), decay_mask=decay_mask)
+  return {"opt_state": tx.init(params)}
+
+
+def load_trained(workdir, *, checkpoint=None, run: int = 0, average: bool = False) -> models.ViT:
   """The model a `main.py` run trained in `workdir`, in eval mode, for use from code.
 
   Built from the workdir's config.json, with the parameters of `checkpoint` (a step
   directory <workdir>/checkpoints/<step>), else of the newest checkpoint there that
   restores; of run `run` (0 … K−1) where the run trained several side by side (num_runs,
-  sweep). Read-only: a run may be training there. Raises ConfigError or CheckpointError
+  sweep); with `average`, their moving average instead (a run with ema_decay > 0).
+  Read-only: a run may be training there. Raises ConfigError or CheckpointError
   (ValueErrors) naming what is missing or does not fit.
   """
   config = ml_collections.ConfigDict(run_files.saved_config_json(workdir))
   model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
   source = checkpoint or epath.Path(workdir) / "checkpoints"
-  nnx.update(model, read_run_params(config, model, source, run)[0])
+  nnx.update(model, read_run_params(config, model, source, run, average=average)[0])
   model.eval()
   return model
 
 
-def read_run_params(config, model, source, run: int = 0):
+def read_run_params(config, model, source, run: int = 0, *, average: bool = False):
   """(run `run`'s parameters for `model`, the Restored they came from): read-only, from the
   checkpoint `source` or the newest one there that restores, which holds the parameters of
-  `config`'s runs (num_runs × sweep) stacked when there are several."""
+  `config`'s runs (num_runs × sweep) stacked when there are several. With `average`, the
+  parameters' moving average that its optimizer state keeps (ema_decay > 0)."""
   count = len(runs.run_specs(config))
   if not 0 <= run < count:
     raise checkpoint_lib.CheckpointError(
       f"run={run}: the run in {source} trained {count} run(s); pass run 0 … {count - 1}"
     )
+  if average and not config.get("ema_decay", 0.0):  # a config.json of an older run lacks it
+    raise checkpoint_lib.CheckpointError(
+      f"average=True: the run in {source} kept no moving average of its parameters "
+      "(its ema_decay is 0); load its parameters (average=False)"
+    )
   params = nnx.state(model, nnx.Param)
-  like = {"params": steps.as_runs([params] * count)}
-  restored = run_files.read_trained(config, like, source)
-  params = restored.state["params"]
+  if average:
+    field, one = "opt_state", _average_like(config, model, params)["opt_state"]
+  else:
+    field, one = "params", params
+  restored = run_files.read_trained(config, {field: steps.as_runs([one] * count)}, source)
+  params = restored.state[field]
+  params = steps.average_of(params) if average else params
   return (steps.run_of(params, run) if count > 1 else params), restored

@@ -189,6 +189,8 @@ def test_load_trained_gives_the_runs_model_with_its_checkpoints_parameters(unint
   earlier = min(s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   model = load_trained(workdir, checkpoint=os.path.join(workdir, "checkpoints", earlier))
   assert_same_named_params(model, checkpoint_params(workdir, int(earlier)))
+  with pytest.raises(ValueError, match=r"kept no moving average .*\(average=False\)"):
+    load_trained(workdir, average=True)  # it trained with ema_decay 0
 
 
 def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):

@@ -130,3 +130,40 @@ def test_the_step_pairs_images_as_the_config_says():
     _, metrics = t.step(t.state, 0)
     losses.setdefault(partner, set()).add(float(metrics["loss"][0]))
   assert len(losses["permutation"]) == 1 and losses["permutation"] != losses["reversed"]
+
+
+def test_the_moving_average_follows_the_parameters_and_changes_nothing_of_the_training():
+  """With ema_decay the trained parameters and AdamW's moments are bit for bit those of
+  the run without, and the average is ½·average + ½·parameters after each step from the
+  initial parameters on. With decay ½ both products are exact, so the sum's one rounding
+  is the recurrence's own: bit for bit as well."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  def trained(ema_decay):
+    config = tiny_digits(ema_decay=ema_decay, **{"model_overrides.drop_path_rate": 0.1})
+    t = train.build_training(train.Run.prepare(config), config)
+    state, trajectory = t.state, [jax.device_get(t.state.params)]
+    for step in range(3):
+      state, _ = t.step(state, step)
+      trajectory.append(jax.device_get(state.params))
+    return jax.device_get(state), trajectory
+
+  plain, trajectory = trained(0.0)
+  averaged, _ = trained(0.5)
+  assert steps.average_of(plain.opt_state) is None
+  expected = trajectory[0]
+  for params in trajectory[1:]:
+    expected = jax.tree.map(
+      lambda a, p: np.float32(0.5) * a + np.float32(0.5) * p, expected, params
+    )
+  average = steps.average_of(averaged.opt_state)
+  for path, value in leaves_by_path(expected).items():
+    np.testing.assert_array_equal(leaves_by_path(average)[path], value, path)
+  assert not np.array_equal(  # it moved with the parameters, and lags them
+    leaves_by_path(average)["['head']['kernel']"],
+    leaves_by_path(trajectory[-1])["['head']['kernel']"],
+  )
+  np.testing.assert_equal(
+    jax.tree.leaves((averaged.params, averaged.opt_state[0])),
+    jax.tree.leaves((plain.params, plain.opt_state)),
+  )

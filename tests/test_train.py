@@ -16,6 +16,7 @@ from lkca_jax import backend, runs, steps, train
 from tests.helpers import (
   U,
   assert_one_step_apart,
+  leaves_by_path,
   step_chain_terms,
   tiny_digits,
   with_overrides,
@@ -311,3 +312,38 @@ def test_a_config_json_without_a_checkpoint_is_no_run_to_resume(tmp_path):
   summary = train.train_and_evaluate(tiny_digits(num_train_steps=1), str(tmp_path))
   assert summary["step"] == 1
   assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 1
+
+
+@pytest.mark.slow
+def test_a_moving_average_is_evaluated_checkpointed_resumed_and_loaded(tmp_path):
+  """ema_decay: the run evaluates the average beside the parameters, eval mode reads it
+  back from the checkpoint to the same numbers, a resumed run ends with the same average,
+  and load_trained(average=True) builds the model from it: one step of decay ½ from the
+  initial parameters p0 to p1 makes it ½·p0 + ½·p1 exactly (both products exact, one
+  rounding)."""
+  config = tiny_digits(ema_decay=0.5, num_train_steps=2, eval_every_steps=1)
+  config.checkpoint_every_steps = 1
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  result = train.evaluate(config, str(tmp_path))
+  for key in ("top1", "ema_top1"):
+    assert result[key] == summary[f"final_{key}"], key
+  assert {"ema_loss", "ema_top5"} <= result.keys()
+
+  def params(**kwargs):
+    return leaves_by_path(nnx.state(train.load_trained(tmp_path, **kwargs), nnx.Param))
+
+  final = params(average=True)
+  shutil.rmtree(tmp_path / "checkpoints" / "2")
+  (tmp_path / "summary.json").unlink()
+  assert train.train_and_evaluate(config, str(tmp_path))["final_ema_top1"] == result["ema_top1"]
+  for path, value in params(average=True).items():
+    np.testing.assert_array_equal(value, final[path], path)
+
+  first = tmp_path / "checkpoints" / "1"
+  initial = leaves_by_path(nnx.state(train.Run.prepare(config).model, nnx.Param))
+  trained = params(checkpoint=first)
+  averaged = params(checkpoint=first, average=True)
+  for path, value in averaged.items():
+    half = lambda x: np.float32(0.5) * x.astype(np.float32)  # noqa: E731
+    np.testing.assert_array_equal(value, half(initial[path]) + half(trained[path]), path)
+  assert any(not np.array_equal(averaged[p], trained[p]) for p in trained)
