@@ -80,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
       "stream_crop": "resize",
       "stream_crop_scale": (0.08, 1.0),
       "stream_crop_ratio": (3 / 4, 4 / 3),
-      # Evaluation: shorter side to size / fraction, then the centre crop (DeiT: 0.875).
+      # Evaluation: shorter side to size / fraction, then the centre crop (DeiT: 0.875), as
+      # torchvision's Resize and CenterCrop (streamed data; in memory only 1.0).
       "eval_crop_fraction": 1.0,
       "stream_workers": 0,  # grain worker processes decoding; 0: threads of this process
       # Square size images are used at, in pixels (None: the dataset's own). A fixed-size

@@ -11,10 +11,6 @@ The recipe is DeiT's for DeiT-S (Touvron et al. 2021, "Training data-efficient i
 transformers", Table 9, and the defaults of their repository's main.py); each value says
 where it comes from. What this project cannot express, or does otherwise:
 
-- Crop: DeiT trains on RandomResizedCrop(224, scale 0.08-1, ratio 3/4-4/3, bicubic), the
-  streaming path's per-image host step here (`dataset.stream_crop`, PIL's bicubic resize of
-  the box). It evaluates on the centre 224 of the image resized to 256 (0.875); here the
-  centre box of 0.875 of the shorter side is resized straight to 224 (one resampling).
 - Repeated augmentation: DeiT's RASampler shuffles once and repeats each index 3 times side
   by side, so an image's 3 copies share a step (the "adjacent" epoch order here, on one
   device or dealt over several), but its epoch is the first N of those 3N samples (a third
@@ -38,7 +34,8 @@ def get_config():
   config.dataset.name = "imagenet2012"
   # Decode, crop and resize on host workers, batches streamed: ~190 GB decoded fits nowhere.
   config.dataset.placement = "stream"
-  config.dataset.stream_crop = "random_resized"  # DeiT: RandomResizedCrop(224)
+  # DeiT: RandomResizedCrop(224), bicubic; made on the host as torchvision makes it.
+  config.dataset.stream_crop = "random_resized"
   config.dataset.stream_crop_scale = (0.08, 1.0)  # torchvision's default scale, DeiT's
   config.dataset.stream_crop_ratio = (3 / 4, 4 / 3)  # torchvision's default ratio, DeiT's
   config.dataset.eval_crop_fraction = 0.875  # DeiT --eval-crop-ratio 0.875: 256, centre 224

@@ -59,7 +59,7 @@ class HostCrop:
   crop: str = "resize"
   scale: tuple[float, float] = (0.08, 1.0)  # random_resized: area share of the image
   ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized: width / height
-  eval_fraction: float = 1.0  # evaluation: shorter side to size / fraction, centre crop
+  eval_fraction: float = 1.0  # evaluation: resize to size / fraction, centre crop
 
   def __post_init__(self):
     if self.crop not in CROPS:
@@ -129,28 +129,43 @@ def random_box(rng: np.random.Generator, width: int, height: int, scale, ratio):
   return left, top, left + w, top + h
 
 
-def centre_box(width: int, height: int, out_w: int, out_h: int, fraction: float):
-  """The centred box that, resized to (out_w, out_h), is the resize-shorter-side-then-crop of
-  the whole image (shorter side to out / fraction): DeiT's evaluation crop at fraction 0.875."""
-  # The crop covers `fraction` of the shorter side, with the output's aspect.
-  scale = min(width / out_w, height / out_h) * fraction
-  w, h = out_w * scale, out_h * scale
-  left, top = (width - w) / 2, (height - h) / 2
-  return left, top, left + w, top + h
+def resized_crop(image, box, out_w: int, out_h: int):
+  """The box (left, top, right, bottom) cut out, then resized bicubically to (out_w, out_h):
+  torchvision's resized_crop (RandomResizedCrop's last step), so that the filter sees only
+  the box's pixels."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  return image.crop(box).resize((out_w, out_h), Image.Resampling.BICUBIC)
+
+
+def resize_then_centre_crop(image, out_w: int, out_h: int, fraction: float = 1.0):
+  """torchvision's Resize(int(side / fraction), bicubic) then CenterCrop, as DeiT and timm
+  evaluate (side: the output's longer one, the only one for a square output): the image's
+  shorter side to that size, its longer one in proportion, truncated, and the centre
+  (out_w, out_h) box at offsets rounded as CenterCrop rounds them."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  width, height = image.size
+  short = int(max(out_w, out_h) / fraction)
+  if width <= height:
+    size = (short, int(short * height / width))
+  else:
+    size = (int(short * width / height), short)
+  image = image.resize(size, Image.Resampling.BICUBIC)  # a copy where the size is the same
+  left, top = (int(round((s - out) / 2.0)) for s, out in zip(size, (out_w, out_h), strict=True))
+  return image.crop((left, top, left + out_w, top + out_h))
 
 
 def crop_image(image, crop: HostCrop, rng: np.random.Generator | None) -> np.ndarray:
-  """uint8 (H, W, C) at crop.size: random-resized with `rng`, else the centre crop."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
+  """uint8 (H, W, C) at crop.size: for training (with `rng`) random-resized or resized as
+  `crop.crop` says, for evaluation resized to size / `crop.eval_fraction`, then the centre."""
   out_h, out_w = crop.size
-  width, height = image.size
   if rng is not None and crop.crop == "random_resized":
-    box = random_box(rng, width, height, crop.scale, crop.ratio)
+    box = random_box(rng, *image.size, crop.scale, crop.ratio)
+    image = resized_crop(image, box, out_w, out_h)
   else:
-    box = centre_box(width, height, out_w, out_h, 1.0 if rng is not None else crop.eval_fraction)
-  if box != (0, 0, out_w, out_h) or (width, height) != (out_w, out_h):
-    image = image.resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)  # as DeiT (PIL)
+    fraction = 1.0 if rng is not None else crop.eval_fraction
+    image = resize_then_centre_crop(image, out_w, out_h, fraction)
   return np.asarray(image).reshape(out_h, out_w, crop.channels)
 
 

@@ -8,6 +8,7 @@ mid-epoch (a resumed run) gives exactly the batches from there on.
 """
 
 import dataclasses
+import hashlib
 import io
 import os
 import signal
@@ -180,14 +181,66 @@ def test_a_box_that_never_fits_falls_back_to_the_centred_box_of_the_ratio():
   assert box == (495, 0, 505, 10)
 
 
-def test_the_centre_box_is_deit_resize_then_centre_crop():
-  # DeiT's evaluation: shorter side to 224 / 0.875 = 256, then the centre 224 x 224; in the
-  # 500 x 375 image that is the centred square of 375 * 224 / 256 pixels.
-  left, top, right, bottom = stream.centre_box(500, 375, 224, 224, 0.875)
-  side = 375 * 224 / 256
-  assert (right - left, bottom - top) == pytest.approx((side, side), abs=1e-9)
-  assert (left + right, top + bottom) == pytest.approx((500, 375), abs=1e-9)
-  assert stream.centre_box(64, 64, 64, 64, 1.0) == (0, 0, 64, 64)  # nothing to do
+# sha256 (first 16 hex digits) of torchvision 0.28.0's transforms with Pillow 13.0.0 on the
+# noise image `_noise(width, height)`, made once in a separate venv (torchvision is never a
+# dependency). Noise: a box off by a pixel, a scale off by one or a filter reaching past
+# the box changes most pixels.
+TORCHVISION = {
+  # Compose([Resize(256, BICUBIC), CenterCrop(224)]): DeiT's evaluation at its 0.875.
+  ("eval", 0.875, (500, 375)): "6439a1cd637adf0f",
+  ("eval", 0.875, (333, 500)): "f6f808b7bdacea18",
+  ("eval", 0.875, (640, 427)): "e8dccadf3a8232d0",
+  ("eval", 0.875, (300, 300)): "b7d5c21283208a6c",
+  # Compose([Resize(224, BICUBIC), CenterCrop(224)]): stream_crop="resize".
+  ("resize", 1.0, (500, 375)): "557c3ab6fbaa0982",
+  ("resize", 1.0, (333, 500)): "c0ebb551242ba9f6",
+}
+# F.resized_crop(noise(500, 375), top, left, height, width, [224, 224], BICUBIC) of a box
+# (left, top, right, bottom): RandomResizedCrop's resize of the box it drew.
+TORCHVISION_RESIZED_CROPS = {
+  (10, 20, 310, 280): "d38a96212f3d40e1",
+  (100, 50, 200, 150): "2e2e0fbe59f3b584",
+  (0, 0, 500, 375): "21239c16011d6772",
+}
+
+
+def _noise(width: int, height: int) -> Image.Image:
+  return Image.fromarray(
+    np.random.default_rng([width, height]).integers(0, 256, (height, width, 3), np.uint8)
+  )
+
+
+def _digest(pixels) -> str:
+  return hashlib.sha256(np.asarray(pixels).tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("case", list(TORCHVISION))
+def test_the_centre_crops_are_torchvisions_pixel_for_pixel(case):
+  kind, fraction, size = case
+  crop = stream.HostCrop(size=(224, 224), channels=3, eval_fraction=fraction)
+  rng = None if kind == "eval" else stream.image_rng([0], 0, 0)  # "resize" draws nothing
+  pixels = stream.crop_image(_noise(*size), crop, rng)
+  assert pixels.shape == (224, 224, 3) and _digest(pixels) == TORCHVISION[case]
+
+
+def test_a_non_square_evaluation_crop_resizes_by_the_longer_output_side():
+  """Compose([Resize(int(64 / 0.875)), CenterCrop((64, 48))]) of torchvision, as above."""
+  crop = stream.HostCrop(size=(64, 48), channels=3, eval_fraction=0.875)
+  assert _digest(stream.crop_image(_noise(500, 375), crop, None)) == "4989aea76ad5ab94"
+
+
+@pytest.mark.parametrize("box", list(TORCHVISION_RESIZED_CROPS))
+def test_a_random_resized_crop_resizes_its_box_as_torchvision(box):
+  pixels = stream.resized_crop(_noise(500, 375), box, 224, 224)
+  assert _digest(pixels) == TORCHVISION_RESIZED_CROPS[box]
+
+
+def test_an_image_at_the_size_is_kept_as_it_is():
+  image = _noise(64, 64)
+  crop = stream.HostCrop(size=(64, 64), channels=3)
+  np.testing.assert_array_equal(stream.crop_image(image, crop, None), np.asarray(image))
+  training = stream.crop_image(image, crop, stream.image_rng([0], 0, 0))
+  np.testing.assert_array_equal(training, np.asarray(image))
 
 
 def test_host_randomness_is_a_function_of_key_step_and_row():
