@@ -1,5 +1,6 @@
-"""The pure train and eval steps: AdamW with a warmup-cosine schedule, batch mixing, label
-smoothing, and the run axis along which one program trains several runs.
+"""The pure train and eval steps: AdamW with a warmup-cosine schedule (and, optionally, the
+parameters' moving average), batch mixing, label smoothing, and the run axis along which one
+program trains several runs.
 
 `make_train_step` builds `train_step(state, batch, rng, hp)`, which `train.build_training`
 jits over the mesh with the state donated.
