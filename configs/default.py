@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The classifier: "keep" the checkpoint's (the same classes) or "new" (this dataset's
   # classes, initialised as a fresh run's): pre-trained on one dataset, fine-tuned on another.
   config.init_from_head = "keep"
+  # True: start from the moving average of init_from's parameters (a run with ema_decay > 0).
+  config.init_from_average = False
 
   config.dataset = ml_collections.ConfigDict(
     {

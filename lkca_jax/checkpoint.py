@@ -365,6 +365,12 @@ def _saved_shapes(directory, step: int) -> dict[str, tuple | None]:
     checkpoints.close()
 
 
+def holds_arrays_under(directory, step: int, prefix: str) -> bool:
+  """Whether checkpoint `directory/step` saved any array whose name starts with `prefix`
+  (names as `saved_like` writes them: "opt_state.1.average.")."""
+  return any(name.startswith(prefix) for name in _saved_shapes(directory, step))
+
+
 def saved_runs(directory, step: int) -> int | None:
   """How many runs side by side checkpoint `directory/step` holds; None: a single run's."""
   shape = _saved_shapes(directory, step).get("step")

@@ -280,6 +280,7 @@ def _run_and_model_rules() -> dict[str, Rule]:
     "init_from": string(),  # the path itself is checked in Run.prepare
     "init_from_kernels": choice(KERNEL_MOVES),
     "init_from_head": choice(models.HEAD_STARTS),
+    "init_from_average": boolean(),
   }
 
 

@@ -1,9 +1,11 @@
-"""init_from: a run that starts from another run's checkpoint, its parameters moved to this
-model's image size (resolution.move_params) and, with a new head, to its classes."""
+"""init_from: a run that starts from another run's checkpoint, its parameters (or, with
+init_from_average, their moving average) moved to this model's image size
+(resolution.move_params) and, with a new head, to its classes."""
 
 from __future__ import annotations
 
 import jax
+import optax
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -42,14 +44,44 @@ def init_from_source(path) -> tuple[epath.Path, int]:
   return directory, step
 
 
-def _saved_params(directory, step, model) -> tuple[nnx.State, int | None]:
-  """(shapes of the checkpoint's parameters as one run's nnx.State, its run count or None)."""
-  like = nnx.state(model, nnx.Param)
-  saved = checkpoint_lib.saved_like(directory, step, "params", like)
+# Where a checkpoint keeps the parameters' moving average (steps.params_average, the second
+# transformation of the optimizer chain), as its array names begin.
+AVERAGE_PREFIX = "opt_state.1.average."
+
+
+def _source_field(config, model) -> tuple[str, object]:
+  """(the state's field init_from reads, a tree of its shapes for `model`): the parameters,
+  or with init_from_average the optimizer state that keeps their moving average."""
+  params = nnx.state(model, nnx.Param)
+  if not config.init_from_average:
+    return "params", params
+  keeping = config.copy_and_resolve_references()
+  keeping.ema_decay = 0.5  # any decay: what matters is the state's layout
+  tx = steps.create_optimizer(keeping, optax.constant_schedule(0.0))
+  return "opt_state", jax.eval_shape(tx.init, params)
+
+
+def _saved_params(config, directory, step, model) -> tuple[str, object, int | None]:
+  """(the field read, its shapes in the checkpoint as one run's tree, its run count or None).
+  Raises CheckpointError where init_from_average finds no average there."""
+  field, like = _source_field(config, model)
+  if field == "opt_state" and not checkpoint_lib.holds_arrays_under(
+    directory, step, AVERAGE_PREFIX
+  ):
+    raise checkpoint_lib.CheckpointError(
+      f"{directory / str(step)} kept no moving average of its parameters (trained with "
+      "ema_decay 0): start from its parameters (init_from_average=False)"
+    )
+  saved = checkpoint_lib.saved_like(directory, step, field, like)
   count = checkpoint_lib.saved_runs(directory, step)
   if count is not None:
     saved = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), saved)
-  return saved, count
+  return field, saved, count
+
+
+def _as_params(field: str, tree):
+  """The parameters (or their moving average) of the field `_saved_params` read."""
+  return steps.average_of(tree) if field == "opt_state" else tree
 
 
 def check_init_from(config, model) -> None:
@@ -60,8 +92,8 @@ def check_init_from(config, model) -> None:
   where = f"init_from={config.init_from}"
   directory, step = init_from_source(config.init_from)
   try:
-    saved, saved_runs = _saved_params(directory, step, model)
-    jax.eval_shape(lambda p: _moved(config, p, model), saved)
+    field, saved, saved_runs = _saved_params(config, directory, step, model)
+    jax.eval_shape(lambda p: _moved(config, p, model), _as_params(field, saved))
   except (checkpoint_lib.CheckpointError, resolution.MoveError) as e:
     raise ConfigError(f"{where}: {e}") from None
   num_runs = len(runs.run_specs(config))
@@ -76,19 +108,20 @@ def moved_params(config, model, mesh) -> nnx.State:
   """The parameters of `config.init_from` moved to `model`'s grid (resolution.move_params),
   each run's (stacked along the run axis with several), replicated on `mesh`."""
   directory, step = init_from_source(config.init_from)
-  saved, saved_runs = _saved_params(directory, step, model)
+  field, saved, saved_runs = _saved_params(config, directory, step, model)
   replicated = NamedSharding(mesh, P())
   lead = () if saved_runs is None else (saved_runs,)
   saved = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=replicated), saved
   )
-  restored = checkpoint_lib.read_checkpoint({"params": saved}, directory / str(step))
-  params = restored.state["params"]
+  restored = checkpoint_lib.read_checkpoint({field: saved}, directory / str(step))
+  params = _as_params(field, restored.state[field])
   count = len(runs.run_specs(config))
   each = [params if saved_runs is None else steps.run_of(params, k) for k in range(count)]
   moved = [_moved(config, p, model) for p in each]
   logging.info(
-    "parameters from %s, moved to a %dx%d grid (kernels: %s; head: %s)",
+    "%s from %s, moved to a %dx%d grid (kernels: %s; head: %s)",
+    "parameters' moving average" if config.init_from_average else "parameters",
     restored.path,
     *model.grid,
     config.init_from_kernels,
@@ -106,10 +139,11 @@ def _moved(config, params, model) -> nnx.State:
 def initialised_from(config, model, mesh, state: steps.TrainState) -> steps.TrainState:
   """`state` with the parameters of `config.init_from` (moved_params); the optimizer state
   and step stay fresh, and so does a new classifier (init_from_head="new"): each run's
-  own, as its seed drew it."""
+  own, as its seed drew it. A moving average of the parameters (ema_decay) starts at them."""
   params = steps.variable_values(moved_params(config, model, mesh))
   if config.init_from_head == "new":
     params = jax.tree_util.tree_map_with_path(
       lambda path, moved, own: own if path[0].key == "head" else moved, params, state.params
     )
-  return state.replace(params=params)
+  opt_state = steps.average_restarted(state.opt_state, params)
+  return state.replace(params=params, opt_state=opt_state)

@@ -36,6 +36,7 @@ RESUME_MAY_CHANGE = frozenset(
     "dataset.stream_workers",
     "eval_every_steps",
     "init_from",
+    "init_from_average",
     "init_from_head",
     "init_from_kernels",
     "keep_checkpoints",

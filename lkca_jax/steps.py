@@ -100,12 +100,23 @@ def params_average(decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def _keeps_average(opt_state) -> bool:
+  return (
+    isinstance(opt_state, tuple) and len(opt_state) == 2 and isinstance(opt_state[1], ParamsAverage)
+  )
+
+
 def average_of(opt_state):
   """The parameters' moving average that a `create_optimizer` state keeps, else None."""
-  if isinstance(opt_state, tuple) and len(opt_state) == 2:
-    if isinstance(opt_state[1], ParamsAverage):
-      return opt_state[1].average
-  return None
+  return opt_state[1].average if _keeps_average(opt_state) else None
+
+
+def average_restarted(opt_state, params):
+  """`opt_state` with its moving average (if it keeps one) started afresh at `params`, as
+  `params_average`'s init starts it: for parameters put in place of those it began with."""
+  if not _keeps_average(opt_state):
+    return opt_state
+  return (opt_state[0], ParamsAverage(jax.tree.map(jnp.copy, params)))
 
 
 def weight_decay_mask(config, model):

@@ -1,9 +1,11 @@
-"""init_from: a new head on other classes, and a fine-tuned run without its source."""
+"""init_from: a new head on other classes, a fine-tuned run without its source, and a start
+from the source's moving average."""
 
 import shutil
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from lkca_jax import finetune, steps, train
 from tests.helpers import leaves_by_path, tiny_digits
@@ -51,3 +53,32 @@ def test_a_fine_tuned_run_resumes_and_evaluates_without_its_source(tmp_path):
   assert train.train_and_evaluate(config, str(tuned)) == finished  # resumed at its last step
   result = train.evaluate(config, str(tuned))
   assert result["step"] == 2 and result["top1"] == finished["final_top1"]
+
+
+@pytest.mark.slow
+def test_a_fine_tune_starts_from_the_sources_average_and_its_own_average_from_there(tmp_path):
+  """init_from_average reads the moving average the source kept (a run with ema_decay),
+  not its parameters; the fine-tune's own average starts at what it starts from (not at
+  the fresh model's draw); a source that kept none is refused before anything loads."""
+  source = tmp_path / "source"
+  train.train_and_evaluate(tiny_digits(num_train_steps=1, ema_decay=0.5), str(source))
+  by_name = lambda tree: leaves_by_path(steps.variable_values(tree))  # noqa: E731
+  average = by_name(nnx.state(train.load_trained(source, average=True), nnx.Param))
+  params = by_name(nnx.state(train.load_trained(source), nnx.Param))
+  for starts_from, expected in ((False, params), (True, average)):
+    config = tiny_digits(ema_decay=0.9, init_from=str(source), init_from_average=starts_from)
+    run = train.Run.prepare(config)
+    fresh = train.build_training(run, config).state
+    state = finetune.initialised_from(config, run.model, run.mesh, fresh)
+    got = leaves_by_path(state.params)
+    own_average = leaves_by_path(steps.average_of(state.opt_state))
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+      np.testing.assert_array_equal(value, expected[name], err_msg=name)
+      np.testing.assert_array_equal(own_average[name], value, err_msg=name)
+  assert any(not np.array_equal(average[n], params[n]) for n in params)
+  plain = tmp_path / "plain"
+  train.train_and_evaluate(tiny_digits(num_train_steps=1), str(plain))
+  refused = tiny_digits(init_from=str(plain), init_from_average=True)
+  with pytest.raises(train.ConfigError, match=r"kept no moving average.*init_from_average=False"):
+    train.Run.prepare(refused)
