@@ -2,7 +2,7 @@
 
     python -m lkca_jax.tools.analyze --config configs/digits.py [--workdir DIR] \\
         [--checkpoint DIR/checkpoints/STEP] [--images 50] [--layers 1,5,9] \\
-        [--compare OTHER_WORKDIR] [--run K] [--config.KEY=VALUE ...]
+        [--compare OTHER_WORKDIR] [--run K] [--average] [--config.KEY=VALUE ...]
     python -m lkca_jax.tools.analyze --config configs/workdir.py:DIR   # DIR's run, as trained
 
 The model is the one `main.py` trains for the config (`train.Run.prepare`),
@@ -10,8 +10,10 @@ with the parameters of the workdir's latest checkpoint (or of --checkpoint);
 the same model before restoring is the one training started from, its
 "initialisation". Of a workdir that trained several runs (num_runs, sweep),
 run --run's (default 0). Test images are the first --images of the test split,
-normalised as for evaluation. Written to <workdir>/analysis/ (analysis/run<K>/
-for a run of several), a PNG (150 dpi) and a JSON each:
+normalised as for evaluation. --average draws the moving average of the
+parameters instead, which a run with ema_decay > 0 kept. Written to
+<workdir>/analysis/ (analysis/run<K>/ for a run of several; average/ below that
+for the average), a PNG (150 dpi) and a JSON each:
 
 - kernels: every LKCA layer's (2h−1)×(2w−1) kernel, indexed by the key's
   offset from the query in patches (zero offset boxed), on a diverging scale
@@ -36,7 +38,8 @@ run 0 if it trained several).
 
 Bad input (no checkpoint, a checkpoint of another model, a --compare directory
 that is no training workdir, --images < 1, a --layers entry out of range, a --run
-the workdir did not train, a --workdir that cannot be written) is one line on stderr
+the workdir did not train, --average for a run that kept no average, a --workdir
+that cannot be written) is one line on stderr
 and exit code 2.
 """
 
@@ -74,6 +77,7 @@ class Subject:
   init: object  # the same model as training started
   images: np.ndarray  # normalised test images (B, H, W, C)
   run: int | None = None  # which run, of a workdir that trained several
+  average: bool = False  # the parameters' moving average (ema_decay), not the parameters
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -88,14 +92,15 @@ class Subject:
 
 
 def restore_params(
-  config, model, workdir: str, checkpoint: str | None, run: int = 0
+  config, model, workdir: str, checkpoint: str | None, run: int = 0, average: bool = False
 ) -> tuple[object, int]:
   """Loads into `model` the parameters of `checkpoint`, else of the newest good one in workdir.
 
-  Reads the parameters only (no optimizer state), read-only: nothing in the
-  workdir is moved or cleaned up, so a run may be training there. Damaged
-  checkpoints are skipped with a warning, as `main.py --mode eval` does. Of a
-  workdir that trained several runs, run `run`'s. Returns (checkpoints directory, step).
+  Reads the parameters only (the optimizer state only for their moving average, with
+  `average`), read-only: nothing in the workdir is moved or cleaned up, so a run may be
+  training there. Damaged checkpoints are skipped with a warning, as `main.py --mode eval`
+  does. Of a workdir that trained several runs, run `run`'s. Returns (checkpoints
+  directory, step).
   """
   from etils import epath  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -103,7 +108,7 @@ def restore_params(
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   source = checkpoint or epath.Path(workdir) / "checkpoints"
-  params, restored = train.read_run_params(config, model, source, run)
+  params, restored = train.read_run_params(config, model, source, run, average=average)
   nnx.update(model, params)
   return restored.path.parent, restored.step
 
@@ -129,7 +134,12 @@ def load_test_images(run, config, count: int) -> np.ndarray:
 
 
 def load_subject(
-  config, workdir: str, checkpoint: str | None, images: int, run_index: int = 0
+  config,
+  workdir: str,
+  checkpoint: str | None,
+  images: int,
+  run_index: int = 0,
+  average: bool = False,
 ) -> Subject:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -137,11 +147,13 @@ def load_subject(
 
   run = train.Run.prepare(config, checkpoints=checkpoint or os.path.join(workdir, "checkpoints"))
   init = nnx.clone(run.model)
-  directory, step = restore_params(config, run.model, workdir, checkpoint, run_index)
+  directory, step = restore_params(config, run.model, workdir, checkpoint, run_index, average)
   several = len(runs.run_specs(config)) > 1
+  label = f"{config.model} run {run_index}" if several else config.model
   return Subject(
-    label=f"{config.model} run {run_index}" if several else config.model,
+    label=f"{label} (moving average)" if average else label,
     run=run_index if several else None,
+    average=average,
     config=config,
     workdir=str(workdir),
     checkpoint=f"{directory}/{step}",
@@ -777,6 +789,12 @@ def define_flags() -> None:
     None,
     "A checkpoint step directory (default: the latest in <workdir>/checkpoints).",
   )
+  flags.DEFINE_bool(
+    "average",
+    False,
+    "Draw the moving average of the parameters that a run with ema_decay > 0 kept, into "
+    "<workdir>/analysis/average/.",
+  )
   flags.DEFINE_integer("images", 50, "Test images for the ERF and MHSA attention.")
   flags.DEFINE_integer(
     "run", 0, "Of a workdir that trained several runs (num_runs, sweep): which (from 0)."
@@ -805,7 +823,9 @@ def load_subjects(workdir: str, other, layers: list[int] | None) -> list[Subject
 
   logging.set_verbosity(logging.WARNING)  # orbax reports every restore at INFO
   try:
-    subjects = [load_subject(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.images, FLAGS.run)]
+    subjects = [
+      load_subject(FLAGS.config, workdir, FLAGS.checkpoint, FLAGS.images, FLAGS.run, FLAGS.average)
+    ]
     if other is not None:
       subjects.append(load_subject(other, FLAGS.compare, None, FLAGS.images))
     for subject in subjects:
@@ -831,8 +851,10 @@ def load_subjects(workdir: str, other, layers: list[int] | None) -> list[Subject
 
 
 def analysis_dir(workdir: str, subject: Subject) -> str:
-  """<workdir>/analysis, or <workdir>/analysis/run<k> for run k of several."""
-  return os.path.join(workdir, "analysis", *([] if subject.run is None else [f"run{subject.run}"]))
+  """<workdir>/analysis, or <workdir>/analysis/run<k> for run k of several; in average/
+  below that for the parameters' moving average."""
+  run = [] if subject.run is None else [f"run{subject.run}"]
+  return os.path.join(workdir, "analysis", *run, *(["average"] if subject.average else []))
 
 
 def main(argv):

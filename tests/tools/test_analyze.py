@@ -34,7 +34,14 @@ TINY = [
   "--config.batch_size=32",
   "--config.eval_every_steps=10",
 ]
-LKCA = ["--config", "configs/digits.py", "--config.model_overrides.depth=2", *TINY]
+# It keeps a moving average of its parameters too (the same training; --average draws it).
+LKCA = [
+  "--config",
+  "configs/digits.py",
+  "--config.model_overrides.depth=2",
+  "--config.ema_decay=0.5",
+  *TINY,
+]
 VIT = [
   "--config",
   "configs/digits.py",
@@ -104,14 +111,16 @@ def analyse(trained):
   return out, {name: json.loads((directory / f"{name}.json").read_text()) for name in OUTPUTS}
 
 
-def checkpoint_kernels(workdir):
-  """Each LKCA layer's kernel as stored in the latest checkpoint, read without the command."""
+def checkpoint_kernels(workdir, average: bool = False):
+  """Each LKCA layer's kernel as stored in the latest checkpoint, read without the command:
+  of the parameters, or of their moving average (the optimizer state's second part)."""
   directory = os.path.join(workdir, "checkpoints")
   step = max(int(s) for s in os.listdir(directory) if s.isdigit())
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+  params = state["opt_state"][1]["average"] if average else state["params"]
   kernels = []
   for index in range(2):
-    leaf = params["params"]["blocks"][str(index)]["mixer"]["kernel"]
+    leaf = params["blocks"][str(index)]["mixer"]["kernel"]
     kernels.append(np.asarray(leaf["value"] if isinstance(leaf, dict) else leaf))
   return step, kernels
 
@@ -142,6 +151,33 @@ def test_kernels_are_the_checkpoints(trained, analysed):
     np.testing.assert_allclose(layer["kernel"], kernel, rtol=1e-6)
     assert layer["zero_offset_tap"] == pytest.approx(float(kernel[7, 7]))
     assert np.abs(kernel).sum() > 0  # trained away from the zero init
+
+
+def test_the_average_is_drawn_into_its_own_folder(trained, analysed):
+  """--average draws the moving average that the run kept, not its parameters, into
+  analysis/average/, beside the parameters' pictures."""
+  code, out, err = finish(
+    start(
+      [
+        "-m",
+        "lkca_jax.tools.analyze",
+        *LKCA,
+        f"--workdir={trained['lkca']}",
+        "--average",
+        f"--images={IMAGES}",
+      ]
+    )
+  )
+  assert code == 0, err[-3000:]
+  directory = trained["lkca"] / "analysis" / "average"
+  assert f"{directory / 'kernels'}.png" in out
+  layers = json.loads((directory / "kernels.json").read_text())["layers"]
+  _, averaged = checkpoint_kernels(trained["lkca"], average=True)
+  _, kernels = checkpoint_kernels(trained["lkca"])
+  for layer, average, kernel in zip(layers, averaged, kernels, strict=True):
+    np.testing.assert_allclose(layer["kernel"], average, rtol=1e-6)
+    assert not np.allclose(average, kernel)
+  assert (trained["lkca"] / "analysis" / "kernels.json").exists()  # the parameters' stay
 
 
 def test_attention_views(trained, analysed):
