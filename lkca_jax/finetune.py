@@ -105,8 +105,9 @@ def check_init_from(config, model) -> None:
 
 
 def moved_params(config, model, mesh) -> nnx.State:
-  """The parameters of `config.init_from` moved to `model`'s grid (resolution.move_params),
-  each run's (stacked along the run axis with several), replicated on `mesh`."""
+  """The parameters of `config.init_from` (their moving average with init_from_average)
+  moved to `model`'s grid (resolution.move_params), each run's (stacked along the run axis
+  with several), replicated on `mesh`."""
   directory, step = init_from_source(config.init_from)
   field, saved, saved_runs = _saved_params(config, directory, step, model)
   replicated = NamedSharding(mesh, P())
