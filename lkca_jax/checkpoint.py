@@ -66,6 +66,11 @@ def absolute(path) -> epath.Path:
   return path if "://" in str(path) else path.resolve()
 
 
+def _name(keypath) -> str:
+  """An array's name in a checkpoint: its key path, dotted ("params.head.kernel.value")."""
+  return ".".join(ocp.tree.str_keypath(keypath))
+
+
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -116,7 +121,7 @@ def _shape_mismatch(saved: dict[str, tuple], like_state, partial: bool = False) 
     shape = tuple(leaf.shape)
     if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # saved as raw key data
       shape = jax.eval_shape(jax.random.key_data, leaf).shape
-    wanted[".".join(ocp.tree.str_keypath(keypath))] = shape
+    wanted[_name(keypath)] = shape
   if saved.keys() != wanted.keys() and not (partial and wanted.keys() <= saved.keys()):
     parts = [
       f"{len(names)} arrays only {where}, e.g. {names[0]}"
@@ -202,8 +207,8 @@ class Checkpoints:
       force=True,
     )
 
-  def saved_shapes(self, step: int) -> dict[str, tuple | None]:
-    """{array name: global shape} of the state saved at `step`, from orbax's metadata.
+  def _saved_tree(self, step: int):
+    """The state saved at `step` as orbax's metadata tree (plain dicts and lists).
 
     Raises DamagedCheckpointError if the metadata, or the arrays' own, cannot be read.
     """
@@ -216,11 +221,34 @@ class Checkpoints:
       raise _damage(path, "data" if adapters.tensorstore_error(e) else "metadata", e) from None
     if tree is None:  # what orbax answers when the tree metadata file is missing
       raise DamagedCheckpointError(path, "metadata-missing", "state/ has no tree metadata")
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-      ".".join(ocp.tree.str_keypath(keypath)): getattr(leaf, "shape", None)
-      for keypath, leaf in leaves
-    }
+    return tree
+
+  def saved_shapes(self, step: int) -> dict[str, tuple | None]:
+    """{array name: global shape} of the state saved at `step`, from orbax's metadata.
+
+    Raises DamagedCheckpointError if the metadata, or the arrays' own, cannot be read.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(self._saved_tree(step))[0]
+    return {_name(keypath): getattr(leaf, "shape", None) for keypath, leaf in leaves}
+
+  def restore_under(self, step: int, prefix: str, like):
+    """(`like` filled with the arrays saved at `step` under the dotted name `prefix`, meta).
+
+    `like` holds ShapeDtypeStructs with shardings, named below `prefix` as `saved_like`
+    names them. The state's field that holds them is read whole, in the layout it was
+    saved with (an optimizer state of any settings), and only `like`'s arrays are kept.
+    Read-only instances only, like every partial restore.
+    """
+    field = prefix.split(".")[0]
+    sharding = jax.tree.leaves(like)[0].sharding
+    template = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+      self._saved_tree(step)[field],
+    )
+    state, meta = self.restore(step, {field: template}, partial=True)
+    found = dict((_name(k), x) for k, x in jax.tree_util.tree_flatten_with_path(state)[0])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path({prefix: like})
+    return jax.tree_util.tree_unflatten(treedef, [found[_name(k)] for k, _ in leaves])[prefix], meta
 
   def restore(self, step: int, like_state, *, partial: bool = False):
     """Restores `step` with the shapes, dtypes and shardings of `like_state`.
@@ -366,9 +394,9 @@ def _saved_shapes(directory, step: int) -> dict[str, tuple | None]:
 
 
 def holds_arrays_under(directory, step: int, prefix: str) -> bool:
-  """Whether checkpoint `directory/step` saved any array whose name starts with `prefix`
-  (names as `saved_like` writes them: "opt_state.1.average.")."""
-  return any(name.startswith(prefix) for name in _saved_shapes(directory, step))
+  """Whether checkpoint `directory/step` saved any array under the dotted name `prefix`
+  (as `saved_like` names them: "opt_state.1.average")."""
+  return any(name.startswith(f"{prefix}.") for name in _saved_shapes(directory, step))
 
 
 def saved_runs(directory, step: int) -> int | None:
@@ -378,12 +406,13 @@ def saved_runs(directory, step: int) -> int | None:
 
 
 def saved_like(directory, step: int, field: str, like):
-  """`like`, a tree of the state's field `field`, as ShapeDtypeStructs of the shapes the
-  checkpoint saved it with: for `read_checkpoint` of a state of other shapes (another
-  image size). Raises CheckpointError when the checkpoint's arrays have other names."""
+  """`like`, a tree of the state's field `field` (or of the part of it under a dotted name,
+  "opt_state.1.average"), as ShapeDtypeStructs of the shapes the checkpoint saved it with:
+  for `read_checkpoint` (`read_under`) of a state of other shapes (another image size).
+  Raises CheckpointError when the checkpoint's arrays have other names."""
   saved = _saved_shapes(directory, step)
   leaves, treedef = jax.tree_util.tree_flatten_with_path({field: like})
-  names = [".".join(ocp.tree.str_keypath(keypath)) for keypath, _ in leaves]
+  names = [_name(keypath) for keypath, _ in leaves]
   missing = [name for name in names if saved.get(name) is None]
   extra = sorted({name for name in saved if name.startswith(f"{field}.")} - set(names))
   if missing or extra:
@@ -404,6 +433,19 @@ class Restored(NamedTuple):
   step: int
   state: dict  # the fields asked for, as `like` has them
   meta: dict  # what was saved with it (best top-1, evaluation history)
+
+
+def read_under(prefix: str, like, checkpoint) -> Restored:
+  """`like` (ShapeDtypeStructs with shardings, as `saved_like(..., prefix, ...)` gives them)
+  filled with the arrays that `checkpoint`, a step directory, saved under the dotted name
+  `prefix` (say "opt_state.1.average"), read-only (`Checkpoints.restore_under`)."""
+  directory, step = resolve(absolute(checkpoint))
+  checkpoints = Checkpoints(directory, asynchronous=False, read_only=True)
+  try:
+    state, meta = checkpoints.restore_under(step, prefix, like)
+  finally:
+    checkpoints.close()
+  return Restored(directory / str(step), step, state, meta)
 
 
 def read_checkpoint(like: Mapping[str, Any], source) -> Restored:

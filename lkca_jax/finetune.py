@@ -5,7 +5,6 @@ init_from_average, their moving average) moved to this model's image size
 from __future__ import annotations
 
 import jax
-import optax
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -44,44 +43,21 @@ def init_from_source(path) -> tuple[epath.Path, int]:
   return directory, step
 
 
-# Where a checkpoint keeps the parameters' moving average (steps.params_average, the second
-# transformation of the optimizer chain), as its array names begin.
-AVERAGE_PREFIX = "opt_state.1.average."
-
-
-def _source_field(config, model) -> tuple[str, object]:
-  """(the state's field init_from reads, a tree of its shapes for `model`): the parameters,
-  or with init_from_average the optimizer state that keeps their moving average."""
-  params = nnx.state(model, nnx.Param)
-  if not config.init_from_average:
-    return "params", params
-  keeping = config.copy_and_resolve_references()
-  keeping.ema_decay = 0.5  # any decay: what matters is the state's layout
-  tx = steps.create_optimizer(keeping, optax.constant_schedule(0.0))
-  return "opt_state", jax.eval_shape(tx.init, params)
-
-
-def _saved_params(config, directory, step, model) -> tuple[str, object, int | None]:
-  """(the field read, its shapes in the checkpoint as one run's tree, its run count or None).
-  Raises CheckpointError where init_from_average finds no average there."""
-  field, like = _source_field(config, model)
-  if field == "opt_state" and not checkpoint_lib.holds_arrays_under(
-    directory, step, AVERAGE_PREFIX
-  ):
+def _saved_params(config, directory, step, model) -> tuple[nnx.State, int | None]:
+  """(shapes of the checkpoint's parameters, or with init_from_average of their moving
+  average, as one run's nnx.State; its run count or None). Raises CheckpointError where
+  init_from_average finds no average there."""
+  field = steps.AVERAGE_NAME if config.init_from_average else "params"
+  if config.init_from_average and not checkpoint_lib.holds_arrays_under(directory, step, field):
     raise checkpoint_lib.CheckpointError(
       f"{directory / str(step)} kept no moving average of its parameters (trained with "
       "ema_decay 0): start from its parameters (init_from_average=False)"
     )
-  saved = checkpoint_lib.saved_like(directory, step, field, like)
+  saved = checkpoint_lib.saved_like(directory, step, field, nnx.state(model, nnx.Param))
   count = checkpoint_lib.saved_runs(directory, step)
   if count is not None:
     saved = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), saved)
-  return field, saved, count
-
-
-def _as_params(field: str, tree):
-  """The parameters (or their moving average) of the field `_saved_params` read."""
-  return steps.average_of(tree) if field == "opt_state" else tree
+  return saved, count
 
 
 def check_init_from(config, model) -> None:
@@ -92,8 +68,8 @@ def check_init_from(config, model) -> None:
   where = f"init_from={config.init_from}"
   directory, step = init_from_source(config.init_from)
   try:
-    field, saved, saved_runs = _saved_params(config, directory, step, model)
-    jax.eval_shape(lambda p: _moved(config, p, model), _as_params(field, saved))
+    saved, saved_runs = _saved_params(config, directory, step, model)
+    jax.eval_shape(lambda p: _moved(config, p, model), saved)
   except (checkpoint_lib.CheckpointError, resolution.MoveError) as e:
     raise ConfigError(f"{where}: {e}") from None
   num_runs = len(runs.run_specs(config))
@@ -109,14 +85,18 @@ def moved_params(config, model, mesh) -> nnx.State:
   moved to `model`'s grid (resolution.move_params), each run's (stacked along the run axis
   with several), replicated on `mesh`."""
   directory, step = init_from_source(config.init_from)
-  field, saved, saved_runs = _saved_params(config, directory, step, model)
+  saved, saved_runs = _saved_params(config, directory, step, model)
   replicated = NamedSharding(mesh, P())
   lead = () if saved_runs is None else (saved_runs,)
   saved = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype, sharding=replicated), saved
   )
-  restored = checkpoint_lib.read_checkpoint({field: saved}, directory / str(step))
-  params = _as_params(field, restored.state[field])
+  if config.init_from_average:
+    restored = checkpoint_lib.read_under(steps.AVERAGE_NAME, saved, directory / str(step))
+    params = restored.state
+  else:
+    restored = checkpoint_lib.read_checkpoint({"params": saved}, directory / str(step))
+    params = restored.state["params"]
   count = len(runs.run_specs(config))
   each = [params if saved_runs is None else steps.run_of(params, k) for k in range(count)]
   moved = [_moved(config, p, model) for p in each]

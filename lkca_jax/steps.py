@@ -77,6 +77,11 @@ def create_optimizer(
   return optax.chain(adamw, params_average(config.ema_decay)) if config.ema_decay else adamw
 
 
+# Where a saved train state keeps the moving average, as checkpoints name arrays: the
+# optimizer state's second part (the chain's `params_average`), its `average`.
+AVERAGE_NAME = "opt_state.1.average"
+
+
 class ParamsAverage(NamedTuple):
   """The state of `params_average`."""
 

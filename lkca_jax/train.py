@@ -268,11 +268,10 @@ def _run_eval(eval_fn, params, rest, pipeline) -> list[dict]:
   ]
 
 
-def _run_evals(eval_fn, params, rest, opt_state, pipeline) -> list[dict]:
-  """`_run_eval` of the parameters and, where the optimizer state keeps their moving
-  average (`ema_decay`), of it too, as ema_loss, ema_top1 and ema_top5."""
+def _run_evals(eval_fn, params, rest, average, pipeline) -> list[dict]:
+  """`_run_eval` of the parameters and of their moving average (`ema_decay`; None: there is
+  none), as ema_loss, ema_top1 and ema_top5."""
   results = _run_eval(eval_fn, params, rest, pipeline)
-  average = steps.average_of(opt_state)
   if average is None:
     return results
   averaged = _run_eval(eval_fn, average, rest, pipeline)
@@ -610,7 +609,8 @@ def _log_eval(step: int, living: list[dict | None]) -> None:
 def evaluate_runs(loop: Loop, t: Training, writer) -> tuple[Loop, float]:
   """Tests every run; returns the loop with their records and the mean top-1 of the living."""
   state = loop.state
-  results = _run_evals(t.eval_step, state.params, state.rest, state.opt_state, t.pipeline)
+  average = steps.average_of(state.opt_state)
+  results = _run_evals(t.eval_step, state.params, state.rest, average, t.pipeline)
   records = tuple(r.evaluated(loop.step, res) for r, res in zip(loop.records, results, strict=True))
   living = [
     res if r.died_at_step is None else None for r, res in zip(records, results, strict=True)
@@ -857,13 +857,27 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
 
 
 # --- evaluation, and a trained model for use from code --------------------------------
-def _read_for_eval(config, run: Run, like, source) -> checkpoint_lib.Restored:
-  """The checkpoint at `source`; without one, init_from's parameters moved (step 0)."""
+def _read_for_eval(config, run: Run, like, source) -> tuple[checkpoint_lib.Restored, Any]:
+  """(the checkpoint at `source`, the parameters' moving average saved there or None);
+  without a checkpoint, init_from's parameters moved (step 0) and no average."""
   if config.init_from and not checkpoint_lib.holds_checkpoint(source):
     directory, step = finetune.init_from_source(config.init_from)
     state = {"params": finetune.moved_params(config, run.model, run.mesh), "rest": like["rest"]}
-    return checkpoint_lib.Restored(directory / str(step), 0, state, {})
-  return run_files.read_trained(config, like, source)
+    return checkpoint_lib.Restored(directory / str(step), 0, state, {}), None
+  restored = run_files.read_trained(config, like, source)
+  return restored, _saved_average(config, restored)
+
+
+def _saved_average(config, restored: checkpoint_lib.Restored):
+  """The moving average of `restored`'s parameters, read from the same checkpoint, where
+  `config` keeps one (ema_decay > 0); else None. Shaped and placed as the parameters."""
+  if not config.get("ema_decay", 0.0):  # a config.json of an older run lacks it
+    return None
+  shapes = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    restored.state["params"],
+  )
+  return checkpoint_lib.read_under(steps.AVERAGE_NAME, shapes, restored.path).state
 
 
 def evaluate(
@@ -880,12 +894,12 @@ def evaluate(
   run = Run.prepare(config, checkpoints=source)
   specs = runs.run_specs(config)
   _, eval_graphdef, params, rest = _split_model(run.model)
-  # The optimizer state is read only for the moving average it keeps (ema_decay).
-  like = {"params": params, "rest": rest, **_average_like(config, run.model, params)}
+  like = {"params": params, "rest": rest}  # the optimizer state is read for its average only
   on_every_device = NamedSharding(run.mesh, P())  # every process's devices
   like = pipeline_lib.put_tree(steps.as_runs([like] * len(specs)), on_every_device)
-  restored = _read_for_eval(config, run, like, source)
-  state = steps.variable_values(restored.state)  # arrays: cheaper to pass at every batch
+  restored, average = _read_for_eval(config, run, like, source)
+  # Arrays: cheaper to pass at every batch.
+  state, average = steps.variable_values((restored.state, average))
   pipeline = run.load_data(runs.run_keys(config.seed)[0])  # evaluation batches: the same for all
   eval_step = jax.jit(steps.make_eval_step(eval_graphdef, len(specs)))
   if jax.process_count() > 1:
@@ -893,23 +907,13 @@ def evaluate(
     distributed.compile_everywhere(
       "eval step", (eval_step, (state["params"], state["rest"], first_batch))
     )
-  results = _run_evals(eval_step, state["params"], state["rest"], state.get("opt_state"), pipeline)
+  results = _run_evals(eval_step, state["params"], state["rest"], average, pipeline)
   per_run = [
     {"run": spec.index, "seed": spec.seed, "values": spec.values, **res}
     for spec, res in zip(specs, results, strict=True)
   ]
   means = {key: runs.mean_std(r[key] for r in results)[0] for key in results[0]}
   return {"step": restored.step, "checkpoint": str(restored.path), **means, "runs": per_run}
-
-
-def _average_like(config, model, params) -> dict:
-  """{"opt_state": a fresh optimizer state} to read a checkpoint's into where `config`
-  keeps the parameters' moving average (ema_decay > 0), else {}."""
-  if not config.ema_decay:
-    return {}
-  decay_mask = steps.weight_decay_mask(config, model)
-  tx = steps.create_optimizer(config, optax.constant_schedule(0.0), decay_mask=decay_mask)
-  return {"opt_state": tx.init(params)}
 
 
 def load_trained(workdir, *, checkpoint=None, run: int = 0, average: bool = False) -> models.ViT:
@@ -945,12 +949,7 @@ def read_run_params(config, model, source, run: int = 0, *, average: bool = Fals
       f"average=True: the run in {source} kept no moving average of its parameters "
       "(its ema_decay is 0); load its parameters (average=False)"
     )
-  params = nnx.state(model, nnx.Param)
-  if average:
-    field, one = "opt_state", _average_like(config, model, params)["opt_state"]
-  else:
-    field, one = "params", params
-  restored = run_files.read_trained(config, {field: steps.as_runs([one] * count)}, source)
-  params = restored.state[field]
-  params = steps.average_of(params) if average else params
+  like = {"params": steps.as_runs([nnx.state(model, nnx.Param)] * count)}
+  restored = run_files.read_trained(config, like, source)
+  params = _saved_average(config, restored) if average else restored.state["params"]
   return (steps.run_of(params, run) if count > 1 else params), restored

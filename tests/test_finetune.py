@@ -58,10 +58,15 @@ def test_a_fine_tuned_run_resumes_and_evaluates_without_its_source(tmp_path):
 @pytest.mark.slow
 def test_a_fine_tune_starts_from_the_sources_average_and_its_own_average_from_there(tmp_path):
   """init_from_average reads the moving average the source kept (a run with ema_decay),
-  not its parameters; the fine-tune's own average starts at what it starts from (not at
-  the fresh model's draw); a source that kept none is refused before anything loads."""
+  not its parameters, whatever the source's optimizer state looks like around it (its
+  weight decay on the weights alone, here, where the fine-tune decays all); the
+  fine-tune's own average starts at what it starts from (not at the fresh model's draw); a
+  source that kept none is refused before anything loads."""
   source = tmp_path / "source"
-  train.train_and_evaluate(tiny_digits(num_train_steps=1, ema_decay=0.5), str(source))
+  weights_only = {"optimizer.weight_decay_on": "weights"}
+  train.train_and_evaluate(
+    tiny_digits(num_train_steps=1, ema_decay=0.5, **weights_only), str(source)
+  )
   by_name = lambda tree: leaves_by_path(steps.variable_values(tree))  # noqa: E731
   average = by_name(nnx.state(train.load_trained(source, average=True), nnx.Param))
   params = by_name(nnx.state(train.load_trained(source), nnx.Param))
