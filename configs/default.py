@@ -145,6 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
       # "all" parameters (the reference), or only the "weights": not biases, norms, scalars,
       # position tables or the class token (timm's rule, as DeiT trains).
       "weight_decay_on": "all",
+      # "warmup_cosine": the rate moves every step, warmup then one cosine to the end;
+      # "deit_epochs": once an epoch, as DeiT's main.py steps timm's cosine (whole warmup epochs).
+      "schedule": "warmup_cosine",
       "warmup_epochs": 10.0,  # a fraction of an epoch too: rounded to whole steps
       "init_learning_rate": 1e-6,
       "end_learning_rate": 1e-6,
@@ -165,6 +168,9 @@ def get_config() -> ml_collections.ConfigDict:
   # stacked copies: an image can appear twice in one batch) or "adjacent" (one shuffle, each
   # image's copies side by side, so in one step: DeiT's repeated augmentation).
   config.epoch_order = "independent"
+  # How long an epoch is: "repeats" (all `repeats` passes) or "images" (as many samples as
+  # there are images, the first of that order: DeiT's epoch, a third of the images 3 times).
+  config.epoch_length = "repeats"
   config.num_train_steps = -1  # -1: num_epochs * steps per epoch
   config.num_devices = 0  # 0: every device of every host
 

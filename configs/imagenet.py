@@ -11,12 +11,11 @@ The recipe is DeiT's for DeiT-S (Touvron et al. 2021, "Training data-efficient i
 transformers", Table 9, and the defaults of their repository's main.py); each value says
 where it comes from. What this project cannot express, or does otherwise:
 
-- Repeated augmentation: DeiT's RASampler shuffles once and repeats each index 3 times side
-  by side, so an image's 3 copies share a step (the "adjacent" epoch order here, on one
-  device or dealt over several), but its epoch is the first N of those 3N samples (a third
-  of the images). Here an epoch is all 3N: 100 epochs here are DeiT's 300 in samples, and
-  its 5 warmup epochs are 5/3 here.
-- The learning rate moves every step; DeiT steps timm's scheduler once an epoch.
+- Repeated augmentation as DeiT's RASampler: one shuffle, each index 3 times side by side
+  (epoch_order "adjacent"), an epoch the first N of those 3N samples (epoch_length "images");
+  DeiT deals the 3 copies to 3 processes, here they sit side by side in the global batch.
+- The learning rate is DeiT's to the epoch: timm's cosine, set once an epoch
+  (optimizer.schedule "deit_epochs").
 - Mixup / CutMix pair image i with image B - 1 - i of the global batch, as timm does with
   each process's batch. Label smoothing is applied to the loss; timm smooths the mixed
   targets (the same).
@@ -81,10 +80,12 @@ def get_config():
   # DeiT --model-ema, --model-ema-decay 0.99996: kept beside the model (its reported top-1 is
   # the model's), evaluated here beside it too (test_ema_top1).
   config.ema_decay = 0.99996
-  config.repeats = 3  # DeiT --repeated-aug, 3 copies (see above for what an epoch is)
-  config.epoch_order = "adjacent"  # the copies in one step, as DeiT's RASampler
-  config.num_epochs = 100  # DeiT's 300 epochs of N samples = 100 epochs of 3 passes here
-  config.optimizer.warmup_epochs = 5 / 3  # DeiT's 5 epochs of N samples, in epochs of 3N
+  config.repeats = 3  # DeiT --repeated-aug: RASampler's 3 copies
+  config.epoch_order = "adjacent"  # the copies side by side, so in one step, as RASampler's
+  config.epoch_length = "images"  # RASampler's epoch: the first N of the 3N samples
+  config.num_epochs = 300  # DeiT --epochs 300
+  config.optimizer.warmup_epochs = 5  # DeiT --warmup-epochs 5
+  config.optimizer.schedule = "deit_epochs"  # timm's cosine as DeiT's main.py steps it
   # Drop path 0.1 (the presets' drop_path_rate; DeiT --drop-path 0.1, Table 9), ramped as timm
   # does from 0 in the first block to 0.1 in the last.
   config.model_overrides.drop_path_schedule = "linear"

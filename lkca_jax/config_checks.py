@@ -22,11 +22,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lkca_jax import mixing, models
+from lkca_jax import mixing, models, schedules
 from lkca_jax.augment import POLICIES, randaugment
 from lkca_jax.augment.transforms import ASPECT_SAMPLINGS, ERASING_FILLS
 from lkca_jax.data import DATASETS
-from lkca_jax.data.pipeline import EPOCH_ORDERS, PLACEMENTS
+from lkca_jax.data.pipeline import EPOCH_LENGTHS, EPOCH_ORDERS, PLACEMENTS
 from lkca_jax.data.stream import CROPS
 from lkca_jax.layers import MIXERS
 from lkca_jax.layers.lkca import KERNEL_MOVES
@@ -341,6 +341,7 @@ def _training_rules() -> dict[str, Rule]:
     "optimizer.eps": number(0.0, low_open=True),
     "optimizer.weight_decay": number(0.0),
     "optimizer.warmup_epochs": number(0.0),  # a fraction of an epoch too
+    "optimizer.schedule": choice(schedules.SCHEDULES),
     "optimizer.weight_decay_on": choice(models.WEIGHT_DECAY_ON),
     "optimizer.init_learning_rate": number(0.0),
     "optimizer.end_learning_rate": number(0.0),
@@ -350,6 +351,7 @@ def _training_rules() -> dict[str, Rule]:
     "num_epochs": integer(1),
     "repeats": integer(1),
     "epoch_order": choice(EPOCH_ORDERS),
+    "epoch_length": choice(EPOCH_LENGTHS),
     "num_train_steps": integer(1, sentinel=-1, meaning="num_epochs x steps per epoch"),
     "num_devices": integer(1, sentinel=0, meaning="every device"),
     "eval_every_steps": integer(1, sentinel=-1, meaning="once an epoch"),

@@ -1,4 +1,4 @@
-"""The pure train and eval steps: AdamW with a warmup-cosine schedule (and, optionally, the
+"""The pure train and eval steps: AdamW on a learning-rate schedule (and, optionally, the
 parameters' moving average), batch mixing, label smoothing, and the run axis along which one
 program trains several runs.
 
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lkca_jax import backend, models
+from lkca_jax import backend, models, schedules
 from lkca_jax.mixing import mix_batch
 
 
@@ -29,31 +29,6 @@ class TrainState:
   params: nnx.State
   opt_state: Any
   rest: nnx.State  # non-parameter module state (RNG stream counters)
-
-
-def learning_rate_schedule(
-  config, steps_per_epoch: int, total_steps: int, peak=None
-) -> optax.Schedule:
-  """Per step: linear warmup from init to peak, then one cosine decay to end.
-
-  optax's warmup_cosine_decay_schedule, written so that `peak` (default: the
-  config's learning rate) may be a traced value, one run's of many. The warmup's
-  `optimizer.warmup_epochs` (a fraction too) is rounded to the nearest step.
-  """
-  opt = config.optimizer
-  peak = opt.learning_rate if peak is None else peak
-  init, end = opt.init_learning_rate, opt.end_learning_rate
-  warmup = min(round(opt.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  decay = max(total_steps, warmup + 1) - warmup
-
-  def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    warm = init + (peak - init) * jnp.clip(count, 0, warmup) / max(warmup, 1)
-    done = jnp.clip(count - warmup, 0, decay) / decay
-    cosine = end + (peak - end) * 0.5 * (1 + jnp.cos(jnp.pi * done))
-    return jnp.where(count < warmup, warm, cosine)
-
-  return schedule
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -185,7 +160,7 @@ def make_train_step(
   }
 
   def train_step(state: TrainState, batch, rng, hp):
-    schedule = learning_rate_schedule(
+    schedule = schedules.learning_rate(
       config, steps_per_epoch, total_steps, peak=hp["optimizer.learning_rate"]
     )
     tx = create_optimizer(config, schedule, hp["optimizer.weight_decay"], decay_mask)

@@ -38,6 +38,7 @@ from lkca_jax import (
   models,
   run_files,
   runs,
+  schedules,
   steps,
 )
 from lkca_jax import checkpoint as checkpoint_lib
@@ -149,6 +150,8 @@ class Run:
     # ValueError; anything else raised here is a bug and keeps its traceback.
     try:
       pipeline_lib.augment_config(config)
+      pipeline_lib.check_epoch(config.repeats, config.epoch_order, config.epoch_length)
+      schedules.check_schedule(config.optimizer)
       mesh = pipeline_lib.make_mesh(config.num_devices)
       pipeline_lib.check_global_batch(config.batch_size, mesh.devices.size, config.microbatches)
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
@@ -438,7 +441,7 @@ def build_training(run: Run, config, *, memory_limit: int | None = None) -> Trai
   data_key, train_key = _keys(specs)
   pipeline = run.load_data(data_key)
   total_steps = steps.total_train_steps(config, pipeline.steps_per_epoch)
-  schedule = steps.learning_rate_schedule(config, pipeline.steps_per_epoch, total_steps)
+  schedule = schedules.learning_rate(config, pipeline.steps_per_epoch, total_steps)
   train_graphdef, eval_graphdef, _, _ = _split_model(run.model)
   per_run = [runs.hparams(spec.config) for spec in specs]
   hp = {key: jnp.asarray([h[key] for h in per_run], jnp.float32) for key in per_run[0]}

@@ -152,6 +152,11 @@ REJECTED = [
   (["--config.patch_size=3"], "not divisible by patch size"),
   (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
   (["--config.batch_size=64", "--config.microbatches=3"], "microbatches=3 does not divide"),
+  (["--config.epoch_length=images"], 'epoch_length="images" with epoch_order="independent"'),
+  (
+    ["--config.optimizer.schedule=deit_epochs", "--config.optimizer.warmup_epochs=0.5"],
+    "warms up for whole epochs",
+  ),
 ]
 
 

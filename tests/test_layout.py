@@ -19,6 +19,7 @@ LAYERS = {
   "host_memory": 0,
   "mixing": 0,
   "paper": 0,
+  "schedules": 0,
   "workdir": 0,
   "layers": 1,
   "augment": 1,

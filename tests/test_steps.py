@@ -1,5 +1,5 @@
-"""The pure step's pieces: the learning-rate schedule, the gradient norm, weight decay,
-the batch mixing's options."""
+"""The pure step's pieces: the gradient norm, weight decay, the batch mixing's options, the
+parameters' moving average."""
 
 import jax
 import jax.numpy as jnp
@@ -8,42 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import cifar10
 from lkca_jax import steps
 from tests.helpers import leaves_by_path, tiny_digits
-
-
-@pytest.mark.parametrize("steps_per_epoch,total", [(1171, 117100), (2343, 234300)])
-def test_schedule_warms_up_linearly_then_cosine_decays(steps_per_epoch, total):
-  config = cifar10.get_config()
-  schedule = steps.learning_rate_schedule(config, steps_per_epoch, total)
-  warmup = 10 * steps_per_epoch
-  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-5)  # the first step uses 1e-6
-  assert float(schedule(warmup // 2)) == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-3)
-  assert float(schedule(warmup)) == pytest.approx(1e-3, rel=1e-6)
-  mid = warmup + (total - warmup) // 2
-  assert float(schedule(mid)) == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-3)
-  assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-3)
-  lrs = np.asarray([float(schedule(s)) for s in range(warmup, total, 997)])
-  assert np.all(np.diff(lrs) <= 0)
-
-
-def test_a_fractional_warmup_ends_at_its_nearest_step():
-  """configs/imagenet.py warms up for DeiT's 5 epochs of N images, 5/3 of an epoch of 3N
-  here: 6,255 steps at 3,753 an epoch, step 6,255 the first at the peak."""
-  config = cifar10.get_config()
-  config.optimizer.warmup_epochs = 5 / 3
-  schedule = steps.learning_rate_schedule(config, 3753, 100 * 3753)
-  rates = [float(schedule(s)) for s in (6253, 6254, 6255)]
-  slope = (1e-3 - 1e-6) / 6255
-  assert rates[1] - rates[0] == pytest.approx(slope, rel=1e-2)
-  assert rates[2] - rates[1] == pytest.approx(slope, rel=1e-2)
-  assert rates[2] == pytest.approx(1e-3, rel=1e-6)
-  # 0.26 of 10 steps is 3 whole steps (not 2.6): step 2 is two thirds of the way up.
-  config.optimizer.warmup_epochs = 0.26
-  schedule = steps.learning_rate_schedule(config, 10, 1000)
-  assert float(schedule(2)) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 2 / 3, rel=1e-6)
-  assert float(schedule(3)) == pytest.approx(1e-3, rel=1e-6)
 
 
 def test_the_gradient_norm_is_every_leafs_norm_together_in_one_reduction():

@@ -52,6 +52,10 @@ PLACEMENTS = ("auto", "device", "host", "stream")
 # copies next to each other, so they share a step (DeiT's RASampler: repeated
 # augmentation as Hoffer et al. 2020 meant it, several augmentations of an image in a batch).
 EPOCH_ORDERS = ("independent", "joint", "adjacent")
+# How long an epoch is: "repeats" takes the whole order, `repeats` passes over the images;
+# "images" takes only its first N samples (whole batches), as many as there are images, as
+# DeiT's RASampler does: an epoch then holds about N / repeats images, `repeats` copies each.
+EPOCH_LENGTHS = ("repeats", "images")
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -82,6 +86,35 @@ def check_global_batch(global_batch: int, num_devices: int, microbatches: int = 
       f"the global batch {global_batch} ({num_devices} device(s)); set --config.microbatches "
       f"to a divisor of {per_device}"
     )
+
+
+def check_epoch(repeats: int, epoch_order: str, epoch_length: str) -> None:
+  """ValueError unless the order and length are known, and unless every pass of the order
+  can be reached: the first N samples of independent passes are the first pass alone."""
+  if epoch_order not in EPOCH_ORDERS:
+    raise ValueError(f"epoch_order must be one of {EPOCH_ORDERS}, got {epoch_order!r}")
+  if epoch_length not in EPOCH_LENGTHS:
+    raise ValueError(f"epoch_length must be one of {EPOCH_LENGTHS}, got {epoch_length!r}")
+  if epoch_length == "images" and epoch_order == "independent" and repeats > 1:
+    raise ValueError(
+      f'epoch_length="images" with epoch_order="independent" trains the first of the '
+      f"{repeats} passes only; set --config.epoch_order=adjacent (or joint) to repeat "
+      "images within the epoch, or --config.repeats=1"
+    )
+
+
+def steps_per_epoch(
+  num_images: int, global_batch: int, repeats: int, epoch_length: str = "repeats"
+) -> int:
+  """Whole global batches in one epoch (see EPOCH_LENGTHS); ValueError if there are none."""
+  samples = num_images * (repeats if epoch_length == "repeats" else 1)
+  if samples < global_batch:
+    raise ValueError(
+      f"an epoch of {samples} samples ({num_images} training images, epoch_length="
+      f"{epoch_length!r}, repeats={repeats}) makes no full batch of {global_batch}; lower "
+      "--config.batch_size"
+    )
+  return samples // global_batch
 
 
 def subset(images: np.ndarray, labels: np.ndarray, *, num_classes: int, per_class: int = 0):
@@ -183,6 +216,7 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
     key=key,
     placement=placement,
     epoch_order=config.epoch_order,
+    epoch_length=config.epoch_length,
   )
 
 
@@ -288,6 +322,7 @@ class Pipeline:
     key: jax.Array,
     placement: str = "auto",
     epoch_order: str = "independent",
+    epoch_length: str = "repeats",
   ):
     check_global_batch(global_batch, mesh.devices.size)
     nbytes = np.asarray(train[0]).nbytes + np.asarray(test[0]).nbytes
@@ -295,17 +330,17 @@ class Pipeline:
     on_device = None if self.placement != "device" else NamedSharding(mesh, P())
     self.train = self._place(*train, on_device)
     self.test = self._place(*test, on_device)
-    self._setup(mesh, global_batch, repeats, augment, key, epoch_order)
+    self._setup(mesh, global_batch, repeats, augment, key, epoch_order, epoch_length)
 
-  def _setup(self, mesh, global_batch, repeats, augment, key, epoch_order) -> None:
+  def _setup(self, mesh, global_batch, repeats, augment, key, epoch_order, epoch_length) -> None:
     """What every placement shares: sizes, keys, shardings, the jitted order and augmentation.
 
     Needs `self.train` and `self.test` (their sizes).
     """
     check_global_batch(global_batch, mesh.devices.size)
-    if epoch_order not in EPOCH_ORDERS:
-      raise ValueError(f"epoch_order must be one of {EPOCH_ORDERS}, got {epoch_order!r}")
+    check_epoch(repeats, epoch_order, epoch_length)
     self.order = epoch_order
+    self.epoch_length = epoch_length
     self.mesh = mesh
     self.global_batch = global_batch
     self.repeats = repeats
@@ -320,12 +355,7 @@ class Pipeline:
     self.train_sharding = (
       self.batch_sharding if self.num_runs is None else NamedSharding(mesh, P(None, DATA_AXIS))
     )
-    self.steps_per_epoch = (repeats * self.train.size) // global_batch
-    if self.steps_per_epoch == 0:
-      raise ValueError(
-        f"{repeats} x {self.train.size} training images make no full batch of "
-        f"{global_batch}; lower --config.batch_size"
-      )
+    self.steps_per_epoch = steps_per_epoch(self.train.size, global_batch, repeats, epoch_length)
     self.eval_steps = -(-self.test.size // global_batch)
     batch, order, gather, augment = (
       self.batch_sharding,
@@ -380,7 +410,8 @@ class Pipeline:
     return passes.reshape(-1).astype(jnp.int32)
 
   def epoch_order(self, epoch: int) -> jax.Array:
-    """Indices of one epoch: `repeats` passes over the training set (see EPOCH_ORDERS)."""
+    """The order of one epoch: `repeats` passes over the training set (see EPOCH_ORDERS), of
+    which the epoch trains the first `steps_per_epoch` batches (see EPOCH_LENGTHS)."""
     return self._epoch_order(epoch)
 
   def _augment_images(self, augment_key, images, labels, step):

@@ -284,11 +284,12 @@ class StreamPipeline(pipeline_lib.Pipeline):
     augment: augment_lib.AugmentConfig,
     key: jax.Array,
     epoch_order: str = "independent",
+    epoch_length: str = "repeats",
     workers: int = 0,
   ):
     self.train, self.test, self.crop, self.workers = train, test, crop, workers
     self.placement = "stream"
-    self._setup(mesh, global_batch, repeats, augment, key, epoch_order)
+    self._setup(mesh, global_batch, repeats, augment, key, epoch_order, epoch_length)
     keys = self.augment_key if self.num_runs is not None else self.augment_key[None]
     self._seeds = np.asarray(jax.random.key_data(keys)).reshape(len(keys), -1)
     runs = self.num_runs or 1
@@ -475,5 +476,6 @@ def from_config(config, spec, mesh, key, files: dict) -> StreamPipeline:
     augment=pipeline_lib.augment_config(config),
     key=key,
     epoch_order=config.epoch_order,
+    epoch_length=config.epoch_length,
     workers=data.stream_workers,
   )

@@ -66,6 +66,7 @@ def pipeline_with_augment(pipeline, augment, key):
     key=key,
     placement=pipeline.placement,
     epoch_order=pipeline.order,
+    epoch_length=pipeline.epoch_length,
   )
 
 

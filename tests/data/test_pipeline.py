@@ -18,11 +18,14 @@ from lkca_jax.data import pipeline as pipeline_lib
 SIZE, REPEATS, BATCH = 500, 3, 25
 
 
-def make_pipeline(order=None, key=0, size=SIZE, batch=BATCH):
+def make_pipeline(order=None, key=0, size=SIZE, batch=BATCH, **kwargs):
+  # Image i holds its index in its first two pixels (i // 256, i % 256): see `indices_of`.
   images = np.zeros((size, 2, 2, 1), np.uint8)
+  images[:, 0, 0, 0], images[:, 0, 1, 0] = np.divmod(np.arange(size), 256)
   labels = np.arange(size, dtype=np.int32) % 10
   test = (images[:batch], labels[:batch])
-  kwargs = {} if order is None else {"epoch_order": order}
+  if order is not None:
+    kwargs["epoch_order"] = order
   return pipeline_lib.Pipeline(
     pipeline_lib.make_mesh(1),
     (images, labels),
@@ -34,6 +37,12 @@ def make_pipeline(order=None, key=0, size=SIZE, batch=BATCH):
     placement="host",
     **kwargs,
   )
+
+
+def indices_of(batch) -> np.ndarray:
+  """The training images a batch holds, read back from their pixels (mean 0.5, std 0.25)."""
+  pixels = np.rint((np.asarray(batch["image"])[:, 0, :, 0] * 0.25 + 0.5) * 255).astype(int)
+  return pixels[:, 0] * 256 + pixels[:, 1]
 
 
 def test_the_reference_order_is_the_default_of_the_pipeline_and_of_the_config():
@@ -84,6 +93,39 @@ def test_adjacent_order_puts_each_images_copies_in_one_step(epoch):
   assert not np.array_equal(groups[:, 0], np.arange(SIZE))  # shuffled
   for batch in order[: p.steps_per_epoch * p.global_batch].reshape(p.steps_per_epoch, -1):
     np.testing.assert_array_equal(np.bincount(batch)[np.unique(batch)], REPEATS)
+
+
+@pytest.mark.parametrize("order", ["adjacent", "joint"])
+def test_an_epoch_as_long_as_the_images_trains_the_first_samples_of_its_order(order):
+  """epoch_length "images" (DeiT's RASampler): an epoch is N samples in whole batches, the
+  first of its 3N-long order; with the adjacent order, a third of the images, 3 copies each.
+  The batches the trainer reads (placed in host memory, gathered by step) are those samples,
+  and the step after the last batch starts the next epoch's order."""
+  p = make_pipeline(order, batch=30, epoch_length="images")
+  assert p.steps_per_epoch == SIZE // 30 == 16  # 480 samples of 500 images, not 1,500
+  epochs = [np.asarray(p.epoch_order(e)) for e in (0, 1)]
+  read = [indices_of(p.train_batch(epochs[s // 16], s)) for s in range(32)]
+  for e in (0, 1):
+    np.testing.assert_array_equal(np.concatenate(read[16 * e : 16 * (e + 1)]), epochs[e][:480])
+  if order == "adjacent":
+    trained = [np.unique(epoch[:480], return_counts=True) for epoch in epochs]
+    for images, counts in trained:
+      assert len(images) == 160 and np.all(counts == REPEATS)
+    assert not np.array_equal(trained[0][0], trained[1][0])  # another third of the images
+  whole = make_pipeline(order, batch=30)
+  assert whole.steps_per_epoch == REPEATS * SIZE // 30 == 50
+
+
+def test_an_epoch_as_long_as_the_images_is_refused_for_independent_passes():
+  """The first N samples of independent passes would be the first pass alone: the other
+  `repeats - 1` passes would be dropped without a word."""
+  with pytest.raises(ValueError, match='epoch_length="images" with epoch_order="independent"'):
+    make_pipeline("independent", epoch_length="images")
+  with pytest.raises(ValueError, match="epoch_length must be one of"):
+    make_pipeline("adjacent", epoch_length="passes")
+  with pytest.raises(ValueError, match="makes no full batch of 600"):
+    make_pipeline("adjacent", batch=600, epoch_length="images")
+  assert make_pipeline("adjacent", batch=600).steps_per_epoch == 2  # 1,500 samples
 
 
 def test_the_old_joint_order_is_unchanged():
@@ -137,7 +179,7 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
   )
   monkeypatch.setattr(pipeline_lib, "Pipeline", Spy)
   config = default.get_config()
-  for order in pipeline_lib.EPOCH_ORDERS:
+  for i, order in enumerate(pipeline_lib.EPOCH_ORDERS):
     config.epoch_order = order
     spec = type(
       "Spec",
@@ -151,8 +193,10 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
         "image_size": (2, 2),
       },
     )()
+    config.epoch_length = pipeline_lib.EPOCH_LENGTHS[i % 2]
     pipeline_lib.from_config(config, spec, pipeline_lib.make_mesh(1), jax.random.key(0))
     assert captured["epoch_order"] == order
+    assert captured["epoch_length"] == config.epoch_length
 
 
 def test_unknown_order_is_refused():

@@ -95,6 +95,21 @@ def test_streaming_evaluates_on_the_whole_split_batches(both):
   assert streamed[1]["mask"].sum() == 4
 
 
+def test_an_epoch_as_long_as_the_images_streams_the_whole_split_batches(data_dir):
+  """DeiT's epoch (adjacent copies, epoch_length "images"): 3 steps of 16 of the 48 images'
+  144-long order, and the stream reads those, then the next epoch's, as the host pipeline."""
+  deit = {"epoch_order": "adjacent", "epoch_length": "images"}
+  host = build(fixture_config(data_dir, **deit, **{"dataset.placement": "host"}))
+  streamed = build(fixture_config(data_dir, **deit, **{"dataset.placement": "stream"}))
+  assert streamed.steps_per_epoch == host.steps_per_epoch == 48 // BATCH
+  pairs = zip(batches(host, range(6)), batches(streamed, range(6)), strict=True)
+  for step, (a, b) in enumerate(pairs):
+    np.testing.assert_array_equal(a["label"], b["label"], err_msg=f"step {step}")
+    np.testing.assert_array_equal(a["image"], b["image"], err_msg=f"step {step}")
+  # Step 5 read samples 80-95: the last copy of one image, then 5 images' 3 copies.
+  assert sorted(np.unique(streamed.last_read, return_counts=True)[1]) == [1, 3, 3, 3, 3, 3]
+
+
 @pytest.mark.parametrize("resume_at", [4, STEPS_PER_EPOCH + 5])
 def test_a_pipeline_opened_mid_epoch_gives_the_uninterrupted_batches(both, data_dir, resume_at):
   """What a resumed run does: a new pipeline, asked first for step `resume_at`."""
