@@ -172,7 +172,7 @@ def test_the_imagenet_config_trains_from_the_prepared_tars(prepared, tmp_path):
   summary = train.train_and_evaluate(run.config, str(tmp_path), run=run)
   assert (summary["step"], summary["dataset"], summary["stopped_by"]) == (3, "imagenet2012", None)
   assert (summary["train_images"], summary["test_images"]) == (49, 10)
-  assert summary["steps_per_epoch"] == 3 * 49 // 8  # repeats 3 of the recipe
+  assert summary["steps_per_epoch"] == 49 // 8  # DeiT's epoch: as many samples as images
   (record,) = summary["runs"]
   assert record["died_at_step"] is None  # every loss was finite
   assert round(10 * record["final_top1"], 6) in range(11)  # evaluated on the 10 val images
