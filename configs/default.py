@@ -131,6 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Each image's partner: its image in a random "permutation" of the batch (the
       # reference's) or in the batch "reversed" (timm's Mixup, DeiT's).
       "partner": "permutation",
+      # 1: the batch is mixed as one. G: as G processes of a PyTorch trainer mix theirs
+      # (timm's Mixup in each): rows g, g + G, ... pair among themselves, each group with its
+      # own draws.
+      "groups": 1,
     }
   )
   config.label_smoothing = 0.1

@@ -9,17 +9,16 @@ image-net.org), then train from the prepared copy:
 
 The recipe is DeiT's for DeiT-S (Touvron et al. 2021, "Training data-efficient image
 transformers", Table 9, and the defaults of their repository's main.py); each value says
-where it comes from. What this project cannot express, or does otherwise:
+where it comes from.
 
-- Repeated augmentation as DeiT's RASampler: one shuffle, each index 3 times side by side
-  (epoch_order "adjacent"), an epoch the first N of those 3N samples (epoch_length "images");
-  DeiT deals the 3 copies to 3 processes, here they sit side by side in the global batch.
-- The learning rate is DeiT's to the epoch: timm's cosine, set once an epoch
-  (optimizer.schedule "deit_epochs").
-- Mixup / CutMix pair image i with image B - 1 - i of the global batch, as timm does with
-  each process's batch. Label smoothing is applied to the loss; timm smooths the mixed
-  targets (the same).
-- No distillation (DeiT-S, not DeiT-S with the distillation token).
+Its README trains DeiT-S as 4 processes of 256 images. Repeated augmentation is its
+RASampler's: one shuffle, each index 3 times side by side (epoch_order "adjacent"), an epoch
+the first N of those 3N samples (epoch_length "images"), dealt in turn to the processes;
+the rows g, g + 4, ... of a global batch here are process g's batch there, and each mixes
+its own with timm's Mixup (mixing.groups 4). The learning rate is set once an epoch as its
+main.py steps timm's cosine (optimizer.schedule "deit_epochs"). Label smoothing is applied
+to the loss where timm smooths the mixed targets: the same loss. What differs: the random
+draws themselves, and no distillation (DeiT-S, not DeiT-S with the distillation token).
 """
 
 from configs import default
@@ -60,6 +59,7 @@ def get_config():
   config.mixing.cutmix_alpha = 1.0  # DeiT --cutmix 1.0
   config.mixing.mixup_alpha = 0.8  # DeiT --mixup 0.8
   config.mixing.partner = "reversed"  # timm's Mixup pairs the batch with itself reversed
+  config.mixing.groups = 4  # each of DeiT's 4 processes mixes its own batch (see above)
   config.label_smoothing = 0.1  # DeiT --smoothing 0.1
 
   config.batch_size = 1024  # DeiT Table 9: batch 1024

@@ -334,6 +334,7 @@ def _training_rules() -> dict[str, Rule]:
     "mixing.cutmix_alpha": number(0.0, low_open=True),  # Beta(alpha, alpha) needs alpha > 0
     "mixing.mixup_alpha": number(0.0, low_open=True),
     "mixing.partner": choice(mixing.PARTNERS),
+    "mixing.groups": integer(1),
     "label_smoothing": number(0.0, 1.0, high_open=True),  # 1 would erase the labels
     "optimizer.learning_rate": number(0.0, low_open=True),
     "optimizer.b1": number(0.0, 1.0, high_open=True),

@@ -6,6 +6,11 @@ partner is its image in a random permutation of the batch (the reference's)
 or in the batch reversed (timm's `Mixup`, as DeiT trains): `PARTNERS`. The
 loss is then λ·CE(y_a) + (1 − λ)·CE(y_b); for CutMix λ is recomputed from the
 clipped box.
+
+With `groups` = G > 1 the batch is mixed as G processes of a data-parallel
+PyTorch trainer mix theirs: rows g, g + G, g + 2G, … (the rows a distributed
+sampler deals process g) are one group, which draws its own decisions, λ and box
+and pairs its rows among themselves.
 """
 
 from __future__ import annotations
@@ -83,7 +88,41 @@ def partner_indices(key, size: int, partner: str = "permutation") -> jax.Array:
   raise ValueError(f"partner={partner!r}; choose one of {', '.join(PARTNERS)}")
 
 
-def mix_batch(
+def check_groups(batch_size: int, groups: int) -> None:
+  """ValueError unless `groups` (>= 1) divides the batch into groups of equal size."""
+  if groups < 1 or batch_size % groups:
+    raise ValueError(
+      f"mixing.groups={groups} does not divide the batch of {batch_size} into equal groups; "
+      f"set --config.mixing.groups to a divisor of {batch_size}"
+    )
+
+
+def mix_batch(key, images, labels, *, groups: int = 1, **options):
+  """Returns (images, labels_a, labels_b, lam), lam one value per image (1 where clean).
+
+  `options` are `mix_group`'s. With `groups` = G > 1, rows g, g + G, … are mixed as one
+  batch of their own (`mix_group`) with the key `split(key, G)[g]`."""
+  size = images.shape[0]
+  if groups == 1:
+    images, labels_a, labels_b, lam = mix_group(key, images, labels, **options)
+    return images, labels_a, labels_b, jnp.broadcast_to(lam, (size,))
+  check_groups(size, groups)
+
+  def grouped(x):  # (B, ...) -> (G, B / G, ...), group g = rows g::G
+    return jnp.swapaxes(x.reshape(size // groups, groups, *x.shape[1:]), 0, 1)
+
+  def ungrouped(x):
+    return jnp.swapaxes(x, 0, 1).reshape(size, *x.shape[2:])
+
+  keys = jax.random.split(key, groups)
+  mixed = jax.vmap(lambda k, x, y: mix_group(k, x, y, **options))(
+    keys, grouped(images), grouped(labels)
+  )
+  images, labels_a, labels_b, lam = mixed
+  return ungrouped(images), ungrouped(labels_a), ungrouped(labels_b), jnp.tile(lam, size // groups)
+
+
+def mix_group(
   key,
   images,
   labels,
@@ -94,8 +133,9 @@ def mix_batch(
   mixup_alpha: float,
   partner: str = "permutation",
 ):
-  """Returns (images, labels_a, labels_b, lam); lam is 1 for a clean batch. `partner`
-  chooses each image's partner (`PARTNERS`); the other draws do not depend on it."""
+  """One batch mixed with one set of draws: (images, labels_a, labels_b, lam), lam a scalar,
+  1 for a clean batch. `partner` chooses each image's partner (`PARTNERS`); the other draws
+  do not depend on it."""
   k_mix, k_kind, k_perm, k_cut_lam, k_mix_lam, k_box = jax.random.split(key, 6)
   _, height, width, _ = images.shape
   partners = partner_indices(k_perm, images.shape[0], partner)

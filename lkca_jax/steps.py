@@ -157,6 +157,7 @@ def make_train_step(
     "cutmix_alpha": config.mixing.cutmix_alpha,
     "mixup_alpha": config.mixing.mixup_alpha,
     "partner": config.mixing.partner,
+    "groups": config.mixing.groups,
   }
 
   def train_step(state: TrainState, batch, rng, hp):
@@ -174,7 +175,7 @@ def make_train_step(
       cutmix_prob=hp["mixing.cutmix_prob"],
       **mix_options,
     )
-    mixed = {"image": images, "label_a": labels_a, "label_b": labels_b}
+    mixed = {"image": images, "label_a": labels_a, "label_b": labels_b, "lam": lam}
 
     def loss_fn(params, mixed, drop_key):
       model = nnx.merge(train_graphdef, params, state.rest)
@@ -184,6 +185,7 @@ def make_train_step(
         drop_path_rate=hp["model_overrides.drop_path_rate"],
       )
       smoothing = hp["label_smoothing"]
+      lam = mixed["lam"]  # each image's own: its group's draw
       loss = lam * cross_entropy(logits, mixed["label_a"], smoothing) + (1.0 - lam) * cross_entropy(
         logits, mixed["label_b"], smoothing
       )

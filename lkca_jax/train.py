@@ -35,6 +35,7 @@ from lkca_jax import (
   files,
   finetune,
   metric_writer,
+  mixing,
   models,
   run_files,
   runs,
@@ -154,6 +155,7 @@ class Run:
       schedules.check_schedule(config.optimizer)
       mesh = pipeline_lib.make_mesh(config.num_devices)
       pipeline_lib.check_global_batch(config.batch_size, mesh.devices.size, config.microbatches)
+      mixing.check_groups(config.batch_size, config.mixing.groups)
       model = build_model(config, spec, nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     except ValueError as e:
       raise ConfigError(str(e)) from None

@@ -153,6 +153,7 @@ REJECTED = [
   (["--config.num_devices=0", "--config.batch_size=60"], "not divisible by 8 devices"),
   (["--config.batch_size=64", "--config.microbatches=3"], "microbatches=3 does not divide"),
   (["--config.epoch_length=images"], 'epoch_length="images" with epoch_order="independent"'),
+  (["--config.mixing.groups=3"], "mixing.groups=3 does not divide the batch of 64"),
   (
     ["--config.optimizer.schedule=deit_epochs", "--config.optimizer.warmup_epochs=0.5"],
     "warms up for whole epochs",

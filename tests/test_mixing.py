@@ -1,4 +1,4 @@
-"""CutMix / Mixup: the mixed pixels, λ, and how often each happens."""
+"""CutMix / Mixup: the mixed pixels, λ, how often each happens, and a batch mixed in groups."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from lkca_jax.mixing import PARTNERS, beta, cutmix_box, mix_batch
+from lkca_jax.mixing import PARTNERS, beta, check_groups, cutmix_box, mix_batch, mix_group
 
 ALWAYS = dict(prob=1.0, cutmix_alpha=1.0, mixup_alpha=1.0)
 
@@ -19,7 +19,7 @@ def _batch(n=16, size=12):
 def test_cutmix_pixels_and_lambda_follow_the_box():
   images, labels = _batch()
   for seed in range(20):
-    out, ya, yb, lam = mix_batch(jax.random.key(seed), images, labels, cutmix_prob=1.0, **ALWAYS)
+    out, ya, yb, lam = mix_group(jax.random.key(seed), images, labels, cutmix_prob=1.0, **ALWAYS)
     out, ya, yb, lam = map(np.asarray, (out, ya, yb, lam))
     np.testing.assert_array_equal(ya, np.arange(16))
     # Every image holds only its own value and its partner's (each image's value is its label).
@@ -38,7 +38,7 @@ def test_cutmix_pixels_and_lambda_follow_the_box():
 
 def test_mixup_is_the_convex_combination():
   images, labels = _batch()
-  out, ya, yb, lam = mix_batch(jax.random.key(3), images, labels, cutmix_prob=0.0, **ALWAYS)
+  out, ya, yb, lam = mix_group(jax.random.key(3), images, labels, cutmix_prob=0.0, **ALWAYS)
   expected = lam * np.asarray(ya, np.float32) + (1 - lam) * np.asarray(yb, np.float32)
   np.testing.assert_allclose(np.asarray(out)[:, 0, 0, 0], expected, rtol=1e-6)
   assert 0.0 < float(lam) < 1.0
@@ -49,7 +49,7 @@ def test_reversed_partners_are_the_batch_backwards():
   middle image of an odd batch is its own partner."""
   images, labels = _batch(15)
   for cutmix_prob in (0.0, 1.0):
-    out, ya, yb, lam = mix_batch(
+    out, ya, yb, lam = mix_group(
       jax.random.key(1), images, labels, cutmix_prob=cutmix_prob, partner="reversed", **ALWAYS
     )
     np.testing.assert_array_equal(yb, np.arange(15)[::-1])
@@ -66,7 +66,7 @@ def test_the_partner_rule_changes_only_the_partners():
   for seed in range(8):
     key = jax.random.key(seed)
     by_rule = {
-      p: mix_batch(
+      p: mix_group(
         key, images, labels, prob=0.5, cutmix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=0.8, partner=p
       )
       for p in PARTNERS
@@ -83,12 +83,58 @@ def test_the_partner_rule_changes_only_the_partners():
 def test_an_unknown_partner_rule_is_refused():
   images, labels = _batch()
   with pytest.raises(ValueError, match="permutation, reversed"):
-    mix_batch(jax.random.key(0), images, labels, cutmix_prob=0.5, partner="flip", **ALWAYS)
+    mix_group(jax.random.key(0), images, labels, cutmix_prob=0.5, partner="flip", **ALWAYS)
+
+
+def test_each_group_of_rows_is_mixed_as_a_batch_of_its_own():
+  """groups=G: rows g, g + G, … (what a distributed sampler deals process g) are one batch,
+  mixed as `mix_group` mixes one with the key split(key, G)[g]: partners only within the
+  group (reversed: row g + G·k with g + G·(n − 1 − k)), and its own decisions, λ and box."""
+  images, labels = _batch(24)
+  for cutmix_prob in (0.0, 1.0):
+    key = jax.random.key(5)
+    out, ya, yb, lam = mix_batch(
+      key, images, labels, groups=4, cutmix_prob=cutmix_prob, partner="reversed", **ALWAYS
+    )
+    assert lam.shape == (24,)
+    np.testing.assert_array_equal(ya, np.arange(24))
+    rows = np.arange(24).reshape(6, 4)  # rows[k, g] = g + 4k
+    np.testing.assert_array_equal(np.asarray(yb).reshape(6, 4), rows[::-1])
+    for g, group_key in enumerate(jax.random.split(key, 4)):
+      alone = mix_group(
+        group_key,
+        images[g::4],
+        labels[g::4],
+        cutmix_prob=cutmix_prob,
+        partner="reversed",
+        **ALWAYS,
+      )
+      np.testing.assert_array_equal(np.asarray(out)[g::4], alone[0])
+      np.testing.assert_array_equal(np.asarray(lam)[g::4], float(alone[3]))
+    assert len(np.unique(np.asarray(lam))) == 4  # four groups, four draws of λ
+
+
+def test_one_group_is_the_whole_batch_mixed_once():
+  images, labels = _batch()
+  key = jax.random.key(2)
+  out, ya, yb, lam = mix_batch(key, images, labels, cutmix_prob=0.5, **ALWAYS)
+  alone = mix_group(key, images, labels, cutmix_prob=0.5, **ALWAYS)
+  for got, want in zip((out, ya, yb), alone[:3], strict=True):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(lam, np.full(16, float(alone[3]), np.float32))
+
+
+def test_groups_that_do_not_divide_the_batch_are_refused():
+  with pytest.raises(ValueError, match="mixing.groups=5 does not divide the batch of 16"):
+    check_groups(16, 5)
+  images, labels = _batch()
+  with pytest.raises(ValueError, match="set --config.mixing.groups to a divisor of 16"):
+    mix_batch(jax.random.key(0), images, labels, groups=3, cutmix_prob=0.5, **ALWAYS)
 
 
 def test_clean_batches_are_untouched():
   images, labels = _batch()
-  out, ya, yb, lam = mix_batch(
+  out, ya, yb, lam = mix_group(
     jax.random.key(0), images, labels, prob=0.0, cutmix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=1.0
   )
   np.testing.assert_array_equal(out, images)
@@ -101,7 +147,7 @@ def test_mixing_rates_match_the_recipe():
   images, labels = _batch(8, 8)
   fn = jax.jit(
     jax.vmap(
-      lambda k: mix_batch(
+      lambda k: mix_group(
         k, images, labels, prob=0.5, cutmix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=1.0
       )
     )
@@ -157,6 +203,7 @@ def test_mixing_draws_with_no_loop_a_gpu_would_run_trip_by_trip():
   assert _has_loop_on_gpu(lambda k: jax.random.beta(k, 1.0, 1.0), key)  # what this test can see
   assert not _has_loop_on_gpu(lambda k: beta(k, 0.8, 0.8), key)
   images, labels = _batch()
-  assert not _has_loop_on_gpu(
-    lambda k: mix_batch(k, images, labels, cutmix_prob=0.5, **ALWAYS), key
-  )
+  for groups in (1, 4):
+    assert not _has_loop_on_gpu(
+      lambda k, g=groups: mix_batch(k, images, labels, groups=g, cutmix_prob=0.5, **ALWAYS), key
+    )

@@ -98,6 +98,26 @@ def test_the_step_pairs_images_as_the_config_says():
   assert len(losses["permutation"]) == 1 and losses["permutation"] != losses["reversed"]
 
 
+def test_each_image_is_weighed_by_its_own_groups_lambda_also_in_slices():
+  """`mixing.groups` reaches the step (4 groups: another loss than 1), and each image's
+  loss takes its own group's λ: computed in 2 slices (rows m::2, each holding rows of every
+  group) the step's loss is the whole batch's up to the order of its sum. 32 non-negative
+  terms summed in another order differ by at most 2·31 roundings of the total: < 64·2⁻²⁴."""
+  from lkca_jax import train  # pylint: disable=import-outside-toplevel
+
+  def loss(groups, microbatches):
+    config = tiny_digits(
+      microbatches=microbatches,
+      **{"mixing.prob": 1.0, "mixing.groups": groups, "model_overrides.drop_path_rate": 0.0},
+    )
+    t = train.build_training(train.Run.prepare(config), config)
+    return float(t.step(t.state, 0)[1]["loss"][0])
+
+  whole, sliced = loss(4, 1), loss(4, 2)
+  assert abs(whole - sliced) <= 64 * 2.0**-24 * whole, (whole, sliced)
+  assert loss(1, 1) != whole
+
+
 def test_the_moving_average_follows_the_parameters_and_changes_nothing_of_the_training():
   """With ema_decay the trained parameters and AdamW's moments are bit for bit those of
   the run without, and the average is ½·average + ½·parameters after each step from the
