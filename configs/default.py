@@ -23,6 +23,9 @@ def model_overrides() -> ml_collections.ConfigDict:
       "drop_path_rate": placeholder(float),
       "drop_path_schedule": placeholder(str),  # "uniform" (every block) or "linear" (0 → rate)
       "pool": placeholder(str),
+      # "reference" (the LKCA authors' init, LayerNorm eps and MHSA) or "deit" (as DeiT builds
+      # its ViTs with timm); models.CONVENTIONS.
+      "convention": placeholder(str),
       # Constructor options per mixer name, one for each option a registered mixer lists in
       # its `config_options` (e.g. mixer_options.lkca.view: "auto", "conv" or "attention";
       # see the mixer's docstring). Unset ones keep the mixer's default.

@@ -26,7 +26,9 @@ from configs import default
 
 def get_config():
   config = default.get_config()
-  config.model = "lkca_s16"  # 16x16 patches, width 384, depth 12, MLP 4x: DeiT-S's shape
+  # 16x16 patches, width 384, depth 12, MLP 4x: DeiT-S's shape, built and initialised as DeiT
+  # builds it (the preset's convention "deit"); vit_s16 is DeiT-S itself.
+  config.model = "lkca_s16"
   config.dtype = "bfloat16"  # DeiT trains with mixed precision (torch AMP)
 
   config.dataset.name = "imagenet2012"

@@ -274,6 +274,7 @@ def _run_and_model_rules() -> dict[str, Rule]:
     "model_overrides.drop_path_rate": number(0.0, 1.0, high_open=True, optional=True),
     "model_overrides.drop_path_schedule": choice(models.DROP_PATH_SCHEDULES, optional=True),
     "model_overrides.pool": choice(POOLS, optional=True),
+    "model_overrides.convention": choice(models.CONVENTIONS, optional=True),
     **mixer_option_rules(),
     "patch_size": integer(1, optional=True),  # unset: image size / 8
     "dtype": dtypes(),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.layers import MIXERS, MLP, DropPath, layer_norm, linear, option_names
-from lkca_jax.layers.common import add_wide, as_grid
+from lkca_jax.layers.common import LAYER_NORM_EPSILON, add_wide, as_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Preset:
   # Pixels per patch side; None: image size / DEFAULT_GRID (the paper's 8×8 grid).
   # `create_model(patch_size=...)` (config.patch_size) overrides it.
   patch_size: int | None = None
+  convention: str = "reference"  # CONVENTIONS
 
 
 # `docs/method.md`, "Presets". LKCA presets' `num_heads` only matters for kernel_sharing="head".
@@ -59,13 +60,21 @@ PRESETS: dict[str, Preset] = {
   "acmix_b": Preset("acmix", 176, 10, 8),  # 2,682,280 (−0.34%)
   "flatten_t": Preset("flatten", 114, 9, 3),  # 1,036,840 (+0.90%)
   "flatten_b": Preset("flatten", 176, 10, 4),  # 2,645,290 (−1.71%)
-  # ImageNet-1k size (`docs/method.md`, "ImageNet presets"): the shape of DeiT-S / ViT-S/16,
-  # 16×16 patches (a 14×14 grid at 224×224), width 384, depth 12, 6 heads, MLP 4×.
-  # Parameters at 224×224 with 1000 classes: vit_s16 22,036,840 (DeiT-S's 22,050,664 less
-  # its 12 × 1,152 qkv biases); lkca_s16 18,505,876 (27×27 kernels, no class token).
-  "vit_s16": Preset("mhsa", 384, 12, 6, mlp_ratio=4.0, patch_size=16),
-  "lkca_s16": Preset("lkca", 384, 12, 6, mlp_ratio=4.0, patch_size=16),
+  # ImageNet-1k size (`docs/method.md`, "ImageNet presets"): DeiT-S / ViT-S/16, 16×16
+  # patches (a 14×14 grid at 224×224), width 384, depth 12, 6 heads, MLP 4×, built and
+  # initialised as DeiT builds it. Parameters at 224×224 with 1000 classes: vit_s16
+  # 22,050,664 (DeiT-S's); lkca_s16 18,505,876 (27×27 kernels, no class token).
+  "vit_s16": Preset("mhsa", 384, 12, 6, mlp_ratio=4.0, patch_size=16, convention="deit"),
+  "lkca_s16": Preset("lkca", 384, 12, 6, mlp_ratio=4.0, patch_size=16, convention="deit"),
 }
+
+# How a model is built and initialised beyond its shape: "reference", as the LKCA authors'
+# code (xavier-normal Linear weights, N(0, 1) position table and class token, LayerNorm
+# epsilon 1e-5, no qkv bias); "deit", as DeiT builds its ViTs with timm (`deit_init`:
+# trunc-normal(0.02) Linear weights and tokens, PyTorch's Conv2d init for the patch
+# embedding; LayerNorm epsilon 1e-6; MHSA with a qkv bias).
+CONVENTIONS = ("reference", "deit")
+DEIT_NORM_EPSILON = 1e-6
 
 # The input grid is 8×8 for every dataset of the paper (patch 4 at 32×32,
 # patch 8 at 64×64), so the default patch size is image_size / 8.
@@ -137,9 +146,10 @@ class Block(nnx.Module):
     drop_path_rate: float,
     mixer_options: dict,
     dtype,
+    norm_epsilon: float = LAYER_NORM_EPSILON,
     rngs: nnx.Rngs,
   ):
-    self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(dim, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
     options = mixer_options.get(mixer, {})
     check_mixer_options(mixer, options)
     self.mixer = MIXERS[mixer](dim, grid, num_heads=num_heads, dtype=dtype, rngs=rngs, **options)
@@ -147,7 +157,7 @@ class Block(nnx.Module):
     self.num_heads = num_heads
     self.mixer_options = tuple(sorted(options.items()))
     self.drop_path1 = DropPath(drop_path_rate, rngs=rngs)
-    self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
     self.mlp = MLP(dim, int(round(dim * mlp_ratio)), dtype=dtype, rngs=rngs)
     self.drop_path2 = DropPath(drop_path_rate, rngs=rngs)
 
@@ -181,6 +191,40 @@ class Block(nnx.Module):
     if hasattr(self.mixer, "mix_first"):
       return self.mixer.mix_first(y, 1)
     return self.mixer(y)[:, :1]
+
+
+def _conventional(convention: str, mixers, mixer_options) -> tuple[dict, float]:
+  """The mixer options and LayerNorm epsilon of a model built by `convention` (CONVENTIONS):
+  under "deit", MHSA layers take a qkv bias unless the options say otherwise."""
+  options = dict(mixer_options)
+  if convention == "reference":
+    return options, LAYER_NORM_EPSILON
+  if convention != "deit":
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+  if "mhsa" in mixers:
+    options["mhsa"] = {"qkv_bias": True, **options.get("mhsa", {})}
+  return options, DEIT_NORM_EPSILON
+
+
+def deit_init(model, rngs: nnx.Rngs) -> None:
+  """Draws `model`'s parameters again as timm's VisionTransformer, which DeiT builds: every
+  Linear weight, the position table and the class token from trunc_normal_(std=0.02), whose
+  bounds ±2 are absolute (±100 standard deviations); Linear biases 0; the patch embedding,
+  a Conv2d there, as PyTorch initialises one: weight and bias U(±1/√fan_in). LayerNorms
+  (1, 0) and the mixers' own parameters (LKCA's zero kernels) keep their init."""
+
+  def trunc_normal(shape):
+    return 0.02 * jax.random.truncated_normal(rngs.params(), -100.0, 100.0, shape)
+
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Linear) and module is not model.patch_embed:
+      module.kernel[...] = trunc_normal(module.kernel.shape)
+  bound = model.patch_embed.in_features**-0.5
+  for param in (model.patch_embed.kernel, model.patch_embed.bias):
+    param[...] = jax.random.uniform(rngs.params(), param.shape, minval=-bound, maxval=bound)
+  for name in ("pos_embed", "cls_token"):
+    if hasattr(model, name):
+      getattr(model, name)[...] = trunc_normal(getattr(model, name).shape)
 
 
 def _expand_pattern(mixer, depth: int) -> list[str]:
@@ -219,6 +263,7 @@ class ViT(nnx.Module):
     drop_path_schedule: str = "uniform",
     pool: str = "auto",
     mixer_options: dict | None = None,
+    convention: str = "reference",
     dtype=None,
     rngs: nnx.Rngs,
   ):
@@ -233,7 +278,7 @@ class ViT(nnx.Module):
     self.channels = channels
     self.dtype = dtype
     self.mixers = _expand_pattern(mixer, depth)
-    mixer_options = dict(mixer_options or {})
+    mixer_options, norm_epsilon = _conventional(convention, self.mixers, mixer_options or {})
     unused = sorted(set(mixer_options) - set(self.mixers))
     if unused:
       raise ValueError(
@@ -265,13 +310,16 @@ class ViT(nnx.Module):
           drop_path_rate=drop_path_rate * scale,
           mixer_options=mixer_options,
           dtype=dtype,
+          norm_epsilon=norm_epsilon,
           rngs=rngs,
         )
         for m, scale in zip(self.mixers, self.drop_path_scales, strict=True)
       ]
     )
-    self.head_norm = layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.head_norm = layer_norm(dim, epsilon=norm_epsilon, dtype=dtype, rngs=rngs)
     self.head = linear(dim, num_classes, dtype=dtype, rngs=rngs)
+    if convention == "deit":
+      deit_init(self, rngs)
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """(B, H, W, C) → (B, h·w, p·p·C), each patch flattened as (p1, p2, c)."""

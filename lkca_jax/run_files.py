@@ -101,6 +101,7 @@ SHAPE_KEYS = (
   "model_overrides.mlp_ratio",
   "model_overrides.pool",
   "model_overrides.mixer_options",
+  "model_overrides.convention",  # "deit" gives MHSA a qkv bias
   "patch_size",
   "dataset.name",
   "dataset.classes",

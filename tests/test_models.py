@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from flax import nnx
 
 from lkca_jax.layers import LKCA, MHSA, MIXERS, DropPath, layer_norm, linear
@@ -120,8 +121,9 @@ def test_peer_preset_parameter_counts_match_the_derived_ones(name):
     assert count_params(model) == peer_param_count(name, num_classes, size) == expected
 
 
-# ImageNet-1k presets at 224×224, 1000 classes (`docs/method.md`, "ImageNet presets").
-IMAGENET_PARAM_COUNTS = {"vit_s16": 22_036_840, "lkca_s16": 18_505_876}
+# ImageNet-1k presets at 224×224, 1000 classes (`docs/method.md`, "ImageNet presets"):
+# vit_s16 is DeiT-S, whose published count is 22,050,664 (timm's deit_small_patch16_224).
+IMAGENET_PARAM_COUNTS = {"vit_s16": 22_050_664, "lkca_s16": 18_505_876}
 
 
 def imagenet_param_count(name) -> int:
@@ -132,7 +134,7 @@ def imagenet_param_count(name) -> int:
   mlp = (d * hidden + hidden) + (hidden * d + d)
   norms = 2 * (2 * d)  # two LayerNorms, scale and bias
   if name == "vit_s16":
-    mixer = d * 3 * d + (d * d + d)  # qkv without bias, output with bias
+    mixer = (d * 3 * d + 3 * d) + (d * d + d)  # qkv and output, both with bias (DeiT's)
     tokens = h * w + 1  # the class token's position too
     prefix = d  # the class token
   else:
@@ -224,6 +226,60 @@ def test_model_init():
   lkca_model = small_model("lkca_05m")
   for block in lkca_model.blocks:
     assert not np.asarray(block.mixer.kernel[...]).any()
+
+
+def test_the_deit_convention_builds_and_initialises_as_timm():
+  """vit_s16 (DeiT-S) as timm's VisionTransformer, here at 32×32 (a 2×2 grid, so quick): every
+  Linear weight, the position table and the class token N(0, 0.02²) as trunc_normal_(std=
+  0.02) draws them (its ±2 bounds are 100 std away: a normal's tails, unlike jax's ±2 std
+  truncation), Linear biases 0 (qkv's included), the patch embedding U(±1/√768) as PyTorch's
+  Conv2d, LayerNorms (1, 0) at epsilon 1e-6. Kolmogorov-Smirnov tests of 20,000 draws each
+  fail for a right sampler with probability 1e-6."""
+  model = create_model("vit_s16", num_classes=1000, image_size=32, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  sample = lambda x: rng.choice(np.asarray(x).ravel(), 20_000, replace=False)
+  kernels = [
+    np.asarray(m.kernel[...]).ravel()
+    for _, m in nnx.iter_graph(model)
+    if isinstance(m, nnx.Linear) and m is not model.patch_embed
+  ]
+  assert len(kernels) == 12 * 4 + 1  # qkv, out, two MLP Linears a block; the head
+  normal = scipy.stats.norm(scale=0.02).cdf
+  assert scipy.stats.kstest(sample(np.concatenate(kernels)), normal).pvalue > 1e-6
+  assert np.abs(np.concatenate(kernels)).max() > 4.5 * 0.02  # untruncated at 2 std
+  tokens = np.concatenate([np.asarray(model.pos_embed[...]).ravel(), model.cls_token[...].ravel()])
+  # 5 position rows (2×2 and the class token) and the token: 2,304 draws, std spread ≈ 0.015.
+  assert tokens.size == 6 * 384 and abs(tokens.std() / 0.02 - 1) < 0.1
+  bound = 768**-0.5
+  patch = np.concatenate(
+    [np.asarray(model.patch_embed.kernel[...]).ravel(), model.patch_embed.bias[...]]
+  )
+  assert scipy.stats.kstest(sample(patch), scipy.stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-6
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Linear) and module is not model.patch_embed:
+      assert module.bias is not None and not np.asarray(module.bias[...]).any(), path
+    if isinstance(module, nnx.LayerNorm):
+      assert module.epsilon == 1e-6, path
+      np.testing.assert_array_equal(np.asarray(module.scale[...]), 1.0)
+  lkca = create_model("lkca_s16", num_classes=10, image_size=32, rngs=nnx.Rngs(0))
+  assert all(not np.asarray(block.mixer.kernel[...]).any() for block in lkca.blocks)
+
+
+def test_any_preset_takes_either_convention_and_options_still_win():
+  """ "deit" gives MHSA its qkv bias (3·D a layer) unless the mixer options say otherwise; the
+  paper's presets keep the reference's by default."""
+  count = lambda **kw: count_params(
+    nnx.eval_shape(
+      lambda: create_model("vit", num_classes=10, image_size=32, rngs=nnx.Rngs(0), **kw)
+    )
+  )
+  reference = count()
+  assert count(convention="deit") == reference + 9 * 3 * 192
+  no_bias = {"mhsa": {"qkv_bias": False}}
+  assert count(convention="deit", mixer_options=no_bias) == reference
+  assert count(convention="reference") == reference
+  with pytest.raises(ValueError, match="convention must be one of"):
+    count(convention="timm")
 
 
 def test_layer_norm_epsilon_is_1e_minus_5_numerically():

@@ -273,8 +273,10 @@ def threaded(y: jax.Array) -> jax.Array:
   return y + 0 * jnp.sum(y, axis=-1, keepdims=True)
 
 
-def layer_norm(dim: int, *, dtype=None, rngs: nnx.Rngs) -> LayerNorm:
-  return LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=dtype, rngs=rngs)
+def layer_norm(
+  dim: int, *, epsilon: float = LAYER_NORM_EPSILON, dtype=None, rngs: nnx.Rngs
+) -> LayerNorm:
+  return LayerNorm(dim, epsilon=epsilon, dtype=dtype, rngs=rngs)
 
 
 class DropPath(nnx.Dropout):

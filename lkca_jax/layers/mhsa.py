@@ -15,17 +15,21 @@ from lkca_jax.layers.common import check_cost_sizes, linear, project, threaded, 
 class MHSA(nnx.Module):
   """qkv Linear(D, 3·H·d) without bias → softmax(q·kᵀ·d^−½)·v → Linear(H·d, D) with bias.
 
-  Works on any number of tokens (a class token included); `grid` is accepted
-  for a uniform mixer signature and unused.
+  `qkv_bias=True` gives the qkv Linear a bias (timm's `qkv_bias`, which DeiT sets). Works on
+  any number of tokens (a class token included); `grid` is accepted for a uniform mixer
+  signature and unused.
   """
 
   needs_grid = False
   size_presets = {"t": "vit_1m", "b": "vit"}  # the paper's ViTs at lkca_t / lkca_b's budget
-  config_options = {"head_dim": int}
+  config_options = {"head_dim": int, "qkv_bias": bool}
 
   @staticmethod
-  def macs(num_tokens: int, dim: int, num_heads: int, *, head_dim: int | None = None) -> int:
+  def macs(
+    num_tokens: int, dim: int, num_heads: int, *, head_dim: int | None = None, qkv_bias=False
+  ) -> int:
     """qkv and output projections (4·N·D² when H·d = D), then q·kᵀ and weights·v (2·N²·D)."""
+    del qkv_bias  # biases are element-wise work
     check_cost_sizes(num_tokens, dim, num_heads, "MHSA")
     inner = num_heads * (head_dim or dim // num_heads)
     return 4 * num_tokens * dim * inner + 2 * num_tokens**2 * inner
@@ -37,6 +41,7 @@ class MHSA(nnx.Module):
     *,
     num_heads: int = 8,
     head_dim: int | None = None,
+    qkv_bias: bool = False,
     dtype=None,
     rngs: nnx.Rngs,
   ):
@@ -44,7 +49,7 @@ class MHSA(nnx.Module):
     self.num_heads = num_heads
     self.head_dim = head_dim or dim // num_heads
     inner = self.num_heads * self.head_dim
-    self.qkv = linear(dim, 3 * inner, use_bias=False, dtype=dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.out_proj = linear(inner, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,9 +60,11 @@ class MHSA(nnx.Module):
     and values of every token of x (a class-token model's last layer needs only its row)."""
     inner = self.num_heads * self.head_dim
     qkv = self.qkv
-    x, kernel = qkv.promote_dtype((x, qkv.kernel[...]), dtype=qkv.dtype)
-    q = project(x[:, :count], kernel[:, :inner], None, qkv.precision)
-    kv = project(x, kernel[:, inner:], None, qkv.precision)
+    bias = None if qkv.bias is None else qkv.bias[...]
+    x, kernel, bias = qkv.promote_dtype((x, qkv.kernel[...], bias), dtype=qkv.dtype)
+    q_bias, kv_bias = (None, None) if bias is None else (bias[:inner], bias[inner:])
+    q = project(x[:, :count], kernel[:, :inner], q_bias, qkv.precision)
+    kv = project(x, kernel[:, inner:], kv_bias, qkv.precision)
     return self.out_proj(attention_of_queries(q, kv, self.num_heads, self.head_dim**-0.5))
 
 

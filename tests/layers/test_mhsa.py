@@ -88,6 +88,42 @@ def test_mix_first_is_the_first_tokens_rows_of_the_reference(count, form):
   assert (np.abs(out - expected) <= bound).all(), np.abs(out - expected).max()
 
 
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+def test_a_qkv_bias_is_added_to_queries_keys_and_values_in_both_paths(form):
+  """qkv_bias=True (timm's, DeiT's): the module is the float64 reference with x·W_qkv + b,
+  and mix_first its first rows, within the float32 bound of the bias-free test above."""
+  module = MHSA(16, num_heads=2, qkv_bias=True, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(5)
+  bias = rng.normal(size=48).astype(np.float32)
+  module.qkv.bias[...] = jnp.asarray(bias)
+  x = rng.normal(size=(2, 7, 16)).astype(np.float32)
+  w_qkv, w_out, b_out = (
+    np.asarray(a[...], np.float64)
+    for a in (module.qkv.kernel, module.out_proj.kernel, module.out_proj.bias)
+  )
+  # x·W + b as x' · W' with a column of ones: the bias-free reference computes it.
+  ones = np.ones((2, 7, 1))
+  x_ones = np.concatenate([x.astype(np.float64), ones], axis=-1)
+  w_ones = np.concatenate([w_qkv, bias[None].astype(np.float64)], axis=0)
+  expected = numpy_mhsa(x_ones, w_ones, w_out, b_out, 2, 8)
+  with backend.forms(form):
+    out = np.asarray(module(jnp.asarray(x)))
+    first = np.asarray(module.mix_first(jnp.asarray(x), 2))
+  # The bound of the test above, with the bias as a 17th term of the qkv sums.
+  qkv = np.abs(x_ones) @ np.abs(w_ones)
+  q, k, v = np.split(qkv, 3, axis=-1)
+  logits = np.einsum("bnd,bmd->bnm", q, k).max(-1, keepdims=True) / np.sqrt(8)
+  bound = (
+    2
+    * (17 + 7 + 16)
+    * U
+    * (v.max(axis=1, keepdims=True) @ np.abs(w_out) * (1 + 2 * logits) + np.abs(b_out))
+  )
+  assert (np.abs(out - expected) <= bound).all(), np.abs(out - expected).max()
+  assert (np.abs(first - expected[:, :2]) <= bound[:, :2]).all()
+  assert np.abs(out - np.asarray(MHSA(16, num_heads=2, rngs=nnx.Rngs(3))(x))).max() > 1e-2
+
+
 def test_structure_and_parameter_count():
   module = MHSA(192, num_heads=12, rngs=nnx.Rngs(0))
   assert module.head_dim == 16
