@@ -97,15 +97,19 @@ def test_model_overrides_reach_the_model():
 
 
 @pytest.mark.slow
-def test_eight_devices_take_one_devices_steps():
+@pytest.mark.parametrize("groups", [1, 4])
+def test_eight_devices_take_one_devices_steps(groups):
   """The batch split over 8 devices sums the gradients in another order, so the two programs
   agree to float32 round-off, which AdamW can amplify over free-running steps: each step is
   taken from one shared state and checked against the round-off of that step, carried
-  through AdamW (tests.helpers.assert_one_step_apart, as for many runs)."""
-  config = tiny_digits()
+  through AdamW (tests.helpers.assert_one_step_apart, as for many runs). With 4 mixing
+  groups (every batch mixed), each group's rows (g, g + 4, …) lie on every device: the same
+  steps still."""
+  mixing = {"mixing.groups": groups, **({"mixing.prob": 1.0} if groups > 1 else {})}
+  config = tiny_digits(**mixing)
   one, eight = (
     train.build_training(train.Run.prepare(c), c)
-    for c in (tiny_digits(num_devices=1), tiny_digits(num_devices=8))
+    for c in (tiny_digits(num_devices=1, **mixing), tiny_digits(num_devices=8, **mixing))
   )
   assert (one.pipeline.mesh.devices.size, eight.pipeline.mesh.devices.size) == (1, 8)
   replicated = jax.sharding.NamedSharding(eight.pipeline.mesh, jax.sharding.PartitionSpec())
