@@ -156,6 +156,9 @@ def get_config() -> ml_collections.ConfigDict:
       # "deit_epochs": once an epoch, as DeiT's main.py steps timm's cosine (whole warmup epochs).
       "schedule": "warmup_cosine",
       "warmup_epochs": 10.0,  # a fraction of an epoch too: rounded to whole steps
+      # Set: the warmup is this share of the run's steps instead (warmup_cosine only), e.g.
+      # 0.1, the recipe's share, in a run shortened by num_train_steps.
+      "warmup_fraction": placeholder(float),
       "init_learning_rate": 1e-6,
       "end_learning_rate": 1e-6,
     }

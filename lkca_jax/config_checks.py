@@ -343,6 +343,7 @@ def _training_rules() -> dict[str, Rule]:
     "optimizer.eps": number(0.0, low_open=True),
     "optimizer.weight_decay": number(0.0),
     "optimizer.warmup_epochs": number(0.0),  # a fraction of an epoch too
+    "optimizer.warmup_fraction": number(0.0, 1.0, high_open=True, optional=True),
     "optimizer.schedule": choice(schedules.SCHEDULES),
     "optimizer.weight_decay_on": choice(models.WEIGHT_DECAY_ON),
     "optimizer.init_learning_rate": number(0.0),

@@ -17,9 +17,15 @@ SCHEDULES = ("warmup_cosine", "deit_epochs")
 
 def check_schedule(optimizer) -> None:
   """ValueError unless `optimizer.schedule` is known and, for "deit_epochs", the warmup is a
-  whole number of epochs (timm's warmup_t counts epochs)."""
+  whole number of epochs (timm's warmup_t counts epochs), not a share of the run."""
   if optimizer.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {optimizer.schedule!r}")
+  if optimizer.schedule == "deit_epochs" and optimizer.warmup_fraction is not None:
+    raise ValueError(
+      f'optimizer.schedule="deit_epochs" warms up for whole epochs (optimizer.warmup_epochs), '
+      f"got optimizer.warmup_fraction={optimizer.warmup_fraction}; leave it unset and set "
+      "optimizer.warmup_epochs"
+    )
   if optimizer.schedule == "deit_epochs" and optimizer.warmup_epochs % 1:
     raise ValueError(
       f'optimizer.schedule="deit_epochs" warms up for whole epochs, got '
@@ -39,14 +45,47 @@ def learning_rate(config, steps_per_epoch: int, total_steps: int, peak=None) -> 
   return _warmup_cosine(opt, peak, steps_per_epoch, total_steps)
 
 
+def warmup_steps(opt, steps_per_epoch: int, total_steps: int) -> int:
+  """The steps until the rate reaches its peak, as configured (before any cap by the run):
+  `optimizer.warmup_fraction` of the run's steps when set, else `optimizer.warmup_epochs`
+  epochs, each rounded to the nearest step; under "deit_epochs" the peak's epoch comes one
+  epoch late (see `_deit_epochs`)."""
+  if opt.schedule == "deit_epochs":
+    return (int(opt.warmup_epochs) + 1) * steps_per_epoch if opt.warmup_epochs else 0
+  if opt.warmup_fraction is not None:
+    return round(opt.warmup_fraction * total_steps)
+  return round(opt.warmup_epochs * steps_per_epoch)
+
+
+def warmup_overrun(config, steps_per_epoch: int, total_steps: int) -> str | None:
+  """None, or the one-line warning for a run that ends before its warmup does: its rate then
+  only rises (e.g. the recipe's 10 epochs in a run shortened by `num_train_steps`)."""
+  opt = config.optimizer
+  warmup = warmup_steps(opt, steps_per_epoch, total_steps)
+  if warmup < total_steps:
+    return None
+  fix = "a smaller one"
+  if opt.warmup_fraction is not None:
+    source = f"optimizer.warmup_fraction={opt.warmup_fraction:g}"
+  else:
+    source = f"optimizer.warmup_epochs={opt.warmup_epochs:g}"
+    share = opt.warmup_epochs / config.num_epochs  # the epochs budget's share
+    if opt.schedule == "warmup_cosine" and share < 1:
+      fix += f" or --config.optimizer.warmup_fraction={share:.3g} (the same share of this run)"
+  return (
+    f"the warmup ({source}: {warmup:,} steps) does not end within the run's {total_steps:,} "
+    f"steps, so the learning rate rises for the whole run and never decays; set {fix}"
+  )
+
+
 def _warmup_cosine(opt, peak, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """Per step: linear warmup from init to peak, then one cosine decay to end.
 
-  optax's warmup_cosine_decay_schedule, written so that `peak` may be traced. The warmup's
-  `optimizer.warmup_epochs` (a fraction too) is rounded to the nearest step.
+  optax's warmup_cosine_decay_schedule, written so that `peak` may be traced. The warmup
+  (`warmup_steps`) is cut to end before the run does.
   """
   init, end = opt.init_learning_rate, opt.end_learning_rate
-  warmup = min(round(opt.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  warmup = min(warmup_steps(opt, steps_per_epoch, total_steps), max(total_steps - 1, 0))
   decay = max(total_steps, warmup + 1) - warmup
 
   def schedule(count):

@@ -816,6 +816,9 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
   from clu import periodic_actions  # TF-free: lkca_jax.metric_writer is imported first
 
   t = build_training(run, config)
+  overrun = schedules.warmup_overrun(config, t.pipeline.steps_per_epoch, t.total_steps)
+  if overrun and jax.process_index() == 0:
+    logging.warning(overrun)
   checkpoints = checkpoint_lib.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
   loop = resume(t, checkpoints, run.mesh)
   resumed_at = loop.step

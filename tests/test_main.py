@@ -125,6 +125,7 @@ def test_uninterrupted_run_writes_summary_logs_and_checkpoints(uninterrupted):
   # The trainer's own INFO lines, without jax's probe of the backends this machine lacks.
   assert "data: 1437 train / 360 test images" in result.stderr
   assert "Unable to initialize backend" not in result.stderr
+  assert "does not end within" not in result.stderr  # no warmup: nothing to warn about
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   # latest 3 plus the best evaluated one; the final step always among them
@@ -479,6 +480,20 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
   assert summary["stopped_by"] == "non-finite loss" and summary["step"] == bad_step
   (run,) = summary["runs"]
   assert run["died_at_step"] == bad_step and run["died_with_loss"] in ("nan", "inf", "-inf")
+
+
+def test_a_warmup_that_outlasts_the_run_is_one_warning_naming_the_fix(tmp_path):
+  """digits' 1 warmup epoch (3 x 1,437 images / 32: 134 steps) in a run of 3 steps."""
+  result = run_main(
+    str(tmp_path),
+    "--config.num_train_steps=3",
+    "--config.optimizer.warmup_epochs=1",
+    codegen=FAST_COMPILE,  # a few steps of a program of its own
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  (line,) = [x for x in result.stderr.splitlines() if "does not end within" in x]
+  assert line.startswith("W") and "warmup_epochs=1: 134 steps" in line and "run's 3 steps" in line
+  assert "--config.optimizer.warmup_fraction=0.111" in line  # 1 of digits' 9 epochs
 
 
 def test_nonfinite_loss_before_any_checkpoint_says_there_is_none(tmp_path):

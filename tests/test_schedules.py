@@ -75,3 +75,41 @@ def test_the_deit_schedule_warms_up_for_whole_epochs_only():
     schedules.learning_rate(config, 1251, 300 * 1251)
   config.optimizer.schedule = "warmup_cosine"  # rounded to steps there
   assert float(schedules.learning_rate(config, 3, 30)(5)) == pytest.approx(1e-3)
+
+
+def test_a_warmup_fraction_is_that_share_of_the_run_whatever_the_epochs():
+  """warmup_fraction replaces warmup_epochs: 0.1 of 1,000 steps peaks at step 100 and the
+  cosine then reaches the end at step 1,000, where 10 epochs of 1,171 steps would not end."""
+  config = cifar10.get_config()
+  config.optimizer.warmup_fraction = 0.1
+  schedule = schedules.learning_rate(config, 1171, 1000)
+  assert float(schedule(50)) == pytest.approx((1e-6 + 1e-3) / 2, rel=1e-5)
+  assert float(schedule(99)) < 1e-3 and float(schedule(100)) == pytest.approx(1e-3, rel=1e-6)
+  assert float(schedule(550)) == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-5)
+  assert float(schedule(1000)) == pytest.approx(1e-6, rel=1e-4)
+  assert schedules.warmup_overrun(config, 1171, 1000) is None
+
+
+def test_a_warmup_that_outlasts_the_run_is_named_with_its_fix():
+  config = cifar10.get_config()  # 10 of 100 epochs
+  assert schedules.warmup_overrun(config, 1171, 117_100) is None
+  assert schedules.warmup_overrun(config, 1171, 11_711) is None  # one step of decay
+  note = schedules.warmup_overrun(config, 1171, 1000)
+  assert "optimizer.warmup_epochs=10: 11,710 steps" in note and "run's 1,000 steps" in note
+  assert note.endswith("--config.optimizer.warmup_fraction=0.1 (the same share of this run)")
+  # Without the fix, the rate rises over all 1,000 steps (0 ... 999), the last at the peak.
+  schedule = schedules.learning_rate(config, 1171, 1000)
+  rates = np.asarray([float(schedule(s)) for s in range(1000)])
+  assert np.all(np.diff(rates) > 0) and rates[-1] == pytest.approx(1e-3, rel=1e-6)
+  # DeiT's schedule peaks an epoch after its 5 warmup epochs: 6 of 1,251 steps.
+  deit = imagenet.get_config()
+  assert schedules.warmup_overrun(deit, 1251, 6 * 1251 + 1) is None
+  note = schedules.warmup_overrun(deit, 1251, 6 * 1251)
+  assert "7,506 steps" in note and "warmup_fraction" not in note.split("; set")[1]
+
+
+def test_the_deit_schedule_takes_no_warmup_fraction():
+  config = imagenet.get_config()
+  config.optimizer.warmup_fraction = 0.1
+  with pytest.raises(ValueError, match="leave it unset and set optimizer.warmup_epochs"):
+    schedules.check_schedule(config.optimizer)
