@@ -91,11 +91,18 @@ class Experiment:
 
 # --- building rows ----------------------------------------------------------------
 def configure(base, *, seed: int, seeds: int, steps: int | None):
-  """A copy of `base` that trains `seeds` runs from `seed` (for `steps` steps, when given)."""
+  """A copy of `base` that trains `seeds` runs from `seed` (for `steps` steps, when given).
+
+  Shortened, a per-step schedule keeps its shape: the warmup is the share of the run that
+  `base`'s warmup is of its epochs, where the epochs' warmup could outlast the proxy."""
   config = copy.deepcopy(base)
   config.seed, config.num_runs = seed, seeds
   if steps is not None:
     config.num_train_steps = steps
+    opt = config.optimizer
+    share = opt.warmup_epochs / config.num_epochs
+    if opt.schedule == "warmup_cosine" and opt.warmup_fraction is None and share < 1:
+      opt.warmup_fraction = share
   return config
 
 

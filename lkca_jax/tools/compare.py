@@ -8,7 +8,8 @@ A row of the table is a mixer, trained by the experiment runner
 (`lkca_jax.tools._experiment`): its seeds 0..S-1 side by side in one process, one
 `train.train_and_evaluate` call with `config.num_runs` = S (see README "Many runs in one
 process"; run k is exactly the single run of seed k) and `config.num_train_steps` = --steps
-(default: the config's own budget). The model of a row is
+(default: the config's own budget; shortened, its warmup keeps the recipe's share of the
+run, `_experiment.configure`). The model of a row is
 
 - size-matched (default): the preset of `SIZE_PRESETS[--size]` for that mixer,
   which each mixer class declares in its `size_presets` (t: vit_1m / lkca_t /

@@ -12,7 +12,8 @@ seeds config.seed .. config.seed + K − 1, side by side in one process
 the table's dataset config (configs/<table>.py, the full reference recipe)
 unless --config names another (the tests run the cifar10 rows on
 configs/digits.py). --steps N sets config.num_train_steps: a shortened proxy,
-which the table says it is.
+which the table says it is, whose warmup keeps the recipe's share of the run (10 of 100
+epochs: its first tenth), so that its rate still decays.
 
 A row's run directory is OUT/<preset> (OUT: --out, default
 workdirs/reproduce_<table>), each run's own summary in OUT/<preset>/seed<k>. A

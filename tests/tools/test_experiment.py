@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from configs import digits
+from configs import cifar10, digits, imagenet
+from lkca_jax import schedules
 from lkca_jax.tools import _experiment as experiment
 
 
@@ -155,3 +156,28 @@ def test_the_table_and_its_values_are_written_whole_next_to_each_other(tmp_path)
   assert (tmp_path / "tables" / "compare.md").read_text() == "1 row on digits\n"
   assert json.loads((tmp_path / "tables" / "compare.json").read_text()) == exp.report()
   assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["compare.json", "compare.md"]
+
+
+@pytest.mark.parametrize("name,share", [("cifar10", 0.1), ("digits", 1 / 9)])
+def test_a_proxy_keeps_the_recipes_warmup_share_so_its_rate_decays(name, share):
+  """--steps N: the warmup is the recipe's share of N steps (10 of 100 epochs: a tenth), so
+  the proxy's rate peaks early and decays to the end, as the recipe's does."""
+  base = {"cifar10": cifar10, "digits": digits}[name].get_config()
+  config = experiment.configure(base, seed=0, seeds=1, steps=900)
+  assert config.optimizer.warmup_fraction == pytest.approx(share)
+  assert base.optimizer.warmup_fraction is None  # the base is left as it was
+  schedule = schedules.learning_rate(config, 1171, 900)
+  peak = round(share * 900)
+  assert float(schedule(peak)) == pytest.approx(1e-3, rel=1e-6)
+  assert float(schedule(peak - 1)) < float(schedule(peak)) > float(schedule(peak + 1))
+  assert float(schedule(900)) == pytest.approx(1e-6, rel=1e-4)
+  assert schedules.warmup_overrun(config, 1171, 900) is None
+  # Unshortened, or with a share of its own, the config's warmup is left as it is.
+  assert experiment.configure(base, seed=0, seeds=1, steps=None).optimizer.warmup_fraction is None
+  base.optimizer.warmup_fraction = 0.3
+  assert experiment.configure(base, seed=0, seeds=1, steps=9).optimizer.warmup_fraction == 0.3
+
+
+def test_a_proxy_of_deits_schedule_keeps_its_whole_warmup_epochs():
+  config = experiment.configure(imagenet.get_config(), seed=0, seeds=1, steps=900)
+  assert config.optimizer.warmup_fraction is None and config.optimizer.warmup_epochs == 5
