@@ -323,13 +323,16 @@ class ViT(nnx.Module):
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """(B, H, W, C) → (B, h·w, p·p·C), each patch flattened as (p1, p2, c)."""
-    b, height, width, c = images.shape
     p = self.patch_size
-    if (height // p, width // p) != self.grid or c != self.channels or height % p or width % p:
+    expected = f"(B, {self.grid[0] * p}, {self.grid[1] * p}, {self.channels})"
+    if images.ndim != 4:  # one image, e.g. under jax.vmap over a batch
       raise ValueError(
-        f"model expects images of shape (B, {self.grid[0] * p}, "
-        f"{self.grid[1] * p}, {self.channels}), got {images.shape}"
+        f"model expects a batch of images {expected}, got shape {images.shape}; give one "
+        "image a batch axis (images[None])"
       )
+    b, height, width, c = images.shape
+    if (height // p, width // p) != self.grid or c != self.channels or height % p or width % p:
+      raise ValueError(f"model expects images of shape {expected}, got {images.shape}")
     x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, self.grid[0] * self.grid[1], p * p * c)
 

@@ -731,6 +731,12 @@ def test_bad_images_raise_value_error(shape):
     model(jnp.zeros(shape))
 
 
+@pytest.mark.parametrize("shape", [(16, 16, 3), (1, 2, 16, 16, 3)])
+def test_images_without_one_batch_axis_are_told_to_add_it(shape):
+  with pytest.raises(ValueError, match=r"a batch of images \(B, 16, 16, 3\), got shape"):
+    small_model()(jnp.zeros(shape))
+
+
 def test_model_jits_and_differentiates():
   model = small_model()
   randomise_lkca_kernels(model)
