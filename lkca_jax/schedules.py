@@ -64,11 +64,9 @@ def warmup_overrun(config, steps_per_epoch: int, total_steps: int) -> str | None
   warmup = warmup_steps(opt, steps_per_epoch, total_steps)
   if warmup < total_steps:
     return None
-  fix = "a smaller one"
-  if opt.warmup_fraction is not None:
-    source = f"optimizer.warmup_fraction={opt.warmup_fraction:g}"
-  else:
-    source = f"optimizer.warmup_epochs={opt.warmup_epochs:g}"
+  key = "warmup_epochs" if opt.warmup_fraction is None else "warmup_fraction"
+  source, fix = f"optimizer.{key}={opt[key]:g}", f"a smaller --config.optimizer.{key}"
+  if key == "warmup_epochs":
     share = opt.warmup_epochs / config.num_epochs  # the epochs budget's share
     if opt.schedule == "warmup_cosine" and share < 1:
       fix += f" or --config.optimizer.warmup_fraction={share:.3g} (the same share of this run)"

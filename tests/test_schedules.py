@@ -106,6 +106,10 @@ def test_a_warmup_that_outlasts_the_run_is_named_with_its_fix():
   assert schedules.warmup_overrun(deit, 1251, 6 * 1251 + 1) is None
   note = schedules.warmup_overrun(deit, 1251, 6 * 1251)
   assert "7,506 steps" in note and "warmup_fraction" not in note.split("; set")[1]
+  config.optimizer.warmup_fraction = 0.9995  # 999.5 of 1,000 steps rounds to 1,000
+  note = schedules.warmup_overrun(config, 1171, 1000)
+  assert "(optimizer.warmup_fraction=0.9995: 1,000 steps)" in note
+  assert note.endswith("set a smaller --config.optimizer.warmup_fraction")
 
 
 def test_the_deit_schedule_takes_no_warmup_fraction():
