@@ -57,6 +57,15 @@ def warmup_steps(opt, steps_per_epoch: int, total_steps: int) -> int:
   return round(opt.warmup_epochs * steps_per_epoch)
 
 
+def warmup_share(config) -> float | None:
+  """The share of the epochs budget (`num_epochs`) that `optimizer.warmup_epochs` is, as the
+  `optimizer.warmup_fraction` that keeps it in a run of any length; None where no fraction
+  can ("deit_epochs", or a warmup as long as the budget)."""
+  opt = config.optimizer
+  share = opt.warmup_epochs / config.num_epochs
+  return share if opt.schedule == "warmup_cosine" and share < 1 else None
+
+
 def warmup_overrun(config, steps_per_epoch: int, total_steps: int) -> str | None:
   """None, or the one-line warning for a run that ends before its warmup does: its rate then
   only rises (e.g. the recipe's 10 epochs in a run shortened by `num_train_steps`)."""
@@ -66,10 +75,9 @@ def warmup_overrun(config, steps_per_epoch: int, total_steps: int) -> str | None
     return None
   key = "warmup_epochs" if opt.warmup_fraction is None else "warmup_fraction"
   source, fix = f"optimizer.{key}={opt[key]:g}", f"a smaller --config.optimizer.{key}"
-  if key == "warmup_epochs":
-    share = opt.warmup_epochs / config.num_epochs  # the epochs budget's share
-    if opt.schedule == "warmup_cosine" and share < 1:
-      fix += f" or --config.optimizer.warmup_fraction={share:.3g} (the same share of this run)"
+  share = warmup_share(config)
+  if key == "warmup_epochs" and share is not None:
+    fix += f" or --config.optimizer.warmup_fraction={share:.3g} (the same share of this run)"
   return (
     f"the warmup ({source}: {warmup:,} steps) does not end within the run's {total_steps:,} "
     f"steps, so the learning rate rises for the whole run and never decays; set {fix}"

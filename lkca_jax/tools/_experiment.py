@@ -99,10 +99,10 @@ def configure(base, *, seed: int, seeds: int, steps: int | None):
   config.seed, config.num_runs = seed, seeds
   if steps is not None:
     config.num_train_steps = steps
-    opt = config.optimizer
-    share = opt.warmup_epochs / config.num_epochs
-    if opt.schedule == "warmup_cosine" and opt.warmup_fraction is None and share < 1:
-      opt.warmup_fraction = share
+    if config.optimizer.warmup_fraction is None:
+      from lkca_jax import schedules  # pylint: disable=import-outside-toplevel
+
+      config.optimizer.warmup_fraction = schedules.warmup_share(config)
   return config
 
 
