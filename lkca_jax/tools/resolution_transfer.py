@@ -7,7 +7,8 @@
 
 For each model (a preset, all seeds side by side in one process, `config.num_runs`):
 
-1. `low`: trained at --low × --low pixels (`dataset.image_size`) for --low_steps;
+1. `low`: trained at --low × --low pixels (`dataset.image_size`) for --low_steps, warming
+   up for the recipe's share of them (its first tenth), as `compare` and `reproduce` do;
 2. its parameters moved to --high (`init_from`; LKCA kernels both ways, "pad" and
    "resample", position tables resampled) and evaluated there untrained;
 3. `finetune_<move>`: fine-tuned at --high from those parameters for --finetune_steps
@@ -24,7 +25,6 @@ one `error:` line and exit code 2 before any training.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -59,18 +59,19 @@ def define_flags() -> None:
 
 
 def stage_config(base, model: str, size: int, steps: int, *, init_from=None, kernels="pad"):
-  config = copy.deepcopy(base)
+  """A stage's config: `steps` steps of `model` at `size` pixels, the seeds side by side; a
+  stage from scratch warms up for the recipe's share of them (`experiment.configure`), a
+  fine-tuning from `init_from` not at all."""
+  config = experiment.configure(base, seed=base.seed, seeds=FLAGS.seeds, steps=steps)
   config.model = model
   config.dataset.image_size = size
   config.patch_size = FLAGS.patch_size
-  config.num_runs = FLAGS.seeds
-  config.num_train_steps = steps
   config.eval_every_steps = steps  # one evaluation, at the end
   config.checkpoint_every_steps = steps
   if init_from is not None:
     config.init_from, config.init_from_kernels = init_from, kernels
     config.optimizer.learning_rate = FLAGS.finetune_learning_rate
-    config.optimizer.warmup_epochs = 0
+    config.optimizer.warmup_epochs, config.optimizer.warmup_fraction = 0, None
   return config
 
 

@@ -7,7 +7,12 @@ training and evaluation; tests/test_resolution.py: the moves)."""
 import os
 import subprocess
 import sys
+import types
 
+import pytest
+
+from configs import tinyimagenet
+from lkca_jax import schedules
 from lkca_jax.tools import resolution_transfer as tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,3 +78,23 @@ def test_a_stage_workdir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and f"{stage} is a file, not a directory" in line
   assert not (tmp_path / "transfer.md").exists()
+
+
+def test_a_stage_from_scratch_warms_up_for_the_recipes_share_and_a_fine_tuning_not_at_all(
+  monkeypatch,
+):
+  """Tiny-ImageNet's 10 warmup epochs would outlast a 300-step stage; its tenth does not."""
+  monkeypatch.setattr(
+    tool, "FLAGS", types.SimpleNamespace(seeds=3, patch_size=8, finetune_learning_rate=5e-4)
+  )
+  base = tinyimagenet.get_config()
+  low = tool.stage_config(base, "lkca_t", 32, 300)
+  assert (low.num_runs, low.num_train_steps, low.patch_size) == (3, 300, 8)
+  assert low.optimizer.warmup_fraction == 0.1
+  assert schedules.warmup_overrun(low, 468, 300) is None
+  schedule = schedules.learning_rate(low, 468, 300)
+  assert float(schedule(30)) == pytest.approx(1e-3) and float(schedule(300)) < 1e-5
+  tuned = tool.stage_config(base, "lkca_t", 64, 100, init_from="low", kernels="resample")
+  assert tuned.optimizer.warmup_fraction is None and tuned.optimizer.warmup_epochs == 0
+  assert float(schedules.learning_rate(tuned, 468, 100)(0)) == pytest.approx(5e-4)
+  assert base.optimizer.warmup_fraction is None and base.num_runs == 1
