@@ -47,10 +47,49 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
+# The keys configs/default.py gained after runs began writing config.json (2026-11-21), each
+# with the value that does what runs did before it: a config.json without one is read as
+# holding that value, so resuming such a run with another is a change like any other. A key
+# added to configs/default.py is added here too (tests/test_run_files.py says so).
+LATER_KEYS = {
+  "augment.erasing_aspect_sampling": "uniform",
+  "augment.erasing_attempts": 100,
+  "augment.erasing_fill": "mean",
+  "dataset.eval_crop_fraction": 1.0,
+  "dataset.image_size": None,
+  "dataset.stream_crop": "resize",
+  "dataset.stream_crop_ratio": [0.75, 4 / 3],
+  "dataset.stream_crop_scale": [0.08, 1.0],
+  "dataset.stream_workers": 0,
+  "ema_decay": 0.0,
+  "epoch_length": "repeats",
+  "epoch_order": "independent",
+  "init_from": None,
+  "init_from_average": False,
+  "init_from_head": "keep",
+  "init_from_kernels": "resample",
+  "microbatches": 1,
+  "mixing.groups": 1,
+  "mixing.partner": "permutation",
+  "model_overrides.convention": None,
+  "model_overrides.drop_path_schedule": None,
+  "model_overrides.mixer_options.flatten.qkv_bias": None,
+  "model_overrides.mixer_options.lkca.kernel_init": None,
+  "model_overrides.mixer_options.mhsa.head_dim": None,
+  "model_overrides.mixer_options.mhsa.qkv_bias": None,
+  "num_runs": 1,
+  "optimizer.schedule": "warmup_cosine",
+  "optimizer.warmup_fraction": None,
+  "optimizer.weight_decay_on": "all",
+  "sweep": "",
+}
+
+
 def check_resumes_its_own_run(workdir: epath.Path, config) -> None:
   """Raises WorkdirError if `workdir` holds checkpoints of a run whose config (its
-  config.json) differs from `config` outside RESUME_MAY_CHANGE. Keys only one of them has
-  (a config of another version of this code) are not compared. Process 0 decides."""
+  config.json) differs from `config` outside RESUME_MAY_CHANGE. A key the file lacks counts
+  as its LATER_KEYS value; other keys only one side has (a config of another version of
+  this code) are not compared. Process 0 decides."""
   changes = config_changes(workdir, config) if jax.process_index() == 0 else []
   if distributed.process_zero_says(not changes):
     return
@@ -81,8 +120,10 @@ def config_changes(workdir: epath.Path, config) -> list[str]:
 
 def _differences(saved: dict, config) -> list[str]:
   """'key: A there, B here' for each key outside RESUME_MAY_CHANGE where the config saved
-  as JSON and `config` differ; keys only one of them has are not compared."""
-  saved, here = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  as JSON (a key it lacks read as its LATER_KEYS value) and `config` differ; other keys
+  only one of them has are not compared."""
+  saved = {**LATER_KEYS, **_flat(saved)} if saved else {}
+  here = _flat(json.loads(config.to_json_best_effort()))
   return [
     f"{key}: {saved[key]!r} there, {here[key]!r} here"
     for key in sorted(saved.keys() & here.keys())

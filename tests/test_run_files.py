@@ -57,3 +57,55 @@ def test_a_saved_config_that_cannot_be_laid_over_is_one_error(tmp_path, saved, m
     (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ConfigError, match=message):
     run_files.saved_config(tmp_path, default.get_config())
+
+
+# The keys of configs/default.py when runs first wrote config.json (2026-11-21, bd04407).
+FIRST_KEYS = frozenset(
+  """augment.autoaugment augment.crop_padding augment.erasing_area augment.erasing_aspect
+  augment.flip augment.random_erasing batch_size checkpoint_every_steps dataset.classes
+  dataset.data_dir dataset.download dataset.manual_dir dataset.mean dataset.name
+  dataset.placement dataset.std dataset.train_per_class dtype eval_every_steps
+  keep_checkpoints label_smoothing log_every_steps mixing.cutmix_alpha mixing.cutmix_prob
+  mixing.mixup_alpha mixing.prob model model_overrides.depth model_overrides.dim
+  model_overrides.drop_path_rate model_overrides.mixer
+  model_overrides.mixer_options.lkca.kernel_sharing model_overrides.mixer_options.lkca.view
+  model_overrides.mlp_ratio model_overrides.num_heads model_overrides.pool num_devices
+  num_epochs num_train_steps optimizer.b1 optimizer.b2 optimizer.end_learning_rate
+  optimizer.eps optimizer.init_learning_rate optimizer.learning_rate optimizer.warmup_epochs
+  optimizer.weight_decay patch_size repeats seed""".split()
+)
+
+
+def flat_default() -> dict:
+  from configs import default
+
+  return run_files._flat(json.loads(default.get_config().to_json_best_effort()))
+
+
+def test_every_later_key_reads_as_its_default_and_every_new_key_is_one():
+  defaults = flat_default()
+  unlisted = set(defaults) - FIRST_KEYS - set(run_files.LATER_KEYS)
+  assert not unlisted, (
+    f"configs/default.py has keys {sorted(unlisted)} that older config.json files lack: add "
+    "each to run_files.LATER_KEYS with the value that does what runs without it did"
+  )
+  assert {k: defaults.get(k) for k in run_files.LATER_KEYS} == run_files.LATER_KEYS
+
+
+def test_a_run_of_an_older_version_resumed_with_a_new_key_set_otherwise_is_refused(tmp_path):
+  """Its config.json lacks optimizer.warmup_fraction and mixing.groups: it trained as their
+  defaults do, so only another value of one of them is a change."""
+  from configs import default
+
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+  older = json.loads(default.get_config().to_json_best_effort())
+  del older["optimizer"]["warmup_fraction"], older["mixing"]["groups"]
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  config = default.get_config()
+  assert run_files.config_changes(tmp_path, config) == []
+  config.optimizer.warmup_fraction = 0.1
+  config.mixing.groups = 4
+  assert run_files.config_changes(tmp_path, config) == [
+    "mixing.groups: 1 there, 4 here",
+    "optimizer.warmup_fraction: None there, 0.1 here",
+  ]
