@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import jax
 import ml_collections
@@ -123,11 +124,21 @@ def _differences(saved: dict, config) -> list[str]:
   as JSON (a key it lacks read as its LATER_KEYS value) and `config` differ; other keys
   only one of them has are not compared."""
   saved = {**LATER_KEYS, **_flat(saved)} if saved else {}
+  return [
+    f"{key}: {a!r} there, {b!r} here" for key, a, b in differences(saved, config, RESUME_MAY_CHANGE)
+  ]
+
+
+def differences(reference: dict, config, ignore=frozenset()) -> list[tuple[str, Any, Any]]:
+  """(key, its value in `reference`, in `config`) for each dotted key outside `ignore` that
+  both hold with unequal values, in key order; `reference` is a config as JSON, nested or
+  flat. Values compare as JSON gives them (tuples as lists)."""
+  reference = _flat(reference)
   here = _flat(json.loads(config.to_json_best_effort()))
   return [
-    f"{key}: {saved[key]!r} there, {here[key]!r} here"
-    for key in sorted(saved.keys() & here.keys())
-    if saved[key] != here[key] and key not in RESUME_MAY_CHANGE
+    (key, reference[key], here[key])
+    for key in sorted(reference.keys() & here.keys())
+    if reference[key] != here[key] and key not in ignore
   ]
 
 

@@ -288,6 +288,11 @@ def seed_records(summary: dict) -> list[dict]:
 
 def row_values(config, summary: dict, path: str) -> dict:
   """What a row's summary says about all its seeds alike."""
+  from lkca_jax import schedules  # pylint: disable=import-outside-toplevel
+
+  warmup = schedules.warmup_steps(
+    config.optimizer, summary["steps_per_epoch"], summary["total_steps"]
+  )
   return {
     "workdir": path,
     "params": summary["params"],
@@ -297,6 +302,7 @@ def row_values(config, summary: dict, path: str) -> dict:
     "test_images": summary["test_images"],
     "steps": summary["total_steps"],
     "recipe_steps": config.num_epochs * summary["steps_per_epoch"],  # without --steps
+    "warmup_steps": min(warmup, summary["total_steps"]),
     "wall_seconds": summary["wall_seconds"],
     "machine": cli.machine_info(),
     "settings": fingerprint(config),

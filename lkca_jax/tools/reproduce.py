@@ -13,7 +13,10 @@ the table's dataset config (configs/<table>.py, the full reference recipe)
 unless --config names another (the tests run the cifar10 rows on
 configs/digits.py). --steps N sets config.num_train_steps: a shortened proxy,
 which the table says it is, whose warmup keeps the recipe's share of the run (10 of 100
-epochs: its first tenth), so that its rate still decays.
+epochs: its first tenth), so that its rate still decays. The table names every config key
+that differs from configs/<table>.py, the recipe of the paper's numbers (a class subset,
+another batch size, a preset override), beyond where data and outputs live and how often
+runs report.
 
 A row's run directory is OUT/<preset> (OUT: --out, default
 workdirs/reproduce_<table>), each run's own summary in OUT/<preset>/seed<k>. A
@@ -36,6 +39,7 @@ Bad input is one `error:` line on stderr and exit code 2 before any training.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -48,6 +52,8 @@ from lkca_jax.tools import cli
 
 FLAGS = flags.FLAGS
 TABLES = tuple(paper.TABLES)
+# Config keys the table states per row (the preset, seeds and steps), not recipe changes.
+NOT_RECIPE = frozenset({"model", "seed", "num_runs", "num_train_steps"})
 
 
 def config_path(table: str) -> str:
@@ -70,6 +76,20 @@ def select_rows(table: str, names: list[str] | None) -> list[paper.Model]:
       f"are {','.join(by_preset)}"
     )
   return [by_preset[name] for name in names]
+
+
+def recipe_changes(base, table: str) -> list[tuple]:
+  """(key, the recipe's value, base's) for each key where `base` differs from the table's
+  recipe (configs/<table>.py), leaving out what the table states itself (NOT_RECIPE) and
+  what leaves the numbers as they are (where data and outputs live, how often a run
+  reports: the keys a resume may change)."""
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
+
+  recipe = importlib.import_module(f"configs.{table}").get_config()
+  ignore = NOT_RECIPE | run_files.RESUME_MAY_CHANGE
+  return run_files.differences(json.loads(recipe.to_json_best_effort()), base, ignore)
 
 
 def row(base, model: paper.Model, table: str, *, runs: int, steps: int | None):
@@ -96,12 +116,21 @@ def _preamble(s: dict, done: list[dict]) -> list[str]:
       "the differences below compare unlike things.",
       "",
     ]
+  if s.get("changed"):
+    lines += [_changed(s["changed"], s["table"]), ""]
   proxies = sorted(
-    {(r["steps"], r["recipe_steps"]) for r in done if r["steps"] != r["recipe_steps"]}
+    {
+      (r["steps"], r["recipe_steps"], r.get("warmup_steps"))
+      for r in done
+      if r["steps"] != r["recipe_steps"]
+    },
+    key=str,
   )
   if proxies:
     budget = "; ".join(
-      f"{steps:,} steps per run instead of the recipe's {recipe:,}" for steps, recipe in proxies
+      f"{steps:,} steps per run instead of the recipe's {recipe:,}"
+      + ("" if warmup is None else f", warming up for the first {warmup:,}")
+      for steps, recipe, warmup in proxies
     )
     lines += [
       f"**Shortened proxy** ({budget}): not the paper's training budget, so the "
@@ -109,7 +138,7 @@ def _preamble(s: dict, done: list[dict]) -> list[str]:
       "",
     ]
   elif done:
-    lines += [f"Full recipe of `{s['config_file']}`.", ""]
+    lines += [f"Full {'budget' if s.get('changed') else 'recipe'} of `{s['config_file']}`.", ""]
   last = s["seed"] + s["runs"] - 1
   seeds = f"seeds {s['seed']}..{last}" if s["runs"] > 1 else f"seed {s['seed']}"
   return lines + [
@@ -118,6 +147,20 @@ def _preamble(s: dict, done: list[dict]) -> list[str]:
     "Wall: the trainer's wall time, all runs of the row.",
     "",
   ]
+
+
+def _changed(changed: list, table: str) -> str:
+  """The line that names the keys where the config differs from the paper's recipe."""
+
+  def value(v):
+    return "unset" if v is None else json.dumps(v)
+
+  listed = "; ".join(f"`{key}` {value(a)} → {value(b)}" for key, a, b in changed)
+  return (
+    f"**Not the paper's recipe**: the config differs from `configs/{table}.py`, the recipe "
+    f"the paper's numbers come from, in {listed}; the differences below compare "
+    "unlike things."
+  )
 
 
 def format_table(report: dict) -> str:
@@ -206,6 +249,7 @@ def main(argv):
         "runs": runs,
         "seed": base.seed,
         "steps": FLAGS.steps,
+        "changed": recipe_changes(base, table),
         "out": out,
       },
       rows=rows,

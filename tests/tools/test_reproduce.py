@@ -41,6 +41,24 @@ def test_table_in_argv():
   assert reproduce.table_in_argv(["x"]) is None
 
 
+def test_recipe_changes_names_the_keys_that_differ_from_the_tables_recipe():
+  from configs import tinyimagenet
+
+  config = tinyimagenet.get_config()
+  # Where data lives and how the table's rows, seeds and budget are set change no recipe.
+  config.dataset.manual_dir, config.dataset.placement = "/data", "stream"
+  config.model, config.seed, config.num_train_steps = "vit_1m", 3, 400
+  assert reproduce.recipe_changes(config, "tinyimagenet") == []
+  config.dataset.classes, config.augment.erasing_area = 10, (0.1, 0.2)
+  assert reproduce.recipe_changes(config, "tinyimagenet") == [
+    ("augment.erasing_area", [0.02, 0.4], [0.1, 0.2]),
+    ("dataset.classes", 0, 10),
+  ]
+  # Against another table's recipe, the dataset and its statistics differ too.
+  changed = [key for key, _, _ in reproduce.recipe_changes(config, "cifar10")]
+  assert {"dataset.name", "dataset.mean", "augment.autoaugment"} <= set(changed)
+
+
 # --- the command, end to end: the cifar10 rows on digits, a few steps ------------------
 STEPS, RUNS = 6, 2
 ROWS = ["vit_05m", "lkca_05m"]
@@ -123,8 +141,19 @@ def test_table_holds_paper_ours_and_their_difference_from_the_runs(reproduction)
     ) in line
     # --config.num_devices=1 of 8; the CPU's model as /proc/cpuinfo names it
     assert line.endswith(" CPUs |") and f"| 1× cpu: {cpu_model_name()} (" in line, line
-  assert "**Shortened proxy** (6 steps per run instead of the recipe's 1,206)" in table
+  # digits warms up for 1 of its 9 epochs: the proxy, for that share of its 6 steps.
+  warmup = round(STEPS / 9)
+  assert (
+    f"**Shortened proxy** ({STEPS} steps per run instead of the recipe's 1,206, warming up "
+    f"for the first {warmup})"
+  ) in table
   assert "**Not the paper's dataset**" in table and "CIFAR-10" in table
+  # Every change from configs/cifar10.py that alters training is named; device counts and
+  # reporting intervals are not.
+  changed = next(line for line in table.splitlines() if "**Not the paper's recipe**" in line)
+  for shown in ("`batch_size` 128 → 32", "`model_overrides.dim` unset → 16", "`dataset.name`"):
+    assert shown in changed
+  assert "num_devices" not in changed and "eval_every_steps" not in changed
 
 
 def test_a_second_invocation_skips_finished_rows(reproduction):
