@@ -23,11 +23,10 @@ CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 
 
-# Config keys a resumed run may change: where its data and outputs live, how often it logs,
-# evaluates and saves, and how many devices share it (a step on any count is the same step
-# to round-off). init_from seeds only a run's start. Any other change would train the rest
-# of a run as another run under the first one's name.
-RESUME_MAY_CHANGE = frozenset(
+# Config keys that leave what a run trains as it is: where its data and outputs live, how
+# often it logs, evaluates and saves, and how many devices or microbatches share a step (a
+# step on any count is the same step to round-off).
+SAME_NUMBERS = frozenset(
   {
     "checkpoint_every_steps",
     "dataset.data_dir",
@@ -36,16 +35,20 @@ RESUME_MAY_CHANGE = frozenset(
     "dataset.placement",
     "dataset.stream_workers",
     "eval_every_steps",
-    "init_from",
-    "init_from_average",
-    "init_from_head",
-    "init_from_kernels",
     "keep_checkpoints",
     "log_every_steps",
     "microbatches",
     "num_devices",
   }
 )
+# Config keys a resumed run may change: those, and init_from, which seeds only a run's start.
+# Any other change would train the rest of a run as another run under the first one's name.
+RESUME_MAY_CHANGE = SAME_NUMBERS | {
+  "init_from",
+  "init_from_average",
+  "init_from_head",
+  "init_from_kernels",
+}
 
 
 # The keys configs/default.py gained after runs began writing config.json (2026-11-21), each

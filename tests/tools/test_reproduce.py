@@ -54,6 +54,13 @@ def test_recipe_changes_names_the_keys_that_differ_from_the_tables_recipe():
     ("augment.erasing_area", [0.02, 0.4], [0.1, 0.2]),
     ("dataset.classes", 0, 10),
   ]
+  # Weights from another run are no recipe's start, though a resume may name them.
+  config.init_from = "/runs/pretrained"
+  assert reproduce.recipe_changes(config, "tinyimagenet")[-1] == (
+    "init_from",
+    None,
+    "/runs/pretrained",
+  )
   # Against another table's recipe, the dataset and its statistics differ too.
   changed = [key for key, _, _ in reproduce.recipe_changes(config, "cifar10")]
   assert {"dataset.name", "dataset.mean", "augment.autoaugment"} <= set(changed)
