@@ -28,6 +28,9 @@ exists the command refuses before training, unless --overwrite, which deletes
 those directories first. Compiled programs are kept in DIR/jax_cache (JAX's
 persistent cache; --nocompile-cache turns it off), so reruns skip compilation.
 
+The table's header names the config file, the rows' presets and model overrides, and every
+other config key set on the command line that changes what a run trains (e.g.
+`optimizer.learning_rate`=0.0005; not where data or outputs live or how often runs report).
 The table (--out, default bench_results/compare_<config name>.md) is printed,
 written after every finished row (an interrupted comparison keeps its finished
 rows), and saved with the per-seed values as JSON next to it (same name, .json;
@@ -43,6 +46,7 @@ run directory) is one line on stderr and exit code 2 before any training.
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import flags
@@ -59,6 +63,19 @@ SIZE_PRESETS = {
 }
 
 FLAGS = flags.FLAGS
+# Config keys the table's header states itself (or the command sets per row); any other key
+# set on the command line is listed there, unless it leaves the training as it is.
+STATED = frozenset(
+  {
+    "batch_size",
+    "dataset.classes",
+    "dataset.train_per_class",
+    "model",
+    "num_runs",
+    "num_train_steps",
+    "seed",
+  }
+)
 
 
 # --- multiply-adds --------------------------------------------------------------
@@ -150,6 +167,7 @@ def format_table(report: dict) -> str:
     else f"size-matched presets (size {s['size']})"
   )
   overrides = ", ".join(f"{k}={v}" for k, v in s["model_overrides"].items())
+  changes = ", ".join(f"`{k}`={json.dumps(v)}" for k, v in s.get("config_changes", {}).items())
   subset = (f"first {s['classes']} classes, " if s["subset_classes"] else "") + (
     f"{s['train_per_class']} training images a class, " if s["train_per_class"] else ""
   )
@@ -158,6 +176,7 @@ def format_table(report: dict) -> str:
     "",
     f"Config `{s['config_file']}`, {how}"
     + (f", overrides {overrides}" if overrides else "")
+    + (f", set on the command line: {changes}" if changes else "")
     + f"; {subset}seeds {', '.join(map(str, s['seeds']))}; {s['hardware']}. "
     "Top-1 on the full evaluation split"
     + (" of those classes" if s["subset_classes"] else "")
@@ -229,6 +248,19 @@ def config_stem() -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
+def config_changes(config_flag) -> dict:
+  """The config keys set on the command line that the table's header does not state and that
+  change what a run trains (not `run_files.SAME_NUMBERS`): a recipe changed by hand."""
+  from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
+
+  set_here = config_flags.get_override_values(config_flag)
+  return {
+    key: json.loads(json.dumps(value))  # tuples as lists, as the JSON keeps them
+    for key, value in sorted(set_here.items())
+    if key not in STATED | run_files.SAME_NUMBERS and not key.startswith("model_overrides.")
+  }
+
+
 def settings(base, same_preset: bool, size: str) -> dict:
   """The comparison's settings, as the table's header and the JSON state them."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
@@ -246,6 +278,7 @@ def settings(base, same_preset: bool, size: str) -> dict:
     "model_overrides": {k: v for k, v in train.model_kwargs(base).items() if k != "mixer"},
     "batch_size": base.batch_size,
     "steps": FLAGS.steps,
+    "config_changes": config_changes(FLAGS["config"]),
   }
 
 

@@ -222,10 +222,14 @@ def test_table_cells_for_known_per_seed_values():
       "seeds": [0, 1, 2],
       "devices": 1,
       "hardware": "1× cpu: a CPU (avx512f), 2 CPUs",
+      "config_changes": {"optimizer.learning_rate": 0.002, "augment.autoaugment": None},
     },
     "rows": [{**row, **experiment.statistics(row["runs"])} for row in rows],
   }
   table = compare.format_table(report)
+  assert (
+    "set on the command line: `optimizer.learning_rate`=0.002, `augment.autoaugment`=null;" in table
+  )
   assert "| lkca | lkca_t | 60.00 ± 10.00 | 85.00 ± 4.58 | 1,234 | 5.68M | 200 | 3/3 |" in table
   # One finished seed: a mean and no std; the failed seeds are counted and listed.
   assert "| mhsa | vit_1m | 50.00 | 55.00 | 56,789 | 12.35M | 50 | 1/3 |" in table
@@ -279,6 +283,7 @@ def compare_mixers(workdir):
     "--same-preset",
     f"--out={out}",
     *TINY,
+    "--config.optimizer.weight_decay=0.01",  # a recipe change the header must name
   )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, out, result
@@ -290,6 +295,14 @@ def test_table_has_one_row_per_mixer_with_mean_and_std_over_the_seeds(comparison
   assert table in result.stdout  # printed as well
   assert f"seeds 0, 1; 1× cpu: {cpu_model_name()} (" in table  # images/s depend on the CPU
   report = json.loads(out.with_suffix(".json").read_text())
+  # Of the settings given on the command line, the header names the one the title and the
+  # model overrides do not state and that changes the training: not where outputs go or
+  # how often runs evaluate and log, not the device count.
+  assert report["settings"]["config_changes"] == {"optimizer.weight_decay": 0.01}
+  header = table.split("\n| mixer |")[0]
+  assert "overrides depth=2, dim=32, num_heads=4, set on the command line: " in header
+  assert "`optimizer.weight_decay`=0.01;" in header
+  assert not any(key in header for key in ("num_devices", "every_steps", "batch_size"))
   rows = [line for line in table.splitlines() if re.match(r"\| (lkca|mhsa) \|", line)]
   assert [r["mixer"] for r in report["rows"]] == ["lkca", "mhsa"] and len(rows) == 2
   for row, line in zip(report["rows"], rows, strict=True):
