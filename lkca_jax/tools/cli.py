@@ -379,6 +379,34 @@ def output_file(path, flag: str) -> epath.Path:
   return path
 
 
+def config_changes(config_flag, stated=frozenset()) -> dict:
+  """{key: value} for each config key set on the command line (`--config.KEY=VALUE`) that
+  changes what a run trains, in key order: not the keys in `stated` (a table's header
+  states them), not the model overrides (stated with the model), not
+  `run_files.SAME_NUMBERS` (where data and outputs live, how often runs report). Values as
+  JSON keeps them (tuples as lists)."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
+
+  set_here = config_flags.get_override_values(config_flag)
+  left_out = frozenset(stated) | run_files.SAME_NUMBERS
+  return {
+    key: json.loads(json.dumps(value))
+    for key, value in sorted(set_here.items())
+    if key not in left_out and not key.startswith("model_overrides.")
+  }
+
+
+def format_config_changes(changes: dict) -> str:
+  """`key`=value, ... of `config_changes`, as the tables' headers list them."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  return ", ".join(f"`{key}`={json.dumps(value)}" for key, value in changes.items())
+
+
 def check_presets(names: list[str]) -> None:
   """`fail`s unless `names` (a --models list) is non-empty and every name is a preset."""
   from lkca_jax import models  # pylint: disable=import-outside-toplevel

@@ -46,7 +46,6 @@ run directory) is one line on stderr and exit code 2 before any training.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -167,7 +166,7 @@ def format_table(report: dict) -> str:
     else f"size-matched presets (size {s['size']})"
   )
   overrides = ", ".join(f"{k}={v}" for k, v in s["model_overrides"].items())
-  changes = ", ".join(f"`{k}`={json.dumps(v)}" for k, v in s.get("config_changes", {}).items())
+  changes = cli.format_config_changes(s.get("config_changes", {}))
   subset = (f"first {s['classes']} classes, " if s["subset_classes"] else "") + (
     f"{s['train_per_class']} training images a class, " if s["train_per_class"] else ""
   )
@@ -248,19 +247,6 @@ def config_stem() -> str:
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def config_changes(config_flag) -> dict:
-  """The config keys set on the command line that the table's header does not state and that
-  change what a run trains (not `run_files.SAME_NUMBERS`): a recipe changed by hand."""
-  from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
-
-  set_here = config_flags.get_override_values(config_flag)
-  return {
-    key: json.loads(json.dumps(value))  # tuples as lists, as the JSON keeps them
-    for key, value in sorted(set_here.items())
-    if key not in STATED | run_files.SAME_NUMBERS and not key.startswith("model_overrides.")
-  }
-
-
 def settings(base, same_preset: bool, size: str) -> dict:
   """The comparison's settings, as the table's header and the JSON state them."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
@@ -278,7 +264,7 @@ def settings(base, same_preset: bool, size: str) -> dict:
     "model_overrides": {k: v for k, v in train.model_kwargs(base).items() if k != "mixer"},
     "batch_size": base.batch_size,
     "steps": FLAGS.steps,
-    "config_changes": config_changes(FLAGS["config"]),
+    "config_changes": cli.config_changes(FLAGS["config"], STATED),
   }
 
 

@@ -19,8 +19,10 @@ The patch size stays --patch_size, so the grid grows from low/p to high/p. Each 
 in DIR/<model>/<stage>; a stage whose summary.json exists is read back, not trained again
 (rerun the same command to finish an interrupted experiment). The Markdown table (top-1 in %,
 mean ± sample std over the seeds, ddof 1) and its values (JSON, same name) are written after
-every stage. Compiled programs are kept in DIR/jax_cache (as `compare` does). Bad input is
-one `error:` line and exit code 2 before any training.
+every stage; its header names the config file and every other key set on the command line
+that changes the training (`cli.config_changes`). Compiled programs are kept in
+DIR/jax_cache (as `compare` does). Bad input is one `error:` line and exit code 2 before any
+training.
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ from lkca_jax.tools import cli
 from lkca_jax.tools.compare import enable_compile_cache
 
 FLAGS = flags.FLAGS
+# Config keys the table's header states or each stage sets itself; any other key set on the
+# command line that changes the training is named in the header (`cli.config_changes`).
+STATED = frozenset(
+  {
+    "batch_size",
+    "dataset.classes",
+    "dataset.image_size",
+    "init_from",
+    "init_from_kernels",
+    "model",
+    "num_runs",
+    "num_train_steps",
+    "patch_size",
+    "seed",
+  }
+)
 STAGE_TITLES = {
   "low": "trained at low",
   "moved": "moved to high, untrained",
@@ -136,7 +154,8 @@ def render(report: dict) -> str:
     f"({high // s['patch_size']}² grid). Top-1 % on the validation split, mean ± std over "
     f"{s['seeds']} seeds. Steps: {s['low_steps']} at {low}, {s['finetune_steps']} fine-tuning "
     f"at {high}, {s['low_steps'] + s['finetune_steps']} from scratch at {high}; batch "
-    f"{s['batch_size']}.",
+    f"{s['batch_size']}; fine-tuning at a peak learning rate of {s['finetune_learning_rate']}."
+    + _config_line(s),
     "",
     f"| model | kernel move | at {low} | at {high}, moved, untrained | at {high}, fine-tuned "
     f"| at {high}, from scratch |",
@@ -148,6 +167,13 @@ def render(report: dict) -> str:
       f"{cell(row.get('moved'))} | {cell(row.get('finetune'))} | {cell(row.get('scratch'))} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _config_line(s: dict) -> str:
+  changes = cli.format_config_changes(s["config_changes"])
+  return f" Config `{s['config_file']}`" + (
+    f", set on the command line: {changes}." if changes else "."
+  )
 
 
 def write(report: dict, out: str) -> None:
@@ -204,6 +230,8 @@ def main(argv):
   except train.ConfigError as e:
     cli.fail(str(e))
   settings = {
+    "config_file": config_flags.get_config_filename(FLAGS["config"]),
+    "config_changes": cli.config_changes(FLAGS["config"], STATED),
     "dataset": base.dataset.name,
     "classes": base.dataset.classes,
     "seeds": FLAGS.seeds,

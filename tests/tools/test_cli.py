@@ -115,3 +115,37 @@ def test_fail_training_exits_1_for_a_failed_run_and_2_for_bad_input(capsys):
       cli.fail_training(error_class(f"{error_class.__name__} named"))
     assert exit_info.value.code == code, error_class
     assert capsys.readouterr().err == f"error: {error_class.__name__} named\n"
+
+
+# ml_collections loads a config file with importlib's deprecated load_module (its warning).
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_config_changes_are_the_training_keys_set_on_the_command_line():
+  from absl import flags
+  from ml_collections import config_flags
+
+  from lkca_jax.tools import cli
+
+  argv = [
+    "prog",
+    "--config=configs/digits.py",
+    "--config.optimizer.learning_rate=0.002",
+    "--config.augment.erasing_area=(0.1,0.2)",
+    "--config.batch_size=32",  # stated by the caller's header
+    "--config.model_overrides.depth=2",  # stated with the model
+    "--config.num_devices=1",  # leaves the training as it is
+    "--config.log_every_steps=5",
+    "--config.dataset.manual_dir=/data",
+    "--config.init_from=/runs/pretrained",  # a start from other weights is a change
+  ]
+  values = flags.FlagValues()  # a parser of its own: the process's flags stay as they are
+  config_flags.DEFINE_config_file("config", None, "config", flag_values=values, sys_argv=argv)
+  values(argv)
+  assert cli.config_changes(values["config"], {"batch_size"}) == {
+    "augment.erasing_area": [0.1, 0.2],
+    "init_from": "/runs/pretrained",
+    "optimizer.learning_rate": 0.002,
+  }
+  assert cli.config_changes(values["config"], {"batch_size", "init_from"}) == {
+    "augment.erasing_area": [0.1, 0.2],
+    "optimizer.learning_rate": 0.002,
+  }

@@ -27,6 +27,9 @@ SETTINGS = {
   "low_steps": 300,
   "finetune_steps": 100,
   "batch_size": 64,
+  "finetune_learning_rate": 5e-4,
+  "config_file": "configs/tinyimagenet.py",
+  "config_changes": {"augment.random_erasing": 0.0},
 }
 
 
@@ -43,6 +46,10 @@ def test_the_table_gives_mean_and_sample_std_in_percent_and_marks_missing_stages
   table = tool.render({"settings": SETTINGS, "rows": rows})
   lines = table.splitlines()
   assert "4² grid) → 64×64 px (8² grid)" in lines[0] and "400 from scratch at 64" in lines[0]
+  assert lines[0].endswith(
+    "fine-tuning at a peak learning rate of 0.0005. Config `configs/tinyimagenet.py`, set on "
+    "the command line: `augment.random_erasing`=0.0."
+  )
   # mean 17.00, sample std (ddof 1) of 17, 18, 16 = 1.00; a single value has no std
   assert "| lkca_t | pad | 17.00 ± 1.00 | 20.00 ± 0.00 | … | … |" in lines
   assert "| vit_1m | - | 25.00 | … | … | … |" in lines
