@@ -26,7 +26,7 @@ SUMMARY_FILE = "summary.json"
 # Config keys that leave what a run trains as it is: where its data and outputs live, how
 # often it logs, evaluates and saves, and how many devices or microbatches share a step (a
 # step on any count is the same step to round-off).
-SAME_NUMBERS = frozenset(
+SAME_TRAINING = frozenset(
   {
     "checkpoint_every_steps",
     "dataset.data_dir",
@@ -43,7 +43,7 @@ SAME_NUMBERS = frozenset(
 )
 # Config keys a resumed run may change: those, and init_from, which seeds only a run's start.
 # Any other change would train the rest of a run as another run under the first one's name.
-RESUME_MAY_CHANGE = SAME_NUMBERS | {
+RESUME_MAY_CHANGE = SAME_TRAINING | {
   "init_from",
   "init_from_average",
   "init_from_head",

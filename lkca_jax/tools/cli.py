@@ -383,7 +383,7 @@ def config_changes(config_flag, stated=frozenset()) -> dict:
   """{key: value} for each config key set on the command line (`--config.KEY=VALUE`) that
   changes what a run trains, in key order: not the keys in `stated` (a table's header
   states them), not the model overrides (stated with the model), not
-  `run_files.SAME_NUMBERS` (where data and outputs live, how often runs report). Values as
+  `run_files.SAME_TRAINING` (where data and outputs live, how often runs report). Values as
   JSON keeps them (tuples as lists)."""
   import json  # pylint: disable=import-outside-toplevel
 
@@ -392,7 +392,7 @@ def config_changes(config_flag, stated=frozenset()) -> dict:
   from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
 
   set_here = config_flags.get_override_values(config_flag)
-  left_out = frozenset(stated) | run_files.SAME_NUMBERS
+  left_out = frozenset(stated) | run_files.SAME_TRAINING
   return {
     key: json.loads(json.dumps(value))
     for key, value in sorted(set_here.items())

@@ -166,7 +166,7 @@ def format_table(report: dict) -> str:
     else f"size-matched presets (size {s['size']})"
   )
   overrides = ", ".join(f"{k}={v}" for k, v in s["model_overrides"].items())
-  changes = cli.format_config_changes(s.get("config_changes", {}))
+  changes = cli.format_config_changes(s["config_changes"])
   subset = (f"first {s['classes']} classes, " if s["subset_classes"] else "") + (
     f"{s['train_per_class']} training images a class, " if s["train_per_class"] else ""
   )

@@ -82,13 +82,13 @@ def recipe_changes(base, table: str) -> list[tuple]:
   """(key, the recipe's value, base's) for each key where `base` differs from the table's
   recipe (configs/<table>.py), leaving out what the table states itself (NOT_RECIPE) and
   what leaves the training as it is (where data and outputs live, how often a run reports:
-  `run_files.SAME_NUMBERS`); a start from another run's weights (init_from) is a change."""
+  `run_files.SAME_TRAINING`); a start from another run's weights (init_from) is a change."""
   import importlib  # pylint: disable=import-outside-toplevel
 
   from lkca_jax import run_files  # pylint: disable=import-outside-toplevel
 
   recipe = importlib.import_module(f"configs.{table}").get_config()
-  ignore = NOT_RECIPE | run_files.SAME_NUMBERS
+  ignore = NOT_RECIPE | run_files.SAME_TRAINING
   return run_files.differences(json.loads(recipe.to_json_best_effort()), base, ignore)
 
 

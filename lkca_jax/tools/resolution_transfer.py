@@ -38,15 +38,13 @@ from lkca_jax.tools import cli
 from lkca_jax.tools.compare import enable_compile_cache
 
 FLAGS = flags.FLAGS
-# Config keys the table's header states or each stage sets itself; any other key set on the
+# Config keys the table's header states or every stage sets itself; any other key set on the
 # command line that changes the training is named in the header (`cli.config_changes`).
 STATED = frozenset(
   {
     "batch_size",
     "dataset.classes",
     "dataset.image_size",
-    "init_from",
-    "init_from_kernels",
     "model",
     "num_runs",
     "num_train_steps",
