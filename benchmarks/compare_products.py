@@ -142,11 +142,7 @@ def time_torch(shapes, repeats) -> dict:
   )
   if result.returncode != 0:
     sys.stderr.write(result.stderr)
-    cli.fail(
-      f"the PyTorch side exited with {result.returncode} (its output is above); check that "
-      f"--torch_python={FLAGS.torch_python} has torch",
-      1,
-    )
+    cli.fail(f"the PyTorch side exited with {result.returncode} (its output is above)", 1)
   report = json.loads(result.stdout.splitlines()[-1])
   return {"seconds": report["seconds"], "threads": report["threads"]}
 
@@ -221,10 +217,13 @@ def main(argv) -> None:
   cli.check_presets(FLAGS.models)
   if not FLAGS.sides or set(FLAGS.sides) - set(SIDES):
     cli.fail(f"--sides must list {list(SIDES)}, got {FLAGS.sides}")
-  if "torch" in FLAGS.sides and not os.access(FLAGS.torch_python, os.X_OK):
-    cli.fail(
-      f"--torch_python={FLAGS.torch_python} is not an executable; give a Python that has "
-      "torch (pip install torch in a separate venv), or time JAX alone with --sides jax"
+  if "torch" in FLAGS.sides:
+    cli.check_interpreter(
+      "torch_python",
+      FLAGS.torch_python,
+      "torch",
+      "give a Python that has torch (pip install torch in a separate venv), or time JAX "
+      "alone with --sides jax",
     )
   out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   products = {m: forward_products(m, FLAGS.batch) for m in FLAGS.models}

@@ -88,11 +88,7 @@ def run_torch(python, script, models, batch, steps, dtype) -> dict:
   text = result.stdout
   if result.returncode != 0:
     sys.stderr.write(result.stderr)
-    cli.fail(
-      f"the PyTorch port exited with {result.returncode} (its output is above); check that "
-      f"--torch_python={python} has torch",
-      1,
-    )
+    cli.fail(f"the PyTorch port exited with {result.returncode} (its output is above)", 1)
   found = {}
   for line in text.splitlines():
     match = TORCH_LINE.match(line.strip())
@@ -221,13 +217,14 @@ def check_input() -> set[int]:
   if not FLAGS.forms or set(FLAGS.forms) - set(backend.FORMS):
     cli.fail(f"--forms must list {list(backend.FORMS)}, got {FLAGS.forms}")
   cpus = requested_cpus()
-  if not os.access(FLAGS.torch_python, os.X_OK):
-    cli.fail(
-      f"--torch_python={FLAGS.torch_python} is not an executable; give a Python that has "
-      "torch (pip install torch in a separate venv)"
-    )
   if not os.path.isfile(FLAGS.torch_script):
     cli.fail(f"--torch_script={FLAGS.torch_script} is not a file; give the port's step script")
+  cli.check_interpreter(
+    "torch_python",
+    FLAGS.torch_python,
+    "torch",
+    "give a Python that has torch (pip install torch in a separate venv)",
+  )
   return cpus
 
 

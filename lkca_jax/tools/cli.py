@@ -416,6 +416,19 @@ def check_presets(names: list[str]) -> None:
     fail(f"unknown model {unknown[0] if unknown else ''!r}; choose from {sorted(models.PRESETS)}")
 
 
+def check_interpreter(flag: str, python: str, module: str, fix: str) -> None:
+  """`fail`s unless `--flag=python` is an interpreter that imports `module` (another
+  environment's side of a benchmark), naming `fix`: checked before any work, not after it."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  if not os.access(python, os.X_OK):
+    fail(f"--{flag}={python} is not an executable; {fix}")
+  probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+  if probe.returncode != 0:
+    said = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
+    fail(f"--{flag}={python} cannot import {module} ({said}); {fix}")
+
+
 def cpu_model() -> str:
   """The CPU's model name and the flags that decide its fast paths (AVX-512, AMX)."""
   try:

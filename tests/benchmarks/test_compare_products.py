@@ -1,8 +1,10 @@
 """benchmarks/compare_products.py: the products it finds are the model's Linears, row for
 row, and bad input is one `error:` line before any timing. (The PyTorch side needs torch,
-which is never installed here: the end-to-end run times JAX alone.)"""
+which is never installed here: the end-to-end run times JAX alone, and small shell scripts
+stand in for its interpreter.)"""
 
 import collections
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +16,7 @@ from lkca_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compare_products.py")
+HAS_TORCH = importlib.util.find_spec("torch") is not None  # never a dependency
 
 
 def run(*args, cpus=None):
@@ -75,6 +78,12 @@ def test_it_times_every_linear_of_the_model_in_three_forms(tmp_path):
     (["--models=vit_9m"], "unknown model 'vit_9m'"),
     (["--sides=jax,gpu"], "--sides must list"),
     (["--torch_python=/nonexistent/python"], "--torch_python=/nonexistent/python is not an"),
+    (["--torch_python=/bin/false"], "--torch_python=/bin/false cannot import torch (exit code"),
+    pytest.param(
+      [f"--torch_python={sys.executable}"],
+      "cannot import torch (ModuleNotFoundError: No module named 'torch'); give a Python",
+      marks=pytest.mark.skipif(HAS_TORCH, reason="this environment has torch"),
+    ),
   ],
 )
 def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, args, message):
@@ -88,14 +97,16 @@ def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, args, message
 
 @pytest.mark.slow  # runs the JAX side first, as the rounds do
 def test_a_pytorch_side_that_fails_ends_the_run_with_one_error_line(tmp_path):
-  out = tmp_path / "products.json"
+  out, python = tmp_path / "products.json", tmp_path / "python"
+  # An interpreter whose `import torch` probe succeeds and whose PyTorch side exits with 3.
+  python.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nexit 3\n')
+  python.chmod(0o755)
   result = run(
-    "--models=vit_1m", "--batch=2", "--repeats=1", "--torch_python=/bin/false", f"--out={out}"
+    "--models=vit_1m", "--batch=2", "--repeats=1", f"--torch_python={python}", f"--out={out}"
   )
   assert result.returncode == 1, result.stdout + result.stderr
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: the PyTorch side exited with 1"), result.stderr
-  assert "--torch_python=/bin/false" in last
+  assert last.startswith("error: the PyTorch side exited with 3"), result.stderr
   # JAX had run: the failure is the PyTorch side's.
   assert result.stdout.splitlines()[0].startswith("jax ")
   assert not out.exists()

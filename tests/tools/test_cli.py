@@ -117,6 +117,30 @@ def test_fail_training_exits_1_for_a_failed_run_and_2_for_bad_input(capsys):
     assert capsys.readouterr().err == f"error: {error_class.__name__} named\n"
 
 
+def test_an_interpreter_is_checked_to_import_its_module_before_any_work(capsys, tmp_path):
+  from lkca_jax.tools import cli
+
+  cli.check_interpreter("other_python", sys.executable, "json", "give another")  # no exit
+  assert capsys.readouterr().err == ""
+  not_a_file = str(tmp_path / "python")
+  cases = {
+    (not_a_file, "json"): f"--other_python={not_a_file} is not an executable; give another",
+    (sys.executable, "no_such_module"): (
+      f"--other_python={sys.executable} cannot import no_such_module (ModuleNotFoundError: "
+      "No module named 'no_such_module'); give another"
+    ),
+    (
+      "/bin/false",
+      "json",
+    ): "--other_python=/bin/false cannot import json (exit code 1); give another",
+  }
+  for (python, module), message in cases.items():
+    with pytest.raises(SystemExit) as exit_info:
+      cli.check_interpreter("other_python", python, module, "give another")
+    assert exit_info.value.code == cli.USAGE_ERROR
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 # ml_collections loads a config file with importlib's deprecated load_module (its warning).
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 def test_config_changes_are_the_training_keys_set_on_the_command_line():
