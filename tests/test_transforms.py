@@ -115,12 +115,12 @@ def test_every_preset_traces_to_its_representatives_program():
   preset's width, batch 8 (512 tokens) above; the compiled checks run both."""
   assert set(REPRESENTATIVES) <= set(PRESETS)
   for batch in (1, 8):
-    programs = {rep: programs_without_sizes(rep, batch) for rep in REPRESENTATIVES}
+    programs = {name: programs_without_sizes(name, batch) for name in PRESETS}
     for form in FORMS:  # the abstraction keeps the structures apart
-      assert len({p[form] for p in programs.values()}) == len(programs)
+      assert len({programs[rep][form] for rep in REPRESENTATIVES}) == len(REPRESENTATIVES)
     for name, preset in PRESETS.items():
-      own = [p for rep, p in programs.items() if PRESETS[rep].mixer == preset.mixer]
-      assert programs_without_sizes(name, batch) in own, (name, batch)
+      own = [programs[rep] for rep in REPRESENTATIVES if PRESETS[rep].mixer == preset.mixer]
+      assert programs[name] in own, (name, batch)
 
 
 def cpu_form_programs(name, dtype):
