@@ -242,7 +242,9 @@ def find_zip(manual_dir=None) -> str | None:
   env = os.environ.get(ZIP_ENV)
   if env:
     if not os.path.isfile(env):
-      raise ValueError(f"{ZIP_ENV}={env} is not a file: point it at {ZIP_NAME} or unset it")
+      raise DatasetUnavailableError(
+        f"dataset tiny_imagenet: {ZIP_ENV}={env} is not a file; point it at {ZIP_NAME} or unset it"
+      )
     return env
   return None
 

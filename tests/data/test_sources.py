@@ -149,9 +149,22 @@ def test_check_available_is_cheap_and_names_the_tiny_imagenet_fixes(
     "tiny-imagenet-200.zip",
   ):
     assert fix in message
-  # Non-TFDS sources are always available; download=True is enough for TFDS ones.
+  # Non-TFDS sources are always available (with download=True, a TFDS dataset's download
+  # host is tried: tests/data/test_offline_archives.py).
   data.check_available("digits", data_dir=tmp_path, manual_dir=None, download=False)
-  data.check_available("svhn", data_dir=tmp_path, manual_dir=None, download=True)
+
+
+def test_a_zip_variable_that_names_no_file_is_refused_naming_it(tmp_path, no_network, monkeypatch):
+  monkeypatch.setenv("LKCA_TINY_IMAGENET_ZIP", str(tmp_path / "moved.zip"))
+  expected = (
+    f"dataset tiny_imagenet: LKCA_TINY_IMAGENET_ZIP={tmp_path / 'moved.zip'} is not a file; "
+    "point it at tiny-imagenet-200.zip or unset it"
+  )
+  for call in (data.check_available, data.load_split):
+    args = ("tiny_imagenet",) if call is data.check_available else ("tiny_imagenet", "train")
+    with pytest.raises(data.DatasetUnavailableError) as info:
+      call(*args, data_dir=tmp_path / "tfds", download=True)
+    assert str(info.value) == expected
 
 
 def test_manual_dir_without_the_zip_is_refused_before_any_download(
