@@ -163,6 +163,8 @@ def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool
   if not download:
     raise DatasetUnavailableError(_unavailable_message(spec, builder))
   _check_manual_dir(spec, manual_dir)
+  if _manual_builder(spec, manual_dir, data_dir) is None:  # it will download: can it?
+    _check_downloads(spec, builder)
 
 
 def load_split(
@@ -439,12 +441,7 @@ def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) 
   import requests  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  for url in _pending_downloads(spec, builder):
-    problem = unreachable(url)
-    if problem:
-      raise DatasetUnavailableError(
-        f"dataset {spec.name} cannot be downloaded: {problem}; {_offline_hint(spec)}"
-      )
+  _check_downloads(spec, builder)
   try:
     with adapters.tfds_http_retries(DOWNLOAD_RETRIES):
       builder.download_and_prepare(download_config=config, file_format=file_format)
@@ -459,6 +456,16 @@ def _download_and_prepare(spec: DatasetSpec, builder, config, file_format: str) 
     raise DatasetUnavailableError(
       f"dataset {spec.name} download failed: {reason}; {_offline_hint(spec)}"
     ) from None
+
+
+def _check_downloads(spec: DatasetSpec, builder) -> None:
+  """Raises DatasetUnavailableError, within seconds, when a pending download cannot start."""
+  for url in _pending_downloads(spec, builder):
+    problem = unreachable(url)
+    if problem:
+      raise DatasetUnavailableError(
+        f"dataset {spec.name} cannot be downloaded: {problem}; {_offline_hint(spec)}"
+      )
 
 
 def _pending_downloads(spec: DatasetSpec, builder) -> list[str]:

@@ -258,6 +258,9 @@ def test_refused_connection_fails_fast_naming_the_offline_route(name, tmp_path, 
   assert_offline_hint(message, name)
   assert f"127.0.0.1:{port} refused the connection" in message
   assert not (tmp_path / CATALOG.get(name, name)).exists()  # nothing half-prepared
+  with pytest.raises(data.DatasetUnavailableError) as checked:  # what a run checks first
+    data.check_available(name, data_dir=tmp_path, download=True)
+  assert str(checked.value) == message
 
 
 def test_unknown_host_fails_fast(tmp_path, monkeypatch):
@@ -315,6 +318,16 @@ def test_wrong_checksum_fails_fast(tmp_path, monkeypatch, answering_proxy):
   assert set(collections.Counter(requests).values()) == {1}, requests  # none asked again
   assert_offline_hint(str(info.value), "svhn")
   assert "http://ufldl.stanford.edu/housenumbers/" in str(info.value)
+
+
+def test_a_reachable_download_passes_the_check_and_nothing_is_fetched(
+  tmp_path, monkeypatch, answering_proxy
+):
+  url, requests = answering_proxy(200)
+  use_proxy(monkeypatch, url)
+  data.check_available("svhn", data_dir=tmp_path, download=True)  # the proxy answers
+  assert requests == []  # connected to, asked for nothing
+  assert not (tmp_path / "svhn_cropped").exists()
 
 
 def test_server_errors_are_not_retried_for_minutes(tmp_path, monkeypatch, answering_proxy):

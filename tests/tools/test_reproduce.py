@@ -11,6 +11,7 @@ import pytest
 from lkca_jax import paper
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import reproduce
+from tests.data.test_offline_archives import closed_port, proxy_env
 from tests.helpers import built_once, cpu_model_name
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
@@ -82,7 +83,7 @@ TINY = [
 ]
 
 
-def run_reproduce(out, *extra, timeout=600):
+def run_reproduce(out, *extra, timeout=600, env=None):
   command = [
     sys.executable,
     "-m",
@@ -91,7 +92,8 @@ def run_reproduce(out, *extra, timeout=600):
     f"--out={out}",
     *extra,
   ]
-  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  env = {**os.environ, **(env or {})}
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +214,24 @@ def test_a_row_workdir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
   assert result.returncode == 2, result.stderr[-3000:]
   (line,) = result.stderr.strip().splitlines()
   assert line.startswith("error: ") and f"{out / 'vit_05m'} is a file, not a directory" in line
+
+
+def test_a_download_that_cannot_start_is_one_line_before_any_row_is_written(tmp_path):
+  """The rows' data is checked with their configs, before the table or a row is written:
+  here CIFAR-10, not prepared, behind a proxy that refuses connections."""
+  out, data_dir = tmp_path / "out", tmp_path / "tfds"
+  args = [
+    "--rows=vit_05m,lkca_05m",
+    "--runs=1",
+    "--steps=2",
+    f"--config.dataset.data_dir={data_dir}",
+  ]
+  result = run_reproduce(out, *args, env=proxy_env(f"http://127.0.0.1:{closed_port()}"))
+  assert result.returncode == 2, result.stderr[-3000:]
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("error: dataset cifar10 cannot be downloaded"), line
+  assert "refused the connection" in line and "--config.dataset.manual_dir=DIR" in line
+  assert os.listdir(out) == []  # no table, no row's workdir
 
 
 def test_the_table_is_required():
