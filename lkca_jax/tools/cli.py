@@ -421,9 +421,12 @@ def check_interpreter(flag: str, python: str, module: str, fix: str) -> None:
   environment's side of a benchmark), naming `fix`: checked before any work, not after it."""
   import subprocess  # pylint: disable=import-outside-toplevel
 
-  if not os.access(python, os.X_OK):
+  if not (os.path.isfile(python) and os.access(python, os.X_OK)):
     fail(f"--{flag}={python} is not an executable; {fix}")
-  probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+  try:
+    probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+  except OSError as e:  # an executable file that is no program (no #! line, another machine's)
+    fail(f"--{flag}={python} cannot be run ({e.strerror}); {fix}")
   if probe.returncode != 0:
     said = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
     fail(f"--{flag}={python} cannot import {module} ({said}); {fix}")

@@ -122,9 +122,15 @@ def test_an_interpreter_is_checked_to_import_its_module_before_any_work(capsys, 
 
   cli.check_interpreter("other_python", sys.executable, "json", "give another")  # no exit
   assert capsys.readouterr().err == ""
-  not_a_file = str(tmp_path / "python")
+  not_a_file, no_program = str(tmp_path / "python"), tmp_path / "notes.txt"
+  no_program.write_text("not a program\n")
+  no_program.chmod(0o755)
   cases = {
     (not_a_file, "json"): f"--other_python={not_a_file} is not an executable; give another",
+    (str(tmp_path), "json"): f"--other_python={tmp_path} is not an executable; give another",
+    (str(no_program), "json"): (
+      f"--other_python={no_program} cannot be run (Exec format error); give another"
+    ),
     (sys.executable, "no_such_module"): (
       f"--other_python={sys.executable} cannot import no_such_module (ModuleNotFoundError: "
       "No module named 'no_such_module'); give another"
