@@ -217,15 +217,15 @@ def main(argv) -> None:
   cli.check_presets(FLAGS.models)
   if not FLAGS.sides or set(FLAGS.sides) - set(SIDES):
     cli.fail(f"--sides must list {list(SIDES)}, got {FLAGS.sides}")
+  out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   if "torch" in FLAGS.sides:
-    cli.check_interpreter(
+    cli.check_interpreter(  # last: it starts the interpreter
       "torch_python",
       FLAGS.torch_python,
       "torch",
       "give a Python that has torch (pip install torch in a separate venv), or time JAX "
       "alone with --sides jax",
     )
-  out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
   products = {m: forward_products(m, FLAGS.batch) for m in FLAGS.models}
   shapes = sorted({s for found in products.values() for s in found})
   timers = {}

@@ -219,12 +219,6 @@ def check_input() -> set[int]:
   cpus = requested_cpus()
   if not os.path.isfile(FLAGS.torch_script):
     cli.fail(f"--torch_script={FLAGS.torch_script} is not a file; give the port's step script")
-  cli.check_interpreter(
-    "torch_python",
-    FLAGS.torch_python,
-    "torch",
-    "give a Python that has torch (pip install torch in a separate venv)",
-  )
   return cpus
 
 
@@ -232,6 +226,12 @@ def main(argv) -> None:
   del argv  # no positional arguments: cli.run refuses them
   cpus = check_input()
   out = cli.output_file(os.path.join(ROOT, FLAGS.out), "--out")
+  cli.check_interpreter(  # last: it starts the interpreter
+    "torch_python",
+    FLAGS.torch_python,
+    "torch",
+    "give a Python that has torch (pip install torch in a separate venv)",
+  )
   models, forms = FLAGS.models, FLAGS.forms
   os.sched_setaffinity(0, cpus)  # both sides' processes inherit it
   runs = alternate(models, forms)

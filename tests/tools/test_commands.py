@@ -96,8 +96,9 @@ def test_help_exits_0_and_a_bad_flag_is_one_error_line_and_exit_2(path, output_f
 # Asks each command which flags name where it writes (cli.output_flags) and which flags it
 # cannot run without: --config (given configs/digits.py), --zip (the Tiny-ImageNet archive
 # benchmarks/tiny_imagenet_subset.py reads; given the fixture), the PyTorch side of the
-# benchmarks/compare_*.py (--torch_python and --torch_script, checked only to exist: given
-# this interpreter and the command's own file) and enums with no default (given their
+# benchmarks/compare_*.py (--torch_python and --torch_script: given this interpreter and
+# the command's own file, which pass every check made before the output places; the
+# interpreter's `import torch` is tried after them) and enums with no default (given their
 # first value). One process for all: each command's flags are removed after it.
 DISCOVER = """
 import importlib.util, json, sys
