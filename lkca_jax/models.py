@@ -332,9 +332,26 @@ class ViT(nnx.Module):
       )
     b, height, width, c = images.shape
     if (height // p, width // p) != self.grid or c != self.channels or height % p or width % p:
-      raise ValueError(f"model expects images of shape {expected}, got {images.shape}")
+      raise ValueError(
+        f"model expects images of shape {expected}, got {images.shape}; {self._fix_for(images)}"
+      )
     x = images.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, self.grid[0] * self.grid[1], p * p * c)
+
+  def _fix_for(self, images: jax.Array) -> str:
+    """What to do about images of the wrong shape (patchify's error names it)."""
+    _, height, width, c = images.shape
+    p = self.patch_size
+    if c != self.channels and images.shape[1] == self.channels:
+      return "the model takes channels-last images: images.transpose(0, 2, 3, 1)"
+    if c != self.channels:
+      return f"build the model with channels={c}"
+    if height % p or width % p:
+      return f"crop or resize them to multiples of the patch size, {p}"
+    return (
+      f"build the model with image_size=({height}, {width}), patch_size={p}; "
+      "lkca_jax.resolution.move_params carries trained parameters to it"
+    )
 
   def embed(self, images: jax.Array) -> tuple[jax.Array, int]:
     """The tokens the first block takes, (B, T, D), and how many of them (the class token)

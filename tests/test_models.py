@@ -1,5 +1,7 @@
 """The pre-norm ViT family: preset parameter counts, init, stochastic depth, pooling, inputs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -724,11 +726,34 @@ def test_options_of_a_mixer_taking_keyword_arguments_pass_through(monkeypatch):
   assert model.blocks[0].mixer.options == (("whatever", 3),)
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 16, 1), (2, 16, 24, 3), (2, 17, 16, 3)])
-def test_bad_images_raise_value_error(shape):
+@pytest.mark.parametrize(
+  "shape, fix",
+  [
+    ((2, 16, 16, 1), "build the model with channels=1"),
+    ((2, 3, 16, 16), "the model takes channels-last images: images.transpose(0, 2, 3, 1)"),
+    ((2, 17, 16, 3), "crop or resize them to multiples of the patch size, 2"),
+  ],
+)
+def test_bad_images_raise_value_error_naming_the_fix(shape, fix):
   model = small_model()
-  with pytest.raises(ValueError, match=r"expects images of shape \(B, 16, 16, 3\)"):
+  with pytest.raises(ValueError, match=r"expects images of shape \(B, 16, 16, 3\)") as info:
     model(jnp.zeros(shape))
+  assert str(info.value).endswith(f"; {fix}")
+
+
+def test_images_of_another_size_name_a_model_that_takes_them():
+  model = small_model()
+  images = jnp.zeros((2, 16, 24, 3))
+  with pytest.raises(ValueError, match=r"expects images of shape \(B, 16, 16, 3\)") as info:
+    model(images)
+  named = re.search(r"with image_size=\((\d+), (\d+)\), patch_size=(\d+);", str(info.value))
+  height, width, patch = map(int, named.groups())
+  other = small_model(image_size=(height, width), patch_size=patch)
+  assert other(images).shape == (2, 5)
+  assert other.patch_size == model.patch_size  # what move_params needs to carry the weights
+  assert str(info.value).endswith(
+    "lkca_jax.resolution.move_params carries trained parameters to it"
+  )
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 3), (1, 2, 16, 16, 3)])
