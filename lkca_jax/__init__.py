@@ -5,7 +5,7 @@ that own a process make those choices (`lkca_jax.tools.cli.run`). Nor does it im
 the names below load their module on first use, so a command answers `--help` at once.
 """
 
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -25,7 +25,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
   if name not in _EXPORTS:
     raise AttributeError(f"module 'lkca_jax' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_EXPORTS[name]), name)
+  value = getattr(_importlib.import_module(_EXPORTS[name]), name)
   globals()[name] = value  # later lookups skip this function
   return value
 

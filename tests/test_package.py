@@ -23,10 +23,17 @@ def test_every_public_name_is_its_module_object():
   for name in lkca_jax.__all__:
     home = next(module for module in (layers, models, train) if hasattr(module, name))
     assert getattr(lkca_jax, name) is getattr(home, name), name
-  assert set(lkca_jax.__all__) <= set(dir(lkca_jax))
+  public = {name for name in dir(lkca_jax) if not name.startswith("_")}
+  # Beside the exports, only the package's own submodules (imported by the lookups above).
+  assert set(lkca_jax.__all__) <= public
+  assert all(name in lkca_jax.__all__ or is_submodule(name) for name in public), public
   names = {}
   exec("from lkca_jax import *", names)  # noqa: S102
   assert set(lkca_jax.__all__) <= set(names)
+
+
+def is_submodule(name: str) -> bool:
+  return getattr(getattr(lkca_jax, name), "__name__", "") == f"lkca_jax.{name}"
 
 
 def test_an_unknown_name_is_an_attribute_error():
