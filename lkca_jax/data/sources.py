@@ -623,13 +623,20 @@ def _tf_batches(spec: DatasetSpec, builder, path, expected: int):
   shape = (*spec.image_size, spec.channels)
   decode = _image_decoder(info.features[image_key].encoding_format, spec.channels)
 
+  # Plain graph functions: AutoGraph would write their converted source to the temporary
+  # directory, removed only by an exit handler that an error line's prompt exit skips.
+  @tf.autograph.experimental.do_not_convert
+  def parse(batch):
+    return tf.io.parse_example(batch, keys)
+
+  @tf.autograph.experimental.do_not_convert
   def to_pair(example):
     image = tf.ensure_shape(decode(example[image_key]), shape)
     return image, tf.cast(example[label_key], tf.int32)
 
   return (
     examples.batch(1024)
-    .map(lambda batch: tf.io.parse_example(batch, keys))
+    .map(parse)
     .unbatch()
     .map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
     .batch(2048)

@@ -174,9 +174,9 @@ def test_prepare_checks_what_it_keeps_and_force_prepares_again(prepared, tmp_pat
 
 
 # --- the commands, as real processes ------------------------------------------------------
-def run(*args, timeout=300):
+def run(*args, timeout=300, env=None):
   return subprocess.run(
-    [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
   )
 
 
@@ -218,7 +218,8 @@ def test_main_stops_with_one_error_line_before_training(prepared, tmp_path, file
   data_dir = copy_of(prepared, file_format, tmp_path)
   path = split_file(data_dir, file_format)
   damage(path, how, file_format)
-  workdir = tmp_path / "workdir"
+  workdir, temporary = tmp_path / "workdir", tmp_path / "tmp"
+  temporary.mkdir()
   result = run(
     "main.py",
     "--config",
@@ -231,6 +232,7 @@ def test_main_stops_with_one_error_line_before_training(prepared, tmp_path, file
     "--config.num_devices=1",
     "--config.batch_size=16",
     f"--workdir={workdir}",
+    env={**os.environ, "TMPDIR": str(temporary)},
   )
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert result.returncode == 2, result.stderr[-3000:]
@@ -238,3 +240,6 @@ def test_main_stops_with_one_error_line_before_training(prepared, tmp_path, file
   assert_names_file_and_fix(lines[-1], path, data_dir)
   assert "Traceback" not in result.stderr
   assert not (workdir / "checkpoints").exists()
+  # The error line ends the process at once (no exit handlers), so it leaves nothing whose
+  # removal waits for one: no source files of tf.data functions converted by AutoGraph.
+  assert sorted(p.name for p in temporary.iterdir()) == []
