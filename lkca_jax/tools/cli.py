@@ -87,6 +87,7 @@ __all__ = [
 ]
 
 USAGE_ERROR = 2
+INTERRUPTED = 128 + 2  # the shell's code for a process ended by SIGINT
 # How an output flag's help ends; `output_flags` finds the flags by it.
 OUTPUT_NOTES = {
   "dir": "(A directory, created if missing; checked before any work.)",
@@ -144,6 +145,7 @@ def run(
   The host-memory settings first, before jax starts its threads; then `define_flags`;
   then the flags, parsed by `parse_flags` (`program`, default `program_name()`, is named in
   its hints; `arguments`: the command takes positional arguments, else they are an error).
+  Ctrl-C ends it with one line and exit code 130, not a traceback from wherever it fell.
   """
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
@@ -159,6 +161,10 @@ def run(
     app.run(main, flags_parser=lambda argv: parse_flags(argv, program, arguments=arguments))
   except FailExit as e:
     _end_now(e.code)
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop, which stops at a step itself
+    sys.stdout.flush()
+    print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+    _end_now(INTERRUPTED)
 
 
 def _end_now(code: int) -> NoReturn:

@@ -88,6 +88,36 @@ def test_fail_is_the_last_line_even_with_work_left_behind():
   assert result.stdout == "restoring\n"  # what the command printed before is kept
 
 
+# Ctrl-C while a command works outside a training loop (loading data, compiling): the
+# interrupt lands wherever the main thread is, here in a jitted function's first call.
+INTERRUPTED = """
+import os, signal
+import jax, jax.numpy as jnp
+from lkca_jax.tools import cli
+
+# Python's own handler, whatever the test runner's workers left (they may ignore SIGINT).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def main(argv):
+  print("compiling", flush=True)
+  os.kill(os.getpid(), signal.SIGINT)
+  while True:
+    jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+
+cli.run(main)
+"""
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130():
+  result = subprocess.run(
+    [sys.executable, "-c", INTERRUPTED], cwd=ROOT, capture_output=True, text=True, timeout=60
+  )
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 130, result.stderr[-3000:]
+  assert lines == ["stopped by SIGINT (Ctrl-C)"], result.stderr[-3000:]
+  assert result.stdout == "compiling\n"
+
+
 def test_fail_outside_run_is_an_ordinary_exit_with_the_line(capsys):
   from lkca_jax.tools import cli
 
