@@ -1,6 +1,7 @@
 """Runs a program (main.py) held at one point of its training until a signal lands.
 
   python tests/hold.py POINT:STEP main.py [ARGS...]
+  python tests/hold.py POINT:STEP -m lkca_jax.tools.reproduce [ARGS...]
 
 Installs the trainer's `on_event` hook: at POINT ("eval": before evaluating, "save":
 after a checkpoint write has started) of STEP it says "holding at POINT:STEP" on
@@ -48,6 +49,12 @@ def hold_at(target: str):
 if __name__ == "__main__":
   target, program, *args = sys.argv[1:]
   train.train_and_evaluate = functools.partial(train.train_and_evaluate, on_event=hold_at(target))
-  sys.argv = [program, *args]
-  sys.path[0] = os.path.dirname(os.path.abspath(program))  # as `python program` would
-  runpy.run_path(program, run_name="__main__")
+  if program == "-m":  # as `python -m MODULE` would: the working directory first on the path
+    module, *args = args
+    sys.argv = [module, *args]
+    sys.path[0] = os.getcwd()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+  else:
+    sys.argv = [program, *args]
+    sys.path[0] = os.path.dirname(os.path.abspath(program))  # as `python program` would
+    runpy.run_path(program, run_name="__main__")

@@ -233,6 +233,21 @@ def run(experiment: Experiment) -> int:
   return 1 if failures(experiment.report()) else 0
 
 
+def stopped_message(experiment: Experiment, row: Row, signal_name: str) -> str:
+  """What a stop by `signal_name` while `row` trained leaves, and how to go on."""
+  before = [r.name for r in experiment.rows[: experiment.rows.index(row)]]
+  if experiment.resume:
+    again = "run the same command to resume"
+  elif before:
+    again = (
+      f"the rows before it ({', '.join(before)}) are in {experiment.table}; rerun with "
+      "--overwrite to start over"
+    )
+  else:
+    again = "no row finished; rerun with --overwrite to start over"
+  return f"stopped by {signal_name} during {row.name} ({experiment.path(row)}); {again}"
+
+
 def train_row(experiment: Experiment, row: Row) -> dict:
   """Trains `row`'s seeds (or reads back a training that finished); returns its values."""
   from lkca_jax import run_files, train  # pylint: disable=import-outside-toplevel
@@ -248,13 +263,7 @@ def train_row(experiment: Experiment, row: Row) -> dict:
     finally:
       row.run = None  # its model and data are not needed any more
     if summary["stopped_by"]:
-      again = (
-        "run the same command to resume"
-        if experiment.resume
-        else f"the rows finished before it are in {experiment.table}; rerun with "
-        "--overwrite to start over"
-      )
-      raise Stopped(f"stopped by {summary['stopped_by']} during {row.name} ({path}); {again}")
+      raise Stopped(stopped_message(experiment, row, summary["stopped_by"]))
   records = seed_records(summary)
   for record in records:
     if "error" not in record:

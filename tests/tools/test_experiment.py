@@ -4,6 +4,7 @@ The commands' end-to-end tests (test_compare.py, test_reproduce.py) train throug
 check its parts on summaries and directories written here.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -181,3 +182,27 @@ def test_a_proxy_keeps_the_recipes_warmup_share_so_its_rate_decays(name, share):
 def test_a_proxy_of_deits_schedule_keeps_its_whole_warmup_epochs():
   config = experiment.configure(imagenet.get_config(), seed=0, seeds=1, steps=900)
   assert config.optimizer.warmup_fraction is None and config.optimizer.warmup_epochs == 5
+
+
+def test_a_stop_names_what_is_kept_and_how_to_go_on(tmp_path):
+  rows = [experiment.Row(name, None) for name in ("mhsa", "lkca", "flatten")]
+  fresh = experiment.Experiment(
+    directory=str(tmp_path),
+    table="tables/compare.md",
+    flag="--workdir",
+    settings={},
+    rows=rows,
+    render=lambda report: "",
+  )
+  assert experiment.stopped_message(fresh, rows[0], "SIGINT") == (
+    f"stopped by SIGINT during mhsa ({tmp_path / 'mhsa'}); no row finished; rerun with "
+    "--overwrite to start over"
+  )
+  assert experiment.stopped_message(fresh, rows[2], "SIGTERM") == (
+    f"stopped by SIGTERM during flatten ({tmp_path / 'flatten'}); the rows before it (mhsa, "
+    "lkca) are in tables/compare.md; rerun with --overwrite to start over"
+  )
+  resumable = dataclasses.replace(fresh, resume=True)
+  assert experiment.stopped_message(resumable, rows[1], "SIGTERM") == (
+    f"stopped by SIGTERM during lkca ({tmp_path / 'lkca'}); run the same command to resume"
+  )

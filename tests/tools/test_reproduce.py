@@ -2,12 +2,16 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+import lkca_jax
 from lkca_jax import paper
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import reproduce
@@ -180,6 +184,63 @@ def test_a_second_invocation_skips_finished_rows(reproduction):
   assert [os.path.getmtime(path) for path in marker] == before
   assert [os.path.getmtime(out / p / "summary.json") for p in ROWS] == summaries
   assert json.loads((out / "table.json").read_text())["rows"] == table_before
+
+
+HOLD = os.path.join(ROOT, "tests", "hold.py")  # a run held at one moment until a signal
+
+
+def test_a_row_stopped_mid_training_resumes_to_the_uninterrupted_rows_values(
+  reproduction, tmp_path
+):
+  """SIGTERM while the first row's runs evaluate step 3 of 6: reproduce stops with the row
+  unfinished; the same command resumes it from its checkpoint to the very parameters and
+  values of the row that trained without a stop."""
+  done, _ = reproduction
+  row, out = ROWS[0], tmp_path / "out"
+  args = [f"--rows={row}", f"--steps={STEPS}", f"--runs={RUNS}", *TINY]
+  command = [sys.executable, HOLD, "eval:3", "-m", "lkca_jax.tools.reproduce", "--table=cifar10"]
+  proc = subprocess.Popen(
+    [*command, f"--out={out}", *args],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if line.startswith("holding at eval:3"):
+      break
+  else:
+    pytest.fail("reproduce never reached the hold:\n" + "".join(seen[-40:]))
+  proc.send_signal(signal.SIGTERM)
+  _, rest = proc.communicate(timeout=300)
+  lines = [line for line in ("".join(seen) + rest).splitlines() if line.strip()]
+  assert proc.returncode == 1, lines[-20:]
+  assert lines[-1] == (
+    f"stopped by SIGTERM during {row} ({out / row}); run the same command to resume"
+  )
+  assert not (out / row / experiment.ROW_FILE).exists()  # the row is not done
+  assert json.loads((out / row / "summary.json").read_text())["step"] == 4
+
+  result = run_reproduce(out, *args, "--verbosity=0")  # the trainer's log: where it resumed
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from {out / row / 'checkpoints'}/4\n" in result.stderr
+  resumed = json.loads((out / "table.json").read_text())["rows"]
+  (uninterrupted,) = [
+    r for r in json.loads((done / "table.json").read_text())["rows"] if r["preset"] == row
+  ]
+  for ours, theirs in zip(resumed[0]["runs"], uninterrupted["runs"], strict=True):
+    assert (ours["seed"], ours["final_top1"], ours["best_top1"]) == (
+      theirs["seed"],
+      theirs["final_top1"],
+      theirs["best_top1"],
+    )
+  for run in range(RUNS):
+    ours = nnx.state(lkca_jax.load_trained(out / row, run=run), nnx.Param)
+    theirs = nnx.state(lkca_jax.load_trained(done / row, run=run), nnx.Param)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_finished_row_with_other_settings_is_refused(reproduction):
