@@ -160,6 +160,8 @@ def enable_compile_cache(directory: str) -> None:
 def format_table(report: dict) -> str:
   s, rows = report["settings"], report["rows"]
   steps = next((row["steps"] for row in rows if row.get("steps")), s["steps"])
+  # Before a row finishes, an epoch budget has no step count yet (the data sets it).
+  budget = f"{steps:,} steps" if steps else f"{s['epochs']} epochs"
   how = (
     "`config.model` " + f"`{s['model']}`" + " with each mixer"
     if s["same_preset"]
@@ -171,7 +173,7 @@ def format_table(report: dict) -> str:
     f"{s['train_per_class']} training images a class, " if s["train_per_class"] else ""
   )
   lines = [
-    f"## Token mixers on {s['dataset']}: {steps} steps at batch {s['batch_size']}",
+    f"## Token mixers on {s['dataset']}: {budget} at batch {s['batch_size']}",
     "",
     f"Config `{s['config_file']}`, {how}"
     + (f", overrides {overrides}" if overrides else "")
@@ -263,7 +265,8 @@ def settings(base, same_preset: bool, size: str) -> dict:
     "model": base.model if same_preset else None,
     "model_overrides": {k: v for k, v in train.model_kwargs(base).items() if k != "mixer"},
     "batch_size": base.batch_size,
-    "steps": FLAGS.steps,
+    "steps": FLAGS.steps or (base.num_train_steps if base.num_train_steps > 0 else None),
+    "epochs": base.num_epochs,
     "config_changes": cli.config_changes(FLAGS["config"], STATED),
   }
 

@@ -235,6 +235,13 @@ def test_table_cells_for_known_per_seed_values():
   assert "| mhsa | vit_1m | 50.00 | 55.00 | 56,789 | 12.35M | 50 | 1/3 |" in table
   assert "- failed: mhsa seed 1: loss is nan at step 3" in table
   assert "- failed: mhsa seed 2: loss is nan at step 5" in table
+  assert table.startswith("## Token mixers on digits: 20 steps at batch 32\n")
+  # Stopped before any row finished, under the config's epoch budget: no step count yet.
+  stopped = {
+    "settings": {**report["settings"], "steps": None, "epochs": 9},
+    "rows": [{**rows[0], "runs": [], **experiment.statistics([])}],
+  }
+  assert compare.format_table(stopped).startswith("## Token mixers on digits: 9 epochs at batch")
 
 
 # --- the command, end to end -------------------------------------------------------
