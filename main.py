@@ -73,10 +73,27 @@ def define_flags() -> None:
   )
 
 
+# Flags read only beside another: given without it, they would be dropped unseen.
+MULTIHOST_FLAGS = ("coordinator", "num_processes", "process_id", "log_all_processes")
+
+
+def check_flag_pairs() -> None:
+  if FLAGS.checkpoint is not None and FLAGS.mode != "eval":
+    cli.fail(
+      "--checkpoint is read only with --mode eval; to train from another run's weights pass "
+      "--config.init_from=WORKDIR, to resume a run give its --workdir"
+    )
+  if not FLAGS.multihost:
+    for name in MULTIHOST_FLAGS:
+      if FLAGS[name].present and FLAGS[name].value is not False:  # --process_id=0 too
+        cli.fail(f"--{name} is read only with --multihost (one process per host); add it")
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
   from lkca_jax import distributed
 
+  check_flag_pairs()
   cli.use_compilation_cache(FLAGS.compilation_cache)  # before anything compiles
 
   if FLAGS.multihost:

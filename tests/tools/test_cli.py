@@ -33,6 +33,24 @@ CASES = [
     "could not load the --config file (configs/workdir.py reads a run's config: pass "
     "configs/workdir.py:WORKDIR)",
   ),
+  # Flags read only beside another: refused alone, not dropped (the run would train).
+  (
+    ["--config", "configs/digits.py", "--checkpoint", "configs"],
+    "--checkpoint is read only with --mode eval; to train from another run's weights pass "
+    "--config.init_from=WORKDIR",
+  ),
+  (
+    ["--config", "configs/digits.py", "--coordinator", "localhost:1234"],
+    "--coordinator is read only with --multihost (one process per host); add it",
+  ),
+  (
+    ["--config", "configs/digits.py", "--process_id=0", "--nolog_all_processes"],
+    "--process_id is read only with --multihost",
+  ),
+  (
+    ["--config", "configs/digits.py", "--log_all_processes"],
+    "--log_all_processes is read only with --multihost",
+  ),
   (
     ["--config", "configs/workdir.py:configs"],
     "could not load the --config file (configs is not a training workdir (no config.json))",
