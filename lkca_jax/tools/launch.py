@@ -7,7 +7,8 @@ Starts the command once per process with JAX_COORDINATOR_ADDRESS (a free port
 on 127.0.0.1), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, and each process on
 `--devices_per_process` virtual CPU devices. The command is what follows `--`
 (or the first argument that is not a flag: its own flags are not the
-launcher's). Output lines are prefixed with `[pN]`. SIGTERM/SIGINT are
+launcher's); main.py without --multihost is refused, since each process would then
+train alone in the one workdir. Output lines are prefixed with `[pN]`. SIGTERM/SIGINT are
 forwarded to every process (a second one kills them). If a process fails, the
 others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the
 launcher exits non-zero, with one line naming the process that failed first.
@@ -178,6 +179,9 @@ def main(argv) -> int:
   command = argv[1:]  # after --, or from the first argument that is not a flag
   if not command:
     cli.fail("no command; pass it after --, e.g. -- main.py --multihost --config ...")
+  # Without --multihost each process would train alone, all in one workdir.
+  if os.path.basename(command[0]) == "main.py" and "--multihost" not in command[1:]:
+    cli.fail("main.py joins the job only with --multihost; add it to the command")
   return launch(
     command,
     processes=FLAGS.processes,

@@ -1,11 +1,15 @@
 """The launcher's bookkeeping with real child processes: which failure it names, and
 that a process that ignores SIGTERM is killed once the grace period is over."""
 
+import os
+import subprocess
 import sys
 import textwrap
 import time
 
 from lkca_jax.tools import launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Process 1 fails at once; process 0 fails right after it, once process 1 has exited (a
 # zombie in /proc): as a peer does whose collective broke. The launcher must name process 1.
@@ -63,3 +67,19 @@ def test_a_peer_that_ignores_sigterm_is_killed_after_the_grace_period(capsys):
   assert time.monotonic() - began < 30  # not the 60 s process 0 would have slept
   err = capsys.readouterr().err
   assert err.splitlines()[-1] == "launch: process 1 of 2 failed (exit code 5); stopped the others"
+
+
+def test_main_py_without_multihost_is_refused_before_any_process_starts(tmp_path):
+  # Each process would train alone in the one workdir; the second would find it in use.
+  command = ["main.py", "--config", "configs/digits.py", f"--workdir={tmp_path / 'run'}"]
+  result = subprocess.run(
+    [sys.executable, "-m", "lkca_jax.tools.launch", "--", *command],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert lines == ["error: main.py joins the job only with --multihost; add it to the command"]
+  assert not (tmp_path / "run").exists()
