@@ -17,18 +17,21 @@ For each model (a preset, all seeds side by side in one process, `config.num_run
 
 The patch size stays --patch_size, so the grid grows from low/p to high/p. Each stage trains
 in DIR/<model>/<stage>; a stage whose summary.json exists is read back, not trained again
-(rerun the same command to finish an interrupted experiment). The Markdown table (top-1 in %,
-mean ± sample std over the seeds, ddof 1) and its values (JSON, same name) are written after
-every stage; its header names the config file and every other key set on the command line
-that changes the training (`cli.config_changes`). Compiled programs are kept in
-DIR/jax_cache (as `compare` does). Bad input is one `error:` line and exit code 2 before any
-training.
+(rerun the same command to finish an interrupted experiment: a stage stopped by SIGTERM or
+Ctrl-C ends the command with one line, exit code 1, and resumes from its checkpoint). A seed
+that died is left out of its cell's mean, which counts the seeds that finished. The
+Markdown table (top-1 in %, mean ± sample std over the seeds, ddof 1) and its values (JSON,
+same name) are written after every stage; its header names the config file and every other
+key set on the command line that changes the training (`cli.config_changes`). Compiled
+programs are kept in DIR/jax_cache (as `compare` does). Bad input is one `error:` line and
+exit code 2 before any training.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -109,6 +112,8 @@ def top1s(result: dict) -> list[float]:
 
 
 def train_stage(config, workdir: str) -> dict:
+  """The stage's summary: read back where it finished, else trained (or resumed) now.
+  Raises experiment.Stopped where a signal stopped it."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   summary_path = os.path.join(workdir, "summary.json")
@@ -117,7 +122,13 @@ def train_stage(config, workdir: str) -> dict:
       summary = json.load(f)
     if summary["step"] == summary["total_steps"]:
       return summary
-  return train.train_and_evaluate(config, workdir)
+  summary = train.train_and_evaluate(config, workdir)
+  if summary["stopped_by"]:
+    raise experiment.Stopped(
+      f"stopped by {summary['stopped_by']} at step {summary['step']} of {workdir}; the "
+      f"stages before it are in {FLAGS.out}; run the same command to resume"
+    )
+  return summary
 
 
 def evaluate_moved(config, workdir: str) -> dict:
@@ -134,20 +145,27 @@ def evaluate_moved(config, workdir: str) -> dict:
   return result
 
 
-def cell(values: list[float] | None) -> str:
+def cell(values: list[float | None] | None) -> str:
+  """Mean ± sample std in %; "…" for a stage not run yet; a seed that died (None) is left
+  out, and the count of those that finished is given."""
   from lkca_jax import runs  # pylint: disable=import-outside-toplevel
 
   if not values:
     return "…"
-  mean, std = runs.mean_std(values)
-  return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+  finished = [v for v in values if v is not None]
+  if not finished:
+    return f"– (0/{len(values)})"
+  mean, std = runs.mean_std(finished)
+  text = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+  return text if len(finished) == len(values) else f"{text} ({len(finished)}/{len(values)})"
 
 
 def render(report: dict) -> str:
   s = report["settings"]
   low, high = s["low"], s["high"]
   lines = [
-    f"{s['dataset']}, first {s['classes']} classes; patch {s['patch_size']}: "
+    f"{s['dataset']}{f', first {c} classes' if (c := s['classes']) else ''}; "
+    f"patch {s['patch_size']}: "
     f"{low}×{low} px ({low // s['patch_size']}² grid) → {high}×{high} px "
     f"({high // s['patch_size']}² grid). Top-1 % on the validation split, mean ± std over "
     f"{s['seeds']} seeds. Steps: {s['low_steps']} at {low}, {s['finetune_steps']} fine-tuning "
@@ -219,6 +237,10 @@ def main(argv):
   out = str(cli.output_file(FLAGS.out, "--out"))
   if FLAGS.seeds < 1 or FLAGS.low_steps < 1 or FLAGS.finetune_steps < 1:
     cli.fail("--seeds, --low_steps and --finetune_steps must be >= 1")
+  try:
+    experiment.check_once(FLAGS.models, "--models", "model")
+  except experiment.UsageError as e:
+    cli.fail(str(e))
   if FLAGS.low % FLAGS.patch_size or FLAGS.high % FLAGS.patch_size:
     cli.fail(f"--patch_size {FLAGS.patch_size} must divide --low and --high")
   try:
@@ -250,7 +272,11 @@ def main(argv):
       run_model(base, model, report, out)
   except train.REPORTED_ERRORS as e:  # the data or a workdir, found when a stage starts
     cli.fail_training(e)
+  except experiment.Stopped as e:
+    print(e, file=sys.stderr)
+    return 1
   print(render(report))
+  return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""lkca_jax.tools.resolution_transfer: which rows a model gets and how the table reads.
+"""lkca_jax.tools.resolution_transfer: which rows a model gets, how the table reads, and a
+stage stopped by a signal then resumed.
 
-The whole experiment (seven trainings) is run by hand (docs/results.md, "Across
+The whole experiment at its real sizes is run by hand (docs/results.md, "Across
 resolutions"); every stage it calls is tested on its own (tests/test_main.py: init_from in
 training and evaluation; tests/test_resolution.py: the moves)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -55,9 +57,35 @@ def test_the_table_gives_mean_and_sample_std_in_percent_and_marks_missing_stages
   assert "| vit_1m | - | 25.00 | … | … | … |" in lines
 
 
+def test_a_seed_that_died_is_left_out_of_its_cell_and_counted():
+  rows = [
+    {"model": "lkca_t", "kernels": "pad", "low": [0.5, None, 0.7], "moved": [None, None, None]}
+  ]
+  table = tool.render({"settings": {**SETTINGS, "classes": 0}, "rows": rows})
+  lines = table.splitlines()
+  # mean 60.00, sample std of 50 and 70 = 14.14, over the 2 of 3 seeds that finished
+  assert "| lkca_t | pad | 60.00 ± 14.14 (2/3) | – (0/3) | … | … |" in lines
+  assert lines[0].startswith("tiny_imagenet; patch 8: ")  # every class: no subset named
+
+
 def test_top1s_reads_training_summaries_and_evaluations():
   assert tool.top1s({"runs": [{"final_top1": 0.5, "top1": 0.1}]}) == [0.5]
   assert tool.top1s({"runs": [{"top1": 0.25}, {"top1": 0.75}]}) == [0.25, 0.75]
+
+
+def test_a_model_named_twice_is_one_line_and_exit_2(tmp_path):
+  command = [
+    sys.executable,
+    "-m",
+    "lkca_jax.tools.resolution_transfer",
+    "--config=configs/digits.py",
+  ]
+  command += ["--models=lkca_t,vit_1m,lkca_t", f"--workdir={tmp_path}", f"--out={tmp_path}/t.md"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines() == [
+    "error: --models lkca_t,vit_1m,lkca_t names a model twice; list each once"
+  ]
 
 
 def test_a_stage_workdir_that_is_a_file_is_one_line_and_exit_2(tmp_path):
@@ -105,3 +133,68 @@ def test_a_stage_from_scratch_warms_up_for_the_recipes_share_and_a_fine_tuning_n
   assert tuned.optimizer.warmup_fraction is None and tuned.optimizer.warmup_epochs == 0
   assert float(schedules.learning_rate(tuned, 468, 100)(0)) == pytest.approx(5e-4)
   assert base.optimizer.warmup_fraction is None and base.num_runs == 1
+
+
+# The command run with a thread that sends SIGTERM once the first stage's training loop
+# listens for it (its handler installed): the stop lands mid-stage however fast the machine.
+STOP_IN_FIRST_STAGE = """
+import runpy, os, signal, sys, threading, time
+from lkca_jax import train
+
+def listening():
+  return isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None), train.StopSignal)
+
+def stop_once_listening():
+  while not listening():
+    time.sleep(0.001)
+  os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=stop_once_listening, daemon=True).start()
+sys.argv = ["resolution_transfer", *sys.argv[1:]]
+runpy.run_module("lkca_jax.tools.resolution_transfer", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_stopped_by_sigterm_is_one_line_and_the_same_command_resumes_it(tmp_path):
+  workdir, out = tmp_path / "workdir", tmp_path / "transfer.md"
+  args = [
+    "--config=configs/digits.py",
+    "--config.model_overrides.dim=16",
+    "--config.model_overrides.depth=1",
+    "--config.model_overrides.num_heads=2",
+    "--config.batch_size=16",
+    "--config.num_devices=1",
+    "--low=8",
+    "--high=16",
+    "--patch_size=2",
+    "--models=vit_1m",
+    "--seeds=1",
+    "--low_steps=100",
+    "--finetune_steps=2",
+    f"--workdir={workdir}",
+    f"--out={out}",
+  ]
+  stopped = subprocess.run(
+    [sys.executable, "-c", STOP_IN_FIRST_STAGE, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  low = workdir / "vit_1m" / "low"
+  lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+  assert stopped.returncode == 1, stopped.stderr[-3000:]
+  assert "Traceback" not in stopped.stderr
+  step = json.loads((low / "summary.json").read_text())["step"]
+  assert 1 <= step < 100
+  assert lines[-1] == (
+    f"stopped by SIGTERM at step {step} of {low}; the stages before it are in {out}; run the "
+    "same command to resume"
+  )
+  command = [sys.executable, "-m", "lkca_jax.tools.resolution_transfer", *args, "--verbosity=0"]
+  resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from {low / 'checkpoints'}/{step}\n" in resumed.stderr
+  (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+  assert all(len(row[stage]) == 1 for stage in ("low", "moved", "finetune", "scratch"))
