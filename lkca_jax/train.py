@@ -152,6 +152,7 @@ class Run:
     try:
       pipeline_lib.augment_config(config)
       pipeline_lib.check_epoch(config.repeats, config.epoch_order, config.epoch_length)
+      pipeline_lib.check_placement(config, spec)
       schedules.check_schedule(config.optimizer)
       mesh = pipeline_lib.make_mesh(config.num_devices)
       pipeline_lib.check_global_batch(config.batch_size, mesh.devices.size, config.microbatches)

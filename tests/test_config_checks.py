@@ -154,6 +154,11 @@ REJECTED = [
   (["--config.batch_size=64", "--config.microbatches=3"], "microbatches=3 does not divide"),
   (["--config.epoch_length=images"], 'epoch_length="images" with epoch_order="independent"'),
   (["--config.mixing.groups=3"], "mixing.groups=3 does not divide the batch of 64"),
+  (["--config.dataset.placement=stream"], "dataset digits is not a TFDS dataset and has no files"),
+  (
+    ["--config.dataset.stream_crop=random_resized"],
+    "dataset digits is not a TFDS dataset and loads whole, but dataset.stream_crop=",
+  ),
   (
     ["--config.optimizer.schedule=deit_epochs", "--config.optimizer.warmup_epochs=0.5"],
     "warms up for whole epochs",

@@ -154,6 +154,26 @@ def augment_config(config) -> augment_lib.AugmentConfig:
   )
 
 
+def check_placement(config, spec: sources.DatasetSpec) -> str | None:
+  """ValueError where the config's placement or host crop cannot be had for `spec`'s
+  dataset (checked before anything is built); else why it can only be streamed, or None."""
+  from lkca_jax.data import stream  # pylint: disable=import-outside-toplevel
+
+  placement, stream_only = config.dataset.placement, stream.why_stream(config, spec)
+  if spec.tfds_name is None and placement == "stream":
+    raise ValueError(
+      f"dataset {spec.name} is not a TFDS dataset and has no files to stream: set "
+      "--config.dataset.placement to auto, device or host"
+    )
+  if spec.tfds_name is None and stream_only:
+    raise ValueError(
+      f"dataset {spec.name} is not a TFDS dataset and loads whole, but {stream_only}: "
+      "leave that key at its default for this dataset"
+    )
+  _check_stream_only(placement, stream_only)
+  return stream_only
+
+
 def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -> Pipeline:
   """Loads `spec`'s splits as the run config says (subsets, placement) into a Pipeline.
 
@@ -165,12 +185,8 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
   """
   data = config.dataset
   kwargs = dict(data_dir=data.data_dir, manual_dir=data.manual_dir, download=data.download)
+  stream_only = check_placement(config, spec)
   placement = data.placement
-  if spec.tfds_name is None and placement == "stream":
-    raise ValueError(
-      f"dataset {spec.name} is not a TFDS dataset and has no files to stream: set "
-      "--config.dataset.placement to auto, device or host"
-    )
   if spec.tfds_name is not None:
     from lkca_jax.data import stream  # pylint: disable=import-outside-toplevel
 
@@ -178,9 +194,7 @@ def from_config(config, spec: sources.DatasetSpec, mesh: Mesh, key: jax.Array) -
       s: sources.split_files(spec.name, s, **kwargs) for s in (spec.train_split, spec.eval_split)
     }
     placement = choose_placement(
-      placement,
-      stream.decoded_bytes(config, spec, files),
-      stream_only=stream.why_stream(config, spec),
+      placement, stream.decoded_bytes(config, spec, files), stream_only=stream_only
     )
     if placement == "stream":
       return stream.from_config(config, spec, mesh, key, files)
@@ -251,6 +265,14 @@ def host_memory_bytes() -> int | None:
     return None
 
 
+def _check_stream_only(placement: str, stream_only: str | None) -> None:
+  if stream_only and placement in ("device", "host"):
+    raise ValueError(
+      f"dataset.placement={placement!r} loads whole splits, but {stream_only}: "
+      "set --config.dataset.placement=stream (or auto)"
+    )
+
+
 def choose_placement(
   placement: str, nbytes: int, *, stream_only: str | None = None, streamable: bool = True
 ) -> str:
@@ -274,11 +296,7 @@ def choose_placement(
       )
     chosen = choose_placement(placement, nbytes)
     return "host" if chosen == "stream" else chosen
-  if stream_only and placement in ("device", "host"):
-    raise ValueError(
-      f"dataset.placement={placement!r} loads whole splits, but {stream_only}: "
-      "set --config.dataset.placement=stream (or auto)"
-    )
+  _check_stream_only(placement, stream_only)
   if placement != "auto":
     return placement
   if stream_only:

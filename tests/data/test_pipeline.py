@@ -191,6 +191,7 @@ def test_from_config_passes_the_epoch_order(monkeypatch):
         "num_classes": 10,
         "tfds_name": None,  # read by a loader: placed whole
         "image_size": (2, 2),
+        "channels": 3,
       },
     )()
     config.epoch_length = pipeline_lib.EPOCH_LENGTHS[i % 2]
