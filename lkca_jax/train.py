@@ -175,9 +175,12 @@ class Run:
 
   def load_data(self, key) -> pipeline_lib.Pipeline:
     t0 = time.time()
-    try:  # a download that cannot happen is the user's to fix, as an unprepared dataset is
+    # A download that cannot happen is the user's to fix, as an unprepared dataset is; so is
+    # a config that the loaded data cannot take (a batch larger than a small subset's epoch):
+    # the library says so with ValueError, as Run.prepare's checks do.
+    try:
       pipeline = pipeline_lib.from_config(self.config, self.spec, self.mesh, key)
-    except data_lib.DatasetUnavailableError as e:
+    except ValueError as e:  # DatasetUnavailableError and DamagedDatasetError among them
       raise ConfigError(str(e)) from None
     logging.info(
       "data: %d train / %d test images of %s on %s in %.1fs",

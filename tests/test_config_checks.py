@@ -198,6 +198,19 @@ def test_bad_values_exit_2_with_one_error_line_and_write_nothing(tmp_path):
     assert not (tmp_path / str(i)).exists(), (args, os.listdir(tmp_path / str(i)))
 
 
+@pytest.mark.slow
+def test_a_batch_the_loaded_subset_cannot_fill_is_one_error_line_before_compiling(tmp_path):
+  # Known once the data is in: 2 images a class of 10, 3 repeats, make 60 samples an epoch.
+  args = ["--config.dataset.train_per_class=2", "--config.batch_size=64", "--config.num_devices=1"]
+  line = _error_line(_main(args, tmp_path), args)
+  assert line == (
+    "error: an epoch of 60 samples (20 training images, epoch_length='repeats', repeats=3) "
+    "makes no full batch of 64; lower --config.batch_size"
+  )
+  assert [p.name for p in tmp_path.iterdir()] == ["lock"]  # no config.json, no checkpoint
+  assert (tmp_path / "lock").read_text() == ""  # released
+
+
 # ml_collections loads a config file with the loader's load_module, deprecated in Python 3.11.
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 def test_the_imagenet_learning_rate_follows_the_batch_size_given_as_a_flag():
