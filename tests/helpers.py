@@ -66,6 +66,29 @@ def run_python(code: str, *, unset=(), **env) -> str:
   return result.stdout
 
 
+HOLD = str(ROOT / "tests" / "hold.py")  # a program held at one of the trainer's events
+
+
+def start_held(hold: str, command: list, **popen) -> tuple[subprocess.Popen, str]:
+  """Starts `command` (an interpreter, then main.py or -m MODULE and their arguments) held at
+  `hold` ("eval:STEP" or "save:STEP", tests/hold.py); returns the process once it says it
+  is held, with the stderr it wrote until then."""
+  proc = subprocess.Popen(
+    [command[0], HOLD, hold, *command[1:]],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **popen,
+  )
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if line.startswith(f"holding at {hold}"):
+      return proc, "".join(seen)
+  pytest.fail("the run never reached the hold:\n" + "".join(seen[-40:]))
+
+
 def built_once(tmp_path_factory, name: str, build):
   """`build(directory)`'s result, built once in the test session however many workers run.
 

@@ -17,12 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import FAST_COMPILE, FAST_STEPS
-from tests.helpers import built_once
+from tests.helpers import built_once, start_held
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD = os.path.join(ROOT, "tests", "hold.py")  # main.py held at one moment until a signal
 STEPS = 150
 # A small model that still learns visibly in 150 steps (no mixing, higher learning rate).
 TINY = [
@@ -209,21 +208,7 @@ def test_eval_mode_reproduces_the_final_accuracy(uninterrupted):
 def start_and_hold(workdir, extra, hold):
   """Starts main.py held at `hold` (through tests/hold.py) and returns the process once
   it says it is held, with the stderr it wrote until then."""
-  cmd = main_cmd(workdir, *extra)
-  proc = subprocess.Popen(
-    [cmd[0], HOLD, hold, *cmd[1:]],
-    cwd=ROOT,
-    env=main_env(),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if line.startswith(f"holding at {hold}"):
-      return proc, "".join(seen)
-  pytest.fail("the run never reached the hold:\n" + "".join(seen[-40:]))
+  return start_held(hold, main_cmd(workdir, *extra), env=main_env())
 
 
 def interrupt_twice_then_finish(workdir, extra, checkpoints):

@@ -380,7 +380,8 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameter
 ):
   """Also: a streamed main.py run trains with TensorFlow never imported (its uninterrupted run
   goes through tests/test_no_tensorflow.py's wrapper)."""
-  from tests.test_main import HOLD, ROOT, assert_same_params, final_params
+  from tests.helpers import HOLD
+  from tests.test_main import ROOT, assert_same_params, final_params
   from tests.test_multiprocess import train_losses
   from tests.test_no_tensorflow import WRAPPER
 

@@ -16,7 +16,7 @@ from lkca_jax import paper
 from lkca_jax.tools import _experiment as experiment
 from lkca_jax.tools import reproduce
 from tests.data.test_offline_archives import closed_port, proxy_env
-from tests.helpers import built_once, cpu_model_name
+from tests.helpers import built_once, cpu_model_name, start_held
 
 pytestmark = pytest.mark.slow  # trains or starts processes: make test, not make check
 
@@ -186,9 +186,6 @@ def test_a_second_invocation_skips_finished_rows(reproduction):
   assert json.loads((out / "table.json").read_text())["rows"] == table_before
 
 
-HOLD = os.path.join(ROOT, "tests", "hold.py")  # a run held at one moment until a signal
-
-
 def test_a_row_stopped_mid_training_resumes_to_the_uninterrupted_rows_values(
   reproduction, tmp_path
 ):
@@ -198,24 +195,11 @@ def test_a_row_stopped_mid_training_resumes_to_the_uninterrupted_rows_values(
   done, _ = reproduction
   row, out = ROWS[0], tmp_path / "out"
   args = [f"--rows={row}", f"--steps={STEPS}", f"--runs={RUNS}", *TINY]
-  command = [sys.executable, HOLD, "eval:3", "-m", "lkca_jax.tools.reproduce", "--table=cifar10"]
-  proc = subprocess.Popen(
-    [*command, f"--out={out}", *args],
-    cwd=ROOT,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if line.startswith("holding at eval:3"):
-      break
-  else:
-    pytest.fail("reproduce never reached the hold:\n" + "".join(seen[-40:]))
+  command = [sys.executable, "-m", "lkca_jax.tools.reproduce", "--table=cifar10"]
+  proc, seen = start_held("eval:3", [*command, f"--out={out}", *args])
   proc.send_signal(signal.SIGTERM)
   _, rest = proc.communicate(timeout=300)
-  lines = [line for line in ("".join(seen) + rest).splitlines() if line.strip()]
+  lines = [line for line in (seen + rest).splitlines() if line.strip()]
   assert proc.returncode == 1, lines[-20:]
   assert lines[-1] == (
     f"stopped by SIGTERM during {row} ({out / row}); run the same command to resume"
