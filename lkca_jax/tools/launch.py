@@ -180,7 +180,8 @@ def main(argv) -> int:
   if not command:
     cli.fail("no command; pass it after --, e.g. -- main.py --multihost --config ...")
   # Without --multihost each process would train alone, all in one workdir.
-  if os.path.basename(command[0]) == "main.py" and "--multihost" not in command[1:]:
+  script = next((a for a in command if a.endswith(".py")), None)  # main.py, or python main.py
+  if script and os.path.basename(script) == "main.py" and "--multihost" not in command:
     cli.fail("main.py joins the job only with --multihost; add it to the command")
   return launch(
     command,

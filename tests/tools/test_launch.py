@@ -7,6 +7,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from lkca_jax.tools import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,9 +71,10 @@ def test_a_peer_that_ignores_sigterm_is_killed_after_the_grace_period(capsys):
   assert err.splitlines()[-1] == "launch: process 1 of 2 failed (exit code 5); stopped the others"
 
 
-def test_main_py_without_multihost_is_refused_before_any_process_starts(tmp_path):
+@pytest.mark.parametrize("interpreter", [[], [sys.executable]], ids=["main.py", "python main.py"])
+def test_main_py_without_multihost_is_refused_before_any_process_starts(tmp_path, interpreter):
   # Each process would train alone in the one workdir; the second would find it in use.
-  command = ["main.py", "--config", "configs/digits.py", f"--workdir={tmp_path / 'run'}"]
+  command = [*interpreter, "main.py", "--config", "configs/digits.py", f"--workdir={tmp_path}/r"]
   result = subprocess.run(
     [sys.executable, "-m", "lkca_jax.tools.launch", "--", *command],
     cwd=ROOT,
@@ -82,4 +85,4 @@ def test_main_py_without_multihost_is_refused_before_any_process_starts(tmp_path
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert result.returncode == 2, result.stderr[-2000:]
   assert lines == ["error: main.py joins the job only with --multihost; add it to the command"]
-  assert not (tmp_path / "run").exists()
+  assert not (tmp_path / "r").exists()
