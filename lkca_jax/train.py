@@ -194,7 +194,12 @@ class Run:
 
 
 class StopSignal:
-  """Turns SIGTERM/SIGINT into a flag (`received`, the signal's name) checked between steps."""
+  """Turns SIGTERM/SIGINT into a flag (`received`, the signal's name) checked between steps.
+
+  One object may be entered for several trainings in turn (an experiment's rows): it keeps
+  `received`, so a signal that lands after a training's last check (in its last step) still
+  tells the caller to stop before the next one.
+  """
 
   def __init__(self):
     self.received = None
@@ -783,18 +788,21 @@ def train_and_evaluate(
   *,
   run: Run | None = None,
   on_event: EventHook = _no_event,
+  stop: StopSignal | None = None,
 ) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the summary.
 
   With `num_runs` > 1 or a `sweep`, trains all runs side by side in one
-  program (README, "Many runs in one process"). Raises WorkdirError if `workdir` cannot
-  be used or another run holds it.
+  program (README, "Many runs in one process"). SIGTERM or SIGINT while it trains stops it
+  at the next step with a checkpoint (the summary's `stopped_by`); a caller that trains
+  several times passes one `stop` to all, to see a signal that came in a last step. Raises
+  WorkdirError if `workdir` cannot be used or another run holds it.
   """
   run = run or Run.prepare(config, checkpoints=epath.Path(workdir) / "checkpoints")
   workdir = workdir_lib.prepare(workdir)  # local paths and gs:// alike
   with held_by_this_job(workdir):
     run_files.check_resumes_its_own_run(workdir, config)
-    return _train_in(workdir, config, run, on_event)
+    return _train_in(workdir, config, run, on_event, stop or StopSignal())
 
 
 @contextlib.contextmanager
@@ -816,7 +824,7 @@ def held_by_this_job(workdir):
     yield
 
 
-def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dict:
+def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook, stop: StopSignal) -> dict:
   from clu import periodic_actions  # TF-free: lkca_jax.metric_writer is imported first
 
   t = build_training(run, config)
@@ -846,7 +854,7 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook) -> dic
     _TrainClock(config.batch_size * t.num_runs),
   )
   wall_start = time.time()
-  with StopSignal() as stop:
+  with stop:
     loop = run_loop(loop, t, config, out, stop, on_event)
   t.pipeline.close()  # a streaming pipeline's reader threads or worker processes
   with writing("a checkpoint", checkpoints):

@@ -209,12 +209,13 @@ def run(experiment: Experiment) -> int:
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   experiment.settings.update(argv=sys.argv, std_ddof=1, started=time.strftime("%F %T"))
+  stop = train.StopSignal()  # one for every row: it keeps a signal that came in a last step
   for index, row in enumerate(experiment.rows, start=1):
     if row.done:
       print(f"skipped {row.name}: finished ({experiment.path(row)}/{ROW_FILE})", flush=True)
       continue
     try:
-      row.values.update(train_row(experiment, row))
+      row.values.update(train_row(experiment, row, stop))
     except Stopped as e:
       experiment.write()
       print(str(e), file=sys.stderr)
@@ -226,6 +227,9 @@ def run(experiment: Experiment) -> int:
       cli.write_json(os.path.join(experiment.path(row), ROW_FILE), row.values)
     experiment.write()
     print(f"[{index}/{len(experiment.rows)}] {progress(row.values)}", flush=True)
+    if stop.received and not all(r.done for r in experiment.rows[index:]):
+      print(stopped_message(experiment, row, stop.received, finished=True), file=sys.stderr)
+      return 1
   experiment.settings["finished"] = time.strftime("%F %T")
   experiment.write()
   print(experiment.render(experiment.report()))
@@ -233,30 +237,34 @@ def run(experiment: Experiment) -> int:
   return 1 if failures(experiment.report()) else 0
 
 
-def stopped_message(experiment: Experiment, row: Row, signal_name: str) -> str:
-  """What a stop by `signal_name` while `row` trained leaves, and how to go on."""
-  before = [r.name for r in experiment.rows[: experiment.rows.index(row)]]
+def stopped_message(experiment: Experiment, row: Row, signal_name: str, finished=False) -> str:
+  """What a stop by `signal_name` while `row` trained (or, `finished`, in its last step)
+  leaves, and how to go on."""
+  kept = [r.name for r in experiment.rows[: experiment.rows.index(row) + finished]]
   if experiment.resume:
     again = "run the same command to resume"
-  elif before:
+  elif kept:
+    which = "up to" if finished else "before"
     again = (
-      f"the rows before it ({', '.join(before)}) are in {experiment.table}; rerun with "
+      f"the rows {which} it ({', '.join(kept)}) are in {experiment.table}; rerun with "
       "--overwrite to start over"
     )
   else:
     again = "no row finished; rerun with --overwrite to start over"
-  return f"stopped by {signal_name} during {row.name} ({experiment.path(row)}); {again}"
+  when = f"after {row.name} finished" if finished else f"during {row.name}"
+  return f"stopped by {signal_name} {when} ({experiment.path(row)}); {again}"
 
 
-def train_row(experiment: Experiment, row: Row) -> dict:
-  """Trains `row`'s seeds (or reads back a training that finished); returns its values."""
+def train_row(experiment: Experiment, row: Row, stop) -> dict:
+  """Trains `row`'s seeds (or reads back a training that finished); returns its values.
+  `stop`: the experiment's train.StopSignal, shared by its rows."""
   from lkca_jax import run_files, train  # pylint: disable=import-outside-toplevel
 
   path = experiment.path(row)
   summary = run_files.finished_summary(path) if experiment.resume else None
   if summary is None:
     try:
-      summary = train.train_and_evaluate(row.config, path, run=row.run)
+      summary = train.train_and_evaluate(row.config, path, run=row.run, stop=stop)
     except train.NonFiniteLossError as e:  # every seed died
       seeds = range(row.config.seed, row.config.seed + row.config.num_runs)
       return {"runs": [{"seed": s, "error": str(e)} for s in seeds], **statistics([])}

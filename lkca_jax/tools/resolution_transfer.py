@@ -111,9 +111,10 @@ def top1s(result: dict) -> list[float]:
   return [r["top1"] for r in result["runs"]]
 
 
-def train_stage(config, workdir: str) -> dict:
+def train_stage(config, workdir: str, stop) -> dict:
   """The stage's summary: read back where it finished, else trained (or resumed) now.
-  Raises experiment.Stopped where a signal stopped it."""
+  Raises experiment.Stopped where a signal stopped it; `stop` is the command's
+  train.StopSignal, shared by its stages."""
   from lkca_jax import train  # pylint: disable=import-outside-toplevel
 
   summary_path = os.path.join(workdir, "summary.json")
@@ -122,7 +123,7 @@ def train_stage(config, workdir: str) -> dict:
       summary = json.load(f)
     if summary["step"] == summary["total_steps"]:
       return summary
-  summary = train.train_and_evaluate(config, workdir)
+  summary = train.train_and_evaluate(config, workdir, stop=stop)
   if summary["stopped_by"]:
     raise experiment.Stopped(
       f"stopped by {summary['stopped_by']} at step {summary['step']} of {workdir}; the "
@@ -197,15 +198,16 @@ def write(report: dict, out: str) -> None:
   cli.write_json(os.path.splitext(out)[0] + ".json", report)
 
 
-def run_model(base, model: str, report: dict, out: str) -> None:
-  """The four stages of one model, its rows of `report` filled in (and written) as they end."""
+def run_model(base, model: str, report: dict, out: str, stop) -> None:
+  """The four stages of one model, its rows of `report` filled in (and written) as they end.
+  `stop`: the command's train.StopSignal, shared by the stages it trains."""
   root = os.path.join(FLAGS.workdir, model)
   low_dir = os.path.join(root, "low")
   rows = [r for r in report["rows"] if r["model"] == model]
-  low = top1s(train_stage(stage_config(base, model, FLAGS.low, FLAGS.low_steps), low_dir))
+  low = top1s(train_stage(stage_config(base, model, FLAGS.low, FLAGS.low_steps), low_dir, stop))
   for row in rows:
     row["low"] = low
-  write(report, out)
+  write_trained(report, out, low_dir, stop)
   for row in rows:
     kernels = "pad" if row["kernels"] == "-" else row["kernels"]
     moved = stage_config(base, model, FLAGS.high, 1, init_from=low_dir, kernels=kernels)
@@ -216,15 +218,27 @@ def run_model(base, model: str, report: dict, out: str) -> None:
     config = stage_config(
       base, model, FLAGS.high, FLAGS.finetune_steps, init_from=low_dir, kernels=kernels
     )
-    row["finetune"] = top1s(train_stage(config, os.path.join(root, f"finetune_{kernels}")))
-    write(report, out)
+    workdir = os.path.join(root, f"finetune_{kernels}")
+    row["finetune"] = top1s(train_stage(config, workdir, stop))
+    write_trained(report, out, workdir, stop)
   total = FLAGS.low_steps + FLAGS.finetune_steps
-  scratch = top1s(
-    train_stage(stage_config(base, model, FLAGS.high, total), os.path.join(root, "scratch"))
-  )
+  workdir = os.path.join(root, "scratch")
+  scratch = top1s(train_stage(stage_config(base, model, FLAGS.high, total), workdir, stop))
   for row in rows:
     row["scratch"] = scratch
+  write_trained(report, out, workdir, stop)
+
+
+def write_trained(report: dict, out: str, workdir: str, stop) -> None:
+  """Writes `report` after the stage in `workdir` finished; then raises experiment.Stopped
+  where a signal came too late in that stage's last step to stop it and stages are left."""
   write(report, out)
+  last = os.path.join(FLAGS.workdir, FLAGS.models[-1], "scratch")
+  if stop.received and workdir != last:
+    raise experiment.Stopped(
+      f"stopped by {stop.received} after {workdir} finished; it and the stages before it "
+      f"are in {out}; run the same command to resume"
+    )
 
 
 def main(argv):
@@ -267,9 +281,10 @@ def main(argv):
   rows = [{"model": m, "kernels": k} for m in FLAGS.models for k in kernel_moves(m)]
   report = {"settings": settings, "rows": rows}
   enable_compile_cache(os.path.join(FLAGS.workdir, "jax_cache"))  # the two fine-tunings: one
+  stop = train.StopSignal()  # one for every stage: it keeps a signal that came in a last step
   try:
     for model in FLAGS.models:
-      run_model(base, model, report, out)
+      run_model(base, model, report, out, stop)
   except train.REPORTED_ERRORS as e:  # the data or a workdir, found when a stage starts
     cli.fail_training(e)
   except experiment.Stopped as e:

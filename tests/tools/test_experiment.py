@@ -206,3 +206,11 @@ def test_a_stop_names_what_is_kept_and_how_to_go_on(tmp_path):
   assert experiment.stopped_message(resumable, rows[1], "SIGTERM") == (
     f"stopped by SIGTERM during lkca ({tmp_path / 'lkca'}); run the same command to resume"
   )
+  # A signal in a row's last step: that row finished and is kept too.
+  assert experiment.stopped_message(fresh, rows[0], "SIGINT", finished=True) == (
+    f"stopped by SIGINT after mhsa finished ({tmp_path / 'mhsa'}); the rows up to it (mhsa) "
+    "are in tables/compare.md; rerun with --overwrite to start over"
+  )
+  assert experiment.stopped_message(resumable, rows[1], "SIGTERM", finished=True) == (
+    f"stopped by SIGTERM after lkca finished ({tmp_path / 'lkca'}); run the same command to resume"
+  )

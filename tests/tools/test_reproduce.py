@@ -227,6 +227,29 @@ def test_a_row_stopped_mid_training_resumes_to_the_uninterrupted_rows_values(
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_signal_in_a_rows_last_step_stops_the_experiment_after_that_row(reproduction, tmp_path):
+  """SIGTERM while the first row evaluates its last step, after the trainer's last look
+  for a signal: that row finishes with the uninterrupted row's values, and reproduce stops
+  there instead of training the second row."""
+  done, _ = reproduction
+  out = tmp_path / "out"
+  args = [f"--rows={','.join(ROWS)}", f"--steps={STEPS}", f"--runs={RUNS}", *TINY]
+  command = [sys.executable, "-m", "lkca_jax.tools.reproduce", "--table=cifar10"]
+  proc, seen = start_held(f"eval:{STEPS}", [*command, f"--out={out}", *args])
+  proc.send_signal(signal.SIGTERM)
+  _, rest = proc.communicate(timeout=300)
+  lines = [line for line in (seen + rest).splitlines() if line.strip()]
+  assert proc.returncode == 1, lines[-20:]
+  first, second = ROWS
+  assert lines[-1] == (
+    f"stopped by SIGTERM after {first} finished ({out / first}); run the same command to resume"
+  )
+  ours = json.loads((out / first / experiment.ROW_FILE).read_text())
+  theirs = json.loads((done / first / experiment.ROW_FILE).read_text())
+  assert [r["final_top1"] for r in ours["runs"]] == [r["final_top1"] for r in theirs["runs"]]
+  assert not (out / second).exists()  # never started
+
+
 def test_a_finished_row_with_other_settings_is_refused(reproduction):
   out, _ = reproduction
   result = run_reproduce(out, "--rows=lkca_05m", "--steps=5", f"--runs={RUNS}", *TINY)

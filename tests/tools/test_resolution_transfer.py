@@ -1,5 +1,5 @@
-"""lkca_jax.tools.resolution_transfer: which rows a model gets, how the table reads, and a
-stage stopped by a signal then resumed.
+"""lkca_jax.tools.resolution_transfer: which rows a model gets, how the table reads, a stage
+stopped by a signal then resumed, and a signal in a stage's last step.
 
 The whole experiment at its real sizes is run by hand (docs/results.md, "Across
 resolutions"); every stage it calls is tested on its own (tests/test_main.py: init_from in
@@ -7,6 +7,7 @@ training and evaluation; tests/test_resolution.py: the moves)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -16,6 +17,7 @@ import pytest
 from configs import tinyimagenet
 from lkca_jax import schedules
 from lkca_jax.tools import resolution_transfer as tool
+from tests.helpers import start_held
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,6 +135,46 @@ def test_a_stage_from_scratch_warms_up_for_the_recipes_share_and_a_fine_tuning_n
   assert tuned.optimizer.warmup_fraction is None and tuned.optimizer.warmup_epochs == 0
   assert float(schedules.learning_rate(tuned, 468, 100)(0)) == pytest.approx(5e-4)
   assert base.optimizer.warmup_fraction is None and base.num_runs == 1
+
+
+@pytest.mark.slow
+def test_a_signal_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_path):
+  """SIGTERM while the first stage evaluates its last step, after the trainer's last look
+  for a signal: that stage finishes and is in the report, and no later stage starts."""
+  workdir, out = tmp_path / "workdir", tmp_path / "transfer.md"
+  args = [
+    "--config=configs/digits.py",
+    "--config.model_overrides.dim=16",
+    "--config.model_overrides.depth=1",
+    "--config.model_overrides.num_heads=2",
+    "--config.batch_size=16",
+    "--config.num_devices=1",
+    "--low=8",
+    "--high=16",
+    "--patch_size=2",
+    "--models=vit_1m",
+    "--seeds=1",
+    "--low_steps=4",
+    "--finetune_steps=2",
+    f"--workdir={workdir}",
+    f"--out={out}",
+  ]
+  command = [sys.executable, "-m", "lkca_jax.tools.resolution_transfer", *args]
+  proc, seen = start_held("eval:4", command)
+  proc.send_signal(signal.SIGTERM)
+  _, rest = proc.communicate(timeout=300)
+  lines = [line for line in (seen + rest).splitlines() if line.strip()]
+  assert proc.returncode == 1, lines[-20:]
+  low = workdir / "vit_1m" / "low"
+  assert lines[-1] == (
+    f"stopped by SIGTERM after {low} finished; it and the stages before it are in {out}; "
+    "run the same command to resume"
+  )
+  summary = json.loads((low / "summary.json").read_text())
+  assert (summary["step"], summary["stopped_by"]) == (4, None)
+  (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+  assert row["low"] == [summary["runs"][0]["final_top1"]] and "moved" not in row
+  assert sorted(os.listdir(workdir / "vit_1m")) == ["low"]
 
 
 # The command run with a thread that sends SIGTERM once the first stage's training loop
