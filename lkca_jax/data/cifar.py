@@ -120,12 +120,13 @@ def find_archive(variant: Variant, manual_dir) -> tuple[str, ArchiveLayout] | No
   return None
 
 
-def manual_dir_problem(manual_dir, tfds_name: str) -> str | None:
-  """Why preparing from manual_dir cannot work, or None; checked before any download starts."""
+def manual_dir_problem(manual_dir, tfds_name: str, flag: str) -> str | None:
+  """Why preparing from manual_dir (given as `flag`) cannot work, or None; checked before
+  any download starts."""
   variant = VARIANTS[tfds_name]
   if find_archive(variant, manual_dir) is None:
     return (
-      f"--config.dataset.manual_dir={manual_dir} holds no {' or '.join(variant.file_names)}: "
+      f"{flag}={manual_dir} holds no {' or '.join(variant.file_names)}: "
       f"put the official archive there, unextracted"
     )
   return None

@@ -24,18 +24,19 @@ FILES = (TRAIN_TAR, VAL_TAR)
 REGISTER_URL = "https://image-net.org/download-images"
 
 
-def manual_dir_problem(manual_dir, tfds_name: str = "imagenet2012") -> str | None:
-  """Why preparing from manual_dir cannot work, or None; checked before anything is read."""
+def manual_dir_problem(manual_dir, tfds_name: str, flag: str) -> str | None:
+  """Why preparing from manual_dir (given as `flag`) cannot work, or None; checked before
+  anything is read."""
   del tfds_name
   if manual_dir is None:
     return (
       f"ImageNet has no public download: register at {REGISTER_URL}, download {TRAIN_TAR} "
-      f"and {VAL_TAR}, and pass --config.dataset.manual_dir=DIR for the folder that holds them"
+      f"and {VAL_TAR}, and pass {flag}=DIR for the folder that holds them"
     )
   missing = [name for name in FILES if not os.path.isfile(os.path.join(manual_dir, name))]
   if missing:
     return (
-      f"--config.dataset.manual_dir={manual_dir} holds no {' and no '.join(missing)}: put the "
+      f"{flag}={manual_dir} holds no {' and no '.join(missing)}: put the "
       f"official archives there, unextracted (from {REGISTER_URL})"
     )
   return None

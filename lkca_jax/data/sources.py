@@ -44,6 +44,7 @@ from lkca_jax.data import digits, records, synthetic
 
 REACH_TIMEOUT_S = 5.0  # per host: DNS lookup plus TCP connect
 DOWNLOAD_RETRIES = 2  # TFDS retries 10 times with backoff (3.5 min) before it gives up
+MANUAL_DIR_FLAG = "--config.dataset.manual_dir"  # manual_dir as errors name it by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,8 @@ class DatasetSpec:
   # For sources outside TFDS: loader(split) -> (uint8 images (N,H,W,C), int32 labels (N,)).
   loader: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None
   # The module whose import registers the TFDS builder (when outside the catalog) and that
-  # prepares from files downloaded by hand: manual_dir_problem(manual_dir, tfds_name) -> str | None,
+  # prepares from files downloaded by hand: manual_dir_problem(manual_dir, tfds_name, flag) ->
+  # str | None (flag: how the user gave manual_dir, as the message names it),
   # manual_builder(tfds_name, manual_dir, data_dir) -> builder | None.
   tfds_module: str | None = None
   manual_files: str = ""  # the official files to put in manual_dir, as said in errors
@@ -162,7 +164,7 @@ def check_available(name: str, *, data_dir=None, manual_dir=None, download: bool
     return
   if not download:
     raise DatasetUnavailableError(_unavailable_message(spec, builder))
-  _check_manual_dir(spec, manual_dir)
+  _check_manual_dir(spec, manual_dir, MANUAL_DIR_FLAG)
   if _manual_builder(spec, manual_dir, data_dir) is None:  # it will download: can it?
     _check_downloads(spec, builder)
 
@@ -256,11 +258,13 @@ def prepare(
   manual_dir=None,
   file_format: str = "array_record",
   force: bool = False,
+  manual_dir_flag: str = MANUAL_DIR_FLAG,
 ) -> dict[str, int]:
   """Prepares a TFDS dataset in data_dir from manual_dir, or by downloading; returns {split: size}.
 
   A dataset already prepared there is kept (and its files checked) unless `force`: then
-  its version's folder is deleted first and prepared anew.
+  its version's folder is deleted first and prepared anew. Errors about manual_dir name it
+  as `manual_dir_flag` (the prepare command: its --manual_dir).
   Raises DatasetUnavailableError, within seconds, when a needed download cannot happen,
   and DamagedDatasetError when a prepared file is missing, cut short or corrupted.
   """
@@ -271,7 +275,7 @@ def prepare(
     raise ValueError(
       f"{name} is not a TFDS dataset and needs no preparing: load it with load_split"
     )
-  _check_manual_dir(spec, manual_dir)
+  _check_manual_dir(spec, manual_dir, manual_dir_flag)
   config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
   data_dir = os.fspath(data_dir) if data_dir else None
   if force:
@@ -410,27 +414,25 @@ def _unavailable_message(spec: DatasetSpec, builder) -> str:
     f"dataset {spec.name} (TFDS {spec.tfds_name} {builder.version}) is not prepared in "
     f"{builder.data_dir_root} and downloading is off: pass --config.dataset.data_dir=DIR "
     f"where it is prepared, or --config.dataset.download=True to prepare it there (from "
-    f"--config.dataset.manual_dir=DIR holding {spec.manual_files}{spec.manual_note}{otherwise})"
+    f"{MANUAL_DIR_FLAG}=DIR holding {spec.manual_files}{spec.manual_note}{otherwise})"
   )
 
 
 def _offline_hint(spec: DatasetSpec) -> str:
   return (
     f"to prepare it offline, put {spec.manual_files}{spec.manual_note} in a folder DIR "
-    "and pass --config.dataset.manual_dir=DIR (python -m lkca_jax.tools.prepare: "
-    "--manual_dir DIR)"
+    f"and pass {MANUAL_DIR_FLAG}=DIR (python -m lkca_jax.tools.prepare: --manual_dir DIR)"
   )
 
 
-def _check_manual_dir(spec: DatasetSpec, manual_dir) -> None:
-  """A manual_dir that lacks the files is a mistake: say so instead of downloading.
-
-  So is no manual_dir for a dataset that cannot be downloaded.
+def _check_manual_dir(spec: DatasetSpec, manual_dir, flag: str) -> None:
+  """A manual_dir that lacks the files is a mistake: say so (naming it as `flag`) instead of
+  downloading. So is no manual_dir for a dataset that cannot be downloaded.
   """
   if spec.tfds_module is None or (manual_dir is None and not spec.manual_only):
     return
   check = getattr(importlib.import_module(spec.tfds_module), "manual_dir_problem", None)
-  problem = check(manual_dir, spec.tfds_name) if check else None
+  problem = check(manual_dir, spec.tfds_name, flag) if check else None
   if problem:
     raise DatasetUnavailableError(f"dataset {spec.name}: {problem}")
 

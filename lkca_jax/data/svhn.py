@@ -34,13 +34,14 @@ def _files(manual_dir) -> dict[str, str]:
   return {split: path for split, path in paths.items() if os.path.isfile(path)}
 
 
-def manual_dir_problem(manual_dir, tfds_name: str = "svhn_cropped") -> str | None:
-  """Why preparing from manual_dir cannot work, or None; checked before any download starts."""
+def manual_dir_problem(manual_dir, tfds_name: str, flag: str) -> str | None:
+  """Why preparing from manual_dir (given as `flag`) cannot work, or None; checked before
+  any download starts."""
   del tfds_name
   missing = [name for split, name in REQUIRED.items() if split not in _files(manual_dir)]
   if missing:
     return (
-      f"--config.dataset.manual_dir={manual_dir} holds no {' and no '.join(missing)}: put "
+      f"{flag}={manual_dir} holds no {' and no '.join(missing)}: put "
       f"the official {' and '.join(REQUIRED.values())} there"
     )
   return None

@@ -21,7 +21,7 @@ import zipfile
 import tensorflow_datasets as tfds
 from etils import epath
 
-from lkca_jax.data.sources import DatasetUnavailableError
+from lkca_jax.data.sources import MANUAL_DIR_FLAG, DatasetUnavailableError
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 URLS = (URL,)  # what preparing without a local zip downloads
@@ -249,12 +249,13 @@ def find_zip(manual_dir=None) -> str | None:
   return None
 
 
-def manual_dir_problem(manual_dir, tfds_name: str = "tiny_imagenet") -> str | None:
-  """Why preparing from manual_dir cannot work, or None; checked before any download starts."""
+def manual_dir_problem(manual_dir, tfds_name: str, flag: str) -> str | None:
+  """Why preparing from manual_dir (given as `flag`) cannot work, or None; checked before
+  any download starts."""
   del tfds_name
   if find_zip(manual_dir) is None:
     return (
-      f"--config.dataset.manual_dir={manual_dir} holds no {ZIP_NAME}: put the official zip "
+      f"{flag}={manual_dir} holds no {ZIP_NAME}: put the official zip "
       f"there, or set ${ZIP_ENV} to its path"
     )
   return None
@@ -334,7 +335,8 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
             os.remove(junk)
       raise DatasetUnavailableError(
         f"dataset tiny_imagenet: {path} is not a zip file: download the official {ZIP_NAME} "
-        f"({URL}) by hand and pass --config.dataset.manual_dir=DIR for the folder it is in"
+        f"({URL}) by hand and pass its folder: {MANUAL_DIR_FLAG}=DIR (python -m "
+        "lkca_jax.tools.prepare: --manual_dir DIR)"
       )
     return {
       "train": self._generate_examples(path, "train"),

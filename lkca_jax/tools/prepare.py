@@ -66,6 +66,7 @@ def main(argv) -> None:
       manual_dir=FLAGS.manual_dir,
       file_format=FLAGS.file_format,
       force=FLAGS.force,
+      manual_dir_flag="--manual_dir",
     )
   except DatasetUnavailableError as e:
     cli.fail(str(e))

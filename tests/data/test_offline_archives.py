@@ -380,6 +380,25 @@ def test_prepare_command_unreachable_download_is_one_line_exit_2(tmp_path):
   assert seconds < 30  # interpreter and TFDS start included, on a loaded machine too
 
 
+def test_prepare_command_names_its_own_flag_for_a_manual_dir_without_the_files(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  result, _ = run_prepare(
+    "--dataset",
+    "cifar10",
+    "--manual_dir",
+    str(manual),
+    "--data_dir",
+    str(tmp_path / "tfds"),
+    env=proxy_env(f"http://127.0.0.1:{closed_port()}"),
+  )
+  assert result.returncode == 2, result.stderr
+  assert result.stderr == (
+    f"error: dataset cifar10: --manual_dir={manual} holds no cifar-10-binary.tar.gz or "
+    "cifar-10-python.tar.gz: put the official archive there, unextracted\n"
+  )
+
+
 @pytest.mark.slow
 def test_prepare_command_offline_from_the_manual_dir(tmp_path):
   manual = tmp_path / "manual"

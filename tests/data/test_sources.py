@@ -174,7 +174,9 @@ def test_manual_dir_without_the_zip_is_refused_before_any_download(
   manual = tmp_path / "manual"
   manual.mkdir()
   (manual / "something-else.zip").write_bytes(b"")
-  with pytest.raises(data.DatasetUnavailableError, match="holds no tiny-imagenet-200.zip"):
+  with pytest.raises(data.DatasetUnavailableError) as info:
     data.check_available("tiny_imagenet", data_dir=tmp_path, manual_dir=manual, download=True)
+  # Named as the training commands take it (the prepare command names its own flag).
+  assert f"--config.dataset.manual_dir={manual} holds no tiny-imagenet-200.zip" in str(info.value)
   with pytest.raises(data.DatasetUnavailableError, match="LKCA_TINY_IMAGENET_ZIP"):
     data.load_split("tiny_imagenet", "train", data_dir=tmp_path, manual_dir=manual, download=True)
