@@ -181,7 +181,7 @@ class ACmix(nnx.Module):
 
   def branches(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(attention, convolution) outputs before the two rates."""
-    check_tokens(x, self.grid, "ACmix")
+    check_tokens(x, self.qkv.in_features, self.grid, "ACmix")
     qkv = self.qkv(x)
     return self.attention_branch(qkv), self.convolution_branch(qkv)
 

@@ -378,12 +378,21 @@ def check_cost_sizes(num_tokens: int, dim: int, num_heads: int, owner: str) -> N
     )
 
 
-def check_tokens(x: jax.Array, grid: tuple[int, int], name: str) -> None:
-  if x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
+def check_tokens(x: jax.Array, dim: int, grid: tuple[int, int] | None, name: str) -> None:
+  """Refuses tokens of another shape than (B, N, dim), N = h·w of `grid` where it has one:
+  one line naming the shape expected and what to change."""
+  count = "N" if grid is None else grid[0] * grid[1]
+  expected = f"{name} expects tokens of shape (B, {count}, {dim})"
+  if x.ndim != 3:
+    raise ValueError(f"{expected}, got {x.shape}: give it (batch, tokens, channels).")
+  if x.shape[-1] != dim:
     raise ValueError(
-      f"{name} expects tokens of shape (B, {grid[0] * grid[1]}, D) for its "
-      f"{grid[0]}x{grid[1]} grid, got {x.shape}; build the mixer with the "
-      "grid of the patch tokens (class token excluded)."
+      f"{expected}, got {x.shape}: build the mixer with dim={x.shape[-1]} for these tokens."
+    )
+  if grid is not None and x.shape[1] != count:
+    raise ValueError(
+      f"{expected} for its {grid[0]}x{grid[1]} grid, got {x.shape}; build the mixer with "
+      "the grid of the patch tokens (class token excluded)."
     )
 
 

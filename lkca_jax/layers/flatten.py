@@ -139,7 +139,7 @@ class FocusedLinearAttention(nnx.Module):
     return add_wide(y.reshape(b, n, dim), bias)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_tokens(x, self.grid, "FLatten")
+    check_tokens(x, self.q_proj.in_features, self.grid, "FLatten")
     b, n, dim = x.shape
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     f32 = jnp.float32

@@ -428,7 +428,7 @@ class LKCA(nnx.Module):
     return attention_matrix(self.kernel[...], self.grid)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_tokens(x, self.grid, "LKCA")
+    check_tokens(x, self.v_proj.in_features, self.grid, "LKCA")
     if self.kernel_sharing == "layer" and least_tokens(x) > x.shape[-1]:
       return self._merged(x)
     return self.out_proj(self._mixed(self.v_proj(x)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.backend import by_backend
-from lkca_jax.layers.common import check_cost_sizes, linear, project, threaded, wide
+from lkca_jax.layers.common import check_cost_sizes, check_tokens, linear, project, threaded, wide
 
 
 class MHSA(nnx.Module):
@@ -53,11 +53,13 @@ class MHSA(nnx.Module):
     self.out_proj = linear(inner, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    check_tokens(x, self.qkv.in_features, None, "MHSA")
     return self.out_proj(attention(self.qkv(x), self.num_heads, self.head_dim**-0.5))
 
   def mix_first(self, x: jax.Array, count: int) -> jax.Array:
     """`self(x)[:, :count]`, computed for those tokens only: their queries against the keys
     and values of every token of x (a class-token model's last layer needs only its row)."""
+    check_tokens(x, self.qkv.in_features, None, "MHSA")
     inner = self.num_heads * self.head_dim
     qkv = self.qkv
     bias = None if qkv.bias is None else qkv.bias[...]

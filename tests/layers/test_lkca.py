@@ -500,12 +500,6 @@ def test_bad_construction_raises_value_error(kwargs, match):
     LKCA(DIM, rngs=nnx.Rngs(0), **kwargs)
 
 
-def test_wrong_token_count_raises_value_error():
-  module = LKCA(DIM, (4, 4), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"\(B, 16, D\).*4x4 grid.*class token excluded"):
-    module(jnp.ones((2, 17, DIM)))
-
-
 def test_bfloat16_activations_stay_bfloat16():
   grid = (4, 4)
   module = LKCA(DIM, grid, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))

@@ -201,10 +201,22 @@ def test_bfloat16_activations_stay_bfloat16_and_close_to_float32(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_tokens_of_another_width_or_without_a_batch_axis_are_one_line_naming_the_fix(name):
+  module = build(name)
+  tokens = GRID[0] * GRID[1] if MIXERS[name].needs_grid else "N"
+  with pytest.raises(ValueError) as info:
+    module(jnp.ones((BATCH, GRID[0] * GRID[1], 2 * DIM)))
+  assert f"expects tokens of shape (B, {tokens}, {DIM})" in str(info.value)
+  assert f"build the mixer with dim={2 * DIM}" in str(info.value)
+  with pytest.raises(ValueError, match=re.escape("give it (batch, tokens, channels)")):
+    module(jnp.ones((GRID[0] * GRID[1], DIM)))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_grid_mixers_check_their_grid_and_others_take_any_token_count(name):
   if MIXERS[name].needs_grid:
     module = build(name)
-    with pytest.raises(ValueError, match=r"\(B, 15, D\).*3x5 grid.*class token excluded"):
+    with pytest.raises(ValueError, match=rf"\(B, 15, {DIM}\) for its 3x5 grid.*class token excl"):
       module(jnp.ones((BATCH, 16, DIM)))
     for grid in [(0, 4), (4, 0)]:
       with pytest.raises(ValueError, match="grid must be positive"):
