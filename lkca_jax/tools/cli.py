@@ -197,25 +197,19 @@ def parse_flags(argv, program: str = "main.py", *, arguments: bool = False):
   `--config.KEY` overrides, a config file that is missing or fails to load, and a missing
   `--config` (for commands that define one). Returns argv less the flags.
   """
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   takes_config = "config" in flags.FLAGS
+  problem = _config_file_problem(_config_file(argv)) if takes_config else None
+  if problem:
+    fail(f"could not load the --config file ({problem})")
   config = None
   try:
     rest = _parse_or_help(argv)
     if takes_config:
       config = flags.FLAGS.config
-    if config is not None and not isinstance(config, ml_collections.ConfigDict):
-      config.keys()  # a config file that failed to load raises its error on first use
-  except OSError as e:
-    reason = str(e).strip().splitlines()[-1].strip()
-    fail(f"could not load the --config file ({reason}); pass a config such as configs/digits.py")
   except flags.Error as e:  # unknown flag, bad value
     message = str(e).strip()
-    if "Traceback (most recent call last)" in message:  # the config file's get_config raised
-      raised = re.sub(r"^[\w.]+: ", "", message.splitlines()[-1].strip())  # less its class
-      fail(f"could not load the --config file ({raised})")
     keys = " and the keys in configs/default.py" if takes_config else ""
     fail(f"{message.rstrip('.')}. See `{program} --helpfull`{keys}.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections overrides
@@ -241,22 +235,61 @@ def _config_file(argv) -> str | None:
   return found
 
 
+def _config_alone(config_file: str):
+  """What `config_file` (FILE or FILE:ARGUMENT) gives, loaded by a flag of its own so that
+  nothing of the command's other flags mixes in; raises what loading it raised."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  alone, only_the_file = flags.FlagValues(), ["", f"--config={config_file}"]
+  config_flags.DEFINE_config_file("config", flag_values=alone, sys_argv=only_the_file)
+  alone(only_the_file)
+  config = alone.config
+  if config is not None and not isinstance(config, ml_collections.ConfigDict):
+    config.keys()  # a config file that failed to load raises its error on first use
+  return config
+
+
+def _config_file_problem(config_file: str | None) -> str | None:
+  """Why `config_file` does not give a config, in one line naming the fix; None if it does."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  if config_file is None:
+    return None
+  path, _, argument = config_file.partition(":")
+  try:
+    config = _config_alone(config_file)
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    return f"{reason}; pass a config such as configs/digits.py"
+  except flags.Error as e:  # get_config raised a ValueError or TypeError: its message
+    reason = re.sub(r"^[\w.]+: ", "", str(e).strip().splitlines()[-1].strip())  # less its class
+    if argument and "positional argument" in reason:
+      reason += f"; ':{argument}' after the file is an argument to its get_config"
+    return reason
+  except SyntaxError as e:
+    return f"SyntaxError: {e.msg} in {e.filename}, line {e.lineno}"
+  except Exception as e:  # noqa: BLE001 -- whatever the file's own code raised, in one line
+    if isinstance(e, AttributeError) and "get_config" in str(e):
+      return f"{path} defines no get_config(), the function that returns its config"
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+  if config is None:
+    return f"the get_config() of {path} returned None; return the config from it"
+  return None
+
+
 def _bad_override(argv) -> str | None:
   """Which `--config.KEY=VALUE` of argv names no key of the --config file's config, said
   with the nearest key; None when every one does (the library's message is then all
   there is). The file is loaded again, alone, by a flag of its own."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_file = _config_file(argv)
   if config_file is None:
     return None
-  alone, only_the_file = flags.FlagValues(), ["", f"--config={config_file}"]
-  config_flags.DEFINE_config_file("config", flag_values=alone, sys_argv=only_the_file)
   try:
-    alone(only_the_file)
-    config = alone.config
+    config = _config_alone(config_file)
   except Exception:  # noqa: BLE001 -- the library's message stands
     return None
   for arg in argv[1:]:

@@ -73,6 +73,58 @@ def test_bad_config_flags_are_one_line_and_exit_2():
     assert lines[-1].startswith("error: ") and message in lines[-1], (args, lines[-1])
 
 
+# Config files that do not give a config, each as its author would write it by mistake.
+BROKEN_CONFIGS = {
+  "syntax.py": ("def get_config(:\n", "SyntaxError: invalid syntax in {path}, line 1"),
+  "imports.py": (
+    "import no_such_module_xyz\n",
+    "ModuleNotFoundError: No module named 'no_such_module_xyz'",
+  ),
+  "no_function.py": ("LEARNING_RATE = 1e-3\n", "{path} defines no get_config()"),
+  "returns_nothing.py": (
+    "from configs import digits\ndef get_config():\n  digits.get_config()\n",
+    "the get_config() of {path} returned None; return the config from it",
+  ),
+  "raises.py": (
+    "def get_config():\n  raise RuntimeError('no GPU here')\n",
+    "RuntimeError: no GPU here",
+  ),
+}
+
+
+def test_a_config_file_that_gives_no_config_is_one_line_naming_why_and_exit_2(tmp_path):
+  paths = {name: tmp_path / name for name in BROKEN_CONFIGS}
+  for name, (text, _) in BROKEN_CONFIGS.items():
+    paths[name].write_text(text)
+  cases = [
+    (["--config", str(paths[name])], expected) for name, (_, expected) in BROKEN_CONFIGS.items()
+  ]
+  # A file's ':ARGUMENT' goes to its get_config, which takes none here.
+  cases.append(
+    (["--config", "configs/digits.py:8"], "':8' after the file is an argument to its get_config")
+  )
+  procs = [
+    subprocess.Popen(
+      MAIN + args + [f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for args, _ in cases
+  ]
+  for proc, (args, expected) in zip(procs, cases, strict=True):
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2, (args, err[-1500:])
+    assert "Traceback" not in err, (args, err[-1500:])
+    message = expected.format(path=args[1])
+    assert (
+      lines[-1].startswith("error: could not load the --config file (") and message in lines[-1]
+    ), (args, lines[-1])
+  assert not (tmp_path / "run").exists()
+
+
 # What orbax's abandoned reads leave for the interpreter's shutdown after a failed restore:
 # a failed task nobody awaited, a coroutine never awaited, a log line from a worker thread.
 LEFT_BEHIND = """
