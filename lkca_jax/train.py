@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -198,7 +199,8 @@ class StopSignal:
 
   One object may be entered for several trainings in turn (an experiment's rows): it keeps
   `received`, so a signal that lands after a training's last check (in its last step) still
-  tells the caller to stop before the next one.
+  tells the caller to stop before the next one. Only the main thread can set handlers: in
+  another (a notebook's background training) it sets none, and the process's own stay.
   """
 
   def __init__(self):
@@ -206,8 +208,9 @@ class StopSignal:
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -216,6 +219,7 @@ class StopSignal:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}
 
 
 class _TrainClock:

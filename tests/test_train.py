@@ -4,6 +4,8 @@ import json
 import pathlib
 import re
 import shutil
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -351,3 +353,26 @@ def test_a_moving_average_is_evaluated_checkpointed_resumed_and_loaded(tmp_path)
     half = lambda x: np.float32(0.5) * x.astype(np.float32)  # noqa: E731
     np.testing.assert_array_equal(value, half(initial[path]) + half(trained[path]), path)
   assert any(not np.array_equal(averaged[p], trained[p]) for p in trained)
+
+
+@pytest.mark.slow
+def test_training_in_a_thread_of_its_own_leaves_the_signal_handlers_to_the_main_thread(tmp_path):
+  """A notebook trains in a background thread: only the main thread may set signal
+  handlers, so the trainer sets none there and trains to the end."""
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  result = {}
+
+  def train_here():
+    try:
+      result["summary"] = train.train_and_evaluate(tiny_digits(num_train_steps=2), str(tmp_path))
+    except Exception as e:  # noqa: BLE001 -- reported below, in the test's thread
+      result["error"] = e
+
+  thread = threading.Thread(target=train_here)
+  thread.start()
+  thread.join(timeout=300)
+  assert "error" not in result, result.get("error")
+  summary = result["summary"]
+  assert (summary["step"], summary["stopped_by"]) == (2, None)
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+  assert {sig: signal.getsignal(sig) for sig in before} == before
