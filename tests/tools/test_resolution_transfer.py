@@ -137,12 +137,9 @@ def test_a_stage_from_scratch_warms_up_for_the_recipes_share_and_a_fine_tuning_n
   assert base.optimizer.warmup_fraction is None and base.num_runs == 1
 
 
-@pytest.mark.slow
-def test_a_signal_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_path):
-  """SIGTERM while the first stage evaluates its last step, after the trainer's last look
-  for a signal: that stage finishes and is in the report, and no later stage starts."""
-  workdir, out = tmp_path / "workdir", tmp_path / "transfer.md"
-  args = [
+def tiny_transfer(workdir, out, *, low_steps: int) -> list[str]:
+  """The flags of a resolution transfer of one tiny vit_1m on digits, 8 → 16 px."""
+  return [
     "--config=configs/digits.py",
     "--config.model_overrides.dim=16",
     "--config.model_overrides.depth=1",
@@ -154,11 +151,19 @@ def test_a_signal_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_p
     "--patch_size=2",
     "--models=vit_1m",
     "--seeds=1",
-    "--low_steps=4",
+    f"--low_steps={low_steps}",
     "--finetune_steps=2",
     f"--workdir={workdir}",
     f"--out={out}",
   ]
+
+
+@pytest.mark.slow
+def test_a_signal_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_path):
+  """SIGTERM while the first stage evaluates its last step, after the trainer's last look
+  for a signal: that stage finishes and is in the report, and no later stage starts."""
+  workdir, out = tmp_path / "workdir", tmp_path / "transfer.md"
+  args = tiny_transfer(workdir, out, low_steps=4)
   command = [sys.executable, "-m", "lkca_jax.tools.resolution_transfer", *args]
   proc, seen = start_held("eval:4", command)
   proc.send_signal(signal.SIGTERM)
@@ -200,23 +205,7 @@ runpy.run_module("lkca_jax.tools.resolution_transfer", run_name="__main__", alte
 @pytest.mark.slow
 def test_a_stage_stopped_by_sigterm_is_one_line_and_the_same_command_resumes_it(tmp_path):
   workdir, out = tmp_path / "workdir", tmp_path / "transfer.md"
-  args = [
-    "--config=configs/digits.py",
-    "--config.model_overrides.dim=16",
-    "--config.model_overrides.depth=1",
-    "--config.model_overrides.num_heads=2",
-    "--config.batch_size=16",
-    "--config.num_devices=1",
-    "--low=8",
-    "--high=16",
-    "--patch_size=2",
-    "--models=vit_1m",
-    "--seeds=1",
-    "--low_steps=100",
-    "--finetune_steps=2",
-    f"--workdir={workdir}",
-    f"--out={out}",
-  ]
+  args = tiny_transfer(workdir, out, low_steps=100)
   stopped = subprocess.run(
     [sys.executable, "-c", STOP_IN_FIRST_STAGE, *args],
     cwd=ROOT,
