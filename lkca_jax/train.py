@@ -681,8 +681,9 @@ def _due(config, step: int, total_steps: int, eval_every: int) -> tuple[bool, bo
   return evaluate, save, save or step % config.log_every_steps == 0
 
 
-# Called as on_event(point, step, stop) at "eval" (before evaluating) and "save" (after a
-# checkpoint write starts): a hook for instrumentation and tests.
+# Called as on_event(point, step, stop) at "eval" (before evaluating), "save" (after a
+# checkpoint write starts) and "end" (after the loop, before waiting for the last write): a
+# hook for instrumentation and tests.
 EventHook = Callable[[str, int, StopSignal], None]
 
 
@@ -858,25 +859,34 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook, stop: 
     _TrainClock(config.batch_size * t.num_runs),
   )
   wall_start = time.time()
+  # To the last write: a signal after the loop's last look (a second Ctrl-C, say) is noted,
+  # not let cut short the checkpoint that a stop or the last step has just started.
   with stop:
     loop = run_loop(loop, t, config, out, stop, on_event)
-  t.pipeline.close()  # a streaming pipeline's reader threads or worker processes
-  with writing("a checkpoint", checkpoints):
-    checkpoints.wait()
-  latest = checkpoints.latest_step()
-  checkpoints.close()
-  # Nothing trained (the run had finished): its summary keeps the numbers measured then.
+    on_event("end", loop.step, stop)
+    t.pipeline.close()  # a streaming pipeline's reader threads or worker processes
+    with writing("a checkpoint", checkpoints):
+      checkpoints.wait()
+    latest = checkpoints.latest_step()
+    checkpoints.close()
+    summary = _summary_written(workdir, config, run, t, loop, out, resumed_at, wall_start)
+  if loop.all_died:
+    raise _all_died(loop.records, latest, checkpoints.directory)
+  return summary
+
+
+def _summary_written(workdir, config, run, t, loop, out: _Outputs, resumed_at, wall_start):
+  """The run's summary, written to its workdir (process 0), and the metric writer closed.
+  Nothing trained (the run had finished): its summary keeps the numbers measured then."""
   kept = None
   if loop.step == resumed_at:
     kept = run_files.summary_of_this_run(workdir, config, loop.step)
   summary = kept or summarize(config, run, t, loop, out.clock, time.time() - wall_start)
   if kept is None and jax.process_index() == 0:
-    with writing(run_files.SUMMARY_FILE, checkpoints):
+    with writing(run_files.SUMMARY_FILE, out.checkpoints):
       files.write_json(workdir / run_files.SUMMARY_FILE, summary)
-  writer.flush()
-  writer.close()
-  if loop.all_died:
-    raise _all_died(loop.records, latest, checkpoints.directory)
+  out.writer.flush()
+  out.writer.close()
   return summary
 
 

@@ -4,11 +4,12 @@
   python tests/hold.py POINT:STEP -m lkca_jax.tools.reproduce [ARGS...]
 
 Installs the trainer's `on_event` hook: at POINT ("eval": before evaluating, "save":
-after a checkpoint write has started) of STEP it says "holding at POINT:STEP" on
-stderr, then waits until the run receives a signal: SIGTERM or SIGINT (which the run then
-handles) or SIGUSR1 (which just releases the hold). At "save" it spins holding the GIL (a
-long switch interval), so the write just started stays unfinished (orbax finalizes it
-from Python threads); at "eval" it sleeps, so that earlier writes still in flight finish.
+after a checkpoint write has started, "end": after the training loop, before waiting for
+the last write) of STEP it says "holding at POINT:STEP" on stderr, then waits until the
+run receives a signal: SIGTERM or SIGINT (which the run then handles) or SIGUSR1 (which
+just releases the hold). At "save" and "end" it spins holding the GIL (a long switch
+interval), so a write in flight stays unfinished (orbax finalizes it from Python
+threads); at "eval" it sleeps, so that earlier writes still in flight finish.
 Gives up after a minute. The tests use it to make a signal land at one moment however
 fast the machine runs.
 """
@@ -31,7 +32,7 @@ def hold_at(target: str):
     previous = signal.signal(signal.SIGUSR1, lambda *_: released.append(True))
     print(f"holding at {target}", file=sys.stderr, flush=True)
     interval, deadline = sys.getswitchinterval(), time.monotonic() + 60
-    hold_the_gil = point == "save"
+    hold_the_gil = point in ("save", "end")
     if hold_the_gil:
       sys.setswitchinterval(60.0)
     while stop.received is None and not released and time.monotonic() < deadline:

@@ -211,6 +211,22 @@ def start_and_hold(workdir, extra, hold):
   return start_held(hold, main_cmd(workdir, *extra), env=main_env())
 
 
+def test_a_signal_after_the_last_step_lets_the_run_finish_its_last_checkpoint(tmp_path):
+  """SIGINT (a second Ctrl-C, say) after the training loop, as the last checkpoint is
+  written: the run ends as it would have, exit 0, that checkpoint whole, its summary
+  written. It ended the process with 130 there, the last write cut short."""
+  workdir = str(tmp_path / "run")
+  extra = ["--config.num_train_steps=4", "--config.eval_every_steps=2"]
+  proc, _ = start_and_hold(workdir, extra, "end:4")
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert (summary["step"], summary["stopped_by"]) == (4, None)
+  assert final_params(workdir)[0] == 4 and "final top1" in out
+
+
 def interrupt_twice_then_finish(workdir, extra, checkpoints):
   """SIGTERM while the save of step `checkpoints[0]` is in flight, resume, SIGKILL while
   the save of step `checkpoints[1]` is in flight, then resume to the end; returns
