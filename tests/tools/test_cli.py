@@ -7,6 +7,7 @@ test_commands.py checks --help, an unknown flag and unusable outputs for every c
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -73,17 +74,19 @@ def test_bad_config_flags_are_one_line_and_exit_2():
     assert lines[-1].startswith("error: ") and message in lines[-1], (args, lines[-1])
 
 
-# Config files that do not give a config, each as its author would write it by mistake.
+# Config files that do not give a config, each as its author would write it by mistake, and
+# a pattern of the error line's reason.
 BROKEN_CONFIGS = {
-  "syntax.py": ("def get_config(:\n", "SyntaxError: invalid syntax in {path}, line 1"),
+  # Python's wording of a syntax error changes between versions; where it is does not.
+  "syntax.py": ("def get_config(:\n", "SyntaxError: .* in {path}, line 1\\)$"),
   "imports.py": (
     "import no_such_module_xyz\n",
     "ModuleNotFoundError: No module named 'no_such_module_xyz'",
   ),
-  "no_function.py": ("LEARNING_RATE = 1e-3\n", "{path} defines no get_config()"),
+  "no_function.py": ("LEARNING_RATE = 1e-3\n", "{path} defines no get_config\\(\\)"),
   "returns_nothing.py": (
     "from configs import digits\ndef get_config():\n  digits.get_config()\n",
-    "the get_config() of {path} returned None; return the config from it",
+    "the get_config\\(\\) of {path} returned None; return the config from it",
   ),
   "raises.py": (
     "def get_config():\n  raise RuntimeError('no GPU here')\n",
@@ -118,10 +121,9 @@ def test_a_config_file_that_gives_no_config_is_one_line_naming_why_and_exit_2(tm
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 2, (args, err[-1500:])
     assert "Traceback" not in err, (args, err[-1500:])
-    message = expected.format(path=args[1])
-    assert (
-      lines[-1].startswith("error: could not load the --config file (") and message in lines[-1]
-    ), (args, lines[-1])
+    pattern = expected.format(path=re.escape(args[1]))
+    assert lines[-1].startswith("error: could not load the --config file ("), (args, lines[-1])
+    assert re.search(pattern, lines[-1]), (args, lines[-1])
   assert not (tmp_path / "run").exists()
 
 
