@@ -9,7 +9,8 @@ on 127.0.0.1), JAX_NUM_PROCESSES and JAX_PROCESS_ID set, and each process on
 (or the first argument that is not a flag: its own flags are not the
 launcher's); main.py without --multihost is refused, since each process would then
 train alone in the one workdir. Output lines are prefixed with `[pN]`. SIGTERM/SIGINT are
-forwarded to every process (a second one kills them). If a process fails, the
+forwarded to every process (a second one kills them, and the launcher exits
+128 + the signal's number, saying so). If a process fails, the
 others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the
 launcher exits non-zero, with one line naming the process that failed first.
 """
@@ -150,6 +151,14 @@ def launch(
       signal.signal(sig, handler)
   for thread in threads:
     thread.join(timeout=5)
+  if len(signals) > 1:  # killed on the user's word: no process failed
+    name = signal.Signals(signals[-1]).name
+    print(
+      f"launch: killed the job's processes on a second {name}; the same command resumes "
+      "it from their last checkpoint",
+      file=sys.stderr,
+    )
+    return 128 + signals[-1]
   if failed is None:
     return 0
   index, code = failed

@@ -1,7 +1,9 @@
-"""The launcher's bookkeeping with real child processes: which failure it names, and
-that a process that ignores SIGTERM is killed once the grace period is over."""
+"""The launcher's bookkeeping with real child processes: which failure it names, that a
+process that ignores SIGTERM is killed once the grace period is over, and that a second
+signal kills the job and says so."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -69,6 +71,40 @@ def test_a_peer_that_ignores_sigterm_is_killed_after_the_grace_period(capsys):
   assert time.monotonic() - began < 30  # not the 60 s process 0 would have slept
   err = capsys.readouterr().err
   assert err.splitlines()[-1] == "launch: process 1 of 2 failed (exit code 5); stopped the others"
+
+
+# Both processes say they are up, then ignore SIGINT (a job stuck in its step) for a minute.
+STUCK = textwrap.dedent(
+  """
+  import signal, time
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  print("up", flush=True)
+  time.sleep(60)
+  """
+)
+
+
+def test_a_second_sigint_kills_the_job_and_says_so_not_a_failed_process():
+  launcher = subprocess.Popen(
+    [sys.executable, "-m", "lkca_jax.tools.launch", "--", sys.executable, "-c", STUCK],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  up = [launcher.stdout.readline() for _ in range(2)]
+  assert sorted(up) == ["[p0] up\n", "[p1] up\n"], up
+  began = time.monotonic()
+  launcher.send_signal(signal.SIGINT)  # forwarded, and ignored
+  time.sleep(0.5)
+  launcher.send_signal(signal.SIGINT)  # the second: the job is killed
+  _, err = launcher.communicate(timeout=30)
+  assert time.monotonic() - began < 20  # not the minute the processes would sleep
+  assert launcher.returncode == 128 + signal.SIGINT, err
+  assert err.splitlines()[-1] == (
+    "launch: killed the job's processes on a second SIGINT; the same command resumes it from "
+    "their last checkpoint"
+  )
 
 
 @pytest.mark.parametrize("interpreter", [[], [sys.executable]], ids=["main.py", "python main.py"])
