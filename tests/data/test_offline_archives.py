@@ -380,18 +380,25 @@ def test_prepare_command_unreachable_download_is_one_line_exit_2(tmp_path):
   assert seconds < 30  # interpreter and TFDS start included, on a loaded machine too
 
 
-def test_prepare_command_names_its_own_flag_for_a_manual_dir_without_the_files(tmp_path):
-  manual = tmp_path / "manual"
-  manual.mkdir()
+def prepare_offline(dataset: str, manual, data_dir):
+  """The prepare command from `manual` into `data_dir`, where any download attempt would
+  meet a closed port: preparing from local files must not need one."""
   result, _ = run_prepare(
     "--dataset",
-    "cifar10",
+    dataset,
     "--manual_dir",
     str(manual),
     "--data_dir",
-    str(tmp_path / "tfds"),
+    str(data_dir),
     env=proxy_env(f"http://127.0.0.1:{closed_port()}"),
   )
+  return result
+
+
+def test_prepare_command_names_its_own_flag_for_a_manual_dir_without_the_files(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  result = prepare_offline("cifar10", manual, tmp_path / "tfds")
   assert result.returncode == 2, result.stderr
   assert result.stderr == (
     f"error: dataset cifar10: --manual_dir={manual} holds no cifar-10-binary.tar.gz or "
@@ -404,16 +411,7 @@ def test_prepare_command_offline_from_the_manual_dir(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
   archives.write_cifar100(manual, "binary", train=3, test=2)
-  # Any download attempt would meet a closed port: preparing must not need one.
-  result, _ = run_prepare(
-    "--dataset",
-    "cifar100",
-    "--manual_dir",
-    str(manual),
-    "--data_dir",
-    str(tmp_path / "tfds"),
-    env=proxy_env(f"http://127.0.0.1:{closed_port()}"),
-  )
+  result = prepare_offline("cifar100", manual, tmp_path / "tfds")
   assert result.returncode == 0, result.stderr
   assert "prepared cifar100 (array_record)" in result.stdout and "test 2, train 3" in result.stdout
 
