@@ -859,8 +859,8 @@ def _train_in(workdir: epath.Path, config, run: Run, on_event: EventHook, stop: 
     _TrainClock(config.batch_size * t.num_runs),
   )
   wall_start = time.time()
-  # To the last write: a signal after the loop's last look (a second Ctrl-C, say) is noted,
-  # not let cut short the checkpoint that a stop or the last step has just started.
+  # Up to the last write: a signal after the loop's last look (a second Ctrl-C, say) is only
+  # noted, so it cannot cut short the checkpoint that a stop or the last step has started.
   with stop:
     loop = run_loop(loop, t, config, out, stop, on_event)
     on_event("end", loop.step, stop)
