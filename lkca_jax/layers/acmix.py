@@ -117,6 +117,7 @@ class ACmix(nnx.Module):
   """
 
   needs_grid = True  # the relative bias and the 3×3 convolution read grid positions
+  attention_kind = "ACmix attention-branch softmax"  # what `attention_weights` gives
   # Same depth and MLP ratio as lkca_t / lkca_b, width shrunk to their parameter count.
   size_presets = {"t": "acmix_t", "b": "acmix_b"}
   config_options = {}
@@ -159,13 +160,27 @@ class ACmix(nnx.Module):
     """(H, N, N) bias added to the attention logits."""
     return self.relative_bias[...][relative_position_index(*self.grid)].transpose(2, 0, 1)
 
-  def attention_branch(self, qkv: jax.Array) -> jax.Array:
+  def _heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, N, 3D) → q, k, v, each (B, N, H, d)."""
     b, n, _ = qkv.shape
-    qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return jnp.unstack(qkv.reshape(b, n, 3, self.num_heads, self.head_dim), axis=2)
+
+  def _softmax(self, q: jax.Array, k: jax.Array) -> jax.Array:
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * self.head_dim**-0.5
     logits = logits + self.relative_bias_matrix().astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jax.nn.softmax(logits, axis=-1)
+
+  def attention_weights(self, x: jax.Array) -> jax.Array:
+    """The attention branch's softmax weights (B, H, N, N) for tokens x (B, N, D), rows
+    queries, in float32: the convolution branch and the two rates aside."""
+    check_tokens(x, self.qkv.in_features, self.grid, "ACmix")
+    q, k, _ = self._heads(self.qkv(x))
+    return self._softmax(q, k)
+
+  def attention_branch(self, qkv: jax.Array) -> jax.Array:
+    b, n, _ = qkv.shape
+    q, k, v = self._heads(qkv)
+    weights = self._softmax(q, k).astype(v.dtype)
     out = jnp.einsum("bhnm,bmhd->bnhd", weights, v)
     return self.out_proj(out.reshape(b, n, -1))
 

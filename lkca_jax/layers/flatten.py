@@ -63,12 +63,24 @@ def focus(x: jax.Array, power: int = FOCUSING_POWER) -> jax.Array:
   return powered * (norm / jnp.linalg.norm(powered, axis=-1, keepdims=True))
 
 
+def normaliser(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Step 5's z (B, N, H) for (B, N, H, d) maps: 1 / (q · mean_N(k) + ε)."""
+  return 1.0 / (jnp.einsum("bnhc,bhc->bnh", q, k.mean(axis=1), precision=HIGHEST) + EPSILON)
+
+
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """Step 5 on (B, N, H, d) float32 maps: (q · kv) · z with kv computed first."""
   n = q.shape[1]
   kv = jnp.einsum("bnhc,bnhe->bhce", k * n**-0.5, v * n**-0.5, precision=HIGHEST)
-  z = 1.0 / (jnp.einsum("bnhc,bhc->bnh", q, k.mean(axis=1), precision=HIGHEST) + EPSILON)
-  return jnp.einsum("bnhc,bhce->bnhe", q, kv, precision=HIGHEST) * z[..., None]
+  return jnp.einsum("bnhc,bhce->bnhe", q, kv, precision=HIGHEST) * normaliser(q, k)[..., None]
+
+
+def linear_attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+  """The (B, H, N, N) matrix W that step 5 applies to v, W_nm = (q_n · k_m) · z_n / N, which it
+  never forms: non-negative, each row summing to 1 up to ε."""
+  n = q.shape[1]
+  dots = jnp.einsum("bnhc,bmhc->bhnm", q, k, precision=HIGHEST)
+  return dots * (normaliser(q, k).transpose(0, 2, 1)[..., None] / n)
 
 
 class FocusedLinearAttention(nnx.Module):
@@ -83,6 +95,7 @@ class FocusedLinearAttention(nnx.Module):
   """
 
   needs_grid = True  # the position table and the depthwise conv read grid positions
+  attention_kind = "FLatten linear-attention weights"  # what `attention_weights` gives
   # Same depth and MLP ratio as lkca_t / lkca_b, width shrunk to their parameter count.
   size_presets = {"t": "flatten_t", "b": "flatten_b"}
   config_options = {"qkv_bias": bool}
@@ -138,9 +151,11 @@ class FocusedLinearAttention(nnx.Module):
     )
     return add_wide(y.reshape(b, n, dim), bias)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def focused(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Steps 1–4 for tokens x (B, N, D): the focused q and k and v as (B, N, H, d) float32
+    heads, and v (B, N, D) as its projection gave it."""
     check_tokens(x, self.q_proj.in_features, self.grid, "FLatten")
-    b, n, dim = x.shape
+    b, n, _ = x.shape
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     f32 = jnp.float32
     scale = jax.nn.softplus(self.scale[...].astype(f32))
@@ -148,6 +163,15 @@ class FocusedLinearAttention(nnx.Module):
     q = focus((jax.nn.relu(q.astype(f32)) + EPSILON) / scale)
     k = focus((jax.nn.relu(k) + EPSILON) / scale)
     heads = (b, n, self.num_heads, self.head_dim)
-    out = linear_attention(q.reshape(heads), k.reshape(heads), v.astype(f32).reshape(heads))
-    out = out.reshape(b, n, dim).astype(v.dtype) + self.depthwise_conv(v)
-    return self.out_proj(out)
+    return q.reshape(heads), k.reshape(heads), v.astype(f32).reshape(heads), v
+
+  def attention_weights(self, x: jax.Array) -> jax.Array:
+    """The linear attention's weights (B, H, N, N) on v for tokens x (B, N, D), rows queries,
+    in float32 (`linear_attention_weights`): the depthwise convolution aside."""
+    q, k, _, _ = self.focused(x)
+    return linear_attention_weights(q, k)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    q, k, v_heads, v = self.focused(x)
+    out = linear_attention(q, k, v_heads).reshape(v.shape).astype(v.dtype)
+    return self.out_proj(out + self.depthwise_conv(v))

@@ -9,18 +9,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax.backend import by_backend
-from lkca_jax.layers.common import check_cost_sizes, check_tokens, linear, project, threaded, wide
+from lkca_jax.layers import common
+from lkca_jax.layers.common import (
+  check_cost_sizes,
+  check_tokens,
+  linear,
+  project,
+  threaded,
+  wide,
+)
 
 
 class MHSA(nnx.Module):
   """qkv Linear(D, 3·H·d) without bias → softmax(q·kᵀ·d^−½)·v → Linear(H·d, D) with bias.
 
-  `qkv_bias=True` gives the qkv Linear a bias (timm's `qkv_bias`, which DeiT sets). Works on
-  any number of tokens (a class token included); `grid` is accepted for a uniform mixer
-  signature and unused.
+  `qkv_bias=True` gives the qkv Linear a bias (timm's `qkv_bias`, which DeiT sets). Without
+  `head_dim`, d = D / H, and H must divide D. Works on any number of tokens (a class token
+  included); `grid` is accepted for a uniform mixer signature and unused.
   """
 
   needs_grid = False
+  attention_kind = "MHSA softmax"  # what `attention_weights` gives, as the analysis names it
   size_presets = {"t": "vit_1m", "b": "vit"}  # the paper's ViTs at lkca_t / lkca_b's budget
   config_options = {"head_dim": int, "qkv_bias": bool}
 
@@ -31,7 +40,7 @@ class MHSA(nnx.Module):
     """qkv and output projections (4·N·D² when H·d = D), then q·kᵀ and weights·v (2·N²·D)."""
     del qkv_bias  # biases are element-wise work
     check_cost_sizes(num_tokens, dim, num_heads, "MHSA")
-    inner = num_heads * (head_dim or dim // num_heads)
+    inner = num_heads * (head_dim or common.head_dim(dim, num_heads, "MHSA"))
     return 4 * num_tokens * dim * inner + 2 * num_tokens**2 * inner
 
   def __init__(
@@ -47,7 +56,7 @@ class MHSA(nnx.Module):
   ):
     del grid
     self.num_heads = num_heads
-    self.head_dim = head_dim or dim // num_heads
+    self.head_dim = head_dim or common.head_dim(dim, num_heads, "MHSA")
     inner = self.num_heads * self.head_dim
     self.qkv = linear(dim, 3 * inner, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.out_proj = linear(inner, dim, dtype=dtype, rngs=rngs)
@@ -55,6 +64,15 @@ class MHSA(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     check_tokens(x, self.qkv.in_features, None, "MHSA")
     return self.out_proj(attention(self.qkv(x), self.num_heads, self.head_dim**-0.5))
+
+  def attention_weights(self, x: jax.Array) -> jax.Array:
+    """The softmax weights (B, H, T, T) this layer applies to the values of tokens x
+    (B, T, D), rows queries, in float32."""
+    check_tokens(x, self.qkv.in_features, None, "MHSA")
+    b, n, _ = x.shape
+    q, k, _ = jnp.unstack(self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim), axis=2)
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * self.head_dim**-0.5
+    return jax.nn.softmax(logits, axis=-1)
 
   def mix_first(self, x: jax.Array, count: int) -> jax.Array:
     """`self(x)[:, :count]`, computed for those tokens only: their queries against the keys

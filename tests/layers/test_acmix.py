@@ -185,18 +185,20 @@ def softmax(x, axis=-1):
   return e / e.sum(axis=axis, keepdims=True)
 
 
-def reference_acmix(module, x, grid):
-  """float64 ACmix written after the authors' PyTorch code (NCHW, torch weight layouts)."""
+def p(v):
+  return np.asarray(v[...], np.float64)
+
+
+def reference_weights(module, x, grid):
+  """float64 attention-branch softmax (B, H, N, N) and v (B, H, N, d), after the authors'
+  PyTorch code, with Swin's relative position bias (query − key offsets)."""
   h, w = grid
   heads = module.num_heads
-  p = lambda v: np.asarray(v[...], np.float64)
   x = np.asarray(x, np.float64)
   b, n, dim = x.shape
   d = dim // heads
   qkv = x @ p(module.qkv.kernel) + p(module.qkv.bias)
   q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
-
-  # Attention branch with Swin's relative position bias (query − key offsets).
   table = p(module.relative_bias)
   bias = np.zeros((heads, n, n))
   for i in range(h):
@@ -205,12 +207,20 @@ def reference_acmix(module, x, grid):
         for qq in range(w):
           bias[:, i * w + j, pp * w + qq] = table[(i - pp + h - 1) * (2 * w - 1) + (j - qq + w - 1)]
   split = lambda t: t.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # (B, H, N, d)
-  weights = softmax(split(q) @ split(k).transpose(0, 1, 3, 2) * d**-0.5 + bias)
-  attention = (weights @ split(v)).transpose(0, 2, 1, 3).reshape(b, n, dim)
+  return softmax(split(q) @ split(k).transpose(0, 1, 3, 2) * d**-0.5 + bias), split(v)
+
+
+def reference_acmix(module, x, grid):
+  """float64 ACmix written after the authors' PyTorch code (NCHW, torch weight layouts)."""
+  x = np.asarray(x, np.float64)
+  b, n, dim = x.shape
+  qkv = x @ p(module.qkv.kernel) + p(module.qkv.bias)
+  weights, v = reference_weights(module, x, grid)
+  attention = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
   attention = attention @ p(module.out_proj.kernel) + p(module.out_proj.bias)
 
   conv = reference_conv_branch(
-    qkv, p(module.fc.kernel), p(module.fc.bias), p(module.conv_kernel), grid, heads
+    qkv, p(module.fc.kernel), p(module.fc.bias), p(module.conv_kernel), grid, module.num_heads
   )
   return p(module.attention_rate) * attention + p(module.conv_rate) * conv
 
@@ -245,13 +255,11 @@ def reference_conv_branch(qkv, fc, fc_bias, conv_kernel, grid, heads):
   return conv.reshape(b, dim, n).transpose(0, 2, 1)
 
 
-@pytest.mark.parametrize("grid", [(3, 5), (4, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
-def test_full_forward_matches_float64_reference(grid):
+def randomised(grid, dim, heads):
+  """An ACmix with every parameter moved off its init, so each one's layout is exercised."""
   h, w = grid
-  dim, heads = 12, 3
   module = ACmix(dim, grid, num_heads=heads, rngs=nnx.Rngs(2))
   rng = np.random.default_rng(3)
-  # Move every parameter off its init so each one's layout is exercised.
   module.conv_kernel[...] = jnp.asarray(rng.normal(size=(3, 3, 9, dim)), jnp.float32)
   module.relative_bias[...] = jnp.asarray(
     rng.normal(size=((2 * h - 1) * (2 * w - 1), heads)), jnp.float32
@@ -261,12 +269,33 @@ def test_full_forward_matches_float64_reference(grid):
   module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
   module.attention_rate[...] = jnp.asarray(0.7, jnp.float32)
   module.conv_rate[...] = jnp.asarray(-0.3, jnp.float32)
-  x = rng.normal(size=(BATCH, h * w, dim)).astype(np.float32)
+  return module, rng.normal(size=(BATCH, h * w, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (4, 4)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_full_forward_matches_float64_reference(grid):
+  h, w = grid
+  dim, heads = 12, 3
+  module, x = randomised(grid, dim, heads)
   out = module(jnp.asarray(x))
   assert out.shape == (BATCH, h * w, dim) and out.dtype == jnp.float32
   # The chain: qkv (dim), the logits (head dim), softmax and weights·v (h·w each), the
   # conv branch's fc and 3x3 taps (9 + 81), the output projection (dim).
   assert_reordered(out, reference_acmix(module, x, grid), 2 * dim + 4 + 2 * h * w + 90)
+
+
+def test_attention_weights_are_the_softmax_the_attention_branch_applies():
+  grid, dim, heads = (3, 5), 12, 3
+  module, x = randomised(grid, dim, heads)
+  weights = module.attention_weights(jnp.asarray(x))
+  assert weights.shape == (BATCH, heads, 15, 15) and weights.dtype == jnp.float32
+  # The chain: qkv (dim), the logits (head dim), the softmax's sum (15 tokens).
+  assert_reordered(weights, reference_weights(module, x, grid)[0], dim + 4 + 15)
+  # Applied to v and projected, they give the branch's output: weights·v adds 15 terms.
+  qkv = module.qkv(jnp.asarray(x))
+  v = qkv[..., 2 * dim :].reshape(BATCH, 15, heads, 4)
+  mixed = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(BATCH, 15, dim)
+  assert_reordered(module.out_proj(mixed), module.attention_branch(qkv), dim + 4 + 2 * 15 + dim)
 
 
 def test_bfloat16_activations_stay_bfloat16():

@@ -87,23 +87,36 @@ def test_focus_matches_direct_formula_and_survives_large_values():
   assert_reordered(out, focus_direct(x) * 1e7, 52)
 
 
-def reference_flatten(module, x, grid):
-  """float64 FLatten following `docs/method.md` ("Peer mixers") step by step."""
-  h, w = grid
+def p(v):
+  return np.asarray(v[...], np.float64)
+
+
+def project(lin, t):
+  return t @ p(lin.kernel) + (p(lin.bias) if lin.bias is not None else 0.0)
+
+
+def reference_heads(module, x):
+  """Steps 1–4 in float64: q, k, v as (B, H, N, d)."""
   heads = module.num_heads
-  p = lambda v: np.asarray(v[...], np.float64)
-  project = lambda lin, t: t @ p(lin.kernel) + (p(lin.bias) if lin.bias is not None else 0.0)
   x = np.asarray(x, np.float64)
   b, n, dim = x.shape
-  d = dim // heads
   q, k, v = project(module.q_proj, x), project(module.k_proj, x), project(module.v_proj, x)
   k = k + p(module.position)  # 1
   q, k = np.maximum(q, 0) + 1e-6, np.maximum(k, 0) + 1e-6  # 2
   softplus = np.log1p(np.exp(p(module.scale)))
   q, k = q / softplus, k / softplus  # 3
   q, k = focus_direct(q), focus_direct(k)  # 4: norms over all D channels
-  split = lambda t: t.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # 5: (B, H, N, d)
-  q, k, vh = split(q), split(k), split(v)
+  split = lambda t: t.reshape(b, n, heads, dim // heads).transpose(0, 2, 1, 3)
+  return split(q), split(k), split(v)
+
+
+def reference_flatten(module, x, grid):
+  """float64 FLatten following `docs/method.md` ("Peer mixers") step by step."""
+  h, w = grid
+  heads = module.num_heads
+  b, n, dim = x.shape
+  d = dim // heads
+  q, k, vh = reference_heads(module, x)  # 5: (B, H, N, d)
   kv = (k.transpose(0, 1, 3, 2) / np.sqrt(n)) @ (vh / np.sqrt(n))
   z = 1.0 / (q @ k.mean(axis=2)[..., None] + 1e-6)
   out = (q @ kv) * z
@@ -147,6 +160,30 @@ def test_matches_float64_reference_step_by_step(grid, qkv_bias):
   # The chain: qkv (dim), the focus's norms (head dim), kᵀv and the normaliser (h·w each),
   # q against them (head dim), the 5x5 depthwise conv, the output projection (dim).
   assert_reordered(out, reference_flatten(module, x, grid), 2 * dim + 3 * 4 + 2 * h * w + 25)
+
+
+def test_attention_weights_are_the_matrix_the_linear_attention_applies():
+  grid, dim, heads = (3, 5), 12, 3
+  module = FocusedLinearAttention(dim, grid, num_heads=heads, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(2)
+  randomise(module, rng)
+  x = rng.normal(size=(BATCH, 15, dim)).astype(np.float32)
+  weights = module.attention_weights(jnp.asarray(x))
+  assert weights.shape == (BATCH, heads, 15, 15) and weights.dtype == jnp.float32
+  # Formed in float64 from the reference's own q and k: row n is q_n·k_m over
+  # Σ_m' q_n·k_m' + N·ε, so a query that ReLU zeroed (q ≈ ε) weighs less than 1 in all.
+  q, k, _ = reference_heads(module, x)
+  dots = q @ k.transpose(0, 1, 3, 2)
+  expected = dots / (dots.sum(axis=-1, keepdims=True) + 15 * 1e-6)
+  assert (np.asarray(weights) >= 0).all()
+  # The chain: q and k each off by their projection's dim terms, tripled by the focusing
+  # cube, and by its norms over dim; then q·k (head dim) and the row's sum (15).
+  assert_reordered(weights, expected, 2 * (3 * dim + dim) + 4 + 15)
+  # Applied to v, plus the depthwise conv, then projected: the module's output.
+  v32 = module.v_proj(jnp.asarray(x))
+  mixed = jnp.einsum("bhnm,bmhd->bnhd", weights, v32.reshape(BATCH, 15, heads, 4))
+  out = module.out_proj(mixed.reshape(BATCH, 15, dim) + module.depthwise_conv(v32))
+  assert_reordered(out, module(jnp.asarray(x)), 2 * dim + 8 + 2 * 15 + 25)
 
 
 def equations(jaxpr):

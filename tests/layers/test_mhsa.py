@@ -14,8 +14,9 @@ from lkca_jax.models import count_params
 from tests.helpers import U_BF16, U, assert_reordered, product_fusions
 
 
-def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
-  """Reference in float64: qkv split as (3, heads, head_dim) like the PyTorch chunk + rearrange."""
+def numpy_weights(x, w_qkv, num_heads, head_dim):
+  """Reference in float64: the softmax weights (B, H, N, N) and v (B, H, N, d), qkv split as
+  (3, heads, head_dim) like the PyTorch chunk + rearrange."""
   b, n, _ = x.shape
   inner = num_heads * head_dim
   qkv = x @ w_qkv  # (B, N, 3·H·d), no bias
@@ -26,8 +27,13 @@ def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
   logits -= logits.max(axis=-1, keepdims=True)
   weights = np.exp(logits)
-  weights /= weights.sum(axis=-1, keepdims=True)
-  out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, inner)
+  return weights / weights.sum(axis=-1, keepdims=True), v
+
+
+def numpy_mhsa(x, w_qkv, w_out, b_out, num_heads, head_dim):
+  weights, v = numpy_weights(x, w_qkv, num_heads, head_dim)
+  b, n, _ = x.shape
+  out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, num_heads * head_dim)
   return out @ w_out + b_out
 
 
@@ -58,6 +64,29 @@ def test_matches_numpy_reference(dim, num_heads, head_dim, tokens, form):
     out = np.asarray(module(jnp.asarray(x)))
   assert out.dtype == np.float32 and out.shape == (3, tokens, dim)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+def test_attention_weights_are_the_softmax_the_layer_applies(form):
+  module = MHSA(8, num_heads=2, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(1).normal(size=(3, 36, 8)).astype(np.float32)
+  weights = module.attention_weights(jnp.asarray(x))
+  assert weights.shape == (3, 2, 36, 36) and weights.dtype == jnp.float32
+  expected, _ = numpy_weights(x.astype(np.float64), np.asarray(module.qkv.kernel[...]), 2, 4)
+  assert_reordered(weights, expected, 8 + 4 + 36)  # qkv (8 terms), logits (4), softmax (36)
+  # Applied to v and projected, the layer's output in either form.
+  v = module.qkv(jnp.asarray(x)).reshape(3, 36, 3, 2, 4)[:, :, 2]
+  out = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(3, 36, 8)
+  with backend.forms(form):
+    mixed = module(jnp.asarray(x))
+  # The chain: qkv (8 terms), logits (4), softmax and weights·v (36 each), out_proj (8).
+  assert_reordered(module.out_proj(out), mixed, 8 + 4 + 2 * 36 + 8)
+
+
+def test_heads_that_do_not_divide_the_width_are_refused_unless_head_dim_is_given():
+  with pytest.raises(ValueError, match=r"MHSA needs dim \(24\) divisible by num_heads \(5\)"):
+    MHSA(24, num_heads=5, rngs=nnx.Rngs(0))
+  assert MHSA(24, num_heads=5, head_dim=4, rngs=nnx.Rngs(0)).qkv.kernel.shape == (24, 60)
 
 
 @pytest.mark.parametrize("form", ["cpu", "plain"])

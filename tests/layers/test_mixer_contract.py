@@ -200,6 +200,24 @@ def test_bfloat16_activations_stay_bfloat16_and_close_to_float32(name):
   assert max_rel_err(out.astype(jnp.float32), reference(x)) < 5e-2
 
 
+ATTENTION = [name for name in NAMES if hasattr(MIXERS[name], "attention_weights")]
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_weights_are_distributions_over_the_tokens_it_mixes(name):
+  """Non-negative float32 (B, H, T, T) rows summing to at most 1 (within the rounding of T
+  terms): a softmax's to 1, FLatten's to S / (S + T·ε) for S = Σ_m q·k_m, far below 1 for a
+  query that ReLU zeroed."""
+  module = randomise(build(name))
+  n = num_tokens(name)
+  weights = jax.jit(lambda x: module.attention_weights(x))(tokens(name, seed=1))
+  assert weights.shape == (BATCH, HEADS, n, n) and weights.dtype == jnp.float32
+  assert float(weights.min()) >= 0
+  sums = np.asarray(weights, np.float64).sum(axis=-1)
+  assert sums.max() <= 1 + 2 * n * 2.0**-24 and sums.min() > 0
+  assert isinstance(MIXERS[name].attention_kind, str)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tokens_of_another_width_or_without_a_batch_axis_are_one_line_naming_the_fix(name):
   module = build(name)
@@ -432,7 +450,9 @@ def test_mhsa_counts_its_inner_width_when_head_dim_is_decoupled():
   assert MIXERS["mhsa"].macs(9, 16, 2, head_dim=5) == 4 * 9 * 16 * 10 + 2 * 81 * 10
 
 
-@pytest.mark.parametrize("name", ["acmix", "flatten"])
+@pytest.mark.parametrize("name", ["mhsa", "acmix", "flatten"])
 def test_head_dim_mixers_refuse_heads_that_do_not_divide_the_width(name):
   with pytest.raises(ValueError, match=r"dim \(192\) divisible by num_heads \(5\)"):
     MIXERS[name].macs(64, 192, 5)
+  with pytest.raises(ValueError, match=r"dim \(192\) divisible by num_heads \(5\)"):
+    build(name, dim=192, heads=5)
