@@ -3,12 +3,14 @@
 - LKCA kernels and their attention view: each LKCA layer's (…, 2h−1, 2w−1)
   kernel K and the N×N block-Toeplitz matrix A it stands for (arXiv 2401.05738);
   both depend on the parameters only.
-- MHSA attention: the softmax weights of every MHSA layer, averaged over
-  images, on the patch tokens (class token row and column dropped).
+- Attention weights, which depend on the input: every MHSA, ACmix and FLatten
+  layer's weights on the values (`attention_weights` of the mixer: MHSA's softmax,
+  ACmix's attention-branch softmax, FLatten's linear-attention weights), averaged
+  over images, on the patch tokens (a class token's row and column dropped).
 - Mean attention distance (in patches): per query token, the mean grid
   distance to the keys weighted by its row of |A| (LKCA) or of the mean
-  softmax (MHSA), each row normalised to sum 1; then the mean over queries
-  and heads (channels, for per-channel kernels).
+  weights (the others), each row normalised to sum 1; then the mean over
+  queries and heads (channels, for per-channel kernels).
 - Effective receptive field (Luo et al., NeurIPS 2016, measured as RepLKNet
   does, Ding et al., CVPR 2022): the gradient of the positive part of the
   centre token's output of the last block, summed over channels, with
@@ -33,7 +35,6 @@ from flax import nnx
 
 from lkca_jax import models
 from lkca_jax.layers.lkca import LKCA
-from lkca_jax.layers.mhsa import MHSA
 
 ERF_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 BATCH_SIZE = 64  # images per compiled forward / backward pass
@@ -44,8 +45,9 @@ def lkca_layers(model: models.ViT) -> list[int]:
   return [i for i, block in enumerate(model.blocks) if isinstance(block.mixer, LKCA)]
 
 
-def mhsa_layers(model: models.ViT) -> list[int]:
-  return [i for i, block in enumerate(model.blocks) if isinstance(block.mixer, MHSA)]
+def attention_layers(model: models.ViT) -> list[int]:
+  """The layers whose mixer has input-dependent attention weights (`attention_weights`)."""
+  return [i for i, block in enumerate(model.blocks) if hasattr(block.mixer, "attention_weights")]
 
 
 def lkca_kernels(model: models.ViT) -> dict[int, np.ndarray]:
@@ -61,26 +63,19 @@ def lkca_attention(model: models.ViT) -> dict[int, np.ndarray]:
 
 
 # --- forward passes ------------------------------------------------------------
-def mhsa_weights(mixer: MHSA, y: jax.Array) -> jax.Array:
-  """The softmax weights (B, H, T, T) that `mixer` applies to its input tokens y (B, T, D)."""
-  b, n, _ = y.shape
-  qkv = mixer.qkv(y).reshape(b, n, 3, mixer.num_heads, mixer.head_dim)
-  logits = jnp.einsum("bnhd,bmhd->bhnm", qkv[:, :, 0], qkv[:, :, 1]) * mixer.head_dim**-0.5
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-
 def run_blocks(model: models.ViT, images: jax.Array, *, attention: bool = False):
   """`ViT.__call__` up to the output of the last block.
 
   Returns (tokens (B, T, D), number of prefix tokens before the h·w patch
-  tokens, {MHSA layer: softmax weights (B, H, T, T)} if `attention` else {}).
+  tokens, {attention layer: its weights among the patch tokens (B, H, N, N)} if
+  `attention` else {}).
   `model.classify` finishes the forward pass (tests check the two agree).
   """
   x, num_prefix = model.embed(images)
   weights = {}
   for i, block in enumerate(model.blocks):
-    if attention and isinstance(block.mixer, MHSA):
-      weights[i] = mhsa_weights(block.mixer, block.norm1(x))
+    if attention and hasattr(block.mixer, "attention_weights"):
+      weights[i] = block.attention_weights(block.norm1(x), num_prefix=num_prefix)
     x = block(x, num_prefix=num_prefix)
   return x, num_prefix, weights
 
@@ -91,10 +86,10 @@ def _batches(images, batch_size: int):
     yield images[start : start + batch_size]
 
 
-def mean_mhsa_attention(
+def mean_attention_weights(
   model: models.ViT, images, *, batch_size: int = BATCH_SIZE
 ) -> dict[int, np.ndarray]:
-  """MHSA layer → its softmax weights averaged over `images`, patch tokens only: (H, N, N).
+  """Attention layer → its weights averaged over `images`, patch tokens only: (H, N, N).
 
   Rows are queries, columns keys, both row-major over the h×w grid. With a
   class token, its row and column are dropped and the rows are left as they
@@ -105,8 +100,8 @@ def mean_mhsa_attention(
 
   @jax.jit
   def summed(state, batch):
-    _, num_prefix, weights = run_blocks(nnx.merge(graphdef, state), batch, attention=True)
-    return {i: w[:, :, num_prefix:, num_prefix:].sum(axis=0) for i, w in weights.items()}
+    _, _, weights = run_blocks(nnx.merge(graphdef, state), batch, attention=True)
+    return {i: w.sum(axis=0) for i, w in weights.items()}
 
   totals, count = None, 0
   for batch in _batches(images, batch_size):
@@ -114,7 +109,7 @@ def mean_mhsa_attention(
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     count += batch.shape[0]
   if totals is None:
-    raise ValueError("mean_mhsa_attention needs at least one image")
+    raise ValueError("mean_attention_weights needs at least one image")
   return {i: np.asarray(total, np.float32) / count for i, total in totals.items()}
 
 
@@ -191,20 +186,20 @@ def uniform_attention_distance(grid) -> float:
 
 
 def attention_distances(
-  model: models.ViT, images=None, *, mhsa_attention: dict[int, np.ndarray] | None = None
+  model: models.ViT, images=None, *, attention: dict[int, np.ndarray] | None = None
 ) -> dict[int, dict]:
-  """Layer → {"mixer", "mean", "per_unit"} for every LKCA and MHSA layer.
+  """Layer → {"mixer", "mean", "per_unit"} for every LKCA and attention layer.
 
-  `per_unit` holds the mean distance of each head (MHSA, per-head LKCA
-  kernels), channel (per-channel kernels) or the one layer kernel; `mean`
-  is their mean. MHSA layers need `images` or a precomputed `mhsa_attention`
-  (from `mean_mhsa_attention`); without either they are left out.
+  `per_unit` holds the mean distance of each head (attention layers, per-head
+  LKCA kernels), channel (per-channel kernels) or the one layer kernel; `mean`
+  is their mean. Attention layers need `images` or a precomputed `attention`
+  (from `mean_attention_weights`); without either they are left out.
   """
   grid = model.grid
   weights = {i: a.reshape(-1, *a.shape[-2:]) for i, a in lkca_attention(model).items()}
-  if mhsa_attention is None and images is not None and mhsa_layers(model):
-    mhsa_attention = mean_mhsa_attention(model, images)
-  weights.update(mhsa_attention or {})
+  if attention is None and images is not None and attention_layers(model):
+    attention = mean_attention_weights(model, images)
+  weights.update(attention or {})
   out = {}
   for i in sorted(weights):
     per_unit = np.asarray([mean_attention_distance(unit, grid) for unit in weights[i]])

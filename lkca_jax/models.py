@@ -179,6 +179,14 @@ class Block(nnx.Module):
       branch = self.mlp(self.norm2(x))
     return x + self.drop_path2(branch, rngs=rngs, rate=drop_path_rate)
 
+  def attention_weights(self, y, *, num_prefix: int = 0) -> jax.Array:
+    """The weights (B, H, N, N) the mixer's attention applies among the N patch tokens, for
+    its input y (B, T, D) (`self.norm1` of the block's input), in float32; for a mixer with
+    `attention_weights` (MHSA, ACmix, FLatten). Rows are queries."""
+    if self.mixer.needs_grid:  # it sees the patch tokens only
+      return self.mixer.attention_weights(y[:, num_prefix:])
+    return self.mixer.attention_weights(y)[:, :, num_prefix:, num_prefix:]
+
   def _mixed(self, y, num_prefix: int, *, first_only: bool):
     """The mixer branch before the residual add, for every token or the first alone."""
     if num_prefix and self.mixer.needs_grid:

@@ -72,25 +72,30 @@ def blocks_and_forward(model, x):
   return tokens, num_prefix, weights, model.classify(tokens), model(x)
 
 
-@pytest.mark.parametrize("preset", ["lkca_t", "vit_1m"])
+@pytest.mark.parametrize("preset", ["lkca_t", "vit_1m", "acmix_t", "flatten_t"])
 def test_run_blocks_then_pooling_is_the_models_forward_pass(preset):
   model = make_model(preset, depth=2)
   tokens, num_prefix, weights, logits, forward = blocks_and_forward(model, jnp.asarray(images()))
   assert num_prefix == (1 if preset == "vit_1m" else 0)
   assert tokens.shape == (6, num_prefix + 35, 8)
   assert_reordered(logits, forward, chain_terms(model))
-  assert sorted(weights) == ([0, 1] if preset == "vit_1m" else [])
+  assert sorted(weights) == ([] if preset == "lkca_t" else [0, 1])
+  assert all(w.shape == (6, 2, 35, 35) for w in weights.values())  # patch tokens only
 
 
-def test_mhsa_weights_are_the_ones_the_mixer_applies():
-  mixer = make_model("vit_1m").blocks[0].mixer
-  y = jnp.asarray(np.random.default_rng(1).normal(size=(3, 36, 8)), jnp.float32)
-  weights = analysis.mhsa_weights(mixer, y)
-  assert_reordered(weights.sum(-1), np.ones((3, 2, 36)), 2 * 36)  # 36 weights, each rounded
-  v = mixer.qkv(y).reshape(3, 36, 3, 2, 4)[:, :, 2]
-  out = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(3, 36, 8)
-  # The chain: qkv (8 terms), logits (4), softmax and weights·v (36 each), out_proj (8).
-  assert_reordered(mixer.out_proj(out), mixer(y), 8 + 4 + 2 * 36 + 8)
+def test_with_a_class_token_each_mixers_weights_cover_the_patch_tokens_it_mixes():
+  # MHSA mixes the class token too: its patch rows lose the class token's share. The grid
+  # mixers see the patch tokens alone, so their softmax rows keep all of it.
+  model = make_model("vit_1m", depth=3, mixer=["mhsa", "acmix", "flatten"], pool="cls")
+  *_, weights, _, _ = blocks_and_forward(model, jnp.asarray(images()))
+  sums = {i: np.asarray(w, np.float64).sum(axis=-1) for i, w in weights.items()}
+  assert sorted(sums) == [0, 1, 2] and all(s.shape == (6, 2, 35) for s in sums.values())
+  assert sums[0].max() < 1 - 1e-3
+  assert_reordered(sums[1], np.ones_like(sums[1]), 2 * 35)
+  assert (sums[2] <= 1 + 2 * 35 * 2.0**-24).all()
+  distances = analysis.attention_distances(model, images(2))
+  assert [distances[i]["mixer"] for i in range(3)] == ["mhsa", "acmix", "flatten"]
+  assert all(len(distances[i]["per_unit"]) == 2 for i in range(3))
 
 
 @pytest.mark.parametrize("offset", [(2, -1), (0, 3), (-1, 0)])
@@ -172,14 +177,14 @@ def test_uniform_mhsa_attention_has_the_grids_mean_pairwise_distance():
   model = make_model("vit_1m", depth=2)
   for block in model.blocks:
     block.mixer.qkv.kernel[...] = jnp.zeros_like(block.mixer.qkv.kernel[...])
-  attention = analysis.mean_mhsa_attention(model, images(5), batch_size=2)
+  attention = analysis.mean_attention_weights(model, images(5), batch_size=2)
   assert sorted(attention) == [0, 1]
   for weights in attention.values():
     assert weights.shape == (2, 35, 35)
     np.testing.assert_allclose(weights, 1 / 36, rtol=1e-6)  # class token dropped
   expected = brute_force_mean_distance(GRID)
   assert analysis.uniform_attention_distance(GRID) == pytest.approx(expected)
-  result = analysis.attention_distances(model, mhsa_attention=attention)
+  result = analysis.attention_distances(model, attention=attention)
   for layer in result.values():
     assert layer["mixer"] == "mhsa"
     np.testing.assert_allclose(layer["per_unit"], expected)
@@ -190,11 +195,11 @@ def test_uniform_mhsa_attention_has_the_grids_mean_pairwise_distance():
 def test_mean_attention_is_an_average_over_images():
   model = make_model("vit_1m")
   x = images(5)
-  both = analysis.mean_mhsa_attention(model, x, batch_size=3)[0]  # batches of 3 and 2
+  both = analysis.mean_attention_weights(model, x, batch_size=3)[0]  # batches of 3 and 2
   *_, weights, _, _ = blocks_and_forward(model, jnp.asarray(x))
-  each = np.asarray(weights[0])[:, :, 1:, 1:]  # per image, class token dropped
+  each = np.asarray(weights[0])  # per image, class token dropped
   np.testing.assert_allclose(both, each.mean(axis=0), atol=1e-6)
-  one = analysis.mean_mhsa_attention(model, x[:1])[0]
+  one = analysis.mean_attention_weights(model, x[:1])[0]
   np.testing.assert_allclose(one, each[0], atol=1e-6)
 
 

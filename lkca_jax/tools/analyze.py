@@ -21,15 +21,18 @@ for the average), a PNG (150 dpi) and a JSON each:
   first 16 channels and the mean |K| over all of them. The JSON holds the raw
   kernels. Left out for a model without LKCA layers.
 - attention: the N×N attention view of the --layers (default: the first,
-  middle and last LKCA / MHSA layer): LKCA's signed block-Toeplitz matrix A
-  (the mean over heads / channels for per-head / per-channel kernels), MHSA's
-  softmax weights averaged over the test images and heads, patch tokens only.
-  Tokens are numbered row-major over the h×w grid.
+  middle and last layer with one): LKCA's signed block-Toeplitz matrix A
+  (the mean over heads / channels for per-head / per-channel kernels); for
+  MHSA its softmax, for ACmix its attention branch's softmax (the convolution
+  branch aside), for FLatten its linear attention's weights on v (the depthwise
+  convolution aside), each averaged over the test images and heads, patch
+  tokens only. Tokens are numbered row-major over the h×w grid.
 - erf: the effective receptive field of the centre token (see
   `lkca_jax.analysis`) after training and at initialisation, log-scaled,
   with the sides of the smallest centred squares holding 20/30/50/99% of it.
-- distance: the mean attention distance of every LKCA / MHSA layer, in
-  patches, over depth, with the value of uniform attention for reference.
+- distance: the mean attention distance of every layer with an attention
+  view, in patches, over depth, with the value of uniform attention for
+  reference.
 
 --compare OTHER_WORKDIR adds a second trained model to the attention, erf and
 distance figures, e.g. vit_1m next to lkca_t: the config its run saved there
@@ -179,7 +182,7 @@ def workdir_config(workdir: str, base):
 def viewable_layers(model) -> list[int]:
   from lkca_jax import analysis  # pylint: disable=import-outside-toplevel
 
-  return sorted(analysis.lkca_layers(model) + analysis.mhsa_layers(model))
+  return sorted(analysis.lkca_layers(model) + analysis.attention_layers(model))
 
 
 def choose_layers(model, requested: list[int] | None) -> list[int]:
@@ -199,7 +202,7 @@ def choose_layers(model, requested: list[int] | None) -> list[int]:
     if layer - 1 not in viewable:
       raise ValueError(
         f"--layers {layer} is a {model.mixers[layer - 1]} layer, which has no "
-        "attention view (LKCA and MHSA layers have)"
+        "attention view (LKCA, MHSA, ACmix and FLatten layers have)"
       )
     chosen.append(layer - 1)
   return sorted(set(chosen))
@@ -235,9 +238,9 @@ def analyse(subject: Subject, layers: list[int]) -> Results:
   model = subject.trained
   kernels = analysis.lkca_kernels(model)
   sharing = {i: model.blocks[i].mixer.kernel_sharing for i in kernels}
-  attention = {}  # MHSA layer → mean softmax over the test images (H, N, N)
-  if analysis.mhsa_layers(model):
-    attention = analysis.mean_mhsa_attention(model, subject.images)
+  attention = {}  # attention layer → mean weights over the test images (H, N, N)
+  if analysis.attention_layers(model):
+    attention = analysis.mean_attention_weights(model, subject.images)
   toeplitz = analysis.lkca_attention(model)
   views, kinds = {}, {}
   for i in layers:
@@ -247,8 +250,9 @@ def analyse(subject: Subject, layers: list[int]) -> Results:
       kinds[i] = "LKCA A" if a.ndim == 2 else f"LKCA A, mean of {a.shape[0]} {sharing[i]} kernels"
     else:
       views[i] = attention[i].mean(axis=0)
-      kinds[i] = f"MHSA, mean of {attention[i].shape[0]} heads"
-  distances = analysis.attention_distances(model, mhsa_attention=attention)
+      kind = model.blocks[i].mixer.attention_kind
+      kinds[i] = f"{kind}, mean of {attention[i].shape[0]} heads"
+  distances = analysis.attention_distances(model, attention=attention)
   erf = {
     "trained": analysis.effective_receptive_field(model, subject.images),
     "init": analysis.effective_receptive_field(subject.init, subject.images),
@@ -429,6 +433,10 @@ def _channel_mosaic_panel(plt, fig, ax, layer, stack, grid) -> None:
 
 
 def plot_attention(subjects, results, layers, path) -> None:
+  save_figure(attention_figure(subjects, results, layers), path)
+
+
+def attention_figure(subjects, results, layers):
   """A row per model: the N×N attention view of each chosen layer."""
   from matplotlib.ticker import MultipleLocator  # pylint: disable=import-outside-toplevel
 
@@ -448,7 +456,7 @@ def plot_attention(subjects, results, layers, path) -> None:
       axes[row, 0].text(
         0.5,
         0.5,
-        f"{subject.label}: no LKCA or MHSA layer",
+        f"{subject.label}: no layer with an attention view",
         ha="center",
         va="center",
         transform=axes[row, 0].transAxes,
@@ -470,10 +478,10 @@ def plot_attention(subjects, results, layers, path) -> None:
       ax.set_ylabel("query token (row-major)")
   fig.suptitle(
     f"Attention views on the {subjects[0].grid[0]}×{subjects[0].grid[1]} patch grid "
-    f"(MHSA: softmax averaged over {len(subjects[0].images)} test images, class "
+    f"(attention weights averaged over {len(subjects[0].images)} test images, class "
     "token dropped)"
   )
-  save_figure(fig, path)
+  return fig
 
 
 def plot_erf(subjects, results, path) -> None:
@@ -677,7 +685,8 @@ def attention_json(subjects, results, layers) -> dict:
   return {
     "layers_numbered_from": 1,
     "matrix": "rows: query tokens, columns: key tokens, row-major over the patch grid; "
-    "MHSA: mean softmax over images and heads, class token dropped",
+    "attention weights (MHSA, ACmix, FLatten): their mean over images and heads, class token "
+    "dropped",
     "models": models,
   }
 
@@ -725,8 +734,8 @@ def distance_json(subjects, results) -> dict:
   return {
     "layers_numbered_from": 1,
     "unit": "patches",
-    "per_unit": "one value per head (MHSA, per-head LKCA), channel (per-channel LKCA) "
-    "or the layer's one kernel",
+    "per_unit": "one value per head (MHSA, ACmix, FLatten, per-head LKCA), channel "
+    "(per-channel LKCA) or the layer's one kernel",
     "models": models,
   }
 
@@ -795,15 +804,15 @@ def define_flags() -> None:
     "Draw the moving average of the parameters that a run with ema_decay > 0 kept, into "
     "<workdir>/analysis/average/.",
   )
-  flags.DEFINE_integer("images", 50, "Test images for the ERF and MHSA attention.")
+  flags.DEFINE_integer("images", 50, "Test images for the ERF and the attention weights.")
   flags.DEFINE_integer(
     "run", 0, "Of a workdir that trained several runs (num_runs, sweep): which (from 0)."
   )
   flags.DEFINE_string(
     "layers",
     None,
-    "Comma-separated layers (from 1) for the attention "
-    "figure (default: the first, middle and last LKCA / MHSA layer).",
+    "Comma-separated layers (from 1) for the attention figure (default: the first, middle "
+    "and last layer with an attention view).",
   )
   flags.DEFINE_string(
     "compare",

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -20,6 +21,7 @@ from flax import nnx
 from matplotlib import image as mpimg
 
 from lkca_jax import analysis, models
+from lkca_jax.layers import MIXERS
 from lkca_jax.tools import analyze
 from tests.helpers import built_once
 
@@ -321,27 +323,71 @@ def test_kernel_mosaic_tiles_channels_row_major():
   assert np.isnan(mosaic[3]).all() and np.isnan(mosaic[4:7, 8:11]).all()
 
 
-def test_layers_flag_selects_and_checks_layers():
-  model = models.create_model(
+class Identity(nnx.Module):
+  """A registered mixer that mixes nothing, and so has no attention view."""
+
+  needs_grid, size_presets, config_options = False, {}, {}
+
+  def __init__(self, dim, grid, *, num_heads, dtype=None, rngs):
+    del dim, grid, num_heads, dtype, rngs
+
+  def __call__(self, x):
+    return x
+
+
+def hybrid(mixers, dim=16):
+  return models.create_model(
     "lkca_t",
     num_classes=10,
     image_size=8,
     channels=1,
     patch_size=1,
-    dim=16,
-    depth=5,
-    num_heads=2,
+    dim=dim,
+    depth=len(mixers),
+    num_heads=4,
     rngs=nnx.Rngs(0),
-    mixer=["lkca", "acmix"] * 2 + ["lkca"],
+    mixer=mixers,
   )
-  assert analyze.choose_layers(model, None) == [0, 2, 4]  # acmix layers have no view
+
+
+def test_layers_flag_selects_and_checks_layers(monkeypatch):
+  monkeypatch.setitem(MIXERS, "identity", Identity)
+  model = hybrid(["lkca", "identity"] * 2 + ["acmix"])
+  assert analyze.choose_layers(model, None) == [0, 2, 4]  # identity layers have no view
   assert analyze.choose_layers(model, [5, 1, 1]) == [0, 4]
   with pytest.raises(ValueError, match="out of range"):
     analyze.choose_layers(model, [6])
-  with pytest.raises(ValueError, match="acmix layer"):
+  with pytest.raises(ValueError, match="identity layer"):
     analyze.choose_layers(model, [2])
   with pytest.raises(ValueError, match="comma-separated"):
     analyze.parse_layers("1;2")
+
+
+def test_every_mixers_attention_is_drawn_and_measured():
+  model = hybrid(["mhsa", "lkca", "acmix", "flatten"], dim=32)
+  rng = np.random.default_rng(0)
+  for block in model.blocks:  # off the init: LKCA's zero kernel, FLatten's zero tables
+    params = nnx.state(block.mixer, nnx.Param)
+    nnx.update(block.mixer, jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape), params))
+  images = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
+  subject = analyze.Subject(
+    "hybrid", None, "workdir", "workdir/checkpoints/1", 1, model, nnx.clone(model), images
+  )
+  assert analyze.choose_layers(model, None) == [0, 2, 3]  # first, middle, last: all have one
+  result = analyze.analyse(subject, [0, 1, 2, 3])
+  assert result.view_kinds == {
+    0: "MHSA softmax, mean of 4 heads",
+    1: "LKCA A",
+    2: "ACmix attention-branch softmax, mean of 4 heads",
+    3: "FLatten linear-attention weights, mean of 4 heads",
+  }
+  expected = analysis.mean_attention_weights(model, images)
+  for i in (0, 2, 3):  # the mean over heads of the mean over images
+    np.testing.assert_allclose(result.views[i], expected[i].mean(axis=0), rtol=1e-6)
+    assert len(result.distances[i]["per_unit"]) == 4
+    assert 0 < result.distances[i]["mean"] < 7 * math.sqrt(2)
+  panels = titled_panels(analyze.attention_figure([subject], [result], [[0, 1, 2, 3]]))
+  assert [title.split("\n")[1] for title in panels] == list(result.view_kinds.values())
 
 
 def test_bad_input_exits_2_with_one_line(trained, tmp_path):
