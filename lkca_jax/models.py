@@ -8,6 +8,7 @@ overridden, and `mixer` may be a single registry name or a per-layer pattern
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -245,6 +246,22 @@ def _expand_pattern(mixer, depth: int) -> list[str]:
   return pattern * (depth // len(pattern))
 
 
+def check_sizes(**sizes) -> None:
+  """A ValueError naming the first of a ViT's `sizes` that no model can have: counts are
+  positive integers, the MLP at least one unit wide, the drop-path rate in [0, 1)."""
+  for name in ("num_classes", "channels", "patch_size", "dim", "depth", "num_heads"):
+    value = sizes[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  ratio, rate = sizes["mlp_ratio"], sizes["drop_path_rate"]
+  if not isinstance(ratio, numbers.Real) or not round(sizes["dim"] * ratio) >= 1:
+    raise ValueError(
+      f"mlp_ratio must give an MLP of 1 unit or more at dim {sizes['dim']}, got {ratio!r}"
+    )
+  if not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+    raise ValueError(f"drop_path_rate must be in [0, 1), got {rate!r}")
+
+
 class ViT(nnx.Module):
   """Patch embedding → position embedding → blocks → LN → Linear head.
 
@@ -275,7 +292,17 @@ class ViT(nnx.Module):
     dtype=None,
     rngs: nnx.Rngs,
   ):
-    height, width = as_grid(image_size)
+    check_sizes(
+      num_classes=num_classes,
+      channels=channels,
+      patch_size=patch_size,
+      dim=dim,
+      depth=depth,
+      num_heads=num_heads,
+      mlp_ratio=mlp_ratio,
+      drop_path_rate=drop_path_rate,
+    )
+    height, width = as_grid(image_size, "image_size")
     if height % patch_size or width % patch_size:
       raise ValueError(
         f"image size {height}x{width} is not divisible by patch size "
@@ -418,7 +445,7 @@ def create_model(
   if unknown:
     raise ValueError(f"unknown model override {unknown[0]!r}; valid overrides: {preset_fields()}")
   preset = dataclasses.replace(PRESETS[name], **overrides)
-  height, width = as_grid(image_size)
+  height, width = as_grid(image_size, "image_size")
   fields = dataclasses.asdict(preset)
   preset_patch = fields.pop("patch_size")
   if patch_size is None:

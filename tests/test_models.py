@@ -692,6 +692,35 @@ def test_bad_configuration_raises_value_error(make, match):
     make()
 
 
+@pytest.mark.parametrize(
+  "sizes, match",
+  [
+    (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
+    (dict(num_classes=10.0), "num_classes must be a positive integer, got 10.0"),
+    (dict(channels=0), "channels must be a positive integer, got 0"),
+    (dict(patch_size=0), "patch_size must be a positive integer, got 0"),
+    (dict(dim=0), "dim must be a positive integer, got 0"),
+    (dict(depth=0), "depth must be a positive integer, got 0"),
+    (dict(num_heads=0), "num_heads must be a positive integer, got 0"),
+    (dict(mlp_ratio=0.001), r"mlp_ratio must give an MLP of 1 unit or more at dim 32, got 0.001"),
+    (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
+    (dict(drop_path_rate=-0.1), r"drop_path_rate must be in \[0, 1\), got -0.1"),
+    (dict(image_size=0), r"image_size must be positive, got \(0, 0\)"),
+    (dict(image_size=32.0), r"image_size must be an int or an \(h, w\) pair, got 32.0"),
+    (dict(image_size=(32, 31.5)), r"image_size must be whole numbers, got \(32, 31.5\)"),
+  ],
+)
+def test_sizes_no_model_can_have_are_one_value_error_naming_the_argument(sizes, match):
+  """Not a ZeroDivisionError from an initialiser, nor a size silently rounded (NumPy integers
+  are whole numbers too)."""
+  args = dict(
+    num_classes=np.int64(5), image_size=32, dim=32, num_heads=np.int32(2), rngs=nnx.Rngs(0)
+  )
+  assert create_model("lkca_05m", **args).head.out_features == 5
+  with pytest.raises(ValueError, match=match):
+    create_model("lkca_05m", **{**args, **sizes})
+
+
 class BrokenMixer(nnx.Module):
   """A mixer whose constructor has a bug that raises TypeError."""
 

@@ -8,6 +8,7 @@ truncated) weights and zero biases, and uses LayerNorm with epsilon 1e-5
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -351,11 +352,18 @@ def _gelu(x: jax.Array) -> jax.Array:
 _gelu_recomputed = jax.checkpoint(_gelu)
 
 
-def as_grid(grid) -> tuple[int, int]:
-  """Normalises an int or (h, w) pair to a validated (h, w) tuple."""
-  h, w = (grid, grid) if isinstance(grid, int) else tuple(grid)
+def as_grid(grid, name: str = "grid") -> tuple[int, int]:
+  """An int or (h, w) pair of positive integers as an (h, w) tuple; else a ValueError
+  naming `name`."""
+  pair = (grid, grid) if isinstance(grid, numbers.Integral) else grid
+  try:
+    h, w = pair
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be an int or an (h, w) pair, got {grid!r}") from None
+  if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (h, w)):
+    raise ValueError(f"{name} must be whole numbers, got {grid!r}")
   if h < 1 or w < 1:
-    raise ValueError(f"grid must be positive, got {(h, w)}")
+    raise ValueError(f"{name} must be positive, got {(h, w)}")
   return int(h), int(w)
 
 
