@@ -361,9 +361,10 @@ class LKCA(nnx.Module):
     grid: (h, w) patch grid; tokens are laid out row-major, N = h·w.
     num_heads: heads for `kernel_sharing="head"` (D must divide evenly).
     view: "conv", "attention", "fft" or "auto": the measured fastest per backend and grid
-      (`resolve_view`; AUTO_FFT_MIN_TOKENS). Resolved here, once for the CPU
-      (`cpu_view`) and once for every other backend (`default_view`); the call runs the
-      one of the platform it is lowered for (`backend.by_backend`).
+      (`resolve_view`; AUTO_FFT_MIN_TOKENS). Resolved at each call, for the CPU
+      (`cpu_view`) and for every other backend (`default_view`); the call runs the one
+      of the platform it is lowered for (`backend.by_backend`). Setting `view` on a
+      built module switches views; the parameters are the same for all.
     kernel_sharing: "layer" (the reference: one kernel for every channel),
       "head" (one per head) or "channel" (depthwise, one per channel).
     kernel_init: "zeros" (the reference), "delta", "gaussian" or "decay" (see
@@ -410,11 +411,9 @@ class LKCA(nnx.Module):
     if kernel_sharing == "head":
       head_dim(dim, num_heads, "LKCA with kernel_sharing='head'")
     self.kernel_sharing = kernel_sharing
-    self.view = view
-    self.cpu_view, self.default_view = (
-      resolve_view(view, dim, self.grid, num_heads, kernel_sharing, platform)
-      for platform in ("cpu", "default")
-    )
+    self.num_heads = num_heads
+    self.view = view  # read at each call: setting it on a built module switches views
+    resolve_view(view, dim, self.grid, num_heads, kernel_sharing)  # a bad name fails here
     shape = kernel_shape(dim, self.grid, num_heads, kernel_sharing)
     if kernel_init not in KERNEL_INITS:
       raise ValueError(f"kernel_init must be one of {KERNEL_INITS}, got {kernel_init!r}")
@@ -423,6 +422,20 @@ class LKCA(nnx.Module):
     # Drawn after the projections, so they are the same for every kernel_init at one seed.
     key = rngs.params() if kernel_init == "gaussian" else None
     self.kernel = nnx.Param(init_kernel(kernel_init, shape, key))
+
+  @property
+  def cpu_view(self) -> str:
+    """The view `view` runs as on the CPU."""
+    return self._resolved("cpu")
+
+  @property
+  def default_view(self) -> str:
+    """The view `view` runs as on every other backend."""
+    return self._resolved("default")
+
+  def _resolved(self, platform: str) -> str:
+    dim = self.v_proj.in_features
+    return resolve_view(self.view, dim, self.grid, self.num_heads, self.kernel_sharing, platform)
 
   def attention_matrix(self) -> jax.Array:
     return attention_matrix(self.kernel[...], self.grid)

@@ -238,6 +238,23 @@ def test_module_in_fft_view_equals_conv_view_in_value_and_gradient():
       assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), name
 
 
+def test_setting_view_on_a_built_module_switches_the_view_it_runs():
+  grid = (4, 6)
+  x = jnp.asarray(np.random.default_rng(14).normal(size=(2, 24, DIM)), jnp.float32)
+  module = LKCA(DIM, grid, view="attention", rngs=nnx.Rngs(0))
+  module.kernel[...] = jnp.asarray(np.random.default_rng(15).normal(size=(7, 11)), jnp.float32)
+  before = module(x)
+  module.view = "fft"
+  assert module.cpu_view == module.default_view == "fft"
+  assert "fft" in str(jax.make_jaxpr(lambda x: module(x))(x))
+  # 1e-5: a few float32 bounds of fft_error_bounds at these sizes (about 1e-6 each).
+  after = np.asarray(module(x), np.float64)
+  assert np.abs(after - np.asarray(before, np.float64)).max() <= 1e-5 * np.abs(after).max()
+  module.view = "attentoin"
+  with pytest.raises(ValueError, match="view must be one of"):
+    module(x)
+
+
 @pytest.mark.parametrize("cpu, default", [("fft", "attention"), ("attention", "fft")])
 def test_auto_runs_the_view_of_the_platform_it_is_lowered_for(cpu, default, monkeypatch):
   """An auto module whose CPU and other-platform views differ holds both; the call lowers
