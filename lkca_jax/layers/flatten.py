@@ -77,7 +77,8 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def linear_attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
   """The (B, H, N, N) matrix W that step 5 applies to v, W_nm = (q_n · k_m) · z_n / N, which it
-  never forms: non-negative, each row summing to 1 up to ε."""
+  never forms: non-negative, row n summing to S / (S + N·ε) for S = Σ_m q_n · k_m, which is
+  well below 1 for a query that the ReLU zeroed."""
   n = q.shape[1]
   dots = jnp.einsum("bnhc,bmhc->bhnm", q, k, precision=HIGHEST)
   return dots * (normaliser(q, k).transpose(0, 2, 1)[..., None] / n)

@@ -10,14 +10,7 @@ from flax import nnx
 
 from lkca_jax.backend import by_backend
 from lkca_jax.layers import common
-from lkca_jax.layers.common import (
-  check_cost_sizes,
-  check_tokens,
-  linear,
-  project,
-  threaded,
-  wide,
-)
+from lkca_jax.layers.common import check_cost_sizes, check_tokens, linear, project, threaded, wide
 
 
 class MHSA(nnx.Module):
