@@ -566,7 +566,7 @@ def plot_distances(subjects, results, path) -> None:
       means,
       marker="o",
       color=colour,
-      label=f"{subject.label} ({', '.join(k.upper() for k in kinds)})",
+      label=f"{subject.label} ({', '.join(kinds)})",
     )
     for i in layers:
       units = result.distances[i]["per_unit"]
