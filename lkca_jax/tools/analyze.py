@@ -476,10 +476,11 @@ def attention_figure(subjects, results, layers):
       ax.set_title(f"{subject.label}, layer {i + 1}\n{result.view_kinds[i]}")
       ax.set_xlabel("key token (row-major)")
       ax.set_ylabel("query token (row-major)")
+  class_token = any(s.trained.pool == "cls" for s in subjects)
   fig.suptitle(
     f"Attention views on the {subjects[0].grid[0]}×{subjects[0].grid[1]} patch grid "
-    f"(attention weights averaged over {len(subjects[0].images)} test images, class "
-    "token dropped)"
+    f"(attention weights averaged over {len(subjects[0].images)} test images"
+    + (", class token dropped)" if class_token else ")")
   )
   return fig
 
@@ -685,8 +686,8 @@ def attention_json(subjects, results, layers) -> dict:
   return {
     "layers_numbered_from": 1,
     "matrix": "rows: query tokens, columns: key tokens, row-major over the patch grid; "
-    "attention weights (MHSA, ACmix, FLatten): their mean over images and heads, class token "
-    "dropped",
+    "attention weights (MHSA, ACmix, FLatten): their mean over images and heads, a class "
+    "token's row and column dropped",
     "models": models,
   }
 

@@ -386,8 +386,29 @@ def test_every_mixers_attention_is_drawn_and_measured():
     np.testing.assert_allclose(result.views[i], expected[i].mean(axis=0), rtol=1e-6)
     assert len(result.distances[i]["per_unit"]) == 4
     assert 0 < result.distances[i]["mean"] < 7 * math.sqrt(2)
-  panels = titled_panels(analyze.attention_figure([subject], [result], [[0, 1, 2, 3]]))
+  figure = analyze.attention_figure([subject], [result], [[0, 1, 2, 3]])
+  title = figure.get_suptitle()
+  assert "averaged over 3 test images" in title and "class token" not in title  # it has none
+  panels = titled_panels(figure)
   assert [title.split("\n")[1] for title in panels] == list(result.view_kinds.values())
+  # Beside a model with a class token, the title says its row and column are left out.
+  vit = models.create_model(
+    "vit_1m",
+    num_classes=10,
+    image_size=8,
+    channels=1,
+    patch_size=1,
+    dim=16,
+    depth=1,
+    num_heads=4,
+    rngs=nnx.Rngs(0),
+  )
+  other = analyze.Subject("vit", None, "w", "w/checkpoints/1", 1, vit, nnx.clone(vit), images)
+  both = analyze.attention_figure(
+    [subject, other], [result, analyze.analyse(other, [0])], [[0], [0]]
+  )
+  assert both.get_suptitle().endswith("class token dropped)")
+  titled_panels(both)  # closes it
 
 
 def test_bad_input_exits_2_with_one_line(trained, tmp_path):
