@@ -392,17 +392,8 @@ def test_every_mixers_attention_is_drawn_and_measured():
   panels = titled_panels(figure)
   assert [title.split("\n")[1] for title in panels] == list(result.view_kinds.values())
   # Beside a model with a class token, the title says its row and column are left out.
-  vit = models.create_model(
-    "vit_1m",
-    num_classes=10,
-    image_size=8,
-    channels=1,
-    patch_size=1,
-    dim=16,
-    depth=1,
-    num_heads=4,
-    rngs=nnx.Rngs(0),
-  )
+  vit = hybrid(["mhsa"])  # no grid mixer: a class token
+  assert vit.pool == "cls"
   other = analyze.Subject("vit", None, "w", "w/checkpoints/1", 1, vit, nnx.clone(vit), images)
   both = analyze.attention_figure(
     [subject, other], [result, analyze.analyse(other, [0])], [[0], [0]]
