@@ -950,6 +950,27 @@ def evaluate(
   return {"step": restored.step, "checkpoint": str(restored.path), **means, "runs": per_run}
 
 
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A `main.py` run's trained model, and where it came from."""
+
+  model: models.ViT  # in eval mode
+  config: ml_collections.ConfigDict  # the run's config.json
+  checkpoint: epath.Path  # the step directory its parameters were read from
+  step: int
+
+
+def read_trained_run(workdir, *, checkpoint=None, run: int = 0, average: bool = False) -> Trained:
+  """`load_trained`'s model with the run's config and the checkpoint it was read from."""
+  config = ml_collections.ConfigDict(run_files.saved_config_json(workdir))
+  model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
+  source = checkpoint or epath.Path(workdir) / "checkpoints"
+  params, restored = read_run_params(config, model, source, run, average=average)
+  nnx.update(model, params)
+  model.eval()
+  return Trained(model, config, restored.path, restored.step)
+
+
 def load_trained(workdir, *, checkpoint=None, run: int = 0, average: bool = False) -> models.ViT:
   """The model a `main.py` run trained in `workdir`, in eval mode, for use from code.
 
@@ -960,12 +981,7 @@ def load_trained(workdir, *, checkpoint=None, run: int = 0, average: bool = Fals
   Read-only: a run may be training there. Raises ConfigError or CheckpointError
   (ValueErrors) naming what is missing or does not fit.
   """
-  config = ml_collections.ConfigDict(run_files.saved_config_json(workdir))
-  model = build_model(config, dataset_spec(config), nnx.Rngs(params=0, dropout=1))
-  source = checkpoint or epath.Path(workdir) / "checkpoints"
-  nnx.update(model, read_run_params(config, model, source, run, average=average)[0])
-  model.eval()
-  return model
+  return read_trained_run(workdir, checkpoint=checkpoint, run=run, average=average).model
 
 
 def read_run_params(config, model, source, run: int = 0, *, average: bool = False):
