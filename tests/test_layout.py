@@ -29,6 +29,7 @@ LAYERS = {
   "checkpoint": 3,
   "config_checks": 3,
   "distributed": 3,
+  "exporting": 3,
   "linen": 3,
   "metric_writer": 3,
   "resolution": 3,

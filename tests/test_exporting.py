@@ -1,0 +1,95 @@
+"""lkca_jax.exporting: a model as one jax.export artifact, written, read back and called.
+
+The artifact's logits are compared with the model's own on the same normalised images: the
+same sums compiled apart, so within the float32 round-off bound of reordered sums
+(`tests.helpers.assert_reordered`, over the model's reduction chain).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lkca_jax import augment, backend, exporting
+from lkca_jax.layers.common import DropPath
+from lkca_jax.models import create_model
+from tests.helpers import assert_reordered, chain_terms
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def tiny(name, **overrides):
+  """A two-block preset on 8×12 images, patch 2 (a 4×6 grid: height and width apart)."""
+  return create_model(
+    name,
+    num_classes=5,
+    image_size=(8, 12),
+    channels=3,
+    patch_size=2,
+    depth=2,
+    rngs=nnx.Rngs(0),
+    **overrides,
+  )
+
+
+def images(batch, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (batch, 8, 12, 3), dtype=np.uint8)
+
+
+def in_eval_mode(model):
+  """A model with `model`'s parameters in eval mode, `model` left as it is."""
+  copy = nnx.merge(*nnx.split(model))
+  copy.eval()
+  return copy
+
+
+def drop_paths(model):
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, DropPath)]
+
+
+@pytest.mark.slow  # compiles a whole model
+@pytest.mark.parametrize("name", ["lkca_t", "vit_1m", "vit_s16", "acmix_t", "flatten_t"])
+def test_the_artifact_read_back_gives_the_eval_models_logits_at_any_batch_size(name, tmp_path):
+  model = tiny(name, drop_path_rate=0.5)  # in train mode: blocks dropped at random
+  exported = exporting.classifier(model, MEAN, STD, platforms=["cpu"])
+  assert not any(d.deterministic for d in drop_paths(model)), "the caller's model changed mode"
+  exporting.save(exported, tmp_path / "model.jax")
+  loaded = exporting.load(tmp_path / "model.jax")
+  reference = in_eval_mode(model)
+  for batch in (1, 5):
+    x = images(batch, seed=batch)
+    logits = loaded.call(x)
+    assert logits.shape == (batch, 5) and logits.dtype == jnp.float32
+    assert_reordered(logits, reference(augment.normalize(x, MEAN, STD)), chain_terms(model))
+
+
+@pytest.mark.slow  # lowers whole models for three platforms
+def test_one_artifact_runs_the_cpu_forms_on_the_cpu_only_and_gives_float32_logits():
+  model = tiny("vit_1m")  # MHSA, Linear, LayerNorm and GELU: each has a CPU form
+  everywhere = exporting.classifier(model, MEAN, STD)
+  assert everywhere.platforms == exporting.DEFAULT_PLATFORMS
+  assert backend.CPU_SCOPE in everywhere.mlir_module()
+  accelerators = exporting.classifier(model, MEAN, STD, platforms=["cuda", "tpu"]).mlir_module()
+  assert backend.CPU_SCOPE not in accelerators
+  assert "optimization_barrier" not in accelerators
+  bfloat16 = exporting.classifier(tiny("lkca_t", dtype=jnp.bfloat16), MEAN, STD)
+  assert [str(a.dtype) for a in bfloat16.out_avals] == ["float32"]
+  assert [str(a.dtype) for a in bfloat16.in_avals] == ["uint8"]
+  assert [str(d) for d in bfloat16.in_avals[0].shape] == [exporting.BATCH, "8", "12", "3"]
+
+
+@pytest.mark.parametrize(
+  "platforms, mean, std, named",
+  [
+    (["gpu"], MEAN, STD, "platforms"),
+    ([], MEAN, STD, "platforms"),
+    (["cpu", "cpu"], MEAN, STD, "platforms"),
+    (["cpu"], (0.5, 0.5), STD, "mean has 2 values"),
+    (["cpu"], MEAN, (), "std has 0 values"),
+  ],
+  ids=["unknown platform", "no platform", "a platform twice", "2 means", "no std"],
+)
+def test_bad_platforms_or_statistics_are_refused_by_name(platforms, mean, std, named):
+  with pytest.raises(ValueError) as error:
+    exporting.classifier(tiny("lkca_t"), mean, std, platforms=platforms)
+  assert str(error.value).startswith(named), str(error.value)
