@@ -98,8 +98,10 @@ def test_help_exits_0_and_a_bad_flag_is_one_error_line_and_exit_2(path, output_f
 # benchmarks/tiny_imagenet_subset.py reads; given the fixture), the PyTorch side of the
 # benchmarks/compare_*.py (--torch_python and --torch_script: given this interpreter and
 # the command's own file, which pass every check made before the output places; the
-# interpreter's `import torch` is tried after them) and enums with no default (given their
-# first value). One process for all: each command's flags are removed after it.
+# interpreter's `import torch` is tried after them), enums with no default (given their
+# first value) and a --workdir that names a run to read, not a place to write (None: the
+# test gives a directory with a config.json, `run_workdir`). One process for all: each
+# command's flags are removed after it.
 DISCOVER = """
 import importlib.util, json, sys
 from absl import flags
@@ -128,6 +130,8 @@ for index, path in enumerate(sys.argv[1:]):
       needed[name] = path
     elif flag.default is None and getattr(flag.parser, "enum_values", None):
       needed[name] = flag.parser.enum_values[0]
+    elif flag.default is None and name == "workdir" and name not in outputs:
+      needed[name] = None  # a main.py run's workdir, made by the test
   defaults = {name: flags.FLAGS[name].default for name in outputs}
   found[path] = {"outputs": outputs, "defaults": defaults, "needed": needed}
   for name in new:
@@ -155,6 +159,7 @@ def test_the_output_flags_are_found(output_flags):
   assert outputs["compare.py"] == {"out": "file", "workdir": "dir"}
   assert outputs["reproduce.py"] == {"out": "dir"}
   assert outputs["analyze.py"] == {"workdir": "dir"}
+  assert outputs["export.py"] == {"out": "file"}
   assert outputs["launch.py"] == {}
   assert outputs["tiny_imagenet_subset.py"] == {"out": "file"}
 
@@ -212,12 +217,25 @@ def test_the_output_checks_refuse_every_bad_place_with_one_line(kind, default, t
   assert not Path("/proc/lkca-test").exists()
 
 
+def run_workdir(tmp_path) -> Path:
+  """A directory with a config.json where a main.py run's workdir is read (tools/export.py):
+  a command takes it for a run's workdir before its output checks, and reads the run's
+  checkpoints only after them."""
+  workdir = tmp_path / "run"
+  workdir.mkdir(exist_ok=True)
+  (workdir / "config.json").write_text("{}")
+  return workdir
+
+
 @pytest.mark.parametrize("path", COMMANDS, ids=lambda path: str(path.relative_to(ROOT)))
 def test_an_unusable_output_place_is_one_error_line_before_any_work(path, output_flags, tmp_path):
   found = output_flags[path]
   if not found["outputs"]:
     pytest.skip("defines no output flag")
-  needed = [f"--{name}={value}" for name, value in found["needed"].items()]
+  needed = [
+    f"--{name}={run_workdir(tmp_path) if value is None else value}"
+    for name, value in found["needed"].items()
+  ]
   cases = {}
   for name, kind in found["outputs"].items():
     default = found["defaults"][name]
