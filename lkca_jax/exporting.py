@@ -1,10 +1,10 @@
 """A model as one `jax.export` artifact: images in, logits out, with jax alone.
 
 `classifier(model, mean, std)` stages the model's forward pass in eval mode, its
-parameters inside as constants, behind the normalisation the model trained with:
-uint8 images (B, H, W, C) at the model's image size, any batch size B, give float32 logits
-(B, num_classes). `save` writes its serialization whole; a program with jax and nothing
-else reads it back and calls it:
+parameters inside as constants, behind the normalisation the model trained with: uint8
+images (B, H, W, C) at the model's image size, any batch size B (or the one `batch`), give
+float32 logits (B, num_classes). `save` writes its serialization whole; a program with jax
+and nothing else reads it back and calls it:
 
     from jax import export
     with open("model.jax", "rb") as f:
@@ -48,11 +48,19 @@ def check_platforms(platforms) -> tuple[str, ...]:
   return platforms
 
 
-def classifier(model, mean, std, *, platforms=DEFAULT_PLATFORMS) -> jax.export.Exported:
+def classifier(
+  model, mean, std, *, platforms=DEFAULT_PLATFORMS, batch: int | None = None
+) -> jax.export.Exported:
   """The model's eval-mode forward pass, uint8 images normalised by `mean` and `std` (one
   value or one per channel, of [0, 1] pixels, as the dataset's config gives them) to float32
-  logits, exported for `platforms` with a symbolic batch size. `model` is left as it is."""
+  logits, exported for `platforms`, for any batch size or only for `batch`. `model` is left
+  as it is.
+
+  A fixed batch lets shape-dependent choices see it: LKCA merges its two projections only
+  where a batch holds more tokens than channels, and counts a symbolic batch size as 1."""
   platforms = check_platforms(platforms)
+  if batch is not None and (not isinstance(batch, int) or batch < 1):
+    raise ValueError(f"batch must be a positive int or None (any size), got {batch!r}")
   height, width, channels = image_shape(model)
   graphdef, state = nnx.split(model)
   frozen = nnx.merge(graphdef, state)  # a copy: eval mode here leaves the caller's model be
@@ -63,7 +71,8 @@ def classifier(model, mean, std, *, platforms=DEFAULT_PLATFORMS) -> jax.export.E
     logits = frozen(augment.normalize(images, mean, std))
     return logits.astype(jnp.float32)
 
-  (batch,) = jax.export.symbolic_shape(BATCH)
+  if batch is None:
+    (batch,) = jax.export.symbolic_shape(BATCH)
   images = jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8)
   return jax.export.export(jax.jit(forward), platforms=platforms)(images)
 

@@ -19,7 +19,10 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def tiny(name, **overrides):
-  """A two-block preset on 8×12 images, patch 2 (a 4×6 grid: height and width apart)."""
+  """A two-block preset on 8×12 images, patch 2 (a 4×6 grid: height and width apart); LKCA's
+  kernels drawn at random, so that they mix (the reference starts them at zero)."""
+  if name.startswith("lkca"):
+    overrides.setdefault("mixer_options", {"lkca": {"kernel_init": "gaussian"}})
   return create_model(
     name,
     num_classes=5,
@@ -78,18 +81,41 @@ def test_one_artifact_runs_the_cpu_forms_on_the_cpu_only_and_gives_float32_logit
   assert [str(d) for d in bfloat16.in_avals[0].shape] == [exporting.BATCH, "8", "12", "3"]
 
 
+@pytest.mark.slow  # compiles a whole model
+def test_a_fixed_batch_artifact_takes_that_batch_alone():
+  model = tiny("lkca_t")
+  exported = exporting.classifier(model, MEAN, STD, platforms=["cpu"], batch=3)
+  assert [d for d in exported.in_avals[0].shape] == [3, 8, 12, 3]
+  x = images(3)
+  assert_reordered(
+    exported.call(x), in_eval_mode(model)(augment.normalize(x, MEAN, STD)), chain_terms(model)
+  )
+  with pytest.raises(ValueError, match="shape"):
+    exported.call(images(2))
+
+
 @pytest.mark.parametrize(
-  "platforms, mean, std, named",
+  "platforms, mean, std, batch, named",
   [
-    (["gpu"], MEAN, STD, "platforms"),
-    ([], MEAN, STD, "platforms"),
-    (["cpu", "cpu"], MEAN, STD, "platforms"),
-    (["cpu"], (0.5, 0.5), STD, "mean has 2 values"),
-    (["cpu"], MEAN, (), "std has 0 values"),
+    (["gpu"], MEAN, STD, None, "platforms"),
+    ([], MEAN, STD, None, "platforms"),
+    (["cpu", "cpu"], MEAN, STD, None, "platforms"),
+    (["cpu"], (0.5, 0.5), STD, None, "mean has 2 values"),
+    (["cpu"], MEAN, (), None, "std has 0 values"),
+    (["cpu"], MEAN, STD, 0, "batch must be"),
+    (["cpu"], MEAN, STD, 2.0, "batch must be"),
   ],
-  ids=["unknown platform", "no platform", "a platform twice", "2 means", "no std"],
+  ids=[
+    "unknown platform",
+    "no platform",
+    "a platform twice",
+    "2 means",
+    "no std",
+    "batch 0",
+    "2.0",
+  ],
 )
-def test_bad_platforms_or_statistics_are_refused_by_name(platforms, mean, std, named):
+def test_bad_platforms_statistics_or_batch_are_refused_by_name(platforms, mean, std, batch, named):
   with pytest.raises(ValueError) as error:
-    exporting.classifier(tiny("lkca_t"), mean, std, platforms=platforms)
+    exporting.classifier(tiny("lkca_t"), mean, std, platforms=platforms, batch=batch)
   assert str(error.value).startswith(named), str(error.value)

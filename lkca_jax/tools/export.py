@@ -1,15 +1,16 @@
 """A trained run's model as one file that classifies images with jax alone.
 
     python -m lkca_jax.tools.export --workdir DIR [--out DIR/export/model.jax] \\
-        [--checkpoint DIR/checkpoints/STEP] [--run K] [--average] [--platforms cpu,cuda,tpu]
+        [--checkpoint DIR/checkpoints/STEP] [--run K] [--average] [--platforms cpu,cuda,tpu] \\
+        [--batch N]
 
 The file is the `jax.export` serialization of the model's forward pass in eval mode
 (`lkca_jax.exporting.classifier`), the parameters of the run's latest checkpoint (or of
 --checkpoint; of run --run of a workdir that trained several; their moving average with
 --average) inside it: uint8 images (B, H, W, C) as the test split holds them, at the run's
-image size and any batch size B, normalised with the run's dataset statistics, give float32
-logits (B, classes), on each of --platforms. It needs neither lkca_jax, flax nor the
-workdir:
+image size and any batch size B (--batch N: N only), normalised with the run's dataset
+statistics, give float32 logits (B, classes), on each of --platforms. It needs neither
+lkca_jax, flax nor the workdir:
 
     from jax import export
     with open("model.jax", "rb") as f:
@@ -51,6 +52,13 @@ def define_flags() -> None:
   )
   flags.DEFINE_list(
     "platforms", "cpu,cuda,tpu", "Where the artifact runs: cpu, cuda, rocm and tpu."
+  )
+  flags.DEFINE_integer(
+    "batch",
+    None,
+    "The one batch size the artifact takes (default: any). A fixed size lets LKCA merge its "
+    "projections where the batch holds more tokens than channels, as in training.",
+    lower_bound=1,
   )
 
 
@@ -103,7 +111,9 @@ def main(argv) -> None:
   except train.REPORTED_ERRORS as e:
     cli.fail_training(e)
   augment = pipeline.augment_config(trained.config)
-  exported = exporting.classifier(trained.model, augment.mean, augment.std, platforms=platforms)
+  exported = exporting.classifier(
+    trained.model, augment.mean, augment.std, platforms=platforms, batch=FLAGS.batch
+  )
   exporting.save(exported, out)
   files.write_json(f"{out}.json", description(trained, exported, FLAGS.run, FLAGS.average))
   (images,), (logits,) = exported.in_avals, exported.out_avals

@@ -143,18 +143,26 @@ def test_the_description_says_what_the_artifact_holds(exported):
     assert stdout.startswith(f"wrote {path} (") and ", ".join(platforms) in stdout
 
 
-# The first three are found before --out is looked at: nothing is made. A run or checkpoint
+# The first four are found before --out is looked at: nothing is made. A run or checkpoint
 # that is not there is found when the checkpoints are read, after --out's directory is made.
 @pytest.mark.parametrize(
   "flags, named, out_dir_made",
   [
     (["--platforms=cpu,gpu"], "--platforms", False),
+    (["--batch=0"], "--batch", False),
     (["--workdir={workdir}/checkpoints"], "config.json", False),
     (["--workdir="], "--workdir is missing", False),
     (["--run=2"], "run=2", True),
     (["--checkpoint={workdir}/checkpoints/7"], "checkpoints/7", True),
   ],
-  ids=["unknown platform", "no workdir", "empty", "a run not trained", "no such checkpoint"],
+  ids=[
+    "unknown platform",
+    "batch 0",
+    "no workdir",
+    "empty",
+    "a run not trained",
+    "no such checkpoint",
+  ],
 )
 def test_bad_input_is_one_error_line_and_writes_no_file(
   exported, tmp_path, flags, named, out_dir_made
