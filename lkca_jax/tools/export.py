@@ -18,14 +18,16 @@ lkca_jax, flax nor the workdir:
     logits = forward.call(images)  # numpy uint8 (B, H, W, C)
 
 Beside it, <out>.json says what it holds: the model, the dataset and its classes, the input
-shape, the statistics, the checkpoint, the platforms and the jax version that wrote it. Both
-files are written whole. Bad input (no training workdir, no checkpoint that restores, a --run
-the workdir did not train, --average for a run that kept no average, an unknown platform, an
---out that is a directory or cannot be written) is one `error:` line and exit code 2, before
-anything is exported or written.
+shape, the statistics, the checkpoint, the platforms, the jax version that wrote it and the
+artifact's SHA-256. Both files are written whole. Bad input (no training workdir, no
+checkpoint that restores, a --run the workdir did not train, --average for a run that kept no
+average, an unknown platform, an --out that is a directory or cannot be written) is one
+`error:` line and exit code 2, before anything is exported or written.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from absl import flags
 
@@ -114,8 +116,12 @@ def main(argv) -> None:
   exported = exporting.classifier(
     trained.model, augment.mean, augment.std, platforms=platforms, batch=FLAGS.batch
   )
-  exporting.save(exported, out)
-  files.write_json(f"{out}.json", description(trained, exported, FLAGS.run, FLAGS.average))
+  artifact = bytes(exported.serialize())
+  described = description(trained, exported, FLAGS.run, FLAGS.average)
+  # Two files cannot be replaced at once: the digest ties the description to its artifact.
+  described["sha256"] = hashlib.sha256(artifact).hexdigest()
+  files.write_atomic(out, artifact)
+  files.write_json(f"{out}.json", described)
   (images,), (logits,) = exported.in_avals, exported.out_avals
   print(
     f"wrote {out} ({out.stat().length / 2**20:.1f} MiB) and {out}.json: {trained.config.model} "

@@ -6,6 +6,7 @@ same sums compiled apart: the round-off bound of reordered sums), and their top-
 the accuracy the run's own evaluation recorded in summary.json.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -141,6 +142,7 @@ def test_the_description_says_what_the_artifact_holds(exported):
     )
     assert described["model_overrides"] == {"depth": 2, "dim": 32, "num_heads": 2}
     assert stdout.startswith(f"wrote {path} (") and ", ".join(platforms) in stdout
+    assert described["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # The first four are found before --out is looked at: nothing is made. A run or checkpoint
