@@ -1,10 +1,10 @@
-"""A model as one `jax.export` artifact: images in, logits out, with jax alone.
+"""A model as one `jax.export` artifact: images in, logits out, without lkca_jax.
 
 `classifier(model, mean, std)` stages the model's forward pass in eval mode, its
 parameters inside as constants, behind the normalisation the model trained with: uint8
 images (B, H, W, C) at the model's image size, any batch size B (or the one `batch`), give
 float32 logits (B, num_classes). `save` writes its serialization whole; a program with jax
-and nothing else reads it back and calls it:
+(and flatbuffers, which jax's serialization needs) and nothing else reads it back and calls it:
 
     from jax import export
     with open("model.jax", "rb") as f:

@@ -1,4 +1,4 @@
-"""A trained run's model as one file that classifies images with jax alone.
+"""A trained run's model as one file that classifies images without lkca_jax.
 
     python -m lkca_jax.tools.export --workdir DIR [--out DIR/export/model.jax] \\
         [--checkpoint DIR/checkpoints/STEP] [--run K] [--average] [--platforms cpu,cuda,tpu] \\
@@ -9,8 +9,8 @@ The file is the `jax.export` serialization of the model's forward pass in eval m
 --checkpoint; of run --run of a workdir that trained several; their moving average with
 --average) inside it: uint8 images (B, H, W, C) as the test split holds them, at the run's
 image size and any batch size B (--batch N: N only), normalised with the run's dataset
-statistics, give float32 logits (B, classes), on each of --platforms. It needs neither
-lkca_jax, flax nor the workdir:
+statistics, give float32 logits (B, classes), on each of --platforms. It needs jax and
+flatbuffers (jax's serialization needs it), not lkca_jax, flax nor the workdir:
 
     from jax import export
     with open("model.jax", "rb") as f:

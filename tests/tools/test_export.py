@@ -97,7 +97,7 @@ def test_the_artifacts_run_without_lkca_jax_and_classify_as_the_run_does(exporte
     "-c", STANDALONE, str(tmp_path / "images.npy"), str(tmp_path / "logits.npz"), *artifacts
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split() == ["[]"], result.stdout  # jax alone
+  assert result.stdout.split() == ["[]"], result.stdout  # no lkca_jax
   logits = np.load(tmp_path / "logits.npz")
   config = json.loads((workdir / "config.json").read_text())
   normalised = augment.normalize(images, config["dataset"]["mean"], config["dataset"]["std"])
