@@ -4,12 +4,13 @@
     python benchmarks/gpu_check.py check-parts NAME,NAME,...
     python benchmarks/gpu_check.py env [--wheels DIR] --out FILE
     python benchmarks/gpu_check.py autoaugment --batch B --steps N [--policy P] --out FILE
+    python benchmarks/gpu_check.py export --batch B --steps N [--smoke] --out FILE
     python benchmarks/gpu_check.py summary DIR [--mode smoke|full]
 
-`missing-wheels` and `summary` use the standard library only, so they work
-whatever the machine lacks; `autoaugment` needs jax and lkca_jax.augment (not
-ml_collections). For that reason this helper parses its arguments with argparse,
-not absl through `lkca_jax.tools.cli` like the other commands (absl may be one of
+`missing-wheels` and `summary` use the standard library only, so they work whatever the
+machine lacks; `autoaugment` needs jax and lkca_jax.augment (not ml_collections), `export`
+jax, flax, flatbuffers and lkca_jax. For that reason this helper parses its arguments with
+argparse, not absl through `lkca_jax.tools.cli` like the other commands (absl may be one of
 the wheels `missing-wheels` is asked about), but keeps their contract: `--help`
 exits 0, and a bad argument is one `error:` line on stderr and exit code 2.
 """
@@ -35,6 +36,7 @@ PARTS = (
   "env",
   "train",
   "step_b128_lkca_t",
+  "export",
   "forms",
   "views",
   "runs",
@@ -64,7 +66,7 @@ def missing_wheels(folder: str) -> list[str]:
 
 
 # What the parts import beyond jax/flax/optax/orbax/numpy (see gpu_check.sh's header).
-NEEDED = ("ml_collections", "clu", "tensorboard", "wrapt", "etils", "absl")
+NEEDED = ("ml_collections", "clu", "tensorboard", "wrapt", "etils", "absl", "flatbuffers")
 
 
 def environment(wheels: str | None = None) -> dict:
@@ -154,6 +156,59 @@ def time_autoaugment(batch: int, steps: int, policy: str = "cifar10") -> dict:
     "faster": min(results, key=lambda name: results[name]["median_ms"]),
     "note": "both forms exist in lkca_jax.augment.transforms._autoaugment_batch "
     "(vmap on GPU/TPU, lax.map on CPU)",
+  }
+
+
+def check_export(batch: int, steps: int, smoke: bool = False) -> dict:
+  """One `lkca_jax.exporting` artifact (lkca_t on 32 px images, every platform, serialized and
+  read back) called here on the CPU and on the default device: their logits' agreement, and
+  the default device's ms per call (a forward pass of `batch` images). --smoke: a tiny model."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from lkca_jax import exporting, models  # pylint: disable=import-outside-toplevel
+
+  sizes = {"dim": 32, "depth": 1, "num_heads": 2} if smoke else {}
+  model = models.create_model(
+    "lkca_t",
+    num_classes=10,
+    image_size=32,
+    rngs=nnx.Rngs(0),
+    mixer_options={"lkca": {"kernel_init": "gaussian"}},  # kernels that mix
+    **sizes,
+  )
+  start = time.perf_counter()
+  artifact = exporting.classifier(model, (0.5,), (0.25,))
+  loaded = jax.export.deserialize(artifact.serialize())
+  export_s = time.perf_counter() - start
+  images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+  cpu, device = jax.devices("cpu")[0], jax.devices()[0]
+  on_cpu = np.asarray(loaded.call(jax.device_put(images, cpu)))
+  x = jax.device_put(images, device)
+  start = time.perf_counter()
+  on_device = np.asarray(loaded.call(x))  # compiles
+  compile_s = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(loaded.call(x))
+    times.append(time.perf_counter() - start)
+  ms = 1e3 * statistics.median(times)
+  return {
+    "model": "lkca_t" + (" (smoke sizes)" if smoke else ""),
+    "platforms": list(loaded.platforms),
+    "device": str(device),
+    "batch": batch,
+    "steps": steps,
+    "bytes": len(artifact.serialize()),
+    "export_seconds": export_s,
+    "compile_seconds": compile_s,
+    "median_ms": ms,
+    "images_per_second": batch / (ms / 1e3),
+    "max_abs_difference_to_cpu": float(np.abs(on_device - on_cpu).max()),
+    "max_abs_logit": float(np.abs(on_cpu).max()),
+    "top1_agreement_with_cpu": float(np.mean(on_device.argmax(1) == on_cpu.argmax(1))),
   }
 
 
@@ -379,7 +434,7 @@ def stream_summary(results: dict, rows: list[dict]) -> dict:
 def summarize(folder: str, mode: str) -> dict:
   parts = read_parts(folder)
   rows, runs, forms, mixers, views, augments, stream = [], [], [], {}, None, {}, None
-  train = None
+  train = exported = None
   for name, part in parts.items():
     # A part stopped by its time limit may have written what it finished (bench_step
     # writes after every model, bench_views after every grid, main.py its summary when
@@ -423,6 +478,9 @@ def summarize(folder: str, mode: str) -> dict:
     elif name in ("autoaugment", "randaugment"):
       augments[name] = data
       part["ms"] = {k: v["median_ms"] for k, v in data["forms"].items()}
+    elif name == "export":
+      exported = data
+      part["top1_agreement_with_cpu"] = data["top1_agreement_with_cpu"]
     elif name == "stream":
       stream = data
       part["images_per_core_second"] = {
@@ -444,6 +502,7 @@ def summarize(folder: str, mode: str) -> dict:
     "autoaugment": augments.get("autoaugment"),
     "randaugment": augments.get("randaugment"),
     "stream": None if stream is None else stream_summary(stream, rows),
+    "export": exported,
   }
 
 
@@ -535,6 +594,14 @@ def format_summary(s: dict) -> str:
           f"at {n['case']}: {n['host_cores_needed']:.1f} of {st['host_cores']} host cores"
           f"{'' if n['host_keeps_up'] else ' (the host cannot keep up)'}"
         )
+  if s.get("export"):
+    e = s["export"]
+    lines.append(
+      f"  exported {e['model']} ({','.join(e['platforms'])}) on {e['device']}: b{e['batch']} "
+      f"{e['median_ms']:.2f} ms ({e['images_per_second']:.0f} img/s); against the CPU max "
+      f"|diff| {e['max_abs_difference_to_cpu']:.3g} of max |logit| {e['max_abs_logit']:.3g}, "
+      f"top-1 agrees on {e['top1_agreement_with_cpu']:.1%}"
+    )
   lines.append(f"  failed parts: {', '.join(s['failed']) or 'none'}")
   return "\n".join(lines)
 
@@ -564,6 +631,11 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--policy", default="cifar10")
   p.add_argument("--out", required=True)
+  p = sub.add_parser("export")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--smoke", action="store_true")
+  p.add_argument("--out", required=True)
   p = sub.add_parser("summary")
   p.add_argument("folder")
   p.add_argument("--mode", default="full")
@@ -585,6 +657,11 @@ def main(argv=None) -> int:
       json.dump(env, f, indent=2)
     for key, value in env.items():  # one line each: the driver shows the log's tail
       print(f"{key}: {json.dumps(value)}")
+  elif args.command == "export":
+    results = check_export(args.batch, args.steps, args.smoke)
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=1))
   elif args.command == "autoaugment":
     results = time_autoaugment(args.batch, args.steps, args.policy)
     with open(args.out, "w", encoding="utf-8") as f:

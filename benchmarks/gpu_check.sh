@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check: environment, a real training run through main.py, whole-step
-# throughput, K runs in one process, the LKCA views (at 8x8 against MHSA, and over grid
-# sizes up to 64x64), the two AutoAugment forms, the streaming path's host decode + crop
-# against the device's step, and the projected CIFAR-10 recipe time.
+# throughput, an exported model against the CPU, K runs in one process, the LKCA views (at
+# 8x8 against MHSA, and over grid sizes up to 64x64), the two AutoAugment forms, the
+# streaming path's host decode + crop against the device's step, and the projected CIFAR-10
+# recipe time.
 #
 #   bash benchmarks/gpu_check.sh [--smoke] [--out DIR] [--train_data DIR]
 #
@@ -47,6 +48,7 @@
 #   bench_mixers, bench_views: ml_collections (through lkca_jax.tools.cli); not clu or
 #     tensorboard.
 #   autoaugment, randaugment (gpu_check.py): jax and lkca_jax.augment only.
+#   export (gpu_check.py): flatbuffers (jax.export's serialization), etils (lkca_jax.files).
 #   train (main.py on the prepared subset) and stream: tensorflow_datasets for its
 #     builders and its tf.train.Example proto (pure Python; no TensorFlow) with
 #     array_record, tensorflow-metadata, promise, googleapis-common-protos,
@@ -210,6 +212,8 @@ if [ "$SMOKE" = 1 ]; then
   # lkca_b are one program), so the whole run takes about a minute on 2 cores.
   part step_b128_lkca_t 90 "$O/step_b128_lkca_t.json" $STEP --smoke --models lkca_t \
     --dtype float32 --trace_dir "$O/traces" --out "$O/step_b128_lkca_t.json"
+  part export 60 "$O/export.json" "$PY" benchmarks/gpu_check.py export --smoke --batch 4 \
+    --steps 2 --out "$O/export.json"
   part forms 60 "$O/forms.json" $STEP --smoke --models lkca_t --dtype float32 \
     --forms plain,cpu --columns fixed --out "$O/forms.json"
   part views 60 "$O/views.json" $VIEWS --grids 2,3 --levels mix --dim 8 --tokens 16 \
@@ -241,6 +245,10 @@ else
   # the GPU's streams are busy (launch-bound or not), the traces themselves in traces/.
   part step_b128_lkca_t 240 "$O/step_b128_lkca_t.json" $STEP --models lkca_t --batch 128 \
     --dtype $DT --steps 20 --trace_dir "$O/traces" --out "$O/step_b128_lkca_t.json"
+  # An exported artifact (lkca_jax.exporting, every platform) run here against the CPU:
+  # that its cuda branch runs and agrees, and its forward pass at batch 256.
+  part export 60 "$O/export.json" "$PY" benchmarks/gpu_check.py export --batch 256 \
+    --steps 20 --out "$O/export.json"
   # The layer forms on this backend: the plain ones it runs against the CPU-tuned ones
   # (lkca_jax/backend.py), so the per-backend choice is measured here too; the
   # recipe's dtype only: four programs, 35 to 60 s each to compile on the H200.

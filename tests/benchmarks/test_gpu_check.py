@@ -22,6 +22,7 @@ OK_PARTS = (
   "env",
   "train",
   "step_b128_lkca_t",
+  "export",
   "forms",
   "views",
   "runs",
@@ -95,6 +96,7 @@ def test_statuses_failed_parts_contained(smoke):
     "env",
     "train",
     "step_b128_lkca_t",
+    "export",
     "forms",
     "views",
     "runs",
@@ -298,6 +300,18 @@ def test_runs_forms_mixers_views_autoaugment_env(smoke):
   assert not env["imports"]["ml_collections"].startswith("MISSING")
   # Installed offline (pip --no-index --no-deps --target) and on the parts' PYTHONPATH.
   assert env["wheels"] == {PROBE: "1.0"}
+
+
+def test_the_export_part_calls_one_artifact_on_the_cpu_and_the_default_device(smoke):
+  _, summary, stdout = smoke
+  exported = load(summary["parts"]["export"]["json"])
+  assert summary["export"] == exported
+  assert exported["platforms"] == ["cpu", "cuda", "tpu"] and exported["device"] == "cpu:0"
+  # Here the default device is the CPU: the same program on the same inputs, bit for bit.
+  assert exported["max_abs_difference_to_cpu"] == 0.0 < exported["max_abs_logit"]
+  assert exported["top1_agreement_with_cpu"] == 1.0
+  assert exported["batch"] == 4 and exported["median_ms"] > 0 and exported["bytes"] > 0
+  assert "  exported lkca_t (smoke sizes) (cpu,cuda,tpu) on cpu:0: b4 " in stdout
 
 
 def test_stream_part_sets_one_cores_rate_against_each_steps_images(smoke):
