@@ -85,7 +85,7 @@ def test_one_artifact_runs_the_cpu_forms_on_the_cpu_only_and_gives_float32_logit
 def test_a_fixed_batch_artifact_takes_that_batch_alone():
   model = tiny("lkca_t")
   exported = exporting.classifier(model, MEAN, STD, platforms=["cpu"], batch=3)
-  assert [d for d in exported.in_avals[0].shape] == [3, 8, 12, 3]
+  assert list(exported.in_avals[0].shape) == [3, 8, 12, 3]
   x = images(3)
   assert_reordered(
     exported.call(x), in_eval_mode(model)(augment.normalize(x, MEAN, STD)), chain_terms(model)
