@@ -78,6 +78,11 @@ AUTO_MAX_MATRIX_ENTRIES = 1 << 26
 # slower algorithm for a large prime factor (CPU, 192 maps: a 127² transform pair took
 # 2.7x the time of a 128² one, 31² 8x that of 32²).
 FFT_RADICES = (2, 3, 5, 7)
+# When a layer-shared LKCA runs mix(x W_v) W_o as mix(x (W_v W_o)) (`LKCA.merge`): "auto"
+# where a call's tokens outnumber the width, so the D×D×D product of the weights pays for
+# itself; "always" where that product costs nothing per call (weights that are constants of
+# the program, as in an exported artifact: XLA computes it once, when it compiles); "never".
+MERGES = ("auto", "always", "never")
 
 
 @functools.cache
@@ -369,6 +374,9 @@ class LKCA(nnx.Module):
       "head" (one per head) or "channel" (depthwise, one per channel).
     kernel_init: "zeros" (the reference), "delta", "gaussian" or "decay" (see
       KERNEL_INITS); the same parameters either way.
+
+  `merge` ("auto"; MERGES), set on a built module, says when layer sharing runs the two
+  projections as one product (`_merged`).
   """
 
   needs_grid = True  # mixes by position, so it sees only the h·w patch tokens
@@ -413,6 +421,7 @@ class LKCA(nnx.Module):
     self.kernel_sharing = kernel_sharing
     self.num_heads = num_heads
     self.view = view  # read at each call: setting it on a built module switches views
+    self.merge = "auto"  # read at each call, as `view`
     resolve_view(view, dim, self.grid, num_heads, kernel_sharing)  # a bad name fails here
     shape = kernel_shape(dim, self.grid, num_heads, kernel_sharing)
     if kernel_init not in KERNEL_INITS:
@@ -442,9 +451,14 @@ class LKCA(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     check_tokens(x, self.v_proj.in_features, self.grid, "LKCA")
-    if self.kernel_sharing == "layer" and least_tokens(x) > x.shape[-1]:
+    if self.kernel_sharing == "layer" and self._merges(least_tokens(x), x.shape[-1]):
       return self._merged(x)
     return self.out_proj(self._mixed(self.v_proj(x)))
+
+  def _merges(self, tokens: int, dim: int) -> bool:
+    if self.merge not in MERGES:
+      raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+    return self.merge == "always" or (self.merge == "auto" and tokens > dim)
 
   def _merged(self, x: jax.Array) -> jax.Array:
     """mix(x W_v) W_o + b_o computed as mix(x (W_v W_o)) + b_o. One kernel mixes every

@@ -282,8 +282,9 @@ def module_params(module) -> dict:
   }
 
 
-def module_with(params, dim, grid):
+def module_with(params, dim, grid, merge="auto"):
   module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
+  module.merge = merge
   module.v_proj.kernel[...], module.out_proj.kernel[...] = params["v"], params["o"]
   module.out_proj.bias[...], module.kernel[...] = params["b"], params["kernel"]
   return module
@@ -335,11 +336,14 @@ def test_module_gradients_and_tangents_are_those_of_the_literal_form(batch, dim,
   assert np.all(error <= 2 * terms * u * np.asarray(jvp_scale))
 
 
+@pytest.mark.parametrize("merge", lkca.MERGES)
 @pytest.mark.parametrize("batch, dim", TOKENS_AND_WIDTH)
-def test_layer_shared_module_spends_one_width_squared_product_per_token_when_it_pays(batch, dim):
-  """XLA's flop count of the lowered module against the literal form's: with more tokens T
-  than width D, one T·D·D product fewer for one D·D·D product of the weights; with fewer
-  tokens, the literal schedule itself."""
+def test_layer_shared_module_spends_one_width_squared_product_per_token_when_it_pays(
+  batch, dim, merge
+):
+  """XLA's flop count of the lowered module against the literal form's: merged, one T·D·D
+  product fewer for one D·D·D product of the weights; "auto" merges where the tokens T
+  outnumber the width D, "always" and "never" whatever the count."""
   grid = (3, 5)
   module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
   params = module_params(module)
@@ -351,10 +355,31 @@ def test_layer_shared_module_spends_one_width_squared_product_per_token_when_it_
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
   saved = flops(lambda p, x: literal_lkca(p, x, grid)) - flops(
-    lambda p, x: module_with(p, dim, grid)(x)
+    lambda p, x: module_with(p, dim, grid, merge)(x)
   )
   tokens = batch * 15
-  assert saved == (2 * tokens * dim**2 - 2 * dim**3 if tokens > dim else 0)
+  merged = merge == "always" or (merge == "auto" and tokens > dim)
+  assert saved == (2 * tokens * dim**2 - 2 * dim**3 if merged else 0)
+
+
+@pytest.mark.parametrize("merge", ["always", "never"])
+@pytest.mark.parametrize("batch, dim", TOKENS_AND_WIDTH)
+def test_either_schedule_is_the_module_at_any_token_count(batch, dim, merge):
+  grid = (3, 5)
+  rng = np.random.default_rng(9)
+  module = LKCA(dim, grid, view="attention", rngs=nnx.Rngs(0))
+  module.merge = merge
+  module.kernel[...] = jnp.asarray(rng.normal(size=(5, 9)), jnp.float32)
+  module.out_proj.bias[...] = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  x = rng.normal(size=(batch, 15, dim)).astype(np.float32)
+  assert_module_within_round_off(module(jnp.asarray(x)), module, x, grid)
+
+
+def test_an_unknown_merge_is_refused_by_name():
+  module = LKCA(8, (3, 5), rngs=nnx.Rngs(0))
+  module.merge = "sometimes"
+  with pytest.raises(ValueError, match="merge must be one of"):
+    module(jnp.ones((1, 15, 8)))
 
 
 def test_parameter_count_formula():
