@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lkca_jax import augment, files
+from lkca_jax.layers import LKCA
 
 # What `jax.export` lowers for: "cpu", "cuda", "rocm", "tpu".
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -56,8 +57,9 @@ def classifier(
   logits, exported for `platforms`, for any batch size or only for `batch`. `model` is left
   as it is.
 
-  A fixed batch lets shape-dependent choices see it: LKCA merges its two projections only
-  where a batch holds more tokens than channels, and counts a symbolic batch size as 1."""
+  The parameters are constants of the artifact, so LKCA's merged projections (W_v W_o) cost
+  nothing per call (XLA multiplies them once, when it compiles): the artifact takes them
+  merged at every batch size (`LKCA.merge`)."""
   platforms = check_platforms(platforms)
   if batch is not None and (not isinstance(batch, int) or batch < 1):
     raise ValueError(f"batch must be a positive int or None (any size), got {batch!r}")
@@ -65,6 +67,9 @@ def classifier(
   graphdef, state = nnx.split(model)
   frozen = nnx.merge(graphdef, state)  # a copy: eval mode here leaves the caller's model be
   frozen.eval()
+  for _, module in nnx.iter_modules(frozen):
+    if isinstance(module, LKCA):
+      module.merge = "always"
   mean, std = tuple(mean), tuple(std)
 
   def forward(images):

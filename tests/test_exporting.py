@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from lkca_jax import augment, backend, exporting
+from lkca_jax.layers import LKCA
 from lkca_jax.layers.common import DropPath
 from lkca_jax.models import create_model
 from tests.helpers import assert_reordered, chain_terms
@@ -79,6 +80,17 @@ def test_one_artifact_runs_the_cpu_forms_on_the_cpu_only_and_gives_float32_logit
   assert [str(a.dtype) for a in bfloat16.out_avals] == ["float32"]
   assert [str(a.dtype) for a in bfloat16.in_avals] == ["uint8"]
   assert [str(d) for d in bfloat16.in_avals[0].shape] == [exporting.BATCH, "8", "12", "3"]
+
+
+def test_lkca_takes_its_projections_merged_in_an_artifact_for_any_batch():
+  """Its parameters are constants there: W_v W_o, a D×D by D×D product, is folded when the
+  artifact compiles, so the merged form costs nothing per call even where an image has fewer
+  tokens than channels (here 24 against 136). The caller's modules keep their own choice."""
+  model = tiny("lkca_t")
+  module = exporting.classifier(model, MEAN, STD, platforms=["cpu"]).mlir_module()
+  weights = "(tensor<136x136xf32>, tensor<136x136xf32>) -> tensor<136x136xf32>"
+  assert module.count(weights) == 2  # one a block
+  assert [m.merge for _, m in nnx.iter_modules(model) if isinstance(m, LKCA)] == ["auto"] * 2
 
 
 @pytest.mark.slow  # compiles a whole model

@@ -58,8 +58,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "batch",
     None,
-    "The one batch size the artifact takes (default: any). A fixed size lets LKCA merge its "
-    "projections where the batch holds more tokens than channels, as in training.",
+    "The one batch size the artifact takes (default: any).",
     lower_bound=1,
   )
 
