@@ -5,6 +5,9 @@ same sums compiled apart, so within the float32 round-off bound of reordered sum
 (`tests.helpers.assert_reordered`, over the model's reduction chain).
 """
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,6 +94,17 @@ def test_lkca_takes_its_projections_merged_in_an_artifact_for_any_batch():
   weights = "(tensor<136x136xf32>, tensor<136x136xf32>) -> tensor<136x136xf32>"
   assert module.count(weights) == 2  # one a block
   assert [m.merge for _, m in nnx.iter_modules(model) if isinstance(m, LKCA)] == ["auto"] * 2
+
+
+@pytest.mark.slow  # compiles a whole model
+def test_the_artifacts_merged_weights_are_a_constant_of_the_compiled_program():
+  """What the merged form costing nothing rests on: XLA folds W_v W_o when it compiles, so
+  no instruction of the compiled program computes a 136×136 array."""
+  exported = exporting.classifier(tiny("lkca_t"), MEAN, STD, platforms=["cpu"])
+  one_image = jax.ShapeDtypeStruct((1, 8, 12, 3), jnp.uint8)
+  program = jax.jit(exported.call).lower(one_image).compile().as_text()
+  kinds = re.findall(r"= f32\[136,136\]\{[^}]*\} ([\w-]+)\(", program)
+  assert sorted(set(kinds)) == ["constant", "parameter"], kinds
 
 
 @pytest.mark.slow  # compiles a whole model
