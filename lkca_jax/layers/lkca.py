@@ -131,15 +131,49 @@ def init_kernel(
 
 
 def attention_matrix(kernel: jax.Array, grid) -> jax.Array:
-  """Gathers the (…, N, N) block-Toeplitz matrix from a (…, 2h−1, 2w−1) kernel."""
+  """The (…, N, N) block-Toeplitz matrix of a (…, 2h−1, 2w−1) kernel, built by padding,
+  tiling and slicing each kernel axis (`_toeplitz_axis`) with no gather. Its gradient is
+  then a sum over the tiles; a gather's is a scatter-add, which a GPU runs as atomic adds (a
+  float sum in no fixed order, so a gradient that changes from run to run) and a TPU as a
+  loop. Every entry is a copy of a tap: the same values as `attention_matrix_cpu`."""
+  h, w = as_grid(grid)
+  taps = jnp.moveaxis(kernel, (-2, -1), (0, 1))  # (2h−1, 2w−1, …)
+  blocks = _toeplitz_axis(_toeplitz_axis(taps, 1, w), 0, h)  # (h, h, w, w, …): i, p, j, q
+  leading = tuple(range(4, blocks.ndim))
+  a = jnp.transpose(blocks, (*leading, 0, 2, 1, 3))  # (…, i, j, p, q)
+  return a.reshape(*kernel.shape[:-2], h * w, h * w)
+
+
+def _toeplitz_axis(taps: jax.Array, axis: int, n: int) -> jax.Array:
+  """Axis `axis` of `taps`, of length 2n−1, as two axes (i, p) of length n:
+  out[…, i, p, …] = taps[…, n−1+p−i, …]. The taps padded to length 2n and laid end to end n
+  times, read in rows of 2n−1, shift by one more in each row (row i, place c: tap c−i), so
+  places n−1 … 2n−2 of row i are row i of the Toeplitz matrix."""
+  taps = jnp.moveaxis(taps, axis, 0)
+  rest = taps.shape[1:]
+  padded = jnp.pad(taps, [(0, 1)] + [(0, 0)] * len(rest))
+  laid = jnp.broadcast_to(padded, (n, *padded.shape)).reshape(2 * n * n, *rest)
+  rows = laid[: n * (2 * n - 1)].reshape(n, 2 * n - 1, *rest)
+  return jnp.moveaxis(rows[:, n - 1 :], (0, 1), (axis, axis + 1))
+
+
+def attention_matrix_cpu(kernel: jax.Array, grid) -> jax.Array:
+  """`attention_matrix` as one gather of the flat kernel (`toeplitz_index`), for XLA:CPU:
+  there its gradient, a scatter-add it runs as a loop in a fixed order, took 0.05–0.66 of the
+  tiled form's time (docs/benchmarks.md, 2026-12-07d)."""
   h, w = as_grid(grid)
   flat = kernel.reshape(*kernel.shape[:-2], -1)
   return flat[..., toeplitz_index(h, w)]
 
 
 def mix_attention(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer") -> jax.Array:
-  """out = A @ v with A gathered from the kernel. v: (B, N, D)."""
-  a = attention_matrix(kernel.astype(v.dtype), grid)
+  """out = A @ v with A the kernel's matrix (`attention_matrix`). v: (B, N, D)."""
+  return mix_by_matrix(v, attention_matrix(kernel.astype(v.dtype), grid), sharing)
+
+
+def mix_by_matrix(v: jax.Array, a: jax.Array, sharing: str = "layer") -> jax.Array:
+  """out = A @ v for the kernels' matrices `a`: (N, N) for one kernel a layer, (D, N, N) or
+  (H, N, N) for one a channel or a head. v: (B, N, D)."""
   if sharing == "layer":
     # A broadcast over the batch, one (N×N)·(N×D) matmul per image: both operands are
     # row-major as they lie. The plain einsum "nm,bmd->bnd" made XLA:CPU transpose v to
@@ -151,7 +185,7 @@ def mix_attention(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer")
   if sharing == "channel":
     return jnp.einsum("dnm,bmd->bnd", a, v)
   b, n, d = v.shape
-  heads = kernel.shape[0]
+  heads = a.shape[0]
   out = jnp.einsum("hnm,bmhc->bnhc", a, v.reshape(b, n, heads, d // heads))
   return out.reshape(b, n, d)
 
@@ -283,17 +317,19 @@ def mix_fft(
 
 
 def mix_attention_cpu(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer") -> jax.Array:
-  """`mix_attention` for XLA:CPU: with one kernel per layer, its batched product (one
-  (N, N) matrix times each image's (N, D) values) is fused with a row sum (`threaded`),
-  which puts it on every thread (lkca_t and lkca_b train steps, 2-core CPU: 1.01–1.03×).
-  Below float32 the product runs in float32, as XLA:CPU would widen it anyway, so that the
-  kernel gradient's sum over the batch adds unrounded products. In a reverse-only trace
-  below float32 it is `mix_layer_reverse` (backend.reverse_mode_only)."""
+  """`mix_attention` for XLA:CPU: the matrix gathered (`attention_matrix_cpu`); with one
+  kernel per layer, its batched product (one (N, N) matrix times each image's (N, D)
+  values) is fused with a row sum (`threaded`), which puts it on every thread (lkca_t and
+  lkca_b train steps, 2-core CPU: 1.01–1.03×). Below float32 the product runs in float32, as
+  XLA:CPU would widen it anyway, so that the kernel gradient's sum over the batch adds
+  unrounded products. In a reverse-only trace below float32 it is `mix_layer_reverse`
+  (backend.reverse_mode_only)."""
   if sharing != "layer":
-    return mix_attention(v, kernel, grid, sharing)
+    return mix_by_matrix(v, attention_matrix_cpu(kernel.astype(v.dtype), grid), sharing)
+  a = attention_matrix_cpu(kernel.astype(wide(v.dtype)), grid)
   if backward_by_hand(v.dtype):
-    return mix_layer_reverse(v, attention_matrix(kernel.astype(wide(v.dtype)), grid))
-  return threaded(mix_attention(v.astype(wide(v.dtype)), kernel, grid, sharing)).astype(v.dtype)
+    return mix_layer_reverse(v, a)
+  return threaded(mix_by_matrix(v.astype(a.dtype), a)).astype(v.dtype)
 
 
 @jax.custom_vjp

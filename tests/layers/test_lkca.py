@@ -124,15 +124,25 @@ def test_conv_and_attention_views_agree_with_scipy_reference(grid, sharing):
     assert_within_round_off(c, a, mag, count, sides=2)
 
 
-def test_cpu_attention_mixing_is_the_attention_mixing_value_for_value():
-  """Its row sum (layer sharing, the one it changes) adds zeros: output and both
-  gradients equal bit for bit."""
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_cpu_attention_mixing_is_the_gathered_matrix_mixing_value_for_value(sharing):
+  """Its row sum (layer sharing) adds zeros: output and both gradients equal bit for bit
+  those of the gathered matrix times v, and are within round-off of the plain form's."""
   grid = (8, 8)
-  v, kernel, r = random_inputs(grid, "layer")
-  cpu = output_and_grads(lkca.mix_attention_cpu, v, kernel, r, grid, "layer")
-  plain = output_and_grads(lkca.mix_attention, v, kernel, r, grid, "layer")
-  for got, expected in zip(cpu, plain, strict=True):
+  v, kernel, r = random_inputs(grid, sharing)
+
+  def gathered(v, kernel, grid, sharing):
+    return lkca.mix_by_matrix(v, lkca.attention_matrix_cpu(kernel, grid), sharing)
+
+  cpu = output_and_grads(lkca.mix_attention_cpu, v, kernel, r, grid, sharing)
+  by_gather = output_and_grads(gathered, v, kernel, r, grid, sharing)
+  for got, expected in zip(cpu, by_gather, strict=True):
     np.testing.assert_array_equal(got, expected)
+  magnitudes = scipy_reference(np.abs(v), np.abs(kernel), np.abs(r), grid, sharing)
+  plain = output_and_grads(lkca.mix_attention, v, kernel, r, grid, sharing)
+  terms = BATCH * 64 * DIM  # the most a kernel tap's gradient sums
+  for got, expected, magnitude in zip(cpu, plain, magnitudes, strict=True):
+    assert_within_round_off(got, expected, magnitude, terms, sides=2)
 
 
 def test_cpu_attention_mixing_fuses_its_product_with_a_row_sum_on_the_cpu():
@@ -164,10 +174,15 @@ def test_true_convolution_matches_only_with_flipped_kernel():
   assert_within_round_off(out, convolve(flipped), convolve(np.abs(flipped), np.abs(maps)), 15)
 
 
-def test_attention_matrix_entries_by_explicit_loops():
-  h, w = 3, 4
+MATRIX_FORMS = {"tiled": lkca.attention_matrix, "gathered": lkca.attention_matrix_cpu}
+
+
+@pytest.mark.parametrize("form", MATRIX_FORMS)
+@pytest.mark.parametrize("grid", [(3, 4), (1, 1), (1, 5), (4, 1)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_attention_matrix_entries_by_explicit_loops(grid, form):
+  h, w = grid
   kernel = np.arange((2 * h - 1) * (2 * w - 1), dtype=np.float32).reshape(2 * h - 1, 2 * w - 1)
-  a = np.asarray(lkca.attention_matrix(jnp.asarray(kernel), (h, w)))
+  a = np.asarray(MATRIX_FORMS[form](jnp.asarray(kernel), (h, w)))
   assert a.shape == (h * w, h * w)
   for i in range(h):
     for j in range(w):
@@ -177,6 +192,53 @@ def test_attention_matrix_entries_by_explicit_loops():
       # Row (i, j) is the flattened window K[h−1−i : 2h−1−i, w−1−j : 2w−1−j].
       window = kernel[h - 1 - i : 2 * h - 1 - i, w - 1 - j : 2 * w - 1 - j]
       np.testing.assert_array_equal(a[i * w + j], window.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("leading", [(), (3,), (2, 3)], ids=str)
+def test_both_matrix_forms_copy_the_same_taps_and_sum_the_same_gradient(leading, dtype):
+  """Every entry is a copy of one tap, so the two forms agree bit for bit in any dtype and
+  for any leading kernel axes (heads, channels); a tap's gradient is the sum of the
+  cotangent over the entries that copy it (the diagonals of its offset), at most N of them,
+  in float32 for these float32 kernels."""
+  grid = (5, 7)
+  n = 35
+  rng = np.random.default_rng(3)
+  kernel = jnp.asarray(rng.normal(size=(*leading, 9, 13)), dtype)
+  tiled, gathered = (np.asarray(f(kernel, grid)) for f in MATRIX_FORMS.values())
+  assert tiled.dtype == gathered.dtype == dtype and tiled.shape == (*leading, n, n)
+  np.testing.assert_array_equal(tiled, gathered)
+
+  kernel = kernel.astype(jnp.float32)
+  cotangent = rng.normal(size=(*leading, n, n))
+  index = lkca.toeplitz_index(*grid)  # the flat tap each entry copies
+  expected = np.zeros((*leading, 9 * 13))
+  np.add.at(expected, (..., index), cotangent)  # float64: the exact sums to round-off
+  magnitude = np.zeros_like(expected)
+  np.add.at(magnitude, (..., index), np.abs(cotangent))
+  for form in MATRIX_FORMS.values():
+    _, pullback = jax.vjp(lambda k, form=form: form(k, grid), kernel)
+    (got,) = pullback(jnp.asarray(cotangent, jnp.float32))
+    # The cotangent rounded to float32 (one u) and summed (n terms).
+    assert_within_round_off(got.reshape(expected.shape), expected, magnitude, n + 1)
+
+
+def test_only_the_cpu_gathers_the_matrix_and_scatters_its_gradient():
+  """A gather's gradient is a scatter-add: atomic adds in no fixed order on a GPU (a kernel
+  gradient that changes from run to run), a loop on a TPU. GPU and TPU take the tiled
+  matrix, whose gradient is a sum; XLA:CPU keeps the gather, whose scatter is faster there."""
+  module = LKCA(8, (4, 4), view="attention", rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 16, 8), jnp.float32)
+  graphdef, params = nnx.split(module)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))))
+  lowered = {
+    platform: jax.export.export(grad, platforms=[platform])(params, x).mlir_module()
+    for platform in ("cpu", "cuda", "tpu")
+  }
+  assert "stablehlo.gather" in lowered["cpu"] and "stablehlo.scatter" in lowered["cpu"]
+  for platform in ("cuda", "tpu"):
+    assert "stablehlo.gather" not in lowered[platform]
+    assert "stablehlo.scatter" not in lowered[platform]
 
 
 # (batch, width) on a 3×5 grid: 30 tokens above the width 8, where the layer-shared module
