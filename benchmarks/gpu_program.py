@@ -9,9 +9,11 @@ augmentation for `cuda` (`jax.export`), then compiles both for the GPU that
 `--target_config` describes (an H100 by default; an XLA `GpuTargetConfigProto` in text form)
 through `jax.experimental.topologies`, with no GPU present. Per program it reports the
 kernels of its compiled entry computation (fusions, cuBLAS and cuDNN calls, copies), its while
-loops (a loop whose trip count XLA does not know reads its condition back on every trip), and
-what the host issues for one run: XLA records runs of kernels into CUDA graphs ("command
-buffers"), so a step may reach the GPU as a few graph launches and the loops between them.
+loops (a loop whose trip count XLA does not know reads its condition back on every trip), the
+kernels that update memory atomically (read from its PTX: a float sum made so may change from
+run to run), and what the host issues for one run: XLA records runs of kernels into CUDA
+graphs ("command buffers"), so a step may reach the GPU as a few graph launches and the loops
+between them.
 These are counts, not times: the time of a step needs the GPU (`benchmarks/gpu_check.sh`).
 
 Needs JAX's CUDA plugin, which is never a dependency: in a separate venv,
@@ -38,6 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_LAUNCH = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
 # A thunk in XLA's dump of a GPU program's thunk sequence: its indent nests it in the one above.
 THUNK = re.compile(r"^( *)\d+: (k\w+)")
+# A kernel in PTX, and an instruction that updates memory atomically: `atom` (which returns
+# the old value; a compare-and-swap loop is how XLA adds floats with it) or `red`, either
+# possibly predicated (`@%p1 atom...`).
+PTX_KERNEL = re.compile(r"^\.visible \.entry (\w+)\(", re.M)
+PTX_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.M)
 
 
 def define_flags() -> None:
@@ -105,6 +112,17 @@ def host_thunks(thunk_text: str) -> dict:
   }
 
 
+def atomic_kernels(ptx: str) -> list[str]:
+  """The kernels of PTX text that update memory atomically. Threads reach such updates in no
+  fixed order: a float sum made so (a scatter-add) may differ from one run of the program to
+  the next; an integer one (a histogram) may not."""
+  kernels = list(PTX_KERNEL.finditer(ptx))
+  ends = [k.start() for k in kernels[1:]] + [len(ptx)]
+  return [
+    k.group(1) for k, end in zip(kernels, ends, strict=True) if PTX_ATOMIC.search(ptx, k.end(), end)
+  ]
+
+
 def gpu_sharding(target_config: str):
   """A replicated sharding on one compile-only GPU described by `target_config`."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -126,10 +144,10 @@ def gpu_sharding(target_config: str):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, str, int]:
-  """(compiled HLO text, thunk sequence, StableHLO ops) of jitted `fn` at `args`, compiled for
-  `sharding`'s GPU, its first `donated` arguments donated as the trainer donates them (an
-  export drops that)."""
+def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, str, str, int]:
+  """(compiled HLO text, thunk sequence, PTX, StableHLO ops) of jitted `fn` at `args`,
+  compiled for `sharding`'s GPU, its first `donated` arguments donated as the trainer donates
+  them (an export drops that)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   exported = jax.export.export(fn, platforms=["cuda"])(*args)
@@ -152,7 +170,11 @@ def compile_for_gpu(fn, args, sharding, donated: int = 0) -> tuple[str, str, int
       raise RuntimeError(f"XLA's dump holds {len(found)} thunk sequences, not 1: has it changed?")
     with open(found[0], encoding="utf-8") as f:
       thunks = f.read()
-  return text, thunks, exported.mlir_module().count("stablehlo.")
+    ptx = ""  # XLA compiles a program's kernels in several LLVM modules, a .ptx file each
+    for path in sorted(glob.glob(os.path.join(dump, "*.ptx"))):
+      with open(path, encoding="utf-8") as f:
+        ptx += f.read()
+  return text, thunks, ptx, exported.mlir_module().count("stablehlo.")
 
 
 def model_programs(model: str, sharding) -> dict:
@@ -175,8 +197,15 @@ def model_programs(model: str, sharding) -> dict:
   }
   found = {}
   for name, (fn, args, donated) in programs.items():
-    text, thunks, stablehlo_ops = compile_for_gpu(fn, args, sharding, donated)
-    found[name] = {"stablehlo_ops": stablehlo_ops, **program_kernels(text), **host_thunks(thunks)}
+    text, thunks, ptx, stablehlo_ops = compile_for_gpu(fn, args, sharding, donated)
+    atomic = atomic_kernels(ptx)
+    found[name] = {
+      "stablehlo_ops": stablehlo_ops,
+      **program_kernels(text),
+      **host_thunks(thunks),
+      "atomic_kernels": len(atomic),
+      "atomic_kernel_names": atomic,
+    }
   return found
 
 
@@ -202,7 +231,7 @@ def main(argv) -> None:
   results = {}
   print(
     f"{'model':<10}{'program':<12}{'kernels':>9}{'loops':>7}{'unknown trips':>15}"
-    f"{'host thunks':>13}{'graphs':>8}{'host loops':>12}"
+    f"{'host thunks':>13}{'graphs':>8}{'host loops':>12}{'atomic kernels':>16}"
   )
   for model in FLAGS.models:
     results[model] = model_programs(model, sharding)
@@ -210,7 +239,7 @@ def main(argv) -> None:
       print(
         f"{model:<10}{name:<12}{r['kernels']:>9}{r['while_loops']:>7}"
         f"{r['while_loops_unknown_trips']:>15}{r['host_thunks']:>13}{r['command_buffers']:>8}"
-        f"{r['host_loops']:>12}"
+        f"{r['host_loops']:>12}{r['atomic_kernels']:>16}"
       )
   settings = {k: getattr(FLAGS, k) for k in ("batch", "dtype", "runs", "target_config")}
   cli.write_json(out, {"results": results, **settings})

@@ -1,7 +1,7 @@
-"""benchmarks/gpu_program.py: what it counts in a compiled program and in XLA's thunk sequence,
-its one error line where JAX's CUDA plugin is missing (as in CI), and, where the plugin is
-installed, the train step compiled for an H100 as one CUDA graph with no loop that the host
-drives."""
+"""benchmarks/gpu_program.py: what it counts in a compiled program, in XLA's thunk sequence and
+in the PTX, its one error line where JAX's CUDA plugin is missing (as in CI), and, where the
+plugin is installed, the train step compiled for an H100 as one CUDA graph with no loop that
+the host drives and no atomic update of memory."""
 
 import importlib.util
 import json
@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_program.py")
 # Cut from XLA's dump for the train step before λ's Beta draws lost their loops (41c4ae1).
 THUNKS = os.path.join(ROOT, "tests", "data", "gpu_thunk_sequence_fixture.txt")
+# Cut from the PTX of an LKCA layer's gradient while its matrix was a gather (tests/data).
+PTX = os.path.join(ROOT, "tests", "data", "gpu_ptx_fixture.ptx")
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and (
   importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
 )
@@ -74,6 +76,18 @@ def test_it_reads_the_graphs_and_the_loops_the_host_drives_from_xlas_thunk_seque
     gpu_program.host_thunks("condition:\n  body:\n")
 
 
+def test_it_finds_the_kernels_that_update_memory_atomically_in_ptx(gpu_program):
+  with open(PTX, encoding="utf-8") as f:
+    ptx = f.read()
+  # The scatter-add's kernel adds its float by a compare-and-swap loop; the gather's reads.
+  assert gpu_program.atomic_kernels(ptx) == ["input_scatter_fusion"]
+  predicated = ptx.replace("\tatom.relaxed", "\t@%p1 red.relaxed").replace(
+    "input_scatter_fusion", "scatter"
+  )
+  assert gpu_program.atomic_kernels(predicated) == ["scatter"]
+  assert gpu_program.atomic_kernels(ptx.replace("atom.relaxed", "ld.relaxed")) == []
+
+
 @pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is installed here")
 def test_without_the_cuda_plugin_it_is_one_error_line_naming_the_install(tmp_path):
   out = tmp_path / "gpu.json"
@@ -102,6 +116,8 @@ def test_the_train_step_compiled_for_an_h100_is_one_cuda_graph(tmp_path):
   assert step["while_loops_unknown_trips"] == 0
   assert step["kernels"] > 100  # a whole step: forward, backward, optimizer
   assert (step["host_thunks"], step["command_buffers"], step["host_loops"]) == (1, 1, 0)
+  # No float sum in no fixed order: the step's results repeat from run to run.
+  assert step["atomic_kernels"] == 0, step["atomic_kernel_names"]
   assert found["augment"]["while_loops_unknown_trips"] == 0
 
 
