@@ -1,7 +1,7 @@
 """The one place lkca_jax picks code per backend: `by_backend`.
 
-Code with a CPU-tuned form (Linear, LayerNorm, GELU, the MHSA core, the LKCA view, and
-AutoAugment over a batch) hands both forms to `by_backend`, which stages them
+Code with a CPU-tuned form (Linear, LayerNorm, GELU, the MHSA core, the LKCA view, ACmix's
+position bias, and AutoAugment over a batch) hands both forms to `by_backend`, which stages them
 with `jax.lax.platform_dependent`: the choice is made when the computation is
 lowered, so one model (and one jitted or exported function) runs the CPU form on
 the CPU and the plain form on GPU and TPU, where XLA's fusions, cuBLAS and cuDNN

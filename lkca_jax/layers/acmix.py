@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lkca_jax.backend import by_backend
 from lkca_jax.layers.common import (
   Linear,
   as_grid,
@@ -44,6 +45,7 @@ from lkca_jax.layers.common import (
   head_dim,
   linear,
   promote_param,
+  toeplitz_tiled,
 )
 from lkca_jax.layers.mhsa import MHSA
 
@@ -74,6 +76,15 @@ def relative_position_index(h: int, w: int) -> np.ndarray:
   di = i[:, None] - i[None, :] + (h - 1)  # rows: query; cols: key
   dj = j[:, None] - j[None, :] + (w - 1)
   return (di * (2 * w - 1) + dj).astype(np.int32)
+
+
+def relative_bias_tiled(table: jax.Array, grid) -> jax.Array:
+  """The (H, N, N) matrix of a ((2h−1)(2w−1), H) table of offsets query − key
+  (`relative_position_index`), tiled: the table per head, its offsets reversed to key −
+  query, is the taps of a block-Toeplitz matrix (`common.toeplitz_tiled`)."""
+  h, w = grid
+  taps = table.T.reshape(-1, 2 * h - 1, 2 * w - 1)[:, ::-1, ::-1]
+  return toeplitz_tiled(taps, grid)
 
 
 def one_hot_shift_kernel(dim: int) -> np.ndarray:
@@ -157,8 +168,15 @@ class ACmix(nnx.Module):
     self.conv_rate = nnx.Param(jnp.asarray(0.5, jnp.float32))
 
   def relative_bias_matrix(self) -> jax.Array:
-    """(H, N, N) bias added to the attention logits."""
-    return self.relative_bias[...][relative_position_index(*self.grid)].transpose(2, 0, 1)
+    """(H, N, N) bias added to the attention logits: the table's row of each query's offset
+    from its key, per head. Gathered on the CPU; tiled elsewhere, as LKCA's matrix is, so
+    that the table's gradient is a sum, not a scatter-add (atomic adds on a GPU)."""
+    table = self.relative_bias[...]
+    return by_backend(
+      lambda t: t[relative_position_index(*self.grid)].transpose(2, 0, 1),
+      lambda t: relative_bias_tiled(t, self.grid),
+      table,
+    )
 
   def _heads(self, qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(B, N, 3D) → q, k, v, each (B, N, H, d)."""

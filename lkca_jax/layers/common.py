@@ -1,4 +1,5 @@
-"""Building blocks shared by every model: init, Linear, LayerNorm, MLP, DropPath.
+"""Building blocks shared by every model: init, Linear, LayerNorm, MLP, DropPath, and the
+block-Toeplitz matrix of a kernel of relative offsets (LKCA's, ACmix's position bias).
 
 The reference initialises every Linear with xavier/glorot *normal* (not
 truncated) weights and zero biases, and uses LayerNorm with epsilon 1e-5
@@ -365,6 +366,47 @@ def as_grid(grid, name: str = "grid") -> tuple[int, int]:
   if h < 1 or w < 1:
     raise ValueError(f"{name} must be positive, got {(h, w)}")
   return int(h), int(w)
+
+
+@functools.cache
+def toeplitz_index(h: int, w: int) -> np.ndarray:
+  """The flat tap of a (2h−1, 2w−1) kernel that entry [(i,j),(p,q)] of its (N, N) block-
+  Toeplitz matrix copies: (h−1+p−i)(2w−1) + (w−1+q−j), rows (i,j), columns (p,q)."""
+  i, j = np.divmod(np.arange(h * w), w)
+  di = (h - 1) + i[None, :] - i[:, None]  # rows: query (i,j); cols: key (p,q)
+  dj = (w - 1) + j[None, :] - j[:, None]
+  return (di * (2 * w - 1) + dj).astype(np.int32)
+
+
+def toeplitz_gathered(taps: jax.Array, grid) -> jax.Array:
+  """The (…, N, N) matrix M[(i,j),(p,q)] = taps[…, h−1+p−i, w−1+q−j] of (…, 2h−1, 2w−1)
+  taps, as one gather (`toeplitz_index`); its gradient is a scatter-add."""
+  h, w = as_grid(grid)
+  return taps.reshape(*taps.shape[:-2], -1)[..., toeplitz_index(h, w)]
+
+
+def toeplitz_tiled(taps: jax.Array, grid) -> jax.Array:
+  """`toeplitz_gathered`'s matrix, bit for bit, by padding, tiling and slicing each axis of
+  the taps (`_toeplitz_axis`): no gather, so its gradient is a sum over the tiles."""
+  h, w = as_grid(grid)
+  moved = jnp.moveaxis(taps, (-2, -1), (0, 1))  # (2h−1, 2w−1, …)
+  blocks = _toeplitz_axis(_toeplitz_axis(moved, 1, w), 0, h)  # (h, h, w, w, …): i, p, j, q
+  leading = tuple(range(4, blocks.ndim))
+  matrix = jnp.transpose(blocks, (*leading, 0, 2, 1, 3))  # (…, i, j, p, q)
+  return matrix.reshape(*taps.shape[:-2], h * w, h * w)
+
+
+def _toeplitz_axis(taps: jax.Array, axis: int, n: int) -> jax.Array:
+  """Axis `axis` of `taps`, of length 2n−1, as two axes (i, p) of length n:
+  out[…, i, p, …] = taps[…, n−1+p−i, …]. The taps padded to length 2n and laid end to end n
+  times, read in rows of 2n−1, shift by one more in each row (row i, place c: tap c−i), so
+  places n−1 … 2n−2 of row i are row i of the Toeplitz matrix."""
+  taps = jnp.moveaxis(taps, axis, 0)
+  rest = taps.shape[1:]
+  padded = jnp.pad(taps, [(0, 1)] + [(0, 0)] * len(rest))
+  laid = jnp.broadcast_to(padded, (n, *padded.shape)).reshape(2 * n * n, *rest)
+  rows = laid[: n * (2 * n - 1)].reshape(n, 2 * n - 1, *rest)
+  return jnp.moveaxis(rows[:, n - 1 :], (0, 1), (axis, axis + 1))
 
 
 def head_dim(dim: int, num_heads: int, owner: str) -> int:

@@ -11,8 +11,6 @@ picks which one XLA runs.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +28,8 @@ from lkca_jax.layers.common import (
   project,
   promote_param,
   threaded,
+  toeplitz_gathered,
+  toeplitz_tiled,
   wide,
 )
 
@@ -85,15 +85,6 @@ FFT_RADICES = (2, 3, 5, 7)
 MERGES = ("auto", "always", "never")
 
 
-@functools.cache
-def toeplitz_index(h: int, w: int) -> np.ndarray:
-  """Flat kernel index of every A entry: idx[(i,j),(p,q)] = (h−1+p−i)(2w−1) + (w−1+q−j)."""
-  i, j = np.divmod(np.arange(h * w), w)
-  di = (h - 1) + i[None, :] - i[:, None]  # rows: query (i,j); cols: key (p,q)
-  dj = (w - 1) + j[None, :] - j[:, None]
-  return (di * (2 * w - 1) + dj).astype(np.int32)
-
-
 def kernel_shape(dim: int, grid, num_heads: int, sharing: str) -> tuple[int, ...]:
   h, w = as_grid(grid)
   spatial = (2 * h - 1, 2 * w - 1)
@@ -131,39 +122,19 @@ def init_kernel(
 
 
 def attention_matrix(kernel: jax.Array, grid) -> jax.Array:
-  """The (…, N, N) block-Toeplitz matrix of a (…, 2h−1, 2w−1) kernel, built by padding,
-  tiling and slicing each kernel axis (`_toeplitz_axis`) with no gather. Its gradient is
-  then a sum over the tiles; a gather's is a scatter-add, which a GPU runs as atomic adds (a
-  float sum in no fixed order, so a gradient that changes from run to run) and a TPU as a
-  loop. Every entry is a copy of a tap: the same values as `attention_matrix_cpu`."""
-  h, w = as_grid(grid)
-  taps = jnp.moveaxis(kernel, (-2, -1), (0, 1))  # (2h−1, 2w−1, …)
-  blocks = _toeplitz_axis(_toeplitz_axis(taps, 1, w), 0, h)  # (h, h, w, w, …): i, p, j, q
-  leading = tuple(range(4, blocks.ndim))
-  a = jnp.transpose(blocks, (*leading, 0, 2, 1, 3))  # (…, i, j, p, q)
-  return a.reshape(*kernel.shape[:-2], h * w, h * w)
-
-
-def _toeplitz_axis(taps: jax.Array, axis: int, n: int) -> jax.Array:
-  """Axis `axis` of `taps`, of length 2n−1, as two axes (i, p) of length n:
-  out[…, i, p, …] = taps[…, n−1+p−i, …]. The taps padded to length 2n and laid end to end n
-  times, read in rows of 2n−1, shift by one more in each row (row i, place c: tap c−i), so
-  places n−1 … 2n−2 of row i are row i of the Toeplitz matrix."""
-  taps = jnp.moveaxis(taps, axis, 0)
-  rest = taps.shape[1:]
-  padded = jnp.pad(taps, [(0, 1)] + [(0, 0)] * len(rest))
-  laid = jnp.broadcast_to(padded, (n, *padded.shape)).reshape(2 * n * n, *rest)
-  rows = laid[: n * (2 * n - 1)].reshape(n, 2 * n - 1, *rest)
-  return jnp.moveaxis(rows[:, n - 1 :], (0, 1), (axis, axis + 1))
+  """The (…, N, N) block-Toeplitz matrix of a (…, 2h−1, 2w−1) kernel, A[(i,j),(p,q)] =
+  K[h−1+p−i, w−1+q−j], tiled from its taps (`common.toeplitz_tiled`): no gather, so its
+  gradient is a sum, where a gather's is a scatter-add, which a GPU runs as atomic adds (a
+  float sum in no fixed order: a gradient that changes from run to run) and a TPU as a
+  loop. The same values as `attention_matrix_cpu`, bit for bit."""
+  return toeplitz_tiled(kernel, grid)
 
 
 def attention_matrix_cpu(kernel: jax.Array, grid) -> jax.Array:
-  """`attention_matrix` as one gather of the flat kernel (`toeplitz_index`), for XLA:CPU:
-  there its gradient, a scatter-add it runs as a loop in a fixed order, took 0.05–0.66 of the
-  tiled form's time (docs/benchmarks.md, 2026-12-07d)."""
-  h, w = as_grid(grid)
-  flat = kernel.reshape(*kernel.shape[:-2], -1)
-  return flat[..., toeplitz_index(h, w)]
+  """`attention_matrix` gathered (`common.toeplitz_gathered`), for XLA:CPU: there its
+  gradient, a scatter-add it runs as a loop in a fixed order, took 0.05–0.66 of the tiled
+  form's time (docs/benchmarks.md, 2026-12-07d)."""
+  return toeplitz_gathered(kernel, grid)
 
 
 def mix_attention(v: jax.Array, kernel: jax.Array, grid, sharing: str = "layer") -> jax.Array:

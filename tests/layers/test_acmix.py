@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lkca_jax import backend
 from lkca_jax.layers import ACmix
 from lkca_jax.layers.acmix import grouped_conv3x3
 from lkca_jax.models import count_params
-from tests.helpers import assert_reordered
+from tests.helpers import U, assert_reordered
 
 BATCH = 2
 
@@ -189,6 +190,18 @@ def p(v):
   return np.asarray(v[...], np.float64)
 
 
+def reference_bias(table, grid):
+  """(H, N, N): Swin's relative position bias, the table's row of each query − key offset."""
+  h, w = grid
+  bias = np.zeros((table.shape[1], h * w, h * w), table.dtype)
+  for i in range(h):
+    for j in range(w):
+      for pp in range(h):
+        for qq in range(w):
+          bias[:, i * w + j, pp * w + qq] = table[(i - pp + h - 1) * (2 * w - 1) + (j - qq + w - 1)]
+  return bias
+
+
 def reference_weights(module, x, grid):
   """float64 attention-branch softmax (B, H, N, N) and v (B, H, N, d), after the authors'
   PyTorch code, with Swin's relative position bias (query − key offsets)."""
@@ -199,13 +212,7 @@ def reference_weights(module, x, grid):
   d = dim // heads
   qkv = x @ p(module.qkv.kernel) + p(module.qkv.bias)
   q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
-  table = p(module.relative_bias)
-  bias = np.zeros((heads, n, n))
-  for i in range(h):
-    for j in range(w):
-      for pp in range(h):
-        for qq in range(w):
-          bias[:, i * w + j, pp * w + qq] = table[(i - pp + h - 1) * (2 * w - 1) + (j - qq + w - 1)]
+  bias = reference_bias(p(module.relative_bias), grid)
   split = lambda t: t.reshape(b, n, heads, d).transpose(0, 2, 1, 3)  # (B, H, N, d)
   return softmax(split(q) @ split(k).transpose(0, 1, 3, 2) * d**-0.5 + bias), split(v)
 
@@ -311,3 +318,44 @@ def test_bfloat16_activations_stay_bfloat16():
 def test_heads_that_do_not_divide_the_width_are_refused():
   with pytest.raises(ValueError, match=r"ACmix needs dim \(8\) divisible by num_heads \(5\)"):
     ACmix(8, (4, 4), num_heads=5, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+@pytest.mark.parametrize("grid", [(3, 5), (4, 4), (1, 3)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_the_position_bias_copies_the_table_and_sums_its_gradient_in_either_form(grid, form):
+  """The CPU gathers the bias matrix, GPU and TPU tile it (`backend.forms` picks either
+  here): the same entries, and a table row's gradient is the float64 sum of the cotangent
+  over the entries that copy it (at most N), to float32 round-off."""
+  h, w = grid
+  module, _ = randomised(grid, 12, 3)
+  table = np.asarray(module.relative_bias[...])
+  with backend.forms(form):
+    np.testing.assert_array_equal(module.relative_bias_matrix(), reference_bias(table, grid))
+    cotangent = np.random.default_rng(4).normal(size=(3, h * w, h * w))
+    graphdef, params = nnx.split(module)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p).relative_bias_matrix() * cotangent)
+    got = np.asarray(jax.grad(loss)(params)["relative_bias"][...], np.float64)
+  expected, magnitude = np.zeros(table.shape), np.zeros(table.shape)
+  index = np.asarray(reference_bias(np.arange(len(table))[:, None], grid))[0]  # each entry's row
+  for row in range(len(table)):
+    expected[row] = cotangent[:, index == row].sum(axis=1)
+    magnitude[row] = np.abs(cotangent[:, index == row]).sum(axis=1)
+  terms = h * w + 1  # the cotangent rounded to float32, then summed: γ_terms of the magnitude
+  gamma = terms * U / (1 - terms * U)
+  assert np.all(np.abs(got - expected) <= gamma * magnitude)
+
+
+def test_only_the_cpu_gathers_the_position_bias_and_scatters_its_gradient():
+  """A scatter-add runs as atomic adds on a GPU (a sum in no fixed order) and as a loop on a
+  TPU: their ACmix takes the tiled bias matrix, whose gradient is a sum."""
+  module, x = randomised((3, 5), 12, 3)
+  graphdef, params = nnx.split(module)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))))
+  lowered = {
+    platform: jax.export.export(grad, platforms=[platform])(params, jnp.asarray(x)).mlir_module()
+    for platform in ("cpu", "cuda", "tpu")
+  }
+  assert "stablehlo.gather" in lowered["cpu"] and "stablehlo.scatter" in lowered["cpu"]
+  for platform in ("cuda", "tpu"):
+    assert "stablehlo.gather" not in lowered[platform]
+    assert "stablehlo.scatter" not in lowered[platform]

@@ -12,7 +12,7 @@ import scipy.signal
 from flax import nnx
 
 from lkca_jax import backend
-from lkca_jax.layers import LKCA, lkca
+from lkca_jax.layers import LKCA, common, lkca
 from lkca_jax.models import count_params
 from tests.helpers import U_BF16, U, product_fusions
 
@@ -211,7 +211,7 @@ def test_both_matrix_forms_copy_the_same_taps_and_sum_the_same_gradient(leading,
 
   kernel = kernel.astype(jnp.float32)
   cotangent = rng.normal(size=(*leading, n, n))
-  index = lkca.toeplitz_index(*grid)  # the flat tap each entry copies
+  index = common.toeplitz_index(*grid)  # the flat tap each entry copies
   expected = np.zeros((*leading, 9 * 13))
   np.add.at(expected, (..., index), cotangent)  # float64: the exact sums to round-off
   magnitude = np.zeros_like(expected)
