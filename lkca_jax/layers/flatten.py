@@ -24,10 +24,13 @@ Parameters: 4D² + (N + 5)·D + 26·d (3D fewer with qkv_bias=False).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lkca_jax.backend import by_backend
 from lkca_jax.layers.common import (
   add_wide,
   as_grid,
@@ -36,6 +39,7 @@ from lkca_jax.layers.common import (
   head_dim,
   linear,
   promote_param,
+  wide,
 )
 
 FOCUSING_POWER = 3
@@ -82,6 +86,41 @@ def linear_attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
   n = q.shape[1]
   dots = jnp.einsum("bnhc,bmhc->bhnm", q, k, precision=HIGHEST)
   return dots * (normaliser(q, k).transpose(0, 2, 1)[..., None] / n)
+
+
+def depthwise_correlate(maps: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Each channel of maps (B, h, w, D) cross-correlated with its (k, k) taps of kernel
+  (k, k, D), zero padding (k−1)/2: `conv_general_dilated(feature_group_count=D)`, the
+  convolution GPU and TPU compilers are built for; on the CPU `depthwise_correlate_cpu`
+  (backend.by_backend)."""
+  return by_backend(depthwise_correlate_cpu, _depthwise_conv, maps, kernel)
+
+
+def _depthwise_conv(maps: jax.Array, kernel: jax.Array) -> jax.Array:
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(
+    maps,
+    kernel[:, :, None, :],
+    (1, 1),
+    ((pad, pad), (pad, pad)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=maps.shape[-1],
+  )
+
+
+def depthwise_correlate_cpu(maps: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`depthwise_correlate` as the sum of the k² shifted slices of the padded maps times their
+  taps, in float32 at least and rounded once to the maps' dtype: XLA:CPU fuses it, where its
+  grouped convolution took 18–24× the forward time and 2.3–3.6× forward and backward, and
+  the flatten_t and flatten_b train steps 2.3–2.5× theirs (docs/benchmarks.md, 2026-12-07e)."""
+  _, h, w, _ = maps.shape
+  size = kernel.shape[0]
+  pad = size // 2
+  compute = wide(maps.dtype)
+  padded = jnp.pad(maps, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(compute)
+  taps = kernel.astype(compute)
+  terms = (padded[:, a : a + h, c : c + w] * taps[a, c] for a in range(size) for c in range(size))
+  return functools.reduce(jnp.add, terms).astype(maps.dtype)
 
 
 class FocusedLinearAttention(nnx.Module):
@@ -141,15 +180,7 @@ class FocusedLinearAttention(nnx.Module):
     h, w = self.grid
     kernel = jnp.tile(promote_param(self.dwc_kernel[...], v), (1, 1, self.num_heads))
     bias = jnp.tile(promote_param(self.dwc_bias[...], v), self.num_heads)
-    pad = DWC_SIZE // 2
-    y = jax.lax.conv_general_dilated(
-      v.reshape(b, h, w, dim),
-      kernel[:, :, None, :],
-      (1, 1),
-      ((pad, pad), (pad, pad)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=dim,
-    )
+    y = depthwise_correlate(v.reshape(b, h, w, dim), kernel)
     return add_wide(y.reshape(b, n, dim), bias)
 
   def focused(self, x: jax.Array) -> tuple[jax.Array, ...]:

@@ -10,7 +10,7 @@ from flax import nnx
 from lkca_jax import backend
 from lkca_jax.layers import FocusedLinearAttention, flatten
 from lkca_jax.models import count_params
-from tests.helpers import assert_reordered
+from tests.helpers import U_BF16, U, assert_reordered
 
 BATCH = 2
 
@@ -227,3 +227,88 @@ def test_bfloat16_activations_stay_finite_with_float32_focusing():
 def test_heads_that_do_not_divide_the_width_are_refused():
   with pytest.raises(ValueError, match=r"FLatten needs dim \(8\) divisible by num_heads \(5\)"):
     FocusedLinearAttention(8, (4, 4), num_heads=5, rngs=nnx.Rngs(0))
+
+
+def correlate64(maps, kernel):
+  """float64 depthwise cross-correlation, zero padding (k−1)/2, as a sum over the k² taps."""
+  b, h, w, d = maps.shape
+  size = kernel.shape[0]
+  pad = size // 2
+  padded = np.pad(maps, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return sum(
+    padded[:, a : a + h, c : c + w] * kernel[a, c] for a in range(size) for c in range(size)
+  )
+
+
+def kernel_gradient64(maps, cotangent, size):
+  """float64 gradient of sum(cotangent · correlation) with respect to the (k, k, D) taps."""
+  _, h, w, _ = maps.shape
+  pad = size // 2
+  padded = np.pad(maps, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return np.stack(
+    [
+      np.stack([(padded[:, a : a + h, c : c + w] * cotangent).sum((0, 1, 2)) for c in range(size)])
+      for a in range(size)
+    ]
+  )
+
+
+@pytest.mark.parametrize("form", ["cpu", "plain"])
+def test_the_depthwise_convolution_and_its_gradients_in_either_form(form):
+  """On the CPU a sum of shifted slices, elsewhere `conv_general_dilated`: both within
+  float32 round-off of a float64 reference, output and both gradients. Bounds: an output or a
+  maps gradient sums 25 products, a tap's gradient B·h·w (γ_n of the sums of magnitudes)."""
+  rng = np.random.default_rng(5)
+  maps, kernel = rng.normal(size=(3, 6, 7, 4)), rng.normal(size=(5, 5, 4))
+  cotangent = rng.normal(size=(3, 6, 7, 4))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  with backend.forms(form):
+    out, pullback = jax.vjp(flatten.depthwise_correlate, f32(maps), f32(kernel))
+    d_maps, d_kernel = pullback(f32(cotangent))
+  # The maps' gradient is the correlation of the cotangent with the taps turned around.
+  flipped = kernel[::-1, ::-1]
+  expected = {
+    "output": (correlate64(maps, kernel), correlate64(abs(maps), abs(kernel)), 25),
+    "d maps": (correlate64(cotangent, flipped), correlate64(abs(cotangent), abs(flipped)), 25),
+    "d kernel": (
+      kernel_gradient64(maps, cotangent, 5),
+      kernel_gradient64(abs(maps), abs(cotangent), 5),
+      3 * 6 * 7,
+    ),
+  }
+  for (name, (exact, magnitude, terms)), got in zip(
+    expected.items(), (out, d_maps, d_kernel), strict=True
+  ):
+    gamma = terms * U / (1 - terms * U)
+    error = np.abs(np.asarray(got, np.float64) - exact)
+    assert np.all(error <= gamma * magnitude), name
+
+
+def test_the_cpu_depthwise_convolution_rounds_a_float32_sum_once_in_bfloat16():
+  rng = np.random.default_rng(6)
+  maps, kernel = rng.normal(size=(2, 5, 5, 8)), rng.normal(size=(5, 5, 8))
+  bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  out = flatten.depthwise_correlate_cpu(bf16(maps), bf16(kernel))
+  assert out.dtype == jnp.bfloat16
+  maps64, kernel64 = (np.asarray(bf16(a), np.float64) for a in (maps, kernel))
+  exact = correlate64(maps64, kernel64)
+  sum_error = 25 * U / (1 - 25 * U) * correlate64(abs(maps64), abs(kernel64))
+  # One rounding to bfloat16 of a float32 sum within sum_error of the exact one.
+  error = np.abs(np.asarray(out, np.float64) - exact)
+  assert np.all(error <= U_BF16 * (np.abs(exact) + sum_error) + sum_error)
+
+
+def test_only_gpu_and_tpu_run_the_depthwise_convolution_as_a_convolution():
+  """XLA:CPU's grouped convolution is slow (docs/benchmarks.md, 2026-12-07e); GPU and TPU keep
+  the convolution their compilers are built for (cuDNN's on a GPU)."""
+  module = FocusedLinearAttention(8, (4, 4), num_heads=2, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(module)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))))
+  x = jnp.ones((2, 16, 8), jnp.float32)
+  lowered = {
+    platform: jax.export.export(grad, platforms=[platform])(params, x).mlir_module()
+    for platform in ("cpu", "cuda", "tpu")
+  }
+  assert "stablehlo.convolution" not in lowered["cpu"]
+  for platform in ("cuda", "tpu"):
+    assert "stablehlo.convolution" in lowered[platform]

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from configs import default
+from lkca_jax import backend
 from lkca_jax.layers import MIXER_ARGS, MIXERS, option_names
 from lkca_jax.models import PRESETS, count_params, create_model
 from lkca_jax.tools import compare
@@ -367,12 +368,15 @@ def lowered_macs(text: str) -> int:
 
 
 def lowered_forward(name, dim, grid, heads) -> str:
-  """The jitted forward on one image as lowered (the program as written), as text."""
+  """The jitted forward on one image as lowered in the plain forms (the program as written,
+  as GPU and TPU take it: the CPU runs FLatten's depthwise convolution as element-wise
+  multiply-adds), as text."""
   module = nnx.eval_shape(lambda: build(name, dim=dim, grid=grid, heads=heads))
   graphdef, state = nnx.split(module)
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   x = jax.ShapeDtypeStruct((1, num_tokens(name, grid), dim), jnp.float32)
-  return forward.lower(state, x).as_text()
+  with backend.forms("plain"):
+    return forward.lower(state, x).as_text()
 
 
 def test_the_lowered_products_are_counted():
