@@ -1,12 +1,12 @@
 """The one place lkca_jax picks code per backend: `by_backend`.
 
 Code with a CPU-tuned form (Linear, LayerNorm, GELU, the MHSA core, the LKCA view, ACmix's
-position bias, and AutoAugment over a batch) hands both forms to `by_backend`, which stages them
-with `jax.lax.platform_dependent`: the choice is made when the computation is
-lowered, so one model (and one jitted or exported function) runs the CPU form on
-the CPU and the plain form on GPU and TPU, where XLA's fusions, cuBLAS and cuDNN
-expect the plain formulation. Only the branch of the lowering platform is
-compiled. The CPU forms are traced under the name scope `CPU_SCOPE`, so a
+position bias, FLatten's depthwise convolution, and AutoAugment over a batch) hands both
+forms to `by_backend`, which stages them with `jax.lax.platform_dependent`: the choice
+is made when the computation is lowered, so one model (and one jitted or exported
+function) runs the CPU form on the CPU and the plain form on GPU and TPU, where XLA's
+fusions, cuBLAS and cuDNN expect the plain formulation. Only the branch of the lowering
+platform is compiled. The CPU forms are traced under the name scope `CPU_SCOPE`, so a
 lowered module says which forms it holds.
 
 Both forms are ordinary JAX functions (the layers' CPU ones are `custom_jvp`s with
